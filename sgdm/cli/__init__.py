@@ -1,0 +1,1 @@
+"""The ``sgdm-ldm`` command line. Each subcommand lives in its own module."""

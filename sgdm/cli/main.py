@@ -1,0 +1,66 @@
+"""``sgdm-ldm`` entry point: dispatches to one module per subcommand.
+
+Each subcommand module ``sgdm.cli.<name>`` defines ``add_parser(subparsers)``
+(which registers its arguments and sets ``func``) and is imported only when
+needed, so ``sgdm-ldm --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sgdm.cli.train", "train a self-guided latent diffusion model from a YAML config"),
+    "train-autoencoder": ("sgdm.cli.train_autoencoder", "train the KL autoencoder (first stage)"),
+    "sample": ("sgdm.cli.sample", "sample images from a trained run or .safetensors file"),
+    "annotate": ("sgdm.cli.annotate", "self-annotate a dataset: clusters, boxes or masks"),
+    "clusters": ("sgdm.cli.clusters", "write an HTML gallery of an annotation store's clusters"),
+    "validate-data": ("sgdm.cli.validate_data", "list the files of a dataset that cannot be read"),
+    "eval": ("sgdm.cli.evaluate", "FID / IS / KID and layout adherence of a trained run"),
+    "pretrain-features": ("sgdm.cli.pretrain_features", "DINO-style self-supervised feature pretraining"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgdm-ldm",
+        description="Self-guided latent diffusion: train, annotate, sample and evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            sub.add_parser(name, help=f"{help_text} (not available in this build)")
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.error(f"subcommand {args.command!r} is not available in this build")
+    from sgdm.config import ConfigError
+
+    try:
+        return int(func(args) or 0)
+    except ConfigError as err:
+        print(f"sgdm-ldm {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Typed, validated configuration (see :mod:`sgdm.config.core`)."""
+from sgdm.config.core import (
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_config,
+    load_yaml,
+    to_dict,
+)
+
+__all__ = ["ConfigError", "apply_overrides", "dump_yaml", "from_dict", "load_config", "load_yaml", "to_dict"]

@@ -1,0 +1,245 @@
+"""Typed configuration: dataclasses validated once, errors that name the key path.
+
+A config section is a plain ``@dataclass``. :func:`from_dict` builds one from a
+mapping (parsed YAML), checking every key and type recursively; an unknown key,
+a missing required key or a wrong type raises :class:`ConfigError` whose
+message starts with the dotted key path (``model.unet.channels: expected int,
+got str 'abc'``). Cross-field checks live in a ``validate(self)`` method on the
+dataclass, called after construction; it should raise ``ConfigError`` with the
+key path relative to that section (:func:`from_dict` prefixes the section path).
+
+Supported field types: ``int``, ``float`` (ints accepted), ``str``, ``bool``,
+``pathlib.Path`` (from str), ``Optional[X]`` / ``X | None``, ``Literal[...]``,
+``list[X]``, ``tuple[X, ...]`` and fixed tuples, ``dict[str, X]`` and nested
+dataclasses. No import strings, no ``eval``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "load_yaml",
+    "load_config",
+    "dump_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. ``key`` is the dotted path ("" for the root)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def prefixed(self, prefix: str) -> "ConfigError":
+        if not prefix:
+            return self
+        key = f"{prefix}.{self.key}" if self.key else prefix
+        return ConfigError(key, self.message)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, f"expected {_type_name(tp)}, got None")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as err:
+                errors.append(err.message)
+        raise ConfigError(path, "; ".join(errors))
+    if origin is typing.Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise ConfigError(path, f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {_describe(value)}")
+        return from_dict(tp, value, path)
+    if origin in (list, Sequence, typing.Sequence) or tp is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple or tp is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
+        if not args:
+            return tuple(value)
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
+        kt, vt = args if args else (str, Any)
+        return {_convert(kt, k, _join(path, str(k))): _convert(vt, v, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 and "e" in repr(value).lower():
+            return int(value)  # 1e6 written in YAML
+        raise ConfigError(path, f"expected int, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"expected float, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"expected str, got {_describe(value)}")
+    if tp is pathlib.Path:
+        if isinstance(value, (str, pathlib.PurePath)):
+            return pathlib.Path(value)
+        raise ConfigError(path, f"expected a path, got {_describe(value)}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(_join(path, str(unknown[0])), f"unknown key (known keys here: {known})")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(path, name), "required key is missing")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as err:
+            raise err.prefixed(path) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able data from a config dataclass (paths become strings)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    return obj
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("", f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError("", f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(key, f"cannot parse override value {raw!r}: {err}") from None
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is not a mapping; cannot override a key inside it")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | pathlib.Path) -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> T:
+    """Load YAML ``path`` (or nothing), apply dotted overrides, validate into ``cls``."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
