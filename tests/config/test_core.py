@@ -1,0 +1,102 @@
+"""The typed config loader: every error names its key path."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Literal, Optional
+
+import pytest
+
+from sgdm.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_config, to_dict
+
+
+@dataclasses.dataclass
+class Inner:
+    channels: int = 8
+    mult: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    kind: Literal["none", "label"] = "none"
+
+    def validate(self):
+        if self.channels <= 0:
+            raise ConfigError("channels", "must be positive")
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str
+    lr: float = 1e-4
+    path: Optional[pathlib.Path] = None
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    sizes: tuple[int, int] = (1, 2)
+    tags: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = from_dict(Outer, {"name": "a", "lr": 3, "path": "x/y", "inner": {"mult": [1, 2, 4]}, "tags": {"w": 1}})
+    assert cfg.lr == 3.0 and isinstance(cfg.lr, float)
+    assert cfg.path == pathlib.Path("x/y")
+    assert cfg.inner.mult == [1, 2, 4]
+    file = tmp_path / "c.yaml"
+    file.write_text(dump_yaml(cfg))
+    assert load_config(Outer, file) == cfg
+    assert to_dict(cfg)["path"] == "x/y"
+
+
+@pytest.mark.parametrize(
+    "data, key, fragment",
+    [
+        ({"name": "a", "inner": {"chanels": 3}}, "inner.chanels", "unknown key"),
+        ({"name": "a", "inner": {"channels": "abc"}}, "inner.channels", "expected int"),
+        ({"name": "a", "inner": {"channels": True}}, "inner.channels", "expected int"),
+        ({"name": "a", "inner": {"mult": [1, "x"]}}, "inner.mult[1]", "expected int"),
+        ({"name": "a", "inner": {"mult": "1,2"}}, "inner.mult", "expected a list"),
+        ({"name": "a", "inner": {"kind": "box"}}, "inner.kind", "expected one of"),
+        ({"name": "a", "inner": {"channels": -1}}, "inner.channels", "must be positive"),
+        ({"name": "a", "sizes": [1, 2, 3]}, "sizes", "expected 2 items"),
+        ({"name": "a", "lr": "fast"}, "lr", "expected float"),
+        ({"lr": 1.0}, "name", "required key is missing"),
+        ({"name": "a", "inner": 5}, "inner", "expected a mapping"),
+    ],
+)
+def test_errors_name_the_key_path(data, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_dict(Outer, data)
+    assert info.value.key == key
+    assert fragment in str(info.value)
+    assert str(info.value).startswith(key + ":")
+
+
+def test_scientific_notation_strings_are_floats():
+    assert from_dict(Outer, {"name": "a", "lr": "1e-4"}).lr == pytest.approx(1e-4)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("name: a\ninner:\n  channels: 8\n")
+    cfg = load_config(Outer, file, ["inner.channels=16", "inner.mult=[1,2,4,4]", "lr=2e-5", "tags.x=0.5"])
+    assert cfg.inner.channels == 16 and cfg.inner.mult == [1, 2, 4, 4]
+    assert cfg.lr == pytest.approx(2e-5) and cfg.tags == {"x": 0.5}
+
+
+def test_bad_overrides_are_named():
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["inner.channels"])
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({"name": "a"}, ["name.x=1"])
+    assert info.value.key == "name"
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, None, ["name=a", "inner.channels=[1"])
+    assert info.value.key == "inner.channels"
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Outer, bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, broken)
