@@ -1,0 +1,66 @@
+"""``eval:`` section of the experiment config (light imports only)."""
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from sgdm.config.core import ConfigError
+
+Metric = Literal["fid", "is", "kid", "fd", "adherence"]
+
+
+@dataclass
+class EvalConfig:
+    """How ``sgdm-ldm eval`` samples and measures a trained run.
+
+    ``metrics``: ``fid``/``is``/``kid`` go through torch-fidelity's Inception
+    (``inception_weights`` for offline use); ``fd`` is the Frechet distance in
+    the feature space of an sgdm feature extractor, reported as ``fd_<name>``
+    (never as FID); ``adherence`` is box IoU / mask mIoU of the self-annotation
+    of generated images with the guiding layout (box and mask guidance only).
+    The feature extractor defaults to the annotation section's backbone.
+    """
+
+    n: int = 10000
+    batch_size: int = 64
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
+    steps: int = 250
+    eta: float = 0.0
+    guidance_scale: float = 2.0
+    sweep_scales: list[float] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=lambda: ["fid", "is", "kid", "fd", "adherence"])
+    inception_weights: Optional[pathlib.Path] = None
+    feature_backbone: Optional[str] = None
+    feature_backbone_kwargs: dict = field(default_factory=dict)
+    feature_weights: Optional[pathlib.Path] = None
+    feature_name: Optional[str] = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    cache_dir: Optional[pathlib.Path] = None
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.n < 2:
+            raise ConfigError("n", f"need at least 2 samples for a covariance, got {self.n}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.n < self.batch_size:
+            raise ConfigError("n", f"{self.n} samples is smaller than the batch size {self.batch_size}; lower batch_size or raise n")
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if self.eta < 0:
+            raise ConfigError("eta", f"must be >= 0, got {self.eta}")
+        if self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ConfigError("kid_subset_size", "kid_subsets must be >= 1 and kid_subset_size >= 2")
+        if not self.metrics:
+            raise ConfigError("metrics", "empty; choose from fid, is, kid, fd, adherence")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError("metrics", f"duplicates in {self.metrics}")
+        if self.inception_weights is not None and not self.inception_weights.is_file():
+            raise ConfigError("inception_weights", f"file {self.inception_weights} does not exist")
+        if self.feature_weights is not None and not self.feature_weights.is_file():
+            raise ConfigError("feature_weights", f"file {self.feature_weights} does not exist")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("device", f"expected auto, cpu or cuda[:N], got {self.device!r}")

@@ -1,0 +1,1 @@
+"""DINO-style self-supervised pretraining of a feature extractor for any domain."""

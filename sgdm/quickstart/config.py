@@ -1,0 +1,47 @@
+"""``prepare:`` section: which missing artefacts a run prepares before training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sgdm.config.core import ConfigError
+from sgdm.features_pretrain.config import PretrainConfig
+
+
+@dataclass
+class PrepareConfig:
+    """Flags (prepare it when missing) and the small budgets to prepare with.
+
+    Each artefact is only prepared when its file is absent, so repeated runs
+    reuse what exists: ``dataset`` (the shapes cache), ``autoencoder``
+    (``model.autoencoder`` checkpoint via ``train_autoencoder``), ``features``
+    (``annotation.weights`` via DINO pretraining), ``annotations`` (the
+    ``annotation`` store via ``annotate``); ``report`` writes the HTML and
+    Markdown report after training.
+    """
+
+    dataset: bool = False
+    autoencoder: bool = False
+    features: bool = False
+    annotations: bool = False
+    report: bool = False
+    autoencoder_steps: int = 400
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    report_samples_per_row: int = 8
+    report_steps: int = 50
+    report_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
+    report_eval_n: int = 256
+
+    def any(self) -> bool:
+        return self.dataset or self.autoencoder or self.features or self.annotations or self.report
+
+    def validate(self) -> None:
+        if self.autoencoder_steps < 1:
+            raise ConfigError("autoencoder_steps", f"must be >= 1, got {self.autoencoder_steps}")
+        if self.report_samples_per_row < 1:
+            raise ConfigError("report_samples_per_row", f"must be >= 1, got {self.report_samples_per_row}")
+        if self.report_steps < 1:
+            raise ConfigError("report_steps", f"must be >= 1, got {self.report_steps}")
+        if not self.report_scales:
+            raise ConfigError("report_scales", "needs at least one guidance scale")
+        if self.report_eval_n < 2:
+            raise ConfigError("report_eval_n", f"need at least 2 samples, got {self.report_eval_n}")
