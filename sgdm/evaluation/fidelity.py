@@ -1,0 +1,126 @@
+"""FID, Inception Score and KID through torch-fidelity's Inception-v3.
+
+Images go in as uint8 [N, 3, H, W] (what torch-fidelity's extractor expects);
+the reference set's Inception features are cached under ``cache_dir`` with a
+name that includes the reference key and the weights' digest, so a second
+evaluation against the same dataset does not re-extract them, and random test
+weights never collide with real ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "weights_digest"]
+
+_URL_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class UInt8Images(Dataset):
+    """A uint8 [N, 3, H, W] tensor as the Dataset torch-fidelity iterates."""
+
+    def __init__(self, images: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the file's SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_inception_weights(path: str | os.PathLike | None) -> str:
+    """Return a cache tag for the weights, or fail at once when none can be had.
+
+    ``path`` given: it must exist. ``None``: torch-fidelity downloads into the
+    torch hub cache; when that file is absent and ``HF_HUB_OFFLINE`` /
+    ``SGDM_OFFLINE`` is set, say so now instead of failing after sampling.
+    """
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--inception-weights: file {path} does not exist")
+        return weights_digest(path)
+    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / _URL_FILE
+    if cached.is_file():
+        return "tf-inception-2015-12-05"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SGDM_OFFLINE") == "1":
+        raise RuntimeError(
+            "FID/IS/KID need Inception weights: offline mode is set and torch-fidelity's download "
+            f"({_URL_FILE}) is not in {cached.parent}; pass --inception-weights PATH "
+            "(a torch-fidelity inception-v3-compat state dict) or drop fid/is/kid from the metrics"
+        )
+    return "tf-inception-2015-12-05"
+
+
+def inception_metrics(
+    generated: torch.Tensor,
+    reference: Dataset,
+    reference_key: str,
+    metrics: Sequence[str] = ("fid", "is", "kid"),
+    weights_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """FID / IS / KID of ``generated`` (uint8 [N,3,H,W]) against ``reference``.
+
+    ``reference`` yields uint8 [3, H, W] tensors. Returns keys ``fid``,
+    ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std`` for the metrics asked.
+    """
+    import torch_fidelity
+
+    unknown = set(metrics) - {"fid", "is", "kid"}
+    if unknown:
+        raise ValueError(f"metrics: unknown {sorted(unknown)}; torch-fidelity computes fid, is, kid")
+    tag = check_inception_weights(weights_path)
+    gen = UInt8Images(generated)
+    subset = min(kid_subset_size, len(gen), len(reference))
+    kwargs = dict(
+        input1=gen,
+        input2=reference,
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        isc="is" in metrics,
+        fid="fid" in metrics,
+        kid="kid" in metrics,
+        kid_subsets=kid_subsets,
+        kid_subset_size=subset,
+        isc_splits=min(10, len(gen)),
+        feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+        input2_cache_name=f"sgdm-{reference_key}-{tag}",
+        cache_root=None if cache_dir is None else str(cache_dir),
+        verbose=False,
+        save_cpu_ram=True,  # in-process loading: the images are already in memory, workers only cost start-up
+    )
+    try:
+        raw = torch_fidelity.calculate_metrics(**kwargs)
+    except OSError as err:  # urllib errors subclass OSError
+        raise RuntimeError(
+            f"could not get torch-fidelity's Inception weights ({err}); pass --inception-weights PATH"
+        ) from err
+    names = {
+        "frechet_inception_distance": "fid",
+        "inception_score_mean": "is_mean",
+        "inception_score_std": "is_std",
+        "kernel_inception_distance_mean": "kid_mean",
+        "kernel_inception_distance_std": "kid_std",
+    }
+    return {names[k]: float(v) for k, v in raw.items() if k in names}
