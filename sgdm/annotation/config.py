@@ -1,0 +1,128 @@
+"""Typed configuration of the ``annotation:`` section (self-annotation, issue 7).
+
+Light imports only: the experiment schema imports this module to validate a
+YAML file without pulling in timm or scikit-learn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Literal, Optional
+
+from sgdm.config.core import ConfigError
+
+Granularity = Literal["label", "box", "mask"]
+
+
+@dataclasses.dataclass
+class KMeansConfig:
+    """Lloyd k-means on L2-normalised features (see :func:`sgdm.annotation.kmeans.kmeans`)."""
+
+    max_iter: int = 100
+    tol: float = 1e-4  # relative to the mean per-dimension variance, as scikit-learn
+    init: Literal["k-means++", "random"] = "k-means++"
+    init_sample: int = 0  # run k-means++ on this many random points (0: all); keeps 10k centroids affordable
+    batch_size: int = 0  # > 0: mini-batch k-means with batches of this size
+    chunk_elements: int = 1 << 25  # rows x clusters of one distance block (memory bound)
+
+    def validate(self) -> None:
+        if self.max_iter < 1:
+            raise ConfigError("max_iter", f"must be >= 1, got {self.max_iter}")
+        if self.tol < 0:
+            raise ConfigError("tol", f"must be >= 0, got {self.tol}")
+        for name in ("init_sample", "batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if self.chunk_elements < 1:
+            raise ConfigError("chunk_elements", f"must be >= 1, got {self.chunk_elements}")
+
+
+@dataclasses.dataclass
+class LostConfig:
+    """LOST (Simeoni et al., 2021) on the last layer's attention keys."""
+
+    k_patches: int = 100  # size of the low-degree candidate set used for seed expansion
+    num_clusters: int = 100  # k-means clusters of the CLS features, the box's class id
+
+    def validate(self) -> None:
+        if self.k_patches < 1:
+            raise ConfigError("k_patches", f"must be >= 1, got {self.k_patches}")
+        if self.num_clusters < 1:
+            raise ConfigError("num_clusters", f"must be >= 1, got {self.num_clusters}")
+
+
+@dataclasses.dataclass
+class StegoConfig:
+    """STEGO-style segmentation head trained on frozen patch features (Hamilton et al., 2022).
+
+    ``method: kmeans`` is the non-parametric baseline (k-means on patch features).
+    """
+
+    method: Literal["stego", "kmeans"] = "stego"
+    dim: int = 70  # code dimension of the head
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4
+    knn: int = 7  # nearest neighbours (by CLS feature) an image is paired with
+    feature_samples: int = 11  # random spatial samples per side of each correlation tensor (0: full grid)
+    pos_intra_weight: float = 1.0
+    pos_inter_weight: float = 0.67
+    neg_inter_weight: float = 0.63
+    pos_intra_shift: float = 0.18
+    pos_inter_shift: float = 0.12
+    neg_inter_shift: float = 0.46
+    pointwise: bool = True  # centre feature correlations per query location (STEGO's default)
+
+    def validate(self) -> None:
+        for name in ("dim", "epochs", "batch_size", "knn"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.feature_samples < 0:
+            raise ConfigError("feature_samples", f"must be >= 0, got {self.feature_samples}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+
+
+@dataclasses.dataclass
+class AnnotationConfig:
+    """Where annotations live and how they are made.
+
+    ``store`` is the annotation store directory written by ``sgdm-ldm annotate``
+    and read by training. ``num_classes`` is K: clusters for ``label``, the
+    number of segment classes for ``mask`` (27 COCO-Stuff, 21 VOC); ``box``
+    uses ``lost.num_clusters`` for its cluster id. ``source: gt`` fills the
+    store from the dataset's ground truth (the supervised twin).
+    """
+
+    store: pathlib.Path = pathlib.Path("annotations")
+    granularity: Granularity = "label"
+    source: Literal["self", "gt"] = "self"
+    backbone: str = "vit_base_patch16_224.dino"
+    backbone_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weights: Optional[pathlib.Path] = None  # local .pth/.safetensors; None: timm's hub (needs network)
+    image_size: int = 0  # backbone input size; 0: the backbone's own
+    num_classes: int = 100
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    shard_size: int = 1024  # images per shard (the unit of resume)
+    seed: int = 0
+    kmeans: KMeansConfig = dataclasses.field(default_factory=KMeansConfig)
+    lost: LostConfig = dataclasses.field(default_factory=LostConfig)
+    stego: StegoConfig = dataclasses.field(default_factory=StegoConfig)
+
+    def validate(self) -> None:
+        for name in ("num_classes", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_classes > 255 and self.granularity == "mask":
+            raise ConfigError("num_classes", f"masks are stored as uint8 class maps: at most 255 classes, got {self.num_classes}")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.image_size < 0:
+            raise ConfigError("image_size", f"must be >= 0 (0: the backbone's own), got {self.image_size}")
+        if not self.backbone:
+            raise ConfigError("backbone", "must name a timm model, e.g. vit_base_patch16_224.dino")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -1,0 +1,243 @@
+"""Frozen feature extractors (the paper's g, Sec. 3.2) on timm backbones.
+
+:func:`load_backbone` builds a timm model (DINO ViT-B/16 ``vit_base_patch16_224.dino``
+by default; any timm name works, with ``backbone_kwargs`` such as
+``{img_size: 64, patch_size: 8}`` for custom backbones) and loads weights from
+a local ``.pth`` / ``.safetensors`` file in timm's or the original DINO layout,
+or from timm's hub when online. :func:`extract` returns, for images in
+``[-1, 1]``:
+
+* ``cls [B, D]``: the CLS token after the final norm (global average pool for CNNs),
+* ``patches [B, h, w, D]``: the patch tokens (the last feature map for CNNs),
+* ``keys [B, h, w, D]``: the last block's attention keys, heads concatenated
+  (LOST's features), captured by a forward hook on that block's ``qkv``
+  projection; CNNs have no attention, so their keys are the patch features.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import pathlib
+import socket
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Backbone", "Features", "BackboneError", "load_backbone", "extract", "file_sha256"]
+
+# Wrapper keys of training checkpoints (DINO's checkpoint.pth keeps the teacher
+# and student; Lightning/timm keep state_dict/model) and the prefixes they add.
+_WRAPPER_KEYS = ("teacher", "state_dict_ema", "model_ema", "state_dict", "model", "student")
+_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+
+
+class BackboneError(ValueError):
+    """The backbone name or its weights cannot be used; the message says why."""
+
+
+@dataclasses.dataclass
+class Backbone:
+    model: torch.nn.Module
+    name: str
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    is_vit: bool
+    num_prefix_tokens: int
+    weights_id: str  # sha256 of the weights file, or "hub:<name>" / "random"
+
+
+@dataclasses.dataclass
+class Features:
+    cls: torch.Tensor
+    patches: Optional[torch.Tensor]
+    keys: Optional[torch.Tensor]
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):
+        return
+    arch = name.split(".", 1)[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise BackboneError(f"unknown backbone {name!r}: not a timm model name{hint}")
+
+
+def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types
+            raise BackboneError(f"weights file {path} cannot be read as a torch checkpoint: {err}") from None
+    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        key = next((k for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if key is None:
+            raise BackboneError(f"weights file {path} holds no tensors (top-level keys: {sorted(state)[:8]})")
+        state = state[key]
+    cleaned = {}
+    for key, value in state.items():
+        while key.startswith(_PREFIXES):
+            key = next(key[len(p):] for p in _PREFIXES if key.startswith(p))
+        cleaned[key] = value
+    return cleaned
+
+
+def _load_local(model: torch.nn.Module, path: pathlib.Path) -> None:
+    import importlib
+
+    state = _read_state_dict(path)
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    # classifier / DINO projection heads are not part of a feature extractor
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "head_dist."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BackboneError(
+            f"weights file {path} does not match the backbone: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_backbone(
+    name: str,
+    weights: Optional[str | os.PathLike] = None,
+    kwargs: Optional[dict[str, Any]] = None,
+    image_size: int = 0,
+    random_init: bool = False,
+) -> Backbone:
+    """Build timm backbone ``name`` in eval mode with frozen weights.
+
+    ``weights``: local file (``.pth``/``.pt``/``.safetensors``; timm layout, the
+    original DINO layout, or DINO's full ``checkpoint.pth`` whose teacher is
+    used). Without it the weights come from timm's hub, and offline (no route
+    to huggingface.co, or ``HF_HUB_OFFLINE=1`` with nothing cached) this fails
+    at once. ``random_init`` skips loading (tests only).
+    """
+    import timm
+
+    _check_name(name)
+    kwargs = dict(kwargs or {})
+    kwargs.setdefault("num_classes", 0)
+    if image_size and "img_size" not in kwargs and name.startswith(("vit", "deit")):
+        kwargs["img_size"] = image_size
+    try:
+        if weights is not None or random_init:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        else:
+            offline = not _hub_reachable()
+            try:
+                model = timm.create_model(name, pretrained=True, **kwargs)
+            except Exception as err:
+                why = "offline (HF_HUB_OFFLINE or no route to huggingface.co)" if offline else f"download failed: {err}"
+                raise BackboneError(
+                    f"backbone {name!r}: no local weights given (annotation.weights) and the hub cannot be used: {why}; "
+                    "set annotation.weights to a .pth or .safetensors file"
+                ) from None
+    except TypeError as err:
+        raise BackboneError(f"backbone {name!r}: bad annotation.backbone_kwargs {kwargs}: {err}") from None
+    weights_id = "random" if random_init else f"hub:{name}"
+    if weights is not None:
+        path = pathlib.Path(weights)
+        if not path.is_file():
+            raise BackboneError(f"weights file {path} does not exist (annotation.weights)")
+        _load_local(model, path)
+        weights_id = file_sha256(path)
+    model.eval().requires_grad_(False)
+    cfg = model.pretrained_cfg or {}
+    is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
+    if is_vit:
+        input_size = tuple(int(s) for s in model.patch_embed.img_size)
+    else:
+        side = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+        input_size = (side, side)
+    return Backbone(
+        model=model,
+        name=name,
+        input_size=input_size,
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        is_vit=is_vit,
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if is_vit else 0,
+        weights_id=weights_id,
+    )
+
+
+def preprocess(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` images ``[B, 3, H, W]`` -> resized, ImageNet-normalised backbone input."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"extract: images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    x = (images.float() + 1) / 2
+    if tuple(x.shape[-2:]) != backbone.input_size:
+        x = F.interpolate(x, size=backbone.input_size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(backbone.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _key_hook(store: dict, num_heads: int):
+    def hook(module, inputs, output):
+        b, t, three_d = output.shape
+        store["keys"] = output.view(b, t, 3, three_d // 3)[:, :, 1]  # q | k | v, heads contiguous in each
+
+    return hook
+
+
+@torch.no_grad()
+def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patches: bool = True) -> Features:
+    """Features of ``images [B, 3, H, W]`` in ``[-1, 1]``; bf16 autocast on CUDA, outputs float32."""
+    x = preprocess(backbone, images)
+    model = backbone.model
+    captured: dict[str, torch.Tensor] = {}
+    handle = None
+    if keys and backbone.is_vit:
+        attn = model.blocks[-1].attn
+        if getattr(attn, "qkv", None) is None:
+            raise BackboneError(f"backbone {backbone.name!r}: last block has no fused qkv projection to take keys from")
+        handle = attn.qkv.register_forward_hook(_key_hook(captured, attn.num_heads))
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            out = model.forward_features(x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    out = out.float()
+    if backbone.is_vit:
+        p = backbone.num_prefix_tokens
+        h, w = model.patch_embed.grid_size
+        cls = out[:, 0]
+        patch = out[:, p:].reshape(out.shape[0], h, w, -1)
+        key = captured["keys"][:, p:].float().reshape(out.shape[0], h, w, -1) if keys else None
+    else:
+        cls = out.mean((2, 3))
+        patch = out.permute(0, 2, 3, 1)
+        key = patch if keys else None
+    return Features(cls=cls, patches=patch if patches or keys else None, keys=key)
