@@ -1,0 +1,231 @@
+"""Turn self-supervised (or ground-truth) guidance into the UNet's (cond, cond_map).
+
+Per granularity (paper Sec. 3, K = ``GuidanceConfig.num_classes``):
+
+* ``label`` (Eq. 7): cond = one-hot cluster id [B, K]; no map.
+* ``box`` (Eq. 8): cond = one-hot cluster id [B, K]; cond_map = binary box mask [B, 1, H, W].
+* ``mask`` (Eq. 9): cond_map = one-hot class map [B, K, H, W] (ignore label 255 -> all zeros);
+  cond = its spatial max-pool, the multi-hot vector of present classes [B, K].
+
+Annotations (``AnnotationStore.get``) describe the unflipped preprocessed image, so
+boxes and masks are mirrored here for samples whose ``flipped`` flag is set. Ground-truth
+fields of a data batch (``gt_label``, ``gt_boxes`` in pixels, ``gt_mask``) already describe
+the returned (possibly flipped) image. The null condition is zeros for both; see
+:func:`drop_guidance`.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sgdm.models.config import GuidanceConfig
+
+__all__ = [
+    "IGNORE_INDEX",
+    "condition_dims",
+    "one_hot",
+    "box_mask",
+    "class_map_one_hot",
+    "multi_hot",
+    "condition_from_annotations",
+    "condition_from_batch",
+    "drop_guidance",
+    "null_condition",
+]
+
+IGNORE_INDEX = 255
+
+
+def condition_dims(guidance: GuidanceConfig) -> tuple[int, int]:
+    """(cond_dim, cond_channels) of the UNet for this guidance: none (0, 0), label (K, 0),
+    box (K, 1), mask (K, K)."""
+    k = guidance.num_classes
+    return {"none": (0, 0), "label": (k, 0), "box": (k, 1), "mask": (k, k)}[guidance.kind]
+
+
+def one_hot(cluster, num_classes: int, device=None) -> torch.Tensor:
+    """Cluster ids (int, list or [B] tensor) -> one-hot float32 [B, K]."""
+    ids = torch.as_tensor(cluster, device=device).reshape(-1)
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"cluster: expected integer ids, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= num_classes)
+    if bad.any():
+        raise ValueError(f"cluster: id {int(ids[bad][0])} is outside [0, {num_classes}) (K={num_classes})")
+    return F.one_hot(ids.long(), num_classes).float()
+
+
+def _as_box_list(boxes) -> list[torch.Tensor]:
+    if isinstance(boxes, torch.Tensor) and boxes.dim() == 2:
+        return [b[None] for b in boxes]
+    return [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+
+
+def _covered(cells: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Cells [j, j+1) overlapping the interval [lo, hi]; a zero-width interval keeps the cell holding lo."""
+    n = cells.numel()
+    return ((cells + 1 > lo) & (cells < hi)) | (cells == torch.clamp(torch.floor(lo), max=n - 1))
+
+
+def box_mask(boxes, height: int, width: int, flipped=None) -> torch.Tensor:
+    """Binary masks [B, 1, H, W] of boxes given as normalized xyxy in [0, 1].
+
+    ``boxes``: [B, 4] (one box per sample) or a list of [n_i, 4] (union of n_i boxes).
+    A pixel is on when its cell [j, j+1) x [i, i+1) overlaps the box scaled to
+    (W, H), so any box covers at least one pixel. ``flipped`` [B] bool mirrors the
+    boxes horizontally first (x -> 1 - x).
+    """
+    items = _as_box_list(boxes)
+    flips = [False] * len(items) if flipped is None else [bool(f) for f in torch.as_tensor(flipped).reshape(-1)]
+    if len(flips) != len(items):
+        raise ValueError(f"flipped: expected {len(items)} flags, got {len(flips)}")
+    device = items[0].device if items else None
+    out = torch.zeros(len(items), 1, height, width, device=device)
+    xs = torch.arange(width, dtype=torch.float32, device=device)
+    ys = torch.arange(height, dtype=torch.float32, device=device)
+    for i, (b, flip) in enumerate(zip(items, flips)):
+        b = b.float()
+        if ((b < 0) | (b > 1)).any() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+            raise ValueError(f"boxes[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1, "
+                             f"got {b.tolist()}")
+        if flip:
+            b = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], dim=1)
+        for x0, y0, x1, y1 in b:
+            row, col = _covered(ys, y0 * height, y1 * height), _covered(xs, x0 * width, x1 * width)
+            out[i, 0] = torch.maximum(out[i, 0], (row[:, None] & col[None, :]).float())
+    return out
+
+
+def class_map_one_hot(class_map: torch.Tensor, num_classes: int, size: tuple[int, int] | None = None,
+                      flipped=None) -> torch.Tensor:
+    """Class maps [B, H, W] (ids in [0, K) or 255 = ignore) -> one-hot float32 [B, K, h, w].
+
+    Resized to ``size`` with nearest neighbour first (class ids must not be blended);
+    ignored pixels get all-zero channels. ``flipped`` [B] bool mirrors maps horizontally.
+    """
+    if class_map.dim() == 2:
+        class_map = class_map[None]
+    if class_map.dim() != 3 or class_map.is_floating_point():
+        raise ValueError(f"mask: expected an integer class map [B, H, W], got {class_map.dtype} "
+                         f"{tuple(class_map.shape)}")
+    ids = class_map.long()
+    if flipped is not None:
+        flip = torch.as_tensor(flipped, device=ids.device).reshape(-1).bool()
+        if flip.numel() != ids.shape[0]:
+            raise ValueError(f"flipped: expected {ids.shape[0]} flags, got {flip.numel()}")
+        ids = torch.where(flip[:, None, None], ids.flip(-1), ids)
+    if size is not None and tuple(ids.shape[-2:]) != tuple(size):
+        ids = F.interpolate(ids[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+    bad = (ids >= num_classes) & (ids != IGNORE_INDEX) | (ids < 0)
+    if bad.any():
+        raise ValueError(f"mask: class id {int(ids[bad][0])} is outside [0, {num_classes}) and not the ignore "
+                         f"label {IGNORE_INDEX}")
+    valid = ids != IGNORE_INDEX
+    hot = F.one_hot(torch.where(valid, ids, 0), num_classes).permute(0, 3, 1, 2).float()
+    return hot * valid[:, None].float()
+
+
+def multi_hot(mask_one_hot: torch.Tensor) -> torch.Tensor:
+    """Spatial max-pool of a one-hot mask [B, K, H, W] -> multi-hot [B, K] of present classes (Eq. 9)."""
+    if mask_one_hot.dim() != 4:
+        raise ValueError(f"mask: expected [B, K, H, W], got shape {tuple(mask_one_hot.shape)}")
+    return mask_one_hot.amax(dim=(2, 3))
+
+
+def _stack_field(records: Sequence[Mapping], key: str) -> list:
+    try:
+        return [r[key] for r in records]
+    except KeyError:
+        raise ValueError(f"annotations: a record has no '{key}' field (needed for this guidance kind)") from None
+
+
+def _mask_condition(class_maps: Sequence, k: int, size, flipped) -> tuple[torch.Tensor, torch.Tensor]:
+    # Multi-hot from the full-resolution maps: small regions may vanish when resizing.
+    full = [class_map_one_hot(torch.as_tensor(m)[None], k) for m in class_maps]
+    cond = torch.cat([multi_hot(f) for f in full])
+    maps = torch.cat([class_map_one_hot(torch.as_tensor(m)[None], k, size=size,
+                                        flipped=None if flipped is None else flipped[i:i + 1])
+                      for i, m in enumerate(class_maps)])
+    return cond, maps
+
+
+def condition_from_annotations(guidance: GuidanceConfig, records: Sequence[Mapping], size: tuple[int, int],
+                               flipped=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(cond, cond_map) from ``AnnotationStore.get`` records (one per sample).
+
+    ``size`` (H, W) is the resolution of the returned map (e.g. the latent grid);
+    ``flipped`` [B] bool says which samples were mirrored by the data pipeline.
+    """
+    k, kind = guidance.num_classes, guidance.kind
+    if kind == "none":
+        return None, None
+    if kind == "mask":
+        return _mask_condition(_stack_field(records, "mask"), k, size, flipped)
+    cond = one_hot([int(c) for c in _stack_field(records, "cluster")], k)
+    if kind == "label":
+        return cond, None
+    boxes = torch.stack([torch.as_tensor(b, dtype=torch.float32).reshape(4) for b in _stack_field(records, "box")])
+    return cond, box_mask(boxes, size[0], size[1], flipped=flipped)
+
+
+def _gt_label_vector(labels, k: int) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.dim() == 2:
+        if labels.shape[1] != k:
+            raise ValueError(f"gt_label: expected multi-hot vectors of length K={k}, got {tuple(labels.shape)}")
+        return labels.float()
+    return one_hot(labels, k)
+
+
+def condition_from_batch(guidance: GuidanceConfig, batch: Mapping, size: tuple[int, int]
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(cond, cond_map) from a collated data batch's ground truth (``source: gt``).
+
+    Uses ``gt_label`` (int ids or multi-hot [B, K]), ``gt_boxes`` (list of [n, 4] xyxy
+    pixels of the returned image; the union of the boxes is the mask) and ``gt_mask``
+    ([B, H, W], 255 = ignore). These already describe the returned (flipped) image.
+    """
+    k, kind = guidance.num_classes, guidance.kind
+    if kind == "none":
+        return None, None
+    needed = {"label": "gt_label", "box": "gt_boxes", "mask": "gt_mask"}[kind]
+    if needed not in batch or (kind == "box" and "gt_label" not in batch):
+        missing = needed if needed not in batch else "gt_label"
+        raise ValueError(f"batch: guidance kind '{kind}' with source 'gt' needs '{missing}', which this "
+                         f"dataset does not provide")
+    if kind == "mask":
+        return _mask_condition(list(batch["gt_mask"]), k, size, None)
+    cond = _gt_label_vector(batch["gt_label"], k)
+    if kind == "label":
+        return cond, None
+    img_h, img_w = batch["image"].shape[-2:]
+    scale = torch.tensor([img_w, img_h, img_w, img_h], dtype=torch.float32)
+    boxes = [(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) / scale).clamp(0, 1) for b in batch["gt_boxes"]]
+    return cond, box_mask(boxes, size[0], size[1])
+
+
+def drop_guidance(cond: torch.Tensor | None, cond_map: torch.Tensor | None, p: float = 0.1,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Replace the guidance of each sample by the null condition (zeros) with probability p.
+
+    k and k_s are dropped together, per sample, so the same network learns
+    eps(x_t, null) for classifier-free guidance. Draws B uniforms from ``generator``.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+    ref = cond if cond is not None else cond_map
+    if ref is None:
+        return cond, cond_map
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    keep = (torch.rand(ref.shape[0], generator=generator, device=gen_device) >= p).to(ref.device)
+    if cond is not None:
+        cond = cond * keep[:, None].to(cond.dtype)
+    if cond_map is not None:
+        cond_map = cond_map * keep[:, None, None, None].to(cond_map.dtype)
+    return cond, cond_map
+
+
+def null_condition(cond: torch.Tensor | None, cond_map: torch.Tensor | None):
+    """The null condition matching (cond, cond_map): zeros of the same shapes (None stays None)."""
+    return (None if cond is None else torch.zeros_like(cond),
+            None if cond_map is None else torch.zeros_like(cond_map))

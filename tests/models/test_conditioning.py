@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from sgdm.models.conditioning import (box_mask, class_map_one_hot, condition_dims, condition_from_annotations,
+                                      condition_from_batch, drop_guidance, multi_hot, null_condition, one_hot)
+
+from tests.models.helpers import K, guidance
+
+
+def test_condition_dims_per_kind():
+    assert [condition_dims(guidance(k)) for k in ("none", "label", "box", "mask")] == [(0, 0), (K, 0), (K, 1), (K, K)]
+
+
+def test_one_hot_and_bad_ids():
+    torch.testing.assert_close(one_hot([2, 0], 3), torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
+    with pytest.raises(ValueError, match=r"^cluster: id 3 is outside \[0, 3\)"):
+        one_hot([3], 3)
+    with pytest.raises(ValueError, match="^cluster: id -1"):
+        one_hot(torch.tensor([-1]), 3)
+    with pytest.raises(ValueError, match="^cluster: expected integer"):
+        one_hot(torch.tensor([1.0]), 3)
+
+
+def test_box_mask_pixels_and_flip():
+    # Box x in [0.25, 0.5], y in [0, 0.75] on a 4x8 (H x W) grid: columns 2..3, rows 0..2.
+    mask = box_mask(torch.tensor([[0.25, 0.0, 0.5, 0.75]]), 4, 8)
+    expected = torch.zeros(1, 1, 4, 8)
+    expected[0, 0, 0:3, 2:4] = 1
+    torch.testing.assert_close(mask, expected)
+    flipped = box_mask(torch.tensor([[0.25, 0.0, 0.5, 0.75]]), 4, 8, flipped=[True])
+    torch.testing.assert_close(flipped, expected.flip(-1))
+    # A box covering part of a cell turns the whole cell on; a zero-size box still marks one pixel.
+    assert box_mask(torch.tensor([[0.3, 0.3, 0.31, 0.31]]), 4, 4).sum() == 1
+    assert box_mask(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), 4, 4)[0, 0, 3, 3] == 1
+
+
+def test_box_mask_union_of_several_boxes():
+    mask = box_mask([torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])], 2, 2)
+    torch.testing.assert_close(mask[0, 0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("box", [[0.5, 0.0, 0.25, 1.0], [-0.1, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.5]])
+def test_box_mask_rejects_bad_boxes(box):
+    with pytest.raises(ValueError, match=r"^boxes\[0\]: expected normalized xyxy"):
+        box_mask(torch.tensor([box]), 4, 4)
+
+
+def test_class_map_one_hot_ignore_flip_resize_and_multi_hot():
+    cmap = torch.tensor([[[0, 1], [255, 2]]], dtype=torch.uint8)
+    hot = class_map_one_hot(cmap, 3)
+    assert hot.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(hot[0].argmax(0)[0], torch.tensor([0, 1]))
+    assert hot[0, :, 1, 0].sum() == 0  # ignore label -> all-zero channels
+    torch.testing.assert_close(class_map_one_hot(cmap, 3, flipped=[True]), hot.flip(-1))
+    big = class_map_one_hot(cmap, 3, size=(4, 4))
+    torch.testing.assert_close(big, hot.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    torch.testing.assert_close(multi_hot(hot), torch.tensor([[1.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="^mask: class id 3 is outside"):
+        class_map_one_hot(torch.tensor([[3]]), 3)
+    with pytest.raises(ValueError, match="^mask: expected an integer class map"):
+        class_map_one_hot(torch.zeros(1, 2, 2), 3)
+
+
+def _records():
+    mask_a = torch.zeros(16, 16, dtype=torch.uint8)
+    mask_a[:, 8:] = 2
+    mask_a[0, 0] = 4  # a one-pixel region: must survive in the multi-hot vector even when resized away
+    mask_b = torch.full((8, 8), 255, dtype=torch.uint8)
+    mask_b[:4] = 1
+    return [{"cluster": 1, "box": [0.0, 0.0, 0.5, 0.5], "mask": mask_a},
+            {"cluster": 4, "box": [0.5, 0.5, 1.0, 1.0], "mask": mask_b}]
+
+
+def test_condition_from_annotations_every_kind():
+    records, flipped = _records(), torch.tensor([True, False])
+    assert condition_from_annotations(guidance("none"), records, (4, 4)) == (None, None)
+    cond, cmap = condition_from_annotations(guidance("label"), records, (4, 4), flipped)
+    torch.testing.assert_close(cond, one_hot([1, 4], K))
+    assert cmap is None
+    cond, cmap = condition_from_annotations(guidance("box"), records, (4, 4), flipped)
+    assert cmap.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(cmap[0, 0, :2, 2:], torch.ones(2, 2))  # mirrored into the top-right
+    assert cmap[0].sum() == 4 and cmap[1, 0, 2:, 2:].sum() == 4
+    cond, cmap = condition_from_annotations(guidance("mask"), records, (4, 4), flipped)
+    assert cmap.shape == (2, K, 4, 4)
+    torch.testing.assert_close(cond, torch.tensor([[1.0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]))
+    torch.testing.assert_close(cmap[0, 2, :, :2], torch.ones(4, 2))  # class 2 (right half) mirrored left
+    assert cmap[1, :, 2:].sum() == 0  # ignored rows
+    with pytest.raises(ValueError, match="no 'box' field"):
+        condition_from_annotations(guidance("box"), [{"cluster": 0}], (4, 4))
+
+
+def test_condition_from_batch_ground_truth():
+    batch = {"image": torch.zeros(2, 3, 8, 8), "gt_label": torch.tensor([0, 3]),
+             "gt_boxes": [torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.zeros(0, 4)],
+             "gt_mask": torch.zeros(2, 8, 8, dtype=torch.long)}
+    cond, cmap = condition_from_batch(guidance("box"), batch, (2, 2))
+    torch.testing.assert_close(cond, one_hot([0, 3], K))
+    torch.testing.assert_close(cmap[:, 0], torch.tensor([[[1.0, 0], [0, 0]], [[0, 0], [0, 0]]]))
+    cond, cmap = condition_from_batch(guidance("mask"), batch, (2, 2))
+    assert cmap.shape == (2, K, 2, 2) and cond[:, 0].tolist() == [1.0, 1.0]
+    multi = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1]])
+    cond, _ = condition_from_batch(guidance("label"), {**batch, "gt_label": multi}, (2, 2))
+    torch.testing.assert_close(cond, multi)
+    with pytest.raises(ValueError, match="needs 'gt_mask'"):
+        condition_from_batch(guidance("mask"), {"image": batch["image"]}, (2, 2))
+
+
+def test_drop_guidance_drops_both_together_and_is_reproducible():
+    cond, cmap = torch.ones(64, K), torch.ones(64, 1, 2, 2)
+    a = drop_guidance(cond, cmap, 0.5, torch.Generator().manual_seed(3))
+    b = drop_guidance(cond, cmap, 0.5, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a[0], b[0])
+    kept_cond, kept_map = a[0].amax(1), a[1].amax((1, 2, 3))
+    torch.testing.assert_close(kept_cond, kept_map)
+    assert 0 < kept_cond.sum() < 64
+    assert drop_guidance(cond, cmap, 0.0)[0].sum() == cond.sum()
+    assert drop_guidance(cond, None, 1.0)[0].sum() == 0
+    assert drop_guidance(None, None, 0.5) == (None, None)
+    with pytest.raises(ValueError, match="^p: "):
+        drop_guidance(cond, cmap, 1.5)
+    assert null_condition(cond, None)[0].sum() == 0 and null_condition(cond, None)[1] is None
