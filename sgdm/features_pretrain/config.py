@@ -28,6 +28,11 @@ class PretrainConfig:
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.1, 0.4)
     local_crop_fraction: float = 0.5
+    # Photometric augmentation strength. DINO's defaults (0.4 jitter, 0.2 grey)
+    # teach colour invariance; lower them where colour defines the classes.
+    color_jitter: float = 0.4
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
@@ -49,6 +54,11 @@ class PretrainConfig:
                 raise ConfigError(name, f"expected 0 < min <= max <= 1, got {[lo, hi]}")
         if not 0 < self.local_crop_fraction <= 1:
             raise ConfigError("local_crop_fraction", f"expected in (0, 1], got {self.local_crop_fraction}")
+        if not 0 <= self.color_jitter <= 1:
+            raise ConfigError("color_jitter", f"expected in [0, 1], got {self.color_jitter}")
+        for name in ("grayscale_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f"expected a probability in [0, 1], got {getattr(self, name)}")
         if self.student_temp <= 0 or self.teacher_temp <= 0:
             raise ConfigError("teacher_temp", "temperatures must be > 0")
         for name in ("center_momentum", "teacher_momentum"):

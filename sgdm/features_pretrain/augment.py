@@ -1,0 +1,97 @@
+"""DINO multi-crop augmentation with kornia, every random draw from an explicit generator.
+
+Kornia's augmentation modules draw from the global RNG, so the parameters are
+drawn here (from the caller's ``torch.Generator``) and applied with kornia's
+functional ops: random resized crops (``crop_and_resize``), horizontal flips,
+colour jitter (brightness, contrast, saturation, hue), greyscale and Gaussian
+blur (Caron et al. 2021, Sec. 3 and App. D).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import crop_and_resize
+
+from sgdm.features_pretrain.config import PretrainConfig
+
+__all__ = ["random_resized_crop", "photometric", "multi_crop"]
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+
+def random_resized_crop(
+    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """Crop a random area fraction in ``scale`` (aspect ratio in [3/4, 4/3]) and resize to ``size``.
+
+    images: [B, C, H, W] -> [B, C, size, size]; a random half is flipped horizontally.
+    """
+    b, _, h, w = images.shape
+    area = _uniform(b, *scale, generator) * h * w
+    log_ratio = _uniform(b, math.log(3 / 4), math.log(4 / 3), generator)
+    ratio = log_ratio.exp()
+    cw = (area * ratio).sqrt().clamp(1, w)
+    ch = (area / ratio).sqrt().clamp(1, h)
+    x0 = torch.rand(b, generator=generator) * (w - cw)
+    y0 = torch.rand(b, generator=generator) * (h - ch)
+    x1, y1 = x0 + cw - 1, y0 + ch - 1
+    flip = torch.rand(b, generator=generator) < 0.5
+    left, right = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # swapped corners mirror the crop
+    boxes = torch.stack(
+        [torch.stack([left, y0], -1), torch.stack([right, y0], -1), torch.stack([right, y1], -1), torch.stack([left, y1], -1)],
+        dim=1,
+    ).to(images)
+    return crop_and_resize(images, boxes, (size, size), align_corners=True)
+
+
+def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Colour jitter (p=0.8), greyscale and blur on images in [0, 1], [B, 3, H, W]."""
+    b = images.shape[0]
+    s = cfg.color_jitter
+    if s > 0:
+        apply = (torch.rand(b, generator=generator) < 0.8).to(images)
+        one = torch.ones(b)
+        bright = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
+        contrast = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
+        sat = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
+        hue = (_uniform(b, -s / 4, s / 4, generator) * apply.cpu() * 2 * math.pi).to(images)
+        images = adjust_brightness(images, bright - 1).clamp(0, 1)
+        images = adjust_contrast(images, contrast).clamp(0, 1)
+        images = adjust_saturation(images, sat).clamp(0, 1)
+        images = adjust_hue(images, hue).clamp(0, 1)
+    if cfg.grayscale_prob > 0:
+        grey = (torch.rand(b, generator=generator) < cfg.grayscale_prob).to(images.device).view(b, 1, 1, 1)
+        images = torch.where(grey, rgb_to_grayscale(images).expand_as(images), images)
+    if cfg.blur_prob > 0:
+        blur = (torch.rand(b, generator=generator) < cfg.blur_prob).to(images.device).view(b, 1, 1, 1)
+        sigma = _uniform(b, 0.1, 1.0, generator).to(images).unsqueeze(1).repeat(1, 2)
+        images = torch.where(blur, gaussian_blur2d(images, 3, sigma), images)
+    return images
+
+
+def multi_crop(
+    images: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(global crops, local crops) of ``images`` in [-1, 1], [B, 3, H, W]; crops are in [-1, 1].
+
+    Global crops keep the input size H (so the backbone sees its native
+    resolution); local crops have side ``round(H * local_crop_fraction)``.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
+    x = (images + 1) / 2
+    size = images.shape[-1]
+    local_size = max(4, round(size * cfg.local_crop_fraction))
+
+    def view(side: int, scale: tuple[float, float]) -> torch.Tensor:
+        return photometric(random_resized_crop(x, side, scale, generator), cfg, generator) * 2 - 1
+
+    global_views = [view(size, cfg.global_crop_scale) for _ in range(cfg.global_crops)]
+    local_views = [view(local_size, cfg.local_crop_scale) for _ in range(cfg.local_crops)]
+    return global_views, local_views

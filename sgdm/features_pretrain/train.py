@@ -1,0 +1,145 @@
+"""Train a timm backbone with DINO on unlabeled images and save it in timm's layout.
+
+The saved file holds the *teacher* backbone's ``state_dict`` exactly as
+``timm.create_model(name, num_classes=0, **kwargs)`` names it (no head), as
+``.safetensors`` (with ``architecture`` and ``backbone_kwargs`` in the
+metadata) or ``.pth``, so ``annotate`` loads it like any timm backbone:
+``backbone: <name>``, ``backbone_kwargs: {...}``, ``weights: PATH``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from sgdm.features_pretrain.augment import multi_crop
+from sgdm.features_pretrain.config import PretrainConfig
+from sgdm.features_pretrain.dino import DINOHead, dino_loss, ema_update, update_center
+
+__all__ = ["build_backbone", "pretrain_features", "save_backbone", "resolve_device"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_backbone(name: str, kwargs: dict | None = None, dynamic_size: bool = False) -> nn.Module:
+    """timm model ``name`` without classifier (``num_classes=0``) and random weights.
+
+    ``dynamic_size`` lets a ViT take the smaller local crops (position
+    embeddings interpolated); it does not change the parameters.
+    """
+    import timm
+
+    kwargs = dict(kwargs or {})
+    if not timm.is_model(name):
+        raise ValueError(f"backbone: unknown timm architecture {name!r}")
+    if dynamic_size:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+        except TypeError:
+            pass  # not a ViT: convolutional backbones take any size
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: dict) -> pathlib.Path:
+    """Write ``model.state_dict()`` atomically (tmp file, fsync, rename) as .safetensors or .pth."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={"architecture": name, "backbone_kwargs": json.dumps(kwargs), "format": "timm"})
+    elif path.suffix in (".pth", ".pt"):
+        torch.save(state, tmp)
+    else:
+        raise ValueError(f"weights path {path}: expected a .safetensors or .pth file name")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _schedules(cfg: PretrainConfig, step: int) -> tuple[float, float]:
+    """(learning rate, teacher momentum): linear warm-up then cosine; momentum cosine to 1."""
+    if step < cfg.warmup_steps:
+        lr = cfg.lr * (step + 1) / cfg.warmup_steps
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    m = 1 - (1 - cfg.teacher_momentum) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+    return lr, m
+
+
+def _stack_images(items: list) -> torch.Tensor:
+    # Only the image is needed; a dataset that skips bad files yields None for them.
+    return torch.stack([item["image"] for item in items if item is not None])
+
+
+def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator):
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"pretrain: the dataset has {len(dataset)} images, fewer than batch_size {cfg.batch_size}")
+    while True:  # epochs; the sampler draws its order from the generator
+        sampler = RandomSampler(dataset, generator=generator)
+        for batch in DataLoader(dataset, cfg.batch_size, sampler=sampler, drop_last=True, collate_fn=_stack_images):
+            yield batch
+
+
+def pretrain_features(
+    dataset: Dataset,
+    backbone: str,
+    backbone_kwargs: dict,
+    cfg: PretrainConfig,
+    out_path: str | os.PathLike,
+    log: Callable[[str], None] | None = None,
+) -> pathlib.Path:
+    """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher."""
+    device = resolve_device(cfg.device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch_init = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.random.fork_rng(devices=[]):  # timm initialises from the global RNG; keep it ours and local
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch_init)))
+        student = build_backbone(backbone, backbone_kwargs, dynamic_size=True)
+        head = DINOHead(student.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+    student_model = nn.ModuleDict({"backbone": student, "head": head}).to(device)
+    teacher_model = copy.deepcopy(student_model).requires_grad_(False)
+    center = torch.zeros(1, cfg.out_dim, device=device)
+    params = [p for p in student_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    start = time.time()
+    batches = _batches(dataset, cfg, generator)
+    for step in range(cfg.steps):
+        lr, momentum = _schedules(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = next(batches).to(device)
+        global_views, local_views = multi_crop(images, cfg, generator)
+        with torch.no_grad():
+            teacher_out = [teacher_model["head"](teacher_model["backbone"](v)) for v in global_views]
+        student_out = [student_model["head"](student_model["backbone"](v)) for v in global_views + local_views]
+        loss = dino_loss(student_out, teacher_out, center, cfg.student_temp, cfg.teacher_temp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain: non-finite DINO loss at step {step}; lower lr ({cfg.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        optimizer.step()
+        ema_update(teacher_model, student_model, momentum)
+        update_center(center, teacher_out, cfg.center_momentum)
+        if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
+            log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+    return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs)

@@ -1,0 +1,135 @@
+"""DINO pretraining: loss, centering/sharpening, EMA, multi-crop, save in timm layout."""
+import math
+
+import pytest
+import torch
+
+from sgdm.config.core import ConfigError, from_dict
+from sgdm.features_pretrain.augment import multi_crop, random_resized_crop
+from sgdm.features_pretrain.config import PretrainConfig
+from sgdm.features_pretrain.dino import DINOHead, dino_loss, ema_update, update_center
+from sgdm.features_pretrain.train import build_backbone, pretrain_features, save_backbone
+
+TINY_VIT = dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
+
+
+def _direct_dino_loss(student, teacher, center, ts, tt):
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher):
+        for j, s in enumerate(student):
+            if i == j:
+                continue
+            for b in range(t.shape[0]):
+                z = [math.exp(float(t[b, k] - center[0, k]) / tt) for k in range(t.shape[1])]
+                p = [v / sum(z) for v in z]
+                lse = math.log(sum(math.exp(float(s[b, k]) / ts) for k in range(s.shape[1])))
+                total += -sum(p[k] * (float(s[b, k]) / ts - lse) for k in range(s.shape[1])) / t.shape[0]
+            pairs += 1
+    return total / pairs
+
+
+def test_dino_loss_matches_direct_cross_entropy(generator):
+    student = [torch.randn(3, 5, generator=generator, dtype=torch.float64) for _ in range(4)]
+    teacher = [torch.randn(3, 5, generator=generator, dtype=torch.float64) for _ in range(2)]
+    center = torch.randn(1, 5, generator=generator, dtype=torch.float64)
+    got = dino_loss(student, teacher, center, 0.1, 0.04)
+    assert float(got) == pytest.approx(_direct_dino_loss(student, teacher, center, 0.1, 0.04), rel=1e-10)
+
+
+def test_centering_removes_a_shared_offset_and_sharpening_lowers_entropy(generator):
+    student = [torch.randn(4, 6, generator=generator, dtype=torch.float64) for _ in range(3)]
+    teacher = [torch.randn(4, 6, generator=generator, dtype=torch.float64) for _ in range(2)]
+    center = torch.zeros(1, 6, dtype=torch.float64)
+    offset = torch.randn(1, 6, generator=generator, dtype=torch.float64) * 5
+    a = dino_loss(student, teacher, center)
+    b = dino_loss(student, [t + offset for t in teacher], center + offset)
+    assert float(a) == pytest.approx(float(b), rel=1e-10)
+    # Against its own softmax, a sharper target is a lower-entropy distribution.
+    entropy = lambda tau: float(-(torch.softmax(teacher[0] / tau, -1) * torch.log_softmax(teacher[0] / tau, -1)).sum(-1).mean())  # noqa: E731
+    assert entropy(0.04) < entropy(0.1) < entropy(1.0)
+
+
+def test_center_and_teacher_ema_updates(generator):
+    center = torch.ones(1, 3)
+    outs = [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])]
+    update_center(center, outs, 0.9)
+    assert torch.allclose(center, 0.9 * torch.ones(1, 3) + 0.1 * torch.tensor([[2.0, 2.0, 2.0]]))
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = 0.99 * teacher.weight.detach().clone() + 0.01 * student.weight.detach()
+    ema_update(teacher, student, 0.99)
+    assert torch.allclose(teacher.weight, expected)
+
+
+def test_dino_head_shapes_and_fixed_norm():
+    head = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4)
+    assert head(torch.randn(3, 8)).shape == (3, 16)
+    assert not head.last.parametrizations.weight.original0.requires_grad
+
+
+def test_multi_crop_shapes_range_and_generator_determinism():
+    cfg = PretrainConfig(local_crops=3, local_crop_fraction=0.5)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    g1, l1 = multi_crop(images, cfg, torch.Generator().manual_seed(3))
+    g2, l2 = multi_crop(images, cfg, torch.Generator().manual_seed(3))
+    g3, _ = multi_crop(images, cfg, torch.Generator().manual_seed(4))
+    assert [v.shape for v in g1] == [(2, 3, 16, 16)] * 2 and [v.shape for v in l1] == [(2, 3, 8, 8)] * 3
+    assert all(torch.equal(a, b) for a, b in zip(g1 + l1, g2 + l2))
+    assert not torch.equal(g1[0], g3[0])
+    assert all(v.min() >= -1 and v.max() <= 1 for v in g1 + l1)
+    with pytest.raises(ValueError, match=r"images: expected \[B, 3, H, W\]"):
+        multi_crop(images[:, :1], cfg, None)
+
+
+def test_random_resized_crop_keeps_content_monotone_and_flips(generator):
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(64, 3, 32, 32).contiguous()
+    crops = random_resized_crop(ramp, 16, (0.3, 0.6), generator)
+    dx = crops[:, 0, 8, 1:] - crops[:, 0, 8, :-1]
+    increasing, decreasing = (dx >= -1e-6).all(1), (dx <= 1e-6).all(1)
+    assert (increasing | decreasing).all()
+    assert increasing.any() and decreasing.any()  # some crops are mirrored
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "id": str(i)}
+
+
+def test_pretrain_saves_teacher_in_timm_layout(tmp_path):
+    import timm
+    from safetensors import safe_open
+
+    cfg = from_dict(PretrainConfig, dict(steps=3, batch_size=4, warmup_steps=1, out_dim=32, hidden_dim=16, bottleneck_dim=8, local_crops=2))
+    path = pretrain_features(_Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.safetensors", log=lambda m: None)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["architecture"] == "vit_tiny_patch16_224"
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)), **TINY_VIT)
+    strict = timm.create_model("vit_tiny_patch16_224", num_classes=0, checkpoint_path=str(path), **TINY_VIT)
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(model.eval()(x), strict.eval()(x))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_save_backbone_pth_and_bad_suffix(tmp_path):
+    model = build_backbone("vit_tiny_patch16_224", TINY_VIT)
+    path = save_backbone(model, tmp_path / "enc.pth", "vit_tiny_patch16_224", TINY_VIT)
+    assert set(torch.load(path, weights_only=True)) == set(model.state_dict())
+    with pytest.raises(ValueError, match="enc.bin: expected a .safetensors or .pth"):
+        save_backbone(model, tmp_path / "enc.bin", "vit_tiny_patch16_224", TINY_VIT)
+
+
+def test_pretrain_bad_input_is_named(tmp_path):
+    cfg = PretrainConfig(steps=1, batch_size=16)
+    with pytest.raises(ValueError, match="8 images, fewer than batch_size 16"):
+        pretrain_features(_Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "e.pth", log=lambda m: None)
+    with pytest.raises(ValueError, match="unknown timm architecture 'not_a_net'"):
+        build_backbone("not_a_net")
+    with pytest.raises(ConfigError, match="pretrain.global_crops"):
+        from_dict(PretrainConfig, {"global_crops": 1}, "pretrain")
+    with pytest.raises(ConfigError, match="pretrain.local_crop_scale"):
+        from_dict(PretrainConfig, {"local_crop_scale": [0.5, 0.2]}, "pretrain")
