@@ -1,0 +1,145 @@
+"""Datasets of image files on disk: a folder tree, a list file (LDM's LSUN layout), ImageNet-100.
+
+File ids are paths relative to the root with ``/`` separators (extension
+kept, so ``a.jpg`` and ``a.png`` stay distinct). Extensions match in any case
+(``.JPEG`` is ImageNet's).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sgdm.config.core import ConfigError
+from sgdm.data.base import ImageDataset, RawSample, limit
+from sgdm.data.decode import is_image_file, open_image
+
+log = logging.getLogger(__name__)
+
+
+def require_dir(path: Path, key: str, what: str) -> Path:
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(key, f"{what} {path} {state}")
+    return path
+
+
+def require_file(path: Path, key: str, what: str) -> Path:
+    if not path.is_file():
+        state = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(key, f"{what} {path} {state}")
+    return path
+
+
+def scan_images(root: Path) -> list[str]:
+    """Sorted relative paths of every image file under ``root`` (symlinks followed)."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        rel = Path(folder).relative_to(root)
+        found.extend((rel / f).as_posix() for f in files if is_image_file(f) and not f.startswith("."))
+    return sorted(found)
+
+
+def read_list(path: Path, key: str) -> list[str]:
+    """Non-empty, non-comment lines of a list file, stripped."""
+    require_file(path, key, "list file")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class FileDataset(ImageDataset):
+    """Images at ``root / id``; optional integer class per item."""
+
+    name = "image_folder"
+
+    def __init__(self, root: Path, files: Sequence[str], labels: Optional[Sequence[int]] = None,
+                 class_names: Sequence[str] = (), **kwargs):
+        super().__init__(files, class_names=class_names, **kwargs)
+        self.root = Path(root)
+        self.labels = None if labels is None else list(labels)
+        self.has_labels = labels is not None
+
+    def source(self, index: int) -> str:
+        return str(self.root / self.ids[index])
+
+    def load(self, index: int) -> RawSample:
+        label = None if self.labels is None else self.labels[index]
+        return RawSample(open_image(self.source(index)), label=label)
+
+
+def _empty(root: Path, key: str, detail: str = "") -> ConfigError:
+    return ConfigError(key, f"no images found under {root}{detail}")
+
+
+def image_folder(root: Path, list_file: Optional[Path], folder_labels: bool, max_images: Optional[int],
+                 key: str, name: str = "image_folder", **kwargs) -> FileDataset:
+    """Any tree of images, or the files named by ``list_file`` (relative to ``root``).
+
+    Files named by a list are not checked here: a missing one is a bad file,
+    reported when read (and by ``validate-data``), like a corrupt one.
+    """
+    require_dir(root, f"{key}.root", "dataset root")
+    if list_file is not None:
+        files = read_list(list_file, f"{key}.list_file")
+        if not files:
+            raise ConfigError(f"{key}.list_file", f"list file {list_file} names no files")
+    else:
+        files = scan_images(root)
+        if not files:
+            raise _empty(root, f"{key}.root", " (extensions: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, any case)")
+    files = limit(files, max_images)
+    labels, classes = None, ()
+    if folder_labels:
+        if any("/" not in f for f in files):
+            bad = next(f for f in files if "/" not in f)
+            raise ConfigError(f"{key}.folder_labels", f"{bad} is not inside a class folder")
+        classes = sorted({f.split("/", 1)[0] for f in files})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[f.split("/", 1)[0]] for f in files]
+    dataset = FileDataset(root, files, labels, classes, **kwargs)
+    dataset.name = name
+    return dataset
+
+
+def imagenet100_wnids(class_list: Optional[Path], key: str) -> list[str]:
+    """The 100 WordNet ids of CMC's ImageNet-100 (shipped with sgdm), or ``class_list``."""
+    if class_list is not None:
+        wnids = read_list(class_list, f"{key}.class_list")
+    else:
+        wnids = resources.files("sgdm.data").joinpath("imagenet100_wnids.txt").read_text().split()
+    if len(set(wnids)) != len(wnids):
+        raise ConfigError(f"{key}.class_list", "class list repeats a WordNet id")
+    return wnids
+
+
+def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: Optional[int], key: str,
+                **kwargs) -> FileDataset:
+    """``root/{train,val}/<wnid>/*.JPEG`` restricted to the 100 classes; label = index in the class list.
+
+    The val split must use the same per-class folders as train (the common
+    reorganised layout), not the flat official one.
+    """
+    split_dir = require_dir(Path(root) / split, f"{key}.root", f"ImageNet {split} folder")
+    wnids = imagenet100_wnids(class_list, key)
+    present = [w for w in wnids if (split_dir / w).is_dir()]
+    if not present:
+        raise ConfigError(f"{key}.root", f"{split_dir} has none of the {len(wnids)} class folders "
+                          f"(expected e.g. {split_dir / wnids[0]}); is the {split} split in per-class folders?")
+    if len(present) < len(wnids):
+        missing = [w for w in wnids if w not in present]
+        log.warning("imagenet100: %d of %d class folders missing under %s (first: %s)",
+                    len(missing), len(wnids), split_dir, missing[0])
+    files, labels = [], []
+    for label, wnid in enumerate(wnids):
+        if wnid in present:
+            names = scan_images(split_dir / wnid)
+            files.extend(f"{wnid}/{n}" for n in names)
+            labels.extend([label] * len(names))
+    if not files:
+        raise _empty(split_dir, f"{key}.root")
+    dataset = FileDataset(split_dir, limit(files, max_images), limit(labels, max_images), wnids, **kwargs)
+    dataset.name = "imagenet100"
+    return dataset

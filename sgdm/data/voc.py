@@ -1,0 +1,85 @@
+"""Pascal VOC 2007 / 2012 (``root`` = ``VOCdevkit/VOC2007``).
+
+Ids come from ``ImageSets/Main/{split}.txt``; image ``JPEGImages/{id}.jpg``;
+boxes and classes from ``Annotations/{id}.xml`` (VOC's 1-based inclusive pixel
+corners become 0-based pixel edges: ``x1 = xmin - 1, x2 = xmax``); the class
+map from ``SegmentationClass/{id}.png`` where it exists (palette indices:
+0 background, 1..20 the classes, 255 boundary/ignore), else all 255.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from sgdm.config.core import ConfigError
+from sgdm.data.base import ImageDataset, RawSample, limit
+from sgdm.data.decode import BadImageError, open_image
+from sgdm.data.folders import read_list, require_dir
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+class VocDataset(ImageDataset):
+    name = "voc"
+    has_labels = True
+    has_boxes = True
+    has_masks = True
+
+    def __init__(self, root: Path, split: str = "trainval", keep_difficult: bool = True,
+                 max_images: Optional[int] = None, key: str = "data", **kwargs):
+        self.root = require_dir(Path(root), f"{key}.root", "VOC directory (e.g. VOCdevkit/VOC2007)")
+        ids = read_list(self.root / "ImageSets" / "Main" / f"{split}.txt", f"{key}.split")
+        if not ids:
+            raise ConfigError(f"{key}.split", f"{self.root}/ImageSets/Main/{split}.txt lists no images")
+        self.keep_difficult = keep_difficult
+        super().__init__(limit([i.split()[0] for i in ids], max_images), class_names=VOC_CLASSES,
+                         mask_class_names=("background",) + VOC_CLASSES, **kwargs)
+
+    def source(self, index: int) -> str:
+        return str(self.root / "JPEGImages" / f"{self.ids[index]}.jpg")
+
+    def load(self, index: int) -> RawSample:
+        image = open_image(self.source(index))
+        boxes, labels = self._objects(self.ids[index])
+        mask_path = self.root / "SegmentationClass" / f"{self.ids[index]}.png"
+        mask = None
+        if mask_path.is_file():
+            try:
+                with Image.open(mask_path) as png:
+                    if png.mode not in ("P", "L"):
+                        raise BadImageError(mask_path, f"segmentation PNG has mode {png.mode}, expected P or L")
+                    mask = np.array(png)
+            except (OSError, SyntaxError, ValueError) as err:
+                if isinstance(err, BadImageError):
+                    raise
+                raise BadImageError(mask_path, f"cannot read segmentation PNG ({err})") from None
+        return RawSample(image, boxes=boxes, box_labels=labels, mask=mask)
+
+    def _objects(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        path = self.root / "Annotations" / f"{image_id}.xml"
+        try:
+            tree = ET.parse(path)
+        except (OSError, ET.ParseError) as err:
+            raise BadImageError(path, f"cannot read annotation XML ({err})") from None
+        boxes, labels = [], []
+        for obj in tree.getroot().iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            if name not in VOC_CLASSES:
+                raise BadImageError(path, f"unknown VOC class {name!r}")
+            if not self.keep_difficult and (obj.findtext("difficult") or "0").strip() == "1":
+                continue
+            bb = obj.find("bndbox")
+            try:
+                x1, y1, x2, y2 = (float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            except (AttributeError, TypeError, ValueError):
+                raise BadImageError(path, f"object {name!r} has no valid bndbox") from None
+            boxes.append([x1 - 1.0, y1 - 1.0, x2, y2])
+            labels.append(VOC_CLASSES.index(name))
+        return np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64)
