@@ -1,0 +1,113 @@
+// sgdm::guided_ddim_step: schema and CPU implementation (glue only; the
+// kernel is csrc/cpu/guided_ddim_step_kernel.cpp, the CUDA one
+// csrc/cuda/guided_ddim_step.cu). Maths: csrc/include/sgdm/guided_ddim.h.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cpu/guided_ddim_step_kernel.h"
+#include "guided_ddim_step.h"
+#include "op_utils.h"
+
+namespace sgdm {
+namespace {
+
+// Same strides, dense and sample-outermost: each sample is one contiguous
+// run of memory, so the kernel can treat every tensor as [B, M].
+bool same_dense_layout(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
+  if (!x.is_non_overlapping_and_dense() || (x.dim() > 0 && x.size(0) > 1 &&
+                                            x.stride(0) != x.numel() / x.size(0))) {
+    return false;
+  }
+  for (const at::Tensor* t : others) {
+    if (t->defined() && t->strides() != x.strides()) return false;
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& x_t, const at::Tensor& eps_cond,
+                                            const std::optional<at::Tensor>& eps_uncond,
+                                            const std::optional<at::Tensor>& noise,
+                                            const std::optional<at::Tensor>& alpha_bar_t,
+                                            const std::optional<at::Tensor>& alpha_bar_prev,
+                                            double alpha_bar_t_scalar, double alpha_bar_prev_scalar,
+                                            double guidance_scale, double eta,
+                                            std::optional<double> clip_x0) {
+  GuidedDdimPrepared p = prepare_guided_ddim(x_t, eps_cond, eps_uncond, noise, alpha_bar_t,
+                                             alpha_bar_prev, alpha_bar_t_scalar,
+                                             alpha_bar_prev_scalar, guidance_scale, eta, clip_x0);
+  SGDM_CPU_DISPATCH(guided_ddim_step_kernel, p.args);
+  return {p.x_prev, p.x0};
+}
+
+}  // namespace
+
+GuidedDdimPrepared prepare_guided_ddim(
+    const at::Tensor& x_t, const at::Tensor& eps_cond, const std::optional<at::Tensor>& eps_uncond,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& alpha_bar_t,
+    const std::optional<at::Tensor>& alpha_bar_prev, double alpha_bar_t_scalar,
+    double alpha_bar_prev_scalar, double guidance_scale, double eta, std::optional<double> clip_x0) {
+  TORCH_CHECK(x_t.dim() >= 1, "sgdm.guided_ddim_step: x_t must have a batch dimension, got shape ",
+              x_t.sizes());
+  GuidedDdimPrepared p;
+  GuidedDdimArgs& a = p.args;
+  a.dtype = dtype_tag(x_t, "x_t");
+  check_like(eps_cond, "eps_cond", x_t, "x_t");
+  at::Tensor eu = eps_uncond.value_or(at::Tensor());
+  at::Tensor nz = eta != 0.0 ? noise.value_or(at::Tensor()) : at::Tensor();
+  if (eu.defined()) check_like(eu, "eps_uncond", x_t, "x_t");
+  if (nz.defined()) check_like(nz, "noise", x_t, "x_t");
+  TORCH_CHECK(eta == 0.0 || nz.defined(), "sgdm.guided_ddim_step: eta > 0 needs noise");
+  const int64_t batch = x_t.size(0);
+  auto alpha = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
+    if (!t.has_value()) return at::Tensor();
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, "sgdm.guided_ddim_step: ", name,
+                " must be a float or a tensor of shape [", batch, "], got shape ", t->sizes());
+    TORCH_CHECK(t->device() == x_t.device(), "sgdm.guided_ddim_step: ", name, " is on ",
+                t->device(), " but x_t is on ", x_t.device());
+    return t->to(at::kDouble).contiguous();
+  };
+  p.alpha_t = alpha(alpha_bar_t, "alpha_bar_t");
+  p.alpha_prev = alpha(alpha_bar_prev, "alpha_bar_prev");
+  at::Tensor x = x_t, ec = eps_cond;
+  if (!same_dense_layout(x, {&ec, &eu, &nz})) {
+    x = x.contiguous();
+    ec = ec.contiguous();
+    if (eu.defined()) eu = eu.contiguous();
+    if (nz.defined()) nz = nz.contiguous();
+  }
+  p.inputs = {x, ec, eu, nz};
+  p.x_prev = at::empty_like(x);
+  p.x0 = at::empty_like(x);
+  a.batch = batch;
+  a.per_sample = batch > 0 ? x.numel() / batch : 0;
+  a.x = x.const_data_ptr();
+  a.eps_cond = ec.const_data_ptr();
+  a.eps_uncond = eu.defined() ? eu.const_data_ptr() : nullptr;
+  a.noise = nz.defined() ? nz.const_data_ptr() : nullptr;
+  a.alpha_t = p.alpha_t.defined() ? p.alpha_t.const_data_ptr<double>() : nullptr;
+  a.alpha_prev = p.alpha_prev.defined() ? p.alpha_prev.const_data_ptr<double>() : nullptr;
+  a.alpha_t_scalar = alpha_bar_t_scalar;
+  a.alpha_prev_scalar = alpha_bar_prev_scalar;
+  a.guidance_scale = guidance_scale;
+  a.eta = eta;
+  a.clip = clip_x0.has_value();
+  a.clip_value = clip_x0.value_or(0.0);
+  a.x_prev = p.x_prev.mutable_data_ptr();
+  a.x0 = p.x0.mutable_data_ptr();
+  return p;
+}
+
+}  // namespace sgdm
+
+TORCH_LIBRARY_FRAGMENT(sgdm, m) {
+  m.def(
+      "guided_ddim_step(Tensor x_t, Tensor eps_cond, Tensor? eps_uncond, Tensor? noise, "
+      "Tensor? alpha_bar_t, Tensor? alpha_bar_prev, float alpha_bar_t_scalar, "
+      "float alpha_bar_prev_scalar, float guidance_scale, float eta, float? clip_x0) "
+      "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sgdm, CPU, m) { m.impl("guided_ddim_step", &sgdm::step_cpu); }

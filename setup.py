@@ -1,0 +1,151 @@
+"""Build of sgdm and its compiled extension ``sgdm._C``.
+
+Sources are found by pattern, so adding an op means adding files:
+  csrc/*.cpp                op schemas + CPU glue, compiled once
+  csrc/cpu/*_kernel.cpp     CPU kernels, compiled once per ISA (baseline, AVX2+FMA,
+                            AVX-512 unless SGDM_CPU_AVX512=0); see csrc/cpu/dispatch.h
+  csrc/cpu/*.cpp (others)   CPU helpers, compiled once
+  csrc/cuda/*.cu            torch-free CUDA kernels        } only when CUDA is built
+  csrc/cuda/*_launch.cpp    torch glue on the current stream }
+CUDA is built when FORCE_CUDA=1, or TORCH_CUDA_ARCH_LIST is set, or a GPU and
+a toolkit are present. Never -march=native, never -ffast-math.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    sys.exit("sgdm: building the extension needs torch installed first; run "
+             "`pip install -e . --no-build-isolation` in an environment that has torch.")
+
+ISA_FLAGS = {
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+               "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
+             "-fvisibility=hidden"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+              "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage,-Werror"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _cuda_home() -> str | None:
+    """The real toolkit root; resolves nvcc wrapper scripts (e.g. /usr/local/bin/nvcc)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for cand in candidates:
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.isdir(
+                os.path.join(cand, "include")):
+            return cand
+    return None
+
+
+def _want_cuda(cuda_home: str | None) -> bool:
+    if os.environ.get("FORCE_CUDA") is not None and os.environ["FORCE_CUDA"].strip() in {"0", ""}:
+        return False
+    if _flag("FORCE_CUDA") or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return True
+    if cuda_home is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _sources(with_cuda: bool) -> tuple[list[str], list[str]]:
+    """(sources compiled once, CPU kernel sources compiled per ISA)."""
+    once = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    cpu_all = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    per_isa = [p for p in cpu_all if p.endswith("_kernel.cpp")]
+    once += [p for p in cpu_all if p not in per_isa]
+    if with_cuda:
+        once += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        once += sorted(glob.glob(os.path.join(CSRC, "cuda", "*_launch.cpp")))
+    return [os.path.relpath(p, ROOT) for p in once], per_isa
+
+
+def _extension():
+    cuda_home = _cuda_home()
+    with_cuda = _want_cuda(cuda_home)
+    if with_cuda:
+        if cuda_home is None:
+            sys.exit("sgdm: CUDA build requested but no toolkit found; set CUDA_HOME.")
+        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension guesses /usr/local
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            try:
+                import torch
+                major, minor = torch.cuda.get_device_capability()
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            except Exception:  # noqa: BLE001 - no GPU to ask
+                sys.exit("sgdm: set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0\") to build CUDA "
+                         "without a visible GPU.")
+    from torch.utils import cpp_extension
+
+    avx512 = os.environ.get("SGDM_CPU_AVX512", "1").strip() not in {"0", "false", "no", "off"}
+    once, per_isa = _sources(with_cuda)
+    macros = [("SGDM_CPU_AVX512", "1" if avx512 else "0")]
+    include_dirs = [CSRC, os.path.join(CSRC, "include")]
+    cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    if with_cuda:
+        import torch  # cuBLAS/cuSPARSE headers ship in the nvidia wheels (KERNELS.md)
+        nv = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+        if os.path.isdir(nv):
+            include_dirs.append(nv)
+        macros.append(("SGDM_WITH_CUDA", "1"))
+    ext = cls(name="sgdm._C", sources=once, include_dirs=include_dirs, define_macros=macros,
+              extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, py_limited_api=False)
+    # torch's headers as system includes: -Wall/-Werror then apply to our code only.
+    torch_dirs = [d for d in ext.include_dirs if d not in include_dirs]
+    ext.include_dirs = list(include_dirs)
+    for key in ("cxx", "nvcc"):
+        ext.extra_compile_args[key] = [f for d in torch_dirs for f in ("-isystem", d)] + \
+            ext.extra_compile_args[key]
+    ext.sgdm_per_isa_sources = per_isa
+    ext.sgdm_isas = ["DEFAULT", "AVX2"] + (["AVX512"] if avx512 else [])
+    return ext, cpp_extension
+
+
+def _build_ext_class(cpp_extension):
+    class BuildExtension(cpp_extension.BuildExtension):
+        """Compiles csrc/cpu/*_kernel.cpp once per ISA, then links everything."""
+
+        def build_extension(self, ext):
+            per_isa = getattr(ext, "sgdm_per_isa_sources", [])
+            for isa in getattr(ext, "sgdm_isas", []):
+                if not per_isa:
+                    break
+                cxx = list(ext.extra_compile_args["cxx"]) + ISA_FLAGS[isa]
+                ext.extra_objects += self.compiler.compile(
+                    per_isa, output_dir=os.path.join(self.build_temp, "isa_" + isa.lower()),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": cxx, "nvcc": []}, depends=ext.depends)
+            super().build_extension(ext)
+
+    return BuildExtension.with_options(no_python_abi_suffix=False)
+
+
+_ext, _cpp = _extension()
+setup(ext_modules=[_ext], cmdclass={"build_ext": _build_ext_class(_cpp)})

@@ -1,0 +1,90 @@
+"""Loading of the compiled extension ``sgdm._C`` and backend selection.
+
+The extension is imported at most once. ``SGDM_KERNELS=0`` disables it, and
+every op then runs its plain-PyTorch reference. An op uses its kernel on a
+device only when the extension registered one for that device
+(``kernels_enabled(op, device_type)``), so a CPU-only build still works on
+CUDA tensors (through the reference).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+_DISABLE_VALUES = {"0", "false", "no", "off"}
+
+
+def requested() -> bool:
+    """False when the user disabled kernels with ``SGDM_KERNELS=0``."""
+    return os.environ.get("SGDM_KERNELS", "1").strip().lower() not in _DISABLE_VALUES
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> bool:
+    """Imports ``sgdm._C`` once; True when its ops are registered."""
+    if not requested():
+        return False
+    try:
+        importlib.import_module("sgdm._C")
+    except ImportError as exc:
+        # A missing build is normal (pure-Python install); a broken one is worth a word.
+        if "No module named" not in str(exc):
+            warnings.warn(f"sgdm: compiled extension failed to load ({exc}); using references",
+                          RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def has_op(name: str) -> bool:
+    """True when ``torch.ops.sgdm.<name>`` exists (extension loaded and op compiled)."""
+    return load() and torch._C._dispatch_has_kernel(f"sgdm::{name}")
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def kernels_enabled(op: str, device_type: str) -> bool:
+    """True when op ``op`` has a compiled kernel for ``device_type`` ("cpu", "cuda")."""
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None or not has_op(op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
+
+
+def has_cuda_kernels(op: str = "guided_ddim_step") -> bool:
+    """True when the extension was built with CUDA (tested on one op)."""
+    return kernels_enabled(op, "cuda")
+
+
+def cpu_isa() -> str | None:
+    """The CPU ISA the kernels run with now ("default", "avx2", "avx512"), None without them."""
+    return torch.ops.sgdm._cpu_isa() if load() else None
+
+
+@contextlib.contextmanager
+def force_cpu_isa(name: str) -> Iterator[None]:
+    """Runs the CPU kernels compiled for ISA ``name`` inside the block (tests cover every path).
+
+    Raises RuntimeError if the extension is missing, or the ISA is unknown, not compiled
+    or not supported by this CPU.
+    """
+    if not load():
+        raise RuntimeError("sgdm: force_cpu_isa needs the compiled extension (sgdm._C)")
+    previous = torch.ops.sgdm._set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        torch.ops.sgdm._set_cpu_isa(previous)
+
+
+def backend(op: str, device_type: str = "cpu") -> str:
+    """Which implementation ``op`` runs on ``device_type``: "cpu-avx2", "cuda", "reference"..."""
+    if not kernels_enabled(op, device_type):
+        return "reference"
+    return f"cpu-{cpu_isa()}" if device_type == "cpu" else device_type
