@@ -1,0 +1,63 @@
+"""fd_<name> in a local feature space and layout adherence plumbing (tiny random ViT)."""
+import pytest
+import torch
+
+from sgdm.annotation.config import KMeansConfig, StegoConfig
+from sgdm.evaluation.adherence import box_adherence, mask_adherence
+from sgdm.evaluation.feature_distance import feature_distance, load_feature_space, reference_stats
+from sgdm.features_pretrain.train import build_backbone, save_backbone
+
+TINY_VIT = dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    torch.manual_seed(0)  # timm init uses the global RNG; only this fixture's weights depend on it
+    path = save_backbone(build_backbone("vit_tiny_patch16_224", TINY_VIT), tmp_path_factory.mktemp("fd") / "enc.safetensors", "vit_tiny_patch16_224", TINY_VIT)
+    return load_feature_space("vit_tiny_patch16_224", path, TINY_VIT, name="tiny")
+
+
+def test_feature_distance_is_named_zero_on_same_set_and_cached(space, tmp_path, generator):
+    images = torch.rand(24, 3, 16, 16, generator=generator) * 2 - 1
+    cache = tmp_path / "ref.pt"
+    ref = reference_stats(space, images.split(8), cache)
+    assert cache.is_file()
+    same = feature_distance(space, images, ref, batch_size=8)
+    assert list(same) == ["fd_tiny"] and same["fd_tiny"] == pytest.approx(0.0, abs=1e-6)
+    shifted = feature_distance(space, (images * 0.2).clamp(-1, 1), ref)
+    assert shifted["fd_tiny"] > 1e-3
+    cached = reference_stats(space, [], cache)  # no images needed the second time
+    assert torch.equal(cached.mu, ref.mu)
+
+
+def test_default_name_is_never_fid(tmp_path):
+    from sgdm.evaluation.feature_distance import _default_name
+
+    assert _default_name("vit_small_patch16_224.dino") == "dino"
+    assert _default_name("resnet50.a1_in1k") == "resnet50"
+
+
+def test_missing_feature_weights_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="feature extractor weights: file .*missing.pth does not exist"):
+        load_feature_space("vit_tiny_patch16_224", tmp_path / "missing.pth", TINY_VIT)
+
+
+def test_box_adherence_plumbing(space, generator):
+    images = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)
+    out = box_adherence(space, images, boxes, k_patches=4)
+    assert set(out) == {"box_iou", "box_hit50"}
+    assert 0 < out["box_iou"] <= 1 and 0 <= out["box_hit50"] <= 1
+    with pytest.raises(ValueError, match=r"boxes: expected \[3, 4\]"):
+        box_adherence(space, images, boxes[:2])
+
+
+def test_mask_adherence_plumbing(space, generator):
+    images = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
+    masks = torch.zeros(4, 8, 8, dtype=torch.uint8)
+    masks[:, :, 4:] = 1
+    masks[0, 0, 0] = 255
+    out = mask_adherence(space, images, masks, 2, StegoConfig(method="kmeans"), KMeansConfig(max_iter=5), generator)
+    assert 0 <= out["mask_miou"] <= 1 and 0 <= out["mask_pixel_accuracy"] <= 1
+    with pytest.raises(ValueError, match=r"masks: expected \[4, h, w\]"):
+        mask_adherence(space, images, masks[:2], 2, StegoConfig(method="kmeans"), KMeansConfig(), generator)
