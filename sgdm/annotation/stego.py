@@ -92,7 +92,7 @@ def stego_loss(feats, knn_feats, rand_feats, head: nn.Module, cfg, generator: to
         + cfg.pos_inter_weight * parts["pos_inter"]
         + cfg.neg_inter_weight * parts["neg_inter"]
     )
-    return total, {k: float(v) for k, v in parts.items()}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def knn_partners(cls: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:

@@ -1,0 +1,281 @@
+"""``annotate(cfg, granularity, evaluate)``: dataset -> features (g) -> self-annotation (f) -> store.
+
+Stages (paper Sec. 3.2, Eq. 6):
+
+1. feature extraction, shard by shard into ``STORE/work`` (resumable; with
+   torchrun each rank takes every world-size-th shard);
+2. the self-annotation function: k-means on L2-normalised CLS features
+   (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
+   patch k-means class maps at the patch grid (``mask``); k-means runs
+   distributed across ranks, the STEGO head on rank 0;
+3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
+   ``evaluate``, scores it against whatever ground truth the dataset has.
+
+``source: gt`` skips 1-2 and fills the store from ground truth instead.
+Images are read with ``train=False``: annotations describe the unflipped image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sgdm.annotation.cache import FeatureCache
+from sgdm.annotation.config import AnnotationConfig
+from sgdm.annotation.evaluate import evaluate_records
+from sgdm.annotation.features import extract, load_backbone
+from sgdm.annotation.ground_truth import ground_truth_records, pack_gt
+from sgdm.annotation.kmeans import kmeans_from_config
+from sgdm.annotation.lost import lost_batch
+from sgdm.annotation.stego import segment
+from sgdm.annotation.store import ids_hash, write_store
+from sgdm.config.core import ConfigError, to_dict
+
+__all__ = ["AnnotationResult", "annotate", "class_count"]
+
+
+@dataclasses.dataclass
+class AnnotationResult:
+    store: pathlib.Path
+    granularity: str
+    num_images: int
+    metrics: dict[str, float]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def class_count(a: AnnotationConfig, granularity: str) -> tuple[int, str]:
+    """K of the store and its config key: box stores use ``lost.num_clusters``."""
+    if granularity == "box":
+        return a.lost.num_clusters, "annotation.lost.num_clusters"
+    return a.num_classes, "annotation.num_classes"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def _barrier() -> None:
+    if _dist() is not None:
+        _dist().barrier()
+
+
+def _device(a: AnnotationConfig) -> torch.device:
+    if a.device != "auto":
+        return torch.device(a.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.indices[i], self.dataset[self.indices[i]]
+
+
+def _samples(dataset, indices, a: AnnotationConfig):
+    """Batches of ``(dataset index, sample)`` pairs; unreadable (None) samples are dropped."""
+    loader = torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=list)
+    for batch in loader:
+        kept = [(i, s) for i, s in batch if s is not None]
+        if kept:
+            yield kept
+
+
+def _extract_shard(backbone, dataset, indices, a, granularity, device, bar) -> dict[str, torch.Tensor]:
+    rows, cls, boxes, patches, samples = [], [], [], [], []
+    image_hw = None
+    for kept in _samples(dataset, indices, a):
+        images = torch.stack([s["image"] for _, s in kept]).to(device)
+        feats = extract(backbone, images, keys=granularity == "box", patches=granularity == "mask")
+        rows += [i for i, _ in kept]
+        cls.append(feats.cls.half().cpu())
+        if granularity == "box":
+            boxes.append(lost_batch(feats.keys.cpu(), a.lost.k_patches))
+        if granularity == "mask":
+            patches.append(feats.patches.half().cpu())
+        samples += [{k: v for k, v in s.items() if k.startswith("gt_")} for _, s in kept]
+        bar.update(len(kept))
+        if image_hw is None:
+            image_hw = torch.tensor(images.shape[-2:])
+    out = {"index": torch.tensor(rows, dtype=torch.long)}
+    if rows:
+        out.update(cls=torch.cat(cls), image_hw=image_hw, **pack_gt(samples))
+        if boxes:
+            out["box"] = torch.cat(boxes)
+        if patches:
+            out["patches"] = torch.cat(patches)
+    return out
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    parts = [p for p in parts if p["index"].numel()]
+    if not parts:
+        raise ValueError("annotate: no image of the dataset could be read")
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "image_hw"}
+    out["image_hw"] = parts[0]["image_hw"]
+    return out
+
+
+def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids) -> dict[str, Any]:
+    return {
+        "backbone": backbone.name,
+        "backbone_kwargs": a.backbone_kwargs,
+        "weights": backbone.weights_id,
+        "input_size": list(backbone.input_size),
+        "ids_sha256": ids_hash(dataset_ids),
+        "shard_size": a.shard_size,
+        "extract": {"label": "cls", "box": f"cls+lost(k={a.lost.k_patches})", "mask": "cls+patches"}[granularity],
+    }
+
+
+def _extract_all(dataset, a, granularity, log, progress):
+    """Features of every shard of this rank (resuming finished ones); returns the cache and shard count."""
+    from tqdm import tqdm
+
+    backbone = load_backbone(a.backbone, a.weights, a.backbone_kwargs, a.image_size)
+    device = _device(a)
+    backbone.model.to(device)
+    cache = FeatureCache(a.store / "work", _fingerprint(backbone, a, granularity, dataset.ids))
+    rank, world = _rank_world()
+    n = len(dataset)
+    shards = list(range(rank, -(-n // a.shard_size), world))
+    todo = [s for s in shards if not cache.done(s)]
+    if len(todo) < len(shards):
+        log(f"annotate: resuming, {len(shards) - len(todo)} of {len(shards)} feature shards already done")
+    total = sum(len(range(s * a.shard_size, min(n, (s + 1) * a.shard_size))) for s in todo)
+    with tqdm(total=total, desc=f"features ({backbone.name})", unit="img", disable=not progress or rank != 0) as bar:
+        for s in todo:
+            indices = range(s * a.shard_size, min(n, (s + 1) * a.shard_size))
+            cache.save(s, _extract_shard(backbone, dataset, indices, a, granularity, device, bar))
+    _barrier()
+    return cache, -(-n // a.shard_size), backbone
+
+
+def _cluster(cache, n_shards, a, k, device) -> Optional[torch.Tensor]:
+    """k-means of the normalised CLS features, all ranks together; cluster ids on rank 0 (None elsewhere)."""
+    rank, world = _rank_world()
+    mine = [cache.load(s) for s in range(rank, n_shards, world)]
+    cls = torch.cat([m["cls"] for m in mine if "cls" in m]) if any("cls" in m for m in mine) else torch.zeros(0, 1)
+    generator = torch.Generator().manual_seed(a.seed)
+    result = kmeans_from_config(F.normalize(cls.float(), dim=1).to(device), k, a.kmeans, generator, distributed=world > 1)
+    labels = list(torch.split(result.labels.cpu(), [m["index"].numel() for m in mine]))
+    if world > 1:
+        gathered = [None] * world
+        _dist().all_gather_object(gathered, labels)
+        if rank != 0:
+            return None, result.inertia
+        labels = [gathered[s % world][s // world] for s in range(n_shards)]
+    return torch.cat(labels), result.inertia
+
+
+def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict], Optional[dict], dict]:
+    device = _device(a)
+    k, _ = class_count(a, granularity)
+    extra: dict[str, Any] = {}
+    if granularity in ("label", "box"):
+        cluster, inertia = _cluster(cache, n_shards, a, k, device)
+        extra.update(method="kmeans" if granularity == "label" else "lost+kmeans", kmeans_inertia=inertia)
+        if cluster is None:
+            return None, None, extra
+    if _rank_world()[0] != 0:
+        return None, None, extra
+    feats = _concat([cache.load(s) for s in range(n_shards)])
+    if granularity == "mask":
+        generator = torch.Generator().manual_seed(a.seed)
+        masks = segment(feats["patches"], feats["cls"], k, a.stego, a.kmeans, generator, device, log)
+        extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
+        return {"mask": masks}, feats, extra
+    records = {"cluster": cluster}
+    if granularity == "box":
+        records["box"] = feats["box"]
+    return records, feats, extra
+
+
+def _ground_truth(dataset, a, granularity, log, progress):
+    from tqdm import tqdm
+
+    rows, samples = [], []
+    with tqdm(total=len(dataset), desc="ground truth", unit="img", disable=not progress) as bar:
+        for kept in _samples(dataset, range(len(dataset)), a):
+            rows += [i for i, _ in kept]
+            samples += [s for _, s in kept]
+            bar.update(len(kept))
+    if not rows:
+        raise ValueError("annotate: no image of the dataset could be read")
+    gt = pack_gt(samples)
+    gt["index"] = torch.tensor(rows)
+    gt["image_hw"] = torch.tensor(samples[0]["image"].shape[-2:])
+    k, _ = class_count(a, granularity)
+    ids = [dataset.ids[i] for i in rows]
+    records, extra = ground_truth_records(gt, granularity, k, gt["image_hw"].tolist(), ids)
+    extra["method"] = "ground-truth"
+    return records, gt, extra
+
+
+def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, dataset=None,
+             log: Callable[[str], None] = _stderr, progress: bool = True) -> AnnotationResult:
+    """Annotate ``cfg.data`` per ``cfg.annotation`` (an ExperimentConfig or anything with those two sections).
+
+    ``granularity`` overrides ``annotation.granularity``; ``dataset`` replaces
+    ``sgdm.data.build_dataset(cfg.data, train=False)``. Returns the store path,
+    the number of images annotated and, with ``evaluate``, the scores (also
+    written to the manifest as ``metrics``). Non-zero ranks return empty metrics.
+    """
+    a: AnnotationConfig = cfg.annotation
+    granularity = granularity or a.granularity
+    if granularity not in ("label", "box", "mask"):
+        raise ConfigError("annotation.granularity", f"expected label, box or mask, got {granularity!r}")
+    if dataset is None:
+        from sgdm.data import build_dataset
+
+        dataset = build_dataset(cfg.data, train=False)
+    n = len(dataset)
+    if n == 0:
+        raise ConfigError("data", f"the dataset ({cfg.data.dataset}, split {cfg.data.split!r}) has no images")
+    k, key = class_count(a, granularity)
+    if granularity != "mask" and a.source == "self" and k > n:
+        raise ConfigError(key, f"K={k} clusters is more than the dataset's {n} images")
+    if a.source == "gt":
+        records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
+    else:
+        cache, n_shards, backbone = _extract_all(dataset, a, granularity, log, progress)
+        records, feats, extra = _self_records(cache, n_shards, a, granularity, log)
+        extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
+                              "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,
+                              "input_size": list(backbone.input_size)}
+    if records is None:  # a non-zero rank: rank 0 writes
+        _barrier()
+        return AnnotationResult(a.store, granularity, 0, {})
+    ids = [dataset.ids[i] for i in feats["index"].tolist()]
+    metrics = {}
+    if evaluate and a.source == "self":
+        metrics = evaluate_records(granularity, records, feats, k, feats["image_hw"].tolist())
+        log("annotate: " + (", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) or "no ground truth to evaluate against"))
+    extra.update(source=a.source, params=to_dict(a), metrics=metrics, image_size=feats["image_hw"].tolist(),
+                 dataset={"config": to_dict(cfg.data), "ids_sha256": ids_hash(dataset.ids), "num_images": n,
+                          "skipped": sorted(set(dataset.ids) - set(ids))})
+    write_store(a.store, ids, records, granularity=granularity, num_classes=k, shard_size=a.shard_size, extra=extra)
+    log(f"annotate: wrote {len(ids)} {granularity} annotations (K={k}) to {a.store}")
+    _barrier()
+    return AnnotationResult(a.store, granularity, len(ids), metrics)

@@ -1,0 +1,217 @@
+"""The annotation store: what ``sgdm-ldm annotate`` writes and training reads.
+
+A directory with sharded safetensors files and a JSON manifest::
+
+    manifest.json            version, granularity (label|box|mask), source (self|gt),
+                             num_classes (K), method, params, extractor (backbone,
+                             weights hash), dataset (config, ids hash), ids, shards
+    shard_00000.safetensors  per image, rows in manifest order:
+                             cluster int64 [n]        (label, box)
+                             box float32 [n, 4]       (box)
+                             mask uint8 [n, h, w]     (mask; 255 = ignore)
+                             multi_hot float32 [n, K] (mask)
+
+Annotations describe the dataset's preprocessed, UNFLIPPED image: boxes are
+normalised xyxy in ``[0, 1]``; masks are class maps at any resolution covering
+the image; ``multi_hot`` is the spatial max-pool of the one-hot mask (Eq. 9).
+Consumers mirror boxes and masks of samples whose ``flipped`` is True. The
+manifest is written last (atomically), so a directory without one is not a
+store.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "atomic_write_text", "STORE_VERSION"]
+
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+FIELDS = {"label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask", "multi_hot")}
+IGNORE = 255
+
+
+class StoreMismatchError(ValueError):
+    """An annotation store does not fit the dataset or model it is used with."""
+
+
+def ids_hash(ids: Iterable[str]) -> str:
+    """sha256 of the ids in order (newline-joined): the dataset list fingerprint."""
+    digest = hashlib.sha256()
+    for i in ids:
+        digest.update(str(i).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)  # a shard either exists whole or not at all (resume relies on it)
+
+
+def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[n, K]`` float: class k present anywhere in the map (max-pool of the one-hot); 255 ignored."""
+    flat = masks.reshape(masks.shape[0], -1).long()
+    out = torch.zeros(masks.shape[0], num_classes + 1)
+    out.scatter_(1, torch.where(flat == IGNORE, num_classes, flat.clamp(max=num_classes)), 1.0)
+    return out[:, :num_classes]
+
+
+def _check_records(records: Mapping[str, torch.Tensor], granularity: str, n: int, num_classes: int) -> None:
+    for name in FIELDS[granularity]:
+        if name not in records:
+            raise ValueError(f"write_store: granularity {granularity!r} needs field {name!r}")
+        if records[name].shape[0] != n:
+            raise ValueError(f"write_store: field {name!r} has {records[name].shape[0]} rows for {n} ids")
+    if "cluster" in records and n and (records["cluster"].min() < 0 or records["cluster"].max() >= num_classes):
+        raise ValueError(f"write_store: cluster ids must lie in [0, {num_classes}), got max {int(records['cluster'].max())}")
+    if "mask" in records:
+        masks = records["mask"]
+        bad = (masks >= num_classes) & (masks != IGNORE)
+        if bool(bad.any()):
+            raise ValueError(f"write_store: mask values must be < K={num_classes} or {IGNORE}, got {int(masks[bad].max())}")
+
+
+def write_store(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    records: Mapping[str, torch.Tensor],
+    *,
+    granularity: str,
+    num_classes: int,
+    shard_size: int = 1024,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> "AnnotationStore":
+    """Write ``records`` (row i describes ``ids[i]``) as a store; ``extra`` goes into the manifest."""
+    if granularity not in FIELDS:
+        raise ValueError(f"write_store: granularity must be one of {', '.join(FIELDS)}, got {granularity!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("write_store: ids are not unique")
+    records = dict(records)
+    if granularity == "mask" and "multi_hot" not in records:
+        records["multi_hot"] = multi_hot_from_masks(records["mask"], num_classes)
+    _check_records(records, granularity, len(ids), num_classes)
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)  # the store is invalid until the new manifest lands
+    shards = []
+    for index, start in enumerate(range(0, len(ids), shard_size)):
+        name = f"shard_{index:05d}.safetensors"
+        rows = {k: records[k][start : start + shard_size] for k in FIELDS[granularity]}
+        save_tensors_atomic(path / name, rows)
+        shards.append({"file": name, "start": start, "count": len(rows[FIELDS[granularity][0]])})
+    manifest = dict(extra or {})
+    manifest.update(
+        version=STORE_VERSION,
+        granularity=granularity,
+        num_classes=int(num_classes),
+        num_images=len(ids),
+        ids_sha256=ids_hash(ids),
+        ids=list(ids),
+        shards=shards,
+    )
+    manifest.setdefault("source", "self")
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
+    return AnnotationStore.open(path)
+
+
+class AnnotationStore:
+    """Read access to a store written by :func:`write_store`; shards load lazily."""
+
+    def __init__(self, path: pathlib.Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._index = {i: n for n, i in enumerate(manifest["ids"])}
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        self._starts = [s["start"] for s in manifest["shards"]]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "AnnotationStore":
+        path = pathlib.Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            hint = " (an unfinished run? rerun `sgdm-ldm annotate` to resume)" if path.is_dir() else ""
+            raise FileNotFoundError(f"annotation store {path}: no {MANIFEST}{hint}")
+        manifest = json.loads(manifest_path.read_text())
+        version = manifest.get("version")
+        if version != STORE_VERSION:
+            raise ValueError(f"annotation store {path}: version {version!r}, this sgdm reads version {STORE_VERSION}")
+        for key in ("granularity", "num_classes", "ids", "shards", "source"):
+            if key not in manifest:
+                raise ValueError(f"annotation store {path}: {MANIFEST} lacks {key!r}")
+        return cls(path, manifest)
+
+    ids = property(lambda self: self.manifest["ids"])
+    num_classes = property(lambda self: int(self.manifest["num_classes"]))
+    granularity = property(lambda self: self.manifest["granularity"])
+    source = property(lambda self: self.manifest["source"])
+    method = property(lambda self: self.manifest.get("method"))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._index
+
+    def _shard(self, number: int) -> dict[str, torch.Tensor]:
+        if number not in self._shards:
+            info = self.manifest["shards"][number]
+            file = self.path / info["file"]
+            if not file.is_file():
+                raise FileNotFoundError(f"annotation store {self.path}: shard {info['file']} is missing")
+            self._shards[number] = load_file(str(file))
+        return self._shards[number]
+
+    def _locate(self, image_id: str) -> tuple[int, int]:
+        try:
+            row = self._index[image_id]
+        except KeyError:
+            raise KeyError(f"annotation store {self.path} has no image id {image_id!r}") from None
+        number = bisect.bisect_right(self._starts, row) - 1
+        return number, row - self._starts[number]
+
+    def get(self, image_id: str) -> dict[str, Any]:
+        """The annotation of one image: ``cluster`` (int), ``box`` (float32 [4]), ``mask`` (uint8 [h, w]),
+        ``multi_hot`` (float32 [K]); which of them depends on :attr:`granularity`."""
+        number, row = self._locate(image_id)
+        shard = self._shard(number)
+        out: dict[str, Any] = {}
+        for name in FIELDS[self.granularity]:
+            value = shard[name][row]
+            out[name] = int(value) if name == "cluster" else value
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Field ``name`` of every image, in :attr:`ids` order."""
+        if name not in FIELDS[self.granularity]:
+            raise KeyError(f"annotation store {self.path} ({self.granularity}) has no field {name!r}")
+        return torch.cat([self._shard(i)[name] for i in range(len(self.manifest["shards"]))])
+
+    def check_matches(self, ids: Sequence[str], num_classes: Optional[int] = None) -> None:
+        """Refuse a store that lacks some of ``ids`` or was made with another K."""
+        if num_classes is not None and int(num_classes) != self.num_classes:
+            raise StoreMismatchError(
+                f"annotation store {self.path} has K={self.num_classes} classes, the model expects {num_classes}; "
+                "re-run `sgdm-ldm annotate` with the matching K or fix model.guidance.num_classes"
+            )
+        missing = [i for i in ids if i not in self._index]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5])
+            raise StoreMismatchError(
+                f"annotation store {self.path} lacks {len(missing)} of the dataset's {len(ids)} image ids "
+                f"(e.g. {shown}); it was made for another dataset (ids sha256 {self.manifest.get('ids_sha256', '?')[:12]})"
+            )
