@@ -1,0 +1,29 @@
+"""Diffusion maths: noise schedule, training loss, samplers, classifier-free guidance.
+
+One concept per module: ``config`` (DiffusionConfig, SamplerConfig; no torch
+import, so configs validate fast), ``schedule`` (NoiseSchedule, q_sample),
+``losses`` (diffusion_loss), ``samplers`` (DDIM, DDPM, DPM-Solver++(2M) as
+functions of a denoiser), ``guidance`` (paper Eq. 4 wrapper), ``noise``
+(per-sample generators). Names below are imported lazily.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "DiffusionConfig": "config", "SamplerConfig": "config",
+    "ClassifierFreeGuidance": "guidance", "GuidedEps": "guidance", "guided_eps": "guidance",
+    "diffusion_loss": "losses", "sample_timesteps": "losses",
+    "randn": "noise",
+    "ddim_timesteps": "samplers", "get_sampler": "samplers", "sample_ddim": "samplers",
+    "sample_ddpm": "samplers", "sample_dpmpp_2m": "samplers",
+    "NoiseSchedule": "schedule", "make_schedule": "schedule", "q_sample": "schedule",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"sgdm.diffusion.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'sgdm.diffusion' has no attribute {name!r}")

@@ -1,0 +1,94 @@
+"""Typed configuration of the diffusion process and of the sampler.
+
+Light imports only (no torch) so that configs validate quickly at the entry
+point. ``DiffusionConfig`` describes training-time maths (noise schedule,
+what the network predicts, the loss); ``SamplerConfig`` the defaults used to
+draw samples (which solver, how many steps, eta, guidance scale w).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from sgdm.config.core import ConfigError
+
+# Per-schedule (linear_start, linear_end) used when the config leaves them out:
+# DDPM's betas 1e-4..2e-2, and LDM's default 0.0015..0.0155 (linear in sqrt(beta)).
+DEFAULT_BETA_RANGE = {"linear": (1e-4, 2e-2), "scaled_linear": (0.0015, 0.0155)}
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process q(x_t | x_0) and the training objective.
+
+    schedule: ``linear`` (beta_t linear from linear_start to linear_end),
+        ``scaled_linear`` (sqrt(beta_t) linear; LDM's default, used by the
+        LSUN-Churches LDM) or ``cosine`` (Nichol & Dhariwal 2021, offset ``cosine_s``).
+    timesteps: T, the number of training timesteps (LDM: 1000).
+    linear_start / linear_end: beta range; ``None`` takes the schedule's default
+        (linear: 1e-4..2e-2, scaled_linear: 0.0015..0.0155). Not used by cosine.
+    parameterization: what the UNet predicts, ``eps`` (noise) or ``v``
+        (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, Salimans & Ho 2022).
+    loss: ``l2`` or ``l1`` distance to the target (LDM Churches uses l1).
+    """
+
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    timesteps: int = 1000
+    linear_start: Optional[float] = None
+    linear_end: Optional[float] = None
+    cosine_s: float = 0.008
+    parameterization: Literal["eps", "v"] = "eps"
+    loss: Literal["l2", "l1"] = "l2"
+
+    def validate(self) -> None:
+        if self.timesteps < 2:
+            raise ConfigError("timesteps", f"must be at least 2, got {self.timesteps}")
+        if self.schedule == "cosine":
+            if not 0.0 <= self.cosine_s < 1.0:
+                raise ConfigError("cosine_s", f"must be in [0, 1), got {self.cosine_s}")
+            return
+        start, end = self.beta_range()
+        if not 0.0 < start < 1.0:
+            raise ConfigError("linear_start", f"must be in (0, 1), got {start}")
+        if not 0.0 < end < 1.0:
+            raise ConfigError("linear_end", f"must be in (0, 1), got {end}")
+        if end < start:
+            raise ConfigError("linear_end", f"must be >= linear_start ({start}), got {end}")
+
+    def beta_range(self) -> tuple[float, float]:
+        """(linear_start, linear_end) with the schedule's defaults filled in."""
+        default = DEFAULT_BETA_RANGE.get(self.schedule, (None, None))
+        start = default[0] if self.linear_start is None else self.linear_start
+        end = default[1] if self.linear_end is None else self.linear_end
+        return start, end
+
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+
+
+@dataclass
+class SamplerConfig:
+    """Defaults for drawing samples.
+
+    sampler: ``ddim`` (Song et al. 2021; the paper uses 250 steps, eta = 0),
+        ``ddpm`` (ancestral) or ``dpmpp_2m`` (DPM-Solver++(2M), 20-25 steps).
+    steps: number of denoising steps (<= diffusion.timesteps).
+    eta: DDIM stochasticity (0 = deterministic, 1 = DDPM-like); ddim only.
+    guidance_scale: w in the paper's Eq. 4, eps = (1 - w) eps_uncond + w eps_cond
+        (w = 0 unconditional, w = 1 conditional; equals eps_uncond + s (eps_cond -
+        eps_uncond) with s = w).
+    """
+
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
+    steps: int = 250
+    eta: float = 0.0
+    guidance_scale: float = 2.0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be a positive number of steps, got {self.steps}")
+        if not (math.isfinite(self.eta) and self.eta >= 0.0):
+            raise ConfigError("eta", f"must be a finite number >= 0, got {self.eta}")
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError("guidance_scale", f"must be finite, got {self.guidance_scale}")

@@ -1,0 +1,182 @@
+"""Samplers: small pure functions over a denoiser callable.
+
+Every sampler has the form ``sample_X(denoise, x, timesteps, schedule, ...) -> x_0``:
+
+- ``denoise(x_t [B, C, h, w], t [B] int64) -> eps`` or a
+  :class:`~sgdm.diffusion.guidance.GuidedEps` (cond and uncond halves plus w,
+  from :class:`~sgdm.diffusion.guidance.ClassifierFreeGuidance`);
+- ``x``: the starting noise x_T [B, C, h, w] (the caller draws it, see
+  :func:`sgdm.diffusion.noise.randn`);
+- ``timesteps``: descending training timesteps to visit, e.g. from
+  :func:`ddim_timesteps`; after the last one the sampler steps to clean data
+  (alpha_bar = 1);
+- ``generator``: None, a ``torch.Generator`` or one generator per sample;
+- ``callback(i, t, x, x0_pred)``: called after every step.
+
+Notation: a_t = alpha_bar_t, x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+
+from sgdm import ops
+from sgdm.diffusion.guidance import GuidedEps, resolve_eps
+from sgdm.diffusion.noise import Generators, randn_like
+from sgdm.diffusion.schedule import NoiseSchedule
+
+__all__ = ["ddim_timesteps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "logsnr_timesteps", "get_sampler",
+           "SAMPLERS", "Denoiser", "Callback"]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], Union[torch.Tensor, GuidedEps]]
+Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "uniform") -> torch.Tensor:
+    """The ``num_steps`` training timesteps a sampler visits, descending, int64.
+
+    ``uniform`` follows LDM's ``ddim_discretize``: every c = T // num_steps-th
+    step, shifted by one (t = 1, 1 + c, ..., as LDM) so that the final step
+    starts from alpha_bar_1; the shift is dropped when it would pass T - 1
+    (num_steps = T gives all of 0..T-1). Exactly ``num_steps`` values.
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps: must be a positive integer, got {num_steps!r}")
+    if num_steps > num_train_timesteps:
+        raise ValueError(f"num_steps: at most the number of training timesteps ({num_train_timesteps}), "
+                         f"got {num_steps}")
+    if spacing != "uniform":
+        raise ValueError(f"spacing: unknown value {spacing!r} (expected 'uniform')")
+    c = num_train_timesteps // num_steps
+    last = (num_steps - 1) * c
+    offset = 1 if last + 1 <= num_train_timesteps - 1 else 0
+    return (torch.arange(num_steps, dtype=torch.int64) * c + offset).flip(0)
+
+
+def logsnr_timesteps(num_steps: int, schedule: NoiseSchedule) -> torch.Tensor:
+    """``num_steps`` descending timesteps evenly spaced in lambda_t = log(sqrt(a_t) / sqrt(1 - a_t)),
+    from t = T - 1 down to t = 1 (Lu et al. 2022 recommend this for DPM-Solver; at 20 steps it
+    avoids the large 2nd-order extrapolation that uniform spacing makes on the final steps).
+    Where several targets round to one timestep they are pushed apart to stay distinct.
+    """
+    T = len(schedule)
+    ddim_timesteps(num_steps, T)  # same argument checks
+    lam = 0.5 * (schedule.alpha_bar.log() - (1 - schedule.alpha_bar).log())
+    low = 1 if num_steps < T else 0
+    targets = torch.linspace(float(lam[-1]), float(lam[low]), num_steps, dtype=torch.float64)
+    ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()  # descending t
+    for j in range(num_steps - 2, -1, -1):
+        ts[j] = max(ts[j], ts[j + 1] + 1)
+    # min of two strictly decreasing sequences stays strictly decreasing, and now ends <= T - 1
+    return torch.tensor([min(t, T - 1 - j) for j, t in enumerate(ts)], dtype=torch.int64)
+
+
+def _steps(timesteps: torch.Tensor, schedule: NoiseSchedule) -> Iterator[tuple[int, int, float, float]]:
+    """(i, t, a_t, a_prev) per step as Python floats (float64); a_prev = 1 after the last timestep."""
+    ts = [int(t) for t in torch.as_tensor(timesteps).flatten()]
+    if not ts:
+        raise ValueError("timesteps: empty; a sampler needs at least one step")
+    if any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps: must be strictly decreasing, got {ts[:8]}{'...' if len(ts) > 8 else ''}")
+    alpha_bar = schedule.at(torch.tensor(ts)).tolist()
+    for i, (t, a_t) in enumerate(zip(ts, alpha_bar)):
+        yield i, t, a_t, alpha_bar[i + 1] if i + 1 < len(ts) else 1.0
+
+
+def _t_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+
+
+def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
+                generator: Generators = None, eta: float = 0.0, callback: Callback = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12), each update one ``sgdm.ops.guided_ddim_step``:
+
+        x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z,
+        sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev),  z ~ N(0, I).
+
+    eta = 0 is deterministic (the paper's 250-step sampler); eta = 1 matches
+    DDPM's posterior variance. A guided denoiser's halves go into the fused op,
+    which forms eps = (1 - w) eps_uncond + w eps_cond (paper Eq. 4) itself.
+    """
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta: must be a finite number >= 0, got {eta}")
+    for i, t, a_t, a_prev in _steps(timesteps, schedule):
+        out = denoise(x, _t_batch(t, x))
+        noise = randn_like(x, generator) if eta > 0 and a_prev < 1.0 else None
+        if isinstance(out, GuidedEps):
+            x, x0 = ops.guided_ddim_step(x, out.cond, a_t, a_prev, eps_uncond=out.uncond,
+                                         guidance_scale=out.scale, eta=eta, noise=noise)
+        else:
+            x, x0 = ops.guided_ddim_step(x, out, a_t, a_prev, eta=eta, noise=noise)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_ddpm(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
+                generator: Generators = None, callback: Callback = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0_pred) (Ho et al. 2020, Eq. 6-7),
+    over any decreasing subset of timesteps (respaced betas, beta' = 1 - a_t / a_prev):
+
+        mean = sqrt(a_prev) beta' / (1 - a_t) x0_pred + sqrt(1 - beta') (1 - a_prev) / (1 - a_t) x_t,
+        var  = beta' (1 - a_prev) / (1 - a_t)   ("fixed small" variance).
+    """
+    for i, t, a_t, a_prev in _steps(timesteps, schedule):
+        eps = resolve_eps(denoise(x, _t_batch(t, x)))
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        beta = 1 - a_t / a_prev
+        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+        if a_prev < 1.0:
+            x = mean + math.sqrt(beta * (1 - a_prev) / (1 - a_t)) * randn_like(x, generator)
+        else:
+            x = mean
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
+                    callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep 2nd order in data prediction.
+
+    With alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t), lambda_t = log(alpha_t / sigma_t),
+    h_i = lambda_{t_i} - lambda_{t_{i-1}} and D_i = x0_pred at t_{i-1}:
+
+        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D~_i,
+        D~_i = (1 + 1 / (2 r_i)) D_i - 1 / (2 r_i) D_{i-1},  r_i = h_{i-1} / h_i
+
+    (D~_1 = D_1: first order on the first step). The last step, to alpha_bar = 1
+    (lambda = inf), returns x0_pred, as the first-order update does in that limit.
+    Deterministic: draws no noise.
+    """
+    x0_last, h_last = None, None
+    for i, t, a_t, a_next in _steps(timesteps, schedule):
+        eps = resolve_eps(denoise(x, _t_batch(t, x)))
+        alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1 - a_t)
+        x0 = (x - sigma_t * eps) / alpha_t
+        if a_next >= 1.0:
+            x = x0
+        else:
+            alpha_n, sigma_n = math.sqrt(a_next), math.sqrt(1 - a_next)
+            h = math.log(alpha_n / sigma_n) - math.log(alpha_t / sigma_t)
+            d = x0
+            if x0_last is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_last
+            x = (sigma_n / sigma_t) * x - (alpha_n * math.expm1(-h)) * d
+            x0_last, h_last = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler function called ``name`` (ddim, ddpm or dpmpp_2m)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
