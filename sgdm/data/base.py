@@ -114,12 +114,12 @@ class ImageDataset(Dataset):
     def is_flipped(self, index: int) -> bool:
         return self.flip and flip_coin(self.seed, self.epoch, index)
 
-    def check(self, index: int) -> Optional[str]:
-        """Why item ``index`` cannot be read, or None when it can (no preprocessing)."""
+    def check(self, index: int) -> Optional[SkippedItem]:
+        """The file of item ``index`` that cannot be read and why, or None (no preprocessing)."""
         try:
             self._checked_load(index)
         except BadImageError as err:
-            return err.reason
+            return SkippedItem(index, err.source, err.reason)
         return None
 
     def _checked_load(self, index: int) -> RawSample:
