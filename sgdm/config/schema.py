@@ -1,0 +1,129 @@
+"""The whole experiment: every config section composed, and the checks across sections.
+
+``load_experiment(path, overrides)`` is what entry points call: YAML, dotted
+overrides, per-section validation (each dataclass's ``validate``), then the
+cross-section checks below, all before any data or device is touched. Every
+error is a :class:`~sgdm.config.core.ConfigError` naming the dotted key path.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from sgdm.annotation.config import AnnotationConfig
+from sgdm.config.core import ConfigError, load_config
+from sgdm.data.config import DataConfig
+from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
+from sgdm.evaluation.config import EvalConfig
+from sgdm.models.config import ModelConfig
+from sgdm.quickstart.config import PrepareConfig
+from sgdm.training.config import TrainConfig
+
+__all__ = ["RunConfig", "ExperimentConfig", "load_experiment", "check_annotation_store", "guidance_classes_key"]
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives (``dir/name``) and the one seed every random stream derives from."""
+
+    dir: pathlib.Path = pathlib.Path("runs")
+    name: str = "default"
+    seed: int = 0
+
+    @property
+    def path(self) -> pathlib.Path:
+        return self.dir / self.name
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError("name", f"must be a plain directory name, got {self.name!r}")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+
+
+def guidance_classes_key(kind: str) -> str:
+    """The annotation key whose value must equal ``model.guidance.num_classes`` (K)."""
+    return "annotation.lost.num_clusters" if kind == "box" else "annotation.num_classes"
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything ``sgdm-ldm train`` needs. Sections are documented on their dataclasses."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def validate(self) -> None:
+        self._check_guidance()
+        for key, steps in (("sampler.steps", self.sampler.steps), ("eval.steps", self.eval.steps),
+                           ("train.sample_steps", self.train.sample_steps)):
+            if steps > self.diffusion.timesteps:
+                raise ConfigError(key, f"{steps} sampling steps exceed diffusion.timesteps={self.diffusion.timesteps}")
+        if self.data.size != self.model.autoencoder.resolution:
+            raise ConfigError("model.autoencoder.resolution", f"must equal data.size={self.data.size} (the first "
+                                                              f"stage encodes the dataset's images), got "
+                                                              f"{self.model.autoencoder.resolution}")
+
+    def _check_guidance(self) -> None:
+        g, a = self.model.guidance, self.annotation
+        if g.kind == "none":
+            if g.drop_prob > 0:
+                raise ConfigError("model.guidance.drop_prob", f"guidance dropout {g.drop_prob} with no guidance "
+                                                              f"(model.guidance.kind: none); set it to 0")
+            return
+        if a.granularity != g.kind:
+            raise ConfigError("annotation.granularity", f"{a.granularity!r} does not match model.guidance.kind "
+                                                        f"{g.kind!r}")
+        if a.source != g.source:
+            raise ConfigError("annotation.source", f"{a.source!r} does not match model.guidance.source {g.source!r}")
+        key = guidance_classes_key(g.kind)
+        k = a.lost.num_clusters if g.kind == "box" else a.num_classes
+        if k != g.num_classes:
+            what = {"label": "cluster count", "box": "box cluster count", "mask": "mask channel count"}[g.kind]
+            raise ConfigError("model.guidance.num_classes", f"{what} {g.num_classes} does not match K={k} "
+                                                            f"from {key}")
+
+
+def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """YAML + ``a.b=value`` overrides -> a validated :class:`ExperimentConfig`."""
+    return load_config(ExperimentConfig, path, overrides)
+
+
+def check_annotation_store(cfg: ExperimentConfig) -> None:
+    """The store exists and its manifest agrees with the config (cheap: JSON only).
+
+    Skipped for unguided runs, and when ``prepare.annotations`` will create it.
+    """
+    g = cfg.model.guidance
+    if g.kind == "none":
+        return
+    store = cfg.annotation.store
+    if not store.exists():
+        if cfg.prepare.annotations:
+            return
+        raise ConfigError("annotation.store", f"{store} does not exist; run `sgdm-ldm annotate` with this config "
+                                              f"first (or set prepare.annotations: true)")
+    from sgdm.annotation.store import AnnotationStore
+
+    try:
+        opened = AnnotationStore.open(store)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ConfigError("annotation.store", f"cannot read the annotation store {store}: {err}") from None
+    if opened.granularity != g.kind:
+        raise ConfigError("model.guidance.kind", f"{g.kind!r} but the annotation store {store} holds "
+                                                 f"{opened.granularity!r} annotations")
+    if opened.source != g.source:
+        raise ConfigError("model.guidance.source", f"{g.source!r} but the annotation store {store} was made "
+                                                   f"from {opened.source!r}")
+    if opened.num_classes != g.num_classes:
+        raise ConfigError("model.guidance.num_classes", f"{g.num_classes} does not match K={opened.num_classes} "
+                                                        f"of the annotation store {store}")

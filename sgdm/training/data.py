@@ -1,0 +1,62 @@
+"""Training data: the dataset (images, or cached latents) in the deterministic order of
+:mod:`sgdm.training.data_order`, as a DataLoader Lightning can restart at any position."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler
+
+__all__ = ["flip_image_sample", "collate_training", "build_train_loader", "build_image_dataset", "PositionLoader"]
+
+_KEEP = ("image", "mean", "logvar")
+
+
+def flip_image_sample(sample: dict) -> dict:
+    """Horizontal flip of the image only (annotations are mirrored when conditions are built)."""
+    return {**sample, "image": sample["image"].flip(-1)}
+
+
+def collate_training(samples: list[Optional[dict]]) -> dict:
+    """Stack what training uses: image or (mean, logvar), id, flipped, position. Unreadable samples (None) drop."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise RuntimeError("every sample of a training micro-batch was unreadable (data.on_bad_image: skip); "
+                           "run `sgdm-ldm validate-data` on this dataset")
+    out = {k: torch.stack([s[k] for s in kept]) for k in _KEEP if k in kept[0]}
+    out["id"] = [str(s["id"]) for s in kept]
+    out["flipped"] = torch.tensor([bool(s["flipped"]) for s in kept])
+    out["position"] = torch.tensor([int(s["position"]) for s in kept], dtype=torch.long)
+    return out
+
+
+def build_image_dataset(data_cfg, seed: int) -> Dataset:
+    """The training images, unflipped (the trainer decides flips from (seed, epoch))."""
+    from sgdm.data import build_dataset
+
+    return build_dataset(dataclasses.replace(data_cfg, flip=False), train=True, seed=seed)
+
+
+class PositionLoader(DataLoader):
+    """A DataLoader that is resumable by construction: where it starts is the module's restored
+    step (read by :class:`PositionSampler` at ``iter``), so its own state is empty. Having
+    ``state_dict`` tells Lightning it may resume mid-epoch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_train_loader(dataset: Dataset, flip_fn: Callable[[dict], dict], *, global_micro_batch: int,
+                       total_positions: int, seed: int, flip: bool, rank: int, world_size: int,
+                       start: Callable[[], int], num_workers: int) -> DataLoader:
+    """DataLoader over positions ``start() .. total_positions - 1`` of this rank's slices."""
+    order = DataOrder(len(dataset), global_micro_batch, seed, flip)
+    sampler = PositionSampler(order, total_positions, rank, world_size, start)
+    return PositionLoader(PositionedDataset(dataset, flip_fn), batch_sampler=sampler, collate_fn=collate_training,
+                          num_workers=num_workers, persistent_workers=False)

@@ -1,0 +1,143 @@
+"""``train.cache_latents``: encode the dataset once, then train from the cached posteriors.
+
+Each image i is encoded unflipped and flipped; the cache keeps the posterior
+parameters (mean, logvar) of both, so training still draws a fresh latent
+sample each step (from the step's generator) and the flip decision stays the
+trainer's. Layout of the cache directory::
+
+    manifest.json          fingerprint, number of samples, shard size, ids
+    shard-XXXXX.safetensors mean, logvar, mean_flip, logvar_flip: [n, C, h, w] float32
+
+Shards are written atomically and in order; an interrupted encode resumes at
+the first missing shard. The fingerprint covers the data config and the
+first-stage weights, so a stale cache is rebuilt rather than silently reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+import torch
+from torch.utils.data import Dataset
+
+from sgdm.config.core import to_dict
+from sgdm.training.checkpoint import atomic_write_text
+
+__all__ = ["cache_dir_for", "ensure_latent_cache", "LatentCacheDataset", "flip_latent_sample", "fingerprint"]
+
+
+def cache_dir_for(cfg) -> pathlib.Path:
+    return cfg.train.cache_dir if cfg.train.cache_dir is not None else cfg.run.path / "latents"
+
+
+def fingerprint(data_cfg, first_stage: torch.nn.Module) -> str:
+    h = hashlib.sha256(json.dumps(to_dict(data_cfg), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(first_stage.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _shard_path(directory: pathlib.Path, index: int) -> pathlib.Path:
+    return directory / f"shard-{index:05d}.safetensors"
+
+
+def _encode(first_stage, images: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    out = {}
+    for suffix, x in (("", images), ("_flip", images.flip(-1))):
+        posterior = first_stage.encode(x.to(device))
+        out["mean" + suffix] = posterior.mean.float().cpu().contiguous()
+        out["logvar" + suffix] = posterior.logvar.float().cpu().contiguous()
+    return out
+
+
+def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size) -> list[str]:
+    from safetensors.torch import save_file
+
+    from sgdm.training.data import collate_training
+
+    parts, ids = [], []
+    for start in range(lo, hi, batch_size):
+        samples = [dict(dataset[i], flipped=False, position=0) for i in range(start, min(hi, start + batch_size))]
+        batch = collate_training(samples)
+        if len(batch["id"]) != len(samples):
+            raise RuntimeError(f"latent cache: an image in [{start}, {start + len(samples)}) is unreadable; "
+                               f"caching needs every image (run `sgdm-ldm validate-data`)")
+        parts.append(_encode(first_stage, batch["image"], device))
+        ids.extend(batch["id"])
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    path = _shard_path(directory, index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return ids
+
+
+@torch.no_grad()
+def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
+    """Build (or finish) the cache for ``cfg`` and return its directory."""
+    from sgdm.training.data import build_image_dataset
+
+    directory = cache_dir_for(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    dataset = build_image_dataset(cfg.data, cfg.run.seed)
+    first_stage = first_stage.eval()
+    device = next(first_stage.parameters()).device
+    fp = fingerprint(cfg.data, first_stage)
+    manifest_path = directory / "manifest.json"
+    shard = cfg.train.cache_shard_size
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("fingerprint") != fp or manifest.get("shard_size") != shard:
+        for old in directory.glob("shard-*.safetensors"):
+            old.unlink()
+        manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False}
+    num_shards = (len(dataset) + shard - 1) // shard
+    for index in range(len(manifest["ids"]) // shard, num_shards):
+        lo, hi = index * shard, min(len(dataset), (index + 1) * shard)
+        manifest["ids"].extend(_write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size))
+        manifest["complete"] = index == num_shards - 1
+        atomic_write_text(manifest_path, json.dumps(manifest))
+    return directory
+
+
+class LatentCacheDataset(Dataset):
+    """Samples ``{"mean", "logvar", "mean_flip", "logvar_flip", "id"}`` from a complete cache."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.directory = pathlib.Path(directory)
+        path = self.directory / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"latent cache {self.directory} has no manifest.json; it is built when training "
+                                    f"starts with train.cache_latents: true")
+        self.manifest = json.loads(path.read_text())
+        if not self.manifest.get("complete"):
+            raise RuntimeError(f"latent cache {self.directory} is incomplete; restart training to finish it")
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[shard] = safe_open(str(_shard_path(self.directory, shard)), framework="pt")
+        return self._handles[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"latent cache index {index} out of range [0, {len(self)})")
+        shard, row = divmod(index, int(self.manifest["shard_size"]))
+        handle = self._handle(shard)
+        out = {k: handle.get_slice(k)[row:row + 1][0] for k in ("mean", "logvar", "mean_flip", "logvar_flip")}
+        out["id"] = self.manifest["ids"][index]
+        return out
+
+    def __getstate__(self):  # DataLoader workers reopen their own handles
+        return {**self.__dict__, "_handles": {}}
+
+
+def flip_latent_sample(sample: dict) -> dict:
+    """The cached posterior of the flipped image (encoded flipped, not a flipped latent)."""
+    return {**sample, "mean": sample["mean_flip"], "logvar": sample["logvar_flip"]}

@@ -1,0 +1,221 @@
+"""The Lightning module that trains the latent denoiser (LDM Eq. 2 with self-guidance, paper Sec. 3).
+
+One training step, for the global micro-batch at position p (``accumulate``
+positions per optimiser step; see :mod:`sgdm.training.data_order`):
+
+    z_0 = scale * (mu + sigma * n)          first-stage posterior sample, n ~ N(0, I)
+    t ~ U{0..T-1},  eps ~ N(0, I)           x_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps
+    (k, k_s) = guidance(sample) zeroed with probability p_drop (classifier-free training)
+    loss = mean_b || eps - eps_theta(x_t, t, k, k_s) ||^2      (or l1, or v-prediction)
+
+All draws come from a generator seeded by (run seed, position) over the
+global micro-batch; each rank keeps its slice (exact resume, DDP == 1 device).
+Optimisation is manual so that a non-finite step can be skipped without
+touching the weights, the optimiser state or the EMA.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from sgdm.diffusion.config import DiffusionConfig
+from sgdm.diffusion.losses import diffusion_loss, sample_timesteps
+from sgdm.diffusion.schedule import NoiseSchedule
+from sgdm.training.conditions import GuidanceLookup, apply_keep_mask, dropout_keep_mask
+from sgdm.training.config import TrainConfig
+from sgdm.training.ema import ema_decay, update_ema
+from sgdm.training.rng import generator_for
+
+__all__ = ["LatentDiffusionModule", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A non-finite loss or gradient under ``on_nan: raise`` (or too many consecutive skips)."""
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """Denoiser + EMA copy + frozen first stage.
+
+    unet: ``UNet``; first_stage: autoencoder with ``encode(x) -> posterior(mean, logvar)``
+    and a ``scale_factor`` buffer; guidance: :class:`GuidanceLookup`;
+    train_loader: ``fn(module) -> DataLoader`` (built when Lightning asks, after a resume restored ``step``).
+    """
+
+    def __init__(self, unet: nn.Module, first_stage: nn.Module, schedule: NoiseSchedule, diffusion: DiffusionConfig,
+                 train: TrainConfig, guidance: GuidanceLookup, drop_prob: float, seed: int,
+                 train_loader: Optional[Callable[["LatentDiffusionModule"], object]] = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.unet = unet
+        self.ema = copy.deepcopy(unet).requires_grad_(False).eval()
+        self.first_stage = first_stage.requires_grad_(False).eval()
+        self.schedule, self.diffusion_cfg, self.train_cfg = schedule, diffusion, train
+        self.guidance, self.drop_prob, self.seed = guidance, drop_prob, seed
+        self._train_loader = train_loader
+        self.step = 0  # optimiser steps attempted (incl. skipped ones)
+        self.ema_updates = 0
+        self.nan_skips = 0
+        self.consecutive_nan = 0
+        self._step_finite = True
+        self._last_step_time: Optional[float] = None
+
+    # -- state that Lightning does not know about -------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sgdm"] = {"step": self.step, "ema_updates": self.ema_updates, "nan_skips": self.nan_skips,
+                              "consecutive_nan": self.consecutive_nan}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("sgdm")
+        if state is None:
+            raise KeyError("checkpoint has no 'sgdm' training state; it was not written by sgdm-ldm train")
+        self.step, self.ema_updates = int(state["step"]), int(state["ema_updates"])
+        self.nan_skips, self.consecutive_nan = int(state["nan_skips"]), int(state["consecutive_nan"])
+
+    @property
+    def next_position(self) -> int:
+        """First micro-batch position of the next optimiser step (a resume redoes a partial accumulation)."""
+        return self.step * self.train_cfg.accumulate
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage.eval()  # frozen: no dropout, fixed statistics
+        self.ema.eval()
+        return self
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        c = self.train_cfg
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
+                                weight_decay=c.weight_decay)
+        warmup = c.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self):
+        if self._train_loader is None:
+            raise RuntimeError("LatentDiffusionModule was built without a train_loader factory")
+        return self._train_loader(self)
+
+    def _rank_slice(self, batch_len: int) -> tuple[int, int]:
+        """(global size G, offset of this rank) of the current global micro-batch."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        micro = self.train_cfg.micro_batch(world)
+        return micro * world, rank * micro
+
+    def _slice(self, x: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+        return x[lo:lo + n].to(self.device)
+
+    @torch.no_grad()
+    def latents(self, batch: dict, generator: torch.Generator, global_size: int, lo: int) -> torch.Tensor:
+        """z_0 = scale * posterior sample from images (encoded here) or cached (mean, logvar)."""
+        if "image" in batch:
+            posterior = self.first_stage.encode(batch["image"])
+            mean, logvar = posterior.mean, posterior.logvar
+        else:
+            mean, logvar = batch["mean"], batch["logvar"]
+        n = torch.randn((global_size, *mean.shape[1:]), generator=generator)
+        z = mean + torch.exp(0.5 * logvar) * self._slice(n, lo, len(mean)).to(mean.dtype)
+        return z * self.first_stage.scale_factor.to(z.dtype)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        position = int(batch["position"][0])
+        step, micro = divmod(position, self.train_cfg.accumulate)
+        if micro == 0:
+            self._step_finite = True
+        g_size, lo = self._rank_slice(len(batch["position"]))
+        n = len(batch["position"])
+        gen = generator_for(self.seed, "train", position)
+        z0 = self.latents(batch, gen, g_size, lo)
+        t = self._slice(sample_timesteps(g_size, len(self.schedule), gen), lo, n)
+        noise = self._slice(torch.randn((g_size, *z0.shape[1:]), generator=gen), lo, n).to(z0.dtype)
+        cond, cond_map = self.guidance(batch["id"], batch["flipped"], tuple(z0.shape[-2:]))
+        if cond is not None or cond_map is not None:
+            keep = self._slice(dropout_keep_mask(g_size, self.drop_prob, gen), lo, n)
+            cond, cond_map = apply_keep_mask(self._to_device(cond), self._to_device(cond_map), keep)
+        per_sample = diffusion_loss(lambda x, tt: self.unet(x, tt, cond, cond_map), z0, t, noise, self.schedule,
+                                    self.diffusion_cfg)
+        loss = per_sample.mean()
+        self._step_finite = self._step_finite and bool(torch.isfinite(loss.detach()))
+        self.manual_backward(loss / self.train_cfg.accumulate)
+        self._log_loss(loss.detach(), per_sample.detach(), t)
+        if micro == self.train_cfg.accumulate - 1:
+            self._finish_step(step)
+        return loss.detach()
+
+    def _to_device(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.to(self.device)
+
+    def _grads_finite(self) -> bool:
+        if self.trainer.precision_plugin.precision in ("16-mixed",):
+            return True  # the GradScaler owns overflow handling in fp16
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def _finish_step(self, step: int) -> None:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        finite = self._step_finite and self._grads_finite()
+        finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
+            if self.train_cfg.grad_clip is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.train_cfg.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            decay = ema_decay(self.ema_updates, self.train_cfg.ema_decay, self.train_cfg.ema_warmup)
+            update_ema(self.ema, self.unet, decay)
+            self.ema_updates += 1
+            self.consecutive_nan = 0
+            self.log("train/ema_decay", decay, on_step=True, rank_zero_only=True)
+        else:
+            self._skip(step)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        self.step = step + 1
+        self._log_step(sched)
+        self._stop_when_done()
+
+    def _stop_when_done(self) -> None:
+        # Lightning's max_steps counts only optimiser steps taken; ours also counts skipped ones.
+        if self.step >= self.train_cfg.max_steps:
+            self.trainer.should_stop = True
+
+    def on_train_start(self) -> None:
+        self._stop_when_done()
+
+    def _skip(self, step: int) -> None:
+        self.nan_skips += 1
+        self.consecutive_nan += 1
+        if self.train_cfg.on_nan == "raise":
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (train.on_nan: raise)")
+        if self.consecutive_nan >= self.train_cfg.max_consecutive_nan:
+            raise NonFiniteLossError(f"{self.consecutive_nan} consecutive steps with a non-finite loss or gradient "
+                                     f"(last: step {step}); aborting (train.max_consecutive_nan="
+                                     f"{self.train_cfg.max_consecutive_nan})")
+        if self.trainer.is_global_zero:
+            print(f"sgdm: step {step}: non-finite loss or gradient, step skipped "
+                  f"({self.consecutive_nan} in a row, {self.nan_skips} in total)", flush=True)
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    def _log_loss(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        quartile = (t * 4) // len(self.schedule)
+        for q in range(4):
+            hit = quartile == q
+            if bool(hit.any()):
+                self.log(f"train/loss_q{q}", per_sample[hit].mean(), on_step=True)
+
+    def _log_step(self, sched) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            self.log("train/steps_per_sec", 1.0 / dt, on_step=True, rank_zero_only=True)
+            self.log("train/images_per_sec", self.train_cfg.batch_size / dt, on_step=True, prog_bar=True,
+                     rank_zero_only=True)
+        self._last_step_time = now
+        self.log("train/lr", sched.get_last_lr()[0], on_step=True, rank_zero_only=True)
+        self.log("train/skipped_steps", float(self.nan_skips), on_step=True, rank_zero_only=True)
+        self.log("train/step", float(self.step), on_step=True, rank_zero_only=True)

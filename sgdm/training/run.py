@@ -1,0 +1,176 @@
+"""``train(cfg)``: build the denoiser, first stage and data, run Lightning, export the EMA weights.
+
+Run directory layout (``run.dir/run.name``)::
+
+    config.yaml            the resolved config of the latest start
+    checkpoints/           step-XXXXXXXX.ckpt, written atomically (see sgdm.training.checkpoint)
+    logs/                  TensorBoard (or CSV) scalars
+    samples/               sample grids, step-XXXXXXXX.png
+    pipeline/              EMA weights for SelfGuidedPipeline.from_pretrained
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+from typing import Optional
+
+import torch
+
+from sgdm.config.core import ConfigError, dump_yaml
+from sgdm.config.schema import ExperimentConfig
+from sgdm.training.checkpoint import clean_leftovers, find_last_valid, list_checkpoints
+from sgdm.training.rng import derive_seed
+
+__all__ = ["train", "prepare_run_dir", "build_module", "build_trainer", "EXIT_SIGTERM"]
+
+EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Path]:
+    """Create the run dir, clean leftovers, save the resolved config; the checkpoint to resume from."""
+    run_dir = cfg.run.path
+    ckpt_dir = run_dir / "checkpoints"
+    if _rank() == 0:
+        clean_leftovers(ckpt_dir)
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        raise ConfigError("run.name", f"run directory {run_dir} already has checkpoints; pass --resume to continue "
+                                      f"it or choose another run.name")
+    ckpt = find_last_valid(ckpt_dir) if resume else None
+    if resume and existing and ckpt is None:
+        raise ConfigError("run.name", f"no readable checkpoint in {ckpt_dir} (all {len(existing)} fail their "
+                                      f"integrity check)")
+    if _rank() == 0:
+        from sgdm.training.checkpoint import atomic_write_text
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    return ckpt
+
+
+def _seeded_build(seed: int, fn):
+    """Module init draws from the global RNG inside torch.nn; fork it so nothing leaks out."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
+
+
+def build_first_stage(cfg: ExperimentConfig):
+    from sgdm.models.autoencoder import AutoencoderKL
+
+    ae_cfg = cfg.model.autoencoder
+    if ae_cfg.checkpoint is not None:
+        from sgdm.models.checkpoints import load_autoencoder
+
+        return load_autoencoder(ae_cfg.checkpoint, ae_cfg)
+    warnings.warn("model.autoencoder.checkpoint is not set: training on the latents of a randomly initialised "
+                  "autoencoder (fine for tests, useless for real images)", stacklevel=2)
+    return _seeded_build(derive_seed(cfg.run.seed, "init-first-stage"), lambda: AutoencoderKL(ae_cfg))
+
+
+def build_module(cfg: ExperimentConfig, first_stage=None):
+    """The LightningModule, with its data factory; weights initialised from (run.seed, "init")."""
+    from sgdm.diffusion.schedule import make_schedule
+    from sgdm.models.conditioning import condition_dims
+    from sgdm.models.unet import UNet
+    from sgdm.training.conditions import GuidanceLookup
+    from sgdm.training.module import LatentDiffusionModule
+
+    cond_dim, cond_channels = condition_dims(cfg.model.guidance)
+    unet = _seeded_build(derive_seed(cfg.run.seed, "init-unet"), lambda: UNet(cfg.model.unet, cond_dim, cond_channels))
+    first_stage = build_first_stage(cfg) if first_stage is None else first_stage
+    guidance = GuidanceLookup(cfg.model.guidance, cfg.annotation.store)
+    return LatentDiffusionModule(unet, first_stage, make_schedule(cfg.diffusion), cfg.diffusion, cfg.train, guidance,
+                                 cfg.model.guidance.drop_prob, cfg.run.seed, train_loader=_loader_factory(cfg))
+
+
+def _loader_factory(cfg: ExperimentConfig):
+    from sgdm.training.data import build_image_dataset, build_train_loader, flip_image_sample
+
+    def make(module):
+        trainer = module.trainer
+        world, rank = trainer.world_size, trainer.global_rank
+        if cfg.train.cache_latents:
+            from sgdm.training.latent_cache import LatentCacheDataset, cache_dir_for, flip_latent_sample
+
+            dataset, flip_fn = LatentCacheDataset(cache_dir_for(cfg)), flip_latent_sample
+        else:
+            dataset, flip_fn = build_image_dataset(cfg.data, cfg.run.seed), flip_image_sample
+        return build_train_loader(dataset, flip_fn, global_micro_batch=cfg.train.micro_batch(world) * world,
+                                  total_positions=cfg.train.max_steps * cfg.train.accumulate, seed=cfg.run.seed,
+                                  flip=cfg.data.flip, rank=rank, world_size=world,
+                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers)
+
+    return make
+
+
+def _logger(cfg: ExperimentConfig):
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    if cfg.train.logger == "none":
+        return False
+    if cfg.train.logger == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+
+            return TensorBoardLogger(save_dir=str(cfg.run.path), name="logs", version="")
+        except ImportError:
+            warnings.warn("tensorboard is not installed; logging to CSV in logs/ instead", stacklevel=2)
+    return CSVLogger(save_dir=str(cfg.run.path), name="logs", version="")
+
+
+def build_trainer(cfg: ExperimentConfig, extra_callbacks=()):
+    import pytorch_lightning as pl
+
+    from sgdm.training.callbacks import StepCheckpoint
+    from sgdm.training.checkpoint import AtomicCheckpointIO
+    from sgdm.training.sample_grid import SampleGrid
+
+    t = cfg.train
+    callbacks = [StepCheckpoint(cfg.run.path / "checkpoints", t.checkpoint_every, t.keep_checkpoints)]
+    if t.sample_every:
+        callbacks.append(SampleGrid(cfg, cfg.run.path / "samples"))
+    callbacks.extend(extra_callbacks)
+    accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator
+    return pl.Trainer(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                      precision=t.precision_name, max_epochs=-1, max_steps=-1, logger=_logger(cfg),
+                      callbacks=callbacks, plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+                      enable_checkpointing=False, log_every_n_steps=t.log_every * t.accumulate,
+                      enable_progress_bar=t.progress_bar, enable_model_summary=False,
+                      default_root_dir=str(cfg.run.path), num_sanity_val_steps=0, limit_val_batches=0)
+
+
+def train(cfg: ExperimentConfig, resume: bool = False) -> int:
+    """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    ckpt = prepare_run_dir(cfg, resume)
+    module = build_module(cfg)
+    if ckpt is None and cfg.train.cache_latents:
+        from sgdm.training.latent_cache import ensure_latent_cache
+
+        ensure_latent_cache(cfg, module.first_stage)
+    if ckpt is None:
+        from sgdm.training.scale import ensure_scale_factor
+
+        ensure_scale_factor(cfg, module)
+    trainer = build_trainer(cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen first stage, EMA
+            trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
+    except SIGTERMException:
+        return EXIT_SIGTERM
+    if trainer.received_sigterm:
+        return EXIT_SIGTERM
+    if cfg.train.export_pipeline and trainer.is_global_zero:
+        from sgdm.training.export import export_pipeline
+
+        export_pipeline(cfg, module, cfg.run.path / "pipeline")
+    return 0

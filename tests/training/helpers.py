@@ -1,0 +1,77 @@
+"""Tiny experiment configs for training tests: 32 px shapes, a 2-level autoencoder and UNet."""
+from __future__ import annotations
+
+import copy
+import pathlib
+
+import yaml
+
+TINY = {
+    "run": {"name": "tiny", "seed": 3},
+    "data": {"dataset": "shapes", "size": 32, "num_workers": 0,
+             "shapes": {"num_images": 24, "num_val_images": 4, "image_size": 32}},
+    "model": {
+        "autoencoder": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "norm_groups": 4, "resolution": 32,
+                        "embed_dim": 2, "z_channels": 2},
+        "unet": {"in_channels": 2, "out_channels": 2, "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                 "attention_resolutions": [8], "num_heads": 2, "norm_groups": 4, "image_size": 16},
+        "guidance": {"kind": "label", "source": "self", "num_classes": 3, "drop_prob": 0.3},
+    },
+    "diffusion": {"timesteps": 100},
+    "sampler": {"steps": 4},
+    "annotation": {"granularity": "label", "num_classes": 3},
+    "eval": {"n": 4, "batch_size": 2, "steps": 4},
+    "train": {"batch_size": 4, "max_steps": 8, "lr": 1.0e-3, "warmup_steps": 3, "checkpoint_every": 2,
+              "keep_checkpoints": 10, "ema_decay": 0.99, "logger": "none", "progress_bar": False,
+              "sample_every": 0, "sample_steps": 2, "sample_per_row": 2, "accelerator": "cpu",
+              "export_pipeline": False},
+}
+
+
+def tiny_config(tmp_path: pathlib.Path, **sections) -> dict:
+    """TINY with run.dir, the shapes cache and the annotation store under tmp_path; ``sections`` merged in."""
+    cfg = copy.deepcopy(TINY)
+    cfg["run"]["dir"] = str(tmp_path / "runs")
+    cfg["data"]["shapes"]["cache_dir"] = str(tmp_path / "shapes")
+    cfg["annotation"]["store"] = str(tmp_path / "store")
+    for name, values in sections.items():
+        _merge(cfg.setdefault(name, {}), values)
+    return cfg
+
+
+def _merge(into: dict, values: dict) -> None:
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def write_config(tmp_path: pathlib.Path, cfg: dict, name: str = "config.yaml") -> pathlib.Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def make_label_store(cfg_dict: dict, num_classes: int = 3) -> None:
+    """A label store for the tiny shapes dataset: cluster = index mod K."""
+    import torch
+
+    from sgdm.annotation.store import write_store
+    from sgdm.config.schema import load_experiment
+    from sgdm.data import build_dataset
+
+    cfg = load_experiment(None, [f"{k}={v}" for k, v in _flatten(cfg_dict)])
+    dataset = build_dataset(cfg.data, train=False)
+    ids = [dataset[i]["id"] for i in range(len(dataset))]
+    write_store(cfg.annotation.store, ids, {"cluster": torch.arange(len(ids)) % num_classes},
+                granularity="label", num_classes=num_classes)
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
