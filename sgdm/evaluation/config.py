@@ -19,7 +19,10 @@ class EvalConfig:
     the feature space of an sgdm feature extractor, reported as ``fd_<name>``
     (never as FID); ``adherence`` is box IoU / mask mIoU of the self-annotation
     of generated images with the guiding layout (box and mask guidance only).
-    The feature extractor defaults to the annotation section's backbone.
+    The feature extractor defaults to the annotation section's backbone. The
+    reference set is the first ``reference_n`` images of the training data
+    (unflipped); its statistics are cached in ``cache_dir`` (default
+    ``<run>/eval/cache``).
     """
 
     n: int = 10000
@@ -35,6 +38,7 @@ class EvalConfig:
     feature_backbone_kwargs: dict = field(default_factory=dict)
     feature_weights: Optional[pathlib.Path] = None
     feature_name: Optional[str] = None
+    reference_n: int = 50000
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     cache_dir: Optional[pathlib.Path] = None
@@ -52,6 +56,8 @@ class EvalConfig:
             raise ConfigError("steps", f"must be >= 1, got {self.steps}")
         if self.eta < 0:
             raise ConfigError("eta", f"must be >= 0, got {self.eta}")
+        if self.reference_n < 2:
+            raise ConfigError("reference_n", f"need at least 2 reference images, got {self.reference_n}")
         if self.kid_subsets < 1 or self.kid_subset_size < 2:
             raise ConfigError("kid_subset_size", "kid_subsets must be >= 1 and kid_subset_size >= 2")
         if not self.metrics:

@@ -1,0 +1,33 @@
+"""``sgdm-ldm pretrain-features CONFIG``: DINO self-distillation on the config's unlabeled images."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "pretrain-features",
+        help="DINO-style self-supervised feature pretraining",
+        description=(
+            "Train the annotation backbone (annotation.backbone + annotation.backbone_kwargs, any timm "
+            "architecture) on the images of data: with DINO self-distillation (student + EMA teacher, "
+            "multi-crop, centering and sharpening; budget in prepare.pretrain). The teacher is saved in "
+            "timm's layout to annotation.weights (or --out), where `sgdm-ldm annotate` loads it."
+        ),
+    )
+    parser.add_argument("config", help="experiment YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.pretrain.steps=100")
+    parser.add_argument("--out", default=None, help="output .safetensors/.pth file (default: annotation.weights)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    from sgdm.config.core import load_config
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.features_pretrain.run import pretrain_from_config
+
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    path = pretrain_from_config(cfg, args.out)
+    print(f"saved encoder to {path}")
+    return 0

@@ -1,0 +1,214 @@
+"""``evaluate_run``: sample a trained run with its EMA weights and measure it.
+
+Steps: load the run's resolved config and exported EMA pipeline; draw N
+conditions from the training annotations; for each guidance scale w (one, or
+the sweep) sample N images and compute the requested metrics against the
+reference set (training images, unflipped); write ``eval/results.json``,
+``eval/results.md`` and, for a sweep, ``eval/sweep.png`` in the run directory.
+Everything that can fail before sampling (weights files, run layout) is
+checked first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from sgdm.config.core import to_dict
+from sgdm.evaluation.conditions import EvalConditions, draw_conditions
+from sgdm.evaluation.config import EvalConfig
+
+__all__ = ["evaluate_run", "load_run", "generate", "to_uint8", "write_results"]
+
+INCEPTION = ("fid", "is", "kid")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def load_run(run_dir: str | pathlib.Path):
+    """(ExperimentConfig, SelfGuidedPipeline with EMA weights) of a training run directory."""
+    from sgdm.config.schema import load_experiment
+
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"RUN {run_dir}: no config.yaml there; pass a training run directory (run.dir/run.name)")
+    cfg = load_experiment(run_dir / "config.yaml")
+    pipeline_dir = run_dir / "pipeline"
+    if not pipeline_dir.exists():
+        raise FileNotFoundError(
+            f"RUN {run_dir}: no EMA weights ({pipeline_dir} is missing); evaluation uses the EMA weights that "
+            "training exports when it finishes (train.export_pipeline: true); finish or resume the run first"
+        )
+    from sgdm.pipeline import SelfGuidedPipeline
+
+    return cfg, SelfGuidedPipeline.from_pretrained(pipeline_dir)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> [0, 255] uint8 (round half up)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _ReferenceImages(Dataset):
+    """The first ``n`` dataset images, as [-1, 1] tensors or uint8 (for torch-fidelity)."""
+
+    def __init__(self, dataset: Dataset, n: int, uint8: bool):
+        self.dataset, self.n, self.uint8 = dataset, min(n, len(dataset)), uint8
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.dataset[index]
+        if item is None:
+            raise ValueError(f"reference image {index} cannot be read; run `sgdm-ldm validate-data` on this config")
+        return to_uint8(item["image"]) if self.uint8 else item["image"]
+
+
+def _batches(dataset: Dataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def generate(pipe, conditions: EvalConditions, scale: Optional[float], ecfg: EvalConfig, n: int) -> torch.Tensor:
+    """``n`` images [n, 3, H, W] in [-1, 1] from ``pipe`` at guidance scale ``scale`` (None: unguided)."""
+    kwargs = conditions.pipeline_kwargs()
+    if scale is not None:
+        kwargs["guidance_scale"] = scale
+    images = pipe(
+        n, num_steps=ecfg.steps, sampler=ecfg.sampler, eta=ecfg.eta, generator=torch.Generator().manual_seed(ecfg.seed),
+        batch_size=ecfg.batch_size, output_type="pt", progress=False, **kwargs,
+    )
+    return images.float().cpu() * 2 - 1  # "pt" output is [0, 1]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _feature_space(cfg, ecfg: EvalConfig):
+    from sgdm.evaluation.feature_distance import load_feature_space
+    from sgdm.features_pretrain.train import resolve_device
+
+    a = cfg.annotation
+    backbone = ecfg.feature_backbone or a.backbone
+    kwargs = ecfg.feature_backbone_kwargs if ecfg.feature_backbone else dict(a.backbone_kwargs)
+    weights = ecfg.feature_weights if ecfg.feature_backbone or ecfg.feature_weights else a.weights
+    return load_feature_space(backbone, weights, kwargs, ecfg.feature_name, resolve_device(ecfg.device))
+
+
+class _Evaluator:
+    """Holds what is shared across guidance scales: reference data, extractors, caches."""
+
+    def __init__(self, cfg, ecfg: EvalConfig, run_dir: pathlib.Path, log):
+        from sgdm.data import build_dataset
+
+        self.cfg, self.ecfg, self.log = cfg, ecfg, log
+        self.cache = ecfg.cache_dir or run_dir / "eval" / "cache"
+        wants_inception = any(m in ecfg.metrics for m in INCEPTION)
+        if wants_inception:
+            from sgdm.evaluation.fidelity import check_inception_weights
+
+            check_inception_weights(ecfg.inception_weights)
+        needs_space = "fd" in ecfg.metrics or ("adherence" in ecfg.metrics and cfg.model.guidance.kind in ("box", "mask"))
+        self.space = _feature_space(cfg, ecfg) if needs_space else None
+        self.dataset = build_dataset(cfg.data, train=False)
+        self.data_key = _digest(to_dict(cfg.data))
+        self._ref_stats = None
+
+    def reference_stats(self):
+        if self._ref_stats is None:
+            from sgdm.evaluation.feature_distance import reference_stats
+
+            ref = _ReferenceImages(self.dataset, self.ecfg.reference_n, uint8=False)
+            name = f"fd-{self.space.name}-{self.data_key}-{self.space.backbone.weights_id[:16]}-n{len(ref)}.pt"
+            self._ref_stats = reference_stats(self.space, _batches(ref, self.ecfg.batch_size), self.cache / name)
+        return self._ref_stats
+
+    def measure(self, images: torch.Tensor, conditions: EvalConditions, generator: torch.Generator) -> dict:
+        e, out = self.ecfg, {}
+        inception = [m for m in e.metrics if m in INCEPTION]
+        if inception:
+            from sgdm.evaluation.fidelity import inception_metrics
+
+            ref = _ReferenceImages(self.dataset, e.reference_n, uint8=True)
+            out.update(inception_metrics(to_uint8(images), ref, f"{self.data_key}-n{len(ref)}", inception,
+                                         e.inception_weights, self.cache, e.kid_subsets, e.kid_subset_size, e.batch_size))
+        if "fd" in e.metrics:
+            from sgdm.evaluation.feature_distance import feature_distance
+
+            out.update(feature_distance(self.space, images, self.reference_stats(), e.batch_size))
+        if "adherence" in e.metrics and conditions.kind in ("box", "mask"):
+            out.update(self._adherence(images, conditions, generator))
+        return out
+
+    def _adherence(self, images, conditions: EvalConditions, generator) -> dict:
+        from sgdm.evaluation.adherence import box_adherence, mask_adherence
+
+        a = self.cfg.annotation
+        if conditions.kind == "box":
+            return box_adherence(self.space, images, conditions.boxes, a.lost.k_patches, self.ecfg.batch_size)
+        return mask_adherence(self.space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
+                              self.ecfg.batch_size)
+
+
+def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
+                 log: Callable[[str], None] = _stderr) -> dict:
+    """Evaluate run ``run_dir`` (EMA weights) per ``ecfg`` (default: the run's ``eval:`` section)."""
+    run_dir = pathlib.Path(run_dir)
+    cfg, pipe = load_run(run_dir)
+    ecfg = ecfg or cfg.eval
+    evaluator = _Evaluator(cfg, ecfg, run_dir, log)
+    kind = cfg.model.guidance.kind
+    generator = torch.Generator().manual_seed(ecfg.seed)
+    conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, generator)
+    scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
+    rows = []
+    for scale in scales:
+        start = time.time()
+        images = generate(pipe, conditions, scale, ecfg, ecfg.n)
+        row = {"guidance_scale": scale, **evaluator.measure(images, conditions, generator)}
+        rows.append(row)
+        log(f"eval: w={scale}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "guidance_scale")
+            + f" ({time.time() - start:.0f}s)")
+    results = {
+        "run": str(run_dir), "guidance": kind, "n": ecfg.n, "sampler": ecfg.sampler, "steps": ecfg.steps,
+        "eta": ecfg.eta, "weights": "ema", "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
+        "inception_weights": None if ecfg.inception_weights is None else str(ecfg.inception_weights),
+        "eval_config": to_dict(ecfg), "results": rows,
+    }
+    write_results(results, run_dir / "eval", plot=len(rows) > 1)
+    return results
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of {metric: value} as a Markdown table (metrics in first-seen order)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> pathlib.Path:
+    """``results.json`` + ``results.md`` (+ ``sweep.png``) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    head = (f"# Evaluation of {results['run']}\n\nEMA weights, {results['n']} samples, {results['sampler']} "
+            f"{results['steps']} steps, eta {results['eta']}, guidance: {results['guidance']}.\n"
+            "`fd_<name>` is the Frechet distance in that feature extractor's space (not FID).\n\n")
+    (out_dir / "results.md").write_text(head + markdown_table(results["results"]))
+    if plot:
+        from sgdm.evaluation.plot import plot_sweep
+
+        metrics = [k for k in results["results"][0] if k != "guidance_scale"]
+        plot_sweep(results["results"], metrics, out_dir / "sweep.png")
+    return out_dir

@@ -1,0 +1,24 @@
+"""``pretrain-features`` from an experiment config: data + annotation backbone + budget."""
+from __future__ import annotations
+
+import pathlib
+
+from sgdm.config.core import ConfigError
+
+__all__ = ["pretrain_from_config"]
+
+
+def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -> pathlib.Path:
+    """Train ``cfg.annotation.backbone`` (+ ``backbone_kwargs``) with ``cfg.prepare.pretrain`` on ``cfg.data``.
+
+    ``cfg`` is an :class:`~sgdm.config.schema.ExperimentConfig`. The encoder is
+    written to ``out`` or ``annotation.weights``, where ``annotate`` reads it.
+    """
+    from sgdm.data import build_dataset
+    from sgdm.features_pretrain.train import pretrain_features
+
+    target = pathlib.Path(out) if out is not None else cfg.annotation.weights
+    if target is None:
+        raise ConfigError("annotation.weights", "no output file: set annotation.weights (or pass --out) to where the encoder goes")
+    dataset = build_dataset(cfg.data, train=True, seed=cfg.run.seed)
+    return pretrain_features(dataset, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs), cfg.prepare.pretrain, target, log=log)
