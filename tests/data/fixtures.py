@@ -186,7 +186,7 @@ def make_coco_stuff(root: Path) -> list[str]:
         fine[15:, :] = 0  # person -> coarse 9
         fine[15:, 30:] = 255  # unlabelled stays ignore
         if n == 1:
-            fine[:5, :5] = 171  # wall-concrete -> coarse "wall" (18)
+            fine[:5, 10:15] = 171  # wall-concrete -> coarse "wall" (18)
         Image.fromarray(fine, "L").save(root / "annotations/train2017" / f"{image_id}.png")
     (root / "curated/train2017/Coco164kFull_Stuff_Coarse_7.txt").write_text("\n".join(ids) + "\n")
     return ids
