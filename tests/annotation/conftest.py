@@ -1,0 +1,37 @@
+"""Fixtures of the annotation tests: a tiny random ViT saved in timm's layout, a small shapes dataset."""
+import pathlib
+
+import pytest
+import torch
+
+TINY_VIT = "vit_tiny_patch16_224"
+TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
+
+
+def tiny_vit(seed: int = 0):
+    import timm
+
+    with torch.random.fork_rng(devices=[]):  # timm initialises from the global RNG; keep it out of other tests
+        torch.manual_seed(seed)
+        return timm.create_model(TINY_VIT, num_classes=0, **TINY_KWARGS).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> pathlib.Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny_vit.safetensors"
+    save_file(tiny_vit().state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("shapes")
+
+
+def shapes_data(cache: pathlib.Path, num_images: int = 48):
+    from sgdm.data.config import DataConfig, ShapesConfig
+
+    return DataConfig(dataset="shapes", size=32, num_workers=0,
+                      shapes=ShapesConfig(num_images=num_images, num_val_images=8, image_size=32, cache_dir=cache))

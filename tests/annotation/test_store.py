@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from sgdm.annotation.store import AnnotationStore, StoreMismatchError, multi_hot_from_masks, write_store
+
+IDS = [f"img-{i:03d}" for i in range(7)]
+
+
+def records(granularity, k=5):
+    g = torch.Generator().manual_seed(0)
+    if granularity == "label":
+        return {"cluster": torch.randint(k, (7,), generator=g)}
+    if granularity == "box":
+        return {"cluster": torch.randint(k, (7,), generator=g), "box": torch.rand(7, 4, generator=g)}
+    masks = torch.randint(k, (7, 4, 4), generator=g).to(torch.uint8)
+    masks[0, 0, 0] = 255
+    return {"mask": masks}
+
+
+@pytest.mark.parametrize("granularity", ["label", "box", "mask"])
+def test_round_trip(tmp_path, granularity):
+    rec = records(granularity)
+    store = write_store(tmp_path / "s", IDS, rec, granularity=granularity, num_classes=5, shard_size=3,
+                        extra={"method": "test", "source": "self"})
+    assert len(list((tmp_path / "s").glob("shard_*.safetensors"))) == 3  # 3 + 3 + 1
+    store = AnnotationStore.open(tmp_path / "s")
+    assert store.ids == IDS and store.num_classes == 5 and store.granularity == granularity
+    assert store.source == "self" and store.method == "test"
+    for i, image_id in enumerate(IDS):
+        got = store.get(image_id)
+        if "cluster" in rec:
+            assert got["cluster"] == int(rec["cluster"][i]) and isinstance(got["cluster"], int)
+        if "box" in rec:
+            assert torch.equal(got["box"], rec["box"][i])
+        if "mask" in rec:
+            assert torch.equal(got["mask"], rec["mask"][i]) and got["mask"].dtype == torch.uint8
+            present = set(rec["mask"][i].flatten().tolist()) - {255}
+            assert set(got["multi_hot"].nonzero().flatten().tolist()) == present
+    field = {"label": "cluster", "box": "box", "mask": "mask"}[granularity]
+    assert torch.equal(store.tensor(field), rec[field])
+
+
+def test_multi_hot_is_max_pool_of_one_hot():
+    masks = torch.tensor([[[0, 2], [2, 255]], [[1, 1], [1, 1]]], dtype=torch.uint8)
+    one_hot = torch.nn.functional.one_hot(masks.long().clamp(max=2), 3).float() * (masks != 255)[..., None]
+    torch.testing.assert_close(multi_hot_from_masks(masks, 3), one_hot.amax((1, 2)))
+
+
+def test_check_matches(tmp_path):
+    store = write_store(tmp_path, IDS, records("label"), granularity="label", num_classes=5)
+    store.check_matches(IDS[2:], 5)
+    with pytest.raises(StoreMismatchError, match="lacks 2 of the dataset's 9 image ids.*'other-0'"):
+        store.check_matches(IDS + ["other-0", "other-1"], 5)
+    with pytest.raises(StoreMismatchError, match="K=5 classes, the model expects 7"):
+        store.check_matches(IDS, 7)
+
+
+def test_unknown_id_and_field(tmp_path):
+    store = write_store(tmp_path, IDS, records("label"), granularity="label", num_classes=5)
+    with pytest.raises(KeyError, match="no image id 'nope'"):
+        store.get("nope")
+    with pytest.raises(KeyError, match="no field 'box'"):
+        store.tensor("box")
+
+
+def test_open_refuses_missing_or_foreign(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        AnnotationStore.open(tmp_path)
+    write_store(tmp_path, IDS, records("label"), granularity="label", num_classes=5)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="version 99"):
+        AnnotationStore.open(tmp_path)
+
+
+def test_missing_shard_named(tmp_path):
+    store = write_store(tmp_path, IDS, records("label"), granularity="label", num_classes=5, shard_size=4)
+    (tmp_path / "shard_00001.safetensors").unlink()
+    assert store.get(IDS[0])["cluster"] >= 0
+    with pytest.raises(FileNotFoundError, match="shard_00001.safetensors is missing"):
+        store.get(IDS[5])
+
+
+@pytest.mark.parametrize(
+    "granularity,rec,message",
+    [
+        ("label", {"cluster": torch.full((7,), 5)}, r"cluster ids must lie in \[0, 5\)"),
+        ("label", {"cluster": torch.zeros(6, dtype=torch.long)}, "6 rows for 7 ids"),
+        ("box", {"cluster": torch.zeros(7, dtype=torch.long)}, "needs field 'box'"),
+        ("mask", {"mask": torch.full((7, 2, 2), 9, dtype=torch.uint8)}, "mask values must be < K=5"),
+        ("points", {}, "granularity must be one of"),
+    ],
+)
+def test_write_rejects_bad_records(tmp_path, granularity, rec, message):
+    with pytest.raises(ValueError, match=message):
+        write_store(tmp_path, IDS, rec, granularity=granularity, num_classes=5)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_duplicate_ids_refused(tmp_path):
+    with pytest.raises(ValueError, match="not unique"):
+        write_store(tmp_path, ["a", "a"], {"cluster": torch.zeros(2, dtype=torch.long)}, granularity="label", num_classes=1)
