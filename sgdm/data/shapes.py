@@ -188,23 +188,33 @@ def _boxes_from_owner(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes, areas
 
 
+def cache_folder(num_images: int, image_size: int, seed: int, split: str, cache_dir: Optional[Path] = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / f"shapes-v{VERSION}-{split}-n{num_images}-seed{seed}-{image_size}px"
+
+
+_KEYS = ("images", "masks", "boxes", "box_labels", "labels")
+
+
+def open_cached(folder: Path) -> dict[str, np.ndarray]:
+    return {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in _KEYS}
+
+
 def load_or_generate(num_images: int, image_size: int, seed: int, split: str,
                      cache_dir: Optional[Path] = None) -> dict[str, np.ndarray]:
     """Memory-mapped arrays of :func:`generate`, from the cache or freshly written to it."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / f"shapes-v{VERSION}-{split}-n{num_images}-seed{seed}-{image_size}px"
-    keys = ("images", "masks", "boxes", "box_labels", "labels")
-    if not all((folder / f"{k}.npy").is_file() for k in keys):
+    folder = cache_folder(num_images, image_size, seed, split, cache_dir)
+    if not all((folder / f"{k}.npy").is_file() for k in _KEYS):
         data = generate(num_images, image_size, seed, split)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=root))
-        for key in keys:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
+        for key in _KEYS:
             np.save(tmp / f"{key}.npy", data[key])
         try:
             os.replace(tmp, folder)  # atomic: a concurrent reader sees all files or none
         except OSError:  # another process won the race (target exists and is not empty)
             shutil.rmtree(tmp, ignore_errors=True)
-    return {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in keys}
+    return open_cached(folder)
 
 
 class ShapesDataset(ImageDataset):
@@ -219,14 +229,22 @@ class ShapesDataset(ImageDataset):
                  cache_dir: Optional[Path] = None, *, size: int, flip: bool, on_bad_image: str = "raise",
                  flip_seed: int = 0):
         self.arrays = load_or_generate(num_images, image_size, seed, split, cache_dir)
+        self.folder = cache_folder(num_images, image_size, seed, split, cache_dir)
         ids = [f"shapes-{image_size}px-seed{seed}-{split}-{i:06d}" for i in range(num_images)]
         super().__init__(ids, size=size, flip=flip, on_bad_image=on_bad_image, seed=flip_seed,
                          class_names=CLASS_NAMES, mask_class_names=("background",) + CLASS_NAMES)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["arrays"] = None  # a pickled memmap would copy every image; spawned workers re-open the cache
+        return state
 
     def source(self, index: int) -> str:
         return self.ids[index]
 
     def load(self, index: int) -> RawSample:
+        if self.arrays is None:
+            self.arrays = open_cached(self.folder)
         a = self.arrays
         labels = np.asarray(a["box_labels"][index], dtype=np.int64)
         present = labels >= 0

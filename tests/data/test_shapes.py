@@ -109,3 +109,14 @@ def test_resized_output(tmp_path):
     sample = build_dataset(cfg, False)[0]
     assert sample["image"].shape == (3, 16, 16) and sample["gt_mask"].shape == (16, 16)
     assert float(sample["gt_boxes"].max()) <= 16
+
+
+def test_pickling_reopens_the_cache_instead_of_copying_it(tmp_path):
+    import pickle
+
+    cfg = from_dict(DataConfig, {"size": 32, "shapes": {"num_images": 4, "image_size": 32,
+                                                         "cache_dir": str(tmp_path)}}, "data")
+    ds = build_dataset(cfg, False)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4 * 32 * 32 * 3  # not even one copy of the images
+    assert torch.equal(pickle.loads(blob)[3]["image"], ds[3]["image"])
