@@ -75,6 +75,9 @@ class AutoencoderLossConfig:
 class AutoencoderConfig:
     """LDM ``AutoencoderKL`` hyper-parameters (defaults: kl-f8, 256 px -> 4x32x32 latents).
 
+    ``resolution`` is the nominal image size at which ``attn_resolutions`` are counted
+    (the network itself takes any size divisible by the downsampling factor).
+
     ``checkpoint`` is a local file in LDM (full or first-stage) or diffusers layout.
     ``scale_factor`` None means "compute 1/std of the encoded latents once" and
     store it with the model; a number fixes it (LDM's Churches model uses 0.22765929).
@@ -206,7 +209,11 @@ class GuidanceConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The ``model`` section: first stage, denoiser, guidance."""
+    """The ``model`` section: first stage, denoiser, guidance.
+
+    Both networks are fully convolutional; ``autoencoder.resolution`` and ``unet.image_size``
+    only place attention layers, so the data resolution is checked where the data is known.
+    """
 
     autoencoder: AutoencoderConfig = dataclasses.field(default_factory=AutoencoderConfig)
     unet: UNetConfig = dataclasses.field(default_factory=UNetConfig)
@@ -219,8 +226,3 @@ class ModelConfig:
         if self.unet.out_channels != self.unet.in_channels:
             raise ConfigError("unet.out_channels", f"must equal unet.in_channels={self.unet.in_channels} "
                                                    f"(the UNet predicts noise in latent space)")
-        latent = self.autoencoder.resolution // self.autoencoder.downsample_factor
-        if self.unet.image_size != latent:
-            raise ConfigError("unet.image_size", f"must equal the latent size autoencoder.resolution / "
-                                                 f"{self.autoencoder.downsample_factor} = {latent}, got "
-                                                 f"{self.unet.image_size}")

@@ -39,7 +39,6 @@ def test_bad_values_name_the_key(section, cls, data, key, text):
 @pytest.mark.parametrize("data, key", [
     ({"unet": {"in_channels": 3, "out_channels": 3}}, "model.unet.in_channels"),
     ({"unet": {"out_channels": 8}}, "model.unet.out_channels"),
-    ({"unet": {"image_size": 64}}, "model.unet.image_size"),
 ])
 def test_model_cross_checks(data, key):
     with pytest.raises(ConfigError) as err:

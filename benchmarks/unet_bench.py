@@ -1,0 +1,177 @@
+"""UNet training step and guided sampling step: sgdm kernels vs ``SGDM_KERNELS=0``, same run.
+
+Each setting runs in its own subprocess (the extension is loaded once per process),
+alternating settings over ``--rounds`` so that machine load affects both alike.
+Reported: median forward+backward time of the label-guided UNet (one training
+step without the optimizer), median time of one guided DDIM sampling step (cond and
+uncond halves batched in one UNet call, then ``sgdm.ops.guided_ddim_step`` with
+eps = (1 - w) eps_uncond + w eps_cond), peak memory, the op backends in use, and
+reference/kernel time ratios.
+
+    python benchmarks/unet_bench.py                 # small config on CPU; Churches on GPU if present
+    python benchmarks/unet_bench.py --config churches --device cuda --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SMALL = dict(channels=64, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[8, 4], image_size=16,
+             num_heads=-1, num_head_channels=32, norm_groups=32)
+CHURCHES: dict = {}  # UNetConfig defaults are the LSUN-Churches LDM
+NUM_CLASSES = 10
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _backends(device_type: str) -> dict:
+    """Which implementation each op runs (as reported by sgdm.ops; its API may take the device)."""
+    from sgdm import ops
+
+    try:
+        return dict(ops.backend(device_type))
+    except TypeError:
+        return dict(ops.backend())
+    except Exception as err:  # report, never fail the benchmark over bookkeeping
+        return {"unknown": repr(err)}
+
+
+def worker(args) -> dict:
+    import torch
+
+    from sgdm import ops
+    from sgdm.models.config import UNetConfig
+    from sgdm.models.unet import UNet
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = UNetConfig(**(SMALL if args.config == "small" else CHURCHES))
+    gen = torch.Generator().manual_seed(0)
+    model = UNet(cfg, cond_dim=NUM_CLASSES).to(device)
+    with torch.no_grad():  # non-zero output convs so backward does real work everywhere
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(device) * 0.01)
+    b, s = args.batch, cfg.image_size
+    x = torch.randn(b, cfg.in_channels, s, s, generator=gen).to(device)
+    t = torch.randint(0, 1000, (b,), generator=gen).to(device)
+    cond = torch.nn.functional.one_hot(torch.arange(b) % NUM_CLASSES, NUM_CLASSES).float().to(device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16")
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = (model(x, t, cond) - x).square().mean()
+        loss.backward()
+
+    def sample_step():
+        with torch.no_grad(), autocast:
+            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
+        eps_cond, eps_uncond = eps.float().chunk(2)
+        ops.guided_ddim_step(x, eps_cond, 0.5, 0.6, eps_uncond=eps_uncond, guidance_scale=2.0)
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train = _time(train_step, device, args.warmup, args.iters)
+    train_peak = _peak_memory_mb(device)
+    model.eval()
+    sample = _time(sample_step, device, args.warmup, args.iters)
+    backends = _backends(device.type)
+    return {"train": train, "sample": sample, "peak_mb": max(train_peak, _peak_memory_mb(device)),
+            "train_peak_mb": train_peak, "backend": backends,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def _run_setting(args, kernels: bool) -> dict:
+    env = dict(os.environ, SGDM_KERNELS="1" if kernels else "0")
+    cmd = [sys.executable, __file__, "--worker", "--config", args.config, "--device", args.device,
+           "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--precision", args.precision, "--threads", str(args.threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"worker (SGDM_KERNELS={env['SGDM_KERNELS']}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=["auto", "small", "churches"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--batch", type=int, default=0, help="default: 4 (small) or 16 (churches)")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating kernel/reference subprocess rounds")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args.device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
+    args.config = ("churches" if args.device == "cuda" else "small") if args.config == "auto" else args.config
+    args.batch = args.batch or (16 if args.config == "churches" else 4)
+    runs = {True: [], False: []}
+    for _ in range(args.rounds):
+        for kernels in (True, False):
+            runs[kernels].append(_run_setting(args, kernels))
+    _report(args, runs)
+    return 0
+
+
+def _report(args, runs) -> None:
+    print(f"UNet benchmark: config={args.config} device={args.device} batch={args.batch} precision="
+          f"{args.precision} threads={args.threads} params={runs[True][0]['params_m']:.1f}M "
+          f"(median of {args.iters} iters x {args.rounds} rounds)")
+    medians = {}
+    for kernels, label in ((True, "kernels"), (False, "SGDM_KERNELS=0")):
+        r = runs[kernels]
+        train = statistics.median(v for x in r for v in x["train"])
+        sample = statistics.median(v for x in r for v in x["sample"])
+        peak = max(x["peak_mb"] for x in r)
+        medians[kernels] = (train, sample)
+        print(f"  {label:15s} train fwd+bwd {train * 1e3:9.1f} ms   guided DDIM step {sample * 1e3:9.1f} ms   "
+              f"peak {peak:8.0f} MiB   backends {r[0]['backend']}")
+    (tk, sk), (tr, sr) = medians[True], medians[False]
+    print(f"  speed-up (reference / kernels): train {tr / tk:.2f}x   sampling step {sr / sk:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
