@@ -34,9 +34,9 @@ void step_range(const GuidedDdimArgs& a, int64_t sample, int64_t begin, int64_t 
   T* x0p = static_cast<T*>(a.x0) + base;
   for (int64_t i = begin; i < end; i += Vec::size()) {
     const int64_t n = std::min<int64_t>(Vec::size(), end - i);
-    const Vec xv = load<T>(x + i, n);
-    Vec eps = load<T>(ec + i, n);
-    if constexpr (kUncond) eps = guided_eps(eps, load<T>(eu + i, n), w);
+    const Vec xv = load_acc<T>(x + i, n);
+    Vec eps = load_acc<T>(ec + i, n);
+    if constexpr (kUncond) eps = guided_eps(eps, load_acc<T>(eu + i, n), w);
     Vec x0 = ddim_x0(xv, eps, sqrt_1m_at, inv_sqrt_at);
     if constexpr (kClip) {
       x0 = at::vec::clamp(x0, lo, hi);
@@ -44,9 +44,9 @@ void step_range(const GuidedDdimArgs& a, int64_t sample, int64_t begin, int64_t 
       if (c.inv_sqrt_1m_at != Acc(0)) eps = ddim_eps_from_x0(xv, x0, sqrt_at, inv_sqrt_1m_at);
     }
     Vec out = ddim_x_prev(x0, eps, sqrt_ap, dir);
-    if constexpr (kNoise) out = out + sigma * load<T>(nz + i, n);
-    store<T>(xp + i, out, n);
-    store<T>(x0p + i, x0, n);
+    if constexpr (kNoise) out = out + sigma * load_acc<T>(nz + i, n);
+    store_acc<T>(xp + i, out, n);
+    store_acc<T>(x0p + i, x0, n);
   }
 }
 

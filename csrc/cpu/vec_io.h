@@ -3,6 +3,7 @@
 // from per-ISA kernel files, so it inherits their CPU_CAPABILITY.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -18,7 +19,7 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Loads n <= Vec::size() elements (the rest are zero).
 template <typename T, typename Acc = acc_t<T>>
-inline at::vec::Vectorized<Acc> load(const T* p, int64_t n = at::vec::Vectorized<Acc>::size()) {
+inline at::vec::Vectorized<Acc> load_acc(const T* p, int64_t n = at::vec::Vectorized<Acc>::size()) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     return Vec::loadu(p, n);
@@ -30,7 +31,7 @@ inline at::vec::Vectorized<Acc> load(const T* p, int64_t n = at::vec::Vectorized
 }
 
 template <typename T, typename Acc>
-inline void store(T* p, at::vec::Vectorized<Acc> v, int64_t n = at::vec::Vectorized<Acc>::size()) {
+inline void store_acc(T* p, at::vec::Vectorized<Acc> v, int64_t n = at::vec::Vectorized<Acc>::size()) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     v.store(p, n);

@@ -1,0 +1,267 @@
+// GroupNorm(+SiLU) forward and backward, CPU kernels (compiled once per ISA;
+// see dispatch.h). SiLU maths: sgdm/silu.h; statistics merge: sgdm/welford.h,
+// both shared with the CUDA kernels.
+//
+// Forward per group (M = C/G * HW elements):
+//   mean, var over the group (biased), rstd = 1 / sqrt(var + eps)
+//   xhat = (x - mean) * rstd,  z = xhat * weight_c + bias_c,  y = silu(z) (or z)
+// Backward, with dz = dy * silu'(z) and sums over the group:
+//   dx = rstd * (dz * w_c - sum(dz * w_c) / M - xhat * sum(dz * w_c * xhat) / M)
+//   dweight_c = sum_{n,hw} dz * xhat,  dbias_c = sum_{n,hw} dz
+#include "cpu/group_norm_silu_kernel.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/vec_io.h"
+#include "sgdm/silu.h"
+#include "sgdm/welford.h"
+
+namespace sgdm::cpu::CPU_CAPABILITY {
+namespace {
+
+template <typename Acc>
+using Vec = at::vec::Vectorized<Acc>;
+
+// One group of one sample as seg_count runs of seg_len contiguous elements,
+// seg_stride apart. NCHW: a run per channel (HW long). NHWC: a run per
+// position (C/G long), whose element j is channel j of the group.
+struct Block {
+  int64_t offset;
+  int64_t seg_count;
+  int64_t seg_len;
+  int64_t seg_stride;
+};
+
+Block block_of(const GroupNormShape& s, int64_t n, int64_t g) {
+  const int64_t cg = s.c / s.groups;
+  if (s.channels_last) return {n * s.hw * s.c + g * cg, s.hw, cg, s.c};
+  return {(n * s.c + g * cg) * s.hw, cg, s.hw, s.hw};
+}
+
+// Per-channel value for run s, elements [i, i + n): a broadcast in NCHW
+// (one channel per run) or a load in NHWC (one channel per element).
+template <bool kCL, typename Acc>
+inline Vec<Acc> per_channel(const Acc* values, int64_t s, int64_t i, int64_t n) {
+  if constexpr (kCL) {
+    return Vec<Acc>::loadu(values + i, n);
+  } else {
+    return Vec<Acc>(values[s]);
+  }
+}
+
+template <typename Acc>
+inline Vec<Acc> sigmoid(Vec<Acc> z) {
+  const Vec<Acc> one(1);
+  return one / (one + z.neg().exp());
+}
+
+template <typename Acc>
+inline Acc sum_lanes(Vec<Acc> v) {
+  return at::vec::vec_reduce_all<Acc>([](Vec<Acc> a, Vec<Acc> b) { return a + b; }, v);
+}
+
+constexpr int64_t kStatChunk = 2048;  // elements; stays in L1 for the second pass
+
+// Mean and M2 of one short run by two passes (exact where sum-of-squares
+// would cancel), as a Welford partial to merge.
+template <typename T, typename Acc = acc_t<T>>
+WelfordData<double> run_stats(const T* p, int64_t len) {
+  using V = Vec<Acc>;
+  V sum(0);
+  int64_t i = 0;
+  for (; i + V::size() <= len; i += V::size()) sum += load_acc<T>(p + i);
+  if (i < len) sum += load_acc<T>(p + i, len - i);
+  const Acc mean = sum_lanes(sum) / static_cast<Acc>(len);
+  const V mv(mean);
+  V m2(0);
+  for (i = 0; i + V::size() <= len; i += V::size()) {
+    const V d = load_acc<T>(p + i) - mv;
+    m2 = at::vec::fmadd(d, d, m2);
+  }
+  if (i < len) {
+    const V d = V::set(V(0), load_acc<T>(p + i, len - i) - mv, len - i);
+    m2 = at::vec::fmadd(d, d, m2);
+  }
+  return {static_cast<double>(mean), static_cast<double>(sum_lanes(m2)),
+          static_cast<double>(len)};
+}
+
+template <typename T>
+WelfordData<double> block_stats(const T* x, const Block& b) {
+  WelfordData<double> w{0.0, 0.0, 0.0};
+  for (int64_t s = 0; s < b.seg_count; ++s) {
+    const T* p = x + b.offset + s * b.seg_stride;
+    for (int64_t i = 0; i < b.seg_len; i += kStatChunk) {
+      w = welford_merge(w, run_stats<T>(p + i, std::min(kStatChunk, b.seg_len - i)));
+    }
+  }
+  return w;
+}
+
+// weight / bias of the group's channels (1 / 0 when absent).
+template <typename Acc>
+void group_affine(const void* weight, const void* bias, int64_t c0, int64_t cg, Acc* gamma,
+                  Acc* beta) {
+  const Acc* w = static_cast<const Acc*>(weight);
+  const Acc* b = static_cast<const Acc*>(bias);
+  for (int64_t j = 0; j < cg; ++j) {
+    gamma[j] = w ? w[c0 + j] : Acc(1);
+    beta[j] = b ? b[c0 + j] : Acc(0);
+  }
+}
+
+template <typename T, bool kCL, bool kSilu>
+void fwd_group(const GroupNormFwdArgs& a, int64_t n, int64_t g, std::vector<acc_t<T>>& buf) {
+  using Acc = acc_t<T>;
+  using V = Vec<Acc>;
+  const int64_t cg = a.s.c / a.s.groups;
+  const Block b = block_of(a.s, n, g);
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const WelfordData<double> w = block_stats(x, b);
+  const double rstd = 1.0 / std::sqrt(welford_variance(w) + a.eps);
+  static_cast<Acc*>(a.mean)[n * a.s.groups + g] = static_cast<Acc>(w.mean);
+  static_cast<Acc*>(a.rstd)[n * a.s.groups + g] = static_cast<Acc>(rstd);
+  // z = x * scale_c + shift_c with scale_c = rstd * w_c, shift_c = b_c - mean * scale_c.
+  buf.resize(2 * cg);
+  Acc* scale = buf.data();
+  Acc* shift = buf.data() + cg;
+  group_affine<Acc>(a.weight, a.bias, g * cg, cg, scale, shift);
+  for (int64_t j = 0; j < cg; ++j) {
+    const double sc = rstd * static_cast<double>(scale[j]);
+    scale[j] = static_cast<Acc>(sc);
+    shift[j] = static_cast<Acc>(static_cast<double>(shift[j]) - w.mean * sc);
+  }
+  for (int64_t s = 0; s < b.seg_count; ++s) {
+    const int64_t off = b.offset + s * b.seg_stride;
+    for (int64_t i = 0; i < b.seg_len; i += V::size()) {
+      const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
+      V z = at::vec::fmadd(load_acc<T>(x + off + i, m), per_channel<kCL>(scale, s, i, m),
+                           per_channel<kCL>(shift, s, i, m));
+      if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+      store_acc<T>(y + off + i, z, m);
+    }
+  }
+}
+
+// Scratch per group: gamma, beta, sum_dz, sum_dzx (C/G each).
+template <typename T, bool kCL, bool kSilu>
+void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_t<T>>& buf) {
+  using Acc = acc_t<T>;
+  using V = Vec<Acc>;
+  const int64_t cg = a.s.c / a.s.groups;
+  const Block b = block_of(a.s, n, g);
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.grad_y);
+  T* dx = static_cast<T*>(a.grad_x);
+  const Acc mean = static_cast<const Acc*>(a.mean)[n * a.s.groups + g];
+  const Acc rstd = static_cast<const Acc*>(a.rstd)[n * a.s.groups + g];
+  buf.assign(4 * cg, Acc(0));
+  Acc *gamma = buf.data(), *beta = gamma + cg, *sdz = beta + cg, *sdzx = sdz + cg;
+  group_affine<Acc>(a.weight, a.bias, g * cg, cg, gamma, beta);
+  const V rs(rstd), nmr(-mean * rstd);
+  // dz at elements [i, i + m) of run s, and xhat there. Lanes past m load
+  // dy = 0, so they contribute nothing to the sums.
+  auto grad_z = [&](int64_t off, int64_t s, int64_t i, int64_t m, V& xhat) {
+    xhat = at::vec::fmadd(load_acc<T>(x + off + i, m), rs, nmr);
+    V dz = load_acc<T>(dy + off + i, m);
+    if constexpr (kSilu) {
+      const V z = at::vec::fmadd(xhat, per_channel<kCL>(gamma, s, i, m),
+                                 per_channel<kCL>(beta, s, i, m));
+      dz = dz * silu_grad_from_sigmoid(z, sigmoid(z));
+    }
+    return dz;
+  };
+  for (int64_t s = 0; s < b.seg_count; ++s) {
+    const int64_t off = b.offset + s * b.seg_stride;
+    V acc_dz(0), acc_dzx(0);
+    for (int64_t i = 0; i < b.seg_len; i += V::size()) {
+      const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
+      V xhat;
+      const V dz = grad_z(off, s, i, m, xhat);
+      if constexpr (kCL) {
+        (V::loadu(sdz + i, m) + dz).store(sdz + i, m);
+        at::vec::fmadd(dz, xhat, V::loadu(sdzx + i, m)).store(sdzx + i, m);
+      } else {
+        acc_dz += dz;
+        acc_dzx = at::vec::fmadd(dz, xhat, acc_dzx);
+      }
+    }
+    if constexpr (!kCL) {
+      sdz[s] = sum_lanes(acc_dz);
+      sdzx[s] = sum_lanes(acc_dzx);
+    }
+  }
+  double sum_a = 0.0, sum_b = 0.0;  // sum(dz * w), sum(dz * w * xhat)
+  for (int64_t j = 0; j < cg; ++j) {
+    sum_a += static_cast<double>(gamma[j]) * sdz[j];
+    sum_b += static_cast<double>(gamma[j]) * sdzx[j];
+  }
+  const double inv_m = 1.0 / static_cast<double>(b.seg_count * b.seg_len);  // 1 / (C/G * HW)
+  const V c1(static_cast<Acc>(-rstd * sum_a * inv_m)), c2(static_cast<Acc>(-rstd * sum_b * inv_m));
+  for (int64_t s = 0; s < b.seg_count; ++s) {
+    const int64_t off = b.offset + s * b.seg_stride;
+    for (int64_t i = 0; i < b.seg_len; i += V::size()) {
+      const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
+      V xhat;
+      const V dz = grad_z(off, s, i, m, xhat);
+      const V out = at::vec::fmadd(dz, per_channel<kCL>(gamma, s, i, m) * rs,
+                                   at::vec::fmadd(xhat, c2, c1));
+      store_acc<T>(dx + off + i, out, m);
+    }
+  }
+  if (a.sum_dz != nullptr) {
+    std::copy(sdz, sdz + cg, static_cast<Acc*>(a.sum_dz) + n * a.s.c + g * cg);
+    std::copy(sdzx, sdzx + cg, static_cast<Acc*>(a.sum_dzx) + n * a.s.c + g * cg);
+  }
+}
+
+// Runs fn<T, kCL, kSilu>(args, n, g, scratch) over all N*G groups in parallel.
+template <template <typename, bool, bool> class Fn, typename Args>
+void for_each_group(const Args& a) {
+  dispatch_dtype(a.s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto cl, auto silu) {
+      at::parallel_for(0, a.s.n * a.s.groups, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t<T>> scratch;
+        for (int64_t i = begin; i < end; ++i) {
+          Fn<T, decltype(cl)::value, decltype(silu)::value>::call(a, i / a.s.groups,
+                                                                  i % a.s.groups, scratch);
+        }
+      });
+    };
+    using True = std::true_type;
+    using False = std::false_type;
+    if (a.s.channels_last) {
+      a.s.silu ? run(True{}, True{}) : run(True{}, False{});
+    } else {
+      a.s.silu ? run(False{}, True{}) : run(False{}, False{});
+    }
+  });
+}
+
+template <typename T, bool kCL, bool kSilu>
+struct Fwd {
+  static void call(const GroupNormFwdArgs& a, int64_t n, int64_t g, std::vector<acc_t<T>>& b) {
+    fwd_group<T, kCL, kSilu>(a, n, g, b);
+  }
+};
+
+template <typename T, bool kCL, bool kSilu>
+struct Bwd {
+  static void call(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_t<T>>& b) {
+    bwd_group<T, kCL, kSilu>(a, n, g, b);
+  }
+};
+
+}  // namespace
+
+void group_norm_silu_fwd_kernel(const GroupNormFwdArgs& args) { for_each_group<Fwd>(args); }
+
+void group_norm_silu_bwd_kernel(const GroupNormBwdArgs& args) { for_each_group<Bwd>(args); }
+
+}  // namespace sgdm::cpu::CPU_CAPABILITY

@@ -1,0 +1,33 @@
+// Argument checking, layout and output allocation of sgdm::group_norm_silu,
+// shared by the CPU glue (group_norm_silu.cpp) and the CUDA launcher.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "sgdm/group_norm_args.h"
+
+namespace sgdm {
+
+struct GroupNormPrepared {
+  GroupNormShape shape;
+  at::Tensor x;             // contiguous or channels-last view of the input
+  at::Tensor weight, bias;  // Acc-typed copies, or undefined
+};
+
+// Checks x [N, C, *] against num_groups / weight / bias and picks the layout.
+GroupNormPrepared prepare_group_norm(const at::Tensor& x, int64_t num_groups,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, bool silu);
+
+// An uninitialised tensor shaped like x with the layout in `shape`.
+at::Tensor empty_group_norm_like(const at::Tensor& x, const GroupNormShape& shape);
+
+// `t` in the layout of `shape` (a no-op when it already is).
+at::Tensor to_group_norm_layout(const at::Tensor& t, const GroupNormShape& shape);
+
+// The float type of statistics and affine grads: float64 for fp64 data, else float32.
+at::ScalarType group_norm_acc_type(const at::Tensor& x);
+
+}  // namespace sgdm

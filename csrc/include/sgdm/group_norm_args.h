@@ -1,0 +1,53 @@
+// Torch-free arguments of the GroupNorm(+SiLU) kernels (CPU and CUDA).
+//
+// x is [N, C, *spatial] viewed as N x C x HW, stored either contiguous (NCHW)
+// or channels-last (NHWC); GroupNorm normalises each of the N*G groups of
+// C/G channels over the channels and all HW positions. "Acc" below is float
+// for fp32/fp16/bf16 data and double for fp64 data.
+#pragma once
+
+#include <cstdint>
+
+#include "sgdm/dtype.h"
+
+namespace sgdm {
+
+struct GroupNormShape {
+  int64_t n = 0;
+  int64_t c = 0;
+  int64_t hw = 0;
+  int64_t groups = 0;
+  bool channels_last = false;
+  bool silu = true;
+  DType dtype = DType::kFloat32;
+};
+
+struct GroupNormFwdArgs {
+  GroupNormShape s;
+  double eps = 1e-5;
+  const void* x = nullptr;
+  const void* weight = nullptr;  // Acc [C] or null (= 1)
+  const void* bias = nullptr;    // Acc [C] or null (= 0)
+  void* y = nullptr;
+  void* mean = nullptr;  // Acc [N, G]
+  void* rstd = nullptr;  // Acc [N, G], 1 / sqrt(var + eps)
+};
+
+struct GroupNormBwdArgs {
+  GroupNormShape s;
+  const void* grad_y = nullptr;
+  const void* x = nullptr;
+  const void* weight = nullptr;  // Acc [C] or null
+  const void* bias = nullptr;    // Acc [C] or null; needed to recompute the SiLU input
+  const void* mean = nullptr;    // Acc [N, G] from the forward
+  const void* rstd = nullptr;
+  void* grad_x = nullptr;
+  // Acc [N, C] per-sample partial sums, summed over N by the caller:
+  //   sum_dz[n, c]  = sum_hw dL/dz          (-> grad_bias)
+  //   sum_dzx[n, c] = sum_hw dL/dz * xhat    (-> grad_weight)
+  // where z = xhat * weight + bias is the GroupNorm output before SiLU.
+  void* sum_dz = nullptr;
+  void* sum_dzx = nullptr;
+};
+
+}  // namespace sgdm
