@@ -108,7 +108,8 @@ def extract_autoencoder_state(raw: Mapping, num_levels: int) -> tuple[dict, str,
         raise ValueError(f"expected a state dict (a mapping of tensors), got {type(state).__name__}")
     if any(k.startswith("first_stage_model.") for k in state):
         sf = state.get("scale_factor")
-        sub = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
+        sub = {k[len("first_stage_model."):]: v for k, v in state.items()
+               if k.startswith("first_stage_model.") and not k.startswith("first_stage_model.loss.")}
         return sub, "ldm-full", None if sf is None else float(sf)
     sf = state.get("scale_factor")
     state = {k: v for k, v in state.items() if not k.startswith("loss.") and k != "scale_factor"}

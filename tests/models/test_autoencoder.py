@@ -116,7 +116,8 @@ def test_every_checkpoint_layout_loads_strictly_and_matches(layout, ae, images, 
     sd = {k: v for k, v in ae.state_dict().items() if k != "scale_factor"}
     if layout == "ldm-full":
         state = {f"first_stage_model.{k}": v for k, v in sd.items()}
-        state.update({"model.diffusion_model.out.weight": torch.zeros(3), "scale_factor": torch.tensor(0.25)})
+        state.update({"model.diffusion_model.out.weight": torch.zeros(3), "scale_factor": torch.tensor(0.25),
+                      "first_stage_model.loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.9999)})
         path = tmp_path / "ldm.ckpt"
         torch.save({"state_dict": state, "global_step": 10}, path)
     elif layout == "ldm-autoencoder":
