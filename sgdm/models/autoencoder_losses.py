@@ -102,50 +102,67 @@ class LPIPS(nn.Module):
         return TamingLPIPS.forward(self, x, y)  # exactly taming's computation, on our modules
 
 
-def _load_vgg_backbone(lpips: LPIPS, path: pathlib.Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def _load_vgg_backbone(lpips: LPIPS, state: dict, source: str) -> None:
     state = state.get("state_dict", state)
     own = lpips.net.state_dict()
     mapped = {}
     for key in own:  # "slice3.10.weight" <- torchvision "features.10.weight"
-        source = "features." + key.split(".", 1)[1]
-        if source not in state:
-            raise ValueError(f"vgg16_weights {path}: no '{source}' in the file; expected a torchvision VGG16 "
+        name = "features." + key.split(".", 1)[1]
+        if name not in state:
+            raise ValueError(f"{source}: no '{name}' in the file; expected a torchvision VGG16 "
                              f"state dict (features.N.weight/bias)")
-        if state[source].shape != own[key].shape:
-            raise ValueError(f"vgg16_weights {path}: '{source}' has shape {tuple(state[source].shape)}, expected "
+        if state[name].shape != own[key].shape:
+            raise ValueError(f"{source}: '{name}' has shape {tuple(state[name].shape)}, expected "
                              f"{tuple(own[key].shape)} (VGG16)")
-        mapped[key] = state[source]
+        mapped[key] = state[name]
     lpips.net.load_state_dict(mapped)
 
 
-def build_lpips(vgg16_weights: str | pathlib.Path | None, heads: str | pathlib.Path | None = None) -> LPIPS | None:
-    """LPIPS from local files: a torchvision VGG16 state dict and the linear heads (default: torchmetrics').
-
-    Without ``vgg16_weights`` the perceptual term cannot be computed: returns None after a
-    one-time warning. A configured path that does not exist is an error.
-    """
-    if vgg16_weights is None:
-        _warn_once("LPIPS perceptual loss is switched off: set model.autoencoder.loss.vgg16_weights to a local "
-                   "torchvision VGG16 state dict (no weights are downloaded)")
+def _vgg16_state(vgg16_weights: str | pathlib.Path | None, download: bool) -> tuple[dict, str] | None:
+    """(torchvision VGG16 state dict, where it came from), or None when no weights are configured."""
+    if vgg16_weights is not None:
+        path = pathlib.Path(vgg16_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.autoencoder.loss.vgg16_weights: {path} does not exist")
+        return torch.load(path, map_location="cpu", weights_only=True), f"vgg16_weights {path}"
+    if not download:
         return None
-    vgg16_weights = pathlib.Path(vgg16_weights)
-    if not vgg16_weights.is_file():
-        raise FileNotFoundError(f"model.autoencoder.loss.vgg16_weights: {vgg16_weights} does not exist")
+    from torchvision.models import VGG16_Weights
+
+    url = VGG16_Weights.IMAGENET1K_V1.url
+    try:  # the torch hub cache first; the network only when the file is not cached
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False), url
+    except Exception as err:
+        raise RuntimeError(f"model.autoencoder.loss.vgg16_download: cannot get torchvision's VGG16 weights "
+                           f"({type(err).__name__}: {err}); offline, set vgg16_weights to a local file") from None
+
+
+def build_lpips(vgg16_weights: str | pathlib.Path | None, heads: str | pathlib.Path | None = None,
+                download: bool = False) -> LPIPS | None:
+    """LPIPS from a torchvision VGG16 state dict and the linear heads (default: torchmetrics').
+
+    The backbone comes from ``vgg16_weights`` (a local file) or, with ``download``, from
+    torchvision (hub cache or network). Without either the perceptual term cannot be
+    computed: returns None after a one-time warning. A configured path that does not
+    exist is an error.
+    """
+    vgg = _vgg16_state(vgg16_weights, download)
+    if vgg is None:
+        _warn_once("LPIPS perceptual loss is switched off: set model.autoencoder.loss.vgg16_weights to a local "
+                   "torchvision VGG16 state dict, or vgg16_download: true when online")
+        return None
     heads = pathlib.Path(heads) if heads is not None else default_lpips_heads()
     if heads is None or not heads.is_file():
         raise FileNotFoundError(f"model.autoencoder.loss.lpips_heads: {heads or 'torchmetrics vgg.pth'} not found; "
                                 f"point it at LPIPS' vgg.pth linear heads")
     lpips = LPIPS()
-    _load_vgg_backbone(lpips, vgg16_weights)
+    _load_vgg_backbone(lpips, *vgg)
     head_state = torch.load(heads, map_location="cpu", weights_only=True)
-    try:
-        lpips.load_state_dict(head_state, strict=False)
-        missing = [k for k in (f"lin{i}.model.1.weight" for i in range(5)) if k not in head_state]
-        if missing:
-            raise ValueError(f"missing {missing}")
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"model.autoencoder.loss.lpips_heads: {heads} is not an LPIPS VGG head file ({err})") from None
+    missing = [k for k in (f"lin{i}.model.1.weight" for i in range(5)) if k not in head_state]
+    if missing:
+        raise ValueError(f"model.autoencoder.loss.lpips_heads: {heads} is not an LPIPS VGG head file "
+                         f"(missing {missing})")
+    lpips.load_state_dict(head_state, strict=False)
     return lpips.eval()
 
 
@@ -168,7 +185,8 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)))
-        self.perceptual = build_lpips(cfg.vgg16_weights, cfg.lpips_heads) if cfg.perceptual_weight > 0 else None
+        self.perceptual = (build_lpips(cfg.vgg16_weights, cfg.lpips_heads, cfg.vgg16_download)
+                           if cfg.perceptual_weight > 0 else None)
         self.discriminator = build_discriminator(cfg, in_channels)
 
     def disc_factor(self, global_step: int) -> float:

@@ -46,8 +46,9 @@ class AutoencoderLossConfig:
     """LDM's ``LPIPSWithDiscriminator`` settings (kl-f8 defaults: kl 1e-6, disc from step 50001).
 
     ``vgg16_weights`` is a local torchvision VGG16 state dict for the LPIPS backbone;
-    without it the perceptual term is switched off (one warning). ``lpips_heads``
-    defaults to the linear heads shipped inside torchmetrics.
+    without it, ``vgg16_download: true`` takes torchvision's ImageNet VGG16 from the torch
+    hub cache (downloading it when online), and otherwise the perceptual term is switched
+    off (one warning). ``lpips_heads`` defaults to the linear heads shipped inside torchmetrics.
     """
 
     pixel_weight: float = 1.0
@@ -60,6 +61,7 @@ class AutoencoderLossConfig:
     disc_num_layers: int = 3
     disc_channels: int = 64
     vgg16_weights: Optional[pathlib.Path] = None
+    vgg16_download: bool = False
     lpips_heads: Optional[pathlib.Path] = None
 
     def validate(self) -> None:

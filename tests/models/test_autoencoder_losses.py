@@ -79,6 +79,28 @@ def test_lpips_missing_files_warn_once_or_fail_clearly(tmp_path):
     torch.save({"something": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="no 'features.0.weight' in the file"):
         al.build_lpips(bad)
+    with pytest.raises(FileNotFoundError, match="loss.lpips_heads: .*nohead.pth not found"):
+        al.build_lpips(bad, heads=tmp_path / "nohead.pth")
+
+
+def test_lpips_download_fetches_torchvision_weights_or_fails_clearly(vgg_file, monkeypatch):
+    path, _ = vgg_file
+    urls = []
+
+    def cached(url, **kwargs):
+        urls.append(url)
+        return torch.load(path, weights_only=True)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", cached)
+    assert isinstance(al.build_lpips(None, download=True), al.LPIPS)
+    assert urls and "vgg16" in urls[0]
+
+    def offline(url, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="vgg16_download: cannot get .*set vgg16_weights to a local file"):
+        al.build_lpips(None, download=True)
 
 
 def _setup(generator, **loss_cfg):
