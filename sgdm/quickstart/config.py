@@ -30,6 +30,12 @@ class PrepareConfig:
     report_steps: int = 50
     report_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
     report_eval_n: int = 256
+    # Box- and mask-guided samples in the report come from two companion runs
+    # (same network, self-boxed and self-segmented guidance) trained for
+    # ``companion_steps`` steps under <run>/companions/ and reused when present.
+    report_companions: bool = True
+    companion_steps: int = 500
+    companion_mask_classes: int = 0  # K of the self-segmented companion; 0: annotation.num_classes
 
     def any(self) -> bool:
         return self.dataset or self.autoencoder or self.features or self.annotations or self.report
@@ -43,5 +49,9 @@ class PrepareConfig:
             raise ConfigError("report_steps", f"must be >= 1, got {self.report_steps}")
         if not self.report_scales:
             raise ConfigError("report_scales", "needs at least one guidance scale")
+        if self.companion_steps < 1:
+            raise ConfigError("companion_steps", f"must be >= 1, got {self.companion_steps}")
+        if self.companion_mask_classes < 0:
+            raise ConfigError("companion_mask_classes", f"must be >= 0 (0: annotation.num_classes), got {self.companion_mask_classes}")
         if self.report_eval_n < 2:
             raise ConfigError("report_eval_n", f"need at least 2 samples, got {self.report_eval_n}")

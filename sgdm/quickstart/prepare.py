@@ -1,0 +1,100 @@
+"""``prepare(cfg)``: make whatever the run needs and does not have yet, on small budgets.
+
+Each stage checks for its artefact first and reuses it, so a second run of the
+quickstart goes straight to training. The stages, in order (each only when its
+``prepare.<flag>`` is set):
+
+- ``dataset``: build the dataset once (the ``shapes`` generator writes its cache);
+- ``autoencoder``: ``model.autoencoder.checkpoint`` via ``train_autoencoder`` with
+  ``prepare.autoencoder_steps`` steps;
+- ``features``: ``annotation.weights`` via DINO pretraining of
+  ``annotation.backbone`` with ``prepare.pretrain``;
+- ``annotations``: the ``annotation.store`` via ``annotate`` (with ``--evaluate``
+  scores where the data has ground truth).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+from typing import Callable
+
+from sgdm.config.core import ConfigError
+
+__all__ = ["prepare", "store_exists"]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def store_exists(path: pathlib.Path) -> bool:
+    """An annotation store is complete once its manifest is written (the last step of ``write_store``)."""
+    return (pathlib.Path(path) / "manifest.json").is_file()
+
+
+def _dataset(cfg, log) -> str:
+    from sgdm.data import build_dataset
+
+    n = len(build_dataset(cfg.data, train=False))
+    return f"{cfg.data.dataset}: {n} images"
+
+
+def _autoencoder(cfg, log) -> str:
+    path = cfg.model.autoencoder.checkpoint
+    if path is None:
+        raise ConfigError("model.autoencoder.checkpoint", "prepare.autoencoder needs a path to write the autoencoder to")
+    if path.is_file():
+        return f"reused {path}"
+    from sgdm.training.autoencoder import train_autoencoder
+
+    budget = dataclasses.replace(cfg.train, max_steps=cfg.prepare.autoencoder_steps, checkpoint_every=cfg.prepare.autoencoder_steps)
+    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder")
+    train_autoencoder(dataclasses.replace(cfg, train=budget, run=run))
+    if not path.is_file():
+        raise RuntimeError(f"train_autoencoder finished without writing {path} (model.autoencoder.checkpoint)")
+    return f"trained {path}"
+
+
+def _features(cfg, log) -> str:
+    path = cfg.annotation.weights
+    if path is None:
+        raise ConfigError("annotation.weights", "prepare.features needs a path to write the encoder to")
+    if path.is_file():
+        return f"reused {path}"
+    from sgdm.features_pretrain.run import pretrain_from_config
+
+    pretrain_from_config(cfg, path, log=log)
+    return f"pretrained {path}"
+
+
+def _annotations(cfg, log) -> str:
+    store = cfg.annotation.store
+    if store_exists(store):
+        return f"reused {store}"
+    if cfg.annotation.source == "self" and cfg.annotation.weights is not None and not cfg.annotation.weights.is_file():
+        raise ConfigError("annotation.weights", f"{cfg.annotation.weights} does not exist; set prepare.features: true "
+                                                "to pretrain it, or point it at an encoder")
+    from sgdm.annotation.annotate import annotate
+
+    result = annotate(cfg, evaluate=True, log=log, progress=False)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+    return f"annotated {result.num_images} images into {store}" + (f" ({scores})" if scores else "")
+
+
+_STAGES: list[tuple[str, Callable]] = [
+    ("dataset", _dataset), ("autoencoder", _autoencoder), ("features", _features), ("annotations", _annotations),
+]
+
+
+def prepare(cfg, log: Callable[[str], None] = _stderr) -> dict[str, str]:
+    """Run the stages whose ``cfg.prepare`` flag is set; returns what each did (also logged)."""
+    done = {}
+    for name, stage in _STAGES:
+        if not getattr(cfg.prepare, name):
+            continue
+        start = time.time()
+        done[name] = stage(cfg, log)
+        log(f"prepare {name}: {done[name]} ({time.time() - start:.0f}s)")
+    return done

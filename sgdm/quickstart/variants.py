@@ -1,0 +1,73 @@
+"""The same experiment with another guidance: the paper's comparison grid (Tables 2-5).
+
+One network, one budget, only the guidance differs: none, labels, boxes or
+masks, from self-annotation (``self``) or ground truth (``gt``). Each variant
+gets its own annotation store (``<store_root>/<source>-<kind>``) and run
+directory, so variants never overwrite each other and are reused when present.
+"""
+from __future__ import annotations
+
+import pathlib
+
+__all__ = ["guidance_variant", "variant_name", "VARIANTS"]
+
+# (kind, source) rows of the paper's tables, in print order
+VARIANTS = [("none", "self"), ("label", "gt"), ("label", "self"), ("box", "self"), ("box", "gt"),
+            ("mask", "self"), ("mask", "gt")]
+
+
+def guidance_variant(cfg, kind: str, source: str, *, classes: int, store_root: pathlib.Path, run_dir: pathlib.Path,
+                     run_name: str, max_steps: int | None = None):
+    """A copy of ExperimentConfig ``cfg`` guided by ``kind``/``source`` with K = ``classes``.
+
+    Nothing is prepared or reported by the copy (``prepare`` flags off); the
+    first stage and the encoder are shared with ``cfg``.
+    """
+    from sgdm.config.core import from_dict, to_dict
+    from sgdm.config.schema import ExperimentConfig
+
+    data = to_dict(cfg)
+    guidance = data["model"]["guidance"]
+    guidance.update(kind=kind, source=source, num_classes=0 if kind == "none" else classes)
+    if kind == "none":
+        guidance["drop_prob"] = 0.0
+    elif guidance["drop_prob"] == 0.0:
+        guidance["drop_prob"] = 0.1
+    ann = data["annotation"]
+    ann.update(granularity="label" if kind == "none" else kind, source=source, store=str(store_root / f"{source}-{kind}"))
+    if kind == "box":
+        ann["lost"]["num_clusters"] = classes
+    elif kind != "none":
+        ann["num_classes"] = classes
+    data["run"].update(dir=str(run_dir), name=run_name)
+    if max_steps is not None:
+        data["train"]["max_steps"] = max_steps
+    data["prepare"].update(dataset=False, autoencoder=False, features=False, annotations=False, report=False)
+    return from_dict(ExperimentConfig, data)
+
+
+def variant_name(kind: str, source: str) -> str:
+    return "no-guidance" if kind == "none" else f"{source}-{kind}"
+
+
+
+def train_variant(vcfg, log) -> pathlib.Path:
+    """Annotate (if its store is missing) and train variant ``vcfg``; reuse a finished run. Returns the run dir."""
+    from sgdm.quickstart.prepare import store_exists
+
+    run_path = vcfg.run.path
+    if (run_path / "pipeline").exists():
+        log(f"variant {run_path.name}: reusing {run_path / 'pipeline'}")
+        return run_path
+    if vcfg.model.guidance.kind != "none" and not store_exists(vcfg.annotation.store):
+        from sgdm.annotation.annotate import annotate
+
+        annotate(vcfg, evaluate=vcfg.annotation.source == "self", log=log, progress=False)
+    from sgdm.training.checkpoint import list_checkpoints
+    from sgdm.training.run import train
+
+    resume = bool(list_checkpoints(run_path / "checkpoints"))
+    code = train(vcfg, resume=resume)
+    if code != 0:
+        raise RuntimeError(f"training variant {run_path} stopped with exit code {code}")
+    return run_path
