@@ -133,7 +133,7 @@ def train_head(patches: torch.Tensor, cls: torch.Tensor, cfg, generator: torch.G
             loss.backward()
             optimiser.step()
         if log is not None:
-            log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+            log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()))
     return head.eval()
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 TINY_VIT = "vit_tiny_patch16_224"
-TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
+TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+DIM = TINY_KWARGS["embed_dim"]
 
 
 def tiny_vit(seed: int = 0):

@@ -1,0 +1,139 @@
+"""End to end: shapes dataset -> tiny ViT features -> store, for every granularity."""
+import json
+import types
+
+import pytest
+import torch
+
+from sgdm.annotation import annotate as annotate_module
+from sgdm.annotation.annotate import annotate
+from sgdm.annotation.config import AnnotationConfig
+from sgdm.annotation.store import AnnotationStore, StoreMismatchError
+from sgdm.config.core import ConfigError, from_dict
+
+from .conftest import TINY_KWARGS, TINY_VIT, shapes_data, tiny_vit
+
+
+def config(tmp_path, weights, cache, num_images=48, **annotation):
+    settings = dict(store=str(tmp_path / "store"), backbone=TINY_VIT, backbone_kwargs=TINY_KWARGS, weights=str(weights),
+                    num_classes=6, batch_size=16, shard_size=16, lost={"num_clusters": 5, "k_patches": 6},
+                    stego={"epochs": 1, "batch_size": 16, "dim": 8, "feature_samples": 0})
+    settings.update(annotation)
+    return types.SimpleNamespace(data=shapes_data(cache, num_images), annotation=from_dict(AnnotationConfig, settings, "annotation"))
+
+
+@pytest.mark.parametrize("granularity", ["label", "box", "mask"])
+def test_each_granularity_with_evaluate(tmp_path, tiny_weights, shapes_cache, granularity):
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=13 if granularity == "mask" else 6)
+    result = annotate(cfg, granularity, evaluate=True, progress=False, log=lambda m: None)
+    store = AnnotationStore.open(result.store)
+    assert result.num_images == len(store) == 48 and store.granularity == granularity
+    expected = {"label": {"nmi", "ari", "purity"}, "box": {"nmi", "ari", "purity", "corloc"}, "mask": {"miou", "pixel_accuracy"}}
+    assert set(result.metrics) == expected[granularity]
+    assert all(0.0 <= v <= 1.0 for k, v in result.metrics.items() if k != "ari")
+    manifest = store.manifest
+    assert manifest["metrics"] == result.metrics
+    assert manifest["extractor"]["weights_sha256"] and manifest["dataset"]["ids_sha256"]
+    assert manifest["num_classes"] == (5 if granularity == "box" else 13 if granularity == "mask" else 6)
+    record = store.get(store.ids[0])
+    if granularity == "box":
+        box = record["box"]
+        assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+    if granularity == "mask":
+        assert record["mask"].shape == (4, 4) and int(record["mask"].max()) < 13
+        assert manifest["crf"] is False
+
+
+def test_resume_skips_finished_shards(tmp_path, tiny_weights, shapes_cache, monkeypatch):
+    reference = annotate(config(tmp_path / "ref", tiny_weights, shapes_cache), progress=False, log=lambda m: None)
+    cfg = config(tmp_path, tiny_weights, shapes_cache)
+    real_save = annotate_module.FeatureCache.save
+    saved = []
+
+    def crash_after_two(self, shard, tensors):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(shard)
+        real_save(self, shard, tensors)
+
+    monkeypatch.setattr(annotate_module.FeatureCache, "save", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        annotate(cfg, progress=False, log=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="unfinished run"):
+        AnnotationStore.open(cfg.annotation.store)
+    monkeypatch.setattr(annotate_module.FeatureCache, "save", real_save)
+    extracted = []
+    real_extract = annotate_module._extract_shard
+
+    def counting(backbone, dataset, indices, *args):
+        extracted.append(indices[0])
+        return real_extract(backbone, dataset, indices, *args)
+
+    monkeypatch.setattr(annotate_module, "_extract_shard", counting)
+    messages = []
+    annotate(cfg, progress=False, log=messages.append)
+    assert extracted == [32]  # shards 0 and 1 (images 0-31) were not redone
+    assert any("resuming, 2 of 3" in m for m in messages)
+    ours, ref = AnnotationStore.open(cfg.annotation.store), AnnotationStore.open(reference.store)
+    assert ours.ids == ref.ids and torch.equal(ours.tensor("cluster"), ref.tensor("cluster"))
+
+
+def test_features_of_other_weights_are_refused(tmp_path, tiny_weights, shapes_cache):
+    from safetensors.torch import save_file
+
+    annotate(config(tmp_path, tiny_weights, shapes_cache), progress=False, log=lambda m: None)
+    other = tmp_path / "other.safetensors"
+    save_file(tiny_vit(seed=5).state_dict(), str(other))
+    with pytest.raises(StoreMismatchError, match="weights differ"):
+        annotate(config(tmp_path, other, shapes_cache), progress=False, log=lambda m: None)
+
+
+def test_store_refused_for_another_dataset(tmp_path, tiny_weights, shapes_cache):
+    result = annotate(config(tmp_path, tiny_weights, shapes_cache, num_images=24), progress=False, log=lambda m: None)
+    from sgdm.data import build_dataset
+
+    bigger = build_dataset(shapes_data(shapes_cache, 48), train=False)
+    with pytest.raises(StoreMismatchError, match="lacks 24 of the dataset's 48 image ids"):
+        AnnotationStore.open(result.store).check_matches(bigger.ids, 6)
+
+
+@pytest.mark.parametrize("granularity,k", [("label", 12), ("box", 12), ("mask", 13)])
+def test_ground_truth_store(tmp_path, shapes_cache, granularity, k):
+    from sgdm.data import build_dataset
+
+    cfg = config(tmp_path, "unused.pth", shapes_cache, source="gt", num_classes=k, lost={"num_clusters": k})
+    result = annotate(cfg, granularity, progress=False, log=lambda m: None)
+    store = AnnotationStore.open(result.store)
+    assert store.source == "gt" and store.method == "ground-truth" and store.num_classes == k
+    dataset = build_dataset(cfg.data, train=False)
+    sample = dataset[3]
+    record = store.get(sample["id"])
+    if granularity == "label":
+        assert record["cluster"] == sample["gt_label"]
+    elif granularity == "box":
+        boxes = torch.as_tensor(sample["gt_boxes"])
+        largest = int(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argmax())
+        torch.testing.assert_close(record["box"] * 32, boxes[largest].float())
+        assert record["cluster"] == int(sample["gt_box_labels"][largest])
+    else:
+        assert torch.equal(record["mask"].long(), sample["gt_mask"])
+        assert torch.equal(record["multi_hot"][1:], sample["gt_multi_hot"])  # mask value = class + 1
+
+
+def test_ground_truth_k_too_small(tmp_path, shapes_cache):
+    cfg = config(tmp_path, "unused.pth", shapes_cache, source="gt", num_classes=4)
+    with pytest.raises(ConfigError, match="annotation.num_classes: 4 is too small"):
+        annotate(cfg, "label", progress=False, log=lambda m: None)
+
+
+def test_bad_input(tmp_path, tiny_weights, shapes_cache):
+    with pytest.raises(ConfigError, match="annotation.num_classes: K=60 clusters is more than the dataset's 48 images"):
+        annotate(config(tmp_path, tiny_weights, shapes_cache, num_classes=60), progress=False)
+    with pytest.raises(ConfigError, match="annotation.lost.num_clusters: K=50"):
+        annotate(config(tmp_path, tiny_weights, shapes_cache, lost={"num_clusters": 50}), "box", progress=False)
+    with pytest.raises(ConfigError, match="data: the dataset .* has no images"):
+        annotate(config(tmp_path, tiny_weights, shapes_cache), dataset=[], progress=False)
+    with pytest.raises(ConfigError, match="annotation.granularity: expected label, box or mask"):
+        annotate(config(tmp_path, tiny_weights, shapes_cache), "points", progress=False)
+    with pytest.raises(ConfigError, match="annotation.backbone_kwargs"):
+        from_dict(AnnotationConfig, {"backbone_kwargs": "img_size=64"}, "annotation")

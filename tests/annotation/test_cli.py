@@ -1,0 +1,50 @@
+"""``sgdm-ldm annotate`` and ``sgdm-ldm clusters`` through the dispatcher."""
+import json
+
+import yaml
+
+from sgdm.cli.main import main
+
+from .conftest import TINY_KWARGS, TINY_VIT
+
+
+def write_config(path, store, weights, cache, **annotation):
+    settings = {
+        "data": {"dataset": "shapes", "size": 32, "num_workers": 0,
+                 "shapes": {"num_images": 32, "num_val_images": 8, "image_size": 32, "cache_dir": str(cache)}},
+        "annotation": {"store": str(store), "granularity": "box", "backbone": TINY_VIT, "backbone_kwargs": TINY_KWARGS,
+                       "weights": str(weights), "num_classes": 4, "batch_size": 16, "shard_size": 16,
+                       "lost": {"num_clusters": 4, "k_patches": 6}, **annotation},
+        # the same YAML trains the model: its guidance must agree with the annotations
+        "model": {"autoencoder": {"resolution": 32},
+                  "unet": {"image_size": 4, "channel_mult": [1, 2], "attention_resolutions": [2]},
+                  "guidance": {"kind": "box", "num_classes": 4, "source": "self"}},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_annotate_then_gallery(tmp_path, tiny_weights, shapes_cache, capsys):
+    cfg = write_config(tmp_path / "exp.yaml", tmp_path / "store", tiny_weights, shapes_cache)
+    assert main(["annotate", str(cfg), "--evaluate", "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"nmi", "ari", "purity", "corloc"}
+    out = tmp_path / "gallery.html"
+    assert main(["clusters", str(tmp_path / "store"), "--out", str(out), "--per-cluster", "3"]) == 0
+    page = out.read_text()
+    assert page.count("<img") <= 4 * 3 and page.count("<img") >= 3
+    assert "cluster " in page and "lost+kmeans" in page
+
+
+def test_config_errors_name_the_key(tmp_path, tiny_weights, shapes_cache, capsys):
+    cfg = write_config(tmp_path / "exp.yaml", tmp_path / "store", tiny_weights, shapes_cache, kmeans={"max_iters": 3})
+    assert main(["annotate", str(cfg), "--no-progress"]) == 2
+    assert "annotation.kmeans.max_iters: unknown key" in capsys.readouterr().err
+    cfg = write_config(tmp_path / "exp.yaml", tmp_path / "store", tiny_weights, shapes_cache)
+    assert main(["annotate", str(cfg), "annotation.weights=" + str(tmp_path / "nope.pth"), "--no-progress"]) == 1
+    assert "nope.pth does not exist" in capsys.readouterr().err
+
+
+def test_clusters_on_missing_store(tmp_path, capsys):
+    assert main(["clusters", str(tmp_path / "none"), "--out", str(tmp_path / "g.html")]) == 1
+    assert "no manifest.json" in capsys.readouterr().err

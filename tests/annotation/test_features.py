@@ -1,0 +1,107 @@
+import time
+
+import pytest
+import torch
+
+from sgdm.annotation.features import BackboneError, extract, load_backbone
+
+from .conftest import DIM, TINY_KWARGS, TINY_VIT, tiny_vit
+
+
+def images(n=2, size=40, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_local_timm_weights_and_outputs(tiny_weights):
+    backbone = load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS)
+    reference = tiny_vit()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], value), name
+    assert len(backbone.weights_id) == 64  # sha256 of the file
+    feats = extract(backbone, images(), keys=True)
+    assert feats.cls.shape == (2, DIM) and feats.patches.shape == (2, 4, 4, DIM) and feats.keys.shape == (2, 4, 4, DIM)
+
+
+def test_keys_are_the_last_blocks_attention_keys(tiny_weights):
+    backbone = load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS)
+    model = backbone.model
+    from sgdm.annotation.features import preprocess
+
+    x = preprocess(backbone, images())
+    with torch.no_grad():
+        tokens = model._pos_embed(model.patch_embed(x))
+        for block in model.blocks[:-1]:
+            tokens = block(tokens)
+        last = model.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(tokens))  # [B, T, 3 * D]: q | k | v
+        expected = qkv[:, 1:, DIM : 2 * DIM].reshape(2, 4, 4, DIM)
+    torch.testing.assert_close(extract(backbone, images(), keys=True).keys, expected)
+
+
+def test_preprocess_resizes_and_normalises(tiny_weights):
+    from sgdm.annotation.features import preprocess
+
+    backbone = load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS)
+    x = preprocess(backbone, torch.zeros(1, 3, 50, 50))  # mid-grey
+    assert x.shape == (1, 3, 32, 32)
+    mean, std = torch.tensor(backbone.mean), torch.tensor(backbone.std)
+    torch.testing.assert_close(x[0, :, 0, 0], (0.5 - mean) / std)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        preprocess(backbone, torch.zeros(3, 32, 32))
+
+
+def test_original_dino_checkpoint_layout(tmp_path):
+    """DINO's checkpoint.pth: teacher/student dicts with 'backbone.' prefixes and a projection head."""
+    reference = tiny_vit(seed=1)
+    teacher = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    teacher["head.mlp.0.weight"] = torch.zeros(8, DIM)
+    teacher["head.last_layer.weight_g"] = torch.ones(16, 1)
+    student = {f"module.{k}": torch.zeros_like(v) for k, v in teacher.items()}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"student": student, "teacher": teacher, "epoch": 3}, path)
+    backbone = load_backbone(TINY_VIT, path, TINY_KWARGS)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], value), name
+    # plain backbone weights file (DINO's released *_pretrain.pth): same keys as timm
+    torch.save(reference.state_dict(), tmp_path / "plain.pth")
+    plain = load_backbone(TINY_VIT, tmp_path / "plain.pth", TINY_KWARGS)
+    torch.testing.assert_close(extract(plain, images()).cls, extract(backbone, images()).cls)
+
+
+def test_cnn_backbone(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("resnet18", num_classes=0)
+    save_file(model.state_dict(), str(tmp_path / "r18.safetensors"))
+    backbone = load_backbone("resnet18", tmp_path / "r18.safetensors", image_size=64)
+    feats = extract(backbone, images(size=48), keys=True)
+    assert feats.cls.shape == (2, 512) and feats.patches.shape == (2, 2, 2, 512)
+    torch.testing.assert_close(feats.cls, feats.patches.mean((1, 2)))
+
+
+def test_unknown_backbone_suggests_names():
+    with pytest.raises(BackboneError, match="unknown backbone 'vit_smal_patch16_224.dino'.*vit_small_patch16_224"):
+        load_backbone("vit_smal_patch16_224.dino")
+
+
+def test_missing_weights_offline_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(BackboneError, match="no local weights.*offline.*annotation.weights"):
+        load_backbone(TINY_VIT, None, TINY_KWARGS)
+    assert time.monotonic() - start < 20  # never the ~47 s hub timeout
+
+
+def test_bad_weights_files(tmp_path, tiny_weights):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone(TINY_VIT, tmp_path / "missing.pth", TINY_KWARGS)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="junk.pth cannot be read"):
+        load_backbone(TINY_VIT, tmp_path / "junk.pth", TINY_KWARGS)
+    with pytest.raises(BackboneError, match="does not match the backbone: missing"):
+        load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "depth": 3})
+    with pytest.raises(BackboneError, match="bad annotation.backbone_kwargs"):
+        load_backbone(TINY_VIT, tiny_weights, {"no_such_argument": 1})
