@@ -14,13 +14,14 @@
 namespace sgdm {
 namespace {
 
-// Same strides, dense and sample-outermost: each sample is one contiguous
-// run of memory, so the kernel can treat every tensor as [B, M].
+// Contiguous or channels-last with identical strides everywhere: each sample
+// is one dense run of memory, so the kernel treats every tensor as [B, M]
+// and the outputs keep the input layout (empty_like preserves it).
 bool same_dense_layout(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
-  if (!x.is_non_overlapping_and_dense() || (x.dim() > 0 && x.size(0) > 1 &&
-                                            x.stride(0) != x.numel() / x.size(0))) {
-    return false;
-  }
+  const bool dense = x.is_contiguous() ||
+                     (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                     (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (!dense) return false;
   for (const at::Tensor* t : others) {
     if (t->defined() && t->strides() != x.strides()) return false;
   }
@@ -59,7 +60,6 @@ GuidedDdimPrepared prepare_guided_ddim(
   at::Tensor nz = eta != 0.0 ? noise.value_or(at::Tensor()) : at::Tensor();
   if (eu.defined()) check_like(eu, "eps_uncond", x_t, "x_t");
   if (nz.defined()) check_like(nz, "noise", x_t, "x_t");
-  TORCH_CHECK(eta == 0.0 || nz.defined(), "sgdm.guided_ddim_step: eta > 0 needs noise");
   const int64_t batch = x_t.size(0);
   auto alpha = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
     if (!t.has_value()) return at::Tensor();
@@ -69,6 +69,11 @@ GuidedDdimPrepared prepare_guided_ddim(
                 t->device(), " but x_t is on ", x_t.device());
     return t->to(at::kDouble).contiguous();
   };
+  auto check_scalar = [](double v, const char* name) {
+    TORCH_CHECK(v > 0.0 && v <= 1.0, "sgdm.guided_ddim_step: ", name, " must lie in (0, 1], got ", v);
+  };
+  if (!alpha_bar_t.has_value()) check_scalar(alpha_bar_t_scalar, "alpha_bar_t");
+  if (!alpha_bar_prev.has_value()) check_scalar(alpha_bar_prev_scalar, "alpha_bar_prev");
   p.alpha_t = alpha(alpha_bar_t, "alpha_bar_t");
   p.alpha_prev = alpha(alpha_bar_prev, "alpha_bar_prev");
   at::Tensor x = x_t, ec = eps_cond;

@@ -1,53 +1,73 @@
 """Plain-PyTorch references of every fused op.
 
 These are the fallbacks when the compiled extension is missing or
-``SGDM_KERNELS=0`` is set, and the oracles the kernel tests compare against.
-The rest of the library calls :mod:`sgdm.ops`, never this module directly.
+``SGDM_KERNELS=0`` is set, and the oracles the kernel tests compare against
+(fed float64 inputs, they compute in float64). The rest of the library calls
+:mod:`sgdm.ops`, never this module directly. Arguments are validated by the
+public wrappers in :mod:`sgdm.ops`, not here.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; fp32/fp16/bf16 compute in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu"):
-    """GroupNorm over (N, C, *) with fp32 statistics, then SiLU (or nothing)."""
-    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    """``silu(GroupNorm(x))`` over x [N, C, *] with statistics in float32 (float64 for fp64).
+
+    z = (x - mean_g) / sqrt(var_g + eps) * weight_c + bias_c, y = z * sigmoid(z);
+    ``activation=None`` returns z. Output dtype and memory format follow x.
+    """
+    acc = _compute_dtype(x)
+    z = F.group_norm(x.to(acc), num_groups, None if weight is None else weight.to(acc),
+                     None if bias is None else bias.to(acc), eps)
     if activation == "silu":
-        y = F.silu(y)
-    return y.to(x.dtype)
+        z = F.silu(z)
+    return z.to(x.dtype)
+
+
+def _per_sample(alpha, like: torch.Tensor):
+    """A float stays a float; a [B] tensor becomes [B, 1, ..., 1] in the compute dtype."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return torch.tensor(float(alpha), dtype=like.dtype, device=like.device)
 
 
 def guided_ddim_step_ref(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond=None,
                          guidance_scale=1.0, eta=0.0, noise=None, clip_x0=None):
-    """Guided DDIM update (paper Eq. 4 guidance; Song et al. Eq. 12). Returns (x_prev, x0)."""
-    def per_sample(a):
-        if isinstance(a, torch.Tensor):
-            return a.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32).view(-1, *([1] * (x_t.dim() - 1)))
-        return a
+    """One guided DDIM update; returns ``(x_prev, x0_pred)`` in x_t's dtype.
 
-    a_t, a_prev = per_sample(alpha_bar_t), per_sample(alpha_bar_prev)
-    dtype = x_t.dtype
-    x, ec = x_t.float() if dtype != torch.float64 else x_t, eps_cond.to(x_t.float().dtype if dtype != torch.float64 else dtype)
+    eps     = (1 - w) * eps_uncond + w * eps_cond            (paper Eq. 4; eps_cond if no uncond)
+    x0      = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)         (clamped to [-c, c] with clip_x0=c,
+                                                                then eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t))
+    sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   (0 when a_t = 1)
+    x_prev  = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma_t^2) * eps + sigma_t * noise
+    (Song et al. 2021, Eq. 12). Computed in float32, or float64 for fp64 inputs.
+    """
+    acc = _compute_dtype(x_t)
+    x = x_t.to(acc)
+    a_t, a_prev = _per_sample(alpha_bar_t, x), _per_sample(alpha_bar_prev, x)
+    eps = eps_cond.to(acc)
     if eps_uncond is not None:
-        eu = eps_uncond.to(ec.dtype)
-        eps = (1.0 - guidance_scale) * eu + guidance_scale * ec
-    else:
-        eps = ec
-    sqrt = torch.sqrt if isinstance(a_t, torch.Tensor) or isinstance(a_prev, torch.Tensor) else math.sqrt
-    x0 = (x - sqrt(1.0 - a_t) * eps) / sqrt(a_t)
+        eps = (1.0 - guidance_scale) * eps_uncond.to(acc) + guidance_scale * eps
+    one_m_at = 1.0 - a_t
+    noisy = one_m_at > 0  # a_t == 1: nothing left to denoise
+    x0 = (x - one_m_at.sqrt() * eps) / a_t.sqrt()
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (x - sqrt(a_t) * x0) / sqrt(1.0 - a_t) if not (isinstance(a_t, float) and a_t == 1.0) else eps
-    sigma = eta * sqrt((1.0 - a_prev) / (1.0 - a_t)) * sqrt(1.0 - a_t / a_prev) if eta else 0.0
-    dir_xt = sqrt(torch.clamp(torch.as_tensor(1.0 - a_prev - sigma**2), min=0.0) if isinstance(sigma, torch.Tensor) or isinstance(a_prev, torch.Tensor) else max(1.0 - a_prev - sigma**2, 0.0)) * eps
-    x_prev = sqrt(a_prev) * x0 + dir_xt
-    if eta and noise is not None:
-        x_prev = x_prev + sigma * noise.to(x_prev.dtype)
-    return x_prev.to(dtype), x0.to(dtype)
+        eps = torch.where(noisy, (x - a_t.sqrt() * x0) / one_m_at.clamp_min(torch.finfo(acc).tiny).sqrt(), eps)
+    ratio = (1.0 - a_t / a_prev).clamp_min(0.0)
+    sigma = torch.where(noisy, eta * ((1.0 - a_prev) / one_m_at.clamp_min(torch.finfo(acc).tiny)).sqrt() * ratio.sqrt(),
+                        torch.zeros_like(a_t))
+    x_prev = a_prev.sqrt() * x0 + (1.0 - a_prev - sigma ** 2).clamp_min(0.0).sqrt() * eps
+    if noise is not None:
+        x_prev = x_prev + sigma * noise.to(acc)
+    return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
 
 
 def attention_ref(q, k, v, scale=None):

@@ -1,0 +1,117 @@
+"""GroupNorm followed by SiLU, fused (forward and backward).
+
+For x [N, C, *spatial] and G groups of C/G channels, with statistics over each
+group's C/G * prod(spatial) elements, in float32 (float64 for fp64 inputs):
+
+    z = (x - mean_{n,g}) / sqrt(var_{n,g} + eps) * weight_c + bias_c
+    y = silu(z) = z * sigmoid(z)            (activation="silu"; None gives y = z)
+
+The backward (dz = dy * silu'(z), xhat the normalised x, M = C/G * HW):
+
+    dx = rstd * (dz w_c - mean_g(dz w) - xhat * mean_g(dz w xhat)),
+    dweight_c = sum dz * xhat,   dbias_c = sum dz.
+
+The compiled op ``sgdm::group_norm_silu`` returns (y, mean, rstd) and
+``sgdm::group_norm_silu_backward`` the three gradients; this module registers
+their fake kernels and the autograd formula, so the op works under
+``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+"""
+from __future__ import annotations
+
+import torch
+
+from sgdm.ops import _extension
+from sgdm.ops._checks import check_float_tensor, check_number
+from sgdm.ops.reference import group_norm_silu_ref
+
+_OP = "group_norm_silu"
+_NAME = "group_norm_silu"
+
+
+def _check(x, num_groups, weight, bias, eps, activation) -> None:
+    check_float_tensor(x, "x", _NAME, min_dim=2, shape_hint="[N, C, *]")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"{_NAME}: num_groups must be a positive int, got {num_groups!r}")
+    channels = x.shape[1]
+    if channels % num_groups:
+        raise ValueError(f"{_NAME}: num_groups={num_groups} must divide the channel count "
+                         f"C={channels} of x (shape {tuple(x.shape)})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_float_tensor(t, name, _NAME)
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{_NAME}: {name} must have shape [C] = [{channels}], "
+                             f"got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{_NAME}: {name} is on {t.device} but x is on {x.device}")
+    check_number(eps, "eps", _NAME, low=0.0, low_open=True)
+    if activation not in ("silu", None):
+        raise ValueError(f"{_NAME}: activation must be 'silu' or None, got {activation!r}")
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5,
+                    activation: str | None = "silu") -> torch.Tensor:
+    """``silu(group_norm(x, num_groups, weight, bias, eps))`` for x [N, C, *].
+
+    fp32, fp16, bf16 and fp64 inputs (statistics in fp32, fp64 for fp64); weight and
+    bias [C] of any float dtype. Contiguous and channels-last inputs; the output keeps
+    a channels-last layout. Differentiable in x, weight and bias.
+    """
+    _check(x, num_groups, weight, bias, eps, activation)
+    if _extension.kernels_enabled(_OP, x.device.type):
+        y, _, _ = torch.ops.sgdm.group_norm_silu(x, num_groups, weight, bias, float(eps),
+                                                 activation == "silu")
+        return y
+    return group_norm_silu_ref(x, num_groups, weight, bias, eps, activation)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """Mirrors csrc/group_norm_silu.cpp: channels-last stays channels-last, else contiguous."""
+    nhwc = x.movedim(1, -1)
+    if x.dim() > 2 and not x.is_contiguous() and nhwc.is_contiguous():
+        return x.new_empty(nhwc.shape).movedim(-1, 1)
+    return x.new_empty(x.shape)
+
+
+def _register() -> None:
+    @torch.library.register_fake("sgdm::group_norm_silu")
+    def _fake_forward(x, num_groups, weight, bias, eps, silu):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=_acc_dtype(x))
+        return _empty_like_layout(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("sgdm::group_norm_silu_backward")
+    def _fake_backward(grad_y, x, mean, rstd, weight, bias, num_groups, silu, affine_grads):
+        n = x.shape[1] if affine_grads else 0
+        return (_empty_like_layout(x), x.new_empty((n,), dtype=_acc_dtype(x)),
+                x.new_empty((n,), dtype=_acc_dtype(x)))
+
+    def _setup_context(ctx, inputs, output):
+        x, num_groups, weight, bias, _eps, silu = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.silu = num_groups, silu
+
+    # mean and rstd are auxiliary outputs for the backward; gradients reaching them
+    # (they are never returned by the public wrapper) are ignored.
+    def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        affine = bool(needs[2] or needs[3])
+        dx, dw, db = torch.ops.sgdm.group_norm_silu_backward(
+            grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu, affine)
+        return (dx if needs[0] else None, None,
+                dw.to(weight.dtype) if needs[2] else None,
+                db.to(bias.dtype) if needs[3] else None, None, None)
+
+    torch.library.register_autograd("sgdm::group_norm_silu", _backward,
+                                    setup_context=_setup_context)
+
+
+if _extension.has_op(_OP):
+    _register()
