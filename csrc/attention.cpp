@@ -1,0 +1,118 @@
+// sgdm::attention_fwd / attention_bwd: schemas and the CPU implementation.
+//
+// The glue packs the operands the per-ISA kernels want (fp32, contiguous,
+// K^T pre-scaled, K and V transposed and padded: all O(N d) work) and picks the
+// number of key splits of the backward so every thread has a task.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/attention_kernel.h"
+#include "cpu/dispatch.h"
+
+SGDM_CPU_DECLARE(void, attention_fwd_kernel, (const ::sgdm::cpu::AttentionFwdArgs&))
+SGDM_CPU_DECLARE(void, attention_bwd_kernel, (const ::sgdm::cpu::AttentionBwdArgs&))
+
+namespace sgdm {
+namespace {
+
+constexpr int64_t kPad = 16;  // the widest vector (AVX-512 fp32)
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "sgdm.attention: q must be [B, H, Nq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "sgdm.attention: k must be [B, H, Nk, D], got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "sgdm.attention: v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "sgdm.attention: k ", k.sizes(), " does not match q ", q.sizes(), " in B, H or D");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "sgdm.attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.numel() > 0 && k.numel() > 0, "sgdm.attention: empty q ", q.sizes(), " or k ", k.sizes());
+}
+
+// [B, H, N, D] -> fp32 [B*H, D, ldk] transposed, times `scale`, zero-padded
+// to ldk columns (written once, so no zero fill of the whole buffer).
+at::Tensor pack_transposed(const at::Tensor& x, int64_t ldk, double scale) {
+  const int64_t bh = x.size(0) * x.size(1), n = x.size(2), d = x.size(3);
+  auto out = at::empty({bh, d, ldk}, x.options().dtype(at::kFloat));
+  auto body = out.narrow(2, 0, n);
+  at::mul_out(body, x.reshape({bh, n, d}).transpose(1, 2), at::scalar_tensor(scale, out.options()));
+  if (ldk > n) out.narrow(2, n, ldk - n).zero_();
+  return out;
+}
+
+at::Tensor flat_f32(const at::Tensor& x) {
+  return x.to(at::kFloat).contiguous().view({x.size(0) * x.size(1), x.size(2), x.size(3)});
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, double scale) {
+  check_inputs(q, k, v);
+  const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
+  const int64_t ldk = (nk + kPad - 1) / kPad * kPad;
+  const auto qf = flat_f32(q);
+  const auto kt = pack_transposed(k, ldk, scale);
+  const auto vf = flat_f32(v);
+  auto out = at::empty({b, h, nq, d}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({b, h, nq}, q.options().dtype(at::kFloat));
+  const cpu::AttentionFwdArgs args{qf.data_ptr<float>(), kt.data_ptr<float>(), vf.data_ptr<float>(),
+                                   out.data_ptr<float>(), lse.data_ptr<float>(), b * h, nq, nk, d, ldk};
+  SGDM_CPU_DISPATCH(attention_fwd_kernel, args);
+  return {out.to(q.scalar_type()), lse};
+}
+
+// Enough key splits that B*H*splits covers the threads, never more than blocks.
+int64_t backward_splits(int64_t bh, int64_t nk) {
+  const int64_t blocks = (nk + cpu::kAttentionBwdBlockK - 1) / cpu::kAttentionBwdBlockK;
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min(blocks, (threads + bh - 1) / bh));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, double scale) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "sgdm.attention backward: grad_out and out must have q's shape ", q.sizes());
+  const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
+  const int64_t bh = b * h, ldk = (nk + kPad - 1) / kPad * kPad;
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({b, h, nq}), "sgdm.attention backward: lse must be [B, H, Nq]");
+  const auto dout = flat_f32(grad_out);
+  // delta_i = rowsum(dO * O); a gradient flowing into lse enters as -dL/dlse
+  // because d lse_i / d s_ij = P_ij.
+  auto delta = (dout * flat_f32(out)).sum(-1);
+  if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(at::kFloat).reshape({bh, nq});
+  delta = delta.contiguous();
+  const auto qf = flat_f32(q);
+  const auto kf = flat_f32(k);
+  const auto kt = pack_transposed(k, ldk, scale), vt = pack_transposed(v, ldk, 1.0);
+  const auto lse_f = lse.to(at::kFloat).contiguous();
+  const int64_t splits = backward_splits(bh, nk);
+  auto dq_parts = at::zeros({splits, b, h, nq, d}, q.options().dtype(at::kFloat));
+  auto dk = at::empty({b, h, nk, d}, q.options().dtype(at::kFloat));
+  auto dv = at::empty({b, h, nk, d}, q.options().dtype(at::kFloat));
+  const cpu::AttentionBwdArgs args{qf.data_ptr<float>(),     kf.data_ptr<float>(),    kt.data_ptr<float>(),
+                                   vt.data_ptr<float>(),     dout.data_ptr<float>(),  lse_f.data_ptr<float>(),
+                                   delta.data_ptr<float>(),  dq_parts.data_ptr<float>(), dk.data_ptr<float>(),
+                                   dv.data_ptr<float>(),     bh, nq, nk, d, ldk, splits, static_cast<float>(scale)};
+  SGDM_CPU_DISPATCH(attention_bwd_kernel, args);
+  auto dq = splits == 1 ? dq_parts.select(0, 0) : dq_parts.sum(0);
+  dq.mul_(scale);
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+}  // namespace
+}  // namespace sgdm
+
+TORCH_LIBRARY_FRAGMENT(sgdm, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+TORCH_LIBRARY_IMPL(sgdm, CPU, m) {
+  m.impl("attention_fwd", &sgdm::attention_fwd_cpu);
+  m.impl("attention_bwd", &sgdm::attention_bwd_cpu);
+}

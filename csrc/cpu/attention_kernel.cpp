@@ -1,0 +1,237 @@
+// Flash attention on the CPU, compiled once per ISA (see dispatch.h).
+//
+// Forward: every (batch*head, query block) is one task; it streams the key
+// blocks, computes S = Q K^T with a register-blocked micro-kernel, updates
+// the online softmax state per row (sgdm/attention_math.h) and accumulates
+// P V. Backward: every (batch*head, key split) is one task that owns dK and
+// dV of its key blocks and adds its share of dQ to a private partial buffer,
+// so no two threads write the same memory. Nothing N x N is stored.
+// GCC 12 flags ATen's AVX-512 exp/max wrappers as maybe-uninitialized
+// (_mm512_undefined_ps); a false positive that would bury real warnings.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "attention_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dispatch.h"
+#include "sgdm/attention_math.h"
+
+namespace sgdm::cpu::CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+// Register tile of the micro-kernel: kMr rows x kNv vectors of C live in
+// registers (6 x 4 zmm on AVX-512, 6 x 2 ymm on AVX2: 24 / 12 accumulators).
+constexpr int kMr = 6;
+constexpr int kNv = kW >= 16 ? 4 : 2;
+
+constexpr int64_t kFwdBlockQ = 64;
+constexpr int64_t kFwdBlockK = 256;
+constexpr int64_t kBwdBlockQ = 64;
+constexpr int64_t kBwdBlockK = kAttentionBwdBlockK;
+
+// Operand views of C[m, n] (+)= A[m, k] B[k, n]: A is read element-wise with
+// any strides (so A^T costs nothing), B and C row by row, n a multiple of kW.
+struct MatA {
+  const float* p;
+  int64_t row_stride, col_stride;
+};
+struct MatB {
+  const float* p;
+  int64_t ld;
+};
+struct MatC {
+  float* p;
+  int64_t ld;
+};
+
+template <int R, int V>
+void gemm_tile(int64_t kdim, MatA a, MatB b, MatC c, bool accumulate) {
+  Vec acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = accumulate ? Vec::loadu(c.p + r * c.ld + v * kW) : Vec(0.0f);
+  for (int64_t p = 0; p < kdim; ++p) {
+    Vec bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bv[v] = Vec::loadu(b.p + p * b.ld + v * kW);
+    const float* ap = a.p + p * a.col_stride;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const Vec av(ap[r * a.row_stride]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[r][v].store(c.p + r * c.ld + v * kW);
+}
+
+template <int R>
+void gemm_rows(int64_t n, int64_t kdim, MatA a, MatB b, MatC c, bool accumulate) {
+  int64_t j = 0;
+  for (; j + kNv * kW <= n; j += kNv * kW)
+    gemm_tile<R, kNv>(kdim, a, {b.p + j, b.ld}, {c.p + j, c.ld}, accumulate);
+  for (; j < n; j += kW) gemm_tile<R, 1>(kdim, a, {b.p + j, b.ld}, {c.p + j, c.ld}, accumulate);
+}
+
+// C[m, n] = A B (or += when accumulate); n must be a multiple of kW.
+void gemm(int64_t m, int64_t n, int64_t kdim, MatA a, MatB b, MatC c, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kMr <= m; i += kMr)
+    gemm_rows<kMr>(n, kdim, {a.p + i * a.row_stride, a.row_stride, a.col_stride}, b,
+                   {c.p + i * c.ld, c.ld}, accumulate);
+  const MatA at{a.p + i * a.row_stride, a.row_stride, a.col_stride};
+  const MatC ct{c.p + i * c.ld, c.ld};
+  switch (m - i) {
+    case 5: gemm_rows<5>(n, kdim, at, b, ct, accumulate); break;
+    case 4: gemm_rows<4>(n, kdim, at, b, ct, accumulate); break;
+    case 3: gemm_rows<3>(n, kdim, at, b, ct, accumulate); break;
+    case 2: gemm_rows<2>(n, kdim, at, b, ct, accumulate); break;
+    case 1: gemm_rows<1>(n, kdim, at, b, ct, accumulate); break;
+    default: break;
+  }
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Horizontal reductions through memory: ATen's vec_reduce_all trips GCC 12's
+// maybe-uninitialized warning on AVX-512 shuffles, and this is not hot.
+template <class Op>
+float reduce_lanes(const Vec& v, float init, Op op) {
+  float lanes[kW];
+  v.store(lanes);
+  for (int64_t i = 0; i < kW; ++i) init = op(init, lanes[i]);
+  return init;
+}
+
+float row_max(const float* s, int64_t n) {
+  Vec acc(attn::neg_infinity());
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) acc = at::vec::maximum(acc, Vec::loadu(s + j));
+  float m = reduce_lanes(acc, attn::neg_infinity(), [](float x, float y) { return std::max(x, y); });
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[j] = exp(s[j] - shift) for j < n; returns the sum. exp_u20 is ATen's
+// fast polynomial exp (about 2e-6 relative error, below fp32 attention noise).
+float exp_shift_sum(float* s, int64_t n, float shift) {
+  const Vec vshift(shift);
+  Vec acc(0.0f);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    const Vec e = (Vec::loadu(s + j) - vshift).exp_u20();
+    e.store(s + j);
+    acc = acc + e;
+  }
+  float sum = reduce_lanes(acc, 0.0f, [](float x, float y) { return x + y; });
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
+void scale_row(float* x, int64_t n, float alpha) {
+  at::vec::map([alpha](Vec v) { return v * Vec(alpha); }, x, x, n);
+}
+
+// One query block of the forward against every key block.
+void forward_block(const AttentionFwdArgs& a, int64_t bh, int64_t i0, int64_t mq, float* s,
+                   float* acc, attn::OnlineRow* rows) {
+  const int64_t d = a.d, lds = kFwdBlockK;
+  const float* q = a.q + (bh * a.nq + i0) * d;
+  for (int64_t r = 0; r < mq; ++r) rows[r] = attn::online_init();
+  std::fill(acc, acc + mq * d, 0.0f);
+  for (int64_t j0 = 0; j0 < a.nk; j0 += kFwdBlockK) {
+    const int64_t nkb = std::min(kFwdBlockK, a.nk - j0);
+    gemm(mq, round_up(nkb, kW), d, {q, d, 1}, {a.kt + bh * d * a.ldk + j0, a.ldk}, {s, lds}, false);
+    for (int64_t r = 0; r < mq; ++r) {
+      float* sr = s + r * lds;
+      const float alpha = attn::online_rescale<attn::NaturalExp>(rows[r], row_max(sr, nkb));
+      attn::online_add(rows[r], exp_shift_sum(sr, nkb, rows[r].m));
+      if (alpha != 1.0f) scale_row(acc + r * d, d, alpha);
+    }
+    gemm(mq, d, nkb, {s, lds, 1}, {a.v + (bh * a.nk + j0) * d, d}, {acc, d}, true);
+  }
+  for (int64_t r = 0; r < mq; ++r) {
+    scale_row(acc + r * d, d, attn::online_inv_sum(rows[r]));
+    std::copy(acc + r * d, acc + (r + 1) * d, a.out + (bh * a.nq + i0 + r) * d);
+    a.lse[bh * a.nq + i0 + r] = attn::online_lse<attn::NaturalExp>(rows[r]);
+  }
+}
+
+// One key block of the backward against every query block (FA-2 Alg. 2).
+void backward_block(const AttentionBwdArgs& a, int64_t bh, int64_t split, int64_t j0, float* s,
+                    float* dp, float* dk, float* dv) {
+  const int64_t d = a.d, lds = kBwdBlockK;
+  const int64_t nkb = std::min(kBwdBlockK, a.nk - j0), npad = round_up(nkb, kW);
+  const float* k = a.k + (bh * a.nk + j0) * d;
+  const MatB kt{a.kt + bh * d * a.ldk + j0, a.ldk}, vt{a.vt + bh * d * a.ldk + j0, a.ldk};
+  std::fill(dk, dk + nkb * d, 0.0f);
+  std::fill(dv, dv + nkb * d, 0.0f);
+  for (int64_t i0 = 0; i0 < a.nq; i0 += kBwdBlockQ) {
+    const int64_t mq = std::min(kBwdBlockQ, a.nq - i0), row0 = bh * a.nq + i0;
+    const float* q = a.q + row0 * d;
+    const float* dout = a.dout + row0 * d;
+    gemm(mq, npad, d, {q, d, 1}, kt, {s, lds}, false);
+    for (int64_t r = 0; r < mq; ++r) exp_shift_sum(s + r * lds, nkb, a.lse[row0 + r]);
+    gemm(nkb, d, mq, {s, 1, lds}, {dout, d}, {dv, d}, true);  // dV += P^T dO
+    gemm(mq, npad, d, {dout, d, 1}, vt, {dp, lds}, false);     // dP = dO V^T
+    for (int64_t r = 0; r < mq; ++r) {
+      const Vec delta(a.delta[row0 + r]);
+      float* pr = s + r * lds;
+      float* dpr = dp + r * lds;
+      at::vec::map2([&delta](Vec p, Vec g) { return p * (g - delta); }, dpr, pr, dpr, nkb);
+    }
+    gemm(nkb, d, mq, {dp, 1, lds}, {q, d}, {dk, d}, true);  // dK += dS^T Q
+    float* dq = a.dq_parts + (split * a.bh * a.nq + row0) * d;
+    gemm(mq, d, nkb, {dp, lds, 1}, {k, d}, {dq, d}, true);  // dQ += dS K
+  }
+  // S = scale Q K^T, so dK = scale dS^T Q.
+  at::vec::map([&a](Vec x) { return x * Vec(a.scale); }, a.dk + (bh * a.nk + j0) * d, dk, nkb * d);
+  std::copy(dv, dv + nkb * d, a.dv + (bh * a.nk + j0) * d);
+}
+
+}  // namespace
+
+void attention_fwd_kernel(const AttentionFwdArgs& a) {
+  const int64_t nqb = (a.nq + kFwdBlockQ - 1) / kFwdBlockQ;
+  at::parallel_for(0, a.bh * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * a.d);
+    std::vector<attn::OnlineRow> rows(kFwdBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = (t % nqb) * kFwdBlockQ;
+      forward_block(a, t / nqb, i0, std::min(kFwdBlockQ, a.nq - i0), s.data(), acc.data(), rows.data());
+    }
+  });
+}
+
+void attention_bwd_kernel(const AttentionBwdArgs& a) {
+  const int64_t nkb = (a.nk + kBwdBlockK - 1) / kBwdBlockK;
+  const int64_t per_split = (nkb + a.splits - 1) / a.splits;
+  at::parallel_for(0, a.bh * a.splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK);
+    std::vector<float> dk(kBwdBlockK * a.d), dv(kBwdBlockK * a.d);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / a.splits, split = t % a.splits;
+      const int64_t jb_end = std::min(nkb, (split + 1) * per_split);
+      for (int64_t jb = split * per_split; jb < jb_end; ++jb)
+        backward_block(a, bh, split, jb * kBwdBlockK, s.data(), dp.data(), dk.data(), dv.data());
+    }
+  });
+}
+
+}  // namespace sgdm::cpu::CPU_CAPABILITY

@@ -1,0 +1,137 @@
+"""Fused scaled-dot-product attention, ``softmax(q k^T * scale) v``, non-causal.
+
+Shapes: q ``[B, H, Nq, D]``, k and v ``[B, H, Nk, D]`` (Nq may differ from Nk:
+cross-attention to guidance tokens), output ``[B, H, Nq, D]``; scale defaults
+to ``D ** -0.5``. Head dims 32, 64 and 128 in fp32, fp16 and bf16 run the
+flash-style kernels of ``sgdm._C`` (FlashAttention-2, Dao 2023): blocked
+online softmax with fp32 accumulation; the forward saves only the row
+log-sum-exp ``lse [B, H, Nq]``, and the backward recomputes
+``P = exp(s - lse)`` from it, so no ``Nq x Nk`` tensor exists in either
+direction. Everything else (other head dims with a one-time warning, float64,
+``SGDM_KERNELS=0``, a build without the extension) runs :func:`attention_ref`.
+
+The compiled op ``sgdm::attention_fwd(q, k, v, scale) -> (out, lse)`` gets
+its fake kernel and autograd here; its backward ``sgdm::attention_bwd``
+also accepts a gradient for ``lse`` (it enters as ``delta_i -= dL/dlse_i``
+since ``d lse_i / d s_ij = P_ij``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from sgdm.ops import _extension
+
+__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_ref"]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+_OP = "attention_fwd"
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Plain-PyTorch ``softmax(q k^T * scale) v`` over ``[B, H, N, D]``, fp32 accumulation.
+
+    The fallback of :func:`attention` and the oracle of its tests (float64 in,
+    float64 arithmetic).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    return torch.matmul(s.softmax(-1), v.to(acc)).to(q.dtype)
+
+
+def _check_inputs(q, k, v, scale) -> None:
+    """Raises TypeError / ValueError naming the argument that is wrong."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sgdm.ops.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"sgdm.ops.attention: {name} must have 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"sgdm.ops.attention: {name} must be float32, float16, bfloat16 or float64, "
+                            f"got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"sgdm.ops.attention: {name} is empty (shape {tuple(t.shape)})")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"sgdm.ops.attention: {name} has dtype {t.dtype} but q has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"sgdm.ops.attention: {name} is on {t.device} but q is on {q.device}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"sgdm.ops.attention: k has shape {tuple(k.shape)}, which does not match q "
+                         f"{tuple(q.shape)} in B, H or D")
+    if v.shape != k.shape:
+        raise ValueError(f"sgdm.ops.attention: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"sgdm.ops.attention: scale must be a finite number or None, got {scale!r}")
+
+
+_warned_head_dims: set[int] = set()
+
+
+@torch.compiler.assume_constant_result
+def _kernel_ok(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the compiled kernel handles this case; a constant for torch.compile."""
+    if dtype not in _KERNEL_DTYPES or not _extension.kernels_enabled(_OP, device_type):
+        return False
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        if head_dim not in _warned_head_dims:
+            _warned_head_dims.add(head_dim)
+            warnings.warn(f"sgdm.ops.attention: head dim {head_dim} has no fused kernel (supported: "
+                          f"{SUPPORTED_HEAD_DIMS}); using the reference", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v``: q ``[B, H, Nq, D]``, k, v ``[B, H, Nk, D]`` -> ``[B, H, Nq, D]``.
+
+    Differentiable in q, k and v. Inputs may be non-contiguous (e.g. views of
+    one packed qkv tensor) as long as they share dtype and device.
+    """
+    _check_inputs(q, k, v, scale)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if _kernel_ok(q.device.type, q.dtype, int(q.shape[-1])):
+        return torch.ops.sgdm.attention_fwd(q, k, v, scale)[0]
+    return attention_ref(q, k, v, scale)
+
+
+def backend(device_type: str = "cpu") -> str:
+    """Which implementation runs on ``device_type`` for a supported head dim."""
+    return _extension.backend(_OP, device_type)
+
+
+def _register() -> None:
+    """Fake kernels (shapes for torch.compile / meta) and autograd of the compiled op."""
+
+    @torch.library.register_fake("sgdm::attention_fwd")
+    def _fwd_fake(q, k, v, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("sgdm::attention_bwd")
+    def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.sgdm.attention_bwd(grad_out, q, k, v, out, lse, grad_lse, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd("sgdm::attention_fwd", backward, setup_context=setup_context)
+
+
+if _extension.has_op(_OP):
+    _register()
