@@ -5,8 +5,9 @@ Builds a synthetic copy of each dataset layout at its real image size
 500x375 JPEG, VOC 500x375 JPEG + XML + PNG masks, COCO 640x480 JPEG + JSON /
 stuffthingmap PNGs, shapes from its cache) and times full passes through a
 DataLoader (batch 32, ``collate_samples``, flips on). Reports the median of
-``--repeats`` passes and the rate training needs: ``train_batch *
-gpu_steps_per_s`` (default: LDM's LSUN-Churches batch 96 at 2 steps/s, our
+``--repeats`` passes after a warm-up pass (persistent workers: steady state,
+not start-up) and the rate training needs: ``train_batch * gpu_steps_per_s``
+(default: LDM's LSUN-Churches batch 96 at 2 steps/s, our
 assumption for one A100/H100 running the 294M LDM-8 UNet on 32x32x4 latents
 plus the encoder; with cached latents images are decoded only once).
 
@@ -117,15 +118,17 @@ def make_coco(root: Path, n: int, pool) -> dict[str, dict]:
 
 
 def throughput(dataset, workers: int, batch_size: int, repeats: int) -> float:
+    """Median images/s over ``repeats`` passes after one warm-up pass (workers stay up: steady state)."""
     from torch.utils.data import DataLoader
 
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples,
+                        persistent_workers=workers > 0)
     rates = []
-    for epoch in range(repeats):
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples)
+    for epoch in range(repeats + 1):
         start = time.perf_counter()
         count = sum(len(batch["id"]) for batch in loader)
-        rates.append(count / (time.perf_counter() - start))
+        if epoch > 0:
+            rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
