@@ -9,7 +9,6 @@ CUDA tensors (through the reference).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 import warnings
@@ -25,18 +24,25 @@ def requested() -> bool:
     return os.environ.get("SGDM_KERNELS", "1").strip().lower() not in _DISABLE_VALUES
 
 
-@functools.lru_cache(maxsize=None)
+_loaded: bool | None = None
+
+
 def load() -> bool:
     """Imports ``sgdm._C`` once; True when its ops are registered."""
-    if not requested():
-        return False
+    global _loaded
+    if _loaded is None:
+        _loaded = requested() and _import()
+    return _loaded
+
+
+def _import() -> bool:
     try:
         importlib.import_module("sgdm._C")
     except ImportError as exc:
         # A missing build is normal (pure-Python install); a broken one is worth a word.
         if "No module named" not in str(exc):
             warnings.warn(f"sgdm: compiled extension failed to load ({exc}); using references",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -49,6 +55,8 @@ def has_op(name: str) -> bool:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+# Constant for torch.compile: dynamo calls it while tracing instead of tracing into it.
+@torch.compiler.assume_constant_result
 def kernels_enabled(op: str, device_type: str) -> bool:
     """True when op ``op`` has a compiled kernel for ``device_type`` ("cpu", "cuda")."""
     key = _DISPATCH_KEYS.get(device_type)

@@ -1,0 +1,39 @@
+"""Fixtures for the op tests: every kernel test runs on each CPU ISA path
+(baseline and AVX2, forced in-process through sgdm.ops._extension) and on
+CUDA when a GPU is present."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sgdm.ops import _extension
+
+CPU_ISAS = ("default", "avx2")
+TARGETS = [pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in CPU_ISAS] + [
+    pytest.param(("cuda", None), id="cuda", marks=pytest.mark.cuda)]
+
+
+def require_kernels(op: str, device_type: str = "cpu") -> None:
+    """Skips when the extension (or this op's kernel for the device) is missing;
+    fails instead under SGDM_REQUIRE_KERNELS=1 (CI), so a broken build cannot pass."""
+    if _extension.kernels_enabled(op, device_type):
+        return
+    msg = f"sgdm._C has no {device_type} kernel for {op} (not built, or SGDM_KERNELS=0)"
+    if os.environ.get("SGDM_REQUIRE_KERNELS") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """(device, isa): the device to run on; on CPU the ISA is forced for the test."""
+    device, isa = request.param
+    if device == "cpu" and _extension.load():
+        if isa == "avx2" and _extension.cpu_isa() == "default":
+            pytest.skip("this CPU (or ATEN_CPU_CAPABILITY) does not allow AVX2")
+        with _extension.force_cpu_isa(isa):
+            yield device
+    else:
+        yield device

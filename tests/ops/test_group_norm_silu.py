@@ -1,0 +1,206 @@
+"""sgdm.ops.group_norm_silu against float64 references, on every CPU ISA path (and CUDA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgdm import ops
+from sgdm.ops import _extension
+from tests.ops.conftest import require_kernels
+
+OP = "group_norm_silu"
+
+# (shape, groups): odd sizes, C not a multiple of 8, H*W = 1, batch 1, G = C, 1-D and 3-D spatial.
+SHAPES = [
+    ((2, 6, 5, 7), 3),
+    ((1, 12, 9, 11), 4),
+    ((3, 10, 1, 1), 5),
+    ((2, 32, 4, 4), 32),
+    ((2, 20, 33), 2),
+    ((1, 9, 3, 4, 5), 3),
+    ((2, 64, 8, 8), 1),
+]
+
+
+def _inputs(shape, generator, dtype=torch.float32, device="cpu", affine=True):
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    c = shape[1]
+    w = (torch.randn(c, generator=generator, dtype=torch.float64) + 1).to(dtype) if affine else None
+    b = torch.randn(c, generator=generator, dtype=torch.float64).to(dtype) if affine else None
+    move = (lambda t: None if t is None else t.to(device))
+    return move(x), move(w), move(b)
+
+
+def _ref64(x, groups, w, b, activation="silu"):
+    """float64 oracle: torch's own GroupNorm + SiLU on float64 copies."""
+    d = (lambda t: None if t is None else t.double().cpu())
+    y = F.group_norm(d(x), groups, d(w), d(b), 1e-5)
+    return F.silu(y) if activation == "silu" else y
+
+
+def _layout(x, kind):
+    if kind == "channels_last":
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if kind == "strided":  # every other position of a wider tensor
+        wide = torch.cat([x, x], dim=-1)
+        return wide[..., ::2]
+    return x
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_forward_matches_float64(target, shape, groups, activation, generator):
+    require_kernels(OP, target)
+    x, w, b = _inputs(shape, generator, device=target)
+    y = ops.group_norm_silu(x, groups, w, b, activation=activation)
+    torch.testing.assert_close(y.double().cpu(), _ref64(x, groups, w, b, activation),
+                               rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("shape,groups", [((2, 12, 5, 3), 3), ((1, 6, 1, 7), 6), ((2, 24, 4, 4), 8)])
+def test_layouts_forward_and_backward(target, layout, shape, groups, generator):
+    require_kernels(OP, target)
+    x0, w, b = _inputs(shape, generator, device=target)
+    x = _layout(x0, layout).requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    y = ops.group_norm_silu(x, groups, w, b)
+    if layout == "channels_last":
+        assert y.movedim(1, -1).is_contiguous(), "channels-last input must give channels-last output"
+    gy = torch.randn(shape, generator=generator, dtype=torch.float64).float().to(target)
+    y.backward(gy)
+    xr, wr, br = (t.detach().double().cpu().requires_grad_() for t in (x, w, b))
+    yr = _ref64(xr, groups, wr, br)
+    yr.backward(gy.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=1e-5, atol=2e-5)
+    for got, want in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_matches_float64(target, shape, groups, affine, generator):
+    require_kernels(OP, target)
+    x, w, b = _inputs(shape, generator, device=target, affine=affine)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    gy = torch.randn(shape, generator=generator, dtype=torch.float64).float().to(target)
+    ops.group_norm_silu(x, groups, w, b).backward(gy)
+    refs = [t.detach().double().cpu().requires_grad_() for t in params]
+    _ref64(refs[0], groups, *(refs[1:] if affine else (None, None))).backward(gy.double().cpu())
+    for got, want in zip(params, refs):
+        # weight/bias gradients sum over N*H*W terms: absolute error grows with that count.
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_uses_fp32_statistics(target, dtype, generator):
+    require_kernels(OP, target)
+    x, w, b = _inputs((2, 16, 6, 6), generator, dtype=dtype, device=target)
+    x = x + 50  # a large mean: fp16 statistics would lose the variance
+    x.requires_grad_()
+    y = ops.group_norm_silu(x, 4, w, b)
+    assert y.dtype == dtype
+    want = _ref64(x, 4, w, b)  # on the rounded low-precision inputs
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(y.double().cpu(), want, rtol=tol, atol=tol)
+    gy = torch.randn(x.shape, generator=generator).to(dtype).to(target)
+    y.backward(gy)
+    xr = x.detach().double().cpu().requires_grad_()
+    _ref64(xr, 4, w, b).backward(gy.double().cpu())
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=5 * tol, atol=5 * tol)
+
+
+def test_gradcheck_float64(generator):
+    require_kernels(OP)
+    for isa in ("default", "avx2"):
+        if isa == "avx2" and _extension.cpu_isa() == "default":
+            continue
+        with _extension.force_cpu_isa(isa):
+            for shape, groups in (((2, 6, 3, 2), 3), ((1, 4, 5), 4)):
+                x, w, b = (t.double().requires_grad_() for t in _inputs(shape, generator))
+                for act in ("silu", None):
+                    assert torch.autograd.gradcheck(
+                        lambda x, w, b, act=act: ops.group_norm_silu(x, groups, w, b, activation=act),
+                        (x, w, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last, generator):
+    require_kernels(OP)
+    x, w, b = _inputs((2, 8, 3, 5), generator)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    args = (x.requires_grad_(), 4, w.requires_grad_(), b.requires_grad_(), 1e-5, True)
+    torch.library.opcheck(torch.ops.sgdm.group_norm_silu.default, args)
+    torch.library.opcheck(torch.ops.sgdm.group_norm_silu.default, (x, 2, None, None, 1e-5, False))
+
+
+def test_torch_compile_fullgraph(generator):
+    require_kernels(OP)
+    x, w, b = _inputs((2, 8, 5, 5), generator)
+    x.requires_grad_()
+
+    def fn(x, w, b):
+        return ops.group_norm_silu(x, 4, w, b) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y = compiled(x, w, b)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    want = fn(x, w, b)
+    (want_gx,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(gx, want_gx)
+
+
+def test_fallback_matches_kernel(monkeypatch, generator):
+    require_kernels(OP)
+    x, w, b = _inputs((2, 12, 7, 5), generator)
+    x.requires_grad_()
+    kernel = ops.group_norm_silu(x, 3, w, b)
+    (gk,) = torch.autograd.grad(kernel.sum(), x)
+    monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
+    fallback = ops.group_norm_silu(x, 3, w, b)
+    (gf,) = torch.autograd.grad(fallback.sum(), x)
+    torch.testing.assert_close(kernel, fallback, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gk, gf, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "reference"])
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, w: ops.group_norm_silu(x[0, 0, 0], 2), ValueError, r"x must be \[N, C, \*\]"),
+    (lambda x, w: ops.group_norm_silu(x.int(), 2), TypeError, "x must be float32"),
+    (lambda x, w: ops.group_norm_silu(x.tolist(), 2), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w: ops.group_norm_silu(x, 5), ValueError, "num_groups=5 must divide .* C=6"),
+    (lambda x, w: ops.group_norm_silu(x, 0), ValueError, "num_groups must be a positive int"),
+    (lambda x, w: ops.group_norm_silu(x, 2.0), ValueError, "num_groups must be a positive int"),
+    (lambda x, w: ops.group_norm_silu(x, 2, w[:5]), ValueError, r"weight must have shape \[C\]"),
+    (lambda x, w: ops.group_norm_silu(x, 2, None, w.int()), TypeError, "bias must be float32"),
+    (lambda x, w: ops.group_norm_silu(x, 2, w.to("meta")), ValueError, "weight is on meta"),
+    (lambda x, w: ops.group_norm_silu(x, 2, eps=0.0), ValueError, "eps must lie in"),
+    (lambda x, w: ops.group_norm_silu(x, 2, activation="gelu"), ValueError, "activation must be"),
+])
+def test_bad_input_names_the_argument(monkeypatch, kernels, call, exc, match):
+    if not kernels:
+        monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(exc, match=match):
+        call(x, torch.ones(6))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x: torch.ops.sgdm.group_norm_silu(x, 4, None, None, 1e-5, True), RuntimeError,
+     "num_groups"),
+    (lambda x: torch.ops.sgdm.group_norm_silu(x[0, 0, 0], 2, None, None, 1e-5, True), RuntimeError,
+     "x must be"),
+    (lambda x: torch.ops.sgdm.group_norm_silu(x.int(), 2, None, None, 1e-5, True), TypeError,
+     "x must be float"),
+    (lambda x: torch.ops.sgdm.group_norm_silu(x, 2, torch.ones(5), None, 1e-5, True), RuntimeError,
+     "weight"),
+])
+def test_raw_op_rejects_bad_input(call, exc, match):
+    """The compiled op checks its own arguments too (a clear error, never a crash)."""
+    require_kernels(OP)
+    with pytest.raises(exc, match=match):
+        call(torch.randn(2, 6, 3, 3))
