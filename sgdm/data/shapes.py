@@ -30,7 +30,7 @@ from PIL import Image
 
 from sgdm.data.base import ImageDataset, RawSample
 
-VERSION = 1  # bump when generation changes, so stale caches are never reused
+VERSION = 2  # bump when generation changes, so stale caches are never reused
 CHUNK = 256
 MAX_OBJECTS = 3
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -58,14 +58,15 @@ def generate(num_images: int, image_size: int = 64, seed: int = 0, split: str = 
 
 def _chunk(size: int, seed: int, split_code: int, chunk: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(np.random.SeedSequence([seed, split_code, chunk, VERSION]))
-    yy, xx = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+    grid = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
     image = _background(rng, CHUNK, size, xx, yy)
     owner = np.full((CHUNK, size, size), -1, dtype=np.int8)
     classes = np.full((CHUNK, MAX_OBJECTS), -1, dtype=np.int16)
     for slot, (active, cls, params) in enumerate(_layout(rng, CHUNK, size)):
         alpha = _shape_alpha(params, xx, yy) * active[:, None, None]
         colour = _object_colour(rng, cls, params, xx, yy)
-        image = image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+        image += (colour - image) * alpha[..., None]
         owner[alpha >= 0.5] = slot
         classes[:, slot] = np.where(active, cls, -1)
     boxes, areas = _boxes_from_owner(owner)
@@ -83,25 +84,34 @@ def _chunk(size: int, seed: int, split_code: int, chunk: int) -> dict[str, np.nd
 
 
 def _background(rng, n: int, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Float [n, S, S, 3]: two low-saturation tints mixed by one of four patterns, plus grain."""
-    theta = rng.uniform(0, np.pi, n)[:, None, None]
-    freq = rng.uniform(2.0, 7.0, n)[:, None, None] / size
-    phase = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+    """Float32 [n, S, S, 3]: two low-saturation tints mixed by one of four patterns, plus grain."""
+    theta = rng.uniform(0, np.pi, n).astype(np.float32)[:, None, None]
+    freq = (2 * np.pi * rng.uniform(2.0, 7.0, n) / size).astype(np.float32)[:, None, None]
+    phase = rng.uniform(0, 2 * np.pi, n).astype(np.float32)[:, None, None]
+    offset = rng.uniform(0.2, 0.8, n).astype(np.float32)[:, None, None]
+    grid = rng.uniform(0, 1, (n, 5, 5)).astype(np.float32)
+    kind = rng.integers(0, 4, n)
     u = xx * np.cos(theta) + yy * np.sin(theta)
-    v = -xx * np.sin(theta) + yy * np.cos(theta)
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * u + phase)
-    checker = 0.5 + 0.5 * np.tanh(4 * np.sin(2 * np.pi * freq * u + phase) * np.sin(2 * np.pi * freq * v))
-    grid = rng.uniform(0, 1, (n, 5, 5))
-    interp = _linear_interp_matrix(5, size)
-    blobs = np.einsum("hr,nrs,ws->nhw", interp, grid, interp)
-    gradient = np.clip(u / (size * 1.4) + 0.5 + rng.uniform(-0.3, 0.3, n)[:, None, None], 0, 1)
-    kind = rng.integers(0, 4, n)[:, None, None]
-    pattern = np.select([kind == 0, kind == 1, kind == 2], [stripes, checker, blobs], gradient)
+    pattern = np.empty((n, size, size), dtype=np.float32)
+    for k, pick in enumerate(kind == k for k in range(4)):  # each image computes only its own pattern
+        if not pick.any():
+            continue
+        if k == 0:  # stripes
+            pattern[pick] = 0.5 + 0.5 * np.sin(freq[pick] * u[pick] + phase[pick])
+        elif k == 1:  # (rotated) checkerboard, soft edges
+            v = -xx * np.sin(theta[pick]) + yy * np.cos(theta[pick])
+            pattern[pick] = 0.5 + 0.5 * np.tanh(4 * np.sin(freq[pick] * u[pick] + phase[pick]) * np.sin(freq[pick] * v))
+        elif k == 2:  # smooth blobs: a 5x5 random grid, bilinearly upsampled
+            interp = _linear_interp_matrix(5, size).astype(np.float32)
+            pattern[pick] = np.einsum("hr,nrs,ws->nhw", interp, grid[pick], interp)
+        else:  # linear gradient
+            pattern[pick] = np.clip(u[pick] / (size * 1.4) + offset[pick], 0, 1)
     grey = rng.uniform(60, 200, (n, 2, 1))
-    tints = np.clip(grey + rng.uniform(-28, 28, (n, 2, 3)), 0, 255)  # [n, 2 tints, rgb]
+    tints = np.clip(grey + rng.uniform(-28, 28, (n, 2, 3)), 0, 255).astype(np.float32)  # [n, 2 tints, rgb]
     mix = pattern[..., None]
-    image = tints[:, None, None, 0] * (1 - mix) + tints[:, None, None, 1] * mix
-    return image + rng.normal(0, 5.0, image.shape)
+    image = tints[:, None, None, 0] + (tints[:, None, None, 1] - tints[:, None, None, 0]) * mix
+    image += rng.standard_normal(image.shape, dtype=np.float32) * 5.0
+    return image
 
 
 def _linear_interp_matrix(src: int, dst: int) -> np.ndarray:
@@ -146,29 +156,47 @@ def _clashes(centre: np.ndarray, radius: np.ndarray, active: np.ndarray, slot: i
 
 
 def _shape_alpha(p: dict, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Antialiased coverage [n, S, S] from each shape's signed distance (pixels)."""
-    c, s = np.cos(p["angle"])[:, None, None], np.sin(p["angle"])[:, None, None]
-    dx, dy = xx - p["cx"][:, None, None], yy - p["cy"][:, None, None]
+    """Antialiased coverage float32 [n, S, S] from each shape's signed distance (pixels)."""
+    c = np.cos(p["angle"]).astype(np.float32)[:, None, None]
+    s = np.sin(p["angle"]).astype(np.float32)[:, None, None]
+    dx, dy = xx - p["cx"].astype(np.float32)[:, None, None], yy - p["cy"].astype(np.float32)[:, None, None]
     u, v = c * dx + s * dy, -s * dx + c * dy
-    r = p["r"][:, None, None]
-    circle = np.hypot(u, v) - r
-    square = np.maximum(np.abs(u), np.abs(v)) - 0.82 * r
-    normals = np.pi / 2 + np.arange(3) * 2 * np.pi / 3  # equilateral triangle, circumradius r
-    triangle = np.max([u * np.cos(a) + v * np.sin(a) for a in normals], axis=0) - 0.6 * r
-    arm = 0.36 * r
-    cross = np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - arm), np.maximum(np.abs(u) - arm, np.abs(v) - r))
-    kind = p["shape"][:, None, None]
-    dist = np.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], cross)
+    r = p["r"].astype(np.float32)[:, None, None]
+    dist = np.empty_like(u)
+    for k in range(len(SHAPES)):  # each image evaluates only its own shape
+        pick = p["shape"] == k
+        if pick.any():
+            dist[pick] = _SDF[SHAPES[k]](u[pick], v[pick], r[pick])
     return np.clip(0.5 - dist, 0.0, 1.0)
 
 
+def _triangle(u, v, r):
+    normals = np.pi / 2 + np.arange(3) * 2 * np.pi / 3  # equilateral, inradius 0.6 r
+    return np.max([u * np.float32(np.cos(a)) + v * np.float32(np.sin(a)) for a in normals], axis=0) - 0.6 * r
+
+
+def _cross(u, v, r):
+    arm = 0.36 * r
+    return np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - arm), np.maximum(np.abs(u) - arm, np.abs(v) - r))
+
+
+_SDF = {
+    "circle": lambda u, v, r: np.hypot(u, v) - r,
+    "square": lambda u, v, r: np.maximum(np.abs(u), np.abs(v)) - 0.82 * r,
+    "triangle": _triangle,
+    "cross": _cross,
+}
+
+
 def _object_colour(rng, cls: np.ndarray, p: dict, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Float [n, S, S, 3]: the class colour with jitter and a linear shading across the object."""
+    """Float32 [n, S, S, 3]: the class colour with jitter and a linear shading across the object."""
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
-    base = palette[p["colour"]] + rng.uniform(-18, 18, (len(cls), 3))
-    light = rng.uniform(0, 2 * np.pi, len(cls))[:, None, None]
-    along = ((xx - p["cx"][:, None, None]) * np.cos(light) + (yy - p["cy"][:, None, None]) * np.sin(light))
-    shade = 1.0 + 0.22 * np.clip(along / p["r"][:, None, None], -1, 1)
+    base = (palette[p["colour"]] + rng.uniform(-18, 18, (len(cls), 3))).astype(np.float32)
+    light = rng.uniform(0, 2 * np.pi, len(cls))
+    cos, sin = (np.cos(light) / p["r"]).astype(np.float32), (np.sin(light) / p["r"]).astype(np.float32)
+    along = (xx - p["cx"].astype(np.float32)[:, None, None]) * cos[:, None, None] \
+        + (yy - p["cy"].astype(np.float32)[:, None, None]) * sin[:, None, None]
+    shade = 1.0 + 0.22 * np.clip(along, -1, 1)
     return np.clip(base[:, None, None, :] * shade[..., None], 0, 255)
 
 
