@@ -1,4 +1,4 @@
-// sgdm::attention_fwd / attention_bwd: schemas and the CPU implementation.
+// sgdm::attention / attention_backward: schemas and the CPU implementation.
 //
 // The glue packs the operands the per-ISA kernels want (fp32, contiguous,
 // K^T pre-scaled, K and V transposed and padded: all O(N d) work) and picks the
@@ -106,13 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }  // namespace sgdm
 
 TORCH_LIBRARY_FRAGMENT(sgdm, m) {
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? grad_lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(sgdm, CPU, m) {
-  m.impl("attention_fwd", &sgdm::attention_fwd_cpu);
-  m.impl("attention_bwd", &sgdm::attention_bwd_cpu);
+  m.impl("attention", &sgdm::attention_fwd_cpu);
+  m.impl("attention_backward", &sgdm::attention_bwd_cpu);
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sgdm.ops import _extension
 from sgdm.ops.group_norm_silu import group_norm_silu
 from sgdm.ops.guided_ddim_step import guided_ddim_step
-from sgdm.ops.reference import attention_ref as attention
+from sgdm.ops.attention import attention
 
 _OPS = ("group_norm_silu", "guided_ddim_step", "attention")
 

@@ -10,26 +10,26 @@ log-sum-exp ``lse [B, H, Nq]``, and the backward recomputes
 direction. Everything else (other head dims with a one-time warning, float64,
 ``SGDM_KERNELS=0``, a build without the extension) runs :func:`attention_ref`.
 
-The compiled op ``sgdm::attention_fwd(q, k, v, scale) -> (out, lse)`` gets
-its fake kernel and autograd here; its backward ``sgdm::attention_bwd``
+The compiled op ``sgdm::attention(q, k, v, scale) -> (out, lse)`` gets
+its fake kernel and autograd here; its backward ``sgdm::attention_backward``
 also accepts a gradient for ``lse`` (it enters as ``delta_i -= dL/dlse_i``
 since ``d lse_i / d s_ij = P_ij``).
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 from sgdm.ops import _extension
+from sgdm.ops._checks import check_float_tensor, check_like, check_number
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_ref"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPES = _KERNEL_DTYPES + (torch.float64,)
-_OP = "attention_fwd"
+_OP = "attention"
+_NAME = "attention"
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -47,28 +47,22 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def _check_inputs(q, k, v, scale) -> None:
     """Raises TypeError / ValueError naming the argument that is wrong."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"sgdm.ops.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_float_tensor(t, name, _NAME, min_dim=4, shape_hint="[B, H, N, D]")
         if t.dim() != 4:
-            raise ValueError(f"sgdm.ops.attention: {name} must have 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"sgdm.ops.attention: {name} must be float32, float16, bfloat16 or float64, "
-                            f"got {t.dtype}")
+            raise ValueError(f"{_NAME}: {name} must be [B, H, N, D], got shape {tuple(t.shape)}")
         if t.numel() == 0:
-            raise ValueError(f"sgdm.ops.attention: {name} is empty (shape {tuple(t.shape)})")
+            raise ValueError(f"{_NAME}: {name} is empty (shape {tuple(t.shape)})")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"sgdm.ops.attention: {name} has dtype {t.dtype} but q has {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"sgdm.ops.attention: {name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{_NAME}: {name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_NAME}: {name} has dtype {t.dtype} but q has {q.dtype}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"sgdm.ops.attention: k has shape {tuple(k.shape)}, which does not match q "
+        raise ValueError(f"{_NAME}: k has shape {tuple(k.shape)}, which does not match q "
                          f"{tuple(q.shape)} in B, H or D")
-    if v.shape != k.shape:
-        raise ValueError(f"sgdm.ops.attention: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"sgdm.ops.attention: scale must be a finite number or None, got {scale!r}")
+    check_like(v, "v", k, "k", _NAME)
+    if scale is not None:
+        check_number(scale, "scale", _NAME)
 
 
 _warned_head_dims: set[int] = set()
@@ -82,7 +76,7 @@ def _kernel_ok(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
     if head_dim not in SUPPORTED_HEAD_DIMS:
         if head_dim not in _warned_head_dims:
             _warned_head_dims.add(head_dim)
-            warnings.warn(f"sgdm.ops.attention: head dim {head_dim} has no fused kernel (supported: "
+            warnings.warn(f"attention: head dim {head_dim} has no fused kernel (supported: "
                           f"{SUPPORTED_HEAD_DIMS}); using the reference", RuntimeWarning, stacklevel=3)
         return False
     return True
@@ -97,7 +91,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     _check_inputs(q, k, v, scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if _kernel_ok(q.device.type, q.dtype, int(q.shape[-1])):
-        return torch.ops.sgdm.attention_fwd(q, k, v, scale)[0]
+        return torch.ops.sgdm.attention(q, k, v, scale)[0]
     return attention_ref(q, k, v, scale)
 
 
@@ -109,11 +103,11 @@ def backend(device_type: str = "cpu") -> str:
 def _register() -> None:
     """Fake kernels (shapes for torch.compile / meta) and autograd of the compiled op."""
 
-    @torch.library.register_fake("sgdm::attention_fwd")
+    @torch.library.register_fake("sgdm::attention")
     def _fwd_fake(q, k, v, scale):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
-    @torch.library.register_fake("sgdm::attention_bwd")
+    @torch.library.register_fake("sgdm::attention_backward")
     def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -127,10 +121,10 @@ def _register() -> None:
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.sgdm.attention_bwd(grad_out, q, k, v, out, lse, grad_lse, ctx.scale)
+        dq, dk, dv = torch.ops.sgdm.attention_backward(grad_out, q, k, v, out, lse, grad_lse, ctx.scale)
         return dq, dk, dv, None
 
-    torch.library.register_autograd("sgdm::attention_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd("sgdm::attention", backward, setup_context=setup_context)
 
 
 if _extension.has_op(_OP):

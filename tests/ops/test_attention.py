@@ -1,0 +1,235 @@
+"""sgdm.ops.attention: the fused kernels against a float64 reference.
+
+Kernel tests run on every CPU ISA path (tests/ops/conftest.py `target`) and on
+CUDA when a GPU is present; the fp32 kernel error is held to a small multiple
+of fp32 rounding, the fp16/bf16 error to twice PyTorch's own attention error
+at the same precision (the issue's low-precision rule).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import importlib
+from sgdm.ops.attention import SUPPORTED_HEAD_DIMS, attention, attention_ref
+from tests.ops.conftest import require_kernels
+
+OP = "attention"
+attention_module = importlib.import_module("sgdm.ops.attention")  # the package attribute is the function
+
+
+def _qkv(b, h, nq, nk, d, device, generator, dtype=torch.float32, requires_grad=False):
+    g = generator
+    q = torch.randn(b, h, nq, d, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(b, h, nk, d, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(b, h, nk, d, generator=g).to(device=device, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _ref64(q, k, v, scale=None, grad_out=None):
+    """Output (and q, k, v gradients for grad_out) of the float64 reference."""
+    q64, k64, v64 = (t.detach().double().requires_grad_(grad_out is not None) for t in (q, k, v))
+    out = attention_ref(q64, k64, v64, scale)
+    if grad_out is None:
+        return out, None
+    out.backward(grad_out.double())
+    return out, (q64.grad, k64.grad, v64.grad)
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+SHAPES = [(1, 1, 1, 1), (2, 1, 7, 77), (1, 2, 77, 7), (1, 2, 256, 256), (1, 1, 1000, 1000), (1, 2, 100, 1000)]
+
+
+@pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_float64_reference(target, generator, shape, d):
+    require_kernels(OP, target)
+    b, h, nq, nk = shape
+    q, k, v = _qkv(b, h, nq, nk, d, target, generator)
+    out = attention(q, k, v)
+    assert out.shape == (b, h, nq, d) and out.dtype == torch.float32 and out.is_contiguous()
+    assert _rel_err(out.cpu(), _ref64(q.cpu(), k.cpu(), v.cpu())[0]) < 1e-5
+
+
+@pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("shape", [(2, 2, 7, 77), (1, 1, 300, 130), (1, 3, 129, 257)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_float64_reference(target, generator, shape, d):
+    require_kernels(OP, target)
+    b, h, nq, nk = shape
+    q, k, v = _qkv(b, h, nq, nk, d, target, generator, requires_grad=True)
+    grad_out = torch.randn(b, h, nq, d, generator=generator).to(target)
+    attention(q, k, v, scale=0.3).backward(grad_out)
+    _, grads = _ref64(q.cpu(), k.cpu(), v.cpu(), 0.3, grad_out.cpu())
+    for name, t, ref in zip("qkv", (q, k, v), grads):
+        assert _rel_err(t.grad.cpu(), ref) < 3e-5, name
+
+
+def test_backward_with_key_splits(generator, monkeypatch):
+    """B*H below the thread count: the key range is split across tasks and the
+    partial dQ buffers are summed (csrc/attention.cpp backward_splits)."""
+    require_kernels(OP)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        q, k, v = _qkv(1, 1, 150, 333, 64, "cpu", generator, requires_grad=True)
+        grad_out = torch.randn(1, 1, 150, 64, generator=generator)
+        attention(q, k, v).backward(grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    _, grads = _ref64(q, k, v, None, grad_out)
+    for name, t, ref in zip("qkv", (q, k, v), grads):
+        assert _rel_err(t.grad, ref) < 3e-5, name
+
+
+def test_views_of_packed_qkv(target, generator):
+    """q, k, v as strided views of one [B, N, 3, H, D] tensor, as a UNet block makes them."""
+    require_kernels(OP, target)
+    qkv = torch.randn(2, 90, 3, 2, 64, generator=generator).to(target).requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    assert not q.is_contiguous()
+    grad_out = torch.randn(2, 2, 90, 64, generator=generator).to(target)
+    attention(q, k, v).backward(grad_out)
+    ref_qkv = qkv.detach().cpu().double().requires_grad_()
+    rq, rk, rv = (t.transpose(1, 2) for t in ref_qkv.unbind(2))
+    ref = attention_ref(rq, rk, rv)
+    ref.backward(grad_out.cpu().double())
+    assert _rel_err(attention(q, k, v).detach().cpu(), ref.detach()) < 1e-5
+    assert _rel_err(qkv.grad.cpu(), ref_qkv.grad) < 3e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_torch_error(target, generator, dtype):
+    require_kernels(OP, target)
+    q, k, v = _qkv(2, 2, 200, 150, 64, target, generator, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(2, 2, 200, 64, generator=generator).to(target, dtype)
+    ref, ref_grads = _ref64(q.cpu(), k.cpu(), v.cpu(), None, grad_out.cpu())
+
+    out = attention(q, k, v)
+    assert out.dtype == dtype
+    out.backward(grad_out)
+    ours = [out.detach()] + [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch_out = F.scaled_dot_product_attention(q, k, v)
+    torch_out.backward(grad_out)
+    theirs = [torch_out.detach()] + [t.grad for t in (q, k, v)]
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, [ref, *ref_grads]):
+        err, torch_err = _rel_err(a.cpu(), r), _rel_err(b.cpu(), r)
+        assert err <= 2 * torch_err + 1e-6, f"{name}: {err:.3g} vs torch {torch_err:.3g}"
+
+
+def test_gradcheck_through_both_outputs(generator):
+    """Finite differences of the compiled op itself (fp32, so loose tolerances);
+    lse is an output too, and its gradient enters the backward as delta -= dL/dlse."""
+    require_kernels(OP)
+    q, k, v = _qkv(1, 2, 5, 6, 32, "cpu", generator, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not double precision"
+        assert torch.autograd.gradcheck(lambda *x: torch.ops.sgdm.attention(*x, 0.5), (q, k, v),
+                                        eps=2e-3, atol=2e-3, rtol=2e-2)
+
+
+def test_float64_gradcheck_of_public_function(generator):
+    """float64 runs the reference path; the public function is exactly differentiable."""
+    q, k, v = (t.double() for t in _qkv(1, 1, 3, 4, 32, "cpu", generator))
+    for t in (q, k, v):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+def test_opcheck(generator):
+    require_kernels(OP)
+    q, k, v = _qkv(1, 2, 9, 20, 32, "cpu", generator, requires_grad=True)
+    torch.library.opcheck(torch.ops.sgdm.attention.default, (q, k, v, 0.2))
+    out, lse = torch.ops.sgdm.attention(q.detach(), k.detach(), v.detach(), 0.2)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.sgdm.attention_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, None, 0.2))
+    torch.library.opcheck(torch.ops.sgdm.attention_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, torch.randn_like(lse), 0.2))
+
+
+def test_torch_compile_fullgraph(generator):
+    require_kernels(OP)
+    q, k, v = _qkv(1, 2, 33, 40, 64, "cpu", generator, requires_grad=True)
+
+    def loss(q, k, v):
+        return attention(q, k, v).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v))
+    want = loss(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_unsupported_head_dim_warns_once_and_uses_reference(generator, monkeypatch):
+    require_kernels(OP)
+    monkeypatch.setattr(attention_module, "_warned_head_dims", set())
+    q, k, v = _qkv(1, 2, 5, 7, 48, "cpu", generator)
+    with pytest.warns(RuntimeWarning, match="head dim 48"):
+        out = attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention(q, k, v)
+    assert _rel_err(out, _ref64(q, k, v)[0]) < 1e-5
+
+
+def test_reference_path_when_kernels_are_off(generator, monkeypatch):
+    """What SGDM_KERNELS=0 or a pure-Python install gives: same results, same errors."""
+    monkeypatch.setattr(attention_module._extension, "kernels_enabled", lambda op, device_type: False)
+    q, k, v = _qkv(1, 1, 6, 5, 64, "cpu", generator)
+    assert _rel_err(attention(q, k, v, scale=0.7), _ref64(q, k, v, 0.7)[0]) < 1e-5
+    with pytest.raises(ValueError, match="v has shape"):
+        attention(q, k, v[:, :, :4])
+
+
+def _bad_inputs():
+    x = torch.zeros(1, 2, 3, 32)
+    return [
+        ((x[0], x, x), ValueError, r"q must be \[B, H, N, D\]"),
+        ((x, x.unsqueeze(0), x), ValueError, r"k must be \[B, H, N, D\]"),
+        ((x, x, torch.zeros(1, 2, 3, 16)), ValueError, "v has shape"),
+        ((x, torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64)), ValueError, "does not match q"),
+        ((x, torch.zeros(1, 3, 3, 32), torch.zeros(1, 3, 3, 32)), ValueError, "does not match q"),
+        ((x, x.half(), x), TypeError, "k has dtype torch.float16 but q has torch.float32"),
+        ((x, x, x.double()), TypeError, "v has dtype torch.float64"),
+        ((x.int(), x, x), TypeError, "q must be float32"),
+        ((x, x.to("meta"), x), ValueError, "k is on meta but q is on cpu"),
+        ((torch.zeros(1, 2, 0, 32), x, x), ValueError, "q is empty"),
+        ((x, torch.zeros(1, 2, 0, 32), torch.zeros(1, 2, 0, 32)), ValueError, "k is empty"),
+        (([[1.0]], x, x), TypeError, "q must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("args,exc,match", _bad_inputs())
+def test_bad_input_names_the_argument(args, exc, match):
+    with pytest.raises(exc, match=match):
+        attention(*args)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", True])
+def test_bad_scale_names_the_argument(scale):
+    x = torch.zeros(1, 1, 2, 32)
+    with pytest.raises((TypeError, ValueError), match="scale"):
+        attention(x, x, x, scale=scale)
+
+
+def test_compiled_op_checks_its_arguments_too():
+    """Direct callers of torch.ops.sgdm.attention get named errors from C++."""
+    require_kernels(OP)
+    x = torch.zeros(1, 2, 3, 32)
+    with pytest.raises(RuntimeError, match="v must have k's shape"):
+        torch.ops.sgdm.attention(x, x, torch.zeros(1, 2, 4, 32), 1.0)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.sgdm.attention_backward(x, x, x, x, x, torch.zeros(1, 2, 4), None, 1.0)
