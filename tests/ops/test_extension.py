@@ -1,0 +1,92 @@
+"""Loading of sgdm._C, the run-time ISA choice and the SGDM_KERNELS=0 fallback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sgdm import ops
+from sgdm.ops import _extension
+from tests.ops.conftest import require_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Runs both ops on fixed inputs and reports the backends and results.
+PROBE = textwrap.dedent("""
+    import json, torch
+    from sgdm import ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 5, 7, generator=g)
+    w, b = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    y = ops.group_norm_silu(x, 4, w, b)
+    e, u = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    xp, x0 = ops.guided_ddim_step(x, e, 0.3, 0.6, eps_uncond=u, guidance_scale=2.0)
+    refused = None
+    if ops.backend("cpu")["group_norm_silu"] == "cpu-default":
+        try:
+            torch.ops.sgdm._set_cpu_isa("avx2")
+        except RuntimeError as err:
+            refused = str(err)
+    print(json.dumps({"backend": ops.backend("cpu"), "y": y.flatten()[::7].tolist(),
+                      "x_prev": xp.flatten()[::7].tolist(), "refused": refused}))
+""")
+
+
+def _probe(**env) -> dict:
+    full = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=full, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_baseline_isa_and_disabled_kernels_in_fresh_processes():
+    """ATEN_CPU_CAPABILITY=default selects the baseline kernels at load time; SGDM_KERNELS=0
+    selects the references; both agree with the default choice."""
+    require_kernels("group_norm_silu")
+    best = _probe()
+    baseline = _probe(ATEN_CPU_CAPABILITY="default")
+    disabled = _probe(SGDM_KERNELS="0")
+    assert baseline["backend"]["group_norm_silu"] == "cpu-default"
+    assert baseline["backend"]["guided_ddim_step"] == "cpu-default"
+    assert "not supported by this CPU or is disabled by ATEN_CPU_CAPABILITY" in baseline["refused"]
+    assert set(disabled["backend"].values()) == {"reference"}
+    assert best["backend"]["group_norm_silu"] == f"cpu-{_extension.cpu_isa()}"
+    for key in ("y", "x_prev"):
+        torch.testing.assert_close(torch.tensor(baseline[key]), torch.tensor(best[key]),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(disabled[key]), torch.tensor(best[key]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_backend_reports_each_op():
+    report = ops.backend("cpu")
+    assert set(report) == {"group_norm_silu", "guided_ddim_step", "attention"}
+    if _extension.load():
+        assert report["group_norm_silu"].startswith("cpu-")
+    assert ops.backend("xla") == {op: "reference" for op in report}
+
+
+def test_force_cpu_isa_switches_and_restores():
+    require_kernels("group_norm_silu")
+    before = _extension.cpu_isa()
+    with _extension.force_cpu_isa("default"):
+        assert _extension.cpu_isa() == "default"
+        assert ops.backend()["group_norm_silu"] == "cpu-default"
+    assert _extension.cpu_isa() == before
+
+
+@pytest.mark.parametrize("name,match", [("sse9", "unknown CPU ISA 'sse9'"),
+                                        ("avx1024", "unknown CPU ISA")])
+def test_force_cpu_isa_rejects_unknown_names(name, match):
+    require_kernels("group_norm_silu")
+    before = _extension.cpu_isa()
+    with pytest.raises(RuntimeError, match=match):
+        with _extension.force_cpu_isa(name):
+            pass
+    assert _extension.cpu_isa() == before
