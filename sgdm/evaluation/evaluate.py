@@ -33,8 +33,8 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def load_run(run_dir: str | pathlib.Path):
-    """(ExperimentConfig, SelfGuidedPipeline with EMA weights) of a training run directory."""
+def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = None):
+    """(ExperimentConfig, SelfGuidedPipeline with EMA weights on ``device``) of a training run directory."""
     from sgdm.config.schema import load_experiment
 
     run_dir = pathlib.Path(run_dir)
@@ -49,7 +49,7 @@ def load_run(run_dir: str | pathlib.Path):
         )
     from sgdm.pipeline import SelfGuidedPipeline
 
-    return cfg, SelfGuidedPipeline.from_pretrained(pipeline_dir)
+    return cfg, SelfGuidedPipeline.from_pretrained(pipeline_dir, device=device)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -163,8 +163,11 @@ class _Evaluator:
 def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
                  log: Callable[[str], None] = _stderr) -> dict:
     """Evaluate run ``run_dir`` (EMA weights) per ``ecfg`` (default: the run's ``eval:`` section)."""
+    from sgdm.features_pretrain.train import resolve_device
+
     run_dir = pathlib.Path(run_dir)
-    cfg, pipe = load_run(run_dir)
+    device = resolve_device(ecfg.device if ecfg is not None else "auto")
+    cfg, pipe = load_run(run_dir, device)
     ecfg = ecfg or cfg.eval
     evaluator = _Evaluator(cfg, ecfg, run_dir, log)
     kind = cfg.model.guidance.kind

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"prepare": "sgdm.quickstart.prepare", "write_report": "sgdm.quickstart.report"}
+_LAZY = {"prepare": "sgdm.quickstart.stages", "write_report": "sgdm.quickstart.report"}
 
 
 def __getattr__(name: str):

@@ -118,7 +118,7 @@ def _layout_section(vcfg, pipe, out: pathlib.Path, n: int) -> dict:
         guides, shown = colour_masks(conds.masks, tuple(images.shape[-2:])), images
     name = f"{kind}-guided.png"
     save_grid(_interleave(guides, shown), 2 * min(n, 4), out / name)
-    what = "box (red) with its cluster id" if kind == "box" else "self-segmented class map"
+    what = "box (red; its cluster id is guidance too)" if kind == "box" else "self-segmented class map"
     return dict(title=f"{kind.capitalize()}-guided samples", image=name,
                 caption=f"Pairs: the guiding {what}, then the sample (w = {vcfg.sampler.guidance_scale}).")
 

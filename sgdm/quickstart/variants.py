@@ -53,7 +53,7 @@ def variant_name(kind: str, source: str) -> str:
 
 def train_variant(vcfg, log) -> pathlib.Path:
     """Annotate (if its store is missing) and train variant ``vcfg``; reuse a finished run. Returns the run dir."""
-    from sgdm.quickstart.prepare import store_exists
+    from sgdm.quickstart.stages import store_exists
 
     run_path = vcfg.run.path
     if (run_path / "pipeline").exists():

@@ -14,6 +14,9 @@ def save_random_inception(path, seed=0):
         fe, "load_state_dict_from_url", lambda *a, **k: {}
     ):
         model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in model.modules():  # variance-preserving init, so 90 random layers do not shrink features to 0
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(model.state_dict(), path)
     return path
 

@@ -1,0 +1,79 @@
+"""`sgdm-ldm eval` on tiny runs: plumbing with a random-weight Inception, and bad input."""
+import json
+
+import pytest
+
+from sgdm.cli.main import main
+from tests.evaluation.helpers import make_run
+
+
+def test_eval_with_local_inception_writes_json_and_markdown(tmp_path, inception_weights):
+    run_dir = make_run(tmp_path, "label")
+    code = main(["eval", str(run_dir), "--inception-weights", str(inception_weights), "--n", "4", "--batch-size", "4",
+                 "--sampler", "ddpm", "--steps", "2", "--guidance-scale", "3"])
+    assert code == 0
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["sampler"] == "ddpm" and results["steps"] == 2 and results["n"] == 4 and results["weights"] == "ema"
+    (row,) = results["results"]
+    assert row["guidance_scale"] == 3.0
+    assert {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "fd_tiny"} <= set(row)
+    assert row["fid"] > 0 and row["fd_tiny"] > 0
+    table = (run_dir / "eval" / "results.md").read_text()
+    assert "| fid |" in table and "fd_tiny" in table and "not FID" in table
+    cache = run_dir / "eval" / "cache"
+    assert list(cache.glob("fd-tiny-*.pt")) and list(cache.glob("sgdm-*"))  # reference statistics cached
+    again = main(["eval", str(run_dir), "--inception-weights", str(inception_weights), "--n", "4", "--batch-size", "4",
+                  "--sampler", "ddpm", "--steps", "2", "--guidance-scale", "3", "--metrics", "fid"])
+    assert again == 0
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]["fid"] == pytest.approx(row["fid"], rel=1e-5)
+
+
+def test_eval_sweep_plots_metric_against_scale(tmp_path):
+    run_dir = make_run(tmp_path, "label")
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--sweep-scale", "0,1,4"]) == 0
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert [r["guidance_scale"] for r in results["results"]] == [0.0, 1.0, 4.0]
+    assert (run_dir / "eval" / "sweep.png").stat().st_size > 0
+
+
+def test_eval_box_run_reports_layout_adherence(tmp_path):
+    run_dir = make_run(tmp_path, "box")
+    assert main(["eval", str(run_dir), "--metrics", "fd,adherence", "--guidance-scale", "1.5"]) == 0
+    row = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]
+    assert row["guidance_scale"] == 1.5 and 0 <= row["box_iou"] <= 1 and "box_hit50" in row
+
+
+def test_eval_unguided_run_has_one_row_without_scale(tmp_path):
+    run_dir = make_run(tmp_path, "none")
+    assert main(["eval", str(run_dir), "--metrics", "fd"]) == 0
+    rows = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
+    assert len(rows) == 1 and rows[0]["guidance_scale"] is None
+
+
+def test_eval_run_without_ema_weights_is_refused(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "label", export=False)
+    assert main(["eval", str(run_dir), "--metrics", "fd"]) == 1
+    assert "no EMA weights" in capsys.readouterr().err
+
+
+def test_eval_n_smaller_than_batch_is_a_config_error(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "label")
+    assert main(["eval", str(run_dir), "--n", "2", "--batch-size", "4"]) == 2
+    assert "eval.n: 2 samples is smaller than the batch size 4" in capsys.readouterr().err
+
+
+def test_eval_missing_weights_files_are_named(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "label")
+    assert main(["eval", str(run_dir), "--inception-weights", str(tmp_path / "nope.pth")]) == 2
+    assert "eval.inception_weights: file" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--feature-extractor", "vit_tiny_patch16_224",
+                 "--feature-weights", str(tmp_path / "enc-missing.pth")]) == 2
+    assert "eval.feature_weights: file" in capsys.readouterr().err
+
+
+def test_eval_not_a_run_and_bad_sweep(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    run_dir = make_run(tmp_path, "label")
+    assert main(["eval", str(run_dir), "--sweep-scale", "0,x"]) == 2
+    assert "--sweep-scale: expected comma-separated numbers" in capsys.readouterr().err
