@@ -35,7 +35,7 @@ def fingerprint(data_cfg, first_stage: torch.nn.Module) -> str:
     h = hashlib.sha256(json.dumps(to_dict(data_cfg), sort_keys=True, default=str).encode())
     for name, tensor in sorted(first_stage.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers (scale_factor)
     return h.hexdigest()
 
 
