@@ -1,0 +1,202 @@
+"""Benchmark of the fused ops against the eager PyTorch expressions they replace.
+
+    python benchmarks/ops_bench.py [--device cpu|cuda|all] [--threads 2] [--json out.json]
+
+Prints one row per (op, shape, dtype, device): eager ms, sgdm ms (medians of
+interleaved runs in the same process), their ratio, and on CUDA the achieved
+GB/s and the share of the memory-bandwidth floor (bytes that must move / the
+device-copy bandwidth measured in the same run). Not a test: numbers depend
+on the machine and its load; compare ratios, not milliseconds.
+
+Targets (fp32, 2-core CPU): GroupNorm+SiLU forward >= 2.0x, forward+backward
+>= 1.5x, guided DDIM step >= 4x. H100: GroupNorm+SiLU forward >= 70% of the
+floor, guided step >= 80%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sgdm import ops
+
+GN_SHAPES = [((8, 256, 32, 32), 32), ((8, 128, 64, 64), 32)]
+DDIM_SHAPES = [(64, 4, 32, 32)]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    device: str
+    eager_ms: float
+    sgdm_ms: float
+    ratio: float
+    sgdm_gbps: float
+    floor_pct: float | None  # CUDA only: floor time / measured time, in %
+    target: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn, device: torch.device) -> float:
+    """Milliseconds of one call (CUDA events on the GPU, wall clock on the CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def compare(eager, fused, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Medians (ms) of eager and fused, interleaved so both see the same machine load."""
+    for _ in range(warmup):
+        eager()
+        fused()
+    _sync(device)
+    te, tf = [], []
+    for _ in range(repeats):
+        te.append(_time_once(eager, device))
+        tf.append(_time_once(fused, device))
+    return statistics.median(te), statistics.median(tf)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-copy bandwidth in B/s (read + write of a 1 GiB-scale buffer), the floor's yardstick."""
+    n = 256 * 2**20 if device.type == "cuda" else 16 * 2**20
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = statistics.median(_time_once(lambda: dst.copy_(src), device) for _ in range(10))
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def _gn_inputs(shape, dtype, device, gen, grad):
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
+    w = torch.randn(shape[1], generator=gen).to(device).requires_grad_(grad)
+    b = torch.randn(shape[1], generator=gen).to(device).requires_grad_(grad)
+    return x, w, b
+
+
+def bench_group_norm(shape, groups, dtype, device, repeats, gen, bw) -> list[Row]:
+    rows = []
+    n_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    x, w, b = _gn_inputs(shape, dtype, device, gen, grad=False)
+    with torch.no_grad():
+        te, tf = compare(lambda: F.silu(F.group_norm(x, groups, w, b)),
+                         lambda: ops.group_norm_silu(x, groups, w, b), device, repeats)
+    rows.append(_row("group_norm_silu fwd", shape, dtype, device, te, tf, 2 * n_bytes, bw, ">=2.0x cpu"))
+    x, w, b = _gn_inputs(shape, dtype, device, gen, grad=True)
+    gy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    def step(fn):
+        return lambda: torch.autograd.backward(fn(), gy)
+
+    te, tf = compare(step(lambda: F.silu(F.group_norm(x, groups, w, b))),
+                     step(lambda: ops.group_norm_silu(x, groups, w, b)), device, repeats)
+    # floor: forward reads x, writes y; backward reads x, dy, writes dx
+    rows.append(_row("group_norm_silu fwd+bwd", shape, dtype, device, te, tf, 5 * n_bytes, bw,
+                     ">=1.5x cpu"))
+    return rows
+
+
+def eager_guided_ddim(x, ec, eu, a_t, a_prev, w):
+    """The eager expression the fused step replaces (eta = 0, paper Eq. 4 + DDIM Eq. 12)."""
+    eps = (1.0 - w) * eu + w * ec
+    x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps, x0
+
+
+def bench_ddim(shape, dtype, device, repeats, gen, bw) -> Row:
+    x, ec, eu = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    n_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    te, tf = compare(lambda: eager_guided_ddim(x, ec, eu, 0.3, 0.5, 2.0),
+                     lambda: ops.guided_ddim_step(x, ec, 0.3, 0.5, eps_uncond=eu, guidance_scale=2.0),
+                     device, repeats)
+    return _row("guided_ddim_step", shape, dtype, device, te, tf, 5 * n_bytes, bw, ">=4x cpu")
+
+
+def _row(op, shape, dtype, device, te, tf, floor_bytes, bw, target) -> Row:
+    floor = 100.0 * (floor_bytes / bw) / (tf * 1e-3) if device.type == "cuda" else None
+    return Row(op, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), device.type,
+               te, tf, te / tf, floor_bytes / (tf * 1e-3) / 1e9, floor,
+               target if device.type == "cpu" else (">=70%" if "fwd" == op.split()[-1] else
+                                                    ">=80%" if op == "guided_ddim_step" else ""))
+
+
+def run(devices, dtypes, threads, repeats) -> dict:
+    torch.set_num_threads(threads)  # the same for both sides of every ratio
+    gen = torch.Generator().manual_seed(0)
+    rows, env = [], {"torch": torch.__version__, "python": platform.python_version(),
+                     "threads": threads, "backend": {}}
+    for name in devices:
+        device = torch.device(name)
+        bw = copy_bandwidth(device)
+        env["backend"][name] = ops.backend(device.type)
+        env[f"{name}_copy_GBps"] = bw / 1e9
+        env[f"{name}_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else platform.processor() or platform.machine())
+        reps = repeats if device.type == "cuda" else max(5, repeats // 4)
+        for dtype in dtypes:
+            for shape, groups in GN_SHAPES:
+                rows += bench_group_norm(shape, groups, dtype, device, reps, gen, bw)
+            for shape in DDIM_SHAPES:
+                rows.append(bench_ddim(shape, dtype, device, reps * 4, gen, bw))
+    return {"env": env, "rows": [asdict(r) for r in rows]}
+
+
+def format_table(result: dict) -> str:
+    head = f"{'op':<24} {'shape':<14} {'dtype':<9} {'dev':<5} {'eager ms':>9} {'sgdm ms':>9} " \
+           f"{'ratio':>6} {'GB/s':>7} {'floor%':>7}  target"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        floor = "" if r["floor_pct"] is None else f"{r['floor_pct']:.0f}"
+        lines.append(f"{r['op']:<24} {r['shape']:<14} {r['dtype']:<9} {r['device']:<5} "
+                     f"{r['eager_ms']:>9.3f} {r['sgdm_ms']:>9.3f} {r['ratio']:>5.2f}x "
+                     f"{r['sgdm_gbps']:>7.1f} {floor:>7}  {r['target']}")
+    env = result["env"]
+    lines.append(f"torch {env['torch']}, {env['threads']} threads, backends {env['backend']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                   help="'all': the CPU, and CUDA when present")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
+    p.add_argument("--repeats", type=int, default=40, help="timed calls per side (CPU: a quarter)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU visible")
+    result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
