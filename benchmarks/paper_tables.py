@@ -1,0 +1,166 @@
+"""The paper's comparisons (Hu et al. 2023, Tables 2-5) at small scale on the built-in data.
+
+Trains one model per guidance with the same network, data and compute -- no
+guidance, ground-truth labels, self-labeled, self-boxed, ground-truth boxes,
+self-segmented, ground-truth masks -- then samples each with its EMA weights
+and prints the tables: the Frechet distance in the self-supervised encoder's
+feature space (fd_<name>, not FID), FID/IS where Inception weights are given,
+and layout adherence (IoU of LOST boxes / mIoU of self-segmentation of the
+samples with the guiding layout). Targets checked at the end: every guided
+model below no guidance; self-labeled >= 25% below; box and mask IoU >= 0.5.
+
+    python benchmarks/paper_tables.py                       # configs/quickstart.yaml budget
+    python benchmarks/paper_tables.py --steps 300 --n 256   # reduced budget
+    python benchmarks/paper_tables.py --inception-weights weights-inception.pth
+
+The shared artefacts (autoencoder, encoder, self-label store) come from the
+base config's ``prepare`` stages and are reused; each variant's store and run
+live under ``--out`` and are reused when present (delete them to retrain).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"), help="base experiment config")
+    parser.add_argument("--out", default="runs/paper_tables", help="directory for variant stores, runs and tables")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default: train.max_steps)")
+    parser.add_argument("--n", type=int, default=512, help="samples per variant for the metrics")
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the metric samples")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="w of Eq. 4 (default: eval.guidance_scale)")
+    parser.add_argument("--mask-classes", type=int, default=None,
+                        help="K of the self-segmented variant (default: the dataset's mask classes)")
+    parser.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights: adds FID / IS")
+    parser.add_argument("--only", default=None, help="comma-separated variant names to run (e.g. no-guidance,self-label)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
+    return parser.parse_args(argv)
+
+
+def class_counts(cfg, mask_classes) -> dict:
+    """K per (kind, source): self stores use the annotation config, gt stores the dataset's classes."""
+    from sgdm.data import build_dataset
+
+    data = build_dataset(cfg.data, train=False)
+    gt_mask = len(data.mask_class_names) or data.num_classes + 1
+    a = cfg.annotation
+    return {("none", "self"): 0, ("label", "self"): a.num_classes, ("label", "gt"): data.num_classes,
+            ("box", "self"): a.lost.num_clusters, ("box", "gt"): data.num_classes,
+            ("mask", "self"): mask_classes or gt_mask, ("mask", "gt"): gt_mask}
+
+
+def evaluate_variant(vdir: pathlib.Path, vcfg, args, log) -> dict:
+    from sgdm.evaluation.evaluate import evaluate_run
+
+    metrics = ["fd", "adherence"] + (["fid", "is"] if args.inception_weights else [])
+    scale = args.guidance_scale if args.guidance_scale is not None else vcfg.eval.guidance_scale
+    ecfg = dataclasses.replace(vcfg.eval, n=args.n, batch_size=min(vcfg.eval.batch_size, args.n), steps=args.sample_steps,
+                               guidance_scale=scale, sweep_scales=[], metrics=metrics,
+                               inception_weights=pathlib.Path(args.inception_weights) if args.inception_weights else None)
+    return evaluate_run(vdir, ecfg, log)["results"][0]
+
+
+def run_variants(cfg, args, log) -> list[dict]:
+    from sgdm.quickstart.variants import VARIANTS, guidance_variant, train_variant, variant_name
+
+    out = pathlib.Path(args.out)
+    counts = class_counts(cfg, args.mask_classes)
+    only = set(args.only.split(",")) if args.only else None
+    rows = []
+    for kind, source in VARIANTS:
+        name = variant_name(kind, source)
+        if only is not None and name not in only:
+            continue
+        vcfg = guidance_variant(cfg, kind, source, classes=counts[(kind, source)], store_root=out / "stores",
+                                run_dir=out / "runs", run_name=name, max_steps=args.steps)
+        start = time.time()
+        vdir = train_variant(vcfg, log)
+        trained = time.time() - start
+        result = evaluate_variant(vdir, vcfg, args, log)
+        rows.append({"variant": name, "kind": kind, "source": source, "K": counts[(kind, source)],
+                     "train_s": round(trained), **result})
+        log(f"paper_tables: {name} done ({trained:.0f}s training): {result}")
+    return rows
+
+
+TABLES = [
+    ("Image-level guidance (paper Tables 2-3)", ["no-guidance", "gt-label", "self-label"], []),
+    ("Box guidance (paper Table 4)", ["no-guidance", "gt-box", "self-box"], ["box_iou", "box_hit50"]),
+    ("Mask guidance (paper Table 5)", ["no-guidance", "gt-mask", "self-mask"], ["mask_miou", "mask_pixel_accuracy"]),
+]
+LABELS = {"no-guidance": "no guidance", "gt-label": "ground-truth labels", "self-label": "self-labeled",
+          "gt-box": "ground-truth boxes", "self-box": "self-boxed", "gt-mask": "ground-truth masks",
+          "self-mask": "self-segmented"}
+
+
+def format_tables(rows: list[dict], fd_key: str) -> str:
+    by_name = {r["variant"]: r for r in rows}
+    quality = [fd_key] + [k for k in ("fid", "is_mean") if any(k in r for r in rows)]
+    out = []
+    for title, names, layout in TABLES:
+        present = [n for n in names if n in by_name]
+        if not present:
+            continue
+        cols = quality + layout + ["train_s"]
+        out += [f"### {title}", "", "| guidance | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for n in present:
+            r = by_name[n]
+            cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
+            out.append(f"| {LABELS[n]} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def check_targets(rows: list[dict], fd_key: str) -> list[tuple[str, bool]]:
+    by_name = {r["variant"]: r for r in rows}
+    checks = []
+    base = by_name.get("no-guidance", {}).get(fd_key)
+    if base is not None:
+        for r in rows:
+            if r["variant"] != "no-guidance":
+                checks.append((f"{r['variant']} {fd_key} {r[fd_key]:.4g} < no guidance {base:.4g}", r[fd_key] < base))
+        if "self-label" in by_name:
+            drop = 1 - by_name["self-label"][fd_key] / base
+            checks.append((f"self-labeled {drop:.0%} below no guidance (target >= 25%)", drop >= 0.25))
+    for name, key in (("self-box", "box_iou"), ("gt-box", "box_iou"), ("self-mask", "mask_miou"), ("gt-mask", "mask_miou")):
+        if name in by_name:
+            value = by_name[name][key]
+            checks.append((f"{name} {key} {value:.3f} (target >= 0.5)", value >= 0.5))
+    return checks
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from sgdm.config.schema import load_experiment
+    from sgdm.quickstart import prepare
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.time()
+    cfg = load_experiment(args.config, [*args.overrides, "prepare.report=false"])
+    prepare(cfg, log=log)
+    rows = run_variants(cfg, args, log)
+    fd_key = next(k for k in rows[0] if k.startswith("fd_"))
+    tables = format_tables(rows, fd_key)
+    checks = check_targets(rows, fd_key)
+    total = time.time() - start
+    report = (f"{tables}\nTargets:\n" + "\n".join(f"- [{'x' if ok else ' '}] {text}" for text, ok in checks)
+              + f"\n\nTotal time {total / 60:.1f} min; {args.n} samples per model, DDIM {args.sample_steps} steps; "
+              f"`{fd_key}` is the Frechet distance in the self-supervised encoder's space (not FID).\n")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables.md").write_text(report)
+    (out / "tables.json").write_text(json.dumps({"rows": rows, "checks": checks, "total_s": total}, indent=2) + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The quickstart's stages end to end on a drastically reduced budget (dotted overrides)."""
+import pathlib
+
+import pytest
+
+from sgdm.cli.main import main
+from sgdm.config.core import ConfigError
+from sgdm.config.schema import load_experiment
+
+CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def tiny_overrides(tmp: pathlib.Path) -> list[str]:
+    assets = tmp / "assets"
+    return [
+        f"run.dir={tmp / 'runs'}",
+        "data.shapes.num_images=48", "data.shapes.num_val_images=8", f"data.shapes.cache_dir={assets / 'shapes'}",
+        f"model.autoencoder.checkpoint={assets / 'ae.ckpt'}", "prepare.autoencoder_steps=2",
+        f"annotation.weights={assets / 'enc.safetensors'}", f"annotation.store={assets / 'ann-label'}",
+        "prepare.pretrain.steps=2", "prepare.pretrain.batch_size=16",
+        "annotation.num_classes=4", "model.guidance.num_classes=4", "annotation.lost.num_clusters=4",
+        "train.max_steps=3", "train.batch_size=16", "train.checkpoint_every=3", "train.progress_bar=false",
+        "prepare.report_steps=2", "prepare.report_eval_n=8", "prepare.report_samples_per_row=2",
+        "prepare.report_scales=[0,2]", "prepare.companion_steps=2", "prepare.companion_mask_classes=3",
+        "eval.batch_size=8", "eval.reference_n=16",
+    ]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart")
+    overrides = tiny_overrides(tmp)
+    assert main(["train", str(CONFIG), *overrides]) == 0
+    return tmp, overrides
+
+
+def test_quickstart_config_is_complete_and_prepares_everything():
+    cfg = load_experiment(CONFIG)
+    p = cfg.prepare
+    assert p.dataset and p.autoencoder and p.features and p.annotations and p.report
+    assert cfg.data.dataset == "shapes" and cfg.model.guidance.kind == "label" and cfg.model.guidance.source == "self"
+    assert cfg.annotation.weights is not None and cfg.model.autoencoder.checkpoint is not None
+    assert "fid" not in cfg.eval.metrics  # offline: no Inception weights
+
+
+def test_quickstart_writes_report_with_every_section(quickstart_run):
+    tmp, _ = quickstart_run
+    report = tmp / "runs" / "quickstart" / "report"
+    page = (report / "index.html").read_text()
+    for title in ("One row per cluster", "Guidance scale", "Box-guided samples", "Mask-guided samples", "Metrics"):
+        assert title in page
+    for png in ("clusters.png", "scales.png", "box-guided.png", "mask-guided.png"):
+        assert (report / png).stat().st_size > 0 and png in page
+    md = (report / "report.md").read_text()
+    assert "fd_dino_shapes" in md and "box_iou" in md and "mask_miou" in md
+    from PIL import Image
+
+    assert Image.open(report / "clusters.png").size[1] > Image.open(report / "scales.png").size[1]  # 4 clusters vs 2 scales
+
+
+def test_repeated_quickstart_reuses_what_is_prepared(quickstart_run):
+    from sgdm.quickstart import prepare
+
+    tmp, overrides = quickstart_run
+    assets = tmp / "assets"
+    before = {p: p.stat().st_mtime_ns for p in (assets / "enc.safetensors", assets / "ann-label" / "manifest.json", assets / "ae.ckpt")}
+    done = prepare(load_experiment(CONFIG, overrides), log=lambda m: None)
+    assert done["autoencoder"].startswith("reused") and done["features"].startswith("reused")
+    assert done["annotations"].startswith("reused")
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_prepare_without_target_paths_names_the_key(tmp_path):
+    from sgdm.quickstart import prepare
+
+    cfg = load_experiment(CONFIG, [*tiny_overrides(tmp_path), "annotation.weights=null", "prepare.autoencoder=false",
+                                   "prepare.dataset=false"])
+    with pytest.raises(ConfigError, match="annotation.weights"):
+        prepare(cfg, log=lambda m: None)
+    cfg = load_experiment(CONFIG, [*tiny_overrides(tmp_path), "prepare.features=false", "prepare.autoencoder=false",
+                                   "prepare.dataset=false"])
+    with pytest.raises(ConfigError, match="annotation.weights: .*enc.safetensors does not exist; set prepare.features"):
+        prepare(cfg, log=lambda m: None)
