@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
+from sgdm.models.conditioning import null_condition
+
 __all__ = ["GuidedEps", "ClassifierFreeGuidance", "guided_eps", "resolve_eps", "EpsModel"]
 
 # eps_model(x_t [B,C,h,w], t [B] int64, cond [B,cond_dim] | None, cond_map [B,c,H,W] | None) -> eps [B,C,h,w]
@@ -65,22 +67,19 @@ class ClassifierFreeGuidance:
         self.eps_model = eps_model
         self.cond, self.cond_map, self.scale = cond, cond_map, float(scale)
 
-    @staticmethod
-    def _null(c: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if c is None else torch.zeros_like(c)
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Union[torch.Tensor, GuidedEps]:
         cond, cond_map = self.cond, self.cond_map
         if cond is None and cond_map is None:
             return self.eps_model(x, t, None, None)
         if self.scale == 1.0:
             return self.eps_model(x, t, cond, cond_map)
+        null_cond, null_map = null_condition(cond, cond_map)
         if self.scale == 0.0:
-            return self.eps_model(x, t, self._null(cond), self._null(cond_map))
+            return self.eps_model(x, t, null_cond, null_map)
         both = self.eps_model(
             torch.cat([x, x]), torch.cat([t, t]),
-            None if cond is None else torch.cat([cond, self._null(cond)]),
-            None if cond_map is None else torch.cat([cond_map, self._null(cond_map)]),
+            None if cond is None else torch.cat([cond, null_cond]),
+            None if cond_map is None else torch.cat([cond_map, null_map]),
         )
         eps_cond, eps_uncond = both.chunk(2)
         return GuidedEps(eps_cond, eps_uncond, self.scale)

@@ -1,0 +1,403 @@
+"""``SelfGuidedPipeline``: sample images from a trained self-guided latent diffusion model.
+
+It holds the UNet (EMA weights), the KL autoencoder, the noise schedule and the
+guidance config (kind and K), and runs: per-image noise -> sampler over the
+guided denoiser -> decode. Guidance follows the paper's Eq. 4,
+eps = (1 - w) eps_uncond + w eps_cond (w = 0 unconditional, w = 1 conditional;
+the same as eps_uncond + s (eps_cond - eps_uncond) with s = w).
+
+On-disk format (``save_pretrained`` / ``from_pretrained``)::
+
+    DIR/model.safetensors   tensors "unet.*" (EMA UNet) and "autoencoder.*" (incl. scale_factor);
+                            metadata: format "sgdm.pipeline", format_version "1",
+                            config = the resolved experiment config as JSON (sections
+                            model.{autoencoder,unet,guidance}, diffusion, sampler are read)
+    DIR/config.yaml         the same config, for people to read (the metadata is authoritative)
+
+A bare ``.safetensors`` file with that metadata loads too, and a training run
+directory loads from its ``pipeline/`` folder (where training exports it).
+
+Reproducibility: image i's randomness (its x_T and, for stochastic samplers,
+every step's noise) comes from its own CPU generator seeded with the i-th of
+``num_images`` 63-bit seeds drawn from ``generator`` up front, so the same
+generator seed gives the same images whatever ``batch_size`` and device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from sgdm.config.core import dump_yaml, from_dict, to_dict
+from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
+from sgdm.diffusion.guidance import ClassifierFreeGuidance
+from sgdm.diffusion.samplers import ddim_timesteps, get_sampler, logsnr_timesteps
+from sgdm.diffusion.schedule import eps_from_output, make_schedule
+from sgdm.models.config import GuidanceConfig, ModelConfig
+from sgdm.models.conditioning import box_mask, class_map_one_hot, condition_dims, multi_hot, one_hot
+
+__all__ = ["SelfGuidedPipeline", "per_image_generators", "FORMAT", "WEIGHTS_NAME"]
+
+FORMAT, FORMAT_VERSION, WEIGHTS_NAME = "sgdm.pipeline", "1", "model.safetensors"
+OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+
+
+def per_image_generators(generator, num_images: int) -> list[torch.Generator]:
+    """One CPU generator per image: seeded from ``num_images`` seeds drawn from ``generator``
+    (a fresh random seed when None); a list of ``num_images`` generators is used as given."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != num_images or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: a list must hold one torch.Generator per image ({num_images}), "
+                             f"got {len(generator)} items")
+        return list(generator)
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()  # seeds only this generator, never torch's global one
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}")
+    seeds = torch.randint(0, 2**63 - 1, (num_images,), generator=generator, device=generator.device)
+    return [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
+
+
+def _positive_int(value, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+class SelfGuidedPipeline:
+    """Sampling API of a self-guided LDM (see module docstring).
+
+    unet: ``sgdm.models.unet.UNet`` built with ``condition_dims(guidance)``;
+    autoencoder: ``sgdm.models.autoencoder.AutoencoderKL`` with its scale_factor set;
+    diffusion / guidance / sampler: the configs it was trained and is sampled with;
+    config: the full resolved experiment config (dict), stored with the weights.
+    """
+
+    def __init__(self, unet, autoencoder, diffusion: DiffusionConfig, guidance: GuidanceConfig,
+                 sampler: Optional[SamplerConfig] = None, config: Optional[dict] = None):
+        dims = condition_dims(guidance)
+        if (unet.cond_dim, unet.cond_channels) != dims:
+            raise ValueError(f"unet: built with (cond_dim, cond_channels) = ({unet.cond_dim}, {unet.cond_channels}) "
+                             f"but guidance kind {guidance.kind!r} with K={guidance.num_classes} needs {dims}")
+        self.unet, self.autoencoder = unet.eval(), autoencoder.eval()
+        self.diffusion, self.guidance = diffusion, guidance
+        self.sampler = sampler if sampler is not None else SamplerConfig()
+        self.schedule = make_schedule(diffusion)
+        self.config = dict(config or {})
+        self.config.update(model={"autoencoder": to_dict(autoencoder.cfg), "unet": to_dict(unet.cfg),
+                                  "guidance": to_dict(guidance)},
+                           diffusion=to_dict(diffusion), sampler=to_dict(self.sampler))
+
+    # ----------------------------------------------------------------- building and files
+    @classmethod
+    def from_config(cls, config: Union[dict, Any], unet=None, autoencoder=None) -> "SelfGuidedPipeline":
+        """From an experiment config (ExperimentConfig or its dict); modules not given are built fresh."""
+        from sgdm.models.autoencoder import AutoencoderKL
+        from sgdm.models.unet import UNet
+
+        data = config if isinstance(config, dict) else to_dict(config)
+        model = from_dict(ModelConfig, data.get("model"), "model")
+        diffusion = from_dict(DiffusionConfig, data.get("diffusion"), "diffusion")
+        sampler = from_dict(SamplerConfig, data.get("sampler"), "sampler")
+        if unet is None:
+            unet = UNet(model.unet, *condition_dims(model.guidance))
+        if autoencoder is None:
+            autoencoder = AutoencoderKL(model.autoencoder)
+        return cls(unet, autoencoder, diffusion, model.guidance, sampler, data)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, pathlib.Path], device: Union[str, torch.device, None] = None,
+                        dtype: Optional[torch.dtype] = None) -> "SelfGuidedPipeline":
+        """Load a pipeline directory, a training run directory (its ``pipeline/``) or a ``.safetensors`` file."""
+        from safetensors import safe_open
+
+        file = _weights_file(pathlib.Path(path))
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != FORMAT or "config" not in meta:
+            raise ValueError(f"{file}: not an sgdm pipeline file (its safetensors metadata lacks format "
+                             f"{FORMAT!r} and the config); write one with SelfGuidedPipeline.save_pretrained")
+        try:
+            config = json.loads(meta["config"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: the config in its metadata is not valid JSON: {err}") from None
+        pipe = cls.from_config(config)
+        for name, module in (("unet", pipe.unet), ("autoencoder", pipe.autoencoder)):
+            _load_prefixed(module, tensors, name, file)
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, path: Union[str, pathlib.Path]) -> pathlib.Path:
+        """Write ``path/model.safetensors`` + ``path/config.yaml``, or one file if ``path`` ends in .safetensors."""
+        from safetensors.torch import save_file
+
+        path = pathlib.Path(path)
+        file = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
+                   for name, module in (("unet", self.unet), ("autoencoder", self.autoencoder))
+                   for k, v in module.state_dict().items()}
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config)}
+        tmp = file.with_name(file.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(file)  # atomic: an interrupted save never leaves a truncated model.safetensors
+        if file.parent == path:
+            (path / "config.yaml").write_text(dump_yaml(self.config))
+        return file
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SelfGuidedPipeline":
+        self.unet.to(device=device, dtype=dtype)
+        self.autoencoder.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of self-annotated classes the model is guided by (0 when unguided)."""
+        return self.guidance.num_classes if self.guidance.kind != "none" else 0
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.unet.cfg
+        return c.in_channels, c.image_size, c.image_size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = self.unet.cfg.image_size * self.autoencoder.cfg.downsample_factor
+        return side, side
+
+    # ----------------------------------------------------------------- sampling
+    def _eps_model(self, x, t, cond, cond_map):
+        out = self.unet(x, t, cond, cond_map)
+        return eps_from_output(self.schedule, x, t, out, self.diffusion.parameterization)
+
+    def _guidance_scale(self, scale) -> float:
+        if self.guidance.kind == "none":
+            if scale is not None:
+                raise ValueError(f"guidance_scale: this model is unguided (model.guidance.kind: none), so there is "
+                                 f"nothing to scale; leave guidance_scale unset (got {scale!r})")
+            return 1.0
+        scale = self.sampler.guidance_scale if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"guidance_scale: expected a finite number w (paper Eq. 4), got {scale!r}")
+        return float(scale)
+
+    def _check_call(self, num_images, num_steps, sampler, eta, batch_size, output_type) -> None:
+        _positive_int(num_images, "num_images")
+        _positive_int(num_steps, "num_steps")
+        _positive_int(batch_size, "batch_size", allow_none=True)
+        if num_steps > len(self.schedule):
+            raise ValueError(f"num_steps: at most the {len(self.schedule)} training timesteps, got {num_steps}")
+        get_sampler(sampler)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta: only the ddim sampler uses eta; got eta={eta} with sampler={sampler!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+    @torch.no_grad()
+    def __call__(self, num_images: int, cluster=None, box=None, mask=None, guidance_scale: Optional[float] = None,
+                 num_steps: int = 250, sampler: str = "ddim", eta: float = 0.0, generator=None,
+                 batch_size: Optional[int] = None, output_type: str = "pil", progress: bool = True):
+        """Generate ``num_images`` images.
+
+        cluster: int or one int per image (label and box guidance), ids in [0, K).
+        box: normalized xyxy in [0, 1] ([4] or [N, 4]), or a binary mask ([H, W] / [N, H, W], bool or 0/1)
+            with the images' aspect ratio; box guidance needs ``cluster`` too (paper Eq. 8).
+        mask: integer class map [H, W] / [N, H, W] (ids in [0, K), 255 = ignore) or a float/bool
+            channel mask [K, H, W] / [N, K, H, W], any resolution with the images' aspect ratio (Eq. 9).
+            Passing none of them samples unconditionally.
+        guidance_scale: w of Eq. 4, eps = (1 - w) eps_uncond + w eps_cond (= eps_uncond + w (eps_cond -
+            eps_uncond)); None takes ``sampler.guidance_scale`` of the config (2.0 by default). Must be
+            left unset for an unguided model.
+        num_steps, sampler (ddim | ddpm | dpmpp_2m), eta (ddim only): the solver. ddim and ddpm visit
+            LDM's uniform timesteps, dpmpp_2m timesteps evenly spaced in log-SNR.
+        generator: torch.Generator (or one per image); see the module docstring for reproducibility.
+        batch_size: images per network call (default all). output_type: ``pil`` (list of PIL images),
+            ``pt`` (float [N, 3, H, W] in [0, 1]), ``np`` (float32 [N, H, W, 3] in [0, 1]) or ``latent``
+            (diffusion-space latents [N, C, h, w]); all on the CPU.
+        """
+        self._check_call(num_images, num_steps, sampler, eta, batch_size, output_type)
+        scale = self._guidance_scale(guidance_scale)
+        cond, cond_map = build_condition(self.guidance, num_images, self.latent_shape[1:], self.image_size,
+                                         cluster=cluster, box=box, mask=mask)
+        generators = per_image_generators(generator, num_images)
+        if sampler == "dpmpp_2m":
+            timesteps = logsnr_timesteps(num_steps, self.schedule)
+        else:
+            timesteps = ddim_timesteps(num_steps, len(self.schedule))
+        batch_size = batch_size or num_images
+        starts = range(0, num_images, batch_size)
+        from tqdm.auto import tqdm
+
+        outputs = []
+        with tqdm(total=len(starts) * num_steps, disable=not progress, desc="sampling") as bar:
+            for lo in starts:
+                hi = min(lo + batch_size, num_images)
+                z = self._sample_batch(generators[lo:hi], _rows(cond, lo, hi), _rows(cond_map, lo, hi), scale,
+                                       timesteps, sampler, eta, lambda *_: bar.update(1))
+                outputs.append(z if output_type == "latent" else self.autoencoder.decode_latents(z))
+        return _format(torch.cat(outputs).float().cpu(), output_type)
+
+    def _sample_batch(self, generators, cond, cond_map, scale, timesteps, sampler, eta, callback) -> torch.Tensor:
+        """Latents [b, C, h, w] for one batch (its images' own generators)."""
+        from sgdm.diffusion.noise import randn
+
+        device, dtype = self.device, next(self.unet.parameters()).dtype
+        x = randn((len(generators), *self.latent_shape), generators, device=device, dtype=dtype)
+        move = lambda c: None if c is None else c.to(device=device, dtype=dtype)  # noqa: E731
+        denoise = ClassifierFreeGuidance(self._eps_model, move(cond), move(cond_map), scale)
+        kwargs = {"callback": callback}
+        if sampler in ("ddim", "ddpm"):
+            kwargs["generator"] = generators
+        if sampler == "ddim":
+            kwargs["eta"] = float(eta)
+        return get_sampler(sampler)(denoise, x, timesteps, self.schedule, **kwargs)
+
+
+def _rows(t: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[lo:hi]
+
+
+def _format(samples: torch.Tensor, output_type: str):
+    """Latents as they are; images [N, 3, H, W] in [-1, 1] as pt / np / pil in [0, 1]."""
+    if output_type == "latent":
+        return samples
+    images = ((samples + 1) / 2).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    if output_type == "np":
+        return images.permute(0, 2, 3, 1).numpy()
+    from PIL import Image
+
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+
+
+# --------------------------------------------------------------------- files
+def _weights_file(path: pathlib.Path) -> pathlib.Path:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: expected a pipeline directory or a .safetensors file")
+        return path
+    if path.is_dir():
+        for candidate in (path / WEIGHTS_NAME, path / "pipeline" / WEIGHTS_NAME):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} there nor in {path / 'pipeline'} (training writes it "
+                                f"there when it finishes, or call SelfGuidedPipeline.save_pretrained)")
+    raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, file: pathlib.Path) -> None:
+    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if not state:
+        raise ValueError(f"{file}: holds no '{prefix}.*' tensors")
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{file}: the {prefix} weights do not fit the {prefix} config stored with them: {err}") from None
+    if missing or unexpected:
+        raise ValueError(f"{file}: the {prefix} weights do not match its config: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+
+
+# --------------------------------------------------------------------- guidance inputs
+def _expand(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """One item for all images, or one per image."""
+    if t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    if t.shape[0] != n:
+        raise ValueError(f"{name}: got {t.shape[0]} items for num_images={n}; pass one, or one per image")
+    return t
+
+
+def _check_covers_image(hw, image_hw, latent_hw, name: str) -> None:
+    if hw[0] < 1 or hw[1] < 1 or hw[0] * image_hw[1] != hw[1] * image_hw[0]:
+        raise ValueError(f"{name}: size {tuple(hw)} does not fit the {image_hw[0]}x{image_hw[1]} output images: it "
+                         f"must cover the image (same aspect ratio, any resolution; it is resized to the "
+                         f"{latent_hw[0]}x{latent_hw[1]} latent grid)")
+
+
+def _cluster_condition(cluster, k: int, n: int) -> torch.Tensor:
+    ids = cluster if isinstance(cluster, torch.Tensor) else torch.as_tensor(cluster)
+    return one_hot(_expand(ids.reshape(-1), n, "cluster"), k)
+
+
+def _box_condition(box, n: int, latent_hw, image_hw) -> torch.Tensor:
+    """Binary box map [N, 1, h, w] on the latent grid (cells overlapping the box, as in training)."""
+    b = box if isinstance(box, torch.Tensor) else torch.as_tensor(box)
+    if b.dtype != torch.bool and b.dim() in (1, 2) and b.shape[-1] == 4:
+        boxes = _expand(b.float().reshape(-1, 4), n, "box")
+        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+                raise ValueError(f"box[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and "
+                                 f"0 <= y0 <= y1 <= 1, got {[x0, y0, x1, y1]}")
+        return box_mask(boxes, *latent_hw)
+    m = b[:, 0] if b.dim() == 4 and b.shape[1] == 1 else (b[None] if b.dim() == 2 else b)
+    if m.dim() != 3:
+        raise ValueError(f"box: expected xyxy [4] / [N, 4] or a binary mask [H, W] / [N, H, W], got shape "
+                         f"{tuple(b.shape)}")
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("box: a box mask must be binary (bool or 0/1 values)")
+    _check_covers_image(m.shape[-2:], image_hw, latent_hw, "box")
+    return F.adaptive_max_pool2d(_expand(m, n, "box").float()[:, None], tuple(latent_hw))
+
+
+def _mask_condition(mask, k: int, n: int, latent_hw, image_hw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(multi-hot [N, K] from the full-resolution mask, one-hot map [N, K, h, w] on the latent grid)."""
+    m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(mask)
+    if not (m.is_floating_point() or m.dtype == torch.bool):
+        ids = m[None] if m.dim() == 2 else m
+        if ids.dim() != 3:
+            raise ValueError(f"mask: a class-id map must be [H, W] or [N, H, W], got shape {tuple(m.shape)}")
+        _check_covers_image(ids.shape[-2:], image_hw, latent_hw, "mask")
+        ids = _expand(ids, n, "mask")
+        return multi_hot(class_map_one_hot(ids, k)), class_map_one_hot(ids, k, size=tuple(latent_hw))
+    hot = m[None] if m.dim() == 3 else m
+    if hot.dim() != 4 or hot.shape[1] != k:
+        raise ValueError(f"mask: a channel mask must be [K, H, W] or [N, K, H, W] with K={k}, got shape "
+                         f"{tuple(m.shape)}")
+    _check_covers_image(hot.shape[-2:], image_hw, latent_hw, "mask")
+    hot = _expand(hot.float(), n, "mask")
+    if bool(((hot < 0) | (hot > 1)).any()):
+        raise ValueError("mask: channel values must lie in [0, 1]")
+    return multi_hot(hot), F.interpolate(hot, size=tuple(latent_hw), mode="nearest")
+
+
+_INPUTS = {"none": (), "label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask",)}
+
+
+def build_condition(guidance: GuidanceConfig, num_images: int, latent_hw: Sequence[int], image_hw: Sequence[int],
+                    cluster=None, box=None, mask=None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(cond [N, K] | None, cond_map [N, C, h, w] | None) for the user's guidance inputs (None, None: unconditional)."""
+    given = [name for name, value in (("cluster", cluster), ("box", box), ("mask", mask)) if value is not None]
+    allowed = _INPUTS[guidance.kind]
+    for name in given:
+        if name not in allowed:
+            takes = " and ".join(allowed) if allowed else "no guidance inputs"
+            raise ValueError(f"{name}: this model has {guidance.kind!r} guidance (model.guidance.kind); it takes "
+                             f"{takes}")
+    if not given:
+        return None, None
+    k = guidance.num_classes
+    if guidance.kind == "mask":
+        return _mask_condition(mask, k, num_images, latent_hw, image_hw)
+    if guidance.kind == "box" and len(given) == 1:
+        missing = "box" if given == ["cluster"] else "cluster"
+        raise ValueError(f"{missing}: box guidance (paper Eq. 8) takes a box together with its cluster id; "
+                         f"pass both cluster= and box= (or neither, for unconditional samples)")
+    cond = _cluster_condition(cluster, k, num_images)
+    if guidance.kind == "label":
+        return cond, None
+    return cond, _box_condition(box, num_images, latent_hw, image_hw)

@@ -1,0 +1,1 @@
+from tests.diffusion.conftest import single_thread  # noqa: F401  (tiny tensors: one thread is faster)

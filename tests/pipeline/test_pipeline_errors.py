@@ -1,0 +1,118 @@
+"""Every bad input to SelfGuidedPipeline names the argument (or file) that is wrong."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sgdm.models.unet import UNet
+from sgdm.pipeline import SelfGuidedPipeline
+from tests.pipeline.helpers import K, tiny_config, tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {kind: tiny_pipeline(kind) for kind in ("none", "label", "box", "mask")}
+
+
+def _call(pipe, n=2, **kwargs):
+    kwargs.setdefault("num_steps", 2)
+    kwargs.setdefault("output_type", "latent")
+    return pipe(n, progress=False, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+@pytest.mark.parametrize("kind, kwargs, match", [
+    ("label", {"cluster": K}, rf"cluster: id {K} is outside \[0, {K}\)"),
+    ("label", {"cluster": [0, -1]}, r"cluster: id -1 is outside"),
+    ("label", {"cluster": [0, 1, 2]}, "cluster: got 3 items for num_images=2"),
+    ("label", {"cluster": 0.5}, "cluster: expected integer ids"),
+    ("label", {"box": [0, 0, 1, 1]}, "box: this model has 'label' guidance"),
+    ("label", {"mask": torch.zeros(16, 16, dtype=torch.long)}, "mask: this model has 'label' guidance"),
+    ("none", {"cluster": 1}, "cluster: this model has 'none' guidance.*no guidance inputs"),
+    ("none", {"guidance_scale": 2.0}, "guidance_scale: this model is unguided"),
+    ("box", {"box": [0, 0, 1, 1]}, "cluster: box guidance .* takes a box together with its cluster id"),
+    ("box", {"cluster": 1}, "box: box guidance"),
+    ("box", {"cluster": 1, "box": [0.5, 0, 0.2, 1]}, r"box\[0\]: expected normalized xyxy"),
+    ("box", {"cluster": 1, "box": [0, 0, 1, 1.5]}, r"box\[0\]: expected normalized xyxy"),
+    ("box", {"cluster": 1, "box": torch.zeros(16, 24, dtype=torch.bool)}, r"box: size \(16, 24\) does not fit"),
+    ("box", {"cluster": 1, "box": torch.full((16, 16), 0.5)}, "box: a box mask must be binary"),
+    ("box", {"cluster": 1, "box": torch.zeros(2, 2, 16, 16)}, "box: expected xyxy"),
+    ("box", {"cluster": 1, "mask": torch.zeros(16, 16, dtype=torch.long)}, "mask: this model has 'box' guidance"),
+    ("mask", {"mask": torch.zeros(16, 12, dtype=torch.long)}, r"mask: size \(16, 12\) does not fit the 16x16"),
+    ("mask", {"mask": torch.full((16, 16), K, dtype=torch.long)}, rf"mask: class id {K} is outside"),
+    ("mask", {"mask": torch.zeros(K + 1, 16, 16)}, rf"mask: a channel mask must be \[K, H, W\].*K={K}"),
+    ("mask", {"mask": torch.full((K, 8, 8), 2.0)}, r"mask: channel values must lie in \[0, 1\]"),
+    ("mask", {"mask": torch.zeros(3, 16, 16, dtype=torch.long)}, "mask: got 3 items for num_images=2"),
+    ("mask", {"mask": torch.zeros(2, 2, 2, 16, 16, dtype=torch.long)}, r"mask: a class-id map must be"),
+    ("mask", {"cluster": 1}, "cluster: this model has 'mask' guidance .*; it takes mask$"),
+    ("label", {"num_steps": 0}, "num_steps: expected a positive integer, got 0"),
+    ("label", {"num_steps": -5}, "num_steps: expected a positive integer, got -5"),
+    ("label", {"num_steps": 2.5}, "num_steps: expected a positive integer"),
+    ("label", {"num_steps": 51}, "num_steps: at most the 50 training timesteps"),
+    ("label", {"sampler": "euler_a"}, "sampler: unknown sampler 'euler_a'"),
+    ("label", {"eta": -1.0}, "eta: expected a finite number >= 0"),
+    ("label", {"eta": 0.5, "sampler": "dpmpp_2m"}, "eta: only the ddim sampler uses eta"),
+    ("label", {"cluster": 0, "guidance_scale": float("inf")}, "guidance_scale: expected a finite number"),
+    ("label", {"batch_size": 0}, "batch_size: expected a positive integer"),
+    ("label", {"output_type": "tensor"}, "output_type: expected one of pil, pt, np, latent"),
+])
+def test_bad_call_names_the_argument(pipes, kind, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _call(pipes[kind], **kwargs)
+
+
+def test_bad_num_images_and_generators(pipes):
+    with pytest.raises(ValueError, match="num_images: expected a positive integer, got 0"):
+        pipes["label"](0, progress=False)
+    with pytest.raises(ValueError, match=r"generator: a list must hold one torch.Generator per image \(2\)"):
+        pipes["label"](2, num_steps=1, generator=[torch.Generator()], progress=False)
+    with pytest.raises(TypeError, match="generator: expected a torch.Generator"):
+        pipes["label"](2, num_steps=1, generator=123, progress=False)
+
+
+def test_unet_that_does_not_fit_the_guidance(pipes):
+    p = pipes["label"]
+    with pytest.raises(ValueError, match=r"unet: built with \(cond_dim, cond_channels\) = \(0, 0\).*'label'"):
+        SelfGuidedPipeline(UNet(p.unet.cfg), p.autoencoder, p.diffusion, p.guidance)
+
+
+def test_from_pretrained_errors_name_the_file(pipes, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no model.safetensors there nor in"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "empty")
+    (tmp_path / "w.ckpt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"w.ckpt: expected a pipeline directory or a .safetensors file"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "w.ckpt")
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="plain.safetensors: not an sgdm pipeline file"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "plain.safetensors")
+
+
+def test_weights_that_do_not_fit_the_stored_config(pipes, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    path = pipes["label"].save_pretrained(tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bigger = tiny_config("label")
+    bigger["model"]["unet"]["channels"] = 16
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=dict(meta, config=json.dumps(bigger)))
+    with pytest.raises(ValueError, match="shape.safetensors: the unet weights do not fit the unet config"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "shape.safetensors")
+    missing = {k: v for k, v in tensors.items() if not k.startswith("unet.out.")}
+    save_file(missing, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"missing.safetensors: the unet weights do not match.*missing \['out"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "missing.safetensors")
+    no_ae = {k: v for k, v in tensors.items() if k.startswith("unet.")}
+    save_file(no_ae, str(tmp_path / "no_ae.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="no_ae.safetensors: holds no 'autoencoder.\\*' tensors"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "no_ae.safetensors")
+    bad_cfg = tiny_config("label")
+    bad_cfg["model"]["guidance"]["kind"] = "sideways"
+    save_file(tensors, str(tmp_path / "cfg.safetensors"), metadata=dict(meta, config=json.dumps(bad_cfg)))
+    from sgdm.config.core import ConfigError
+
+    with pytest.raises(ConfigError, match="model.guidance.kind"):
+        SelfGuidedPipeline.from_pretrained(tmp_path / "cfg.safetensors")
