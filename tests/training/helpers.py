@@ -75,3 +75,40 @@ def _flatten(d: dict, prefix: str = ""):
             yield from _flatten(v, key + ".")
         else:
             yield key, yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def run_in_process(cfg_dict: dict, resume: bool = False) -> int:
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.run import train
+
+    return train(from_dict(ExperimentConfig, cfg_dict), resume=resume)
+
+
+def cli_command(config_path: pathlib.Path, *args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "sgdm.cli.main", "train", str(config_path), *args]
+
+
+def load_checkpoint(path: pathlib.Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bit-identical weights, EMA, optimiser and scheduler state, and step counters."""
+    import torch
+
+    assert a["sgdm"] == b["sgdm"]
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), f"state_dict[{key!r}] differs"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    sa, sb = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert sa["param_groups"] == sb["param_groups"]
+    for index, state in sa["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, sb["state"][index][name]), f"optimizer state {index}.{name} differs"

@@ -1,0 +1,82 @@
+"""Config errors exit with code 2 and name the key path, before data or devices are touched."""
+from __future__ import annotations
+
+import pytest
+
+from sgdm.cli.main import main
+from sgdm.config.core import ConfigError, from_dict
+from sgdm.config.schema import ExperimentConfig, check_annotation_store
+from tests.training.helpers import make_label_store, tiny_config, write_config
+
+
+def _run(capsys, tmp_path, cfg, *extra):
+    code = main(["train", str(write_config(tmp_path, cfg)), *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.bogus=1", "train.bogus"),
+    ("model.unet.channels=abc", "model.unet.channels"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.guidance.num_classes=5", "model.guidance.num_classes"),
+    ("train.batch_size=6", "train.batch_size"),  # does not divide by accumulate=4
+    ("train.sample_steps=500", "train.sample_steps"),
+])
+def test_bad_settings_exit_2_naming_the_key(capsys, tmp_path, override, key):
+    cfg = tiny_config(tmp_path, train={"accumulate": 4} if key == "train.batch_size" else {})
+    code, err = _run(capsys, tmp_path, cfg, override)
+    assert code == 2
+    assert f"config error: {key}:" in err
+    assert not (tmp_path / "runs").exists()  # nothing touched
+    assert not (tmp_path / "shapes").exists()
+
+
+def test_guidance_dropout_without_guidance(capsys, tmp_path):
+    cfg = tiny_config(tmp_path, model={"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.1}})
+    code, err = _run(capsys, tmp_path, cfg)
+    assert code == 2 and "model.guidance.drop_prob" in err and "no guidance" in err
+
+
+def test_mask_channels_must_match_k(tmp_path):
+    cfg = tiny_config(tmp_path, model={"guidance": {"kind": "mask", "num_classes": 4}},
+                      annotation={"granularity": "mask", "num_classes": 5})
+    with pytest.raises(ConfigError) as err:
+        from_dict(ExperimentConfig, cfg)
+    assert err.value.key == "model.guidance.num_classes" and "mask channel count 4" in str(err.value)
+
+
+def test_guidance_kind_must_match_annotation_granularity(tmp_path):
+    cfg = tiny_config(tmp_path, model={"guidance": {"kind": "box"}})
+    with pytest.raises(ConfigError) as err:
+        from_dict(ExperimentConfig, cfg)
+    assert err.value.key == "annotation.granularity"
+
+
+def test_missing_store_and_cluster_count_mismatch(capsys, tmp_path):
+    cfg = tiny_config(tmp_path)
+    code, err = _run(capsys, tmp_path, cfg)
+    assert code == 2 and "annotation.store" in err and "sgdm-ldm annotate" in err
+    make_label_store(cfg, num_classes=2)  # the config says K=3
+    with pytest.raises(ConfigError) as exc:
+        check_annotation_store(from_dict(ExperimentConfig, cfg))
+    assert exc.value.key == "model.guidance.num_classes" and "K=2" in str(exc.value)
+
+
+def test_print_config_resolves_overrides(capsys, tmp_path):
+    cfg = tiny_config(tmp_path)
+    code = main(["train", str(write_config(tmp_path, cfg)), "train.lr=5e-5", "--print-config"])
+    out = capsys.readouterr().out
+    assert code == 0 and "lr: 5.0e-05" in out and "drop_prob: 0.3" in out
+    assert from_dict(ExperimentConfig, __import__("yaml").safe_load(out)).train.lr == 5e-5
+
+
+def test_existing_run_needs_resume(capsys, tmp_path):
+    cfg = tiny_config(tmp_path)
+    make_label_store(cfg)
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step-00000002.ckpt").write_bytes(b"x")
+    code, err = _run(capsys, tmp_path, cfg)
+    assert code == 2 and "run.name" in err and "--resume" in err
+    code, err = _run(capsys, tmp_path, cfg, "--resume")
+    assert code == 2 and "no readable checkpoint" in err

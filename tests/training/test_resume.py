@@ -1,0 +1,117 @@
+"""Exact resume, SIGKILL at random points, SIGTERM -> checkpoint + exit 143 (CPU, tiny model)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from sgdm.training.checkpoint import checkpoint_name, list_checkpoints
+from tests.training.helpers import (assert_same_training_state, cli_command, load_checkpoint, make_label_store,
+                                    run_in_process, tiny_config, write_config)
+
+import torch
+
+# One intra-op thread here and in the children: a parallel reduction's chunking depends on how many
+# threads actually run, which a loaded machine can vary; bit-identity needs the same float order.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("resume")
+    make_label_store(tiny_config(tmp))
+    yield tmp
+    torch.set_num_threads(threads)
+
+
+def _ckpt(cfg: dict, step: int) -> dict:
+    import pathlib
+
+    return load_checkpoint(pathlib.Path(cfg["run"]["dir"]) / cfg["run"]["name"] / "checkpoints" / checkpoint_name(step))
+
+
+def test_resume_is_exact_mid_epoch_in_a_new_process_and_in_a_later_epoch(workdir):
+    # accumulate 2: 2 images per micro-batch, 12 micro-batches per data epoch = 6 steps per epoch
+    common = {"accumulate": 2, "max_steps": 8, "checkpoint_every": 1}
+    straight = tiny_config(workdir, run={"name": "straight"}, train=common)
+    assert run_in_process(straight) == 0
+
+    split = tiny_config(workdir, run={"name": "split"}, train={**common, "max_steps": 4})
+    assert run_in_process(split) == 0
+    split["train"]["max_steps"] = 8
+    proc = subprocess.run(cli_command(write_config(workdir, split, "split.yaml"), "--resume"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training_state(_ckpt(straight, 8), _ckpt(split, 8))
+
+    later = tiny_config(workdir, run={"name": "later"}, train={**common, "max_steps": 7})  # step 7: data epoch 1
+    assert run_in_process(later) == 0
+    later["train"]["max_steps"] = 8
+    assert run_in_process(later, resume=True) == 0
+    assert_same_training_state(_ckpt(straight, 8), _ckpt(later, 8))
+    assert _ckpt(straight, 8)["sgdm"]["ema_updates"] == 8
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.0005)
+    return False
+
+
+def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir):
+    steps = 24
+    train = {"max_steps": steps, "checkpoint_every": 2, "keep_checkpoints": 3}
+    reference = tiny_config(workdir, run={"name": "reference"}, train=train)
+    assert run_in_process(reference) == 0
+
+    faulty = tiny_config(workdir, run={"name": "faulty"}, train=train)
+    path = write_config(workdir, faulty, "faulty.yaml")
+    ckpt_dir = workdir / "runs" / "faulty" / "checkpoints"
+    rng = random.Random(1234)
+    log = open(workdir / "faulty.log", "w")
+
+    # 1) SIGKILL: while a checkpoint is being written if we catch one, else at a random point after the first
+    proc = subprocess.Popen(cli_command(path), env=ENV, stdout=log, stderr=log)
+    assert _wait_for(lambda: list_checkpoints(ckpt_dir), 180, proc), "no checkpoint appeared"
+    delay = time.monotonic() + rng.uniform(0.0, 0.4)
+    _wait_for(lambda: time.monotonic() > delay or any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir()), 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = [s for s, _ in list_checkpoints(ckpt_dir)]
+    assert killed_at and max(killed_at) < steps, "the run finished before it could be killed"
+    (ckpt_dir / f".{checkpoint_name(max(killed_at) + 2)}.999.tmp").write_bytes(b"partial")  # a torn write
+    torn = ckpt_dir / checkpoint_name(max(killed_at) + 2)
+    torn.write_bytes(load_path_bytes(ckpt_dir / checkpoint_name(max(killed_at)))[:1000])  # corrupt, real name
+
+    # 2) resume; SIGTERM after the next checkpoint -> a checkpoint at a step boundary and exit code 143
+    proc = subprocess.Popen(cli_command(path, "--resume"), env=ENV, stdout=log, stderr=log)
+    before = {s for s, _ in list_checkpoints(ckpt_dir)}
+    assert _wait_for(lambda: {s for s, _ in list_checkpoints(ckpt_dir)} - before, 180, proc), "resume made no progress"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert not any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir()), "leftovers were not cleaned"
+    stopped_at = max(s for s, _ in list_checkpoints(ckpt_dir))
+
+    # 3) resume to the end
+    proc = subprocess.run(cli_command(path, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log.close()
+    if stopped_at < steps:
+        assert f"step-{stopped_at:08d}" in proc.stderr + proc.stdout
+    assert_same_training_state(_ckpt(reference, steps), _ckpt(faulty, steps))
+
+
+def load_path_bytes(path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
