@@ -1,11 +1,13 @@
 """LSUN's official LMDB release (``church_outdoor_train_lmdb/``): key = image id, value = WebP or JPEG bytes.
 
-The key list is read once when the dataset is built. The LMDB environment is
-opened lazily in each process (an open environment must not cross a fork), read
-only and without locking, so any number of DataLoader workers can share it.
+The key list is read once when the dataset is built. Each process holds one
+read-only, lock-free environment per LMDB, shared by every dataset object on
+that path; a forked DataLoader worker replaces the one it inherited (LMDB
+environments must not cross a fork), so any number of workers can read.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +23,21 @@ def _open(root: Path):
     return lmdb.open(str(root), readonly=True, lock=False, readahead=False, meminit=False, max_readers=256)
 
 
+_ENVS: dict[str, tuple[int, object]] = {}  # path -> (pid, environment): py-lmdb allows one per path per process
+
+
+def _environment(root: Path):
+    """This process's environment for ``root``; one inherited through a fork is closed and replaced."""
+    key = str(root.resolve())
+    pid, env = _ENVS.get(key, (None, None))
+    if pid != os.getpid():
+        if env is not None:
+            env.close()  # the child's copy only (read-only, lock=False: no shared reader table)
+        env = _open(root)
+        _ENVS[key] = (os.getpid(), env)
+    return env
+
+
 class LsunLmdbDataset(ImageDataset):
     name = "lsun_lmdb"
 
@@ -31,32 +48,23 @@ class LsunLmdbDataset(ImageDataset):
         import lmdb
 
         try:
-            env = _open(root)
+            env = _environment(root)
         except lmdb.Error as err:
             raise ConfigError(f"{key}.root", f"cannot open LMDB {root}: {err}") from None
         with env.begin() as txn:
             keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
-        env.close()
         if not keys:
             raise ConfigError(f"{key}.root", f"LMDB {root} holds no images")
         keys = limit(keys, max_images)
         super().__init__([k.decode("utf-8", "replace") for k in keys], **kwargs)
         self.root = root
         self.keys = keys
-        self._env = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_env"] = None  # each worker opens its own environment
-        return state
 
     def source(self, index: int) -> str:
         return f"{self.root}[{self.ids[index]}]"
 
     def load(self, index: int) -> RawSample:
-        if self._env is None:
-            self._env = _open(self.root)
-        with self._env.begin(buffers=False) as txn:
+        with _environment(self.root).begin(buffers=False) as txn:
             data = txn.get(self.keys[index])
         if not data:
             raise BadImageError(self.source(index), "key not found in the LMDB" if data is None else "zero-byte value")

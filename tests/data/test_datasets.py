@@ -204,3 +204,13 @@ def test_mask_of_the_wrong_size_is_a_bad_file(tmp_path):
     ds = build_dataset(cfg(dataset="coco_stuff27", root=tmp_path, on_bad_image="raise"), train=False)
     with pytest.raises(BadImageError, match="index 0: .*mask is 10x10 but the image is 40x30"):
         ds[0]
+
+
+def test_lsun_lmdb_survives_pickling_in_the_same_process(tmp_path):
+    import pickle
+
+    fixtures.make_lsun_lmdb(tmp_path / "db", num_good=2, bad=False)
+    ds = build_dataset(cfg(dataset="lsun_lmdb", root=tmp_path / "db"), train=False)
+    first = ds[0]["image"]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(copy[0]["image"], first)
