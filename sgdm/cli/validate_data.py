@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_dict(DataConfig, raw.get("data"), "data")
     dataset = build_dataset(cfg, train=False, split=args.split)
     workers = cfg.num_workers if args.workers is None else args.workers
-    bad = scan_dataset(dataset, num_workers=workers, report=lambda item: print(f"BAD {item.source}: {item.reason}"))
+    bad = scan_dataset(dataset, num_workers=workers, progress=sys.stderr.isatty(),
+                       report=lambda item: print(f"BAD {item.source}: {item.reason}", flush=True))
     fine = len(dataset) - len(bad)
     print(f"{dataset.name} ({cfg.split if args.split is None else args.split}): {fine} of {len(dataset)} "
-          f"items are fine, {len(bad)} cannot be read", file=sys.stdout)
+          f"items are fine, {len(bad)} cannot be read")
     return 1 if bad else 0

@@ -108,7 +108,11 @@ class ImageDataset(Dataset):
         return len(self.ids)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the flips of ``epoch``: flip(i) = coin(seed, epoch, i), identical after a resume."""
+        """Choose the flips of ``epoch``: flip(i) = coin(seed, epoch, i), identical after a resume.
+
+        Call it before iterating a DataLoader for that epoch: workers copy the
+        dataset when the iterator starts (so persistent workers keep the old epoch).
+        """
         self.epoch = int(epoch)
 
     def is_flipped(self, index: int) -> bool:

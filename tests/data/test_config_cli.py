@@ -62,6 +62,15 @@ def test_validate_data_clean_dataset_with_workers_and_override(tmp_path, capsys)
     assert capsys.readouterr().out.strip().endswith("3 of 3 items are fine, 0 cannot be read")
 
 
+def test_validate_data_split_option(tmp_path, capsys):
+    config = _write_config(tmp_path / "c.yaml", {"dataset": "shapes", "num_workers": 0, "shapes": {
+        "num_images": 3, "num_val_images": 2, "image_size": 16, "cache_dir": str(tmp_path / "cache")}})
+    assert main(["validate-data", config, "--split", "val"]) == 0
+    assert capsys.readouterr().out.strip() == "shapes (val): 2 of 2 items are fine, 0 cannot be read"
+    assert main(["validate-data", config, "--split", "test"]) == 2
+    assert "data.split" in capsys.readouterr().err
+
+
 def test_validate_data_config_errors_exit_2(tmp_path, capsys):
     config = _write_config(tmp_path / "c.yaml", {"dataset": "image_folder", "root": str(tmp_path / "none")})
     assert main(["validate-data", config]) == 2
