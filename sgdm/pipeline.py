@@ -306,7 +306,8 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, file: pa
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{file}: the {prefix} weights do not fit the {prefix} config stored with them: {err}") from None
+        raise ValueError(f"{file}: the {prefix} weights do not fit the {prefix} config stored with them: "
+                         f"{err}") from None
     if missing or unexpected:
         raise ValueError(f"{file}: the {prefix} weights do not match its config: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
@@ -329,14 +330,23 @@ def _check_covers_image(hw, image_hw, latent_hw, name: str) -> None:
                          f"{latent_hw[0]}x{latent_hw[1]} latent grid)")
 
 
+def _as_tensor(value) -> torch.Tensor:
+    """Tensors as they are; numbers, (nested) lists, numpy arrays and PIL images as tensors."""
+    if isinstance(value, torch.Tensor):
+        return value
+    import numpy as np
+
+    return torch.as_tensor(np.asarray(value))
+
+
 def _cluster_condition(cluster, k: int, n: int) -> torch.Tensor:
-    ids = cluster if isinstance(cluster, torch.Tensor) else torch.as_tensor(cluster)
+    ids = _as_tensor(cluster)
     return one_hot(_expand(ids.reshape(-1), n, "cluster"), k)
 
 
 def _box_condition(box, n: int, latent_hw, image_hw) -> torch.Tensor:
     """Binary box map [N, 1, h, w] on the latent grid (cells overlapping the box, as in training)."""
-    b = box if isinstance(box, torch.Tensor) else torch.as_tensor(box)
+    b = _as_tensor(box)
     if b.dtype != torch.bool and b.dim() in (1, 2) and b.shape[-1] == 4:
         boxes = _expand(b.float().reshape(-1, 4), n, "box")
         for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
@@ -356,7 +366,7 @@ def _box_condition(box, n: int, latent_hw, image_hw) -> torch.Tensor:
 
 def _mask_condition(mask, k: int, n: int, latent_hw, image_hw) -> tuple[torch.Tensor, torch.Tensor]:
     """(multi-hot [N, K] from the full-resolution mask, one-hot map [N, K, h, w] on the latent grid)."""
-    m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(mask)
+    m = _as_tensor(mask)
     if not (m.is_floating_point() or m.dtype == torch.bool):
         ids = m[None] if m.dim() == 2 else m
         if ids.dim() != 3:
