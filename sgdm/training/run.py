@@ -145,8 +145,11 @@ def build_trainer(cfg: ExperimentConfig, extra_callbacks=()):
                       default_root_dir=str(cfg.run.path), num_sanity_val_steps=0, limit_val_batches=0)
 
 
-def train(cfg: ExperimentConfig, resume: bool = False) -> int:
-    """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM."""
+def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
+    """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM.
+
+    ``callbacks``: extra Lightning callbacks (monitoring, tests).
+    """
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     ckpt = prepare_run_dir(cfg, resume)
@@ -159,7 +162,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> int:
         from sgdm.training.scale import ensure_scale_factor
 
         ensure_scale_factor(cfg, module)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, callbacks)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")

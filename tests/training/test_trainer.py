@@ -1,0 +1,108 @@
+"""In-process trainer behaviour: non-finite steps, latent cache, sample grids, export, EMA."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import pytest
+import torch
+
+from sgdm.config.core import from_dict
+from sgdm.config.schema import ExperimentConfig
+from sgdm.training.ema import ema_decay, update_ema
+from sgdm.training.module import NonFiniteLossError
+from sgdm.training.run import train
+from tests.training.helpers import make_label_store, tiny_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trainer")
+    make_label_store(tiny_config(tmp))
+    return tmp
+
+
+class PoisonAndRecord(pl.Callback):
+    """Makes the loss NaN at the given steps; records (unet, ema) weights after every step."""
+
+    def __init__(self, bad_steps):
+        self.bad_steps, self.states = set(bad_steps), {}
+
+    def on_train_start(self, trainer, module):
+        forward = module.unet.forward
+
+        def poisoned(x, t, cond=None, cond_map=None):
+            out = forward(x, t, cond, cond_map)
+            return out * float("nan") if module.step in self.bad_steps else out
+
+        module.unet.forward = poisoned
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        snapshot = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
+        self.states[module.step] = (snapshot(module.unet), snapshot(module.ema), module.nan_skips)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_skip_leaves_weights_and_ema_untouched_and_counts(workdir):
+    cfg = from_dict(ExperimentConfig, tiny_config(workdir, run={"name": "nan-skip"}, train={"max_steps": 5}))
+    rec = PoisonAndRecord({2})
+    assert train(cfg, callbacks=[rec]) == 0
+    unet2, ema2, skips2 = rec.states[3]  # state after step index 2 (the poisoned one)
+    unet1, ema1, skips1 = rec.states[2]
+    assert (skips1, skips2) == (0, 1)
+    assert _same(unet1, unet2) and _same(ema1, ema2)
+    assert not _same(rec.states[4][0], unet2)  # training went on
+    assert max(rec.states) == 5 and rec.states[5][2] == 1
+
+
+def test_nan_raise_names_the_step(workdir):
+    cfg = from_dict(ExperimentConfig, tiny_config(workdir, run={"name": "nan-raise"},
+                                                  train={"max_steps": 4, "on_nan": "raise"}))
+    with pytest.raises(NonFiniteLossError, match="at step 1 "):
+        train(cfg, callbacks=[PoisonAndRecord({1})])
+
+
+def test_nan_skip_aborts_after_consecutive_skips(workdir):
+    cfg = from_dict(ExperimentConfig, tiny_config(workdir, run={"name": "nan-abort"},
+                                                  train={"max_steps": 6, "max_consecutive_nan": 2}))
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        train(cfg, callbacks=[PoisonAndRecord({1, 2, 3})])
+
+
+def test_latent_cache_sample_grid_and_pipeline_export(workdir):
+    from PIL import Image
+
+    from sgdm.pipeline import SelfGuidedPipeline
+
+    cfg = from_dict(ExperimentConfig, tiny_config(
+        workdir, run={"name": "cached"},
+        train={"max_steps": 2, "cache_latents": True, "cache_shard_size": 10, "sample_every": 2,
+               "sample_scales": [0.0, 2.0], "export_pipeline": True, "logger": "csv", "log_every": 1}))
+    assert train(cfg) == 0
+    run = cfg.run.path
+    assert sorted(p.name for p in (run / "latents").glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    grid = Image.open(run / "samples" / "step-00000002.png")
+    # 3 cluster rows + 2 scale rows of 2 samples, 32 px each
+    assert grid.size == (2 * 32, 5 * 32)
+    assert (run / "logs" / "metrics.csv").read_text().count("train/loss_q") >= 1
+    pipe = SelfGuidedPipeline.from_pretrained(run)
+    ckpt = torch.load(run / "checkpoints" / "step-00000002.ckpt", weights_only=False)
+    ema = {k[len("ema."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in ema.items())
+    images = pipe(2, cluster=[0, 1], num_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                  progress=False)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_ema_warmup_and_update_in_float64():
+    assert ema_decay(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay(10**6, 0.9999) == 0.9999
+    assert ema_decay(0, 0.9, warmup=False) == 0.9
+    ema, model = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    expected = {k: 0.7 * v + 0.3 * model.state_dict()[k] for k, v in ema.state_dict().items()}
+    update_ema(ema, model, 0.7)
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="parameter names differ"):
+        update_ema(ema, torch.nn.Sequential(model), 0.5)
