@@ -64,57 +64,92 @@ namespace {
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+}  // namespace
+
+GroupNormForward prepare_forward(const at::Tensor& x, int64_t num_groups,
+                                 const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, double eps, bool silu) {
+  GroupNormForward f;
+  f.p = prepare_group_norm(x, num_groups, weight, bias, silu);
+  f.y = empty_group_norm_like(x, f.p.shape);
+  const auto stat_opts = x.options().dtype(group_norm_acc_type(x));
+  f.mean = at::empty({f.p.shape.n, num_groups}, stat_opts);
+  f.rstd = at::empty({f.p.shape.n, num_groups}, stat_opts);
+  GroupNormFwdArgs& a = f.args;
+  a.s = f.p.shape;
+  a.eps = eps;
+  a.x = f.p.x.const_data_ptr();
+  a.weight = ptr_or_null(f.p.weight);
+  a.bias = ptr_or_null(f.p.bias);
+  a.y = f.y.mutable_data_ptr();
+  a.mean = f.mean.mutable_data_ptr();
+  a.rstd = f.rstd.mutable_data_ptr();
+  return f;
+}
+
+GroupNormBackward prepare_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                   const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, int64_t num_groups,
+                                   bool silu, bool affine_grads) {
+  GroupNormBackward b;
+  b.p = prepare_group_norm(x, num_groups, weight, bias, silu);
+  check_like(grad_y, "grad_y", x, "x");
+  const auto acc_opts = x.options().dtype(group_norm_acc_type(x));
+  TORCH_CHECK(mean.numel() == b.p.shape.n * num_groups && rstd.numel() == mean.numel(),
+              "sgdm.group_norm_silu_backward: mean and rstd must have N * num_groups = ",
+              b.p.shape.n * num_groups, " elements, got ", mean.numel(), " and ", rstd.numel());
+  TORCH_CHECK(mean.device() == x.device() && rstd.device() == x.device(),
+              "sgdm.group_norm_silu_backward: mean and rstd must be on ", x.device());
+  b.dy = to_group_norm_layout(grad_y, b.p.shape);
+  b.dx = empty_group_norm_like(x, b.p.shape);
+  b.mean = mean.to(acc_opts).contiguous();
+  b.rstd = rstd.to(acc_opts).contiguous();
+  if (affine_grads) {
+    b.sum_dz = at::empty({b.p.shape.n, b.p.shape.c}, acc_opts);
+    b.sum_dzx = at::empty({b.p.shape.n, b.p.shape.c}, acc_opts);
+  }
+  GroupNormBwdArgs& a = b.args;
+  a.s = b.p.shape;
+  a.grad_y = b.dy.const_data_ptr();
+  a.x = b.p.x.const_data_ptr();
+  a.weight = ptr_or_null(b.p.weight);
+  a.bias = ptr_or_null(b.p.bias);
+  a.mean = b.mean.const_data_ptr();
+  a.rstd = b.rstd.const_data_ptr();
+  a.grad_x = b.dx.mutable_data_ptr();
+  a.sum_dz = affine_grads ? b.sum_dz.mutable_data_ptr() : nullptr;
+  a.sum_dzx = affine_grads ? b.sum_dzx.mutable_data_ptr() : nullptr;
+  return b;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> GroupNormBackward::result() const {
+  if (!sum_dz.defined()) {
+    const auto opts = dx.options().dtype(group_norm_acc_type(dx));
+    return {dx, at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  return {dx, sum_dzx.sum(0), sum_dz.sum(0)};
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, int64_t num_groups,
                                                            const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& bias,
                                                            double eps, bool silu) {
-  GroupNormPrepared p = prepare_group_norm(x, num_groups, weight, bias, silu);
-  at::Tensor y = empty_group_norm_like(x, p.shape);
-  const auto stat_opts = x.options().dtype(group_norm_acc_type(x));
-  at::Tensor mean = at::empty({p.shape.n, num_groups}, stat_opts);
-  at::Tensor rstd = at::empty({p.shape.n, num_groups}, stat_opts);
-  GroupNormFwdArgs a;
-  a.s = p.shape;
-  a.eps = eps;
-  a.x = p.x.const_data_ptr();
-  a.weight = ptr_or_null(p.weight);
-  a.bias = ptr_or_null(p.bias);
-  a.y = y.mutable_data_ptr();
-  a.mean = mean.mutable_data_ptr();
-  a.rstd = rstd.mutable_data_ptr();
-  SGDM_CPU_DISPATCH(group_norm_silu_fwd_kernel, a);
-  return {y, mean, rstd};
+  GroupNormForward f = prepare_forward(x, num_groups, weight, bias, eps, silu);
+  SGDM_CPU_DISPATCH(group_norm_silu_fwd_kernel, f.args);
+  return {f.y, f.mean, f.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups, bool silu, bool affine_grads) {
-  GroupNormPrepared p = prepare_group_norm(x, num_groups, weight, bias, silu);
-  check_like(grad_y, "grad_y", x, "x");
-  at::Tensor dy = to_group_norm_layout(grad_y, p.shape);
-  at::Tensor dx = empty_group_norm_like(x, p.shape);
-  const auto acc_opts = x.options().dtype(group_norm_acc_type(x));
-  at::Tensor m = mean.to(acc_opts).contiguous(), r = rstd.to(acc_opts).contiguous();
-  at::Tensor sum_dz, sum_dzx;
-  if (affine_grads) {
-    sum_dz = at::empty({p.shape.n, p.shape.c}, acc_opts);
-    sum_dzx = at::empty({p.shape.n, p.shape.c}, acc_opts);
-  }
-  GroupNormBwdArgs a;
-  a.s = p.shape;
-  a.grad_y = dy.const_data_ptr();
-  a.x = p.x.const_data_ptr();
-  a.weight = ptr_or_null(p.weight);
-  a.bias = ptr_or_null(p.bias);
-  a.mean = m.const_data_ptr();
-  a.rstd = r.const_data_ptr();
-  a.grad_x = dx.mutable_data_ptr();
-  a.sum_dz = affine_grads ? sum_dz.mutable_data_ptr() : nullptr;
-  a.sum_dzx = affine_grads ? sum_dzx.mutable_data_ptr() : nullptr;
-  SGDM_CPU_DISPATCH(group_norm_silu_bwd_kernel, a);
-  if (!affine_grads) return {dx, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
-  return {dx, sum_dzx.sum(0), sum_dz.sum(0)};
+  GroupNormBackward b =
+      prepare_backward(grad_y, x, mean, rstd, weight, bias, num_groups, silu, affine_grads);
+  SGDM_CPU_DISPATCH(group_norm_silu_bwd_kernel, b.args);
+  return b.result();
 }
 
 }  // namespace
