@@ -23,12 +23,16 @@ def _check_recovers_mixture(x):
     assert torch.allclose(gmm.component_fractions(x), gmm.WEIGHTS, atol=0.03)
 
 
-@pytest.mark.parametrize("name, steps, kwargs", [
-    ("ddim", 100, {}),
-    ("ddpm", 200, {}),
-    ("dpmpp_2m", 20, {}),
+@pytest.mark.parametrize("kind, name, steps, kwargs", [
+    ("linear", "ddim", 100, {}),
+    ("linear", "ddpm", 200, {}),
+    ("linear", "dpmpp_2m", 20, {}),
+    ("cosine", "dpmpp_2m", 20, {}),
+    ("scaled_linear", "ddim", 100, {"eta": 0.5}),
 ])
-def test_sampler_recovers_gaussian_mixture(schedule, name, steps, kwargs):
+def test_sampler_recovers_gaussian_mixture(schedule, kind, name, steps, kwargs):
+    if kind != "linear":
+        schedule = make_schedule(DiffusionConfig(schedule=kind, timesteps=1000))
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(N, 2, generator=g, dtype=torch.float64)
     ts = ddim_timesteps(steps, 1000)
