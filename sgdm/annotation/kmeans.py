@@ -77,9 +77,9 @@ def assign(
 
 
 def _sq_dist_to(points: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
-    """Squared distances ``[P, N]`` from ``points [P, D]`` to every row of ``x``."""
-    p_sq = points.pow(2).sum(1, keepdim=True)
-    return torch.addmm(x_sq.unsqueeze(0) + p_sq, points, x.t(), beta=1.0, alpha=-2.0).clamp_min_(0)
+    """Squared distances ``[N, P]`` from every row of ``x`` to ``points [P, D]`` (tall layout: BLAS-friendly)."""
+    p_sq = points.pow(2).sum(1).unsqueeze(0)
+    return torch.addmm(x_sq.unsqueeze(1) + p_sq, x, points.t(), beta=1.0, alpha=-2.0).clamp_min_(0)
 
 
 def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generator, x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -93,16 +93,16 @@ def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generat
     centres = torch.empty(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
     first = int(torch.randint(n, (1,), generator=generator))
     centres[0] = x[first]
-    closest = _sq_dist_to(x[first : first + 1], x, x_sq)[0]
-    potential = closest.double().sum()
+    closest = _sq_dist_to(x[first : first + 1], x, x_sq)[:, 0]
+    potential = closest.sum(dtype=torch.float64)
     for c in range(1, num_clusters):
         draws = torch.rand(trials, generator=generator, dtype=torch.float64).to(x.device) * potential
-        cumulative = closest.double().cumsum(0)
+        cumulative = closest.cumsum(0, dtype=torch.float64)  # float64: N terms, sampling needs the tail right
         candidates = torch.searchsorted(cumulative, draws).clamp_(max=n - 1)
-        candidate_closest = torch.minimum(closest.unsqueeze(0), _sq_dist_to(x[candidates], x, x_sq))
-        potentials = candidate_closest.double().sum(1)
+        candidate_closest = torch.minimum(_sq_dist_to(x[candidates], x, x_sq), closest.unsqueeze(1))
+        potentials = candidate_closest.sum(0, dtype=torch.float64)
         best = int(potentials.argmin())
-        closest = candidate_closest[best]
+        closest = candidate_closest[:, best].contiguous()
         potential = potentials[best]
         centres[c] = x[candidates[best]]
     return centres
@@ -123,6 +123,7 @@ def _check_inputs(x: torch.Tensor, num_clusters: int, distributed: bool) -> int:
 
 
 def _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, distributed) -> torch.Tensor:
+    """Rank 0's k-means++ (or random) centres on ``init_sample`` random points (0: all), broadcast."""
     dist = _dist() if distributed else None
     rank = dist.get_rank() if dist is not None else 0
     centres = torch.empty(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
@@ -170,22 +171,88 @@ def _reseed_empty(centroids, counts, x, dists, distributed) -> int:
     return n_empty
 
 
-def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed):
+def _nearest_two(x, x_sq, centroids, chunk_elements) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest centroid, its distance and the second-nearest distance (not squared) per row."""
     k = centroids.shape[0]
+    if k == 1:
+        labels, d = assign(x, centroids, chunk_elements, x_sq)
+        return labels, d.sqrt(), torch.full_like(d, float("inf"))
+    c_sq = centroids.pow(2).sum(1).unsqueeze(0)
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    first = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    second = torch.empty_like(first)
+    rows = _rows_per_block(k, chunk_elements)
+    ct = centroids.t()
+    for start in range(0, x.shape[0], rows):
+        end = min(start + rows, x.shape[0])
+        block = torch.addmm(c_sq, x[start:end], ct, beta=1.0, alpha=-2.0)
+        d1, idx = block.min(1)
+        block.scatter_(1, idx.unsqueeze(1), float("inf"))  # min, mask, min: far cheaper than topk(2) on CPU
+        d2 = block.amin(1)
+        labels[start:end] = idx
+        first[start:end] = (d1 + x_sq[start:end]).clamp_min_(0).sqrt_()
+        second[start:end] = (d2 + x_sq[start:end]).clamp_min_(0).sqrt_()
+    return labels, first, second
+
+
+def _half_gaps(centroids: torch.Tensor) -> torch.Tensor:
+    """``s_k = min_{j != k} ||c_k - c_j|| / 2``: a point closer than s_k to c_k keeps c_k (Hamerly 2010)."""
+    if centroids.shape[0] == 1:
+        return torch.full((1,), float("inf"), dtype=centroids.dtype, device=centroids.device)
+    gaps = torch.cdist(centroids, centroids)
+    gaps.fill_diagonal_(float("inf"))
+    return gaps.min(1).values / 2
+
+
+def _reassign(x, x_sq, centroids, labels, upper, lower, moves, margin, chunk_elements):
+    """Hamerly's step after the centroids moved by ``moves [K]``: loosen the bounds, then
+    recompute only the points whose bounds no longer prove their assignment (in place)."""
+    upper += moves[labels]
+    if moves.numel() > 1:  # the lower bound loses the largest move among the *other* centroids
+        top, arg = moves.topk(2)
+        lower -= torch.where(labels == arg[0], top[1], top[0])
+    bound = torch.maximum(lower, _half_gaps(centroids)[labels])
+    idx = (upper + margin > bound).nonzero().flatten()
+    if 4 * idx.numel() > 3 * x.shape[0]:  # most points are unsure: one dense pass beats the gathers
+        labels[:], upper[:], lower[:] = _nearest_two(x, x_sq, centroids, chunk_elements)
+        return
+    if idx.numel():  # tighten the upper bound first: one distance instead of K
+        upper[idx] = (x[idx] - centroids[labels[idx]]).norm(dim=1)
+        idx = idx[upper[idx] + margin > bound[idx]]
+    if idx.numel():
+        labels[idx], upper[idx], lower[idx] = _nearest_two(x[idx], x_sq[idx], centroids, chunk_elements)
+
+
+def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed):
+    """Lloyd iterations with Hamerly's bounds (Hamerly 2010): the same steps as plain Lloyd,
+    skipping the distance computations of points that provably keep their centroid. ``upper``
+    bounds the distance to the own centroid, ``lower`` the distance to every other one; centroid
+    moves loosen both. ``margin`` absorbs float32 rounding of ``||x||^2 - 2 x.c + ||c||^2``.
+    Returns centroids, labels (nearest final centroid) and their squared distances."""
+    k = centroids.shape[0]
+    labels, upper, lower = _nearest_two(x, x_sq, centroids, chunk_elements)
+    margin = 1e-3 * float(x_sq.max().sqrt()) if x.shape[0] else 0.0
+    # per-cluster sums are updated by the points that changed cluster only (float64: no drift)
+    local_sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, x.double())
+    local_counts = torch.bincount(labels, minlength=k).double()
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        labels, dists = assign(x, centroids, chunk_elements, x_sq)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=k).to(x.dtype)
-        _all_reduce(sums, distributed)
-        _all_reduce(counts, distributed)
-        new = sums / counts.clamp_min(1).unsqueeze(1)
-        _reseed_empty(new, counts, x, dists, distributed)
-        shift = float((new - centroids).pow(2).sum())
+        sums, counts = _all_reduce(local_sums.clone(), distributed), _all_reduce(local_counts.clone(), distributed)
+        new = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
+        _reseed_empty(new, counts, x, upper.square(), distributed)
+        moves = (new - centroids).norm(dim=1)
         centroids = new
-        if shift <= tol_abs:
+        previous = labels.clone()
+        _reassign(x, x_sq, centroids, labels, upper, lower, moves, margin, chunk_elements)
+        changed = (labels != previous).nonzero().flatten()
+        if changed.numel():
+            moved = x[changed].double()
+            local_sums.index_add_(0, labels[changed], moved).index_add_(0, previous[changed], moved, alpha=-1)
+            local_counts += torch.bincount(labels[changed], minlength=k) - torch.bincount(previous[changed], minlength=k)
+        if float(moves.square().sum()) <= tol_abs:
             break
-    return centroids, n_iter
+    dists = (x - centroids[labels]).pow(2).sum(1)  # exact, O(N D): no final dense pass needed
+    return centroids, labels, dists, n_iter
 
 
 def _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chunk_elements, distributed):
@@ -250,9 +317,9 @@ def kmeans(
     centroids = _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, distributed)
     if batch_size > 0:
         centroids, n_iter = _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chunk_elements, distributed)
+        labels, dists = assign(x, centroids, chunk_elements, x_sq)
     else:
-        centroids, n_iter = _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed)
-    labels, dists = assign(x, centroids, chunk_elements, x_sq)
+        centroids, labels, dists, n_iter = _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed)
     inertia = _all_reduce(dists.double().sum().reshape(1), distributed)
     return KMeansResult(centroids=centroids, labels=labels, inertia=float(inertia), n_iter=n_iter)
 
@@ -266,7 +333,7 @@ def kmeans_from_config(x: torch.Tensor, num_clusters: int, cfg, generator: torch
         max_iter=cfg.max_iter,
         tol=cfg.tol,
         init=cfg.init,
-        init_sample=cfg.init_sample,
+        init_sample=cfg.init_points_per_cluster * num_clusters,
         batch_size=cfg.batch_size,
         chunk_elements=cfg.chunk_elements,
         distributed=distributed,

@@ -151,8 +151,7 @@ def segment(patches: torch.Tensor, cls: torch.Tensor, num_classes: int, stego_cf
 
     ``stego_cfg.method == "stego"``: train the head, then the cluster probe on
     its normalised codes; ``"kmeans"``: k-means on normalised patch features.
-    The probe is fitted on at most ``kmeans_cfg.init_sample`` (or 100k) patches
-    and then assigns every patch.
+    The probe is fitted on at most 100k random patches and then assigns every patch.
     """
     if stego_cfg.method == "stego":
         head = train_head(patches, cls, stego_cfg, generator, device, log)
@@ -161,7 +160,7 @@ def segment(patches: torch.Tensor, cls: torch.Tensor, num_classes: int, stego_cf
         codes = F.normalize(patches.float(), dim=-1)
     n, h, w, d = codes.shape
     flat = codes.reshape(-1, d)
-    fit_n = min(flat.shape[0], kmeans_cfg.init_sample or 100_000)
+    fit_n = min(flat.shape[0], 100_000)
     fit = flat[torch.randperm(flat.shape[0], generator=generator)[:fit_n]] if fit_n < flat.shape[0] else flat
     result = kmeans_from_config(fit.to(device), num_classes, kmeans_cfg, generator)
     labels, _ = assign(flat.to(device), result.centroids, kmeans_cfg.chunk_elements)

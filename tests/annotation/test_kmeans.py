@@ -61,12 +61,30 @@ def test_empty_cluster_is_reseeded():
     x = torch.cat([torch.zeros(10, 2), torch.full((10, 2), 10.0), torch.tensor([[0.0, 10.0]]).repeat(10, 1)])
     x[20:, 0] += torch.linspace(0, 3, 10)
     start = torch.tensor([[0.0, 0.0], [10.0, 10.0], [1.5, 10.0], [1000.0, 1000.0]])
-    centroids, _ = _lloyd(x, x.pow(2).sum(1), start.clone(), 1, 0.0, 1 << 20, False)
+    centroids, labels, _, _ = _lloyd(x, x.pow(2).sum(1), start.clone(), 1, 0.0, 1 << 20, False)
     assert torch.isfinite(centroids).all()
     # after one step the empty centre sits on the farthest point of the spread group (x = 3 or x = 0)
     assert centroids[3].tolist() in ([3.0, 10.0], [0.0, 10.0])
-    labels, _ = assign(x, centroids)
+    assert torch.equal(labels, assign(x, centroids)[0])
     assert (torch.bincount(labels, minlength=4) > 0).all()
+
+
+def test_bounded_lloyd_takes_plain_lloyd_steps():
+    """Hamerly's bounds only skip work: every step equals a plain float64 Lloyd step."""
+    from sgdm.annotation.kmeans import _lloyd
+
+    x, _ = blobs(2000, centers=20, dim=16, seed=1)
+    start = x[:30].clone()
+    reference = start.double()
+    for _ in range(8):
+        labels = torch.cdist(x.double(), reference).argmin(1)
+        reference = torch.stack([x.double()[labels == j].mean(0) for j in range(30)])
+    final_labels = torch.cdist(x.double(), reference).argmin(1)
+    centroids, labels, dists, n_iter = _lloyd(x, x.pow(2).sum(1), start, 8, 0.0, 1 << 12, False)
+    assert n_iter == 8
+    torch.testing.assert_close(centroids.double(), reference, rtol=0, atol=1e-4)
+    assert torch.equal(labels, final_labels)
+    torch.testing.assert_close(dists.double(), (x.double() - reference[labels]).pow(2).sum(1), rtol=1e-4, atol=1e-4)
 
 
 def test_kmeanspp_picks_distinct_far_points():
