@@ -34,6 +34,8 @@ def cache_dir_for(cfg) -> pathlib.Path:
 def fingerprint(data_cfg, first_stage: torch.nn.Module) -> str:
     h = hashlib.sha256(json.dumps(to_dict(data_cfg), sort_keys=True, default=str).encode())
     for name, tensor in sorted(first_stage.state_dict().items()):
+        if name == "scale_factor":  # set after caching; the encodings do not depend on it
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers (scale_factor)
     return h.hexdigest()

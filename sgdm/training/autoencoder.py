@@ -1,0 +1,147 @@
+"""First-stage training: the KL autoencoder with LDM's losses (``sgdm.models.autoencoder_losses``).
+
+Manual optimisation with two optimizers, as LDM: Adam(beta = 0.5, 0.9) on the
+autoencoder and the loss's learned ``logvar`` for
+:meth:`AutoencoderLoss.generator_loss` (L1 + LPIPS + KL, plus the adaptive
+hinge-GAN term from ``model.autoencoder.loss.disc_start``), and Adam on the
+PatchGAN discriminator for :meth:`AutoencoderLoss.discriminator_loss` once it
+is active. Data order, checkpoints, resume and SIGTERM behave as for the
+denoiser (same sampler, same atomic step checkpoints); at the end the weights
+go to ``model.autoencoder.checkpoint`` in the LDM autoencoder layout, which
+:func:`sgdm.models.checkpoints.load_autoencoder` reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytorch_lightning as pl
+import torch
+
+from sgdm.training.rng import derive_seed, generator_for
+
+__all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder"]
+
+
+class AutoencoderModule(pl.LightningModule):
+    """AutoencoderKL + AutoencoderLoss; ``step`` counts optimiser steps (the resume position)."""
+
+    def __init__(self, autoencoder, loss, lr: float, seed: int, max_steps: int, train_loader=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.autoencoder, self.loss = autoencoder, loss
+        self.lr, self.seed, self.max_steps, self._train_loader = lr, seed, max_steps, train_loader
+        self.step = 0
+
+    @property
+    def next_position(self) -> int:
+        return self.step
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sgdm"] = {"step": self.step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.step = int(checkpoint["sgdm"]["step"])
+
+    def configure_optimizers(self):
+        ae_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
+        opt_ae = torch.optim.Adam(ae_params, lr=self.lr, betas=(0.5, 0.9))
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        return [opt_ae, opt_disc]
+
+    def train_dataloader(self):
+        return self._train_loader(self)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        opt_ae, opt_disc = self.optimizers()
+        x = batch["image"]
+        gen = generator_for(self.seed, "autoencoder", int(batch["position"][0]))
+        posterior = self.autoencoder.encode(x)
+        rec = self.autoencoder.decode(posterior.sample(gen))
+        loss, logs = self.loss.generator_loss(x, rec, posterior, self.step,
+                                              last_layer=self.autoencoder.decoder.conv_out.weight)
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt_ae.step()
+        if self.loss.disc_factor(self.step) > 0:
+            d_loss, d_logs = self.loss.discriminator_loss(x, rec, self.step)
+            opt_disc.zero_grad(set_to_none=True)  # the generator loss also reached the discriminator
+            self.manual_backward(d_loss)
+            opt_disc.step()
+            logs.update(d_logs)
+        self.step += 1
+        self.log_dict({f"autoencoder/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False)
+        self.log("autoencoder/loss", loss.detach(), on_step=True, prog_bar=True)
+        if self.step >= self.max_steps:
+            self.trainer.should_stop = True
+
+    def on_train_start(self) -> None:
+        if self.step >= self.max_steps:
+            self.trainer.should_stop = True
+
+
+def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
+    """Atomically write the LDM-layout state dict (``.safetensors``, else a torch ``{"state_dict": ...}``)."""
+    from sgdm.training.checkpoint import TMP_SUFFIX, atomic_torch_save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
+    if not bool(torch.isfinite(state["scale_factor"])):
+        del state["scale_factor"]  # not computed yet: the diffusion run computes it
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+    else:
+        atomic_torch_save({"state_dict": state}, path)
+
+
+def _build(cfg):
+    from sgdm.models.autoencoder import AutoencoderKL
+    from sgdm.models.autoencoder_losses import AutoencoderLoss
+    from sgdm.training.run import _seeded_build
+
+    ae_cfg = dataclasses.replace(cfg.model.autoencoder, checkpoint=None)
+    return _seeded_build(derive_seed(cfg.run.seed, "init-autoencoder"),
+                         lambda: (AutoencoderKL(ae_cfg), AutoencoderLoss(ae_cfg.loss, ae_cfg.in_channels)))
+
+
+def train_autoencoder(cfg, resume: bool = False) -> int:
+    """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
+    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM (resume with ``resume=True``)."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from sgdm.config.core import ConfigError
+    from sgdm.training.data import build_image_dataset, build_train_loader, flip_image_sample
+    from sgdm.training.run import EXIT_SIGTERM, build_trainer, prepare_run_dir
+
+    target = cfg.model.autoencoder.checkpoint
+    if target is None:
+        raise ConfigError("model.autoencoder.checkpoint", "train-autoencoder needs a path to write the weights to")
+    t = dataclasses.replace(cfg.train, accumulate=1, sample_every=0, export_pipeline=False)
+    cfg = dataclasses.replace(cfg, train=t)
+    ckpt = prepare_run_dir(cfg, resume)
+    autoencoder, loss = _build(cfg)
+
+    def loader(module):
+        world, rank = module.trainer.world_size, module.trainer.global_rank
+        return build_train_loader(build_image_dataset(cfg.data, cfg.run.seed), flip_image_sample,
+                                  global_micro_batch=t.micro_batch(world) * world, total_positions=t.max_steps,
+                                  seed=cfg.run.seed, flip=cfg.data.flip, rank=rank, world_size=world,
+                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers)
+
+    module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, loader)
+    module.trainer_max_steps = t.max_steps
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
+    except SIGTERMException:
+        return EXIT_SIGTERM
+    if trainer.received_sigterm:
+        return EXIT_SIGTERM
+    if trainer.is_global_zero:
+        save_autoencoder(module.autoencoder, target)
+    return 0
