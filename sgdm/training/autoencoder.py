@@ -134,7 +134,6 @@ def train_autoencoder(cfg, resume: bool = False) -> int:
                                   start=lambda: module.next_position, num_workers=cfg.data.num_workers)
 
     module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, loader)
-    module.trainer_max_steps = t.max_steps
     trainer = build_trainer(cfg)
     try:
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
