@@ -133,7 +133,7 @@ def train_autoencoder(cfg, resume: bool = False) -> int:
                                   seed=cfg.run.seed, flip=cfg.data.flip, rank=rank, world_size=world,
                                   start=lambda: module.next_position, num_workers=cfg.data.num_workers)
 
-    module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, loader)
+    module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, t.max_steps, loader)
     trainer = build_trainer(cfg)
     try:
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
