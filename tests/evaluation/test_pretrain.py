@@ -133,3 +133,21 @@ def test_pretrain_bad_input_is_named(tmp_path):
         from_dict(PretrainConfig, {"global_crops": 1}, "pretrain")
     with pytest.raises(ConfigError, match="pretrain.local_crop_scale"):
         from_dict(PretrainConfig, {"local_crop_scale": [0.5, 0.2]}, "pretrain")
+
+
+def test_pretrain_features_cli_writes_encoder_annotate_can_load(tmp_path):
+    import yaml
+
+    from sgdm.annotation.features import load_backbone
+    from sgdm.cli.main import main
+    from tests.evaluation.helpers import tiny_config
+
+    cfg = tiny_config(tmp_path, "label")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "encoder.pth"
+    overrides = ["prepare.pretrain.steps=2", "prepare.pretrain.batch_size=4", "prepare.pretrain.out_dim=16"]
+    assert main(["pretrain-features", str(config), *overrides, "--out", str(out)]) == 0
+    backbone = load_backbone("vit_tiny_patch16_224", weights=out, kwargs=TINY_VIT)
+    assert backbone.weights_id != "random" and backbone.input_size == (16, 16)
+    assert main(["pretrain-features", str(config), "prepare.pretrain.global_crops=1"]) == 2
