@@ -223,6 +223,16 @@ def _reassign(x, x_sq, centroids, labels, upper, lower, moves, margin, chunk_ele
         labels[idx], upper[idx], lower[idx] = _nearest_two(x[idx], x_sq[idx], centroids, chunk_elements)
 
 
+def _add_rows(sums, labels, x, rows=None, alpha=1.0, chunk=1 << 16):
+    """``sums[labels[i]] += alpha * x[i]`` in float64 for ``i`` in ``rows`` (all if None), in chunks
+    so that no float64 copy of ``x`` is ever made (1.3M x 768 would be 8 GB)."""
+    n = x.shape[0] if rows is None else rows.numel()
+    for start in range(0, n, chunk):
+        idx = slice(start, start + chunk) if rows is None else rows[start : start + chunk]
+        sums.index_add_(0, labels[idx], x[idx].double(), alpha=alpha)
+    return sums
+
+
 def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed):
     """Lloyd iterations with Hamerly's bounds (Hamerly 2010): the same steps as plain Lloyd,
     skipping the distance computations of points that provably keep their centroid. ``upper``
@@ -233,7 +243,7 @@ def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed):
     labels, upper, lower = _nearest_two(x, x_sq, centroids, chunk_elements)
     margin = 1e-3 * float(x_sq.max().sqrt()) if x.shape[0] else 0.0
     # per-cluster sums are updated by the points that changed cluster only (float64: no drift)
-    local_sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, x.double())
+    local_sums = _add_rows(torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device), labels, x)
     local_counts = torch.bincount(labels, minlength=k).double()
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
@@ -246,8 +256,8 @@ def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed):
         _reassign(x, x_sq, centroids, labels, upper, lower, moves, margin, chunk_elements)
         changed = (labels != previous).nonzero().flatten()
         if changed.numel():
-            moved = x[changed].double()
-            local_sums.index_add_(0, labels[changed], moved).index_add_(0, previous[changed], moved, alpha=-1)
+            _add_rows(local_sums, labels, x, changed)
+            _add_rows(local_sums, previous, x, changed, alpha=-1.0)
             local_counts += torch.bincount(labels[changed], minlength=k) - torch.bincount(previous[changed], minlength=k)
         if float(moves.square().sum()) <= tol_abs:
             break
