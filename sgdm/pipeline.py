@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -38,9 +39,10 @@ from sgdm.diffusion.guidance import ClassifierFreeGuidance
 from sgdm.diffusion.samplers import ddim_timesteps, get_sampler, logsnr_timesteps
 from sgdm.diffusion.schedule import eps_from_output, make_schedule
 from sgdm.models.config import GuidanceConfig, ModelConfig
-from sgdm.models.conditioning import box_mask, class_map_one_hot, condition_dims, multi_hot, one_hot
+from sgdm.models.conditioning import IGNORE_INDEX, box_mask, class_map_one_hot, condition_dims, multi_hot, one_hot
 
-__all__ = ["SelfGuidedPipeline", "per_image_generators", "FORMAT", "WEIGHTS_NAME"]
+__all__ = ["SelfGuidedPipeline", "GuidanceInputs", "parse_guidance", "build_condition", "per_image_generators",
+           "FORMAT", "WEIGHTS_NAME"]
 
 FORMAT, FORMAT_VERSION, WEIGHTS_NAME = "sgdm.pipeline", "1", "model.safetensors"
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
@@ -229,8 +231,8 @@ class SelfGuidedPipeline:
         """
         self._check_call(num_images, num_steps, sampler, eta, batch_size, output_type)
         scale = self._guidance_scale(guidance_scale)
-        cond, cond_map = build_condition(self.guidance, num_images, self.latent_shape[1:], self.image_size,
-                                         cluster=cluster, box=box, mask=mask)
+        inputs = parse_guidance(self.guidance, num_images, self.latent_shape[1:], self.image_size,
+                                cluster=cluster, box=box, mask=mask)
         generators = per_image_generators(generator, num_images)
         if sampler == "dpmpp_2m":
             timesteps = logsnr_timesteps(num_steps, self.schedule)
@@ -244,8 +246,8 @@ class SelfGuidedPipeline:
         with tqdm(total=len(starts) * num_steps, disable=not progress, desc="sampling") as bar:
             for lo in starts:
                 hi = min(lo + batch_size, num_images)
-                z = self._sample_batch(generators[lo:hi], _rows(cond, lo, hi), _rows(cond_map, lo, hi), scale,
-                                       timesteps, sampler, eta, lambda *_: bar.update(1))
+                z = self._sample_batch(generators[lo:hi], *inputs.condition(lo, hi), scale, timesteps, sampler, eta,
+                                       lambda *_: bar.update(1))
                 outputs.append(z if output_type == "latent" else self.autoencoder.decode_latents(z))
         return _format(torch.cat(outputs).float().cpu(), output_type)
 
@@ -263,10 +265,6 @@ class SelfGuidedPipeline:
         if sampler == "ddim":
             kwargs["eta"] = float(eta)
         return get_sampler(sampler)(denoise, x, timesteps, self.schedule, **kwargs)
-
-
-def _rows(t: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
-    return None if t is None else t[lo:hi]
 
 
 def _format(samples: torch.Tensor, output_type: str):
@@ -314,8 +312,18 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, file: pa
 
 
 # --------------------------------------------------------------------- guidance inputs
+def _as_tensor(value) -> torch.Tensor:
+    """Tensors as they are; numbers, (nested) lists, numpy arrays and PIL images as tensors."""
+    if isinstance(value, torch.Tensor):
+        return value
+    import numpy as np
+
+    array = np.asarray(value)
+    return torch.as_tensor(array if array.flags.writeable else array.copy())  # PIL gives read-only arrays
+
+
 def _expand(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """One item for all images, or one per image."""
+    """One item for all images (a view, no copy), or one per image."""
     if t.shape[0] == 1:
         return t.expand(n, *t.shape[1:])
     if t.shape[0] != n:
@@ -330,30 +338,63 @@ def _check_covers_image(hw, image_hw, latent_hw, name: str) -> None:
                          f"{latent_hw[0]}x{latent_hw[1]} latent grid)")
 
 
-def _as_tensor(value) -> torch.Tensor:
-    """Tensors as they are; numbers, (nested) lists, numpy arrays and PIL images as tensors."""
-    if isinstance(value, torch.Tensor):
-        return value
-    import numpy as np
-
-    return torch.as_tensor(np.asarray(value))
-
-
-def _cluster_condition(cluster, k: int, n: int) -> torch.Tensor:
-    ids = _as_tensor(cluster)
-    return one_hot(_expand(ids.reshape(-1), n, "cluster"), k)
+def _check_ids(ids: torch.Tensor, k: int, name: str, ignore: Optional[int] = None) -> None:
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integer ids, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= k)
+    if ignore is not None:
+        bad &= ids != ignore
+    if bool(bad.any()):
+        what, extra = ("class id", f" and not the ignore label {ignore}") if ignore is not None else ("id", "")
+        raise ValueError(f"{name}: {what} {int(ids[bad][0])} is outside [0, {k}) (K={k}){extra}")
 
 
-def _box_condition(box, n: int, latent_hw, image_hw) -> torch.Tensor:
-    """Binary box map [N, 1, h, w] on the latent grid (cells overlapping the box, as in training)."""
+@dataclass
+class GuidanceInputs:
+    """The user's guidance for N images, checked once and expanded to N (views); the UNet's
+    (cond, cond_map) are built per batch by :meth:`condition`, so a mask-guided run over many
+    images never holds all K-channel maps at once. At most one spatial field is set."""
+
+    kind: str
+    num_classes: int
+    latent_hw: tuple[int, int]
+    clusters: Optional[torch.Tensor] = None  # [N] int64 ids (label, box)
+    boxes: Optional[torch.Tensor] = None  # [N, 4] normalized xyxy
+    box_masks: Optional[torch.Tensor] = None  # [N, H, W] binary
+    class_maps: Optional[torch.Tensor] = None  # [N, H, W] ids, 255 = ignore
+    channel_masks: Optional[torch.Tensor] = None  # [N, K, H, W] in [0, 1]
+
+    def condition(self, lo: int, hi: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(cond [b, K] | None, cond_map [b, C, h, w] | None) for images lo..hi-1 (None, None: unconditional)."""
+        k, hw = self.num_classes, tuple(self.latent_hw)
+        if self.class_maps is not None:
+            ids = self.class_maps[lo:hi]
+            # multi-hot from the full-resolution map: small regions may vanish on the latent grid (Eq. 9)
+            return multi_hot(class_map_one_hot(ids, k)), class_map_one_hot(ids, k, size=hw)
+        if self.channel_masks is not None:
+            hot = self.channel_masks[lo:hi].float()
+            return multi_hot(hot), F.interpolate(hot, size=hw, mode="nearest")
+        if self.clusters is None:
+            return None, None
+        cond = one_hot(self.clusters[lo:hi], k)
+        if self.boxes is not None:
+            return cond, box_mask(self.boxes[lo:hi], *hw)
+        if self.box_masks is not None:
+            # a latent cell is on when any pixel in it is: the same overlap rule box_mask uses
+            return cond, F.adaptive_max_pool2d(self.box_masks[lo:hi].float()[:, None], hw)
+        return cond, None
+
+
+def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
     b = _as_tensor(box)
     if b.dtype != torch.bool and b.dim() in (1, 2) and b.shape[-1] == 4:
         boxes = _expand(b.float().reshape(-1, 4), n, "box")
-        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-            if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
-                raise ValueError(f"box[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and "
-                                 f"0 <= y0 <= y1 <= 1, got {[x0, y0, x1, y1]}")
-        return box_mask(boxes, *latent_hw)
+        bad = (boxes < 0).any(1) | (boxes > 1).any(1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"box[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and "
+                             f"0 <= y0 <= y1 <= 1, got {boxes[i].tolist()}")
+        return {"boxes": boxes}
     m = b[:, 0] if b.dim() == 4 and b.shape[1] == 1 else (b[None] if b.dim() == 2 else b)
     if m.dim() != 3:
         raise ValueError(f"box: expected xyxy [4] / [N, 4] or a binary mask [H, W] / [N, H, W], got shape "
@@ -361,36 +402,34 @@ def _box_condition(box, n: int, latent_hw, image_hw) -> torch.Tensor:
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("box: a box mask must be binary (bool or 0/1 values)")
     _check_covers_image(m.shape[-2:], image_hw, latent_hw, "box")
-    return F.adaptive_max_pool2d(_expand(m, n, "box").float()[:, None], tuple(latent_hw))
+    return {"box_masks": _expand(m, n, "box")}
 
 
-def _mask_condition(mask, k: int, n: int, latent_hw, image_hw) -> tuple[torch.Tensor, torch.Tensor]:
-    """(multi-hot [N, K] from the full-resolution mask, one-hot map [N, K, h, w] on the latent grid)."""
+def _parse_mask(mask, k: int, n: int, latent_hw, image_hw) -> dict:
     m = _as_tensor(mask)
     if not (m.is_floating_point() or m.dtype == torch.bool):
         ids = m[None] if m.dim() == 2 else m
         if ids.dim() != 3:
             raise ValueError(f"mask: a class-id map must be [H, W] or [N, H, W], got shape {tuple(m.shape)}")
         _check_covers_image(ids.shape[-2:], image_hw, latent_hw, "mask")
-        ids = _expand(ids, n, "mask")
-        return multi_hot(class_map_one_hot(ids, k)), class_map_one_hot(ids, k, size=tuple(latent_hw))
+        _check_ids(ids, k, "mask", ignore=IGNORE_INDEX)
+        return {"class_maps": _expand(ids, n, "mask")}
     hot = m[None] if m.dim() == 3 else m
     if hot.dim() != 4 or hot.shape[1] != k:
         raise ValueError(f"mask: a channel mask must be [K, H, W] or [N, K, H, W] with K={k}, got shape "
                          f"{tuple(m.shape)}")
     _check_covers_image(hot.shape[-2:], image_hw, latent_hw, "mask")
-    hot = _expand(hot.float(), n, "mask")
     if bool(((hot < 0) | (hot > 1)).any()):
         raise ValueError("mask: channel values must lie in [0, 1]")
-    return multi_hot(hot), F.interpolate(hot, size=tuple(latent_hw), mode="nearest")
+    return {"channel_masks": _expand(hot, n, "mask")}
 
 
 _INPUTS = {"none": (), "label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask",)}
 
 
-def build_condition(guidance: GuidanceConfig, num_images: int, latent_hw: Sequence[int], image_hw: Sequence[int],
-                    cluster=None, box=None, mask=None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(cond [N, K] | None, cond_map [N, C, h, w] | None) for the user's guidance inputs (None, None: unconditional)."""
+def parse_guidance(guidance: GuidanceConfig, num_images: int, latent_hw: Sequence[int], image_hw: Sequence[int],
+                   cluster=None, box=None, mask=None) -> GuidanceInputs:
+    """Check the user's cluster / box / mask against the model's guidance; errors name the argument."""
     given = [name for name, value in (("cluster", cluster), ("box", box), ("mask", mask)) if value is not None]
     allowed = _INPUTS[guidance.kind]
     for name in given:
@@ -398,16 +437,23 @@ def build_condition(guidance: GuidanceConfig, num_images: int, latent_hw: Sequen
             takes = " and ".join(allowed) if allowed else "no guidance inputs"
             raise ValueError(f"{name}: this model has {guidance.kind!r} guidance (model.guidance.kind); it takes "
                              f"{takes}")
+    k, n = guidance.num_classes, num_images
+    out = GuidanceInputs(guidance.kind, k, tuple(latent_hw))
     if not given:
-        return None, None
-    k = guidance.num_classes
+        return out
     if guidance.kind == "mask":
-        return _mask_condition(mask, k, num_images, latent_hw, image_hw)
+        return replace(out, **_parse_mask(mask, k, n, latent_hw, image_hw))
     if guidance.kind == "box" and len(given) == 1:
         missing = "box" if given == ["cluster"] else "cluster"
         raise ValueError(f"{missing}: box guidance (paper Eq. 8) takes a box together with its cluster id; "
                          f"pass both cluster= and box= (or neither, for unconditional samples)")
-    cond = _cluster_condition(cluster, k, num_images)
-    if guidance.kind == "label":
-        return cond, None
-    return cond, _box_condition(box, num_images, latent_hw, image_hw)
+    ids = _as_tensor(cluster).reshape(-1)
+    _check_ids(ids, k, "cluster")
+    out = replace(out, clusters=_expand(ids, n, "cluster"))
+    return out if box is None else replace(out, **_parse_box(box, n, latent_hw, image_hw))
+
+
+def build_condition(guidance: GuidanceConfig, num_images: int, latent_hw: Sequence[int], image_hw: Sequence[int],
+                    cluster=None, box=None, mask=None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(cond [N, K] | None, cond_map [N, C, h, w] | None) for all images at once (see :func:`parse_guidance`)."""
+    return parse_guidance(guidance, num_images, latent_hw, image_hw, cluster, box, mask).condition(0, num_images)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgdm.pipeline import SelfGuidedPipeline, build_condition, per_image_generators
+from sgdm.pipeline import SelfGuidedPipeline, build_condition, parse_guidance, per_image_generators
 from tests.pipeline.helpers import K, tiny_pipeline
 
 INPUTS = {
@@ -107,6 +107,23 @@ def test_mask_ids_and_channel_mask_give_the_same_condition():
     cond_b, map_b = build_condition(g, 1, (8, 8), (16, 16), mask=channels)
     assert torch.equal(cond_a, torch.tensor([[1.0, 0.0, 1.0]])) and torch.equal(cond_a, cond_b)
     assert torch.equal(map_a, map_b) and map_a.shape == (1, K, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["label", "box", "mask"])
+def test_conditions_are_built_per_batch_from_views(pipes, kind):
+    g = pipes[kind].guidance
+    whole = build_condition(g, 5, (8, 8), (16, 16), **INPUTS[kind])
+    inputs = parse_guidance(g, 5, (8, 8), (16, 16), **INPUTS[kind])
+    for lo, hi in ((0, 2), (2, 5)):
+        part = inputs.condition(lo, hi)
+        for a, b in zip(whole, part):
+            assert (a is None and b is None) or torch.equal(a[lo:hi], b)
+    # one mask for 10 000 images is a stride-0 view until a batch needs it
+    one = {"label": {"cluster": 1}, "box": {"cluster": 1, "box": torch.ones(16, 16, dtype=torch.bool)},
+           "mask": {"mask": torch.zeros(16, 16, dtype=torch.long)}}[kind]
+    many = parse_guidance(g, 10_000, (8, 8), (16, 16), **one)
+    field = {"label": many.clusters, "box": many.box_masks, "mask": many.class_maps}[kind]
+    assert field.shape[0] == 10_000 and field.stride(0) == 0
 
 
 def test_numpy_and_pil_inputs_are_accepted():
