@@ -48,10 +48,15 @@ def _autoencoder(cfg, log) -> str:
     if path.is_file():
         return f"reused {path}"
     from sgdm.training.autoencoder import train_autoencoder
+    from sgdm.training.checkpoint import list_checkpoints
 
-    budget = dataclasses.replace(cfg.train, max_steps=cfg.prepare.autoencoder_steps, checkpoint_every=cfg.prepare.autoencoder_steps)
-    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder")
-    train_autoencoder(dataclasses.replace(cfg, train=budget, run=run))
+    budget = dataclasses.replace(cfg.train, max_steps=cfg.prepare.autoencoder_steps,
+                                 checkpoint_every=min(cfg.train.checkpoint_every, cfg.prepare.autoencoder_steps))
+    ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
+    resume = bool(list_checkpoints(ae_cfg.run.path / "checkpoints"))  # an interrupted first try continues
+    code = train_autoencoder(ae_cfg, resume=resume)
+    if code != 0:
+        raise RuntimeError(f"autoencoder training stopped with exit code {code}; run again to resume it")
     if not path.is_file():
         raise RuntimeError(f"train_autoencoder finished without writing {path} (model.autoencoder.checkpoint)")
     return f"trained {path}"
