@@ -1,0 +1,184 @@
+"""Training throughput of the full Lightning trainer: sgdm kernels vs ``SGDM_KERNELS=0``, same run.
+
+Each (config, kernels) setting runs ``sgdm.training.run.train`` in its own subprocess (the extension
+loads once per process); settings alternate over ``--rounds`` so machine load hits both alike.
+Reported per setting: median optimiser steps/s and images/s over the steps after ``--warmup``
+(each step timed at the trainer's batch end, CUDA synchronised), peak memory (CUDA allocator peak on
+GPU, max RSS on CPU), and the kernel/reference throughput ratio measured in the same run.
+
+Configs: ``small`` = configs/shapes_cpu.yaml on the CPU (real shapes images, random first stage);
+``churches`` = configs/lsun_churches.yaml on one GPU (synthetic 256 px images, since LSUN is not
+bundled; ``--churches-batch`` images per step, bf16-mixed). Checkpoints, logging and sample grids are
+off so the numbers are the training step itself (data loading, first-stage encode, UNet fwd/bwd, AdamW,
+EMA).
+
+    python benchmarks/train_bench.py                      # small on CPU; + churches when CUDA is present
+    python benchmarks/train_bench.py --configs small --steps 30 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _overrides(name: str, steps: int, run_dir: str, churches_batch: int) -> list[str]:
+    common = [f"run.dir={run_dir}", f"train.max_steps={steps}", "train.checkpoint_every=1000000",
+              "train.logger=none", "train.progress_bar=false", "train.sample_every=0",
+              "train.export_pipeline=false", "train.cache_latents=false", "model.autoencoder.checkpoint=null",
+              "prepare.dataset=false", "prepare.autoencoder=false", "prepare.annotations=false",
+              "model.guidance.drop_prob=0.1"]
+    if name == "small":
+        return common + [f"data.shapes.cache_dir={run_dir}/shapes", "data.shapes.num_images=512",
+                         "train.accelerator=cpu"]
+    return common + ["train.devices=1", "train.strategy=auto", "train.accumulate=1",
+                     f"train.batch_size={churches_batch}", "train.accelerator=gpu", "data.num_workers=4"]
+
+
+class _Synthetic:
+    """Fixed-seed random images in [-1, 1] with ids (LSUN is not bundled); picklable for workers."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.rand(3, self.size, self.size, generator=g) * 2 - 1, "id": f"synthetic/{i}",
+                "flipped": False}
+
+
+def _label_store(cfg, ids) -> None:
+    import torch
+
+    from sgdm.annotation.store import write_store
+
+    k = cfg.model.guidance.num_classes
+    write_store(cfg.annotation.store, ids, {"cluster": torch.arange(len(ids)) % k}, granularity="label",
+                num_classes=k)
+
+
+def worker(args) -> None:
+    import pytorch_lightning as pl
+    import torch
+
+    from sgdm.config.schema import load_experiment
+    from sgdm.training import data as training_data
+    from sgdm.training.run import train
+
+    cfg_path = ROOT / "configs" / ("shapes_cpu.yaml" if args.config == "small" else "lsun_churches.yaml")
+    overrides = _overrides(args.config, args.steps, args.run_dir, args.churches_batch)
+    overrides += [f"annotation.store={args.run_dir}/store", "annotation.source=self", "model.guidance.source=self"]
+    cfg = load_experiment(cfg_path, overrides)
+    if args.config == "churches":
+        synthetic = _Synthetic(max(4 * cfg.train.batch_size, 256), cfg.data.size)
+        training_data.build_image_dataset = lambda data_cfg, seed: synthetic  # noqa: E731
+        dataset = synthetic
+    else:
+        dataset = training_data.build_image_dataset(cfg.data, 0)
+    _label_store(cfg, [dataset[i]["id"] for i in range(len(dataset))])
+    cuda = cfg.train.accelerator in ("gpu", "cuda")
+
+    class Timer(pl.Callback):
+        def __init__(self):
+            self.stamps = []
+
+        def on_train_batch_end(self, *a):
+            if cuda:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    timer = Timer()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    assert train(cfg, callbacks=[timer]) == 0
+    dts = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])][args.warmup:]
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from sgdm import ops
+
+    step_s = statistics.median(dts)
+    print("RESULT " + json.dumps({"config": args.config, "kernels": os.environ.get("SGDM_KERNELS", "1") != "0",
+                                  "steps_per_s": 1 / step_s, "images_per_s": cfg.train.batch_size / step_s,
+                                  "batch_size": cfg.train.batch_size, "timed_steps": len(dts),
+                                  "peak_memory_mb": peak, "device": "cuda" if cuda else "cpu",
+                                  "backends": ops.backend() if hasattr(ops, "backend") else {}}), flush=True)
+
+
+def _run(config: str, kernels: bool, args) -> dict:
+    env = {**os.environ, "SGDM_KERNELS": "1" if kernels else "0", "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--worker", "--config", config, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--run-dir", tmp, "--churches-batch", str(args.churches_batch)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{config} (kernels={kernels}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=("small", "churches"), default=None,
+                   help="default: small, plus churches when CUDA is available")
+    p.add_argument("--steps", type=int, default=25, help="optimiser steps per run (default 25)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median (default 5)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds per setting (default 1)")
+    p.add_argument("--churches-batch", type=int, default=32, help="images per step for churches (default 32)")
+    p.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="small", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup + 1:
+        p.error(f"--steps {args.steps} leaves no timed steps after --warmup {args.warmup}")
+    if args.worker:
+        worker(args)
+        return 0
+    configs = args.configs
+    if configs is None:
+        import torch
+
+        configs = ["small"] + (["churches"] if torch.cuda.is_available() else [])
+    results = []
+    for config in configs:
+        runs = {True: [], False: []}
+        for _ in range(args.rounds):
+            for kernels in (True, False):
+                runs[kernels].append(_run(config, kernels, args))
+        for kernels, rs in runs.items():
+            best = dict(rs[0], steps_per_s=statistics.median(r["steps_per_s"] for r in rs),
+                        images_per_s=statistics.median(r["images_per_s"] for r in rs),
+                        peak_memory_mb=max(r["peak_memory_mb"] for r in rs))
+            results.append(best)
+        k, ref = results[-2], results[-1]
+        k["speedup_vs_reference"] = k["steps_per_s"] / ref["steps_per_s"]
+    print(f"{'config':10s} {'kernels':8s} {'device':6s} {'batch':>5s} {'steps/s':>9s} {'images/s':>9s} "
+          f"{'peak MB':>9s} {'speedup':>8s}")
+    for r in results:
+        print(f"{r['config']:10s} {str(r['kernels']):8s} {r['device']:6s} {r['batch_size']:5d} "
+              f"{r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_memory_mb']:9.0f} "
+              f"{r.get('speedup_vs_reference', 1.0):8.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
