@@ -4,11 +4,15 @@ Data: the 2-D Gaussian mixture of ``tests/diffusion/gmm.py`` (weights 0.3/0.7), 
 optimal eps*(x_t, t) is closed form, and x_T is drawn from the exact marginal at the first
 visited timestep (not N(0, I): LDM's scaled_linear schedule keeps sqrt(alpha_bar_T) = 0.026 of
 the signal), so every error below is the solver's own discretisation, not a network's or the
-prior's. For each sampler and step count we draw N samples and report the largest absolute error of the mean and of the covariance
-against the exact mixture moments, and the mixture-weight error. The baseline, measured
+prior's. For each sampler and step count we draw N samples and report the largest
+absolute error of the mean and of the covariance against the exact mixture moments, and
+the mixture-weight error. The baseline, measured
 in the same run, is N samples drawn exactly from the mixture: its errors are the
 Monte-Carlo noise of N samples, and the "x exact" column is each sampler's covariance
 error as a multiple of it (about 1-2: indistinguishable from exact sampling at this N).
+Measured (N = 20000, scaled_linear): DDIM needs ~250 steps to reach the noise level;
+DPM-Solver++(2M) with log-SNR spacing is at ~2x it by 25 steps, ~3x lower error than
+with uniform spacing at the same step count.
 Schedules: LDM's scaled_linear (default) or any DiffusionConfig kind.
 
     python benchmarks/sampler_bench.py [--n 20000] [--schedule scaled_linear] [--json out.json]
