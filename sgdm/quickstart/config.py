@@ -25,6 +25,7 @@ class PrepareConfig:
     annotations: bool = False
     report: bool = False
     autoencoder_steps: int = 400
+    autoencoder_batch_size: int = 16  # the first stage sees full-resolution images: a smaller batch than the LDM's
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     report_samples_per_row: int = 8
     report_steps: int = 50
@@ -41,6 +42,8 @@ class PrepareConfig:
         return self.dataset or self.autoencoder or self.features or self.annotations or self.report
 
     def validate(self) -> None:
+        if self.autoencoder_batch_size < 1:
+            raise ConfigError("autoencoder_batch_size", f"must be >= 1, got {self.autoencoder_batch_size}")
         if self.autoencoder_steps < 1:
             raise ConfigError("autoencoder_steps", f"must be >= 1, got {self.autoencoder_steps}")
         if self.report_samples_per_row < 1:
