@@ -36,7 +36,7 @@ from sgdm.annotation.stego import segment
 from sgdm.annotation.store import ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
 
-__all__ = ["AnnotationResult", "annotate", "class_count"]
+__all__ = ["AnnotationResult", "annotate", "class_count", "init_distributed"]
 
 
 @dataclasses.dataclass
@@ -67,6 +67,19 @@ def _dist():
 def _rank_world() -> tuple[int, int]:
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); True when distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
+        return _dist() is not None
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True
 
 
 def _barrier() -> None:

@@ -203,7 +203,7 @@ def preprocess(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _key_hook(store: dict, num_heads: int):
+def _key_hook(store: dict):
     def hook(module, inputs, output):
         b, t, three_d = output.shape
         store["keys"] = output.view(b, t, 3, three_d // 3)[:, :, 1]  # q | k | v, heads contiguous in each
@@ -222,7 +222,7 @@ def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patche
         attn = model.blocks[-1].attn
         if getattr(attn, "qkv", None) is None:
             raise BackboneError(f"backbone {backbone.name!r}: last block has no fused qkv projection to take keys from")
-        handle = attn.qkv.register_forward_hook(_key_hook(captured, attn.num_heads))
+        handle = attn.qkv.register_forward_hook(_key_hook(captured))
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             out = model.forward_features(x)
@@ -240,4 +240,4 @@ def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patche
         cls = out.mean((2, 3))
         patch = out.permute(0, 2, 3, 1)
         key = patch if keys else None
-    return Features(cls=cls, patches=patch if patches or keys else None, keys=key)
+    return Features(cls=cls, patches=patch if patches else None, keys=key)

@@ -45,10 +45,11 @@ def load_sections(path, overrides):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.annotation.annotate import annotate
+    from sgdm.annotation.annotate import annotate, init_distributed
     from sgdm.config.core import ConfigError
 
     cfg = load_sections(args.config, args.overrides)
+    init_distributed()  # no-op unless launched by torchrun
     try:
         result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError: main() reports it (exit 2)

@@ -18,7 +18,7 @@ def test_inertia_matches_sklearn(init):
     ref = KMeans(12, n_init=1, random_state=0).fit(x.numpy())
     ours = kmeans(x, 12, generator=torch.Generator().manual_seed(0), init=init, max_iter=300)
     if init == "random":  # random init may land in a worse local minimum; best of a few seeds
-        ours = min((kmeans(x, 12, generator=torch.Generator().manual_seed(s), init=init, max_iter=300) for s in range(4)),
+        ours = min((kmeans(x, 12, generator=torch.Generator().manual_seed(s), init=init, max_iter=300) for s in range(2)),
                    key=lambda r: r.inertia)
     assert ours.inertia <= ref.inertia_ * 1.01
     # inertia is what the labels and centroids say it is (float64 recomputation)

@@ -75,7 +75,7 @@ def test_segment_separates_two_feature_kinds(method):
     cls = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
     from sgdm.annotation.config import KMeansConfig
 
-    cfg = StegoConfig(method=method, dim=4, epochs=3, batch_size=3, knn=2, feature_samples=0)
+    cfg = StegoConfig(method=method, dim=4, epochs=2, batch_size=3, knn=2, feature_samples=0)
     masks = segment(patches, cls, 2, cfg, KMeansConfig(), torch.Generator().manual_seed(0))
     assert masks.shape == (6, 4, 4) and masks.dtype == torch.uint8
     left, right = masks[:, :, :2], masks[:, :, 2:]

@@ -1,0 +1,87 @@
+"""torch.distributed (gloo on CPU, two spawned ranks, one spawn for every check since each
+process start costs seconds):
+
+* k-means: two ranks holding halves of the data take the same steps as one process holding
+  all of it (centroid sums, counts and empty-cluster reseeding are all-reduced / gathered);
+* annotate: ranks split the feature shards and the k-means; rank 0 writes one complete store.
+"""
+import os
+import pathlib
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sgdm.annotation.kmeans import _lloyd, kmeans
+from sgdm.annotation.store import AnnotationStore
+
+from .conftest import shapes_data
+
+
+def blob_data():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 5, generator=g) * 4
+    x = centres[torch.randint(6, (400,), generator=g)] + torch.randn(400, 5, generator=g)
+    start = torch.cat([x[:5], torch.full((1, 5), 100.0)])  # the far centre starts empty: reseeded
+    return x, start
+
+
+def worker(rank, world, init_file, out_dir, weights, cache):
+    import torch.distributed as dist
+
+    from sgdm.annotation.annotate import annotate
+
+    from .test_annotate import config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, start = blob_data()
+        mine = x[rank::world]
+        centroids, labels, _, n_iter = _lloyd(mine, mine.pow(2).sum(1), start.clone(), 20, 0.0, 1 << 20, True)
+        full = kmeans(mine, 6, generator=torch.Generator().manual_seed(1), distributed=True)
+        cfg = config(pathlib.Path(out_dir), weights, pathlib.Path(cache), num_images=40, shard_size=8)
+        result = annotate(cfg, "box", evaluate=True, progress=False, log=lambda m: None)
+        torch.save({"centroids": centroids, "labels": labels, "n_iter": n_iter, "full": full,
+                    "num_images": result.num_images}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, tiny_weights, shapes_cache):
+    out = tmp_path_factory.mktemp("distributed")
+    mp.spawn(worker, args=(2, str(out / "init"), str(out), str(tiny_weights), str(shapes_cache)), nprocs=2, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_lloyd_steps_equal_one_process(ranks):
+    x, start = blob_data()
+    centroids, labels, _, n_iter = _lloyd(x, x.pow(2).sum(1), start.clone(), 20, 0.0, 1 << 20, False)
+    for r, got in enumerate(ranks[1]):
+        torch.testing.assert_close(got["centroids"], centroids, rtol=0, atol=1e-5)
+        assert torch.equal(got["labels"], labels[r::2]) and got["n_iter"] == n_iter
+
+
+@pytest.mark.slow
+def test_kmeans_same_centroids_on_every_rank(ranks):
+    x, _ = blob_data()
+    a, b = ranks[1][0]["full"], ranks[1][1]["full"]
+    assert torch.equal(a.centroids, b.centroids) and a.inertia == b.inertia
+    direct = sum(float((x[r::2].double() - a.centroids.double()[res.labels]).pow(2).sum()) for r, res in enumerate((a, b)))
+    assert abs(a.inertia - direct) <= 1e-4 * direct  # inertia is summed over the ranks
+    assert a.inertia <= kmeans(x, 6, generator=torch.Generator().manual_seed(1)).inertia * 1.01
+
+
+@pytest.mark.slow
+def test_annotate_writes_one_complete_store(ranks, shapes_cache):
+    from sgdm.data import build_dataset
+
+    out, results = ranks
+    assert results[0]["num_images"] == 40 and results[1]["num_images"] == 0  # rank 0 writes
+    store = AnnotationStore.open(out / "store")
+    assert store.ids == build_dataset(shapes_data(shapes_cache, 40), train=False).ids
+    shards = sorted(p.name for p in (out / "store" / "work").glob("features_*"))
+    assert shards == [f"features_{i:05d}.safetensors" for i in range(5)]
+    assert int(store.tensor("cluster").max()) < 5 and "corloc" in store.manifest["metrics"]
