@@ -120,7 +120,8 @@ def _extract_shard(backbone, dataset, indices, a, granularity, device, bar) -> d
     image_hw = None
     for kept in _samples(dataset, indices, a):
         images = torch.stack([s["image"] for _, s in kept]).to(device)
-        feats = extract(backbone, images, keys=granularity == "box", patches=granularity == "mask")
+        feats = extract(backbone, images, keys=granularity == "box", patches=granularity == "mask",
+                        bf16={"auto": None, "fp32": False, "bf16": True}[a.precision])
         rows += [i for i, _ in kept]
         cls.append(feats.cls.half().cpu())
         if granularity == "box":

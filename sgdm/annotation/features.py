@@ -212,8 +212,11 @@ def _key_hook(store: dict):
 
 
 @torch.no_grad()
-def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patches: bool = True) -> Features:
-    """Features of ``images [B, 3, H, W]`` in ``[-1, 1]``; bf16 autocast on CUDA, outputs float32."""
+def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patches: bool = True,
+            bf16: Optional[bool] = None) -> Features:
+    """Features of ``images [B, 3, H, W]`` in ``[-1, 1]``, as float32.
+
+    ``bf16``: run the backbone under bfloat16 autocast (default: on CUDA only)."""
     x = preprocess(backbone, images)
     model = backbone.model
     captured: dict[str, torch.Tensor] = {}
@@ -224,7 +227,7 @@ def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patche
             raise BackboneError(f"backbone {backbone.name!r}: last block has no fused qkv projection to take keys from")
         handle = attn.qkv.register_forward_hook(_key_hook(captured))
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda if bf16 is None else bf16):
             out = model.forward_features(x)
     finally:
         if handle is not None:

@@ -105,3 +105,13 @@ def test_bad_weights_files(tmp_path, tiny_weights):
         load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "depth": 3})
     with pytest.raises(BackboneError, match="bad annotation.backbone_kwargs"):
         load_backbone(TINY_VIT, tiny_weights, {"no_such_argument": 1})
+
+
+def test_bf16_autocast_close_to_fp32(tiny_weights):
+    backbone = load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS)
+    full = extract(backbone, images(), keys=True, bf16=False)
+    half = extract(backbone, images(), keys=True, bf16=True)
+    assert half.cls.dtype == torch.float32
+    assert not torch.equal(full.cls, half.cls)  # autocast really ran in bfloat16
+    torch.testing.assert_close(half.cls, full.cls, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(half.keys, full.keys, rtol=0.05, atol=0.05)
