@@ -22,7 +22,7 @@ from sgdm.config.schema import ExperimentConfig
 from sgdm.training.checkpoint import clean_leftovers, find_last_valid, list_checkpoints
 from sgdm.training.rng import derive_seed
 
-__all__ = ["train", "prepare_run_dir", "build_module", "build_trainer", "EXIT_SIGTERM"]
+__all__ = ["train", "prepare_run_dir", "check_resume_compatible", "build_module", "build_trainer", "EXIT_SIGTERM"]
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
@@ -45,12 +45,40 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Pat
     if resume and existing and ckpt is None:
         raise ConfigError("run.name", f"no readable checkpoint in {ckpt_dir} (all {len(existing)} fail their "
                                       f"integrity check)")
+    if ckpt is not None:
+        check_resume_compatible(cfg, run_dir / "config.yaml")
     if _rank() == 0:
         from sgdm.training.checkpoint import atomic_write_text
 
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     return ckpt
+
+
+# What an exact continuation depends on; anything else (max_steps, logging, checkpoint cadence) may change.
+RESUME_FIXED = ("run.seed", "data", "model", "diffusion", "train.batch_size", "train.accumulate", "train.lr",
+                "train.weight_decay", "train.betas", "train.adam_eps", "train.warmup_steps", "train.ema_decay",
+                "train.ema_warmup", "train.cache_latents")
+
+
+def _lookup(data: dict, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path) -> None:
+    """Refuse to resume with settings that would silently change the run (data order, model, optimiser)."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_yaml(cfg))
+    for key in RESUME_FIXED:
+        if _lookup(old, key) != _lookup(new, key):
+            raise ConfigError(key, f"differs from the run's saved config {saved} ({_lookup(old, key)!r} -> "
+                                   f"{_lookup(new, key)!r}); resuming would not continue the same run. Use the "
+                                   f"saved value or start a new run.name")
 
 
 def _seeded_build(seed: int, fn):

@@ -80,3 +80,18 @@ def test_existing_run_needs_resume(capsys, tmp_path):
     assert code == 2 and "run.name" in err and "--resume" in err
     code, err = _run(capsys, tmp_path, cfg, "--resume")
     assert code == 2 and "no readable checkpoint" in err
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path):
+    from sgdm.training.checkpoint import atomic_torch_save, checkpoint_name
+    from sgdm.training.run import prepare_run_dir
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path))
+    assert prepare_run_dir(cfg, resume=False) is None  # writes config.yaml
+    atomic_torch_save({"x": 1}, cfg.run.path / "checkpoints" / checkpoint_name(2))
+    longer = from_dict(ExperimentConfig, tiny_config(tmp_path, train={"max_steps": 99}))
+    assert prepare_run_dir(longer, resume=True).name == checkpoint_name(2)
+    other = from_dict(ExperimentConfig, tiny_config(tmp_path, train={"batch_size": 8}))
+    with pytest.raises(ConfigError) as err:
+        prepare_run_dir(other, resume=True)
+    assert err.value.key == "train.batch_size" and "4 -> 8" in str(err.value)

@@ -70,7 +70,7 @@ def test_nan_skip_aborts_after_consecutive_skips(workdir):
         train(cfg, callbacks=[PoisonAndRecord({1, 2, 3})])
 
 
-def test_latent_cache_sample_grid_and_pipeline_export(workdir):
+def test_latent_cache_bf16_clipping_sample_grid_and_pipeline_export(workdir):
     from PIL import Image
 
     from sgdm.pipeline import SelfGuidedPipeline
@@ -78,6 +78,7 @@ def test_latent_cache_sample_grid_and_pipeline_export(workdir):
     cfg = from_dict(ExperimentConfig, tiny_config(
         workdir, run={"name": "cached"},
         train={"max_steps": 2, "cache_latents": True, "cache_shard_size": 10, "sample_every": 2,
+               "precision": "bf16-mixed", "grad_clip": 0.5, "accumulate": 2,
                "sample_scales": [0.0, 2.0], "export_pipeline": True, "logger": "csv", "log_every": 1}))
     assert train(cfg) == 0
     run = cfg.run.path
