@@ -1,8 +1,26 @@
-"""Self-annotation (the paper's g and f, Sec. 3.2): clusters, LOST boxes, STEGO masks.
+"""Self-annotation (the paper's g and f, Sec. 3.2, Eq. 6): clusters, LOST boxes, STEGO masks.
 
 Public surface: :func:`annotate` (dataset -> annotation store), :class:`AnnotationStore`
 (what training reads), :class:`AnnotationConfig` (the ``annotation:`` section).
 Heavy modules load on first use.
+
+From the shell::
+
+    sgdm-ldm annotate configs/X.yaml --granularity box --evaluate     # resumable
+    torchrun --nproc_per_node 8 -m sgdm.cli.main annotate configs/X.yaml
+    sgdm-ldm clusters STORE --out gallery.html
+
+From Python::
+
+    from sgdm.annotation import annotate, AnnotationStore
+    result = annotate(cfg, "label", evaluate=True)     # cfg: ExperimentConfig
+    AnnotationStore.open(result.store).get(image_id)   # {"cluster": 17}
+
+Modules: ``features`` (timm backbones: CLS, patch tokens, last-layer keys),
+``kmeans`` (torch k-means), ``lost`` (boxes), ``stego`` (segmentation head,
+correspondence loss, cluster probe; no CRF refinement), ``store`` (sharded
+safetensors + manifest), ``ground_truth`` (the supervised twin), ``metrics``
+(NMI, ARI, purity, CorLoc, mIoU), ``gallery`` (HTML), ``annotate`` (the pipeline).
 """
 from __future__ import annotations
 

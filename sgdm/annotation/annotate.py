@@ -173,6 +173,9 @@ def _extract_all(dataset, a, granularity, log, progress):
     cache = FeatureCache(a.store / "work", _fingerprint(backbone, a, granularity, dataset.ids))
     rank, world = _rank_world()
     n = len(dataset)
+    if -(-n // a.shard_size) < world:  # every rank needs features for the distributed k-means
+        raise ConfigError("annotation.shard_size", f"{a.shard_size} leaves {-(-n // a.shard_size)} shards of {n} "
+                                                   f"images for {world} ranks; lower it")
     shards = list(range(rank, -(-n // a.shard_size), world))
     todo = [s for s in shards if not cache.done(s)]
     if len(todo) < len(shards):
@@ -186,8 +189,9 @@ def _extract_all(dataset, a, granularity, log, progress):
     return cache, -(-n // a.shard_size), backbone
 
 
-def _cluster(cache, n_shards, a, k, device) -> Optional[torch.Tensor]:
-    """k-means of the normalised CLS features, all ranks together; cluster ids on rank 0 (None elsewhere)."""
+def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], float]:
+    """k-means of the normalised CLS features, all ranks together: (cluster ids on rank 0, None
+    elsewhere; inertia)."""
     rank, world = _rank_world()
     mine = [cache.load(s) for s in range(rank, n_shards, world)]
     cls = torch.cat([m["cls"] for m in mine if "cls" in m]) if any("cls" in m for m in mine) else torch.zeros(0, 1)
@@ -283,7 +287,9 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
         return AnnotationResult(a.store, granularity, 0, {})
     ids = [dataset.ids[i] for i in feats["index"].tolist()]
     metrics = {}
-    if evaluate and a.source == "self":
+    if evaluate and a.source == "gt":
+        log("annotate: a ground-truth store scores perfectly against itself; nothing to evaluate")
+    elif evaluate:
         metrics = evaluate_records(granularity, records, feats, k, feats["image_hw"].tolist())
         log("annotate: " + (", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) or "no ground truth to evaluate against"))
     extra.update(source=a.source, params=to_dict(a), metrics=metrics, image_size=feats["image_hw"].tolist(),
