@@ -85,7 +85,8 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
              f"<h1>{html.escape(title)}</h1><p>method: {html.escape(str(store.method))}</p>"]
     for cluster, ids in groups:
         name = "no class" if cluster == IGNORE else f"cluster {cluster}"
-        parts.append(f"<h2 id='c{cluster}'>{name} ({len(ids)} images)</h2><div class='g'>")
+        count = f"{len(ids)} image{'' if len(ids) == 1 else 's'}"
+        parts.append(f"<h2 id='c{cluster}'>{name} ({count})</h2><div class='g'>")
         for image_id in ids[:per_cluster]:
             sample = dataset[index[image_id]]
             if sample is None:
