@@ -7,6 +7,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "attention.h"
 #include "cpu/attention_kernel.h"
 #include "cpu/dispatch.h"
 
@@ -14,11 +17,8 @@ SGDM_CPU_DECLARE(void, attention_fwd_kernel, (const ::sgdm::cpu::AttentionFwdArg
 SGDM_CPU_DECLARE(void, attention_bwd_kernel, (const ::sgdm::cpu::AttentionBwdArgs&))
 
 namespace sgdm {
-namespace {
 
-constexpr int64_t kPad = 16;  // the widest vector (AVX-512 fp32)
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4, "sgdm.attention: q must be [B, H, Nq, D], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "sgdm.attention: k must be [B, H, Nk, D], got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "sgdm.attention: v must have k's shape ", k.sizes(), ", got ", v.sizes());
@@ -27,8 +27,30 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "sgdm.attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "sgdm.attention: q, k, v must share a device, got ",
+              q.device(), ", ", k.device(), ", ", v.device());
   TORCH_CHECK(q.numel() > 0 && k.numel() > 0, "sgdm.attention: empty q ", q.sizes(), " or k ", k.sizes());
 }
+
+void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
+                                     const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "sgdm.attention backward: grad_out must have q's shape ", q.sizes(),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "sgdm.attention backward: out must have q's shape ", q.sizes(), ", got ",
+              out.sizes());
+  const std::vector<int64_t> lse_shape{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "sgdm.attention backward: lse must be [B, H, Nq] = ",
+              at::IntArrayRef(lse_shape), ", got ", lse.sizes());
+  TORCH_CHECK(!grad_lse.has_value() || !grad_lse->defined() || grad_lse->sizes() == lse.sizes(),
+              "sgdm.attention backward: grad_lse must have lse's shape ", lse.sizes());
+  for (const at::Tensor* t : {&grad_out, &out, &lse}) {
+    TORCH_CHECK(t->device() == q.device(), "sgdm.attention backward: all tensors must be on ", q.device());
+  }
+}
+
+namespace {
+
+constexpr int64_t kPad = 16;  // the widest vector (AVX-512 fp32)
 
 // [B, H, N, D] -> fp32 [B*H, D, ldk] transposed, times `scale`, zero-padded
 // to ldk columns (written once, so no zero fill of the whole buffer).
@@ -47,7 +69,7 @@ at::Tensor flat_f32(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, double scale) {
-  check_inputs(q, k, v);
+  check_attention_inputs(q, k, v);
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
   const int64_t ldk = (nk + kPad - 1) / kPad * kPad;
   const auto qf = flat_f32(q);
@@ -71,12 +93,10 @@ int64_t backward_splits(int64_t bh, int64_t nk) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, double scale) {
-  check_inputs(q, k, v);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "sgdm.attention backward: grad_out and out must have q's shape ", q.sizes());
+  check_attention_inputs(q, k, v);
+  check_attention_backward_inputs(grad_out, q, out, lse, grad_lse);
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
   const int64_t bh = b * h, ldk = (nk + kPad - 1) / kPad * kPad;
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({b, h, nq}), "sgdm.attention backward: lse must be [B, H, Nq]");
   const auto dout = flat_f32(grad_out);
   // delta_i = rowsum(dO * O); a gradient flowing into lse enters as -dL/dlse
   // because d lse_i / d s_ij = P_ij.

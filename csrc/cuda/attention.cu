@@ -1,0 +1,107 @@
+// Host side of the CUDA attention kernels: picks the kernel for (dtype, head
+// dim) and launches it. Six tensor-core instantiations per direction
+// ({fp16, bf16} x D in {32, 64, 128}) plus three fp32 SIMT ones keep the
+// build small.
+#include "attention_cuda.h"
+#include "attention_bwd.cuh"
+#include "attention_fwd.cuh"
+#include "attention_simt.cuh"
+
+namespace sgdm::cuda_attn {
+namespace {
+
+constexpr float kLog2e = attn::Base2Exp::kFromNatural;
+
+dim3 grid(int64_t rows, int64_t rows_per_cta, int64_t bh) {
+  return dim3(static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), static_cast<unsigned>(bh));
+}
+
+template <class T, int D>
+cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
+  using Cfg = FwdTile<D>;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto* kernel = &attention_fwd_mma<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid(p.nq, Cfg::kM, p.bh), Cfg::kThreads, smem, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<T*>(p.out),
+      p.lse, static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale * kLog2e);
+  return cudaGetLastError();
+}
+
+template <class T, int D>
+cudaError_t backward_mma(const BwdParams& p, cudaStream_t stream) {
+  using Cfg = BwdTile<D>;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto* kernel = &attention_bwd_mma<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid(p.nk, Cfg::kN, p.bh), Cfg::kThreads, smem, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
+      static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
+      static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
+  return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t forward_simt(const FwdParams& p, cudaStream_t stream) {
+  attention_fwd_simt<D><<<grid(p.nq, kSimtWarps, p.bh), kSimtWarps * 32, 0, stream>>>(
+      static_cast<const float*>(p.q), static_cast<const float*>(p.k), static_cast<const float*>(p.v),
+      static_cast<float*>(p.out), p.lse, static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale * kLog2e);
+  return cudaGetLastError();
+}
+
+// fp32: dQ is written straight into dq_accum (no atomics), already scaled.
+template <int D>
+cudaError_t backward_simt(const BwdParams& p, cudaStream_t stream) {
+  const auto* q = static_cast<const float*>(p.q);
+  const auto* k = static_cast<const float*>(p.k);
+  const auto* v = static_cast<const float*>(p.v);
+  const auto* dout = static_cast<const float*>(p.dout);
+  const int nq = static_cast<int>(p.nq), nk = static_cast<int>(p.nk);
+  attention_bwd_kv_simt<D><<<grid(p.nk, kSimtWarps, p.bh), kSimtWarps * 32, 0, stream>>>(
+      q, k, v, dout, p.lse, p.delta, static_cast<float*>(p.dk), static_cast<float*>(p.dv), nq, nk, p.scale);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  attention_bwd_q_simt<D><<<grid(p.nq, kSimtWarps, p.bh), kSimtWarps * 32, 0, stream>>>(
+      q, k, v, dout, p.lse, p.delta, p.dq_accum, nq, nk, p.scale);
+  return cudaGetLastError();
+}
+
+template <class Params, class Fn>
+cudaError_t by_head_dim(const Params& p, Fn&& fn) {
+  switch (p.d) {
+    case 32: return fn(std::integral_constant<int, 32>{});
+    case 64: return fn(std::integral_constant<int, 64>{});
+    case 128: return fn(std::integral_constant<int, 128>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t attention_forward(const FwdParams& p, cudaStream_t stream) {
+  return by_head_dim(p, [&](auto d) -> cudaError_t {
+    constexpr int D = decltype(d)::value;
+    switch (p.dtype) {
+      case DType::kFloat16: return forward_mma<__half, D>(p, stream);
+      case DType::kBFloat16: return forward_mma<__nv_bfloat16, D>(p, stream);
+      case DType::kFloat32: return forward_simt<D>(p, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  });
+}
+
+cudaError_t attention_backward(const BwdParams& p, cudaStream_t stream) {
+  return by_head_dim(p, [&](auto d) -> cudaError_t {
+    constexpr int D = decltype(d)::value;
+    switch (p.dtype) {
+      case DType::kFloat16: return backward_mma<__half, D>(p, stream);
+      case DType::kBFloat16: return backward_mma<__nv_bfloat16, D>(p, stream);
+      case DType::kFloat32: return backward_simt<D>(p, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  });
+}
+
+}  // namespace sgdm::cuda_attn

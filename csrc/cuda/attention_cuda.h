@@ -1,0 +1,43 @@
+// Host entry points of the CUDA attention kernels (csrc/cuda/attention.cu),
+// called by csrc/cuda/attention_launch.cpp. Torch-free: raw pointers to
+// contiguous [B*H, N, D] tensors, D in {32, 64, 128}.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "sgdm/dtype.h"
+
+namespace sgdm::cuda_attn {
+
+struct FwdParams {
+  DType dtype;  // kFloat32 (SIMT path), kFloat16 or kBFloat16 (tensor cores)
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;   // [bh, nq, d], q's dtype
+  float* lse;  // [bh, nq], natural log
+  int64_t bh, nq, nk, d;
+  float scale;
+};
+
+struct BwdParams {
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;    // [bh, nq, d]
+  const float* lse;    // [bh, nq]
+  const float* delta;  // [bh, nq]: rowsum(dO * O) - dL/dlse
+  float* dq_accum;     // [bh, nq, d] fp32, zeroed: receives dS K (unscaled)
+  void* dk;            // [bh, nk, d]: scale dS^T Q
+  void* dv;            // [bh, nk, d]: P^T dO
+  int64_t bh, nq, nk, d;
+  float scale;
+};
+
+cudaError_t attention_forward(const FwdParams& p, cudaStream_t stream);
+cudaError_t attention_backward(const BwdParams& p, cudaStream_t stream);
+
+}  // namespace sgdm::cuda_attn

@@ -1,0 +1,82 @@
+// sgdm::attention / attention_backward on CUDA: torch glue around the
+// torch-free kernels of csrc/cuda/attention.cu, on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "attention.h"
+#include "cuda/attention_cuda.h"
+#include "op_utils.h"
+
+namespace sgdm {
+namespace {
+
+void check_cuda_supported(const at::Tensor& q) {
+  const int64_t d = q.size(3);
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "sgdm.attention: the CUDA kernel supports head dims 32, 64, 128, got ",
+              d);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "sgdm.attention: the CUDA kernel supports float32, float16, bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, "sgdm.attention: B*H must be at most 65535 on CUDA, got ",
+              q.size(0) * q.size(1));
+  TORCH_CHECK(q.size(2) < (int64_t{1} << 31), "sgdm.attention: sequence too long for the CUDA kernel");
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "sgdm.attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, double scale) {
+  check_attention_inputs(q_in, k_in, v_in);
+  check_cuda_supported(q_in);
+  TORCH_CHECK(k_in.size(2) < (int64_t{1} << 31), "sgdm.attention: sequence too long for the CUDA kernel");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  // The kernels read 16-byte rows of contiguous [B*H, N, D] tensors.
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  const cuda_attn::FwdParams p{dtype_tag(q, "q"), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                               lse.data_ptr<float>(), q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3),
+                               static_cast<float>(scale)};
+  check_launch(cuda_attn::attention_forward(p, c10::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, double scale) {
+  check_attention_inputs(q_in, k_in, v_in);
+  check_attention_backward_inputs(grad_out, q_in, out, lse, grad_lse);
+  check_cuda_supported(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto dout = grad_out.to(q.scalar_type()).contiguous();
+  // delta_i = rowsum(dO * O) - dL/dlse_i (see sgdm/ops/attention.py).
+  auto delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(at::kFloat);
+  delta = delta.contiguous();
+  const auto lse_f = lse.to(at::kFloat).contiguous();
+  const bool fp32 = q.scalar_type() == at::kFloat;
+  auto dq_accum = fp32 ? at::empty_like(q, at::MemoryFormat::Contiguous)
+                       : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  auto dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  const cuda_attn::BwdParams p{dtype_tag(q, "q"),  q.data_ptr(),         k.data_ptr(),      v.data_ptr(),
+                               dout.data_ptr(),    lse_f.data_ptr<float>(), delta.data_ptr<float>(),
+                               dq_accum.data_ptr<float>(), dk.data_ptr(), dv.data_ptr(),
+                               q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), static_cast<float>(scale)};
+  check_launch(cuda_attn::attention_backward(p, c10::cuda::getCurrentCUDAStream()));
+  // The tensor-core backward accumulates dS K unscaled in fp32; the SIMT one writes dQ itself.
+  auto dq = fp32 ? dq_accum : (dq_accum * scale).to(q.scalar_type());
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace sgdm
+
+TORCH_LIBRARY_IMPL(sgdm, CUDA, m) {
+  m.impl("attention", &sgdm::attention_fwd_cuda);
+  m.impl("attention_backward", &sgdm::attention_bwd_cuda);
+}
