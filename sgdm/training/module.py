@@ -101,7 +101,7 @@ class LatentDiffusionModule(pl.LightningModule):
             raise RuntimeError("LatentDiffusionModule was built without a train_loader factory")
         return self._train_loader(self)
 
-    def _rank_slice(self, batch_len: int) -> tuple[int, int]:
+    def _rank_slice(self) -> tuple[int, int]:
         """(global size G, offset of this rank) of the current global micro-batch."""
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -128,7 +128,7 @@ class LatentDiffusionModule(pl.LightningModule):
         step, micro = divmod(position, self.train_cfg.accumulate)
         if micro == 0:
             self._step_finite = True
-        g_size, lo = self._rank_slice(len(batch["position"]))
+        g_size, lo = self._rank_slice()
         n = len(batch["position"])
         gen = generator_for(self.seed, "train", position)
         z0 = self.latents(batch, gen, g_size, lo)
