@@ -2,12 +2,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from sgdm import ops
+from sgdm.models.autoencoder import AutoencoderKL
 
 from sgdm.models.conditioning import condition_dims
 from sgdm.models.layers import spatial_attention, timestep_embedding
 from sgdm.models.unet import UNet
 
-from tests.models.helpers import K, guidance, randomize_, tiny_unet_config
+from tests.models.helpers import K, guidance, randomize_, tiny_autoencoder_config, tiny_unet_config
 
 
 def make_unet(kind, generator, **overrides):
@@ -159,3 +163,29 @@ def test_spatial_attention_matches_float64_per_head_reference(generator):
             weights = torch.softmax(qs.T @ ks / math.sqrt(d), dim=-1)
             ref = (weights @ vs.T).T.reshape(d, h, w)
             torch.testing.assert_close(out[i, hd * d:(hd + 1) * d], ref)
+
+
+def test_norms_and_attention_go_through_sgdm_ops(generator, monkeypatch):
+    """The models call sgdm.ops (kernels when built), never F.group_norm or SDPA directly."""
+    calls = {"group_norm_silu": 0, "attention": 0}
+
+    def counting(name):
+        real = getattr(ops, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(ops, name, counting(name))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", None)
+    model = make_unet("label", generator)
+    x, t, cond, _ = make_inputs("label", generator)
+    model(x, t, cond)
+    norms = sum(1 for m in model.modules() if type(m).__name__ == "GroupNorm")
+    attns = sum(1 for m in model.modules() if type(m).__name__ == "AttentionBlock")
+    assert calls == {"group_norm_silu": norms, "attention": attns}
+    ae = AutoencoderKL(tiny_autoencoder_config())
+    ae(torch.zeros(1, 3, 16, 16))
+    assert calls["attention"] > attns and calls["group_norm_silu"] > norms
