@@ -102,7 +102,7 @@ def test_gradient_checkpointing_matches_plain(generator):
 
 def test_variants_without_updown_and_scale_shift_and_head_channels(generator):
     model = make_unet("label", generator, resblock_updown=False, use_scale_shift_norm=False,
-                      num_head_channels=16, dropout=0.1)
+                      num_head_channels=32, dropout=0.1)
     x, t, cond, _ = make_inputs("label", generator)
     out = model(x, t.float() + 0.5, cond)
     assert out.shape == x.shape and torch.isfinite(out).all()
