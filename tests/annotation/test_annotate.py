@@ -137,3 +137,30 @@ def test_bad_input(tmp_path, tiny_weights, shapes_cache):
         annotate(config(tmp_path, tiny_weights, shapes_cache), "points", progress=False)
     with pytest.raises(ConfigError, match="annotation.backbone_kwargs"):
         from_dict(AnnotationConfig, {"backbone_kwargs": "img_size=64"}, "annotation")
+
+
+class SkipsOne(torch.utils.data.Dataset):
+    """A dataset whose item 3 cannot be read (the data layer returns None for it)."""
+
+    def __init__(self, inner):
+        self.inner, self.ids = inner, inner.ids
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return None if i == 3 else self.inner[i]
+
+
+def test_unreadable_images_are_left_out_and_listed(tmp_path, tiny_weights, shapes_cache):
+    from sgdm.data import build_dataset
+
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_images=20)
+    dataset = SkipsOne(build_dataset(cfg.data, train=False))
+    result = annotate(cfg, dataset=dataset, progress=False, log=lambda m: None)
+    store = AnnotationStore.open(result.store)
+    assert result.num_images == 19 and dataset.ids[3] not in store
+    assert store.ids == dataset.ids[:3] + dataset.ids[4:]
+    assert store.manifest["dataset"]["skipped"] == [dataset.ids[3]]
+    with pytest.raises(StoreMismatchError, match="lacks 1 of the dataset's 20 image ids"):
+        store.check_matches(dataset.ids)
