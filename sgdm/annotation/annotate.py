@@ -108,7 +108,8 @@ class _Indexed(torch.utils.data.Dataset):
 
 def _samples(dataset, indices, a: AnnotationConfig):
     """Batches of ``(dataset index, sample)`` pairs; unreadable (None) samples are dropped."""
-    loader = torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=a.batch_size, num_workers=a.num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=a.batch_size,
+                                         num_workers=a.num_workers, collate_fn=list)
     for batch in loader:
         kept = [(i, s) for i, s in batch if s is not None]
         if kept:

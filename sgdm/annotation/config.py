@@ -119,7 +119,8 @@ class AnnotationConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.num_classes > 255 and self.granularity == "mask":
-            raise ConfigError("num_classes", f"masks are stored as uint8 class maps: at most 255 classes, got {self.num_classes}")
+            raise ConfigError("num_classes",
+                              f"masks are stored as uint8 class maps: at most 255 classes, got {self.num_classes}")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.image_size < 0:

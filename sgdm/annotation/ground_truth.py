@@ -34,7 +34,8 @@ def pack_gt(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         out["gt_boxes"] = torch.cat(boxes)
         out["gt_box_count"] = torch.tensor([len(b) for b in boxes], dtype=torch.long)
         if "gt_box_labels" in first:
-            out["gt_box_labels"] = torch.cat([torch.as_tensor(s["gt_box_labels"], dtype=torch.long).reshape(-1) for s in samples])
+            labels = [torch.as_tensor(s["gt_box_labels"], dtype=torch.long).reshape(-1) for s in samples]
+            out["gt_box_labels"] = torch.cat(labels)
     if "gt_mask" in first:
         out["gt_mask"] = torch.stack([torch.as_tensor(s["gt_mask"]).to(torch.uint8) for s in samples])
     return out
@@ -47,7 +48,8 @@ def unpack_boxes(gt: dict[str, torch.Tensor], key: str = "gt_boxes") -> list[tor
 
 def _need(gt: dict, key: str, granularity: str) -> torch.Tensor:
     if key not in gt:
-        raise ConfigError("annotation.source", f"'gt' with granularity {granularity!r} needs '{key}', which this dataset does not provide")
+        raise ConfigError("annotation.source",
+                          f"'gt' with granularity {granularity!r} needs '{key}', which this dataset does not provide")
     return gt[key]
 
 
@@ -56,7 +58,8 @@ def _check_range(values: torch.Tensor, num_classes: int, key: str, what: str) ->
         raise ConfigError(key, f"{num_classes} is too small: the ground truth has {what} {int(values.max())}")
 
 
-def ground_truth_records(gt: dict[str, torch.Tensor], granularity: str, num_classes: int, image_hw: Sequence[int], ids: Sequence[str]) -> tuple[dict, dict]:
+def ground_truth_records(gt: dict[str, torch.Tensor], granularity: str, num_classes: int, image_hw: Sequence[int],
+                         ids: Sequence[str]) -> tuple[dict, dict]:
     """Store records and manifest extras made from packed ground truth ``gt``."""
     if granularity == "label":
         labels = _need(gt, "gt_label", granularity)

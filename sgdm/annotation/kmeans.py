@@ -82,7 +82,8 @@ def _sq_dist_to(points: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor) -> to
     return torch.addmm(x_sq.unsqueeze(1) + p_sq, x, points.t(), beta=1.0, alpha=-2.0).clamp_min_(0)
 
 
-def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generator, x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generator,
+                    x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy k-means++ centres ``[K, D]``: each new centre is the best of ``2 + log K``
     candidates drawn with probability proportional to the squared distance to the
     nearest centre chosen so far (the candidate that lowers the potential most wins)."""
@@ -334,7 +335,8 @@ def kmeans(
     return KMeansResult(centroids=centroids, labels=labels, inertia=float(inertia), n_iter=n_iter)
 
 
-def kmeans_from_config(x: torch.Tensor, num_clusters: int, cfg, generator: torch.Generator, distributed: bool = False) -> KMeansResult:
+def kmeans_from_config(x: torch.Tensor, num_clusters: int, cfg, generator: torch.Generator,
+                       distributed: bool = False) -> KMeansResult:
     """:func:`kmeans` with the parameters of a :class:`~sgdm.annotation.config.KMeansConfig`."""
     return kmeans(
         x,

@@ -109,7 +109,8 @@ def knn_partners(cls: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_head(patches: torch.Tensor, cls: torch.Tensor, cfg, generator: torch.Generator, device="cpu", log=None) -> SegmentationHead:
+def train_head(patches: torch.Tensor, cls: torch.Tensor, cfg, generator: torch.Generator, device="cpu",
+               log=None) -> SegmentationHead:
     """Train a :class:`SegmentationHead` on frozen ``patches [N, h, w, D]`` (any float dtype)."""
     n = patches.shape[0]
     with torch.random.fork_rng(devices=[]):  # parameter init from our generator, not the global one
@@ -133,7 +134,8 @@ def train_head(patches: torch.Tensor, cls: torch.Tensor, cfg, generator: torch.G
             loss.backward()
             optimiser.step()
         if log is not None:
-            log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+            terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+            log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} {terms}")
     return head.eval()
 
 
@@ -146,7 +148,8 @@ def _codes(head, patches, batch, device) -> torch.Tensor:
     return torch.cat(out)
 
 
-def segment(patches: torch.Tensor, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator, device="cpu", log=None) -> torch.Tensor:
+def segment(patches: torch.Tensor, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
+            device="cpu", log=None) -> torch.Tensor:
     """Class maps ``[N, h, w]`` uint8 with values in ``[0, K)`` from patch features ``[N, h, w, D]``.
 
     ``stego_cfg.method == "stego"``: train the head, then the cluster probe on

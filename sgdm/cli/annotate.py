@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("config", help="experiment YAML with data: and annotation: sections")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. annotation.num_classes=50")
     parser.add_argument("--granularity", choices=("label", "box", "mask"), help="instead of annotation.granularity")
-    parser.add_argument("--evaluate", action="store_true", help="score against the dataset's ground truth (NMI/ARI/purity, CorLoc, mIoU)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="score against the dataset's ground truth (NMI/ARI/purity, CorLoc, mIoU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
