@@ -33,7 +33,8 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         at_boundary = pl_module.next_position == int(batch["position"][0]) + 1
-        if trainer.received_sigterm:
+        # any rank signalled -> every rank saves now (saving is collective under DDP)
+        if trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
             self.save(trainer, pl_module.step)
         elif at_boundary and pl_module.step % self.every == 0:
             self.save(trainer, pl_module.step)
