@@ -55,9 +55,9 @@ def _cuda_home() -> str | None:
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
-    for cand in candidates:
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.isdir(
-                os.path.join(cand, "include")):
+    for cand in candidates:  # a wrapper's parent (/usr/local) has no CUDA headers
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(
+                os.path.join(cand, "include", "cuda_runtime.h")):
             return cand
     return None
 
@@ -115,7 +115,7 @@ def _extension():
         if os.path.isdir(nv):
             include_dirs.append(nv)
         macros.append(("SGDM_WITH_CUDA", "1"))
-    ext = cls(name="sgdm._C", sources=once, include_dirs=include_dirs, define_macros=macros,
+    ext = cls(name="sgdm._C", sources=once, include_dirs=list(include_dirs), define_macros=macros,
               extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, py_limited_api=False)
     # torch's headers as system includes: -Wall/-Werror then apply to our code only.
     torch_dirs = [d for d in ext.include_dirs if d not in include_dirs]

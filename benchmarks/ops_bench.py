@@ -176,6 +176,34 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def smoke(device: torch.device) -> int:
+    """Each op once on small odd shapes (forward and backward), checked against the
+    references: what compute-sanitizer runs in benchmarks/gpu_check.sh."""
+    from sgdm.ops.reference import group_norm_silu_ref, guided_ddim_step_ref
+
+    gen = torch.Generator().manual_seed(0)
+    failures = 0
+    for shape, groups, cl in (((2, 12, 5, 7), 3, False), ((3, 16, 4, 6), 8, True), ((1, 6, 1, 1), 6, False)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, w, b = _gn_inputs(shape, dtype, device, gen, grad=True)
+            if cl:
+                x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+            y = ops.group_norm_silu(x, groups, w, b)
+            y.backward(torch.ones_like(y))
+            want = group_norm_silu_ref(x.detach().double(), groups, w.detach().double(), b.detach().double())
+            failures += not torch.allclose(y.double(), want, rtol=3e-2, atol=3e-2)
+            failures += not bool(torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all())
+    x, ec, eu, nz = (torch.randn(3, 4, 7, 5, generator=gen).to(device) for _ in range(4))
+    a_t = torch.tensor([0.2, 0.5, 1.0], device=device)
+    got = ops.guided_ddim_step(x, ec, a_t, 1.0, eps_uncond=eu, guidance_scale=2.0, eta=0.5, noise=nz,
+                               clip_x0=1.0)
+    want = guided_ddim_step_ref(x, ec, a_t, 1.0, eu, 2.0, 0.5, nz, 1.0)
+    failures += sum(not torch.allclose(g, r, rtol=1e-4, atol=1e-4) for g, r in zip(got, want))
+    _sync(device)
+    print(f"smoke on {device}: backends {ops.backend(device.type)}, {failures} mismatches")
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,11 +213,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
     p.add_argument("--repeats", type=int, default=40, help="timed calls per side (CPU: a quarter)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--smoke", action="store_true",
+                   help="no timing: run each op once on small shapes and check it (for sanitizers)")
     args = p.parse_args(argv)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
+    if args.smoke:
+        return max(smoke(torch.device(d)) for d in devices)
     result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats)
     if args.json:
         with open(args.json, "w") as f:

@@ -126,21 +126,19 @@ void fwd_group(const GroupNormFwdArgs& a, int64_t n, int64_t g, std::vector<acc_
   const double rstd = 1.0 / std::sqrt(welford_variance(w) + a.eps);
   static_cast<Acc*>(a.mean)[n * a.s.groups + g] = static_cast<Acc>(w.mean);
   static_cast<Acc*>(a.rstd)[n * a.s.groups + g] = static_cast<Acc>(rstd);
-  // z = x * scale_c + shift_c with scale_c = rstd * w_c, shift_c = b_c - mean * scale_c.
+  // z = (x - mean) * scale_c + b_c with scale_c = rstd * w_c. Subtracting the
+  // mean first keeps z exact when rstd is large (a nearly constant group).
   buf.resize(2 * cg);
   Acc* scale = buf.data();
   Acc* shift = buf.data() + cg;
   group_affine<Acc>(a.weight, a.bias, g * cg, cg, scale, shift);
-  for (int64_t j = 0; j < cg; ++j) {
-    const double sc = rstd * static_cast<double>(scale[j]);
-    scale[j] = static_cast<Acc>(sc);
-    shift[j] = static_cast<Acc>(static_cast<double>(shift[j]) - w.mean * sc);
-  }
+  for (int64_t j = 0; j < cg; ++j) scale[j] = static_cast<Acc>(rstd * static_cast<double>(scale[j]));
+  const V mv(static_cast<Acc>(w.mean));
   for (int64_t s = 0; s < b.seg_count; ++s) {
     const int64_t off = b.offset + s * b.seg_stride;
     for (int64_t i = 0; i < b.seg_len; i += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
-      V z = at::vec::fmadd(load_acc<T>(x + off + i, m), per_channel<kCL>(scale, s, i, m),
+      V z = at::vec::fmadd(load_acc<T>(x + off + i, m) - mv, per_channel<kCL>(scale, s, i, m),
                            per_channel<kCL>(shift, s, i, m));
       if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
       store_acc<T>(y + off + i, z, m);
@@ -163,11 +161,11 @@ void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_
   buf.assign(4 * cg, Acc(0));
   Acc *gamma = buf.data(), *beta = gamma + cg, *sdz = beta + cg, *sdzx = sdz + cg;
   group_affine<Acc>(a.weight, a.bias, g * cg, cg, gamma, beta);
-  const V rs(rstd), nmr(-mean * rstd);
+  const V rs(rstd), mv(mean);
   // dz at elements [i, i + m) of run s, and xhat there. Lanes past m load
   // dy = 0, so they contribute nothing to the sums.
   auto grad_z = [&](int64_t off, int64_t s, int64_t i, int64_t m, V& xhat) {
-    xhat = at::vec::fmadd(load_acc<T>(x + off + i, m), rs, nmr);
+    xhat = (load_acc<T>(x + off + i, m) - mv) * rs;  // not x*rstd - mean*rstd: that cancels
     V dz = load_acc<T>(dy + off + i, m);
     if constexpr (kSilu) {
       const V z = at::vec::fmadd(xhat, per_channel<kCL>(gamma, s, i, m),

@@ -24,10 +24,21 @@ def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, activat
     ``activation=None`` returns z. Output dtype and memory format follow x.
     """
     acc = _compute_dtype(x)
-    z = F.group_norm(x.to(acc), num_groups, None if weight is None else weight.to(acc),
-                     None if bias is None else bias.to(acc), eps)
+    n, c = x.shape[:2]
+    # Written out rather than F.group_norm, which refuses groups of a single element.
+    groups = x.to(acc).reshape(n, num_groups, -1)
+    mean = groups.mean(dim=-1, keepdim=True)
+    var = groups.var(dim=-1, unbiased=False, keepdim=True)
+    z = ((groups - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    affine_shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        z = z * weight.to(acc).reshape(affine_shape)
+    if bias is not None:
+        z = z + bias.to(acc).reshape(affine_shape)
     if activation == "silu":
         z = F.silu(z)
+    if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        z = z.movedim(1, -1).contiguous().movedim(-1, 1)  # keep channels-last, like the kernel
     return z.to(x.dtype)
 
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU verification in one go, for a lent GPU machine (no network; torch with CUDA
+# already installed): build the extension, run the CUDA tests, compute-sanitizer
+# (memcheck + racecheck) on small shapes, the op benchmarks. Writes
+# $OUT/gpu_check.log and $OUT/gpu_check.json (OUT defaults to a temp dir) and
+# prints a short table last. Budget: under 6 minutes on 16 cores.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root
+#
+# Other ops add their pieces to the arrays below (SMOKE: a command exercising
+# the op once on small shapes, run under each sanitizer; BENCH: a benchmark
+# command that takes --json PATH).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$(mktemp -d /tmp/sgdm_gpu_check.XXXXXX)}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+STEPS=$OUT/steps.tsv
+: >"$LOG"
+: >"$STEPS"
+PY=${PYTHON:-python}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export SGDM_REQUIRE_KERNELS=1 HF_HUB_OFFLINE=1
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
+
+SMOKE=("$PY benchmarks/ops_bench.py --smoke --device cuda")
+BENCH=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 50")
+
+# step NAME TIMEOUT_S CMD...: runs CMD, logs it, records status and seconds.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" >>"$LOG"
+  timeout "$limit" bash -c "$*" >>"$LOG" 2>&1
+  local rc=$?
+  local status=ok
+  [ $rc -eq 124 ] && status=timeout
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="fail($rc)"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >>"$STEPS"
+  echo "=== $name: $status in $((SECONDS - t0)) s" | tee -a "$LOG"
+  return $rc
+}
+
+step env 60 "nvidia-smi -L; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
+if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
+  step cuda-tests 120 "$PY -m pytest -q -m cuda tests/ops"
+  i=0
+  for cmd in "${SMOKE[@]}"; do
+    i=$((i + 1))
+    step "memcheck-$i" 150 "$SANITIZER --tool memcheck --error-exitcode 9 --report-api-errors no $cmd"
+    step "racecheck-$i" 150 "$SANITIZER --tool racecheck --error-exitcode 9 $cmd"
+  done
+  i=0
+  for cmd in "${BENCH[@]}"; do
+    i=$((i + 1))
+    step "bench-$i" 180 "$cmd --json $OUT/bench_$i.json"
+  done
+fi
+
+# JSON summary: steps, environment, every benchmark's rows.
+$PY - "$OUT" <<'PYEOF' >>"$LOG" 2>&1
+import glob, json, os, sys
+out = sys.argv[1]
+steps = [dict(zip(("step", "status", "seconds"), line.rstrip("\n").split("\t")))
+         for line in open(os.path.join(out, "steps.tsv"))]
+benches = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "bench_*.json")))]
+json.dump({"steps": steps, "benchmarks": benches}, open(os.path.join(out, "gpu_check.json"), "w"),
+          indent=2)
+PYEOF
+
+echo
+echo "log and JSON: $OUT"
+for f in "$OUT"/bench_*.json; do
+  [ -f "$f" ] && $PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); import ops_bench; print(ops_bench.format_table(json.load(open('$f'))))" 2>/dev/null
+done
+echo
+printf '%-14s %-10s %s\n' step status seconds
+while IFS=$'\t' read -r name status secs; do printf '%-14s %-10s %s\n' "$name" "$status" "$secs"; done <"$STEPS"
+! grep -q -v -P '\tok\t' "$STEPS"

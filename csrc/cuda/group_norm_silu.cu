@@ -1,0 +1,66 @@
+// Launchers of the GroupNorm(+SiLU) kernels (torch-free; see group_norm_silu.cuh).
+#include <cstdint>
+
+#include "group_norm_silu.cuh"
+
+namespace sgdm::cuda {
+namespace {
+
+// Within-group indices are 32-bit; the group count is the grid size.
+bool fits(const GroupNormShape& s) {
+  const int64_t group = (s.c / s.groups) * s.hw;
+  return group < (int64_t{1} << 31) && s.n * s.groups < (int64_t{1} << 31);
+}
+
+template <typename Kernel, typename Args>
+cudaError_t launch(Kernel kernel, const Args& a, size_t smem, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned>(a.s.n * a.s.groups), kGnThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Picks the kernel instance for (dtype, layout, activation).
+template <template <typename, bool, bool> class Pick, typename Args>
+cudaError_t dispatch(const Args& a, int smem_arrays, cudaStream_t stream) {
+  if (a.s.n * a.s.groups == 0 || a.s.hw == 0) return cudaSuccess;
+  if (!fits(a.s)) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(a.s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const size_t smem = static_cast<size_t>(smem_arrays) * (a.s.c / a.s.groups) * sizeof(acc_t<T>);
+    if (a.s.channels_last) {
+      err = a.s.silu ? launch(Pick<T, true, true>::kernel(), a, smem, stream)
+                     : launch(Pick<T, true, false>::kernel(), a, smem, stream);
+    } else {
+      err = a.s.silu ? launch(Pick<T, false, true>::kernel(), a, smem, stream)
+                     : launch(Pick<T, false, false>::kernel(), a, smem, stream);
+    }
+  });
+  return err;
+}
+
+template <typename T, bool kCL, bool kSilu>
+struct Fwd {
+  static auto kernel() { return &group_norm_silu_fwd_kernel<T, kCL, kSilu>; }
+};
+
+template <typename T, bool kCL, bool kSilu>
+struct Bwd {
+  static auto kernel() { return &group_norm_silu_bwd_kernel<T, kCL, kSilu>; }
+};
+
+}  // namespace
+
+cudaError_t launch_group_norm_silu_fwd(const GroupNormFwdArgs& args, cudaStream_t stream) {
+  return dispatch<Fwd>(args, 2, stream);
+}
+
+cudaError_t launch_group_norm_silu_bwd(const GroupNormBwdArgs& args, cudaStream_t stream) {
+  return dispatch<Bwd>(args, 4, stream);
+}
+
+}  // namespace sgdm::cuda

@@ -1,0 +1,253 @@
+// GroupNorm(+SiLU) forward and backward, CUDA kernels (torch-free; raw
+// pointers). One block per (sample, group): the first pass over the group
+// computes the statistics (per-thread shifted sums merged with the Welford /
+// Chan formula of sgdm/welford.h), the second pass re-reads the group, which
+// is still in L2, and writes the output, so HBM sees about one read and one
+// write. SiLU and its derivative come from sgdm/silu.h, as on the CPU.
+// Formulas: csrc/cpu/group_norm_silu_kernel.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "sgdm/group_norm_args.h"
+
+namespace sgdm::cuda {
+
+// Launch on `stream`; return the launch error (cudaSuccess when fine).
+cudaError_t launch_group_norm_silu_fwd(const GroupNormFwdArgs& args, cudaStream_t stream);
+cudaError_t launch_group_norm_silu_bwd(const GroupNormBwdArgs& args, cudaStream_t stream);
+
+}  // namespace sgdm::cuda
+
+#ifdef __CUDACC__
+#include "common.cuh"
+#include "sgdm/silu.h"
+#include "sgdm/welford.h"
+
+namespace sgdm::cuda {
+
+constexpr int kGnThreads = 512;
+constexpr int kGnUnroll = 4;
+
+// Element e (0 <= e < C/G * HW, 32-bit: the launcher checks) of one group:
+// its memory offset and its channel within the group.
+template <bool kCL>
+struct GroupIndex {
+  int64_t base;  // offset of the group's first element
+  int64_t c;     // channels (the NHWC position stride)
+  unsigned hw;
+  unsigned cg;
+  __device__ __forceinline__ int64_t offset(unsigned e) const {
+    if constexpr (kCL) {
+      const unsigned p = e / cg;
+      return base + static_cast<int64_t>(p) * c + (e - p * cg);
+    } else {
+      return base + e;
+    }
+  }
+  __device__ __forceinline__ unsigned channel(unsigned e) const {
+    if constexpr (kCL) {
+      return e % cg;
+    } else {
+      return e / hw;
+    }
+  }
+};
+
+template <bool kCL>
+__device__ __forceinline__ GroupIndex<kCL> group_index(const GroupNormShape& s, int64_t n,
+                                                      int64_t g) {
+  const int64_t cg = s.c / s.groups;
+  GroupIndex<kCL> idx;
+  idx.base = kCL ? n * s.hw * s.c + g * cg : (n * s.c + g * cg) * s.hw;
+  idx.c = s.c;
+  idx.hw = static_cast<unsigned>(s.hw);
+  idx.cg = static_cast<unsigned>(cg);
+  return idx;
+}
+
+template <typename Acc>
+__device__ __forceinline__ WelfordData<Acc> shfl_welford(WelfordData<Acc> w, int offset) {
+  WelfordData<Acc> o;
+  o.mean = __shfl_xor_sync(0xffffffffu, w.mean, offset);
+  o.m2 = __shfl_xor_sync(0xffffffffu, w.m2, offset);
+  o.count = __shfl_xor_sync(0xffffffffu, w.count, offset);
+  return o;
+}
+
+// Merges every thread's partial; the result is valid in every thread.
+template <typename Acc>
+__device__ WelfordData<Acc> block_welford(WelfordData<Acc> w, WelfordData<Acc>* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = (blockDim.x + kWarp - 1) / kWarp;
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) w = welford_merge(w, shfl_welford(w, o));
+  if (lane == 0) scratch[warp] = w;
+  __syncthreads();
+  w = lane < warps ? scratch[lane] : WelfordData<Acc>{Acc(0), Acc(0), Acc(0)};
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) w = welford_merge(w, shfl_welford(w, o));
+  return w;
+}
+
+// Dynamic shared memory: scale[C/G], shift[C/G].
+template <typename T, bool kCL, bool kSilu>
+__global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
+  using Acc = acc_t<T>;
+  extern __shared__ unsigned char smem_raw[];
+  Acc* scale = reinterpret_cast<Acc*>(smem_raw);
+  __shared__ WelfordData<Acc> scratch[kWarp];
+  const int64_t n = blockIdx.x / a.s.groups, g = blockIdx.x % a.s.groups;
+  const GroupIndex<kCL> idx = group_index<kCL>(a.s, n, g);
+  Acc* shift = scale + idx.cg;
+  const unsigned m = idx.cg * idx.hw;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  // Shifted sums around one element of the group keep the per-thread
+  // partials free of cancellation; Chan's merge combines them exactly.
+  const Acc k = to_acc<Acc>(ldg(x + idx.base));
+  Acc s1 = 0, s2 = 0, cnt = 0;
+  for (unsigned start = threadIdx.x; start < m; start += kGnUnroll * blockDim.x) {
+#pragma unroll
+    for (int u = 0; u < kGnUnroll; ++u) {
+      const unsigned e = start + u * blockDim.x;
+      if (e < m) {
+        const Acc d = to_acc<Acc>(ldg(x + idx.offset(e))) - k;
+        s1 += d;
+        s2 += d * d;
+        cnt += Acc(1);
+      }
+    }
+  }
+  WelfordData<Acc> w{Acc(0), Acc(0), cnt};
+  if (cnt > Acc(0)) {
+    w.mean = k + s1 / cnt;
+    w.m2 = s2 - s1 * s1 / cnt;
+  }
+  w = block_welford(w, scratch);
+  const Acc rstd = Acc(1) / sqrt(welford_variance(w) + static_cast<Acc>(a.eps));
+  if (threadIdx.x == 0) {
+    static_cast<Acc*>(a.mean)[blockIdx.x] = w.mean;
+    static_cast<Acc*>(a.rstd)[blockIdx.x] = rstd;
+  }
+  const Acc* wt = static_cast<const Acc*>(a.weight);
+  const Acc* bs = static_cast<const Acc*>(a.bias);
+  for (unsigned j = threadIdx.x; j < idx.cg; j += blockDim.x) {
+    const int64_t c = g * idx.cg + j;
+    // z = (x - mean) * scale + bias: exact for nearly constant groups (large rstd).
+    scale[j] = rstd * (wt ? wt[c] : Acc(1));
+    shift[j] = bs ? bs[c] : Acc(0);
+  }
+  __syncthreads();
+  for (unsigned start = threadIdx.x; start < m; start += kGnUnroll * blockDim.x) {
+#pragma unroll
+    for (int u = 0; u < kGnUnroll; ++u) {
+      const unsigned e = start + u * blockDim.x;
+      if (e < m) {
+        const int64_t off = idx.offset(e);
+        const unsigned j = idx.channel(e);
+        Acc z = (to_acc<Acc>(ldg(x + off)) - w.mean) * scale[j] + shift[j];
+        if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+        y[off] = from_acc<T>(z);
+      }
+    }
+  }
+}
+
+// dL/dz at element e, and xhat there.
+template <typename T, typename Acc, bool kSilu>
+__device__ __forceinline__ Acc grad_z(const T* x, const T* dy, int64_t off, Acc mean, Acc rstd,
+                                      Acc gamma, Acc beta, Acc& xhat) {
+  xhat = (to_acc<Acc>(ldg(x + off)) - mean) * rstd;
+  Acc dz = to_acc<Acc>(ldg(dy + off));
+  if constexpr (kSilu) {
+    const Acc z = xhat * gamma + beta;
+    dz *= silu_grad_from_sigmoid(z, sigmoid(z));
+  }
+  return dz;
+}
+
+// Dynamic shared memory: gamma, beta, sum_dz, sum_dzx [C/G each].
+template <typename T, bool kCL, bool kSilu>
+__global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
+  using Acc = acc_t<T>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ Acc scratch[kWarp];
+  const int64_t n = blockIdx.x / a.s.groups, g = blockIdx.x % a.s.groups;
+  const GroupIndex<kCL> idx = group_index<kCL>(a.s, n, g);
+  Acc* gamma = reinterpret_cast<Acc*>(smem_raw);
+  Acc *beta = gamma + idx.cg, *sdz = beta + idx.cg, *sdzx = sdz + idx.cg;
+  const unsigned m = idx.cg * idx.hw;
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.grad_y);
+  const Acc mean = static_cast<const Acc*>(a.mean)[blockIdx.x];
+  const Acc rstd = static_cast<const Acc*>(a.rstd)[blockIdx.x];
+  const Acc* wt = static_cast<const Acc*>(a.weight);
+  const Acc* bs = static_cast<const Acc*>(a.bias);
+  for (unsigned j = threadIdx.x; j < idx.cg; j += blockDim.x) {
+    const int64_t c = g * idx.cg + j;
+    gamma[j] = wt ? wt[c] : Acc(1);
+    beta[j] = bs ? bs[c] : Acc(0);
+    sdz[j] = Acc(0);
+    sdzx[j] = Acc(0);
+  }
+  __syncthreads();
+  // Per-channel sums: a thread keeps a running sum while its channel stays
+  // the same (long runs in NCHW; a fixed channel in NHWC when blockDim is a
+  // multiple of C/G) and flushes it to shared memory when it changes.
+  unsigned cur = 0xffffffffu;
+  Acc acc1 = 0, acc2 = 0;
+  for (unsigned e = threadIdx.x; e < m; e += blockDim.x) {
+    const unsigned j = idx.channel(e);
+    if (j != cur) {
+      if (cur != 0xffffffffu) {
+        atomicAdd(sdz + cur, acc1);
+        atomicAdd(sdzx + cur, acc2);
+      }
+      cur = j;
+      acc1 = acc2 = Acc(0);
+    }
+    Acc xhat;
+    const Acc dz = grad_z<T, Acc, kSilu>(x, dy, idx.offset(e), mean, rstd, gamma[j], beta[j], xhat);
+    acc1 += dz;
+    acc2 += dz * xhat;
+  }
+  if (cur != 0xffffffffu) {
+    atomicAdd(sdz + cur, acc1);
+    atomicAdd(sdzx + cur, acc2);
+  }
+  __syncthreads();
+  Acc pa = 0, pb = 0;  // sum(dz * w), sum(dz * w * xhat)
+  for (unsigned j = threadIdx.x; j < idx.cg; j += blockDim.x) {
+    pa += gamma[j] * sdz[j];
+    pb += gamma[j] * sdzx[j];
+  }
+  const Acc sum_a = block_sum(pa, scratch);
+  const Acc sum_b = block_sum(pb, scratch);
+  const Acc inv_m = Acc(1) / static_cast<Acc>(m);
+  const Acc c1 = -rstd * sum_a * inv_m, c2 = -rstd * sum_b * inv_m;
+  T* dx = static_cast<T*>(a.grad_x);
+  for (unsigned start = threadIdx.x; start < m; start += kGnUnroll * blockDim.x) {
+#pragma unroll
+    for (int u = 0; u < kGnUnroll; ++u) {
+      const unsigned e = start + u * blockDim.x;
+      if (e < m) {
+        const int64_t off = idx.offset(e);
+        const unsigned j = idx.channel(e);
+        Acc xhat;
+        const Acc dz = grad_z<T, Acc, kSilu>(x, dy, off, mean, rstd, gamma[j], beta[j], xhat);
+        dx[off] = from_acc<T>(dz * gamma[j] * rstd + c1 + xhat * c2);
+      }
+    }
+  }
+  if (a.sum_dz != nullptr) {
+    const int64_t row = n * a.s.c + g * idx.cg;
+    for (unsigned j = threadIdx.x; j < idx.cg; j += blockDim.x) {
+      static_cast<Acc*>(a.sum_dz)[row + j] = sdz[j];
+      static_cast<Acc*>(a.sum_dzx)[row + j] = sdzx[j];
+    }
+  }
+}
+
+}  // namespace sgdm::cuda
+#endif  // __CUDACC__
