@@ -36,6 +36,10 @@ constexpr int64_t kFwdBlockQ = 64;
 constexpr int64_t kFwdBlockK = 256;
 constexpr int64_t kBwdBlockQ = 64;
 constexpr int64_t kBwdBlockK = kAttentionBwdBlockK;
+// Row strides of the score buffers: the block width plus one 64-byte line, so
+// their rows do not all map to the same L1 sets.
+constexpr int64_t kFwdLds = kFwdBlockK + 16;
+constexpr int64_t kBwdLds = kBwdBlockK + 16;
 
 // Operand views of C[m, n] (+)= A[m, k] B[k, n]: A is read element-wise with
 // any strides (so A^T costs nothing), B and C row by row, n a multiple of kW.
@@ -151,7 +155,7 @@ void scale_row(float* x, int64_t n, float alpha) {
 // One query block of the forward against every key block.
 void forward_block(const AttentionFwdArgs& a, int64_t bh, int64_t i0, int64_t mq, float* s,
                    float* acc, attn::OnlineRow* rows) {
-  const int64_t d = a.d, lds = kFwdBlockK;
+  const int64_t d = a.d, lds = kFwdLds;
   const float* q = a.q + (bh * a.nq + i0) * d;
   for (int64_t r = 0; r < mq; ++r) rows[r] = attn::online_init();
   std::fill(acc, acc + mq * d, 0.0f);
@@ -176,7 +180,7 @@ void forward_block(const AttentionFwdArgs& a, int64_t bh, int64_t i0, int64_t mq
 // One key block of the backward against every query block (FA-2 Alg. 2).
 void backward_block(const AttentionBwdArgs& a, int64_t bh, int64_t split, int64_t j0, float* s,
                     float* dp, float* dk, float* dv) {
-  const int64_t d = a.d, lds = kBwdBlockK;
+  const int64_t d = a.d, lds = kBwdLds;
   const int64_t nkb = std::min(kBwdBlockK, a.nk - j0), npad = round_up(nkb, kW);
   const float* k = a.k + (bh * a.nk + j0) * d;
   const MatB kt{a.kt + bh * d * a.ldk + j0, a.ldk}, vt{a.vt + bh * d * a.ldk + j0, a.ldk};
@@ -210,7 +214,7 @@ void backward_block(const AttentionBwdArgs& a, int64_t bh, int64_t split, int64_
 void attention_fwd_kernel(const AttentionFwdArgs& a) {
   const int64_t nqb = (a.nq + kFwdBlockQ - 1) / kFwdBlockQ;
   at::parallel_for(0, a.bh * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kFwdBlockQ * kFwdBlockK), acc(kFwdBlockQ * a.d);
+    std::vector<float> s(kFwdBlockQ * kFwdLds), acc(kFwdBlockQ * a.d);
     std::vector<attn::OnlineRow> rows(kFwdBlockQ);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = (t % nqb) * kFwdBlockQ;
@@ -223,7 +227,7 @@ void attention_bwd_kernel(const AttentionBwdArgs& a) {
   const int64_t nkb = (a.nk + kBwdBlockK - 1) / kBwdBlockK;
   const int64_t per_split = (nkb + a.splits - 1) / a.splits;
   at::parallel_for(0, a.bh * a.splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kBwdBlockQ * kBwdBlockK), dp(kBwdBlockQ * kBwdBlockK);
+    std::vector<float> s(kBwdBlockQ * kBwdLds), dp(kBwdBlockQ * kBwdLds);
     std::vector<float> dk(kBwdBlockK * a.d), dv(kBwdBlockK * a.d);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / a.splits, split = t % a.splits;
