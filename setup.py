@@ -26,8 +26,8 @@ CSRC = os.path.join(ROOT, "csrc")
 try:
     import torch  # noqa: F401
 except ImportError:
-    sys.exit("sgdm: building the extension needs torch installed first; run "
-             "`pip install -e . --no-build-isolation` in an environment that has torch.")
+    sys.exit("sgdm: torch is not importable here (not installed, or hidden by pip's build "
+             "isolation); run `pip install -e . --no-build-isolation` where torch is installed.")
 
 ISA_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
