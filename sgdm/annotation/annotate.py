@@ -13,6 +13,11 @@ Stages (paper Sec. 3.2, Eq. 6):
 
 ``source: gt`` skips 1-2 and fills the store from ground truth instead.
 Images are read with ``train=False``: annotations describe the unflipped image.
+
+Memory: stage 2 holds every image's CLS feature (float16) on rank 0, and for
+``mask`` every patch feature too: N x h x w x D x 2 bytes (10k images at
+ViT-B/16, 224 px: 3 GB). Feature shards stay in ``STORE/work`` so that
+re-clustering with another K or method skips extraction.
 """
 from __future__ import annotations
 
