@@ -164,3 +164,13 @@ def test_unreadable_images_are_left_out_and_listed(tmp_path, tiny_weights, shape
     assert store.manifest["dataset"]["skipped"] == [dataset.ids[3]]
     with pytest.raises(StoreMismatchError, match="lacks 1 of the dataset's 20 image ids"):
         store.check_matches(dataset.ids)
+
+
+def test_reclustering_with_another_k_reuses_features(tmp_path, tiny_weights, shapes_cache, monkeypatch):
+    annotate(config(tmp_path, tiny_weights, shapes_cache), progress=False, log=lambda m: None)
+    calls = []
+    monkeypatch.setattr(annotate_module, "_extract_shard", lambda *args: calls.append(args))
+    result = annotate(config(tmp_path, tiny_weights, shapes_cache, num_classes=3), progress=False, log=lambda m: None)
+    assert calls == []
+    store = AnnotationStore.open(result.store)
+    assert store.num_classes == 3 and int(store.tensor("cluster").max()) <= 2 and len(store) == 48
