@@ -9,6 +9,10 @@ needs about 4 GB for ``x`` plus 128 MB per block on one GPU.
 * k-means++ initialisation (greedy, ``2 + log K`` trials per centre, as
   Arthur & Vassilvitskii 2007 / scikit-learn), optionally on a random subset
   (``init_sample``), since exact k-means++ costs O(N K D).
+* Lloyd steps with Hamerly's (2010) distance bounds: identical steps, but
+  points whose nearest centroid provably did not change skip the O(K D)
+  distance computation, and centroid sums are updated by the points that
+  changed cluster only (float64, no drift).
 * Empty clusters are re-seeded with the points farthest from their centroid.
 * Mini-batch mode (Sculley 2010): per-centre learning rate 1 / count.
 * Distributed mode: each rank holds its own points; centroid sums, counts and
