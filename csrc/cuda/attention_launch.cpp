@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "attention.h"
 #include "cuda/attention_cuda.h"
 #include "op_utils.h"
@@ -23,6 +25,13 @@ void check_cuda_supported(const at::Tensor& q) {
   TORCH_CHECK(q.size(2) < (int64_t{1} << 31), "sgdm.attention: sequence too long for the CUDA kernel");
 }
 
+// Contiguous and 16-byte aligned: the kernels copy rows with 16-byte cp.async
+// (a contiguous view with an odd storage offset would fault).
+at::Tensor kernel_layout(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "sgdm.attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -33,8 +42,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   check_cuda_supported(q_in);
   TORCH_CHECK(k_in.size(2) < (int64_t{1} << 31), "sgdm.attention: sequence too long for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(q_in.device());
-  // The kernels read 16-byte rows of contiguous [B*H, N, D] tensors.
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const cuda_attn::FwdParams p{dtype_tag(q, "q"), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
@@ -51,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_attention_backward_inputs(grad_out, q_in, out, lse, grad_lse);
   check_cuda_supported(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto dout = grad_out.to(q.scalar_type()).contiguous();
+  const auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+  const auto dout = kernel_layout(grad_out.to(q.scalar_type()));
   // delta_i = rowsum(dO * O) - dL/dlse_i (see sgdm/ops/attention.py).
   auto delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(at::kFloat);

@@ -104,11 +104,20 @@ def test_views_of_packed_qkv(target, generator):
     assert _rel_err(qkv.grad.cpu(), ref_qkv.grad) < 3e-5
 
 
+LOW_PRECISION_SHAPES = [pytest.param((2, 2, 200, 150, 64), id="2x2x200x150x64"),
+                        pytest.param((1, 2, 1000, 777, 128), id="1x2x1000x777x128", marks=pytest.mark.cuda),
+                        pytest.param((3, 1, 77, 1000, 32), id="3x1x77x1000x32", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_twice_torch_error(target, generator, dtype):
+def test_low_precision_within_twice_torch_error(target, generator, dtype, shape):
+    if target == "cpu" and shape[2] > 256:
+        pytest.skip("the long low-precision cases run on CUDA only (test time)")
     require_kernels(OP, target)
-    q, k, v = _qkv(2, 2, 200, 150, 64, target, generator, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(2, 2, 200, 64, generator=generator).to(target, dtype)
+    b, h, nq, nk, d = shape
+    q, k, v = _qkv(b, h, nq, nk, d, target, generator, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(b, h, nq, d, generator=generator).to(target, dtype)
     ref, ref_grads = _ref64(q.cpu(), k.cpu(), v.cpu(), None, grad_out.cpu())
 
     out = attention(q, k, v)
@@ -192,6 +201,20 @@ def test_reference_path_when_kernels_are_off(generator, monkeypatch):
     assert _rel_err(attention(q, k, v, scale=0.7), _ref64(q, k, v, 0.7)[0]) < 1e-5
     with pytest.raises(ValueError, match="v has shape"):
         attention(q, k, v[:, :, :4])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_unaligned_storage_offset(generator, dtype):
+    """A contiguous view starting one element into its storage cannot feed 16-byte
+    cp.async rows; the glue copies it instead of faulting."""
+    require_kernels(OP, "cuda")
+    n = 2 * 3 * 40 * 64
+    flat = torch.randn(3 * n + 1, generator=generator).to("cuda", dtype)
+    q, k, v = (flat[1 + i * n: 1 + (i + 1) * n].view(2, 3, 40, 64) for i in range(3))
+    assert q.data_ptr() % 16 != 0
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert _rel_err(attention(q, k, v).cpu(), _ref64(q.cpu(), k.cpu(), v.cpu())[0]) < tol
 
 
 def _bad_inputs():
