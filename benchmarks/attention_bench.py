@@ -149,7 +149,8 @@ def run(devices, dtypes, threads, repeats, with_memory: bool) -> dict:
         cases = CUDA_CASES if device.type == "cuda" else CPU_CASES
         for dtype in (dtypes if device.type == "cuda" else [torch.float32]):
             for case in cases:
-                reps = repeats if device.type == "cuda" else max(3, repeats // (4 * (case[2] // 1024) ** 2))
+                cpu_reps = max(3, repeats // (4 * max(1, case[2] // 1024) ** 2))  # N=4096: minutes
+                reps = repeats if device.type == "cuda" else cpu_reps
                 rows += bench_case(case, dtype, device, reps, gen)
         if device.type == "cpu" and with_memory:
             memory += memory_rows(CPU_CASES[-1], gen)

@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true",
                    help="no timing: run each op once on small shapes and check it (for sanitizers)")
+    p.add_argument("--attention", action="store_true",
+                   help="also time sgdm.ops.attention vs SDPA (benchmarks/attention_bench.py; slow on CPU)")
     args = p.parse_args(argv)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -223,6 +225,10 @@ def main(argv=None) -> int:
     if args.smoke:
         return max(smoke(torch.device(d)) for d in devices)
     result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats)
+    if args.attention:
+        import attention_bench  # benchmarks/ is sys.path[0]
+        result["rows"] += attention_bench.run(devices, [DTYPES[d] for d in args.dtype], args.threads,
+                                              args.repeats, with_memory=False)["rows"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
