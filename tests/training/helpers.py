@@ -77,12 +77,12 @@ def _flatten(d: dict, prefix: str = ""):
             yield key, yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def run_in_process(cfg_dict: dict, resume: bool = False) -> int:
+def run_in_process(cfg_dict: dict, resume: bool = False, callbacks=()) -> int:
     from sgdm.config.core import from_dict
     from sgdm.config.schema import ExperimentConfig
     from sgdm.training.run import train
 
-    return train(from_dict(ExperimentConfig, cfg_dict), resume=resume)
+    return train(from_dict(ExperimentConfig, cfg_dict), resume=resume, callbacks=callbacks)
 
 
 def cli_command(config_path: pathlib.Path, *args: str) -> list[str]:

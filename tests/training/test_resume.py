@@ -8,12 +8,12 @@ import subprocess
 import time
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
 from sgdm.training.checkpoint import checkpoint_name, list_checkpoints
 from tests.training.helpers import (assert_same_training_state, cli_command, load_checkpoint, make_label_store,
                                     run_in_process, tiny_config, write_config)
-
-import torch
 
 # One intra-op thread here and in the children: a parallel reduction's chunking depends on how many
 # threads actually run, which a loaded machine can vary; bit-identity needs the same float order.
@@ -36,11 +36,21 @@ def _ckpt(cfg: dict, step: int) -> dict:
     return load_checkpoint(pathlib.Path(cfg["run"]["dir"]) / cfg["run"]["name"] / "checkpoints" / checkpoint_name(step))
 
 
+class DataRecorder(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen.append((int(batch["position"][0]), list(batch["id"]), batch["flipped"].tolist()))
+
+
 def test_resume_is_exact_mid_epoch_in_a_new_process_and_in_a_later_epoch(workdir):
     # accumulate 2: 2 images per micro-batch, 12 micro-batches per data epoch = 6 steps per epoch
     common = {"accumulate": 2, "max_steps": 8, "checkpoint_every": 1}
     straight = tiny_config(workdir, run={"name": "straight"}, train=common)
-    assert run_in_process(straight) == 0
+    order = DataRecorder()
+    assert run_in_process(straight, callbacks=[order]) == 0
+    assert [p for p, _, _ in order.seen] == list(range(16))
 
     split = tiny_config(workdir, run={"name": "split"}, train={**common, "max_steps": 4})
     assert run_in_process(split) == 0
@@ -51,9 +61,11 @@ def test_resume_is_exact_mid_epoch_in_a_new_process_and_in_a_later_epoch(workdir
     assert_same_training_state(_ckpt(straight, 8), _ckpt(split, 8))
 
     later = tiny_config(workdir, run={"name": "later"}, train={**common, "max_steps": 7})  # step 7: data epoch 1
-    assert run_in_process(later) == 0
+    first, second = DataRecorder(), DataRecorder()
+    assert run_in_process(later, callbacks=[first]) == 0
     later["train"]["max_steps"] = 8
-    assert run_in_process(later, resume=True) == 0
+    assert run_in_process(later, resume=True, callbacks=[second]) == 0
+    assert first.seen + second.seen == order.seen  # same ids, flips and positions
     assert_same_training_state(_ckpt(straight, 8), _ckpt(later, 8))
     assert _ckpt(straight, 8)["sgdm"]["ema_updates"] == 8
 
@@ -92,7 +104,7 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     assert killed_at and max(killed_at) < steps, "the run finished before it could be killed"
     (ckpt_dir / f".{checkpoint_name(max(killed_at) + 2)}.999.tmp").write_bytes(b"partial")  # a torn write
     torn = ckpt_dir / checkpoint_name(max(killed_at) + 2)
-    torn.write_bytes(load_path_bytes(ckpt_dir / checkpoint_name(max(killed_at)))[:1000])  # corrupt, real name
+    torn.write_bytes((ckpt_dir / checkpoint_name(max(killed_at))).read_bytes()[:1000])  # corrupt, real name
 
     # 2) resume; SIGTERM after the next checkpoint -> a checkpoint at a step boundary and exit code 143
     proc = subprocess.Popen(cli_command(path, "--resume"), env=ENV, stdout=log, stderr=log)
@@ -112,6 +124,3 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     assert_same_training_state(_ckpt(reference, steps), _ckpt(faulty, steps))
 
 
-def load_path_bytes(path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
