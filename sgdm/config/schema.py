@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from sgdm.annotation.config import AnnotationConfig
-from sgdm.config.core import ConfigError, load_config
+from sgdm.config.core import ConfigError, apply_overrides, from_dict, load_yaml
 from sgdm.data.config import DataConfig
 from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
 from sgdm.evaluation.config import EvalConfig
@@ -76,10 +76,7 @@ class ExperimentConfig:
     def _check_guidance(self) -> None:
         g, a = self.model.guidance, self.annotation
         if g.kind == "none":
-            if g.drop_prob > 0:
-                raise ConfigError("model.guidance.drop_prob", f"guidance dropout {g.drop_prob} with no guidance "
-                                                              f"(model.guidance.kind: none); set it to 0")
-            return
+            return  # an explicitly set dropout is refused by load_experiment (the default is harmless)
         if a.granularity != g.kind:
             raise ConfigError("annotation.granularity", f"{a.granularity!r} does not match model.guidance.kind "
                                                         f"{g.kind!r}")
@@ -94,8 +91,20 @@ class ExperimentConfig:
 
 
 def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """YAML + ``a.b=value`` overrides -> a validated :class:`ExperimentConfig`."""
-    return load_config(ExperimentConfig, path, overrides)
+    """YAML + ``a.b=value`` overrides -> a validated :class:`ExperimentConfig`.
+
+    Beyond the sections' checks: a guidance dropout written in the config (file or override) for a
+    model without guidance is refused, since it says the author expected guidance that is not there.
+    """
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    cfg = from_dict(ExperimentConfig, data)
+    written = ((data.get("model") or {}).get("guidance") or {}) if isinstance(data.get("model"), dict) else {}
+    if cfg.model.guidance.kind == "none" and isinstance(written, dict) and cfg.model.guidance.drop_prob > 0 \
+            and "drop_prob" in written:
+        raise ConfigError("model.guidance.drop_prob", f"guidance dropout {cfg.model.guidance.drop_prob} with no "
+                                                      f"guidance (model.guidance.kind: none); set it to 0 or remove it")
+    return cfg
 
 
 def check_annotation_store(cfg: ExperimentConfig) -> None:

@@ -52,9 +52,9 @@ class GuidanceLookup:
         store = self.store()
         try:
             return [store.get(i) for i in ids]
-        except KeyError as err:
-            raise KeyError(f"annotation store {self.store_path} has no annotation for sample id {err.args[0]!r}; "
-                           f"re-run `sgdm-ldm annotate` for this dataset") from None
+        except KeyError as err:  # the store's message names the store and the id
+            raise KeyError(f"{err.args[0]}; the store does not match this dataset: re-run `sgdm-ldm annotate` "
+                           f"with this config") from None
 
     def __call__(self, ids: Sequence[str], flipped: torch.Tensor, size: tuple[int, int]):
         if not self.enabled:

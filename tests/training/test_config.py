@@ -95,3 +95,13 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path):
     with pytest.raises(ConfigError) as err:
         prepare_run_dir(other, resume=True)
     assert err.value.key == "train.batch_size" and "4 -> 8" in str(err.value)
+
+
+def test_defaults_validate_and_only_written_dropout_without_guidance_is_refused(tmp_path):
+    from sgdm.config.schema import load_experiment
+
+    cfg = load_experiment(None, ["data.size=256"])
+    assert cfg.model.guidance.kind == "none"  # default drop_prob 0.1 is harmless there
+    with pytest.raises(ConfigError, match="model.guidance.drop_prob"):
+        load_experiment(None, ["model.guidance.drop_prob=0.2"])
+    assert load_experiment(None, ["model.guidance.drop_prob=0"]).model.guidance.drop_prob == 0
