@@ -105,3 +105,13 @@ def test_defaults_validate_and_only_written_dropout_without_guidance_is_refused(
     with pytest.raises(ConfigError, match="model.guidance.drop_prob"):
         load_experiment(None, ["model.guidance.drop_prob=0.2"])
     assert load_experiment(None, ["model.guidance.drop_prob=0"]).model.guidance.drop_prob == 0
+
+
+def test_saved_config_of_an_unguided_run_reads_back(tmp_path):
+    from sgdm.config.schema import load_experiment
+    from sgdm.training.run import prepare_run_dir
+
+    cfg = load_experiment(None, [f"run.dir={tmp_path}", "data.size=256"])
+    prepare_run_dir(cfg, resume=False)
+    again = load_experiment(cfg.run.path / "config.yaml")
+    assert again.model.guidance.drop_prob == 0 and again.model.unet == cfg.model.unet
