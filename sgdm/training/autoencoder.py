@@ -109,9 +109,10 @@ def _build(cfg):
                          lambda: (AutoencoderKL(ae_cfg), AutoencoderLoss(ae_cfg.loss, ae_cfg.in_channels)))
 
 
-def train_autoencoder(cfg, resume: bool = False) -> int:
+def train_autoencoder(cfg, resume: bool | None = None) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
-    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM (resume with ``resume=True``)."""
+    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM. ``resume``: None continues the
+    run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from sgdm.config.core import ConfigError
@@ -123,6 +124,10 @@ def train_autoencoder(cfg, resume: bool = False) -> int:
         raise ConfigError("model.autoencoder.checkpoint", "train-autoencoder needs a path to write the weights to")
     t = dataclasses.replace(cfg.train, accumulate=1, sample_every=0, export_pipeline=False)
     cfg = dataclasses.replace(cfg, train=t)
+    if resume is None:
+        from sgdm.training.checkpoint import list_checkpoints
+
+        resume = bool(list_checkpoints(cfg.run.path / "checkpoints"))
     ckpt = prepare_run_dir(cfg, resume)
     autoencoder, loss = _build(cfg)
 
