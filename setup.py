@@ -35,8 +35,11 @@ ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
                "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
+# -fopenmp: at::parallel_for is an inline template that only runs in parallel
+# when our own translation units are compiled with OpenMP (the loaded runtime
+# is torch's libgomp.so.1, so there is one thread pool).
 CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Wno-psabi",
-             "-fvisibility=hidden"]
+             "-fvisibility=hidden", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
               "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage,-Werror"]
 
@@ -116,7 +119,8 @@ def _extension():
             include_dirs.append(nv)
         macros.append(("SGDM_WITH_CUDA", "1"))
     ext = cls(name="sgdm._C", sources=once, include_dirs=list(include_dirs), define_macros=macros,
-              extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, py_limited_api=False)
+              extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"],
+              py_limited_api=False)
     # torch's headers as system includes: -Wall/-Werror then apply to our code only.
     torch_dirs = [d for d in ext.include_dirs if d not in include_dirs]
     ext.include_dirs = list(include_dirs)
