@@ -72,30 +72,31 @@ inline Acc sum_lanes(Vec<Acc> v) {
   return at::vec::vec_reduce_all<Acc>([](Vec<Acc> a, Vec<Acc> b) { return a + b; }, v);
 }
 
-constexpr int64_t kStatChunk = 2048;  // elements; stays in L1 for the second pass
+constexpr int64_t kStatChunk = 2048;  // elements per Welford partial
 
-// Mean and M2 of one short run by two passes (exact where sum-of-squares
-// would cancel), as a Welford partial to merge.
+// Mean and M2 of one short run in one pass of sums shifted by its first
+// element (no cancellation while the run's spread is moderate), as a Welford
+// partial to merge; the lane sums are combined in double.
 template <typename T, typename Acc = acc_t<T>>
 WelfordData<double> run_stats(const T* p, int64_t len) {
   using V = Vec<Acc>;
-  V sum(0);
+  const Acc k = static_cast<Acc>(p[0]);
+  const V kv(k);
+  V s1(0), s2(0);
   int64_t i = 0;
-  for (; i + V::size() <= len; i += V::size()) sum += load_acc<T>(p + i);
-  if (i < len) sum += load_acc<T>(p + i, len - i);
-  const Acc mean = sum_lanes(sum) / static_cast<Acc>(len);
-  const V mv(mean);
-  V m2(0);
-  for (i = 0; i + V::size() <= len; i += V::size()) {
-    const V d = load_acc<T>(p + i) - mv;
-    m2 = at::vec::fmadd(d, d, m2);
+  for (; i + V::size() <= len; i += V::size()) {
+    const V d = load_acc<T>(p + i) - kv;
+    s1 += d;
+    s2 = at::vec::fmadd(d, d, s2);
   }
   if (i < len) {
-    const V d = V::set(V(0), load_acc<T>(p + i, len - i) - mv, len - i);
-    m2 = at::vec::fmadd(d, d, m2);
+    const V d = V::set(V(0), load_acc<T>(p + i, len - i) - kv, len - i);
+    s1 += d;
+    s2 = at::vec::fmadd(d, d, s2);
   }
-  return {static_cast<double>(mean), static_cast<double>(sum_lanes(m2)),
-          static_cast<double>(len)};
+  const double n = static_cast<double>(len);
+  const double sum1 = static_cast<double>(sum_lanes(s1)), sum2 = static_cast<double>(sum_lanes(s2));
+  return {static_cast<double>(k) + sum1 / n, std::max(sum2 - sum1 * sum1 / n, 0.0), n};
 }
 
 template <typename T>

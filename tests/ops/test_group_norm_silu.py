@@ -220,3 +220,12 @@ def test_single_element_groups(monkeypatch, kernels, generator):
     (gx,) = torch.autograd.grad(y.sum(), x)
     # dx = rstd * (dz w - dz w) with rstd = eps^-1/2 ~ 316 magnifies fp32 rounding
     torch.testing.assert_close(gx, torch.zeros_like(x), rtol=0, atol=1e-4)
+
+
+def test_statistics_survive_large_mean(target, generator):
+    """mean 1000, std 0.01: sum / sum-of-squares statistics in fp32 would lose the variance."""
+    require_kernels(OP, target)
+    x = (1000 + 0.01 * torch.randn(2, 8, 50, 50, generator=generator, dtype=torch.float64))
+    y = ops.group_norm_silu(x.float().to(target), 2)
+    torch.testing.assert_close(y.double().cpu(), _ref64(x.float(), 2, None, None), rtol=1e-3,
+                               atol=2e-3)
