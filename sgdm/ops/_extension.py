@@ -55,14 +55,20 @@ def has_op(name: str) -> bool:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+_enabled: dict[tuple[str, str], bool] = {}  # registrations never change once loaded
+
+
 # Constant for torch.compile: dynamo calls it while tracing instead of tracing into it.
 @torch.compiler.assume_constant_result
 def kernels_enabled(op: str, device_type: str) -> bool:
     """True when op ``op`` has a compiled kernel for ``device_type`` ("cpu", "cuda")."""
-    key = _DISPATCH_KEYS.get(device_type)
-    if key is None or not has_op(op):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
+    found = _enabled.get((op, device_type))
+    if found is None:
+        key = _DISPATCH_KEYS.get(device_type)
+        found = key is not None and has_op(op) and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
+        _enabled[(op, device_type)] = found
+    return found
 
 
 def has_cuda_kernels(op: str = "guided_ddim_step") -> bool:
