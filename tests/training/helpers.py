@@ -105,7 +105,9 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"]
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), f"state_dict[{key!r}] differs"
+        other = b["state_dict"][key]
+        assert torch.equal(value, other), \
+            f"state_dict[{key!r}] differs (max abs diff {(value.double() - other.double()).abs().max().item():.3g})"
     assert a["lr_schedulers"] == b["lr_schedulers"]
     sa, sb = a["optimizer_states"][0], b["optimizer_states"][0]
     assert sa["param_groups"] == sb["param_groups"]
