@@ -52,8 +52,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# CPU clock: wall time by default; "cpu" (process CPU time) is robust on a shared,
+# overloaded machine but only meaningful with --threads 1 (spinning threads count).
+CPU_CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_cpu_clock = time.perf_counter
+
+
 def _time_once(fn, device: torch.device) -> float:
-    """Milliseconds of one call (CUDA events on the GPU, wall clock on the CPU)."""
+    """Milliseconds of one call (CUDA events on the GPU, the chosen clock on the CPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -61,9 +67,9 @@ def _time_once(fn, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
-    t0 = time.perf_counter()
+    t0 = _cpu_clock()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (_cpu_clock() - t0) * 1e3
 
 
 def compare(eager, fused, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
@@ -172,7 +178,8 @@ def format_table(result: dict) -> str:
                      f"{r['eager_ms']:>9.3f} {r['sgdm_ms']:>9.3f} {r['ratio']:>5.2f}x "
                      f"{r['sgdm_gbps']:>7.1f} {floor:>7}  {r['target']}")
     env = result["env"]
-    lines.append(f"torch {env['torch']}, {env['threads']} threads, backends {env['backend']}")
+    lines.append(f"torch {env['torch']}, {env['threads']} threads, CPU clock "
+                 f"{env.get('cpu_clock', 'wall')}, backends {env['backend']}")
     return "\n".join(lines)
 
 
@@ -212,6 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
     p.add_argument("--repeats", type=int, default=40, help="timed calls per side (CPU: a quarter)")
+    p.add_argument("--clock", choices=sorted(CPU_CLOCK), default="wall",
+                   help="CPU timing clock; 'cpu' (process time) resists machine load, use with "
+                        "--threads 1")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true",
                    help="no timing: run each op once on small shapes and check it (for sanitizers)")
@@ -222,9 +232,12 @@ def main(argv=None) -> int:
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
+    global _cpu_clock
+    _cpu_clock = CPU_CLOCK[args.clock]
     if args.smoke:
         return max(smoke(torch.device(d)) for d in devices)
     result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats)
+    result["env"]["cpu_clock"] = args.clock
     if args.attention:
         import attention_bench  # benchmarks/ is sys.path[0]
         result["rows"] += attention_bench.run(devices, [DTYPES[d] for d in args.dtype], args.threads,
