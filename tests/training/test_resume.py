@@ -44,22 +44,32 @@ class DataRecorder(pl.Callback):
         self.seen.append((int(batch["position"][0]), list(batch["id"]), batch["flipped"].tolist()))
 
 
-def test_resume_is_exact_mid_epoch_in_a_new_process_and_in_a_later_epoch(workdir):
+def _cli(workdir, cfg: dict, name: str, *args: str) -> None:
+    proc = subprocess.run(cli_command(write_config(workdir, cfg, f"{name}.yaml"), *args), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_resume_is_exact_in_a_new_process(workdir):
+    # Runs compared bit for bit all start as fresh processes with the same environment.
     # accumulate 2: 2 images per micro-batch, 12 micro-batches per data epoch = 6 steps per epoch
     common = {"accumulate": 2, "max_steps": 8, "checkpoint_every": 1}
     straight = tiny_config(workdir, run={"name": "straight"}, train=common)
+    _cli(workdir, straight, "straight")
+    split = tiny_config(workdir, run={"name": "split"}, train={**common, "max_steps": 4})
+    _cli(workdir, split, "split")
+    split["train"]["max_steps"] = 8
+    _cli(workdir, split, "split", "--resume")
+    assert_same_training_state(_ckpt(straight, 8), _ckpt(split, 8))
+    assert _ckpt(straight, 8)["sgdm"]["ema_updates"] == 8
+
+
+def test_resume_in_a_later_epoch_keeps_data_order_and_state(workdir):
+    common = {"accumulate": 2, "max_steps": 8, "checkpoint_every": 1}
+    straight = tiny_config(workdir, run={"name": "order-straight"}, train=common)
     order = DataRecorder()
     assert run_in_process(straight, callbacks=[order]) == 0
     assert [p for p, _, _ in order.seen] == list(range(16))
-
-    split = tiny_config(workdir, run={"name": "split"}, train={**common, "max_steps": 4})
-    assert run_in_process(split) == 0
-    split["train"]["max_steps"] = 8
-    proc = subprocess.run(cli_command(write_config(workdir, split, "split.yaml"), "--resume"), env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_training_state(_ckpt(straight, 8), _ckpt(split, 8))
-
     later = tiny_config(workdir, run={"name": "later"}, train={**common, "max_steps": 7})  # step 7: data epoch 1
     first, second = DataRecorder(), DataRecorder()
     assert run_in_process(later, callbacks=[first]) == 0
@@ -67,7 +77,6 @@ def test_resume_is_exact_mid_epoch_in_a_new_process_and_in_a_later_epoch(workdir
     assert run_in_process(later, resume=True, callbacks=[second]) == 0
     assert first.seen + second.seen == order.seen  # same ids, flips and positions
     assert_same_training_state(_ckpt(straight, 8), _ckpt(later, 8))
-    assert _ckpt(straight, 8)["sgdm"]["ema_updates"] == 8
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen):
@@ -85,7 +94,7 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     steps = 24
     train = {"max_steps": steps, "checkpoint_every": 2, "keep_checkpoints": 3}
     reference = tiny_config(workdir, run={"name": "reference"}, train=train)
-    assert run_in_process(reference) == 0
+    _cli(workdir, reference, "reference")
 
     faulty = tiny_config(workdir, run={"name": "faulty"}, train=train)
     path = write_config(workdir, faulty, "faulty.yaml")
