@@ -171,6 +171,9 @@ void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_
   Acc *gamma = buf.data(), *beta = gamma + cg, *sdz = beta + cg, *sdzx = sdz + cg;
   group_affine<Acc>(a.weight, a.bias, g * cg, cg, gamma, beta);
   const V rs(rstd), mv(mean);
+  // fp32/fp64: pass 1 parks dz in grad_x (the group stays in cache) and pass 2
+  // reads it back instead of recomputing the exponential.
+  constexpr bool kKeepDz = std::is_same_v<T, Acc>;
   // dz at elements [i, i + m) of run s, and xhat there. Lanes past m load
   // dy = 0, so they contribute nothing to the sums.
   auto grad_z = [&](int64_t off, int64_t s, int64_t i, int64_t m, V& xhat) {
@@ -190,6 +193,7 @@ void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_
       const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
       V xhat;
       const V dz = grad_z(off, s, i, m, xhat);
+      if constexpr (kKeepDz) dz.store(dx + off + i, m);
       if constexpr (kCL) {
         (V::loadu(sdz + i, m) + dz).store(sdz + i, m);
         at::vec::fmadd(dz, xhat, V::loadu(sdzx + i, m)).store(sdzx + i, m);
@@ -214,8 +218,13 @@ void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_
     const int64_t off = b.offset + s * b.seg_stride;
     for (int64_t i = 0; i < b.seg_len; i += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
-      V xhat;
-      const V dz = grad_z(off, s, i, m, xhat);
+      V xhat, dz;
+      if constexpr (kKeepDz) {
+        dz = V::loadu(dx + off + i, m);
+        xhat = (load_acc<T>(x + off + i, m) - mv) * rs;
+      } else {
+        dz = grad_z(off, s, i, m, xhat);
+      }
       const V out = at::vec::fmadd(dz, per_channel<kCL>(gamma, s, i, m) * rs,
                                    at::vec::fmadd(xhat, c2, c1));
       store_acc<T>(dx + off + i, out, m);
