@@ -50,18 +50,26 @@ def _cli(workdir, cfg: dict, name: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_resume_is_exact_in_a_new_process(workdir):
-    # Runs compared bit for bit all start as fresh processes with the same environment.
-    # accumulate 2: 2 images per micro-batch, 12 micro-batches per data epoch = 6 steps per epoch
-    common = {"accumulate": 2, "max_steps": 8, "checkpoint_every": 1}
-    straight = tiny_config(workdir, run={"name": "straight"}, train=common)
-    _cli(workdir, straight, "straight")
-    split = tiny_config(workdir, run={"name": "split"}, train={**common, "max_steps": 4})
+STEPS = 24
+# accumulate 2: 2 images per micro-batch, 12 micro-batches per data epoch = 6 steps per epoch
+FAULT_TRAIN = {"max_steps": STEPS, "accumulate": 2, "checkpoint_every": 2, "keep_checkpoints": 3}
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """The uninterrupted run, in a fresh process (runs compared bit for bit all start as fresh processes)."""
+    cfg = tiny_config(workdir, run={"name": "reference"}, train=FAULT_TRAIN)
+    _cli(workdir, cfg, "reference")
+    return _ckpt(cfg, STEPS)
+
+
+def test_resume_is_exact_in_a_new_process(workdir, reference):
+    split = tiny_config(workdir, run={"name": "split"}, train={**FAULT_TRAIN, "max_steps": 4})
     _cli(workdir, split, "split")
-    split["train"]["max_steps"] = 8
+    split["train"]["max_steps"] = STEPS
     _cli(workdir, split, "split", "--resume")
-    assert_same_training_state(_ckpt(straight, 8), _ckpt(split, 8))
-    assert _ckpt(straight, 8)["sgdm"]["ema_updates"] == 8
+    assert_same_training_state(reference, _ckpt(split, STEPS))
+    assert reference["sgdm"]["ema_updates"] == STEPS
 
 
 def test_resume_in_a_later_epoch_keeps_data_order_and_state(workdir):
@@ -90,13 +98,9 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen):
     return False
 
 
-def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir):
-    steps = 24
-    train = {"max_steps": steps, "checkpoint_every": 2, "keep_checkpoints": 3}
-    reference = tiny_config(workdir, run={"name": "reference"}, train=train)
-    _cli(workdir, reference, "reference")
-
-    faulty = tiny_config(workdir, run={"name": "faulty"}, train=train)
+def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir, reference):
+    steps = STEPS
+    faulty = tiny_config(workdir, run={"name": "faulty"}, train=FAULT_TRAIN)
     path = write_config(workdir, faulty, "faulty.yaml")
     ckpt_dir = workdir / "runs" / "faulty" / "checkpoints"
     rng = random.Random(1234)
@@ -130,6 +134,6 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     log.close()
     if stopped_at < steps:
         assert f"step-{stopped_at:08d}" in proc.stderr + proc.stdout
-    assert_same_training_state(_ckpt(reference, steps), _ckpt(faulty, steps))
+    assert_same_training_state(reference, _ckpt(faulty, steps))
 
 
