@@ -58,7 +58,7 @@ if step build 300 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   i=0
   for cmd in "${SMOKE[@]}"; do
     i=$((i + 1))
-    step "memcheck-$i" 150 "$SANITIZER --tool memcheck --error-exitcode 9 --report-api-errors no $cmd"
+    step "memcheck-$i" 150 "$SANITIZER --tool memcheck --error-exitcode 9 $cmd"
     step "racecheck-$i" 150 "$SANITIZER --tool racecheck --error-exitcode 9 $cmd"
   done
   i=0
