@@ -53,18 +53,18 @@ step() {
 step env 60 "nvidia-smi -L; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
 $PY -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found; torch falls back to a serial build (slow)" | tee -a "$LOG"
-if step build 300 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
-  step cuda-tests 120 "$PY -m pytest -q -m cuda tests/ops"
+if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
+  step cuda-tests 90 "$PY -m pytest -q -m cuda tests/ops"
   i=0
   for cmd in "${SMOKE[@]}"; do
     i=$((i + 1))
-    step "memcheck-$i" 150 "$SANITIZER --tool memcheck --error-exitcode 9 $cmd"
-    step "racecheck-$i" 150 "$SANITIZER --tool racecheck --error-exitcode 9 $cmd"
+    step "memcheck-$i" 100 "$SANITIZER --tool memcheck --error-exitcode 9 $cmd"
+    step "racecheck-$i" 100 "$SANITIZER --tool racecheck --error-exitcode 9 $cmd"
   done
   i=0
   for cmd in "${BENCH[@]}"; do
     i=$((i + 1))
-    step "bench-$i" 180 "$cmd --json $OUT/bench_$i.json"
+    step "bench-$i" 90 "$cmd --json $OUT/bench_$i.json"
   done
 fi
 
