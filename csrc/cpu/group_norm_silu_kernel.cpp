@@ -201,10 +201,17 @@ void fwd_group(const GroupNormFwdArgs& a, int64_t n, int64_t g, std::vector<acc_
   group_affine<Acc>(a.weight, a.bias, g * cg, cg, scale, shift);
   for (int64_t j = 0; j < cg; ++j) scale[j] = static_cast<Acc>(rstd * static_cast<double>(scale[j]));
   const V mv(static_cast<Acc>(w.mean));
+  // NCHW: the next group follows this one in memory; pull it towards L2
+  // while this pass computes, so the next statistics pass finds it there.
+  // (Prefetches past the end of x are harmless.)
+  const int64_t ahead = cg * a.s.hw;
   for (int64_t s = 0; s < b.seg_count; ++s) {
     const int64_t off = b.offset + s * b.seg_stride;
     for (int64_t i = 0; i < b.seg_len; i += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), b.seg_len - i);
+      if constexpr (!kCL) {
+        __builtin_prefetch(reinterpret_cast<const char*>(x + off + i + ahead), 0, 2);
+      }
       V z = at::vec::fmadd(load_acc<T>(x + off + i, m) - mv, per_channel<kCL>(scale, s, i, m),
                            per_channel<kCL>(shift, s, i, m));
       if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
