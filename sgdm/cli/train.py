@@ -37,13 +37,18 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_yaml(cfg))
         return 0
     check_annotation_store(cfg)
+    resume = args.resume
     if cfg.prepare.any():
         from sgdm.quickstart import prepare
+        from sgdm.training.checkpoint import list_checkpoints
 
         prepare(cfg)
+        # A self-preparing config (the quickstart) is one command to repeat: like its prepared
+        # artefacts, its own run is reused, continued exactly from its last checkpoint.
+        resume = resume or bool(list_checkpoints(cfg.run.path / "checkpoints"))
     from sgdm.training.run import train
 
-    code = train(cfg, resume=args.resume)
+    code = train(cfg, resume=resume)
     if code == 0 and cfg.prepare.report:
         from sgdm.quickstart import write_report
 

@@ -68,6 +68,17 @@ def test_repeated_quickstart_reuses_what_is_prepared(quickstart_run):
     assert done["autoencoder"].startswith("reused") and done["features"].startswith("reused")
     assert done["annotations"].startswith("reused")
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    # The same command again: no error about the existing run directory, no further training.
+    from safetensors.torch import load_file
+
+    run = tmp / "runs" / "quickstart"
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    exported = load_file(run / "pipeline" / "model.safetensors")
+    assert main(["train", str(CONFIG), *overrides, "prepare.report=false"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == steps
+    again = load_file(run / "pipeline" / "model.safetensors")
+    assert again.keys() == exported.keys() and all(again[k].equal(exported[k]) for k in exported)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
 def test_prepare_without_target_paths_names_the_key(tmp_path):
