@@ -9,7 +9,7 @@ import dataclasses
 import pathlib
 from typing import Any, Literal, Optional
 
-from sgdm.config.core import ConfigError
+from sgdm.config.core import ConfigError, require_at_least
 
 Granularity = Literal["label", "box", "mask"]
 
@@ -28,15 +28,13 @@ class KMeansConfig:
     chunk_elements: int = 1 << 25  # rows x clusters of one distance block (memory bound)
 
     def validate(self) -> None:
-        if self.max_iter < 1:
-            raise ConfigError("max_iter", f"must be >= 1, got {self.max_iter}")
+        require_at_least(self, 1, "max_iter")
         if self.tol < 0:
             raise ConfigError("tol", f"must be >= 0, got {self.tol}")
         for name in ("init_points_per_cluster", "batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0 (0 disables it), got {getattr(self, name)}")
-        if self.chunk_elements < 1:
-            raise ConfigError("chunk_elements", f"must be >= 1, got {self.chunk_elements}")
+        require_at_least(self, 1, "chunk_elements")
 
 
 @dataclasses.dataclass
@@ -47,10 +45,7 @@ class LostConfig:
     num_clusters: int = 100  # k-means clusters of the CLS features, the box's class id
 
     def validate(self) -> None:
-        if self.k_patches < 1:
-            raise ConfigError("k_patches", f"must be >= 1, got {self.k_patches}")
-        if self.num_clusters < 1:
-            raise ConfigError("num_clusters", f"must be >= 1, got {self.num_clusters}")
+        require_at_least(self, 1, "k_patches", "num_clusters")
 
 
 @dataclasses.dataclass

@@ -6,7 +6,8 @@ from sgdm.config.core import (
     from_dict,
     load_config,
     load_yaml,
+    require_at_least,
     to_dict,
 )
 
-__all__ = ["ConfigError", "apply_overrides", "dump_yaml", "from_dict", "load_config", "load_yaml", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "dump_yaml", "from_dict", "load_config", "load_yaml", "require_at_least", "to_dict"]

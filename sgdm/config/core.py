@@ -33,6 +33,7 @@ __all__ = [
     "load_yaml",
     "load_config",
     "dump_yaml",
+    "require_at_least",
 ]
 
 
@@ -49,6 +50,14 @@ class ConfigError(ValueError):
             return self
         key = f"{prefix}.{self.key}" if self.key else prefix
         return ConfigError(key, self.message)
+
+
+def require_at_least(section: Any, minimum: int, *names: str) -> None:
+    """For ``validate()`` hooks: each named field of ``section`` must be >= ``minimum``."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ConfigError(name, f"must be >= {minimum}, got {value}")
 
 
 def _join(path: str, key: str) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 from typing import Literal, Optional
 
-from sgdm.config.core import ConfigError
+from sgdm.config.core import ConfigError, require_at_least
 
 DatasetKind = Literal[
     "shapes", "image_folder", "lsun_lmdb", "lsun_list", "imagenet100", "voc", "coco20k", "coco_stuff27"
@@ -46,10 +46,7 @@ class ShapesConfig:
     cache_dir: Optional[pathlib.Path] = None
 
     def validate(self) -> None:
-        if self.num_images < 1:
-            raise ConfigError("num_images", f"must be >= 1, got {self.num_images}")
-        if self.num_val_images < 1:
-            raise ConfigError("num_val_images", f"must be >= 1, got {self.num_val_images}")
+        require_at_least(self, 1, "num_images", "num_val_images")
         if not 16 <= self.image_size <= 1024:
             raise ConfigError("image_size", f"must be in [16, 1024], got {self.image_size}")
         if self.seed < 0:

@@ -5,7 +5,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from sgdm.config.core import ConfigError
+from sgdm.config.core import ConfigError, require_at_least
 
 Metric = Literal["fid", "is", "kid", "fd", "adherence"]
 
@@ -48,12 +48,10 @@ class EvalConfig:
     def validate(self) -> None:
         if self.n < 2:
             raise ConfigError("n", f"need at least 2 samples for a covariance, got {self.n}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        require_at_least(self, 1, "batch_size")
         if self.n < self.batch_size:
             raise ConfigError("n", f"{self.n} samples is smaller than the batch size {self.batch_size}; lower batch_size or raise n")
-        if self.steps < 1:
-            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        require_at_least(self, 1, "steps")
         if self.eta < 0:
             raise ConfigError("eta", f"must be >= 0, got {self.eta}")
         if self.reference_n < 2:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sgdm.config.core import ConfigError
+from sgdm.config.core import ConfigError, require_at_least
 from sgdm.features_pretrain.config import PretrainConfig
 
 
@@ -42,18 +42,11 @@ class PrepareConfig:
         return self.dataset or self.autoencoder or self.features or self.annotations or self.report
 
     def validate(self) -> None:
-        if self.autoencoder_batch_size < 1:
-            raise ConfigError("autoencoder_batch_size", f"must be >= 1, got {self.autoencoder_batch_size}")
-        if self.autoencoder_steps < 1:
-            raise ConfigError("autoencoder_steps", f"must be >= 1, got {self.autoencoder_steps}")
-        if self.report_samples_per_row < 1:
-            raise ConfigError("report_samples_per_row", f"must be >= 1, got {self.report_samples_per_row}")
-        if self.report_steps < 1:
-            raise ConfigError("report_steps", f"must be >= 1, got {self.report_steps}")
+        require_at_least(self, 1, "autoencoder_batch_size", "autoencoder_steps", "report_samples_per_row",
+                         "report_steps")
         if not self.report_scales:
             raise ConfigError("report_scales", "needs at least one guidance scale")
-        if self.companion_steps < 1:
-            raise ConfigError("companion_steps", f"must be >= 1, got {self.companion_steps}")
+        require_at_least(self, 1, "companion_steps")
         if self.companion_mask_classes < 0:
             raise ConfigError("companion_mask_classes", f"must be >= 0 (0: annotation.num_classes), got {self.companion_mask_classes}")
         if self.report_eval_n < 2:

@@ -100,3 +100,13 @@ def test_missing_and_malformed_files(tmp_path):
     broken.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Outer, broken)
+
+
+def test_require_at_least_names_the_first_field_below_the_minimum():
+    from sgdm.config import require_at_least
+
+    section = Inner(channels=0, mult=[1])
+    require_at_least(section, 0, "channels")
+    with pytest.raises(ConfigError) as info:
+        require_at_least(section, 1, "channels")
+    assert info.value.key == "channels" and str(info.value) == "channels: must be >= 1, got 0"
