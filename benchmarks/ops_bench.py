@@ -96,8 +96,10 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def _gn_inputs(shape, dtype, device, gen, grad):
     x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
-    w = torch.randn(shape[1], generator=gen).to(device).requires_grad_(grad)
-    b = torch.randn(shape[1], generator=gen).to(device).requires_grad_(grad)
+    # affine parameters in the input's dtype, as in a model cast with .to(dtype); eager
+    # F.group_norm refuses mixed dtypes on CUDA
+    w = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
+    b = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
     return x, w, b
 
 
