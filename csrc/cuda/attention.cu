@@ -29,17 +29,35 @@ cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// delta (and, for the tensor-core path, the zeroed dQ accumulator) for every query row.
+template <class T, int D>
+cudaError_t backward_preprocess(const BwdParams& p, float* dq_accum, cudaStream_t stream) {
+  constexpr int64_t kThreads = 256, kLanes = D / (16 / static_cast<int64_t>(sizeof(T)));
+  const int64_t rows = p.bh * p.nq;
+  const int64_t blocks = (rows * kLanes + kThreads - 1) / kThreads;
+  attention_bwd_preprocess<T, D><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.grad_lse, p.delta, dq_accum, rows);
+  return cudaGetLastError();
+}
+
 template <class T, int D>
 cudaError_t backward_mma(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err = backward_preprocess<T, D>(p, p.dq_accum, stream);
+  if (err != cudaSuccess) return err;
   using Cfg = BwdTile<D>;
   constexpr int smem = Cfg::template smem_bytes<T>();
   auto* kernel = &attention_bwd_mma<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid(p.nk, Cfg::kN, p.bh), Cfg::kThreads, smem, stream>>>(
       static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
       static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
       static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t n4 = p.bh * p.nq * p.d / 4;  // d is a multiple of 32
+  attention_dq_convert<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
+      p.dq_accum, static_cast<T*>(p.dq), p.scale, n4);
   return cudaGetLastError();
 }
 
@@ -51,9 +69,11 @@ cudaError_t forward_simt(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// fp32: dQ is written straight into dq_accum (no atomics), already scaled.
+// fp32: dQ is written straight into dq (no atomics, no accumulator), already scaled.
 template <int D>
 cudaError_t backward_simt(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err = backward_preprocess<float, D>(p, nullptr, stream);
+  if (err != cudaSuccess) return err;
   const auto* q = static_cast<const float*>(p.q);
   const auto* k = static_cast<const float*>(p.k);
   const auto* v = static_cast<const float*>(p.v);
@@ -61,10 +81,10 @@ cudaError_t backward_simt(const BwdParams& p, cudaStream_t stream) {
   const int nq = static_cast<int>(p.nq), nk = static_cast<int>(p.nk);
   attention_bwd_kv_simt<D><<<grid(p.nk, kSimtWarps, p.bh), kSimtWarps * 32, 0, stream>>>(
       q, k, v, dout, p.lse, p.delta, static_cast<float*>(p.dk), static_cast<float*>(p.dv), nq, nk, p.scale);
-  cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   attention_bwd_q_simt<D><<<grid(p.nq, kSimtWarps, p.bh), kSimtWarps * 32, 0, stream>>>(
-      q, k, v, dout, p.lse, p.delta, p.dq_accum, nq, nk, p.scale);
+      q, k, v, dout, p.lse, p.delta, static_cast<float*>(p.dq), nq, nk, p.scale);
   return cudaGetLastError();
 }
 

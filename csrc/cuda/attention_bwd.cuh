@@ -1,14 +1,14 @@
 // FlashAttention-2 backward for fp16 / bf16 on tensor cores (Dao 2023, Alg. 2).
 //
-// One CTA = 4 warps = 64 keys of one (batch, head), K and V resident in
-// shared memory; it streams query blocks (Q, dO double buffered with
-// cp.async). Each warp owns 16 keys and works transposed, so that dK and dV
-// stay in its registers:
+// One CTA = kWarps warps = 16 kWarps keys of one (batch, head), K and V
+// resident in shared memory; it streams query blocks (Q, dO and the rows'
+// lse and delta double buffered with cp.async). Each warp owns 16 keys and
+// works transposed, so that dK and dV stay in its registers:
 //   S^T = K Q^T,  P^T = exp2(S^T scale log2e - lse log2e),  dV += P^T dO,
 //   dP^T = V dO^T, dS^T = P^T (dP^T - delta),  dK += dS^T Q.
 // dS^T goes through shared memory so the warps can then split dQ += dS K by
-// query rows, added with fp32 atomics to a [B*H, Nq, D] accumulator (the
-// glue scales and casts it). No N x N tensor touches global memory.
+// query rows, added with fp32 atomics to a [B*H, Nq, D] accumulator (zeroed
+// by attention_bwd_preprocess, scaled and cast by attention_dq_convert). No N x N tensor touches global memory.
 #pragma once
 
 #include "attention_mma.cuh"
@@ -18,16 +18,38 @@ namespace sgdm::cuda_attn {
 
 template <int D>
 struct BwdTile {
-  static constexpr int kN = 64, kThreads = 128, kLd = D + 8;
-  // Query rows per step: fewer for D = 128, whose dK and dV accumulators take
-  // 128 registers (32 query rows spill a few bytes at 255 registers).
+  // One warp per 16 keys. D <= 64: 8 warps and 128 keys per CTA, which halves
+  // the dQ atomics (one set per key block) against 64-key blocks; D = 128: 4
+  // warps, since each warp's dK and dV accumulators already take 128 registers.
+  static constexpr int kWarps = D > 64 ? 4 : 8;
+  static constexpr int kN = 16 * kWarps, kThreads = 32 * kWarps, kLd = D + 8;
+  // Query rows per step: fewer for D = 128 (32 query rows spill a few bytes
+  // at 255 registers).
   static constexpr int kM = D > 64 ? 16 : 64;
   static constexpr int kLdS = kM + 8;
   template <class T>
-  static constexpr int smem_bytes() {  // K, V, 2 x Q, 2 x dO, dS^T
-    return ((2 * kN + 4 * kM) * kLd + kN * kLdS) * static_cast<int>(sizeof(T));
+  static constexpr int smem_bytes() {  // K, V, 2 x Q, 2 x dO, dS^T, then 2 x (lse, delta)
+    return ((2 * kN + 4 * kM) * kLd + kN * kLdS) * static_cast<int>(sizeof(T)) +
+           4 * kM * static_cast<int>(sizeof(float));
   }
 };
+
+// 4-byte async copy (row statistics); src_bytes = 0 writes zero.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+
+// fp32 accumulation into global memory: two adjacent floats in one vector
+// reduction on sm_90 (atomicAdd on float2), two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
 
 // acc[16 x kCols] (+)= A[16 x 16*kK] B, A from registers, B[k][n] row-major in smem (ldmatrix.trans).
 template <class T, int kCols>
@@ -78,40 +100,44 @@ template <class T, int D>
 __device__ __forceinline__ void accumulate_dq(float* dq, const T* sds, const T* sk, int m0, int nq, int warp,
                                               int lane) {
   using Cfg = BwdTile<D>;
-  constexpr int kRowTiles = Cfg::kM / 16, kColSplit = 4 / kRowTiles, kCols = D / kColSplit;
+  constexpr int kRowTiles = Cfg::kM / 16, kColSplit = Cfg::kWarps / kRowTiles, kCols = D / kColSplit;
+  static_assert(kColSplit * kRowTiles == Cfg::kWarps && kCols % 16 == 0, "dQ split");
+  constexpr int kDp = kCols / 16;
   const int rt = warp % kRowTiles, c0 = (warp / kRowTiles) * kCols;
+  float c[kDp][2][4];
 #pragma unroll
-  for (int dp = 0; dp < kCols / 16; ++dp) {
-    float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+  for (int dp = 0; dp < kDp; ++dp)
 #pragma unroll
-    for (int kc = 0; kc < Cfg::kN / 16; ++kc) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4_trans(a, sds + (kc * 16 + lane % 8 + (lane / 16) * 8) * Cfg::kLdS + rt * 16 + ((lane / 8) % 2) * 8);
+    for (int e = 0; e < 4; ++e) c[dp][0][e] = c[dp][1][e] = 0.0f;
+#pragma unroll
+  for (int kc = 0; kc < Cfg::kN / 16; ++kc) {  // each dS fragment feeds all of the warp's columns
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, sds + (kc * 16 + lane % 8 + (lane / 16) * 8) * Cfg::kLdS + rt * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+    for (int dp = 0; dp < kDp; ++dp) {
+      uint32_t b[4];
       ldmatrix_x4_trans(b, sk + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * Cfg::kLd + c0 + dp * 16 + (lane / 16) * 8);
-      mma_16816<T>(c[0], a, b[0], b[1]);
-      mma_16816<T>(c[1], a, b[2], b[3]);
+      mma_16816<T>(c[dp][0], a, b[0], b[1]);
+      mma_16816<T>(c[dp][1], a, b[2], b[3]);
     }
+  }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = m0 + rt * 16 + lane / 4 + 8 * h;
-      if (r >= nq) continue;
-      float* dst = dq + static_cast<int64_t>(r) * D + c0 + dp * 16 + 2 * (lane % 4);
+  for (int h = 0; h < 2; ++h) {
+    const int r = m0 + rt * 16 + lane / 4 + 8 * h;
+    if (r >= nq) continue;
+    float* dst = dq + static_cast<int64_t>(r) * D + c0 + 2 * (lane % 4);
 #pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        atomicAdd(dst + t * 8, c[t][2 * h]);
-        atomicAdd(dst + t * 8 + 1, c[t][2 * h + 1]);
-      }
-    }
+    for (int dp = 0; dp < kDp; ++dp)
+#pragma unroll
+      for (int t = 0; t < 2; ++t) atomic_add2(dst + dp * 16 + t * 8, c[dp][t][2 * h], c[dp][t][2 * h + 1]);
   }
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q, const T* __restrict__ k,
-                                                         const T* __restrict__ v, const T* __restrict__ dout,
-                                                         const float* __restrict__ lse,
-                                                         const float* __restrict__ delta, float* dq_accum,
-                                                         T* __restrict__ dk, T* __restrict__ dv, int nq, int nk,
-                                                         float scale) {
+__global__ void __launch_bounds__(BwdTile<D>::kThreads)
+    attention_bwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                      const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                      float* dq_accum, T* __restrict__ dk, T* __restrict__ dv, int nq, int nk, float scale) {
   using Cfg = BwdTile<D>;
   constexpr int kM = Cfg::kM, kN = Cfg::kN, kLd = Cfg::kLd, kDt = D / 8;
   constexpr float kLog2e = attn::Base2Exp::kFromNatural;
@@ -121,6 +147,7 @@ __global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q
   T* sq = sv + kN * kLd;      // 2 buffers
   T* sdo = sq + 2 * kM * kLd;  // 2 buffers
   T* sds = sdo + 2 * kM * kLd;
+  float* sstat = reinterpret_cast<float*>(sds + kN * Cfg::kLdS);  // [2][lse kM | delta kM]
 
   const int64_t bh = blockIdx.y;
   const int n0 = static_cast<int>(blockIdx.x) * kN;
@@ -133,8 +160,20 @@ __global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q
 
   load_tile_async<T, D, Cfg::kThreads>(sk, k + (bh * nk + n0) * D, D, kN, nk - n0);
   load_tile_async<T, D, Cfg::kThreads>(sv, v + (bh * nk + n0) * D, D, kN, nk - n0);
-  load_tile_async<T, D, Cfg::kThreads>(sq, qg, D, kM, nq);
-  load_tile_async<T, D, Cfg::kThreads>(sdo, dog, D, kM, nq);
+  // Q, dO and the rows' lse (natural log) and delta for query block i into buffer i % 2.
+  auto load_query_block = [&](int i) {
+    const int m0 = i * kM, buf = i & 1;
+    const int64_t off = static_cast<int64_t>(m0) * D;
+    load_tile_async<T, D, Cfg::kThreads>(sq + buf * kM * kLd, qg + off, D, kM, nq - m0);
+    load_tile_async<T, D, Cfg::kThreads>(sdo + buf * kM * kLd, dog + off, D, kM, nq - m0);
+    for (int t = static_cast<int>(threadIdx.x); t < 2 * kM; t += Cfg::kThreads) {
+      const int r = t % kM;
+      const bool valid = m0 + r < nq;
+      const float* src = (t < kM ? lse_bh : delta_bh) + (valid ? m0 + r : 0);
+      cp_async_4(sstat + buf * 2 * kM + t, src, valid);
+    }
+  };
+  load_query_block(0);
   cp_async_commit();
 
   float dkacc[kDt][4], dvacc[kDt][4];
@@ -146,17 +185,13 @@ __global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q
 
   for (int i = 0; i < m_blocks; ++i) {
     const int m0 = i * kM;
-    if (i + 1 < m_blocks) {
-      const int buf = (i + 1) & 1;
-      const int64_t off = static_cast<int64_t>(m0 + kM) * D;
-      load_tile_async<T, D, Cfg::kThreads>(sq + buf * kM * kLd, qg + off, D, kM, nq - m0 - kM);
-      load_tile_async<T, D, Cfg::kThreads>(sdo + buf * kM * kLd, dog + off, D, kM, nq - m0 - kM);
-    }
+    if (i + 1 < m_blocks) load_query_block(i + 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
     const T* qb = sq + (i & 1) * kM * kLd;
     const T* dob = sdo + (i & 1) * kM * kLd;
+    const float* slse = sstat + (i & 1) * 2 * kM;  // this block's lse, then delta
 
     float p[kM / 8][4];
     mma_rows_rows<T, D, kM>(p, sk + warp * 16 * kLd, qb, lane);  // S^T
@@ -164,9 +199,9 @@ __global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q
     for (int qt = 0; qt < kM / 8; ++qt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = m0 + qt * 8 + 2 * (lane % 4) + (e & 1);
-        const bool valid = col < nq && key_row + 8 * (e / 2) < nk;
-        p[qt][e] = valid ? exp2f(p[qt][e] * (scale * kLog2e) - attn::lse_in_domain<attn::Base2Exp>(lse_bh[col])) : 0.0f;
+        const int c = qt * 8 + 2 * (lane % 4) + (e & 1);
+        const bool valid = m0 + c < nq && key_row + 8 * (e / 2) < nk;
+        p[qt][e] = valid ? exp2f(p[qt][e] * (scale * kLog2e) - attn::lse_in_domain<attn::Base2Exp>(slse[c])) : 0.0f;
       }
     }
 #pragma unroll
@@ -181,8 +216,8 @@ __global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q
     for (int qt = 0; qt < kM / 8; ++qt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = m0 + qt * 8 + 2 * (lane % 4) + (e & 1);
-        ds[qt][e] = attn::score_grad(p[qt][e], ds[qt][e], col < nq ? delta_bh[col] : 0.0f);
+        const int c = qt * 8 + 2 * (lane % 4) + (e & 1);
+        ds[qt][e] = attn::score_grad(p[qt][e], ds[qt][e], slse[kM + c]);  // delta is 0 past nq
       }
     }
 #pragma unroll
@@ -216,6 +251,56 @@ __global__ void __launch_bounds__(128) attention_bwd_mma(const T* __restrict__ q
       *reinterpret_cast<uint32_t*>(dv + row_off + dt * 8) = Half2<T>::pack(dvacc[dt][2 * h], dvacc[dt][2 * h + 1]);
     }
   }
+}
+
+// The backward's row preprocessing (FA-2's dot(dO, O) pass): delta_i =
+// sum_d dO[i, d] O[i, d] - dL/dlse_i in fp32, one 16-byte vector per thread,
+// D / kVec threads per row reduced with shuffles; zeroes the row of the fp32
+// dQ accumulator when there is one.
+__device__ __forceinline__ float element_to_float(float x) { return x; }
+__device__ __forceinline__ float element_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float element_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T, int D>
+__global__ void __launch_bounds__(256)
+    attention_bwd_preprocess(const T* __restrict__ dout, const T* __restrict__ out,
+                             const float* __restrict__ grad_lse, float* __restrict__ delta,
+                             float* __restrict__ dq_accum, int64_t rows) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T)), kLanes = D / kVec;
+  static_assert(kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "row lanes");
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = t / kLanes;
+  const int c = static_cast<int>(t % kLanes) * kVec;
+  float sum = 0.0f;
+  if (row < rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(dout + row * D + c);
+    const uint4 b = *reinterpret_cast<const uint4*>(out + row * D + c);
+    const T* ea = reinterpret_cast<const T*>(&a);
+    const T* eb = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sum += element_to_float(ea[e]) * element_to_float(eb[e]);
+    if (dq_accum != nullptr) {
+#pragma unroll
+      for (int e = 0; e < kVec; e += 4)
+        *reinterpret_cast<float4*>(dq_accum + row * D + c + e) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (row < rows && c == 0) delta[row] = sum - (grad_lse != nullptr ? grad_lse[row] : 0.0f);
+}
+
+// dQ = scale * accumulator, cast to T: four elements per thread.
+template <class T>
+__global__ void __launch_bounds__(256)
+    attention_dq_convert(const float* __restrict__ acc, T* __restrict__ dq, float scale, int64_t n4) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n4) return;
+  const float4 a = reinterpret_cast<const float4*>(acc)[i];
+  uint2 packed;
+  packed.x = Half2<T>::pack(a.x * scale, a.y * scale);
+  packed.y = Half2<T>::pack(a.z * scale, a.w * scale);
+  reinterpret_cast<uint2*>(dq)[i] = packed;
 }
 
 }  // namespace sgdm::cuda_attn

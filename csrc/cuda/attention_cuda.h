@@ -27,12 +27,15 @@ struct BwdParams {
   const void* q;
   const void* k;
   const void* v;
-  const void* dout;    // [bh, nq, d]
-  const float* lse;    // [bh, nq]
-  const float* delta;  // [bh, nq]: rowsum(dO * O) - dL/dlse
-  float* dq_accum;     // [bh, nq, d] fp32, zeroed: receives dS K (unscaled)
-  void* dk;            // [bh, nk, d]: scale dS^T Q
-  void* dv;            // [bh, nk, d]: P^T dO
+  const void* out;       // [bh, nq, d]: the forward's output
+  const void* dout;      // [bh, nq, d]
+  const float* lse;      // [bh, nq]
+  const float* grad_lse; // [bh, nq] or null: dL/dlse
+  float* delta;          // [bh, nq] workspace: rowsum(dO * O) - dL/dlse
+  float* dq_accum;       // [bh, nq, d] fp32 workspace (tensor-core path; zeroed here): dS K unscaled
+  void* dq;              // [bh, nq, d], q's dtype (fp32: written directly)
+  void* dk;              // [bh, nk, d]: scale dS^T Q
+  void* dv;              // [bh, nk, d]: P^T dO
   int64_t bh, nq, nk, d;
   float scale;
 };

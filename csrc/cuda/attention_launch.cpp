@@ -61,23 +61,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const auto dout = kernel_layout(grad_out.to(q.scalar_type()));
-  // delta_i = rowsum(dO * O) - dL/dlse_i (see sgdm/ops/attention.py).
-  auto delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
-  if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(at::kFloat);
-  delta = delta.contiguous();
+  const auto out_k = kernel_layout(out.to(q.scalar_type()));
   const auto lse_f = lse.to(at::kFloat).contiguous();
+  // delta_i = rowsum(dO * O) - dL/dlse_i (see sgdm/ops/attention.py) is computed by the kernels.
+  at::Tensor grad_lse_f;
+  if (grad_lse.has_value() && grad_lse->defined()) grad_lse_f = grad_lse->to(at::kFloat).contiguous();
+  auto delta = at::empty(lse_f.sizes(), lse_f.options());
   const bool fp32 = q.scalar_type() == at::kFloat;
-  auto dq_accum = fp32 ? at::empty_like(q, at::MemoryFormat::Contiguous)
-                       : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  auto dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  // The tensor-core backward accumulates dS K in fp32 (zeroed, scaled and cast by the kernels).
+  auto dq_accum = fp32 ? at::Tensor() : at::empty(q.sizes(), q.options().dtype(at::kFloat));
   auto dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  const cuda_attn::BwdParams p{dtype_tag(q, "q"),  q.data_ptr(),         k.data_ptr(),      v.data_ptr(),
-                               dout.data_ptr(),    lse_f.data_ptr<float>(), delta.data_ptr<float>(),
-                               dq_accum.data_ptr<float>(), dk.data_ptr(), dv.data_ptr(),
-                               q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), static_cast<float>(scale)};
+  cuda_attn::BwdParams p{};
+  p.dtype = dtype_tag(q, "q");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out_k.data_ptr();
+  p.dout = dout.data_ptr();
+  p.lse = lse_f.data_ptr<float>();
+  p.grad_lse = grad_lse_f.defined() ? grad_lse_f.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = fp32 ? nullptr : dq_accum.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.bh = q.size(0) * q.size(1);
+  p.nq = q.size(2);
+  p.nk = k.size(2);
+  p.d = q.size(3);
+  p.scale = static_cast<float>(scale);
   check_launch(cuda_attn::attention_backward(p, c10::cuda::getCurrentCUDAStream()));
-  // The tensor-core backward accumulates dS K unscaled in fp32; the SIMT one writes dQ itself.
-  auto dq = fp32 ? dq_accum : (dq_accum * scale).to(q.scalar_type());
   return {dq, dk, dv};
 }
 
