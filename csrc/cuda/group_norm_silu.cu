@@ -23,34 +23,49 @@ cudaError_t launch(Kernel kernel, const Args& a, size_t smem, cudaStream_t strea
   return cudaGetLastError();
 }
 
-// Picks the kernel instance for (dtype, layout, activation).
-template <template <typename, bool, bool> class Pick, typename Args>
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether NCHW tensors can be walked in 16-byte units of `vec` elements.
+bool vector_ok(const GroupNormFwdArgs& a, int vec) {
+  return !a.s.channels_last && a.s.hw % vec == 0 && aligned16(a.x) && aligned16(a.y);
+}
+bool vector_ok(const GroupNormBwdArgs& a, int vec) {
+  return !a.s.channels_last && a.s.hw % vec == 0 && aligned16(a.x) && aligned16(a.grad_y) &&
+         aligned16(a.grad_x);
+}
+
+// Picks the kernel instance for (dtype, layout, activation, vector width).
+template <template <typename, bool, bool, int> class Pick, typename Args>
 cudaError_t dispatch(const Args& a, int smem_arrays, cudaStream_t stream) {
   if (a.s.n * a.s.groups == 0 || a.s.hw == 0) return cudaSuccess;
   if (!fits(a.s)) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   dispatch_dtype(a.s.dtype, [&](auto tag) {
     using T = decltype(tag);
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     const size_t smem = static_cast<size_t>(smem_arrays) * (a.s.c / a.s.groups) * sizeof(acc_t<T>);
     if (a.s.channels_last) {
-      err = a.s.silu ? launch(Pick<T, true, true>::kernel(), a, smem, stream)
-                     : launch(Pick<T, true, false>::kernel(), a, smem, stream);
+      err = a.s.silu ? launch(Pick<T, true, true, 1>::kernel(), a, smem, stream)
+                     : launch(Pick<T, true, false, 1>::kernel(), a, smem, stream);
+    } else if (vector_ok(a, kVec)) {
+      err = a.s.silu ? launch(Pick<T, false, true, kVec>::kernel(), a, smem, stream)
+                     : launch(Pick<T, false, false, kVec>::kernel(), a, smem, stream);
     } else {
-      err = a.s.silu ? launch(Pick<T, false, true>::kernel(), a, smem, stream)
-                     : launch(Pick<T, false, false>::kernel(), a, smem, stream);
+      err = a.s.silu ? launch(Pick<T, false, true, 1>::kernel(), a, smem, stream)
+                     : launch(Pick<T, false, false, 1>::kernel(), a, smem, stream);
     }
   });
   return err;
 }
 
-template <typename T, bool kCL, bool kSilu>
+template <typename T, bool kCL, bool kSilu, int kVec>
 struct Fwd {
-  static auto kernel() { return &group_norm_silu_fwd_kernel<T, kCL, kSilu>; }
+  static auto kernel() { return &group_norm_silu_fwd_kernel<T, kCL, kSilu, kVec>; }
 };
 
-template <typename T, bool kCL, bool kSilu>
+template <typename T, bool kCL, bool kSilu, int kVec>
 struct Bwd {
-  static auto kernel() { return &group_norm_silu_bwd_kernel<T, kCL, kSilu>; }
+  static auto kernel() { return &group_norm_silu_bwd_kernel<T, kCL, kSilu, kVec>; }
 };
 
 }  // namespace

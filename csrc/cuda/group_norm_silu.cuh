@@ -66,6 +66,23 @@ __device__ __forceinline__ GroupIndex<kCL> group_index(const GroupNormShape& s, 
   return idx;
 }
 
+// kVec consecutive elements moved as one aligned load / store (16 bytes for
+// kVec = 16 / sizeof(T)); kVec = 1 is a plain element access.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Vec<T, kVec> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, kVec>*>(p);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, kVec>& v) {
+  *reinterpret_cast<Vec<T, kVec>*>(p) = v;
+}
+
 template <typename Acc>
 __device__ __forceinline__ WelfordData<Acc> shfl_welford(WelfordData<Acc> w, int offset) {
   WelfordData<Acc> o;
@@ -90,9 +107,13 @@ __device__ WelfordData<Acc> block_welford(WelfordData<Acc> w, WelfordData<Acc>* 
   return w;
 }
 
-// Dynamic shared memory: scale[C/G], shift[C/G].
-template <typename T, bool kCL, bool kSilu>
+// Dynamic shared memory: scale[C/G], shift[C/G]. The group is walked in
+// units of kVec elements: kVec > 1 only for NCHW with H*W a multiple of kVec
+// and 16-byte aligned tensors (the launcher checks), so a unit never crosses
+// a channel and costs one channel division instead of kVec.
+template <typename T, bool kCL, bool kSilu, int kVec>
 __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
+  static_assert(kVec == 1 || !kCL, "vector units are for NCHW");
   using Acc = acc_t<T>;
   extern __shared__ unsigned char smem_raw[];
   Acc* scale = reinterpret_cast<Acc*>(smem_raw);
@@ -100,22 +121,26 @@ __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
   const int64_t n = blockIdx.x / a.s.groups, g = blockIdx.x % a.s.groups;
   const GroupIndex<kCL> idx = group_index<kCL>(a.s, n, g);
   Acc* shift = scale + idx.cg;
-  const unsigned m = idx.cg * idx.hw;
+  const unsigned units = idx.cg * idx.hw / kVec;
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   // Shifted sums around one element of the group keep the per-thread
   // partials free of cancellation; Chan's merge combines them exactly.
   const Acc k = to_acc<Acc>(ldg(x + idx.base));
   Acc s1 = 0, s2 = 0, cnt = 0;
-  for (unsigned start = threadIdx.x; start < m; start += kGnUnroll * blockDim.x) {
+  for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
 #pragma unroll
     for (int u = 0; u < kGnUnroll; ++u) {
-      const unsigned e = start + u * blockDim.x;
-      if (e < m) {
-        const Acc d = to_acc<Acc>(ldg(x + idx.offset(e))) - k;
-        s1 += d;
-        s2 += d * d;
-        cnt += Acc(1);
+      const unsigned t = start + u * blockDim.x;
+      if (t < units) {
+        const Vec<T, kVec> xv = load_vec<T, kVec>(x + idx.offset(t * kVec));
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const Acc d = to_acc<Acc>(xv.v[i]) - k;
+          s1 += d;
+          s2 += d * d;
+        }
+        cnt += Acc(kVec);
       }
     }
   }
@@ -139,27 +164,32 @@ __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
     shift[j] = bs ? bs[c] : Acc(0);
   }
   __syncthreads();
-  for (unsigned start = threadIdx.x; start < m; start += kGnUnroll * blockDim.x) {
+  for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
 #pragma unroll
     for (int u = 0; u < kGnUnroll; ++u) {
-      const unsigned e = start + u * blockDim.x;
-      if (e < m) {
-        const int64_t off = idx.offset(e);
-        const unsigned j = idx.channel(e);
-        Acc z = (to_acc<Acc>(ldg(x + off)) - w.mean) * scale[j] + shift[j];
-        if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
-        y[off] = from_acc<T>(z);
+      const unsigned t = start + u * blockDim.x;
+      if (t < units) {
+        const int64_t off = idx.offset(t * kVec);
+        const unsigned j = idx.channel(t * kVec);
+        const Vec<T, kVec> xv = load_vec<T, kVec>(x + off);
+        Vec<T, kVec> yv;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          Acc z = (to_acc<Acc>(xv.v[i]) - w.mean) * scale[j] + shift[j];
+          if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+          yv.v[i] = from_acc<T>(z);
+        }
+        store_vec<T, kVec>(y + off, yv);
       }
     }
   }
 }
 
-// dL/dz at element e, and xhat there.
-template <typename T, typename Acc, bool kSilu>
-__device__ __forceinline__ Acc grad_z(const T* x, const T* dy, int64_t off, Acc mean, Acc rstd,
-                                      Acc gamma, Acc beta, Acc& xhat) {
-  xhat = (to_acc<Acc>(ldg(x + off)) - mean) * rstd;
-  Acc dz = to_acc<Acc>(ldg(dy + off));
+// dL/dz at one element, and xhat there.
+template <typename Acc, bool kSilu>
+__device__ __forceinline__ Acc grad_z(Acc x, Acc dy, Acc mean, Acc rstd, Acc gamma, Acc beta, Acc& xhat) {
+  xhat = (x - mean) * rstd;
+  Acc dz = dy;
   if constexpr (kSilu) {
     const Acc z = xhat * gamma + beta;
     dz *= silu_grad_from_sigmoid(z, sigmoid(z));
@@ -167,9 +197,11 @@ __device__ __forceinline__ Acc grad_z(const T* x, const T* dy, int64_t off, Acc 
   return dz;
 }
 
-// Dynamic shared memory: gamma, beta, sum_dz, sum_dzx [C/G each].
-template <typename T, bool kCL, bool kSilu>
+// Dynamic shared memory: gamma, beta, sum_dz, sum_dzx [C/G each]. Units of
+// kVec elements as in the forward.
+template <typename T, bool kCL, bool kSilu, int kVec>
 __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
+  static_assert(kVec == 1 || !kCL, "vector units are for NCHW");
   using Acc = acc_t<T>;
   extern __shared__ unsigned char smem_raw[];
   __shared__ Acc scratch[kWarp];
@@ -177,7 +209,7 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
   const GroupIndex<kCL> idx = group_index<kCL>(a.s, n, g);
   Acc* gamma = reinterpret_cast<Acc*>(smem_raw);
   Acc *beta = gamma + idx.cg, *sdz = beta + idx.cg, *sdzx = sdz + idx.cg;
-  const unsigned m = idx.cg * idx.hw;
+  const unsigned m = idx.cg * idx.hw, units = m / kVec;
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.grad_y);
   const Acc mean = static_cast<const Acc*>(a.mean)[blockIdx.x];
@@ -197,8 +229,8 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
   // multiple of C/G) and flushes it to shared memory when it changes.
   unsigned cur = 0xffffffffu;
   Acc acc1 = 0, acc2 = 0;
-  for (unsigned e = threadIdx.x; e < m; e += blockDim.x) {
-    const unsigned j = idx.channel(e);
+  for (unsigned t = threadIdx.x; t < units; t += blockDim.x) {
+    const unsigned j = idx.channel(t * kVec);
     if (j != cur) {
       if (cur != 0xffffffffu) {
         atomicAdd(sdz + cur, acc1);
@@ -207,10 +239,16 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
       cur = j;
       acc1 = acc2 = Acc(0);
     }
-    Acc xhat;
-    const Acc dz = grad_z<T, Acc, kSilu>(x, dy, idx.offset(e), mean, rstd, gamma[j], beta[j], xhat);
-    acc1 += dz;
-    acc2 += dz * xhat;
+    const int64_t off = idx.offset(t * kVec);
+    const Vec<T, kVec> xv = load_vec<T, kVec>(x + off), gv = load_vec<T, kVec>(dy + off);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      Acc xhat;
+      const Acc dz = grad_z<Acc, kSilu>(to_acc<Acc>(xv.v[i]), to_acc<Acc>(gv.v[i]), mean, rstd, gamma[j],
+                                        beta[j], xhat);
+      acc1 += dz;
+      acc2 += dz * xhat;
+    }
   }
   if (cur != 0xffffffffu) {
     atomicAdd(sdz + cur, acc1);
@@ -227,16 +265,23 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
   const Acc inv_m = Acc(1) / static_cast<Acc>(m);
   const Acc c1 = -rstd * sum_a * inv_m, c2 = -rstd * sum_b * inv_m;
   T* dx = static_cast<T*>(a.grad_x);
-  for (unsigned start = threadIdx.x; start < m; start += kGnUnroll * blockDim.x) {
+  for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
 #pragma unroll
     for (int u = 0; u < kGnUnroll; ++u) {
-      const unsigned e = start + u * blockDim.x;
-      if (e < m) {
-        const int64_t off = idx.offset(e);
-        const unsigned j = idx.channel(e);
-        Acc xhat;
-        const Acc dz = grad_z<T, Acc, kSilu>(x, dy, off, mean, rstd, gamma[j], beta[j], xhat);
-        dx[off] = from_acc<T>(dz * gamma[j] * rstd + c1 + xhat * c2);
+      const unsigned t = start + u * blockDim.x;
+      if (t < units) {
+        const int64_t off = idx.offset(t * kVec);
+        const unsigned j = idx.channel(t * kVec);
+        const Vec<T, kVec> xv = load_vec<T, kVec>(x + off), gv = load_vec<T, kVec>(dy + off);
+        Vec<T, kVec> dv;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          Acc xhat;
+          const Acc dz = grad_z<Acc, kSilu>(to_acc<Acc>(xv.v[i]), to_acc<Acc>(gv.v[i]), mean, rstd, gamma[j],
+                                            beta[j], xhat);
+          dv.v[i] = from_acc<T>(dz * gamma[j] * rstd + c1 + xhat * c2);
+        }
+        store_vec<T, kVec>(dx + off, dv);
       }
     }
   }
