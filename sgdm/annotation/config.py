@@ -22,8 +22,9 @@ class KMeansConfig:
     tol: float = 1e-4  # relative to the mean per-dimension variance, as scikit-learn
     init: Literal["k-means++", "random"] = "k-means++"
     # k-means++ on a random subset of this many points per cluster (0: all points): exact greedy
-    # k-means++ costs O(N K D) and Lloyd iterations repair the rest (inertia stays within ~0.5%)
-    init_points_per_cluster: int = 32
+    # k-means++ costs O(N K D), this O(16 K^2 D), and Lloyd iterations repair the rest (measured:
+    # inertia within ~0.7% of scikit-learn's at K = 100 and 1000; 32 doubled the init time for ~0.2%)
+    init_points_per_cluster: int = 16
     batch_size: int = 0  # > 0: mini-batch k-means with batches of this size
     chunk_elements: int = 1 << 25  # rows x clusters of one distance block (memory bound)
 

@@ -105,3 +105,51 @@ def test_rejects_nan_and_wrong_rank():
         kmeans(torch.tensor([[0.0], [float("nan")]]), 1, generator=torch.Generator())
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         kmeans(torch.zeros(4), 1, generator=torch.Generator())
+
+
+def test_half_gaps_in_blocks_match_cdist():
+    from sgdm.annotation.kmeans import _half_gaps
+
+    c = torch.randn(37, 5, generator=torch.Generator().manual_seed(0))
+    ref = torch.cdist(c.double(), c.double()).fill_diagonal_(float("inf")).min(1).values / 2
+    torch.testing.assert_close(_half_gaps(c, chunk_elements=37 * 4).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_tolerance_is_sklearn_mean_variance(offset):
+    # an offset of 1e4 makes E||x||^2 - ||E x||^2 cancel in float64: the direct second pass takes over
+    from sgdm.annotation.kmeans import _row_sq_norms, _tolerance
+
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 7.0) + offset
+    expected = 1e-4 * float(np.var(x.double().numpy(), axis=0).mean())
+    assert _tolerance(x, _row_sq_norms(x), x.shape[0], 1e-4, False) == pytest.approx(expected, rel=1e-4)
+
+
+def test_strict_convergence_stops_early_and_reports_phases():
+    x, _ = blobs(600, centers=3, dim=4)
+    result = kmeans(x, 3, generator=torch.Generator().manual_seed(0), tol=0.0, max_iter=100)
+    assert result.n_iter < 100  # tol 0: only "no label changed" can stop it
+    assert set(result.seconds) == {"setup", "init", "iterations"}
+    lines = []
+    kmeans(x, 3, generator=torch.Generator().manual_seed(0), tol=0.0, log=lines.append)
+    assert len(lines) == result.n_iter and lines[-1].endswith("0 moved")
+
+
+def test_overflowing_rows_are_named():
+    with pytest.raises(ValueError, match="overflows"):
+        kmeans(torch.tensor([[1e30, 0.0], [0.0, 1.0]]), 1, generator=torch.Generator())
+
+
+def test_bench_device_report_runs_sgdm_alone_on_cpu():
+    """The code path of ``kmeans_bench.py --device cuda`` (paper scale on one GPU), at toy scale on the CPU."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "kmeans_bench.py"
+    spec = importlib.util.spec_from_file_location("kmeans_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.device_report(bench.parse_args(["--device", "cpu", "--n", "3000", "--dim", "16", "--k", "20"]))
+    assert report["iterations"] >= 1 and report["empty_clusters"] == 0 and report["device"] == "cpu"
+    assert set(report["phases_s"]) == {"setup", "init", "iterations"}
+    assert 0 < report["inertia_per_point"] < 2  # unit rows: squared distances lie in [0, 4]
