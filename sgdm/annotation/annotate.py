@@ -6,17 +6,21 @@ Stages (paper Sec. 3.2, Eq. 6):
    torchrun each rank takes every world-size-th shard);
 2. the self-annotation function: k-means on L2-normalised CLS features
    (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
-   patch k-means class maps at the patch grid (``mask``); k-means runs
-   distributed across ranks, the STEGO head on rank 0;
+   patch k-means class maps at the patch grid (``mask``); k-means and the
+   STEGO head's training run data-parallel across ranks (the cluster probe
+   is fitted on rank 0, every rank assigns a share of the images);
 3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
    ``evaluate``, scores it against whatever ground truth the dataset has.
 
 ``source: gt`` skips 1-2 and fills the store from ground truth instead.
 Images are read with ``train=False``: annotations describe the unflipped image.
 
-Memory: stage 2 holds every image's CLS feature (float16) on rank 0, and for
-``mask`` every patch feature too: N x h x w x D x 2 bytes (10k images at
-ViT-B/16, 224 px: 3 GB). Feature shards stay in ``STORE/work`` so that
+Memory: stage 2 holds every image's CLS feature (float16; on every rank for
+``mask``, for the STEGO partners). Patch features (``mask``: N x h x w x D x 2
+bytes, 35 GB for COCO's 118k images at ViT-B/16) are never loaded whole: they
+are read from the memory-mapped shards a batch at a time
+(:class:`~sgdm.annotation.patches.ShardPatches`); the class maps (N x h x w
+bytes) are gathered on rank 0. Feature shards stay in ``STORE/work`` so that
 re-clustering with another K or method skips extraction.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sgdm.annotation.features import extract, load_backbone
 from sgdm.annotation.ground_truth import ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_batch
+from sgdm.annotation.patches import ShardPatches
 from sgdm.annotation.stego import segment
 from sgdm.annotation.store import ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
@@ -222,14 +227,18 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
         extra.update(method="kmeans" if granularity == "label" else "lost+kmeans", kmeans_inertia=inertia)
         if cluster is None:
             return None, None, extra
+    if granularity == "mask":  # every rank: patch features stay on disk, read a batch at a time
+        patches = ShardPatches([cache.path(s) for s in range(n_shards)])
+        cls = torch.cat([t["cls"] for t in (cache.load(s, keys=("cls",)) for s in range(n_shards)) if "cls" in t])
+        generator = torch.Generator().manual_seed(a.seed)
+        masks = segment(patches, cls, k, a.stego, a.kmeans, generator, device, log, distributed=_dist() is not None)
+        extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
+        if masks is None:
+            return None, None, extra
+        return {"mask": masks}, _concat([cache.load(s, exclude=("patches",)) for s in range(n_shards)]), extra
     if _rank_world()[0] != 0:
         return None, None, extra
     feats = _concat([cache.load(s) for s in range(n_shards)])
-    if granularity == "mask":
-        generator = torch.Generator().manual_seed(a.seed)
-        masks = segment(feats["patches"], feats["cls"], k, a.stego, a.kmeans, generator, device, log)
-        extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
-        return {"mask": masks}, feats, extra
     records = {"cluster": cluster}
     if granularity == "box":
         records["box"] = feats["box"]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sgdm.annotation.store import StoreMismatchError, atomic_write_text, save_tensors_atomic
@@ -46,5 +47,11 @@ class FeatureCache:
     def save(self, shard: int, tensors: Mapping[str, torch.Tensor]) -> None:
         save_tensors_atomic(self.path(shard), tensors)
 
-    def load(self, shard: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path(shard)))
+    def load(self, shard: int, keys: Optional[Iterable[str]] = None, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """The shard's tensors: all of them, or only ``keys`` (those present), minus ``exclude``
+        (e.g. the patch features, which :class:`~sgdm.annotation.patches.ShardPatches` reads by row)."""
+        if keys is None and not exclude:
+            return load_file(str(self.path(shard)))
+        with safe_open(str(self.path(shard)), framework="pt") as handle:
+            wanted = [k for k in handle.keys() if (keys is None or k in keys) and k not in exclude]
+            return {k: handle.get_tensor(k) for k in wanted}

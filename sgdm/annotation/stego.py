@@ -15,11 +15,17 @@ feature (``pos_inter``) and with a random image (``neg_inter``), each with its
 weight and shift ``b``. The cluster probe is spherical k-means on the
 L2-normalised codes into K classes (STEGO learns the same objective by SGD).
 
+Scale: training and the probe read patch features a batch at a time (from a
+tensor or :class:`~sgdm.annotation.patches.ShardPatches`, memory-mapped shard
+files), and under ``torch.distributed`` the head trains data-parallel.
+
 Not done: STEGO's dense CRF refinement. Masks are at the patch grid and are
 not CRF-refined; ``method: kmeans`` is the non-parametric baseline (k-means
 directly on the patch features).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,62 +115,140 @@ def knn_partners(cls: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_head(patches: torch.Tensor, cls: torch.Tensor, cfg, generator: torch.Generator, device="cpu",
-               log=None) -> SegmentationHead:
-    """Train a :class:`SegmentationHead` on frozen ``patches [N, h, w, D]`` (any float dtype)."""
-    n = patches.shape[0]
+def _rank_world(distributed: bool) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(module: nn.Module, world: int) -> None:
+    """Data parallelism: every rank's gradient becomes the mean over ranks (one all-reduce). With
+    equal per-rank batches this is the gradient of the loss on the union of the batches."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, device="cpu",
+               log=None, distributed: bool = False) -> SegmentationHead:
+    """Train a :class:`SegmentationHead` on frozen ``patches [N, h, w, D]`` (any float dtype; a
+    tensor or a :class:`~sgdm.annotation.patches.ShardPatches`, read one batch at a time).
+
+    ``distributed`` (inside ``torch.distributed``): data-parallel. Every rank holds the same
+    ``cls`` and can read every image; each epoch's permutation (from ``generator``, identical
+    on all ranks) is dealt out round-robin, padded so every rank takes the same number of steps
+    of ``cfg.batch_size`` images, and gradients are averaged across ranks before each step, so
+    the heads stay identical. Partner and spatial draws come from a per-rank generator.
+    """
+    n = len(patches)
+    rank, world = _rank_world(distributed)
     with torch.random.fork_rng(devices=[]):  # parameter init from our generator, not the global one
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         head = SegmentationHead(patches.shape[-1], cfg.dim).to(device)
+    local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + rank)
     optimiser = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     partners = knn_partners(cls, cfg.knn)
+    per_rank = -(-n // world)
 
     def maps(idx):
         return patches[idx].to(device).float().permute(0, 3, 1, 2)
 
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            pick = torch.randint(partners.shape[1], (idx.numel(),), generator=generator)
+        mine = order.repeat(-(-per_rank * world // n))[: per_rank * world][rank::world]
+        for start in range(0, per_rank, cfg.batch_size):
+            idx = mine[start : start + cfg.batch_size]
+            pick = torch.randint(partners.shape[1], (idx.numel(),), generator=local)
             knn = partners[idx, pick]
-            rand = torch.randint(n, (idx.numel(),), generator=generator)
-            loss, parts = stego_loss(maps(idx), maps(knn), maps(rand), head, cfg, generator)
+            rand = torch.randint(n, (idx.numel(),), generator=local)
+            loss, parts = stego_loss(maps(idx), maps(knn), maps(rand), head, cfg, local)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _average_gradients(head, world)
             optimiser.step()
-        if log is not None:
+        if log is not None and rank == 0:
             terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} {terms}")
     return head.eval()
 
 
-@torch.no_grad()
-def _codes(head, patches, batch, device) -> torch.Tensor:
-    out = []
-    for start in range(0, patches.shape[0], batch):
-        x = patches[start : start + batch].to(device).float().permute(0, 3, 1, 2)
-        out.append(F.normalize(head(x), dim=1).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out)
+def _probe_sample(patches, encode, fit_n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """At most ``fit_n`` random patch codes ``[M, C]`` for fitting the cluster probe: every patch when
+    there are few, else all patches of ``4 * fit_n / (h w)`` random images, subsampled."""
+    n, h, w = len(patches), patches.shape[1], patches.shape[2]
+    images = torch.arange(n)
+    if n * h * w > fit_n:
+        images = torch.randperm(n, generator=generator)[: min(n, 4 * -(-fit_n // (h * w)))].sort().values
+    codes = torch.cat([encode(patches[images[s : s + batch]]).reshape(-1, encode.dim).cpu()
+                       for s in range(0, images.numel(), batch)])
+    if codes.shape[0] > fit_n:
+        codes = codes[torch.randperm(codes.shape[0], generator=generator)[:fit_n]]
+    return codes
 
 
-def segment(patches: torch.Tensor, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
-            device="cpu", log=None) -> torch.Tensor:
-    """Class maps ``[N, h, w]`` uint8 with values in ``[0, K)`` from patch features ``[N, h, w, D]``.
+class _Encoder:
+    """Normalised codes ``[B, h, w, C]`` of patch features ``[B, h, w, D]``: the head's, or the
+    features themselves (``head=None``, the patch k-means baseline)."""
+
+    def __init__(self, head, dim: int, device):
+        self.head, self.dim, self.device = head, dim, device
+
+    @torch.no_grad()
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats.to(self.device).float()
+        if self.head is None:
+            return F.normalize(x, dim=-1)
+        return F.normalize(self.head(x.permute(0, 3, 1, 2)), dim=1).permute(0, 2, 3, 1)
+
+
+def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
+            device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000) -> Optional[torch.Tensor]:
+    """Class maps ``[N, h, w]`` uint8 with values in ``[0, K)`` from patch features ``[N, h, w, D]``
+    (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
 
     ``stego_cfg.method == "stego"``: train the head, then the cluster probe on
     its normalised codes; ``"kmeans"``: k-means on normalised patch features.
-    The probe is fitted on at most 100k random patches and then assigns every patch.
+    The probe is fitted (on rank 0) on at most ``fit_patches`` random patches,
+    then every patch is assigned batch by batch. ``distributed``: the head trains
+    data-parallel, each rank assigns a contiguous share of the images, and rank 0
+    returns all class maps (other ranks return None).
     """
+    rank, world = _rank_world(distributed)
     if stego_cfg.method == "stego":
-        head = train_head(patches, cls, stego_cfg, generator, device, log)
-        codes = _codes(head, patches, stego_cfg.batch_size, device)
+        head = train_head(patches, cls, stego_cfg, generator, device, log, distributed)
+        encode = _Encoder(head, stego_cfg.dim, device)
     else:
-        codes = F.normalize(patches.float(), dim=-1)
-    n, h, w, d = codes.shape
-    flat = codes.reshape(-1, d)
-    fit_n = min(flat.shape[0], 100_000)
-    fit = flat[torch.randperm(flat.shape[0], generator=generator)[:fit_n]] if fit_n < flat.shape[0] else flat
-    result = kmeans_from_config(fit.to(device), num_classes, kmeans_cfg, generator)
-    labels, _ = assign(flat.to(device), result.centroids, kmeans_cfg.chunk_elements)
-    return labels.reshape(n, h, w).to(torch.uint8).cpu()
+        encode = _Encoder(None, patches.shape[-1], device)
+    centroids = torch.empty(num_classes, encode.dim, device=device)
+    if rank == 0:
+        fit = _probe_sample(patches, encode, fit_patches, stego_cfg.batch_size, generator)
+        centroids = kmeans_from_config(fit.to(device), num_classes, kmeans_cfg, generator).centroids
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(centroids, 0)
+    n, h, w = len(patches), patches.shape[1], patches.shape[2]
+    share = -(-n // world)
+    masks = []
+    for start in range(rank * share, min(n, (rank + 1) * share), stego_cfg.batch_size):
+        codes = encode(patches[start : min(start + stego_cfg.batch_size, (rank + 1) * share, n)])
+        labels, _ = assign(codes.reshape(-1, encode.dim), centroids, kmeans_cfg.chunk_elements)
+        masks.append(labels.reshape(-1, h, w).to(torch.uint8).cpu())
+    masks = torch.cat(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, masks)
+        masks = torch.cat(gathered) if rank == 0 else None
+    return masks

@@ -3,7 +3,9 @@ process start costs seconds):
 
 * k-means: two ranks holding halves of the data take the same steps as one process holding
   all of it (centroid sums, counts and empty-cluster reseeding are all-reduced / gathered);
-* annotate: ranks split the feature shards and the k-means; rank 0 writes one complete store.
+* annotate: ranks split the feature shards and the k-means; rank 0 writes one complete store;
+* STEGO: the head trains data-parallel (averaged gradients): two ranks with batches of 2 take the
+  same step as one process with a batch of 4, and the mask pipeline writes one complete store.
 """
 import os
 import pathlib
@@ -12,10 +14,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sgdm.annotation.config import StegoConfig
 from sgdm.annotation.kmeans import _lloyd, kmeans
+from sgdm.annotation.stego import train_head
 from sgdm.annotation.store import AnnotationStore
 
 from .conftest import shapes_data
+from .test_patches import two_kind_patches
+
+# pointwise=False: with STEGO's pointwise centring the batch-global mean couples the images of a
+# batch, so only without it is the loss of a batch of 4 the mean of two batches of 2
+HEAD_CFG = dict(dim=4, epochs=1, knn=1, feature_samples=0, neg_inter_weight=0.0, pointwise=False)
+
+
+def head_data():
+    return two_kind_patches(4).float(), torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
 
 def blob_data():
@@ -42,8 +55,15 @@ def worker(rank, world, init_file, out_dir, weights, cache):
         full = kmeans(mine, 6, generator=torch.Generator().manual_seed(1), distributed=True)
         cfg = config(pathlib.Path(out_dir), weights, pathlib.Path(cache), num_images=40, shard_size=8)
         result = annotate(cfg, "box", evaluate=True, progress=False, log=lambda m: None)
+        patches, cls = head_data()
+        head = train_head(patches, cls, StegoConfig(batch_size=2, **HEAD_CFG), torch.Generator().manual_seed(0),
+                          distributed=True)
+        mask_cfg = config(pathlib.Path(out_dir) / "mask", weights, pathlib.Path(cache), num_images=40, shard_size=8,
+                          num_classes=3)
+        masks = annotate(mask_cfg, "mask", progress=False, log=lambda m: None)
         torch.save({"centroids": centroids, "labels": labels, "n_iter": n_iter, "full": full,
-                    "num_images": result.num_images}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "num_images": result.num_images, "head": head.state_dict(), "mask_images": masks.num_images},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -85,3 +105,24 @@ def test_annotate_writes_one_complete_store(ranks, shapes_cache):
     shards = sorted(p.name for p in (out / "store" / "work").glob("features_*"))
     assert shards == [f"features_{i:05d}.safetensors" for i in range(5)]
     assert int(store.tensor("cluster").max()) < 5 and "corloc" in store.manifest["metrics"]
+
+
+@pytest.mark.slow
+def test_stego_head_trains_data_parallel(ranks):
+    patches, cls = head_data()
+    single = train_head(patches, cls, StegoConfig(batch_size=4, **HEAD_CFG), torch.Generator().manual_seed(0))
+    initial = train_head(patches, cls, StegoConfig(batch_size=4, **{**HEAD_CFG, "epochs": 0}), torch.Generator().manual_seed(0))
+    a, b = ranks[1][0]["head"], ranks[1][1]["head"]
+    for name, value in single.state_dict().items():
+        assert torch.equal(a[name], b[name])  # averaged gradients keep the ranks' heads identical
+        torch.testing.assert_close(a[name], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, initial.state_dict()[k]) for k, v in single.state_dict().items())
+
+
+@pytest.mark.slow
+def test_annotate_masks_with_two_ranks(ranks):
+    out, results = ranks
+    assert results[0]["mask_images"] == 40 and results[1]["mask_images"] == 0
+    store = AnnotationStore.open(out / "mask" / "store")
+    masks = store.tensor("mask")
+    assert masks.shape == (40, 4, 4) and int(masks.max()) < 3 and store.manifest["method"] == "stego"
