@@ -1,6 +1,6 @@
 """Fixtures for the op tests: every kernel test runs on each CPU ISA path
-(baseline and AVX2, forced in-process through sgdm.ops._extension) and on
-CUDA when a GPU is present."""
+(baseline, AVX2 and AVX-512 where the CPU and build allow it, forced in-process
+through sgdm.ops._extension) and on CUDA when a GPU is present."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,14 @@ import torch
 
 from sgdm.ops import _extension
 
-CPU_ISAS = ("default", "avx2")
+CPU_ISAS = ("default", "avx2", "avx512")  # in increasing order
+
+
+def cpu_isa_available(isa: str) -> bool:
+    """True when the build has ISA ``isa`` and the CPU (and ATEN_CPU_CAPABILITY) allow it."""
+    best = _extension.cpu_isa()
+    return best is not None and CPU_ISAS.index(isa) <= CPU_ISAS.index(best)
+
 TARGETS = [pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in CPU_ISAS] + [
     pytest.param(("cuda", None), id="cuda", marks=pytest.mark.cuda)]
 
@@ -31,8 +38,8 @@ def target(request):
     """(device, isa): the device to run on; on CPU the ISA is forced for the test."""
     device, isa = request.param
     if device == "cpu" and _extension.load():
-        if isa == "avx2" and _extension.cpu_isa() == "default":
-            pytest.skip("this CPU (or ATEN_CPU_CAPABILITY) does not allow AVX2")
+        if not cpu_isa_available(isa):
+            pytest.skip(f"this CPU, build or ATEN_CPU_CAPABILITY does not allow {isa}")
         with _extension.force_cpu_isa(isa):
             yield device
     else:

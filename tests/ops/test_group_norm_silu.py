@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sgdm import ops
 from sgdm.ops import _extension
-from tests.ops.conftest import require_kernels
+from tests.ops.conftest import CPU_ISAS, cpu_isa_available, require_kernels
 
 OP = "group_norm_silu"
 
@@ -116,8 +116,8 @@ def test_reduced_precision_uses_fp32_statistics(target, dtype, shape, generator)
 
 def test_gradcheck_float64(generator):
     require_kernels(OP)
-    for isa in ("default", "avx2"):
-        if isa == "avx2" and _extension.cpu_isa() == "default":
+    for isa in CPU_ISAS:
+        if not cpu_isa_available(isa):
             continue
         with _extension.force_cpu_isa(isa):
             for shape, groups in (((2, 6, 3, 2), 3), ((1, 4, 5), 4)):

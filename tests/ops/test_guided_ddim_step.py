@@ -56,6 +56,26 @@ def test_dtypes(target, dtype, generator):
     _close(got, _ref64(x, ec, 0.2, 0.5, eu, 2.0, 0.3, noise), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 40, 1000])
+def test_low_precision_rounds_like_torch(target, dtype, numel, generator):
+    """fp16/bf16 in and out of registers: bit-exact against torch's own conversions.
+
+    With alpha_bar_t = 1 and eps_cond = 0 the step is x0 = x and x_prev = 0.75 * x
+    (sqrt(0.5625)), exact in float32 but not in the low-precision type, so the output
+    must be torch's round-to-nearest-even of 0.75 * x; ties are frequent (two extra bits).
+    Odd sizes cover the partial vectors at the end, specials cover inf and NaN."""
+    require_kernels(OP, target)
+    x = torch.randn(2, numel, generator=generator).to(dtype)
+    x.view(-1)[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1 + 2 ** -7])[:x.numel()]
+    x, zero = x.to(target), torch.zeros_like(x, device=target)
+    x_prev, x0 = ops.guided_ddim_step(x, zero, 1.0, 0.5625)
+    for got, want in ((x0, x), (x_prev, (x.float() * 0.75).to(dtype))):
+        nan = want.isnan()  # any NaN encoding (torch itself writes 0x7fc0 or 0xffff)
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_per_sample_alphas(target, generator):
     require_kernels(OP, target)
     x, ec, eu, noise = _tensors((4, 3, 6, 5), generator, device=target)
