@@ -33,6 +33,8 @@ _NAME = "guided_ddim_step"
 
 def _check_alpha(a, name: str, x_t: torch.Tensor):
     """A float in (0, 1] or a [B] tensor of them; returns (tensor or None, float)."""
+    if type(a) is float and 0.0 < a <= 1.0:  # the usual case, decided in one comparison
+        return None, a
     if not isinstance(a, torch.Tensor):
         return None, check_number(a, name, _NAME, low=0.0, high=1.0, low_open=True)
     if not a.is_floating_point() or tuple(a.shape) != (x_t.shape[0],):
@@ -68,7 +70,7 @@ def _check(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond, guidance_scal
     eta = check_number(eta, "eta", _NAME, low=0.0)
     if clip_x0 is not None:
         clip_x0 = check_number(clip_x0, "clip_x0", _NAME, low=0.0, low_open=True)
-    if noise is None and not torch.compiler.is_compiling() and _sigma_positive(
+    if noise is None and eta != 0.0 and not torch.compiler.is_compiling() and _sigma_positive(
             eta, alpha_bar_t if at_tensor is None else at_tensor.cpu(),
             alpha_bar_prev if ap_tensor is None else ap_tensor.cpu()):
         raise ValueError(f"{_NAME}: noise is required when eta > 0 (sigma_t > 0); draw it with "
