@@ -94,10 +94,12 @@ class _Scorer:
     these tall-skinny products it measured ~1.5x faster than torch's CPU GEMM here. The returned
     block is only valid until the next call. Elsewhere it is one ``addmm``."""
 
+    use_numpy = True  # tests switch it off to run the GPU code path on the CPU
+
     def __init__(self, centroids: torch.Tensor, block_rows: int):
         self.centroids = centroids
         self.c_sq = centroids.pow(2).sum(1)
-        self.numpy = centroids.device.type == "cpu" and centroids.dtype == torch.float32
+        self.numpy = self.use_numpy and centroids.device.type == "cpu" and centroids.dtype == torch.float32
         if self.numpy:
             self.ct = np.ascontiguousarray((-2.0 * centroids.detach()).numpy().T)  # [D, K]
             self.buffer = np.empty((block_rows, centroids.shape[0]), dtype=np.float32)
@@ -187,7 +189,8 @@ def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generat
     nearest centre chosen so far (the candidate that lowers the potential most wins).
 
     All uniform draws are made up front on the (CPU) ``generator`` and moved once; the
-    loop stays on ``x``'s device with no host sync."""
+    loop stays on ``x``'s device with no host sync. Distances are laid out ``[trials, N]``
+    (``c x^T``): contiguous rows for the potentials, measured ~20% faster on the CPU."""
     n = x.shape[0]
     if x_sq is None:
         x_sq = _row_sq_norms(x)
@@ -196,22 +199,22 @@ def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generat
     draws = torch.rand(max(0, num_clusters - 1), trials, generator=generator, dtype=torch.float64).to(x.device)
     centres = torch.empty(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
     centres[0:1] = x.index_select(0, first)
-    closest = _sq_dist_to(centres[0:1], x, x_sq)[:, 0]
+    xt = x.t().contiguous() if x.device.type == "cpu" else x.t()
+
+    def sq_dist_to(points):  # [P, N]
+        scores = torch.addmm(x_sq.unsqueeze(0), points, xt, alpha=-2.0)
+        return scores.add_(points.pow(2).sum(1, keepdim=True)).clamp_min_(0)
+
+    closest = sq_dist_to(centres[0:1])[0]
     for c in range(1, num_clusters):
         cumulative = closest.cumsum(0, dtype=torch.float64)  # float64: N terms, sampling needs the tail right
         candidates = torch.searchsorted(cumulative, draws[c - 1] * cumulative[-1]).clamp_(max=n - 1)
         points = x.index_select(0, candidates)
-        candidate_closest = torch.minimum(_sq_dist_to(points, x, x_sq), closest.unsqueeze(1))
-        best = candidate_closest.sum(0, dtype=torch.float64).argmin().view(1)
-        closest = candidate_closest.index_select(1, best).squeeze(1)
+        candidate_closest = torch.minimum(sq_dist_to(points), closest.unsqueeze(0))
+        best = candidate_closest.sum(1, dtype=torch.float64).argmin().view(1)
+        closest = candidate_closest.index_select(0, best).squeeze(0)
         centres[c : c + 1] = points.index_select(0, best)
     return centres
-
-
-def _sq_dist_to(points: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
-    """Squared distances ``[N, P]`` from every row of ``x`` to a few ``points [P, D]``."""
-    scores = _Scorer(points, x.shape[0])(x)
-    return scores.add_(x_sq.unsqueeze(1)).clamp_min_(0)
 
 
 def _check_inputs(x: torch.Tensor, num_clusters: int, distributed: bool) -> int:

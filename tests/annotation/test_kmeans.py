@@ -69,19 +69,23 @@ def test_empty_cluster_is_reseeded():
     assert (torch.bincount(labels, minlength=4) > 0).all()
 
 
-def test_bounded_lloyd_takes_plain_lloyd_steps():
+@pytest.mark.parametrize("numpy_path", [True, False], ids=["cpu-numpy", "torch-as-on-gpu"])
+@pytest.mark.parametrize("k", [30, 300])  # 300: the bound tightening step runs too (K >= 256)
+def test_bounded_lloyd_takes_plain_lloyd_steps(monkeypatch, numpy_path, k):
     """Hamerly's bounds only skip work: every step equals a plain float64 Lloyd step."""
-    from sgdm.annotation.kmeans import _lloyd
+    from sgdm.annotation.kmeans import _lloyd, _Scorer
 
+    monkeypatch.setattr(_Scorer, "use_numpy", numpy_path)
     x, _ = blobs(2000, centers=20, dim=16, seed=1)
-    start = x[:30].clone()
+    start = x[:k].clone()
     reference = start.double()
     for _ in range(8):
         labels = torch.cdist(x.double(), reference).argmin(1)
-        reference = torch.stack([x.double()[labels == j].mean(0) for j in range(30)])
+        reference = torch.stack([x.double()[labels == j].mean(0) if (labels == j).any() else reference[j]
+                                 for j in range(k)])
     final_labels = torch.cdist(x.double(), reference).argmin(1)
     centroids, labels, dists, n_iter = _lloyd(x, x.pow(2).sum(1), start, 8, 0.0, 1 << 12, False)
-    assert n_iter == 8
+    assert n_iter <= 8  # fewer: no label changed, so the remaining reference steps changed nothing
     torch.testing.assert_close(centroids.double(), reference, rtol=0, atol=1e-4)
     assert torch.equal(labels, final_labels)
     torch.testing.assert_close(dists.double(), (x.double() - reference[labels]).pow(2).sum(1), rtol=1e-4, atol=1e-4)
