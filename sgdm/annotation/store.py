@@ -51,14 +51,20 @@ def ids_hash(ids: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+    # one temporary per process: under torchrun every rank may write the same file (the feature
+    # cache's fingerprint) at once, and a shared name let one rank's rename take the other's file
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)  # a shard either exists whole or not at all (resume relies on it)
 
