@@ -34,16 +34,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, warmup: int, iters: int) -> list[float]:
+# CPU clock: wall time by default; "cpu" (process CPU time) resists a loaded machine but is
+# only meaningful with one thread (with more, spinning OpenMP threads count too).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(fn, device, warmup: int, iters: int, clock=time.perf_counter) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -106,10 +111,11 @@ def worker(args) -> dict:
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train = _time(train_step, device, args.warmup, args.iters)
+    clock = CLOCKS[args.clock] if device.type == "cpu" else time.perf_counter
+    train = _time(train_step, device, args.warmup, args.iters, clock)
     train_peak = _peak_memory_mb(device)
     model.eval()
-    sample = _time(sample_step, device, args.warmup, args.iters)
+    sample = _time(sample_step, device, args.warmup, args.iters, clock)
     backends = _backends(device.type)
     return {"train": train, "sample": sample, "peak_mb": max(train_peak, _peak_memory_mb(device)),
             "train_peak_mb": train_peak, "backend": backends,
@@ -120,7 +126,7 @@ def _run_setting(args, kernels: bool) -> dict:
     env = dict(os.environ, SGDM_KERNELS="1" if kernels else "0")
     cmd = [sys.executable, __file__, "--worker", "--config", args.config, "--device", args.device,
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--precision", args.precision, "--threads", str(args.threads)]
+           "--precision", args.precision, "--threads", str(args.threads), "--clock", args.clock]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"worker (SGDM_KERNELS={env['SGDM_KERNELS']}) failed:\n{out.stderr[-3000:]}")
@@ -137,6 +143,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating kernel/reference subprocess rounds")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="CPU timing clock; 'cpu' (process time) resists machine load, use with "
+                             "--threads 1")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -158,7 +167,7 @@ def main(argv=None) -> int:
 
 def _report(args, runs) -> None:
     print(f"UNet benchmark: config={args.config} device={args.device} batch={args.batch} precision="
-          f"{args.precision} threads={args.threads} params={runs[True][0]['params_m']:.1f}M "
+          f"{args.precision} threads={args.threads} clock={args.clock} params={runs[True][0]['params_m']:.1f}M "
           f"(median of {args.iters} iters x {args.rounds} rounds)")
     medians = {}
     for kernels, label in ((True, "kernels"), (False, "SGDM_KERNELS=0")):
