@@ -101,17 +101,21 @@ def stego_loss(feats, knn_feats, rand_feats, head: nn.Module, cfg, generator: to
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-def knn_partners(cls: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Indices ``[N, k']`` of each image's nearest neighbours by cosine similarity, itself excluded."""
-    x = F.normalize(cls.float(), dim=1)
+def knn_partners(cls: torch.Tensor, k: int, device="cpu", block_elements: int = 1 << 25) -> torch.Tensor:
+    """Indices ``[N, k']`` (on the CPU) of each image's nearest neighbours by cosine similarity,
+    itself excluded. Computed on ``device`` in row blocks of at most ``block_elements``
+    similarities (128 MB), so the N x N matrix never exists (118k COCO images: 56 GB)."""
+    x = F.normalize(cls.float(), dim=1).to(device)
     k = min(k, x.shape[0] - 1)
     if k < 1:
         return torch.arange(x.shape[0]).unsqueeze(1)  # a single image is its own partner
+    rows = max(1, block_elements // x.shape[0])
     out = []
-    for start in range(0, x.shape[0], chunk):
-        sim = x[start : start + chunk] @ x.t()
-        sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = -float("inf")
-        out.append(sim.topk(k, dim=1).indices)
+    for start in range(0, x.shape[0], rows):
+        sim = x[start : start + rows] @ x.t()
+        diagonal = torch.arange(sim.shape[0], device=sim.device)
+        sim[diagonal, diagonal + start] = -float("inf")
+        out.append(sim.topk(k, dim=1).indices.cpu())
     return torch.cat(out)
 
 
@@ -156,7 +160,7 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
         head = SegmentationHead(patches.shape[-1], cfg.dim).to(device)
     local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + rank)
     optimiser = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    partners = knn_partners(cls, cfg.knn)
+    partners = knn_partners(cls, cfg.knn, device)
     per_rank = -(-n // world)
 
     def maps(idx):

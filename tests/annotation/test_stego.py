@@ -60,7 +60,7 @@ def test_stego_loss_weights_the_three_terms():
 
 def test_knn_partners_exclude_self():
     cls = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    partners = knn_partners(cls, k=1, chunk=3)
+    partners = knn_partners(cls, k=1, block_elements=3 * 4)  # blocks of 3 rows
     assert partners.flatten().tolist() == [1, 0, 3, 2]
     assert knn_partners(cls[:1], k=5).tolist() == [[0]]
 
