@@ -26,11 +26,14 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) ->
 
 
 def random_resized_crop(
-    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator | None
+    images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator | None,
+    max_rotation: float = 0.0,
 ) -> torch.Tensor:
-    """Crop a random area fraction in ``scale`` (aspect ratio in [3/4, 4/3]) and resize to ``size``.
+    """Crop a random area fraction in ``scale`` (aspect ratio in [3/4, 4/3]), rotated by a random
+    angle in [-max_rotation, max_rotation] degrees, and resize it to ``size``.
 
-    images: [B, C, H, W] -> [B, C, size, size]; a random half is flipped horizontally.
+    images: [B, C, H, W] -> [B, C, size, size]; a random half is flipped horizontally. A rotated
+    crop that would leave the image is shrunk until its corners fit, so no padding enters a view.
     """
     b, _, h, w = images.shape
     area = _uniform(b, *scale, generator) * h * w
@@ -38,15 +41,21 @@ def random_resized_crop(
     ratio = log_ratio.exp()
     cw = (area * ratio).sqrt().clamp(1, w)
     ch = (area / ratio).sqrt().clamp(1, h)
-    x0 = torch.rand(b, generator=generator) * (w - cw)
-    y0 = torch.rand(b, generator=generator) * (h - ch)
-    x1, y1 = x0 + cw - 1, y0 + ch - 1
+    theta = _uniform(b, -max_rotation, max_rotation, generator) * (math.pi / 180)
+    cos, sin = theta.cos(), theta.sin()
+    ex, ey = cw * cos.abs() + ch * sin.abs(), cw * sin.abs() + ch * cos.abs()  # extent of the rotated box
+    shrink = torch.minimum(torch.ones(b), torch.minimum(w / ex, h / ey))
+    cw, ch, ex, ey = cw * shrink, ch * shrink, ex * shrink, ey * shrink
+    cx = ex / 2 + torch.rand(b, generator=generator) * (w - ex)
+    cy = ey / 2 + torch.rand(b, generator=generator) * (h - ey)
     flip = torch.rand(b, generator=generator) < 0.5
-    left, right = torch.where(flip, x1, x0), torch.where(flip, x0, x1)  # swapped corners mirror the crop
-    boxes = torch.stack(
-        [torch.stack([left, y0], -1), torch.stack([right, y0], -1), torch.stack([right, y1], -1), torch.stack([left, y1], -1)],
-        dim=1,
-    ).to(images)
+    # corners (top-left, top-right, bottom-right, bottom-left) in pixel-centre coordinates, [0, w - 1]
+    hx, hy = (cw - 1) / 2, (ch - 1) / 2
+    sx = torch.stack([-hx, hx, hx, -hx], -1) * torch.where(flip, -1.0, 1.0)[:, None]  # mirrored crop
+    sy = torch.stack([-hy, -hy, hy, hy], -1)
+    px = cx[:, None] - 0.5 + cos[:, None] * sx - sin[:, None] * sy
+    py = cy[:, None] - 0.5 + sin[:, None] * sx + cos[:, None] * sy
+    boxes = torch.stack([px, py], -1).to(images)
     return crop_and_resize(images, boxes, (size, size), align_corners=True)
 
 
@@ -60,7 +69,8 @@ def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Gene
         bright = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
         contrast = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
         sat = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
-        hue = (_uniform(b, -s / 4, s / 4, generator) * apply.cpu() * 2 * math.pi).to(images)
+        hue_max = s / 4 if cfg.hue_jitter is None else cfg.hue_jitter
+        hue = (_uniform(b, -hue_max, hue_max, generator) * apply.cpu() * 2 * math.pi).to(images)
         images = adjust_brightness(images, bright - 1).clamp(0, 1)
         images = adjust_contrast(images, contrast).clamp(0, 1)
         images = adjust_saturation(images, sat).clamp(0, 1)
@@ -72,6 +82,9 @@ def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Gene
         blur = (torch.rand(b, generator=generator) < cfg.blur_prob).to(images.device).view(b, 1, 1, 1)
         sigma = _uniform(b, 0.1, 1.0, generator).to(images).unsqueeze(1).repeat(1, 2)
         images = torch.where(blur, gaussian_blur2d(images, 3, sigma), images)
+    if cfg.solarize_prob > 0:  # BYOL/DINO: invert the intensities above 0.5
+        sol = (torch.rand(b, generator=generator) < cfg.solarize_prob).to(images.device).view(b, 1, 1, 1)
+        images = torch.where(sol & (images >= 0.5), 1 - images, images)
     return images
 
 
@@ -90,7 +103,8 @@ def multi_crop(
     local_size = max(4, round(size * cfg.local_crop_fraction))
 
     def view(side: int, scale: tuple[float, float]) -> torch.Tensor:
-        return photometric(random_resized_crop(x, side, scale, generator), cfg, generator) * 2 - 1
+        crops = random_resized_crop(x, side, scale, generator, cfg.max_rotation)
+        return photometric(crops, cfg, generator) * 2 - 1
 
     global_views = [view(size, cfg.global_crop_scale) for _ in range(cfg.global_crops)]
     local_views = [view(local_size, cfg.local_crop_scale) for _ in range(cfg.local_crops)]

@@ -31,8 +31,13 @@ class PretrainConfig:
     # Photometric augmentation strength. DINO's defaults (0.4 jitter, 0.2 grey)
     # teach colour invariance; lower them where colour defines the classes.
     color_jitter: float = 0.4
+    # Largest hue shift as a fraction of the colour circle; None: color_jitter / 4 (DINO's 0.1 at 0.4).
+    hue_jitter: float | None = None
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
+    solarize_prob: float = 0.0
+    # Crops turned by up to this many degrees: orientation stops being shared between views.
+    max_rotation: float = 0.0
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
@@ -56,7 +61,11 @@ class PretrainConfig:
             raise ConfigError("local_crop_fraction", f"expected in (0, 1], got {self.local_crop_fraction}")
         if not 0 <= self.color_jitter <= 1:
             raise ConfigError("color_jitter", f"expected in [0, 1], got {self.color_jitter}")
-        for name in ("grayscale_prob", "blur_prob"):
+        if not 0 <= self.max_rotation <= 180:
+            raise ConfigError("max_rotation", f"expected degrees in [0, 180], got {self.max_rotation}")
+        if self.hue_jitter is not None and not 0 <= self.hue_jitter <= 0.5:
+            raise ConfigError("hue_jitter", f"expected a fraction of the colour circle in [0, 0.5], got {self.hue_jitter}")
+        for name in ("grayscale_prob", "blur_prob", "solarize_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, f"expected a probability in [0, 1], got {getattr(self, name)}")
         if self.student_temp <= 0 or self.teacher_temp <= 0:

@@ -151,3 +151,35 @@ def test_pretrain_features_cli_writes_encoder_annotate_can_load(tmp_path):
     backbone = load_backbone("vit_tiny_patch16_224", weights=out, kwargs=TINY_VIT)
     assert backbone.weights_id != "random" and backbone.input_size == (16, 16)
     assert main(["pretrain-features", str(config), "prepare.pretrain.global_crops=1"]) == 2
+
+
+def test_rotated_crops_stay_inside_the_image_and_turn_the_content(generator):
+    # A vertical ramp (value = column) crop turned by ~90 degrees varies along rows instead.
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(256, 3, 32, 32).contiguous()
+    straight = random_resized_crop(ramp, 16, (0.2, 0.5), generator)
+    turned = random_resized_crop(ramp, 16, (0.2, 0.5), generator, max_rotation=180.0)
+    assert turned.min() >= -1e-6 and turned.max() <= 1 + 1e-6
+    col_change = lambda v: (v[:, 0, :, 1:] - v[:, 0, :, :-1]).abs().mean((1, 2))  # noqa: E731
+    row_change = lambda v: (v[:, 0, 1:] - v[:, 0, :-1]).abs().mean((1, 2))  # noqa: E731
+    assert (row_change(straight) < 1e-5).all()
+    assert (row_change(turned) > col_change(turned)).any()  # some crops are turned by more than 45 degrees
+    # no zero padding: a constant image stays constant whatever the angle
+    flat = torch.full((64, 3, 32, 32), 0.7)
+    assert torch.allclose(random_resized_crop(flat, 16, (0.05, 1.0), generator, max_rotation=180.0), flat[:, :, :16, :16], atol=1e-5)
+
+
+def test_photometric_hue_and_solarize_settings(generator):
+    from sgdm.features_pretrain.augment import photometric
+
+    images = torch.rand(64, 3, 8, 8, generator=generator)
+    still = PretrainConfig(color_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    assert torch.equal(photometric(images, still, generator), images)
+    solar = PretrainConfig(color_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=1.0)
+    assert torch.allclose(photometric(images, solar, generator), torch.where(images >= 0.5, 1 - images, images))
+    # hue_jitter 0 keeps the hue: a saturated red stays red under strong brightness/contrast jitter
+    red = torch.tensor([0.85, 0.15, 0.15]).view(1, 3, 1, 1).expand(64, 3, 4, 4)
+    out = photometric(red, PretrainConfig(color_jitter=0.8, hue_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0), generator)
+    assert (out[:, 0] >= out[:, 1] - 1e-6).all() and (out[:, 0] >= out[:, 2] - 1e-6).all()
+    for key, value in (("hue_jitter", 0.6), ("solarize_prob", 1.5), ("max_rotation", 270.0)):
+        with pytest.raises(ConfigError, match=f"pretrain.{key}"):
+            from_dict(PretrainConfig, {key: value}, "pretrain")
