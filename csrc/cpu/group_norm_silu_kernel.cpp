@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/vec_io.h"
 #include "sgdm/silu.h"
 #include "sgdm/welford.h"
@@ -380,7 +381,8 @@ void for_each_group(const Args& a) {
   dispatch_dtype(a.s.dtype, [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto cl, auto silu) {
-      at::parallel_for(0, a.s.n * a.s.groups, 1, [&](int64_t begin, int64_t end) {
+      const int64_t grain = grain_for(a.s.c / a.s.groups * a.s.hw);
+      at::parallel_for(0, a.s.n * a.s.groups, grain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t<T>> scratch;
         Fn<T, decltype(cl)::value, decltype(silu)::value>::range(a, begin, end, scratch);
       });

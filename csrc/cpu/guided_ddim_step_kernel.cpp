@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "cpu/parallel.h"
 #include "cpu/vec_io.h"
 #include "sgdm/guided_ddim.h"
 
@@ -53,7 +54,8 @@ void step_range(const GuidedDdimArgs& a, int64_t sample, int64_t begin, int64_t 
 template <typename T, bool kUncond, bool kNoise, bool kClip>
 void run(const GuidedDdimArgs& a) {
   const int64_t chunks = (a.per_sample + kChunk - 1) / kChunk;
-  at::parallel_for(0, a.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.batch * chunks, grain_for(std::min(kChunk, a.per_sample)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / chunks, start = (task % chunks) * kChunk;
       step_range<T, kUncond, kNoise, kClip>(a, sample, start,

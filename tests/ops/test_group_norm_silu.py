@@ -94,6 +94,28 @@ def test_backward_matches_float64(target, shape, groups, affine, generator):
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_split_across_threads(target, layout, generator):
+    """Above the kernels' inline limit (16384 elements) the groups are split into one range
+    per thread; NCHW ranges not starting at 0 take their first statistics separately."""
+    require_kernels(OP, target)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x0, w, b = _inputs((3, 64, 12, 12), generator, device=target)  # 27648 elements, 24 groups
+        x = _layout(x0, layout).requires_grad_()
+        gy = torch.randn(x.shape, generator=generator, dtype=torch.float64).float().to(target)
+        y = ops.group_norm_silu(x, 8, w, b)
+        y.backward(gy)
+    finally:
+        torch.set_num_threads(threads)
+    xr = x.detach().double().cpu().requires_grad_()
+    yr = _ref64(xr, 8, w, b)
+    yr.backward(gy.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 16, 6, 6), (2, 16, 8, 8)],
                          ids=["hw36", "hw64"])  # hw64: CUDA's 16-byte (8-element) units
