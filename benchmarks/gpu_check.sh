@@ -30,6 +30,8 @@ SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/co
 
 SMOKE=("$PY benchmarks/ops_bench.py --smoke --device cuda")
 BENCH=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 50")
+# kernel time without the host's per-call cost (which bounds these ops at the issue's shapes)
+BENCH+=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 30 --cuda-graphs")
 # attention (issue 3): every dtype x head dim once; vs SDPA's flash and cuDNN backends
 SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda")
 BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30")

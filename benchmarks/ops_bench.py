@@ -64,20 +64,43 @@ CPU_CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _cpu_clock = time.perf_counter
 
 
-def _time_once(fn, device: torch.device) -> float:
-    """Milliseconds of one call: on the GPU, CUDA events around CUDA_INNER back-to-back
+def _time_once(fn, device: torch.device, calls: int = CUDA_INNER) -> float:
+    """Milliseconds of one call: on the GPU, CUDA events around ``calls`` back-to-back
     calls (one call alone would time its launch, not the kernel); the chosen clock on the CPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(CUDA_INNER):
+        for _ in range(calls):
             fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / CUDA_INNER
+        return start.elapsed_time(end) / calls
     t0 = _cpu_clock()
     fn()
     return (_cpu_clock() - t0) * 1e3
+
+
+CUDA_GRAPHS = False  # --cuda-graphs: replay captured calls, so the host's per-call cost drops out
+
+
+def _graphed(fn, device: torch.device):
+    """One replay of CUDA_INNER calls of ``fn`` captured in a CUDA graph (kernel time
+    without the host's per-call cost), or None where ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # capture wants warmed-up allocations on a side stream
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(CUDA_INNER):
+                fn()
+        return graph.replay
+    except RuntimeError as err:
+        print(f"ops_bench: not capturable in a CUDA graph, timing plain calls ({err})", file=sys.stderr)
+        return None
 
 
 def compare(eager, fused, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
@@ -86,6 +109,14 @@ def compare(eager, fused, device: torch.device, repeats: int, warmup: int = 3) -
         eager()
         fused()
     _sync(device)
+    if device.type == "cuda" and CUDA_GRAPHS:
+        ge, gf = _graphed(eager, device), _graphed(fused, device)
+        if ge is not None and gf is not None:
+            te, tf = [], []
+            for _ in range(repeats):  # one replay = CUDA_INNER calls
+                te.append(_time_once(ge, device, calls=1) / CUDA_INNER)
+                tf.append(_time_once(gf, device, calls=1) / CUDA_INNER)
+            return statistics.median(te), statistics.median(tf)
     te, tf = [], []
     for _ in range(repeats):
         te.append(_time_once(eager, device))
@@ -234,6 +265,9 @@ def main(argv=None) -> int:
                    help="CPU timing clock; 'cpu' (process time) resists machine load, use with "
                         "--threads 1")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: time replays of captured calls (kernel time; the host's per-call "
+                        "cost, which bounds small ops, drops out); falls back to plain calls")
     p.add_argument("--smoke", action="store_true",
                    help="no timing: run each op once on small shapes and check it (for sanitizers)")
     p.add_argument("--attention", action="store_true",
@@ -243,12 +277,14 @@ def main(argv=None) -> int:
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
-    global _cpu_clock
+    global _cpu_clock, CUDA_GRAPHS
     _cpu_clock = CPU_CLOCK[args.clock]
+    CUDA_GRAPHS = args.cuda_graphs
     if args.smoke:
         return max(smoke(torch.device(d)) for d in devices)
     result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats)
     result["env"]["cpu_clock"] = args.clock
+    result["env"]["cuda_graphs"] = args.cuda_graphs
     if args.attention:
         import attention_bench  # benchmarks/ is sys.path[0]
         result["rows"] += attention_bench.run(devices, [DTYPES[d] for d in args.dtype], args.threads,
