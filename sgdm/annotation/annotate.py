@@ -131,12 +131,14 @@ def _extract_shard(backbone, dataset, indices, a, granularity, device, bar) -> d
     image_hw = None
     for kept in _samples(dataset, indices, a):
         images = torch.stack([s["image"] for _, s in kept]).to(device)
-        feats = extract(backbone, images, keys=granularity == "box", patches=granularity == "mask",
+        lost_keys = granularity == "box" and a.lost.features == "keys"
+        lost_tokens = granularity == "box" and a.lost.features == "tokens"
+        feats = extract(backbone, images, keys=lost_keys, patches=granularity == "mask" or lost_tokens,
                         bf16={"auto": None, "fp32": False, "bf16": True}[a.precision])
         rows += [i for i, _ in kept]
         cls.append(feats.cls.half().cpu())
         if granularity == "box":
-            boxes.append(lost_batch(feats.keys.cpu(), a.lost.k_patches))
+            boxes.append(lost_batch((feats.keys if lost_keys else feats.patches).cpu(), a.lost.k_patches, a.lost.center))
         if granularity == "mask":
             patches.append(feats.patches.half().cpu())
         samples += [{k: v for k, v in s.items() if k.startswith("gt_")} for _, s in kept]
@@ -170,7 +172,7 @@ def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids) -
         "input_size": list(backbone.input_size),
         "ids_sha256": ids_hash(dataset_ids),
         "shard_size": a.shard_size,
-        "extract": {"label": "cls", "box": f"cls+lost(k={a.lost.k_patches})", "mask": "cls+patches"}[granularity],
+        "extract": {"label": "cls", "box": f"cls+lost(k={a.lost.k_patches},{a.lost.features}{',centred' if a.lost.center else ''})", "mask": "cls+patches"}[granularity],
     }
 
 

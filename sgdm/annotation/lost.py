@@ -13,6 +13,12 @@ On the last layer's keys ``k [h*w, D]`` of one image, with patch similarity
 
 Boxes are returned normalised xyxy in ``[0, 1]`` of the backbone input (patch
 edges: a component spanning columns ``x0..x1`` gives ``x0/w .. (x1+1)/w``).
+
+``center=True`` first subtracts the image's mean feature, ``k <- k - mean_p k_p``,
+so ``A`` measures similarity relative to the image's average patch. The paper's
+LOST uses raw DINO keys; features with a large component shared by all patches
+(a small encoder trained briefly on one domain) make nearly every ``A_pq``
+positive, and the degree no longer separates object from background.
 """
 from __future__ import annotations
 
@@ -20,15 +26,17 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["lost", "lost_batch"]
+__all__ = ["lost", "lost_batch", "lost_boxes"]
 
 
-def lost(keys: torch.Tensor, k_patches: int = 100) -> tuple[torch.Tensor, tuple[int, int]]:
+def lost(keys: torch.Tensor, k_patches: int = 100, center: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
     """Box of one image from its keys ``[h, w, D]``: ``(box [4] float32 normalised xyxy, seed (row, col))``."""
     if keys.dim() != 3:
         raise ValueError(f"lost: keys must be [h, w, D], got shape {tuple(keys.shape)}")
     h, w, _ = keys.shape
     k = keys.reshape(h * w, -1).double()
+    if center:
+        k = k - k.mean(0)
     affinity = k @ k.t()
     degree = (affinity >= 0).sum(1)
     seed = int(degree.argmin())  # first minimum on ties, deterministic
@@ -42,10 +50,21 @@ def lost(keys: torch.Tensor, k_patches: int = 100) -> tuple[torch.Tensor, tuple[
     return box, (sr, sc)
 
 
-def lost_batch(keys: torch.Tensor, k_patches: int = 100) -> torch.Tensor:
+def lost_batch(keys: torch.Tensor, k_patches: int = 100, center: bool = False) -> torch.Tensor:
     """Boxes ``[B, 4]`` for keys ``[B, h, w, D]``."""
     if keys.dim() != 4:
         raise ValueError(f"lost_batch: keys must be [B, h, w, D], got shape {tuple(keys.shape)}")
     if keys.shape[0] == 0:
         return torch.zeros(0, 4)
-    return torch.stack([lost(k, k_patches)[0] for k in keys])
+    return torch.stack([lost(k, k_patches, center)[0] for k in keys])
+
+
+def lost_boxes(backbone, images: torch.Tensor, cfg, bf16=None) -> torch.Tensor:
+    """Boxes ``[B, 4]`` of ``images [B, 3, H, W]`` in ``[-1, 1]`` with ``cfg``, a
+    :class:`~sgdm.annotation.config.LostConfig` (which features, centring, ``k_patches``).
+    Annotation and the layout-adherence metric both call this, so they run the same f."""
+    from sgdm.annotation.features import extract
+
+    use_keys = cfg.features == "keys"
+    feats = extract(backbone, images, keys=use_keys, patches=not use_keys, bf16=bf16)
+    return lost_batch((feats.keys if use_keys else feats.patches).cpu(), cfg.k_patches, cfg.center)

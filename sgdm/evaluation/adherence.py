@@ -18,19 +18,19 @@ __all__ = ["box_adherence", "mask_adherence"]
 
 
 @torch.no_grad()
-def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor, k_patches: int = 100, batch_size: int = 64) -> dict[str, float]:
-    """images [N, 3, H, W] in [-1, 1]; boxes [N, 4] normalised xyxy -> ``box_iou``, ``box_hit50``."""
-    from sgdm.annotation.features import extract
-    from sgdm.annotation.lost import lost_batch
+def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor, lost_cfg=None, batch_size: int = 64) -> dict[str, float]:
+    """images [N, 3, H, W] in [-1, 1]; boxes [N, 4] normalised xyxy -> ``box_iou``, ``box_hit50``.
+
+    ``lost_cfg``: the annotation's :class:`~sgdm.annotation.config.LostConfig`
+    (default: the paper's LOST), so the samples meet the f that made the boxes."""
+    from sgdm.annotation.config import LostConfig
+    from sgdm.annotation.lost import lost_boxes
     from sgdm.annotation.metrics import box_iou
 
     if boxes.dim() != 2 or boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes: expected [{images.shape[0]}, 4] for {images.shape[0]} images, got {tuple(boxes.shape)}")
-    found = []
-    for chunk in images.split(batch_size):
-        keys = extract(space.backbone, chunk.to(space.device), keys=True, patches=False).keys
-        found.append(lost_batch(keys.cpu(), k_patches))
-    pred = torch.cat(found)
+    lost_cfg = lost_cfg or LostConfig()
+    pred = torch.cat([lost_boxes(space.backbone, chunk.to(space.device), lost_cfg) for chunk in images.split(batch_size)])
     iou = torch.stack([box_iou(p, g)[0, 0] for p, g in zip(pred, boxes)])
     return {"box_iou": float(iou.mean()), "box_hit50": float((iou >= 0.5).double().mean())}
 

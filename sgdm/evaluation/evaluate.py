@@ -155,7 +155,7 @@ class _Evaluator:
 
         a = self.cfg.annotation
         if conditions.kind == "box":
-            return box_adherence(self.space, images, conditions.boxes, a.lost.k_patches, self.ecfg.batch_size)
+            return box_adherence(self.space, images, conditions.boxes, a.lost, self.ecfg.batch_size)
         return mask_adherence(self.space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
                               self.ecfg.batch_size)
 

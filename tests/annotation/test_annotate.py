@@ -88,6 +88,25 @@ def test_features_of_other_weights_are_refused(tmp_path, tiny_weights, shapes_ca
         annotate(config(tmp_path, other, shapes_cache), progress=False, log=lambda m: None)
 
 
+def test_lost_settings_reach_the_boxes_and_the_fingerprint(tmp_path, tiny_weights, shapes_cache):
+    from sgdm.annotation.features import load_backbone
+    from sgdm.annotation.lost import lost_boxes
+    from sgdm.data import build_dataset
+
+    lost = {"num_clusters": 5, "k_patches": 2, "features": "tokens", "center": True}
+    cfg = config(tmp_path, tiny_weights, shapes_cache, lost=lost)
+    store = AnnotationStore.open(annotate(cfg, "box", progress=False, log=lambda m: None).store)
+    data = build_dataset(cfg.data, train=False)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    expected = lost_boxes(load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS), images, cfg.annotation.lost)
+    found = torch.stack([store.get(i)["box"].float() for i in data.ids])
+    torch.testing.assert_close(found, expected, atol=1e-3, rtol=0)  # the store keeps boxes in fp16
+    with pytest.raises(StoreMismatchError, match="extract differ"):  # other LOST settings: never mixed in
+        annotate(config(tmp_path, tiny_weights, shapes_cache, lost={**lost, "center": False}), "box", progress=False)
+    with pytest.raises(ConfigError, match="annotation.lost.features"):
+        from_dict(AnnotationConfig, {"lost": {"features": "attention"}}, "annotation")
+
+
 def test_store_refused_for_another_dataset(tmp_path, tiny_weights, shapes_cache):
     result = annotate(config(tmp_path, tiny_weights, shapes_cache, num_images=24), progress=False, log=lambda m: None)
     from sgdm.data import build_dataset

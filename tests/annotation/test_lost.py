@@ -42,3 +42,19 @@ def test_batch_and_bad_shapes():
         lost(torch.zeros(4, 8))
     with pytest.raises(ValueError, match=r"\[B, h, w, D\]"):
         lost_batch(torch.zeros(4, 4, 8))
+
+
+def test_centring_removes_a_shared_component():
+    # A large component shared by every patch makes all similarities positive: every
+    # patch has the full degree, the uncentred seed is the first patch, and the box
+    # swells to the whole map. Centring recovers the object.
+    keys = key_map(8, 10, [(2, 3, 5, 7, None)])
+    shared = torch.zeros(16); shared[5] = 20.0
+    keys = keys + shared
+    raw, raw_seed = lost(keys, k_patches=100)
+    assert raw_seed == (0, 0)
+    torch.testing.assert_close(raw, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    box, seed = lost(keys, k_patches=100, center=True)
+    torch.testing.assert_close(box, torch.tensor([3 / 10, 2 / 8, 7 / 10, 5 / 8]))
+    assert 2 <= seed[0] < 5 and 3 <= seed[1] < 7
+    torch.testing.assert_close(lost_batch(keys[None], 100, center=True), box[None])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sgdm.annotation.config import KMeansConfig, StegoConfig
+from sgdm.annotation.config import KMeansConfig, LostConfig, StegoConfig
 from sgdm.evaluation.adherence import box_adherence, mask_adherence
 from sgdm.evaluation.feature_distance import feature_distance, load_feature_space, reference_stats
 from sgdm.features_pretrain.train import build_backbone, save_backbone
@@ -45,11 +45,24 @@ def test_missing_feature_weights_is_named(tmp_path):
 def test_box_adherence_plumbing(space, generator):
     images = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)
-    out = box_adherence(space, images, boxes, k_patches=4)
+    out = box_adherence(space, images, boxes, LostConfig(k_patches=4))
     assert set(out) == {"box_iou", "box_hit50"}
     assert 0 < out["box_iou"] <= 1 and 0 <= out["box_hit50"] <= 1
     with pytest.raises(ValueError, match=r"boxes: expected \[3, 4\]"):
         box_adherence(space, images, boxes[:2])
+
+
+@pytest.mark.parametrize("features,center", [("keys", False), ("tokens", True)])
+def test_box_adherence_runs_the_annotation_lost(space, generator, features, center):
+    # samples that reproduce their guiding layout exactly: the boxes LOST found on the
+    # same images with the same settings give IoU 1, whichever settings those are
+    from sgdm.annotation.lost import lost_boxes
+
+    cfg = LostConfig(k_patches=3, features=features, center=center)
+    images = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1
+    boxes = lost_boxes(space.backbone, images, cfg)
+    out = box_adherence(space, images, boxes, cfg, batch_size=4)
+    assert out == {"box_iou": pytest.approx(1.0), "box_hit50": 1.0}
 
 
 def test_mask_adherence_plumbing(space, generator):
