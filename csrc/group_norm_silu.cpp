@@ -38,8 +38,10 @@ GroupNormPrepared prepare_group_norm(const at::Tensor& x, int64_t num_groups,
   const at::ScalarType acc = group_norm_acc_type(x);
   auto affine = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
     if (!t.has_value()) return at::Tensor();
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == s.c, "sgdm.group_norm_silu: ", name,
-                " must have shape [C] = [", s.c, "], got ", t->sizes());
+    const bool shared = t->dim() == 1 && t->size(0) == s.c;
+    const bool per_sample = t->dim() == 2 && t->size(0) == s.n && t->size(1) == s.c;
+    TORCH_CHECK(shared || per_sample, "sgdm.group_norm_silu: ", name, " must have shape [C] = [", s.c,
+                "] or [N, C] = [", s.n, ", ", s.c, "], got ", t->sizes());
     TORCH_CHECK(t->device() == x.device(), "sgdm.group_norm_silu: ", name, " is on ",
                 t->device(), " but x is on ", x.device());
     dtype_tag(*t, name);
@@ -47,6 +49,8 @@ GroupNormPrepared prepare_group_norm(const at::Tensor& x, int64_t num_groups,
   };
   p.weight = affine(weight, "weight");
   p.bias = affine(bias, "bias");
+  p.weight_stride = p.weight.defined() && p.weight.dim() == 2 ? s.c : 0;
+  p.bias_stride = p.bias.defined() && p.bias.dim() == 2 ? s.c : 0;
   return p;
 }
 
@@ -81,6 +85,8 @@ GroupNormForward prepare_forward(const at::Tensor& x, int64_t num_groups,
   a.x = f.p.x.const_data_ptr();
   a.weight = ptr_or_null(f.p.weight);
   a.bias = ptr_or_null(f.p.bias);
+  a.weight_stride = f.p.weight_stride;
+  a.bias_stride = f.p.bias_stride;
   a.y = f.y.mutable_data_ptr();
   a.mean = f.mean.mutable_data_ptr();
   a.rstd = f.rstd.mutable_data_ptr();
@@ -115,6 +121,8 @@ GroupNormBackward prepare_backward(const at::Tensor& grad_y, const at::Tensor& x
   a.x = b.p.x.const_data_ptr();
   a.weight = ptr_or_null(b.p.weight);
   a.bias = ptr_or_null(b.p.bias);
+  a.weight_stride = b.p.weight_stride;
+  a.bias_stride = b.p.bias_stride;
   a.mean = b.mean.const_data_ptr();
   a.rstd = b.rstd.const_data_ptr();
   a.grad_x = b.dx.mutable_data_ptr();
@@ -128,7 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> GroupNormBackward::result() const
     const auto opts = dx.options().dtype(group_norm_acc_type(dx));
     return {dx, at::empty({0}, opts), at::empty({0}, opts)};
   }
-  return {dx, sum_dzx.sum(0), sum_dz.sum(0)};
+  // A shared ([C]) weight / bias sums the per-sample sums over N; a per-sample one keeps them.
+  auto per_sample = [](const at::Tensor& t) { return t.defined() && t.dim() == 2; };
+  return {dx, per_sample(p.weight) ? sum_dzx : sum_dzx.sum(0),
+          per_sample(p.bias) ? sum_dz : sum_dz.sum(0)};
 }
 
 namespace {

@@ -14,10 +14,12 @@ namespace sgdm {
 struct GroupNormPrepared {
   GroupNormShape shape;
   at::Tensor x;             // contiguous or channels-last view of the input
-  at::Tensor weight, bias;  // Acc-typed copies, or undefined
+  at::Tensor weight, bias;  // Acc-typed copies ([C] or [N, C]), or undefined
+  int64_t weight_stride = 0, bias_stride = 0;  // per-sample strides: C for [N, C], else 0
 };
 
-// Checks x [N, C, *] against num_groups / weight / bias and picks the layout.
+// Checks x [N, C, *] against num_groups / weight / bias ([C] or [N, C] each)
+// and picks the layout.
 GroupNormPrepared prepare_group_norm(const at::Tensor& x, int64_t num_groups,
                                      const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias, bool silu);
@@ -44,7 +46,8 @@ struct GroupNormBackward {
   GroupNormPrepared p;
   at::Tensor dy, dx, mean, rstd, sum_dz, sum_dzx;
   GroupNormBwdArgs args;
-  // (grad_x, grad_weight, grad_bias); the affine grads are empty [0] when not requested.
+  // (grad_x, grad_weight, grad_bias), the affine grads shaped like weight / bias ([C] when
+  // absent); empty [0] when not requested.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result() const;
 };
 

@@ -8,6 +8,8 @@
 // Backward, with dz = dy * silu'(z) and sums over the group:
 //   dx = rstd * (dz * w_c - sum(dz * w_c) / M - xhat * sum(dz * w_c * xhat) / M)
 //   dweight_c = sum_{n,hw} dz * xhat,  dbias_c = sum_{n,hw} dz
+// A per-sample affine (weight_{n,c}, bias_{n,c}) changes only which value w_c
+// and b_c are, and its gradients are the per-sample sums over hw alone.
 #include "cpu/group_norm_silu_kernel.h"
 
 #include <ATen/Parallel.h>
@@ -178,15 +180,17 @@ WelfordData<double> block_stats(const T* x, const Block& b) {
   return w;
 }
 
-// weight / bias of the group's channels (1 / 0 when absent).
-template <typename Acc>
-void group_affine(const void* weight, const void* bias, int64_t c0, int64_t cg, Acc* gamma,
-                  Acc* beta) {
-  const Acc* w = static_cast<const Acc*>(weight);
-  const Acc* b = static_cast<const Acc*>(bias);
+// weight / bias of sample n's channels [c0, c0 + cg) (1 / 0 when absent); a
+// per-sample ([N, C]) weight or bias has stride C, a shared ([C]) one 0.
+template <typename Acc, typename Args>
+void group_affine(const Args& a, int64_t n, int64_t c0, int64_t cg, Acc* gamma, Acc* beta) {
+  const Acc* w = static_cast<const Acc*>(a.weight);
+  const Acc* b = static_cast<const Acc*>(a.bias);
+  if (w) w += n * a.weight_stride + c0;
+  if (b) b += n * a.bias_stride + c0;
   for (int64_t j = 0; j < cg; ++j) {
-    gamma[j] = w ? w[c0 + j] : Acc(1);
-    beta[j] = b ? b[c0 + j] : Acc(0);
+    gamma[j] = w ? w[j] : Acc(1);
+    beta[j] = b ? b[j] : Acc(0);
   }
 }
 
@@ -201,7 +205,7 @@ Acc group_coeffs(const GroupNormFwdArgs& a, int64_t gi, const WelfordData<double
   const double rstd = 1.0 / std::sqrt(welford_variance(w) + a.eps);
   static_cast<Acc*>(a.mean)[gi] = static_cast<Acc>(w.mean);
   static_cast<Acc*>(a.rstd)[gi] = static_cast<Acc>(rstd);
-  group_affine<Acc>(a.weight, a.bias, (gi % a.s.groups) * cg, cg, scale, shift);
+  group_affine<Acc>(a, gi / a.s.groups, (gi % a.s.groups) * cg, cg, scale, shift);
   for (int64_t j = 0; j < cg; ++j) scale[j] = static_cast<Acc>(rstd * static_cast<double>(scale[j]));
   return static_cast<Acc>(w.mean);
 }
@@ -316,7 +320,7 @@ void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_
     if constexpr (kParkInDx) return reinterpret_cast<Acc*>(dx) + off + i;
     return scratch + s * b.seg_len + i;
   };
-  group_affine<Acc>(a.weight, a.bias, g * cg, cg, gamma, beta);
+  group_affine<Acc>(a, n, g * cg, cg, gamma, beta);
   const V rs(rstd), mv(mean);
   // dz at elements [i, i + m) of run s, and xhat there. Lanes past m load
   // dy = 0, so they contribute nothing to the sums.

@@ -66,6 +66,12 @@ __device__ __forceinline__ GroupIndex<kCL> group_index(const GroupNormShape& s, 
   return idx;
 }
 
+// Sample n's row of a weight / bias: stride C for [N, C], 0 for [C]; null stays null.
+template <typename Acc>
+__device__ __forceinline__ const Acc* affine_row(const void* p, int64_t stride, int64_t n) {
+  return p == nullptr ? nullptr : static_cast<const Acc*>(p) + n * stride;
+}
+
 // kVec consecutive elements moved as one aligned load / store (16 bytes for
 // kVec = 16 / sizeof(T)); kVec = 1 is a plain element access.
 template <typename T, int kVec>
@@ -160,8 +166,8 @@ __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
     static_cast<Acc*>(a.mean)[blockIdx.x] = k + w.mean;
     static_cast<Acc*>(a.rstd)[blockIdx.x] = rstd;
   }
-  const Acc* wt = static_cast<const Acc*>(a.weight);
-  const Acc* bs = static_cast<const Acc*>(a.bias);
+  const Acc* wt = affine_row<Acc>(a.weight, a.weight_stride, n);
+  const Acc* bs = affine_row<Acc>(a.bias, a.bias_stride, n);
   for (unsigned j = threadIdx.x; j < idx.cg; j += blockDim.x) {
     const int64_t c = g * idx.cg + j;
     // z = (x - mean) * scale + bias: exact for nearly constant groups (large rstd).
@@ -219,8 +225,8 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
   const T* dy = static_cast<const T*>(a.grad_y);
   const Acc mean = static_cast<const Acc*>(a.mean)[blockIdx.x];
   const Acc rstd = static_cast<const Acc*>(a.rstd)[blockIdx.x];
-  const Acc* wt = static_cast<const Acc*>(a.weight);
-  const Acc* bs = static_cast<const Acc*>(a.bias);
+  const Acc* wt = affine_row<Acc>(a.weight, a.weight_stride, n);
+  const Acc* bs = affine_row<Acc>(a.bias, a.bias_stride, n);
   for (unsigned j = threadIdx.x; j < idx.cg; j += blockDim.x) {
     const int64_t c = g * idx.cg + j;
     gamma[j] = wt ? wt[c] : Acc(1);

@@ -6,10 +6,17 @@ group's C/G * prod(spatial) elements, in float32 (float64 for fp64 inputs):
     z = (x - mean_{n,g}) / sqrt(var_{n,g} + eps) * weight_c + bias_c
     y = silu(z) = z * sigmoid(z)            (activation="silu"; None gives y = z)
 
+weight and bias are each [C] (shared) or [N, C] (per sample: weight_{n,c},
+bias_{n,c}). The per-sample form carries ADM's scale-shift norm in one pass,
+silu(GN(x) * (1 + scale) + shift) with GN's own affine (w, b) folded in:
+
+    weight_{n,c} = w_c * (1 + scale_{n,c}),   bias_{n,c} = b_c * (1 + scale_{n,c}) + shift_{n,c}.
+
 The backward (dz = dy * silu'(z), xhat the normalised x, M = C/G * HW):
 
-    dx = rstd * (dz w_c - mean_g(dz w) - xhat * mean_g(dz w xhat)),
-    dweight_c = sum dz * xhat,   dbias_c = sum dz.
+    dx = rstd * (dz w - mean_g(dz w) - xhat * mean_g(dz w xhat)),
+    dweight_c = sum_{n,hw} dz * xhat,   dbias_c = sum_{n,hw} dz      ([C])
+    dweight_{n,c} = sum_hw dz * xhat,   dbias_{n,c} = sum_hw dz      ([N, C]).
 
 The compiled op ``sgdm::group_norm_silu`` returns (y, mean, rstd) and
 ``sgdm::group_norm_silu_backward`` the three gradients; this module registers
@@ -32,7 +39,7 @@ def _check(x, num_groups, weight, bias, eps, activation) -> None:
     check_float_tensor(x, "x", _NAME, min_dim=2, shape_hint="[N, C, *]")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"{_NAME}: num_groups must be a positive int, got {num_groups!r}")
-    channels = x.shape[1]
+    batch, channels = x.shape[:2]
     if channels % num_groups:
         raise ValueError(f"{_NAME}: num_groups={num_groups} must divide the channel count "
                          f"C={channels} of x (shape {tuple(x.shape)})")
@@ -40,9 +47,9 @@ def _check(x, num_groups, weight, bias, eps, activation) -> None:
         if t is None:
             continue
         check_float_tensor(t, name, _NAME)
-        if tuple(t.shape) != (channels,):
-            raise ValueError(f"{_NAME}: {name} must have shape [C] = [{channels}], "
-                             f"got {tuple(t.shape)}")
+        if t.shape != (channels,) and t.shape != (batch, channels):
+            raise ValueError(f"{_NAME}: {name} must have shape [C] = [{channels}] or [N, C] = "
+                             f"[{batch}, {channels}] (x is {tuple(x.shape)}), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{_NAME}: {name} is on {t.device} but x is on {x.device}")
     check_number(eps, "eps", _NAME, low=0.0, low_open=True)
@@ -56,8 +63,10 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     """``silu(group_norm(x, num_groups, weight, bias, eps))`` for x [N, C, *].
 
     fp32, fp16, bf16 and fp64 inputs (statistics in fp32, fp64 for fp64); weight and
-    bias [C] of any float dtype. Contiguous and channels-last inputs; the output keeps
-    a channels-last layout. Differentiable in x, weight and bias.
+    bias of any float dtype, each [C] or [N, C] (a per-sample affine, e.g. a folded
+    scale-shift modulation; see the module docstring). Contiguous and channels-last
+    inputs; the output keeps a channels-last layout. Differentiable in x, weight and
+    bias; their gradients come back in their shapes.
     """
     _check(x, num_groups, weight, bias, eps, activation)
     if _extension.kernels_enabled(_OP, x.device.type):
@@ -121,9 +130,13 @@ def _register() -> None:
 
     @torch.library.register_fake("sgdm::group_norm_silu_backward")
     def _fake_backward(grad_y, x, mean, rstd, weight, bias, num_groups, silu, affine_grads):
-        n = x.shape[1] if affine_grads else 0
-        return (_empty_like_layout(x), x.new_empty((n,), dtype=_acc_dtype(x)),
-                x.new_empty((n,), dtype=_acc_dtype(x)))
+        def grad_shape(t):  # the affine's own shape; [C] when absent; [0] when not requested
+            if not affine_grads:
+                return (0,)
+            return tuple(t.shape) if t is not None and t.dim() == 2 else (x.shape[1],)
+
+        return (_empty_like_layout(x), x.new_empty(grad_shape(weight), dtype=_acc_dtype(x)),
+                x.new_empty(grad_shape(bias), dtype=_acc_dtype(x)))
 
     torch.library.register_autograd("sgdm::group_norm_silu", _backward,
                                     setup_context=_setup_context)

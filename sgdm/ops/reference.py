@@ -21,7 +21,8 @@ def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, activat
     """``silu(GroupNorm(x))`` over x [N, C, *] with statistics in float32 (float64 for fp64).
 
     z = (x - mean_g) / sqrt(var_g + eps) * weight_c + bias_c, y = z * sigmoid(z);
-    ``activation=None`` returns z. Output dtype and memory format follow x.
+    ``activation=None`` returns z. weight and bias are each [C] or [N, C] (per sample:
+    weight_{n,c}, bias_{n,c}). Output dtype and memory format follow x.
     """
     acc = _compute_dtype(x)
     n, c = x.shape[:2]
@@ -30,11 +31,15 @@ def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, activat
     mean = groups.mean(dim=-1, keepdim=True)
     var = groups.var(dim=-1, unbiased=False, keepdim=True)
     z = ((groups - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    affine_shape = (1, c) + (1,) * (x.dim() - 2)
+    spatial = (1,) * (x.dim() - 2)
+
+    def affine(t):  # [C] or [N, C] -> broadcastable against x
+        return t.to(acc).reshape((n if t.dim() == 2 else 1, c) + spatial)
+
     if weight is not None:
-        z = z * weight.to(acc).reshape(affine_shape)
+        z = z * affine(weight)
     if bias is not None:
-        z = z + bias.to(acc).reshape(affine_shape)
+        z = z + affine(bias)
     if activation == "silu":
         z = F.silu(z)
     if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():

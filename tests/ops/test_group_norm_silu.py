@@ -253,3 +253,188 @@ def test_statistics_survive_large_mean(target, generator):
     y = ops.group_norm_silu(x.float().to(target), 2)
     torch.testing.assert_close(y.double().cpu(), _ref64(x.float(), 2, None, None), rtol=1e-3,
                                atol=2e-3)
+
+
+# Per-sample affine: weight / bias [N, C] (ADM's scale-shift norm folded into GroupNorm's affine).
+# "c" is a shared [C] tensor, "nc" a per-sample [N, C] one, None none.
+AFFINE_KINDS = [("nc", "nc"), ("c", "nc"), ("nc", "c"), ("nc", None), (None, "nc")]
+
+
+def _affine(kind, shape, generator, dtype=torch.float32, device="cpu"):
+    if kind is None:
+        return None
+    size = (shape[1],) if kind == "c" else shape[:2]
+    return (torch.randn(size, generator=generator, dtype=torch.float64) + 0.5).to(dtype).to(device)
+
+
+def _ref64_affine(x, groups, w, b, activation="silu"):
+    """float64 oracle: torch's GroupNorm without affine, then w and b broadcast per sample."""
+    z = F.group_norm(x.double().cpu(), groups, eps=1e-5)
+
+    def bcast(t):  # [C] or [N, C] -> broadcastable against x
+        t = t.double().cpu()
+        return t.reshape((t.shape[0] if t.dim() == 2 else 1, t.shape[-1]) + (1,) * (x.dim() - 2))
+
+    if w is not None:
+        z = z * bcast(w)
+    if b is not None:
+        z = z + bcast(b)
+    return F.silu(z) if activation == "silu" else z
+
+
+@pytest.mark.parametrize("kinds", AFFINE_KINDS, ids=lambda k: f"w{k[0]}-b{k[1]}")
+@pytest.mark.parametrize("shape,groups,layout", [
+    ((2, 6, 5, 7), 3, "contiguous"), ((2, 6, 5, 7), 3, "channels_last"), ((3, 32, 4, 4), 8, "contiguous"),
+    ((3, 32, 4, 4), 8, "channels_last"), ((2, 20, 33), 2, "contiguous"), ((1, 12, 3, 4), 4, "channels_last"),
+])
+def test_per_sample_affine_matches_float64(target, kinds, shape, groups, layout, generator):
+    require_kernels(OP, target)
+    x = _layout(_inputs(shape, generator, device=target)[0], layout).requires_grad_()
+    w, b = (_affine(k, shape, generator, device=target) for k in kinds)
+    leaves = [t.requires_grad_() for t in (w, b) if t is not None]
+    gy = torch.randn(shape, generator=generator, dtype=torch.float64).float().to(target)
+    for activation in ("silu", None):
+        y = ops.group_norm_silu(x, groups, w, b, activation=activation)
+        grads = torch.autograd.grad(y, [x] + leaves, gy)
+        ref = [t.detach().double().cpu().requires_grad_() for t in (x, w, b) if t is not None]
+        xr, rest = ref[0], iter(ref[1:])
+        wr, br = (next(rest) if t is not None else None for t in (w, b))
+        yr = _ref64_affine(xr, groups, wr, br, activation)
+        want = torch.autograd.grad(yr, ref, gy.double().cpu())
+        torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=1e-5, atol=2e-5)
+        for got, exp, leaf in zip(grads, want, [x] + leaves):
+            assert got.shape == leaf.shape, "gradients come back in the shape of their input"
+            torch.testing.assert_close(got.double().cpu(), exp, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 16, 6, 6), (2, 16, 8, 8)], ids=["hw36", "hw64"])
+def test_per_sample_affine_reduced_precision(target, dtype, shape, generator):
+    require_kernels(OP, target)
+    x = (_inputs(shape, generator, dtype=dtype, device=target)[0] + 50).requires_grad_()
+    w = _affine("nc", shape, generator, device=target).requires_grad_()  # fp32 affine, low-precision x
+    b = _affine("nc", shape, generator, dtype=dtype, device=target).requires_grad_()
+    y = ops.group_norm_silu(x, 4, w, b)
+    assert y.dtype == dtype
+    gy = torch.randn(shape, generator=generator).to(dtype).to(target)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    assert (gw.dtype, gb.dtype) == (torch.float32, dtype)
+    xr, wr, br = (t.detach().double().cpu().requires_grad_() for t in (x, w, b))
+    yr = _ref64_affine(xr, 4, wr, br)
+    want = torch.autograd.grad(yr, (xr, wr, br), gy.double().cpu())
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=tol, atol=tol)
+    for got, exp in zip((gx, gw, gb), want):
+        torch.testing.assert_close(got.double().cpu(), exp, rtol=5 * tol, atol=5 * tol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_sample_affine_split_across_threads(target, layout, generator):
+    """Thread ranges that start mid-sample must still read their own samples' affine rows."""
+    require_kernels(OP, target)
+    shape = (3, 64, 12, 12)  # 27648 elements, 24 groups: split across two threads
+    x = _layout(_inputs(shape, generator, device=target)[0], layout).requires_grad_()
+    w, b = (_affine("nc", shape, generator, device=target).requires_grad_() for _ in range(2))
+    gy = torch.randn(shape, generator=generator, dtype=torch.float64).float().to(target)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = ops.group_norm_silu(x, 8, w, b)
+        grads = torch.autograd.grad(y, (x, w, b), gy)
+    finally:
+        torch.set_num_threads(threads)
+    ref = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
+    yr = _ref64_affine(ref[0], 8, ref[1], ref[2])
+    want = torch.autograd.grad(yr, ref, gy.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=1e-5, atol=2e-5)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double().cpu(), exp, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("kinds", [("nc", "nc"), ("c", "nc"), ("nc", None)], ids=lambda k: f"w{k[0]}-b{k[1]}")
+def test_per_sample_affine_gradcheck_float64(target, kinds, generator):
+    require_kernels(OP, target)
+    for shape, groups in (((2, 6, 3, 2), 3), ((3, 4, 5), 2)):
+        x = _inputs(shape, generator, dtype=torch.float64, device=target)[0].requires_grad_()
+        w, b = (_affine(k, shape, generator, dtype=torch.float64, device=target) for k in kinds)
+        args = tuple(t.requires_grad_() for t in (x, w, b) if t is not None)
+        for act in ("silu", None):
+            def fn(*a, act=act):
+                it = iter(a[1:])
+                wi, bi = (next(it) if t is not None else None for t in (w, b))
+                return ops.group_norm_silu(a[0], groups, wi, bi, activation=act)
+            assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_sample_affine_opcheck(channels_last, generator):
+    require_kernels(OP)
+    shape = (2, 8, 3, 5)
+    x = _inputs(shape, generator)[0]
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w_nc, b_nc, w_c = (_affine(k, shape, generator) for k in ("nc", "nc", "c"))
+    for w, b in ((w_nc, b_nc), (w_c, b_nc), (w_nc, None)):
+        args = (x.requires_grad_(), 4, w.requires_grad_(), None if b is None else b.requires_grad_(),
+                1e-5, True)
+        torch.library.opcheck(torch.ops.sgdm.group_norm_silu.default, args)
+
+
+def test_per_sample_affine_torch_compile_fullgraph(generator):
+    require_kernels(OP)
+    shape = (2, 8, 5, 5)
+    x = _inputs(shape, generator)[0].requires_grad_()
+    w, b = (_affine(k, shape, generator).requires_grad_() for k in ("c", "nc"))
+    scale = _affine("nc", shape, generator).requires_grad_()
+
+    def fn(x, w, b, scale):  # the UNet's folded scale-shift: a [C] weight times a per-sample gain
+        return ops.group_norm_silu(x, 4, w * (1 + scale), b) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y = compiled(x, w, b, scale)
+    got = torch.autograd.grad(y.sum(), (x, w, b, scale))
+    want_y = fn(x, w, b, scale)
+    want = torch.autograd.grad(want_y.sum(), (x, w, b, scale))
+    torch.testing.assert_close(y, want_y)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+def test_per_sample_affine_fallback_matches_kernel(monkeypatch, generator):
+    require_kernels(OP)
+    shape = (2, 12, 7, 5)
+    x = _inputs(shape, generator)[0].requires_grad_()
+    w, b = (_affine(k, shape, generator).requires_grad_() for k in ("nc", "c"))
+    kernel = ops.group_norm_silu(x, 3, w, b)
+    gk = torch.autograd.grad(kernel.sum(), (x, w, b))
+    monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
+    fallback = ops.group_norm_silu(x, 3, w, b)
+    gf = torch.autograd.grad(fallback.sum(), (x, w, b))
+    torch.testing.assert_close(kernel, fallback, rtol=1e-5, atol=1e-5)
+    for a, e in zip(gk, gf):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "reference"])
+@pytest.mark.parametrize("name,bad", [
+    ("weight", (3, 6)), ("weight", (2, 5)), ("weight", (1, 6)), ("bias", (2, 6, 1)), ("bias", (12,)),
+])
+def test_per_sample_affine_bad_shape_names_the_argument(monkeypatch, kernels, name, bad):
+    if kernels:
+        require_kernels(OP)
+    else:
+        monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
+    x = torch.randn(2, 6, 3, 3)
+    affine = {"weight": None, "bias": None, name: torch.ones(bad)}
+    with pytest.raises(ValueError, match=rf"{name} must have shape \[C\] = \[6\] or \[N, C\] = \[2, 6\]"):
+        ops.group_norm_silu(x, 2, affine["weight"], affine["bias"])
+
+
+@pytest.mark.parametrize("name,index", [("weight", 2), ("bias", 3)])
+def test_raw_op_rejects_bad_per_sample_shape(name, index):
+    require_kernels(OP)
+    args = [torch.randn(2, 6, 3, 3), 2, None, None, 1e-5, True]
+    args[index] = torch.ones(3, 6)
+    with pytest.raises(RuntimeError, match=rf"{name} must have shape \[C\] = \[6\] or \[N, C\] = \[2, 6\]"):
+        torch.ops.sgdm.group_norm_silu(*args)
