@@ -42,8 +42,8 @@ from sgdm.annotation.ground_truth import ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_batch
 from sgdm.annotation.patches import ShardPatches
-from sgdm.annotation.stego import segment
-from sgdm.annotation.store import ids_hash, write_store
+from sgdm.annotation.stego import fit_segmenter, segment
+from sgdm.annotation.store import SEGMENTER_FILE, ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
 
 __all__ = ["AnnotationResult", "annotate", "class_count", "init_distributed"]
@@ -233,10 +233,15 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
         patches = ShardPatches([cache.path(s) for s in range(n_shards)])
         cls = torch.cat([t["cls"] for t in (cache.load(s, keys=("cls",)) for s in range(n_shards)) if "cls" in t])
         generator = torch.Generator().manual_seed(a.seed)
-        masks = segment(patches, cls, k, a.stego, a.kmeans, generator, device, log, distributed=_dist() is not None)
+        distributed = _dist() is not None
+        segmenter = fit_segmenter(patches, cls, k, a.stego, a.kmeans, generator, device, log, distributed)
+        masks = segment(patches, cls, k, a.stego, a.kmeans, generator, device, log, distributed, segmenter=segmenter)
         extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
         if masks is None:
             return None, None, extra
+        # f itself goes with the store: layout adherence segments samples with it (written before the manifest)
+        pathlib.Path(a.store).mkdir(parents=True, exist_ok=True)
+        extra["segmenter"] = segmenter.save(pathlib.Path(a.store) / SEGMENTER_FILE).name
         return {"mask": masks}, _concat([cache.load(s, exclude=("patches",)) for s in range(n_shards)]), extra
     if _rank_world()[0] != 0:
         return None, None, extra

@@ -19,12 +19,18 @@ Scale: training and the probe read patch features a batch at a time (from a
 tensor or :class:`~sgdm.annotation.patches.ShardPatches`, memory-mapped shard
 files), and under ``torch.distributed`` the head trains data-parallel.
 
+The fitted f -- head and centroids -- is a :class:`Segmenter`; ``annotate``
+saves it with the store, so layout adherence segments generated images with
+the same f that made the guiding masks.
+
 Not done: STEGO's dense CRF refinement. Masks are at the patch grid and are
 not CRF-refined; ``method: kmeans`` is the non-parametric baseline (k-means
 directly on the patch features).
 """
 from __future__ import annotations
 
+import os
+import pathlib
 from typing import Optional
 
 import torch
@@ -40,6 +46,8 @@ __all__ = [
     "stego_loss",
     "knn_partners",
     "train_head",
+    "Segmenter",
+    "fit_segmenter",
     "segment",
 ]
 
@@ -215,24 +223,73 @@ class _Encoder:
         return F.normalize(self.head(x.permute(0, 3, 1, 2)), dim=1).permute(0, 2, 3, 1)
 
 
-def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
-            device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000) -> Optional[torch.Tensor]:
-    """Class maps ``[N, h, w]`` uint8 with values in ``[0, K)`` from patch features ``[N, h, w, D]``
-    (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
+class Segmenter:
+    """The fitted self-segmentation f: an optional STEGO head and the K cluster centroids of its
+    normalised codes (of the normalised patch features for ``method: kmeans``)."""
 
-    ``stego_cfg.method == "stego"``: train the head, then the cluster probe on
-    its normalised codes; ``"kmeans"``: k-means on normalised patch features.
-    The probe is fitted (on rank 0) on at most ``fit_patches`` random patches,
-    then every patch is assigned batch by batch. ``distributed``: the head trains
-    data-parallel, each rank assigns a contiguous share of the images, and rank 0
-    returns all class maps (other ranks return None).
-    """
+    def __init__(self, centroids: torch.Tensor, head: Optional[SegmentationHead] = None):
+        if centroids.dim() != 2:
+            raise ValueError(f"Segmenter: centroids must be [K, C], got shape {tuple(centroids.shape)}")
+        self.centroids, self.head = centroids.float().cpu(), head
+
+    num_classes = property(lambda self: self.centroids.shape[0])
+
+    def encoder(self, device="cpu") -> "_Encoder":
+        head = None if self.head is None else self.head.to(device).eval()
+        return _Encoder(head, self.centroids.shape[1], device)
+
+    @torch.no_grad()
+    def assign(self, patches, batch_size: int = 64, chunk_elements: int = 1 << 24, device="cpu") -> torch.Tensor:
+        """Class maps ``[N, h, w]`` uint8 of patch features ``[N, h, w, D]``."""
+        n, h, w = len(patches), patches.shape[1], patches.shape[2]
+        if self.head is None and patches.shape[-1] != self.centroids.shape[1]:
+            raise ValueError(f"Segmenter: patch features have D={patches.shape[-1]}, the centroids "
+                             f"{self.centroids.shape[1]} (features of another backbone?)")
+        encode, centroids = self.encoder(device), self.centroids.to(device)
+        masks = [assign(encode(patches[s : s + batch_size]).reshape(-1, encode.dim), centroids, chunk_elements)[0]
+                 .reshape(-1, h, w).to(torch.uint8).cpu() for s in range(0, n, batch_size)]
+        return torch.cat(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """One safetensors file (written atomically): ``centroids`` and the head's ``head.*`` weights."""
+        from sgdm.annotation.store import save_tensors_atomic
+
+        tensors = {"centroids": self.centroids}
+        if self.head is not None:
+            tensors.update({f"head.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()})
+        path = pathlib.Path(path)
+        save_tensors_atomic(path, tensors)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Segmenter":
+        from safetensors.torch import load_file
+
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"segmenter file {path} does not exist")
+        tensors = load_file(str(path))
+        if "centroids" not in tensors:
+            raise ValueError(f"segmenter file {path} has no 'centroids' tensor")
+        state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        head = None
+        if state:
+            dim, in_dim = state["linear.weight"].shape[:2]
+            head = SegmentationHead(in_dim, dim)
+            head.load_state_dict(state)
+            head.eval().requires_grad_(False)
+        return cls(tensors["centroids"], head)
+
+
+def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
+                  device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000) -> Segmenter:
+    """Fit f on patch features ``[N, h, w, D]``: ``stego_cfg.method == "stego"`` trains the head, then
+    the cluster probe on its normalised codes; ``"kmeans"`` fits k-means on the normalised features.
+    The probe is fitted (on rank 0) on at most ``fit_patches`` random patches; under ``distributed``
+    every rank gets rank 0's centroids."""
     rank, world = _rank_world(distributed)
-    if stego_cfg.method == "stego":
-        head = train_head(patches, cls, stego_cfg, generator, device, log, distributed)
-        encode = _Encoder(head, stego_cfg.dim, device)
-    else:
-        encode = _Encoder(None, patches.shape[-1], device)
+    head = train_head(patches, cls, stego_cfg, generator, device, log, distributed) if stego_cfg.method == "stego" else None
+    encode = _Encoder(head, stego_cfg.dim if head is not None else patches.shape[-1], device)
     centroids = torch.empty(num_classes, encode.dim, device=device)
     if rank == 0:
         fit = _probe_sample(patches, encode, fit_patches, stego_cfg.batch_size, generator)
@@ -241,14 +298,27 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
         import torch.distributed as dist
 
         dist.broadcast(centroids, 0)
-    n, h, w = len(patches), patches.shape[1], patches.shape[2]
+    return Segmenter(centroids, head)
+
+
+def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
+            device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000,
+            segmenter: Optional[Segmenter] = None) -> Optional[torch.Tensor]:
+    """Class maps ``[N, h, w]`` uint8 with values in ``[0, K)`` from patch features ``[N, h, w, D]``
+    (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
+
+    Fits f with :func:`fit_segmenter` unless ``segmenter`` is given, then assigns
+    every patch batch by batch. ``distributed``: each rank assigns a contiguous
+    share of the images, and rank 0 returns all class maps (other ranks return None).
+    """
+    rank, world = _rank_world(distributed)
+    if segmenter is None:
+        segmenter = fit_segmenter(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device, log,
+                                  distributed, fit_patches)
+    n = len(patches)
     share = -(-n // world)
-    masks = []
-    for start in range(rank * share, min(n, (rank + 1) * share), stego_cfg.batch_size):
-        codes = encode(patches[start : min(start + stego_cfg.batch_size, (rank + 1) * share, n)])
-        labels, _ = assign(codes.reshape(-1, encode.dim), centroids, kmeans_cfg.chunk_elements)
-        masks.append(labels.reshape(-1, h, w).to(torch.uint8).cpu())
-    masks = torch.cat(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    masks = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements, device)
     if world > 1:
         import torch.distributed as dist
 
@@ -256,3 +326,18 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
         dist.all_gather_object(gathered, masks)
         masks = torch.cat(gathered) if rank == 0 else None
     return masks
+
+
+class _Rows:
+    """Rows ``[lo, hi)`` of a tensor or :class:`~sgdm.annotation.patches.ShardPatches`, sliced lazily."""
+
+    def __init__(self, patches, lo: int, hi: int):
+        self.patches, self.lo, self.hi = patches, lo, hi
+        self.shape = (hi - lo, *patches.shape[1:])
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, index: slice):
+        start, stop, _ = index.indices(len(self))
+        return self.patches[self.lo + start : self.lo + stop]

@@ -34,6 +34,7 @@ __all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
+SEGMENTER_FILE = "segmenter.safetensors"  # self-segmented stores: the fitted f (head + centroids)
 FIELDS = {"label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask", "multi_hot")}
 IGNORE = 255
 
@@ -200,6 +201,19 @@ class AnnotationStore:
             value = shard[name][row]
             out[name] = int(value) if name == "cluster" else value
         return out
+
+    def segmenter(self):
+        """The self-segmentation f that made this store's masks
+        (:class:`~sgdm.annotation.stego.Segmenter`), or None (ground truth, or a store written
+        before f was kept)."""
+        name = self.manifest.get("segmenter")
+        if name is None:
+            return None
+        from sgdm.annotation.stego import Segmenter
+
+        if not (self.path / name).is_file():
+            raise FileNotFoundError(f"annotation store {self.path}: segmenter file {name} is missing")
+        return Segmenter.load(self.path / name)
 
     def tensor(self, name: str) -> torch.Tensor:
         """Field ``name`` of every image, in :attr:`ids` order."""

@@ -45,12 +45,15 @@ def mask_adherence(
     kmeans_cfg,
     generator: torch.Generator,
     batch_size: int = 64,
+    segmenter=None,
 ) -> dict[str, float]:
     """images [N, 3, H, W]; guiding class maps ``masks`` [N, h, w] (255 = ignore) -> ``mask_miou``, ``mask_pixel_accuracy``.
 
-    The segmenter (``stego_cfg.method``: STEGO head or k-means on patches) is
-    fitted on the generated set itself, then its [N, h', w'] maps are
-    upsampled (nearest) to the guiding masks' resolution.
+    ``segmenter``: the fitted f that made the guiding masks
+    (:meth:`~sgdm.annotation.store.AnnotationStore.segmenter`), applied as it is.
+    Without one (ground-truth masks) a segmenter (``stego_cfg.method``: STEGO
+    head or k-means on patches) is fitted on the generated set itself. Its
+    [N, h', w'] maps are upsampled (nearest) to the guiding masks' resolution.
     """
     from sgdm.annotation.features import extract
     from sgdm.annotation.metrics import confusion, hungarian_miou
@@ -61,7 +64,11 @@ def mask_adherence(
     feats = [extract(space.backbone, c.to(space.device), patches=True) for c in images.split(batch_size)]
     patches = torch.cat([f.patches.cpu() for f in feats])
     cls = torch.cat([f.cls.cpu() for f in feats])
-    pred = segment(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device=space.device)
+    if segmenter is not None:
+        num_classes = segmenter.num_classes
+        pred = segmenter.assign(patches, batch_size, kmeans_cfg.chunk_elements, space.device)
+    else:
+        pred = segment(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device=space.device)
     pred = F.interpolate(pred[:, None].float(), size=masks.shape[-2:], mode="nearest")[:, 0].long()
     valid = masks[masks != 255]
     num_true = max(num_classes, int(valid.max()) + 1 if valid.numel() else 1)

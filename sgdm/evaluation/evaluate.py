@@ -118,8 +118,8 @@ class _Evaluator:
             from sgdm.evaluation.fidelity import check_inception_weights
 
             check_inception_weights(ecfg.inception_weights)
-        needs_space = "fd" in ecfg.metrics or ("adherence" in ecfg.metrics and cfg.model.guidance.kind in ("box", "mask"))
-        self.space = _feature_space(cfg, ecfg) if needs_space else None
+        self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
+        self._ann_space = None
         self.dataset = build_dataset(cfg.data, train=False)
         self.data_key = _digest(to_dict(cfg.data))
         self._ref_stats = None
@@ -150,14 +150,32 @@ class _Evaluator:
             out.update(self._adherence(images, conditions, generator))
         return out
 
+    def _annotation_space(self):
+        """The annotation's own backbone (f runs on its features), which the distance's
+        ``eval.feature_*`` space may differ from."""
+        if self._ann_space is None:
+            if self.ecfg.feature_backbone is None and self.ecfg.feature_weights is None and self.space is not None:
+                self._ann_space = self.space
+            else:
+                from sgdm.evaluation.feature_distance import load_feature_space
+                from sgdm.features_pretrain.train import resolve_device
+
+                a = self.cfg.annotation
+                self._ann_space = load_feature_space(a.backbone, a.weights, dict(a.backbone_kwargs), "annotation",
+                                                     resolve_device(self.ecfg.device))
+        return self._ann_space
+
     def _adherence(self, images, conditions: EvalConditions, generator) -> dict:
+        from sgdm.annotation.store import AnnotationStore
         from sgdm.evaluation.adherence import box_adherence, mask_adherence
 
         a = self.cfg.annotation
+        space = self._annotation_space()
         if conditions.kind == "box":
-            return box_adherence(self.space, images, conditions.boxes, a.lost, self.ecfg.batch_size)
-        return mask_adherence(self.space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
-                              self.ecfg.batch_size)
+            return box_adherence(space, images, conditions.boxes, a.lost, self.ecfg.batch_size)
+        segmenter = AnnotationStore.open(a.store).segmenter() if a.store is not None else None
+        return mask_adherence(space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
+                              self.ecfg.batch_size, segmenter=segmenter)
 
 
 def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,

@@ -107,6 +107,25 @@ def test_lost_settings_reach_the_boxes_and_the_fingerprint(tmp_path, tiny_weight
         from_dict(AnnotationConfig, {"lost": {"features": "attention"}}, "annotation")
 
 
+def test_mask_store_keeps_its_segmenter(tmp_path, tiny_weights, shapes_cache):
+    from sgdm.annotation.features import extract, load_backbone
+    from sgdm.data import build_dataset
+
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=5)
+    store = AnnotationStore.open(annotate(cfg, "mask", progress=False, log=lambda m: None).store)
+    segmenter = store.segmenter()
+    assert segmenter is not None and segmenter.num_classes == 5 and segmenter.head is not None  # method: stego
+    data = build_dataset(cfg.data, train=False)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    patches = extract(load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS), images).patches
+    # the store's masks come from the head's codes of fp16-cached features; allow a rare tie flip
+    same = (segmenter.assign(patches) == torch.stack([store.get(i)["mask"] for i in data.ids])).float().mean()
+    assert same > 0.98
+    (store.path / store.manifest["segmenter"]).unlink()
+    with pytest.raises(FileNotFoundError, match="segmenter file segmenter.safetensors is missing"):
+        store.segmenter()
+
+
 def test_store_refused_for_another_dataset(tmp_path, tiny_weights, shapes_cache):
     result = annotate(config(tmp_path, tiny_weights, shapes_cache, num_images=24), progress=False, log=lambda m: None)
     from sgdm.data import build_dataset
@@ -124,6 +143,7 @@ def test_ground_truth_store(tmp_path, shapes_cache, granularity, k):
     result = annotate(cfg, granularity, progress=False, log=lambda m: None)
     store = AnnotationStore.open(result.store)
     assert store.source == "gt" and store.method == "ground-truth" and store.num_classes == k
+    assert store.segmenter() is None  # no self-segmentation f behind ground-truth masks
     dataset = build_dataset(cfg.data, train=False)
     sample = dataset[3]
     record = store.get(sample["id"])

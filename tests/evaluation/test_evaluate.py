@@ -43,6 +43,35 @@ def test_eval_box_run_reports_layout_adherence(tmp_path):
     assert row["guidance_scale"] == 1.5 and 0 <= row["box_iou"] <= 1 and "box_hit50" in row
 
 
+
+def test_eval_layout_adherence_runs_on_the_annotation_backbone(tmp_path, monkeypatch):
+    # fd in another encoder's space (--feature-weights) must not move f: LOST still runs on
+    # the features the guiding boxes were annotated from
+    import torch
+
+    import sgdm.evaluation.adherence as adherence
+    from sgdm.annotation.features import file_sha256
+    from sgdm.features_pretrain.train import build_backbone, save_backbone
+    from tests.evaluation.helpers import TINY_VIT
+
+    run_dir = make_run(tmp_path, "box")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        other = save_backbone(build_backbone("vit_tiny_patch16_224", TINY_VIT), tmp_path / "other.safetensors",
+                              "vit_tiny_patch16_224", TINY_VIT)
+    seen = {}
+    real = adherence.box_adherence
+
+    def spy(space, *args, **kwargs):
+        seen["weights"] = space.backbone.weights_id
+        return real(space, *args, **kwargs)
+
+    monkeypatch.setattr(adherence, "box_adherence", spy)
+    assert main(["eval", str(run_dir), "--metrics", "fd,adherence", "--guidance-scale", "1.5",
+                 "--feature-weights", str(other)]) == 0
+    assert seen["weights"] == file_sha256(tmp_path / "enc.safetensors") != file_sha256(other)
+    assert "fd_tiny" in json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]
+
 def test_eval_unguided_run_has_one_row_without_scale(tmp_path):
     run_dir = make_run(tmp_path, "none")
     assert main(["eval", str(run_dir), "--metrics", "fd"]) == 0

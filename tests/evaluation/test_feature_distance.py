@@ -74,3 +74,23 @@ def test_mask_adherence_plumbing(space, generator):
     assert 0 <= out["mask_miou"] <= 1 and 0 <= out["mask_pixel_accuracy"] <= 1
     with pytest.raises(ValueError, match=r"masks: expected \[4, h, w\]"):
         mask_adherence(space, images, masks[:2], 2, StegoConfig(method="kmeans"), KMeansConfig(), generator)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "stego"])
+def test_mask_adherence_applies_the_stored_segmenter(space, generator, tmp_path, method):
+    # samples that reproduce their guiding masks exactly, segmented with the f that made
+    # those masks (saved and reloaded as a store keeps it): mIoU 1
+    from sgdm.annotation.features import extract
+    from sgdm.annotation.stego import Segmenter, fit_segmenter
+
+    images = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1
+    feats = extract(space.backbone, images)
+    stego = StegoConfig(method=method, dim=8, epochs=1, batch_size=4, feature_samples=0)
+    segmenter = fit_segmenter(feats.patches, feats.cls, 3, stego, KMeansConfig(max_iter=10), generator)
+    segmenter = Segmenter.load(segmenter.save(tmp_path / "f.safetensors"))
+    assert (segmenter.head is None) == (method == "kmeans")
+    masks = segmenter.assign(feats.patches, batch_size=4)
+    out = mask_adherence(space, images, masks, 3, stego, KMeansConfig(), generator, batch_size=4, segmenter=segmenter)
+    assert out == {"mask_miou": pytest.approx(1.0), "mask_pixel_accuracy": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="D=5, the centroids"):
+        Segmenter(torch.zeros(3, 32)).assign(torch.zeros(1, 2, 2, 5))
