@@ -215,6 +215,36 @@ class AnnotationStore:
             raise FileNotFoundError(f"annotation store {self.path}: segmenter file {name} is missing")
         return Segmenter.load(self.path / name)
 
+    def settings_differ(self, annotation) -> list[str]:
+        """Dotted keys of ``annotation`` (an :class:`~sgdm.annotation.config.AnnotationConfig`, with
+        the store's granularity) whose values differ from those the store was made with; only keys
+        that change what the store holds count (not batch sizes, devices or the store path).
+        Settings added since the store was written count at their defaults."""
+        from sgdm.annotation.config import AnnotationConfig
+        from sgdm.config.core import from_dict, to_dict
+
+        old = self.manifest.get("params")
+        if old is None:
+            return ["params (the manifest does not record them)"]
+        old = to_dict(from_dict(AnnotationConfig, {k: v for k, v in old.items() if k != "store"}, "annotation"))
+        new = to_dict(annotation)
+        skip = {"store", "batch_size", "num_workers", "device", "precision", "shard_size", "weights"}
+        skip |= {"lost", "stego"} - {"box": {"lost"}, "mask": {"stego"}}.get(self.granularity, set())
+        if self.source == "gt":
+            skip |= {"backbone", "backbone_kwargs", "image_size", "seed", "kmeans", "lost", "stego"}
+        old["granularity"] = new["granularity"] = self.granularity  # `annotate(cfg, granularity)` may override it
+        differ = []
+        for key in sorted(set(old) | set(new)):
+            if key in skip:
+                continue
+            a, b = old.get(key), new.get(key)
+            if isinstance(a, dict) and isinstance(b, dict) and key != "backbone_kwargs":
+                skip_inner = {"chunk_elements"}  # memory per step, not the result
+                differ += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if k not in skip_inner and a.get(k) != b.get(k)]
+            elif a != b:
+                differ.append(key)
+        return differ
+
     def tensor(self, name: str) -> torch.Tensor:
         """Field ``name`` of every image, in :attr:`ids` order."""
         if name not in FIELDS[self.granularity]:

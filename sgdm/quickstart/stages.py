@@ -22,7 +22,7 @@ from typing import Callable
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["prepare", "store_exists"]
+__all__ = ["prepare", "store_exists", "reusable_store"]
 
 
 def _stderr(msg: str) -> None:
@@ -32,6 +32,22 @@ def _stderr(msg: str) -> None:
 def store_exists(path: pathlib.Path) -> bool:
     """An annotation store is complete once its manifest is written (the last step of ``write_store``)."""
     return (pathlib.Path(path) / "manifest.json").is_file()
+
+
+def reusable_store(annotation) -> bool:
+    """True when ``annotation.store`` is complete and was made with these settings; False when it
+    is missing or unfinished; a complete store made with other settings is refused by name,
+    never reused silently (a changed ``annotation.lost`` would otherwise keep the old boxes)."""
+    from sgdm.annotation.store import AnnotationStore, StoreMismatchError
+
+    if not store_exists(annotation.store):
+        return False
+    differ = AnnotationStore.open(annotation.store).settings_differ(annotation)
+    if differ:
+        raise StoreMismatchError(
+            f"annotation store {annotation.store} was made with other settings (annotation.{', annotation.'.join(differ)} "
+            f"differ); delete it to annotate again, or point annotation.store elsewhere")
+    return True
 
 
 def _dataset(cfg, log) -> str:
@@ -76,7 +92,7 @@ def _features(cfg, log) -> str:
 
 def _annotations(cfg, log) -> str:
     store = cfg.annotation.store
-    if store_exists(store):
+    if reusable_store(cfg.annotation):
         return f"reused {store}"
     if cfg.annotation.source == "self" and cfg.annotation.weights is not None and not cfg.annotation.weights.is_file():
         raise ConfigError("annotation.weights", f"{cfg.annotation.weights} does not exist; set prepare.features: true "

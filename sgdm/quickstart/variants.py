@@ -53,13 +53,13 @@ def variant_name(kind: str, source: str) -> str:
 
 def train_variant(vcfg, log) -> pathlib.Path:
     """Annotate (if its store is missing) and train variant ``vcfg``; reuse a finished run. Returns the run dir."""
-    from sgdm.quickstart.stages import store_exists
+    from sgdm.quickstart.stages import reusable_store
 
     run_path = vcfg.run.path
     if (run_path / "pipeline").exists():
         log(f"variant {run_path.name}: reusing {run_path / 'pipeline'}")
         return run_path
-    if vcfg.model.guidance.kind != "none" and not store_exists(vcfg.annotation.store):
+    if vcfg.model.guidance.kind != "none" and not reusable_store(vcfg.annotation):
         from sgdm.annotation.annotate import annotate
 
         annotate(vcfg, evaluate=vcfg.annotation.source == "self", log=log, progress=False)

@@ -103,3 +103,27 @@ def test_write_rejects_bad_records(tmp_path, granularity, rec, message):
 def test_duplicate_ids_refused(tmp_path):
     with pytest.raises(ValueError, match="not unique"):
         write_store(tmp_path, ["a", "a"], {"cluster": torch.zeros(2, dtype=torch.long)}, granularity="label", num_classes=1)
+
+
+def test_settings_differ_names_what_changed_the_annotations(tmp_path):
+    import dataclasses
+
+    from sgdm.annotation.config import AnnotationConfig, LostConfig
+    from sgdm.config.core import to_dict
+    from sgdm.quickstart.stages import reusable_store
+
+    made = AnnotationConfig(store=tmp_path / "s", granularity="box", num_classes=5, lost=LostConfig(k_patches=20, num_clusters=5))
+    params = to_dict(made)
+    del params["lost"]["center"], params["lost"]["features"]  # a store written before these settings existed
+    write_store(made.store, IDS, records("box"), granularity="box", num_classes=5, extra={"params": params})
+    store = AnnotationStore.open(made.store)
+    assert store.settings_differ(made) == []  # missing settings count at their defaults
+    assert reusable_store(made)
+    how = dataclasses.replace(made, batch_size=7, device="cpu", shard_size=2,
+                              stego=dataclasses.replace(made.stego, epochs=3))  # stego: not a box setting
+    assert store.settings_differ(how) == []
+    what = dataclasses.replace(made, seed=1, lost=dataclasses.replace(made.lost, center=True, features="tokens"))
+    assert store.settings_differ(what) == ["lost.center", "lost.features", "seed"]
+    with pytest.raises(StoreMismatchError, match=r"annotation.lost.center, annotation.lost.features, annotation.seed differ"):
+        reusable_store(what)
+    assert not reusable_store(dataclasses.replace(made, store=tmp_path / "missing"))
