@@ -180,17 +180,19 @@ WelfordData<double> block_stats(const T* x, const Block& b) {
   return w;
 }
 
-// weight / bias of sample n's channels [c0, c0 + cg) (1 / 0 when absent); a
-// per-sample ([N, C]) weight or bias has stride C, a shared ([C]) one 0.
-template <typename Acc, typename Args>
-void group_affine(const Args& a, int64_t n, int64_t c0, int64_t cg, Acc* gamma, Acc* beta) {
-  const Acc* w = static_cast<const Acc*>(a.weight);
-  const Acc* b = static_cast<const Acc*>(a.bias);
-  if (w) w += n * a.weight_stride + c0;
-  if (b) b += n * a.bias_stride + c0;
+// Sample n's row of a weight / bias: a per-sample ([N, C]) one has stride C,
+// a shared ([C]) one 0; null (absent) stays null.
+template <typename Acc>
+const Acc* affine_row(const void* p, int64_t stride, int64_t n) {
+  return p == nullptr ? nullptr : static_cast<const Acc*>(p) + n * stride;
+}
+
+// weight / bias of the group's channels (1 / 0 when absent), from sample rows.
+template <typename Acc>
+void group_affine(const Acc* w, const Acc* b, int64_t c0, int64_t cg, Acc* gamma, Acc* beta) {
   for (int64_t j = 0; j < cg; ++j) {
-    gamma[j] = w ? w[j] : Acc(1);
-    beta[j] = b ? b[j] : Acc(0);
+    gamma[j] = w ? w[c0 + j] : Acc(1);
+    beta[j] = b ? b[c0 + j] : Acc(0);
   }
 }
 
@@ -205,7 +207,10 @@ Acc group_coeffs(const GroupNormFwdArgs& a, int64_t gi, const WelfordData<double
   const double rstd = 1.0 / std::sqrt(welford_variance(w) + a.eps);
   static_cast<Acc*>(a.mean)[gi] = static_cast<Acc>(w.mean);
   static_cast<Acc*>(a.rstd)[gi] = static_cast<Acc>(rstd);
-  group_affine<Acc>(a, gi / a.s.groups, (gi % a.s.groups) * cg, cg, scale, shift);
+  const int64_t n = gi / a.s.groups;
+  group_affine<Acc>(affine_row<Acc>(a.weight, a.weight_stride, n),
+                    affine_row<Acc>(a.bias, a.bias_stride, n), (gi % a.s.groups) * cg, cg, scale,
+                    shift);
   for (int64_t j = 0; j < cg; ++j) scale[j] = static_cast<Acc>(rstd * static_cast<double>(scale[j]));
   return static_cast<Acc>(w.mean);
 }
@@ -320,7 +325,8 @@ void bwd_group(const GroupNormBwdArgs& a, int64_t n, int64_t g, std::vector<acc_
     if constexpr (kParkInDx) return reinterpret_cast<Acc*>(dx) + off + i;
     return scratch + s * b.seg_len + i;
   };
-  group_affine<Acc>(a, n, g * cg, cg, gamma, beta);
+  group_affine<Acc>(affine_row<Acc>(a.weight, a.weight_stride, n),
+                    affine_row<Acc>(a.bias, a.bias_stride, n), g * cg, cg, gamma, beta);
   const V rs(rstd), mv(mean);
   // dz at elements [i, i + m) of run s, and xhat there. Lanes past m load
   // dy = 0, so they contribute nothing to the sums.
