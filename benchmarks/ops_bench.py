@@ -245,11 +245,17 @@ def smoke(device: torch.device) -> int:
 
     gen = torch.Generator().manual_seed(0)
     failures = 0
-    for shape, groups, cl in (((2, 12, 5, 7), 3, False), ((3, 16, 4, 6), 8, True), ((1, 6, 1, 1), 6, False)):
+    # (shape, groups, channels-last, per-sample [N, C] affine as in the UNet's scale-shift blocks)
+    for shape, groups, cl, per_sample in (((2, 12, 5, 7), 3, False, False), ((3, 16, 4, 6), 8, True, False),
+                                          ((1, 6, 1, 1), 6, False, False), ((2, 12, 5, 7), 3, False, True),
+                                          ((3, 16, 4, 6), 8, True, True)):
         for dtype in (torch.float32, torch.bfloat16):
             x, w, b = _gn_inputs(shape, dtype, device, gen, grad=True)
             if cl:
                 x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+            if per_sample:
+                w, b = (torch.randn(shape[:2], generator=gen).to(device=device, dtype=dtype).requires_grad_()
+                        for _ in range(2))
             y = ops.group_norm_silu(x, groups, w, b)
             y.backward(torch.ones_like(y))
             want = group_norm_silu_ref(x.detach().double(), groups, w.detach().double(), b.detach().double())
