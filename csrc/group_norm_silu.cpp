@@ -138,9 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> GroupNormBackward::result() const
     return {dx, at::empty({0}, opts), at::empty({0}, opts)};
   }
   // A shared ([C]) weight / bias sums the per-sample sums over N; a per-sample one keeps them.
-  auto per_sample = [](const at::Tensor& t) { return t.defined() && t.dim() == 2; };
-  return {dx, per_sample(p.weight) ? sum_dzx : sum_dzx.sum(0),
-          per_sample(p.bias) ? sum_dz : sum_dz.sum(0)};
+  return {dx, p.weight_stride ? sum_dzx : sum_dzx.sum(0), p.bias_stride ? sum_dz : sum_dz.sum(0)};
 }
 
 namespace {

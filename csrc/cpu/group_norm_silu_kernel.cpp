@@ -180,13 +180,6 @@ WelfordData<double> block_stats(const T* x, const Block& b) {
   return w;
 }
 
-// Sample n's row of a weight / bias: a per-sample ([N, C]) one has stride C,
-// a shared ([C]) one 0; null (absent) stays null.
-template <typename Acc>
-const Acc* affine_row(const void* p, int64_t stride, int64_t n) {
-  return p == nullptr ? nullptr : static_cast<const Acc*>(p) + n * stride;
-}
-
 // weight / bias of the group's channels (1 / 0 when absent), from sample rows.
 template <typename Acc>
 void group_affine(const Acc* w, const Acc* b, int64_t c0, int64_t cg, Acc* gamma, Acc* beta) {

@@ -66,12 +66,6 @@ __device__ __forceinline__ GroupIndex<kCL> group_index(const GroupNormShape& s, 
   return idx;
 }
 
-// Sample n's row of a weight / bias: stride C for [N, C], 0 for [C]; null stays null.
-template <typename Acc>
-__device__ __forceinline__ const Acc* affine_row(const void* p, int64_t stride, int64_t n) {
-  return p == nullptr ? nullptr : static_cast<const Acc*>(p) + n * stride;
-}
-
 // kVec consecutive elements moved as one aligned load / store (16 bytes for
 // kVec = 16 / sizeof(T)); kVec = 1 is a plain element access.
 template <typename T, int kVec>

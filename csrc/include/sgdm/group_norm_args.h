@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "sgdm/dtype.h"
+#include "sgdm/macros.h"
 
 namespace sgdm {
 
@@ -58,5 +59,12 @@ struct GroupNormBwdArgs {
   void* sum_dz = nullptr;
   void* sum_dzx = nullptr;
 };
+
+// Sample n's row of a weight / bias given with its per-sample stride (above);
+// null (absent) stays null.
+template <typename Acc>
+SGDM_INLINE const Acc* affine_row(const void* p, int64_t stride, int64_t n) {
+  return p == nullptr ? nullptr : static_cast<const Acc*>(p) + n * stride;
+}
 
 }  // namespace sgdm
