@@ -40,7 +40,7 @@ from sgdm.annotation.evaluate import evaluate_records
 from sgdm.annotation.features import extract, load_backbone
 from sgdm.annotation.ground_truth import ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
-from sgdm.annotation.lost import lost_batch
+from sgdm.annotation.lost import lost_feature_flags, lost_from_features
 from sgdm.annotation.patches import ShardPatches
 from sgdm.annotation.stego import fit_segmenter, segment
 from sgdm.annotation.store import SEGMENTER_FILE, ids_hash, write_store
@@ -131,14 +131,13 @@ def _extract_shard(backbone, dataset, indices, a, granularity, device, bar) -> d
     image_hw = None
     for kept in _samples(dataset, indices, a):
         images = torch.stack([s["image"] for _, s in kept]).to(device)
-        lost_keys = granularity == "box" and a.lost.features == "keys"
-        lost_tokens = granularity == "box" and a.lost.features == "tokens"
-        feats = extract(backbone, images, keys=lost_keys, patches=granularity == "mask" or lost_tokens,
+        lost = lost_feature_flags(a.lost) if granularity == "box" else {"keys": False, "patches": False}
+        feats = extract(backbone, images, keys=lost["keys"], patches=granularity == "mask" or lost["patches"],
                         bf16={"auto": None, "fp32": False, "bf16": True}[a.precision])
         rows += [i for i, _ in kept]
         cls.append(feats.cls.half().cpu())
         if granularity == "box":
-            boxes.append(lost_batch((feats.keys if lost_keys else feats.patches).cpu(), a.lost.k_patches, a.lost.center))
+            boxes.append(lost_from_features(feats, a.lost))
         if granularity == "mask":
             patches.append(feats.patches.half().cpu())
         samples += [{k: v for k, v in s.items() if k.startswith("gt_")} for _, s in kept]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["lost", "lost_batch", "lost_boxes"]
+__all__ = ["lost", "lost_batch", "lost_boxes", "lost_feature_flags", "lost_from_features"]
 
 
 def lost(keys: torch.Tensor, k_patches: int = 100, center: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -59,12 +59,22 @@ def lost_batch(keys: torch.Tensor, k_patches: int = 100, center: bool = False) -
     return torch.stack([lost(k, k_patches, center)[0] for k in keys])
 
 
+def lost_feature_flags(cfg) -> dict[str, bool]:
+    """The ``extract(keys=, patches=)`` flags that give LOST its features under ``cfg``
+    (a :class:`~sgdm.annotation.config.LostConfig`)."""
+    return {"keys": cfg.features == "keys", "patches": cfg.features == "tokens"}
+
+
+def lost_from_features(feats, cfg) -> torch.Tensor:
+    """Boxes ``[B, 4]`` from the :class:`~sgdm.annotation.features.Features` of a batch,
+    extracted with at least :func:`lost_feature_flags` ``(cfg)``."""
+    return lost_batch((feats.keys if cfg.features == "keys" else feats.patches).cpu(), cfg.k_patches, cfg.center)
+
+
 def lost_boxes(backbone, images: torch.Tensor, cfg, bf16=None) -> torch.Tensor:
-    """Boxes ``[B, 4]`` of ``images [B, 3, H, W]`` in ``[-1, 1]`` with ``cfg``, a
-    :class:`~sgdm.annotation.config.LostConfig` (which features, centring, ``k_patches``).
-    Annotation and the layout-adherence metric both call this, so they run the same f."""
+    """Boxes ``[B, 4]`` of ``images [B, 3, H, W]`` in ``[-1, 1]`` with ``cfg`` (which features,
+    centring, ``k_patches``): the layout-adherence metric's f, the same that ``annotate`` runs
+    through :func:`lost_from_features`."""
     from sgdm.annotation.features import extract
 
-    use_keys = cfg.features == "keys"
-    feats = extract(backbone, images, keys=use_keys, patches=not use_keys, bf16=bf16)
-    return lost_batch((feats.keys if use_keys else feats.patches).cpu(), cfg.k_patches, cfg.center)
+    return lost_from_features(extract(backbone, images, **lost_feature_flags(cfg), bf16=bf16), cfg)
