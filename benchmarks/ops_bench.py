@@ -233,7 +233,7 @@ def format_table(result: dict) -> str:
                      f"{r['sgdm_gbps']:>7.1f} {floor:>7}  {r['target']}")
     env = result["env"]
     lines.append(f"torch {env['torch']}, {env['threads']} threads, CPU clock "
-                 f"{env.get('cpu_clock', 'wall')}, malloc {'steady' if env.get('glibc_tunables') else 'default'}, "
+                 f"{env.get('cpu_clock', 'wall')}, malloc {'steady' if 'malloc.trim_threshold' in env.get('glibc_tunables', '') else 'default'}, "
                  f"backends {env['backend']}")
     return "\n".join(lines)
 
