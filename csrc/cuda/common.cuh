@@ -80,4 +80,27 @@ __device__ T block_sum(T v, T* scratch) {
   return warp_sum(v);
 }
 
+// kVec consecutive elements moved as one aligned load / store (16 bytes for
+// kVec = 16 / sizeof(T)); kVec = 1 is a plain element access.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Vec<T, kVec> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, kVec>*>(p);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, kVec>& v) {
+  *reinterpret_cast<Vec<T, kVec>*>(p) = v;
+}
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 }  // namespace sgdm::cuda

@@ -23,8 +23,6 @@ cudaError_t launch(Kernel kernel, const Args& a, size_t smem, cudaStream_t strea
   return cudaGetLastError();
 }
 
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Whether NCHW tensors can be walked in 16-byte units of `vec` elements.
 bool vector_ok(const GroupNormFwdArgs& a, int vec) {
   return !a.s.channels_last && a.s.hw % vec == 0 && aligned16(a.x) && aligned16(a.y);
@@ -42,30 +40,38 @@ cudaError_t dispatch(const Args& a, int smem_arrays, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   dispatch_dtype(a.s.dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    constexpr int kVec = kVec16<T>;
     const size_t smem = static_cast<size_t>(smem_arrays) * (a.s.c / a.s.groups) * sizeof(acc_t<T>);
     if (a.s.channels_last) {
-      err = a.s.silu ? launch(Pick<T, true, true, 1>::kernel(), a, smem, stream)
-                     : launch(Pick<T, true, false, 1>::kernel(), a, smem, stream);
+      err = a.s.silu ? launch(Pick<T, true, true, 1>::kernel(a), a, smem, stream)
+                     : launch(Pick<T, true, false, 1>::kernel(a), a, smem, stream);
     } else if (vector_ok(a, kVec)) {
-      err = a.s.silu ? launch(Pick<T, false, true, kVec>::kernel(), a, smem, stream)
-                     : launch(Pick<T, false, false, kVec>::kernel(), a, smem, stream);
+      err = a.s.silu ? launch(Pick<T, false, true, kVec>::kernel(a), a, smem, stream)
+                     : launch(Pick<T, false, false, kVec>::kernel(a), a, smem, stream);
     } else {
-      err = a.s.silu ? launch(Pick<T, false, true, 1>::kernel(), a, smem, stream)
-                     : launch(Pick<T, false, false, 1>::kernel(), a, smem, stream);
+      err = a.s.silu ? launch(Pick<T, false, true, 1>::kernel(a), a, smem, stream)
+                     : launch(Pick<T, false, false, 1>::kernel(a), a, smem, stream);
     }
   });
   return err;
 }
 
+// The forward keeps the group in registers when it fits (gn_cache_units).
 template <typename T, bool kCL, bool kSilu, int kVec>
 struct Fwd {
-  static auto kernel() { return &group_norm_silu_fwd_kernel<T, kCL, kSilu, kVec>; }
+  static auto kernel(const GroupNormFwdArgs& a) {
+    constexpr int kCache = gn_cache_units<T, kVec>();
+    const int64_t units = (a.s.c / a.s.groups) * a.s.hw / kVec;
+    if constexpr (kCache > 0) {
+      if (units <= int64_t{kGnThreads} * kCache) return &group_norm_silu_fwd_kernel<T, kCL, kSilu, kVec, true>;
+    }
+    return &group_norm_silu_fwd_kernel<T, kCL, kSilu, kVec, false>;
+  }
 };
 
 template <typename T, bool kCL, bool kSilu, int kVec>
 struct Bwd {
-  static auto kernel() { return &group_norm_silu_bwd_kernel<T, kCL, kSilu, kVec>; }
+  static auto kernel(const GroupNormBwdArgs&) { return &group_norm_silu_bwd_kernel<T, kCL, kSilu, kVec>; }
 };
 
 }  // namespace

@@ -66,23 +66,6 @@ __device__ __forceinline__ GroupIndex<kCL> group_index(const GroupNormShape& s, 
   return idx;
 }
 
-// kVec consecutive elements moved as one aligned load / store (16 bytes for
-// kVec = 16 / sizeof(T)); kVec = 1 is a plain element access.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
-
-template <typename T, int kVec>
-__device__ __forceinline__ Vec<T, kVec> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, kVec>*>(p);
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, kVec>& v) {
-  *reinterpret_cast<Vec<T, kVec>*>(p) = v;
-}
-
 template <typename Acc>
 __device__ __forceinline__ WelfordData<Acc> shfl_welford(WelfordData<Acc> w, int offset) {
   WelfordData<Acc> o;
@@ -107,11 +90,28 @@ __device__ WelfordData<Acc> block_welford(WelfordData<Acc> w, WelfordData<Acc>* 
   return w;
 }
 
+// Register-cached forward: a thread keeps kGnCacheElems elements of its group
+// (kGnCacheElems / kVec units) in registers between the two passes, so the
+// second pass reads nothing, when the group fits (checked by the launcher;
+// 16384 elements per group with 512 threads: GroupNorm(32) over 512 channels
+// at 32x32 or 128 channels at 64x64). The streaming kernel re-reads the group
+// from L2, where part of it has been evicted by the time hundreds of groups
+// are in flight. Only for 16-byte units of 2-4 byte types: float64 or
+// element-wise units (channels-last, unaligned) would need 90-100 registers
+// and halve the blocks per SM.
+constexpr int kGnCacheElems = 32;
+
+template <typename T, int kVec>
+constexpr int gn_cache_units() {
+  return sizeof(T) == 8 || kVec == 1 ? 0 : kGnCacheElems / kVec;
+}
+
 // Dynamic shared memory: scale[C/G], shift[C/G]. The group is walked in
 // units of kVec elements: kVec > 1 only for NCHW with H*W a multiple of kVec
 // and 16-byte aligned tensors (the launcher checks), so a unit never crosses
-// a channel and costs one channel division instead of kVec.
-template <typename T, bool kCL, bool kSilu, int kVec>
+// a channel and costs one channel division instead of kVec. kCached: the
+// group stays in registers (see kGnCacheElems).
+template <typename T, bool kCL, bool kSilu, int kVec, bool kCached>
 __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
   static_assert(kVec == 1 || !kCL, "vector units are for NCHW");
   using Acc = acc_t<T>;
@@ -128,19 +128,34 @@ __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
   // partials free of cancellation; Chan's merge combines them exactly.
   const Acc k = to_acc<Acc>(ldg(x + idx.base));
   Acc s1 = 0, s2 = 0, cnt = 0;
-  for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
+  const auto accumulate = [&](const Vec<T, kVec>& xv) {
 #pragma unroll
-    for (int u = 0; u < kGnUnroll; ++u) {
-      const unsigned t = start + u * blockDim.x;
-      if (t < units) {
-        const Vec<T, kVec> xv = load_vec<T, kVec>(x + idx.offset(t * kVec));
+    for (int i = 0; i < kVec; ++i) {
+      const Acc d = to_acc<Acc>(xv.v[i]) - k;
+      s1 += d;
+      s2 += d * d;
+    }
+    cnt += Acc(kVec);
+  };
+  constexpr int kCache = gn_cache_units<T, kVec>();
+  static_assert(!kCached || kCache > 0, "no register cache for this type");
+  Vec<T, kVec> cache[kCached ? kCache : 1];
+  if constexpr (kCached) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const Acc d = to_acc<Acc>(xv.v[i]) - k;
-          s1 += d;
-          s2 += d * d;
-        }
-        cnt += Acc(kVec);
+    for (int u = 0; u < kCache; ++u) {
+      const unsigned t = threadIdx.x + u * blockDim.x;
+      if (t < units) cache[u] = load_vec<T, kVec>(x + idx.offset(t * kVec));
+    }
+#pragma unroll
+    for (int u = 0; u < kCache; ++u) {
+      if (threadIdx.x + u * blockDim.x < units) accumulate(cache[u]);
+    }
+  } else {
+    for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
+#pragma unroll
+      for (int u = 0; u < kGnUnroll; ++u) {
+        const unsigned t = start + u * blockDim.x;
+        if (t < units) accumulate(load_vec<T, kVec>(x + idx.offset(t * kVec)));
       }
     }
   }
@@ -169,22 +184,31 @@ __global__ void group_norm_silu_fwd_kernel(GroupNormFwdArgs a) {
     shift[j] = bs ? bs[c] : Acc(0);
   }
   __syncthreads();
-  for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
+  const auto write = [&](unsigned t, const Vec<T, kVec>& xv) {
+    const int64_t off = idx.offset(t * kVec);
+    const unsigned j = idx.channel(t * kVec);
+    const Acc sc = scale[j], sh = shift[j];
+    Vec<T, kVec> yv;
 #pragma unroll
-    for (int u = 0; u < kGnUnroll; ++u) {
-      const unsigned t = start + u * blockDim.x;
-      if (t < units) {
-        const int64_t off = idx.offset(t * kVec);
-        const unsigned j = idx.channel(t * kVec);
-        const Vec<T, kVec> xv = load_vec<T, kVec>(x + off);
-        Vec<T, kVec> yv;
+    for (int i = 0; i < kVec; ++i) {
+      Acc z = ((to_acc<Acc>(xv.v[i]) - k) - w.mean) * sc + sh;
+      if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+      yv.v[i] = from_acc<T>(z);
+    }
+    store_vec<T, kVec>(y + off, yv);
+  };
+  if constexpr (kCached) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          Acc z = ((to_acc<Acc>(xv.v[i]) - k) - w.mean) * scale[j] + shift[j];
-          if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
-          yv.v[i] = from_acc<T>(z);
-        }
-        store_vec<T, kVec>(y + off, yv);
+    for (int u = 0; u < kCache; ++u) {
+      const unsigned t = threadIdx.x + u * blockDim.x;
+      if (t < units) write(t, cache[u]);
+    }
+  } else {
+    for (unsigned start = threadIdx.x; start < units; start += kGnUnroll * blockDim.x) {
+#pragma unroll
+      for (int u = 0; u < kGnUnroll; ++u) {
+        const unsigned t = start + u * blockDim.x;
+        if (t < units) write(t, load_vec<T, kVec>(x + idx.offset(t * kVec)));
       }
     }
   }
@@ -229,21 +253,7 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
     sdzx[j] = Acc(0);
   }
   __syncthreads();
-  // Per-channel sums: a thread keeps a running sum while its channel stays
-  // the same (long runs in NCHW; a fixed channel in NHWC when blockDim is a
-  // multiple of C/G) and flushes it to shared memory when it changes.
-  unsigned cur = 0xffffffffu;
-  Acc acc1 = 0, acc2 = 0;
-  for (unsigned t = threadIdx.x; t < units; t += blockDim.x) {
-    const unsigned j = idx.channel(t * kVec);
-    if (j != cur) {
-      if (cur != 0xffffffffu) {
-        atomicAdd(sdz + cur, acc1);
-        atomicAdd(sdzx + cur, acc2);
-      }
-      cur = j;
-      acc1 = acc2 = Acc(0);
-    }
+  const auto unit_sums = [&](unsigned t, unsigned j, Acc& s1, Acc& s2) {
     const int64_t off = idx.offset(t * kVec);
     const Vec<T, kVec> xv = load_vec<T, kVec>(x + off), gv = load_vec<T, kVec>(dy + off);
 #pragma unroll
@@ -251,13 +261,59 @@ __global__ void group_norm_silu_bwd_kernel(GroupNormBwdArgs a) {
       Acc xhat;
       const Acc dz = grad_z<Acc, kSilu>(to_acc<Acc>(xv.v[i]), to_acc<Acc>(gv.v[i]), mean, rstd, gamma[j],
                                         beta[j], xhat);
-      acc1 += dz;
-      acc2 += dz * xhat;
+      s1 += dz;
+      s2 += dz * xhat;
     }
-  }
-  if (cur != 0xffffffffu) {
-    atomicAdd(sdz + cur, acc1);
-    atomicAdd(sdzx + cur, acc2);
+  };
+  if constexpr (kCL) {
+    // Per-channel sums in NHWC: a thread keeps a running sum while its
+    // channel stays the same (always, when blockDim is a multiple of C/G) and
+    // flushes it to shared memory when it changes.
+    unsigned cur = 0xffffffffu;
+    Acc acc1 = 0, acc2 = 0;
+    for (unsigned t = threadIdx.x; t < units; t += blockDim.x) {
+      const unsigned j = idx.channel(t * kVec);
+      if (j != cur) {
+        if (cur != 0xffffffffu) {
+          atomicAdd(sdz + cur, acc1);
+          atomicAdd(sdzx + cur, acc2);
+        }
+        cur = j;
+        acc1 = acc2 = Acc(0);
+      }
+      unit_sums(t, j, acc1, acc2);
+    }
+    if (cur != 0xffffffffu) {
+      atomicAdd(sdz + cur, acc1);
+      atomicAdd(sdzx + cur, acc2);
+    }
+  } else {
+    // NCHW: a warp's consecutive units share a channel unless it straddles a
+    // channel boundary. Then the warp sums first and one lane adds, instead
+    // of 32 lanes contending for the same shared-memory word (a float
+    // atomicAdd on shared memory is a compare-and-swap loop). The loop is
+    // uniform over the block so every lane reaches the warp collectives.
+    const int lane = threadIdx.x % kWarp;
+    for (unsigned base = 0; base < units; base += blockDim.x) {
+      const unsigned t = base + threadIdx.x;
+      const bool active = t < units;
+      if (!__shfl_sync(0xffffffffu, active, 0)) continue;  // lane 0 has the warp's lowest t
+      const unsigned j = active ? idx.channel(t * kVec) : 0u;
+      Acc a1 = 0, a2 = 0;
+      if (active) unit_sums(t, j, a1, a2);
+      const unsigned j0 = __shfl_sync(0xffffffffu, j, 0);
+      if (__all_sync(0xffffffffu, !active || j == j0)) {
+        a1 = warp_sum(a1);
+        a2 = warp_sum(a2);
+        if (lane == 0) {
+          atomicAdd(sdz + j0, a1);
+          atomicAdd(sdzx + j0, a2);
+        }
+      } else if (active) {
+        atomicAdd(sdz + j, a1);
+        atomicAdd(sdzx + j, a2);
+      }
+    }
   }
   __syncthreads();
   Acc pa = 0, pb = 0;  // sum(dz * w), sum(dz * w * xhat)

@@ -136,6 +136,19 @@ def test_reduced_precision_uses_fp32_statistics(target, dtype, shape, generator)
     torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=5 * tol, atol=5 * tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (1, 4, 64, 65), (1, 8, 64, 64)],
+                         ids=["16384", "16640", "32768"])
+def test_large_groups(target, dtype, shape, generator):
+    """One group per sample of 16384 elements (CUDA keeps it in registers) and just over
+    that size or twice it (CUDA streams the group twice)."""
+    require_kernels(OP, target)
+    x, w, b = _inputs(shape, generator, dtype=dtype, device=target)
+    y = ops.group_norm_silu(x, 1, w, b)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double().cpu(), _ref64(x, 1, w, b), rtol=tol, atol=tol)
+
+
 def test_gradcheck_float64(generator):
     require_kernels(OP)
     for isa in CPU_ISAS:

@@ -89,6 +89,26 @@ def test_per_sample_alphas(target, generator):
     torch.testing.assert_close(got[0][2:3], one[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+def test_vector_and_unaligned_storage(target, dtype, offset, generator):
+    """Per-sample slices that are whole 16-byte vectors (CUDA's vector path), and the
+    same data starting one element into its storage (the element-wise path)."""
+    require_kernels(OP, target)
+    shape = (3, 4, 8, 8)
+    ts = []
+    for t in _tensors(shape, generator, dtype=dtype, device=target):
+        buf = torch.empty(t.numel() + 1, dtype=dtype, device=target)
+        view = buf[offset:offset + t.numel()].view(shape)
+        view.copy_(t)
+        ts.append(view)
+    x, ec, eu, noise = ts
+    assert (x.data_ptr() % 16 == 0) == (offset == 0)
+    got = ops.guided_ddim_step(x, ec, 0.3, 0.55, eps_uncond=eu, guidance_scale=2.5, eta=0.6,
+                               noise=noise, clip_x0=1.5)
+    _close(got, _ref64(x, ec, 0.3, 0.55, eu, 2.5, 0.6, noise, 1.5), dtype)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "mixed"])
 def test_layouts(target, layout, generator):
     require_kernels(OP, target)
