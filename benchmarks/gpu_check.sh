@@ -6,6 +6,8 @@
 # prints a short table last. Budget: under 6 minutes on 16 cores (about 4.5 on an H200).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
+#   bash benchmarks/gpu_check.sh ops        # re-check after an op kernel change: build, the
+#                                           # op tests, op benchmarks and sanitizers (~2 min)
 #
 # Other ops add their pieces to the arrays below (SMOKE: a command exercising
 # the op once on small shapes, run under each sanitizer; BENCH: a benchmark
@@ -28,13 +30,20 @@ export SGDM_REQUIRE_KERNELS=1 HF_HUB_OFFLINE=1
 export SGDM_CPU_AVX512=${SGDM_CPU_AVX512:-0}  # CPU paths are checked elsewhere; a faster build
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 
+SCOPE=${1:-all}
+case $SCOPE in all | ops) ;; *) echo "usage: $0 [all|ops]" >&2; exit 2 ;; esac
+
 SMOKE=("$PY benchmarks/ops_bench.py --smoke --device cuda")
 BENCH=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 50")
 # kernel time without the host's per-call cost (which bounds these ops at the issue's shapes)
 BENCH+=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 30 --cuda-graphs")
 # attention (issue 3): every dtype x head dim once; vs SDPA's flash and cuDNN backends
-SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda")
-BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30")
+if [ "$SCOPE" = all ]; then
+  SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda")
+  BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30")
+fi
+TESTS="tests/ops tests/models/test_devices.py"
+[ "$SCOPE" = all ] && TESTS="$TESTS tests/pipeline/test_pipeline.py"
 
 # step NAME TIMEOUT_S CMD...: runs CMD, logs it, records status and seconds.
 step() {
@@ -57,7 +66,7 @@ $PY -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found; torch falls back to a serial build (slow)" | tee -a "$LOG"
 if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   # the model tests cover the UNet path (per-sample GroupNorm affine) against the CPU
-  step cuda-tests 150 "$PY -m pytest -q -m cuda tests/ops tests/models/test_devices.py tests/pipeline/test_pipeline.py"
+  step cuda-tests 150 "$PY -m pytest -q -m cuda $TESTS"
   # benchmarks before the sanitizers: the numbers matter most when time is short
   i=0
   for cmd in "${BENCH[@]}"; do
@@ -70,10 +79,12 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
     step "memcheck-$i" 90 "$SANITIZER --tool memcheck --error-exitcode 9 $cmd"
     step "racecheck-$i" 90 "$SANITIZER --tool racecheck --error-exitcode 9 $cmd"
   done
+  if [ "$SCOPE" = all ]; then
   # self-labels at the paper's ImageNet scale (issue 7): sgdm k-means alone on the GPU
   step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 | tee $OUT/kmeans_paper.txt"
   # end to end (issue 4): the LSUN-Churches UNet, kernels vs SGDM_KERNELS=0, bf16
   step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 | tee $OUT/unet_churches.txt"
+  fi
 fi
 
 # JSON summary: steps, environment, every benchmark's rows.
