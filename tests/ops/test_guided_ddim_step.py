@@ -109,6 +109,25 @@ def test_vector_and_unaligned_storage(target, dtype, offset, generator):
     _close(got, _ref64(x, ec, 0.3, 0.55, eu, 2.5, 0.6, noise, 1.5), dtype)
 
 
+@pytest.mark.parametrize("per_sample_alphas", [False, True], ids=["scalar", "per-sample"])
+def test_split_across_threads(target, per_sample_alphas, generator):
+    """Large enough to be split between threads: scalar alphas run the batch as one flat
+    range, per-sample alphas in per-sample chunks; both must match the reference."""
+    require_kernels(OP, target)
+    shape = (5, 3, 61, 67)  # 61305 elements per sample, not a multiple of the chunk
+    x, ec, eu, noise = _tensors(shape, generator, device=target)
+    a_t = torch.linspace(0.1, 0.8, 5, dtype=torch.float64) if per_sample_alphas else 0.3
+    a_p = torch.linspace(0.2, 0.9, 5, dtype=torch.float64) if per_sample_alphas else 0.55
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = ops.guided_ddim_step(x, ec, a_t, a_p, eps_uncond=eu, guidance_scale=1.5, eta=0.4,
+                                   noise=noise)
+    finally:
+        torch.set_num_threads(threads)
+    _close(got, _ref64(x, ec, a_t, a_p, eu, 1.5, 0.4, noise))
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "mixed"])
 def test_layouts(target, layout, generator):
     require_kernels(OP, target)
