@@ -8,6 +8,11 @@ GB/s and the share of the memory-bandwidth floor (bytes that must move / the
 device-copy bandwidth measured in the same run). Not a test: numbers depend
 on the machine and its load; compare ratios, not milliseconds.
 
+On CUDA every call takes the next of several input sets and keeps its outputs
+until that set comes round again, so that the data of one call is no longer in
+L2 at the next (``rotation_sets``): repeating one 42 MB input on a GPU with a
+50 MB L2 measured more than the HBM floor allows.
+
 CPU timings run with glibc's malloc told to keep freed memory (``--allocator
 steady``, the default: the script re-executes itself with ``GLIBC_TUNABLES``
 raising the mmap and trim thresholds). Otherwise whether an 8 MB temporary comes
@@ -145,6 +150,29 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n * 4 / (ms * 1e-3)
 
 
+def rotation_sets(bytes_per_call: int, device: torch.device) -> int:
+    """Input sets to cycle through so that a call's inputs and outputs have left L2 by the
+    time they come round again (3x L2 of traffic between reuses); 1 on the CPU."""
+    if device.type != "cuda":
+        return 1
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, min(CUDA_INNER, math.ceil(3 * l2 / bytes_per_call)))
+
+
+def rotating(fn, sets: list):
+    """A call of ``fn(*set)`` over ``sets`` in turn. Each result is held until its set
+    comes round again, so outputs too land on memory not touched for len(sets) calls."""
+    held = [None] * len(sets)
+    state = {"i": 0}
+
+    def call():
+        i = state["i"]
+        state["i"] = (i + 1) % len(sets)
+        held[i] = None  # free the last output of this set before allocating the next
+        held[i] = fn(*sets[i])
+    return call
+
+
 def _gn_inputs(shape, dtype, device, gen, grad):
     x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
     # affine parameters in the input's dtype, as in a model cast with .to(dtype); eager
@@ -157,19 +185,25 @@ def _gn_inputs(shape, dtype, device, gen, grad):
 def bench_group_norm(shape, groups, dtype, device, repeats, gen, bw) -> list[Row]:
     rows = []
     n_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-    x, w, b = _gn_inputs(shape, dtype, device, gen, grad=False)
+    sets = [_gn_inputs(shape, dtype, device, gen, grad=False)
+            for _ in range(rotation_sets(2 * n_bytes, device))]
     with torch.no_grad():
-        te, tf = compare(lambda: F.silu(F.group_norm(x, groups, w, b)),
-                         lambda: ops.group_norm_silu(x, groups, w, b), device, repeats)
+        te, tf = compare(rotating(lambda x, w, b: F.silu(F.group_norm(x, groups, w, b)), sets),
+                         rotating(lambda x, w, b: ops.group_norm_silu(x, groups, w, b), sets),
+                         device, repeats)
     rows.append(_row("group_norm_silu fwd", shape, dtype, device, te, tf, 2 * n_bytes, bw, ">=2.0x cpu"))
-    x, w, b = _gn_inputs(shape, dtype, device, gen, grad=True)
-    gy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    sets = [_gn_inputs(shape, dtype, device, gen, grad=True)
+            + (torch.randn(shape, generator=gen).to(device=device, dtype=dtype),)
+            for _ in range(rotation_sets(5 * n_bytes, device))]
 
     def step(fn):
-        return lambda: torch.autograd.backward(fn(), gy)
+        def run(x, w, b, gy):
+            torch.autograd.backward(fn(x, w, b), gy)
+        return run
 
-    te, tf = compare(step(lambda: F.silu(F.group_norm(x, groups, w, b))),
-                     step(lambda: ops.group_norm_silu(x, groups, w, b)), device, repeats)
+    te, tf = compare(rotating(step(lambda x, w, b: F.silu(F.group_norm(x, groups, w, b))), sets),
+                     rotating(step(lambda x, w, b: ops.group_norm_silu(x, groups, w, b)), sets),
+                     device, repeats)
     # floor: forward reads x, writes y; backward reads x, dy, writes dx
     rows.append(_row("group_norm_silu fwd+bwd", shape, dtype, device, te, tf, 5 * n_bytes, bw,
                      ">=1.5x cpu"))
@@ -184,10 +218,12 @@ def eager_guided_ddim(x, ec, eu, a_t, a_prev, w):
 
 
 def bench_ddim(shape, dtype, device, repeats, gen, bw) -> Row:
-    x, ec, eu = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
     n_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-    te, tf = compare(lambda: eager_guided_ddim(x, ec, eu, 0.3, 0.5, 2.0),
-                     lambda: ops.guided_ddim_step(x, ec, 0.3, 0.5, eps_uncond=eu, guidance_scale=2.0),
+    sets = [tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+            for _ in range(rotation_sets(5 * n_bytes, device))]
+    te, tf = compare(rotating(lambda x, ec, eu: eager_guided_ddim(x, ec, eu, 0.3, 0.5, 2.0), sets),
+                     rotating(lambda x, ec, eu: ops.guided_ddim_step(x, ec, 0.3, 0.5, eps_uncond=eu,
+                                                                     guidance_scale=2.0), sets),
                      device, repeats)
     return _row("guided_ddim_step", shape, dtype, device, te, tf, 5 * n_bytes, bw, ">=4x cpu")
 
