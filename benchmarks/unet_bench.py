@@ -1,7 +1,8 @@
 """UNet training step and guided sampling step: sgdm kernels vs ``SGDM_KERNELS=0``, same run.
 
 Each setting runs in its own subprocess (the extension is loaded once per process),
-alternating settings over ``--rounds`` so that machine load affects both alike.
+alternating settings over ``--rounds`` in ABBA order so that machine load and warm-up
+affect both alike; the per-round medians are printed too.
 Reported: median forward+backward time of the label-guided UNet (one training
 step without the optimizer), median time of one guided DDIM sampling step (cond and
 uncond halves batched in one UNet call, then ``sgdm.ops.guided_ddim_step`` with
@@ -158,8 +159,10 @@ def main(argv=None) -> int:
     args.config = ("churches" if args.device == "cuda" else "small") if args.config == "auto" else args.config
     args.batch = args.batch or (16 if args.config == "churches" else 4)
     runs = {True: [], False: []}
-    for _ in range(args.rounds):
-        for kernels in (True, False):
+    for r in range(args.rounds):
+        # ABBA order: neither setting always runs first (on a cold GPU, or right after the
+        # other has heated the machine)
+        for kernels in ((True, False) if r % 2 == 0 else (False, True)):
             runs[kernels].append(_run_setting(args, kernels))
     _report(args, runs)
     return 0
@@ -178,6 +181,8 @@ def _report(args, runs) -> None:
         medians[kernels] = (train, sample)
         print(f"  {label:15s} train fwd+bwd {train * 1e3:9.1f} ms   guided DDIM step {sample * 1e3:9.1f} ms   "
               f"peak {peak:8.0f} MiB   backends {r[0]['backend']}")
+        per_round = " / ".join(f"{statistics.median(x['train']) * 1e3:.1f}" for x in r)
+        print(f"  {'':15s} train median per round: {per_round} ms")
     (tk, sk), (tr, sr) = medians[True], medians[False]
     print(f"  speed-up (reference / kernels): train {tr / tk:.2f}x   sampling step {sr / sk:.2f}x")
 
