@@ -161,7 +161,10 @@ def rotation_sets(bytes_per_call: int, device: torch.device) -> int:
 
 def rotating(fn, sets: list):
     """A call of ``fn(*set)`` over ``sets`` in turn. Each result is held until its set
-    comes round again, so outputs too land on memory not touched for len(sets) calls."""
+    comes round again, so outputs too land on memory not touched for len(sets) calls.
+    One set (the CPU): a plain call whose result is dropped at once, as before rotation."""
+    if len(sets) == 1:
+        return lambda: fn(*sets[0])
     held = [None] * len(sets)
     state = {"i": 0}
 
