@@ -243,7 +243,20 @@ class AnnotationStore:
                 differ += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if k not in skip_inner and a.get(k) != b.get(k)]
             elif a != b:
                 differ.append(key)
+        if self.source == "self" and annotation.weights is not None and self._weights_changed(annotation.weights):
+            differ.append("weights (file content)")
         return differ
+
+    def _weights_changed(self, weights) -> bool:
+        """Whether the encoder file at ``weights`` is not the one the store's features came from
+        (a re-pretrained encoder at the same path); False where the store records no file hash."""
+        from sgdm.annotation.features import file_sha256
+
+        recorded = (self.manifest.get("extractor") or {}).get("weights_sha256")
+        path = pathlib.Path(weights)
+        if not recorded or recorded.startswith(("hub:", "random")) or not path.is_file():
+            return False
+        return file_sha256(path) != recorded
 
     def tensor(self, name: str) -> torch.Tensor:
         """Field ``name`` of every image, in :attr:`ids` order."""

@@ -2,9 +2,11 @@
 
 The saved file holds the *teacher* backbone's ``state_dict`` exactly as
 ``timm.create_model(name, num_classes=0, **kwargs)`` names it (no head), as
-``.safetensors`` (with ``architecture`` and ``backbone_kwargs`` in the
-metadata) or ``.pth``, so ``annotate`` loads it like any timm backbone:
-``backbone: <name>``, ``backbone_kwargs: {...}``, ``weights: PATH``.
+``.safetensors`` (with ``architecture``, ``backbone_kwargs`` and the
+``pretrain`` settings in the metadata) or ``.pth``, so ``annotate`` loads it
+like any timm backbone: ``backbone: <name>``, ``backbone_kwargs: {...}``,
+``weights: PATH``. :func:`pretrain_record_differs` compares a saved encoder's
+record with the settings that would make it now.
 """
 from __future__ import annotations
 
@@ -53,8 +55,20 @@ def build_backbone(name: str, kwargs: dict | None = None, dynamic_size: bool = F
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
-def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: dict) -> pathlib.Path:
-    """Write ``model.state_dict()`` atomically (tmp file, fsync, rename) as .safetensors or .pth."""
+# Pretraining settings that do not change the encoder a run produces.
+_RECORD_IGNORES = {"device"}
+
+
+def _pretrain_record(cfg: PretrainConfig) -> dict:
+    from sgdm.config.core import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in _RECORD_IGNORES}
+
+
+def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: dict,
+                  pretrain: PretrainConfig | None = None) -> pathlib.Path:
+    """Write ``model.state_dict()`` atomically (tmp file, fsync, rename) as .safetensors or .pth;
+    a .safetensors file records ``name``, ``kwargs`` and the ``pretrain`` settings."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -62,7 +76,10 @@ def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: 
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={"architecture": name, "backbone_kwargs": json.dumps(kwargs), "format": "timm"})
+        metadata = {"architecture": name, "backbone_kwargs": json.dumps(kwargs), "format": "timm"}
+        if pretrain is not None:
+            metadata["pretrain"] = json.dumps(_pretrain_record(pretrain))
+        save_file(state, str(tmp), metadata=metadata)
     elif path.suffix in (".pth", ".pt"):
         torch.save(state, tmp)
     else:
@@ -142,4 +159,30 @@ def pretrain_features(
         update_center(center, teacher_out, cfg.center_momentum)
         if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
             log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-    return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs)
+    return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg)
+
+
+def pretrain_record_differs(path: str | os.PathLike, backbone: str, backbone_kwargs: dict,
+                            cfg: PretrainConfig) -> list[str] | None:
+    """Keys (``annotation.backbone``, ``annotation.backbone_kwargs``, ``prepare.pretrain.<key>``)
+    whose values differ from those the encoder at ``path`` was pretrained with; None when the
+    file holds no record (a .pth, an encoder made elsewhere or by an older sgdm)."""
+    path = pathlib.Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "pretrain" not in meta:
+        return None
+    differ = []
+    if meta.get("architecture") != backbone:
+        differ.append("annotation.backbone")
+    if json.loads(meta.get("backbone_kwargs", "{}")) != json.loads(json.dumps(backbone_kwargs)):
+        differ.append("annotation.backbone_kwargs")
+    old, new = json.loads(meta["pretrain"]), json.loads(json.dumps(_pretrain_record(cfg)))
+    default = json.loads(json.dumps(_pretrain_record(PretrainConfig())))  # keys added since count at their defaults
+    differ += [f"prepare.pretrain.{k}" for k in sorted(set(old) | set(new))
+               if old.get(k, default.get(k)) != new.get(k, default.get(k))]
+    return differ

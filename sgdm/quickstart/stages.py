@@ -83,6 +83,16 @@ def _features(cfg, log) -> str:
     if path is None:
         raise ConfigError("annotation.weights", "prepare.features needs a path to write the encoder to")
     if path.is_file():
+        from sgdm.features_pretrain.train import pretrain_record_differs
+
+        differ = pretrain_record_differs(path, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs),
+                                         cfg.prepare.pretrain)
+        if differ is None:
+            return f"reused {path} (it records no pretraining settings: made elsewhere or by an older sgdm)"
+        if differ:
+            raise ConfigError("annotation.weights", f"encoder {path} was pretrained with other settings "
+                                                    f"({', '.join(differ)} differ); delete it to pretrain again, "
+                                                    "or point annotation.weights elsewhere")
         return f"reused {path}"
     from sgdm.features_pretrain.run import pretrain_from_config
 

@@ -8,7 +8,7 @@ from sgdm.config.core import ConfigError, from_dict
 from sgdm.features_pretrain.augment import multi_crop, random_resized_crop
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.features_pretrain.dino import DINOHead, dino_loss, ema_update, update_center
-from sgdm.features_pretrain.train import build_backbone, pretrain_features, save_backbone
+from sgdm.features_pretrain.train import build_backbone, pretrain_features, pretrain_record_differs, save_backbone
 
 TINY_VIT = dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
 
@@ -121,6 +121,24 @@ def test_save_backbone_pth_and_bad_suffix(tmp_path):
     assert set(torch.load(path, weights_only=True)) == set(model.state_dict())
     with pytest.raises(ValueError, match="enc.bin: expected a .safetensors or .pth"):
         save_backbone(model, tmp_path / "enc.bin", "vit_tiny_patch16_224", TINY_VIT)
+
+
+def test_pretrain_record_names_what_changed(tmp_path):
+    model = build_backbone("vit_tiny_patch16_224", TINY_VIT)
+    made = from_dict(PretrainConfig, dict(steps=5, lr=1e-3))
+    path = save_backbone(model, tmp_path / "enc.safetensors", "vit_tiny_patch16_224", TINY_VIT, pretrain=made)
+    assert pretrain_record_differs(path, "vit_tiny_patch16_224", TINY_VIT, made) == []
+    on_gpu = from_dict(PretrainConfig, dict(steps=5, lr=1e-3, device="cpu"))  # where it ran does not count
+    assert pretrain_record_differs(path, "vit_tiny_patch16_224", TINY_VIT, on_gpu) == []
+    other = from_dict(PretrainConfig, dict(steps=6, lr=1e-3, max_rotation=90.0))
+    assert pretrain_record_differs(path, "vit_tiny_patch16_224", dict(TINY_VIT, depth=2), other) == [
+        "annotation.backbone_kwargs", "prepare.pretrain.max_rotation", "prepare.pretrain.steps"]
+    assert pretrain_record_differs(path, "resnet18", TINY_VIT, made) == ["annotation.backbone"]
+    # No record: a .pth, or a .safetensors written without the settings (elsewhere, or by an older sgdm).
+    assert pretrain_record_differs(save_backbone(model, tmp_path / "enc.pth", "vit_tiny_patch16_224", TINY_VIT),
+                                   "vit_tiny_patch16_224", TINY_VIT, made) is None
+    bare = save_backbone(model, tmp_path / "bare.safetensors", "vit_tiny_patch16_224", TINY_VIT)
+    assert pretrain_record_differs(bare, "vit_tiny_patch16_224", TINY_VIT, made) is None
 
 
 def test_pretrain_bad_input_is_named(tmp_path):

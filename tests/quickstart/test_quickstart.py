@@ -81,6 +81,33 @@ def test_repeated_quickstart_reuses_what_is_prepared(quickstart_run):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_stale_encoder_and_stale_label_store_are_refused(quickstart_run, tmp_path):
+    """An encoder pretrained with other settings is refused by name, and a label store whose
+    encoder file changed under the same path is refused too, never reused silently."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sgdm.annotation.store import StoreMismatchError
+    from sgdm.quickstart import prepare
+
+    tmp, overrides = quickstart_run
+    enc, store = tmp_path / "enc.safetensors", tmp_path / "ann-label"
+    shutil.copy(tmp / "assets" / "enc.safetensors", enc)
+    shutil.copytree(tmp / "assets" / "ann-label", store)
+    mine = [*overrides, f"annotation.weights={enc}", f"annotation.store={store}"]
+    assert prepare(load_experiment(CONFIG, mine), log=lambda m: None)["annotations"].startswith("reused")
+    with pytest.raises(ConfigError, match=r"annotation.weights: encoder .*enc.safetensors was pretrained with other "
+                                          r"settings \(prepare.pretrain.steps differ\)"):
+        prepare(load_experiment(CONFIG, [*mine, "prepare.pretrain.steps=3"]), log=lambda m: None)
+    with safe_open(str(enc), "pt") as f:  # the same record, other weights: a re-pretrained encoder
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(enc), metadata=meta)
+    with pytest.raises(StoreMismatchError, match=r"annotation.weights \(file content\) differ"):
+        prepare(load_experiment(CONFIG, mine), log=lambda m: None)
+
+
 def test_prepare_without_target_paths_names_the_key(tmp_path):
     from sgdm.quickstart import prepare
 
