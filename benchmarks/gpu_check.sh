@@ -80,10 +80,10 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
     step "racecheck-$i" 90 "$SANITIZER --tool racecheck --error-exitcode 9 $cmd"
   done
   if [ "$SCOPE" = all ]; then
-  # self-labels at the paper's ImageNet scale (issue 7): sgdm k-means alone on the GPU
-  step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 | tee $OUT/kmeans_paper.txt"
-  # end to end (issue 4): the LSUN-Churches UNet, kernels vs SGDM_KERNELS=0, bf16
-  step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 | tee $OUT/unet_churches.txt"
+    # self-labels at the paper's ImageNet scale (issue 7): sgdm k-means alone on the GPU
+    step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 | tee $OUT/kmeans_paper.txt"
+    # end to end (issue 4): the LSUN-Churches UNet, kernels vs SGDM_KERNELS=0, bf16
+    step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 | tee $OUT/unet_churches.txt"
   fi
 fi
 

@@ -176,13 +176,16 @@ def pretrain_record_differs(path: str | os.PathLike, backbone: str, backbone_kwa
         meta = f.metadata() or {}
     if "pretrain" not in meta:
         return None
+    def plain(value):  # as it reads back from the JSON metadata (tuples become lists)
+        return json.loads(json.dumps(value))
+
     differ = []
     if meta.get("architecture") != backbone:
         differ.append("annotation.backbone")
-    if json.loads(meta.get("backbone_kwargs", "{}")) != json.loads(json.dumps(backbone_kwargs)):
+    if json.loads(meta.get("backbone_kwargs", "{}")) != plain(backbone_kwargs):
         differ.append("annotation.backbone_kwargs")
-    old, new = json.loads(meta["pretrain"]), json.loads(json.dumps(_pretrain_record(cfg)))
-    default = json.loads(json.dumps(_pretrain_record(PretrainConfig())))  # keys added since count at their defaults
+    old, new = json.loads(meta["pretrain"]), plain(_pretrain_record(cfg))
+    default = plain(_pretrain_record(PretrainConfig()))  # keys added since count at their defaults
     differ += [f"prepare.pretrain.{k}" for k in sorted(set(old) | set(new))
                if old.get(k, default.get(k)) != new.get(k, default.get(k))]
     return differ
