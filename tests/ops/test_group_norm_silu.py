@@ -218,12 +218,46 @@ def test_fallback_matches_kernel(monkeypatch, generator):
     (lambda x, w: ops.group_norm_silu(x, 2, eps=0.0), ValueError, "eps must lie in"),
     (lambda x, w: ops.group_norm_silu(x, 2, activation="gelu"), ValueError, "activation must be"),
 ])
-def test_bad_input_names_the_argument(monkeypatch, kernels, call, exc, match):
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_bad_input_names_the_argument(monkeypatch, kernels, call, exc, match, grad):
+    """Both wrapper paths (straight to the op without gradients, through the autograd
+    Function with them) and the reference report the argument with the same error."""
     if not kernels:
         monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
-    x = torch.randn(2, 6, 3, 3)
+    x = torch.randn(2, 6, 3, 3, requires_grad=grad)
     with pytest.raises(exc, match=match):
         call(x, torch.ones(6))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, w: torch.ops.sgdm.group_norm_silu(x, 4, None, None, 1e-5, True), ValueError,
+     "num_groups=4 must divide"),
+    (lambda x, w: torch.ops.sgdm.group_norm_silu(torch.ones(2, 6, 3, 3), 2, w, None, 1e-5, True), ValueError,
+     "weight is on meta but x is on cpu"),
+    (lambda x, w: torch.ops.sgdm.group_norm_silu(x, 2, w[:5], None, 1e-5, True), ValueError,
+     r"weight must have shape \[C\]"),
+])
+def test_fake_kernel_checks_like_the_compiled_op(call, exc, match):
+    """Meta tensors (and a meta argument beside a CPU one, which dispatch sends to the fake
+    kernel) get the compiled op's checks, not a silently shaped result."""
+    require_kernels(OP)
+    with pytest.raises(exc, match=match):
+        call(torch.empty(2, 6, 3, 3, device="meta"), torch.ones(6, device="meta"))
+
+
+def test_no_grad_call_skips_autograd_and_matches(generator):
+    """Without gradients the wrapper calls the op directly (no graph node), with the same
+    result as the autograd path; an int eps takes the fully checked path, same result."""
+    require_kernels(OP)
+    x, w, b = _inputs((3, 8, 5, 4), generator)
+    direct = ops.group_norm_silu(x, 4, w, b, eps=1.0)
+    assert direct.grad_fn is None
+    graph = ops.group_norm_silu(x.clone().requires_grad_(), 4, w, b, eps=1.0)
+    assert graph.grad_fn is not None
+    checked = ops.group_norm_silu(x, 4, w, b, eps=1)
+    torch.testing.assert_close(graph.detach(), direct, rtol=0, atol=0)
+    torch.testing.assert_close(checked, direct, rtol=0, atol=0)
+    torch.testing.assert_close(direct, F.silu(F.group_norm(x, 4, w, b, eps=1.0)))
 
 
 @pytest.mark.parametrize("call,exc,match", [

@@ -204,6 +204,43 @@ def test_torch_compile_fullgraph(generator):
     torch.testing.assert_close(got, fn(x, ec, eu, noise))
 
 
+def test_torch_compile_fullgraph_deterministic_step(generator):
+    """The usual sampling call (float alphas, eta = 0), which eager runs straight to the op."""
+    require_kernels(OP)
+    x, ec, eu, _ = _tensors((2, 3, 4, 5), generator)
+
+    def fn(x, ec, eu):
+        x_prev, x0 = ops.guided_ddim_step(x, ec, 0.3, 0.7, eps_uncond=eu, guidance_scale=2)
+        return x_prev * 2, x0
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, ec, eu)
+    torch.testing.assert_close(got, fn(x, ec, eu))
+
+
+def test_direct_and_checked_calls_agree(generator):
+    """Float alphas with eta = 0 go straight to the op; per-sample alphas go through every
+    Python check first (and per-sample coefficients). Both give the same step."""
+    require_kernels(OP)
+    x, ec, eu, _ = _tensors((3, 4, 5, 5), generator)
+    direct = ops.guided_ddim_step(x, ec, 0.25, 0.6, eps_uncond=eu, guidance_scale=2.5)
+    checked = ops.guided_ddim_step(x, ec, torch.full((3,), 0.25), torch.full((3,), 0.6),
+                                   eps_uncond=eu, guidance_scale=2.5)
+    torch.testing.assert_close(direct, checked)
+    torch.testing.assert_close(direct, _ref64(x, ec, 0.25, 0.6, eu, 2.5), check_dtype=False)
+
+
+@pytest.mark.parametrize("name", ["eps_cond", "eps_uncond"])
+def test_fake_kernel_rejects_a_meta_argument_beside_cpu(name):
+    """Dispatch sends a CPU x_t with a meta eps to the fake kernel, which checks like the
+    compiled op instead of returning meta outputs."""
+    require_kernels(OP)
+    x = torch.zeros(2, 3, 4)
+    args = {"eps_cond": x, "eps_uncond": x, name: x.to("meta")}
+    with pytest.raises(ValueError, match=f"{name} is on meta but x_t is on cpu"):
+        torch.ops.sgdm.guided_ddim_step(x, args["eps_cond"], args["eps_uncond"], None, None, None,
+                                        0.5, 0.5, 1.0, 0.0, None)
+
+
 def test_fallback_matches_kernel(monkeypatch, generator):
     require_kernels(OP)
     x, ec, eu, noise = _tensors((3, 4, 6, 6), generator)
