@@ -17,6 +17,7 @@ since ``d lse_i / d s_ij = P_ij``).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -88,11 +89,68 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     Differentiable in q, k and v. Inputs may be non-contiguous (e.g. views of
     one packed qkv tensor) as long as they share dtype and device.
     """
+    # The usual call goes straight to the op (its C++ glue and fake kernel check q, k, v;
+    # a failure there is diagnosed again by _check_inputs, so the error names the
+    # argument), through _Attention only when a gradient is needed: at the UNet's 16-token
+    # attention the Python checks and torch.library's autograd wrapper were a third of a call.
+    if (isinstance(q, torch.Tensor) and q.dim() == 4 and (scale is None or (
+            type(scale) is float and -math.inf < scale < math.inf))
+            and not torch.compiler.is_compiling()
+            and _kernel_ok("cpu" if q.is_cpu else q.device.type, q.dtype, q.shape[-1])):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        try:
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return _Attention.apply(q, k, v, scale)
+            return _forward_op(q, k, v, scale)[0]
+        except Exception:
+            _check_inputs(q, k, v, scale)  # raises the error that names the argument
+            raise
     _check_inputs(q, k, v, scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if _kernel_ok(q.device.type, q.dtype, int(q.shape[-1])):
-        return torch.ops.sgdm.attention(q, k, v, scale)[0]
+        return _Attention.apply(q, k, v, scale)
     return attention_ref(q, k, v, scale)
+
+
+def _forward_op(q, k, v, scale):
+    """``sgdm::attention`` below the Autograd dispatch key (no gradients needed, or inside
+    ``_Attention.forward``), skipping the Python autograd kernel that ``register_autograd``
+    installs, which would only redispatch."""
+    if torch.compiler.is_compiling():
+        return torch.ops.sgdm.attention(q, k, v, scale)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.sgdm.attention(q, k, v, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.sgdm.attention_backward(grad_out, q, k, v, out, lse, grad_lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+class _Attention(torch.autograd.Function):
+    """The op's autograd formula (also registered on ``sgdm::attention`` below), applied
+    directly by the public wrapper, which returns ``out`` alone: the generic wrapper of
+    ``torch.library`` re-reads the op schema on every call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _forward_op(q, k, v, scale)
+        _setup_context(ctx, (q, k, v, scale), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, None)
 
 
 def backend(device_type: str = "cpu") -> str:
@@ -105,26 +163,14 @@ def _register() -> None:
 
     @torch.library.register_fake("sgdm::attention")
     def _fwd_fake(q, k, v, scale):
+        _check_inputs(q, k, v, scale)  # the compiled op's checks (no data read)
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("sgdm::attention_backward")
     def _bwd_fake(grad_out, q, k, v, out, lse, grad_lse, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.sgdm.attention_backward(grad_out, q, k, v, out, lse, grad_lse, ctx.scale)
-        return dq, dk, dv, None
-
-    torch.library.register_autograd("sgdm::attention", backward, setup_context=setup_context)
+    torch.library.register_autograd("sgdm::attention", _backward, setup_context=_setup_context)
 
 
 if _extension.has_op(_OP):

@@ -253,13 +253,39 @@ def _bad_inputs():
         ((torch.zeros(1, 2, 0, 32), x, x), ValueError, "q is empty"),
         ((x, torch.zeros(1, 2, 0, 32), torch.zeros(1, 2, 0, 32)), ValueError, "k is empty"),
         (([[1.0]], x, x), TypeError, "q must be a torch.Tensor"),
+        ((torch.zeros(()), x, x), ValueError, r"q must be \[B, H, N, D\]"),
     ]
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("args,exc,match", _bad_inputs())
-def test_bad_input_names_the_argument(args, exc, match):
+def test_bad_input_names_the_argument(args, exc, match, grad):
+    """Straight to the op without gradients, through the autograd Function with them: the
+    same named error either way."""
+    if grad:
+        args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and
+                     a.is_floating_point() else a for a in args)
     with pytest.raises(exc, match=match):
         attention(*args)
+
+
+def test_no_grad_call_skips_autograd_and_matches(generator):
+    require_kernels(OP)
+    q, k, v = (torch.randn(2, 3, 9, 32, generator=generator) for _ in range(3))
+    direct = attention(q, k, v)
+    assert direct.grad_fn is None
+    graph = attention(q.clone().requires_grad_(), k, v)
+    assert graph.grad_fn is not None
+    torch.testing.assert_close(graph.detach(), direct, rtol=0, atol=0)
+    torch.testing.assert_close(direct, attention_ref(q.double(), k.double(), v.double()).float())
+
+
+def test_fake_kernel_rejects_a_meta_argument_beside_cpu():
+    """Dispatch sends CPU q with a meta k to the fake kernel, which checks like the C++ op."""
+    require_kernels(OP)
+    x = torch.zeros(1, 2, 3, 32)
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        torch.ops.sgdm.attention(x, x.to("meta"), x, 1.0)
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", True])
