@@ -22,6 +22,13 @@ def test_scales_come_from_the_flags(bench):
         bench.parse_scales(bench.parse_args(["--scales", "1,two"]))
 
 
+def test_seed_flag(bench):
+    assert bench.parse_args([]).seed == 0
+    assert bench.parse_args(["--seed", "2"]).seed == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seed", "one"])
+
+
 def test_best_row_is_the_lowest_distance(bench):
     rows = [{"guidance_scale": 1.0, "fd_x": 3.0, "box_iou": 0.4}, {"guidance_scale": 2.0, "fd_x": 2.5, "box_iou": 0.6},
             {"guidance_scale": 4.0, "fd_x": 2.9, "box_iou": 0.7}]
@@ -31,14 +38,62 @@ def test_best_row_is_the_lowest_distance(bench):
 
 def test_tables_show_the_scale_and_targets_fail_when_missed(bench):
     rows = [
-        {"variant": "no-guidance", "fd_x": 4.0, "guidance_scale": None, "train_s": 10},
-        {"variant": "self-label", "fd_x": 2.9, "guidance_scale": 2.0, "train_s": 11},
-        {"variant": "gt-label", "fd_x": 4.5, "guidance_scale": 1.0, "train_s": 11},
-        {"variant": "self-box", "fd_x": 3.0, "guidance_scale": 2.0, "box_iou": 0.55, "box_hit50": 0.6, "train_s": 12},
+        {"variant": "no-guidance", "kind": "none", "fd_x": 4.0, "guidance_scale": None, "train_s": 10},
+        {"variant": "self-label", "kind": "label", "fd_x": 2.9, "guidance_scale": 2.0, "train_s": 11},
+        {"variant": "gt-label", "kind": "label", "fd_x": 4.5, "guidance_scale": 1.0, "train_s": 11},
+        {"variant": "self-box", "kind": "box", "fd_x": 3.0, "guidance_scale": 2.0, "box_iou": 0.55, "box_hit50": 0.6,
+         "train_s": 12},
     ]
     text = bench.format_tables(rows, "fd_x")
     assert "| no guidance | 4 | - |" in text and "| self-labeled | 2.9 | 2 |" in text and "| self-boxed | 3 | 2 | 0.55 |" in text
-    checks = dict((t.split(" ")[0] + (" drop" if "below no guidance (target" in t else ""), ok)
+    checks = dict((t.split(" ")[0] + (" drop" if "(target >= 25%)" in t else ""), ok)
                   for t, ok in bench.check_targets(rows, "fd_x"))
     assert checks["self-label"] and not checks["gt-label"] and checks["self-labeled drop"]  # 27.5% below
     assert checks["self-box"]  # IoU 0.55 >= 0.5
+
+
+def _swept(bench, variant, kind, key, points):
+    """A run_variants row: the lowest-distance entry of ``points`` [(w, fd, adherence)] plus all of them."""
+    by_scale = [{"guidance_scale": w, "fd_x": fd, key: a} for w, fd, a in points]
+    return {"variant": variant, "kind": kind, "train_s": 1, **bench.best_row(by_scale), "by_scale": by_scale}
+
+
+def test_adherence_target_is_read_at_the_lowest_scale_that_meets_it_below_no_guidance(bench):
+    base = {"variant": "no-guidance", "kind": "none", "fd_x": 5.0, "guidance_scale": None, "train_s": 1,
+            "by_scale": [{"guidance_scale": None, "fd_x": 5.0}]}
+    # best distance at w = 1 (IoU 0.42); w = 2 reaches 0.54 still below 5.0; w = 3 too but is not the lowest
+    box = _swept(bench, "self-box", "box", "box_iou", [(1.0, 4.4, 0.42), (2.0, 4.7, 0.54), (3.0, 4.9, 0.60)])
+    # adherence >= 0.5 only where the distance is above no guidance: not met
+    mask = _swept(bench, "self-mask", "mask", "mask_miou", [(2.0, 3.0, 0.40), (4.0, 2.9, 0.47), (6.0, 5.2, 0.52)])
+    rows = [base, box, mask]
+    assert bench.adherent_row(box, "fd_x", 5.0)["guidance_scale"] == 2.0
+    assert bench.adherent_row(mask, "fd_x", 5.0) is None
+    assert bench.adherent_row(mask, "fd_x", None)["guidance_scale"] == 6.0  # no baseline: adherence alone
+    checks = bench.check_targets(rows, "fd_x")
+    box_check = next(c for c in checks if c[0].startswith("self-box box_iou"))
+    mask_check = next(c for c in checks if c[0].startswith("self-mask mask_miou"))
+    assert box_check[1] and "0.420 at its lowest-distance w = 1" in box_check[0] and "met at w = 2" in box_check[0]
+    assert not mask_check[1] and "0.470 at its lowest-distance w = 4" in mask_check[0] and "not met" in mask_check[0]
+    text = bench.format_tables(rows, "fd_x")
+    assert "| self-boxed | 4.4 | 1 | 0.42 | - | 2 (fd_x 4.7, box_iou 0.540) | 1 |" in text
+    assert "| self-segmented | 2.9 | 4 | 0.47 | - | none of the w tried | 1 |" in text
+    # the by-scale table lists every scale of every model, the unguided distance in each column
+    assert "| guidance | w = 1 | w = 2 | w = 3 | w = 4 | w = 6 |" in text
+    assert "| no guidance | 5 | 5 | 5 | 5 | 5 |" in text
+    assert "| self-boxed | 4.4 / 0.420 | 4.7 / 0.540 | 4.9 / 0.600 |  |  |" in text
+    assert "| self-segmented |  | 3 / 0.400 |  | 2.9 / 0.470 | 5.2 / 0.520 |" in text
+
+
+def test_default_sample_count_is_the_reference_set(bench, tmp_path):
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+
+    from tests.evaluation.helpers import tiny_config
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path))  # 12 images, eval.reference_n 8
+    assert bench.sample_count(bench.parse_args([]), cfg) == 8
+    cfg.eval.reference_n = 50
+    assert bench.sample_count(bench.parse_args([]), cfg) == 12  # all images of a small dataset
+    assert bench.sample_count(bench.parse_args(["--n", "5"]), cfg) == 5
+    with pytest.raises(SystemExit, match="--n: need at least 2 samples"):
+        bench.sample_count(bench.parse_args(["--n", "1"]), cfg)
