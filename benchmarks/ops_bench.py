@@ -254,13 +254,12 @@ def run(devices, dtypes, threads, repeats) -> dict:
         env[f"{name}_copy_GBps"] = bw / 1e9
         env[f"{name}_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
                                else platform.processor() or platform.machine())
-        reps = repeats if device.type == "cuda" else max(5, repeats // 4)
         extra = device.type == "cuda"
         for dtype in dtypes:
             for shape, groups in GN_SHAPES + (CUDA_GN_SHAPES if extra else []):
-                rows += bench_group_norm(shape, groups, dtype, device, reps, gen, bw)
+                rows += bench_group_norm(shape, groups, dtype, device, repeats, gen, bw)
             for shape in DDIM_SHAPES + (CUDA_DDIM_SHAPES if extra else []):
-                rows.append(bench_ddim(shape, dtype, device, reps * 4, gen, bw))
+                rows.append(bench_ddim(shape, dtype, device, repeats * 4, gen, bw))
     return {"env": env, "rows": [asdict(r) for r in rows]}
 
 
@@ -321,7 +320,7 @@ def main(argv=None) -> int:
                    help="'all': the CPU, and CUDA when present")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
-    p.add_argument("--repeats", type=int, default=40, help="timed calls per side (CPU: a quarter)")
+    p.add_argument("--repeats", type=int, default=40, help="timed calls per side (guided DDIM: 4x)")
     p.add_argument("--clock", choices=sorted(CPU_CLOCK), default="wall",
                    help="CPU timing clock; 'cpu' (process time) resists machine load, use with "
                         "--threads 1")
