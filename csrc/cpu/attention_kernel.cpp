@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/vec_io.h"
 #include "dispatch.h"
 #include "sgdm/attention_math.h"
 
@@ -110,21 +111,11 @@ void gemm(int64_t m, int64_t n, int64_t kdim, MatA a, MatB b, MatC c, bool accum
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Horizontal reductions through memory: ATen's vec_reduce_all trips GCC 12's
-// maybe-uninitialized warning on AVX-512 shuffles, and this is not hot.
-template <class Op>
-float reduce_lanes(const Vec& v, float init, Op op) {
-  float lanes[kW];
-  v.store(lanes);
-  for (int64_t i = 0; i < kW; ++i) init = op(init, lanes[i]);
-  return init;
-}
-
 float row_max(const float* s, int64_t n) {
   Vec acc(attn::neg_infinity());
   int64_t j = 0;
   for (; j + kW <= n; j += kW) acc = at::vec::maximum(acc, Vec::loadu(s + j));
-  float m = reduce_lanes(acc, attn::neg_infinity(), [](float x, float y) { return std::max(x, y); });
+  float m = hmax(acc);
   for (; j < n; ++j) m = std::max(m, s[j]);
   return m;
 }
@@ -140,7 +131,7 @@ float exp_shift_sum(float* s, int64_t n, float shift) {
     e.store(s + j);
     acc = acc + e;
   }
-  float sum = reduce_lanes(acc, 0.0f, [](float x, float y) { return x + y; });
+  float sum = hsum(acc);
   for (; j < n; ++j) {
     s[j] = std::exp(s[j] - shift);
     sum += s[j];

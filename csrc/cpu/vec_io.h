@@ -1,6 +1,10 @@
 // Loads and stores between any supported element type and the Vectorized<Acc>
 // used for arithmetic (Acc = float, or double for fp64 data). Included only
-// from per-ISA kernel files, so it inherits their CPU_CAPABILITY.
+// from per-ISA kernel files, so it inherits their CPU_CAPABILITY, and its
+// functions live in that ISA's namespace: each kernel file's copy keeps its
+// own name (one inline function under one name in the AVX2 and AVX-512 objects
+// would let the linker keep either body, and an AVX2 machine could then run
+// an AVX-512 instruction wherever the call was not inlined).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -13,7 +17,7 @@
 
 #include "sgdm/dtype.h"
 
-namespace sgdm::cpu {
+namespace sgdm::cpu::CPU_CAPABILITY {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -128,6 +132,40 @@ inline void store_acc(T* p, at::vec::Vectorized<Acc> v, int64_t n = at::vec::Vec
   }
 }
 
+// Horizontal sum and maximum of a float vector, in registers (a store and a
+// scalar loop over 16 lanes cost ~40 cycles, paid twice per softmax row).
+inline float hsum(at::vec::Vectorized<float> v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+#else
+  float lanes[at::vec::Vectorized<float>::size()];
+  v.store(lanes);
+  float s = 0.0f;
+  for (float l : lanes) s += l;
+  return s;
+#endif
+}
+
+inline float hmax(at::vec::Vectorized<float> v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+#else
+  float lanes[at::vec::Vectorized<float>::size()];
+  v.store(lanes);
+  float m = lanes[0];
+  for (float l : lanes) m = l > m ? l : m;
+  return m;
+#endif
+}
+
 // Calls fn(T{}) with T the C++ type of `dtype`.
 template <typename Fn>
 inline void dispatch_dtype(DType dtype, Fn&& fn) {
@@ -139,4 +177,4 @@ inline void dispatch_dtype(DType dtype, Fn&& fn) {
   }
 }
 
-}  // namespace sgdm::cpu
+}  // namespace sgdm::cpu::CPU_CAPABILITY
