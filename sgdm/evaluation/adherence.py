@@ -6,6 +6,11 @@ output is compared with the guiding layout: IoU with the guiding box (mean,
 and the fraction with IoU >= 0.5 as in CorLoc), and mIoU / pixel accuracy with
 the guiding mask after Hungarian matching of segment ids (the segmenter's ids
 are arbitrary, as in unsupervised segmentation evaluation).
+
+Ground-truth masks have meaningful class ids, which an unsupervised segmenter
+fitted on the samples cannot name (mIoU ~0.05 on ``shapes`` whatever the
+samples look like); :func:`mask_adherence_probe` scores them with a supervised
+linear probe (:mod:`sgdm.evaluation.probe`) and plain per-class IoU instead.
 """
 from __future__ import annotations
 
@@ -14,7 +19,16 @@ import torch.nn.functional as F
 
 from sgdm.evaluation.feature_distance import FeatureSpace
 
-__all__ = ["box_adherence", "mask_adherence"]
+__all__ = ["box_adherence", "mask_adherence", "mask_adherence_probe", "patch_tokens"]
+
+
+@torch.no_grad()
+def patch_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """images [N, 3, H, W] in [-1, 1] -> the backbone's patch tokens [N, h', w', D] (float32, CPU)."""
+    from sgdm.annotation.features import extract
+
+    return torch.cat([extract(space.backbone, c.to(space.device), patches=True).patches.cpu()
+                      for c in images.split(batch_size)])
 
 
 @torch.no_grad()
@@ -75,3 +89,30 @@ def mask_adherence(
     table = confusion(pred, masks.long(), num_classes, num_true)
     scores = hungarian_miou(table)
     return {"mask_miou": scores["miou"], "mask_pixel_accuracy": scores["pixel_accuracy"]}
+
+
+@torch.no_grad()
+def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch.Tensor, probe,
+                         batch_size: int = 64) -> dict[str, float]:
+    """images [N, 3, H, W]; ground-truth class maps ``masks`` [N, h, w] (255 = ignore) ->
+    ``mask_miou_probe``, ``mask_pixel_accuracy_probe``, and ``mask_miou_probe_mismatched``: the
+    same class maps scored against the guiding mask of the previous image (what a sample that
+    ignores its layout but draws plausible images scores; NaN for a single image).
+
+    ``probe``: a :class:`~sgdm.evaluation.probe.LinearProbe` trained on real images of the
+    same classes (:func:`~sgdm.evaluation.probe.fit_with_held_out`); its class maps are compared
+    with the guiding masks id for id (:func:`~sgdm.evaluation.probe.class_iou`)."""
+    from sgdm.evaluation.probe import class_iou
+
+    if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
+        raise ValueError(f"masks: expected [{images.shape[0]}, h, w] class maps, got {tuple(masks.shape)}")
+    valid = masks[masks != 255]
+    if valid.numel() and int(valid.max()) >= probe.num_classes:
+        raise ValueError(f"masks: class id {int(valid.max())} is outside the probe's {probe.num_classes} classes")
+    pred = probe.predict(patch_tokens(space, images, batch_size), masks.shape[-2:], batch_size)
+    scores = class_iou(pred, masks.long(), probe.num_classes)
+    # the floor of the scale: the same samples against another image's guiding mask (the
+    # conditions are drawn independently, so a shift by one pairs each with an unrelated layout)
+    floor = class_iou(pred, masks.long().roll(1, 0), probe.num_classes) if len(masks) > 1 else {"miou": float("nan")}
+    return {"mask_miou_probe": scores["miou"], "mask_pixel_accuracy_probe": scores["pixel_accuracy"],
+            "mask_miou_probe_mismatched": floor["miou"]}

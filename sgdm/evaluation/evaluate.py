@@ -120,6 +120,7 @@ class _Evaluator:
             check_inception_weights(ecfg.inception_weights)
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
+        self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe
         self.dataset = build_dataset(cfg.data, train=False)
         self.data_key = _digest(to_dict(cfg.data))
         self._ref_stats = None
@@ -167,15 +168,39 @@ class _Evaluator:
 
     def _adherence(self, images, conditions: EvalConditions, generator) -> dict:
         from sgdm.annotation.store import AnnotationStore
-        from sgdm.evaluation.adherence import box_adherence, mask_adherence
+        from sgdm.evaluation.adherence import box_adherence, mask_adherence, mask_adherence_probe
 
         a = self.cfg.annotation
         space = self._annotation_space()
         if conditions.kind == "box":
             return box_adherence(space, images, conditions.boxes, a.lost, self.ecfg.batch_size)
-        segmenter = AnnotationStore.open(a.store).segmenter() if a.store is not None else None
-        return mask_adherence(space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
-                              self.ecfg.batch_size, segmenter=segmenter)
+        store = AnnotationStore.open(a.store) if a.store is not None else None
+        segmenter = store.segmenter() if store is not None else None
+        out = mask_adherence(space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
+                             self.ecfg.batch_size, segmenter=segmenter)
+        if store is not None and store.source == "gt":
+            # labelled masks: the unsupervised score above cannot name the classes; a probe trained
+            # on the real images' ground truth can (sgdm.evaluation.probe)
+            probe, real = self._mask_probe(store, space)
+            out.update(mask_adherence_probe(space, images, conditions.masks, probe, self.ecfg.batch_size))
+            out.update(mask_probe_real_miou=real["miou"], mask_probe_real_pixel_accuracy=real["pixel_accuracy"])
+        return out
+
+    def _mask_probe(self, store, space):
+        """(linear probe, its held-out real-image scores), fitted once per evaluation on the
+        dataset images of the ground-truth store ``store`` (seed ``eval.seed``)."""
+        if self._probe is None:
+            from sgdm.evaluation.adherence import patch_tokens
+            from sgdm.evaluation.probe import fit_with_held_out, real_probe_data
+
+            start = time.process_time()
+            images, masks = real_probe_data(self.dataset, store)
+            patches = patch_tokens(space, images, self.ecfg.batch_size)
+            generator = torch.Generator().manual_seed(self.ecfg.seed)
+            self._probe = fit_with_held_out(patches, masks, store.num_classes, generator)
+            self.log(f"eval: mask probe on {len(images)} real images: held-out mIoU {self._probe[1]['miou']:.4g} "
+                     f"({time.process_time() - start:.1f}s CPU)")
+        return self._probe
 
 
 def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,

@@ -94,3 +94,26 @@ def test_mask_adherence_applies_the_stored_segmenter(space, generator, tmp_path,
     assert out == {"mask_miou": pytest.approx(1.0), "mask_pixel_accuracy": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="D=5, the centroids"):
         Segmenter(torch.zeros(3, 32)).assign(torch.zeros(1, 2, 2, 5))
+
+
+def test_mask_adherence_probe_scores_ids_directly(space, generator):
+    # samples whose guiding masks are exactly what the probe sees in them: mIoU 1; the same
+    # samples against each other's masks (the mismatched floor) and a bad mask batch
+    from sgdm.evaluation.adherence import mask_adherence_probe, patch_tokens
+    from sgdm.evaluation.probe import ProbeConfig, fit_probe
+
+    images = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1
+    images[:3, :, :, :8] = -1  # a dark left half in three images, a bright one in the others
+    images[3:, :, :, :8] = 1
+    masks = torch.zeros(6, 8, 8, dtype=torch.uint8)
+    masks[:3, :, :4] = 1
+    masks[3:, :, :4] = 2
+    probe = fit_probe(patch_tokens(space, images), masks, 3, generator, ProbeConfig(epochs=40, batch_size=6, lr=0.1))
+    guiding = probe.predict(patch_tokens(space, images), (8, 8))
+    out = mask_adherence_probe(space, images, guiding.to(torch.uint8), probe, batch_size=4)
+    assert out["mask_miou_probe"] == pytest.approx(1.0) and out["mask_pixel_accuracy_probe"] == pytest.approx(1.0)
+    assert out["mask_miou_probe_mismatched"] < 0.9
+    with pytest.raises(ValueError, match=r"masks: expected \[6, h, w\]"):
+        mask_adherence_probe(space, images, guiding[:2].to(torch.uint8), probe)
+    with pytest.raises(ValueError, match="class id 7 is outside the probe's 3 classes"):
+        mask_adherence_probe(space, images, torch.full((6, 8, 8), 7, dtype=torch.uint8), probe)
