@@ -78,7 +78,7 @@ def test_adherence_target_is_read_at_the_lowest_scale_that_meets_it_below_no_gui
     assert "| self-boxed | 4.4 | 1 | 0.42 | - | 2 (fd_x 4.7, box_iou 0.540) | 1 |" in text
     assert "| self-segmented | 2.9 | 4 | 0.47 | - | none of the w tried | 1 |" in text
     # the by-scale table lists every scale of every model, the unguided distance in each column
-    assert "| guidance | w = 1 | w = 2 | w = 3 | w = 4 | w = 6 |" in text
+    assert "| 1 |\n\n### fd_x (/ layout adherence) by guidance scale w\n\n| guidance | w = 1 | w = 2 | w = 3 | w = 4 | w = 6 |" in text
     assert "| no guidance | 5 | 5 | 5 | 5 | 5 |" in text
     assert "| self-boxed | 4.4 / 0.420 | 4.7 / 0.540 | 4.9 / 0.600 |  |  |" in text
     assert "| self-segmented |  | 3 / 0.400 |  | 2.9 / 0.470 | 5.2 / 0.520 |" in text
