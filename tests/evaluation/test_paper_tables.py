@@ -97,3 +97,22 @@ def test_default_sample_count_is_the_reference_set(bench, tmp_path):
     assert bench.sample_count(bench.parse_args(["--n", "5"]), cfg) == 5
     with pytest.raises(SystemExit, match="--n: need at least 2 samples"):
         bench.sample_count(bench.parse_args(["--n", "1"]), cfg)
+
+
+def test_ground_truth_masks_are_held_to_the_probe_score_when_eval_gives_it(bench):
+    base = {"variant": "no-guidance", "kind": "none", "fd_x": 5.0, "guidance_scale": None, "train_s": 1}
+    points = [(2.0, 3.0, 0.05, 0.12), (4.0, 2.8, 0.06, 0.13)]
+    by_scale = [{"guidance_scale": w, "fd_x": fd, "mask_miou": u, "mask_miou_probe": p, "mask_probe_real_miou": 0.15}
+                for w, fd, u, p in points]
+    gt = {"variant": "gt-mask", "kind": "mask", "train_s": 1, **bench.best_row(by_scale), "by_scale": by_scale}
+    self_mask = _swept(bench, "self-mask", "mask", "mask_miou", [(4.0, 2.9, 0.51)])
+    assert bench.adherence_key(gt) == "mask_miou_probe" and bench.adherence_key(self_mask) == "mask_miou"
+    text, ok = next(c for c in bench.check_targets([base, gt, self_mask], "fd_x") if c[0].startswith("gt-mask mask"))
+    assert not ok and "mask_miou_probe 0.130 at its lowest-distance w = 4" in text and "real images: 0.150" in text
+    tables = bench.format_tables([base, gt, self_mask], "fd_x")
+    assert "| mask_miou | mask_pixel_accuracy | mask_miou_probe | mask_probe_real_miou |" in tables
+    assert "| self-segmented | 2.9 | 4 | 0.51 | - | - | - | 4 (fd_x 2.9, mask_miou 0.510) | 1 |" in tables
+    assert "| ground-truth masks | 3 / 0.120 | 2.8 / 0.130 |" in tables  # by-scale table: the probe score
+    # without probe columns in any row the mask table keeps its old columns
+    plain = bench.format_tables([base, self_mask], "fd_x")
+    assert "mask_miou_probe" not in plain
