@@ -132,39 +132,41 @@ inline void store_acc(T* p, at::vec::Vectorized<Acc> v, int64_t n = at::vec::Vec
   }
 }
 
-// Horizontal sum and maximum of a float vector, in registers (a store and a
-// scalar loop over 16 lanes cost ~40 cycles, paid twice per softmax row).
-inline float hsum(at::vec::Vectorized<float> v) {
+// Horizontal sum (kMax = false) or maximum (true) of a float vector, in
+// registers (a store and a scalar loop over 16 lanes cost ~40 cycles, paid
+// twice per softmax row).
+template <bool kMax>
+inline float hreduce(at::vec::Vectorized<float> v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_reduce_add_ps(v);
+  if constexpr (kMax) {
+    return _mm512_reduce_max_ps(v);
+  } else {
+    return _mm512_reduce_add_ps(v);
+  }
 #elif defined(CPU_CAPABILITY_AVX2)
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  const auto op = [](__m128 a, __m128 b) {
+    if constexpr (kMax) {
+      return _mm_max_ps(a, b);
+    } else {
+      return _mm_add_ps(a, b);
+    }
+  };
+  __m128 x = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = op(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(op(x, _mm_movehdup_ps(x)));
 #else
   float lanes[at::vec::Vectorized<float>::size()];
   v.store(lanes);
-  float s = 0.0f;
-  for (float l : lanes) s += l;
-  return s;
+  float r = lanes[0];
+  for (int64_t i = 1; i < at::vec::Vectorized<float>::size(); ++i) {
+    r = kMax ? (lanes[i] > r ? lanes[i] : r) : r + lanes[i];
+  }
+  return r;
 #endif
 }
 
-inline float hmax(at::vec::Vectorized<float> v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_reduce_max_ps(v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-#else
-  float lanes[at::vec::Vectorized<float>::size()];
-  v.store(lanes);
-  float m = lanes[0];
-  for (float l : lanes) m = l > m ? l : m;
-  return m;
-#endif
-}
+inline float hsum(at::vec::Vectorized<float> v) { return hreduce<false>(v); }
+inline float hmax(at::vec::Vectorized<float> v) { return hreduce<true>(v); }
 
 // Calls fn(T{}) with T the C++ type of `dtype`.
 template <typename Fn>
