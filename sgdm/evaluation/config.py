@@ -11,6 +11,29 @@ Metric = Literal["fid", "is", "kid", "fd", "adherence"]
 
 
 @dataclass
+class ProbeConfig:
+    """The linear probe that scores ground-truth-mask runs (``sgdm.evaluation.probe``):
+    ``epochs`` passes of Adam (``lr``, ``weight_decay``) over minibatches of ``batch_size``
+    real images; ``held_out`` is the fraction of real images kept out of training to
+    measure the probe itself (the ceiling of the samples' score)."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    held_out: float = 0.2
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "epochs", "batch_size")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 < self.held_out < 1:
+            raise ConfigError("held_out", f"expected a fraction in (0, 1), got {self.held_out}")
+
+
+@dataclass
 class EvalConfig:
     """How ``sgdm-ldm eval`` samples and measures a trained run.
 
@@ -22,7 +45,8 @@ class EvalConfig:
     The feature extractor defaults to the annotation section's backbone. The
     reference set is the first ``reference_n`` images of the training data
     (unflipped); its statistics are cached in ``cache_dir`` (default
-    ``<run>/eval/cache``).
+    ``<run>/eval/cache``). Runs guided by ground-truth masks are also scored by a
+    linear probe trained on the dataset's own masks (``probe``).
     """
 
     n: int = 10000
@@ -44,6 +68,7 @@ class EvalConfig:
     cache_dir: Optional[pathlib.Path] = None
     seed: int = 0
     device: str = "auto"
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
         if self.n < 2:

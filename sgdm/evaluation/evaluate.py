@@ -197,7 +197,7 @@ class _Evaluator:
             images, masks = real_probe_data(self.dataset, store)
             patches = patch_tokens(space, images, self.ecfg.batch_size)
             generator = torch.Generator().manual_seed(self.ecfg.seed)
-            self._probe = fit_with_held_out(patches, masks, store.num_classes, generator)
+            self._probe = fit_with_held_out(patches, masks, store.num_classes, generator, self.ecfg.probe)
             self.log(f"eval: mask probe on {len(images)} real images: held-out mIoU {self._probe[1]['miou']:.4g} "
                      f"({time.process_time() - start:.1f}s CPU)")
         return self._probe

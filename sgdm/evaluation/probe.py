@@ -23,30 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sgdm.evaluation.config import ProbeConfig
+
 __all__ = ["ProbeConfig", "LinearProbe", "fit_probe", "class_iou", "real_probe_data", "fit_with_held_out"]
 
 IGNORE = 255
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Training of the probe: ``epochs`` passes of Adam (``lr``, ``weight_decay``) over
-    minibatches of ``batch_size`` images; ``held_out`` is the fraction of real images kept
-    out of training to measure the probe itself."""
-
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 0.05
-    weight_decay: float = 1e-4
-    held_out: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"ProbeConfig: epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"ProbeConfig: lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        if not 0 < self.held_out < 1:
-            raise ValueError(f"ProbeConfig.held_out: expected a fraction in (0, 1), got {self.held_out}")
 
 
 @dataclass
@@ -90,10 +71,11 @@ def _check_masks(patches: torch.Tensor, masks: torch.Tensor, num_classes: int, n
 
 
 def fit_probe(patches: torch.Tensor, masks: torch.Tensor, num_classes: int, generator: torch.Generator,
-              cfg: ProbeConfig = ProbeConfig()) -> LinearProbe:
+              cfg: ProbeConfig | None = None) -> LinearProbe:
     """Train a :class:`LinearProbe` on patch tokens ``patches`` [N, h', w', D] and class maps
     ``masks`` [N, h, w] (values in [0, num_classes), 255 = ignore): cross-entropy at the masks'
     resolution, zero-initialised weights, minibatch order drawn from ``generator``."""
+    cfg = cfg or ProbeConfig()
     _check_masks(patches, masks, num_classes)
     if num_classes < 2:
         raise ValueError(f"num_classes: a probe needs at least 2 classes, got {num_classes}")
@@ -160,10 +142,11 @@ def real_probe_data(dataset, store) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_with_held_out(patches: torch.Tensor, masks: torch.Tensor, num_classes: int, generator: torch.Generator,
-                   cfg: ProbeConfig = ProbeConfig()) -> tuple[LinearProbe, dict[str, float]]:
+                   cfg: ProbeConfig | None = None) -> tuple[LinearProbe, dict[str, float]]:
     """Fit a probe on real images' tokens ``patches`` [M, h', w', D] and masks [M, h, w], keeping a
     random ``cfg.held_out`` fraction (drawn from ``generator``) out; returns the probe and its
     :func:`class_iou` on the held-out images."""
+    cfg = cfg or ProbeConfig()
     _check_masks(patches, masks, num_classes)
     m = len(patches)
     held = int(round(m * cfg.held_out))

@@ -62,8 +62,17 @@ def test_probe_bad_input_is_named():
         fit_probe(tokens, torch.full_like(masks, 255), 4, g, FAST)
     with pytest.raises(ValueError, match=r"patches: expected \[N, h', w', 8\]"):
         fit_probe(tokens, masks, 4, g, FAST).predict(tokens[..., :5], (8, 8))
-    with pytest.raises(ValueError, match="ProbeConfig.held_out"):
-        ProbeConfig(held_out=1.0)
+
+
+@pytest.mark.parametrize("key,value", [("held_out", 1.0), ("held_out", 0.0), ("epochs", 0), ("batch_size", 0),
+                                       ("lr", 0.0), ("weight_decay", -1.0)])
+def test_eval_probe_config_names_the_bad_key(key, value):
+    from sgdm.config.core import ConfigError, from_dict
+    from sgdm.evaluation.config import EvalConfig
+
+    with pytest.raises(ConfigError, match=rf"eval\.probe\.{key}"):
+        from_dict(EvalConfig, {"probe": {key: value}}, "eval")
+    assert from_dict(EvalConfig, {"probe": {"epochs": 3}}, "eval").probe.epochs == 3
 
 
 def test_real_probe_data_joins_store_ids_to_dataset_items(tmp_path):
