@@ -101,7 +101,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         try:
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
                 return _Attention.apply(q, k, v, scale)
-            return _forward_op(q, k, v, scale)[0]
+            return _extension.call_below_autograd(torch.ops.sgdm.attention, q, k, v, scale)[0]
         except Exception:
             _check_inputs(q, k, v, scale)  # raises the error that names the argument
             raise
@@ -110,16 +110,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if _kernel_ok(q.device.type, q.dtype, int(q.shape[-1])):
         return _Attention.apply(q, k, v, scale)
     return attention_ref(q, k, v, scale)
-
-
-def _forward_op(q, k, v, scale):
-    """``sgdm::attention`` below the Autograd dispatch key (no gradients needed, or inside
-    ``_Attention.forward``), skipping the Python autograd kernel that ``register_autograd``
-    installs, which would only redispatch."""
-    if torch.compiler.is_compiling():
-        return torch.ops.sgdm.attention(q, k, v, scale)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.sgdm.attention(q, k, v, scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -144,7 +134,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        out, lse = _forward_op(q, k, v, scale)
+        out, lse = _extension.call_below_autograd(torch.ops.sgdm.attention, q, k, v, scale)
         _setup_context(ctx, (q, k, v, scale), (out, lse))
         return out
 
