@@ -19,16 +19,22 @@ import torch.nn.functional as F
 
 from sgdm.evaluation.feature_distance import FeatureSpace
 
-__all__ = ["box_adherence", "mask_adherence", "mask_adherence_probe", "patch_tokens"]
+__all__ = ["box_adherence", "image_tokens", "mask_adherence", "mask_adherence_probe", "patch_tokens"]
 
 
 @torch.no_grad()
-def patch_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """images [N, 3, H, W] in [-1, 1] -> the backbone's patch tokens [N, h', w', D] (float32, CPU)."""
+def image_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [N, 3, H, W] in [-1, 1] -> the backbone's patch tokens [N, h', w', D] and CLS
+    features [N, D] (float32, CPU), extracted once for every mask score of a sample set."""
     from sgdm.annotation.features import extract
 
-    return torch.cat([extract(space.backbone, c.to(space.device), patches=True).patches.cpu()
-                      for c in images.split(batch_size)])
+    feats = [extract(space.backbone, c.to(space.device), patches=True) for c in images.split(batch_size)]
+    return torch.cat([f.patches.cpu() for f in feats]), torch.cat([f.cls.cpu() for f in feats])
+
+
+def patch_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """images [N, 3, H, W] in [-1, 1] -> the backbone's patch tokens [N, h', w', D] (float32, CPU)."""
+    return image_tokens(space, images, batch_size)[0]
 
 
 @torch.no_grad()
@@ -60,6 +66,7 @@ def mask_adherence(
     generator: torch.Generator,
     batch_size: int = 64,
     segmenter=None,
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """images [N, 3, H, W]; guiding class maps ``masks`` [N, h, w] (255 = ignore) -> ``mask_miou``, ``mask_pixel_accuracy``.
 
@@ -68,16 +75,14 @@ def mask_adherence(
     Without one (ground-truth masks) a segmenter (``stego_cfg.method``: STEGO
     head or k-means on patches) is fitted on the generated set itself. Its
     [N, h', w'] maps are upsampled (nearest) to the guiding masks' resolution.
+    ``tokens``: the images' :func:`image_tokens`, when the caller already has them.
     """
-    from sgdm.annotation.features import extract
     from sgdm.annotation.metrics import confusion, hungarian_miou
     from sgdm.annotation.stego import segment
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
         raise ValueError(f"masks: expected [{images.shape[0]}, h, w] class maps, got {tuple(masks.shape)}")
-    feats = [extract(space.backbone, c.to(space.device), patches=True) for c in images.split(batch_size)]
-    patches = torch.cat([f.patches.cpu() for f in feats])
-    cls = torch.cat([f.cls.cpu() for f in feats])
+    patches, cls = tokens if tokens is not None else image_tokens(space, images, batch_size)
     if segmenter is not None:
         num_classes = segmenter.num_classes
         pred = segmenter.assign(patches, batch_size, kmeans_cfg.chunk_elements, space.device)
@@ -93,7 +98,7 @@ def mask_adherence(
 
 @torch.no_grad()
 def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch.Tensor, probe,
-                         batch_size: int = 64) -> dict[str, float]:
+                         batch_size: int = 64, patches: torch.Tensor | None = None) -> dict[str, float]:
     """images [N, 3, H, W]; ground-truth class maps ``masks`` [N, h, w] (255 = ignore) ->
     ``mask_miou_probe``, ``mask_pixel_accuracy_probe``, and ``mask_miou_probe_mismatched``: the
     same class maps scored against the guiding mask of the previous image (what a sample that
@@ -101,7 +106,8 @@ def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch
 
     ``probe``: a :class:`~sgdm.evaluation.probe.LinearProbe` trained on real images of the
     same classes (:func:`~sgdm.evaluation.probe.fit_with_held_out`); its class maps are compared
-    with the guiding masks id for id (:func:`~sgdm.evaluation.probe.class_iou`)."""
+    with the guiding masks id for id (:func:`~sgdm.evaluation.probe.class_iou`). ``patches``:
+    the images' :func:`patch_tokens`, when the caller already has them."""
     from sgdm.evaluation.probe import class_iou
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
@@ -109,7 +115,9 @@ def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch
     valid = masks[masks != 255]
     if valid.numel() and int(valid.max()) >= probe.num_classes:
         raise ValueError(f"masks: class id {int(valid.max())} is outside the probe's {probe.num_classes} classes")
-    pred = probe.predict(patch_tokens(space, images, batch_size), masks.shape[-2:], batch_size)
+    if patches is None:
+        patches = patch_tokens(space, images, batch_size)
+    pred = probe.predict(patches, masks.shape[-2:], batch_size)
     scores = class_iou(pred, masks.long(), probe.num_classes)
     # the floor of the scale: the same samples against another image's guiding mask (the
     # conditions are drawn independently, so a shift by one pairs each with an unrelated layout)

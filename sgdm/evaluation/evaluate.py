@@ -168,7 +168,7 @@ class _Evaluator:
 
     def _adherence(self, images, conditions: EvalConditions, generator) -> dict:
         from sgdm.annotation.store import AnnotationStore
-        from sgdm.evaluation.adherence import box_adherence, mask_adherence, mask_adherence_probe
+        from sgdm.evaluation.adherence import box_adherence, image_tokens, mask_adherence, mask_adherence_probe
 
         a = self.cfg.annotation
         space = self._annotation_space()
@@ -176,13 +176,15 @@ class _Evaluator:
             return box_adherence(space, images, conditions.boxes, a.lost, self.ecfg.batch_size)
         store = AnnotationStore.open(a.store) if a.store is not None else None
         segmenter = store.segmenter() if store is not None else None
+        tokens = image_tokens(space, images, self.ecfg.batch_size)  # the samples' tokens, for every mask score
         out = mask_adherence(space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
-                             self.ecfg.batch_size, segmenter=segmenter)
+                             self.ecfg.batch_size, segmenter=segmenter, tokens=tokens)
         if store is not None and store.source == "gt":
             # labelled masks: the unsupervised score above cannot name the classes; a probe trained
             # on the real images' ground truth can (sgdm.evaluation.probe)
             probe, real = self._mask_probe(store, space)
-            out.update(mask_adherence_probe(space, images, conditions.masks, probe, self.ecfg.batch_size))
+            out.update(mask_adherence_probe(space, images, conditions.masks, probe, self.ecfg.batch_size,
+                                            patches=tokens[0]))
             out.update(mask_probe_real_miou=real["miou"], mask_probe_real_pixel_accuracy=real["pixel_accuracy"])
         return out
 
