@@ -116,3 +116,8 @@ def test_ground_truth_masks_are_held_to_the_probe_score_when_eval_gives_it(bench
     # without probe columns in any row the mask table keeps its old columns
     plain = bench.format_tables([base, self_mask], "fd_x")
     assert "mask_miou_probe" not in plain
+
+
+def test_training_budget_defaults_to_the_tables_steps_and_the_flag_overrides_it(bench):
+    assert bench.parse_args([]).steps == bench.TRAIN_STEPS == 2400
+    assert bench.parse_args(["--steps", "300"]).steps == 300
