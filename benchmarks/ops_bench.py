@@ -242,7 +242,15 @@ def _row(op, shape, dtype, device, te, tf, floor_bytes, bw, target) -> Row:
                                                     ">=80%" if op == "guided_ddim_step" else ""))
 
 
-def run(devices, dtypes, threads, repeats) -> dict:
+# Timed calls per side when --repeats is not given. The CPU takes 200: with 40, one guided DDIM
+# row (160 calls of ~33 us, 2 threads) spans ~30 ms of a shared VM, and idle runs scattered
+# 3.87-4.22x; with 200 (800 calls) six runs gave 4.08-4.24x (benchmarks/RESULTS.md).
+DEFAULT_REPEATS = {"cpu": 200, "cuda": 40}
+
+
+def run(devices, dtypes, threads, repeats=None) -> dict:
+    """Rows for every op, shape and dtype on ``devices``; ``repeats``: timed calls per side
+    (guided DDIM 4x), default :data:`DEFAULT_REPEATS` per device type."""
     torch.set_num_threads(threads)  # the same for both sides of every ratio
     gen = torch.Generator().manual_seed(0)
     rows, env = [], {"torch": torch.__version__, "python": platform.python_version(),
@@ -255,11 +263,12 @@ def run(devices, dtypes, threads, repeats) -> dict:
         env[f"{name}_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
                                else platform.processor() or platform.machine())
         extra = device.type == "cuda"
+        reps = repeats if repeats is not None else DEFAULT_REPEATS[device.type]
         for dtype in dtypes:
             for shape, groups in GN_SHAPES + (CUDA_GN_SHAPES if extra else []):
-                rows += bench_group_norm(shape, groups, dtype, device, repeats, gen, bw)
+                rows += bench_group_norm(shape, groups, dtype, device, reps, gen, bw)
             for shape in DDIM_SHAPES + (CUDA_DDIM_SHAPES if extra else []):
-                rows.append(bench_ddim(shape, dtype, device, repeats * 4, gen, bw))
+                rows.append(bench_ddim(shape, dtype, device, reps * 4, gen, bw))
     return {"env": env, "rows": [asdict(r) for r in rows]}
 
 
@@ -320,7 +329,9 @@ def main(argv=None) -> int:
                    help="'all': the CPU, and CUDA when present")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
-    p.add_argument("--repeats", type=int, default=40, help="timed calls per side (guided DDIM: 4x)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed calls per side (guided DDIM: 4x); default {DEFAULT_REPEATS['cpu']} on the CPU, "
+                        f"{DEFAULT_REPEATS['cuda']} on CUDA")
     p.add_argument("--clock", choices=sorted(CPU_CLOCK), default="wall",
                    help="CPU timing clock; 'cpu' (process time) resists machine load, use with "
                         "--threads 1")
@@ -336,6 +347,8 @@ def main(argv=None) -> int:
                    help="CPU: 'steady' re-runs this script with glibc malloc keeping freed memory, so "
                         "page faults of fresh temporaries do not swing the timings (see the docstring)")
     args = p.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats: expected at least 1 timed call, got {args.repeats}")
     if args.allocator == "steady" and args.device != "cuda" and "glibc.malloc.trim_threshold" not in \
             os.environ.get("GLIBC_TUNABLES", "") and platform.libc_ver()[0] == "glibc":
         os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), STEADY_MALLOC]))
@@ -358,7 +371,7 @@ def main(argv=None) -> int:
     if args.attention:
         import attention_bench  # benchmarks/ is sys.path[0]
         result["rows"] += attention_bench.run(devices, [DTYPES[d] for d in args.dtype], args.threads,
-                                              args.repeats, with_memory=False)["rows"]
+                                              args.repeats or DEFAULT_REPEATS["cuda"], with_memory=False)["rows"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
