@@ -149,13 +149,13 @@ TABLES = [
     ("Image-level guidance (paper Tables 2-3)", ["no-guidance", "gt-label", "self-label"], []),
     ("Box guidance (paper Table 4)", ["no-guidance", "gt-box", "self-box"], ["box_iou", "box_hit50"]),
     ("Mask guidance (paper Table 5)", ["no-guidance", "gt-mask", "self-mask"],
-     ["mask_miou", "mask_pixel_accuracy", "mask_miou_probe", "mask_probe_real_miou"]),
+     ["mask_miou", "mask_pixel_accuracy", "mask_miou_probe", "mask_probe_real_miou", "mask_probe_recon_miou"]),
 ]
 LABELS = {"no-guidance": "no guidance", "gt-label": "ground-truth labels", "self-label": "self-labeled",
           "gt-box": "ground-truth boxes", "self-box": "self-boxed", "gt-mask": "ground-truth masks",
           "self-mask": "self-segmented"}
 ADHERENCE = {"box": "box_iou", "mask": "mask_miou"}  # the layout-adherence score each guidance kind is held to
-OPTIONAL = {"mask_miou_probe", "mask_probe_real_miou"}  # columns shown only when some row has them
+OPTIONAL = {"mask_miou_probe", "mask_probe_real_miou", "mask_probe_recon_miou"}  # shown only when some row has them
 TARGET_ADHERENCE = 0.5
 ADHERENT_COL = f"lowest w with adherence >= {TARGET_ADHERENCE} below no guidance"
 
@@ -250,7 +250,10 @@ def check_targets(rows: list[dict], fd_key: str) -> list[tuple[str, bool]]:
         key = adherence_key(r)
         text = f"{r['variant']} {key} {r[key]:.3f} at its lowest-distance w = {_w(r)}"
         if "mask_probe_real_miou" in r:
-            text += f" (the probe's own mIoU on held-out real images: {r['mask_probe_real_miou']:.3f})"
+            text += f" (the probe's own mIoU on held-out real images: {r['mask_probe_real_miou']:.3f}"
+            if "mask_probe_recon_miou" in r:
+                text += f"; on their autoencoder reconstructions: {r['mask_probe_recon_miou']:.3f}"
+            text += ")"
         text += "; "
         hit = adherent_row(r, fd_key, base)
         below = "" if base is None else f" with {fd_key} below no guidance"

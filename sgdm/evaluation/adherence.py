@@ -104,10 +104,11 @@ def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch
     same class maps scored against the guiding mask of the previous image (what a sample that
     ignores its layout but draws plausible images scores; NaN for a single image).
 
-    ``probe``: a :class:`~sgdm.evaluation.probe.LinearProbe` trained on real images of the
+    ``probe``: a :class:`~sgdm.evaluation.probe.LinearProbe` on patch tokens or a
+    :class:`~sgdm.evaluation.segmenter.PixelProbe` on the images, trained on real images of the
     same classes (:func:`~sgdm.evaluation.probe.fit_with_held_out`); its class maps are compared
     with the guiding masks id for id (:func:`~sgdm.evaluation.probe.class_iou`). ``patches``:
-    the images' :func:`patch_tokens`, when the caller already has them."""
+    the images' :func:`patch_tokens`, when the caller already has them (token probes only)."""
     from sgdm.evaluation.probe import class_iou
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
@@ -115,9 +116,11 @@ def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch
     valid = masks[masks != 255]
     if valid.numel() and int(valid.max()) >= probe.num_classes:
         raise ValueError(f"masks: class id {int(valid.max())} is outside the probe's {probe.num_classes} classes")
-    if patches is None:
-        patches = patch_tokens(space, images, batch_size)
-    pred = probe.predict(patches, masks.shape[-2:], batch_size)
+    if probe.input == "pixels":
+        inputs = images
+    else:
+        inputs = patches if patches is not None else patch_tokens(space, images, batch_size)
+    pred = probe.predict(inputs, masks.shape[-2:], batch_size)
     scores = class_iou(pred, masks.long(), probe.num_classes)
     # the floor of the scale: the same samples against another image's guiding mask (the
     # conditions are drawn independently, so a shift by one pairs each with an unrelated layout)

@@ -108,10 +108,11 @@ def _feature_space(cfg, ecfg: EvalConfig):
 class _Evaluator:
     """Holds what is shared across guidance scales: reference data, extractors, caches."""
 
-    def __init__(self, cfg, ecfg: EvalConfig, run_dir: pathlib.Path, log):
+    def __init__(self, cfg, ecfg: EvalConfig, run_dir: pathlib.Path, log, autoencoder=None):
         from sgdm.data import build_dataset
 
         self.cfg, self.ecfg, self.log = cfg, ecfg, log
+        self.autoencoder = autoencoder  # the run's first stage: the mask scorer's ceiling for a latent model
         self.cache = ecfg.cache_dir or run_dir / "eval" / "cache"
         wants_inception = any(m in ecfg.metrics for m in INCEPTION)
         if wants_inception:
@@ -186,21 +187,44 @@ class _Evaluator:
             out.update(mask_adherence_probe(space, images, conditions.masks, probe, self.ecfg.batch_size,
                                             patches=tokens[0]))
             out.update(mask_probe_real_miou=real["miou"], mask_probe_real_pixel_accuracy=real["pixel_accuracy"])
+            if "recon_miou" in real:
+                out.update(mask_probe_recon_miou=real["recon_miou"],
+                           mask_probe_recon_pixel_accuracy=real["recon_pixel_accuracy"])
         return out
 
+    @torch.no_grad()
+    def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Real images [M, 3, H, W] -> encoded (posterior mean) and decoded by the run's autoencoder, on the CPU."""
+        param = next(self.autoencoder.parameters())
+        out = []
+        for chunk in images.split(self.ecfg.batch_size):
+            z = self.autoencoder.encode(chunk.to(param.device, param.dtype)).mean
+            out.append(self.autoencoder.decode(z).float().clamp(-1, 1).cpu())
+        return torch.cat(out)
+
     def _mask_probe(self, store, space):
-        """(linear probe, its held-out real-image scores), fitted once per evaluation on the
-        dataset images of the ground-truth store ``store`` (seed ``eval.seed``)."""
+        """(token probe or pixel segmenter, per ``eval.probe.input``; its held-out real-image scores),
+        fitted once per evaluation on the dataset images of the ground-truth store ``store`` (seed ``eval.seed``)."""
         if self._probe is None:
             from sgdm.evaluation.adherence import patch_tokens
             from sgdm.evaluation.probe import fit_with_held_out, real_probe_data
 
             start = time.process_time()
             images, masks = real_probe_data(self.dataset, store)
-            patches = patch_tokens(space, images, self.ecfg.batch_size)
+            pixels = self.ecfg.probe.input == "pixels"
+
+            def scorer_inputs(x):
+                return x if pixels else patch_tokens(space, x, self.ecfg.batch_size)
+
+            # the same images through the run's autoencoder: what a perfect latent model would
+            # produce, so the scorer's mIoU on them bounds the samples' score
+            views = {} if self.autoencoder is None else {"recon": scorer_inputs(self._reconstruct(images))}
             generator = torch.Generator().manual_seed(self.ecfg.seed)
-            self._probe = fit_with_held_out(patches, masks, store.num_classes, generator, self.ecfg.probe)
-            self.log(f"eval: mask probe on {len(images)} real images: held-out mIoU {self._probe[1]['miou']:.4g} "
+            self._probe = fit_with_held_out(scorer_inputs(images), masks, store.num_classes, generator, self.ecfg.probe,
+                                            views=views)
+            recon = f", their reconstructions {self._probe[1]['recon_miou']:.4g}" if views else ""
+            self.log(f"eval: mask {'segmenter' if pixels else 'probe'} on {len(images)} real images: "
+                     f"held-out mIoU {self._probe[1]['miou']:.4g}{recon} "
                      f"({time.process_time() - start:.1f}s CPU)")
         return self._probe
 
@@ -214,7 +238,7 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     device = resolve_device(ecfg.device if ecfg is not None else "auto")
     cfg, pipe = load_run(run_dir, device)
     ecfg = ecfg or cfg.eval
-    evaluator = _Evaluator(cfg, ecfg, run_dir, log)
+    evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
     kind = cfg.model.guidance.kind
     generator = torch.Generator().manual_seed(ecfg.seed)
     conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, generator)

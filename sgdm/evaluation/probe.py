@@ -40,6 +40,7 @@ class LinearProbe:
     bias: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    input: str = "tokens"  # what predict() takes: patch tokens (a PixelProbe takes images)
 
     @property
     def num_classes(self) -> int:
@@ -141,19 +142,39 @@ def real_probe_data(dataset, store) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.stack(masks)
 
 
-def fit_with_held_out(patches: torch.Tensor, masks: torch.Tensor, num_classes: int, generator: torch.Generator,
-                   cfg: ProbeConfig | None = None) -> tuple[LinearProbe, dict[str, float]]:
-    """Fit a probe on real images' tokens ``patches`` [M, h', w', D] and masks [M, h, w], keeping a
-    random ``cfg.held_out`` fraction (drawn from ``generator``) out; returns the probe and its
-    :func:`class_iou` on the held-out images."""
+def fit_with_held_out(inputs: torch.Tensor, masks: torch.Tensor, num_classes: int, generator: torch.Generator,
+                      cfg: ProbeConfig | None = None, views: dict[str, torch.Tensor] | None = None):
+    """Fit the scorer ``cfg.input`` names on real images' ``inputs`` and masks [M, h, w], keeping a
+    random ``cfg.held_out`` fraction (drawn from ``generator``) out; returns the scorer and its
+    :func:`class_iou` on the held-out images. ``inputs``: patch tokens [M, h', w', D] for the linear
+    probe (``tokens``), the images [M, 3, H, W] for the U-Net (``pixels``, :mod:`sgdm.evaluation.segmenter`).
+    ``views``: other inputs of the same M images (e.g. of their autoencoder reconstructions); each
+    is scored on the held-out images too, as ``<name>_miou`` and ``<name>_pixel_accuracy``."""
     cfg = cfg or ProbeConfig()
-    _check_masks(patches, masks, num_classes)
-    m = len(patches)
+    if cfg.input == "pixels":
+        from sgdm.evaluation.segmenter import check_training_data, fit_segmenter
+
+        check_training_data(inputs, masks, num_classes)
+
+        def fit(x, y):
+            return fit_segmenter(x, y, num_classes, generator, cfg.segmenter)
+    else:
+        _check_masks(inputs, masks, num_classes)
+
+        def fit(x, y):
+            return fit_probe(x, y, num_classes, generator, cfg)
+    m = len(inputs)
     held = int(round(m * cfg.held_out))
     if held < 1 or held >= m:
         raise ValueError(f"probe: {m} real images cannot be split into training and held-out ({cfg.held_out:.0%}) parts")
     order = torch.randperm(m, generator=generator)
     test, train = order[:held], order[held:]
-    probe = fit_probe(patches[train], masks[train], num_classes, generator, cfg)
-    pred = probe.predict(patches[test], masks.shape[-2:], cfg.batch_size)
-    return probe, class_iou(pred, masks[test].long(), num_classes)
+    for name, view in (views or {}).items():
+        if view.shape != inputs.shape:
+            raise ValueError(f"views[{name!r}]: expected the shape of inputs {tuple(inputs.shape)}, got {tuple(view.shape)}")
+    probe = fit(inputs[train], masks[train])
+    scores = class_iou(probe.predict(inputs[test], masks.shape[-2:], cfg.batch_size), masks[test].long(), num_classes)
+    for name, view in (views or {}).items():
+        pred = probe.predict(view[test], masks.shape[-2:], cfg.batch_size)
+        scores.update({f"{name}_{k}": v for k, v in class_iou(pred, masks[test].long(), num_classes).items()})
+    return probe, scores

@@ -123,6 +123,7 @@ def test_eval_gt_mask_run_scores_samples_with_the_probe(tmp_path, monkeypatch):
     for row in rows:
         assert 0 <= row["mask_miou_probe"] <= 1 and 0 <= row["mask_pixel_accuracy_probe"] <= 1
         assert 0 <= row["mask_probe_real_miou"] <= 1 and 0 <= row["mask_miou_probe_mismatched"] <= 1
+        assert 0 <= row["mask_probe_recon_miou"] <= 1  # the real images through the run's autoencoder
         assert "mask_miou" in row  # the unsupervised score is still reported
     assert rows[0]["mask_probe_real_miou"] == rows[1]["mask_probe_real_miou"]
 
@@ -135,3 +136,104 @@ def test_eval_self_mask_run_keeps_the_segmenter_score_only(tmp_path):
     assert main(["eval", str(run_dir), "--metrics", "adherence", "--guidance-scale", "1"]) == 0
     (row,) = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert "mask_miou" in row and not any("probe" in k for k in row)
+
+
+def toy_images(num_classes=3, n=48, seed=0):
+    """Images [n, 3, 8, 8] whose 4x4 quadrants are flat colours, one per class, and their masks [n, 8, 8]."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (n, 2, 2), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    palette = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]])[:num_classes]
+    images = palette[labels].permute(0, 3, 1, 2) + 0.05 * torch.randn(n, 3, 8, 8, generator=g)
+    masks = labels.to(torch.uint8)
+    masks[:, 0, 0] = 255
+    return images, masks
+
+
+
+
+def _pixels_config():
+    from sgdm.config.core import from_dict
+    from sgdm.evaluation.config import ProbeConfig as Config
+
+    return from_dict(Config, {"input": "pixels", "segmenter": {"width": 4, "epochs": 15, "batch_size": 16, "lr": 0.02}},
+                     "eval.probe")
+
+
+def test_pixel_segmenter_learns_the_layout_from_the_images_and_is_reproducible():
+    images, masks = toy_images()
+    cfg = _pixels_config()
+    seg, real = fit_with_held_out(images, masks, 3, torch.Generator().manual_seed(0), cfg)
+    assert seg.input == "pixels" and seg.num_classes == 3
+    assert real["miou"] > 0.9
+    assert seg.predict(images, (8, 8)).shape == (48, 8, 8)
+    assert seg.predict(images, (6, 6)).shape == (48, 6, 6)  # any mask size: the net works at a multiple of 4
+    again, _ = fit_with_held_out(images, masks, 3, torch.Generator().manual_seed(0), cfg)
+    assert torch.equal(seg.predict(images, (8, 8)), again.predict(images, (8, 8)))
+    # shuffled labels: nothing to learn from the pixels
+    g = torch.Generator().manual_seed(1)
+    _, chance = fit_with_held_out(images, masks[torch.randperm(48, generator=g)], 3, g, cfg)
+    assert chance["miou"] < 0.6
+
+
+def test_pixel_segmenter_bad_input_is_named():
+    from sgdm.evaluation.segmenter import fit_segmenter
+
+    images, masks = toy_images()
+    cfg = _pixels_config()
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"images: expected \[N, 3, H, W\]"):
+        fit_with_held_out(images[:, :2], masks, 3, g, cfg)
+    with pytest.raises(ValueError, match=r"masks: expected \[48, h, w\]"):
+        fit_with_held_out(images, masks[:5], 3, g, cfg)
+    with pytest.raises(ValueError, match=r"masks: class ids must lie in \[0, 2\)"):
+        fit_segmenter(images, masks, 2, g, cfg.segmenter)
+    with pytest.raises(ValueError, match="every pixel is 255"):
+        fit_segmenter(images, torch.full_like(masks, 255), 3, g, cfg.segmenter)
+
+
+@pytest.mark.parametrize("entry,key", [({"input": "rgb"}, "input"), ({"segmenter": {"width": 0}}, "segmenter.width"),
+                                       ({"segmenter": {"epochs": 0}}, "segmenter.epochs"),
+                                       ({"segmenter": {"lr": 0.0}}, "segmenter.lr")])
+def test_eval_pixel_segmenter_config_names_the_bad_key(entry, key):
+    from sgdm.config.core import ConfigError, from_dict
+    from sgdm.evaluation.config import EvalConfig
+
+    with pytest.raises(ConfigError, match=rf"eval\.probe\.{key}"):
+        from_dict(EvalConfig, {"probe": entry}, "eval")
+
+
+def test_eval_gt_mask_run_can_score_samples_with_the_pixel_segmenter(tmp_path, monkeypatch):
+    import yaml
+
+    import sgdm.evaluation.segmenter as segmenter_module
+    from sgdm.cli.main import main
+    from tests.evaluation.helpers import make_run
+
+    fits = []
+    real = segmenter_module.fit_segmenter
+    monkeypatch.setattr(segmenter_module, "fit_segmenter", lambda *a, **k: fits.append(a[0].shape) or real(*a, **k))
+
+    run_dir = make_run(tmp_path, "mask")
+    _gt_store(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config.setdefault("eval", {})["probe"] = {"input": "pixels", "held_out": 0.25,
+                                              "segmenter": {"width": 4, "epochs": 2, "batch_size": 8}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(run_dir), "--metrics", "adherence", "--guidance-scale", "1"]) == 0
+    assert len(fits) == 1 and fits[0][1] == 3  # trained once, on images (not tokens)
+    row = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]
+    for key in ("mask_miou_probe", "mask_pixel_accuracy_probe", "mask_probe_real_miou", "mask_probe_recon_miou",
+                "mask_miou_probe_mismatched"):
+        assert 0 <= row[key] <= 1, key
+
+
+def test_held_out_views_are_scored_by_the_same_probe():
+    tokens, masks = toy()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(tokens.shape, generator=g)
+    _, scores = fit_with_held_out(tokens, masks, 4, torch.Generator().manual_seed(0), FAST,
+                                  views={"same": tokens.clone(), "noise": noise})
+    assert scores["same_miou"] == scores["miou"] and scores["same_pixel_accuracy"] == scores["pixel_accuracy"]
+    assert scores["noise_miou"] < 0.5 < scores["miou"]
+    with pytest.raises(ValueError, match=r"views\['bad'\]: expected the shape of inputs"):
+        fit_with_held_out(tokens, masks, 4, g, FAST, views={"bad": tokens[:3]})
