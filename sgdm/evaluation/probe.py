@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from sgdm.evaluation.config import ProbeConfig
 
-__all__ = ["ProbeConfig", "LinearProbe", "fit_probe", "class_iou", "real_probe_data", "fit_with_held_out"]
+__all__ = ["ProbeConfig", "LinearProbe", "fit_probe", "train_per_pixel", "class_iou", "real_probe_data", "fit_with_held_out"]
 
 IGNORE = 255
 
@@ -90,16 +90,26 @@ def fit_probe(patches: torch.Tensor, masks: torch.Tensor, num_classes: int, gene
     bias = torch.zeros(num_classes, requires_grad=True)
     probe = LinearProbe(weight, bias, mean, std)
     optimiser = torch.optim.Adam([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_per_pixel(probe.logits, patches, masks, optimiser, cfg.epochs, cfg.batch_size, generator)
+    return LinearProbe(weight.detach(), bias.detach(), mean, std)
+
+
+def train_per_pixel(logits, inputs: torch.Tensor, masks: torch.Tensor, optimiser, epochs: int, batch_size: int,
+                    generator: torch.Generator, schedule=None) -> None:
+    """``epochs`` passes over ``inputs`` in minibatches drawn from ``generator``: cross-entropy of
+    ``logits(inputs[rows], size)`` against ``masks`` [N, h, w] at their resolution (255 ignored), one
+    ``optimiser`` step (and ``schedule`` step) per minibatch."""
     targets = masks.long()
-    size = masks.shape[-2:]
+    size = tuple(masks.shape[-2:])
     with torch.enable_grad():
-        for _ in range(cfg.epochs):
-            for rows in torch.randperm(len(patches), generator=generator).split(cfg.batch_size):
-                loss = F.cross_entropy(probe.logits(patches[rows], size), targets[rows], ignore_index=IGNORE)
+        for _ in range(epochs):
+            for rows in torch.randperm(len(inputs), generator=generator).split(batch_size):
+                loss = F.cross_entropy(logits(inputs[rows], size), targets[rows], ignore_index=IGNORE)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-    return LinearProbe(weight.detach(), bias.detach(), mean, std)
+                if schedule is not None:
+                    schedule.step()
 
 
 def class_iou(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> dict[str, float]:

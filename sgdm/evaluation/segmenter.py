@@ -115,19 +115,12 @@ def fit_segmenter(images: torch.Tensor, masks: torch.Tensor, num_classes: int, g
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         net = UNetSegmenter(num_classes, cfg.width)
     probe = PixelProbe(net, num_classes)
-    size = tuple(masks.shape[-2:])
-    targets = masks.long()
+    from sgdm.evaluation.probe import train_per_pixel
+
     batches = math.ceil(len(images) / cfg.batch_size)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg.lr, total_steps=cfg.epochs * batches)
     net.train()
-    with torch.enable_grad():
-        for _ in range(cfg.epochs):
-            for rows in torch.randperm(len(images), generator=generator).split(cfg.batch_size):
-                loss = F.cross_entropy(probe.logits(images[rows], size), targets[rows], ignore_index=IGNORE)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+    train_per_pixel(probe.logits, images, masks, optimiser, cfg.epochs, cfg.batch_size, generator, schedule)
     net.eval().requires_grad_(False)
     return probe
