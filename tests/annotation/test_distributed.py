@@ -71,6 +71,9 @@ def worker(rank, world, init_file, out_dir, weights, cache):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, tiny_weights, shapes_cache):
     out = tmp_path_factory.mktemp("distributed")
+    # both ranks live on this machine: keep gloo on the loopback device instead of whatever
+    # interface the host name resolves to (one CI run aborted both ranks during set-up)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(worker, args=(2, str(out / "init"), str(out), str(tiny_weights), str(shapes_cache)), nprocs=2, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
