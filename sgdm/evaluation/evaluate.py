@@ -218,7 +218,8 @@ class _Evaluator:
 
             # the same images through the run's autoencoder: what a perfect latent model would
             # produce, so the scorer's mIoU on them bounds the samples' score
-            views = {} if self.autoencoder is None else {"recon": scorer_inputs(self._reconstruct(images))}
+            views = {} if self.autoencoder is None else \
+                {"recon": lambda rows: scorer_inputs(self._reconstruct(images[rows]))}
             generator = torch.Generator().manual_seed(self.ecfg.seed)
             self._probe = fit_with_held_out(scorer_inputs(images), masks, store.num_classes, generator, self.ecfg.probe,
                                             views=views)

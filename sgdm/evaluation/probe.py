@@ -17,7 +17,7 @@ for the samples' score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class LinearProbe:
     bias: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
-    input: str = "tokens"  # what predict() takes: patch tokens (a PixelProbe takes images)
+    input: ClassVar[str] = "tokens"  # what predict() takes: patch tokens (a PixelProbe takes images)
 
     @property
     def num_classes(self) -> int:
@@ -153,13 +153,15 @@ def real_probe_data(dataset, store) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_with_held_out(inputs: torch.Tensor, masks: torch.Tensor, num_classes: int, generator: torch.Generator,
-                      cfg: ProbeConfig | None = None, views: dict[str, torch.Tensor] | None = None):
+                      cfg: ProbeConfig | None = None,
+                      views: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
     """Fit the scorer ``cfg.input`` names on real images' ``inputs`` and masks [M, h, w], keeping a
     random ``cfg.held_out`` fraction (drawn from ``generator``) out; returns the scorer and its
     :func:`class_iou` on the held-out images. ``inputs``: patch tokens [M, h', w', D] for the linear
     probe (``tokens``), the images [M, 3, H, W] for the U-Net (``pixels``, :mod:`sgdm.evaluation.segmenter`).
-    ``views``: other inputs of the same M images (e.g. of their autoencoder reconstructions); each
-    is scored on the held-out images too, as ``<name>_miou`` and ``<name>_pixel_accuracy``."""
+    ``views``: name -> function of held-out row indices returning other inputs of those images
+    (e.g. of their autoencoder reconstructions), so only the held-out images are transformed;
+    each is scored too, as ``<name>_miou`` and ``<name>_pixel_accuracy``."""
     cfg = cfg or ProbeConfig()
     if cfg.input == "pixels":
         from sgdm.evaluation.segmenter import check_training_data, fit_segmenter
@@ -179,12 +181,13 @@ def fit_with_held_out(inputs: torch.Tensor, masks: torch.Tensor, num_classes: in
         raise ValueError(f"probe: {m} real images cannot be split into training and held-out ({cfg.held_out:.0%}) parts")
     order = torch.randperm(m, generator=generator)
     test, train = order[:held], order[held:]
-    for name, view in (views or {}).items():
-        if view.shape != inputs.shape:
-            raise ValueError(f"views[{name!r}]: expected the shape of inputs {tuple(inputs.shape)}, got {tuple(view.shape)}")
     probe = fit(inputs[train], masks[train])
     scores = class_iou(probe.predict(inputs[test], masks.shape[-2:], cfg.batch_size), masks[test].long(), num_classes)
-    for name, view in (views or {}).items():
-        pred = probe.predict(view[test], masks.shape[-2:], cfg.batch_size)
+    for name, view_of in (views or {}).items():
+        view = view_of(test)
+        if view.shape != inputs[test].shape:
+            raise ValueError(f"views[{name!r}]: expected the shape of inputs {tuple(inputs[test].shape)} for the "
+                             f"held-out rows, got {tuple(view.shape)}")
+        pred = probe.predict(view, masks.shape[-2:], cfg.batch_size)
         scores.update({f"{name}_{k}": v for k, v in class_iou(pred, masks[test].long(), num_classes).items()})
     return probe, scores

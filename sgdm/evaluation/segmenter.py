@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -83,7 +83,7 @@ class PixelProbe:
 
     net: UNetSegmenter
     num_classes: int
-    input: str = "pixels"
+    input: ClassVar[str] = "pixels"
 
     def logits(self, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """images [N, 3, H, W] in [-1, 1] -> class logits [N, K, *size]."""

@@ -232,8 +232,8 @@ def test_held_out_views_are_scored_by_the_same_probe():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(tokens.shape, generator=g)
     _, scores = fit_with_held_out(tokens, masks, 4, torch.Generator().manual_seed(0), FAST,
-                                  views={"same": tokens.clone(), "noise": noise})
+                                  views={"same": lambda rows: tokens[rows].clone(), "noise": lambda rows: noise[rows]})
     assert scores["same_miou"] == scores["miou"] and scores["same_pixel_accuracy"] == scores["pixel_accuracy"]
     assert scores["noise_miou"] < 0.5 < scores["miou"]
     with pytest.raises(ValueError, match=r"views\['bad'\]: expected the shape of inputs"):
-        fit_with_held_out(tokens, masks, 4, g, FAST, views={"bad": tokens[:3]})
+        fit_with_held_out(tokens, masks, 4, g, FAST, views={"bad": lambda rows: tokens[:3]})
