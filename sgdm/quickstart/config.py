@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from sgdm.config.core import ConfigError, require_at_least
 from sgdm.features_pretrain.config import PretrainConfig
@@ -26,6 +27,7 @@ class PrepareConfig:
     report: bool = False
     autoencoder_steps: int = 400
     autoencoder_batch_size: int = 16  # the first stage sees full-resolution images: a smaller batch than the LDM's
+    autoencoder_lr: Optional[float] = None  # None: train.lr (the diffusion model's)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     report_samples_per_row: int = 8
     report_steps: int = 50
@@ -44,6 +46,8 @@ class PrepareConfig:
     def validate(self) -> None:
         require_at_least(self, 1, "autoencoder_batch_size", "autoencoder_steps", "report_samples_per_row",
                          "report_steps")
+        if self.autoencoder_lr is not None and not self.autoencoder_lr > 0:
+            raise ConfigError("autoencoder_lr", f"must be > 0 (or null: train.lr), got {self.autoencoder_lr}")
         if not self.report_scales:
             raise ConfigError("report_scales", "needs at least one guidance scale")
         require_at_least(self, 1, "companion_steps")

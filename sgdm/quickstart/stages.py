@@ -6,7 +6,8 @@ quickstart goes straight to training. The stages, in order (each only when its
 
 - ``dataset``: build the dataset once (the ``shapes`` generator writes its cache);
 - ``autoencoder``: ``model.autoencoder.checkpoint`` via ``train_autoencoder`` with
-  ``prepare.autoencoder_steps`` steps of ``prepare.autoencoder_batch_size`` images;
+  ``prepare.autoencoder_steps`` steps of ``prepare.autoencoder_batch_size`` images
+  at ``prepare.autoencoder_lr`` (default ``train.lr``);
 - ``features``: ``annotation.weights`` via DINO pretraining of
   ``annotation.backbone`` with ``prepare.pretrain``;
 - ``annotations``: the ``annotation.store`` via ``annotate`` (with ``--evaluate``
@@ -66,8 +67,10 @@ def _autoencoder(cfg, log) -> str:
     from sgdm.training.autoencoder import train_autoencoder
     from sgdm.training.checkpoint import list_checkpoints
 
-    budget = dataclasses.replace(cfg.train, max_steps=cfg.prepare.autoencoder_steps, batch_size=cfg.prepare.autoencoder_batch_size,
-                                 checkpoint_every=min(cfg.train.checkpoint_every, cfg.prepare.autoencoder_steps))
+    p = cfg.prepare
+    budget = dataclasses.replace(cfg.train, max_steps=p.autoencoder_steps, batch_size=p.autoencoder_batch_size,
+                                 lr=cfg.train.lr if p.autoencoder_lr is None else p.autoencoder_lr,
+                                 checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps))
     ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
     resume = bool(list_checkpoints(ae_cfg.run.path / "checkpoints"))  # an interrupted first try continues
     code = train_autoencoder(ae_cfg, resume=resume)

@@ -121,3 +121,23 @@ def test_ground_truth_masks_are_held_to_the_probe_score_when_eval_gives_it(bench
 def test_training_budget_defaults_to_the_tables_steps_and_the_flag_overrides_it(bench):
     assert bench.parse_args([]).steps == bench.TRAIN_STEPS == 2400
     assert bench.parse_args(["--steps", "300"]).steps == 300
+
+
+def test_tables_train_their_own_first_stage_into_out_and_user_overrides_win(bench, tmp_path):
+    from sgdm.config.schema import load_experiment
+
+    config = pathlib.Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    args = bench.parse_args(["--out", str(tmp_path / "tables")])
+    assert args.first_stage_steps == bench.FIRST_STAGE_STEPS == 4000
+    cfg = load_experiment(config, bench.first_stage_overrides(args))
+    assert cfg.model.autoencoder.checkpoint == tmp_path / "tables" / "autoencoder.ckpt"
+    p = cfg.prepare
+    assert (p.autoencoder_steps, p.autoencoder_batch_size, p.autoencoder_lr) == (4000, 32, 5e-4)
+    assert cfg.run.path == tmp_path / "tables" / "first-stage"  # its training run stays under --out too
+    base = load_experiment(config)
+    assert base.prepare.autoencoder_lr is None and base.prepare.autoencoder_steps == 600  # the quickstart's is untouched
+    mine = load_experiment(config, [*bench.first_stage_overrides(args), "prepare.autoencoder_steps=7"])
+    assert mine.prepare.autoencoder_steps == 7
+    assert bench.first_stage_overrides(bench.parse_args(["--first-stage-steps", "0"])) == []
+    with pytest.raises(SystemExit, match="--first-stage-steps: must be >= 0"):
+        bench.first_stage_overrides(bench.parse_args(["--first-stage-steps", "-1"]))

@@ -119,3 +119,27 @@ def test_prepare_without_target_paths_names_the_key(tmp_path):
                                    "prepare.dataset=false"])
     with pytest.raises(ConfigError, match="annotation.weights: .*enc.safetensors does not exist; set prepare.features"):
         prepare(cfg, log=lambda m: None)
+
+
+def test_prepare_trains_the_autoencoder_with_its_own_budget_and_lr(tmp_path, monkeypatch):
+    import sgdm.training.autoencoder as ae_training
+    from sgdm.quickstart import prepare
+
+    seen = []
+
+    def fake_train(cfg, resume=False):
+        seen.append((cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.run.name))
+        cfg.model.autoencoder.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        cfg.model.autoencoder.checkpoint.write_bytes(b"weights")
+        return 0
+
+    monkeypatch.setattr(ae_training, "train_autoencoder", fake_train)
+    only_ae = [*tiny_overrides(tmp_path), "prepare.dataset=false", "prepare.features=false",
+               "prepare.annotations=false", "prepare.autoencoder_steps=5", "prepare.autoencoder_batch_size=3",
+               "train.lr=1e-4"]
+    assert prepare(load_experiment(CONFIG, only_ae), log=lambda m: None)["autoencoder"].startswith("trained")
+    (tmp_path / "assets" / "ae.ckpt").unlink()
+    prepare(load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=5e-4"]), log=lambda m: None)
+    assert seen == [(5, 3, 1e-4, "quickstart-autoencoder"), (5, 3, 5e-4, "quickstart-autoencoder")]
+    with pytest.raises(ConfigError, match=r"prepare.autoencoder_lr: must be > 0"):
+        load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=0"])
