@@ -48,12 +48,27 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Pat
                                       f"integrity check)")
     if ckpt is not None:
         check_resume_compatible(cfg, run_dir / "config.yaml")
+        if _rank() == 0:
+            keep_earlier_metrics(run_dir / "logs")
     if _rank() == 0:
         from sgdm.training.checkpoint import atomic_write_text
 
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(_recorded(cfg)))
     return ckpt
+
+
+def keep_earlier_metrics(log_dir: pathlib.Path) -> Optional[pathlib.Path]:
+    """Move ``log_dir/metrics.csv`` to ``metrics-<k>.csv`` (k = 1, 2, ...: the k-th earlier segment of
+    the run) and return the new path; None when there is none. Lightning's CSV logger deletes
+    ``metrics.csv`` when it starts, which on a resume would lose the history of the steps before it."""
+    current = log_dir / "metrics.csv"
+    if not current.is_file():
+        return None
+    k = 1
+    while (log_dir / f"metrics-{k}.csv").exists():
+        k += 1
+    return current.rename(log_dir / f"metrics-{k}.csv")
 
 
 # What an exact continuation depends on; anything else (max_steps, logging, checkpoint cadence) may change.

@@ -137,3 +137,23 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     assert_same_training_state(reference, _ckpt(faulty, steps))
 
 
+
+
+def test_resume_keeps_the_earlier_csv_metrics(workdir):
+    import csv
+    import pathlib
+
+    cfg = tiny_config(workdir, run={"name": "csv-logs"}, train={"max_steps": 2, "checkpoint_every": 1, "log_every": 1,
+                                                                "logger": "csv"})
+    logs = pathlib.Path(cfg["run"]["dir"]) / "csv-logs" / "logs"
+    assert run_in_process(cfg) == 0
+    first = (logs / "metrics.csv").read_text()
+    assert "train/loss" in first
+    for k, steps in ((1, 3), (2, 4)):
+        cfg["train"]["max_steps"] = steps
+        assert run_in_process(cfg, resume=True) == 0
+        assert (logs / f"metrics-{k}.csv").is_file() and (logs / "metrics.csv").is_file()
+    assert (logs / "metrics-1.csv").read_text() == first  # the segment before the first resume, untouched
+    with open(logs / "metrics.csv", newline="") as f:
+        steps = [float(row["train/step"]) for row in csv.DictReader(f) if row.get("train/step")]
+    assert steps == [4.0]  # only the last segment's step
