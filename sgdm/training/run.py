@@ -48,11 +48,11 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Pat
                                       f"integrity check)")
     if ckpt is not None:
         check_resume_compatible(cfg, run_dir / "config.yaml")
-        if _rank() == 0:
-            keep_earlier_metrics(run_dir / "logs")
     if _rank() == 0:
         from sgdm.training.checkpoint import atomic_write_text
 
+        if ckpt is not None:
+            keep_earlier_metrics(run_dir / "logs")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(_recorded(cfg)))
     return ckpt
