@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #   bash benchmarks/gpu_check.sh ops        # re-check after an op kernel change: build, the
 #                                           # op tests, op benchmarks and sanitizers (~2 min)
+#   bash benchmarks/gpu_check.sh attention  # re-check after an attention kernel change: build,
+#                                           # the op tests, attention benchmark and sanitizers (~2 min)
 #
 # Other ops add their pieces to the arrays below (SMOKE: a command exercising
 # the op once on small shapes, run under each sanitizer; BENCH: a benchmark
@@ -31,14 +33,18 @@ export SGDM_CPU_AVX512=${SGDM_CPU_AVX512:-0}  # CPU paths are checked elsewhere;
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 
 SCOPE=${1:-all}
-case $SCOPE in all | ops) ;; *) echo "usage: $0 [all|ops]" >&2; exit 2 ;; esac
+case $SCOPE in all | ops | attention) ;; *) echo "usage: $0 [all|ops|attention]" >&2; exit 2 ;; esac
 
-SMOKE=("$PY benchmarks/ops_bench.py --smoke --device cuda")
-BENCH=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 50")
-# kernel time without the host's per-call cost (which bounds these ops at the issue's shapes)
-BENCH+=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 30 --cuda-graphs")
+SMOKE=()
+BENCH=()
+if [ "$SCOPE" != attention ]; then
+  SMOKE+=("$PY benchmarks/ops_bench.py --smoke --device cuda")
+  BENCH+=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 50")
+  # kernel time without the host's per-call cost (which bounds these ops at the issue's shapes)
+  BENCH+=("$PY benchmarks/ops_bench.py --device cuda --dtype float32 bfloat16 --repeats 30 --cuda-graphs")
+fi
 # attention (issue 3): every dtype x head dim once; vs SDPA's flash and cuDNN backends
-if [ "$SCOPE" = all ]; then
+if [ "$SCOPE" != ops ]; then
   SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda")
   BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30")
 fi

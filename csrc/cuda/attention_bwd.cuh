@@ -27,6 +27,10 @@ struct BwdTile {
   // at 255 registers).
   static constexpr int kM = D > 64 ? 16 : 64;
   static constexpr int kLdS = kM + 8;
+  // D <= 64: each warp keeps its 16 keys' K and V as mma A fragments in
+  // registers (2 x 4 D / 16), instead of reading them from shared memory at
+  // every query step (shared memory bandwidth bounds this kernel).
+  static constexpr bool kKVInRegs = D <= 64;
   template <class T>
   static constexpr int smem_bytes() {  // K, V, 2 x Q, 2 x dO, dS^T, then 2 x (lse, delta)
     return ((2 * kN + 4 * kM) * kLd + kN * kLdS) * static_cast<int>(sizeof(T)) +
@@ -64,17 +68,30 @@ __device__ __forceinline__ void mma_a_regs_b_rows(float (&acc)[kCols / 8][4], co
   }
 }
 
-// acc[16 x kRows] = A B^T for A = 16 rows of `a` (smem) and B = kRows rows of `b`
-// (smem), both [rows][D]: the transposed score products S^T = K Q^T, dP^T = V dO^T.
-template <class T, int D, int kRows>
-__device__ __forceinline__ void mma_rows_rows(float (&acc)[kRows / 8][4], const T* a, const T* b, int lane) {
+// The A fragments of 16 rows of `a` ([rows][D] in smem), for k = 16 kk .. 16 kk + 15.
+template <int D, class T>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&af)[4], const T* a, int kk, int lane) {
+  ldmatrix_x4(af, a + (lane % 16) * (D + 8) + kk * 16 + (lane / 16) * 8);
+}
+
+// acc[16 x kRows] = A B^T for A = 16 rows of `a` (smem; or, with kAFrags, their
+// fragments in af) and B = kRows rows of `b` (smem), both [rows][D]: the
+// transposed score products S^T = K Q^T, dP^T = V dO^T.
+template <class T, int D, int kRows, bool kAFrags>
+__device__ __forceinline__ void mma_rows_rows(float (&acc)[kRows / 8][4], const T* a,
+                                              const uint32_t (&af_regs)[D / 16][4], const T* b, int lane) {
   constexpr int kLd = D + 8;
 #pragma unroll
   for (int i = 0; i < kRows / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t af[4];
-    ldmatrix_x4(af, a + (lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+    if constexpr (kAFrags) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) af[i] = af_regs[kk][i];
+    } else {
+      load_a_fragment<D>(af, a, kk, lane);
+    }
 #pragma unroll
     for (int np = 0; np < kRows / 16; ++np) {
       uint32_t r[4];
@@ -148,24 +165,25 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads)
   T* sdo = sq + 2 * kM * kLd;  // 2 buffers
   T* sds = sdo + 2 * kM * kLd;
   float* sstat = reinterpret_cast<float*>(sds + kN * Cfg::kLdS);  // [2][lse kM | delta kM]
+  static_assert(((2 * kN + 4 * kM) * kLd + kN * Cfg::kLdS) * sizeof(T) % 8 == 0, "lse, delta read as float2");
 
   const int64_t bh = blockIdx.y;
   const int n0 = static_cast<int>(blockIdx.x) * kN;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const T* qg = q + bh * nq * D;
   const T* dog = dout + bh * nq * D;
   const float* lse_bh = lse + bh * nq;
   const float* delta_bh = delta + bh * nq;
   const int m_blocks = (nq + kM - 1) / kM;
 
-  load_tile_async<T, D, Cfg::kThreads>(sk, k + (bh * nk + n0) * D, D, kN, nk - n0);
-  load_tile_async<T, D, Cfg::kThreads>(sv, v + (bh * nk + n0) * D, D, kN, nk - n0);
+  load_tile_async<T, D, Cfg::kThreads>(sk, k + (bh * nk + n0) * D, D, kN, nk - n0, tid);
+  load_tile_async<T, D, Cfg::kThreads>(sv, v + (bh * nk + n0) * D, D, kN, nk - n0, tid);
   // Q, dO and the rows' lse (natural log) and delta for query block i into buffer i % 2.
   auto load_query_block = [&](int i) {
     const int m0 = i * kM, buf = i & 1;
     const int64_t off = static_cast<int64_t>(m0) * D;
-    load_tile_async<T, D, Cfg::kThreads>(sq + buf * kM * kLd, qg + off, D, kM, nq - m0);
-    load_tile_async<T, D, Cfg::kThreads>(sdo + buf * kM * kLd, dog + off, D, kM, nq - m0);
+    load_tile_async<T, D, Cfg::kThreads>(sq + buf * kM * kLd, qg + off, D, kM, nq - m0, tid);
+    load_tile_async<T, D, Cfg::kThreads>(sdo + buf * kM * kLd, dog + off, D, kM, nq - m0, tid);
     for (int t = static_cast<int>(threadIdx.x); t < 2 * kM; t += Cfg::kThreads) {
       const int r = t % kM;
       const bool valid = m0 + r < nq;
@@ -182,6 +200,14 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dkacc[i][e] = dvacc[i][e] = 0.0f;
   const int key_row = n0 + warp * 16 + lane / 4;  // + 8 for accumulator entries 2, 3
+  // Only the last key block can hold keys past nk (CTA-uniform). Their rows of
+  // K are zeros, so their scores would be exp2(-lse), which can overflow:
+  // they are masked to 0. Query rows past nq need no mask: their dO and delta
+  // are zeros, so their P^T dO and dS^T vanish.
+  const bool key_edge = n0 + kN > nk;
+  const T* kw = sk + warp * 16 * kLd;  // this warp's 16 keys
+  const T* vw = sv + warp * 16 * kLd;
+  uint32_t kf[D / 16][4], vf[D / 16][4];  // their A fragments (kKVInRegs)
 
   for (int i = 0; i < m_blocks; ++i) {
     const int m0 = i * kM;
@@ -192,17 +218,32 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads)
     const T* qb = sq + (i & 1) * kM * kLd;
     const T* dob = sdo + (i & 1) * kM * kLd;
     const float* slse = sstat + (i & 1) * 2 * kM;  // this block's lse, then delta
+    if constexpr (Cfg::kKVInRegs) {
+      if (i == 0) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          load_a_fragment<D>(kf[kk], kw, kk, lane);
+          load_a_fragment<D>(vf[kk], vw, kk, lane);
+        }
+      }
+    }
 
     float p[kM / 8][4];
-    mma_rows_rows<T, D, kM>(p, sk + warp * 16 * kLd, qb, lane);  // S^T
+    mma_rows_rows<T, D, kM, Cfg::kKVInRegs>(p, kw, kf, qb, lane);  // S^T
 #pragma unroll
     for (int qt = 0; qt < kM / 8; ++qt) {
+      // the lse of this lane's two query columns, in the base-2 domain
+      const float2 l2 = *reinterpret_cast<const float2*>(slse + qt * 8 + 2 * (lane % 4));
+      const float lse2[2] = {attn::lse_in_domain<attn::Base2Exp>(l2.x), attn::lse_in_domain<attn::Base2Exp>(l2.y)};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = qt * 8 + 2 * (lane % 4) + (e & 1);
-        const bool valid = m0 + c < nq && key_row + 8 * (e / 2) < nk;
-        p[qt][e] = valid ? exp2f(p[qt][e] * (scale * kLog2e) - attn::lse_in_domain<attn::Base2Exp>(slse[c])) : 0.0f;
-      }
+      for (int e = 0; e < 4; ++e) p[qt][e] = exp2f(fmaf(p[qt][e], scale * kLog2e, -lse2[e & 1]));
+    }
+    if (key_edge) {
+#pragma unroll
+      for (int qt = 0; qt < kM / 8; ++qt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (key_row + 8 * (e / 2) >= nk) p[qt][e] = 0.0f;
     }
 #pragma unroll
     for (int kc = 0; kc < kM / 16; ++kc) {  // dV += P^T dO
@@ -211,14 +252,12 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads)
       mma_a_regs_b_rows<T, D>(dvacc, a, dob + kc * 16 * kLd, kLd, lane);
     }
     float ds[kM / 8][4];
-    mma_rows_rows<T, D, kM>(ds, sv + warp * 16 * kLd, dob, lane);  // dP^T
+    mma_rows_rows<T, D, kM, Cfg::kKVInRegs>(ds, vw, vf, dob, lane);  // dP^T
 #pragma unroll
     for (int qt = 0; qt < kM / 8; ++qt) {
+      const float2 d2 = *reinterpret_cast<const float2*>(slse + kM + qt * 8 + 2 * (lane % 4));  // 0 past nq
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = qt * 8 + 2 * (lane % 4) + (e & 1);
-        ds[qt][e] = attn::score_grad(p[qt][e], ds[qt][e], slse[kM + c]);  // delta is 0 past nq
-      }
+      for (int e = 0; e < 4; ++e) ds[qt][e] = attn::score_grad(p[qt][e], ds[qt][e], e & 1 ? d2.y : d2.x);
     }
 #pragma unroll
     for (int kc = 0; kc < kM / 16; ++kc) {  // dK += dS^T Q

@@ -93,17 +93,27 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
 
 // Copies a [rows][D] tile (row stride ld elements in global memory) into
 // shared memory with row stride D + 8: the 16-byte pad puts the 8 rows of an
-// ldmatrix on distinct banks. Rows at or past `valid_rows` become zeros.
+// ldmatrix on distinct banks. Rows at or past `valid_rows` become zeros. The
+// kThreads threads that copy are numbered by `tid` (0 .. kThreads - 1).
 template <class T, int D, int kThreads>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t ld, int rows,
-                                                int valid_rows) {
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t ld, int rows, int valid_rows,
+                                                int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  for (int i = static_cast<int>(threadIdx.x); i < rows * kChunks; i += kThreads) {
+  for (int i = tid; i < rows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
     const bool valid = r < valid_rows;
     const T* src = gmem + (valid ? static_cast<int64_t>(r) * ld + c : 0);
     cp_async_16(smem + r * (D + 8) + c, src, valid);
   }
+}
+
+// Named barriers (ids 1..15; 0 is __syncthreads): `threads` (a multiple of 32)
+// arrive, counting both bar_sync, which waits, and bar_arrive, which does not.
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Max / sum over the 4 lanes that share an accumulator row.

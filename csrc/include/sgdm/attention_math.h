@@ -34,6 +34,7 @@ struct Base2Exp {
 };
 
 SGDM_INLINE float neg_infinity() { return -INFINITY; }
+SGDM_INLINE float pos_infinity() { return INFINITY; }
 
 // Running state of one query row; m is -inf until the first key is seen.
 struct OnlineRow {
