@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh ops        # re-check after an op kernel change: build, the
 #                                           # op tests, op benchmarks and sanitizers (~2 min)
 #   bash benchmarks/gpu_check.sh attention  # re-check after an attention kernel change: build,
-#                                           # the op tests, attention benchmark and sanitizers (~2 min)
+#                                           # the op tests, attention benchmarks (SDPA and the
+#                                           # forward's tile configurations) and sanitizers (~3 min)
 #
 # Other ops add their pieces to the arrays below (SMOKE: a command exercising
 # the op once on small shapes, run under each sanitizer; BENCH: a benchmark
@@ -79,6 +80,10 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
     i=$((i + 1))
     step "bench-$i" 90 "$cmd --json $OUT/bench_$i.json"
   done
+  if [ "$SCOPE" != ops ]; then
+    # the forward's tile configurations against the production FwdTile (standalone nvcc program)
+    step attention-tiles 150 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -arch=native -Icsrc/include -Icsrc/cuda benchmarks/attention_tiles.cu -o $OUT/attention_tiles && $OUT/attention_tiles | tee $OUT/attention_tiles.txt"
+  fi
   i=0
   for cmd in "${SMOKE[@]}"; do
     i=$((i + 1))
