@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
-__all__ = ["guidance_variant", "variant_name", "VARIANTS"]
+__all__ = ["guidance_variant", "variant_name", "train_variant", "seed_continuation", "VARIANTS"]
 
 # (kind, source) rows of the paper's tables, in print order
 VARIANTS = [("none", "self"), ("label", "gt"), ("label", "self"), ("box", "self"), ("box", "gt"),
@@ -71,3 +71,35 @@ def train_variant(vcfg, log) -> pathlib.Path:
     if code != 0:
         raise RuntimeError(f"training variant {run_path} stopped with exit code {code}")
     return run_path
+
+
+def seed_continuation(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | None:
+    """Start run dir ``dst`` where run ``src`` stopped: its newest valid checkpoint and its
+    ``config.yaml`` are copied (each atomically), so that training ``dst`` with ``resume``
+    continues ``src`` exactly, to ``dst``'s own ``train.max_steps``, while ``src`` (its
+    exported pipeline, its evaluation) stays as it was.
+
+    Does nothing when ``dst`` already has checkpoints or an exported pipeline (a continuation
+    under way or finished); returns the checkpoint copied, else None. A ``src`` without a
+    valid checkpoint is an error that names it."""
+    import os
+    import shutil
+
+    from sgdm.training.checkpoint import TMP_SUFFIX, find_last_valid, list_checkpoints
+
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if (dst / "pipeline").exists() or list_checkpoints(dst / "checkpoints"):
+        return None
+    ckpt = find_last_valid(src / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{src / 'checkpoints'}: no valid checkpoint to continue from")
+    copies = [(ckpt, dst / "checkpoints" / ckpt.name)]
+    if (src / "config.yaml").is_file():  # lets the resume check that the continuation is the same run
+        copies.append((src / "config.yaml", dst / "config.yaml"))
+    for source, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}{TMP_SUFFIX}")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    return copies[0][1]
+

@@ -141,3 +141,37 @@ def test_tables_train_their_own_first_stage_into_out_and_user_overrides_win(benc
     assert bench.first_stage_overrides(bench.parse_args(["--first-stage-steps", "0"])) == []
     with pytest.raises(SystemExit, match="--first-stage-steps: must be >= 0"):
         bench.first_stage_overrides(bench.parse_args(["--first-stage-steps", "-1"]))
+
+
+def test_adherence_budget_flag_is_off_by_default_and_must_exceed_the_tables_steps(bench):
+    assert bench.adherence_steps(bench.parse_args([])) == 0
+    assert bench.adherence_steps(bench.parse_args(["--adherence-steps", "18000"])) == 18000
+    with pytest.raises(SystemExit, match=r"--adherence-steps: must exceed --steps \(2400\)"):
+        bench.adherence_steps(bench.parse_args(["--adherence-steps", "2400"]))
+    with pytest.raises(SystemExit, match="--adherence-steps: must be >= 0"):
+        bench.adherence_steps(bench.parse_args(["--steps", "-5", "--adherence-steps", "-1"]))
+
+
+def test_a_longer_budget_gets_its_own_table_and_is_checked_when_the_tables_budget_misses(bench):
+    base = {"variant": "no-guidance", "kind": "none", "fd_x": 1.0, "guidance_scale": None, "train_s": 1, "steps": 24}
+    short = _swept(bench, "gt-mask", "mask", "mask_miou", [(2.0, 0.6, 0.22), (4.0, 0.7, 0.24)])
+    box = _swept(bench, "self-box", "box", "box_iou", [(1.5, 0.4, 0.57)])
+    short["steps"] = box["steps"] = 24
+    # after 180 steps the distance is at its floor, above no guidance's at 24 steps; adherence alone is held
+    long = _swept(bench, "gt-mask", "mask", "mask_miou", [(1.0, 0.12, 0.41), (2.0, 0.31, 0.49), (4.0, 0.38, 0.54)])
+    long_box = _swept(bench, "self-box", "box", "box_iou", [(1.5, 0.1, 0.62)])
+    long["steps"] = long_box["steps"] = 180
+    checks = bench.check_targets([base, short, box], "fd_x", [long, long_box])
+    text, ok = next(c for c in checks if c[0].startswith("gt-mask mask_miou"))
+    assert ok and "not met at 24 steps; after 180 steps met at w = 4 (mask_miou 0.540, fd_x 0.38)" in text
+    box_text, box_ok = next(c for c in checks if c[0].startswith("self-box box_iou"))
+    assert box_ok and "180" not in box_text  # met at the tables' budget: the longer run is not needed
+    text, ok = next(c for c in bench.check_targets([base, short], "fd_x") if c[0].startswith("gt-mask mask_miou"))
+    assert not ok and "180" not in text  # without the longer runs the miss stands
+    table = bench.format_adherence_table([long_box, long], "fd_x")
+    assert "### Layout adherence after 180 training steps" in table
+    assert "| self-boxed | box_iou | 0.620 (w = 1.5, 0.1) | 1.5 (box_iou 0.620) |" in table
+    assert "| ground-truth masks | mask_miou | 0.540 (w = 4, 0.38) | 4 (mask_miou 0.540) |" in table
+    assert "### fd_x / layout adherence by w after 180 steps" in table
+    assert "| ground-truth masks | 0.12 / 0.410 |  | 0.31 / 0.490 | 0.38 / 0.540 |" in table  # w = 1, 1.5, 2, 4
+    assert bench.format_adherence_table([], "fd_x") == ""

@@ -72,6 +72,23 @@ def test_resume_is_exact_in_a_new_process(workdir, reference):
     assert reference["sgdm"]["ema_updates"] == STEPS
 
 
+def test_a_continuation_in_a_new_run_dir_matches_the_uninterrupted_run(workdir, reference):
+    """seed_continuation (paper_tables --adherence-steps): run B starts from run A's last checkpoint
+    and trains on to a larger budget; A stays as it was."""
+    import pathlib
+
+    from sgdm.quickstart.variants import seed_continuation
+
+    short = tiny_config(workdir, run={"name": "cont-short"}, train={**FAULT_TRAIN, "max_steps": 6})
+    _cli(workdir, short, "cont-short")
+    longer = tiny_config(workdir, run={"name": "cont-long"}, train=FAULT_TRAIN)
+    runs = pathlib.Path(short["run"]["dir"])
+    assert seed_continuation(runs / "cont-short", runs / "cont-long").name == checkpoint_name(6)
+    _cli(workdir, longer, "cont-long", "--resume")
+    assert_same_training_state(reference, _ckpt(longer, STEPS))
+    assert [s for s, _ in list_checkpoints(runs / "cont-short" / "checkpoints")][-1] == 6
+
+
 def test_resume_in_a_later_epoch_keeps_data_order_and_state(workdir):
     common = {"accumulate": 2, "max_steps": 8, "checkpoint_every": 1}
     straight = tiny_config(workdir, run={"name": "order-straight"}, train=common)
