@@ -94,6 +94,8 @@ def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
         for old in directory.glob("shard-*.safetensors"):
             old.unlink()
         manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False}
+    if manifest["complete"]:  # (the loop below would rewrite a partial last shard)
+        return directory
     num_shards = (len(dataset) + shard - 1) // shard
     for index in range(len(manifest["ids"]) // shard, num_shards):
         lo, hi = index * shard, min(len(dataset), (index + 1) * shard)

@@ -1,8 +1,10 @@
 """In-process trainer behaviour: non-finite steps, latent cache, sample grids, export, EMA."""
 from __future__ import annotations
 
-import pytorch_lightning as pl
+import json
+
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from sgdm.config.core import from_dict
@@ -94,6 +96,24 @@ def test_latent_cache_bf16_clipping_sample_grid_and_pipeline_export(workdir):
     images = pipe(2, cluster=[0, 1], num_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
                   progress=False)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_resume_rebuilds_a_missing_latent_cache_and_keeps_a_complete_one(workdir):
+    import shutil
+
+    cfg = from_dict(ExperimentConfig, tiny_config(
+        workdir, run={"name": "cached-resume"}, train={"max_steps": 2, "cache_latents": True, "cache_shard_size": 10}))
+    assert train(cfg) == 0
+    latents = cfg.run.path / "latents"
+    stamps = {p.name: p.stat().st_mtime_ns for p in latents.iterdir()}
+    cfg.train.max_steps = 3
+    assert train(cfg, resume=True) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in latents.iterdir()} == stamps  # complete: not rewritten
+    shutil.rmtree(latents)  # deleted to save space, or a continuation started in a new run dir
+    cfg.train.max_steps = 4
+    assert train(cfg, resume=True) == 0
+    assert json.loads((latents / "manifest.json").read_text())["complete"]
+    assert (cfg.run.path / "checkpoints" / "step-00000004.ckpt").is_file()
 
 
 def test_ema_warmup_and_update_in_float64():
