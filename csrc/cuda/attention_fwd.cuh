@@ -38,13 +38,10 @@ struct FwdConfig {
   static constexpr int kR = kR_, kGroups = kGroups_, kMinBlocks = kMinBlocks_;
   static constexpr int kGroupM = 64 * kR, kM = kGroups * kGroupM, kN = 64;
   static constexpr int kGroupThreads = 128, kThreads = kGroups * kGroupThreads, kLd = D + 8;
-  template <class T>
-  static constexpr int group_smem_elems() {
-    return (kGroupM + 4 * kN) * kLd;  // Q, 2 x K, 2 x V
-  }
+  static constexpr int kGroupSmemElems = (kGroupM + 4 * kN) * kLd;  // Q, 2 x K, 2 x V
   template <class T>
   static constexpr int smem_bytes() {
-    return kGroups * group_smem_elems<T>() * static_cast<int>(sizeof(T));
+    return kGroups * kGroupSmemElems * static_cast<int>(sizeof(T));
   }
 };
 
@@ -98,7 +95,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   if (m0 >= nq) return;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sq = reinterpret_cast<T*>(smem_raw) + group * Cfg::template group_smem_elems<T>();
+  T* sq = reinterpret_cast<T*>(smem_raw) + group * Cfg::kGroupSmemElems;
   T* sk = sq + Cfg::kGroupM * kLd;
   T* sv = sk + 2 * kN * kLd;
   const int group_bar = kGroupBarrier + group;

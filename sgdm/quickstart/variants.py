@@ -82,10 +82,7 @@ def seed_continuation(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | No
     Does nothing when ``dst`` already has checkpoints or an exported pipeline (a continuation
     under way or finished); returns the checkpoint copied, else None. A ``src`` without a
     valid checkpoint is an error that names it."""
-    import os
-    import shutil
-
-    from sgdm.training.checkpoint import TMP_SUFFIX, find_last_valid, list_checkpoints
+    from sgdm.training.checkpoint import atomic_copy, atomic_write_text, find_last_valid, list_checkpoints
 
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if (dst / "pipeline").exists() or list_checkpoints(dst / "checkpoints"):
@@ -93,13 +90,7 @@ def seed_continuation(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | No
     ckpt = find_last_valid(src / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{src / 'checkpoints'}: no valid checkpoint to continue from")
-    copies = [(ckpt, dst / "checkpoints" / ckpt.name)]
     if (src / "config.yaml").is_file():  # lets the resume check that the continuation is the same run
-        copies.append((src / "config.yaml", dst / "config.yaml"))
-    for source, target in copies:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}{TMP_SUFFIX}")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    return copies[0][1]
-
+        atomic_write_text(dst / "config.yaml", (src / "config.yaml").read_text())
+    atomic_copy(ckpt, dst / "checkpoints" / ckpt.name)
+    return dst / "checkpoints" / ckpt.name

@@ -9,9 +9,11 @@ favour of the previous checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
+import shutil
 import zipfile
 from typing import Any, Optional
 
@@ -42,14 +44,16 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically: ``.<name>.<pid>.tmp``, flush, fsync, rename, fsync dir."""
+@contextlib.contextmanager
+def _atomic_open(path: str | os.PathLike, mode: str):
+    """A temporary file ``.<name>.<pid>.tmp`` beside ``path``; on success flush, fsync, rename to
+    ``path``, fsync the directory; on failure remove it."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+        with open(tmp, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -57,6 +61,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`_atomic_open`)."""
+    with _atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -111,13 +121,13 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy file ``src`` to ``path`` atomically (:func:`_atomic_open`)."""
+    with open(src, "rb") as fin, _atomic_open(path, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file atomically (same tmp + fsync + rename protocol)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "w") as fh:
+    """Write a small text file atomically (:func:`_atomic_open`)."""
+    with _atomic_open(path, "w") as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

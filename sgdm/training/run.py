@@ -208,8 +208,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
 
     ckpt = prepare_run_dir(cfg, resume)
     module = build_module(cfg)
-    if cfg.train.cache_latents:  # on a resume too: a complete cache is kept as it is, a missing one rebuilt
-        from sgdm.training.latent_cache import ensure_latent_cache  # (a continuation in a new run dir, a deleted cache)
+    if cfg.train.cache_latents:
+        # on a resume too: a complete cache is kept as it is, a missing one (a continuation in
+        # a new run dir, a deleted cache) is rebuilt
+        from sgdm.training.latent_cache import ensure_latent_cache
 
         ensure_latent_cache(cfg, module.first_stage)
     if ckpt is None:
