@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from sgdm.cli.arguments import add_config_arguments
+
 DESCRIPTION = """\
 Extract features of the dataset in the config's `data:` section with the
 `annotation.backbone`, run the self-annotation function for the granularity
@@ -18,8 +20,7 @@ redoing finished shards. With torchrun, ranks share the work.
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("annotate", help="self-annotate a dataset: clusters, boxes or masks",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="experiment YAML with data: and annotation: sections")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. annotation.num_classes=50")
+    add_config_arguments(parser, reads="its data: and annotation: sections", example="annotation.num_classes=50")
     parser.add_argument("--granularity", choices=("label", "box", "mask"), help="instead of annotation.granularity")
     parser.add_argument("--evaluate", action="store_true",
                         help="score against the dataset's ground truth (NMI/ARI/purity, CorLoc, mIoU)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from sgdm.cli.arguments import add_config_arguments
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -15,8 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "timm's layout to annotation.weights (or --out), where `sgdm-ldm annotate` loads it."
         ),
     )
-    parser.add_argument("config", help="experiment YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.pretrain.steps=100")
+    add_config_arguments(parser, reads="its data:, annotation: and prepare.pretrain sections",
+                         example="prepare.pretrain.steps=100")
     parser.add_argument("--out", default=None, help="output .safetensors/.pth file (default: annotation.weights)")
     parser.set_defaults(func=run)
     return parser

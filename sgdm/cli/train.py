@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from sgdm.cli.arguments import add_config_arguments, printed_config
 
 DESCRIPTION = """Train a self-guided latent diffusion model (Hu et al., CVPR 2023) from a YAML config.
 
@@ -16,25 +17,19 @@ config is saved as RUN_DIR/config.yaml (RUN_DIR = run.dir/run.name). Exit codes:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train a self-guided latent diffusion model from a YAML config",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="experiment YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides applied on top of the YAML, e.g. train.lr=5e-5")
+    add_config_arguments(parser, reads="all sections", example="train.lr=5e-5", print_config=True)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in RUN_DIR from its newest valid checkpoint (exactly: same weights, "
                              "EMA, optimiser state and data order as an uninterrupted run)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved, validated config as YAML and exit")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.config.core import dump_yaml
     from sgdm.config.schema import check_annotation_store, load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
-    if args.print_config:
-        sys.stdout.write(dump_yaml(cfg))
+    if printed_config(cfg, args):
         return 0
     check_annotation_store(cfg)
     resume = args.resume

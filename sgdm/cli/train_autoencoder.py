@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from sgdm.cli.arguments import add_config_arguments, printed_config
+
 DESCRIPTION = """Train the KL autoencoder (LDM's first stage) of an experiment config with LDM's losses
 (L1 + LPIPS + KL, hinge PatchGAN from model.autoencoder.loss.disc_start), two optimizers, manual
 optimisation. Uses data.*, model.autoencoder.*, train.{batch_size,max_steps,lr,checkpoint_every,
@@ -14,23 +16,18 @@ Exit codes: 0 done, 2 config error, 143 stopped by SIGTERM (continue with --resu
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train-autoencoder", help="train the KL autoencoder (first stage)",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="experiment YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=1000")
+    add_config_arguments(parser, reads="all sections", example="train.max_steps=1000", print_config=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from sgdm.config.core import ConfigError, dump_yaml
+    from sgdm.config.core import ConfigError
     from sgdm.config.schema import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
-    if args.print_config:
-        sys.stdout.write(dump_yaml(cfg))
+    if printed_config(cfg, args):
         return 0
     if cfg.model.autoencoder.checkpoint is None:
         raise ConfigError("model.autoencoder.checkpoint", "set the path the trained autoencoder is written to")

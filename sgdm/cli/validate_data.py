@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sgdm.cli.arguments import add_config_arguments
+
 DESCRIPTION = """\
 Read every item of the dataset in the config's `data:` section (images and,
 where the dataset has them, annotation files), print one line per file that
@@ -17,8 +19,7 @@ Exit status: 0 when every file is readable, 1 when at least one is bad,
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("validate-data", help="list the files of a dataset that cannot be read",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="experiment YAML with a data: section")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.split=val")
+    add_config_arguments(parser, reads="its data: section", example="data.split=val")
     parser.add_argument("--split", help="split to check instead of data.split")
     parser.add_argument("--workers", type=int, default=None, help="reader processes (default: data.num_workers)")
     parser.set_defaults(func=run)

@@ -70,6 +70,16 @@ def test_print_config_resolves_overrides(capsys, tmp_path):
     assert from_dict(ExperimentConfig, __import__("yaml").safe_load(out)).train.lr == 5e-5
 
 
+def test_both_trainers_print_the_same_resolved_config(capsys, tmp_path):
+    path = str(write_config(tmp_path, tiny_config(tmp_path)))
+    printed = []
+    for command in ("train", "train-autoencoder"):
+        assert main([command, path, "train.max_steps=7", "--print-config"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "max_steps: 7" in printed[0]
+    assert not (tmp_path / "runs").exists()  # printing prepares and writes nothing
+
+
 def test_existing_run_needs_resume(capsys, tmp_path):
     cfg = tiny_config(tmp_path)
     make_label_store(cfg)

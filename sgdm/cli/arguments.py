@@ -1,0 +1,29 @@
+"""Arguments that several subcommands share: the experiment config and its overrides."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, reads: str, example: str,
+                         print_config: bool = False) -> None:
+    """``CONFIG [KEY=VALUE ...]``, and ``--print-config`` for commands that load the whole experiment.
+
+    ``reads`` says which sections the command uses; ``example`` is one override for the help text.
+    """
+    parser.add_argument("config", help=f"experiment YAML (uses {reads}; see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"dotted overrides applied on top of the YAML, e.g. {example}")
+    if print_config:
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved, validated config as YAML and exit")
+
+
+def printed_config(cfg, args: argparse.Namespace) -> bool:
+    """Write ``cfg`` as YAML to stdout when ``--print-config`` was given; True when it was."""
+    if not getattr(args, "print_config", False):
+        return False
+    from sgdm.config.core import dump_yaml
+
+    sys.stdout.write(dump_yaml(cfg))
+    return True
