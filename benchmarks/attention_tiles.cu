@@ -12,47 +12,19 @@
 //   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -arch=sm_90 \
 //        -Icsrc/include -Icsrc/cuda benchmarks/attention_tiles.cu -o attention_tiles
 //   ./attention_tiles            # exit status 1 when an alternative disagrees
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-
+#include "attention_ab.cuh"
 #include "attention_fwd.cuh"
 
 using namespace sgdm::cuda_attn;
-
-#define CHECK_CUDA(x)                                                                               \
-  do {                                                                                              \
-    const cudaError_t err_ = (x);                                                                   \
-    if (err_ != cudaSuccess) {                                                                      \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(err_), __FILE__, __LINE__);        \
-      std::exit(2);                                                                                 \
-    }                                                                                               \
-  } while (0)
+using namespace sgdm_ab;
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-// Deterministic standard normals (xorshift64 + Box-Muller), so runs compare.
-struct Normal {
-  uint64_t s = 88172645463325252ull;
-  double uniform() {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    return (static_cast<double>(s >> 11) + 0.5) / 9007199254740992.0;
-  }
-  float operator()() {
-    return static_cast<float>(std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform()));
-  }
-};
-
 template <class Cfg>
-void describe(char (&buf)[64]) {
+std::string describe() {
+  char buf[64];
   std::snprintf(buf, sizeof(buf), "rows/warp %d, groups %d, CTAs/SM %d", 16 * Cfg::kR, Cfg::kGroups, Cfg::kMinBlocks);
+  return buf;
 }
 
 template <class T, int D, class Cfg>
@@ -64,118 +36,12 @@ void launch(const T* q, const T* k, const T* v, T* o, float* lse, int bh, int nq
   CHECK_CUDA(cudaGetLastError());
 }
 
-template <class T>
-struct Inputs {
-  std::vector<T*> buf;  // sets x (q, k, v, out)
-  std::vector<float*> lse;
-  int sets = 0;
-  Inputs(int bh, int n, int d, Normal& rnd, double min_bytes) {
-    const size_t elems = static_cast<size_t>(bh) * n * d;
-    sets = std::max(1, static_cast<int>(min_bytes / (4.0 * elems * sizeof(T))) + 1);
-    std::vector<T> h(elems);
-    for (int s = 0; s < sets; ++s) {
-      for (int t = 0; t < 4; ++t) {
-        for (auto& x : h) x = static_cast<T>(rnd());
-        T* p = nullptr;
-        CHECK_CUDA(cudaMalloc(&p, elems * sizeof(T)));
-        CHECK_CUDA(cudaMemcpy(p, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice));
-        buf.push_back(p);
-      }
-      float* l = nullptr;
-      CHECK_CUDA(cudaMalloc(&l, static_cast<size_t>(bh) * n * sizeof(float)));
-      lse.push_back(l);
-    }
-  }
-  ~Inputs() {
-    for (T* p : buf) cudaFree(p);
-    for (float* p : lse) cudaFree(p);
-  }
-};
-
-// The production config first, then the alternatives; prints one line per shape.
+// The production FwdTile<D> first, then the alternatives.
 template <class T, int D, class... Alts>
-bool compare(int bh, int n, int reps) {
-  using Launch = void (*)(const T*, const T*, const T*, T*, float*, int, int, int, float);
-  constexpr int kV = 1 + sizeof...(Alts);
-  const Launch fns[kV] = {&launch<T, D, FwdTile<D>>, &launch<T, D, Alts>...};
-  char names[kV][64];
-  describe<FwdTile<D>>(names[0]);
-  {
-    int i = 1;
-    (describe<Alts>(names[i++]), ...);
-  }
-  Normal rnd;
-  Inputs<T> in(bh, n, D, rnd, 150e6);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const size_t elems = static_cast<size_t>(bh) * n * D;
-
-  // Agreement with the production config on input set 0.
-  bool ok = true;
-  std::vector<T> ref(elems), got(elems);
-  std::vector<float> ref_lse(static_cast<size_t>(bh) * n), got_lse(ref_lse.size());
-  for (int i = 0; i < kV; ++i) {
-    fns[i](in.buf[0], in.buf[1], in.buf[2], in.buf[3], in.lse[0], bh, n, n, scale);
-    CHECK_CUDA(cudaDeviceSynchronize());
-    auto& o = i == 0 ? ref : got;
-    auto& l = i == 0 ? ref_lse : got_lse;
-    CHECK_CUDA(cudaMemcpy(o.data(), in.buf[3], elems * sizeof(T), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(l.data(), in.lse[0], l.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    if (i == 0) continue;
-    double diff = 0.0, top = 0.0, ldiff = 0.0;
-    for (size_t e = 0; e < elems; ++e) {
-      const double a = static_cast<float>(ref[e]), b = static_cast<float>(got[e]);
-      diff = std::max(diff, std::isfinite(b) ? std::fabs(a - b) : INFINITY);
-      top = std::max(top, std::fabs(a));
-    }
-    for (size_t e = 0; e < ref_lse.size(); ++e)
-      ldiff = std::max(ldiff, std::fabs(static_cast<double>(ref_lse[e]) - got_lse[e]) /
-                                  std::max(1.0, std::fabs(static_cast<double>(ref_lse[e]))));
-    const double ulp = std::is_same_v<T, __half> ? 1.0 / 1024 : 1.0 / 128;  // of values in [1, 2)
-    const bool agree = diff <= 2.0 * ulp * std::max(1.0, top) && ldiff <= 1e-5;
-    if (!agree) {
-      std::printf("MISMATCH D=%d N=%d %s: max |out diff| %.3g (max |out| %.3g), lse rel diff %.3g\n", D, n, names[i],
-                  diff, top, ldiff);
-      ok = false;
-    }
-  }
-
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  std::vector<float> t[kV];
-  int it = 0;
-  auto run = [&](int which) {
-    const int s = it++ % in.sets;
-    T* const* b = &in.buf[4 * s];
-    fns[which](b[0], b[1], b[2], b[3], in.lse[s], bh, n, n, scale);
-  };
-  for (int w = 0; w < 3; ++w)
-    for (int i = 0; i < kV; ++i) run(i);
-  for (int r = 0; r < reps; ++r) {
-    for (int j = 0; j < kV; ++j) {
-      const int which = (r + j) % kV;
-      CHECK_CUDA(cudaEventRecord(e0));
-      for (int c = 0; c < 10; ++c) run(which);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0.0f;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      t[which].push_back(ms / 10.0f);
-    }
-  }
-  const double flops = 4.0 * bh * static_cast<double>(n) * n * D;
-  std::printf("%s D=%d B*H=%d N=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, n);
-  double base = 0.0;
-  for (int i = 0; i < kV; ++i) {
-    std::sort(t[i].begin(), t[i].end());
-    const double med = t[i][t[i].size() / 2];
-    if (i == 0) base = med;
-    std::printf("  %-36s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", names[i], med, flops / med / 1e9, base / med,
-                i == 0 ? "  (FwdTile, production)" : "");
-  }
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
-  return ok;
+bool compare_tiles(int bh, int n, int reps) {
+  std::vector<FwdVariant<T>> v{{describe<FwdTile<D>>() + " (FwdTile)", &launch<T, D, FwdTile<D>>}};
+  (v.push_back({describe<Alts>(), &launch<T, D, Alts>}), ...);
+  return compare<T, D>(v, bh, n, reps);
 }
 
 }  // namespace
@@ -187,12 +53,12 @@ int main() {
               prop.multiProcessorCount);
   using bf16 = __nv_bfloat16;
   bool ok = true;
-  ok &= compare<bf16, 64, FwdConfig<64, 2, 2, 1>, FwdConfig<64, 1, 2, 2>>(64, 1024, 30);
-  ok &= compare<bf16, 64, FwdConfig<64, 2, 2, 1>, FwdConfig<64, 1, 2, 2>>(64, 4096, 20);
-  ok &= compare<bf16, 32, FwdConfig<32, 2, 2, 1>, FwdConfig<32, 1, 2, 2>>(64, 4096, 15);
-  ok &= compare<bf16, 32, FwdConfig<32, 2, 2, 1>, FwdConfig<32, 1, 2, 2>>(64, 1024, 20);
-  ok &= compare<bf16, 128, FwdConfig<128, 1, 1, 2>>(64, 4096, 10);
-  ok &= compare<__half, 64, FwdConfig<64, 2, 2, 1>>(64, 4096, 10);
+  ok &= compare_tiles<bf16, 64, FwdConfig<64, 2, 2, 1>, FwdConfig<64, 1, 2, 2>>(64, 1024, 30);
+  ok &= compare_tiles<bf16, 64, FwdConfig<64, 2, 2, 1>, FwdConfig<64, 1, 2, 2>>(64, 4096, 20);
+  ok &= compare_tiles<bf16, 32, FwdConfig<32, 2, 2, 1>, FwdConfig<32, 1, 2, 2>>(64, 4096, 15);
+  ok &= compare_tiles<bf16, 32, FwdConfig<32, 2, 2, 1>, FwdConfig<32, 1, 2, 2>>(64, 1024, 20);
+  ok &= compare_tiles<bf16, 128, FwdConfig<128, 1, 1, 2>>(64, 4096, 10);
+  ok &= compare_tiles<__half, 64, FwdConfig<64, 2, 2, 1>>(64, 4096, 10);
   std::printf(ok ? "every configuration agrees with FwdTile\n" : "SOME CONFIGURATIONS DISAGREE\n");
   return ok ? 0 : 1;
 }

@@ -62,19 +62,132 @@ constexpr float kRescaleLog2 = 8.0f;
 
 // op over n values as a balanced tree: log2(n) dependent steps instead of a
 // chain of n - 1 (two warps per scheduler cannot hide a chain's latency).
+// The steps are unrolled at compile time: a runtime outer loop left x in
+// local memory at n = 16.
+template <int w, int n, class Op>
+__device__ __forceinline__ void tree_step(float (&x)[n], Op op) {
+  if constexpr (w > 0) {
+#pragma unroll
+    for (int i = 0; i < w; ++i) x[i] = op(x[i], x[i + w]);
+    tree_step<w / 2>(x, op);
+  }
+}
 template <int n, class Op>
 __device__ __forceinline__ float tree_reduce(float (&x)[n], Op op) {
   static_assert((n & (n - 1)) == 0, "power of two");
-#pragma unroll
-  for (int w = n / 2; w > 0; w /= 2)
-#pragma unroll
-    for (int i = 0; i < w; ++i) x[i] = op(x[i], x[i + w]);
+  tree_step<n / 2>(x, op);
   return x[0];
 }
 
 // Named barrier ids: 1 + g, the group's own 128 threads; 3 + g, "group g's
 // turn" (the 128 threads of g wait on it, the other group's 128 arrive).
 constexpr int kGroupBarrier = 1, kTurnBarrier = 3;
+
+// Softmax of one key block over kR row tiles of m16n8 accumulators (a lane
+// holds rows lane / 4 and lane / 4 + 8 of each tile). In the block that holds
+// keys past nk (`edge`; its first key is `key_base`) those scores become
+// `masked`. A row's running max moves, with the rescale of `acc`, only when
+// some row of the warp grows by more than 2^kRescaleLog2. s becomes
+// exp2(s scale_log2 - m) in place, each row's sum grows by this lane's share
+// (the quad is summed at the end), and P is packed as 16-bit A fragments.
+// Shared by the mma.sync kernel and the wgmma one (attention_wgmma.cuh),
+// whose warpgroup accumulator is, per warp, the same tiles.
+template <class T, int kR, int kNT, int kDT>
+__device__ __forceinline__ void fwd_softmax_block(float (&s)[kR][kNT][4], attn::OnlineRow (&row)[kR][2],
+                                                  float (&acc)[kR][kDT][4], uint32_t (&pf)[kR][kNT / 2][4],
+                                                  bool edge, int key_base, int nk, float scale_log2, bool neg,
+                                                  float masked, int lane) {
+  if (edge) {
+    const int key0 = key_base + 2 * (lane % 4);
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (key0 + nt * 8 + (e & 1) >= nk) s[r][nt][e] = masked;
+  }
+  float block_max[kR][2];
+  bool grow = false;
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // h = 0: row lane/4, h = 1: row lane/4 + 8
+      // max over the block of s * scale_log2, from the raw scores' max (or min, for a negative scale)
+      float part[kNT];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+        part[nt] = neg ? fmaxf(-s[r][nt][2 * h], -s[r][nt][2 * h + 1]) : fmaxf(s[r][nt][2 * h], s[r][nt][2 * h + 1]);
+      const float mx = quad_max(tree_reduce<kNT>(part, [](float a, float b) { return fmaxf(a, b); }));
+      block_max[r][h] = (neg ? -mx : mx) * scale_log2;
+      grow |= block_max[r][h] > row[r][h].m + kRescaleLog2;
+    }
+  }
+  if (__any_sync(0xffffffffu, grow)) {  // warp-uniform: move the max of every row of the warp
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float alpha = attn::online_rescale<attn::Base2Exp>(row[r][h], block_max[r][h]);
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          acc[r][dt][2 * h] *= alpha;
+          acc[r][dt][2 * h + 1] *= alpha;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float neg_m = -row[r][h].m;
+      float part[kNT];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        float& x0 = s[r][nt][2 * h];
+        float& x1 = s[r][nt][2 * h + 1];
+        x0 = exp2f(fmaf(x0, scale_log2, neg_m));
+        x1 = exp2f(fmaf(x1, scale_log2, neg_m));
+        part[nt] = x0 + x1;
+      }
+      // this lane's share; the quad is summed at the end
+      attn::online_add(row[r][h], tree_reduce<kNT>(part, [](float a, float b) { return a + b; }));
+    }
+#pragma unroll
+    for (int kc = 0; kc < kNT / 2; ++kc) {
+      pf[r][kc][0] = Half2<T>::pack(s[r][2 * kc][0], s[r][2 * kc][1]);
+      pf[r][kc][1] = Half2<T>::pack(s[r][2 * kc][2], s[r][2 * kc][3]);
+      pf[r][kc][2] = Half2<T>::pack(s[r][2 * kc + 1][0], s[r][2 * kc + 1][1]);
+      pf[r][kc][3] = Half2<T>::pack(s[r][2 * kc + 1][2], s[r][2 * kc + 1][3]);
+    }
+  }
+}
+
+// Writes out = acc / l and lse for the kR row tiles tile0 .. tile0 + kR - 1 of
+// the rows from m0 (rows at or past nq are skipped), after summing each row's
+// l over its quad.
+template <class T, int D, int kR>
+__device__ __forceinline__ void fwd_store_rows(float (&acc)[kR][D / 8][4], attn::OnlineRow (&row)[kR][2],
+                                               T* __restrict__ out, float* __restrict__ lse, int64_t bh, int nq,
+                                               int m0, int tile0, int lane) {
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row[r][h].l = quad_sum(row[r][h].l);
+      const float inv = attn::online_inv_sum(row[r][h]);
+      const int rr = m0 + (tile0 + r) * 16 + lane / 4 + 8 * h;
+      if (rr >= nq) continue;
+      T* orow = out + (bh * nq + rr) * D + 2 * (lane % 4);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(orow + dt * 8) =
+            Half2<T>::pack(acc[r][dt][2 * h] * inv, acc[r][dt][2 * h + 1] * inv);
+      if (lane % 4 == 0) lse[bh * nq + rr] = attn::online_lse<attn::Base2Exp>(row[r][h]);
+    }
+  }
+}
 
 // scale_log2 = scale * log2(e), any finite value but zero (the launcher
 // passes the smallest normal float for a zero scale, which gives the same
@@ -191,90 +304,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     cp_async_commit();
 
     // ---- softmax of block j, while the other group has the tensor cores
-    if ((j + 1) * kN > nk) {  // only the last block can hold keys past nk
-      const int key0 = j * kN + 2 * (lane % 4);
-#pragma unroll
-      for (int r = 0; r < kR; ++r)
-#pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (key0 + nt * 8 + (e & 1) >= nk) s[r][nt][e] = masked;
-    }
-    float block_max[kR][2];
-    bool grow = false;
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // h = 0: row lane/4, h = 1: row lane/4 + 8
-        // max over the block of s * scale_log2, from the raw scores' max (or min, for a negative scale)
-        float part[kN / 8];
-#pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt)
-          part[nt] = neg ? fmaxf(-s[r][nt][2 * h], -s[r][nt][2 * h + 1]) : fmaxf(s[r][nt][2 * h], s[r][nt][2 * h + 1]);
-        const float mx = quad_max(tree_reduce<kN / 8>(part, [](float a, float b) { return fmaxf(a, b); }));
-        block_max[r][h] = (neg ? -mx : mx) * scale_log2;
-        grow |= block_max[r][h] > row[r][h].m + kRescaleLog2;
-      }
-    }
-    if (__any_sync(0xffffffffu, grow)) {  // warp-uniform: move the max of every row of the warp
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float alpha = attn::online_rescale<attn::Base2Exp>(row[r][h], block_max[r][h]);
-#pragma unroll
-          for (int dt = 0; dt < kDt; ++dt) {
-            acc[r][dt][2 * h] *= alpha;
-            acc[r][dt][2 * h + 1] *= alpha;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float neg_m = -row[r][h].m;
-        float part[kN / 8];
-#pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt) {
-          float& x0 = s[r][nt][2 * h];
-          float& x1 = s[r][nt][2 * h + 1];
-          x0 = exp2f(fmaf(x0, scale_log2, neg_m));
-          x1 = exp2f(fmaf(x1, scale_log2, neg_m));
-          part[nt] = x0 + x1;
-        }
-        // this lane's share; the quad is summed at the end
-        attn::online_add(row[r][h], tree_reduce<kN / 8>(part, [](float a, float b) { return a + b; }));
-      }
-#pragma unroll
-      for (int kc = 0; kc < kN / 16; ++kc) {
-        pf[r][kc][0] = Half2<T>::pack(s[r][2 * kc][0], s[r][2 * kc][1]);
-        pf[r][kc][1] = Half2<T>::pack(s[r][2 * kc][2], s[r][2 * kc][3]);
-        pf[r][kc][2] = Half2<T>::pack(s[r][2 * kc + 1][0], s[r][2 * kc + 1][1]);
-        pf[r][kc][3] = Half2<T>::pack(s[r][2 * kc + 1][2], s[r][2 * kc + 1][3]);
-      }
-    }
+    fwd_softmax_block<T>(s, row, acc, pf, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane);
   }
   pv(n_blocks - 1);  // V(n - 1) stays in its buffer: nothing was loaded after it
-
-#pragma unroll
-  for (int r = 0; r < kR; ++r) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      row[r][h].l = quad_sum(row[r][h].l);
-      const float inv = attn::online_inv_sum(row[r][h]);
-      const int rr = m0 + (warp * kR + r) * 16 + lane / 4 + 8 * h;
-      if (rr >= nq) continue;
-      T* orow = out + (bh * nq + rr) * D + 2 * (lane % 4);
-#pragma unroll
-      for (int dt = 0; dt < kDt; ++dt)
-        *reinterpret_cast<uint32_t*>(orow + dt * 8) =
-            Half2<T>::pack(acc[r][dt][2 * h] * inv, acc[r][dt][2 * h + 1] * inv);
-      if (lane % 4 == 0) lse[bh * nq + rr] = attn::online_lse<attn::Base2Exp>(row[r][h]);
-    }
-  }
+  fwd_store_rows<T, D>(acc, row, out, lse, bh, nq, m0, warp * kR, lane);
 }
 
 }  // namespace sgdm::cuda_attn

@@ -1,0 +1,165 @@
+// Shared by the CUDA attention A/B programs (attention_tiles.cu,
+// attention_wgmma.cu): deterministic inputs rotated through more than the L2,
+// an agreement check against a baseline kernel, and interleaved CUDA-event
+// medians of 10 launches. Torch-free.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define CHECK_CUDA(x)                                                                               \
+  do {                                                                                              \
+    const cudaError_t err_ = (x);                                                                   \
+    if (err_ != cudaSuccess) {                                                                      \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(err_), __FILE__, __LINE__);        \
+      std::exit(2);                                                                                 \
+    }                                                                                               \
+  } while (0)
+
+namespace sgdm_ab {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Deterministic standard normals (xorshift64 + Box-Muller), so runs compare.
+struct Normal {
+  uint64_t s = 88172645463325252ull;
+  double uniform() {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    return (static_cast<double>(s >> 11) + 0.5) / 9007199254740992.0;
+  }
+  float operator()() {
+    return static_cast<float>(std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform()));
+  }
+};
+
+template <class T>
+struct Inputs {
+  std::vector<T*> buf;  // sets x (q, k, v, out)
+  std::vector<float*> lse;
+  int sets = 0;
+  Inputs(int bh, int n, int d, Normal& rnd, double min_bytes) {
+    const size_t elems = static_cast<size_t>(bh) * n * d;
+    sets = std::max(1, static_cast<int>(min_bytes / (4.0 * elems * sizeof(T))) + 1);
+    std::vector<T> h(elems);
+    for (int s = 0; s < sets; ++s) {
+      for (int t = 0; t < 4; ++t) {
+        for (auto& x : h) x = static_cast<T>(rnd());
+        T* p = nullptr;
+        CHECK_CUDA(cudaMalloc(&p, elems * sizeof(T)));
+        CHECK_CUDA(cudaMemcpy(p, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice));
+        buf.push_back(p);
+      }
+      float* l = nullptr;
+      CHECK_CUDA(cudaMalloc(&l, static_cast<size_t>(bh) * n * sizeof(float)));
+      lse.push_back(l);
+    }
+  }
+  ~Inputs() {
+    for (T* p : buf) cudaFree(p);
+    for (float* p : lse) cudaFree(p);
+  }
+};
+
+// A forward launcher: (q, k, v, out, lse, B*H, Nq, Nk, scale).
+template <class T>
+using FwdLaunch = void (*)(const T*, const T*, const T*, T*, float*, int, int, int, float);
+template <class T>
+struct FwdVariant {
+  std::string name;
+  FwdLaunch<T> fn;
+};
+
+// variants[0] is the baseline: every other one must give its output (max
+// |difference| within two 16-bit ulps of the largest output, lse within 1e-5
+// relative) and is timed against it. Prints one line per variant; false when
+// one disagrees.
+template <class T, int D>
+bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int n, int reps) {
+  const int kV = static_cast<int>(variants.size());
+  Normal rnd;
+  Inputs<T> in(bh, n, D, rnd, 150e6);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const size_t elems = static_cast<size_t>(bh) * n * D;
+
+  // Agreement with the baseline on input set 0.
+  bool ok = true;
+  std::vector<T> ref(elems), got(elems);
+  std::vector<float> ref_lse(static_cast<size_t>(bh) * n), got_lse(ref_lse.size());
+  for (int i = 0; i < kV; ++i) {
+    variants[i].fn(in.buf[0], in.buf[1], in.buf[2], in.buf[3], in.lse[0], bh, n, n, scale);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    auto& o = i == 0 ? ref : got;
+    auto& l = i == 0 ? ref_lse : got_lse;
+    CHECK_CUDA(cudaMemcpy(o.data(), in.buf[3], elems * sizeof(T), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(l.data(), in.lse[0], l.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    if (i == 0) continue;
+    double diff = 0.0, top = 0.0, ldiff = 0.0;
+    for (size_t e = 0; e < elems; ++e) {
+      const double a = static_cast<float>(ref[e]), b = static_cast<float>(got[e]);
+      diff = std::max(diff, std::isfinite(b) ? std::fabs(a - b) : INFINITY);
+      top = std::max(top, std::fabs(a));
+    }
+    for (size_t e = 0; e < ref_lse.size(); ++e)
+      ldiff = std::max(ldiff, std::fabs(static_cast<double>(ref_lse[e]) - got_lse[e]) /
+                                  std::max(1.0, std::fabs(static_cast<double>(ref_lse[e]))));
+    const double ulp = std::is_same_v<T, __half> ? 1.0 / 1024 : 1.0 / 128;  // of values in [1, 2)
+    const bool agree = diff <= 2.0 * ulp * std::max(1.0, top) && ldiff <= 1e-5;
+    if (!agree) {
+      std::printf("MISMATCH D=%d N=%d %s: max |out diff| %.3g (max |out| %.3g), lse rel diff %.3g\n", D, n, variants[i].name.c_str(),
+                  diff, top, ldiff);
+      ok = false;
+    }
+  }
+
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<std::vector<float>> t(kV);
+  int it = 0;
+  auto run = [&](int which) {
+    const int s = it++ % in.sets;
+    T* const* b = &in.buf[4 * s];
+    variants[which].fn(b[0], b[1], b[2], b[3], in.lse[s], bh, n, n, scale);
+  };
+  for (int w = 0; w < 3; ++w)
+    for (int i = 0; i < kV; ++i) run(i);
+  for (int r = 0; r < reps; ++r) {
+    for (int j = 0; j < kV; ++j) {
+      const int which = (r + j) % kV;
+      CHECK_CUDA(cudaEventRecord(e0));
+      for (int c = 0; c < 10; ++c) run(which);
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0.0f;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      t[which].push_back(ms / 10.0f);
+    }
+  }
+  const double flops = 4.0 * bh * static_cast<double>(n) * n * D;
+  std::printf("%s D=%d B*H=%d N=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, n);
+  double base = 0.0;
+  for (int i = 0; i < kV; ++i) {
+    std::sort(t[i].begin(), t[i].end());
+    const double med = t[i][t[i].size() / 2];
+    if (i == 0) base = med;
+    std::printf("  %-36s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", variants[i].name.c_str(), med, flops / med / 1e9, base / med,
+                i == 0 ? "  (baseline)" : "");
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  return ok;
+}
+
+}  // namespace sgdm_ab

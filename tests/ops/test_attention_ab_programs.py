@@ -1,0 +1,49 @@
+"""The standalone CUDA attention A/B programs still compile against the kernel headers: they are
+built by nvcc, not by setup.py, so nothing else would notice when a kernel's signature or a config
+changes. Running them needs a GPU (``bash benchmarks/gpu_check.sh attention``).
+
+- benchmarks/attention_tiles.cu: the forward's tile configurations against the production FwdTile.
+- benchmarks/attention_wgmma.cu: the Hopper wgmma forward (csrc/cuda/attention_wgmma.cuh) against
+  the production mma.sync forward. It targets sm_90a only, and ptxas must place every register
+  array in registers (no stack frame): a local-memory accumulator would make it slower than the
+  kernel it is meant to replace."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+def _compile(program: str, arch: list[str], tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [_nvcc(), "-std=c++20", "-O1", "--use_fast_math", "--expt-relaxed-constexpr", "-Werror", "all-warnings",
+           *arch, *extra, "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+           os.path.join(ROOT, "benchmarks", program), "-o", str(tmp_path / "program")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "program").is_file()
+    return done
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+def test_attention_tiles_program_compiles(tmp_path):
+    _compile("attention_tiles.cu", ["-arch=sm_80"], tmp_path)
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+def test_attention_wgmma_program_compiles_for_sm90a_with_registers_only(tmp_path):
+    done = _compile("attention_wgmma.cu", ["-gencode", "arch=compute_90a,code=sm_90a"], tmp_path, "-Xptxas", "-v")
+    frames = re.findall(r"Function properties for (\S+)\n.*?(\d+) bytes stack frame", done.stderr)
+    wgmma = [(name, int(size)) for name, size in frames if "attention_fwd_wgmma" in name]
+    assert len(wgmma) >= 6, done.stderr[-3000:]
+    assert all(size == 0 for _, size in wgmma), [name for name, size in wgmma if size]
