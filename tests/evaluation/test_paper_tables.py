@@ -175,3 +175,44 @@ def test_a_longer_budget_gets_its_own_table_and_is_checked_when_the_tables_budge
     assert "### fd_x / layout adherence by w after 180 steps" in table
     assert "| ground-truth masks | 0.12 / 0.410 |  | 0.31 / 0.490 | 0.38 / 0.540 |" in table  # w = 1, 1.5, 2, 4
     assert bench.format_adherence_table([], "fd_x") == ""
+
+
+def test_only_the_models_that_miss_adherence_are_continued(bench, monkeypatch, tmp_path):
+    """run_variants with --adherence-steps: a box / mask model that meets the target at --steps is
+    not trained further; one that misses it is continued from its run and evaluated again."""
+    import types
+
+    import sgdm.quickstart.variants as variants
+
+    def variant(cfg, kind, source, *, classes, store_root, run_dir, run_name, max_steps=None):
+        return types.SimpleNamespace(run=types.SimpleNamespace(path=run_dir / run_name),
+                                     train=types.SimpleNamespace(max_steps=max_steps))
+
+    trained, seeded = [], []
+    scores = {  # run name -> by_scale rows: (w, fd, adherence)
+        "no-guidance": [(None, 1.0, None)],
+        "gt-box": [(1.5, 0.4, 0.42), (3.0, 0.9, 0.52)],  # met at w = 3, below no guidance
+        "gt-mask": [(2.0, 0.6, 0.22)],  # missed
+        "gt-mask-90steps": [(2.0, 0.3, 0.49), (4.0, 0.4, 0.54)],
+    }
+
+    def evaluate(vdir, vcfg, args, log):
+        key = {"gt-box": "box_iou"}.get(vdir.name, "mask_miou")
+        return [{"guidance_scale": w, "fd_x": fd, **({} if a is None else {key: a})} for w, fd, a in scores[vdir.name]]
+
+    monkeypatch.setattr(variants, "guidance_variant", variant)
+    monkeypatch.setattr(variants, "train_variant", lambda vcfg, log: trained.append(vcfg.run.path.name) or vcfg.run.path)
+    monkeypatch.setattr(variants, "seed_continuation", lambda src, dst: seeded.append((src.name, dst.name)))
+    monkeypatch.setattr(bench, "evaluate_variant", evaluate)
+    monkeypatch.setattr(bench, "class_counts", lambda cfg, k: {kv: 3 for kv in variants.VARIANTS})
+    args = bench.parse_args(["--steps", "30", "--adherence-steps", "90", "--out", str(tmp_path),
+                             "--only", "no-guidance,gt-box,gt-mask"])
+    logged = []
+    rows, long_rows = bench.run_variants(None, args, logged.append)
+    assert [r["variant"] for r in rows] == ["no-guidance", "gt-box", "gt-mask"]
+    assert trained == ["no-guidance", "gt-box", "gt-mask", "gt-mask-90steps"]
+    assert seeded == [("gt-mask", "gt-mask-90steps")]
+    assert [(r["variant"], r["steps"]) for r in long_rows] == [("gt-mask", 90)]
+    assert any("gt-box meets the adherence target at 30 steps: not continued" in m for m in logged)
+    text, ok = next(c for c in bench.check_targets(rows, "fd_x", long_rows) if c[0].startswith("gt-mask mask_miou"))
+    assert ok and "after 90 steps met at w = 4" in text
