@@ -83,20 +83,32 @@ __device__ __forceinline__ float tree_reduce(float (&x)[n], Op op) {
 // turn" (the 128 threads of g wait on it, the other group's 128 arrive).
 constexpr int kGroupBarrier = 1, kTurnBarrier = 3;
 
+// acc[dt] *= alpha for the accumulator row h (0: lane / 4, 1: lane / 4 + 8) of one m16n8 row tile.
+template <int kDT>
+__device__ __forceinline__ void scale_rows(float (&acc)[kDT][4], int h, float alpha) {
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+    acc[dt][2 * h] *= alpha;
+    acc[dt][2 * h + 1] *= alpha;
+  }
+}
+
 // Softmax of one key block over kR row tiles of m16n8 accumulators (a lane
 // holds rows lane / 4 and lane / 4 + 8 of each tile). In the block that holds
 // keys past nk (`edge`; its first key is `key_base`) those scores become
-// `masked`. A row's running max moves, with the rescale of `acc`, only when
-// some row of the warp grows by more than 2^kRescaleLog2. s becomes
-// exp2(s scale_log2 - m) in place, each row's sum grows by this lane's share
-// (the quad is summed at the end), and P is packed as 16-bit A fragments.
-// Shared by the mma.sync kernel and the wgmma one (attention_wgmma.cuh),
-// whose warpgroup accumulator is, per warp, the same tiles.
-template <class T, int kR, int kNT, int kDT>
+// `masked`. A row's running max moves only when some row of the warp grows by
+// more than 2^kRescaleLog2; then rescale(r, h, alpha) is called for every row
+// (h = 0: row lane / 4 of tile r, h = 1: row lane / 4 + 8) to scale its output
+// accumulators. s becomes exp2(s scale_log2 - m) in place, each row's sum
+// grows by this lane's share (the quad is summed at the end), and P is packed
+// as 16-bit A fragments. Shared by the mma.sync kernel and the wgmma one
+// (attention_wgmma.cuh), whose warpgroup accumulator is, per warp, the same
+// tiles.
+template <class T, int kR, int kNT, class Rescale>
 __device__ __forceinline__ void fwd_softmax_block(float (&s)[kR][kNT][4], attn::OnlineRow (&row)[kR][2],
-                                                  float (&acc)[kR][kDT][4], uint32_t (&pf)[kR][kNT / 2][4],
-                                                  bool edge, int key_base, int nk, float scale_log2, bool neg,
-                                                  float masked, int lane) {
+                                                  uint32_t (&pf)[kR][kNT / 2][4], bool edge, int key_base, int nk,
+                                                  float scale_log2, bool neg, float masked, int lane,
+                                                  Rescale rescale) {
   if (edge) {
     const int key0 = key_base + 2 * (lane % 4);
 #pragma unroll
@@ -128,12 +140,7 @@ __device__ __forceinline__ void fwd_softmax_block(float (&s)[kR][kNT][4], attn::
     for (int r = 0; r < kR; ++r) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float alpha = attn::online_rescale<attn::Base2Exp>(row[r][h], block_max[r][h]);
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          acc[r][dt][2 * h] *= alpha;
-          acc[r][dt][2 * h + 1] *= alpha;
-        }
+        rescale(r, h, attn::online_rescale<attn::Base2Exp>(row[r][h], block_max[r][h]));
       }
     }
   }
@@ -304,7 +311,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     cp_async_commit();
 
     // ---- softmax of block j, while the other group has the tensor cores
-    fwd_softmax_block<T>(s, row, acc, pf, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane);
+    fwd_softmax_block<T>(s, row, pf, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane,
+                         [&](int r, int h, float alpha) { scale_rows(acc[r], h, alpha); });
   }
   pv(n_blocks - 1);  // V(n - 1) stays in its buffer: nothing was loaded after it
   fwd_store_rows<T, D>(acc, row, out, lse, bh, nq, m0, warp * kR, lane);

@@ -64,6 +64,11 @@ __device__ __forceinline__ void fence_operands(float (&x)[n]) {
   for (int i = 0; i < n; ++i) asm volatile("" : "+f"(x[i])::"memory");
 }
 template <int n>
+__device__ __forceinline__ void fence_operands(uint64_t (&x)[n]) {
+#pragma unroll
+  for (int i = 0; i < n; ++i) asm volatile("" : "+l"(x[i])::"memory");
+}
+template <int n>
 __device__ __forceinline__ void fence_operands(uint32_t (&x)[n][4]) {
 #pragma unroll
   for (int i = 0; i < n; ++i)
@@ -194,12 +199,25 @@ __device__ __forceinline__ void load_swizzled(unsigned char* tile, const T* gmem
 
 // ---- the kernel ------------------------------------------------------------
 
+// All but the newest kPending copy groups of every thread are complete and
+// visible to wgmma's async proxy, in every warpgroup.
+template <int kPending>
+__device__ __forceinline__ void copies_landed() {
+  cp_async_wait<kPending>();
+  fence_proxy_async();
+  __syncthreads();
+}
+
 // kN keys per block, kWG warpgroups (64 query rows each) per CTA, kMinBlocks
-// CTAs per SM for the register budget.
-template <int D, int kN_, int kWG_, int kMinBlocks_>
+// CTAs per SM for the register budget. kOverlap: within a warpgroup, the
+// softmax of block j runs while the tensor cores do P(j-1) V(j-1)
+// (FlashAttention-3's intra-warpgroup pipelining; a second set of P
+// registers, and the rescale of O deferred until that product is done).
+template <int D, int kN_, int kWG_, int kMinBlocks_, bool kOverlap_ = false>
 struct WgConfig {
   static_assert(kN_ == 64 || kN_ == 128, "key block of 64 or 128");
   static constexpr int kN = kN_, kWG = kWG_, kMinBlocks = kMinBlocks_;
+  static constexpr bool kOverlap = kOverlap_;
   static constexpr int kM = 64 * kWG, kThreads = 128 * kWG;
   template <class T>
   static constexpr int smem_bytes() {  // Q, 2 x K, 2 x V, and room to align the base to 1024 bytes
@@ -230,15 +248,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const T* kg = k + bh * nk * D;
   const T* vg = v + bh * nk * D;
   const int n_blocks = (nk + kN - 1) / kN;
-  auto load_kv = [&](int j) {  // key block j into buffer j % 2
-    const int64_t off = static_cast<int64_t>(j) * kN * D;
-    const int buf = j & 1;
-    load_swizzled<T, D, kN, Cfg::kThreads>(sk + buf * kTileBytes, kg + off, nk - j * kN, tid);
-    load_swizzled<T, D, kN, Cfg::kThreads>(sv + buf * kTileBytes, vg + off, nk - j * kN, tid);
+  // K or V of key block j into buffer j % 2 (nothing past the last block).
+  auto load_k = [&](int j) {
+    if (j < n_blocks)
+      load_swizzled<T, D, kN, Cfg::kThreads>(sk + (j & 1) * kTileBytes, kg + static_cast<int64_t>(j) * kN * D,
+                                             nk - j * kN, tid);
   };
-  load_swizzled<T, D, kM, Cfg::kThreads>(sq, q + (bh * nq + m0) * D, nq - m0, tid);
-  load_kv(0);
-  cp_async_commit();
+  auto load_v = [&](int j) {
+    if (j < n_blocks)
+      load_swizzled<T, D, kN, Cfg::kThreads>(sv + (j & 1) * kTileBytes, vg + static_cast<int64_t>(j) * kN * D,
+                                             nk - j * kN, tid);
+  };
 
   // Descriptors of k-step kk (16 columns of the head dim) of this warpgroup's
   // Q rows and of K, and of k-step kc (16 keys) of V.
@@ -246,12 +266,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int c = kk * 16;
     return kmajor_desc<D>(aq + static_cast<uint32_t>(((c / Sw::kCols) * kM + wgi * 64) * Sw::kBytes + (c % Sw::kCols) * 2));
   };
-  auto k_desc = [&](uint32_t base, int kk) {
+  auto k_desc = [&](int j, int kk) {
     const int c = kk * 16;
-    return kmajor_desc<D>(base + static_cast<uint32_t>((c / Sw::kCols) * kN * Sw::kBytes + (c % Sw::kCols) * 2));
+    return kmajor_desc<D>(ak + static_cast<uint32_t>((j & 1) * kTileBytes + (c / Sw::kCols) * kN * Sw::kBytes +
+                                                     (c % Sw::kCols) * 2));
   };
-  auto v_desc = [&](uint32_t base, int kc) {
-    return nmajor_desc<D>(base + static_cast<uint32_t>(kc * 16 * Sw::kBytes), kN);
+  auto v_desc = [&](int j, int kc) {
+    return nmajor_desc<D>(av + static_cast<uint32_t>((j & 1) * kTileBytes + kc * 16 * Sw::kBytes), kN);
   };
 
   // Per thread, as m16n8 accumulator tiles (warp w of the warpgroup holds rows 16 w .. 16 w + 15).
@@ -266,35 +287,123 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const bool neg = scale_log2 < 0.0f;
   const float masked = neg ? attn::pos_infinity() : attn::neg_infinity();
 
-  for (int j = 0; j < n_blocks; ++j) {
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();  // block j is in shared memory; every warpgroup is done with block j - 1
-    if (j + 1 < n_blocks) load_kv(j + 1);
-    cp_async_commit();
-    const uint32_t kb = ak + static_cast<uint32_t>((j & 1) * kTileBytes);
-    const uint32_t vb = av + static_cast<uint32_t>((j & 1) * kTileBytes);
-
-    // S = Q K(j)^T. Registers an MMA reads or writes are settled before
-    // wgmma.fence and touched again only after the wait.
-    fence_operands(s_flat);
-    wgmma_fence();
-    wgmma_ss<T, kN, false>(s_flat, q_desc(0), k_desc(kb, 0));
+  // The MMAs of one commit group. Every register an MMA reads or writes,
+  // descriptors included, is computed before the wgmma.fence that precedes
+  // it (fence_operands pins it there) and touched again only after the wait
+  // that covers it: an instruction defining one in between makes ptxas
+  // serialize every wgmma of the kernel.
+  uint64_t qd[D / 16], kd[D / 16], vd[kN / 16];
 #pragma unroll
-    for (int kk = 1; kk < D / 16; ++kk) wgmma_ss<T, kN, true>(s_flat, q_desc(kk), k_desc(kb, kk));
+  for (int kk = 0; kk < D / 16; ++kk) qd[kk] = q_desc(kk);
+  auto settle = [&](int js, int jpv, uint32_t (&p)[1][kN / 16][4]) {  // S(js) and / or P V(jpv) next (-1: not)
+    if (js >= 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) kd[kk] = k_desc(js, kk);
+      fence_operands(qd);
+      fence_operands(kd);  // not s: its first MMA only writes it, so it is not carried across blocks
+    }
+    if (jpv >= 0) {
+#pragma unroll
+      for (int kc = 0; kc < kN / 16; ++kc) vd[kc] = v_desc(jpv, kc);
+      fence_operands(vd);
+      fence_operands(acc_flat);
+      fence_operands(p[0]);
+    }
+    wgmma_fence();
+  };
+  auto mma_s = [&] {  // S = Q K^T with the descriptors settled
+    wgmma_ss<T, kN, false>(s_flat, qd[0], kd[0]);
+#pragma unroll
+    for (int kk = 1; kk < D / 16; ++kk) wgmma_ss<T, kN, true>(s_flat, qd[kk], kd[kk]);
     wgmma_commit();
+  };
+  auto mma_pv = [&](uint32_t (&p)[1][kN / 16][4]) {  // O += P V
+#pragma unroll
+    for (int kc = 0; kc < kN / 16; ++kc) wgmma_rs<T, D>(acc_flat, p[0][kc], vd[kc]);
+    wgmma_commit();
+  };
+  auto rescale_now = [&](int r, int h, float alpha) { scale_rows(acc[r], h, alpha); };
+
+  load_swizzled<T, D, kM, Cfg::kThreads>(sq, q + (bh * nq + m0) * D, nq - m0, tid);
+  load_k(0);
+  cp_async_commit();
+  load_v(0);
+  cp_async_commit();
+
+  if constexpr (!Cfg::kOverlap) {
+    // S, softmax, P V one after the other. Copy groups: [Q K0], [V0], then [K(j+1) V(j+1)] per block.
+    for (int j = 0; j < n_blocks; ++j) {
+      copies_landed<0>();  // block j; every warpgroup is done with block j - 1
+      load_k(j + 1);
+      load_v(j + 1);
+      cp_async_commit();
+      settle(j, -1, pf);
+      mma_s();
+      wgmma_wait<0>();
+      fence_operands(s_flat);
+      fwd_softmax_block<T>(s, row, pf, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane, rescale_now);
+      settle(-1, j, pf);
+      mma_pv(pf);
+      wgmma_wait<0>();
+      fence_operands(acc_flat);
+    }
+  } else {
+    // Block 0 alone, then per block j >= 1: S(j) and P(j-1) V(j-1) in flight together, the
+    // softmax of j once S(j) is done, the rescale of O once P(j-1) V(j-1) is. Copy groups:
+    // [Q K0], [V0], [K1], [V1], then per block [K(j+1)] at its start and [V(j+1)] at its end,
+    // so at the start of block j only the newest group, V(j), may still be in flight.
+    // P alternates between pf and pn: P(j) is written while P(j-1) feeds the tensor cores, and
+    // no instruction copies P (a copy into registers an MMA reads makes ptxas serialize them).
+    uint32_t pn[1][kN / 16][4];
+    copies_landed<1>();  // Q, K0
+    load_k(1);
+    cp_async_commit();
+    load_v(1);
+    cp_async_commit();
+    settle(0, -1, pf);
+    mma_s();
     wgmma_wait<0>();
     fence_operands(s_flat);
-
-    fwd_softmax_block<T>(s, row, acc, pf, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane);
-
-    // O += P V(j)
-    fence_operands(acc_flat);
-    fence_operands(pf[0]);
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < kN / 16; ++kc) wgmma_rs<T, D>(acc_flat, pf[0][kc], v_desc(vb, kc));
-    wgmma_commit();
+    fwd_softmax_block<T>(s, row, pf, kN > nk, 0, nk, scale_log2, neg, masked, lane, rescale_now);  // O is still 0
+    // Block j >= 1: P(j-1) is in `prev`, P(j) goes to `next`.
+    auto block = [&](int j, uint32_t (&prev)[1][kN / 16][4], uint32_t (&next)[1][kN / 16][4]) {
+      copies_landed<1>();  // K(j) and V(j-1); every warpgroup is done with K(j-1)
+      load_k(j + 1);
+      cp_async_commit();
+      settle(j, j - 1, prev);  // one fence for both groups: nothing may define their registers while either runs
+      mma_s();
+      mma_pv(prev);
+      wgmma_wait<1>();  // S(j) is done; P(j-1) V(j-1) may still run
+      fence_operands(s_flat);
+      float alpha[2] = {1.0f, 1.0f};
+      bool moved = false;
+      fwd_softmax_block<T>(s, row, next, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane,
+                           [&](int, int h, float a) {
+                             alpha[h] = a;
+                             moved = true;
+                           });
+      wgmma_wait<0>();
+      fence_operands(acc_flat);
+      if (moved) {  // warp-uniform
+        scale_rows(acc[0], 0, alpha[0]);
+        scale_rows(acc[0], 1, alpha[1]);
+      }
+      __syncthreads();  // every warpgroup is done with V(j-1): its buffer takes V(j+1)
+      load_v(j + 1);
+      cp_async_commit();
+    };
+    for (int j = 1; j < n_blocks; j += 2) {
+      block(j, pf, pn);
+      if (j + 1 < n_blocks) block(j + 1, pn, pf);
+    }
+    copies_landed<0>();  // V(n-1)
+    if (n_blocks % 2 == 1) {  // P(n-1) is in pf
+      settle(-1, n_blocks - 1, pf);
+      mma_pv(pf);
+    } else {
+      settle(-1, n_blocks - 1, pn);
+      mma_pv(pn);
+    }
     wgmma_wait<0>();
     fence_operands(acc_flat);
   }
