@@ -1,7 +1,7 @@
 // Shared by the CUDA attention A/B programs (attention_tiles.cu,
-// attention_wgmma.cu): deterministic inputs rotated through more than the L2,
-// an agreement check against a baseline kernel, and interleaved CUDA-event
-// medians of 10 launches. Torch-free.
+// attention_wgmma.cu): the mma.sync forward's launcher, deterministic inputs
+// rotated through more than the L2, an agreement check against a baseline
+// kernel, and interleaved CUDA-event medians of 10 launches. Torch-free.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "attention_fwd.cuh"
 
 #define CHECK_CUDA(x)                                                                               \
   do {                                                                                              \
@@ -71,6 +73,25 @@ struct Inputs {
     for (float* p : lse) cudaFree(p);
   }
 };
+
+// Prints the GPU and what the ratios mean; returns its properties.
+inline cudaDeviceProp print_device(const char* ratio) {
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("%s, %d SMs; ratio = %s\n", prop.name, prop.multiProcessorCount, ratio);
+  return prop;
+}
+
+// The production mma.sync forward (attention_fwd.cuh) with tile configuration Cfg.
+template <class T, int D, class Cfg = sgdm::cuda_attn::FwdTile<D>>
+void launch_mma(const T* q, const T* k, const T* v, T* o, float* lse, int bh, int nq, int nk, float scale) {
+  using sgdm::cuda_attn::attention_fwd_mma;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  CHECK_CUDA(cudaFuncSetAttribute(&attention_fwd_mma<T, D, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  attention_fwd_mma<T, D, Cfg><<<dim3((nq + Cfg::kM - 1) / Cfg::kM, bh), Cfg::kThreads, smem>>>(
+      q, k, v, o, lse, nq, nk, scale * kLog2e);
+  CHECK_CUDA(cudaGetLastError());
+}
 
 // A forward launcher: (q, k, v, out, lse, B*H, Nq, Nk, scale).
 template <class T>

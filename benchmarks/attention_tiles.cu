@@ -13,7 +13,6 @@
 //        -Icsrc/include -Icsrc/cuda benchmarks/attention_tiles.cu -o attention_tiles
 //   ./attention_tiles            # exit status 1 when an alternative disagrees
 #include "attention_ab.cuh"
-#include "attention_fwd.cuh"
 
 using namespace sgdm::cuda_attn;
 using namespace sgdm_ab;
@@ -27,30 +26,18 @@ std::string describe() {
   return buf;
 }
 
-template <class T, int D, class Cfg>
-void launch(const T* q, const T* k, const T* v, T* o, float* lse, int bh, int nq, int nk, float scale) {
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  CHECK_CUDA(cudaFuncSetAttribute(&attention_fwd_mma<T, D, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  attention_fwd_mma<T, D, Cfg><<<dim3((nq + Cfg::kM - 1) / Cfg::kM, bh), Cfg::kThreads, smem>>>(
-      q, k, v, o, lse, nq, nk, scale * kLog2e);
-  CHECK_CUDA(cudaGetLastError());
-}
-
 // The production FwdTile<D> first, then the alternatives.
 template <class T, int D, class... Alts>
 bool compare_tiles(int bh, int n, int reps) {
-  std::vector<FwdVariant<T>> v{{describe<FwdTile<D>>() + " (FwdTile)", &launch<T, D, FwdTile<D>>}};
-  (v.push_back({describe<Alts>(), &launch<T, D, Alts>}), ...);
+  std::vector<FwdVariant<T>> v{{describe<FwdTile<D>>() + " (FwdTile)", &launch_mma<T, D>}};
+  (v.push_back({describe<Alts>(), &launch_mma<T, D, Alts>}), ...);
   return compare<T, D>(v, bh, n, reps);
 }
 
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s, %d SMs; ratio = production time / config time (> 1: the config is faster)\n", prop.name,
-              prop.multiProcessorCount);
+  print_device("production time / config time (> 1: the config is faster)");
   using bf16 = __nv_bfloat16;
   bool ok = true;
   ok &= compare_tiles<bf16, 64, FwdConfig<64, 2, 2, 1>, FwdConfig<64, 1, 2, 2>>(64, 1024, 30);

@@ -15,16 +15,6 @@ using namespace sgdm_ab;
 
 namespace {
 
-template <class T, int D>
-void launch_mma(const T* q, const T* k, const T* v, T* o, float* lse, int bh, int nq, int nk, float scale) {
-  using Cfg = FwdTile<D>;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  CHECK_CUDA(cudaFuncSetAttribute(&attention_fwd_mma<T, D, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  attention_fwd_mma<T, D, Cfg><<<dim3((nq + Cfg::kM - 1) / Cfg::kM, bh), Cfg::kThreads, smem>>>(
-      q, k, v, o, lse, nq, nk, scale * kLog2e);
-  CHECK_CUDA(cudaGetLastError());
-}
-
 template <class T, int D, class Cfg>
 void launch_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, int bh, int nq, int nk, float scale) {
   constexpr int smem = Cfg::template smem_bytes<T>();
@@ -54,10 +44,7 @@ bool compare_wgmma(int bh, int n, int reps) {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s, %d SMs; ratio = mma.sync time / wgmma time (> 1: wgmma is faster)\n", prop.name,
-              prop.multiProcessorCount);
+  const cudaDeviceProp prop = print_device("mma.sync time / wgmma time (> 1: wgmma is faster)");
   if (prop.major != 9) {
     std::printf("needs compute capability 9.x (wgmma), this GPU is %d.%d\n", prop.major, prop.minor);
     return 2;
