@@ -51,7 +51,7 @@ struct Inputs {
   std::vector<T*> buf;  // sets x (q, k, v, out)
   std::vector<float*> lse;
   int sets = 0;
-  Inputs(int bh, int n, int d, Normal& rnd, double min_bytes) {
+  Inputs(int bh, int n, int d, Normal& rnd, double min_bytes) {  // n: the larger of Nq and Nk
     const size_t elems = static_cast<size_t>(bh) * n * d;
     sets = std::max(1, static_cast<int>(min_bytes / (4.0 * elems * sizeof(T))) + 1);
     std::vector<T> h(elems);
@@ -107,19 +107,19 @@ struct FwdVariant {
 // relative) and is timed against it. Prints one line per variant; false when
 // one disagrees.
 template <class T, int D>
-bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int n, int reps) {
+bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int nq, int nk, int reps) {
   const int kV = static_cast<int>(variants.size());
   Normal rnd;
-  Inputs<T> in(bh, n, D, rnd, 150e6);
+  Inputs<T> in(bh, std::max(nq, nk), D, rnd, 150e6);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const size_t elems = static_cast<size_t>(bh) * n * D;
+  const size_t elems = static_cast<size_t>(bh) * nq * D;
 
   // Agreement with the baseline on input set 0.
   bool ok = true;
   std::vector<T> ref(elems), got(elems);
-  std::vector<float> ref_lse(static_cast<size_t>(bh) * n), got_lse(ref_lse.size());
+  std::vector<float> ref_lse(static_cast<size_t>(bh) * nq), got_lse(ref_lse.size());
   for (int i = 0; i < kV; ++i) {
-    variants[i].fn(in.buf[0], in.buf[1], in.buf[2], in.buf[3], in.lse[0], bh, n, n, scale);
+    variants[i].fn(in.buf[0], in.buf[1], in.buf[2], in.buf[3], in.lse[0], bh, nq, nk, scale);
     CHECK_CUDA(cudaDeviceSynchronize());
     auto& o = i == 0 ? ref : got;
     auto& l = i == 0 ? ref_lse : got_lse;
@@ -138,8 +138,8 @@ bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int n, int reps
     const double ulp = std::is_same_v<T, __half> ? 1.0 / 1024 : 1.0 / 128;  // of values in [1, 2)
     const bool agree = diff <= 2.0 * ulp * std::max(1.0, top) && ldiff <= 1e-5;
     if (!agree) {
-      std::printf("MISMATCH D=%d N=%d %s: max |out diff| %.3g (max |out| %.3g), lse rel diff %.3g\n", D, n, variants[i].name.c_str(),
-                  diff, top, ldiff);
+      std::printf("MISMATCH D=%d Nq=%d Nk=%d %s: max |out diff| %.3g (max |out| %.3g), lse rel diff %.3g\n", D, nq, nk,
+                  variants[i].name.c_str(), diff, top, ldiff);
       ok = false;
     }
   }
@@ -152,7 +152,7 @@ bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int n, int reps
   auto run = [&](int which) {
     const int s = it++ % in.sets;
     T* const* b = &in.buf[4 * s];
-    variants[which].fn(b[0], b[1], b[2], b[3], in.lse[s], bh, n, n, scale);
+    variants[which].fn(b[0], b[1], b[2], b[3], in.lse[s], bh, nq, nk, scale);
   };
   for (int w = 0; w < 3; ++w)
     for (int i = 0; i < kV; ++i) run(i);
@@ -168,14 +168,14 @@ bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int n, int reps
       t[which].push_back(ms / 10.0f);
     }
   }
-  const double flops = 4.0 * bh * static_cast<double>(n) * n * D;
-  std::printf("%s D=%d B*H=%d N=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, n);
+  const double flops = 4.0 * bh * static_cast<double>(nq) * nk * D;
+  std::printf("%s D=%d B*H=%d Nq=%d Nk=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, nq, nk);
   double base = 0.0;
   for (int i = 0; i < kV; ++i) {
     std::sort(t[i].begin(), t[i].end());
     const double med = t[i][t[i].size() / 2];
     if (i == 0) base = med;
-    std::printf("  %-36s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", variants[i].name.c_str(), med, flops / med / 1e9, base / med,
+    std::printf("  %-56s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", variants[i].name.c_str(), med, flops / med / 1e9, base / med,
                 i == 0 ? "  (baseline)" : "");
   }
   CHECK_CUDA(cudaEventDestroy(e0));

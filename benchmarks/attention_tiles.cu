@@ -31,7 +31,7 @@ template <class T, int D, class... Alts>
 bool compare_tiles(int bh, int n, int reps) {
   std::vector<FwdVariant<T>> v{{describe<FwdTile<D>>() + " (FwdTile)", &launch_mma<T, D>}};
   (v.push_back({describe<Alts>(), &launch_mma<T, D, Alts>}), ...);
-  return compare<T, D>(v, bh, n, reps);
+  return compare<T, D>(v, bh, n, n, reps);
 }
 
 }  // namespace

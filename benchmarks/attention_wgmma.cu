@@ -35,10 +35,10 @@ std::string describe() {
 
 // The production mma.sync kernel first, then the wgmma configurations.
 template <class T, int D, class... Cfgs>
-bool compare_wgmma(int bh, int n, int reps) {
+bool compare_wgmma(int bh, int nq, int nk, int reps) {
   std::vector<FwdVariant<T>> v{{"mma.sync FwdTile (production)", &launch_mma<T, D>}};
   (v.push_back({describe<Cfgs>(), &launch_wgmma<T, D, Cfgs>}), ...);
-  return compare<T, D>(v, bh, n, reps);
+  return compare<T, D>(v, bh, nq, nk, reps);
 }
 
 }  // namespace
@@ -57,24 +57,25 @@ int main() {
   using D64o = WgConfig<64, 128, 2, 1, true>;
   using D64n = WgConfig<64, 64, 2, 2>;
   using D64no = WgConfig<64, 64, 2, 1, true>;
-  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(3, 77, 3);
-  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(5, 1000, 3);
-  ok &= compare_wgmma<bf16, 32, WgConfig<32, 128, 2, 1>, WgConfig<32, 128, 2, 1, true>>(5, 1000, 3);
-  ok &= compare_wgmma<bf16, 128, WgConfig<128, 128, 2, 1>, WgConfig<128, 128, 2, 1, true>>(5, 1000, 3);
-  ok &= compare_wgmma<__half, 64, D64, D64o>(5, 1000, 3);
+  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(3, 77, 77, 3);
+  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(5, 1000, 1000, 3);
+  ok &= compare_wgmma<bf16, 32, WgConfig<32, 128, 2, 1>, WgConfig<32, 128, 2, 1, true>>(5, 1000, 1000, 3);
+  ok &= compare_wgmma<bf16, 128, WgConfig<128, 128, 2, 1>, WgConfig<128, 128, 2, 1, true>>(5, 1000, 1000, 3);
+  ok &= compare_wgmma<__half, 64, D64, D64o>(5, 1000, 1000, 3);
+  // Cross-attention: queries and keys of different counts, a single partial key block and several.
+  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(4, 1000, 77, 3);
+  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(4, 33, 600, 3);
   if (!ok) {
     std::printf("THE WGMMA KERNEL DISAGREES: no timings\n");
     return 1;
   }
   // The issue's shapes (bf16, B*H = 64, D = 64), then the ImageNet configs' D = 32 and D = 128.
-  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no, WgConfig<64, 128, 3, 1>>(
-      64, 1024, 30);
-  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no, WgConfig<64, 128, 3, 1>>(
-      64, 4096, 20);
+  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no, WgConfig<64, 128, 3, 1>>(64, 1024, 1024, 30);
+  ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no, WgConfig<64, 128, 3, 1>>(64, 4096, 4096, 20);
   ok &= compare_wgmma<bf16, 32, WgConfig<32, 128, 2, 1>, WgConfig<32, 128, 2, 1, true>, WgConfig<32, 64, 2, 2>>(
-      64, 4096, 15);
+      64, 4096, 4096, 15);
   ok &= compare_wgmma<bf16, 128, WgConfig<128, 128, 2, 1>, WgConfig<128, 128, 2, 1, true>, WgConfig<128, 64, 2, 1>>(
-      64, 4096, 10);
+      64, 4096, 4096, 10);
   std::printf(ok ? "the wgmma kernel agrees with the production kernel\n" : "THE WGMMA KERNEL DISAGREES\n");
   return ok ? 0 : 1;
 }
