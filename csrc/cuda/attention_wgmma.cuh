@@ -1,11 +1,14 @@
 // Hopper (sm_90a) forward of flash attention on warpgroup MMAs: an
 // experiment, not yet used by the extension.
 //
-// STATUS: compiled (tests/ops/test_attention_wgmma.py builds
-// benchmarks/attention_wgmma.cu for sm_90a with warnings as errors), never run
-// on a GPU. benchmarks/attention_wgmma.cu checks it against the production
-// mma.sync kernel (attention_fwd.cuh) and times both; the extension takes it
-// only once that has passed on an H100 / H200.
+// STATUS: compiled, never run on a GPU. tests/ops/test_attention_ab_programs.py
+// builds benchmarks/attention_wgmma.cu for sm_90a (warnings as errors, no
+// stack frame, no serialized wgmma) and checks on the CPU that every operand
+// descriptor reads the elements the tiles hold (tests/ops/cuda_host/
+// wgmma_layouts.cu, against the PTX ISA's canonical layouts). On an H100 /
+// H200, benchmarks/attention_wgmma.cu checks the kernel against the
+// production mma.sync one (attention_fwd.cuh) and times both; the extension
+// takes it only once that has passed.
 //
 // Why: the mma.sync forward reaches 279 TFLOP/s on an H200 (bf16, D = 64,
 // N = 4096), 0.59x cuDNN, which uses wgmma. A warpgroup MMA reads both
@@ -160,29 +163,54 @@ struct Swizzle {
   static_assert(D % kCols == 0 && kBytes >= 32, "head dim 32, 64 or a multiple of 64");
 
   // Byte offset of element (r, c); c a multiple of 8 (16-byte units).
-  static __device__ __forceinline__ uint32_t offset(int rows, int r, int c) {
+  static __host__ __device__ __forceinline__ uint32_t offset(int rows, int r, int c) {
     const uint32_t lin = static_cast<uint32_t>(((c / kCols) * rows + r) * kBytes + (c % kCols) * 2);
     return lin ^ (((lin >> 7) & (kBytes / 16 - 1)) << 4);
   }
 };
 
-__device__ __forceinline__ uint64_t desc_field(uint32_t bytes) { return (bytes & 0x3FFFFu) >> 4; }
+__host__ __device__ __forceinline__ uint64_t desc_field(uint32_t bytes) { return (bytes & 0x3FFFFu) >> 4; }
 
 // Operand in K-major layout starting at shared address `addr`: the leading
 // offset is unused with swizzling (1 by convention), the stride is 8 rows.
 template <int D>
-__device__ __forceinline__ uint64_t kmajor_desc(uint32_t addr) {
+__host__ __device__ __forceinline__ uint64_t kmajor_desc(uint32_t addr) {
   using Sw = Swizzle<D>;
   return desc_field(addr) | (uint64_t{1} << 16) | (desc_field(Sw::kAtomBytes) << 32) | (Sw::kMode << 62);
 }
 // Operand B in N-major layout (a [keys][D] tile used as K x N): the leading
 // offset steps to the next chunk of columns (N), the stride to the next 8 keys (K).
 template <int D>
-__device__ __forceinline__ uint64_t nmajor_desc(uint32_t addr, int rows) {
+__host__ __device__ __forceinline__ uint64_t nmajor_desc(uint32_t addr, int rows) {
   using Sw = Swizzle<D>;
   return desc_field(addr) | (desc_field(static_cast<uint32_t>(rows * Sw::kBytes)) << 16) |
          (desc_field(Sw::kAtomBytes) << 32) | (Sw::kMode << 62);
 }
+
+// The kernel's wgmma operands as descriptors, from the shared-memory byte
+// addresses of its tiles (Q: kM rows, K and V: kN rows, each in the layout
+// of Swizzle<D>). tests/ops/test_attention_ab_programs.py decodes them on the
+// host with the PTX ISA's canonical layouts and checks that every element an
+// instruction reads is the one the tile holds there.
+template <int D, int kM, int kN>
+struct OperandDescs {
+  using Sw = Swizzle<D>;
+  // A of S = Q K^T: query rows 64 wg .. 64 wg + 63, head-dim columns 16 kk .. 16 kk + 15.
+  static __host__ __device__ __forceinline__ uint64_t q(uint32_t tile, int wg, int kk) {
+    const int c = kk * 16;
+    return kmajor_desc<D>(tile + static_cast<uint32_t>(((c / Sw::kCols) * kM + wg * 64) * Sw::kBytes +
+                                                       (c % Sw::kCols) * 2));
+  }
+  // B of S = Q K^T: all kN keys, head-dim columns 16 kk .. 16 kk + 15.
+  static __host__ __device__ __forceinline__ uint64_t k(uint32_t tile, int kk) {
+    const int c = kk * 16;
+    return kmajor_desc<D>(tile + static_cast<uint32_t>((c / Sw::kCols) * kN * Sw::kBytes + (c % Sw::kCols) * 2));
+  }
+  // B of O += P V: keys 16 kc .. 16 kc + 15, all D columns.
+  static __host__ __device__ __forceinline__ uint64_t v(uint32_t tile, int kc) {
+    return nmajor_desc<D>(tile + static_cast<uint32_t>(kc * 16 * Sw::kBytes), kN);
+  }
+};
 
 // Copies a [kRows][D] tile (row stride D in global memory) into the swizzled
 // layout; rows at or past `valid_rows` become zeros.
@@ -230,7 +258,6 @@ template <class T, int D, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         T* __restrict__ out, float* __restrict__ lse, int nq, int nk, float scale_log2) {
-  using Sw = Swizzle<D>;
   constexpr int kN = Cfg::kN, kM = Cfg::kM, kNT = kN / 8, kDT = D / 8;
   constexpr int kTileBytes = kN * D * static_cast<int>(sizeof(T));
   const int tid = static_cast<int>(threadIdx.x), wgi = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
@@ -260,20 +287,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
                                              nk - j * kN, tid);
   };
 
-  // Descriptors of k-step kk (16 columns of the head dim) of this warpgroup's
-  // Q rows and of K, and of k-step kc (16 keys) of V.
-  auto q_desc = [&](int kk) {
-    const int c = kk * 16;
-    return kmajor_desc<D>(aq + static_cast<uint32_t>(((c / Sw::kCols) * kM + wgi * 64) * Sw::kBytes + (c % Sw::kCols) * 2));
-  };
-  auto k_desc = [&](int j, int kk) {
-    const int c = kk * 16;
-    return kmajor_desc<D>(ak + static_cast<uint32_t>((j & 1) * kTileBytes + (c / Sw::kCols) * kN * Sw::kBytes +
-                                                     (c % Sw::kCols) * 2));
-  };
-  auto v_desc = [&](int j, int kc) {
-    return nmajor_desc<D>(av + static_cast<uint32_t>((j & 1) * kTileBytes + kc * 16 * Sw::kBytes), kN);
-  };
+  using Descs = OperandDescs<D, kM, kN>;
+  auto q_desc = [&](int kk) { return Descs::q(aq, wgi, kk); };
+  auto k_desc = [&](int j, int kk) { return Descs::k(ak + static_cast<uint32_t>((j & 1) * kTileBytes), kk); };
+  auto v_desc = [&](int j, int kc) { return Descs::v(av + static_cast<uint32_t>((j & 1) * kTileBytes), kc); };
 
   // Per thread, as m16n8 accumulator tiles (warp w of the warpgroup holds rows 16 w .. 16 w + 15).
   float s[1][kNT][4];

@@ -27,9 +27,10 @@ def _nvcc() -> str | None:
 
 
 def _compile(program: str, arch: list[str], tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """nvcc ``program`` (a path under the repository root) into tmp_path/program."""
     cmd = [_nvcc(), "-std=c++20", "-O1", "--use_fast_math", "--expt-relaxed-constexpr", "-Werror", "all-warnings",
            *arch, *extra, "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
-           os.path.join(ROOT, "benchmarks", program), "-o", str(tmp_path / "program")]
+           os.path.join(ROOT, program), "-o", str(tmp_path / "program")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "program").is_file()
@@ -38,14 +39,26 @@ def _compile(program: str, arch: list[str], tmp_path, *extra: str) -> subprocess
 
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
 def test_attention_tiles_program_compiles(tmp_path):
-    _compile("attention_tiles.cu", ["-arch=sm_80"], tmp_path)
+    _compile("benchmarks/attention_tiles.cu", ["-arch=sm_80"], tmp_path)
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
 def test_attention_wgmma_program_compiles_for_sm90a_with_registers_only(tmp_path):
-    done = _compile("attention_wgmma.cu", ["-gencode", "arch=compute_90a,code=sm_90a"], tmp_path, "-Xptxas", "-v")
+    done = _compile("benchmarks/attention_wgmma.cu", ["-gencode", "arch=compute_90a,code=sm_90a"], tmp_path,
+                    "-Xptxas", "-v")
     frames = re.findall(r"Function properties for (\S+)\n.*?(\d+) bytes stack frame", done.stderr)
     wgmma = [(name, int(size)) for name, size in frames if "attention_fwd_wgmma" in name]
     assert len(wgmma) >= 6, done.stderr[-3000:]
     assert all(size == 0 for _, size in wgmma), [name for name, size in wgmma if size]
     assert "wgmma.mma_async instructions are serialized" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+def test_wgmma_operands_are_read_where_the_tiles_hold_them(tmp_path):
+    """tests/ops/cuda_host/wgmma_layouts.cu runs on the CPU: it decodes every descriptor the wgmma
+    forward builds (Q, K, V; every k-step, warpgroup and buffer; D = 32, 64, 128) with the PTX ISA's
+    canonical layouts and checks each element against where the tile loader stored it."""
+    _compile("tests/ops/cuda_host/wgmma_layouts.cu", ["-gencode", "arch=compute_90a,code=sm_90a"], tmp_path)
+    done = subprocess.run([str(tmp_path / "program")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "every operand element is where the instruction reads it" in done.stdout

@@ -1,0 +1,99 @@
+// Host-only check of the wgmma forward's shared-memory addressing
+// (csrc/cuda/attention_wgmma.cuh): for every operand of every instruction the
+// kernel issues, decode the descriptor with the PTX ISA's canonical layouts
+// (9.7.15.5.1.2: the CuTe layouts of its table, then the swizzle on the byte
+// address) and check that each element the instruction reads is the element
+// Swizzle<D>::offset stored there. Runs on the CPU; prints the first
+// mismatches and exits 1 when there is one.
+#include <cstdio>
+
+#include "attention_wgmma.cuh"
+
+using namespace sgdm::cuda_attn::wg;
+
+namespace {
+
+struct Desc {
+  uint32_t start, lbo, sbo;
+  int units;  // 16-byte units per swizzle row: 8 (128B), 4 (64B), 2 (32B)
+};
+
+Desc decode(uint64_t d) {
+  const int mode = static_cast<int>(d >> 62);
+  return {static_cast<uint32_t>(d & 0x3FFF) << 4, static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4, mode == 1 ? 8 : mode == 2 ? 4 : mode == 3 ? 2 : 0};
+}
+
+// Swizzle<log2(units), 4, 3> on a byte address.
+uint32_t swizzle(uint32_t addr, int units) { return addr ^ (((addr >> 7) & static_cast<uint32_t>(units - 1)) << 4); }
+
+// K-major ((8,m),(T,2k)):((units T, SBO),(1,T)), T = 8 16-bit elements: row mn, column k < 16.
+uint32_t kmajor_read(const Desc& d, int mn, int k) {
+  return swizzle(d.start + static_cast<uint32_t>((mn % 8) * d.units * 16) + static_cast<uint32_t>(mn / 8) * d.sbo +
+                     static_cast<uint32_t>(k * 2),
+                 d.units);
+}
+
+// MN-major ((T,units,m),(8,k)):((1,T,LBO),(units T,SBO)): column n of B, row k < 16.
+uint32_t nmajor_read(const Desc& d, int k, int n) {
+  const int span = 8 * d.units;  // elements of N in one swizzle row
+  return swizzle(d.start + static_cast<uint32_t>((n % span) * 2) + static_cast<uint32_t>(n / span) * d.lbo +
+                     static_cast<uint32_t>((k % 8) * d.units * 16) + static_cast<uint32_t>(k / 8) * d.sbo,
+                 d.units);
+}
+
+template <int D>
+uint32_t stored(uint32_t tile, int rows, int r, int c) {
+  return tile + Swizzle<D>::offset(rows, r, c & ~7) + static_cast<uint32_t>((c & 7) * 2);
+}
+
+int mismatches = 0;
+void expect(uint32_t got, uint32_t want, const char* what, int a, int b, int c, int d) {
+  if (got == want) return;
+  if (++mismatches <= 10)
+    std::printf("MISMATCH %s (%d, %d, %d, %d): the instruction reads byte %u, the element is at %u\n", what, a, b, c, d,
+                got, want);
+}
+
+template <int D, int kM, int kN>
+void check() {
+  using Descs = OperandDescs<D, kM, kN>;
+  // Tile bases as the kernel lays them out after aligning to 1024 (any 1024-aligned base).
+  const uint32_t q = 1024 * 3, k = q + kM * D * 2, v = k + 2 * kN * D * 2;
+  for (int wg = 0; wg < kM / 64; ++wg)
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const Desc a = decode(Descs::q(q, wg, kk));
+      for (int m = 0; m < 64; ++m)
+        for (int c = 0; c < 16; ++c)
+          expect(kmajor_read(a, m, c), stored<D>(q, kM, wg * 64 + m, kk * 16 + c), "Q", D, wg, m, kk * 16 + c);
+    }
+  for (int buf = 0; buf < 2; ++buf) {
+    const uint32_t kb = k + static_cast<uint32_t>(buf * kN * D * 2), vb = v + static_cast<uint32_t>(buf * kN * D * 2);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const Desc b = decode(Descs::k(kb, kk));
+      for (int n = 0; n < kN; ++n)
+        for (int c = 0; c < 16; ++c)
+          expect(kmajor_read(b, n, c), stored<D>(kb, kN, n, kk * 16 + c), "K", D, buf, n, kk * 16 + c);
+    }
+    for (int kc = 0; kc < kN / 16; ++kc) {
+      const Desc b = decode(Descs::v(vb, kc));
+      for (int key = 0; key < 16; ++key)
+        for (int n = 0; n < D; ++n)
+          expect(nmajor_read(b, key, n), stored<D>(vb, kN, kc * 16 + key, n), "V", D, buf, kc * 16 + key, n);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  check<64, 128, 128>();
+  check<64, 128, 64>();
+  check<64, 192, 128>();
+  check<32, 128, 128>();
+  check<32, 128, 64>();
+  check<128, 128, 128>();
+  check<128, 128, 64>();
+  std::printf(mismatches ? "%d mismatches\n" : "every operand element is where the instruction reads it\n", mismatches);
+  return mismatches ? 1 : 0;
+}
