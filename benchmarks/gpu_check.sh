@@ -10,7 +10,9 @@
 #                                           # op tests, op benchmarks and sanitizers (~2 min)
 #   bash benchmarks/gpu_check.sh attention  # re-check after an attention kernel change: build,
 #                                           # the op tests, attention benchmarks (SDPA and the
-#                                           # forward's tile configurations) and sanitizers (~3 min)
+#                                           # forward's tile configurations; on a 9.x GPU the
+#                                           # wgmma forward against the production kernel) and
+#                                           # sanitizers (~3 min, ~5 min with the wgmma step)
 #
 # Other ops add their pieces to the arrays below (SMOKE: a command exercising
 # the op once on small shapes, run under each sanitizer; BENCH: a benchmark
