@@ -284,9 +284,8 @@ def format_tables(rows: list[dict], fd_key: str) -> str:
 
 def format_adherence_table(long_rows: list[dict], fd_key: str) -> str:
     """The box and mask models continued to ``--adherence-steps`` (those that missed the target at
-    ``--steps``): each one's best adherence, the
-    lowest w reaching the target (the distance is shown, not required: it is at its floor), and
-    every scale (empty when there are none)."""
+    ``--steps``): each one's best adherence, the lowest w reaching the target (the distance is
+    shown, not required: it is at its floor), and every scale (empty when there are none)."""
     if not long_rows:
         return ""
     steps = long_rows[0]["steps"]

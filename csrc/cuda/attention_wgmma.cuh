@@ -304,29 +304,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const bool neg = scale_log2 < 0.0f;
   const float masked = neg ? attn::pos_infinity() : attn::neg_infinity();
 
-  // The MMAs of one commit group. Every register an MMA reads or writes,
-  // descriptors included, is computed before the wgmma.fence that precedes
-  // it (fence_operands pins it there) and touched again only after the wait
-  // that covers it: an instruction defining one in between makes ptxas
-  // serialize every wgmma of the kernel.
+  // ready_s / ready_pv compute every register an MMA reads or writes,
+  // descriptors included, and pin it (fence_operands) before the wgmma.fence
+  // that precedes the MMAs; it is touched again only after the wait that
+  // covers them: an instruction defining one in between makes ptxas serialize
+  // every wgmma of the kernel. mma_s / mma_pv issue one commit group each.
   uint64_t qd[D / 16], kd[D / 16], vd[kN / 16];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) qd[kk] = q_desc(kk);
-  auto settle = [&](int js, int jpv, uint32_t (&p)[1][kN / 16][4]) {  // S(js) and / or P V(jpv) next (-1: not)
-    if (js >= 0) {
+  auto ready_s = [&](int j) {  // for S(j)
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) kd[kk] = k_desc(js, kk);
-      fence_operands(qd);
-      fence_operands(kd);  // not s: its first MMA only writes it, so it is not carried across blocks
-    }
-    if (jpv >= 0) {
+    for (int kk = 0; kk < D / 16; ++kk) kd[kk] = k_desc(j, kk);
+    fence_operands(qd);
+    fence_operands(kd);  // not s: its first MMA only writes it, so it is not carried across blocks
+  };
+  auto ready_pv = [&](int j, uint32_t (&p)[1][kN / 16][4]) {  // for P V(j)
 #pragma unroll
-      for (int kc = 0; kc < kN / 16; ++kc) vd[kc] = v_desc(jpv, kc);
-      fence_operands(vd);
-      fence_operands(acc_flat);
-      fence_operands(p[0]);
-    }
-    wgmma_fence();
+    for (int kc = 0; kc < kN / 16; ++kc) vd[kc] = v_desc(j, kc);
+    fence_operands(vd);
+    fence_operands(acc_flat);
+    fence_operands(p[0]);
   };
   auto mma_s = [&] {  // S = Q K^T with the descriptors settled
     wgmma_ss<T, kN, false>(s_flat, qd[0], kd[0]);
@@ -354,12 +351,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       load_k(j + 1);
       load_v(j + 1);
       cp_async_commit();
-      settle(j, -1, pf);
+      ready_s(j);
+      wgmma_fence();
       mma_s();
       wgmma_wait<0>();
       fence_operands(s_flat);
       fwd_softmax_block<T>(s, row, pf, (j + 1) * kN > nk, j * kN, nk, scale_log2, neg, masked, lane, rescale_now);
-      settle(-1, j, pf);
+      ready_pv(j, pf);
+      wgmma_fence();
       mma_pv(pf);
       wgmma_wait<0>();
       fence_operands(acc_flat);
@@ -377,7 +376,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     cp_async_commit();
     load_v(1);
     cp_async_commit();
-    settle(0, -1, pf);
+    ready_s(0);
+    wgmma_fence();
     mma_s();
     wgmma_wait<0>();
     fence_operands(s_flat);
@@ -387,7 +387,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       copies_landed<1>();  // K(j) and V(j-1); every warpgroup is done with K(j-1)
       load_k(j + 1);
       cp_async_commit();
-      settle(j, j - 1, prev);  // one fence for both groups: nothing may define their registers while either runs
+      ready_s(j);
+      ready_pv(j - 1, prev);
+      wgmma_fence();  // one fence for both groups: nothing may define their registers while either runs
       mma_s();
       mma_pv(prev);
       wgmma_wait<1>();  // S(j) is done; P(j-1) V(j-1) may still run
@@ -415,10 +417,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
     copies_landed<0>();  // V(n-1)
     if (n_blocks % 2 == 1) {  // P(n-1) is in pf
-      settle(-1, n_blocks - 1, pf);
+      ready_pv(n_blocks - 1, pf);
+      wgmma_fence();
       mma_pv(pf);
     } else {
-      settle(-1, n_blocks - 1, pn);
+      ready_pv(n_blocks - 1, pn);
+      wgmma_fence();
       mma_pv(pn);
     }
     wgmma_wait<0>();

@@ -21,7 +21,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, reads: str, example
 
 def printed_config(cfg, args: argparse.Namespace) -> bool:
     """Write ``cfg`` as YAML to stdout when ``--print-config`` was given; True when it was."""
-    if not getattr(args, "print_config", False):
+    if not args.print_config:
         return False
     from sgdm.config.core import dump_yaml
 

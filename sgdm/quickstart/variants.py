@@ -82,7 +82,7 @@ def seed_continuation(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | No
     Does nothing when ``dst`` already has checkpoints or an exported pipeline (a continuation
     under way or finished); returns the checkpoint copied, else None. A ``src`` without a
     valid checkpoint is an error that names it."""
-    from sgdm.training.checkpoint import atomic_copy, atomic_write_text, find_last_valid, list_checkpoints
+    from sgdm.training.checkpoint import atomic_copy, find_last_valid, list_checkpoints
 
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if (dst / "pipeline").exists() or list_checkpoints(dst / "checkpoints"):
@@ -91,6 +91,6 @@ def seed_continuation(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | No
     if ckpt is None:
         raise FileNotFoundError(f"{src / 'checkpoints'}: no valid checkpoint to continue from")
     if (src / "config.yaml").is_file():  # lets the resume check that the continuation is the same run
-        atomic_write_text(dst / "config.yaml", (src / "config.yaml").read_text())
+        atomic_copy(src / "config.yaml", dst / "config.yaml")
     atomic_copy(ckpt, dst / "checkpoints" / ckpt.name)
     return dst / "checkpoints" / ckpt.name
