@@ -78,6 +78,19 @@ def _want_cuda(cuda_home: str | None) -> bool:
         return False
 
 
+def _hopper_archs(arch_list: str) -> tuple[str, bool]:
+    """(the TORCH_CUDA_ARCH_LIST to build, whether it has 9.0a).
+
+    9.0a code is what the Hopper wgmma forward needs (SGDM_ATTENTION_WGMMA=1), and it
+    runs everything else as 9.0 code does, so with both in the list the plain 9.0 is
+    dropped: one cubin per GPU, no doubt about which the driver loads."""
+    archs = [a for a in arch_list.replace(" ", ";").split(";") if a]
+    has_a = "9.0a" in {a.split("+")[0] for a in archs}
+    if has_a:
+        archs = [a for a in archs if a != "9.0"]
+    return ";".join(archs), has_a
+
+
 def _sources(with_cuda: bool) -> tuple[list[str], list[str]]:
     """(sources compiled once, CPU kernel sources compiled per ISA)."""
     once = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
@@ -101,7 +114,8 @@ def _extension():
             try:
                 import torch
                 major, minor = torch.cuda.get_device_capability()
-                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+                suffix = "a" if (major, minor) == (9, 0) else ""  # the wgmma forward's code
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}{suffix}"
             except Exception:  # noqa: BLE001 - no GPU to ask
                 sys.exit("sgdm: set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0\") to build CUDA "
                          "without a visible GPU.")
@@ -118,6 +132,9 @@ def _extension():
         if os.path.isdir(nv):
             include_dirs.append(nv)
         macros.append(("SGDM_WITH_CUDA", "1"))
+        os.environ["TORCH_CUDA_ARCH_LIST"], sm90a = _hopper_archs(os.environ["TORCH_CUDA_ARCH_LIST"])
+        if sm90a:
+            macros.append(("SGDM_WITH_SM90A", "1"))
     ext = cls(name="sgdm._C", sources=once, include_dirs=list(include_dirs), define_macros=macros,
               extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"],
               py_limited_api=False)

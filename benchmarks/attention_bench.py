@@ -7,7 +7,9 @@ Forward and forward+backward, medians of interleaved runs in one process,
 ratio = baseline time / sgdm time (> 1: sgdm faster) and TFLOP/s with the
 issue's count: forward 4 B H Nq Nk D, backward 2.5x that. The CPU baseline is
 SDPA (its own flash kernel); on CUDA each SDPA backend (flash, cuDNN) is timed
-separately and the ratio is against the best. On the CPU the peak resident
+separately and the ratio is against the best. On a compute capability 9.0 GPU
+with a 9.0a build, rows marked "[wgmma fwd]" time sgdm again with the Hopper
+wgmma forward (SGDM_ATTENTION_WGMMA=1) against that backend. On the CPU the peak resident
 memory of one forward+backward is shown for sgdm, SDPA and eager math
 attention (softmax(q k^T) v, which stores N x N scores): sgdm stays O(N).
 
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import platform
 import sys
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 import ops_bench  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 from sgdm import ops
-from sgdm.ops.attention import attention_ref
+from sgdm.ops.attention import attention_ref, wgmma_forward_built
 
 CPU_CASES = [(1, 16, 1024, 64), (1, 16, 4096, 64)]  # B, H, N, D: B*H = 16
 CUDA_CASES = [(4, 16, 1024, 64), (4, 16, 4096, 64)]  # B*H = 64
@@ -56,8 +59,45 @@ def _sdpa_backends(device: torch.device) -> dict:
             "sdpa-cudnn": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
 
 
-def bench_case(case, dtype, device, repeats, gen) -> list[dict]:
+@contextlib.contextmanager
+def _wgmma_forward():
+    """SGDM_ATTENTION_WGMMA=1 inside the block (the extension reads it at each call)."""
+    before = os.environ.get("SGDM_ATTENTION_WGMMA")
+    os.environ["SGDM_ATTENTION_WGMMA"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SGDM_ATTENTION_WGMMA"]
+        else:
+            os.environ["SGDM_ATTENTION_WGMMA"] = before
+
+
+def wgmma_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Hopper wgmma forward can run here (a 9.0 GPU, a 9.0a build, 16-bit)."""
+    return (device.type == "cuda" and dtype != torch.float32 and wgmma_forward_built()
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def _row(case, dtype, device, backward, impl, name, t_base, t_ours) -> dict:
+    fl = flops(*case, backward)
+    b, h, n, d = case
+    n_bytes = 4 * b * h * n * d * torch.finfo(dtype).bits // 8 * (2 if backward else 1)
+    return {
+        "op": "attention " + ("fwd+bwd" if backward else "fwd") + (f" [{impl}]" if impl else ""),
+        "shape": f"{b}x{h}x{n}x{d}", "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+        "baseline": name, "eager_ms": t_base, "sgdm_ms": t_ours, "ratio": t_base / t_ours,
+        "sgdm_gbps": n_bytes / (t_ours * 1e-3) / 1e9, "floor_pct": None,
+        "sgdm_tflops": fl / (t_ours * 1e-3) / 1e12, "baseline_tflops": fl / (t_base * 1e-3) / 1e12,
+        "target": (">=1.0x" if device.type == "cpu" else (">=0.6x" if backward else ">=0.7x")),
+    }
+
+
+def bench_case(case, dtype, device, repeats, gen, wgmma: bool) -> list[dict]:
+    """sgdm against the best SDPA backend; on a Hopper GPU also sgdm with the wgmma forward
+    against that backend, timed again in the same run."""
     rows = []
+    backends = _sdpa_backends(device)
     for backward in (False, True):
         q, k, v = _inputs(case, dtype, device, gen, grad=backward)
         grad_out = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
@@ -69,7 +109,7 @@ def bench_case(case, dtype, device, repeats, gen) -> list[dict]:
 
         with torch.set_grad_enabled(backward):
             best = None
-            for name, ctx in _sdpa_backends(device).items():
+            for name, ctx in backends.items():
                 try:
                     with ctx():
                         t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
@@ -79,20 +119,14 @@ def bench_case(case, dtype, device, repeats, gen) -> list[dict]:
                     continue
                 if best is None or t_base < best[1]:
                     best = (name, t_base, t_ours)
-        if best is None:
-            continue
-        name, t_base, t_ours = best
-        fl = flops(*case, backward)
-        b, h, n, d = case
-        n_bytes = 4 * b * h * n * d * torch.finfo(dtype).bits // 8 * (2 if backward else 1)
-        rows.append({
-            "op": "attention " + ("fwd+bwd" if backward else "fwd"), "shape": f"{b}x{h}x{n}x{d}",
-            "dtype": str(dtype).replace("torch.", ""), "device": device.type, "baseline": name,
-            "eager_ms": t_base, "sgdm_ms": t_ours, "ratio": t_base / t_ours,
-            "sgdm_gbps": n_bytes / (t_ours * 1e-3) / 1e9, "floor_pct": None,
-            "sgdm_tflops": fl / (t_ours * 1e-3) / 1e12, "baseline_tflops": fl / (t_base * 1e-3) / 1e12,
-            "target": (">=1.0x" if device.type == "cpu" else (">=0.6x" if backward else ">=0.7x")),
-        })
+            if best is None:
+                continue
+            rows.append(_row(case, dtype, device, backward, "", *best))
+            if wgmma and wgmma_runs(device, dtype):
+                with backends[best[0]](), _wgmma_forward():
+                    t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
+                                                 device, repeats)
+                rows.append(_row(case, dtype, device, backward, "wgmma fwd", best[0], t_base, t_ours))
     return rows
 
 
@@ -136,7 +170,7 @@ def memory_rows(case, gen) -> list[dict]:
     return rows
 
 
-def run(devices, dtypes, threads, repeats, with_memory: bool) -> dict:
+def run(devices, dtypes, threads, repeats, with_memory: bool, wgmma: bool = True) -> dict:
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "backend": {}}
@@ -151,18 +185,18 @@ def run(devices, dtypes, threads, repeats, with_memory: bool) -> dict:
             for case in cases:
                 cpu_reps = max(3, repeats // (4 * max(1, case[2] // 1024) ** 2))  # N=4096: minutes
                 reps = repeats if device.type == "cuda" else cpu_reps
-                rows += bench_case(case, dtype, device, reps, gen)
+                rows += bench_case(case, dtype, device, reps, gen, wgmma)
         if device.type == "cpu" and with_memory:
             memory += memory_rows(CPU_CASES[-1], gen)
     return {"env": env, "rows": rows, "memory": memory}
 
 
 def format_table(result: dict) -> str:
-    head = f"{'op':<18} {'shape':<14} {'dtype':<9} {'dev':<5} {'baseline':<11} {'base ms':>9} " \
+    head = f"{'op':<30} {'shape':<14} {'dtype':<9} {'dev':<5} {'baseline':<11} {'base ms':>9} " \
            f"{'sgdm ms':>9} {'ratio':>6} {'base TF/s':>9} {'sgdm TF/s':>9}  target"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['op']:<18} {r['shape']:<14} {r['dtype']:<9} {r['device']:<5} {r['baseline']:<11} "
+        lines.append(f"{r['op']:<30} {r['shape']:<14} {r['dtype']:<9} {r['device']:<5} {r['baseline']:<11} "
                      f"{r['eager_ms']:>9.2f} {r['sgdm_ms']:>9.2f} {r['ratio']:>5.2f}x "
                      f"{r['baseline_tflops']:>9.3f} {r['sgdm_tflops']:>9.3f}  {r['target']}")
     for m in result.get("memory", []):
@@ -174,9 +208,10 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def smoke(device: torch.device) -> int:
+def smoke(device: torch.device, wgmma: bool = True) -> int:
     """Forward and backward once per (dtype, head dim) on odd shapes, checked loosely
-    against the float64 reference: what compute-sanitizer runs in gpu_check.sh."""
+    against the float64 reference (and the wgmma forward where it runs): what
+    compute-sanitizer runs in gpu_check.sh."""
     gen = torch.Generator().manual_seed(0)
     failures = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -188,6 +223,9 @@ def smoke(device: torch.device) -> int:
             want = attention_ref(q.detach().double(), k.detach().double(), v.detach().double())
             failures += not torch.allclose(out.double(), want, rtol=3e-2, atol=3e-2)
             failures += not all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+            if wgmma and wgmma_runs(device, dtype):
+                with _wgmma_forward(), torch.no_grad():
+                    failures += not torch.allclose(ops.attention(q, k, v).double(), want, rtol=3e-2, atol=3e-2)
     ops_bench._sync(device)
     print(f"attention smoke on {device}: backend {ops.backend(device.type)['attention']}, {failures} mismatches")
     return 1 if failures else 0
@@ -205,14 +243,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory comparison")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true", help="no timing: run once per dtype/head dim and check")
+    p.add_argument("--no-wgmma", action="store_true",
+                   help="leave out the Hopper wgmma forward (SGDM_ATTENTION_WGMMA=1) even where it runs")
     args = p.parse_args(argv)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
     if args.smoke:
-        return max(smoke(torch.device(d)) for d in devices)
-    result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats, not args.no_memory)
+        return max(smoke(torch.device(d), not args.no_wgmma) for d in devices)
+    result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats, not args.no_memory,
+                 not args.no_wgmma)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -29,7 +29,7 @@ STEPS=$OUT/steps.tsv
 PY=${PYTHON:-python}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # 9.0a: the Hopper wgmma forward too
 export MAX_JOBS=${MAX_JOBS:-16}
 export SGDM_REQUIRE_KERNELS=1 HF_HUB_OFFLINE=1
 export SGDM_CPU_AVX512=${SGDM_CPU_AVX512:-0}  # CPU paths are checked elsewhere; a faster build
@@ -48,8 +48,9 @@ if [ "$SCOPE" != attention ]; then
 fi
 # attention (issue 3): every dtype x head dim once; vs SDPA's flash and cuDNN backends
 if [ "$SCOPE" != ops ]; then
-  SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda")
-  BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30")
+  # $ATTN_FLAGS is expanded when the step runs: --no-wgmma unless the wgmma forward passed its check
+  SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda \$ATTN_FLAGS")
+  BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30 \$ATTN_FLAGS")
 fi
 TESTS="tests/ops tests/models/test_devices.py"
 [ "$SCOPE" = all ] && TESTS="$TESTS tests/pipeline/test_pipeline.py"
@@ -74,8 +75,19 @@ step env 60 "nvidia-smi -L; $PY -c 'import torch, sys; print(sys.version); print
 $PY -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found; torch falls back to a serial build (slow)" | tee -a "$LOG"
 if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
+  # The Hopper wgmma forward (never run before its first GPU session) is checked first, on
+  # its own: agreement with the production kernel, then time. Until it passes, the tests and
+  # benchmarks leave it out (a broken kernel may hang, and each step would wait out its limit).
+  export ATTN_FLAGS=--no-wgmma
+  WGMMA_TESTS=(-k "not wgmma")
+  if [ "$SCOPE" != ops ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q '^9\.'; then
+    if step attention-wgmma 180 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o $OUT/attention_wgmma && $OUT/attention_wgmma | tee $OUT/attention_wgmma.txt"; then
+      ATTN_FLAGS=
+      WGMMA_TESTS=()
+    fi
+  fi
   # the model tests cover the UNet path (per-sample GroupNorm affine) against the CPU
-  step cuda-tests 150 "$PY -m pytest -q -m cuda $TESTS"
+  step cuda-tests 150 "$PY -m pytest -q -m cuda $TESTS ${WGMMA_TESTS[*]@Q}"
   # benchmarks before the sanitizers: the numbers matter most when time is short
   i=0
   for cmd in "${BENCH[@]}"; do
@@ -85,10 +97,6 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   if [ "$SCOPE" != ops ]; then
     # the forward's tile configurations against the production FwdTile (standalone nvcc program)
     step attention-tiles 150 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -arch=native -Icsrc/include -Icsrc/cuda benchmarks/attention_tiles.cu -o $OUT/attention_tiles && $OUT/attention_tiles | tee $OUT/attention_tiles.txt"
-    # the Hopper wgmma forward (never run before its first GPU session): agreement with the production kernel, then time
-    if nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q '^9\.'; then
-      step attention-wgmma 180 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o $OUT/attention_wgmma && $OUT/attention_wgmma | tee $OUT/attention_wgmma.txt"
-    fi
   fi
   i=0
   for cmd in "${SMOKE[@]}"; do

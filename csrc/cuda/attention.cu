@@ -2,8 +2,6 @@
 // dim) and launches it. Six tensor-core instantiations per direction
 // ({fp16, bf16} x D in {32, 64, 128}) plus three fp32 SIMT ones keep the
 // build small.
-#include <cfloat>
-
 #include "attention_cuda.h"
 #include "attention_bwd.cuh"
 #include "attention_fwd.cuh"
@@ -18,11 +16,6 @@ dim3 grid(int64_t rows, int64_t rows_per_cta, int64_t bh) {
   return dim3(static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), static_cast<unsigned>(bh));
 }
 
-// The tensor-core forward masks keys past nk with an infinite raw score, which
-// a zero scale would turn into NaN; the smallest normal float gives the same
-// probabilities in fp32 (every scaled score rounds to zero).
-float nonzero(float scale) { return scale == 0.0f ? FLT_MIN : scale; }
-
 template <class T, int D>
 cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdTile<D>;
@@ -32,7 +25,7 @@ cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   kernel<<<grid(p.nq, Cfg::kM, p.bh), Cfg::kThreads, smem, stream>>>(
       static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<T*>(p.out),
-      p.lse, static_cast<int>(p.nq), static_cast<int>(p.nk), nonzero(p.scale) * kLog2e);
+      p.lse, static_cast<int>(p.nq), static_cast<int>(p.nk), fwd_scale_log2(p.scale));
   return cudaGetLastError();
 }
 

@@ -22,12 +22,21 @@
 // sums and 16-bit P, and exact in the end because l and O share that max.
 #pragma once
 
+#include <cfloat>
 #include <type_traits>
 
 #include "attention_mma.cuh"
 #include "sgdm/attention_math.h"
 
 namespace sgdm::cuda_attn {
+
+// The scale_log2 argument of the tensor-core forwards (scale * log2(e)). They
+// mask keys past nk with an infinite raw score, which a zero scale would turn
+// into NaN; the smallest normal float gives the same probabilities in fp32
+// (every scaled score rounds to zero).
+inline float fwd_scale_log2(float scale) {
+  return (scale == 0.0f ? FLT_MIN : scale) * attn::Base2Exp::kFromNatural;
+}
 
 // Tile shape: kR row tiles of 16 query rows per warp, kGroups groups of 4
 // warps per CTA (2: they take turns), kMinBlocks CTAs per SM for the register

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 #include "attention.h"
 #include "cuda/attention_cuda.h"
@@ -36,6 +38,28 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "sgdm.attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// SGDM_ATTENTION_WGMMA=1 asks for the Hopper wgmma forward (fp16 / bf16; it
+// has not run on a GPU yet, so it is opt-in). Asked for where it cannot run, it
+// is an error, not a silent fallback: a benchmark must know what it timed.
+bool wgmma_requested(const at::Tensor& q) {
+  const char* env = std::getenv("SGDM_ATTENTION_WGMMA");
+  const std::string_view value = env == nullptr ? "" : env;
+  if (value.empty() || value == "0") return false;
+  TORCH_CHECK(value == "1", "SGDM_ATTENTION_WGMMA must be 0 or 1, got '", value, "'");
+  if (q.scalar_type() == at::kFloat) return false;  // fp32 runs the SIMT kernel either way
+  TORCH_CHECK(cuda_attn::wgmma_forward_built(),
+              "SGDM_ATTENTION_WGMMA=1: this build of sgdm has no sm_90a code; rebuild with 9.0a in "
+              "TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0a\")");
+  int major = 0, minor = 0;
+  const int device = static_cast<int>(q.get_device());
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
+              "sgdm.attention: cannot read the compute capability of ", q.device());
+  TORCH_CHECK(major == 9 && minor == 0, "SGDM_ATTENTION_WGMMA=1: the wgmma forward needs a compute capability 9.0 "
+              "GPU (H100, H200); ", q.device(), " is ", major, ".", minor);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, double scale) {
   check_attention_inputs(q_in, k_in, v_in);
@@ -48,7 +72,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const cuda_attn::FwdParams p{dtype_tag(q, "q"), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                lse.data_ptr<float>(), q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3),
                                static_cast<float>(scale)};
-  check_launch(cuda_attn::attention_forward(p, c10::cuda::getCurrentCUDAStream()));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(wgmma_requested(q) ? cuda_attn::attention_forward_wgmma(p, stream)
+                                  : cuda_attn::attention_forward(p, stream));
   return {out, lse};
 }
 
@@ -98,6 +124,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
 }  // namespace
 }  // namespace sgdm
+
+TORCH_LIBRARY_FRAGMENT(sgdm, m) {
+  m.def("_attention_wgmma_built() -> bool", &sgdm::cuda_attn::wgmma_forward_built);
+}
 
 TORCH_LIBRARY_IMPL(sgdm, CUDA, m) {
   m.impl("attention", &sgdm::attention_fwd_cuda);

@@ -1,14 +1,15 @@
-// Hopper (sm_90a) forward of flash attention on warpgroup MMAs: an
-// experiment, not yet used by the extension.
+// Hopper (sm_90a) forward of flash attention on warpgroup MMAs. The
+// extension runs it only when asked (SGDM_ATTENTION_WGMMA=1, a 9.0a build;
+// attention_hopper.cu).
 //
 // STATUS: compiled, never run on a GPU. tests/ops/test_attention_ab_programs.py
-// builds benchmarks/attention_wgmma.cu for sm_90a (warnings as errors, no
-// stack frame, no serialized wgmma) and checks on the CPU that every operand
-// descriptor reads the elements the tiles hold (tests/ops/cuda_host/
-// wgmma_layouts.cu, against the PTX ISA's canonical layouts). On an H100 /
-// H200, benchmarks/attention_wgmma.cu checks the kernel against the
-// production mma.sync one (attention_fwd.cuh) and times both; the extension
-// takes it only once that has passed.
+// builds benchmarks/attention_wgmma.cu and attention_hopper.cu for sm_90a
+// (warnings as errors, no stack frame, no serialized wgmma) and checks on the
+// CPU that every operand descriptor reads the elements the tiles hold
+// (tests/ops/cuda_host/wgmma_layouts.cu, against the PTX ISA's canonical
+// layouts). On an H100 / H200, benchmarks/attention_wgmma.cu checks the kernel
+// against the production mma.sync one (attention_fwd.cuh) and times both;
+// it becomes the default on 9.0 GPUs only once that has passed.
 //
 // Why: the mma.sync forward reaches 279 TFLOP/s on an H200 (bf16, D = 64,
 // N = 4096), 0.59x cuDNN, which uses wgmma. A warpgroup MMA reads both
@@ -42,8 +43,8 @@
 
 #include "attention_fwd.cuh"
 
-// Device code for sm_90a only (-arch=sm_90a): ptxas rejects wgmma.mma_async
-// for any other target.
+// The wgmma instructions assemble for sm_90a only (-gencode
+// arch=compute_90a,code=sm_90a); attention_fwd_wgmma compiles to a trap elsewhere.
 
 namespace sgdm::cuda_attn::wg {
 
@@ -253,11 +254,11 @@ struct WgConfig {
   }
 };
 
-// Same contract as attention_fwd_mma (scale_log2 = scale * log2(e), nonzero).
+// The body of attention_fwd_wgmma (below).
 template <class T, int D, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
-    attention_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                        T* __restrict__ out, float* __restrict__ lse, int nq, int nk, float scale_log2) {
+__device__ __forceinline__ void fwd_wgmma_cta(const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v, T* __restrict__ out,
+                                              float* __restrict__ lse, int nq, int nk, float scale_log2) {
   constexpr int kN = Cfg::kN, kM = Cfg::kM, kNT = kN / 8, kDT = D / 8;
   constexpr int kTileBytes = kN * D * static_cast<int>(sizeof(T));
   const int tid = static_cast<int>(threadIdx.x), wgi = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
@@ -430,6 +431,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 
   fwd_store_rows<T, D>(acc, row, out, lse, bh, nq, m0, wgi * 4 + warp, lane);
+}
+
+// Same contract as attention_fwd_mma (scale_log2 = scale * log2(e), nonzero).
+// wgmma exists only in sm_90a code: compiled for any other target (an
+// extension built for "8.0;9.0a" compiles it for sm_80 too) the kernel traps,
+// and the host launches it only on a 9.0 GPU of a build with sm_90a
+// (attention_forward_wgmma in attention_hopper.cu).
+template <class T, int D, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    attention_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                        T* __restrict__ out, float* __restrict__ lse, int nq, int nk, float scale_log2) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();
+#else
+  fwd_wgmma_cta<T, D, Cfg>(q, k, v, out, lse, nq, nk, scale_log2);
+#endif
 }
 
 }  // namespace sgdm::cuda_attn::wg

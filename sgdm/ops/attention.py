@@ -14,6 +14,13 @@ The compiled op ``sgdm::attention(q, k, v, scale) -> (out, lse)`` gets
 its fake kernel and autograd here; its backward ``sgdm::attention_backward``
 also accepts a gradient for ``lse`` (it enters as ``delta_i -= dL/dlse_i``
 since ``d lse_i / d s_ij = P_ij``).
+
+On a compute capability 9.0 GPU (H100, H200), ``SGDM_ATTENTION_WGMMA=1`` runs
+the fp16 / bf16 forward on Hopper's warpgroup MMAs instead (the backward is
+unchanged). It needs a build with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST``
+(:func:`wgmma_forward_built`), is an error anywhere it cannot run, and has not
+yet run on a GPU: it stays opt-in until ``benchmarks/gpu_check.sh`` has
+checked it.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import torch
 from sgdm.ops import _extension
 from sgdm.ops._checks import check_float_tensor, check_like, check_number
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_ref"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_ref", "wgmma_forward_built"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -146,6 +153,12 @@ class _Attention(torch.autograd.Function):
 def backend(device_type: str = "cpu") -> str:
     """Which implementation runs on ``device_type`` for a supported head dim."""
     return _extension.backend(_OP, device_type)
+
+
+def wgmma_forward_built() -> bool:
+    """Whether ``sgdm._C`` holds the Hopper wgmma forward (a CUDA build with 9.0a in
+    ``TORCH_CUDA_ARCH_LIST``), which ``SGDM_ATTENTION_WGMMA=1`` selects."""
+    return _extension.has_op("_attention_wgmma_built") and bool(torch.ops.sgdm._attention_wgmma_built())
 
 
 def _register() -> None:

@@ -136,6 +136,11 @@ def test_low_precision_within_twice_torch_error(target, generator, dtype, shape)
     if target == "cpu" and shape[2] > 256:
         pytest.skip("the long low-precision cases run on CUDA only (test time)")
     require_kernels(OP, target)
+    _check_low_precision(target, generator, dtype, shape)
+
+
+def _check_low_precision(target, generator, dtype, shape):
+    """Output and gradients within twice the error of torch's own attention at ``dtype``."""
     b, h, nq, nk, d = shape
     q, k, v = _qkv(b, h, nq, nk, d, target, generator, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(b, h, nq, d, generator=generator).to(target, dtype)
@@ -153,6 +158,53 @@ def test_low_precision_within_twice_torch_error(target, generator, dtype, shape)
     for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, [ref, *ref_grads]):
         err, torch_err = _rel_err(a.cpu(), r), _rel_err(b.cpu(), r)
         assert err <= 2 * torch_err + 1e-6, f"{name}: {err:.3g} vs torch {torch_err:.3g}"
+
+
+def _require_wgmma():
+    require_kernels(OP, "cuda")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward needs a compute capability 9.0 GPU")
+    if not attention_module.wgmma_forward_built():
+        pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [pytest.param(s, id="x".join(map(str, s))) for s in
+                                   [(1, 1, 1, 1, 64), (2, 2, 200, 150, 64), (1, 2, 1000, 777, 128),
+                                    (3, 1, 77, 1000, 32), (1, 4, 1000, 77, 64), (2, 1, 129, 129, 64)]])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgmma_forward_within_twice_torch_error(generator, monkeypatch, dtype, shape):
+    """SGDM_ATTENTION_WGMMA=1 (Hopper): the same accuracy rule, the backward fed by its lse."""
+    _require_wgmma()
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
+    _check_low_precision("cuda", generator, dtype, shape)
+
+
+@pytest.mark.cuda
+def test_wgmma_forward_agrees_with_the_mma_sync_forward(generator, monkeypatch):
+    _require_wgmma()
+    q, k, v = _qkv(4, 8, 1000, 1000, 64, "cuda", generator, dtype=torch.bfloat16)
+    want, want_lse = torch.ops.sgdm.attention(q, k, v, 0.125)
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
+    got, got_lse = torch.ops.sgdm.attention(q, k, v, 0.125)
+    assert (got.float() - want.float()).abs().max().item() < 2e-2
+    assert (got_lse - want_lse).abs().max().item() < 1e-3
+
+
+@pytest.mark.cuda
+def test_wgmma_request_that_cannot_run_is_an_error(generator, monkeypatch):
+    require_kernels(OP, "cuda")
+    q, k, v = _qkv(1, 1, 8, 8, 64, "cuda", generator, dtype=torch.bfloat16)
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "yes")
+    with pytest.raises(RuntimeError, match="SGDM_ATTENTION_WGMMA must be 0 or 1, got 'yes'"):
+        attention(q, k, v)
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
+    if torch.cuda.get_device_capability() == (9, 0) and attention_module.wgmma_forward_built():
+        q32, k32, v32 = (t.float() for t in (q, k, v))  # fp32 runs the SIMT kernel either way
+        assert _rel_err(attention(q32, k32, v32).cpu(), _ref64(q32.cpu(), k32.cpu(), v32.cpu())[0]) < 1e-5
+        pytest.skip("this GPU and build run the wgmma forward")
+    with pytest.raises(RuntimeError, match="SGDM_ATTENTION_WGMMA=1: "):
+        attention(q, k, v)
 
 
 def test_gradcheck_through_both_outputs(generator):

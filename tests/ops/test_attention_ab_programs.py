@@ -7,7 +7,9 @@ changes. Running them needs a GPU (``bash benchmarks/gpu_check.sh attention``).
   the production mma.sync forward. It targets sm_90a only; ptxas must place every register array
   in registers (no stack frame) and keep the wgmma's asynchronous (no "serialized" advisory, which
   it gives when an instruction redefines an MMA's register while it may run): either would make
-  the kernel slower than the one it is meant to replace, with no error to show it."""
+  the kernel slower than the one it is meant to replace, with no error to show it.
+- csrc/cuda/attention_hopper.cu: the same kernel as the extension builds it (SGDM_ATTENTION_WGMMA=1),
+  checked the same way, and a trap on any target other than sm_90a."""
 from __future__ import annotations
 
 import os
@@ -62,3 +64,34 @@ def test_wgmma_operands_are_read_where_the_tiles_hold_them(tmp_path):
     done = subprocess.run([str(tmp_path / "program")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "every operand element is where the instruction reads it" in done.stdout
+
+
+def _entries(stderr: str) -> dict[str, list[tuple[str, int]]]:
+    """ptxas -v: arch -> (kernel, registers) of each kernel compiled for it."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for name, arch, regs in re.findall(r"Compiling entry function '(\S+)' for '(sm_\w+)'.*?Used (\d+) registers",
+                                       stderr, flags=re.S):
+        found.setdefault(arch, []).append((name, int(regs)))
+    return found
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+def test_extension_wgmma_forward_is_sm90a_code_only_in_a_90a_build(tmp_path):
+    """csrc/cuda/attention_hopper.cu as setup.py compiles it for "8.0;9.0a" (which defines
+    SGDM_WITH_SM90A): six kernels (fp16 / bf16 x D), MMAs asynchronous and in registers for
+    sm_90a, a trap for sm_80. Without 9.0a in the list it holds no kernel at all."""
+    archs = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+    flags = ["-c", "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v"]
+    done = _compile("csrc/cuda/attention_hopper.cu", archs, tmp_path, *flags, "-DSGDM_WITH_SM90A=1")
+    entries = _entries(done.stderr)
+    assert sorted(entries) == ["sm_80", "sm_90a"], done.stderr[-3000:]
+    assert all(len(kernels) == 6 and all("attention_fwd_wgmma" in name for name, _ in kernels)
+               for kernels in entries.values())
+    assert all(regs <= 16 for _, regs in entries["sm_80"]), entries["sm_80"]  # __trap() alone
+    assert all(regs >= 64 for _, regs in entries["sm_90a"]), entries["sm_90a"]
+    frames = re.findall(r"Function properties for (\S+)\n.*?(\d+) bytes stack frame", done.stderr)
+    assert len(frames) == 12 and all(int(size) == 0 for _, size in frames), frames
+    assert "wgmma.mma_async instructions are serialized" not in done.stderr, done.stderr[-3000:]
+
+    plain = _compile("csrc/cuda/attention_hopper.cu", ["-gencode", "arch=compute_80,code=sm_80"], tmp_path, *flags)
+    assert _entries(plain.stderr) == {}, plain.stderr[-3000:]
