@@ -8,8 +8,8 @@ ratio = baseline time / sgdm time (> 1: sgdm faster) and TFLOP/s with the
 issue's count: forward 4 B H Nq Nk D, backward 2.5x that. The CPU baseline is
 SDPA (its own flash kernel); on CUDA each SDPA backend (flash, cuDNN) is timed
 separately and the ratio is against the best. On a compute capability 9.0 GPU
-with a 9.0a build, rows marked "[wgmma fwd]" time sgdm again with the Hopper
-wgmma forward (SGDM_ATTENTION_WGMMA=1) against that backend. On the CPU the peak resident
+with a 9.0a build, rows marked "[wgmma]" time sgdm again with the Hopper
+wgmma kernels (SGDM_ATTENTION_WGMMA=1) against that backend. On the CPU the peak resident
 memory of one forward+backward is shown for sgdm, SDPA and eager math
 attention (softmax(q k^T) v, which stores N x N scores): sgdm stays O(N).
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import ops_bench  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 from sgdm import ops
-from sgdm.ops.attention import attention_ref, wgmma_forward_built
+from sgdm.ops.attention import attention_ref, wgmma_built
 
 CPU_CASES = [(1, 16, 1024, 64), (1, 16, 4096, 64)]  # B, H, N, D: B*H = 16
 CUDA_CASES = [(4, 16, 1024, 64), (4, 16, 4096, 64)]  # B*H = 64
@@ -60,7 +60,7 @@ def _sdpa_backends(device: torch.device) -> dict:
 
 
 @contextlib.contextmanager
-def _wgmma_forward():
+def _wgmma():
     """SGDM_ATTENTION_WGMMA=1 inside the block (the extension reads it at each call)."""
     before = os.environ.get("SGDM_ATTENTION_WGMMA")
     os.environ["SGDM_ATTENTION_WGMMA"] = "1"
@@ -74,8 +74,8 @@ def _wgmma_forward():
 
 
 def wgmma_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Hopper wgmma forward can run here (a 9.0 GPU, a 9.0a build, 16-bit)."""
-    return (device.type == "cuda" and dtype != torch.float32 and wgmma_forward_built()
+    """Whether the Hopper wgmma kernels can run here (a 9.0 GPU, a 9.0a build, 16-bit)."""
+    return (device.type == "cuda" and dtype != torch.float32 and wgmma_built()
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
@@ -94,7 +94,7 @@ def _row(case, dtype, device, backward, impl, name, t_base, t_ours) -> dict:
 
 
 def bench_case(case, dtype, device, repeats, gen, wgmma: bool) -> list[dict]:
-    """sgdm against the best SDPA backend; on a Hopper GPU also sgdm with the wgmma forward
+    """sgdm against the best SDPA backend; on a Hopper GPU also sgdm with the wgmma kernels
     against that backend, timed again in the same run."""
     rows = []
     backends = _sdpa_backends(device)
@@ -123,10 +123,10 @@ def bench_case(case, dtype, device, repeats, gen, wgmma: bool) -> list[dict]:
                 continue
             rows.append(_row(case, dtype, device, backward, "", *best))
             if wgmma and wgmma_runs(device, dtype):
-                with backends[best[0]](), _wgmma_forward():
+                with backends[best[0]](), _wgmma():
                     t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
                                                  device, repeats)
-                rows.append(_row(case, dtype, device, backward, "wgmma fwd", best[0], t_base, t_ours))
+                rows.append(_row(case, dtype, device, backward, "wgmma", best[0], t_base, t_ours))
     return rows
 
 
@@ -210,7 +210,8 @@ def format_table(result: dict) -> str:
 
 def smoke(device: torch.device, wgmma: bool = True) -> int:
     """Forward and backward once per (dtype, head dim) on odd shapes, checked loosely
-    against the float64 reference (and the wgmma forward where it runs): what
+    against the float64 reference (and the wgmma kernels, where they run, against
+    the default ones): what
     compute-sanitizer runs in gpu_check.sh."""
     gen = torch.Generator().manual_seed(0)
     failures = 0
@@ -223,9 +224,15 @@ def smoke(device: torch.device, wgmma: bool = True) -> int:
             want = attention_ref(q.detach().double(), k.detach().double(), v.detach().double())
             failures += not torch.allclose(out.double(), want, rtol=3e-2, atol=3e-2)
             failures += not all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
-            if wgmma and wgmma_runs(device, dtype):
-                with _wgmma_forward(), torch.no_grad():
-                    failures += not torch.allclose(ops.attention(q, k, v).double(), want, rtol=3e-2, atol=3e-2)
+            if wgmma and wgmma_runs(device, dtype):  # the same through the wgmma kernels
+                grads = [t.grad for t in (q, k, v)]
+                for t in (q, k, v):
+                    t.grad = None
+                with _wgmma():
+                    out = ops.attention(q, k, v)
+                    out.backward(torch.ones_like(out))
+                failures += not torch.allclose(out.double(), want, rtol=3e-2, atol=3e-2)
+                failures += not all(torch.allclose(t.grad, g, rtol=3e-2, atol=3e-2) for t, g in zip((q, k, v), grads))
     ops_bench._sync(device)
     print(f"attention smoke on {device}: backend {ops.backend(device.type)['attention']}, {failures} mismatches")
     return 1 if failures else 0
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true", help="no timing: run once per dtype/head dim and check")
     p.add_argument("--no-wgmma", action="store_true",
-                   help="leave out the Hopper wgmma forward (SGDM_ATTENTION_WGMMA=1) even where it runs")
+                   help="leave out the Hopper wgmma kernels (SGDM_ATTENTION_WGMMA=1) even where they run")
     args = p.parse_args(argv)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,14 +1,16 @@
-// The Hopper wgmma forward (csrc/cuda/attention_wgmma.cuh) against the
-// production mma.sync forward (attention_fwd.cuh, FwdTile<D>): agreement, then
-// time, on the same inputs (benchmarks/attention_ab.cuh). The wgmma kernel
-// has not run on a GPU before this program: a disagreement is a bug in it,
-// and the program exits 1.
+// The Hopper wgmma forward and backward (csrc/cuda/attention_wgmma.cuh,
+// attention_wgmma_bwd.cuh) against the production mma.sync kernels
+// (attention_fwd.cuh with FwdTile<D>, attention_bwd.cuh): agreement, then
+// time, on the same inputs (benchmarks/attention_ab.cuh). The wgmma kernels
+// have not run on a GPU before this program: a disagreement is a bug in
+// them, and the program exits 1 before any timing.
 //
-//   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -arch=sm_90a \
+//   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a \
 //        -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o attention_wgmma
 //   ./attention_wgmma            # needs an H100 / H200; exit status 1 on a disagreement
 #include "attention_ab.cuh"
 #include "attention_wgmma.cuh"
+#include "attention_wgmma_bwd.cuh"
 
 using namespace sgdm::cuda_attn;
 using namespace sgdm_ab;
@@ -41,6 +43,157 @@ bool compare_wgmma(int bh, int nq, int nk, int reps) {
   return compare<T, D>(v, bh, nq, nk, reps);
 }
 
+// ---- backward ----------------------------------------------------------------
+
+// One set of backward tensors, [B*H, N, D] each (the forward's out and lse from the production kernel).
+template <class T>
+struct BwdBufs {
+  T *q = nullptr, *k = nullptr, *v = nullptr, *dout = nullptr, *out = nullptr, *dk = nullptr, *dv = nullptr;
+  float *lse = nullptr, *delta = nullptr, *dq = nullptr;  // dq: the fp32 accumulator (unscaled dS K)
+};
+
+template <class T>
+using BwdLaunch = void (*)(const BwdBufs<T>&, int, int, int, float);
+
+// The production mma.sync backward kernel (attention_bwd.cuh), accumulating into b.dq.
+template <class T, int D>
+void launch_bwd_mma(const BwdBufs<T>& b, int bh, int nq, int nk, float scale) {
+  using Cfg = BwdTile<D>;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  CHECK_CUDA(cudaFuncSetAttribute(&attention_bwd_mma<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  attention_bwd_mma<T, D><<<dim3((nk + Cfg::kN - 1) / Cfg::kN, bh), Cfg::kThreads, smem>>>(
+      b.q, b.k, b.v, b.dout, b.lse, b.delta, b.dq, b.dk, b.dv, nq, nk, scale);
+  CHECK_CUDA(cudaGetLastError());
+}
+
+template <class T, int D, class Cfg>
+void launch_bwd_wgmma(const BwdBufs<T>& b, int bh, int nq, int nk, float scale) {
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  CHECK_CUDA(cudaFuncSetAttribute(&wg::attention_bwd_wgmma<T, D, Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  smem));
+  wg::attention_bwd_wgmma<T, D, Cfg><<<dim3((nk + Cfg::kN - 1) / Cfg::kN, bh), Cfg::kThreads, smem>>>(
+      b.q, b.k, b.v, b.dout, b.lse, b.delta, b.dq, b.dk, b.dv, nq, nk, scale);
+  CHECK_CUDA(cudaGetLastError());
+}
+
+template <class Cfg>
+std::string describe_bwd() {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "wgmma backward: warpgroups %d, CTAs/SM %d%s", Cfg::kWG, Cfg::kMinBlocks,
+                Cfg::kRegisterLean ? ", lean" : "");
+  return buf;
+}
+
+template <class T>
+std::vector<float> to_host(const T* p, size_t n) {
+  std::vector<T> h(n);
+  CHECK_CUDA(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return std::vector<float>(h.begin(), h.end());
+}
+
+// max |got - want| / max(1, max |want|)
+double rel_diff(const std::vector<float>& got, const std::vector<float>& want) {
+  double diff = 0.0, top = 1.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff = std::max(diff, std::isfinite(got[i]) ? std::fabs(static_cast<double>(got[i]) - want[i]) : INFINITY);
+    top = std::max(top, std::fabs(static_cast<double>(want[i])));
+  }
+  return diff / top;
+}
+
+// The production backward first, then the wgmma configurations: dQ (the fp32
+// accumulator), dK and dV within four 16-bit ulps of the largest value, then
+// interleaved CUDA-event medians of the backward kernel alone (the
+// preprocessing and the dQ conversion are the same for both).
+template <class T, int D, class... Cfgs>
+bool compare_bwd(int bh, int nq, int nk, int reps) {
+  using Variant = std::pair<std::string, BwdLaunch<T>>;
+  std::vector<Variant> variants{{"mma.sync BwdTile (production)", &launch_bwd_mma<T, D>}};
+  (variants.push_back({describe_bwd<Cfgs>(), &launch_bwd_wgmma<T, D, Cfgs>}), ...);
+  const size_t nq_el = static_cast<size_t>(bh) * nq * D, nk_el = static_cast<size_t>(bh) * nk * D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  Normal rnd;
+  BwdBufs<T> b;
+  auto fill = [&](T*& p, size_t n) {
+    std::vector<T> h(n);
+    for (auto& x : h) x = static_cast<T>(rnd());
+    CHECK_CUDA(cudaMalloc(&p, n * sizeof(T)));
+    CHECK_CUDA(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  };
+  fill(b.q, nq_el);
+  fill(b.k, nk_el);
+  fill(b.v, nk_el);
+  fill(b.dout, nq_el);
+  CHECK_CUDA(cudaMalloc(&b.out, nq_el * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&b.dk, nk_el * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&b.dv, nk_el * sizeof(T)));
+  CHECK_CUDA(cudaMalloc(&b.lse, static_cast<size_t>(bh) * nq * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&b.delta, static_cast<size_t>(bh) * nq * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&b.dq, nq_el * sizeof(float)));
+  launch_mma<T, D>(b.q, b.k, b.v, b.out, b.lse, bh, nq, nk, scale);
+  const cudaError_t pre = launch_bwd_preprocess<T, D>(b.dout, b.out, nullptr, b.delta, nullptr, int64_t{bh} * nq, 0);
+  CHECK_CUDA(pre);
+
+  bool ok = true;
+  std::vector<float> ref_dq, ref_dk, ref_dv;
+  const double ulp = std::is_same_v<T, __half> ? 1.0 / 1024 : 1.0 / 128;
+  for (size_t i = 0; i < variants.size(); ++i) {
+    CHECK_CUDA(cudaMemset(b.dq, 0, nq_el * sizeof(float)));
+    variants[i].second(b, bh, nq, nk, scale);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<float> dq = to_host(b.dq, nq_el), dk = to_host(b.dk, nk_el), dv = to_host(b.dv, nk_el);
+    if (i == 0) {
+      ref_dq = std::move(dq);
+      ref_dk = std::move(dk);
+      ref_dv = std::move(dv);
+      continue;
+    }
+    const double e_dq = rel_diff(dq, ref_dq), e_dk = rel_diff(dk, ref_dk), e_dv = rel_diff(dv, ref_dv);
+    if (!(e_dq <= 4 * ulp && e_dk <= 4 * ulp && e_dv <= 4 * ulp)) {
+      std::printf("MISMATCH backward D=%d Nq=%d Nk=%d %s: relative max diff dQ %.3g, dK %.3g, dV %.3g\n", D, nq, nk,
+                  variants[i].first.c_str(), e_dq, e_dk, e_dv);
+      ok = false;
+    }
+  }
+
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  const int kV = static_cast<int>(variants.size());
+  std::vector<std::vector<float>> t(kV);
+  for (int w = 0; w < 2; ++w)
+    for (int i = 0; i < kV; ++i) variants[i].second(b, bh, nq, nk, scale);
+  for (int r = 0; r < reps; ++r)
+    for (int j = 0; j < kV; ++j) {
+      const int which = (r + j) % kV;
+      CHECK_CUDA(cudaEventRecord(e0));
+      for (int c = 0; c < 5; ++c) variants[which].second(b, bh, nq, nk, scale);
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0.0f;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      t[which].push_back(ms / 5.0f);
+    }
+  const double flops = 2.5 * 4.0 * bh * static_cast<double>(nq) * nk * D;
+  std::printf("backward %s D=%d B*H=%d Nq=%d Nk=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, nq, nk);
+  double base = 0.0;
+  for (int i = 0; i < kV; ++i) {
+    std::sort(t[i].begin(), t[i].end());
+    const double med = t[i][t[i].size() / 2];
+    if (i == 0) base = med;
+    std::printf("  %-56s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", variants[i].first.c_str(), med, flops / med / 1e9,
+                base / med, i == 0 ? "  (baseline)" : "");
+  }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  for (void* p : {static_cast<void*>(b.q), static_cast<void*>(b.k), static_cast<void*>(b.v),
+                  static_cast<void*>(b.dout), static_cast<void*>(b.out), static_cast<void*>(b.dk),
+                  static_cast<void*>(b.dv), static_cast<void*>(b.lse), static_cast<void*>(b.delta),
+                  static_cast<void*>(b.dq)})
+    CHECK_CUDA(cudaFree(p));
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -65,8 +218,22 @@ int main() {
   // Cross-attention: queries and keys of different counts, a single partial key block and several.
   ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(4, 1000, 77, 3);
   ok &= compare_wgmma<bf16, 64, D64, D64o, D64n, D64no>(4, 33, 600, 3);
+  // The backward, the same shapes.
+  using B64 = WgBwdConfig<64, 2>;
+  using B64one = WgBwdConfig<64, 1, 2>;
+  using B32 = WgBwdConfig<32, 2>;
+  using B128 = WgBwdConfig<128, 1, 2>;
+  ok &= compare_bwd<bf16, 64, B64, B64one>(3, 77, 77, 3);
+  ok &= compare_bwd<bf16, 64, B64, B64one>(5, 1000, 1000, 3);
+  ok &= compare_bwd<bf16, 32, B32>(5, 1000, 1000, 3);
+  ok &= compare_bwd<bf16, 128, B128>(5, 1000, 1000, 3);
+  ok &= compare_bwd<__half, 64, B64>(5, 1000, 1000, 3);
+  ok &= compare_bwd<__half, 128, B128>(5, 1000, 1000, 3);
+  ok &= compare_bwd<bf16, 64, B64, B64one>(4, 1000, 77, 3);
+  ok &= compare_bwd<bf16, 64, B64, B64one>(4, 33, 600, 3);
+  ok &= compare_bwd<bf16, 128, B128>(4, 33, 600, 3);
   if (!ok) {
-    std::printf("THE WGMMA KERNEL DISAGREES: no timings\n");
+    std::printf("THE WGMMA KERNELS DISAGREE: no timings\n");
     return 1;
   }
   // The issue's shapes (bf16, B*H = 64, D = 64), then the ImageNet configs' D = 32 and D = 128.
@@ -76,6 +243,10 @@ int main() {
       64, 4096, 4096, 15);
   ok &= compare_wgmma<bf16, 128, WgConfig<128, 128, 2, 1>, WgConfig<128, 128, 2, 1, true>, WgConfig<128, 64, 2, 1>>(
       64, 4096, 4096, 10);
-  std::printf(ok ? "the wgmma kernel agrees with the production kernel\n" : "THE WGMMA KERNEL DISAGREES\n");
+  ok &= compare_bwd<bf16, 64, B64, B64one>(64, 1024, 1024, 10);
+  ok &= compare_bwd<bf16, 64, B64, B64one>(64, 4096, 4096, 5);
+  ok &= compare_bwd<bf16, 32, B32>(64, 4096, 4096, 5);
+  ok &= compare_bwd<bf16, 128, B128>(64, 4096, 4096, 5);
+  std::printf(ok ? "the wgmma kernels agree with the production kernels\n" : "THE WGMMA KERNELS DISAGREE\n");
   return ok ? 0 : 1;
 }

@@ -10,9 +10,10 @@
 #                                           # op tests, op benchmarks and sanitizers (~2 min)
 #   bash benchmarks/gpu_check.sh attention  # re-check after an attention kernel change: build,
 #                                           # the op tests, attention benchmarks (SDPA and the
-#                                           # forward's tile configurations; on a 9.x GPU the
-#                                           # wgmma forward against the production kernel) and
-#                                           # sanitizers (~3 min, ~5 min with the wgmma step)
+#                                           # forward's tile configurations; on a 9.x GPU first
+#                                           # the wgmma forward and backward against the
+#                                           # production kernels) and sanitizers (~3 min, ~5 min
+#                                           # with the wgmma step)
 #
 # Other ops add their pieces to the arrays below (SMOKE: a command exercising
 # the op once on small shapes, run under each sanitizer; BENCH: a benchmark
@@ -48,7 +49,7 @@ if [ "$SCOPE" != attention ]; then
 fi
 # attention (issue 3): every dtype x head dim once; vs SDPA's flash and cuDNN backends
 if [ "$SCOPE" != ops ]; then
-  # $ATTN_FLAGS is expanded when the step runs: --no-wgmma unless the wgmma forward passed its check
+  # $ATTN_FLAGS is expanded when the step runs: --no-wgmma unless the wgmma kernels passed their check
   SMOKE+=("$PY benchmarks/attention_bench.py --smoke --device cuda \$ATTN_FLAGS")
   BENCH+=("$PY benchmarks/attention_bench.py --device cuda --dtype bfloat16 --repeats 30 \$ATTN_FLAGS")
 fi
@@ -75,13 +76,13 @@ step env 60 "nvidia-smi -L; $PY -c 'import torch, sys; print(sys.version); print
 $PY -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found; torch falls back to a serial build (slow)" | tee -a "$LOG"
 if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
-  # The Hopper wgmma forward (never run before its first GPU session) is checked first, on
-  # its own: agreement with the production kernel, then time. Until it passes, the tests and
-  # benchmarks leave it out (a broken kernel may hang, and each step would wait out its limit).
+  # The Hopper wgmma kernels (never run before their first GPU session) are checked first, on
+  # their own: agreement with the production kernels, then time. Until they pass, the tests and
+  # benchmarks leave them out (a broken kernel may hang, and each step would wait out its limit).
   export ATTN_FLAGS=--no-wgmma
   WGMMA_TESTS=(-k "not wgmma")
   if [ "$SCOPE" != ops ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q '^9\.'; then
-    if step attention-wgmma 180 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o $OUT/attention_wgmma && $OUT/attention_wgmma | tee $OUT/attention_wgmma.txt"; then
+    if step attention-wgmma 240 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o $OUT/attention_wgmma && $OUT/attention_wgmma | tee $OUT/attention_wgmma.txt"; then
       ATTN_FLAGS=
       WGMMA_TESTS=()
     fi

@@ -32,12 +32,8 @@ cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
 // delta (and, for the tensor-core path, the zeroed dQ accumulator) for every query row.
 template <class T, int D>
 cudaError_t backward_preprocess(const BwdParams& p, float* dq_accum, cudaStream_t stream) {
-  constexpr int64_t kThreads = 256, kLanes = D / (16 / static_cast<int64_t>(sizeof(T)));
-  const int64_t rows = p.bh * p.nq;
-  const int64_t blocks = (rows * kLanes + kThreads - 1) / kThreads;
-  attention_bwd_preprocess<T, D><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.grad_lse, p.delta, dq_accum, rows);
-  return cudaGetLastError();
+  return launch_bwd_preprocess<T, D>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.grad_lse,
+                                     p.delta, dq_accum, p.bh * p.nq, stream);
 }
 
 template <class T, int D>
@@ -55,10 +51,8 @@ cudaError_t backward_mma(const BwdParams& p, cudaStream_t stream) {
       static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t n4 = p.bh * p.nq * p.d / 4;  // d is a multiple of 32
-  attention_dq_convert<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
-      p.dq_accum, static_cast<T*>(p.dq), p.scale, n4);
-  return cudaGetLastError();
+  // d is a multiple of 32
+  return launch_dq_convert<T>(p.dq_accum, static_cast<T*>(p.dq), p.scale, p.bh * p.nq * p.d, stream);
 }
 
 template <int D>

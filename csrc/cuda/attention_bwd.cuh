@@ -342,4 +342,23 @@ __global__ void __launch_bounds__(256)
   reinterpret_cast<uint2*>(dq)[i] = packed;
 }
 
+// Host side of the two passes around a tensor-core backward kernel.
+// delta for `rows` query rows and, given dq_accum, its zeroed rows.
+template <class T, int D>
+inline cudaError_t launch_bwd_preprocess(const T* dout, const T* out, const float* grad_lse, float* delta,
+                                         float* dq_accum, int64_t rows, cudaStream_t stream) {
+  constexpr int64_t kThreads = 256, kLanes = D / (16 / static_cast<int64_t>(sizeof(T)));
+  const int64_t blocks = (rows * kLanes + kThreads - 1) / kThreads;
+  attention_bwd_preprocess<T, D><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(dout, out, grad_lse, delta,
+                                                                                          dq_accum, rows);
+  return cudaGetLastError();
+}
+// dq = scale * dq_accum for n elements (a multiple of 4).
+template <class T>
+inline cudaError_t launch_dq_convert(const float* dq_accum, T* dq, float scale, int64_t n, cudaStream_t stream) {
+  const int64_t n4 = n / 4;
+  attention_dq_convert<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(dq_accum, dq, scale, n4);
+  return cudaGetLastError();
+}
+
 }  // namespace sgdm::cuda_attn

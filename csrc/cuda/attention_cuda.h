@@ -42,11 +42,13 @@ struct BwdParams {
 
 cudaError_t attention_forward(const FwdParams& p, cudaStream_t stream);
 
-// The Hopper wgmma forward (attention_hopper.cu), fp16 and bf16 only, for a
-// compute capability 9.0 GPU. Never run on a GPU yet: opt-in.
-// wgmma_forward_built(): whether this build holds its sm_90a code.
-bool wgmma_forward_built();
+// The Hopper wgmma kernels (attention_hopper.cu), fp16 and bf16 only, for a
+// compute capability 9.0 GPU (bf16/fp16 tensors; same contracts as above).
+// Never run on a GPU yet: opt-in. wgmma_built(): whether this build
+// holds their sm_90a code.
+bool wgmma_built();
 cudaError_t attention_forward_wgmma(const FwdParams& p, cudaStream_t stream);
+cudaError_t attention_backward_wgmma(const BwdParams& p, cudaStream_t stream);
 cudaError_t attention_backward(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace sgdm::cuda_attn

@@ -1,5 +1,6 @@
-// Host side of the Hopper wgmma forward (attention_wgmma.cuh) for fp16 and
-// bf16: one configuration per (dtype, head dim). The extension takes it only
+// Host side of the Hopper wgmma forward and backward (attention_wgmma.cuh,
+// attention_wgmma_bwd.cuh) for fp16 and bf16: one configuration per (dtype,
+// head dim) and direction. The extension takes it only
 // when asked (SGDM_ATTENTION_WGMMA=1, checked in attention_launch.cpp), and
 // only a build whose TORCH_CUDA_ARCH_LIST has 9.0a holds its code
 // (setup.py defines SGDM_WITH_SM90A then).
@@ -9,6 +10,7 @@
 // benchmarks/gpu_check.sh.
 #include "attention_cuda.h"
 #include "attention_wgmma.cuh"
+#include "attention_wgmma_bwd.cuh"
 
 namespace sgdm::cuda_attn {
 namespace {
@@ -32,19 +34,62 @@ cudaError_t forward(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T>
-cudaError_t by_head_dim(const FwdParams& p, cudaStream_t stream) {
-  switch (p.d) {
-    case 32: return forward<T, 32>(p, stream);
-    case 64: return forward<T, 64>(p, stream);
-    case 128: return forward<T, 128>(p, stream);
+// Two warpgroups (128 keys per CTA, one set of dQ atomics for both); one for
+// D = 128, whose 128 registers of dK and dV a thread leave no room for the
+// exchange of dQ partials (it spills), two CTAs per SM instead.
+template <int D>
+using HopperBwd = wg::WgBwdConfig<D, (D > 64 ? 1 : 2), (D > 64 ? 2 : 1)>;
+
+template <class T, int D>
+cudaError_t backward(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err = launch_bwd_preprocess<T, D>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out),
+                                                p.grad_lse, p.delta, p.dq_accum, p.bh * p.nq, stream);
+  if (err != cudaSuccess) return err;
+  using Cfg = HopperBwd<D>;
+  constexpr int smem = Cfg::template smem_bytes<T>();
+  auto* kernel = &wg::attention_bwd_wgmma<T, D, Cfg>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.nk + Cfg::kN - 1) / Cfg::kN), static_cast<unsigned>(p.bh));
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
+      static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
+      static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_dq_convert<T>(p.dq_accum, static_cast<T*>(p.dq), p.scale, p.bh * p.nq * p.d, stream);
+}
+
+// fn<T, D>(p, stream) for the (dtype, head dim) of p.
+template <template <class, int> class Fn, class Params>
+cudaError_t dispatch(const Params& p, cudaStream_t stream) {
+  auto by_head_dim = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (p.d) {
+      case 32: return Fn<T, 32>::run(p, stream);
+      case 64: return Fn<T, 64>::run(p, stream);
+      case 128: return Fn<T, 128>::run(p, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (p.dtype) {
+    case DType::kFloat16: return by_head_dim(__half{});
+    case DType::kBFloat16: return by_head_dim(__nv_bfloat16{});
     default: return cudaErrorInvalidValue;
   }
 }
+template <class T, int D>
+struct Forward {
+  static cudaError_t run(const FwdParams& p, cudaStream_t stream) { return forward<T, D>(p, stream); }
+};
+template <class T, int D>
+struct Backward {
+  static cudaError_t run(const BwdParams& p, cudaStream_t stream) { return backward<T, D>(p, stream); }
+};
 
 }  // namespace
 
-bool wgmma_forward_built() {
+bool wgmma_built() {
 #if defined(SGDM_WITH_SM90A)
   return true;
 #else
@@ -54,11 +99,17 @@ bool wgmma_forward_built() {
 
 cudaError_t attention_forward_wgmma(const FwdParams& p, cudaStream_t stream) {
 #if defined(SGDM_WITH_SM90A)
-  switch (p.dtype) {
-    case DType::kFloat16: return by_head_dim<__half>(p, stream);
-    case DType::kBFloat16: return by_head_dim<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch<Forward>(p, stream);
+#else
+  (void)p;
+  (void)stream;
+  return cudaErrorNoKernelImageForDevice;
+#endif
+}
+
+cudaError_t attention_backward_wgmma(const BwdParams& p, cudaStream_t stream) {
+#if defined(SGDM_WITH_SM90A)
+  return dispatch<Backward>(p, stream);
 #else
   (void)p;
   (void)stream;

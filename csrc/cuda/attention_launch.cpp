@@ -38,8 +38,8 @@ void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "sgdm.attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// SGDM_ATTENTION_WGMMA=1 asks for the Hopper wgmma forward (fp16 / bf16; it
-// has not run on a GPU yet, so it is opt-in). Asked for where it cannot run, it
+// SGDM_ATTENTION_WGMMA=1 asks for the Hopper wgmma kernels, forward and
+// backward (fp16 / bf16; they have not run on a GPU yet, so they are opt-in). Asked for where it cannot run, it
 // is an error, not a silent fallback: a benchmark must know what it timed.
 bool wgmma_requested(const at::Tensor& q) {
   const char* env = std::getenv("SGDM_ATTENTION_WGMMA");
@@ -47,7 +47,7 @@ bool wgmma_requested(const at::Tensor& q) {
   if (value.empty() || value == "0") return false;
   TORCH_CHECK(value == "1", "SGDM_ATTENTION_WGMMA must be 0 or 1, got '", value, "'");
   if (q.scalar_type() == at::kFloat) return false;  // fp32 runs the SIMT kernel either way
-  TORCH_CHECK(cuda_attn::wgmma_forward_built(),
+  TORCH_CHECK(cuda_attn::wgmma_built(),
               "SGDM_ATTENTION_WGMMA=1: this build of sgdm has no sm_90a code; rebuild with 9.0a in "
               "TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0a\")");
   int major = 0, minor = 0;
@@ -55,7 +55,7 @@ bool wgmma_requested(const at::Tensor& q) {
   TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
               "sgdm.attention: cannot read the compute capability of ", q.device());
-  TORCH_CHECK(major == 9 && minor == 0, "SGDM_ATTENTION_WGMMA=1: the wgmma forward needs a compute capability 9.0 "
+  TORCH_CHECK(major == 9 && minor == 0, "SGDM_ATTENTION_WGMMA=1: the wgmma kernels need a compute capability 9.0 "
               "GPU (H100, H200); ", q.device(), " is ", major, ".", minor);
   return true;
 }
@@ -118,7 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.nk = k.size(2);
   p.d = q.size(3);
   p.scale = static_cast<float>(scale);
-  check_launch(cuda_attn::attention_backward(p, c10::cuda::getCurrentCUDAStream()));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(wgmma_requested(q) ? cuda_attn::attention_backward_wgmma(p, stream)
+                                  : cuda_attn::attention_backward(p, stream));
   return {dq, dk, dv};
 }
 
@@ -126,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 }  // namespace sgdm
 
 TORCH_LIBRARY_FRAGMENT(sgdm, m) {
-  m.def("_attention_wgmma_built() -> bool", &sgdm::cuda_attn::wgmma_forward_built);
+  m.def("_attention_wgmma_built() -> bool", &sgdm::cuda_attn::wgmma_built);
 }
 
 TORCH_LIBRARY_IMPL(sgdm, CUDA, m) {

@@ -1,5 +1,6 @@
-// Hopper (sm_90a) forward of flash attention on warpgroup MMAs. The
-// extension runs it only when asked (SGDM_ATTENTION_WGMMA=1, a 9.0a build;
+// Hopper (sm_90a) forward of flash attention on warpgroup MMAs, and the
+// wgmma building blocks the backward (attention_wgmma_bwd.cuh) shares. The
+// extension runs them only when asked (SGDM_ATTENTION_WGMMA=1, a 9.0a build;
 // attention_hopper.cu).
 //
 // STATUS: compiled, never run on a GPU. tests/ops/test_attention_ab_programs.py
@@ -79,8 +80,9 @@ __device__ __forceinline__ void fence_operands(uint32_t (&x)[n][4]) {
     asm volatile("" : "+r"(x[i][0]), "+r"(x[i][1]), "+r"(x[i][2]), "+r"(x[i][3])::"memory");
 }
 
-// d = a b (kAccumulate = false) or d += a b; m64nNk16, A and B K-major in shared memory.
-template <class T, int N, bool kAccumulate>
+// d = a b (kAccumulate = false) or d += a b; m64nNk16, A and B in shared memory,
+// both K-major, or with kMNMajor both M- / N-major (transposed).
+template <class T, int N, bool kAccumulate, bool kMNMajor = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
 // d += a b; m64nNk16, A in registers, B N-major (transposed) in shared memory.
 template <class T, int N>
@@ -108,15 +110,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #define SGDM_WG_OUT(x) "=f"(x)
 #define SGDM_WG_INOUT(x) "+f"(x)
 
-// R accumulators; the descriptors are operands A and B, the scale-d flag P.
-#define SGDM_WGMMA_SS(T, TY, N, R, A, B, P, ACC, MODE)                                                       \
-  template <>                                                                                              \
-  __device__ __forceinline__ void wgmma_ss<T, N, ACC>(float (&d)[R], uint64_t desc_a, uint64_t desc_b) {   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                         \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" SGDM_WG_REGS##R "}, %" #A \
-                 ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                                          \
-                 : SGDM_WG_ACC##R(MODE)                                                                    \
-                 : "l"(desc_a), "l"(desc_b), "n"(static_cast<int>(ACC)));                                  \
+// R accumulators; the descriptors are operands A and B, the scale-d flag P;
+// TR: the transpose flags of A and B ("0, 0": K-major, "1, 1": MN-major).
+#define SGDM_WGMMA_SS(T, TY, N, R, A, B, P, ACC, MODE, MN, TR)                                                  \
+  template <>                                                                                                 \
+  __device__ __forceinline__ void wgmma_ss<T, N, ACC, MN>(float (&d)[R], uint64_t desc_a, uint64_t desc_b) {  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                            \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" SGDM_WG_REGS##R "}, %" #A    \
+                 ", %" #B ", p, 1, 1, " TR ";\n}\n"                                                           \
+                 : SGDM_WG_ACC##R(MODE)                                                                       \
+                 : "l"(desc_a), "l"(desc_b), "n"(static_cast<int>(ACC)));                                     \
   }
 // R accumulators; A fragments A0..A3, descriptor B, scale-d flag P.
 #define SGDM_WGMMA_RS(T, TY, N, R, A0, A1, A2, A3, B, P)                                                      \
@@ -129,11 +132,15 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));                        \
   }
 
+#define SGDM_WGMMA_SS_BOTH(T, TY, N, R, A, B, P, MN, TR)              \
+  SGDM_WGMMA_SS(T, TY, N, R, A, B, P, false, SGDM_WG_OUT, MN, TR)     \
+  SGDM_WGMMA_SS(T, TY, N, R, A, B, P, true, SGDM_WG_INOUT, MN, TR)
 #define SGDM_WGMMA_TYPE(T, TY)                                         \
-  SGDM_WGMMA_SS(T, TY, 64, 32, 32, 33, 34, false, SGDM_WG_OUT)         \
-  SGDM_WGMMA_SS(T, TY, 64, 32, 32, 33, 34, true, SGDM_WG_INOUT)        \
-  SGDM_WGMMA_SS(T, TY, 128, 64, 64, 65, 66, false, SGDM_WG_OUT)        \
-  SGDM_WGMMA_SS(T, TY, 128, 64, 64, 65, 66, true, SGDM_WG_INOUT)       \
+  SGDM_WGMMA_SS_BOTH(T, TY, 64, 32, 32, 33, 34, false, "0, 0")         \
+  SGDM_WGMMA_SS_BOTH(T, TY, 128, 64, 64, 65, 66, false, "0, 0")        \
+  SGDM_WGMMA_SS_BOTH(T, TY, 32, 16, 16, 17, 18, true, "1, 1")          \
+  SGDM_WGMMA_SS_BOTH(T, TY, 64, 32, 32, 33, 34, true, "1, 1")          \
+  SGDM_WGMMA_SS_BOTH(T, TY, 128, 64, 64, 65, 66, true, "1, 1")         \
   SGDM_WGMMA_RS(T, TY, 32, 16, 16, 17, 18, 19, 20, 21)                 \
   SGDM_WGMMA_RS(T, TY, 64, 32, 32, 33, 34, 35, 36, 37)                 \
   SGDM_WGMMA_RS(T, TY, 128, 64, 64, 65, 66, 67, 68, 69)
@@ -142,6 +149,7 @@ SGDM_WGMMA_TYPE(__half, "f16")
 
 #undef SGDM_WGMMA_TYPE
 #undef SGDM_WGMMA_RS
+#undef SGDM_WGMMA_SS_BOTH
 #undef SGDM_WGMMA_SS
 #undef SGDM_WG_INOUT
 #undef SGDM_WG_OUT
@@ -179,8 +187,9 @@ __host__ __device__ __forceinline__ uint64_t kmajor_desc(uint32_t addr) {
   using Sw = Swizzle<D>;
   return desc_field(addr) | (uint64_t{1} << 16) | (desc_field(Sw::kAtomBytes) << 32) | (Sw::kMode << 62);
 }
-// Operand B in N-major layout (a [keys][D] tile used as K x N): the leading
-// offset steps to the next chunk of columns (N), the stride to the next 8 keys (K).
+// Operand B in N-major layout (a [keys][D] tile used as K x N; or A in
+// M-major layout, a [K][M] tile): the leading offset steps to the next chunk
+// of columns (N or M), the stride to the next 8 rows (K).
 template <int D>
 __host__ __device__ __forceinline__ uint64_t nmajor_desc(uint32_t addr, int rows) {
   using Sw = Swizzle<D>;

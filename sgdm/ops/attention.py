@@ -16,11 +16,10 @@ also accepts a gradient for ``lse`` (it enters as ``delta_i -= dL/dlse_i``
 since ``d lse_i / d s_ij = P_ij``).
 
 On a compute capability 9.0 GPU (H100, H200), ``SGDM_ATTENTION_WGMMA=1`` runs
-the fp16 / bf16 forward on Hopper's warpgroup MMAs instead (the backward is
-unchanged). It needs a build with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST``
-(:func:`wgmma_forward_built`), is an error anywhere it cannot run, and has not
-yet run on a GPU: it stays opt-in until ``benchmarks/gpu_check.sh`` has
-checked it.
+the fp16 / bf16 forward and backward on Hopper's warpgroup MMAs instead. It
+needs a build with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` (:func:`wgmma_built`),
+is an error anywhere it cannot run, and has not yet run on a GPU: it stays
+opt-in until ``benchmarks/gpu_check.sh`` has checked it.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ import torch
 from sgdm.ops import _extension
 from sgdm.ops._checks import check_float_tensor, check_like, check_number
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_ref", "wgmma_forward_built"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_ref", "wgmma_built"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -155,8 +154,8 @@ def backend(device_type: str = "cpu") -> str:
     return _extension.backend(_OP, device_type)
 
 
-def wgmma_forward_built() -> bool:
-    """Whether ``sgdm._C`` holds the Hopper wgmma forward (a CUDA build with 9.0a in
+def wgmma_built() -> bool:
+    """Whether ``sgdm._C`` holds the Hopper wgmma kernels (a CUDA build with 9.0a in
     ``TORCH_CUDA_ARCH_LIST``), which ``SGDM_ATTENTION_WGMMA=1`` selects."""
     return _extension.has_op("_attention_wgmma_built") and bool(torch.ops.sgdm._attention_wgmma_built())
 

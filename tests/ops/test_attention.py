@@ -164,7 +164,7 @@ def _require_wgmma():
     require_kernels(OP, "cuda")
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma forward needs a compute capability 9.0 GPU")
-    if not attention_module.wgmma_forward_built():
+    if not attention_module.wgmma_built():
         pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
 
 
@@ -173,8 +173,8 @@ def _require_wgmma():
                                    [(1, 1, 1, 1, 64), (2, 2, 200, 150, 64), (1, 2, 1000, 777, 128),
                                     (3, 1, 77, 1000, 32), (1, 4, 1000, 77, 64), (2, 1, 129, 129, 64)]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_wgmma_forward_within_twice_torch_error(generator, monkeypatch, dtype, shape):
-    """SGDM_ATTENTION_WGMMA=1 (Hopper): the same accuracy rule, the backward fed by its lse."""
+def test_wgmma_kernels_within_twice_torch_error(generator, monkeypatch, dtype, shape):
+    """SGDM_ATTENTION_WGMMA=1 (Hopper): forward and backward under the same accuracy rule."""
     _require_wgmma()
     monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
     _check_low_precision("cuda", generator, dtype, shape)
@@ -192,6 +192,22 @@ def test_wgmma_forward_agrees_with_the_mma_sync_forward(generator, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
+def test_wgmma_backward_agrees_with_the_mma_sync_backward(generator, monkeypatch, d):
+    _require_wgmma()
+    q, k, v = _qkv(2, 4, 700, 900, d, "cuda", generator, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=generator).to("cuda", torch.bfloat16)
+    attention(q, k, v).backward(grad_out)
+    want = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
+    attention(q, k, v).backward(grad_out)
+    for name, t, w in zip("qkv", (q, k, v), want):
+        assert _rel_err(t.grad.float(), w.double()) < 2e-2, name
+
+
+@pytest.mark.cuda
 def test_wgmma_request_that_cannot_run_is_an_error(generator, monkeypatch):
     require_kernels(OP, "cuda")
     q, k, v = _qkv(1, 1, 8, 8, 64, "cuda", generator, dtype=torch.bfloat16)
@@ -199,7 +215,7 @@ def test_wgmma_request_that_cannot_run_is_an_error(generator, monkeypatch):
     with pytest.raises(RuntimeError, match="SGDM_ATTENTION_WGMMA must be 0 or 1, got 'yes'"):
         attention(q, k, v)
     monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
-    if torch.cuda.get_device_capability() == (9, 0) and attention_module.wgmma_forward_built():
+    if torch.cuda.get_device_capability() == (9, 0) and attention_module.wgmma_built():
         q32, k32, v32 = (t.float() for t in (q, k, v))  # fp32 runs the SIMT kernel either way
         assert _rel_err(attention(q32, k32, v32).cpu(), _ref64(q32.cpu(), k32.cpu(), v32.cpu())[0]) < 1e-5
         pytest.skip("this GPU and build run the wgmma forward")

@@ -8,7 +8,9 @@ changes. Running them needs a GPU (``bash benchmarks/gpu_check.sh attention``).
   in registers (no stack frame) and keep the wgmma's asynchronous (no "serialized" advisory, which
   it gives when an instruction redefines an MMA's register while it may run): either would make
   the kernel slower than the one it is meant to replace, with no error to show it.
-- csrc/cuda/attention_hopper.cu: the same kernel as the extension builds it (SGDM_ATTENTION_WGMMA=1),
+- benchmarks/attention_wgmma.cu also holds the wgmma backward (csrc/cuda/attention_wgmma_bwd.cuh)
+  against the production mma.sync backward, under the same rules.
+- csrc/cuda/attention_hopper.cu: the same kernels as the extension builds them (SGDM_ATTENTION_WGMMA=1),
   checked the same way, and a trap on any target other than sm_90a."""
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ def test_attention_wgmma_program_compiles_for_sm90a_with_registers_only(tmp_path
     frames = re.findall(r"Function properties for (\S+)\n.*?(\d+) bytes stack frame", done.stderr)
     wgmma = [(name, int(size)) for name, size in frames if "attention_fwd_wgmma" in name]
     assert len(wgmma) >= 6, done.stderr[-3000:]
+    backward = [(name, int(size)) for name, size in frames if "attention_bwd_wgmma" in name]
+    assert len(backward) >= 5, done.stderr[-3000:]
+    wgmma += backward
     assert all(size == 0 for _, size in wgmma), [name for name, size in wgmma if size]
     assert "wgmma.mma_async instructions are serialized" not in done.stderr, done.stderr[-3000:]
 
@@ -58,8 +63,10 @@ def test_attention_wgmma_program_compiles_for_sm90a_with_registers_only(tmp_path
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
 def test_wgmma_operands_are_read_where_the_tiles_hold_them(tmp_path):
     """tests/ops/cuda_host/wgmma_layouts.cu runs on the CPU: it decodes every descriptor the wgmma
-    forward builds (Q, K, V; every k-step, warpgroup and buffer; D = 32, 64, 128) with the PTX ISA's
-    canonical layouts and checks each element against where the tile loader stored it."""
+    forward builds (Q, K, V; every k-step, warpgroup and buffer; D = 32, 64, 128) and every one the
+    backward builds (K and V rows, Q and dO both ways, dS^T M-major, K for dQ by column chunk) with
+    the PTX ISA's canonical layouts and checks each element against where the tile loader (or the
+    dS^T store) put it."""
     _compile("tests/ops/cuda_host/wgmma_layouts.cu", ["-gencode", "arch=compute_90a,code=sm_90a"], tmp_path)
     done = subprocess.run([str(tmp_path / "program")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -78,19 +85,20 @@ def _entries(stderr: str) -> dict[str, list[tuple[str, int]]]:
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
 def test_extension_wgmma_forward_is_sm90a_code_only_in_a_90a_build(tmp_path):
     """csrc/cuda/attention_hopper.cu as setup.py compiles it for "8.0;9.0a" (which defines
-    SGDM_WITH_SM90A): six kernels (fp16 / bf16 x D), MMAs asynchronous and in registers for
-    sm_90a, a trap for sm_80. Without 9.0a in the list it holds no kernel at all."""
+    SGDM_WITH_SM90A): six forward and six backward kernels (fp16 / bf16 x D), MMAs asynchronous
+    and in registers for sm_90a, a trap for sm_80. Without 9.0a in the list it holds no kernel."""
     archs = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
     flags = ["-c", "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v"]
     done = _compile("csrc/cuda/attention_hopper.cu", archs, tmp_path, *flags, "-DSGDM_WITH_SM90A=1")
     entries = _entries(done.stderr)
     assert sorted(entries) == ["sm_80", "sm_90a"], done.stderr[-3000:]
-    assert all(len(kernels) == 6 and all("attention_fwd_wgmma" in name for name, _ in kernels)
-               for kernels in entries.values())
-    assert all(regs <= 16 for _, regs in entries["sm_80"]), entries["sm_80"]  # __trap() alone
-    assert all(regs >= 64 for _, regs in entries["sm_90a"]), entries["sm_90a"]
+    for arch, kernels in entries.items():
+        wgmma = [regs for name, regs in kernels if "_wgmma" in name]
+        assert len(wgmma) == 12, (arch, kernels)
+        assert all(regs <= 16 for regs in wgmma) if arch == "sm_80" else all(regs >= 64 for regs in wgmma), \
+            (arch, kernels)  # sm_80: __trap() alone
     frames = re.findall(r"Function properties for (\S+)\n.*?(\d+) bytes stack frame", done.stderr)
-    assert len(frames) == 12 and all(int(size) == 0 for _, size in frames), frames
+    assert len(frames) >= 24 and all(int(size) == 0 for _, size in frames), frames
     assert "wgmma.mma_async instructions are serialized" not in done.stderr, done.stderr[-3000:]
 
     plain = _compile("csrc/cuda/attention_hopper.cu", ["-gencode", "arch=compute_80,code=sm_80"], tmp_path, *flags)
