@@ -38,6 +38,7 @@ struct BwdTile {
   }
 };
 
+#if !defined(SGDM_HOST_EMULATION)  // replaced on the host (tests/ops/cuda_host/wgmma_emulation.h)
 // 4-byte async copy (row statistics); src_bytes = 0 writes zero.
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
   const int src_bytes = valid ? 4 : 0;
@@ -54,6 +55,7 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
   atomicAdd(dst + 1, y);
 #endif
 }
+#endif  // !SGDM_HOST_EMULATION
 
 // acc[16 x kCols] (+)= A[16 x 16*kK] B, A from registers, B[k][n] row-major in smem (ldmatrix.trans).
 template <class T, int kCols>
@@ -342,6 +344,7 @@ __global__ void __launch_bounds__(256)
   reinterpret_cast<uint2*>(dq)[i] = packed;
 }
 
+#if !defined(SGDM_HOST_EMULATION)  // kernel launches: nvcc only
 // Host side of the two passes around a tensor-core backward kernel.
 // delta for `rows` query rows and, given dq_accum, its zeroed rows.
 template <class T, int D>
@@ -360,5 +363,6 @@ inline cudaError_t launch_dq_convert(const float* dq_accum, T* dq, float scale, 
   attention_dq_convert<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(dq_accum, dq, scale, n4);
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace sgdm::cuda_attn

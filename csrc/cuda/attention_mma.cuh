@@ -44,6 +44,9 @@ struct Half2<__nv_bfloat16> {
   }
 };
 
+// The PTX wrappers below are replaced on the host by
+// tests/ops/cuda_host/wgmma_emulation.h, which runs the wgmma kernels on the CPU.
+#if !defined(SGDM_HOST_EMULATION)
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -94,6 +97,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // !SGDM_HOST_EMULATION
 
 // Copies a [rows][D] tile (row stride ld elements in global memory) into
 // shared memory with row stride D + 8: the 16-byte pad puts the 8 rows of an
@@ -113,12 +117,14 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
 
 // Named barriers (ids 1..15; 0 is __syncthreads): `threads` (a multiple of 32)
 // arrive, counting both bar_sync, which waits, and bar_arrive, which does not.
+#if !defined(SGDM_HOST_EMULATION)
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 __device__ __forceinline__ void bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+#endif
 
 // Max / sum over the 4 lanes that share an accumulator row.
 __device__ __forceinline__ float quad_max(float x) {

@@ -3,13 +3,15 @@
 // extension runs them only when asked (SGDM_ATTENTION_WGMMA=1, a 9.0a build;
 // attention_hopper.cu).
 //
-// STATUS: compiled, never run on a GPU. tests/ops/test_attention_ab_programs.py
-// builds benchmarks/attention_wgmma.cu and attention_hopper.cu for sm_90a
-// (warnings as errors, no stack frame, no serialized wgmma) and checks on the
-// CPU that every operand descriptor reads the elements the tiles hold
+// STATUS: never run on a GPU. tests/ops/test_attention_ab_programs.py builds
+// benchmarks/attention_wgmma.cu and attention_hopper.cu for sm_90a (warnings
+// as errors, no stack frame, no serialized wgmma), checks on the CPU that
+// every operand descriptor reads the elements the tiles hold
 // (tests/ops/cuda_host/wgmma_layouts.cu, against the PTX ISA's canonical
-// layouts). On an H100 / H200, benchmarks/attention_wgmma.cu checks the kernel
-// against the production mma.sync one (attention_fwd.cuh) and times both;
+// layouts), and runs this kernel, source unchanged, in a CPU emulation of
+// its PTX (tests/ops/cuda_host/wgmma_emulator.cpp) against float64
+// attention. On an H100 / H200, benchmarks/attention_wgmma.cu checks it
+// against the production mma.sync kernel (attention_fwd.cuh) and times both;
 // it becomes the default on 9.0 GPUs only once that has passed.
 //
 // Why: the mma.sync forward reaches 279 TFLOP/s on an H200 (bf16, D = 64,
@@ -50,6 +52,9 @@
 namespace sgdm::cuda_attn::wg {
 
 // ---- PTX wrappers -------------------------------------------------------
+// (tests/ops/cuda_host/wgmma_emulation.h replaces them on the host, where the
+// kernels run on the CPU against the PTX ISA's layouts)
+#if !defined(SGDM_HOST_EMULATION)
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -159,6 +164,7 @@ SGDM_WGMMA_TYPE(__half, "f16")
 #undef SGDM_WG_REGS64
 #undef SGDM_WG_REGS32
 #undef SGDM_WG_REGS16
+#endif  // !SGDM_HOST_EMULATION
 
 // ---- shared-memory tiles and their descriptors ----------------------------
 

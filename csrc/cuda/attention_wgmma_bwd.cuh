@@ -2,11 +2,12 @@
 // production mma.sync backward (attention_bwd.cuh) moved to wgmma, with the
 // same contract (attention_bwd_preprocess before, attention_dq_convert after).
 //
-// STATUS: compiled, never run on a GPU. tests/ops/test_attention_ab_programs.py
-// compiles it for sm_90a (no stack frame, no serialized wgmma) and checks
-// every operand descriptor on the CPU (tests/ops/cuda_host/wgmma_layouts.cu);
-// benchmarks/attention_wgmma.cu checks it against the production backward on
-// an H100 / H200 and times both.
+// STATUS: never run on a GPU. tests/ops/test_attention_ab_programs.py
+// compiles it for sm_90a (no stack frame, no serialized wgmma), checks every
+// operand descriptor on the CPU (tests/ops/cuda_host/wgmma_layouts.cu) and
+// runs it in the CPU emulation of its PTX (wgmma_emulator.cpp) against
+// float64 gradients; benchmarks/attention_wgmma.cu checks it against the
+// production backward on an H100 / H200 and times both.
 //
 // Why: the mma.sync backward is what keeps forward+backward at 0.51x cuDNN on
 // an H200 (bf16, D = 64, N = 4096). It reads every operand through ldmatrix;

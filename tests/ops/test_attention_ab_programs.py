@@ -11,7 +11,10 @@ changes. Running them needs a GPU (``bash benchmarks/gpu_check.sh attention``).
 - benchmarks/attention_wgmma.cu also holds the wgmma backward (csrc/cuda/attention_wgmma_bwd.cuh)
   against the production mma.sync backward, under the same rules.
 - csrc/cuda/attention_hopper.cu: the same kernels as the extension builds them (SGDM_ATTENTION_WGMMA=1),
-  checked the same way, and a trap on any target other than sm_90a."""
+  checked the same way, and a trap on any target other than sm_90a.
+- tests/ops/cuda_host/: host programs. wgmma_layouts.cu checks every operand descriptor against the
+  PTX ISA's canonical layouts; wgmma_emulator.cpp runs both wgmma kernels on the CPU and checks what
+  they compute."""
 from __future__ import annotations
 
 import os
@@ -103,3 +106,30 @@ def test_extension_wgmma_forward_is_sm90a_code_only_in_a_90a_build(tmp_path):
 
     plain = _compile("csrc/cuda/attention_hopper.cu", ["-gencode", "arch=compute_80,code=sm_80"], tmp_path, *flags)
     assert _entries(plain.stderr) == {}, plain.stderr[-3000:]
+
+
+def _cuda_include() -> str | None:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "include")
+    return path if os.path.exists(os.path.join(path, "cuda_bf16.h")) else None
+
+
+@pytest.mark.skipif(_cuda_include() is None or shutil.which("g++") is None,
+                    reason="needs g++ and the CUDA headers (CUDA_HOME)")
+def test_wgmma_kernels_compute_attention_in_the_cpu_emulation(tmp_path):
+    """tests/ops/cuda_host/wgmma_emulator.cpp runs the wgmma forward and backward, source unchanged,
+    on the CPU: each CUDA thread a host thread, each wgmma computed from its operands by the PTX
+    ISA's layouts (tests/ops/cuda_host/wgmma_emulation.h), the results against float64 attention
+    and its gradients. The extension's configurations and the harness's, partial blocks, fp16 and
+    bf16. Mutating the kernels' dS^T store, key mask, dQ ownership or block loop fails it."""
+    program = tmp_path / "wgmma_emulator"
+    cmd = ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unused-parameter",
+           "-Wno-unknown-pragmas", "-Werror", "-pthread", "-I", _cuda_include(),
+           "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+           os.path.join(ROOT, "tests", "ops", "cuda_host", "wgmma_emulator.cpp"), "-o", str(program)]
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    done = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "the wgmma kernels compute attention and its gradients" in done.stdout
+    assert done.stdout.count("max rel err") == 6 * 2 + 6 * 3  # every check ran
