@@ -121,7 +121,9 @@ def test_wgmma_kernels_compute_attention_in_the_cpu_emulation(tmp_path):
     on the CPU: each CUDA thread a host thread, each wgmma computed from its operands by the PTX
     ISA's layouts (tests/ops/cuda_host/wgmma_emulation.h), the results against float64 attention
     and its gradients. The extension's configurations and the harness's, partial blocks, fp16 and
-    bf16. Mutating the kernels' dS^T store, key mask, dQ ownership or block loop fails it."""
+    bf16; each wgmma completing at issue, then at the wait that covers it. Mutating the kernels'
+    dS^T store, key mask, dQ ownership or block loop fails it; so does a wait that lets a product
+    run past the reads of its result (only the second mode sees that)."""
     program = tmp_path / "wgmma_emulator"
     cmd = ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unused-parameter",
            "-Wno-unknown-pragmas", "-Werror", "-pthread", "-I", _cuda_include(),
@@ -132,4 +134,4 @@ def test_wgmma_kernels_compute_attention_in_the_cpu_emulation(tmp_path):
     done = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "the wgmma kernels compute attention and its gradients" in done.stdout
-    assert done.stdout.count("max rel err") == 6 * 2 + 6 * 3  # every check ran
+    assert done.stdout.count("max rel err") == 2 * (6 * 2 + 6 * 3)  # every check ran, in both modes

@@ -8,14 +8,16 @@
 //   descriptors by the PTX ISA's canonical layouts (wgmma_canonical.h) and
 //   the A operand of the register form from the 128 threads' fragments, and
 //   writes every thread's accumulators by the ISA's fragment layout (row
-//   16 warp + lane / 4 (+ 8), columns 8 i + 2 (lane % 4) (+ 1)). It completes
-//   at once, which the kernels' wait / fence discipline allows.
+//   16 warp + lane / 4 (+ 8), columns 8 i + 2 (lane % 4) (+ 1)). It runs at
+//   issue or, with sgdm_emu::deferred, at the wait that covers it: the two
+//   ends of what the hardware may do, so a kernel that touches an operand or
+//   an accumulator between issue and wait gets different results.
 // - cp.async: an immediate copy (zero-fill past the end); its waits are no-ops.
 // - barriers, warp shuffles and votes: std::barrier over the threads taking part.
 // - atomics: std::atomic_ref.
-// What this checks: the kernels' own indexing and data flow, and the layouts
-// as this reading of the ISA has them. What it cannot: the hardware, timing,
-// asynchrony (ptxas's "serialized" advisory covers register hazards).
+// What this checks: the kernels' own indexing and data flow, the layouts as
+// this reading of the ISA has them, and their use of commit and wait. What it
+// cannot: the hardware, timing, races between threads beyond the barriers.
 // CTAs run one after another, so one shared-memory array serves them all.
 // Compile with -fno-strict-aliasing: the kernels pun registers through
 // pointers (the CUDA idiom), which a host compiler may otherwise reorder.
@@ -78,6 +80,10 @@ struct Cta {
   }
 };
 inline Cta* cta = nullptr;
+// false: a wgmma completes when issued; true: when the wgmma.wait_group that
+// covers it runs, so that a kernel reading its accumulators, or changing its
+// operands, before that wait computes something else.
+inline bool deferred = false;
 
 inline int tid() { return static_cast<int>(thread_idx.x); }
 
@@ -170,10 +176,30 @@ inline void atomic_add2(float* dst, float x, float y) {
 
 namespace wg {
 
+// Issued wgmma's of this thread, by commit group: run at issue, or (deferred) at
+// the wait that covers them. The thread's warpgroup issues the same sequence, so
+// the collective products line up either way.
+struct Pending {
+  std::vector<std::function<void()>> open;                // issued since the last commit
+  std::vector<std::vector<std::function<void()>>> groups;  // committed, oldest first
+};
+inline thread_local Pending pending;
+
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() {
+  if (!sgdm_emu::deferred) return;
+  pending.groups.push_back(std::move(pending.open));
+  pending.open.clear();
+}
 template <int N>
-inline void wgmma_wait() {}
+inline void wgmma_wait() {
+  if (!sgdm_emu::deferred) return;
+  if (!pending.open.empty()) std::abort();  // an uncommitted wgmma: the kernel would never wait for it
+  while (pending.groups.size() > static_cast<size_t>(N)) {
+    for (auto& product : pending.groups.front()) product();
+    pending.groups.erase(pending.groups.begin());
+  }
+}
 inline void fence_proxy_async() {}
 template <class X>
 inline void fence_operands(X&) {}
@@ -242,23 +268,33 @@ float fragment_element(int m, int k) {
 
 }  // namespace emu
 
+// Descriptors are read at issue; shared memory, A fragments and accumulators when the product runs.
+inline void issue(std::function<void()> product) {
+  if (sgdm_emu::deferred)
+    pending.open.push_back(std::move(product));
+  else
+    product();
+}
+
 template <class T, int N, bool kAccumulate, bool kMNMajor = false>
 void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
   using namespace wgmma_canonical;
-  const Desc a = decode(desc_a), b = decode(desc_b);
-  emu::warpgroup_mma<N>(
-      d, kAccumulate, nullptr,
-      [&](int m, int k) { return emu::element<T>(kMNMajor ? nmajor_read(a, k, m) : kmajor_read(a, m, k)); },
-      [&](int k, int n) { return emu::element<T>(kMNMajor ? nmajor_read(b, k, n) : kmajor_read(b, n, k)); });
+  issue([&d, a = decode(desc_a), b = decode(desc_b)] {
+    emu::warpgroup_mma<N>(
+        d, kAccumulate, nullptr,
+        [&](int m, int k) { return emu::element<T>(kMNMajor ? nmajor_read(a, k, m) : kmajor_read(a, m, k)); },
+        [&](int k, int n) { return emu::element<T>(kMNMajor ? nmajor_read(b, k, n) : kmajor_read(b, n, k)); });
+  });
 }
 
 template <class T, int N>
 void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
   using namespace wgmma_canonical;
-  const Desc b = decode(desc_b);
-  emu::warpgroup_mma<N>(
-      d, true, a, [](int m, int k) { return emu::fragment_element<T>(m, k); },
-      [&](int k, int n) { return emu::element<T>(nmajor_read(b, k, n)); });
+  issue([&d, &a, b = decode(desc_b)] {
+    emu::warpgroup_mma<N>(
+        d, true, a, [](int m, int k) { return emu::fragment_element<T>(m, k); },
+        [&](int k, int n) { return emu::element<T>(nmajor_read(b, k, n)); });
+  });
 }
 
 }  // namespace wg

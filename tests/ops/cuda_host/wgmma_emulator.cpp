@@ -168,9 +168,28 @@ void check_backward(int bh, int nq, int nk, unsigned seed) {
   expect("  dV", rel_err(floats(dv), pr.dv), tol);
 }
 
+void run_all();
+
 }  // namespace
 
 int main() {
+  // Each wgmma completing at issue, then at the wait that covers it.
+  for (const bool deferred : {false, true}) {
+    sgdm_emu::deferred = deferred;
+    std::printf(deferred ? "wgmma completing at its wait:\n" : "wgmma completing at issue:\n");
+    run_all();
+  }
+  if (failures) {
+    std::printf("%d mismatches\n", failures);
+    return 1;
+  }
+  std::printf("the wgmma kernels compute attention and its gradients (CPU emulation)\n");
+  return 0;
+}
+
+namespace {
+
+void run_all() {
   using bf16 = __nv_bfloat16;
   using wg::WgBwdConfig;
   using wg::WgConfig;
@@ -190,10 +209,6 @@ int main() {
   check_backward<bf16, 128, WgBwdConfig<128, 1, 2>>(1, 130, 100, 10);
   check_backward<__half, 64, WgBwdConfig<64, 2>>(1, 70, 200, 11);
   check_backward<__half, 128, WgBwdConfig<128, 1, 2>>(1, 64, 64, 12);
-  if (failures) {
-    std::printf("%d mismatches\n", failures);
-    return 1;
-  }
-  std::printf("the wgmma kernels compute attention and its gradients (CPU emulation)\n");
-  return 0;
 }
+
+}  // namespace
