@@ -82,6 +82,47 @@ inline cudaDeviceProp print_device(const char* ratio) {
   return prop;
 }
 
+// Medians (ms per call) of kV variants, run(i) launching variant i once:
+// warm-up, then reps rounds in rotating order, each timing `calls` launches
+// with CUDA events.
+template <class Run>
+std::vector<double> interleaved_medians(int kV, int reps, int calls, Run&& run) {
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<std::vector<float>> t(kV);
+  for (int w = 0; w < 3; ++w)
+    for (int i = 0; i < kV; ++i) run(i);
+  for (int r = 0; r < reps; ++r)
+    for (int j = 0; j < kV; ++j) {
+      const int which = (r + j) % kV;
+      CHECK_CUDA(cudaEventRecord(e0));
+      for (int c = 0; c < calls; ++c) run(which);
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0.0f;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      t[which].push_back(ms / static_cast<float>(calls));
+    }
+  CHECK_CUDA(cudaEventDestroy(e0));
+  CHECK_CUDA(cudaEventDestroy(e1));
+  std::vector<double> med(kV);
+  for (int i = 0; i < kV; ++i) {
+    std::sort(t[i].begin(), t[i].end());
+    med[i] = t[i][t[i].size() / 2];
+  }
+  return med;
+}
+
+// One line per variant: median, TFLOP/s for `flops` per call, ratio to the first (the baseline).
+inline void report(const char* title, const std::vector<std::string>& names, const std::vector<double>& med,
+                   double flops) {
+  std::printf("%s\n", title);
+  for (size_t i = 0; i < names.size(); ++i)
+    std::printf("  %-56s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", names[i].c_str(), med[i], flops / med[i] / 1e9,
+                med[0] / med[i], i == 0 ? "  (baseline)" : "");
+}
+
 // The production mma.sync forward (attention_fwd.cuh) with tile configuration Cfg.
 template <class T, int D, class Cfg = sgdm::cuda_attn::FwdTile<D>>
 void launch_mma(const T* q, const T* k, const T* v, T* o, float* lse, int bh, int nq, int nk, float scale) {
@@ -144,42 +185,18 @@ bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int nq, int nk,
     }
   }
 
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  std::vector<std::vector<float>> t(kV);
   int it = 0;
   auto run = [&](int which) {
     const int s = it++ % in.sets;
     T* const* b = &in.buf[4 * s];
     variants[which].fn(b[0], b[1], b[2], b[3], in.lse[s], bh, nq, nk, scale);
   };
-  for (int w = 0; w < 3; ++w)
-    for (int i = 0; i < kV; ++i) run(i);
-  for (int r = 0; r < reps; ++r) {
-    for (int j = 0; j < kV; ++j) {
-      const int which = (r + j) % kV;
-      CHECK_CUDA(cudaEventRecord(e0));
-      for (int c = 0; c < 10; ++c) run(which);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0.0f;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      t[which].push_back(ms / 10.0f);
-    }
-  }
-  const double flops = 4.0 * bh * static_cast<double>(nq) * nk * D;
-  std::printf("%s D=%d B*H=%d Nq=%d Nk=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, nq, nk);
-  double base = 0.0;
-  for (int i = 0; i < kV; ++i) {
-    std::sort(t[i].begin(), t[i].end());
-    const double med = t[i][t[i].size() / 2];
-    if (i == 0) base = med;
-    std::printf("  %-56s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", variants[i].name.c_str(), med, flops / med / 1e9, base / med,
-                i == 0 ? "  (baseline)" : "");
-  }
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
+  std::vector<std::string> names;
+  for (const auto& v : variants) names.push_back(v.name);
+  char title[96];
+  std::snprintf(title, sizeof(title), "%s D=%d B*H=%d Nq=%d Nk=%d", std::is_same_v<T, __half> ? "fp16" : "bf16", D,
+                bh, nq, nk);
+  report(title, names, interleaved_medians(kV, reps, 10, run), 4.0 * bh * static_cast<double>(nq) * nk * D);
   return ok;
 }
 

@@ -156,36 +156,14 @@ bool compare_bwd(int bh, int nq, int nk, int reps) {
     }
   }
 
-  cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
-  const int kV = static_cast<int>(variants.size());
-  std::vector<std::vector<float>> t(kV);
-  for (int w = 0; w < 2; ++w)
-    for (int i = 0; i < kV; ++i) variants[i].second(b, bh, nq, nk, scale);
-  for (int r = 0; r < reps; ++r)
-    for (int j = 0; j < kV; ++j) {
-      const int which = (r + j) % kV;
-      CHECK_CUDA(cudaEventRecord(e0));
-      for (int c = 0; c < 5; ++c) variants[which].second(b, bh, nq, nk, scale);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0.0f;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      t[which].push_back(ms / 5.0f);
-    }
-  const double flops = 2.5 * 4.0 * bh * static_cast<double>(nq) * nk * D;
-  std::printf("backward %s D=%d B*H=%d Nq=%d Nk=%d\n", std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, nq, nk);
-  double base = 0.0;
-  for (int i = 0; i < kV; ++i) {
-    std::sort(t[i].begin(), t[i].end());
-    const double med = t[i][t[i].size() / 2];
-    if (i == 0) base = med;
-    std::printf("  %-56s %8.4f ms %6.0f TFLOP/s %6.3fx%s\n", variants[i].first.c_str(), med, flops / med / 1e9,
-                base / med, i == 0 ? "  (baseline)" : "");
-  }
-  CHECK_CUDA(cudaEventDestroy(e0));
-  CHECK_CUDA(cudaEventDestroy(e1));
+  std::vector<std::string> names;
+  for (const auto& v : variants) names.push_back(v.first);
+  char title[96];
+  std::snprintf(title, sizeof(title), "backward %s D=%d B*H=%d Nq=%d Nk=%d",
+                std::is_same_v<T, __half> ? "fp16" : "bf16", D, bh, nq, nk);
+  const auto med = interleaved_medians(static_cast<int>(variants.size()), reps, 5,
+                                       [&](int i) { variants[i].second(b, bh, nq, nk, scale); });
+  report(title, names, med, 2.5 * 4.0 * bh * static_cast<double>(nq) * nk * D);
   for (void* p : {static_cast<void*>(b.q), static_cast<void*>(b.k), static_cast<void*>(b.v),
                   static_cast<void*>(b.dout), static_cast<void*>(b.out), static_cast<void*>(b.dk),
                   static_cast<void*>(b.dv), static_cast<void*>(b.lse), static_cast<void*>(b.delta),

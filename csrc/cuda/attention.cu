@@ -29,30 +29,12 @@ cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// delta (and, for the tensor-core path, the zeroed dQ accumulator) for every query row.
-template <class T, int D>
-cudaError_t backward_preprocess(const BwdParams& p, float* dq_accum, cudaStream_t stream) {
-  return launch_bwd_preprocess<T, D>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.grad_lse,
-                                     p.delta, dq_accum, p.bh * p.nq, stream);
-}
 
 template <class T, int D>
 cudaError_t backward_mma(const BwdParams& p, cudaStream_t stream) {
-  cudaError_t err = backward_preprocess<T, D>(p, p.dq_accum, stream);
-  if (err != cudaSuccess) return err;
   using Cfg = BwdTile<D>;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto* kernel = &attention_bwd_mma<T, D>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid(p.nk, Cfg::kN, p.bh), Cfg::kThreads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
-      static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
-      static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  // d is a multiple of 32
-  return launch_dq_convert<T>(p.dq_accum, static_cast<T*>(p.dq), p.scale, p.bh * p.nq * p.d, stream);
+  return launch_backward<T, D>(p, &attention_bwd_mma<T, D>, Cfg::kN, Cfg::kThreads, Cfg::template smem_bytes<T>(),
+                               stream);
 }
 
 template <int D>
@@ -66,7 +48,8 @@ cudaError_t forward_simt(const FwdParams& p, cudaStream_t stream) {
 // fp32: dQ is written straight into dq (no atomics, no accumulator), already scaled.
 template <int D>
 cudaError_t backward_simt(const BwdParams& p, cudaStream_t stream) {
-  cudaError_t err = backward_preprocess<float, D>(p, nullptr, stream);
+  cudaError_t err = launch_bwd_preprocess<float, D>(static_cast<const float*>(p.dout), static_cast<const float*>(p.out),
+                                                    p.grad_lse, p.delta, nullptr, p.bh * p.nq, stream);  // delta only
   if (err != cudaSuccess) return err;
   const auto* q = static_cast<const float*>(p.q);
   const auto* k = static_cast<const float*>(p.k);

@@ -152,6 +152,26 @@ __device__ __forceinline__ void accumulate_dq(float* dq, const T* sds, const T* 
   }
 }
 
+// The epilogue: dK = scale (dS^T Q) and dV = P^T dO of a warp's accumulator
+// tiles (rows key_row and key_row + 8 of a (batch, head)), as T; keys past nk are not written.
+template <class T, int kDt>
+__device__ __forceinline__ void store_dkv(const float (&dkacc)[kDt][4], const float (&dvacc)[kDt][4], T* dk, T* dv,
+                                          int64_t bh, int nk, int key_row, int lane, float scale) {
+  constexpr int D = kDt * 8;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = key_row + 8 * h;
+    if (r >= nk) continue;
+    const int64_t row_off = (bh * nk + r) * D + 2 * (lane % 4);
+#pragma unroll
+    for (int dt = 0; dt < kDt; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk + row_off + dt * 8) =
+          Half2<T>::pack(dkacc[dt][2 * h] * scale, dkacc[dt][2 * h + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + row_off + dt * 8) = Half2<T>::pack(dvacc[dt][2 * h], dvacc[dt][2 * h + 1]);
+    }
+  }
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(BwdTile<D>::kThreads)
     attention_bwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -280,18 +300,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads)
     __syncthreads();  // sds and this step's Q / dO buffers are rewritten next step
   }
 
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = key_row + 8 * h;
-    if (r >= nk) continue;
-    const int64_t row_off = (bh * nk + r) * D + 2 * (lane % 4);
-#pragma unroll
-    for (int dt = 0; dt < kDt; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk + row_off + dt * 8) =
-          Half2<T>::pack(dkacc[dt][2 * h] * scale, dkacc[dt][2 * h + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv + row_off + dt * 8) = Half2<T>::pack(dvacc[dt][2 * h], dvacc[dt][2 * h + 1]);
-    }
-  }
+  store_dkv<T>(dkacc, dvacc, dk, dv, bh, nk, key_row, lane, scale);
 }
 
 // The backward's row preprocessing (FA-2's dot(dO, O) pass): delta_i =
@@ -362,6 +371,27 @@ inline cudaError_t launch_dq_convert(const float* dq_accum, T* dq, float scale, 
   const int64_t n4 = n / 4;
   attention_dq_convert<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(dq_accum, dq, scale, n4);
   return cudaGetLastError();
+}
+
+// A tensor-core backward: the preprocessing, `kernel` (the contract of
+// attention_bwd_mma) over ceil(nk / keys_per_cta) x B*H CTAs, the dQ
+// conversion. p: the fields of cuda_attn::BwdParams.
+template <class T, int D, class Params, class Kernel>
+inline cudaError_t launch_backward(const Params& p, Kernel* kernel, int keys_per_cta, int threads, int smem,
+                                   cudaStream_t stream) {
+  cudaError_t err = launch_bwd_preprocess<T, D>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out),
+                                                p.grad_lse, p.delta, p.dq_accum, p.bh * p.nq, stream);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.nk + keys_per_cta - 1) / keys_per_cta), static_cast<unsigned>(p.bh));
+  kernel<<<grid, threads, smem, stream>>>(
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
+      static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
+      static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_dq_convert<T>(p.dq_accum, static_cast<T*>(p.dq), p.scale, p.bh * p.nq * p.d, stream);  // d % 4 == 0
 }
 #endif
 

@@ -42,22 +42,9 @@ using HopperBwd = wg::WgBwdConfig<D, (D > 64 ? 1 : 2), (D > 64 ? 2 : 1)>;
 
 template <class T, int D>
 cudaError_t backward(const BwdParams& p, cudaStream_t stream) {
-  cudaError_t err = launch_bwd_preprocess<T, D>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out),
-                                                p.grad_lse, p.delta, p.dq_accum, p.bh * p.nq, stream);
-  if (err != cudaSuccess) return err;
   using Cfg = HopperBwd<D>;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto* kernel = &wg::attention_bwd_wgmma<T, D, Cfg>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.nk + Cfg::kN - 1) / Cfg::kN), static_cast<unsigned>(p.bh));
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
-      static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
-      static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_dq_convert<T>(p.dq_accum, static_cast<T*>(p.dq), p.scale, p.bh * p.nq * p.d, stream);
+  return launch_backward<T, D>(p, &wg::attention_bwd_wgmma<T, D, Cfg>, Cfg::kN, Cfg::kThreads,
+                               Cfg::template smem_bytes<T>(), stream);
 }
 
 // fn<T, D>(p, stream) for the (dtype, head dim) of p.

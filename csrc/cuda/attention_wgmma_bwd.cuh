@@ -332,18 +332,7 @@ __device__ __forceinline__ void bwd_wgmma_cta(const T* __restrict__ q, const T* 
     }
   }
 
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = key_row + 8 * h;
-    if (r >= nk) continue;
-    const int64_t row_off = (bh * nk + r) * D + 2 * (lane % 4);
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk + row_off + dt * 8) =
-          Half2<T>::pack(dkt[dt][2 * h] * scale, dkt[dt][2 * h + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv + row_off + dt * 8) = Half2<T>::pack(dvt[dt][2 * h], dvt[dt][2 * h + 1]);
-    }
-  }
+  store_dkv<T>(dkt, dvt, dk, dv, bh, nk, key_row, lane, scale);
 }
 
 // Same contract as attention_bwd_mma; compiled to a trap for any target but
