@@ -81,7 +81,7 @@ def _want_cuda(cuda_home: str | None) -> bool:
 def _hopper_archs(arch_list: str) -> tuple[str, bool]:
     """(the TORCH_CUDA_ARCH_LIST to build, whether it has 9.0a).
 
-    9.0a code is what the Hopper wgmma forward needs (SGDM_ATTENTION_WGMMA=1), and it
+    9.0a code is what the Hopper wgmma attention kernels need (SGDM_ATTENTION_WGMMA=1), and it
     runs everything else as 9.0 code does, so with both in the list the plain 9.0 is
     dropped: one cubin per GPU, no doubt about which the driver loads."""
     archs = [a for a in arch_list.replace(" ", ";").split(";") if a]
@@ -114,7 +114,7 @@ def _extension():
             try:
                 import torch
                 major, minor = torch.cuda.get_device_capability()
-                suffix = "a" if (major, minor) == (9, 0) else ""  # the wgmma forward's code
+                suffix = "a" if (major, minor) == (9, 0) else ""  # the wgmma kernels' code
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}{suffix}"
             except Exception:  # noqa: BLE001 - no GPU to ask
                 sys.exit("sgdm: set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0\") to build CUDA "

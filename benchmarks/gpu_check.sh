@@ -30,7 +30,7 @@ STEPS=$OUT/steps.tsv
 PY=${PYTHON:-python}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # 9.0a: the Hopper wgmma forward too
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # 9.0a: the Hopper wgmma kernels too
 export MAX_JOBS=${MAX_JOBS:-16}
 export SGDM_REQUIRE_KERNELS=1 HF_HUB_OFFLINE=1
 export SGDM_CPU_AVX512=${SGDM_CPU_AVX512:-0}  # CPU paths are checked elsewhere; a faster build

@@ -39,8 +39,9 @@ void check_launch(cudaError_t err) {
 }
 
 // SGDM_ATTENTION_WGMMA=1 asks for the Hopper wgmma kernels, forward and
-// backward (fp16 / bf16; they have not run on a GPU yet, so they are opt-in). Asked for where it cannot run, it
-// is an error, not a silent fallback: a benchmark must know what it timed.
+// backward (fp16 / bf16; they have not run on a GPU yet, so they are opt-in).
+// Asked for where they cannot run, it is an error, not a silent fallback: a
+// benchmark must know what it timed.
 bool wgmma_requested(const at::Tensor& q) {
   const char* env = std::getenv("SGDM_ATTENTION_WGMMA");
   const std::string_view value = env == nullptr ? "" : env;

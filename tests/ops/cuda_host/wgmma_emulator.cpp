@@ -201,6 +201,9 @@ void run_all() {
   check_forward<bf16, 32, WgConfig<32, 128, 2, 1, true>>(1, 130, 260, 4);
   check_forward<bf16, 128, WgConfig<128, 128, 2, 1, true>>(1, 100, 300, 5);
   check_forward<__half, 64, WgConfig<64, 128, 2, 1, true>>(1, 130, 200, 6);
+  check_forward<bf16, 64, WgConfig<64, 128, 3, 1>>(1, 200, 260, 13);  // the harness's others
+  check_forward<bf16, 128, WgConfig<128, 64, 2, 1>>(1, 130, 150, 14);
+  check_forward<bf16, 32, WgConfig<32, 64, 2, 2>>(1, 64, 1, 15);  // a single key
   // Backward: the extension's configurations and the one-warpgroup D = 64 variant; three
   // query blocks (both buffers, a partial last one), a partial key block.
   check_backward<bf16, 64, WgBwdConfig<64, 2>>(2, 130, 150, 7);
