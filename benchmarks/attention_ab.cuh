@@ -82,6 +82,24 @@ inline cudaDeviceProp print_device(const char* ratio) {
   return prop;
 }
 
+// For a disagreement: where the first `show` elements off by more than tol
+// sit, as (B*H index, row, column) of [B*H][rows][d] tensors, with both
+// values, and how many there are. A pattern (every other 8 columns, one row
+// in 8) points at a fragment or swizzle layout.
+template <class A, class B>
+void print_mismatches(const char* what, const A* got, const B* want, size_t n, int rows, int d, double tol,
+                      int show = 6) {
+  size_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double g = static_cast<float>(got[i]), w = static_cast<float>(want[i]);
+    if (std::fabs(g - w) <= tol) continue;
+    if (++count <= static_cast<size_t>(show))
+      std::printf("    %s [%zu, %zu, %zu]: %.5g, want %.5g\n", what, i / (static_cast<size_t>(rows) * d),
+                  i / d % rows, i % d, g, w);
+  }
+  std::printf("    %s: %zu of %zu elements off by more than %.3g\n", what, count, n, tol);
+}
+
 // Medians (ms per call) of kV variants, run(i) launching variant i once:
 // warm-up, then reps rounds in rotating order, each timing `calls` launches
 // with CUDA events.
@@ -181,6 +199,8 @@ bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int nq, int nk,
     if (!agree) {
       std::printf("MISMATCH D=%d Nq=%d Nk=%d %s: max |out diff| %.3g (max |out| %.3g), lse rel diff %.3g\n", D, nq, nk,
                   variants[i].name.c_str(), diff, top, ldiff);
+      print_mismatches("out", got.data(), ref.data(), elems, nq, D, 2.0 * ulp * std::max(1.0, top));
+      print_mismatches("lse", got_lse.data(), ref_lse.data(), ref_lse.size(), nq, 1, 1e-5 * std::max(1.0, top));
       ok = false;
     }
   }

@@ -152,6 +152,14 @@ bool compare_bwd(int bh, int nq, int nk, int reps) {
     if (!(e_dq <= 4 * ulp && e_dk <= 4 * ulp && e_dv <= 4 * ulp)) {
       std::printf("MISMATCH backward D=%d Nq=%d Nk=%d %s: relative max diff dQ %.3g, dK %.3g, dV %.3g\n", D, nq, nk,
                   variants[i].first.c_str(), e_dq, e_dk, e_dv);
+      auto top = [](const std::vector<float>& x) {
+        double m = 1.0;
+        for (float e : x) m = std::max(m, static_cast<double>(std::fabs(e)));
+        return m;
+      };
+      print_mismatches("dQ", dq.data(), ref_dq.data(), nq_el, nq, D, 4 * ulp * top(ref_dq));
+      print_mismatches("dK", dk.data(), ref_dk.data(), nk_el, nk, D, 4 * ulp * top(ref_dk));
+      print_mismatches("dV", dv.data(), ref_dv.data(), nk_el, nk, D, 4 * ulp * top(ref_dv));
       ok = false;
     }
   }

@@ -163,7 +163,7 @@ def _check_low_precision(target, generator, dtype, shape):
 def _require_wgmma():
     require_kernels(OP, "cuda")
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma forward needs a compute capability 9.0 GPU")
+        pytest.skip("the wgmma kernels need a compute capability 9.0 GPU")
     if not attention_module.wgmma_built():
         pytest.skip("this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
 
@@ -218,7 +218,7 @@ def test_wgmma_request_that_cannot_run_is_an_error(generator, monkeypatch):
     if torch.cuda.get_device_capability() == (9, 0) and attention_module.wgmma_built():
         q32, k32, v32 = (t.float() for t in (q, k, v))  # fp32 runs the SIMT kernel either way
         assert _rel_err(attention(q32, k32, v32).cpu(), _ref64(q32.cpu(), k32.cpu(), v32.cpu())[0]) < 1e-5
-        pytest.skip("this GPU and build run the wgmma forward")
+        pytest.skip("this GPU and build run the wgmma kernels")
     with pytest.raises(RuntimeError, match="SGDM_ATTENTION_WGMMA=1: "):
         attention(q, k, v)
 
