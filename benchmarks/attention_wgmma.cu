@@ -9,6 +9,7 @@
 //        -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o attention_wgmma
 //   ./attention_wgmma            # needs an H100 / H200; exit status 1 on a disagreement
 #include "attention_ab.cuh"
+#include "attention_host.cuh"
 #include "attention_wgmma.cuh"
 #include "attention_wgmma_bwd.cuh"
 

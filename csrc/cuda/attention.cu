@@ -2,9 +2,7 @@
 // dim) and launches it. Six tensor-core instantiations per direction
 // ({fp16, bf16} x D in {32, 64, 128}) plus three fp32 SIMT ones keep the
 // build small.
-#include "attention_cuda.h"
-#include "attention_bwd.cuh"
-#include "attention_fwd.cuh"
+#include "attention_host.cuh"
 #include "attention_simt.cuh"
 
 namespace sgdm::cuda_attn {
@@ -12,21 +10,11 @@ namespace {
 
 constexpr float kLog2e = attn::Base2Exp::kFromNatural;
 
-dim3 grid(int64_t rows, int64_t rows_per_cta, int64_t bh) {
-  return dim3(static_cast<unsigned>((rows + rows_per_cta - 1) / rows_per_cta), static_cast<unsigned>(bh));
-}
-
 template <class T, int D>
 cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdTile<D>;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto* kernel = &attention_fwd_mma<T, D, Cfg>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid(p.nq, Cfg::kM, p.bh), Cfg::kThreads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<T*>(p.out),
-      p.lse, static_cast<int>(p.nq), static_cast<int>(p.nk), fwd_scale_log2(p.scale));
-  return cudaGetLastError();
+  return launch_forward<T>(p, &attention_fwd_mma<T, D, Cfg>, Cfg::kM, Cfg::kThreads, Cfg::template smem_bytes<T>(),
+                           stream);
 }
 
 
@@ -63,16 +51,6 @@ cudaError_t backward_simt(const BwdParams& p, cudaStream_t stream) {
   attention_bwd_q_simt<D><<<grid(p.nq, kSimtWarps, p.bh), kSimtWarps * 32, 0, stream>>>(
       q, k, v, dout, p.lse, p.delta, static_cast<float*>(p.dq), nq, nk, p.scale);
   return cudaGetLastError();
-}
-
-template <class Params, class Fn>
-cudaError_t by_head_dim(const Params& p, Fn&& fn) {
-  switch (p.d) {
-    case 32: return fn(std::integral_constant<int, 32>{});
-    case 64: return fn(std::integral_constant<int, 64>{});
-    case 128: return fn(std::integral_constant<int, 128>{});
-    default: return cudaErrorInvalidValue;
-  }
 }
 
 }  // namespace

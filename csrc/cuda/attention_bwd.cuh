@@ -353,46 +353,4 @@ __global__ void __launch_bounds__(256)
   reinterpret_cast<uint2*>(dq)[i] = packed;
 }
 
-#if !defined(SGDM_HOST_EMULATION)  // kernel launches: nvcc only
-// Host side of the two passes around a tensor-core backward kernel.
-// delta for `rows` query rows and, given dq_accum, its zeroed rows.
-template <class T, int D>
-inline cudaError_t launch_bwd_preprocess(const T* dout, const T* out, const float* grad_lse, float* delta,
-                                         float* dq_accum, int64_t rows, cudaStream_t stream) {
-  constexpr int64_t kThreads = 256, kLanes = D / (16 / static_cast<int64_t>(sizeof(T)));
-  const int64_t blocks = (rows * kLanes + kThreads - 1) / kThreads;
-  attention_bwd_preprocess<T, D><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(dout, out, grad_lse, delta,
-                                                                                          dq_accum, rows);
-  return cudaGetLastError();
-}
-// dq = scale * dq_accum for n elements (a multiple of 4).
-template <class T>
-inline cudaError_t launch_dq_convert(const float* dq_accum, T* dq, float scale, int64_t n, cudaStream_t stream) {
-  const int64_t n4 = n / 4;
-  attention_dq_convert<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(dq_accum, dq, scale, n4);
-  return cudaGetLastError();
-}
-
-// A tensor-core backward: the preprocessing, `kernel` (the contract of
-// attention_bwd_mma) over ceil(nk / keys_per_cta) x B*H CTAs, the dQ
-// conversion. p: the fields of cuda_attn::BwdParams.
-template <class T, int D, class Params, class Kernel>
-inline cudaError_t launch_backward(const Params& p, Kernel* kernel, int keys_per_cta, int threads, int smem,
-                                   cudaStream_t stream) {
-  cudaError_t err = launch_bwd_preprocess<T, D>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out),
-                                                p.grad_lse, p.delta, p.dq_accum, p.bh * p.nq, stream);
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.nk + keys_per_cta - 1) / keys_per_cta), static_cast<unsigned>(p.bh));
-  kernel<<<grid, threads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
-      static_cast<const T*>(p.dout), p.lse, p.delta, p.dq_accum, static_cast<T*>(p.dk), static_cast<T*>(p.dv),
-      static_cast<int>(p.nq), static_cast<int>(p.nk), p.scale);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_dq_convert<T>(p.dq_accum, static_cast<T*>(p.dq), p.scale, p.bh * p.nq * p.d, stream);  // d % 4 == 0
-}
-#endif
-
 }  // namespace sgdm::cuda_attn

@@ -8,7 +8,7 @@
 // STATUS: never run on a GPU; benchmarks/attention_wgmma.cu checks it
 // against the production kernel on the first H100 / H200 that runs
 // benchmarks/gpu_check.sh.
-#include "attention_cuda.h"
+#include "attention_host.cuh"
 #include "attention_wgmma.cuh"
 #include "attention_wgmma_bwd.cuh"
 
@@ -23,15 +23,8 @@ using HopperFwd = wg::WgConfig<D, 128, 2, 1, true>;
 template <class T, int D>
 cudaError_t forward(const FwdParams& p, cudaStream_t stream) {
   using Cfg = HopperFwd<D>;
-  constexpr int smem = Cfg::template smem_bytes<T>();
-  auto* kernel = &wg::attention_fwd_wgmma<T, D, Cfg>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.nq + Cfg::kM - 1) / Cfg::kM), static_cast<unsigned>(p.bh));
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), static_cast<T*>(p.out),
-      p.lse, static_cast<int>(p.nq), static_cast<int>(p.nk), fwd_scale_log2(p.scale));
-  return cudaGetLastError();
+  return launch_forward<T>(p, &wg::attention_fwd_wgmma<T, D, Cfg>, Cfg::kM, Cfg::kThreads,
+                           Cfg::template smem_bytes<T>(), stream);
 }
 
 // Two warpgroups (128 keys per CTA, one set of dQ atomics for both); one for
@@ -47,61 +40,24 @@ cudaError_t backward(const BwdParams& p, cudaStream_t stream) {
                                Cfg::template smem_bytes<T>(), stream);
 }
 
-// fn<T, D>(p, stream) for the (dtype, head dim) of p.
-template <template <class, int> class Fn, class Params>
-cudaError_t dispatch(const Params& p, cudaStream_t stream) {
-  auto by_head_dim = [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    switch (p.d) {
-      case 32: return Fn<T, 32>::run(p, stream);
-      case 64: return Fn<T, 64>::run(p, stream);
-      case 128: return Fn<T, 128>::run(p, stream);
-      default: return cudaErrorInvalidValue;
-    }
-  };
-  switch (p.dtype) {
-    case DType::kFloat16: return by_head_dim(__half{});
-    case DType::kBFloat16: return by_head_dim(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-template <class T, int D>
-struct Forward {
-  static cudaError_t run(const FwdParams& p, cudaStream_t stream) { return forward<T, D>(p, stream); }
-};
-template <class T, int D>
-struct Backward {
-  static cudaError_t run(const BwdParams& p, cudaStream_t stream) { return backward<T, D>(p, stream); }
-};
-
 }  // namespace
 
-bool wgmma_built() {
 #if defined(SGDM_WITH_SM90A)
-  return true;
-#else
-  return false;
-#endif
-}
+bool wgmma_built() { return true; }
 
 cudaError_t attention_forward_wgmma(const FwdParams& p, cudaStream_t stream) {
-#if defined(SGDM_WITH_SM90A)
-  return dispatch<Forward>(p, stream);
-#else
-  (void)p;
-  (void)stream;
-  return cudaErrorNoKernelImageForDevice;
-#endif
+  return by_half_dtype_and_head_dim(
+      p, [&](auto t, auto d) { return forward<decltype(t), decltype(d)::value>(p, stream); });
 }
 
 cudaError_t attention_backward_wgmma(const BwdParams& p, cudaStream_t stream) {
-#if defined(SGDM_WITH_SM90A)
-  return dispatch<Backward>(p, stream);
-#else
-  (void)p;
-  (void)stream;
-  return cudaErrorNoKernelImageForDevice;
-#endif
+  return by_half_dtype_and_head_dim(
+      p, [&](auto t, auto d) { return backward<decltype(t), decltype(d)::value>(p, stream); });
 }
+#else  // no sm_90a code in this build: nothing to launch
+bool wgmma_built() { return false; }
+cudaError_t attention_forward_wgmma(const FwdParams&, cudaStream_t) { return cudaErrorNoKernelImageForDevice; }
+cudaError_t attention_backward_wgmma(const BwdParams&, cudaStream_t) { return cudaErrorNoKernelImageForDevice; }
+#endif
 
 }  // namespace sgdm::cuda_attn

@@ -175,21 +175,15 @@ __device__ __forceinline__ void bwd_wgmma_cta(const T* __restrict__ q, const T* 
     const uint32_t qb = aq + static_cast<uint32_t>(buf * kQBytes), dob = ado + static_cast<uint32_t>(buf * kQBytes);
     const float* stat = sstat + buf * 2 * kM;
 
-    // S^T = K_w Q^T and dP^T = V_w dO^T, one commit group each.
-    auto mma_s = [&] {
-      wgmma_ss<T, kM, false>(s_flat, Descs::keys(ak, wgi, 0), Descs::queries(qb, 0));
+    // acc = rows_w cols^T, one commit group: S^T = K_w Q^T, dP^T = V_w dO^T.
+    auto mma_transposed = [&](float (&acc)[kM / 2], uint32_t rows, uint32_t cols) {
+      wgmma_ss<T, kM, false>(acc, Descs::keys(rows, wgi, 0), Descs::queries(cols, 0));
 #pragma unroll
-      for (int kk = 1; kk < D / 16; ++kk)
-        wgmma_ss<T, kM, true>(s_flat, Descs::keys(ak, wgi, kk), Descs::queries(qb, kk));
+      for (int kk = 1; kk < D / 16; ++kk) wgmma_ss<T, kM, true>(acc, Descs::keys(rows, wgi, kk), Descs::queries(cols, kk));
       wgmma_commit();
     };
-    auto mma_dp = [&] {
-      wgmma_ss<T, kM, false>(dp_flat, Descs::keys(av, wgi, 0), Descs::queries(dob, 0));
-#pragma unroll
-      for (int kk = 1; kk < D / 16; ++kk)
-        wgmma_ss<T, kM, true>(dp_flat, Descs::keys(av, wgi, kk), Descs::queries(dob, kk));
-      wgmma_commit();
-    };
+    auto mma_s = [&] { mma_transposed(s_flat, ak, qb); };
+    auto mma_dp = [&] { mma_transposed(dp_flat, av, dob); };
     // P^T of column tile qt, in place.
     auto probs = [&](int qt) {
       // the lse of this lane's two query columns, in the base-2 domain
