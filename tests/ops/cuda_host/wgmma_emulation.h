@@ -12,7 +12,10 @@
 //   issue or, with sgdm_emu::deferred, at the wait that covers it: the two
 //   ends of what the hardware may do, so a kernel that touches an operand or
 //   an accumulator between issue and wait gets different results.
-// - cp.async: an immediate copy (zero-fill past the end); its waits are no-ops.
+// - cp.async: a copy (zero-fill past the end) made at issue or, with
+//   sgdm_emu::late_copies, at the cp.async.wait_group that covers it: at
+//   issue, a copy into a buffer that is still being read shows; at the wait,
+//   a read of a tile before the wait for its group.
 // - barriers, warp shuffles and votes: std::barrier over the threads taking part.
 // - atomics: std::atomic_ref.
 // What this checks: the kernels' own indexing and data flow, the layouts as
@@ -84,6 +87,10 @@ inline Cta* cta = nullptr;
 // covers it runs, so that a kernel reading its accumulators, or changing its
 // operands, before that wait computes something else.
 inline bool deferred = false;
+// false: a cp.async copies when issued; true: when the cp.async.wait_group that
+// covers its group runs (in the issuing thread, as on the GPU), so that reading a
+// tile before waiting for it reads what was there before.
+inline bool late_copies = false;
 
 inline int tid() { return static_cast<int>(thread_idx.x); }
 
@@ -147,21 +154,48 @@ inline unsigned char* const emu_smem = wg::smem_raw;
 inline uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu_smem);
 }
-inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (valid)
-    std::memcpy(dst, src, 16);
+namespace emu {
+// One cp.async: `bytes` from src (nullptr: zeros) to dst.
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+  void land() const {
+    if (src)
+      std::memcpy(dst, src, static_cast<size_t>(bytes));
+    else
+      std::memset(dst, 0, static_cast<size_t>(bytes));
+  }
+};
+// This thread's copies not yet landed (late_copies), by commit group.
+struct Copies {
+  std::vector<Copy> open;                 // issued since the last commit
+  std::vector<std::vector<Copy>> groups;  // committed, oldest first
+};
+inline thread_local Copies copies;
+inline void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  const Copy copy{dst, valid ? src : nullptr, bytes};
+  if (sgdm_emu::late_copies)
+    copies.open.push_back(copy);
   else
-    std::memset(dst, 0, 16);
+    copy.land();
 }
-inline void cp_async_4(void* dst, const void* src, bool valid) {
-  if (valid)
-    std::memcpy(dst, src, 4);
-  else
-    std::memset(dst, 0, 4);
+}  // namespace emu
+inline void cp_async_16(void* dst, const void* src, bool valid) { emu::cp_async(dst, src, 16, valid); }
+inline void cp_async_4(void* dst, const void* src, bool valid) { emu::cp_async(dst, src, 4, valid); }
+inline void cp_async_commit() {
+  emu::copies.groups.push_back(std::move(emu::copies.open));
+  emu::copies.open.clear();
 }
-inline void cp_async_commit() {}
+// All but the newest N committed groups land; uncommitted copies stay pending.
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  auto& groups = emu::copies.groups;
+  while (groups.size() > static_cast<size_t>(N)) {
+    for (const auto& copy : groups.front()) copy.land();
+    groups.erase(groups.begin());
+  }
+}
 // Not emulated (the mma.sync kernels run on GPUs); declared for the templates that name them.
 void ldmatrix_x4(uint32_t (&r)[4], const void* p);
 void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p);

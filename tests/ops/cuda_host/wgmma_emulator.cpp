@@ -173,10 +173,18 @@ void run_all();
 }  // namespace
 
 int main() {
-  // Each wgmma completing at issue, then at the wait that covers it.
-  for (const bool deferred : {false, true}) {
-    sgdm_emu::deferred = deferred;
-    std::printf(deferred ? "wgmma completing at its wait:\n" : "wgmma completing at issue:\n");
+  // Each wgmma completing at issue, then at the wait that covers it; then with
+  // each cp.async also landing at its wait, not at issue.
+  const struct {
+    bool deferred, late_copies;
+    const char* what;
+  } modes[] = {{false, false, "wgmma completing at issue, copies landing at issue"},
+               {true, false, "wgmma completing at its wait, copies landing at issue"},
+               {true, true, "wgmma completing at its wait, copies landing at theirs"}};
+  for (const auto& mode : modes) {
+    sgdm_emu::deferred = mode.deferred;
+    sgdm_emu::late_copies = mode.late_copies;
+    std::printf("%s:\n", mode.what);
     run_all();
   }
   if (failures) {
