@@ -126,7 +126,8 @@ def test_wgmma_kernels_compute_attention_in_the_cpu_emulation(tmp_path):
     fails it; so does a wait that lets a product run past the reads of its result (only the second
     and third modes see that), or a cp.async wait that leaves the group of a tile about to be read
     in flight (copies_landed<1> for <0> in the backward, <2> for <1> in the forward's loop: only the
-    third mode sees that)."""
+    third mode sees that), or a missing fence.proxy.async after the copies or after the backward's
+    dS^T stores (every operand a wgmma reads is checked against what the last fence published)."""
     program = tmp_path / "wgmma_emulator"
     cmd = ["g++", "-std=c++20", "-O2", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unused-parameter",
            "-Wno-unknown-pragmas", "-Werror", "-pthread", "-I", _cuda_include(),
@@ -137,4 +138,5 @@ def test_wgmma_kernels_compute_attention_in_the_cpu_emulation(tmp_path):
     done = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "the wgmma kernels compute attention and its gradients" in done.stdout
+    assert "UNFENCED" not in done.stdout
     assert done.stdout.count("max rel err") == 3 * (9 * 2 + 6 * 3)  # every check ran, in all three modes

@@ -16,6 +16,13 @@
 //   sgdm_emu::late_copies, at the cp.async.wait_group that covers it: at
 //   issue, a copy into a buffer that is still being read shows; at the wait,
 //   a read of a tile before the wait for its group.
+// - fence.proxy.async: publishes shared memory to the async proxy (a copy
+//   the wgmma's operands are checked against: an operand element that
+//   differs from what the last fence published was written, by a cp.async or
+//   a store, without a fence between the write and the wgmma; counted in
+//   sgdm_emu::unpublished_reads). A fence publishes every thread's writes,
+//   not only its own: lenient where threads differ, but the kernels' threads
+//   all fence at the same points.
 // - barriers, warp shuffles and votes: std::barrier over the threads taking part.
 // - atomics: std::atomic_ref.
 // What this checks: the kernels' own indexing and data flow, the layouts as
@@ -92,6 +99,10 @@ inline bool deferred = false;
 // tile before waiting for it reads what was there before.
 inline bool late_copies = false;
 
+// Operand elements a wgmma read from shared memory that differed from the async
+// proxy's view (see fence_proxy_async).
+inline std::atomic<long> unpublished_reads{0};
+
 inline int tid() { return static_cast<int>(thread_idx.x); }
 
 // Runs kernel() as grid.x x grid.y CTAs of `threads` threads, one CTA after another.
@@ -148,6 +159,8 @@ namespace sgdm::cuda_attn {
 // The dynamic shared memory of the CTA being run (the kernels' `extern __shared__ smem_raw`).
 namespace wg {
 alignas(1024) inline unsigned char smem_raw[232448];
+// What the async proxy sees: shared memory as the last fence.proxy.async left it.
+alignas(1024) inline unsigned char async_view[sizeof(smem_raw)];
 }
 inline unsigned char* const emu_smem = wg::smem_raw;
 
@@ -234,7 +247,7 @@ inline void wgmma_wait() {
     pending.groups.erase(pending.groups.begin());
   }
 }
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() { std::memcpy(async_view, smem_raw, sizeof(smem_raw)); }
 template <class X>
 inline void fence_operands(X&) {}
 
@@ -257,8 +270,10 @@ float from_bits(uint16_t bits) {
 
 template <class T>
 float element(uint32_t byte) {
-  uint16_t bits;
+  uint16_t bits, published;
   std::memcpy(&bits, emu_smem + byte, 2);
+  std::memcpy(&published, async_view + byte, 2);
+  if (bits != published) sgdm_emu::unpublished_reads.fetch_add(1, std::memory_order_relaxed);
   return from_bits<T>(bits);
 }
 

@@ -39,6 +39,15 @@ void expect(const std::string& what, double err, double tol) {
   std::printf("  %-58s max rel err %.2e (tol %.0e)%s\n", what.c_str(), err, tol, ok ? "" : "  MISMATCH");
 }
 
+// Every wgmma operand read since the last call was published by a fence.proxy.async.
+void expect_fenced() {
+  const long unfenced = sgdm_emu::unpublished_reads.exchange(0);
+  if (unfenced == 0) return;
+  ++failures;
+  std::printf("  UNFENCED: %ld wgmma operand elements were written without a fence.proxy.async before the read\n",
+              unfenced);
+}
+
 // Inputs rounded to T, the float64 reference of the forward (out, lse) and of the backward.
 template <class T>
 struct Problem {
@@ -136,6 +145,7 @@ void check_forward(int bh, int nq, int nk, unsigned seed) {
   const double tol = std::is_same_v<T, __half> ? 1e-3 : 5e-3;
   expect(what, rel_err(floats(out), pr.out), tol);
   expect("  lse", rel_err(lse, pr.lse), 1e-4);
+  expect_fenced();
 }
 
 // The backward kernel, fed by the emulated forward (with the production forward's
@@ -166,6 +176,7 @@ void check_backward(int bh, int nq, int nk, unsigned seed) {
   expect(what, rel_err(dq_accum, pr.dq), tol);
   expect("  dK", rel_err(floats(dk), pr.dk), tol);
   expect("  dV", rel_err(floats(dv), pr.dv), tol);
+  expect_fenced();
 }
 
 void run_all();
