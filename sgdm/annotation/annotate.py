@@ -45,6 +45,7 @@ from sgdm.annotation.patches import ShardPatches
 from sgdm.annotation.stego import fit_segmenter, segment
 from sgdm.annotation.store import SEGMENTER_FILE, ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
+from sgdm.devices import resolve_device
 
 __all__ = ["AnnotationResult", "annotate", "class_count", "init_distributed"]
 
@@ -98,11 +99,7 @@ def _barrier() -> None:
 
 
 def _device(a: AnnotationConfig) -> torch.device:
-    if a.device != "auto":
-        return torch.device(a.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return resolve_device(a.device, "annotation.device")
 
 
 class _Indexed(torch.utils.data.Dataset):

@@ -27,3 +27,15 @@ def printed_config(cfg, args: argparse.Namespace) -> bool:
 
     sys.stdout.write(dump_yaml(cfg))
     return True
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error names the flag otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+

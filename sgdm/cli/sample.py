@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
+
+from sgdm.cli.arguments import positive_int
 
 DESCRIPTION = """Sample from a trained self-guided LDM with SelfGuidedPipeline. RUN is a training run
 directory (its pipeline/ export), a pipeline directory or a .safetensors file.
@@ -26,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sample", help="sample images from a trained run or .safetensors file",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=pathlib.Path, help="run directory, pipeline directory or .safetensors file")
-    p.add_argument("--num-images", "-n", type=int, default=8, help="how many images (default 8)")
+    p.add_argument("--num-images", "-n", type=positive_int, default=8, help="how many images (default 8)")
     p.add_argument("--cluster", type=int, nargs="+", default=None,
                    help="cluster id(s) in [0, K): one for all images or one per image")
     p.add_argument("--box", type=_floats, default=None, metavar="X0,Y0,X1,Y1",
@@ -35,14 +38,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="mask guidance: a class map (.png with ids in [0, K), 255 = ignore, or .npy/.pt)")
     p.add_argument("--guidance-scale", "-w", type=float, default=None,
                    help="w of Eq. 4 (default: the run's sampler.guidance_scale)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sampler.steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the run's sampler.steps)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), default=None,
                    help="solver (default: the run's sampler.sampler)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's sampler.eta)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (same seed, same images)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per network call (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--per-row", type=int, default=8, help="images per grid row (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per network call (default: all)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--per-row", type=positive_int, default=8, help="images per grid row (default 8)")
     p.add_argument("--out", "-o", type=pathlib.Path, default=pathlib.Path("samples.png"),
                    help="a .png grid, or a folder for one PNG per image (default samples.png)")
     p.set_defaults(func=run)
@@ -53,32 +56,33 @@ def _load_mask(path: pathlib.Path):
     import numpy as np
     import torch
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--mask: file {path} does not exist")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path))
-    if path.suffix == ".pt":
-        return torch.load(path, map_location="cpu", weights_only=True)
     from PIL import Image
 
-    return torch.from_numpy(np.array(Image.open(path)).astype(np.int64))
+    if not path.is_file():
+        raise FileNotFoundError(f"--mask: file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path))
+        if path.suffix == ".pt":
+            return torch.load(path, map_location="cpu", weights_only=True)
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image).astype(np.int64))
+    except (OSError, ValueError, EOFError, RuntimeError) as err:  # truncated, not an image, not a tensor file
+        raise ValueError(f"--mask: {path} cannot be read as a class map: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from sgdm.config.core import ConfigError
 
-    from sgdm.pipeline import SelfGuidedPipeline
+    try:
+        images = _sample(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input, named by the message; ConfigError: main()
+        if isinstance(err, ConfigError):
+            raise
+        print(f"sgdm-ldm sample: error: {err}", file=sys.stderr)
+        return 1
     from sgdm.training.sample_grid import save_grid
 
-    pipe = SelfGuidedPipeline.from_pretrained(args.run, device=args.device)
-    s = pipe.sampler
-    cluster = None if args.cluster is None else (args.cluster[0] if len(args.cluster) == 1 else args.cluster)
-    images = pipe(args.num_images, cluster=cluster, box=args.box,
-                  mask=None if args.mask is None else _load_mask(args.mask), guidance_scale=args.guidance_scale,
-                  num_steps=args.steps or s.steps, sampler=args.sampler or s.sampler,
-                  eta=s.eta if args.eta is None else args.eta, generator=torch.Generator().manual_seed(args.seed),
-                  batch_size=args.batch_size, output_type="pt", progress=True)
-    images = images * 2 - 1  # pipeline "pt" output is in [0, 1]; the grid takes [-1, 1]
     if args.out.suffix.lower() == ".png":
         save_grid(images, args.per_row, args.out)
     else:
@@ -87,3 +91,22 @@ def run(args: argparse.Namespace) -> int:
             save_grid(image[None], 1, args.out / f"{i:05d}.png")
     print(f"wrote {args.num_images} images to {args.out}")
     return 0
+
+
+def _sample(args: argparse.Namespace):
+    """The images the arguments ask for, in [-1, 1]."""
+    import torch
+
+    from sgdm.devices import resolve_device
+    from sgdm.pipeline import SelfGuidedPipeline
+
+    device = resolve_device(args.device, "--device")
+    mask = None if args.mask is None else _load_mask(args.mask)
+    pipe = SelfGuidedPipeline.from_pretrained(args.run, device=device)
+    s = pipe.sampler
+    cluster = None if args.cluster is None else (args.cluster[0] if len(args.cluster) == 1 else args.cluster)
+    images = pipe(args.num_images, cluster=cluster, box=args.box, mask=mask, guidance_scale=args.guidance_scale,
+                  num_steps=s.steps if args.steps is None else args.steps, sampler=args.sampler or s.sampler,
+                  eta=s.eta if args.eta is None else args.eta, generator=torch.Generator().manual_seed(args.seed),
+                  batch_size=args.batch_size, output_type="pt", progress=True)
+    return images * 2 - 1  # pipeline "pt" output is in [0, 1]; the grid takes [-1, 1]

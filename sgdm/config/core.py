@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
@@ -34,6 +35,7 @@ __all__ = [
     "load_config",
     "dump_yaml",
     "require_at_least",
+    "check_device",
 ]
 
 
@@ -58,6 +60,16 @@ def require_at_least(section: Any, minimum: int, *names: str) -> None:
         value = getattr(section, name)
         if value < minimum:
             raise ConfigError(name, f"must be >= {minimum}, got {value}")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(name: str, value: str) -> None:
+    """For ``validate()`` hooks (and flags): ``value`` spells a device, ``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N``. Whether that device exists is checked where it is used (:func:`sgdm.devices.resolve_device`)."""
+    if not _DEVICE.fullmatch(value):
+        raise ConfigError(name, f"expected auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 def _join(path: str, key: str) -> str:

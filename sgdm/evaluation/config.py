@@ -5,7 +5,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from sgdm.config.core import ConfigError, require_at_least
+from sgdm.config.core import ConfigError, check_device, require_at_least
 
 Metric = Literal["fid", "is", "kid", "fd", "adherence"]
 
@@ -118,5 +118,4 @@ class EvalConfig:
             raise ConfigError("inception_weights", f"file {self.inception_weights} does not exist")
         if self.feature_weights is not None and not self.feature_weights.is_file():
             raise ConfigError("feature_weights", f"file {self.feature_weights} does not exist")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError("device", f"expected auto, cpu or cuda[:N], got {self.device!r}")
+        check_device("device", self.device)

@@ -96,13 +96,13 @@ def _digest(obj) -> str:
 
 def _feature_space(cfg, ecfg: EvalConfig):
     from sgdm.evaluation.feature_distance import load_feature_space
-    from sgdm.features_pretrain.train import resolve_device
+    from sgdm.devices import resolve_device
 
     a = cfg.annotation
     backbone = ecfg.feature_backbone or a.backbone
     kwargs = ecfg.feature_backbone_kwargs if ecfg.feature_backbone else dict(a.backbone_kwargs)
     weights = ecfg.feature_weights if ecfg.feature_backbone or ecfg.feature_weights else a.weights
-    return load_feature_space(backbone, weights, kwargs, ecfg.feature_name, resolve_device(ecfg.device))
+    return load_feature_space(backbone, weights, kwargs, ecfg.feature_name, resolve_device(ecfg.device, "eval.device"))
 
 
 class _Evaluator:
@@ -160,11 +160,11 @@ class _Evaluator:
                 self._ann_space = self.space
             else:
                 from sgdm.evaluation.feature_distance import load_feature_space
-                from sgdm.features_pretrain.train import resolve_device
+                from sgdm.devices import resolve_device
 
                 a = self.cfg.annotation
                 self._ann_space = load_feature_space(a.backbone, a.weights, dict(a.backbone_kwargs), "annotation",
-                                                     resolve_device(self.ecfg.device))
+                                                     resolve_device(self.ecfg.device, "eval.device"))
         return self._ann_space
 
     def _adherence(self, images, conditions: EvalConditions, generator) -> dict:
@@ -233,10 +233,10 @@ class _Evaluator:
 def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
                  log: Callable[[str], None] = _stderr) -> dict:
     """Evaluate run ``run_dir`` (EMA weights) per ``ecfg`` (default: the run's ``eval:`` section)."""
-    from sgdm.features_pretrain.train import resolve_device
+    from sgdm.devices import resolve_device
 
     run_dir = pathlib.Path(run_dir)
-    device = resolve_device(ecfg.device if ecfg is not None else "auto")
+    device = resolve_device(ecfg.device if ecfg is not None else "auto", "eval.device")
     cfg, pipe = load_run(run_dir, device)
     ecfg = ecfg or cfg.eval
     evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sgdm.config.core import ConfigError
+from sgdm.config.core import ConfigError, check_device
 
 
 @dataclass
@@ -46,6 +46,7 @@ class PretrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
+        check_device("device", self.device)
         for name in ("steps", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -25,15 +25,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from sgdm.features_pretrain.augment import multi_crop
 from sgdm.features_pretrain.config import PretrainConfig
+from sgdm.devices import resolve_device
 from sgdm.features_pretrain.dino import DINOHead, dino_loss, ema_update, update_center
 
-__all__ = ["build_backbone", "pretrain_features", "save_backbone", "resolve_device"]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["build_backbone", "pretrain_features", "save_backbone"]
 
 
 def build_backbone(name: str, kwargs: dict | None = None, dynamic_size: bool = False) -> nn.Module:
@@ -124,7 +119,7 @@ def pretrain_features(
     log: Callable[[str], None] | None = None,
 ) -> pathlib.Path:
     """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.random.fork_rng(devices=[]):  # timm initialises from the global RNG; keep it ours and local

@@ -55,3 +55,45 @@ def test_sample_cli_grid_files_and_errors(trained, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(run), "--box", "0.1,0.2"])
     assert "expected 4 numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num-images", "--steps", "--batch-size", "--per-row"])
+def test_sample_cli_counts_must_be_positive(trained, capsys, flag):
+    tmp, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(tmp / "runs" / "ldm"), flag, "0", "-o", str(tmp / "never.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "expected an integer >= 1, got 0" in err, err
+
+
+def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
+    """Bad input to `sample` is an error line naming the argument and exit code 1, not a traceback,
+    and writes nothing."""
+    tmp, _ = trained
+    run = str(tmp / "runs" / "ldm")
+    out = tmp_path / "never.png"
+    garbage = tmp_path / "mask.png"
+    garbage.write_bytes(b"not a png")
+    cases = [
+        ([str(tmp_path / "missing-run")], "missing-run: no such file or directory"),
+        ([run, "--cluster", "0"], "cluster"),  # an unguided model takes no cluster
+        ([run, "--mask", str(tmp_path / "none.png")], "--mask: file"),
+        ([run, "--mask", str(garbage)], "cannot be read as a class map"),
+        ([run, "--guidance-scale", "2"], "guidance_scale: this model is unguided"),
+    ]
+    for argv, message in cases:
+        assert main(["sample", *argv, "--steps", "1", "-n", "1", "-o", str(out)]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("sgdm-ldm sample: error: ") and message in err, (argv, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err
+    # a device this machine cannot have: a flag error (exit 2), as for a bad config key
+    devices = [("cpu:x", "--device: expected auto, cpu, cuda or cuda:N, got 'cpu:x'")]
+    if not torch.cuda.is_available():
+        devices.append(("cuda", "--device: 'cuda', but torch sees no CUDA device on this machine"))
+    devices.append((f"cuda:{torch.cuda.device_count()}", "CUDA device"))
+    for device, message in devices:
+        assert main(["sample", run, "--device", device, "-n", "1", "-o", str(out)]) == 2, device
+        err = capsys.readouterr().err
+        assert err.startswith("sgdm-ldm sample: config error: ") and message in err, (device, err)
+    assert not out.exists()

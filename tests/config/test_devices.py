@@ -1,0 +1,54 @@
+"""Device names in configs and flags: spelled right when validated, present when resolved."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgdm.annotation.config import AnnotationConfig
+from sgdm.config.core import ConfigError, check_device, from_dict
+from sgdm.devices import resolve_device
+from sgdm.evaluation.config import EvalConfig
+from sgdm.features_pretrain.config import PretrainConfig
+
+
+# ids not spelled "cuda": conftest skips tests with that keyword (the cuda marker) on machines without a GPU
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"], ids=lambda v: f"spelled-{v}")
+def test_device_spellings_accepted(value):
+    check_device("x.device", value)
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:x", "cpu:0", "CUDA", " cpu", "cuda0", ""],
+                         ids=lambda v: f"spelled-{v!r}")
+def test_device_misspellings_name_the_key(value):
+    with pytest.raises(ConfigError, match=r"^x\.device: expected auto, cpu, cuda or cuda:N, got "):
+        check_device("x.device", value)
+
+
+@pytest.mark.parametrize("section, path", [(AnnotationConfig, "annotation"), (EvalConfig, "eval"),
+                                           (PretrainConfig, "prepare.pretrain")])
+def test_every_section_with_a_device_checks_its_spelling(section, path):
+    with pytest.raises(ConfigError, match=rf"^{path}\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+        from_dict(section, {"device": "gpu"}, path)
+
+
+def test_resolve_auto_and_cpu_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", "eval.device") == torch.device("cpu")
+    assert resolve_device("cpu", "eval.device") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^eval\.device: 'cuda', but torch sees no CUDA device on this machine"):
+        resolve_device("cuda", "eval.device")
+    with pytest.raises(ConfigError, match=r"^--device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"):
+        resolve_device("cuda:x", "--device")
+
+
+def test_resolve_with_gpus_takes_the_local_rank_and_checks_the_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun, each process its own GPU
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda:1", "annotation.device") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^annotation\.device: 'cuda:2', but torch sees 2 CUDA device\(s\)"):
+        resolve_device("cuda:2", "annotation.device")
