@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.config, args.overrides)
     if printed_config(cfg, args):
         return 0
+    from sgdm.devices import check_accelerator
+
+    check_accelerator(cfg.train.accelerator, cfg.train.devices)
     check_annotation_store(cfg)
     resume = args.resume
     if cfg.prepare.any():

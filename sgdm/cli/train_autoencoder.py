@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cfg.model.autoencoder.checkpoint is None:
         raise ConfigError("model.autoencoder.checkpoint", "set the path the trained autoencoder is written to")
+    from sgdm.devices import check_accelerator
+
+    check_accelerator(cfg.train.accelerator, cfg.train.devices)
     from sgdm.training.autoencoder import train_autoencoder
 
     return train_autoencoder(cfg, resume=args.resume)

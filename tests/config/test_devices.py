@@ -52,3 +52,37 @@ def test_resolve_with_gpus_takes_the_local_rank_and_checks_the_index(monkeypatch
     assert resolve_device("cuda") == torch.device("cuda")
     with pytest.raises(ConfigError, match=r"^annotation\.device: 'cuda:2', but torch sees 2 CUDA device\(s\)"):
         resolve_device("cuda:2", "annotation.device")
+
+
+def test_accelerator_needs_the_gpus_it_names(monkeypatch):
+    from sgdm.devices import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_accelerator("auto", 1)
+    check_accelerator("cpu", 2)  # two CPU processes: Lightning's business
+    for accelerator in ("gpu", "cuda"):
+        with pytest.raises(ConfigError, match=rf"^train\.accelerator: '{accelerator}', but torch sees no CUDA device"):
+            check_accelerator(accelerator, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_accelerator("gpu", 2)
+    check_accelerator("gpu", "auto")
+    with pytest.raises(ConfigError, match=r"^train\.devices: 4 GPUs per node, but torch sees 2 CUDA device\(s\)"):
+        check_accelerator("gpu", 4)
+
+
+def test_train_for_a_gpu_on_a_machine_without_one_fails_before_preparing_anything(tmp_path, monkeypatch, capsys):
+    """The quickstart config prepares data, a first stage and annotations before training: minutes,
+    which a GPU run on a machine without a GPU must not spend before it fails."""
+    import pathlib
+
+    from sgdm.cli.main import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    config = pathlib.Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    for command in ("train", "train-autoencoder"):
+        extra = ["model.autoencoder.checkpoint=ae.ckpt"] if command == "train-autoencoder" else []
+        assert main([command, str(config), "train.accelerator=gpu", *extra]) == 2
+        assert "train.accelerator: 'gpu', but torch sees no CUDA device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
