@@ -85,9 +85,13 @@ def run(args) -> int:
         print(f"sgdm-ldm eval: RUN {args.run}: no config.yaml there; pass a training run directory", file=sys.stderr)
         return 2
     ecfg = eval_config_from_args(load_yaml(config).get("eval") or {}, args)
+    from sgdm.config.core import ConfigError
+
     try:
         results = evaluate_run(args.run, ecfg)
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, RuntimeError, ValueError) as err:  # ConfigError: main() reports it (exit 2)
+        if isinstance(err, ConfigError):
+            raise
         print(f"sgdm-ldm eval: {err}", file=sys.stderr)
         return 1
     print((pathlib.Path(results["run"]) / "eval" / "results.md").read_text())

@@ -100,6 +100,13 @@ def test_eval_missing_weights_files_are_named(tmp_path, capsys):
     assert "eval.feature_weights: file" in capsys.readouterr().err
 
 
+def test_eval_unknown_feature_extractor_is_one_line(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "label")
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--feature-extractor", "not_a_timm_net"]) == 1
+    err = capsys.readouterr().err
+    assert err == "sgdm-ldm eval: unknown backbone 'not_a_timm_net': not a timm model name\n", err
+
+
 def test_eval_not_a_run_and_bad_sweep(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
