@@ -12,7 +12,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, reads: str, example
     ``reads`` says which sections the command uses; ``example`` is one override for the help text.
     """
     parser.add_argument("config", help=f"experiment YAML (uses {reads}; see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help=f"dotted overrides applied on top of the YAML, e.g. {example}")
     if print_config:
         parser.add_argument("--print-config", action="store_true",

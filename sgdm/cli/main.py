@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    if command in SUBCOMMANDS and argv[0] == command:
+        # Options and KEY=VALUE overrides in any order (`train CONFIG --resume train.lr=5e-5`): the
+        # subcommand's parser reads its arguments intermixed, which the top-level parser cannot do.
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        args = subparsers.choices[command].parse_intermixed_args(argv[1:])
+        args.command = command
+    else:
+        args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"subcommand {args.command!r} is not available in this build")

@@ -70,6 +70,20 @@ def test_print_config_resolves_overrides(capsys, tmp_path):
     assert from_dict(ExperimentConfig, __import__("yaml").safe_load(out)).train.lr == 5e-5
 
 
+def test_overrides_and_options_mix_in_any_order(capsys, tmp_path):
+    path = str(write_config(tmp_path, tiny_config(tmp_path)))
+    orders = [[path, "train.lr=5e-5", "--print-config", "train.max_steps=7"],
+              [path, "--print-config", "train.lr=5e-5", "train.max_steps=7"]]
+    outs = []
+    for order in orders:
+        assert main(["train", *order]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "lr: 5.0e-05" in outs[0] and "max_steps: 7" in outs[0]
+    with pytest.raises(SystemExit):
+        main(["train", "--print-config"])
+    assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: config")
+
+
 def test_both_trainers_print_the_same_resolved_config(capsys, tmp_path):
     path = str(write_config(tmp_path, tiny_config(tmp_path)))
     printed = []
