@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sgdm.cli.arguments import add_config_arguments
@@ -21,13 +22,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, reads="its data: section", example="data.split=val")
     parser.add_argument("--split", help="split to check instead of data.split")
-    parser.add_argument("--workers", type=int, default=None, help="reader processes (default: data.num_workers)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="reader processes, 0: in this process (default: data.num_workers, at most the CPUs "
+                             "this process may use)")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.config import apply_overrides, from_dict, load_yaml
+    from sgdm.config import ConfigError, apply_overrides, from_dict, load_yaml
     from sgdm.data.build import build_dataset
     from sgdm.data.config import DataConfig
     from sgdm.data.scan import scan_dataset
@@ -35,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     raw = apply_overrides(load_yaml(args.config), args.overrides)
     cfg = from_dict(DataConfig, raw.get("data"), "data")
     dataset = build_dataset(cfg, train=False, split=args.split)
-    workers = cfg.num_workers if args.workers is None else args.workers
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError("--workers", f"must be >= 0, got {args.workers}")
+    # reading is I/O and decoding: more processes than CPUs only add start-up time (and torch's warning)
+    workers = min(cfg.num_workers, len(os.sched_getaffinity(0))) if args.workers is None else args.workers
     bad = scan_dataset(dataset, num_workers=workers, progress=sys.stderr.isatty(),
                        report=lambda item: print(f"BAD {item.source}: {item.reason}", flush=True))
     fine = len(dataset) - len(bad)

@@ -60,6 +60,8 @@ def test_validate_data_clean_dataset_with_workers_and_override(tmp_path, capsys)
     assert "missing.jpg: file does not exist" in capsys.readouterr().out
     assert main(["validate-data", config, "data.max_images=3", "--workers", "0"]) == 0
     assert capsys.readouterr().out.strip().endswith("3 of 3 items are fine, 0 cannot be read")
+    assert main(["validate-data", config, "--workers", "-1"]) == 2
+    assert "--workers: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_validate_data_split_option(tmp_path, capsys):
