@@ -5,6 +5,7 @@
 // compiler by tests/ops/test_attention_ab_programs.py:
 //   g++ -std=c++20 -O2 -fno-strict-aliasing -pthread -I/usr/local/cuda/include -Icsrc/include
 //       -Icsrc/cuda tests/ops/cuda_host/wgmma_emulator.cpp -o wgmma_emulator   (one command)
+// `wgmma_emulator --sweep` runs a larger grid of sizes instead (not in the test suite: minutes).
 #include "wgmma_emulation.h"  // first: it replaces the PTX wrappers
 
 #include <algorithm>
@@ -180,10 +181,21 @@ void check_backward(int bh, int nq, int nk, unsigned seed) {
 }
 
 void run_all();
+void run_sweep();
+void (*run)() = run_all;
 
 }  // namespace
 
-int main() {
+// wgmma_emulator: the test's set. wgmma_emulator --sweep: every (Nq, Nk) of two grids of
+// block-edge sizes through the extension's configurations (about 2 minutes on 2 cores).
+int main(int argc, char** argv) {
+  if (argc > 1) {
+    if (argc != 2 || std::string(argv[1]) != "--sweep") {
+      std::fprintf(stderr, "usage: %s [--sweep]\n", argv[0]);
+      return 2;
+    }
+    run = run_sweep;
+  }
   // Each wgmma completing at issue, then at the wait that covers it; then with
   // each cp.async also landing at its wait, not at issue.
   const struct {
@@ -196,7 +208,7 @@ int main() {
     sgdm_emu::deferred = mode.deferred;
     sgdm_emu::late_copies = mode.late_copies;
     std::printf("%s:\n", mode.what);
-    run_all();
+    run();
   }
   if (failures) {
     std::printf("%d mismatches\n", failures);
@@ -231,6 +243,32 @@ void run_all() {
   check_backward<bf16, 128, WgBwdConfig<128, 1, 2>>(1, 130, 100, 10);
   check_backward<__half, 64, WgBwdConfig<64, 2>>(1, 70, 200, 11);
   check_backward<__half, 128, WgBwdConfig<128, 1, 2>>(1, 64, 64, 12);
+}
+
+// Sizes around the block edges (64 queries a warpgroup, 64 or 128 keys a block): D = 64 bf16 with
+// the extension's forward and backward at every pair, the other head dims and fp16 in turn.
+void run_sweep() {
+  using bf16 = __nv_bfloat16;
+  using wg::WgBwdConfig;
+  using wg::WgConfig;
+  const int nqs[] = {1, 63, 64, 65, 128, 129, 191};
+  const int nks[] = {1, 2, 63, 64, 127, 128, 129, 255, 256, 257, 385};
+  unsigned seed = 100;
+  for (const int nq : nqs)
+    for (const int nk : nks) {
+      ++seed;
+      check_forward<bf16, 64, WgConfig<64, 128, 2, 1, true>>(1, nq, nk, seed);
+      check_backward<bf16, 64, WgBwdConfig<64, 2>>(1, nq, nk, seed);
+      if (seed % 3 == 0) {
+        check_forward<__half, 32, WgConfig<32, 128, 2, 1, true>>(1, nq, nk, seed);
+        check_backward<__half, 128, WgBwdConfig<128, 1, 2>>(1, nq, nk, seed);
+      } else if (seed % 3 == 1) {
+        check_forward<bf16, 128, WgConfig<128, 128, 2, 1, true>>(1, nq, nk, seed);
+        check_backward<bf16, 32, WgBwdConfig<32, 2>>(1, nq, nk, seed);
+      } else {
+        check_backward<bf16, 64, WgBwdConfig<64, 1, 2>>(1, nq, nk, seed);
+      }
+    }
 }
 
 }  // namespace
