@@ -164,7 +164,7 @@ def _loader_factory(cfg: ExperimentConfig):
 
 
 def _logger(cfg: ExperimentConfig):
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     if cfg.train.logger == "none":
         return False
@@ -175,7 +175,24 @@ def _logger(cfg: ExperimentConfig):
             return TensorBoardLogger(save_dir=str(cfg.run.path), name="logs", version="")
         except ImportError:
             warnings.warn("tensorboard is not installed; logging to CSV in logs/ instead", stacklevel=2)
-    return CSVLogger(save_dir=str(cfg.run.path), name="logs", version="")
+    return _csv_logger_class()(save_dir=str(cfg.run.path), name="logs", version="")
+
+
+def _csv_logger_class():
+    from pytorch_lightning.loggers import CSVLogger
+
+    class SegmentedCSVLogger(CSVLogger):
+        """Lightning's CSV logger, without its warning that a non-empty log directory's "previous log
+        files will be deleted": it deletes only ``metrics.csv``, which :func:`keep_earlier_metrics` has
+        moved aside on a resume, so the warning would only alarm."""
+
+        @property
+        def experiment(self):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+                return super().experiment
+
+    return SegmentedCSVLogger
 
 
 def build_trainer(cfg: ExperimentConfig, extra_callbacks=()):
