@@ -64,9 +64,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(func(args) or 0)
-    except ConfigError as err:
-        print(f"sgdm-ldm {args.command}: config error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            print(f"sgdm-ldm {args.command}: config error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, _complete_errors()):
+            print(f"sgdm-ldm {args.command}: error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _complete_errors() -> tuple[type[ValueError], ...]:
+    """Errors whose message says all a user needs (what does not fit and what to do): one line, exit 1,
+    from any subcommand. Imported only when one is raised."""
+    from sgdm.annotation.features import BackboneError
+    from sgdm.annotation.store import StoreMismatchError
+
+    return StoreMismatchError, BackboneError
 
 
 if __name__ == "__main__":

@@ -139,3 +139,27 @@ def test_saved_config_of_an_unguided_run_reads_back(tmp_path):
     prepare_run_dir(cfg, resume=False)
     again = load_experiment(cfg.run.path / "config.yaml")
     assert again.model.guidance.drop_prob == 0 and again.model.unet == cfg.model.unet
+
+
+def test_errors_with_a_complete_message_are_one_line_from_any_command(monkeypatch, capsys):
+    """A mismatched annotation store or an unusable backbone says what to do: `sgdm-ldm` prints it as
+    one line (exit 1), not a traceback; any other ValueError is a bug and keeps its traceback."""
+    import sgdm.cli.train as train_cli
+    from sgdm.annotation.features import BackboneError
+    from sgdm.annotation.store import StoreMismatchError
+
+    for error in (StoreMismatchError("annotation store s was made with other settings; delete it"),
+                  BackboneError("unknown backbone 'x': not a timm model name")):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(train_cli, "run", fail)
+        assert main(["train", "any.yaml"]) == 1
+        assert capsys.readouterr().err == f"sgdm-ldm train: error: {error}\n"
+
+    def bug(args):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(train_cli, "run", bug)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(["train", "any.yaml"])
