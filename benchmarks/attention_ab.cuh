@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -29,6 +31,27 @@
   } while (0)
 
 namespace sgdm_ab {
+
+// Waits for the work queued so far, at most `seconds`: a kernel that never ends (a barrier or a
+// wait that no one completes) ends the program with exit code 3 and the name of the kernel, in a
+// few seconds instead of at the caller's time limit. Used before a kernel's first result is read.
+inline void finish_or_exit(const std::string& what, double seconds = 20.0) {
+  cudaEvent_t done;
+  CHECK_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  CHECK_CUDA(cudaEventRecord(done));
+  const auto start = std::chrono::steady_clock::now();
+  cudaError_t state;
+  while ((state = cudaEventQuery(done)) == cudaErrorNotReady) {
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > seconds) {
+      std::printf("HANG: %s did not finish within %.0f s\n", what.c_str(), seconds);
+      std::fflush(stdout);
+      std::_Exit(3);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK_CUDA(state);
+  CHECK_CUDA(cudaEventDestroy(done));
+}
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -179,7 +202,7 @@ bool compare(const std::vector<FwdVariant<T>>& variants, int bh, int nq, int nk,
   std::vector<float> ref_lse(static_cast<size_t>(bh) * nq), got_lse(ref_lse.size());
   for (int i = 0; i < kV; ++i) {
     variants[i].fn(in.buf[0], in.buf[1], in.buf[2], in.buf[3], in.lse[0], bh, nq, nk, scale);
-    CHECK_CUDA(cudaDeviceSynchronize());
+    finish_or_exit("forward " + variants[i].name);
     auto& o = i == 0 ? ref : got;
     auto& l = i == 0 ? ref_lse : got_lse;
     CHECK_CUDA(cudaMemcpy(o.data(), in.buf[3], elems * sizeof(T), cudaMemcpyDeviceToHost));

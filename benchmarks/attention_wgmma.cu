@@ -141,7 +141,7 @@ bool compare_bwd(int bh, int nq, int nk, int reps) {
   for (size_t i = 0; i < variants.size(); ++i) {
     CHECK_CUDA(cudaMemset(b.dq, 0, nq_el * sizeof(float)));
     variants[i].second(b, bh, nq, nk, scale);
-    CHECK_CUDA(cudaDeviceSynchronize());
+    finish_or_exit("backward " + variants[i].first);
     std::vector<float> dq = to_host(b.dq, nq_el), dk = to_host(b.dk, nk_el), dv = to_host(b.dv, nk_el);
     if (i == 0) {
       ref_dq = std::move(dq);

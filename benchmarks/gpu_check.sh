@@ -78,7 +78,8 @@ $PY -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
 if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   # The Hopper wgmma kernels (never run before their first GPU session) are checked first, on
   # their own: agreement with the production kernels, then time. Until they pass, the tests and
-  # benchmarks leave them out (a broken kernel may hang, and each step would wait out its limit).
+  # benchmarks leave them out (a broken kernel may hang, and each step would wait out its limit;
+  # the program itself gives up on a kernel after 20 s: "HANG: <kernel>", exit code 3).
   export ATTN_FLAGS=--no-wgmma
   WGMMA_TESTS=(-k "not wgmma")
   if [ "$SCOPE" != ops ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q '^9\.'; then
