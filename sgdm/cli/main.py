@@ -30,6 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    parser.subcommand_parsers = sub.choices  # name -> its parser, for main()'s intermixed parsing
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         if only is not None and name != only:
             sub.add_parser(name, help=help_text, add_help=False)
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in SUBCOMMANDS and argv[0] == command:
         # Options and KEY=VALUE overrides in any order (`train CONFIG --resume train.lr=5e-5`): the
         # subcommand's parser reads its arguments intermixed, which the top-level parser cannot do.
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        args = subparsers.choices[command].parse_intermixed_args(argv[1:])
+        args = parser.subcommand_parsers[command].parse_intermixed_args(argv[1:])
         args.command = command
     else:
         args = parser.parse_args(argv)
