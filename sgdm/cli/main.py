@@ -28,6 +28,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="sgdm-ldm",
         description="Self-guided latent diffusion: train, annotate, sample and evaluate.",
     )
+    from sgdm import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     parser.subcommand_parsers = sub.choices  # name -> its parser, for main()'s intermixed parsing

@@ -163,3 +163,11 @@ def test_errors_with_a_complete_message_are_one_line_from_any_command(monkeypatc
     monkeypatch.setattr(train_cli, "run", bug)
     with pytest.raises(ValueError, match="internal inconsistency"):
         main(["train", "any.yaml"])
+
+
+def test_version(capsys):
+    import sgdm
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"sgdm-ldm {sgdm.__version__}\n"
