@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ConfigError("--workers", f"must be >= 0, got {args.workers}")
     # reading is I/O and decoding: more processes than CPUs only add start-up time (and torch's warning)
-    workers = min(cfg.num_workers, len(os.sched_getaffinity(0))) if args.workers is None else args.workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux / other
+    workers = min(cfg.num_workers, cpus) if args.workers is None else args.workers
     bad = scan_dataset(dataset, num_workers=workers, progress=sys.stderr.isatty(),
                        report=lambda item: print(f"BAD {item.source}: {item.reason}", flush=True))
     fine = len(dataset) - len(bad)
