@@ -8,6 +8,8 @@ public wrappers in :mod:`sgdm.ops`, not here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +29,9 @@ def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, activat
     acc = _compute_dtype(x)
     n, c = x.shape[:2]
     # Written out rather than F.group_norm, which refuses groups of a single element.
-    groups = x.to(acc).reshape(n, num_groups, -1)
+    groups = x.to(acc).reshape(n, num_groups, math.prod(x.shape[1:]) // num_groups)  # n may be 0
     mean = groups.mean(dim=-1, keepdim=True)
-    var = groups.var(dim=-1, unbiased=False, keepdim=True)
+    var = (groups - mean).square().mean(dim=-1, keepdim=True)
     z = ((groups - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
     spatial = (1,) * (x.dim() - 2)
 

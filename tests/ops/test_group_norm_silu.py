@@ -163,6 +163,35 @@ def test_gradcheck_float64(generator):
                         (x, w, b), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared-affine", "per-sample-affine"])
+def test_double_backward_gradgradcheck(per_sample, generator):
+    """create_graph=True (gradient penalties, Hessian-vector products) differentiates the
+    backward too, instead of silently dropping the second-order terms."""
+    require_kernels(OP)
+    x, w, b = (t.double().requires_grad_() for t in _inputs((2, 6, 3, 2), generator))
+    if per_sample:
+        w, b = (t.detach().expand(2, 6).clone().requires_grad_() for t in (w, b))
+    for act in ("silu", None):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b, act=act: ops.group_norm_silu(x, 3, w, b, activation=act), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x: ops.group_norm_silu(x, 3), (x,))
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "reference"])
+def test_empty_batch(monkeypatch, kernels):
+    """N = 0 gives an empty output on every backend, as F.group_norm does."""
+    if kernels:
+        require_kernels(OP)
+    else:
+        monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
+    x = torch.randn(0, 8, 4, 4, requires_grad=True)
+    w = torch.ones(8, requires_grad=True)
+    y = ops.group_norm_silu(x, 4, w, torch.zeros(8))
+    assert y.shape == (0, 8, 4, 4)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros(8))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(channels_last, generator):
     require_kernels(OP)
