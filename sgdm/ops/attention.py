@@ -125,8 +125,33 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _double_differentiable_backward(ctx, grad_out, grad_lse, q, k, v):
+    """The backward as a differentiable function of its inputs, for ``create_graph=True``
+    (gradient penalties, Hessian-vector products): the fused backward op has no derivative
+    of its own, so this differentiates the reference, ``out`` and ``lse`` alike."""
+    needs = ctx.needs_input_grad[:3]
+    wanted = [t for t, need in zip((q, k, v), needs) if need]
+    with torch.enable_grad():
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * ctx.scale
+        outputs, grads_in = [], []
+        if grad_out is not None:
+            outputs.append(torch.matmul(s.softmax(-1), v.to(acc)).to(q.dtype))
+            grads_in.append(grad_out)
+        if grad_lse is not None:
+            outputs.append(s.logsumexp(-1).float())
+            grads_in.append(grad_lse)
+        grads = torch.autograd.grad(outputs, wanted, grads_in, create_graph=True, allow_unused=True)
+    grads = iter(grads)
+    result = [None if not need else next(grads) for need in needs]
+    result = [torch.zeros_like(t) if need and g is None else g for t, need, g in zip((q, k, v), needs, result)]
+    return (*result, None)
+
+
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+        return _double_differentiable_backward(ctx, grad_out, grad_lse, q, k, v)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.sgdm.attention_backward(grad_out, q, k, v, out, lse, grad_lse, ctx.scale)

@@ -111,13 +111,30 @@ def _setup_context(ctx, inputs, output):
     x, num_groups, weight, bias, _eps, silu = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.silu = num_groups, silu
+    ctx.num_groups, ctx.silu, ctx.eps = num_groups, silu, _eps
+
+
+def _double_differentiable_backward(ctx, grad_y, x, weight, bias):
+    """The backward as a differentiable function of (grad_y, x, weight, bias), for
+    ``create_graph=True`` (gradient penalties, Hessian-vector products): the fused backward
+    op has no derivative of its own, so this differentiates the reference instead."""
+    needs = ctx.needs_input_grad
+    wanted = [(i, t) for i, t in ((0, x), (2, weight), (3, bias)) if needs[i]]
+    with torch.enable_grad():
+        y = group_norm_silu_ref(x, ctx.num_groups, weight, bias, ctx.eps, "silu" if ctx.silu else None)
+        grads = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True, allow_unused=True)
+    out = [None] * 6
+    for (i, t), g in zip(wanted, grads):
+        out[i] = torch.zeros_like(t) if g is None else g
+    return tuple(out)
 
 
 # mean and rstd are auxiliary outputs for the backward; gradients reaching them
 # (they are never returned by the public wrapper) are ignored.
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+        return _double_differentiable_backward(ctx, grad_y, x, weight, bias)
     needs = ctx.needs_input_grad
     affine = bool(needs[2] or needs[3])
     dx, dw, db = torch.ops.sgdm.group_norm_silu_backward(

@@ -242,6 +242,39 @@ def test_float64_gradcheck_of_public_function(generator):
     assert torch.autograd.gradcheck(attention, (q, k, v))
 
 
+def _second_order(fn, q, k, v, through_lse=False):
+    """Gradients of sum(dL/dq + dL/dk + dL/dv) for L = sum(out^2) (+ sum(lse^2)): a
+    Hessian-vector product, which needs the backward itself to be differentiable."""
+    if through_lse:
+        out, lse = fn(q, k, v)
+        loss = out.pow(2).sum() + lse.pow(2).sum()
+    else:
+        loss = fn(q, k, v).pow(2).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+    return torch.autograd.grad(sum(g.sum() for g in grads), (q, k, v))
+
+
+def test_double_backward_matches_the_reference(generator):
+    """create_graph=True through the kernel (fp32) gives the reference's second-order
+    gradients, not the zeros of a backward op without a derivative."""
+    require_kernels(OP)
+    q, k, v = _qkv(1, 2, 5, 7, 32, "cpu", generator, requires_grad=True)
+    got = _second_order(attention, q, k, v)
+    want = _second_order(attention_ref, q, k, v)
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0.1
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+    def ref_with_lse(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.5
+        return s.softmax(-1) @ v, s.logsumexp(-1)
+
+    got = _second_order(lambda *t: torch.ops.sgdm.attention(*t, 0.5), q, k, v, through_lse=True)
+    want = _second_order(ref_with_lse, q, k, v, through_lse=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_opcheck(generator):
     require_kernels(OP)
     q, k, v = _qkv(1, 2, 9, 20, 32, "cpu", generator, requires_grad=True)
