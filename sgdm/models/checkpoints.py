@@ -35,12 +35,19 @@ _ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "ke
                "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out"}
 _BLOCK = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
                     r"\.(\d+)\.(.+)$")
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _MID = re.compile(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict:
     """The raw mapping stored in ``path`` (.safetensors, or a torch pickle such as .ckpt/.pt/.bin)."""
     path = pathlib.Path(path)
+    if path.is_dir():  # a diffusers model folder (e.g. a pipeline's vae/)
+        found = [path / name for name in _DIFFUSERS_WEIGHTS if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"autoencoder checkpoint {path} is a directory without "
+                                    f"{' or '.join(_DIFFUSERS_WEIGHTS)}; give the weights file itself")
+        path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist (pretrained weights are read "
                                 f"from a local file; nothing is downloaded)")

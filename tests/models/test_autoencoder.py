@@ -135,6 +135,8 @@ def test_every_checkpoint_layout_loads_strictly_and_matches(layout, ae, images, 
     loaded = load_autoencoder(path, cfg).eval()
     _same_outputs(ae, loaded, images)
     assert loaded.has_scale_factor == (layout == "ldm-full")
+    if layout.startswith("diffusers"):  # a diffusers model folder (a pipeline's vae/) loads too
+        _same_outputs(ae, load_autoencoder(path.parent, cfg).eval(), images)
     if layout == "ldm-full":
         assert loaded.scale_factor.item() == 0.25
 
@@ -150,6 +152,9 @@ def test_configured_scale_factor_wins_over_file(ae, tmp_path):
 def test_loader_errors_name_file_and_key(ae, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt does not exist"):
         load_autoencoder(tmp_path / "nope.ckpt", ae.cfg)
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"vae is a directory without diffusion_pytorch_model\.safetensors"):
+        load_autoencoder(tmp_path / "vae", ae.cfg)
     path = tmp_path / "ae.ckpt"
     torch.save(ae.state_dict(), path)
     with pytest.raises(ValueError, match=r"ae.ckpt \(ldm-autoencoder layout\): 'encoder.conv_in.weight' has shape"):
