@@ -43,19 +43,32 @@ def _check_alpha(a, name: str, x_t: torch.Tensor):
         raise ValueError(f"{_NAME}: {name} must be a float or a float tensor of shape "
                          f"[B] = [{x_t.shape[0]}], got {a.dtype} {tuple(a.shape)}")
     a = a.to(device=x_t.device)  # a per-sample scalar, not data: any device is accepted
-    if not torch.compiler.is_compiling() and not bool(((a > 0) & (a <= 1)).all()):
+    in_range = ((a > 0) & (a <= 1)).all()
+    if torch.compiler.is_compiling():  # no data while tracing: checked when the graph runs
+        torch._assert_async(in_range, f"{_NAME}: every {name} must lie in (0, 1]")
+    elif not bool(in_range):
         raise ValueError(f"{_NAME}: every {name} must lie in (0, 1], got {a.tolist()}")
     return a, 1.0
 
 
-def _sigma_positive(eta: float, a_t, a_prev) -> bool:
-    """Whether sigma_t > 0 for some sample (so noise is needed)."""
+_NOISE_REQUIRED = (f"{_NAME}: noise is required when eta > 0 (sigma_t > 0); draw it with "
+                   "torch.randn(..., generator=...)")
+
+
+def _check_noise_needed(eta: float, a_t, a_prev) -> None:
+    """Raises when sigma_t > 0 for some sample (so noise is needed) and none was given."""
     if eta == 0.0:
-        return False
+        return
     if isinstance(a_t, torch.Tensor) or isinstance(a_prev, torch.Tensor):
-        a_t, a_prev = torch.as_tensor(a_t, dtype=torch.float64), torch.as_tensor(a_prev, dtype=torch.float64)
-        return bool(((a_t < 1) & (a_prev < 1) & (a_t < a_prev)).any())
-    return a_t < 1.0 and a_prev < 1.0 and a_t < a_prev
+        device = (a_t if isinstance(a_t, torch.Tensor) else a_prev).device
+        a_t, a_prev = (torch.as_tensor(a, dtype=torch.float64, device=device) for a in (a_t, a_prev))
+        positive = ((a_t < 1) & (a_prev < 1) & (a_t < a_prev)).any()
+        if torch.compiler.is_compiling():  # no data while tracing: checked when the graph runs
+            torch._assert_async(~positive, _NOISE_REQUIRED)
+        elif bool(positive):
+            raise ValueError(_NOISE_REQUIRED)
+    elif a_t < 1.0 and a_prev < 1.0 and a_t < a_prev:
+        raise ValueError(_NOISE_REQUIRED)
 
 
 def _check_tensors(x_t, eps_cond, eps_uncond, noise) -> None:
@@ -77,11 +90,9 @@ def _check(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond, guidance_scal
     eta = check_number(eta, "eta", _NAME, low=0.0)
     if clip_x0 is not None:
         clip_x0 = check_number(clip_x0, "clip_x0", _NAME, low=0.0, low_open=True)
-    if noise is None and eta != 0.0 and not torch.compiler.is_compiling() and _sigma_positive(
-            eta, alpha_bar_t if at_tensor is None else at_tensor.cpu(),
-            alpha_bar_prev if ap_tensor is None else ap_tensor.cpu()):
-        raise ValueError(f"{_NAME}: noise is required when eta > 0 (sigma_t > 0); draw it with "
-                         "torch.randn(..., generator=...)")
+    if noise is None:
+        _check_noise_needed(eta, at_scalar if at_tensor is None else at_tensor,
+                            ap_scalar if ap_tensor is None else ap_tensor)
     return (at_tensor, at_scalar), (ap_tensor, ap_scalar), w, eta, clip_x0
 
 

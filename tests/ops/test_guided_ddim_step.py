@@ -217,6 +217,29 @@ def test_torch_compile_fullgraph_deterministic_step(generator):
     torch.testing.assert_close(got, fn(x, ec, eu))
 
 
+def test_torch_compile_keeps_the_checks_that_read_data(generator):
+    """Traced code cannot read the per-sample alphas, so their range and the need for noise
+    are asserted when the graph runs: the same errors as eager, not a silent NaN or a step
+    without its noise term."""
+    require_kernels(OP)
+    x, ec, _, _ = _tensors((2, 3, 4, 4), generator)
+    scalar = torch.compile(lambda x, ec: ops.guided_ddim_step(x, ec, 0.3, 0.6, eta=1.0),
+                           fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception):  # raised while tracing (dynamo wraps the ValueError)
+        scalar(x, ec)
+    per_sample = torch.compile(lambda x, ec, at, ap: ops.guided_ddim_step(x, ec, at, ap, eta=1.0),
+                               fullgraph=True, backend="aot_eager")
+    a_prev = torch.tensor([0.6, 0.7])
+    with pytest.raises(RuntimeError, match="noise is required when eta > 0"):
+        per_sample(x, ec, torch.tensor([0.3, 0.4]), a_prev)
+    for bad in ([0.0, 0.4], [1.5, 0.4]):
+        with pytest.raises(RuntimeError, match="every alpha_bar_t must lie in \\(0, 1\\]"):
+            per_sample(x, ec, torch.tensor(bad), a_prev)
+    # sigma_t = 0 for every sample (a_t = a_prev): no noise needed, compiled or not
+    torch.testing.assert_close(per_sample(x, ec, a_prev, a_prev),
+                               ops.guided_ddim_step(x, ec, a_prev, a_prev, eta=1.0))
+
+
 def test_direct_and_checked_calls_agree(generator):
     """Float alphas with eta = 0 go straight to the op; per-sample alphas go through every
     Python check first (and per-sample coefficients). Both give the same step."""
