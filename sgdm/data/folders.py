@@ -44,9 +44,13 @@ def scan_images(root: Path) -> list[str]:
 
 
 def read_list(path: Path, key: str) -> list[str]:
-    """Non-empty, non-comment lines of a list file, stripped."""
+    """Non-empty, non-comment lines of a list file, stripped.
+
+    Read as UTF-8 with an optional byte-order mark (Windows editors write one, and it would
+    otherwise stick to the first name) and any line ends.
+    """
     require_file(path, key, "list file")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
