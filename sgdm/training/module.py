@@ -162,9 +162,7 @@ class LatentDiffusionModule(pl.LightningModule):
         finite = self._step_finite and self._grads_finite()
         finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
         if finite:
-            if self.train_cfg.grad_clip is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.train_cfg.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
+            opt.step()  # clips in on_before_optimizer_step
             decay = ema_decay(self.ema_updates, self.train_cfg.ema_decay, self.train_cfg.ema_warmup)
             update_ema(self.ema, self.unet, decay)
             self.ema_updates += 1
@@ -177,6 +175,13 @@ class LatentDiffusionModule(pl.LightningModule):
         self.step = step + 1
         self._log_step(sched)
         self._stop_when_done()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this inside opt.step(), after an fp16 GradScaler has unscaled the gradients:
+        # clipping before opt.step() would clip the loss-scaled gradients (an effective clip of
+        # grad_clip / scale, e.g. 1 / 65536).
+        if self.train_cfg.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.train_cfg.grad_clip, gradient_clip_algorithm="norm")
 
     def _stop_when_done(self) -> None:
         # Lightning's max_steps counts only optimiser steps taken; ours also counts skipped ones.

@@ -127,3 +127,39 @@ def test_ema_warmup_and_update_in_float64():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="parameter names differ"):
         update_ema(ema, torch.nn.Sequential(model), 0.5)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "32-true"])
+def test_grad_clip_bounds_the_true_gradient_norm(workdir, precision):
+    """fp16's GradScaler multiplies the loss by 65536; the clip applies to the unscaled gradients."""
+    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+
+    from sgdm.training.run import build_module, prepare_run_dir
+    from sgdm.training.scale import ensure_scale_factor
+
+    clip = 1.0e-3  # far below the tiny model's gradient norm, so every step is clipped
+    cfg = from_dict(ExperimentConfig, tiny_config(workdir, run={"name": f"clip-{precision}"},
+                                                  train={"max_steps": 2, "grad_clip": clip}))
+    prepare_run_dir(cfg, False)
+    module = build_module(cfg)
+    ensure_scale_factor(cfg, module)
+    # Lightning turns 16-mixed into bf16 on a CPU; an explicit plugin keeps the fp16 GradScaler
+    plugin = (MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=65536.0))
+              if precision == "16-mixed" else Precision())
+    norms = []
+
+    class RecordStepNorm(pl.Callback):
+        def on_train_start(self, trainer, module):
+            def record(optimizer, args, kwargs):  # the gradients the step used (unscaled, clipped)
+                grads = [p.grad.float() for p in module.unet.parameters() if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+            trainer.optimizers[0].register_step_post_hook(record)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, plugins=[plugin], max_epochs=-1, max_steps=-1, logger=False,
+                         callbacks=[RecordStepNorm()], use_distributed_sampler=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert len(norms) == 2
+    assert norms == pytest.approx([clip, clip], rel=1e-2)
