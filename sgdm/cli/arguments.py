@@ -20,12 +20,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, reads: str, example
 
 
 def printed_config(cfg, args: argparse.Namespace) -> bool:
-    """Write ``cfg`` as YAML to stdout when ``--print-config`` was given; True when it was."""
+    """Write ``cfg`` as YAML to stdout when ``--print-config`` was given; True when it was. The form is
+    the one a run's ``config.yaml`` records, so the output loads back as a config."""
     if not args.print_config:
         return False
     from sgdm.config.core import dump_yaml
+    from sgdm.config.schema import recorded_config
 
-    sys.stdout.write(dump_yaml(cfg))
+    sys.stdout.write(dump_yaml(recorded_config(cfg)))
     return True
 
 

@@ -7,6 +7,7 @@ error is a :class:`~sgdm.config.core.ConfigError` naming the dotted key path.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from sgdm.models.config import ModelConfig
 from sgdm.quickstart.config import PrepareConfig
 from sgdm.training.config import TrainConfig
 
-__all__ = ["RunConfig", "ExperimentConfig", "load_experiment", "check_annotation_store", "guidance_classes_key"]
+__all__ = ["RunConfig", "ExperimentConfig", "load_experiment", "recorded_config", "check_annotation_store",
+           "guidance_classes_key"]
 
 
 @dataclass
@@ -105,6 +107,17 @@ def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = 
         raise ConfigError("model.guidance.drop_prob", f"guidance dropout {cfg.model.guidance.drop_prob} with no "
                                                       f"guidance (model.guidance.kind: none); set it to 0 or remove it")
     return cfg
+
+
+def recorded_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config as written out (a run's ``config.yaml``, ``--print-config``): an unguided model records
+    drop_prob 0 (what it trains with), so that :func:`load_experiment` reads it back without seeing
+    dropout written for no guidance."""
+    g = cfg.model.guidance
+    if g.kind != "none" or g.drop_prob == 0:
+        return cfg
+    model = dataclasses.replace(cfg.model, guidance=dataclasses.replace(g, drop_prob=0.0))
+    return dataclasses.replace(cfg, model=model)
 
 
 def check_annotation_store(cfg: ExperimentConfig) -> None:

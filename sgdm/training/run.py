@@ -10,7 +10,6 @@ Run directory layout (``run.dir/run.name``)::
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import warnings
@@ -19,7 +18,7 @@ from typing import Optional
 import torch
 
 from sgdm.config.core import ConfigError, dump_yaml
-from sgdm.config.schema import ExperimentConfig
+from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.training.checkpoint import clean_leftovers, find_last_valid, list_checkpoints
 from sgdm.training.rng import derive_seed
 
@@ -54,7 +53,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Pat
         if ckpt is not None:
             keep_earlier_metrics(run_dir / "logs")
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(_recorded(cfg)))
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(recorded_config(cfg)))
     return ckpt
 
 
@@ -89,22 +88,12 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path) -> None:
 
     if not saved.is_file():
         return
-    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_yaml(_recorded(cfg)))
+    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_yaml(recorded_config(cfg)))
     for key in RESUME_FIXED:
         if _lookup(old, key) != _lookup(new, key):
             raise ConfigError(key, f"differs from the run's saved config {saved} ({_lookup(old, key)!r} -> "
                                    f"{_lookup(new, key)!r}); resuming would not continue the same run. Use the "
                                    f"saved value or start a new run.name")
-
-
-def _recorded(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config as saved: an unguided model records drop_prob 0 (what it trains with), so that
-    ``load_experiment`` reads the file back without seeing dropout written for no guidance."""
-    g = cfg.model.guidance
-    if g.kind != "none" or g.drop_prob == 0:
-        return cfg
-    model = dataclasses.replace(cfg.model, guidance=dataclasses.replace(g, drop_prob=0.0))
-    return dataclasses.replace(cfg, model=model)
 
 
 def _seeded_build(seed: int, fn):

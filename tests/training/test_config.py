@@ -70,6 +70,19 @@ def test_print_config_resolves_overrides(capsys, tmp_path):
     assert from_dict(ExperimentConfig, __import__("yaml").safe_load(out)).train.lr == 5e-5
 
 
+def test_printed_config_of_an_unguided_run_loads_back(capsys, tmp_path):
+    from sgdm.config.schema import load_experiment
+
+    path = tmp_path / "unguided.yaml"
+    path.write_text("run:\n  name: u\n")
+    assert main(["train", str(path), "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert main(["train", str(printed), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed.read_text()
+    assert load_experiment(printed).model.guidance.drop_prob == 0
+
+
 def test_overrides_and_options_mix_in_any_order(capsys, tmp_path):
     path = str(write_config(tmp_path, tiny_config(tmp_path)))
     orders = [[path, "train.lr=5e-5", "--print-config", "train.max_steps=7"],
