@@ -28,7 +28,7 @@ from PIL import Image
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
 from sgdm.data.decode import BadImageError, open_image
-from sgdm.data.folders import read_list, require_dir, require_file
+from sgdm.data.folders import read_list, require_dir, require_distinct, require_file
 
 STUFF27_CLASSES = (
     "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
@@ -90,6 +90,7 @@ class Coco20kDataset(ImageDataset):
             wanted = [_coco_id(line) for line in lines]
         except ValueError as err:
             raise ConfigError(f"{key}.list_file", f"{list_file}: cannot find an image id in line {err}") from None
+        require_distinct(wanted, lines, list_file, f"{key}.list_file")
         wanted = limit(wanted, max_images)
         try:
             coco = json.loads(ann_path.read_text())
@@ -138,7 +139,9 @@ class CocoStuff27Dataset(ImageDataset):
         folder = f"{split}2017"
         if list_file is None:
             list_file = self.root / "curated" / folder / "Coco164kFull_Stuff_Coarse_7.txt"
-        ids = [Path(line).stem for line in read_list(Path(list_file), f"{key}.list_file")]
+        lines = read_list(Path(list_file), f"{key}.list_file")
+        ids = [Path(line).stem for line in lines]
+        require_distinct(ids, lines, list_file, f"{key}.list_file")
         if not ids:
             raise ConfigError(f"{key}.list_file", f"list file {list_file} names no images")
         self.image_dir = self.root / "images" / folder

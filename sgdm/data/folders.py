@@ -50,8 +50,34 @@ def read_list(path: Path, key: str) -> list[str]:
     otherwise stick to the first name) and any line ends.
     """
     require_file(path, key, "list file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    numbered = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)]
+    numbered = [(n, line) for n, line in numbered if line and not line.startswith("#")]
+    names = [line for _, line in numbered]
+    repeat = first_repeat(names)
+    if repeat is not None:  # a repeated image would be trained on twice and break the annotation store's ids
+        first, again = (numbered[i][0] for i in repeat)
+        raise ConfigError(key, f"{names[repeat[1]]} is listed twice in {path} (lines {first} and {again}); "
+                          "remove the repeated line")
+    return names
+
+
+def require_distinct(ids: Sequence, lines: Sequence[str], list_file: Path, key: str) -> None:
+    """Refuse two lines of ``list_file`` that name the same image id (e.g. with and without a folder)."""
+    repeat = first_repeat(ids)
+    if repeat is not None:
+        i, j = repeat
+        raise ConfigError(key, f"{list_file}: {lines[i]!r} and {lines[j]!r} name the same image {ids[i]}; "
+                          "remove one of them")
+
+
+def first_repeat(items: Sequence) -> Optional[tuple[int, int]]:
+    """Positions ``(i, j)``, ``i < j``, of the first item that occurs again, or None when all differ."""
+    seen: dict = {}
+    for j, item in enumerate(items):
+        if item in seen:
+            return seen[item], j
+        seen[item] = j
+    return None
 
 
 class FileDataset(ImageDataset):
@@ -114,8 +140,9 @@ def imagenet100_wnids(class_list: Optional[Path], key: str) -> list[str]:
         wnids = read_list(class_list, f"{key}.class_list")
     else:
         wnids = resources.files("sgdm.data").joinpath("imagenet100_wnids.txt").read_text().split()
-    if len(set(wnids)) != len(wnids):
-        raise ConfigError(f"{key}.class_list", "class list repeats a WordNet id")
+    repeat = first_repeat(wnids)
+    if repeat is not None:
+        raise ConfigError(f"{key}.class_list", f"class list repeats the WordNet id {wnids[repeat[0]]}")
     return wnids
 
 

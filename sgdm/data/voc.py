@@ -18,7 +18,7 @@ from PIL import Image
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
 from sgdm.data.decode import BadImageError, open_image
-from sgdm.data.folders import read_list, require_dir
+from sgdm.data.folders import read_list, require_dir, require_distinct
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -35,11 +35,14 @@ class VocDataset(ImageDataset):
     def __init__(self, root: Path, split: str = "trainval", keep_difficult: bool = True,
                  max_images: Optional[int] = None, key: str = "data", **kwargs):
         self.root = require_dir(Path(root), f"{key}.root", "VOC directory (e.g. VOCdevkit/VOC2007)")
-        ids = read_list(self.root / "ImageSets" / "Main" / f"{split}.txt", f"{key}.split")
-        if not ids:
-            raise ConfigError(f"{key}.split", f"{self.root}/ImageSets/Main/{split}.txt lists no images")
+        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        lines = read_list(split_file, f"{key}.split")
+        if not lines:
+            raise ConfigError(f"{key}.split", f"{split_file} lists no images")
+        ids = [line.split()[0] for line in lines]
+        require_distinct(ids, lines, split_file, f"{key}.split")
         self.keep_difficult = keep_difficult
-        super().__init__(limit([i.split()[0] for i in ids], max_images), class_names=VOC_CLASSES,
+        super().__init__(limit(ids, max_images), class_names=VOC_CLASSES,
                          mask_class_names=("background",) + VOC_CLASSES, **kwargs)
 
     def source(self, index: int) -> str:
