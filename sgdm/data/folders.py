@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
-from sgdm.data.decode import is_image_file, open_image
+from sgdm.data.decode import IMAGE_EXTENSIONS, is_image_file, open_image
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,14 @@ def require_file(path: Path, key: str, what: str) -> Path:
 
 
 def scan_images(root: Path) -> list[str]:
-    """Sorted relative paths of every image file under ``root`` (symlinks followed)."""
+    """Sorted relative paths of every image file under ``root`` (symlinks followed).
+
+    Hidden files and folders (name starting with ``.``: ``.thumbnails``, ``.ipynb_checkpoints``)
+    are left out: tools keep copies there.
+    """
     found = []
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(folder).relative_to(root)
         found.extend((rel / f).as_posix() for f in files if is_image_file(f) and not f.startswith("."))
     return sorted(found)
@@ -119,7 +123,8 @@ def image_folder(root: Path, list_file: Optional[Path], folder_labels: bool, max
     else:
         files = scan_images(root)
         if not files:
-            raise _empty(root, f"{key}.root", " (extensions: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, any case)")
+            raise _empty(root, f"{key}.root", f" (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}, any case; "
+                                              "hidden files and folders are skipped)")
     files = limit(files, max_images)
     labels, classes = None, ()
     if folder_labels:

@@ -1,0 +1,34 @@
+"""``scan_images``: which files of an image-folder tree become dataset ids."""
+import pytest
+from PIL import Image
+
+from sgdm.config import ConfigError, from_dict
+from sgdm.data import DataConfig, build_dataset
+from sgdm.data.decode import IMAGE_EXTENSIONS
+from sgdm.data.folders import scan_images
+from tests.data import fixtures
+
+
+def save(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(fixtures.sample_rgb(16, 12, seed=seed)).save(path)
+
+
+def test_hidden_folders_are_skipped_like_hidden_files(tmp_path):
+    for name in ("a.png", ".b.png", ".thumbnails/c.png", "sub/d.png", "sub/.cache/e.png"):
+        save(tmp_path / name)
+    assert scan_images(tmp_path) == ["a.png", "sub/d.png"]
+    save(tmp_path / "classes" / "cats" / "f.png")
+    save(tmp_path / "classes" / ".ipynb_checkpoints" / "g.png")
+    labelled = from_dict(DataConfig, {"dataset": "image_folder", "root": str(tmp_path / "classes"), "folder_labels": True,
+                                      "size": 8, "num_workers": 0}, "data")
+    dataset = build_dataset(labelled, train=False)
+    assert dataset.ids == ["cats/f.png"] and dataset.class_names == ["cats"]  # no hidden class
+
+
+def test_no_images_message_lists_every_accepted_extension(tmp_path):
+    save(tmp_path / ".hidden" / "only.png")
+    data = from_dict(DataConfig, {"dataset": "image_folder", "root": str(tmp_path), "size": 8}, "data")
+    with pytest.raises(ConfigError, match=r"^data\.root: no images found") as info:
+        build_dataset(data)
+    assert all(ext in str(info.value) for ext in IMAGE_EXTENSIONS) and "hidden" in str(info.value)
