@@ -240,12 +240,43 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def _load_unique_keys(text: str, source: str) -> Any:
+    """``yaml.safe_load``, refusing a key written twice in one mapping (PyYAML keeps the last one, so a
+    second ``train:`` block would silently replace the first)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, "", source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_unique_keys(node: yaml.Node, path: str, source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if name in lines:
+                    raise ConfigError(_join(path, name), f"written twice in {source} (lines {lines[name]} and "
+                                                         f"{line}); keep one")
+                lines[name] = line
+            _check_unique_keys(value, _join(path, name) if name is not None else path, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]", source)
+
+
 def load_yaml(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_unique_keys(path.read_text(), str(path))
     except yaml.YAMLError as err:
         raise ConfigError("", f"{path}: not valid YAML: {err}") from None
     if data is None:

@@ -110,3 +110,22 @@ def test_require_at_least_names_the_first_field_below_the_minimum():
     with pytest.raises(ConfigError) as info:
         require_at_least(section, 1, "channels")
     assert info.value.key == "channels" and str(info.value) == "channels: must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("name: a\ninner:\n  channels: 4\nlr: 1.0\ninner:\n  mult: [1]\n", "inner", "lines 2 and 5"),
+    ("name: a\ninner:\n  channels: 4\n  channels: 8\n", "inner.channels", "lines 3 and 4"),
+])
+def test_a_key_written_twice_is_refused(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, path)
+    assert info.value.key == key and lines in str(info.value) and str(path) in str(info.value)
+
+
+def test_the_same_key_in_different_mappings_and_merge_keys_are_fine(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: a\ntags: {name: 1.0}\ninner:\n  <<: {channels: 4}\n  mult: [1]\n")
+    cfg = load_config(Outer, path)
+    assert cfg.tags == {"name": 1.0} and cfg.inner.channels == 4
