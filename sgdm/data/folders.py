@@ -37,13 +37,33 @@ def scan_images(root: Path) -> list[str]:
     """Sorted relative paths of every image file under ``root`` (symlinks followed).
 
     Hidden files and folders (name starting with ``.``: ``.thumbnails``, ``.ipynb_checkpoints``)
-    are left out: tools keep copies there.
+    are left out: tools keep copies there. Each folder is read once, identified by
+    ``(st_dev, st_ino)``: the real tree first, then the folders only symlinks lead to, so a cycle
+    (``sub/loop -> ..``) or a second link to a folder gives no image a second id, and adding a
+    link never renames an image. One warning says how many folders were reached again.
     """
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = Path(folder).relative_to(root)
-        found.extend((rel / f).as_posix() for f in files if is_image_file(f) and not f.startswith("."))
+    found, seen, again = [], set(), []
+    pending = [Path(root)]
+    while pending:
+        for folder, dirs, files in os.walk(pending.pop(0)):  # links are not followed here but queued
+            try:
+                info = os.stat(folder)
+            except OSError:  # vanished since it was listed: os.walk had nothing to give either
+                dirs[:] = []
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                again.append(folder)
+                dirs[:] = []
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            visible = sorted(d for d in dirs if not d.startswith("."))
+            pending.extend(Path(folder, d) for d in visible if os.path.islink(os.path.join(folder, d)))
+            dirs[:] = [d for d in visible if not os.path.islink(os.path.join(folder, d))]
+            rel = Path(folder).relative_to(root)
+            found.extend((rel / f).as_posix() for f in files if is_image_file(f) and not f.startswith("."))
+    if again:
+        log.warning("%s: %d folder(s) reached again through symlinks were read once only (first: %s)",
+                    root, len(again), again[0])
     return sorted(found)
 
 

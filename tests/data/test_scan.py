@@ -32,3 +32,19 @@ def test_no_images_message_lists_every_accepted_extension(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.root: no images found") as info:
         build_dataset(data)
     assert all(ext in str(info.value) for ext in IMAGE_EXTENSIONS) and "hidden" in str(info.value)
+
+
+def test_a_symlink_cycle_is_walked_once_with_one_warning(tmp_path, caplog):
+    import logging
+
+    root = tmp_path / "root"
+    for name in ("root/a.png", "root/sub/b.png", "outside/c.png"):
+        save(tmp_path / name)
+    (root / "sub" / "loop").symlink_to("..", target_is_directory=True)  # a cycle
+    (root / "alias").symlink_to("sub", target_is_directory=True)  # a second way into sub/
+    (root / "sub" / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)  # the only way there
+    with caplog.at_level(logging.WARNING, logger="sgdm.data.folders"):
+        # the real path wins over a link (alias/ sorts first); outside/ is read through its link
+        assert scan_images(root) == ["a.png", "sub/b.png", "sub/linked/c.png"]
+    warnings = [r.getMessage() for r in caplog.records if "reached again through symlinks" in r.getMessage()]
+    assert len(warnings) == 1 and "2 folder(s)" in warnings[0]
