@@ -74,6 +74,13 @@ class ExperimentConfig:
             raise ConfigError("model.autoencoder.resolution", f"must equal data.size={self.data.size} (the first "
                                                               f"stage encodes the dataset's images), got "
                                                               f"{self.model.autoencoder.resolution}")
+        ae, unet = self.model.autoencoder, self.model.unet
+        latent = self.data.size // ae.downsample_factor
+        if unet.image_size != latent:
+            # the UNet places attention and the sample grids draw noise by image_size
+            raise ConfigError("model.unet.image_size", f"must equal the latent side {latent} = data.size {self.data.size}"
+                                                       f" / {ae.downsample_factor} (the downsampling of "
+                                                       f"model.autoencoder.ch_mult), got {unet.image_size}")
 
     def _check_guidance(self) -> None:
         g, a = self.model.guidance, self.annotation

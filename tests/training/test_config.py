@@ -21,6 +21,7 @@ def _run(capsys, tmp_path, cfg, *extra):
     ("model.guidance.num_classes=5", "model.guidance.num_classes"),
     ("train.batch_size=6", "train.batch_size"),  # does not divide by accumulate=4
     ("train.sample_steps=500", "train.sample_steps"),
+    ("model.unet.image_size=8", "model.unet.image_size"),  # the latents are 16x16
 ])
 def test_bad_settings_exit_2_naming_the_key(capsys, tmp_path, override, key):
     cfg = tiny_config(tmp_path, train={"accumulate": 4} if key == "train.batch_size" else {})

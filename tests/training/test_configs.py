@@ -20,6 +20,12 @@ def test_config_validates(name):
         assert cfg.model.autoencoder.checkpoint is not None and cfg.data.root is not None
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_file_validates_with_the_unet_at_the_latent_size(path):
+    cfg = load_experiment(path)
+    assert cfg.model.unet.image_size * cfg.model.autoencoder.downsample_factor == cfg.data.size
+
+
 @pytest.mark.parametrize("base, variant, kind, source", [
     ("imagenet100", "imagenet100_gt_labels", "label", "gt"),
     ("imagenet100", "imagenet100_unguided", "none", "self"),
