@@ -72,12 +72,17 @@ def _group(store: AnnotationStore) -> dict[int, list[str]]:
 
 def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_cluster: int = 16,
                   thumb: int = 96, max_clusters: Optional[int] = None) -> pathlib.Path:
-    """Write the gallery of ``store`` (images read from ``dataset`` by id) to ``out``; largest clusters first."""
+    """Write the gallery of ``store`` (images read from ``dataset`` by id) to ``out``; largest clusters first.
+
+    max_clusters: show only the largest N (N >= 1); None shows every cluster.
+    """
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     missing = [i for i in store.ids if i not in index]
     if missing:
         raise ValueError(f"gallery: {len(missing)} ids of store {store.path} are not in the dataset (e.g. {missing[0]!r})")
-    groups = list(_group(store).items())[: max_clusters or None]
+    if max_clusters is not None and max_clusters < 1:
+        raise ValueError(f"gallery: max_clusters must be >= 1 or None (all clusters), got {max_clusters}")
+    groups = list(_group(store).items())[:max_clusters]
     title = f"{store.path.name}: {store.granularity} annotations, K={store.num_classes}, {len(store)} images"
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif}div.g{display:flex;flex-wrap:wrap;gap:4px}"

@@ -18,7 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("store", help="annotation store directory (annotation.store)")
     parser.add_argument("--out", default="gallery.html", help="HTML file to write (default: gallery.html)")
     parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
-    parser.add_argument("--max-clusters", type=int, default=None, help="show only the largest N clusters")
+    parser.add_argument("--max-clusters", type=int, default=None,
+                        help="show only the largest N clusters, N >= 1 (default: all clusters)")
     parser.add_argument("--thumb", type=int, default=96, help="thumbnail side in pixels (default 96)")
     parser.add_argument("--config", default=None, help="experiment YAML whose data: section holds the images")
     parser.set_defaults(func=run)
@@ -32,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.data import build_dataset
     from sgdm.data.config import DataConfig
 
-    if args.per_cluster < 1:
-        raise ConfigError("--per-cluster", f"must be >= 1, got {args.per_cluster}")
+    for flag, value in (("--per-cluster", args.per_cluster), ("--max-clusters", args.max_clusters),
+                        ("--thumb", args.thumb)):
+        if value is not None and value < 1:
+            raise ConfigError(flag, f"must be >= 1, got {value}")
     try:
         store = AnnotationStore.open(args.store)
     except (FileNotFoundError, ValueError) as err:

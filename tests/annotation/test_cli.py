@@ -48,3 +48,10 @@ def test_config_errors_name_the_key(tmp_path, tiny_weights, shapes_cache, capsys
 def test_clusters_on_missing_store(tmp_path, capsys):
     assert main(["clusters", str(tmp_path / "none"), "--out", str(tmp_path / "g.html")]) == 1
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_clusters_flags_must_be_positive(tmp_path, capsys):
+    for flag in ("--per-cluster", "--max-clusters", "--thumb"):
+        for value in ("0", "-1"):
+            assert main(["clusters", str(tmp_path / "none"), flag, value]) == 2
+            assert f"config error: {flag}: must be >= 1, got {value}" in capsys.readouterr().err

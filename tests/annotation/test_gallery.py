@@ -43,3 +43,14 @@ def test_gallery_groups_by_cluster(tmp_path):
     assert page.count("<img") == 2 + 2 + 1  # at most per_cluster each
     with pytest.raises(ValueError, match="6 ids of store .* are not in the dataset"):
         write_gallery(store, FakeDataset(["other"]), tmp_path / "g2.html")
+
+
+def test_max_clusters_keeps_the_largest_and_none_keeps_all(tmp_path):
+    ids = [f"im{i}" for i in range(6)]
+    store = write_store(tmp_path / "s", ids, {"cluster": torch.tensor([2, 2, 2, 0, 0, 1])}, granularity="label", num_classes=3)
+    page = write_gallery(store, FakeDataset(ids), tmp_path / "g.html", max_clusters=2).read_text()
+    assert "cluster 2 " in page and "cluster 0 " in page and "cluster 1 " not in page
+    page = write_gallery(store, FakeDataset(ids), tmp_path / "g.html", max_clusters=None).read_text()
+    assert page.count("<h2") == 3
+    with pytest.raises(ValueError, match="max_clusters must be >= 1"):
+        write_gallery(store, FakeDataset(ids), tmp_path / "g.html", max_clusters=0)
