@@ -4,6 +4,7 @@ Light imports only (no torch) so a config validates in milliseconds.
 """
 from __future__ import annotations
 
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -80,13 +81,18 @@ class TrainConfig:
                      "sample_max_clusters", "cache_shard_size", "num_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "weight_decay"):
+        for name in ("warmup_steps", "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError("grad_clip", f"must be > 0 or null (no clipping), got {self.grad_clip}")
+        # AdamW refuses some of these only when built (after data preparation), and nan/inf diverge
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("lr", f"must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError("weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError("adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError("grad_clip", f"must be a finite number > 0, or null (no clipping), got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         for i, beta in enumerate(self.betas):

@@ -22,6 +22,15 @@ def _run(capsys, tmp_path, cfg, *extra):
     ("train.batch_size=6", "train.batch_size"),  # does not divide by accumulate=4
     ("train.sample_steps=500", "train.sample_steps"),
     ("model.unet.image_size=8", "model.unet.image_size"),  # the latents are 16x16
+    ("train.lr=inf", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.weight_decay=.nan", "train.weight_decay"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.adam_eps=-1", "train.adam_eps"),
+    ("train.adam_eps=0", "train.adam_eps"),
+    ("train.betas=[0.9,1.0]", "train.betas[1]"),
+    ("train.betas=[.nan,0.9]", "train.betas[0]"),
+    ("train.grad_clip=inf", "train.grad_clip"),
 ])
 def test_bad_settings_exit_2_naming_the_key(capsys, tmp_path, override, key):
     cfg = tiny_config(tmp_path, train={"accumulate": 4} if key == "train.batch_size" else {})
