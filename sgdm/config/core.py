@@ -8,7 +8,8 @@ got str 'abc'``). Cross-field checks live in a ``validate(self)`` method on the
 dataclass, called after construction; it should raise ``ConfigError`` with the
 key path relative to that section (:func:`from_dict` prefixes the section path).
 
-Supported field types: ``int``, ``float`` (ints accepted), ``str``, ``bool``,
+Supported field types: ``int`` (also an exactly integral float or scientific
+notation: ``1e5``, ``1.0e5``), ``float`` (ints accepted), ``str``, ``bool``,
 ``pathlib.Path`` (from str), ``Optional[X]`` / ``X | None``, ``Literal[...]``,
 ``list[X]``, ``tuple[X, ...]`` and fixed tuples, ``dict[str, X]`` and nested
 dataclasses. No import strings, no ``eval``.
@@ -16,6 +17,7 @@ dataclasses. No import strings, no ``eval``.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import pathlib
 import re
 import types
@@ -92,6 +94,22 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+# PyYAML reads 1e5 and 1.0e5 (no sign in the exponent) as strings, 1.0e+5 as a float
+_SCIENTIFIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+
+
+def _integral(value: Any) -> int | None:
+    """The int an exactly integral float or scientific-notation string spells (1e5, 1.0e5 -> 100000),
+    else None (1.5e0 is not an int)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else None
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        number = decimal.Decimal(value.strip())
+        if number.adjusted() < 19 and number == number.to_integral_value():  # adjusted: no 1e999999 ints
+            return int(number)
+    return None
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -148,8 +166,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 and "e" in repr(value).lower():
-            return int(value)  # 1e6 written in YAML
+        number = _integral(value)
+        if number is not None:
+            return number
         raise ConfigError(path, f"expected int, got {_describe(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

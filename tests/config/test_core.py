@@ -48,6 +48,9 @@ def test_round_trip_through_yaml(tmp_path):
         ({"name": "a", "inner": {"chanels": 3}}, "inner.chanels", "unknown key"),
         ({"name": "a", "inner": {"channels": "abc"}}, "inner.channels", "expected int"),
         ({"name": "a", "inner": {"channels": True}}, "inner.channels", "expected int"),
+        ({"name": "a", "inner": {"channels": "1.5e0"}}, "inner.channels", "expected int"),
+        ({"name": "a", "inner": {"channels": 2.5}}, "inner.channels", "expected int"),
+        ({"name": "a", "inner": {"channels": "1e99999"}}, "inner.channels", "expected int"),
         ({"name": "a", "inner": {"mult": [1, "x"]}}, "inner.mult[1]", "expected int"),
         ({"name": "a", "inner": {"mult": "1,2"}}, "inner.mult", "expected a list"),
         ({"name": "a", "inner": {"kind": "box"}}, "inner.kind", "expected one of"),
@@ -68,6 +71,15 @@ def test_errors_name_the_key_path(data, key, fragment):
 
 def test_scientific_notation_strings_are_floats():
     assert from_dict(Outer, {"name": "a", "lr": "1e-4"}).lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("written", ["1e5", "1.0e5", "1E5", "1.0e+5", "100000.0", "+1e5", "10e4", "1.00000e5"])
+def test_integers_in_scientific_notation(tmp_path, written):
+    file = tmp_path / "c.yaml"
+    file.write_text(f"name: a\ninner:\n  channels: {written}\n")
+    assert load_config(Outer, file).inner.channels == 100000
+    channels = load_config(Outer, None, ["name=a", f"inner.channels={written}"]).inner.channels
+    assert channels == 100000 and type(channels) is int
 
 
 def test_overrides_parse_yaml_values(tmp_path):
