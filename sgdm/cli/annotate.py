@@ -49,16 +49,27 @@ def load_sections(path, overrides):
 def run(args: argparse.Namespace) -> int:
     from sgdm.annotation.annotate import annotate, init_distributed
     from sgdm.config.core import ConfigError
+    from sgdm.data.decode import BadImageError, bad_image_message
 
     cfg = load_sections(args.config, args.overrides)
     init_distributed()  # no-op unless launched by torchrun
     try:
         result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError: main() reports it (exit 2)
-        if isinstance(err, ConfigError):
+    except ConfigError:
+        raise  # main() reports it (exit 2)
+    except (BadImageError, RuntimeError) as err:  # data.on_bad_image: raise, in this process or a worker
+        message = bad_image_message(err)
+        if message is None:
             raise
-        print(f"sgdm-ldm annotate: error: {err}", file=sys.stderr)
-        return 1
+        return _error(f"{message} (data.on_bad_image is 'raise'; `sgdm-ldm validate-data` lists every unreadable "
+                      "file, data.on_bad_image=skip leaves them out)")
+    except (FileNotFoundError, ValueError) as err:
+        return _error(str(err))
     if result.metrics:
         print(json.dumps(result.metrics, indent=1))
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"sgdm-ldm annotate: error: {message}", file=sys.stderr)
+    return 1

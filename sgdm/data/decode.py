@@ -44,6 +44,23 @@ class BadImageError(OSError):
         return BadImageError(self.source, self.reason, index, dataset)
 
 
+def bad_image_message(err: BaseException) -> str | None:
+    """The one-line message of a :class:`BadImageError`, also of one raised in a DataLoader worker,
+    or None for any other error.
+
+    torch re-raises a worker's exception by calling its class with the whole traceback text, which
+    BadImageError (source, reason) does not accept, so it arrives as a RuntimeError whose last line
+    is ``sgdm.data.decode.BadImageError: <message>``.
+    """
+    if isinstance(err, BadImageError):
+        return str(err)
+    text = str(err).rstrip()
+    if isinstance(err, RuntimeError) and text.startswith(f"Caught {BadImageError.__name__} in DataLoader worker"):
+        _, found, message = text.splitlines()[-1].partition(f"{BadImageError.__name__}: ")
+        return message if found else None
+    return None
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when the extension (any case: ``.JPG`` too) is one we decode."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS

@@ -1,6 +1,7 @@
 """``sgdm-ldm annotate`` and ``sgdm-ldm clusters`` through the dispatcher."""
 import json
 
+import pytest
 import yaml
 
 from sgdm.cli.main import main
@@ -55,3 +56,27 @@ def test_clusters_flags_must_be_positive(tmp_path, capsys):
         for value in ("0", "-1"):
             assert main(["clusters", str(tmp_path / "none"), flag, value]) == 2
             assert f"config error: {flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def image_folder(root, good=5):
+    """``good`` tiny PNGs and ``img_bad.png``, a PNG cut short (sorted last)."""
+    from tests.data import fixtures
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(good):
+        (root / f"img_{i:02d}.png").write_bytes(fixtures.encode(fixtures.sample_rgb(40, 32, seed=i), "PNG"))
+    data = fixtures.encode(fixtures.sample_rgb(40, 32), "PNG")
+    (root / "img_bad.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_annotate_stops_on_a_bad_image_with_one_line(tmp_path, tiny_weights, shapes_cache, capsys, workers):
+    cfg = write_config(tmp_path / "exp.yaml", tmp_path / "store", tiny_weights, shapes_cache)
+    root = image_folder(tmp_path / "imgs")
+    overrides = ["data.dataset=image_folder", f"data.root={root}", "data.on_bad_image=raise",
+                 f"annotation.num_workers={workers}"]
+    assert main(["annotate", str(cfg), *overrides, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "\n" not in err
+    assert err.startswith("sgdm-ldm annotate: error: image_folder index 5: ") and f"{root / 'img_bad.png'}: cannot decode" in err

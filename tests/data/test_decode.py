@@ -1,6 +1,7 @@
 """Decoding: unusual modes are converted correctly, unreadable files raise naming the file."""
 import numpy as np
 import pytest
+import torch
 
 from sgdm.data.decode import BadImageError, decode_bytes, is_image_file, open_image
 from tests.data.fixtures import encode, sample_rgb, write_bad, write_unusual
@@ -93,3 +94,23 @@ def test_bytes_are_named_by_their_source():
 def test_bad_image_error_with_index_names_dataset_file_and_index():
     err = BadImageError("/d/x.jpg", "zero-byte file").at(7, "voc")
     assert str(err) == "voc index 7: /d/x.jpg: zero-byte file"
+
+
+def test_bad_image_message_also_unwraps_a_dataloader_worker_error():
+    from torch.utils.data import DataLoader
+
+    from sgdm.data.decode import bad_image_message
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise BadImageError("/d/x.png", "cannot decode (OSError: truncated)").at(index, "image_folder")
+
+    expected = "image_folder index 0: /d/x.png: cannot decode (OSError: truncated)"
+    with pytest.raises(RuntimeError) as info:  # torch cannot rebuild a BadImageError from the text
+        next(iter(DataLoader(Bad(), num_workers=1, collate_fn=list)))
+    assert bad_image_message(info.value) == expected
+    assert bad_image_message(BadImageError("/d/x.png", "zero-byte file").at(0, "image_folder")).endswith("zero-byte file")
+    assert bad_image_message(RuntimeError("CUDA out of memory")) is None and bad_image_message(ValueError("x")) is None
