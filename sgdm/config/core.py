@@ -233,8 +233,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = None) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict, in place.
+
+    The value is parsed as YAML, except for a ``str`` or path field of dataclass ``cls`` (when given):
+    there the text is taken as written (``run.name=exp #3``, ``run.name=0755``), stripped of surrounding
+    whitespace and of one pair of enclosing quotes; ``null`` or ``~`` sets an optional one to None.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError("", f"override {item!r} is not of the form key.path=value")
@@ -242,12 +247,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError("", f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(key, f"cannot parse override value {raw!r}: {err}") from None
-        node = data
         parts = key.split(".")
+        value = _override_value(raw, key, _field_type(cls, parts) if cls is not None else None)
+        node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
@@ -257,6 +259,48 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _field_type(cls: Any, parts: Sequence[str]) -> Any:
+    """The declared type at ``parts`` below dataclass ``cls`` (None where the path leaves the dataclasses)."""
+    tp = cls
+    for part in parts:
+        tp = _without_none(tp)
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    """X for ``Optional[X]``; ``tp`` otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+_YAML_NULL = ("null", "Null", "NULL", "~")
+
+
+def _override_value(raw: str, key: str, tp: Any) -> Any:
+    text = raw.strip()
+    if _without_none(tp) in (str, pathlib.Path):
+        if text in _YAML_NULL and _without_none(tp) is not tp:
+            return None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return unquoted
+        return text
+    try:
+        return yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot parse override value {raw!r}: {err}") from None
 
 
 def _load_unique_keys(text: str, source: str) -> Any:
@@ -308,7 +352,7 @@ def load_yaml(path: str | pathlib.Path) -> dict:
 def load_config(cls: type[T], path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> T:
     """Load YAML ``path`` (or nothing), apply dotted overrides, validate into ``cls``."""
     data = load_yaml(path) if path is not None else {}
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, cls)
     return from_dict(cls, data)
 
 

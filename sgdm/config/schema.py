@@ -106,7 +106,7 @@ def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = 
     model without guidance is refused, since it says the author expected guidance that is not there.
     """
     data = load_yaml(path) if path is not None else {}
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, ExperimentConfig)
     cfg = from_dict(ExperimentConfig, data)
     written = ((data.get("model") or {}).get("guidance") or {}) if isinstance(data.get("model"), dict) else {}
     if cfg.model.guidance.kind == "none" and isinstance(written, dict) and cfg.model.guidance.drop_prob > 0 \

@@ -141,3 +141,27 @@ def test_the_same_key_in_different_mappings_and_merge_keys_are_fine(tmp_path):
     path.write_text("name: a\ntags: {name: 1.0}\ninner:\n  <<: {channels: 4}\n  mult: [1]\n")
     cfg = load_config(Outer, path)
     assert cfg.tags == {"name": 1.0} and cfg.inner.channels == 4
+
+
+@pytest.mark.parametrize("override, name, path", [
+    ("name=exp #3", "exp #3", None),
+    ("name=0755", "0755", None),
+    ("name=2024-05-01", "2024-05-01", None),
+    ("name=yes", "yes", None),
+    ("name='quoted: #1'", "quoted: #1", None),
+    ("path=2024", "a", pathlib.Path("2024")),
+    ("path=1.0", "a", pathlib.Path("1.0")),
+    ("path=dir/x #2.ckpt", "a", pathlib.Path("dir/x #2.ckpt")),
+    ("path=null", "a", None),
+])
+def test_string_and_path_overrides_take_the_text_as_written(override, name, path):
+    cfg = load_config(Outer, None, ["name=a", override])
+    assert (cfg.name, cfg.path) == (name, path)
+
+
+def test_other_overrides_still_parse_yaml():
+    cfg = load_config(Outer, None, ["name=a", "inner.kind=label", "sizes=[3, 4]", "lr=1e-3"])
+    assert cfg.inner.kind == "label" and cfg.sizes == (3, 4) and cfg.lr == 1e-3
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, None, ["name=a", "inner.channels=exp #3"])
+    assert info.value.key == "inner.channels"

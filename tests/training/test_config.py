@@ -1,6 +1,8 @@
 """Config errors exit with code 2 and name the key path, before data or devices are touched."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from sgdm.cli.main import main
@@ -91,6 +93,14 @@ def test_printed_config_of_an_unguided_run_loads_back(capsys, tmp_path):
     assert main(["train", str(printed), "--print-config"]) == 0
     assert capsys.readouterr().out == printed.read_text()
     assert load_experiment(printed).model.guidance.drop_prob == 0
+
+
+def test_run_name_and_dir_overrides_are_taken_as_written():
+    from sgdm.config.schema import load_experiment
+
+    cfg = load_experiment(None, ["data.size=256", "run.name=exp #3", "run.dir=2024", "annotation.store=1.0"])
+    assert cfg.run.path == pathlib.Path("2024/exp #3") and str(cfg.annotation.store) == "1.0"
+    assert load_experiment(None, ["data.size=256", "run.name=0755"]).run.name == "0755"
 
 
 def test_overrides_and_options_mix_in_any_order(capsys, tmp_path):
