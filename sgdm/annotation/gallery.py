@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sgdm.annotation.store import IGNORE, AnnotationStore
+from sgdm.data.decode import printable
 
 __all__ = ["write_gallery", "render"]
 
@@ -79,7 +80,8 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     missing = [i for i in store.ids if i not in index]
     if missing:
-        raise ValueError(f"gallery: {len(missing)} ids of store {store.path} are not in the dataset (e.g. {missing[0]!r})")
+        raise ValueError(f"gallery: {len(missing)} ids of store {store.path} are not in the dataset "
+                         f"(e.g. {printable(missing[0])!r})")
     if max_clusters is not None and max_clusters < 1:
         raise ValueError(f"gallery: max_clusters must be >= 1 or None (all clusters), got {max_clusters}")
     groups = list(_group(store).items())[:max_clusters]
@@ -97,7 +99,7 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
             if sample is None:
                 continue
             pil = render(sample["image"], store.get(image_id), thumb, store.num_classes)
-            parts.append(f"<figure><img src='data:image/png;base64,{_png(pil)}' title='{html.escape(image_id)}'></figure>")
+            parts.append(f"<figure><img src='data:image/png;base64,{_png(pil)}' title='{html.escape(printable(image_id))}'></figure>")
         parts.append("</div>")
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

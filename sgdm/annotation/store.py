@@ -44,10 +44,14 @@ class StoreMismatchError(ValueError):
 
 
 def ids_hash(ids: Iterable[str]) -> str:
-    """sha256 of the ids in order (newline-joined): the dataset list fingerprint."""
+    """sha256 of the ids in order (newline-joined UTF-8): the dataset list fingerprint.
+
+    A file name that is not valid UTF-8 (e.g. Latin-1 ``caf\xe9.png`` from an old archive) is an
+    id with surrogate escapes, as ``os.walk`` gives it; it is hashed as its original bytes.
+    """
     digest = hashlib.sha256()
     for i in ids:
-        digest.update(str(i).encode())
+        digest.update(str(i).encode("utf-8", "surrogateescape"))
         digest.update(b"\n")
     return digest.hexdigest()
 

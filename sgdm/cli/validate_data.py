@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.config import ConfigError, apply_overrides, from_dict, load_yaml
     from sgdm.data.build import build_dataset
     from sgdm.data.config import DataConfig
+    from sgdm.data.decode import printable
     from sgdm.data.scan import scan_dataset
 
     raw = apply_overrides(load_yaml(args.config), args.overrides)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux / other
     workers = min(cfg.num_workers, cpus) if args.workers is None else args.workers
     bad = scan_dataset(dataset, num_workers=workers, progress=sys.stderr.isatty(),
-                       report=lambda item: print(f"BAD {item.source}: {item.reason}", flush=True))
+                       report=lambda item: print(f"BAD {printable(item.source)}: {item.reason}", flush=True))
     fine = len(dataset) - len(bad)
     print(f"{dataset.name} ({cfg.split if args.split is None else args.split}): {fine} of {len(dataset)} "
           f"items are fine, {len(bad)} cannot be read")

@@ -29,6 +29,15 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
+def printable(name: str) -> str:
+    """``name`` as text any terminal or UTF-8 file accepts: the bytes of a file name that is not
+    valid UTF-8 (which Python keeps as surrogate escapes, ``caf\\udce9.png``) shown as ``caf\\xe9.png``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class BadImageError(OSError):
     """An image cannot be read. ``source`` is the file path (or LMDB key), ``reason`` why."""
 
@@ -38,7 +47,7 @@ class BadImageError(OSError):
         self.index = index
         where = f"{dataset} " if dataset else ""
         at = f"{where}index {index}: " if index is not None else (f"{dataset}: " if dataset else "")
-        super().__init__(f"{at}{self.source}: {reason}")
+        super().__init__(f"{at}{printable(self.source)}: {reason}")
 
     def at(self, index: int, dataset: str) -> "BadImageError":
         return BadImageError(self.source, self.reason, index, dataset)

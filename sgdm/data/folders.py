@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
-from sgdm.data.decode import IMAGE_EXTENSIONS, is_image_file, open_image
+from sgdm.data.decode import IMAGE_EXTENSIONS, is_image_file, open_image, printable
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,18 @@ def read_list(path: Path, key: str) -> list[str]:
     """Non-empty, non-comment lines of a list file, stripped.
 
     Read as UTF-8 with an optional byte-order mark (Windows editors write one, and it would
-    otherwise stick to the first name) and any line ends.
+    otherwise stick to the first name) and any line ends. Bytes that are not UTF-8 (a Latin-1
+    file name) become surrogate escapes, as ``os.walk`` names such a file, so the file is found.
     """
     require_file(path, key, "list file")
-    numbered = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)]
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     numbered = [(n, line) for n, line in numbered if line and not line.startswith("#")]
     names = [line for _, line in numbered]
     repeat = first_repeat(names)
     if repeat is not None:  # a repeated image would be trained on twice and break the annotation store's ids
         first, again = (numbered[i][0] for i in repeat)
-        raise ConfigError(key, f"{names[repeat[1]]} is listed twice in {path} (lines {first} and {again}); "
+        raise ConfigError(key, f"{printable(names[repeat[1]])} is listed twice in {path} (lines {first} and {again}); "
                           "remove the repeated line")
     return names
 

@@ -36,3 +36,25 @@ def shapes_data(cache: pathlib.Path, num_images: int = 48):
 
     return DataConfig(dataset="shapes", size=32, num_workers=0,
                       shapes=ShapesConfig(num_images=num_images, num_val_images=8, image_size=32, cache_dir=cache))
+
+
+def image_folder(root: pathlib.Path, good: int = 5, bad: bool = True) -> pathlib.Path:
+    """``good`` tiny PNGs ``img_NN.png`` and, with ``bad``, ``img_bad.png``, a PNG cut short (sorted last)."""
+    from tests.data import fixtures
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(good):
+        (root / f"img_{i:02d}.png").write_bytes(fixtures.encode(fixtures.sample_rgb(40, 32, seed=i), "PNG"))
+    if bad:
+        data = fixtures.encode(fixtures.sample_rgb(40, 32), "PNG")
+        (root / "img_bad.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def folder_data(root: pathlib.Path, **settings):
+    """``data:`` for an image folder at the tiny ViT's 32 pixels."""
+    from sgdm.config.core import from_dict
+    from sgdm.data.config import DataConfig
+
+    return from_dict(DataConfig, {"dataset": "image_folder", "root": str(root), "size": 32, "num_workers": 0,
+                                  **settings}, "data")

@@ -11,15 +11,16 @@ from sgdm.annotation.config import AnnotationConfig
 from sgdm.annotation.store import AnnotationStore, StoreMismatchError
 from sgdm.config.core import ConfigError, from_dict
 
-from .conftest import TINY_KWARGS, TINY_VIT, shapes_data, tiny_vit
+from .conftest import TINY_KWARGS, TINY_VIT, folder_data, image_folder, shapes_data, tiny_vit
 
 
-def config(tmp_path, weights, cache, num_images=48, **annotation):
+def config(tmp_path, weights, cache, num_images=48, data=None, **annotation):
     settings = dict(store=str(tmp_path / "store"), backbone=TINY_VIT, backbone_kwargs=TINY_KWARGS, weights=str(weights),
                     num_classes=6, batch_size=16, shard_size=16, lost={"num_clusters": 5, "k_patches": 6},
                     stego={"epochs": 1, "batch_size": 16, "dim": 8, "feature_samples": 0})
     settings.update(annotation)
-    return types.SimpleNamespace(data=shapes_data(cache, num_images), annotation=from_dict(AnnotationConfig, settings, "annotation"))
+    data = shapes_data(cache, num_images) if data is None else data
+    return types.SimpleNamespace(data=data, annotation=from_dict(AnnotationConfig, settings, "annotation"))
 
 
 @pytest.mark.parametrize("granularity", ["label", "box", "mask"])
@@ -213,3 +214,21 @@ def test_reclustering_with_another_k_reuses_features(tmp_path, tiny_weights, sha
     assert calls == []
     store = AnnotationStore.open(result.store)
     assert store.num_classes == 3 and int(store.tensor("cluster").max()) <= 2 and len(store) == 48
+
+
+def test_a_file_name_that_is_not_utf8_is_annotated_and_kept_in_the_store(tmp_path, tiny_weights):
+    import os
+
+    from sgdm.annotation.gallery import write_gallery
+    from sgdm.data import build_dataset
+
+    root = image_folder(tmp_path / "imgs", good=5, bad=False)
+    os.rename(root / "img_04.png", os.path.join(os.fsencode(root), b"caf\xe9.png"))  # Latin-1 name
+    cfg = config(tmp_path, tiny_weights, None, data=folder_data(root), num_classes=2)
+    store = AnnotationStore.open(annotate(cfg, progress=False, log=lambda m: None).store)
+    name = os.fsdecode(b"caf\xe9.png")
+    assert name in store and len(store) == 5  # the manifest (JSON) keeps the escaped name
+    dataset = build_dataset(cfg.data, train=False)
+    store.check_matches(dataset.ids, 2)
+    page = write_gallery(store, dataset, tmp_path / "g.html").read_text(encoding="utf-8")
+    assert "caf\\xe9.png" in page

@@ -6,7 +6,7 @@ import yaml
 
 from sgdm.cli.main import main
 
-from .conftest import TINY_KWARGS, TINY_VIT
+from .conftest import TINY_KWARGS, TINY_VIT, image_folder
 
 
 def write_config(path, store, weights, cache, **annotation):
@@ -56,18 +56,6 @@ def test_clusters_flags_must_be_positive(tmp_path, capsys):
         for value in ("0", "-1"):
             assert main(["clusters", str(tmp_path / "none"), flag, value]) == 2
             assert f"config error: {flag}: must be >= 1, got {value}" in capsys.readouterr().err
-
-
-def image_folder(root, good=5):
-    """``good`` tiny PNGs and ``img_bad.png``, a PNG cut short (sorted last)."""
-    from tests.data import fixtures
-
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(good):
-        (root / f"img_{i:02d}.png").write_bytes(fixtures.encode(fixtures.sample_rgb(40, 32, seed=i), "PNG"))
-    data = fixtures.encode(fixtures.sample_rgb(40, 32), "PNG")
-    (root / "img_bad.png").write_bytes(data[: len(data) // 2])
-    return root
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -127,3 +127,13 @@ def test_settings_differ_names_what_changed_the_annotations(tmp_path):
     with pytest.raises(StoreMismatchError, match=r"annotation.lost.center, annotation.lost.features, annotation.seed differ"):
         reusable_store(what)
     assert not reusable_store(dataclasses.replace(made, store=tmp_path / "missing"))
+
+
+def test_ids_hash_takes_the_bytes_of_a_name_that_is_not_utf8():
+    import hashlib
+    import os
+
+    from sgdm.annotation.store import ids_hash
+
+    assert ids_hash(["a.png", "b/é.png"]) == hashlib.sha256("a.png\nb/é.png\n".encode()).hexdigest()  # old stores
+    assert ids_hash([os.fsdecode(b"caf\xe9.png")]) == hashlib.sha256(b"caf\xe9.png\n").hexdigest()

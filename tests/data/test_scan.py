@@ -48,3 +48,29 @@ def test_a_symlink_cycle_is_walked_once_with_one_warning(tmp_path, caplog):
         assert scan_images(root) == ["a.png", "sub/b.png", "sub/linked/c.png"]
     warnings = [r.getMessage() for r in caplog.records if "reached again through symlinks" in r.getMessage()]
     assert len(warnings) == 1 and "2 folder(s)" in warnings[0]
+
+
+LATIN1 = b"caf\xe9.png"  # a Latin-1 name, common in old archives; not valid UTF-8
+
+
+def test_a_name_that_is_not_utf8_is_read_and_reported_by_its_bytes(tmp_path, capsys):
+    import os
+
+    from sgdm.cli.main import main
+
+    root = tmp_path / "imgs"
+    save(root / "a.png")
+    save(root / os.fsdecode(LATIN1))
+    name = os.fsdecode(LATIN1)  # 'caf\udce9.png', as os.walk gives it
+    data = {"dataset": "image_folder", "root": str(root), "size": 8, "num_workers": 0}
+    dataset = build_dataset(from_dict(DataConfig, data, "data"), train=False)
+    assert dataset.ids == ["a.png", name] and dataset.check(1) is None
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"a.png\n" + LATIN1 + b"\n")  # a list file in the archive's encoding names the same file
+    dataset = build_dataset(from_dict(DataConfig, {**data, "list_file": str(listed)}, "data"), train=False)
+    assert dataset.ids == ["a.png", name] and dataset.check(1) is None
+    (root / name).write_bytes(b"not an image")  # validate-data names it readably (stdout is strict UTF-8)
+    config = tmp_path / "data.yaml"
+    config.write_text(f"data: {{dataset: image_folder, root: {root}, num_workers: 0}}\n")
+    assert main(["validate-data", str(config)]) == 1
+    assert "BAD " + str(root / "caf\\xe9.png") + ": not an image" in capsys.readouterr().out
