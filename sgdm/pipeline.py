@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import operator
 import pathlib
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sgdm.config.core import dump_yaml, from_dict, to_dict
 from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
 from sgdm.diffusion.guidance import ClassifierFreeGuidance
-from sgdm.diffusion.samplers import ddim_timesteps, get_sampler, logsnr_timesteps
+from sgdm.diffusion.samplers import SPACINGS, ddim_timesteps, get_sampler, logsnr_timesteps
 from sgdm.diffusion.schedule import eps_from_output, make_schedule
 from sgdm.models.config import GuidanceConfig, ModelConfig
 from sgdm.models.conditioning import IGNORE_INDEX, box_mask, class_map_one_hot, condition_dims, multi_hot, one_hot
@@ -65,11 +68,28 @@ def per_image_generators(generator, num_images: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
 
 
-def _positive_int(value, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+def _positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1: Python, numpy and 0-d tensor integers (not bools)."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if value >= 1:
+                return value
+    raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _finite_float(value, name: str, what: str, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """``value`` as a finite float in [low, high]: Python, numpy and 0-d tensor numbers (not bools)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        f = float(value)
+        if math.isfinite(f) and (low is None or f >= low) and (high is None or f <= high):
+            return f
+    raise ValueError(f"{name}: expected {what}, got {value!r}")
 
 
 class SelfGuidedPipeline:
@@ -189,56 +209,69 @@ class SelfGuidedPipeline:
                                  f"nothing to scale; leave guidance_scale unset (got {scale!r})")
             return 1.0
         scale = self.sampler.guidance_scale if scale is None else scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"guidance_scale: expected a finite number w (paper Eq. 4), got {scale!r}")
-        return float(scale)
+        return _finite_float(scale, "guidance_scale", "a finite number w (paper Eq. 4)")
 
-    def _check_call(self, num_images, num_steps, sampler, eta, batch_size, output_type) -> None:
-        _positive_int(num_images, "num_images")
-        _positive_int(num_steps, "num_steps")
-        _positive_int(batch_size, "batch_size", allow_none=True)
+    def _solver(self, num_steps, sampler, eta, spacing) -> tuple[int, str, float, str]:
+        """(num_steps, sampler, eta, spacing) checked, with unset ones from the ``sampler`` config;
+        its eta is for its own sampler: another sampler chosen here runs with eta = 0."""
+        s = self.sampler
+        sampler = s.sampler if sampler is None else sampler
+        get_sampler(sampler)
+        num_steps = _positive_int(s.steps if num_steps is None else num_steps, "num_steps")
         if num_steps > len(self.schedule):
             raise ValueError(f"num_steps: at most the {len(self.schedule)} training timesteps, got {num_steps}")
-        get_sampler(sampler)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
+        if eta is None:
+            eta = s.eta if sampler == s.sampler else 0.0
+        eta = _finite_float(eta, "eta", "a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)", 0.0, 1.0)
         if eta and sampler != "ddim":
             raise ValueError(f"eta: only the ddim sampler uses eta; got eta={eta} with sampler={sampler!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        spacing = s.spacing if spacing is None else spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: expected one of {', '.join(SPACINGS)}, got {spacing!r}")
+        return num_steps, sampler, eta, spacing
+
+    def timesteps(self, num_steps: int, sampler: str, spacing: str) -> torch.Tensor:
+        """The descending training timesteps ``sampler`` visits: dpmpp_2m's evenly spaced in
+        log-SNR, ddim's and ddpm's by ``spacing`` (:func:`sgdm.diffusion.samplers.ddim_timesteps`)."""
+        if sampler == "dpmpp_2m":
+            return logsnr_timesteps(num_steps, self.schedule)
+        return ddim_timesteps(num_steps, len(self.schedule), spacing)
 
     @torch.no_grad()
     def __call__(self, num_images: int, cluster=None, box=None, mask=None, guidance_scale: Optional[float] = None,
-                 num_steps: int = 250, sampler: str = "ddim", eta: float = 0.0, generator=None,
-                 batch_size: Optional[int] = None, output_type: str = "pil", progress: bool = True):
+                 num_steps: Optional[int] = None, sampler: Optional[str] = None, eta: Optional[float] = None,
+                 generator=None, batch_size: Optional[int] = None, output_type: str = "pil",
+                 progress: bool = True, spacing: Optional[str] = None):
         """Generate ``num_images`` images.
 
         cluster: int or one int per image (label and box guidance), ids in [0, K).
-        box: normalized xyxy in [0, 1] ([4] or [N, 4]), or a binary mask ([H, W] / [N, H, W], bool or 0/1)
-            with the images' aspect ratio; box guidance needs ``cluster`` too (paper Eq. 8).
+        box: normalized xyxy in [0, 1] (floats, [4] or [N, 4]), or a binary mask ([H, W] / [N, H, W], bool or
+            integer 0/1) with the images' aspect ratio; box guidance needs ``cluster`` too (paper Eq. 8).
         mask: integer class map [H, W] / [N, H, W] (ids in [0, K), 255 = ignore) or a float/bool
             channel mask [K, H, W] / [N, K, H, W], any resolution with the images' aspect ratio (Eq. 9).
             Passing none of them samples unconditionally.
         guidance_scale: w of Eq. 4, eps = (1 - w) eps_uncond + w eps_cond (= eps_uncond + w (eps_cond -
             eps_uncond)); None takes ``sampler.guidance_scale`` of the config (2.0 by default). Must be
             left unset for an unguided model.
-        num_steps, sampler (ddim | ddpm | dpmpp_2m), eta (ddim only): the solver. ddim and ddpm visit
-            LDM's uniform timesteps, dpmpp_2m timesteps evenly spaced in log-SNR.
+        num_steps, sampler (ddim | ddpm | dpmpp_2m), eta (ddim only, in [0, 1]), spacing (of ddim's and
+            ddpm's timesteps: linspace | leading | trailing, see ``ddim_timesteps``): the solver; each
+            one left unset comes from the model's ``sampler`` config (its eta only with its own sampler).
+            dpmpp_2m visits timesteps evenly spaced in log-SNR.
         generator: torch.Generator (or one per image); see the module docstring for reproducibility.
         batch_size: images per network call (default all). output_type: ``pil`` (list of PIL images),
             ``pt`` (float [N, 3, H, W] in [0, 1]), ``np`` (float32 [N, H, W, 3] in [0, 1]) or ``latent``
             (diffusion-space latents [N, C, h, w]); all on the CPU.
         """
-        self._check_call(num_images, num_steps, sampler, eta, batch_size, output_type)
+        num_images = _positive_int(num_images, "num_images")
+        num_steps, sampler, eta, spacing = self._solver(num_steps, sampler, eta, spacing)
+        batch_size = num_images if batch_size is None else _positive_int(batch_size, "batch_size")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         scale = self._guidance_scale(guidance_scale)
         inputs = parse_guidance(self.guidance, num_images, self.latent_shape[1:], self.image_size,
                                 cluster=cluster, box=box, mask=mask)
         generators = per_image_generators(generator, num_images)
-        if sampler == "dpmpp_2m":
-            timesteps = logsnr_timesteps(num_steps, self.schedule)
-        else:
-            timesteps = ddim_timesteps(num_steps, len(self.schedule))
-        batch_size = batch_size or num_images
+        timesteps = self.timesteps(num_steps, sampler, spacing)
         starts = range(0, num_images, batch_size)
         from tqdm.auto import tqdm
 
@@ -386,15 +419,21 @@ class GuidanceInputs:
 
 
 def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
+    """Boxes are a [4] vector or a floating-point [N, 4]; any other bool or integer [H, W] or
+    [N, H, W] is a box mask (a 4-pixel-wide mask must be bool or integer, not float)."""
     b = _as_tensor(box)
-    if b.dtype != torch.bool and b.dim() in (1, 2) and b.shape[-1] == 4:
-        boxes = _expand(b.float().reshape(-1, 4), n, "box")
-        bad = (boxes < 0).any(1) | (boxes > 1).any(1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"box[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and "
-                             f"0 <= y0 <= y1 <= 1, got {boxes[i].tolist()}")
-        return {"boxes": boxes}
+    if b.dim() == 1 and b.shape[0] == 4 and b.dtype != torch.bool or b.dim() == 2 and b.shape[1] == 4 and (
+            b.is_floating_point()):
+        boxes = _expand(b.double().reshape(-1, 4), n, "box")
+        x0, y0, x1, y1 = boxes.unbind(1)
+        # written so that NaN fails it
+        ok = (x0 >= 0) & (y0 >= 0) & (x1 <= 1) & (y1 <= 1) & (x0 < x1) & (y0 < y1)
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0])
+            raise ValueError(f"box[{i}]: expected normalized xyxy with 0 <= x0 < x1 <= 1 and "
+                             f"0 <= y0 < y1 <= 1, got {boxes[i].tolist()} (a 4-pixel-wide box mask must be "
+                             f"bool or integer, not float)")
+        return {"boxes": boxes.float()}
     m = b[:, 0] if b.dim() == 4 and b.shape[1] == 1 else (b[None] if b.dim() == 2 else b)
     if m.dim() != 3:
         raise ValueError(f"box: expected xyxy [4] / [N, 4] or a binary mask [H, W] / [N, H, W], got shape "
@@ -419,8 +458,8 @@ def _parse_mask(mask, k: int, n: int, latent_hw, image_hw) -> dict:
         raise ValueError(f"mask: a channel mask must be [K, H, W] or [N, K, H, W] with K={k}, got shape "
                          f"{tuple(m.shape)}")
     _check_covers_image(hot.shape[-2:], image_hw, latent_hw, "mask")
-    if bool(((hot < 0) | (hot > 1)).any()):
-        raise ValueError("mask: channel values must lie in [0, 1]")
+    if not bool(((hot >= 0) & (hot <= 1)).all()):  # NaN fails it too
+        raise ValueError("mask: channel values must lie in [0, 1] (NaN is not a value)")
     return {"channel_masks": _expand(hot, n, "mask")}
 
 

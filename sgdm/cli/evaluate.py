@@ -6,7 +6,7 @@ import sys
 
 # CLI flag -> eval config key (None values are left as the run's eval: section has them)
 _FLAGS = {
-    "n": "n", "batch_size": "batch_size", "sampler": "sampler", "steps": "steps", "eta": "eta",
+    "n": "n", "batch_size": "batch_size", "sampler": "sampler", "steps": "steps", "eta": "eta", "spacing": "spacing",
     "guidance_scale": "guidance_scale", "inception_weights": "inception_weights",
     "feature_extractor": "feature_backbone", "feature_weights": "feature_weights", "feature_name": "feature_name",
     "seed": "seed", "device": "device",
@@ -32,7 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="sampling / feature batch size")
     parser.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampler (default ddim)")
     parser.add_argument("--steps", type=int, help="sampling steps (default 250)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default 0)")
+    parser.add_argument("--spacing", choices=["linspace", "leading", "trailing"],
+                        help="ddim / ddpm timesteps (default linspace: T - 1 down to 1; leading: LDM's)")
     parser.add_argument("--guidance-scale", type=float, help="w of paper Eq. 4 (default 2.0)")
     parser.add_argument("--sweep-scale", help="comma-separated guidance scales, e.g. 0,1,2,4; plots metric vs scale")
     parser.add_argument("--metrics", help="comma-separated subset of fid,is,kid,fd,adherence")

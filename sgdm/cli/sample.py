@@ -41,8 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the run's sampler.steps)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), default=None,
                    help="solver (default: the run's sampler.sampler)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's sampler.eta)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (same seed, same images)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta in [0, 1] (default: the run's sampler.eta with its sampler, else 0)")
+    p.add_argument("--spacing", choices=("linspace", "leading", "trailing"), default=None,
+                   help="ddim / ddpm timesteps (default: the run's sampler.spacing)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator (same seed, same images)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per network call (default: all)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--per-row", type=positive_int, default=8, help="images per grid row (default 8)")
@@ -50,6 +53,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a .png grid, or a folder for one PNG per image (default samples.png)")
     p.set_defaults(func=run)
     return p
+
+
+# the pipeline's parameter names -> this command's flags, for its error messages
+_FLAGS = {"num_images": "--num-images", "num_steps": "--steps", "guidance_scale": "--guidance-scale",
+          "batch_size": "--batch-size", "cluster": "--cluster", "box": "--box", "mask": "--mask", "eta": "--eta",
+          "sampler": "--sampler", "spacing": "--spacing"}
+
+
+def _flag_names(message: str) -> str:
+    """A pipeline error as this command says it: a leading ``name:`` (or ``name[i]:``) as its flag."""
+    head, sep, rest = message.partition(":")
+    name = head.split("[")[0]
+    return f"{_FLAGS[name]}{head[len(name):]}{sep}{rest}" if sep and name in _FLAGS else message
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^63), got {value}")
+    return value
 
 
 def _load_mask(path: pathlib.Path):
@@ -62,13 +88,24 @@ def _load_mask(path: pathlib.Path):
         raise FileNotFoundError(f"--mask: file {path} does not exist")
     try:
         if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path))
-        if path.suffix == ".pt":
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with Image.open(path) as image:
-            return torch.from_numpy(np.array(image).astype(np.int64))
+            mask = torch.from_numpy(np.load(path))
+        elif path.suffix == ".pt":
+            mask = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with Image.open(path) as image:
+                if image.mode not in ("L", "P", "1") and not image.mode.startswith("I"):
+                    raise ValueError(f"a {image.mode} image is not a class map; save the class ids as a "
+                                     f"single-channel (L, P or 16-bit) PNG")
+                mask = torch.from_numpy(np.array(image).astype(np.int64))
     except (OSError, ValueError, EOFError, RuntimeError) as err:  # truncated, not an image, not a tensor file
         raise ValueError(f"--mask: {path} cannot be read as a class map: {err}") from None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"--mask: {path} holds a {type(mask).__name__}, not a tensor (save the class map "
+                         f"itself with torch.save)")
+    if mask.is_floating_point() and mask.dim() == 2:
+        raise ValueError(f"--mask: {path} holds a 2-D {mask.dtype} array; a class map holds integer ids "
+                         f"(a channel mask is [K, H, W])")
+    return mask
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,10 +140,12 @@ def _sample(args: argparse.Namespace):
     device = resolve_device(args.device, "--device")
     mask = None if args.mask is None else _load_mask(args.mask)
     pipe = SelfGuidedPipeline.from_pretrained(args.run, device=device)
-    s = pipe.sampler
     cluster = None if args.cluster is None else (args.cluster[0] if len(args.cluster) == 1 else args.cluster)
-    images = pipe(args.num_images, cluster=cluster, box=args.box, mask=mask, guidance_scale=args.guidance_scale,
-                  num_steps=s.steps if args.steps is None else args.steps, sampler=args.sampler or s.sampler,
-                  eta=s.eta if args.eta is None else args.eta, generator=torch.Generator().manual_seed(args.seed),
-                  batch_size=args.batch_size, output_type="pt", progress=True)
+    try:  # unset solver options come from the run's sampler config (pipeline defaults)
+        images = pipe(args.num_images, cluster=cluster, box=args.box, mask=mask, guidance_scale=args.guidance_scale,
+                      num_steps=args.steps, sampler=args.sampler, eta=args.eta, spacing=args.spacing,
+                      generator=torch.Generator().manual_seed(args.seed), batch_size=args.batch_size,
+                      output_type="pt", progress=True)
+    except ValueError as err:  # the pipeline names its parameters; say the flags
+        raise ValueError(_flag_names(str(err))) from None
     return images * 2 - 1  # pipeline "pt" output is in [0, 1]; the grid takes [-1, 1]

@@ -65,6 +65,15 @@ class DiffusionConfig:
 
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+Spacing = Literal["linspace", "leading", "trailing"]  # sgdm.diffusion.samplers.ddim_timesteps
+
+
+def check_eta(eta: float, sampler: str) -> None:
+    """DDIM's eta (a config's ``eta`` key) for ``sampler``: in [0, 1], and 0 unless ddim."""
+    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise ConfigError("eta", f"must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
+    if eta and sampler != "ddim":
+        raise ConfigError("eta", f"only the ddim sampler uses eta; set it to 0 for sampler {sampler!r}")
 
 
 @dataclass
@@ -74,7 +83,9 @@ class SamplerConfig:
     sampler: ``ddim`` (Song et al. 2021; the paper uses 250 steps, eta = 0),
         ``ddpm`` (ancestral) or ``dpmpp_2m`` (DPM-Solver++(2M), 20-25 steps).
     steps: number of denoising steps (<= diffusion.timesteps).
-    eta: DDIM stochasticity (0 = deterministic, 1 = DDPM-like); ddim only.
+    eta: DDIM stochasticity in [0, 1] (0 = deterministic, 1 = DDPM-like); ddim only.
+    spacing: which timesteps ddim and ddpm visit (``sgdm.diffusion.samplers.ddim_timesteps``):
+        ``linspace`` (T - 1 down to 1), ``leading`` (LDM's) or ``trailing``.
     guidance_scale: w in the paper's Eq. 4, eps = (1 - w) eps_uncond + w eps_cond
         (w = 0 unconditional, w = 1 conditional; equals eps_uncond + s (eps_cond -
         eps_uncond) with s = w).
@@ -84,11 +95,11 @@ class SamplerConfig:
     steps: int = 250
     eta: float = 0.0
     guidance_scale: float = 2.0
+    spacing: Spacing = "linspace"
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError("steps", f"must be a positive number of steps, got {self.steps}")
-        if not (math.isfinite(self.eta) and self.eta >= 0.0):
-            raise ConfigError("eta", f"must be a finite number >= 0, got {self.eta}")
+        check_eta(self.eta, self.sampler)
         if not math.isfinite(self.guidance_scale):
             raise ConfigError("guidance_scale", f"must be finite, got {self.guidance_scale}")

@@ -18,6 +18,7 @@ Notation: a_t = alpha_bar_t, x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -27,45 +28,79 @@ from sgdm.diffusion.guidance import GuidedEps, resolve_eps
 from sgdm.diffusion.noise import Generators, randn_like
 from sgdm.diffusion.schedule import NoiseSchedule
 
-__all__ = ["ddim_timesteps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "logsnr_timesteps", "get_sampler",
+__all__ = ["SPACINGS", "LAMBDA_MIN_CLIPPED", "ddim_timesteps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "logsnr_timesteps", "get_sampler",
            "SAMPLERS", "Denoiser", "Callback"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], Union[torch.Tensor, GuidedEps]]
 Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
 
 
-def ddim_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "uniform") -> torch.Tensor:
-    """The ``num_steps`` training timesteps a sampler visits, descending, int64.
+SPACINGS = ("linspace", "leading", "trailing")
 
-    ``uniform`` follows LDM's ``ddim_discretize``: every c = T // num_steps-th
-    step, shifted by one (t = 1, 1 + c, ..., as LDM) so that the final step
-    starts from alpha_bar_1; the shift is dropped when it would pass T - 1
-    (num_steps = T gives all of 0..T-1). Exactly ``num_steps`` values.
-    """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+# Lower end of the lambda range that logsnr_timesteps spaces over (lambda = log(alpha / sigma)):
+# the cosine schedule's clamped last beta puts lambda_{T-1} near -9.8 while lambda_{T-2} is near
+# -6.5, so an even grid from lambda_{T-1} spends a third of a short budget on t >= 992, where
+# the latents hold no signal. DPM-Solver's implementations clip there for that schedule
+# (alpha_bar = 3.7e-5); linear and scaled-linear schedules end above it and are unaffected.
+LAMBDA_MIN_CLIPPED = -5.1
+
+
+def _check_num_steps(num_steps, num_train_timesteps: int) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f"num_steps: must be a positive integer, got {num_steps!r}")
     if num_steps > num_train_timesteps:
         raise ValueError(f"num_steps: at most the number of training timesteps ({num_train_timesteps}), "
                          f"got {num_steps}")
-    if spacing != "uniform":
-        raise ValueError(f"spacing: unknown value {spacing!r} (expected 'uniform')")
-    c = num_train_timesteps // num_steps
-    last = (num_steps - 1) * c
-    offset = 1 if last + 1 <= num_train_timesteps - 1 else 0
-    return (torch.arange(num_steps, dtype=torch.int64) * c + offset).flip(0)
+    return int(num_steps)
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "linspace") -> torch.Tensor:
+    """The ``num_steps`` training timesteps a sampler visits, descending, int64; exactly
+    ``num_steps`` distinct values (T = ``num_train_timesteps``, n = ``num_steps``).
+
+    - ``linspace`` (default): n evenly spaced values from T - 1 down to 1, rounded (n = 1:
+      [T - 1]; n = T: T - 1 .. 0). Sampling starts from pure noise, which is x_t's marginal at
+      t = T - 1 only, and the last step leaves from t = 1, where little noise is left.
+    - ``leading``: LDM's ``ddim_discretize``, every c = T // n-th step shifted by one
+      (t = 1, 1 + c, ...; the shift is dropped when it would pass T - 1). It starts at
+      T - c + 1 at best, and far lower where c = T // n truncates: n = 1 is [1] (the output is
+      the input noise), n = 3 starts at 667 and n = 600 at 600. For reproducing LDM's samples
+      (250 of 1000 steps: 997, 993, ..., 1).
+    - ``trailing``: t_i = round(T - i T / n) - 1 (Lin et al. 2024, "Common diffusion noise
+      schedules and sample steps are flawed"): starts at T - 1, but its last step leaves from
+      t = T / n - 1 (t = 19 at n = 50), a coarse final denoising step.
+    """
+    n, T = _check_num_steps(num_steps, num_train_timesteps), num_train_timesteps
+    if spacing == "linspace":
+        if n == T:
+            return torch.arange(T - 1, -1, -1, dtype=torch.int64)
+        if n == 1:
+            return torch.tensor([T - 1], dtype=torch.int64)
+        # the stride (T - 2) / (n - 1) >= 1 for n < T, so rounding keeps the values distinct
+        return torch.linspace(T - 1, 1, n, dtype=torch.float64).round().to(torch.int64)
+    if spacing == "leading":
+        c = T // n
+        offset = 1 if (n - 1) * c + 1 <= T - 1 else 0
+        return (torch.arange(n, dtype=torch.int64) * c + offset).flip(0)
+    if spacing == "trailing":
+        return (torch.arange(n, 0, -1, dtype=torch.float64) * (T / n)).round().to(torch.int64) - 1
+    raise ValueError(f"spacing: unknown value {spacing!r} (expected one of {', '.join(SPACINGS)})")
 
 
 def logsnr_timesteps(num_steps: int, schedule: NoiseSchedule) -> torch.Tensor:
     """``num_steps`` descending timesteps evenly spaced in lambda_t = log(sqrt(a_t) / sqrt(1 - a_t)),
-    from t = T - 1 down to t = 1 (Lu et al. 2022 recommend this for DPM-Solver; at 20 steps it
-    avoids the large 2nd-order extrapolation that uniform spacing makes on the final steps).
-    Where several targets round to one timestep they are pushed apart to stay distinct.
+    down to t = 1 (Lu et al. 2022 recommend this for DPM-Solver; at 20 steps it avoids the large
+    2nd-order extrapolation that uniform spacing makes on the final steps). The grid starts at
+    t = T - 1 or, where lambda_{T-1} lies below :data:`LAMBDA_MIN_CLIPPED` (the cosine schedule),
+    at the last timestep above it. Where several targets round to one timestep they are pushed
+    apart to stay distinct.
     """
     T = len(schedule)
-    ddim_timesteps(num_steps, T)  # same argument checks
+    num_steps = _check_num_steps(num_steps, T)
     lam = 0.5 * (schedule.alpha_bar.log() - (1 - schedule.alpha_bar).log())
     low = 1 if num_steps < T else 0
-    targets = torch.linspace(float(lam[-1]), float(lam[low]), num_steps, dtype=torch.float64)
+    top = max(float(lam[-1]), min(LAMBDA_MIN_CLIPPED, float(lam[low])))
+    targets = torch.linspace(top, float(lam[low]), num_steps, dtype=torch.float64)
     ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()  # descending t
     for j in range(num_steps - 2, -1, -1):
         ts[j] = max(ts[j], ts[j + 1] + 1)

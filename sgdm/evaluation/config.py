@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from sgdm.config.core import ConfigError, check_device, require_at_least
+from sgdm.diffusion.config import Spacing, check_eta
 
 Metric = Literal["fid", "is", "kid", "fd", "adherence"]
 
@@ -81,6 +82,7 @@ class EvalConfig:
     sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
     steps: int = 250
     eta: float = 0.0
+    spacing: Spacing = "linspace"
     guidance_scale: float = 2.0
     sweep_scales: list[float] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=lambda: ["fid", "is", "kid", "fd", "adherence"])
@@ -104,8 +106,7 @@ class EvalConfig:
         if self.n < self.batch_size:
             raise ConfigError("n", f"{self.n} samples is smaller than the batch size {self.batch_size}; lower batch_size or raise n")
         require_at_least(self, 1, "steps")
-        if self.eta < 0:
-            raise ConfigError("eta", f"must be >= 0, got {self.eta}")
+        check_eta(self.eta, self.sampler)
         if self.reference_n < 2:
             raise ConfigError("reference_n", f"need at least 2 reference images, got {self.reference_n}")
         if self.kid_subsets < 1 or self.kid_subset_size < 2:

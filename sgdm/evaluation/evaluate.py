@@ -84,7 +84,7 @@ def generate(pipe, conditions: EvalConditions, scale: Optional[float], ecfg: Eva
     if scale is not None:
         kwargs["guidance_scale"] = scale
     images = pipe(
-        n, num_steps=ecfg.steps, sampler=ecfg.sampler, eta=ecfg.eta, generator=torch.Generator().manual_seed(ecfg.seed),
+        n, num_steps=ecfg.steps, sampler=ecfg.sampler, eta=ecfg.eta, spacing=ecfg.spacing, generator=torch.Generator().manual_seed(ecfg.seed),
         batch_size=ecfg.batch_size, output_type="pt", progress=False, **kwargs,
     )
     return images.float().cpu() * 2 - 1  # "pt" output is [0, 1]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from sgdm.diffusion.config import DiffusionConfig
-from sgdm.diffusion.samplers import (ddim_timesteps, get_sampler, logsnr_timesteps, sample_ddim, sample_ddpm,
-                                     sample_dpmpp_2m)
+from sgdm.diffusion.samplers import (LAMBDA_MIN_CLIPPED, SPACINGS, ddim_timesteps, get_sampler, logsnr_timesteps,
+                                     sample_ddim, sample_ddpm, sample_dpmpp_2m)
 from sgdm.diffusion.schedule import make_schedule
 from tests.diffusion import gmm
 
@@ -104,11 +104,50 @@ def test_callback_sees_every_step(schedule):
     assert out.shape == (3, 2)
 
 
-def test_ddim_timesteps_follow_ldm_uniform_spacing():
-    assert ddim_timesteps(250, 1000).tolist() == list(range(997, 0, -4))
-    assert ddim_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
-    assert ddim_timesteps(1, 1000).tolist() == [1]
-    assert len(ddim_timesteps(300, 1000)) == 300
+def test_ddim_timesteps_spacings():
+    # leading: LDM's ddim_discretize, kept exactly
+    assert ddim_timesteps(250, 1000, "leading").tolist() == list(range(997, 0, -4))
+    assert ddim_timesteps(1, 1000, "leading").tolist() == [1]
+    assert ddim_timesteps(600, 1000, "leading")[0] == 600  # why it is not the default
+    # linspace (default): from T - 1 down to 1, whatever the count
+    assert ddim_timesteps(1, 1000).tolist() == [999]
+    assert ddim_timesteps(3, 1000).tolist() == [999, 500, 1]
+    assert ddim_timesteps(250, 1000)[:3].tolist() == [999, 995, 991]
+    # trailing: from T - 1 in steps of T / n
+    assert ddim_timesteps(4, 1000, "trailing").tolist() == [999, 749, 499, 249]
+    for spacing in SPACINGS:
+        assert ddim_timesteps(1000, 1000, spacing).tolist() == list(range(999, -1, -1))
+        for T in (2, 3, 10, 1000):
+            for n in range(1, T + 1):
+                ts = ddim_timesteps(n, T, spacing)
+                assert len(ts) == n and ts.max() <= T - 1 and ts.min() >= 0 and bool((ts[1:] < ts[:-1]).all())
+                if spacing != "leading":
+                    assert ts[0] == T - 1
+    with pytest.raises(ValueError, match="spacing: unknown value 'uniform'"):
+        ddim_timesteps(10, 1000, "uniform")
+
+
+def test_default_spacing_recovers_the_mixture_at_every_step_count():
+    """LDM's leading spacing starts at t = n for n in (T/2, T) (and at t = 1 for n = 1), where x_T
+    is not pure noise yet; the default starts at T - 1 for every n."""
+    schedule = make_schedule(DiffusionConfig(schedule="cosine", timesteps=1000))
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(N, 2, generator=g, dtype=torch.float64)
+    run = lambda ts: sample_ddim(gmm.make_denoiser(schedule), x_T.clone(), ts, schedule)  # noqa: E731
+    _check_recovers_mixture(run(ddim_timesteps(501, 1000)))
+    with pytest.raises(AssertionError):
+        _check_recovers_mixture(run(ddim_timesteps(501, 1000, "leading")))
+
+
+def test_logsnr_timesteps_skip_the_cosine_schedules_empty_end():
+    """The cosine schedule's last beta is clamped, so lambda drops by 3 over its last timestep; an
+    even grid from there spent 8 of 20 steps at t >= 992. The grid now starts at lambda = -5.1."""
+    cosine = make_schedule(DiffusionConfig(schedule="cosine", timesteps=1000))
+    ts = logsnr_timesteps(20, cosine)
+    lam = 0.5 * (cosine.alpha_bar / (1 - cosine.alpha_bar)).log()
+    assert int((ts >= 992).sum()) <= 2 and abs(float(lam[ts[0]]) - LAMBDA_MIN_CLIPPED) < 0.05
+    scaled = make_schedule(DiffusionConfig(schedule="scaled_linear", timesteps=1000))
+    assert logsnr_timesteps(20, scaled)[0] == 999  # its lambda_{T-1} is above the clip: unchanged
 
 
 def test_logsnr_timesteps_are_even_in_lambda_and_distinct(schedule):

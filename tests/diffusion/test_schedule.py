@@ -126,6 +126,8 @@ def test_diffusion_config_errors_name_the_key(data, key):
 @pytest.mark.parametrize("data, key", [
     ({"steps": 0}, "steps"), ({"steps": -5}, "steps"), ({"eta": -0.1}, "eta"),
     ({"sampler": "euler"}, "sampler"), ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"eta": 1.5}, "eta"), ({"eta": float("nan")}, "eta"), ({"sampler": "ddpm", "eta": 0.5}, "eta"),
+    ({"spacing": "uniform"}, "spacing"),
 ])
 def test_sampler_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as err:
@@ -137,3 +139,9 @@ def test_configs_defaults_are_valid():
     assert from_dict(DiffusionConfig, {}).beta_range() == (0.0015, 0.0155)
     assert from_dict(DiffusionConfig, {"schedule": "linear"}).beta_range() == (1e-4, 2e-2)
     assert from_dict(SamplerConfig, {"sampler": "dpmpp_2m", "steps": 25}).steps == 25
+    from typing import get_args
+
+    from sgdm.diffusion.config import Spacing
+    from sgdm.diffusion.samplers import SPACINGS
+
+    assert get_args(Spacing) == SPACINGS and SamplerConfig().spacing == SPACINGS[0]

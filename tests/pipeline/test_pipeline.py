@@ -9,7 +9,7 @@ from tests.pipeline.helpers import K, tiny_pipeline
 INPUTS = {
     "none": {},
     "label": {"cluster": [0, 2, 1, 2, 0]},
-    "box": {"cluster": [1, 0, 2, 2, 1], "box": [[0.1, 0.2, 0.6, 0.9], [0, 0, 1, 1], [0.5, 0.5, 0.5, 0.5],
+    "box": {"cluster": [1, 0, 2, 2, 1], "box": [[0.1, 0.2, 0.6, 0.9], [0, 0, 1, 1], [0.5, 0.5, 0.52, 0.53],
                                                [0.2, 0.0, 0.3, 1.0], [0.0, 0.4, 1.0, 0.6]]},
     "mask": {"mask": torch.randint(0, K, (5, 16, 16), generator=torch.Generator().manual_seed(4))},
 }

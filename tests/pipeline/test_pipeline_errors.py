@@ -48,7 +48,14 @@ def _call(pipe, n=2, **kwargs):
     ("label", {"num_steps": 2.5}, "num_steps: expected a positive integer"),
     ("label", {"num_steps": 51}, "num_steps: at most the 50 training timesteps"),
     ("label", {"sampler": "euler_a"}, "sampler: unknown sampler 'euler_a'"),
-    ("label", {"eta": -1.0}, "eta: expected a finite number >= 0"),
+    ("label", {"eta": -1.0}, r"eta: expected a number in \[0, 1\]"),
+    ("label", {"eta": 1.5}, r"eta: expected a number in \[0, 1\]"),
+    ("label", {"spacing": "uniform"}, "spacing: expected one of linspace, leading, trailing"),
+    ("box", {"cluster": 1, "box": [float("nan"), 0, 1, 1]}, r"box\[0\]: expected normalized xyxy"),
+    ("box", {"cluster": 1, "box": [0.5, 0.5, 0.5, 0.9]}, r"box\[0\]: expected normalized xyxy .*x0 < x1"),
+    # a float [N, 4] is boxes: four zero-area boxes at (1, 1), not a 4-pixel-wide mask
+    ("box", {"cluster": 1, "box": torch.ones(4, 4)}, "got 4 items for num_images=2|must be bool or integer"),
+    ("mask", {"mask": torch.full((K, 8, 8), float("nan"))}, r"mask: channel values must lie in \[0, 1\]"),
     ("label", {"eta": 0.5, "sampler": "dpmpp_2m"}, "eta: only the ddim sampler uses eta"),
     ("label", {"cluster": 0, "guidance_scale": float("inf")}, "guidance_scale: expected a finite number"),
     ("label", {"batch_size": 0}, "batch_size: expected a positive integer"),
@@ -57,6 +64,51 @@ def _call(pipe, n=2, **kwargs):
 def test_bad_call_names_the_argument(pipes, kind, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _call(pipes[kind], **kwargs)
+
+
+def test_numpy_and_tensor_scalars_are_numbers(pipes):
+    """Values from np.arange, numpy sweeps or 0-d tensors work like Python numbers."""
+    import numpy as np
+
+    want = _call(pipes["label"], cluster=1, guidance_scale=2.0, num_steps=2)
+    for n, steps, w in ((np.int64(2), np.int32(2), np.float32(2.0)), (torch.tensor(2), torch.tensor(2),
+                                                                        torch.tensor(2.0))):
+        got = _call(pipes["label"], n=n, cluster=1, guidance_scale=w, num_steps=steps)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="num_images: expected a positive integer, got True"):
+        _call(pipes["label"], n=True, cluster=1)
+
+
+def test_a_bool_or_integer_mask_four_pixels_wide_is_a_mask(pipes):
+    from sgdm.pipeline import parse_guidance
+
+    p = pipes["box"]
+    for mask in (torch.ones(4, 4, dtype=torch.bool), torch.ones(4, 4, dtype=torch.long)):
+        inputs = parse_guidance(p.guidance, 2, p.latent_shape[1:], p.image_size, cluster=1, box=mask)
+        assert inputs.boxes is None and inputs.box_masks.shape == (2, 4, 4)
+        assert bool((inputs.condition(0, 2)[1] == 1).all())  # the whole image
+    inputs = parse_guidance(p.guidance, 2, p.latent_shape[1:], p.image_size, cluster=1, box=[0, 0, 1, 1])
+    assert inputs.box_masks is None and inputs.boxes.tolist() == [[0.0, 0.0, 1.0, 1.0]] * 2
+
+
+def test_solver_defaults_come_from_the_models_sampler_config(pipes, monkeypatch):
+    """Unset num_steps / sampler / eta / spacing are the model's sampler config; its eta applies
+    to its own sampler only (another sampler chosen in the call runs with eta = 0)."""
+    from dataclasses import replace
+
+    from sgdm.pipeline import SelfGuidedPipeline as Pipe
+
+    p = pipes["label"]
+    seen = {}
+    monkeypatch.setattr(Pipe, "_sample_batch", lambda self, gens, cond, cond_map, scale, ts, sampler, eta, cb:
+                        seen.update(ts=ts.tolist(), sampler=sampler, eta=eta) or torch.zeros(len(gens), 4, 4, 4))
+    monkeypatch.setattr(p, "sampler", replace(p.sampler, sampler="ddim", steps=3, eta=0.5, spacing="trailing"))
+    _call(p, cluster=1, num_steps=None)
+    assert seen == {"ts": [49, 32, 16], "sampler": "ddim", "eta": 0.5}
+    _call(p, cluster=1, num_steps=None, sampler="ddpm")
+    assert seen["sampler"] == "ddpm" and seen["eta"] == 0.0
+    _call(p, cluster=1, num_steps=4, spacing="leading", eta=0.0)
+    assert seen == {"ts": [37, 25, 13, 1], "sampler": "ddim", "eta": 0.0}
 
 
 def test_bad_num_images_and_generators(pipes):

@@ -67,6 +67,15 @@ def test_sample_cli_counts_must_be_positive(trained, capsys, flag):
     assert f"argument {flag}" in err and "expected an integer >= 1, got 0" in err, err
 
 
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1", "x"])
+def test_sample_cli_seed_out_of_range_names_the_flag(trained, capsys, seed):
+    tmp, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(tmp / "runs" / "ldm"), "--seed", seed, "-o", str(tmp / "never.png")])
+    assert exit_info.value.code == 2
+    assert "argument --seed" in capsys.readouterr().err
+
+
 def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
     """Bad input to `sample` is an error line naming the argument and exit code 1, not a traceback,
     and writes nothing."""
@@ -75,12 +84,21 @@ def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
     out = tmp_path / "never.png"
     garbage = tmp_path / "mask.png"
     garbage.write_bytes(b"not a png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "rgb.png")
+    torch.save({"mask": torch.zeros(16, 16, dtype=torch.long)}, tmp_path / "dict.pt")
+    import numpy as np
+
+    np.save(tmp_path / "float_ids.npy", np.zeros((16, 16), np.float32))
     cases = [
         ([str(tmp_path / "missing-run")], "missing-run: no such file or directory"),
-        ([run, "--cluster", "0"], "cluster"),  # an unguided model takes no cluster
+        ([run, "--cluster", "0"], "--cluster: this model has 'none' guidance"),  # unguided: takes no cluster
         ([run, "--mask", str(tmp_path / "none.png")], "--mask: file"),
         ([run, "--mask", str(garbage)], "cannot be read as a class map"),
-        ([run, "--guidance-scale", "2"], "guidance_scale: this model is unguided"),
+        ([run, "--mask", str(tmp_path / "rgb.png")], "a RGB image is not a class map; save the class ids as a"),
+        ([run, "--mask", str(tmp_path / "dict.pt")], "dict.pt holds a dict, not a tensor"),
+        ([run, "--mask", str(tmp_path / "float_ids.npy")], "holds a 2-D torch.float32 array; a class map holds"),
+        ([run, "--guidance-scale", "2"], "--guidance-scale: this model is unguided"),
+        ([run, "--eta", "1.5"], "--eta: expected a number in [0, 1]"),
     ]
     for argv, message in cases:
         assert main(["sample", *argv, "--steps", "1", "-n", "1", "-o", str(out)]) == 1, argv
