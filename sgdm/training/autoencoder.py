@@ -128,7 +128,7 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
         from sgdm.training.checkpoint import list_checkpoints
 
         resume = bool(list_checkpoints(cfg.run.path / "checkpoints"))
-    ckpt = prepare_run_dir(cfg, resume)
+    ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder")
     autoencoder, loss = _build(cfg)
 
     def loader(module):

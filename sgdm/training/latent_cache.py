@@ -31,8 +31,15 @@ def cache_dir_for(cfg) -> pathlib.Path:
     return cfg.train.cache_dir if cfg.train.cache_dir is not None else cfg.run.path / "latents"
 
 
+# data settings that do not change the cached encodings: loader processes, what an unreadable file does
+# (caching needs every file), and flip (both orientations are cached; the trainer picks one)
+NOT_IN_FINGERPRINT = ("num_workers", "on_bad_image", "flip")
+
+
 def fingerprint(data_cfg, first_stage: torch.nn.Module) -> str:
-    h = hashlib.sha256(json.dumps(to_dict(data_cfg), sort_keys=True, default=str).encode())
+    """sha256 of the data settings that decide the pixels and of the first-stage weights."""
+    data = {k: v for k, v in to_dict(data_cfg).items() if k not in NOT_IN_FINGERPRINT}
+    h = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
     for name, tensor in sorted(first_stage.state_dict().items()):
         if name == "scale_factor":  # set after caching; the encodings do not depend on it
             continue

@@ -20,6 +20,7 @@ import torch
 from sgdm.config.core import ConfigError, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.training.checkpoint import clean_leftovers, find_last_valid, list_checkpoints
+from sgdm.training.resume import check_resume_compatible
 from sgdm.training.rng import derive_seed
 
 __all__ = ["train", "prepare_run_dir", "check_resume_compatible", "build_module", "build_trainer", "EXIT_SIGTERM"]
@@ -31,8 +32,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Path]:
-    """Create the run dir, clean leftovers, save the resolved config; the checkpoint to resume from."""
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusion") -> Optional[pathlib.Path]:
+    """Create the run dir, clean leftovers, save the resolved config; the checkpoint to resume from.
+
+    ``trainer`` (``diffusion`` or ``autoencoder``) says which settings a resume may change
+    (:mod:`sgdm.training.resume`)."""
     run_dir = cfg.run.path
     ckpt_dir = run_dir / "checkpoints"
     if _rank() == 0:
@@ -46,7 +50,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Optional[pathlib.Pat
         raise ConfigError("run.name", f"no readable checkpoint in {ckpt_dir} (all {len(existing)} fail their "
                                       f"integrity check)")
     if ckpt is not None:
-        check_resume_compatible(cfg, run_dir / "config.yaml")
+        check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
     if _rank() == 0:
         from sgdm.training.checkpoint import atomic_write_text
 
@@ -68,32 +72,6 @@ def keep_earlier_metrics(log_dir: pathlib.Path) -> Optional[pathlib.Path]:
     while (log_dir / f"metrics-{k}.csv").exists():
         k += 1
     return current.rename(log_dir / f"metrics-{k}.csv")
-
-
-# What an exact continuation depends on; anything else (max_steps, logging, checkpoint cadence) may change.
-RESUME_FIXED = ("run.seed", "data", "model", "diffusion", "train.batch_size", "train.accumulate", "train.lr",
-                "train.weight_decay", "train.betas", "train.adam_eps", "train.warmup_steps", "train.ema_decay",
-                "train.ema_warmup", "train.cache_latents")
-
-
-def _lookup(data: dict, key: str):
-    for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path) -> None:
-    """Refuse to resume with settings that would silently change the run (data order, model, optimiser)."""
-    import yaml
-
-    if not saved.is_file():
-        return
-    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_yaml(recorded_config(cfg)))
-    for key in RESUME_FIXED:
-        if _lookup(old, key) != _lookup(new, key):
-            raise ConfigError(key, f"differs from the run's saved config {saved} ({_lookup(old, key)!r} -> "
-                                   f"{_lookup(new, key)!r}); resuming would not continue the same run. Use the "
-                                   f"saved value or start a new run.name")
 
 
 def _seeded_build(seed: int, fn):

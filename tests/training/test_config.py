@@ -154,6 +154,60 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path):
     assert err.value.key == "train.batch_size" and "4 -> 8" in str(err.value)
 
 
+def _saved_run(tmp_path) -> None:
+    from sgdm.training.checkpoint import atomic_torch_save, checkpoint_name
+    from sgdm.training.run import prepare_run_dir
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path))
+    prepare_run_dir(cfg, resume=False)
+    atomic_torch_save({"x": 1}, cfg.run.path / "checkpoints" / checkpoint_name(2))
+
+
+@pytest.mark.parametrize("changes, key, old_new", [
+    ({"train": {"grad_clip": 1.0e-6}}, "train.grad_clip", "None -> 1e-06"),
+    ({"train": {"precision": "bf16-mixed"}}, "train.precision", "'32' -> 'bf16-mixed'"),
+    ({"annotation": {"store": "elsewhere"}}, "annotation.store", "-> 'elsewhere'"),
+    ({"data": {"flip": False}}, "data.flip", "True -> False"),
+    ({"model": {"unet": {"dropout": 0.1}}}, "model.unet.dropout", "0.0 -> 0.1"),
+    ({"train": {"cache_latents": True}}, "train.cache_latents", "False -> True"),
+])
+def test_resume_refuses_a_result_changing_setting_naming_the_leaf(tmp_path, changes, key, old_new):
+    from sgdm.training.run import prepare_run_dir
+
+    _saved_run(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        prepare_run_dir(from_dict(ExperimentConfig, tiny_config(tmp_path, **changes)), resume=True)
+    assert err.value.key == key and old_new in str(err.value)
+    assert "{" not in str(err.value)  # no section dump
+
+
+@pytest.mark.parametrize("changes", [
+    {"data": {"num_workers": 2}},
+    {"data": {"on_bad_image": "raise"}},
+    {"model": {"unet": {"gradient_checkpointing": True}}},
+    {"model": {"autoencoder": {"loss": {"disc_start": 5}}}},  # the first stage's loss: unused here
+    {"train": {"max_steps": 99, "checkpoint_every": 3, "log_every": 7, "sample_every": 4, "on_nan": "raise"}},
+    {"sampler": {"steps": 3}, "eval": {"n": 8}},
+])
+def test_resume_accepts_performance_and_bookkeeping_settings(tmp_path, changes):
+    from sgdm.training.checkpoint import checkpoint_name
+    from sgdm.training.run import prepare_run_dir
+
+    _saved_run(tmp_path)
+    assert prepare_run_dir(from_dict(ExperimentConfig, tiny_config(tmp_path, **changes)), resume=True).name == \
+        checkpoint_name(2)
+
+
+def test_resume_rules_depend_on_the_trainer():
+    from sgdm.training.resume import resume_differences
+
+    old = {"model": {"unet": {"channels": 8}, "autoencoder": {"loss": {"disc_start": 1}}}}
+    new = {"model": {"unet": {"channels": 16}, "autoencoder": {"loss": {"disc_start": 5}}}}
+    assert resume_differences(old, new, "diffusion") == [("model.unet.channels", 8, 16)]
+    assert resume_differences(old, new, "autoencoder") == [("model.autoencoder.loss.disc_start", 1, 5)]
+    assert resume_differences({"train": {}}, {"train": {"new_key": 1}}) == []  # saved by an older version
+
+
 def test_defaults_validate_and_only_written_dropout_without_guidance_is_refused(tmp_path):
     from sgdm.config.schema import load_experiment
 

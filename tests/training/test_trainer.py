@@ -163,3 +163,17 @@ def test_grad_clip_bounds_the_true_gradient_norm(workdir, precision):
     trainer.fit(module)
     assert len(norms) == 2
     assert norms == pytest.approx([clip, clip], rel=1e-2)
+
+
+def test_latent_cache_fingerprint_ignores_settings_that_do_not_change_pixels():
+    import dataclasses
+
+    from sgdm.data.config import DataConfig
+    from sgdm.training.latent_cache import fingerprint
+
+    net = torch.nn.Linear(2, 2)
+    base = DataConfig(dataset="shapes", size=32)
+    same = dataclasses.replace(base, num_workers=7, on_bad_image="raise", flip=False)
+    assert fingerprint(same, net) == fingerprint(base, net)
+    assert fingerprint(dataclasses.replace(base, size=64), net) != fingerprint(base, net)
+    assert fingerprint(dataclasses.replace(base, max_images=3), net) != fingerprint(base, net)

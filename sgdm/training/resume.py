@@ -1,0 +1,103 @@
+"""Which config changes ``--resume`` accepts: the saved ``config.yaml`` against the new config, leaf by leaf.
+
+A resume must continue the same run, so every setting that can change what is trained (seed, data,
+networks, schedule, optimiser, clipping, precision, guidance labels) has to equal the saved one. The
+exceptions are listed here and nowhere else: :data:`MAY_DIFFER` for every trainer (where and how fast it
+runs, how long, what it logs and writes), :data:`UNUSED_BY` for settings a trainer never reads.
+A key is allowed when it or one of its parent sections is listed. A key the saved config lacks (written
+by an older sgdm) is not compared.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterator
+
+from sgdm.config.core import ConfigError, dump_yaml
+from sgdm.config.schema import ExperimentConfig, recorded_config
+
+__all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences"]
+
+# setting -> why changing it on a resume cannot change the trained weights
+MAY_DIFFER: dict[str, str] = {
+    "run.dir": "where the run lives (a moved or copied run directory)",
+    "run.name": "where the run lives (a moved or copied run directory)",
+    "data.num_workers": "loader processes; the samples and their order are the trainer's",
+    "data.on_bad_image": "whether an unreadable file stops the run; readable images are unchanged",
+    "model.unet.gradient_checkpointing": "recomputes activations to save memory; same values",
+    "annotation.num_workers": "loader processes of sgdm-ldm annotate; training reads the store",
+    "train.max_steps": "the budget",
+    "train.accelerator": "where it runs; train.batch_size is global, so the samples do not change",
+    "train.devices": "where it runs; train.batch_size is global, so the samples do not change",
+    "train.num_nodes": "where it runs; train.batch_size is global, so the samples do not change",
+    "train.strategy": "where it runs; train.batch_size is global, so the samples do not change",
+    "train.checkpoint_every": "bookkeeping",
+    "train.keep_checkpoints": "bookkeeping",
+    "train.log_every": "bookkeeping",
+    "train.logger": "bookkeeping",
+    "train.progress_bar": "bookkeeping",
+    "train.on_nan": "what a fault does; finite steps are unchanged",
+    "train.max_consecutive_nan": "what a fault does; finite steps are unchanged",
+    "train.sample_every": "sample grids are drawn from the EMA weights, outside training",
+    "train.sample_scales": "sample grids are drawn from the EMA weights, outside training",
+    "train.sample_steps": "sample grids are drawn from the EMA weights, outside training",
+    "train.sample_per_row": "sample grids are drawn from the EMA weights, outside training",
+    "train.sample_max_clusters": "sample grids are drawn from the EMA weights, outside training",
+    "train.cache_dir": "where the latent cache lives; a missing one is rebuilt identically",
+    "train.export_pipeline": "written after training",
+    "sampler": "sampling after training",
+    "eval": "evaluation after training",
+    "prepare": "what is prepared before training; the prepared files are compared through their paths",
+}
+
+# trainer -> settings it does not read
+UNUSED_BY: dict[str, tuple[str, ...]] = {
+    "diffusion": ("model.autoencoder.loss",),  # the first stage's own training loss
+    "autoencoder": ("model.unet", "model.guidance", "model.autoencoder.checkpoint", "diffusion", "annotation",
+                    "train.accumulate", "train.weight_decay", "train.betas", "train.adam_eps", "train.warmup_steps",
+                    "train.grad_clip", "train.ema_decay", "train.ema_warmup", "train.cache_latents",
+                    "train.cache_shard_size"),
+}
+
+
+def _leaves(data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every leaf; lists are leaves."""
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
+    else:
+        yield path, data
+
+
+def _allowed(key: str, unused: tuple[str, ...]) -> bool:
+    parts = key.split(".")
+    prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return bool(prefixes & (MAY_DIFFER.keys() | set(unused)))
+
+
+def resume_differences(old: dict, new: dict, trainer: str = "diffusion") -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every leaf that must not change, in config order."""
+    unused = UNUSED_BY[trainer]
+    saved = dict(_leaves(old))
+    return [(key, saved[key], value) for key, value in _leaves(new)
+            if key in saved and saved[key] != value and not _allowed(key, unused)]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)  # paths and names in full; a long list shortened
+    return text if len(text) <= 60 or isinstance(value, str) else text[:57] + "..."
+
+
+def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer: str = "diffusion") -> None:
+    """Refuse to resume with a setting that would change the run; the error names the first differing key."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_yaml(recorded_config(cfg)))
+    differences = resume_differences(old, new, trainer)
+    if differences:
+        key, before, after = differences[0]
+        more = f" (and {len(differences) - 1} more setting(s))" if len(differences) > 1 else ""
+        raise ConfigError(key, f"differs from the run's saved config {saved} ({_short(before)} -> {_short(after)})"
+                               f"{more}; resuming would not continue the same run. Use the saved value or start a "
+                               f"new run.name")
