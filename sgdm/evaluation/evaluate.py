@@ -116,9 +116,11 @@ class _Evaluator:
         self.cache = ecfg.cache_dir or run_dir / "eval" / "cache"
         wants_inception = any(m in ecfg.metrics for m in INCEPTION)
         if wants_inception:
-            from sgdm.evaluation.fidelity import check_inception_weights
+            from sgdm.evaluation.fidelity import check_inception_weights, check_inception_weights_load
 
             check_inception_weights(ecfg.inception_weights)
+            if ecfg.inception_weights is not None:
+                check_inception_weights_load(ecfg.inception_weights)
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe
@@ -131,7 +133,12 @@ class _Evaluator:
             from sgdm.evaluation.feature_distance import reference_stats
 
             ref = _ReferenceImages(self.dataset, self.ecfg.reference_n, uint8=False)
-            name = f"fd-{self.space.name}-{self.data_key}-{self.space.backbone.weights_id[:16]}-n{len(ref)}.pt"
+            b = self.space.backbone
+            # the whole identity of the features: hub names share long prefixes (hub:vit_small_patch16_224.dino,
+            # hub:vit_small_patch8_224.dino), and backbone_kwargs change the architecture, not the name
+            backbone_key = _digest([b.name, b.weights_id, b.input_size, b.mean, b.std,
+                                    [list(t.shape) for t in b.model.state_dict().values()]])
+            name = f"fd-{self.space.name}-{self.data_key}-{backbone_key}-n{len(ref)}.pt"
             self._ref_stats = reference_stats(self.space, _batches(ref, self.ecfg.batch_size), self.cache / name)
         return self._ref_stats
 

@@ -69,6 +69,19 @@ def check_inception_weights(path: str | os.PathLike | None) -> str:
     return "tf-inception-2015-12-05"
 
 
+def check_inception_weights_load(path: str | os.PathLike) -> None:
+    """Build torch-fidelity's Inception from the file as its metrics will, so that a file that is
+    not its state dict fails now, not after hours of sampling."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    except Exception as err:  # unpickling errors, a wrong state dict (missing keys, shapes)
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"--inception-weights: {path} is not torch-fidelity's inception-v3-compat state dict "
+                         f"({type(err).__name__}: {message[:300]})") from None
+
+
 def inception_metrics(
     generated: torch.Tensor,
     reference: Dataset,

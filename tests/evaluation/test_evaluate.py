@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from sgdm.cli.main import main
 from tests.evaluation.helpers import make_run
@@ -113,3 +114,24 @@ def test_eval_not_a_run_and_bad_sweep(tmp_path, capsys):
     run_dir = make_run(tmp_path, "label")
     assert main(["eval", str(run_dir), "--sweep-scale", "0,x"]) == 2
     assert "--sweep-scale: expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_eval_unusable_inception_weights_fail_before_sampling(tmp_path, capsys, monkeypatch):
+    """A file that exists but is not torch-fidelity's state dict is a one-line error before any
+    image is sampled (torch-fidelity itself would load it only after sampling)."""
+    import sgdm.evaluation.evaluate as evaluate
+
+    run_dir = make_run(tmp_path, "label")
+    sampled = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: sampled.append(1) or None)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a pickle")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    for path in (garbage, wrong):
+        assert main(["eval", str(run_dir), "--inception-weights", str(path), "--n", "4", "--batch-size", "4",
+                     "--steps", "2", "--metrics", "fid"]) == 1
+        err = capsys.readouterr().err
+        assert f"--inception-weights: {path} is not torch-fidelity's inception-v3-compat state dict" in err, err
+        assert "Traceback" not in err
+    assert not sampled

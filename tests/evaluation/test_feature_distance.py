@@ -117,3 +117,26 @@ def test_mask_adherence_probe_scores_ids_directly(space, generator):
         mask_adherence_probe(space, images, guiding[:2].to(torch.uint8), probe)
     with pytest.raises(ValueError, match="class id 7 is outside the probe's 3 classes"):
         mask_adherence_probe(space, images, torch.full((6, 8, 8), 7, dtype=torch.uint8), probe)
+
+
+def test_reference_cache_names_tell_backbones_apart(space, tmp_path, monkeypatch):
+    """Two hub backbones whose ids share their first 16 characters (hub:vit_small_pa...), and the
+    same weights under other backbone_kwargs, get their own cached reference statistics."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import sgdm.evaluation.feature_distance as fdist
+    from sgdm.evaluation.evaluate import _Evaluator
+
+    paths = []
+    monkeypatch.setattr(fdist, "reference_stats", lambda space, batches, path: paths.append(path.name))
+    images = torch.zeros(4, 3, 16, 16)
+    b = space.backbone
+    variants = [dataclasses.replace(b, weights_id="hub:vit_small_patch16_224.dino"),
+                dataclasses.replace(b, weights_id="hub:vit_small_patch8_224.dino"),
+                dataclasses.replace(b, weights_id="hub:vit_small_patch8_224.dino", input_size=(32, 32))]
+    for backbone in variants:
+        fake = SimpleNamespace(space=dataclasses.replace(space, backbone=backbone), dataset=images, data_key="d",
+                               ecfg=SimpleNamespace(reference_n=4, batch_size=2), cache=tmp_path, _ref_stats=None)
+        _Evaluator.reference_stats(fake)
+    assert len(set(paths)) == 3 and all(":" not in p for p in paths), paths
