@@ -3,7 +3,10 @@
 Stages (paper Sec. 3.2, Eq. 6):
 
 1. feature extraction, shard by shard into ``STORE/work`` (resumable; with
-   torchrun each rank takes every world-size-th shard);
+   torchrun each rank takes every world-size-th shard). A rerun refuses features
+   made with another backbone or other pixels (``data.root``, ``data.size``, ...;
+   see :mod:`sgdm.annotation.cache`) and extracts again a shard whose image
+   files changed (a repaired bad file);
 2. the self-annotation function: k-means on L2-normalised CLS features
    (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
    patch k-means class maps at the patch grid (``mask``); k-means and the
@@ -34,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sgdm.annotation.cache import FeatureCache
+from sgdm.annotation.cache import FeatureCache, file_stamps
 from sgdm.annotation.config import AnnotationConfig
 from sgdm.annotation.evaluate import evaluate_records
 from sgdm.annotation.features import extract, load_backbone
@@ -45,6 +48,7 @@ from sgdm.annotation.patches import ShardPatches
 from sgdm.annotation.stego import fit_segmenter, segment
 from sgdm.annotation.store import SEGMENTER_FILE, ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
+from sgdm.data.decode import printable
 from sgdm.devices import resolve_device
 
 __all__ = ["AnnotationResult", "annotate", "class_count", "init_distributed"]
@@ -160,8 +164,27 @@ def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids) -> dict[str, Any]:
+# data settings that never change the cached tensors: the ids hash covers max_images, annotation
+# reads unflipped images, and on_bad_image only decides whether a bad file stops the run
+_DATA_SETTINGS_NOT_IN_FEATURES = ("flip", "on_bad_image", "num_workers", "max_images", "shapes")
+
+
+def _data_settings(data) -> dict[str, Any]:
+    """``data.*`` keys that decide the pixels (and ground truth) of each id, paths made absolute
+    (a relative root means another folder when run from elsewhere)."""
+    settings = {k: v for k, v in to_dict(data).items() if k not in _DATA_SETTINGS_NOT_IN_FEATURES}
+    for key in ("root", "list_file", "annotation_file", "class_list"):
+        if settings.get(key) is not None:
+            settings[key] = os.path.abspath(settings[key])
+    out = {f"data.{k}": v for k, v in settings.items()}
+    if data.dataset == "shapes":  # drawn from a seed, not read from files
+        out.update({"data.shapes.seed": data.shapes.seed, "data.shapes.image_size": data.shapes.image_size})
+    return out
+
+
+def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids, data) -> dict[str, Any]:
     return {
+        **_data_settings(data),
         "backbone": backbone.name,
         "backbone_kwargs": a.backbone_kwargs,
         "weights": backbone.weights_id,
@@ -172,28 +195,41 @@ def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids) -
     }
 
 
-def _extract_all(dataset, a, granularity, log, progress):
-    """Features of every shard of this rank (resuming finished ones); returns the cache and shard count."""
+def _stamps(dataset, indices) -> list:
+    """Stamps of the files behind ``indices`` (see :func:`~sgdm.annotation.cache.file_stamps`)."""
+    source = getattr(dataset, "source", None)  # a wrapped or in-memory dataset has no files to stamp
+    paths = [source(i) if source is not None else "" for i in indices]
+    return file_stamps([dataset.ids[i] for i in indices], paths)
+
+
+def _extract_all(dataset, a, granularity, data, log, progress):
+    """Features of every shard of this rank (resuming finished ones whose files did not change);
+    returns the cache and shard count."""
     from tqdm import tqdm
 
     backbone = load_backbone(a.backbone, a.weights, a.backbone_kwargs, a.image_size)
     device = _device(a)
     backbone.model.to(device)
-    cache = FeatureCache(a.store / "work", _fingerprint(backbone, a, granularity, dataset.ids))
+    cache = FeatureCache(a.store / "work", _fingerprint(backbone, a, granularity, dataset.ids, data))
     rank, world = _rank_world()
     n = len(dataset)
     if -(-n // a.shard_size) < world:  # every rank needs features for the distributed k-means
         raise ConfigError("annotation.shard_size", f"{a.shard_size} leaves {-(-n // a.shard_size)} shards of {n} "
                                                    f"images for {world} ranks; lower it")
     shards = list(range(rank, -(-n // a.shard_size), world))
-    todo = [s for s in shards if not cache.done(s)]
+    indices = {s: range(s * a.shard_size, min(n, (s + 1) * a.shard_size)) for s in shards}
+    stamps = {s: _stamps(dataset, indices[s]) for s in shards}  # before reading: a later edit shows next time
+    todo = [s for s in shards if not cache.done(s, stamps[s])]
+    stale = [s for s in todo if cache.path(s).is_file()]
+    if stale:
+        log(f"annotate: extracting {len(stale)} feature shard(s) again: their image files changed since "
+            f"(replaced or repaired; e.g. {printable(cache.changed(stale[0], stamps[stale[0]]))})")
     if len(todo) < len(shards):
         log(f"annotate: resuming, {len(shards) - len(todo)} of {len(shards)} feature shards already done")
-    total = sum(len(range(s * a.shard_size, min(n, (s + 1) * a.shard_size))) for s in todo)
+    total = sum(len(indices[s]) for s in todo)
     with tqdm(total=total, desc=f"features ({backbone.name})", unit="img", disable=not progress or rank != 0) as bar:
         for s in todo:
-            indices = range(s * a.shard_size, min(n, (s + 1) * a.shard_size))
-            cache.save(s, _extract_shard(backbone, dataset, indices, a, granularity, device, bar))
+            cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, bar), stamps[s])
     _barrier()
     return cache, -(-n // a.shard_size), backbone
 
@@ -295,7 +331,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
     if a.source == "gt":
         records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
     else:
-        cache, n_shards, backbone = _extract_all(dataset, a, granularity, log, progress)
+        cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress)
         records, feats, extra = _self_records(cache, n_shards, a, granularity, log)
         extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
                               "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,

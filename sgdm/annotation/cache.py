@@ -2,15 +2,19 @@
 
 Feature extraction is the slow part of annotation, so its output is written
 shard by shard (atomically). A rerun skips every shard whose file exists, as
-long as the fingerprint (backbone, weights hash, dataset ids hash, shard size,
-what is extracted) is the one the files were made with; otherwise it refuses
-rather than mixing features of two models.
+long as the fingerprint (backbone, weights hash, shard size, what is extracted,
+and what determines the pixels: the data settings and the ids hash) is the one
+the files were made with; otherwise it refuses rather than mixing features of
+two models or two datasets. Each shard also records a stamp (size, mtime) of
+its image files: a shard whose files changed since (an image replaced, or a
+file that could not be read then repaired) is extracted again.
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -18,7 +22,33 @@ from safetensors.torch import load_file
 
 from sgdm.annotation.store import StoreMismatchError, atomic_write_text, save_tensors_atomic
 
-__all__ = ["FeatureCache"]
+__all__ = ["FeatureCache", "file_stamps"]
+
+Stamps = list  # [[id, size, mtime_ns] or [id, None, None] for a path that is not a file], one per image
+
+
+def file_stamps(ids: Sequence[str], paths: Sequence[str]) -> Stamps:
+    """What a rerun compares to tell whether the files behind a shard changed: one ``stat`` each."""
+    stamps = []
+    for image_id, path in zip(ids, paths):
+        try:
+            info = os.stat(path)
+            stamps.append([image_id, info.st_size, info.st_mtime_ns])
+        except (OSError, ValueError):  # missing (then maybe added), or no file at all (an LMDB key)
+            stamps.append([image_id, None, None])
+    return stamps
+
+
+def _describe(changed: list[str], old: Mapping[str, Any]) -> str:
+    """``a, b differ; they were a=1`` plus which keys the old fingerprint predates."""
+    text = f"{', '.join(changed)} differ"
+    was = [f"{k}={old[k]}" for k in changed if k in old and len(str(old[k])) <= 80]
+    if was:
+        text += f"; they were {', '.join(was)}"
+    unrecorded = [k for k in changed if k not in old]
+    if unrecorded:
+        text += f"; made by an sgdm that did not record {', '.join(unrecorded)}"
+    return text
 
 
 class FeatureCache:
@@ -32,7 +62,7 @@ class FeatureCache:
             changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
             if changed:
                 raise StoreMismatchError(
-                    f"{self.directory} holds features made with other settings ({', '.join(changed)} differ); "
+                    f"{self.directory} holds features made with other settings ({_describe(changed, old)}); "
                     f"delete {self.directory} to re-extract, or point annotation.store elsewhere"
                 )
         else:
@@ -41,11 +71,23 @@ class FeatureCache:
     def path(self, shard: int) -> pathlib.Path:
         return self.directory / f"features_{shard:05d}.safetensors"
 
-    def done(self, shard: int) -> bool:
-        return self.path(shard).is_file()
+    def done(self, shard: int, stamps: Optional[Stamps] = None) -> bool:
+        """Whether the shard's features exist and, given ``stamps``, were made from those files."""
+        return self.path(shard).is_file() and (stamps is None or self.changed(shard, stamps) is None)
 
-    def save(self, shard: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        save_tensors_atomic(self.path(shard), tensors)
+    def changed(self, shard: int, stamps: Stamps) -> Optional[str]:
+        """The id of the first image whose file differs from its stamp in the saved shard, or None."""
+        with safe_open(str(self.path(shard)), framework="pt") as handle:
+            recorded = json.loads((handle.metadata() or {}).get("files", "null"))
+        fresh = json.loads(json.dumps(stamps))  # as the metadata holds them
+        if recorded is None or len(recorded) != len(fresh):  # cannot compare: count it as changed
+            return fresh[0][0]
+        return next((new[0] for was, new in zip(recorded, fresh) if was != new), None)
+
+    def save(self, shard: int, tensors: Mapping[str, torch.Tensor], stamps: Optional[Stamps] = None) -> None:
+        """Write the shard; ``stamps`` (of its files, taken before they were read) go into its metadata."""
+        metadata = None if stamps is None else {"files": json.dumps(stamps)}
+        save_tensors_atomic(self.path(shard), tensors, metadata)
 
     def load(self, shard: int, keys: Optional[Iterable[str]] = None, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """The shard's tensors: all of them, or only ``keys`` (those present), minus ``exclude``

@@ -68,9 +68,10 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor]) -> None:
+def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
+                        metadata: Optional[Mapping[str, str]] = None) -> None:
     tmp = _tmp_path(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=None if metadata is None else dict(metadata))
     os.replace(tmp, path)  # a shard either exists whole or not at all (resume relies on it)
 
 

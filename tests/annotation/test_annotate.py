@@ -51,11 +51,11 @@ def test_resume_skips_finished_shards(tmp_path, tiny_weights, shapes_cache, monk
     real_save = annotate_module.FeatureCache.save
     saved = []
 
-    def crash_after_two(self, shard, tensors):
+    def crash_after_two(self, shard, tensors, stamps=None):
         if len(saved) == 2:
             raise KeyboardInterrupt
         saved.append(shard)
-        real_save(self, shard, tensors)
+        real_save(self, shard, tensors, stamps)
 
     monkeypatch.setattr(annotate_module.FeatureCache, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
@@ -232,3 +232,61 @@ def test_a_file_name_that_is_not_utf8_is_annotated_and_kept_in_the_store(tmp_pat
     store.check_matches(dataset.ids, 2)
     page = write_gallery(store, dataset, tmp_path / "g.html").read_text(encoding="utf-8")
     assert "caf\\xe9.png" in page
+
+
+def folder_config(tmp_path, weights, root, **data):
+    return config(tmp_path, weights, None, data=folder_data(root, **data), num_classes=2, shard_size=2)
+
+
+def test_features_of_other_pixels_are_refused_naming_the_data_setting(tmp_path, tiny_weights):
+    import shutil
+
+    root = image_folder(tmp_path / "imgs", good=6, bad=False)
+    annotate(folder_config(tmp_path, tiny_weights, root), progress=False, log=lambda m: None)
+    other = shutil.copytree(root, tmp_path / "other")  # the same file names, maybe other pictures
+    with pytest.raises(StoreMismatchError, match=rf"\(data.root differ; they were data.root={root}\); delete "
+                                                 rf"{tmp_path / 'store' / 'work'} to re-extract"):
+        annotate(folder_config(tmp_path, tiny_weights, other), progress=False, log=lambda m: None)
+    with pytest.raises(StoreMismatchError, match=r"\(data.size differ; they were data.size=32\)"):
+        annotate(folder_config(tmp_path, tiny_weights, root, size=40), progress=False, log=lambda m: None)
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(f"img_{i:02d}.png" for i in range(6)))  # the same ids, named by a list
+    with pytest.raises(StoreMismatchError, match=r"\(data.list_file differ; they were data.list_file=None\)"):
+        annotate(folder_config(tmp_path, tiny_weights, root, list_file=str(listed)), progress=False, log=lambda m: None)
+
+
+def test_a_repaired_file_is_extracted_again_on_rerun(tmp_path, tiny_weights, monkeypatch):
+    import shutil
+
+    root = image_folder(tmp_path / "imgs", good=5, bad=True)  # img_bad.png is index 5: shard 2 of 3
+    cfg = folder_config(tmp_path, tiny_weights, root)
+    store = AnnotationStore.open(annotate(cfg, progress=False, log=lambda m: None).store)
+    assert "img_bad.png" not in store and store.manifest["dataset"]["skipped"] == ["img_bad.png"]
+    shutil.copy(root / "img_00.png", root / "img_bad.png")  # what the log told the user to fix
+    extracted, messages = [], []
+    real_extract = annotate_module._extract_shard
+
+    def counting(backbone, dataset, indices, *args):
+        extracted.append(list(indices))
+        return real_extract(backbone, dataset, indices, *args)
+
+    monkeypatch.setattr(annotate_module, "_extract_shard", counting)
+    store = AnnotationStore.open(annotate(cfg, progress=False, log=messages.append).store)
+    assert extracted == [[4, 5]]  # only the shard of the repaired file
+    assert any("extracting 1 feature shard(s) again" in m and "img_bad.png" in m for m in messages)
+    assert "img_bad.png" in store and store.manifest["dataset"]["skipped"] == [] and len(store) == 6
+    extracted.clear()
+    annotate(cfg, progress=False, log=lambda m: None)
+    assert extracted == []  # nothing changed since: everything is reused
+
+
+def test_features_cached_before_data_settings_were_recorded_are_refused_clearly(tmp_path, tiny_weights):
+    root = image_folder(tmp_path / "imgs", good=6, bad=False)
+    cfg = folder_config(tmp_path, tiny_weights, root)
+    annotate(cfg, progress=False, log=lambda m: None)
+    fingerprint = tmp_path / "store" / "work" / "fingerprint.json"
+    old = {k: v for k, v in json.loads(fingerprint.read_text()).items() if not k.startswith("data.")}
+    fingerprint.write_text(json.dumps(old))  # as an older sgdm wrote it
+    with pytest.raises(StoreMismatchError, match=r"made by an sgdm that did not record data.dataset, .*data.root.*; "
+                                                 r"delete .*work to re-extract"):
+        annotate(cfg, progress=False, log=lambda m: None)
