@@ -339,7 +339,9 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
     try:
-        data = _load_unique_keys(path.read_text(), str(path))
+        data = _load_unique_keys(path.read_bytes().decode("utf-8"), str(path))
+    except UnicodeDecodeError as err:
+        raise ConfigError("", f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"{path}: not valid YAML: {err}") from None
     if data is None:

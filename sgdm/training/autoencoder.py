@@ -117,7 +117,7 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
 
     from sgdm.config.core import ConfigError
     from sgdm.training.data import build_image_dataset, build_train_loader, flip_image_sample
-    from sgdm.training.run import EXIT_SIGTERM, build_trainer, prepare_run_dir
+    from sgdm.training.run import EXIT_SIGTERM, build_trainer, check_batch_fits, prepare_run_dir
 
     target = cfg.model.autoencoder.checkpoint
     if target is None:
@@ -128,12 +128,14 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
         from sgdm.training.checkpoint import list_checkpoints
 
         resume = bool(list_checkpoints(cfg.run.path / "checkpoints"))
+    dataset = build_image_dataset(cfg.data, cfg.run.seed)
+    check_batch_fits(t, len(dataset))
     ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder")
     autoencoder, loss = _build(cfg)
 
     def loader(module):
         world, rank = module.trainer.world_size, module.trainer.global_rank
-        return build_train_loader(build_image_dataset(cfg.data, cfg.run.seed), flip_image_sample,
+        return build_train_loader(dataset, flip_image_sample,
                                   global_micro_batch=t.micro_batch(world) * world, total_positions=t.max_steps,
                                   seed=cfg.run.seed, flip=cfg.data.flip, rank=rank, world_size=world,
                                   start=lambda: module.next_position, num_workers=cfg.data.num_workers)

@@ -94,8 +94,27 @@ def build_first_stage(cfg: ExperimentConfig):
     return _seeded_build(derive_seed(cfg.run.seed, "init-first-stage"), lambda: AutoencoderKL(ae_cfg))
 
 
-def build_module(cfg: ExperimentConfig, first_stage=None):
-    """The LightningModule, with its data factory; weights initialised from (run.seed, "init")."""
+def check_first_stage_file(cfg: ExperimentConfig) -> None:
+    """``model.autoencoder.checkpoint`` exists (a file, or a diffusers model folder), before anything is built."""
+    path = cfg.model.autoencoder.checkpoint
+    if path is not None and not path.exists():
+        raise ConfigError("model.autoencoder.checkpoint", f"{path} does not exist; train one with `sgdm-ldm "
+                                                          f"train-autoencoder` or point the key at an existing file")
+
+
+def check_batch_fits(train_cfg, num_images: int) -> None:
+    """A global micro-batch (``batch_size / accumulate`` images) must fit in the dataset: each data epoch
+    drops its incomplete last batch, so a larger one would never be filled."""
+    micro = train_cfg.batch_size // train_cfg.accumulate
+    if micro > num_images:
+        raise ConfigError("train.batch_size", f"{train_cfg.batch_size} (with train.accumulate={train_cfg.accumulate}"
+                                              f": {micro} images per micro-batch) is larger than the dataset "
+                                              f"({num_images} images); lower it or use more data")
+
+
+def build_module(cfg: ExperimentConfig, first_stage=None, dataset=None):
+    """The LightningModule, with its data factory; weights initialised from (run.seed, "init").
+    ``dataset``: the training images, when already built (else built when Lightning asks for data)."""
     from sgdm.diffusion.schedule import make_schedule
     from sgdm.models.conditioning import condition_dims
     from sgdm.models.unet import UNet
@@ -107,10 +126,10 @@ def build_module(cfg: ExperimentConfig, first_stage=None):
     first_stage = build_first_stage(cfg) if first_stage is None else first_stage
     guidance = GuidanceLookup(cfg.model.guidance, cfg.annotation.store)
     return LatentDiffusionModule(unet, first_stage, make_schedule(cfg.diffusion), cfg.diffusion, cfg.train, guidance,
-                                 cfg.model.guidance.drop_prob, cfg.run.seed, train_loader=_loader_factory(cfg))
+                                 cfg.model.guidance.drop_prob, cfg.run.seed, train_loader=_loader_factory(cfg, dataset))
 
 
-def _loader_factory(cfg: ExperimentConfig):
+def _loader_factory(cfg: ExperimentConfig, images=None):
     from sgdm.training.data import build_image_dataset, build_train_loader, flip_image_sample
 
     def make(module):
@@ -121,7 +140,8 @@ def _loader_factory(cfg: ExperimentConfig):
 
             dataset, flip_fn = LatentCacheDataset(cache_dir_for(cfg)), flip_latent_sample
         else:
-            dataset, flip_fn = build_image_dataset(cfg.data, cfg.run.seed), flip_image_sample
+            dataset = images if images is not None else build_image_dataset(cfg.data, cfg.run.seed)
+            flip_fn = flip_image_sample
         return build_train_loader(dataset, flip_fn, global_micro_batch=cfg.train.micro_batch(world) * world,
                                   total_positions=cfg.train.max_steps * cfg.train.accumulate, seed=cfg.run.seed,
                                   flip=cfg.data.flip, rank=rank, world_size=world,
@@ -190,8 +210,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
     """
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from sgdm.training.data import build_image_dataset
+
+    # the cheap checks first: nothing is written, no scale factor or latent cache computed, before them
+    check_first_stage_file(cfg)
+    dataset = build_image_dataset(cfg.data, cfg.run.seed)
+    check_batch_fits(cfg.train, len(dataset))
     ckpt = prepare_run_dir(cfg, resume)
-    module = build_module(cfg)
+    module = build_module(cfg, dataset=dataset)
     if cfg.train.cache_latents:
         # on a resume too: a complete cache is kept as it is, a missing one (a continuation in
         # a new run dir, a deleted cache) is rebuilt

@@ -165,3 +165,13 @@ def test_other_overrides_still_parse_yaml():
     with pytest.raises(ConfigError) as info:
         load_config(Outer, None, ["name=a", "inner.channels=exp #3"])
     assert info.value.key == "inner.channels"
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, path)
+    assert str(path) in str(info.value) and "not UTF-8" in str(info.value)
+    path.write_bytes("\ufeffname: caf\u00e9\n".encode("utf-8"))  # with a byte-order mark
+    assert load_config(Outer, path).name == "caf\u00e9"

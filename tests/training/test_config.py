@@ -43,6 +43,32 @@ def test_bad_settings_exit_2_naming_the_key(capsys, tmp_path, override, key):
     assert not (tmp_path / "shapes").exists()
 
 
+UNGUIDED = {"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.0}}
+
+
+def test_a_missing_first_stage_checkpoint_exits_2_before_the_run_dir_exists(capsys, tmp_path):
+    code, err = _run(capsys, tmp_path, tiny_config(tmp_path, model=UNGUIDED), "model.autoencoder.checkpoint=nope.ckpt")
+    assert code == 2 and "config error: model.autoencoder.checkpoint: nope.ckpt does not exist" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "train-autoencoder"])
+def test_a_batch_larger_than_the_dataset_exits_2_before_the_run_dir_exists(capsys, tmp_path, command):
+    output = {"autoencoder": {"checkpoint": str(tmp_path / "ae.ckpt")}} if command == "train-autoencoder" else {}
+    cfg = tiny_config(tmp_path, model={**UNGUIDED, **output}, train={"batch_size": 32})  # 24 images
+    code = main([command, str(write_config(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert code == 2 and "config error: train.batch_size: 32" in err and "24 images" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_that_is_not_utf8_exits_2(capsys, tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00train: 1\n")
+    assert main(["train", str(path)]) == 2
+    assert f"config error: {path}: not UTF-8 text" in capsys.readouterr().err
+
+
 def test_guidance_dropout_without_guidance(capsys, tmp_path):
     cfg = tiny_config(tmp_path, model={"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.1}})
     code, err = _run(capsys, tmp_path, cfg)
