@@ -99,7 +99,8 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
             if sample is None:
                 continue
             pil = render(sample["image"], store.get(image_id), thumb, store.num_classes)
-            parts.append(f"<figure><img src='data:image/png;base64,{_png(pil)}' title='{html.escape(printable(image_id))}'></figure>")
+            title = html.escape(printable(image_id))
+            parts.append(f"<figure><img src='data:image/png;base64,{_png(pil)}' title='{title}'></figure>")
         parts.append("</div>")
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

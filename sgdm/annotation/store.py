@@ -71,7 +71,8 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
 def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
                         metadata: Optional[Mapping[str, str]] = None) -> None:
     tmp = _tmp_path(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=None if metadata is None else dict(metadata))
+    metadata = None if metadata is None else dict(metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)  # a shard either exists whole or not at all (resume relies on it)
 
 

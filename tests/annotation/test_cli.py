@@ -67,4 +67,5 @@ def test_annotate_stops_on_a_bad_image_with_one_line(tmp_path, tiny_weights, sha
     assert main(["annotate", str(cfg), *overrides, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "\n" not in err
-    assert err.startswith("sgdm-ldm annotate: error: image_folder index 5: ") and f"{root / 'img_bad.png'}: cannot decode" in err
+    assert err.startswith("sgdm-ldm annotate: error: image_folder index 5: ")
+    assert f"{root / 'img_bad.png'}: cannot decode" in err

@@ -112,5 +112,6 @@ def test_bad_image_message_also_unwraps_a_dataloader_worker_error():
     with pytest.raises(RuntimeError) as info:  # torch cannot rebuild a BadImageError from the text
         next(iter(DataLoader(Bad(), num_workers=1, collate_fn=list)))
     assert bad_image_message(info.value) == expected
-    assert bad_image_message(BadImageError("/d/x.png", "zero-byte file").at(0, "image_folder")).endswith("zero-byte file")
+    direct = BadImageError("/d/x.png", "zero-byte file").at(0, "image_folder")
+    assert bad_image_message(direct) == "image_folder index 0: /d/x.png: zero-byte file"
     assert bad_image_message(RuntimeError("CUDA out of memory")) is None and bad_image_message(ValueError("x")) is None

@@ -20,8 +20,8 @@ def test_hidden_folders_are_skipped_like_hidden_files(tmp_path):
     assert scan_images(tmp_path) == ["a.png", "sub/d.png"]
     save(tmp_path / "classes" / "cats" / "f.png")
     save(tmp_path / "classes" / ".ipynb_checkpoints" / "g.png")
-    labelled = from_dict(DataConfig, {"dataset": "image_folder", "root": str(tmp_path / "classes"), "folder_labels": True,
-                                      "size": 8, "num_workers": 0}, "data")
+    labelled = from_dict(DataConfig, {"dataset": "image_folder", "root": str(tmp_path / "classes"),
+                                      "folder_labels": True, "size": 8, "num_workers": 0}, "data")
     dataset = build_dataset(labelled, train=False)
     assert dataset.ids == ["cats/f.png"] and dataset.class_names == ["cats"]  # no hidden class
 
