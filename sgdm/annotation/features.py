@@ -127,6 +127,34 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def cached_pretrained_file(name: str) -> Optional[str]:
+    """The local copy of timm's pretrained weights for ``name`` (the Hugging Face hub cache or
+    torch hub's checkpoints folder), or None: what can be loaded without a network."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                         cfg.hf_hub_filename):
+            if not filename:
+                continue
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE,
+                                                           revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        path = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url.split("?")[0])
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def load_backbone(
     name: str,
     weights: Optional[str | os.PathLike] = None,
@@ -154,8 +182,14 @@ def load_backbone(
             model = timm.create_model(name, pretrained=False, **kwargs)
         else:
             offline = not _hub_reachable()
+            # Offline, only a cached copy is tried: a download attempt on a network that drops
+            # packets would wait out the hub's timeouts and retries before failing.
+            cached = cached_pretrained_file(name) if offline else None
             try:
-                model = timm.create_model(name, pretrained=True, **kwargs)
+                if offline and cached is None:
+                    raise FileNotFoundError("not in the local hub caches")
+                overlay = {} if cached is None else {"pretrained_cfg_overlay": {"file": cached}}
+                model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
             except Exception as err:
                 why = "offline (HF_HUB_OFFLINE or no route to huggingface.co)" if offline else f"download failed: {err}"
                 raise BackboneError(

@@ -95,6 +95,39 @@ def test_missing_weights_offline_fails_at_once(monkeypatch):
     assert time.monotonic() - start < 20  # never the ~47 s hub timeout
 
 
+def test_no_route_to_the_hub_loads_only_a_cached_copy(monkeypatch, tmp_path):
+    """Without HF_HUB_OFFLINE but with no route to the hub, nothing is downloaded (a network that
+    drops packets would make that wait out its timeouts): a copy in the local hub cache loads,
+    and without one the error comes at once."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    import sgdm.annotation.features as features
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(features, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    create = timm.create_model
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(k) or create(*a, **k))
+    with pytest.raises(BackboneError, match="no local weights.*offline"):
+        load_backbone(TINY_VIT, None, TINY_KWARGS)
+    assert not calls  # no download was attempted
+    # the hub cache's layout: models--<org>--<name>/refs/main -> snapshots/<revision>/model.safetensors
+    repo = timm.models.get_pretrained_cfg(TINY_VIT).hf_hub_id
+    root = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("abc123")
+    (root / "snapshots" / "abc123").mkdir(parents=True)
+    reference = tiny_vit()
+    save_file(reference.state_dict(), str(root / "snapshots" / "abc123" / "model.safetensors"))
+    backbone = load_backbone(TINY_VIT, None, TINY_KWARGS)
+    assert calls[-1]["pretrained_cfg_overlay"]["file"].endswith("model.safetensors")
+    for name, value in reference.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], value), name
+
+
 def test_bad_weights_files(tmp_path, tiny_weights):
     with pytest.raises(BackboneError, match="does not exist"):
         load_backbone(TINY_VIT, tmp_path / "missing.pth", TINY_KWARGS)
