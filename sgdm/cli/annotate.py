@@ -29,40 +29,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def load_sections(path, overrides):
-    """The experiment config (annotate reads its data and annotation sections)."""
-    try:
-        from sgdm.config.schema import load_experiment
-    except ImportError:  # until the experiment schema lands: validate just the two sections
-        import types
-
-        from sgdm.annotation.config import AnnotationConfig
-        from sgdm.config.core import apply_overrides, from_dict, load_yaml
-        from sgdm.data.config import DataConfig
-
-        raw = apply_overrides(load_yaml(path), overrides)
-        return types.SimpleNamespace(data=from_dict(DataConfig, raw.get("data"), "data"),
-                                     annotation=from_dict(AnnotationConfig, raw.get("annotation"), "annotation"))
-    return load_experiment(path, overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     from sgdm.annotation.annotate import annotate, init_distributed
     from sgdm.config.core import ConfigError
-    from sgdm.data.decode import BadImageError, bad_image_message
+    from sgdm.config.schema import load_experiment
 
-    cfg = load_sections(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides)  # annotate reads its data and annotation sections
     init_distributed()  # no-op unless launched by torchrun
     try:
         result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
     except ConfigError:
         raise  # main() reports it (exit 2)
-    except (BadImageError, RuntimeError) as err:  # data.on_bad_image: raise, in this process or a worker
-        message = bad_image_message(err)
-        if message is None:
-            raise
-        return _error(f"{message} (data.on_bad_image is 'raise'; `sgdm-ldm validate-data` lists every unreadable "
-                      "file, data.on_bad_image=skip leaves them out)")
     except (FileNotFoundError, ValueError) as err:
         return _error(str(err))
     if result.metrics:

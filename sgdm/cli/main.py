@@ -67,23 +67,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(func(args) or 0)
-    except ValueError as err:
+    except Exception as err:
         if isinstance(err, ConfigError):
             print(f"sgdm-ldm {args.command}: config error: {err}", file=sys.stderr)
             return 2
-        if isinstance(err, _complete_errors()):
-            print(f"sgdm-ldm {args.command}: error: {err}", file=sys.stderr)
-            return 1
-        raise
+        message = _complete_message(err)
+        if message is None:
+            raise
+        print(f"sgdm-ldm {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
-def _complete_errors() -> tuple[type[ValueError], ...]:
-    """Errors whose message says all a user needs (what does not fit and what to do): one line, exit 1,
-    from any subcommand. Imported only when one is raised."""
+def _complete_message(err: Exception) -> str | None:
+    """The one-line message of an error that says all a user needs (what does not fit and what to
+    do), from any subcommand (exit 1), or None for the others, which keep their traceback. Imported
+    only when an error is raised."""
     from sgdm.annotation.features import BackboneError
     from sgdm.annotation.store import StoreMismatchError
+    from sgdm.data.decode import bad_image_message
 
-    return StoreMismatchError, BackboneError
+    if isinstance(err, (StoreMismatchError, BackboneError)):
+        return str(err)
+    bad = bad_image_message(err)  # data.on_bad_image: raise, in this process or a DataLoader worker
+    if bad is not None:
+        return (f"{bad} (data.on_bad_image is 'raise'; `sgdm-ldm validate-data` lists every unreadable file, "
+                "data.on_bad_image=skip leaves them out)")
+    return None
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.data.decode import printable
     from sgdm.data.scan import scan_dataset
 
-    raw = apply_overrides(load_yaml(args.config), args.overrides)
+    from sgdm.config.schema import ExperimentConfig
+
+    # typed by the experiment schema (text and path keys take the override text as written)
+    raw = apply_overrides(load_yaml(args.config), args.overrides, ExperimentConfig)
     cfg = from_dict(DataConfig, raw.get("data"), "data")
     dataset = build_dataset(cfg, train=False, split=args.split)
     if args.workers is not None and args.workers < 0:

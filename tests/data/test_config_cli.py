@@ -86,3 +86,13 @@ def test_validate_data_help_documents_the_exit_status(capsys):
     with pytest.raises(SystemExit):
         main(["validate-data", "--help"])
     assert "1 when at least one is bad" in capsys.readouterr().out
+
+
+def test_validate_data_path_overrides_take_the_text_as_written(tmp_path, capsys, monkeypatch):
+    """A folder named like a number or a date is a path, as in `train` (typed by the schema)."""
+    fixtures.write_unusual(tmp_path / "2024")
+    config = _write_config(tmp_path / "c.yaml", {"dataset": "image_folder", "root": str(tmp_path / "none"),
+                                                 "num_workers": 0})
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate-data", config, "data.root=2024"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip().endswith("8 of 8 items are fine, 0 cannot be read")

@@ -284,3 +284,25 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"sgdm-ldm {sgdm.__version__}\n"
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["in-process", "from-a-worker"])
+def test_a_bad_image_under_on_bad_image_raise_is_one_line(capsys, tmp_path, monkeypatch, wrapped):
+    """Any subcommand: a BadImageError (data.on_bad_image: raise), also as a DataLoader worker's
+    RuntimeError, ends in one line naming the file, exit 1."""
+    import sgdm.cli.train as train_cli
+    from sgdm.data.decode import BadImageError
+
+    error = BadImageError("/data/img_7.png", "cannot decode (OSError: image file is truncated)")
+    if wrapped:  # what torch re-raises for a worker's exception it cannot rebuild
+        error = RuntimeError(f"Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback "
+                             f"(most recent call last):\n  ...\nsgdm.data.decode.BadImageError: {error}")
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(train_cli, "run", fail)
+    code = main(["train", str(write_config(tmp_path, tiny_config(tmp_path)))])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("sgdm-ldm train: error: /data/img_7.png") and "data.on_bad_image is 'raise'" in err
