@@ -174,6 +174,16 @@ class AnnotationStore:
     source = property(lambda self: self.manifest["source"])
     method = property(lambda self: self.manifest.get("method"))
 
+    def content_digest(self) -> str:
+        """SHA-256 of the manifest and every shard file, in order: equal digests, equal annotations.
+        A training run records it so that a resume notices a store re-made at the same path."""
+        h = hashlib.sha256((self.path / MANIFEST).read_bytes())
+        for info in self.manifest["shards"]:
+            with open(self.path / info["file"], "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        return h.hexdigest()
+
     def __len__(self) -> int:
         return len(self._index)
 

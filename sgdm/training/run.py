@@ -3,6 +3,7 @@
 Run directory layout (``run.dir/run.name``)::
 
     config.yaml            the resolved config of the latest start
+    annotation_store.json  the annotation store's path and content digest (guided runs; a resume checks it)
     checkpoints/           step-XXXXXXXX.ckpt, written atomically (see sgdm.training.checkpoint)
     logs/                  TensorBoard (or CSV) scalars
     samples/               sample grids, step-XXXXXXXX.png
@@ -10,6 +11,7 @@ Run directory layout (``run.dir/run.name``)::
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import warnings
@@ -49,8 +51,10 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if resume and existing and ckpt is None:
         raise ConfigError("run.name", f"no readable checkpoint in {ckpt_dir} (all {len(existing)} fail their "
                                       f"integrity check)")
+    store = _annotation_store_digest(cfg) if trainer == "diffusion" else None
     if ckpt is not None:
         check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
+        _check_same_store(run_dir / STORE_RECORD, store)
     if _rank() == 0:
         from sgdm.training.checkpoint import atomic_write_text
 
@@ -58,7 +62,38 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
             keep_earlier_metrics(run_dir / "logs")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(recorded_config(cfg)))
+        if store is not None:
+            atomic_write_text(run_dir / STORE_RECORD, json.dumps(store, indent=1))
     return ckpt
+
+
+STORE_RECORD = "annotation_store.json"  # in the run dir: the guidance labels a run trains on
+
+
+def _annotation_store_digest(cfg: ExperimentConfig) -> Optional[dict]:
+    """{store path, content digest} of a guided run's annotation store (None when unguided, or
+    when there is no store yet: training itself then stops on it, naming annotation.store)."""
+    if cfg.model.guidance.kind == "none":
+        return None
+    from sgdm.annotation.store import AnnotationStore
+
+    try:
+        store = AnnotationStore.open(cfg.annotation.store)
+    except FileNotFoundError:
+        return None
+    return {"store": str(cfg.annotation.store), "sha256": store.content_digest()}
+
+
+def _check_same_store(record: pathlib.Path, store: Optional[dict]) -> None:
+    """A resume trains on the labels the run started with: the store's content must be unchanged
+    (the path alone is compared by the config check). Runs from before the record are not checked."""
+    if store is None or not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    if saved.get("sha256") != store["sha256"]:
+        raise ConfigError("annotation.store", f"{store['store']} holds other annotations than when this run "
+                                              f"started (its content digest differs from {record}); resuming would "
+                                              f"train on other labels. Start a new run.name, or restore the store")
 
 
 def keep_earlier_metrics(log_dir: pathlib.Path) -> Optional[pathlib.Path]:

@@ -179,3 +179,26 @@ def test_resume_keeps_the_earlier_csv_metrics(workdir):
     with open(logs / "metrics.csv", newline="") as f:
         steps = [float(row["train/step"]) for row in csv.DictReader(f) if row.get("train/step")]
     assert steps == [4.0]  # only the last segment's step
+
+
+def test_resume_refuses_a_store_remade_at_the_same_path(tmp_path):
+    """The config check compares the annotation.store path; a store annotated again in place (other
+    labels, same path) is caught by the content digest the run recorded when it started."""
+    import pathlib
+
+    from sgdm.annotation.store import AnnotationStore, write_store
+    from sgdm.config.core import ConfigError
+
+    cfg = tiny_config(tmp_path, run={"name": "store-digest"}, train={"max_steps": 2, "checkpoint_every": 1})
+    make_label_store(cfg)
+    assert run_in_process(cfg) == 0
+    record = pathlib.Path(cfg["run"]["dir"]) / "store-digest" / "annotation_store.json"
+    assert record.is_file()
+    cfg["train"]["max_steps"] = 3
+    assert run_in_process(cfg, resume=True) == 0  # the same store: resumes
+    store = AnnotationStore.open(cfg["annotation"]["store"])
+    shifted = (store.tensor("cluster") + 1) % store.num_classes
+    write_store(store.path, store.ids, {"cluster": shifted}, granularity="label", num_classes=store.num_classes)
+    cfg["train"]["max_steps"] = 4
+    with pytest.raises(ConfigError, match="annotation.store: .* holds other annotations than when this run started"):
+        run_in_process(cfg, resume=True)
