@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_accelerator(cfg.train.accelerator, cfg.train.devices)
     check_annotation_store(cfg)
+    from sgdm.training.run import check_resumable
+
+    check_resumable(cfg, args.resume)  # before prepare's minutes of work
     resume = args.resume
     if cfg.prepare.any():
         from sgdm.quickstart import prepare

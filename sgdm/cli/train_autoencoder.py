@@ -35,5 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_accelerator(cfg.train.accelerator, cfg.train.devices)
     from sgdm.training.autoencoder import train_autoencoder
+    from sgdm.training.run import check_resumable
+
+    check_resumable(cfg, args.resume)
 
     return train_autoencoder(cfg, resume=args.resume)

@@ -25,7 +25,8 @@ from sgdm.training.checkpoint import clean_leftovers, find_last_valid, list_chec
 from sgdm.training.resume import check_resume_compatible
 from sgdm.training.rng import derive_seed
 
-__all__ = ["train", "prepare_run_dir", "check_resume_compatible", "build_module", "build_trainer", "EXIT_SIGTERM"]
+__all__ = ["train", "prepare_run_dir", "check_resumable", "check_resume_compatible", "build_module", "build_trainer",
+           "EXIT_SIGTERM"]
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
@@ -44,6 +45,8 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if _rank() == 0:
         clean_leftovers(ckpt_dir)
     existing = list_checkpoints(ckpt_dir)
+    if resume and not existing:
+        raise no_checkpoints_error(cfg)
     if existing and not resume:
         raise ConfigError("run.name", f"run directory {run_dir} already has checkpoints; pass --resume to continue "
                                       f"it or choose another run.name")
@@ -65,6 +68,19 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
         if store is not None:
             atomic_write_text(run_dir / STORE_RECORD, json.dumps(store, indent=1))
     return ckpt
+
+
+def no_checkpoints_error(cfg: ExperimentConfig) -> ConfigError:
+    """``--resume`` of a run with nothing to resume (often a mistyped run.name): starting it from step 0
+    instead could silently begin a long new run."""
+    return ConfigError("run.name", f"--resume, but {cfg.run.path} has no checkpoints (run.name={cfg.run.name!r}); "
+                                   f"check run.name/run.dir, or drop --resume to start this run")
+
+
+def check_resumable(cfg: ExperimentConfig, resume: bool) -> None:
+    """Before any work: ``resume`` needs a checkpoint in the run dir (see :func:`prepare_run_dir`)."""
+    if resume and not list_checkpoints(cfg.run.path / "checkpoints"):
+        raise no_checkpoints_error(cfg)
 
 
 STORE_RECORD = "annotation_store.json"  # in the run dir: the guidance labels a run trains on

@@ -165,6 +165,18 @@ def test_existing_run_needs_resume(capsys, tmp_path):
     assert code == 2 and "no readable checkpoint" in err
 
 
+@pytest.mark.parametrize("command", ["train", "train-autoencoder"])
+def test_resume_of_a_run_without_checkpoints_is_refused(capsys, tmp_path, command):
+    """A mistyped run.name with --resume must not silently start a new run from step 0."""
+    cfg = tiny_config(tmp_path, run={"name": "typo"}, model={"autoencoder": {"checkpoint": str(tmp_path / "ae.ckpt")}})
+    make_label_store(cfg)
+    code = main([command, str(write_config(tmp_path, cfg)), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "run.name" in err and str(tmp_path / "runs" / "typo") in err and "drop --resume" in err
+    assert not (tmp_path / "runs" / "typo").exists()  # nothing written
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path):
     from sgdm.training.checkpoint import atomic_torch_save, checkpoint_name
     from sgdm.training.run import prepare_run_dir
