@@ -23,27 +23,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "--inception-weights PATH), the Frechet distance in an sgdm feature extractor's space (reported "
             "as fd_<name>, not FID; default extractor: the run's annotation backbone), and for box / mask "
             "guidance the IoU / mIoU of the self-annotation of generated images with the guiding layout. "
-            "Defaults come from the run's eval: section. Writes RUN/eval/results.json, results.md and, with "
-            "--sweep-scale, sweep.png."
+            "Defaults come from the run's eval: section (its config.yaml). Writes RUN/eval/results.json, "
+            "results.md and, with --sweep-scale, sweep.png."
         ),
     )
     parser.add_argument("run", help="training run directory (holds config.yaml and pipeline/)")
-    parser.add_argument("--n", type=int, help="number of generated images (default 10000)")
-    parser.add_argument("--batch-size", type=int, help="sampling / feature batch size")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampler (default ddim)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default 250)")
-    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default 0)")
+    parser.add_argument("--n", type=int, help="number of generated images (default: the run's eval.n)")
+    parser.add_argument("--batch-size", type=int, help="sampling / feature batch size (default: eval.batch_size)")
+    parser.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampler (default: eval.sampler)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: eval.steps)")
+    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: eval.eta)")
     parser.add_argument("--spacing", choices=["linspace", "leading", "trailing"],
-                        help="ddim / ddpm timesteps (default linspace: T - 1 down to 1; leading: LDM's)")
-    parser.add_argument("--guidance-scale", type=float, help="w of paper Eq. 4 (default 2.0)")
+                        help="ddim / ddpm timesteps (default: eval.spacing; linspace: T - 1 down to 1, leading: "
+                             "LDM's)")
+    parser.add_argument("--guidance-scale", type=float, help="w of paper Eq. 4 (default: eval.guidance_scale)")
     parser.add_argument("--sweep-scale", help="comma-separated guidance scales, e.g. 0,1,2,4; plots metric vs scale")
-    parser.add_argument("--metrics", help="comma-separated subset of fid,is,kid,fd,adherence")
+    parser.add_argument("--metrics", help="comma-separated subset of fid,is,kid,fd,adherence (default: eval.metrics)")
     parser.add_argument("--inception-weights", help="torch-fidelity inception-v3-compat weights file (offline use)")
     parser.add_argument("--feature-extractor", help="timm backbone name for fd_<name> (default: annotation.backbone)")
     parser.add_argument("--feature-weights", help="weights file of --feature-extractor")
     parser.add_argument("--feature-name", help="name the distance is reported under (fd_<name>)")
-    parser.add_argument("--seed", type=int, help="seed of the conditions and the sampling noise")
-    parser.add_argument("--device", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--seed", type=int, help="seed of the conditions and the sampling noise (default: eval.seed)")
+    parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: eval.device)")
     parser.set_defaults(func=run)
     return parser
 
@@ -73,7 +74,20 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
         data["sweep_scales"] = _float_list(args.sweep_scale, "--sweep-scale")
     if args.metrics is not None:
         data["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    return from_dict(EvalConfig, data, "eval")
+    from sgdm.config.core import ConfigError
+
+    try:
+        return from_dict(EvalConfig, data, "eval")
+    except ConfigError as err:  # a value the user typed: name the flag
+        given = {f"eval.{key}": "--" + flag.replace("_", "-") for flag, key in _FLAGS.items()
+                 if getattr(args, flag) is not None}
+        given.update({"eval.sweep_scales": "--sweep-scale"} if args.sweep_scale is not None else {})
+        given.update({"eval.metrics": "--metrics"} if args.metrics is not None else {})
+        name = next((flag for key, flag in given.items() if err.key == key or err.key.startswith(key + ".")
+                     or err.key.startswith(key + "[")), None)
+        if name is None:
+            raise
+        raise ConfigError(f"{name} ({err.key})", err.message) from None
 
 
 def run(args) -> int:

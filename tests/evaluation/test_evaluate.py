@@ -89,16 +89,17 @@ def test_eval_run_without_ema_weights_is_refused(tmp_path, capsys):
 def test_eval_n_smaller_than_batch_is_a_config_error(tmp_path, capsys):
     run_dir = make_run(tmp_path, "label")
     assert main(["eval", str(run_dir), "--n", "2", "--batch-size", "4"]) == 2
-    assert "eval.n: 2 samples is smaller than the batch size 4" in capsys.readouterr().err
+    # the values came from flags: the error names them (and the key)
+    assert "--n (eval.n): 2 samples is smaller than the batch size 4" in capsys.readouterr().err
 
 
 def test_eval_missing_weights_files_are_named(tmp_path, capsys):
     run_dir = make_run(tmp_path, "label")
     assert main(["eval", str(run_dir), "--inception-weights", str(tmp_path / "nope.pth")]) == 2
-    assert "eval.inception_weights: file" in capsys.readouterr().err
+    assert "--inception-weights (eval.inception_weights): file" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--metrics", "fd", "--feature-extractor", "vit_tiny_patch16_224",
                  "--feature-weights", str(tmp_path / "enc-missing.pth")]) == 2
-    assert "eval.feature_weights: file" in capsys.readouterr().err
+    assert "--feature-weights (eval.feature_weights): file" in capsys.readouterr().err
 
 
 def test_eval_unknown_feature_extractor_is_one_line(tmp_path, capsys):
