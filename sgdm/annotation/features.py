@@ -99,21 +99,39 @@ def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def _load_local(model: torch.nn.Module, path: pathlib.Path) -> None:
+_CHECK_SETTINGS = ("check annotation.backbone / annotation.backbone_kwargs "
+                   "(eval.feature_backbone / feature_backbone_kwargs for eval's feature extractor)")
+
+
+def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str) -> None:
     import importlib
 
     state = _read_state_dict(path)
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, model)
+        try:
+            state = filter_fn(state, model)
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. a pos_embed it cannot resample
+            raise BackboneError(f"weights file {path} does not match backbone {name}: {err}; "
+                                f"{_CHECK_SETTINGS}") from None
     own = model.state_dict()
     # classifier / DINO projection heads are not part of a feature extractor
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "head_dist."))}
+    # load_state_dict(strict=False) still raises on a shape mismatch, one line per tensor
+    mismatched = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if mismatched:
+        key = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise BackboneError(
+            f"weights file {path} does not match backbone {name}: {key!r} has shape {tuple(state[key].shape)} "
+            f"in the file, {tuple(own[key].shape)} in the model{more}; {_CHECK_SETTINGS}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BackboneError(
-            f"weights file {path} does not match the backbone: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"weights file {path} does not match backbone {name}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
+            f"{_CHECK_SETTINGS}"
         )
 
 
@@ -203,7 +221,7 @@ def load_backbone(
         path = pathlib.Path(weights)
         if not path.is_file():
             raise BackboneError(f"weights file {path} does not exist (annotation.weights)")
-        _load_local(model, path)
+        _load_local(model, path, name)
         weights_id = file_sha256(path)
     model.eval().requires_grad_(False)
     cfg = model.pretrained_cfg or {}

@@ -134,10 +134,22 @@ def test_bad_weights_files(tmp_path, tiny_weights):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="junk.pth cannot be read"):
         load_backbone(TINY_VIT, tmp_path / "junk.pth", TINY_KWARGS)
-    with pytest.raises(BackboneError, match="does not match the backbone: missing"):
+    with pytest.raises(BackboneError, match=f"does not match backbone {TINY_VIT}: missing.*annotation.backbone_kwargs"):
         load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "depth": 3})
     with pytest.raises(BackboneError, match="bad annotation.backbone_kwargs"):
         load_backbone(TINY_VIT, tiny_weights, {"no_such_argument": 1})
+
+
+def test_weights_of_another_width_are_one_line(tiny_weights):
+    """Weights whose shapes do not fit (a small encoder under a ViT-B name): one BackboneError naming the
+    first tensor with both shapes, not load_state_dict's line per tensor."""
+    with pytest.raises(BackboneError) as info:
+        load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "embed_dim": 32})
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{tiny_weights} does not match backbone {TINY_VIT}: 'cls_token' has shape (1, 1, 64) in the file, " \
+           "(1, 1, 32) in the model (and " in message
+    assert "check annotation.backbone / annotation.backbone_kwargs" in message
 
 
 def test_bf16_autocast_close_to_fp32(tiny_weights):

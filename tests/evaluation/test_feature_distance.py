@@ -42,6 +42,18 @@ def test_missing_feature_weights_is_named(tmp_path):
         load_feature_space("vit_tiny_patch16_224", tmp_path / "missing.pth", TINY_VIT)
 
 
+def test_feature_weights_of_another_shape_are_one_line(tmp_path):
+    """eval's --feature-weights goes through the annotation loader: a shape mismatch is one BackboneError."""
+    from sgdm.annotation.features import BackboneError
+
+    with torch.random.fork_rng(devices=[]):  # timm initialises from the global RNG
+        path = save_backbone(build_backbone("vit_tiny_patch16_224", TINY_VIT), tmp_path / "enc.safetensors",
+                             "vit_tiny_patch16_224", TINY_VIT)
+    with pytest.raises(BackboneError, match=r"enc.safetensors does not match backbone vit_tiny_patch16_224: "
+                                            r"'cls_token' has shape \(1, 1, 32\) in the file, \(1, 1, 48\) in the model"):
+        load_feature_space("vit_tiny_patch16_224", path, {**TINY_VIT, "embed_dim": 48})
+
+
 def test_box_adherence_plumbing(space, generator):
     images = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)
