@@ -141,7 +141,7 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
                                   start=lambda: module.next_position, num_workers=cfg.data.num_workers)
 
     module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, t.max_steps, loader)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, unused_parameters=True)  # the discriminator, idle before disc_start
     try:
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
     except SIGTERMException:

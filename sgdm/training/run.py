@@ -233,7 +233,18 @@ def _csv_logger_class():
     return SegmentedCSVLogger
 
 
-def build_trainer(cfg: ExperimentConfig, extra_callbacks=()):
+def _strategy(t, unused_parameters: bool):
+    """Lightning's strategy for ``train.strategy``. ``unused_parameters``: some trained parameters get no
+    gradient in some backward passes (the autoencoder's discriminator before ``disc_start``, its
+    generator in the discriminator's pass), which plain DDP refuses at the next step; DDP then looks
+    for them after each backward (a graph walk per step)."""
+    if not unused_parameters or t.strategy == "fsdp" or t.world_size() == 1:
+        return t.strategy
+    return "ddp_find_unused_parameters_true"  # "auto" with several processes is DDP as well
+
+
+def build_trainer(cfg: ExperimentConfig, extra_callbacks=(), unused_parameters: bool = False):
+    """The Lightning Trainer for ``cfg.train``; ``unused_parameters``: see :func:`_strategy`."""
     import pytorch_lightning as pl
 
     from sgdm.training.callbacks import StepCheckpoint
@@ -246,7 +257,8 @@ def build_trainer(cfg: ExperimentConfig, extra_callbacks=()):
         callbacks.append(SampleGrid(cfg, cfg.run.path / "samples"))
     callbacks.extend(extra_callbacks)
     accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator
-    return pl.Trainer(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+    return pl.Trainer(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                      strategy=_strategy(t, unused_parameters),
                       precision=t.precision_name, max_epochs=-1, max_steps=-1, logger=_logger(cfg),
                       callbacks=callbacks, plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                       enable_checkpointing=False, log_every_n_steps=t.log_every * t.accumulate,

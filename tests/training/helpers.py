@@ -85,10 +85,10 @@ def run_in_process(cfg_dict: dict, resume: bool = False, callbacks=()) -> int:
     return train(from_dict(ExperimentConfig, cfg_dict), resume=resume, callbacks=callbacks)
 
 
-def cli_command(config_path: pathlib.Path, *args: str) -> list[str]:
+def cli_command(config_path: pathlib.Path, *args: str, command: str = "train") -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "sgdm.cli.main", "train", str(config_path), *args]
+    return [sys.executable, "-m", "sgdm.cli.main", command, str(config_path), *args]
 
 
 def load_checkpoint(path: pathlib.Path) -> dict:
