@@ -9,7 +9,7 @@ import dataclasses
 import pathlib
 from typing import Any, Literal, Optional
 
-from sgdm.config.core import ConfigError, check_device, require_at_least
+from sgdm.config.core import ConfigError, check_device, check_kwargs, require_at_least
 
 Granularity = Literal["label", "box", "mask"]
 
@@ -133,4 +133,5 @@ class AnnotationConfig:
             raise ConfigError("image_size", f"must be >= 0 (0: the backbone's own), got {self.image_size}")
         if not self.backbone:
             raise ConfigError("backbone", "must name a timm model, e.g. vit_base_patch16_224.dino")
+        check_kwargs("backbone_kwargs", self.backbone_kwargs)
         check_device("device", self.device)

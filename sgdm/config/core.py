@@ -38,6 +38,7 @@ __all__ = [
     "dump_yaml",
     "require_at_least",
     "check_device",
+    "check_kwargs",
 ]
 
 
@@ -72,6 +73,21 @@ def check_device(name: str, value: str) -> None:
     ``cuda:N``. Whether that device exists is checked where it is used (:func:`sgdm.devices.resolve_device`)."""
     if not _DEVICE.fullmatch(value):
         raise ConfigError(name, f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def check_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """For ``validate()`` hooks: keyword arguments passed on to a library (``backbone_kwargs``).
+
+    ``{img_size:32}`` without a space after the colon is YAML for the key ``"img_size:32"`` with a
+    null value, and timm drops null kwargs, so such a mapping would silently build the default model.
+    """
+    for key, value in kwargs.items():
+        if ":" in str(key) or value is None:
+            example = "{img_size: 32, patch_size: 8}"
+            why = (f"the key {str(key)!r} holds a colon: YAML needs a space after each colon, "
+                   f"write the mapping as {example}") if ":" in str(key) else \
+                "null value, which the backbone would silently ignore; give a value or remove the key"
+            raise ConfigError(_join(name, str(key)), why)
 
 
 def _join(path: str, key: str) -> str:

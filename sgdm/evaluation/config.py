@@ -5,7 +5,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from sgdm.config.core import ConfigError, check_device, require_at_least
+from sgdm.config.core import ConfigError, check_device, check_kwargs, require_at_least
 from sgdm.diffusion.config import Spacing, check_eta
 
 Metric = Literal["fid", "is", "kid", "fd", "adherence"]
@@ -120,3 +120,4 @@ class EvalConfig:
         if self.feature_weights is not None and not self.feature_weights.is_file():
             raise ConfigError("feature_weights", f"file {self.feature_weights} does not exist")
         check_device("device", self.device)
+        check_kwargs("feature_backbone_kwargs", self.feature_backbone_kwargs)

@@ -69,3 +69,13 @@ def test_annotate_stops_on_a_bad_image_with_one_line(tmp_path, tiny_weights, sha
     assert "Traceback" not in err and "\n" not in err
     assert err.startswith("sgdm-ldm annotate: error: image_folder index 5: ")
     assert f"{root / 'img_bad.png'}: cannot decode" in err
+
+
+def test_backbone_kwargs_without_spaces_are_refused(tmp_path, tiny_weights, shapes_cache, capsys):
+    """``{img_size:32}`` is YAML for the key "img_size:32" with no value: refused, not a full-size ViT."""
+    cfg = write_config(tmp_path / "exp.yaml", tmp_path / "store", tiny_weights, shapes_cache)
+    assert main(["annotate", str(cfg), "annotation.backbone_kwargs={img_size:32,patch_size:8}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation.backbone_kwargs.img_size:32: the key 'img_size:32' holds a colon" in err
+    assert "{img_size: 32, patch_size: 8}" in err
+    assert not (tmp_path / "store").exists()

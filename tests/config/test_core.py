@@ -175,3 +175,19 @@ def test_a_config_that_is_not_utf8_is_named(tmp_path):
     assert str(path) in str(info.value) and "not UTF-8" in str(info.value)
     path.write_bytes("\ufeffname: caf\u00e9\n".encode("utf-8"))  # with a byte-order mark
     assert load_config(Outer, path).name == "caf\u00e9"
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    # no space after the colon: YAML keys "img_size:32" with null values, which timm would drop
+    ("kw={img_size:32,patch_size:8}", "kw.img_size:32", "holds a colon: YAML needs a space after each colon, "
+                                                        "write the mapping as {img_size: 32, patch_size: 8}"),
+    ("kw={depth: }", "kw.depth", "null value, which the backbone would silently ignore"),
+])
+def test_check_kwargs_refuses_keys_with_colons_and_null_values(override, key, fragment):
+    from sgdm.config.core import check_kwargs
+
+    kwargs = apply_overrides({}, [override])["kw"]
+    with pytest.raises(ConfigError) as info:
+        check_kwargs("kw", kwargs)
+    assert info.value.key == key and fragment in info.value.message
+    check_kwargs("kw", apply_overrides({}, ["kw={img_size: 32, patch_size: 8}"])["kw"])

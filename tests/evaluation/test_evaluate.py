@@ -102,6 +102,15 @@ def test_eval_missing_weights_files_are_named(tmp_path, capsys):
     assert "--feature-weights (eval.feature_weights): file" in capsys.readouterr().err
 
 
+def test_eval_feature_backbone_kwargs_without_spaces_are_refused():
+    from sgdm.config.core import ConfigError, apply_overrides, from_dict
+    from sgdm.evaluation.config import EvalConfig
+
+    data = apply_overrides({}, ["feature_backbone_kwargs={img_size:16}"])
+    with pytest.raises(ConfigError, match=r"^eval.feature_backbone_kwargs.img_size:16: .*holds a colon"):
+        from_dict(EvalConfig, data, "eval")
+
+
 def test_eval_unknown_feature_extractor_is_one_line(tmp_path, capsys):
     run_dir = make_run(tmp_path, "label")
     assert main(["eval", str(run_dir), "--metrics", "fd", "--feature-extractor", "not_a_timm_net"]) == 1
