@@ -8,6 +8,11 @@ trainer's. Layout of the cache directory::
     manifest.json          fingerprint, number of samples, shard size, ids
     shard-XXXXX.safetensors mean, logvar, mean_flip, logvar_flip: [n, C, h, w] float32
 
+Rows follow dataset indices, so the trainer's data order (:mod:`sgdm.training.data_order`) reads the
+cache as it reads the images. An unreadable image (``data.on_bad_image: skip``) keeps its row, zero
+and with id ``null``; the cache returns None for it, and the collate drops it from its micro-batch,
+exactly as training from the images does.
+
 Shards are written atomically and in order; an interrupted encode resumes at
 the first missing shard. The fingerprint covers the data config and the
 first-stage weights, so a stale cache is rebuilt rather than silently reused.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -32,7 +38,8 @@ def cache_dir_for(cfg) -> pathlib.Path:
 
 
 # data settings that do not change the cached encodings: loader processes, what an unreadable file does
-# (caching needs every file), and flip (both orientations are cached; the trainer picks one)
+# (under skip its row is marked unreadable, under raise nothing is cached), and flip (both orientations
+# are cached; the trainer picks one)
 NOT_IN_FINGERPRINT = ("num_workers", "on_bad_image", "flip")
 
 
@@ -52,6 +59,9 @@ def _shard_path(directory: pathlib.Path, index: int) -> pathlib.Path:
     return directory / f"shard-{index:05d}.safetensors"
 
 
+_FIELDS = ("mean", "logvar", "mean_flip", "logvar_flip")
+
+
 def _encode(first_stage, images: torch.Tensor, device) -> dict[str, torch.Tensor]:
     out = {}
     for suffix, x in (("", images), ("_flip", images.flip(-1))):
@@ -61,20 +71,32 @@ def _encode(first_stage, images: torch.Tensor, device) -> dict[str, torch.Tensor
     return out
 
 
-def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size) -> list[str]:
+def _with_unreadable_rows(encoded: Optional[dict], readable: list[bool], latent_shape) -> dict[str, torch.Tensor]:
+    """One row per index: the encodings of the readable images, zeros for the unreadable ones."""
+    if all(readable):
+        return encoded
+    rows = {k: torch.zeros(len(readable), *latent_shape) for k in _FIELDS}
+    if encoded is not None:
+        mask = torch.tensor(readable)
+        for k in _FIELDS:
+            rows[k][mask] = encoded[k]
+    return rows
+
+
+def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size,
+                 latent_shape) -> list[Optional[str]]:
+    """Encode indices [lo, hi) into shard ``index``; their ids, None for an unreadable image."""
     from safetensors.torch import save_file
 
     from sgdm.training.data import collate_training
 
     parts, ids = [], []
     for start in range(lo, hi, batch_size):
-        samples = [dict(dataset[i], flipped=False, position=0) for i in range(start, min(hi, start + batch_size))]
-        batch = collate_training(samples)
-        if len(batch["id"]) != len(samples):
-            raise RuntimeError(f"latent cache: an image in [{start}, {start + len(samples)}) is unreadable; "
-                               f"caching needs every image (run `sgdm-ldm validate-data`)")
-        parts.append(_encode(first_stage, batch["image"], device))
-        ids.extend(batch["id"])
+        samples = [dataset[i] for i in range(start, min(hi, start + batch_size))]
+        readable = [dict(s, flipped=False, position=0) for s in samples if s is not None]
+        encoded = _encode(first_stage, collate_training(readable)["image"], device) if readable else None
+        parts.append(_with_unreadable_rows(encoded, [s is not None for s in samples], latent_shape))
+        ids.extend(None if s is None else str(s["id"]) for s in samples)
     tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     path = _shard_path(directory, index)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -93,6 +115,8 @@ def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     first_stage = first_stage.eval()
     device = next(first_stage.parameters()).device
+    side = cfg.data.size // first_stage.cfg.downsample_factor
+    latent_shape = (first_stage.cfg.embed_dim, side, side)
     fp = fingerprint(cfg.data, first_stage)
     manifest_path = directory / "manifest.json"
     shard = cfg.train.cache_shard_size
@@ -106,14 +130,16 @@ def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
     num_shards = (len(dataset) + shard - 1) // shard
     for index in range(len(manifest["ids"]) // shard, num_shards):
         lo, hi = index * shard, min(len(dataset), (index + 1) * shard)
-        manifest["ids"].extend(_write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size))
+        manifest["ids"].extend(_write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size,
+                                                 latent_shape))
         manifest["complete"] = index == num_shards - 1
         atomic_write_text(manifest_path, json.dumps(manifest))
     return directory
 
 
 class LatentCacheDataset(Dataset):
-    """Samples ``{"mean", "logvar", "mean_flip", "logvar_flip", "id"}`` from a complete cache."""
+    """Samples ``{"mean", "logvar", "mean_flip", "logvar_flip", "id"}`` from a complete cache; None for
+    an image that was unreadable when it was cached (``data.on_bad_image: skip``)."""
 
     def __init__(self, directory: pathlib.Path):
         self.directory = pathlib.Path(directory)
@@ -136,12 +162,14 @@ class LatentCacheDataset(Dataset):
             self._handles[shard] = safe_open(str(_shard_path(self.directory, shard)), framework="pt")
         return self._handles[shard]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Optional[dict]:
         if not 0 <= index < len(self):
             raise IndexError(f"latent cache index {index} out of range [0, {len(self)})")
+        if self.manifest["ids"][index] is None:
+            return None
         shard, row = divmod(index, int(self.manifest["shard_size"]))
         handle = self._handle(shard)
-        out = {k: handle.get_slice(k)[row:row + 1][0] for k in ("mean", "logvar", "mean_flip", "logvar_flip")}
+        out = {k: handle.get_slice(k)[row:row + 1][0] for k in _FIELDS}
         out["id"] = self.manifest["ids"][index]
         return out
 

@@ -26,7 +26,7 @@ def ensure_scale_factor(cfg, module) -> None:
         from sgdm.training.latent_cache import LatentCacheDataset, cache_dir_for
 
         cache = LatentCacheDataset(cache_dir_for(cfg))
-        rows = [cache[i] for i in range(min(len(cache), n))]
+        rows = [r for r in (cache[i] for i in range(min(len(cache), n))) if r is not None]  # unreadable: dropped, as below
         mean = torch.stack([r["mean"] for r in rows]).double()
         std = torch.exp(0.5 * torch.stack([r["logvar"] for r in rows]).double())
         z = mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float64)

@@ -177,3 +177,37 @@ def test_latent_cache_fingerprint_ignores_settings_that_do_not_change_pixels():
     assert fingerprint(same, net) == fingerprint(base, net)
     assert fingerprint(dataclasses.replace(base, size=64), net) != fingerprint(base, net)
     assert fingerprint(dataclasses.replace(base, max_images=3), net) != fingerprint(base, net)
+
+
+class RecordIds(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen.append(sorted(batch["id"]))
+
+
+def test_latent_cache_skips_an_unreadable_image_as_training_from_images_does(tmp_path):
+    """data.on_bad_image: skip. The cache keeps the bad image's row (marked unreadable), so the data
+    order is the same and the same micro-batches lose it; a shard of only that image is written too."""
+    from sgdm.training.latent_cache import LatentCacheDataset
+    from tests.data import fixtures
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(11):
+        (root / f"img_{i:02d}.png").write_bytes(fixtures.encode(fixtures.sample_rgb(40, 32, seed=i), "PNG"))
+    (root / "img_05b.png").write_bytes(b"\x89PNG\r\n")  # cut short: index 6 of 12
+    seen = {}
+    for cached in (False, True):
+        cfg = from_dict(ExperimentConfig, tiny_config(
+            tmp_path, run={"name": f"bad-{cached}"}, data={"dataset": "image_folder", "root": str(root)},
+            model={"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.0}},
+            train={"max_steps": 3, "cache_latents": cached, "cache_shard_size": 1, "checkpoint_every": 3}))
+        seen[cached] = RecordIds()
+        assert train(cfg, callbacks=[seen[cached]]) == 0
+    assert seen[True].seen == seen[False].seen and len(seen[True].seen) == 3  # one epoch
+    assert sum(len(ids) for ids in seen[True].seen) == 3 * 4 - 1
+    assert all("img_05b.png" not in ids for ids in seen[True].seen)
+    cache = LatentCacheDataset(cfg.run.path / "latents")
+    assert len(cache) == 12 and cache[6] is None and cache[7]["id"] == "img_06.png"
