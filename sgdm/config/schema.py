@@ -11,7 +11,7 @@ import dataclasses
 import json
 import pathlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 from sgdm.annotation.config import AnnotationConfig
 from sgdm.config.core import ConfigError, apply_overrides, from_dict, load_yaml
@@ -23,7 +23,7 @@ from sgdm.quickstart.config import PrepareConfig
 from sgdm.training.config import TrainConfig
 
 __all__ = ["RunConfig", "ExperimentConfig", "load_experiment", "recorded_config", "check_annotation_store",
-           "guidance_classes_key"]
+           "check_store_dataset", "guidance_classes_key"]
 
 
 @dataclass
@@ -156,3 +156,49 @@ def check_annotation_store(cfg: ExperimentConfig) -> None:
     if opened.num_classes != g.num_classes:
         raise ConfigError("model.guidance.num_classes", f"{g.num_classes} does not match K={opened.num_classes} "
                                                         f"of the annotation store {store}")
+    check_store_dataset(opened, cfg.data)
+
+
+# data settings that do not decide which images a dataset lists
+_NOT_IDS = ("num_workers", "on_bad_image", "flip", "size")
+
+
+def check_store_dataset(opened, data: DataConfig) -> None:
+    """The store ``opened`` (an :class:`~sgdm.annotation.store.AnnotationStore`) holds every image of the
+    dataset ``data`` describes; else a ConfigError naming ``annotation.store`` and the data setting
+    that differs, before any work (training would stop at the first batch with an unknown id).
+
+    Cheap: the dataset lists its ids without reading an image; their hash is compared with the one
+    the store recorded. A store made from a larger dataset holding all of them is accepted."""
+    from sgdm.annotation.store import ids_hash
+    from sgdm.data import build_dataset
+
+    ids = build_dataset(data, train=False).ids
+    recorded = opened.manifest.get("dataset") or {}
+    if ids_hash(ids) in (recorded.get("ids_sha256"), opened.manifest.get("ids_sha256")):
+        return
+    skipped = set(recorded.get("skipped") or ())  # unreadable when annotated; training skips them too
+    missing = [i for i in ids if i not in opened and i not in skipped]
+    if not missing:
+        return
+    raise ConfigError("annotation.store", f"{opened.path} was annotated from other images: {len(missing)} of the "
+                                          f"dataset's {len(ids)} image ids are not in it (e.g. {missing[0]!r}); "
+                                          f"{_data_difference(recorded.get('config'), data)}. Delete the store to "
+                                          f"annotate again, or point annotation.store elsewhere")
+
+
+def _data_difference(old: Optional[dict], data: DataConfig) -> str:
+    """Which ``data.*`` settings differ from those the store recorded, as words."""
+    from sgdm.config.core import to_dict
+
+    if not isinstance(old, dict):
+        return "the store does not record the data settings it was made from"
+    def leaves(d: dict) -> dict:  # nested sections (data.shapes) key by key
+        return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in d.items()
+                for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+    old, new = leaves(old), leaves(to_dict(data))
+    differ = [k for k in sorted(set(old) | set(new)) if k not in _NOT_IDS and old.get(k) != new.get(k)]
+    if not differ:
+        return "the data settings are the same, so the files changed since it was annotated"
+    return "; ".join(f"data.{k} differs (store: {old.get(k)!r}, now: {new.get(k)!r})" for k in differ)

@@ -35,19 +35,25 @@ def store_exists(path: pathlib.Path) -> bool:
     return (pathlib.Path(path) / "manifest.json").is_file()
 
 
-def reusable_store(annotation) -> bool:
-    """True when ``annotation.store`` is complete and was made with these settings; False when it
-    is missing or unfinished; a complete store made with other settings is refused by name,
-    never reused silently (a changed ``annotation.lost`` would otherwise keep the old boxes)."""
+def reusable_store(annotation, data=None) -> bool:
+    """True when ``annotation.store`` is complete and was made with these settings (and, given the
+    ``data`` config, from its images); False when it is missing or unfinished; a complete store made
+    with other settings or other images is refused by name, never reused silently (a changed
+    ``annotation.lost`` would otherwise keep the old boxes, other images fail in training)."""
     from sgdm.annotation.store import AnnotationStore, StoreMismatchError
 
     if not store_exists(annotation.store):
         return False
-    differ = AnnotationStore.open(annotation.store).settings_differ(annotation)
+    opened = AnnotationStore.open(annotation.store)
+    differ = opened.settings_differ(annotation)
     if differ:
         raise StoreMismatchError(
             f"annotation store {annotation.store} was made with other settings (annotation.{', annotation.'.join(differ)} "
             f"differ); delete it to annotate again, or point annotation.store elsewhere")
+    if data is not None:
+        from sgdm.config.schema import check_store_dataset
+
+        check_store_dataset(opened, data)
     return True
 
 
@@ -105,7 +111,7 @@ def _features(cfg, log) -> str:
 
 def _annotations(cfg, log) -> str:
     store = cfg.annotation.store
-    if reusable_store(cfg.annotation):
+    if reusable_store(cfg.annotation, cfg.data):
         return f"reused {store}"
     if cfg.annotation.source == "self" and cfg.annotation.weights is not None and not cfg.annotation.weights.is_file():
         raise ConfigError("annotation.weights", f"{cfg.annotation.weights} does not exist; set prepare.features: true "

@@ -59,7 +59,7 @@ def train_variant(vcfg, log) -> pathlib.Path:
     if (run_path / "pipeline").exists():
         log(f"variant {run_path.name}: reusing {run_path / 'pipeline'}")
         return run_path
-    if vcfg.model.guidance.kind != "none" and not reusable_store(vcfg.annotation):
+    if vcfg.model.guidance.kind != "none" and not reusable_store(vcfg.annotation, vcfg.data):
         from sgdm.annotation.annotate import annotate
 
         annotate(vcfg, evaluate=vcfg.annotation.source == "self", log=log, progress=False)

@@ -108,6 +108,22 @@ def test_stale_encoder_and_stale_label_store_are_refused(quickstart_run, tmp_pat
         prepare(load_experiment(CONFIG, mine), log=lambda m: None)
 
 
+def test_a_store_annotated_from_other_images_is_not_reused(quickstart_run, tmp_path, capsys):
+    """prepare would report the store as reused and training stop at its first batch on an unknown id."""
+    from sgdm.quickstart import prepare
+
+    tmp, overrides = quickstart_run
+    other = [*overrides, "data.shapes.num_images=52", f"data.shapes.cache_dir={tmp_path / 'shapes'}",
+             f"run.dir={tmp_path / 'runs'}"]
+    with pytest.raises(ConfigError, match=r"annotation.store: .*ann-label was annotated from other images: 4 of the "
+                                          r"dataset's 52 image ids .*data.shapes.num_images differs"):
+        prepare(load_experiment(CONFIG, other), log=lambda m: None)
+    assert main(["train", str(CONFIG), *other]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Delete the store" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_prepare_without_target_paths_names_the_key(tmp_path):
     from sgdm.quickstart import prepare
 

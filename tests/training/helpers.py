@@ -54,10 +54,12 @@ def write_config(tmp_path: pathlib.Path, cfg: dict, name: str = "config.yaml") -
 
 
 def make_label_store(cfg_dict: dict, num_classes: int = 3) -> None:
-    """A label store for the tiny shapes dataset: cluster = index mod K."""
+    """A label store for the tiny shapes dataset: cluster = index mod K; its manifest records the
+    data it was made from, as ``sgdm-ldm annotate`` writes it."""
     import torch
 
-    from sgdm.annotation.store import write_store
+    from sgdm.annotation.store import ids_hash, write_store
+    from sgdm.config.core import to_dict
     from sgdm.config.schema import load_experiment
     from sgdm.data import build_dataset
 
@@ -65,7 +67,8 @@ def make_label_store(cfg_dict: dict, num_classes: int = 3) -> None:
     dataset = build_dataset(cfg.data, train=False)
     ids = [dataset[i]["id"] for i in range(len(dataset))]
     write_store(cfg.annotation.store, ids, {"cluster": torch.arange(len(ids)) % num_classes},
-                granularity="label", num_classes=num_classes)
+                granularity="label", num_classes=num_classes,
+                extra={"dataset": {"config": to_dict(cfg.data), "ids_sha256": ids_hash(dataset.ids)}})
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -177,6 +177,28 @@ def test_resume_of_a_run_without_checkpoints_is_refused(capsys, tmp_path, comman
     assert not (tmp_path / "runs" / "typo").exists()  # nothing written
 
 
+def test_store_annotated_from_other_images_is_refused_before_any_work(capsys, tmp_path):
+    """Training would otherwise stop at its first batch with a KeyError for an id the store lacks."""
+    from sgdm.annotation.store import AnnotationStore, write_store
+
+    cfg = tiny_config(tmp_path)
+    make_label_store(cfg)
+    more = tiny_config(tmp_path, data={"shapes": {"num_images": 28}})
+    code, err = _run(capsys, tmp_path, more)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "annotation.store" in err and "4 of the dataset's 28 image ids are not in it" in err
+    assert "data.shapes.num_images differs (store: 24, now: 28)" in err and "Delete the store" in err
+    assert not (tmp_path / "runs").exists()
+    # a store made from more images than the run uses holds all of its ids: accepted
+    check_annotation_store(from_dict(ExperimentConfig, tiny_config(tmp_path, data={"max_images": 10})))
+    # a store that does not record its data settings (written by another tool) is still compared by ids
+    store = AnnotationStore.open(cfg["annotation"]["store"])
+    write_store(store.path, store.ids[:20], {"cluster": store.tensor("cluster")[:20]}, granularity="label",
+                num_classes=3)
+    with pytest.raises(ConfigError, match="4 of the dataset's 24 .* does not record the data settings"):
+        check_annotation_store(from_dict(ExperimentConfig, cfg))
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path):
     from sgdm.training.checkpoint import atomic_torch_save, checkpoint_name
     from sgdm.training.run import prepare_run_dir
