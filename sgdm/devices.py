@@ -7,6 +7,7 @@ which key named a GPU this machine does not have, instead of failing deep inside
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -36,15 +37,42 @@ def resolve_device(value: str, key: str = "device") -> torch.device:
     return device
 
 
-def check_accelerator(accelerator: str, devices, section: str = "train") -> None:
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_overrides(devices, strategy: str, precision: str, section: str) -> str:
+    """The overrides that turn a GPU section into a one-process CPU run (those already right left out):
+    without devices=1 and strategy=auto, ``devices: 8`` starts 8 CPU processes; mixed precision on a
+    CPU is bf16 autocast, slow and not what the config's numbers were tuned with."""
+    mixed = str(precision) in ("16-mixed", "fp16-mixed", "bf16-mixed")
+    wanted = [("accelerator", "cpu", True), ("devices", 1, devices != 1), ("strategy", "auto", strategy != "auto"),
+              ("precision", 32, mixed)]
+    return " ".join(f"{section}.{key}={value}" for key, value, needed in wanted if needed)
+
+
+def check_accelerator(accelerator: str, devices, section: str = "train", *, strategy: str = "auto",
+                      precision: str = "32") -> None:
     """Lightning's ``accelerator`` and ``devices`` (of ``section``): ``gpu`` / ``cuda`` need a CUDA
     device here, and as many as an integer ``devices`` asks for. Checked where a command starts, so
-    that a run meant for a GPU machine fails at once, not after its data and first stage are prepared."""
-    if accelerator not in ("gpu", "cuda"):
-        return
+    that a run meant for a GPU machine fails at once, not after its data and first stage are prepared;
+    the error gives every override a CPU run of the section needs. A CPU run with more processes than
+    usable cores (``devices: 8`` of a GPU config under ``accelerator: auto``) is warned about."""
     cuda = _cuda_count()
-    if cuda == 0:
-        raise ConfigError(f"{section}.accelerator",
-                          f"{accelerator!r}, but torch sees no CUDA device on this machine (use cpu or auto)")
-    if isinstance(devices, int) and devices > cuda:
-        raise ConfigError(f"{section}.devices", f"{devices} GPUs per node, but torch sees {cuda} CUDA device(s)")
+    if accelerator in ("gpu", "cuda"):
+        if cuda == 0:
+            raise ConfigError(f"{section}.accelerator",
+                              f"{accelerator!r}, but torch sees no CUDA device on this machine; for a CPU run "
+                              f"override {_cpu_overrides(devices, strategy, precision, section)}")
+        if isinstance(devices, int) and devices > cuda:
+            raise ConfigError(f"{section}.devices", f"{devices} GPUs per node, but torch sees {cuda} CUDA device(s)")
+        return
+    cores = _usable_cores()
+    if (accelerator == "cpu" or cuda == 0) and isinstance(devices, int) and devices > 1 and devices > cores:
+        warnings.warn(f"{section}.devices={devices} on the CPU starts {devices} processes on {cores} usable core(s), "
+                      f"each slower than one process alone; for one process override "
+                      f"{section}.devices=1 {section}.strategy=auto ({section}.batch_size is global: the same "
+                      f"samples are trained on)", stacklevel=2)

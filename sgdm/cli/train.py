@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from sgdm.devices import check_accelerator
 
-    check_accelerator(cfg.train.accelerator, cfg.train.devices)
+    check_accelerator(cfg.train.accelerator, cfg.train.devices, strategy=cfg.train.strategy,
+                      precision=cfg.train.precision)
     check_annotation_store(cfg)
     from sgdm.training.run import check_resumable
 

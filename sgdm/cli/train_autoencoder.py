@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("model.autoencoder.checkpoint", "set the path the trained autoencoder is written to")
     from sgdm.devices import check_accelerator
 
-    check_accelerator(cfg.train.accelerator, cfg.train.devices)
+    check_accelerator(cfg.train.accelerator, cfg.train.devices, strategy=cfg.train.strategy,
+                      precision=cfg.train.precision)
     from sgdm.training.autoencoder import train_autoencoder
     from sgdm.training.run import check_resumable
 

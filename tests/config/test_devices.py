@@ -86,3 +86,33 @@ def test_train_for_a_gpu_on_a_machine_without_one_fails_before_preparing_anythin
         assert main([command, str(config), "train.accelerator=gpu", *extra]) == 2
         assert "train.accelerator: 'gpu', but torch sees no CUDA device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_cuda_hint_names_every_override_a_cpu_run_needs(monkeypatch):
+    from sgdm.devices import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:  # a paper config: 8 GPUs, DDP, bf16
+        check_accelerator("gpu", 8, strategy="ddp", precision="bf16-mixed")
+    assert str(err.value).endswith("override train.accelerator=cpu train.devices=1 train.strategy=auto "
+                                   "train.precision=32")
+    with pytest.raises(ConfigError) as err:
+        check_accelerator("cuda", 1, precision="32")
+    assert str(err.value).endswith("override train.accelerator=cpu")
+
+
+def test_cpu_ddp_with_more_processes_than_cores_warns(monkeypatch):
+    import warnings
+
+    import sgdm.devices
+    from sgdm.devices import check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sgdm.devices, "_usable_cores", lambda: 2)
+    for accelerator in ("auto", "cpu"):
+        with pytest.warns(UserWarning, match=r"train\.devices=8 on the CPU starts 8 processes on 2 usable core"):
+            check_accelerator(accelerator, 8, strategy="ddp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_accelerator("cpu", 2, strategy="ddp")  # as many processes as cores
+        check_accelerator("auto", "auto")
