@@ -8,7 +8,9 @@ import sys
 from sgdm.cli.arguments import positive_int
 
 DESCRIPTION = """Sample from a trained self-guided LDM with SelfGuidedPipeline. RUN is a training run
-directory (its pipeline/ export), a pipeline directory or a .safetensors file.
+directory (its pipeline/ export), a pipeline directory or a .safetensors file. A run that has not
+exported its pipeline yet (stopped, or still training) is sampled from the EMA weights of its newest
+valid checkpoint, as is a checkpoint named directly (RUN/checkpoints/step-*.ckpt).
 
 Guidance (paper Eq. 4, eps = (1 - w) eps_uncond + w eps_cond): --cluster for label guidance (and the
 box's cluster for box guidance), --box for box guidance, --mask for mask guidance; none of them samples
@@ -28,7 +30,10 @@ def _floats(text: str) -> list[float]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sample", help="sample images from a trained run or .safetensors file",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=pathlib.Path, help="run directory, pipeline directory or .safetensors file")
+    p.add_argument("run", type=pathlib.Path,
+                   help="run directory, pipeline directory, .safetensors file, or a run's checkpoint "
+                        "(RUN/checkpoints/step-*.ckpt); a run that has not exported its pipeline yet is "
+                        "sampled from the EMA weights of its newest valid checkpoint")
     p.add_argument("--num-images", "-n", type=positive_int, default=8, help="how many images (default 8)")
     p.add_argument("--cluster", type=int, nargs="+", default=None,
                    help="cluster id(s) in [0, K): one for all images or one per image")
@@ -130,16 +135,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pipeline(path: pathlib.Path, device):
+    """The exported pipeline at ``path``, else the one a checkpoint of the run would export (said on stderr)."""
+    from sgdm.pipeline import SelfGuidedPipeline
+    from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
+
+    ckpt = checkpoint_for(path)
+    if ckpt is None:
+        return SelfGuidedPipeline.from_pretrained(path, device=device)
+    pipe, step = pipeline_from_checkpoint(ckpt)
+    print(f"sampling from the EMA weights of {ckpt} (step {step}): no exported pipeline used", file=sys.stderr)
+    return pipe.to(device)
+
+
 def _sample(args: argparse.Namespace):
     """The images the arguments ask for, in [-1, 1]."""
     import torch
 
     from sgdm.devices import resolve_device
-    from sgdm.pipeline import SelfGuidedPipeline
 
     device = resolve_device(args.device, "--device")
     mask = None if args.mask is None else _load_mask(args.mask)
-    pipe = SelfGuidedPipeline.from_pretrained(args.run, device=device)
+    pipe = _load_pipeline(args.run, device)
     cluster = None if args.cluster is None else (args.cluster[0] if len(args.cluster) == 1 else args.cluster)
     try:  # unset solver options come from the run's sampler config (pipeline defaults)
         images = pipe(args.num_images, cluster=cluster, box=args.box, mask=mask, guidance_scale=args.guidance_scale,

@@ -1,19 +1,78 @@
-"""Export the EMA denoiser and the first stage for ``SelfGuidedPipeline.from_pretrained``."""
+"""Export the EMA denoiser and the first stage for ``SelfGuidedPipeline.from_pretrained``: at the end
+of training (:func:`export_pipeline`), or from a checkpoint of a run that has not finished
+(:func:`pipeline_from_checkpoint`, what ``sgdm-ldm sample`` uses when a run has no ``pipeline/``)."""
 from __future__ import annotations
 
 import copy
 import pathlib
+from typing import Optional
 
 from sgdm.config.core import to_dict
 
-__all__ = ["export_pipeline"]
+__all__ = ["export_pipeline", "checkpoint_for", "pipeline_from_checkpoint"]
+
+
+def _pipeline(cfg, unet, first_stage):
+    from sgdm.pipeline import SelfGuidedPipeline
+
+    return SelfGuidedPipeline(unet, first_stage, cfg.diffusion, cfg.model.guidance, cfg.sampler, to_dict(cfg))
 
 
 def export_pipeline(cfg, module, path: pathlib.Path) -> pathlib.Path:
     """Write ``path/model.safetensors`` (+ config.yaml) with the EMA UNet weights; returns the file."""
-    from sgdm.pipeline import SelfGuidedPipeline
-
     unet = copy.deepcopy(module.ema).cpu().float()
     first_stage = copy.deepcopy(module.first_stage).cpu().float()
-    pipe = SelfGuidedPipeline(unet, first_stage, cfg.diffusion, cfg.model.guidance, cfg.sampler, to_dict(cfg))
-    return pipe.save_pretrained(path)
+    return _pipeline(cfg, unet, first_stage).save_pretrained(path)
+
+
+def checkpoint_for(path: pathlib.Path) -> Optional[pathlib.Path]:
+    """The training checkpoint to build a pipeline from: ``path`` itself when it names a ``.ckpt``; the
+    newest valid checkpoint of a run directory that has no exported ``pipeline/`` yet (stopped or still
+    running); None otherwise (an export is there, or no run)."""
+    from sgdm.pipeline import WEIGHTS_NAME
+    from sgdm.training.checkpoint import find_last_valid
+
+    path = pathlib.Path(path)
+    if path.suffix == ".ckpt":
+        return path
+    if not path.is_dir() or (path / WEIGHTS_NAME).is_file() or (path / "pipeline" / WEIGHTS_NAME).is_file():
+        return None
+    return find_last_valid(path / "checkpoints")
+
+
+def pipeline_from_checkpoint(ckpt: pathlib.Path):
+    """(pipeline, step): what training would export had it ended at checkpoint ``ckpt``
+    (``RUN/checkpoints/step-*.ckpt``): its EMA UNet and first stage, with the networks and sampler
+    of ``RUN/config.yaml``. Raises FileNotFoundError / ValueError naming the file."""
+    import torch
+
+    from sgdm.config.schema import load_experiment
+    from sgdm.models.autoencoder import AutoencoderKL
+    from sgdm.models.conditioning import condition_dims
+    from sgdm.models.unet import UNet
+    from sgdm.training.checkpoint import is_valid_checkpoint
+
+    ckpt = pathlib.Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+    config = ckpt.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{ckpt}: no {config} beside it (the run's config.yaml names its networks; "
+                                f"a checkpoint is read in its run's checkpoints/ folder)")
+    if not is_valid_checkpoint(ckpt):
+        raise ValueError(f"{ckpt}: not a complete checkpoint (it fails its integrity check); use an earlier one")
+    cfg = load_experiment(config)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = saved.get("state_dict", {})
+    unet = UNet(cfg.model.unet, *condition_dims(cfg.model.guidance))
+    first_stage = AutoencoderKL(cfg.model.autoencoder)
+    for prefix, module in (("ema.", unet), ("first_stage.", first_stage)):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            raise ValueError(f"{ckpt}: holds no '{prefix}*' weights; not a checkpoint of `sgdm-ldm train`")
+        try:
+            module.load_state_dict(part)
+        except RuntimeError as err:
+            raise ValueError(f"{ckpt}: its {prefix[:-1]} weights do not fit {config}: {str(err)[:300]}") from None
+    step = int((saved.get("sgdm") or {}).get("step", saved.get("global_step", 0)))
+    return _pipeline(cfg, unet.eval(), first_stage.eval()), step

@@ -115,3 +115,33 @@ def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("sgdm-ldm sample: config error: ") and message in err, (device, err)
     assert not out.exists()
+
+
+def test_sample_a_run_without_its_pipeline_export_from_its_newest_checkpoint(trained, capsys):
+    """A stopped run has checkpoints but no pipeline/: the newest valid checkpoint's EMA weights
+    are what training would have exported there."""
+    import shutil
+
+    from sgdm.pipeline import SelfGuidedPipeline
+    from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
+
+    tmp, _ = trained
+    run = tmp / "runs" / "ldm"
+    partial = tmp / "runs" / "partial"
+    shutil.copytree(run, partial, ignore=shutil.ignore_patterns("pipeline"))
+    ckpt = partial / "checkpoints" / "step-00000002.ckpt"
+    assert checkpoint_for(run) is None and checkpoint_for(partial) == ckpt
+    pipe, step = pipeline_from_checkpoint(ckpt)
+    exported = SelfGuidedPipeline.from_pretrained(run)  # written by training at step 2
+    assert step == 2
+    for mine, theirs in ((pipe.unet, exported.unet), (pipe.autoencoder, exported.autoencoder)):
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.state_dict().items())
+    assert main(["sample", str(run), "-n", "2", "--steps", "2", "-o", str(tmp / "exported.png")]) == 0
+    for target in (partial, ckpt):
+        out = tmp / f"from-{target.name}.png"
+        assert main(["sample", str(target), "-n", "2", "--steps", "2", "-o", str(out)]) == 0
+        assert f"EMA weights of {ckpt} (step 2)" in capsys.readouterr().err
+        assert Image.open(out).tobytes() == Image.open(tmp / "exported.png").tobytes()
+    (partial / "config.yaml").unlink()
+    assert main(["sample", str(ckpt), "-n", "1", "--steps", "1", "-o", str(tmp / "never.png")]) == 1
+    assert "config.yaml beside it" in capsys.readouterr().err
