@@ -43,10 +43,17 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
     cfg = load_experiment(run_dir / "config.yaml")
     pipeline_dir = run_dir / "pipeline"
     if not pipeline_dir.exists():
-        raise FileNotFoundError(
-            f"RUN {run_dir}: no EMA weights ({pipeline_dir} is missing); evaluation uses the EMA weights that "
-            "training exports when it finishes (train.export_pipeline: true); finish or resume the run first"
-        )
+        from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
+
+        ckpt = checkpoint_for(run_dir)  # a stopped or running run: its newest checkpoint's EMA weights
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"RUN {run_dir}: no EMA weights ({pipeline_dir} is missing and {run_dir / 'checkpoints'} holds no "
+                "valid checkpoint); evaluation uses the EMA weights that training saves"
+            )
+        pipe, step = pipeline_from_checkpoint(ckpt)
+        _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run has not exported pipeline/)")
+        return cfg, pipe.to(device)
     from sgdm.pipeline import SelfGuidedPipeline
 
     return cfg, SelfGuidedPipeline.from_pretrained(pipeline_dir, device=device)

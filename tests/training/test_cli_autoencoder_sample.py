@@ -142,6 +142,12 @@ def test_sample_a_run_without_its_pipeline_export_from_its_newest_checkpoint(tra
         assert main(["sample", str(target), "-n", "2", "--steps", "2", "-o", str(out)]) == 0
         assert f"EMA weights of {ckpt} (step 2)" in capsys.readouterr().err
         assert Image.open(out).tobytes() == Image.open(tmp / "exported.png").tobytes()
+    # eval takes the same weights from a run without its export
+    from sgdm.evaluation.evaluate import load_run
+
+    _, evaluated = load_run(partial)
+    assert f"EMA weights of {ckpt} (step 2" in capsys.readouterr().err
+    assert all(torch.equal(v, exported.unet.state_dict()[k]) for k, v in evaluated.unet.state_dict().items())
     (partial / "config.yaml").unlink()
     assert main(["sample", str(ckpt), "-n", "1", "--steps", "1", "-o", str(tmp / "never.png")]) == 1
     assert "config.yaml beside it" in capsys.readouterr().err
