@@ -10,7 +10,7 @@ key path relative to that section (:func:`from_dict` prefixes the section path).
 
 Supported field types: ``int`` (also an exactly integral float or scientific
 notation: ``1e5``, ``1.0e5``), ``float`` (ints accepted), ``str``, ``bool``,
-``pathlib.Path`` (from str), ``Optional[X]`` / ``X | None``, ``Literal[...]``,
+``pathlib.Path`` (from str, made absolute), ``Optional[X]`` / ``X | None``, ``Literal[...]``,
 ``list[X]``, ``tuple[X, ...]`` and fixed tuples, ``dict[str, X]`` and nested
 dataclasses. No import strings, no ``eval``.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import os
 import pathlib
 import re
 import types
@@ -39,6 +40,7 @@ __all__ = [
     "require_at_least",
     "check_device",
     "check_kwargs",
+    "absolute_paths",
 ]
 
 
@@ -201,15 +203,54 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(path, f"expected str, got {_describe(value)}")
     if tp is pathlib.Path:
         if isinstance(value, (str, pathlib.PurePath)):
-            return pathlib.Path(value)
+            return _absolute(pathlib.Path(value))
         raise ConfigError(path, f"expected a path, got {_describe(value)}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
 
 
+def _absolute(value: Any) -> Any:
+    """``value`` with every relative path in it made absolute against the current directory (``..``
+    folded, symlinks kept); ``value`` itself when nothing changes. Paths are resolved once, as a config
+    is loaded, so that a run's ``config.yaml`` and a store's manifest name the same files from any
+    directory."""
+    if isinstance(value, pathlib.PurePath):
+        return value if value.is_absolute() and os.path.normpath(value) == str(value) else \
+            pathlib.Path(os.path.abspath(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = {}
+        for f in dataclasses.fields(value):
+            old = getattr(value, f.name)
+            new = _absolute(old)
+            if new is not old and f.init:
+                changed[f.name] = new
+        return dataclasses.replace(value, **changed) if changed else value
+    if isinstance(value, (list, tuple)):
+        items = [_absolute(v) for v in value]
+        return type(value)(items) if any(a is not b for a, b in zip(items, value)) else value
+    return value
+
+
+def absolute_paths(cls: type, data: Any, parts: tuple[str, ...] = ()) -> Any:
+    """A copy of raw config data (parsed YAML) for dataclass ``cls`` whose path-typed values are made
+    absolute as :func:`from_dict` makes them, other values and unknown keys as they are: to compare a
+    config saved by an older sgdm, which kept relative paths, with one loaded now."""
+    if isinstance(data, dict):
+        return {k: absolute_paths(cls, v, parts + (str(k),)) for k, v in data.items()}
+    tp = _field_type(cls, parts) if parts else None
+    if typing.get_origin(_without_none(tp)) is list:
+        tp = typing.get_args(_without_none(tp))[0]
+        return [os.path.abspath(v) if _without_none(tp) is pathlib.Path and isinstance(v, str) else v
+                for v in data] if isinstance(data, list) else data
+    return os.path.abspath(data) if _without_none(tp) is pathlib.Path and isinstance(data, str) else data
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    """Build dataclass ``cls`` from ``data``, checking keys and types recursively.
+
+    Relative paths (``pathlib.Path`` fields, defaults included) become absolute against the current
+    directory."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -226,6 +267,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
             kwargs[name] = _convert(hints[name], data[name], _join(path, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(_join(path, name), "required key is missing")
+        else:  # a default path (annotation.store: annotations) is as relative as a written one
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            resolved = _absolute(default)
+            if resolved is not default:
+                kwargs[name] = resolved
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

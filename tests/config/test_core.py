@@ -31,15 +31,40 @@ class Outer:
     tags: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def test_round_trip_through_yaml(tmp_path):
+def test_round_trip_through_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = from_dict(Outer, {"name": "a", "lr": 3, "path": "x/y", "inner": {"mult": [1, 2, 4]}, "tags": {"w": 1}})
     assert cfg.lr == 3.0 and isinstance(cfg.lr, float)
-    assert cfg.path == pathlib.Path("x/y")
+    assert cfg.path == tmp_path / "x" / "y"
     assert cfg.inner.mult == [1, 2, 4]
     file = tmp_path / "c.yaml"
     file.write_text(dump_yaml(cfg))
     assert load_config(Outer, file) == cfg
-    assert to_dict(cfg)["path"] == "x/y"
+    assert to_dict(cfg)["path"] == str(tmp_path / "x" / "y")
+
+
+@dataclasses.dataclass
+class WithPaths:
+    store: pathlib.Path = pathlib.Path("annotations")
+    weights: Optional[pathlib.Path] = None
+    files: list[pathlib.Path] = dataclasses.field(default_factory=list)
+    outer: Outer = dataclasses.field(default_factory=lambda: Outer(name="n", path=pathlib.Path("in/outer")))
+
+
+def test_relative_paths_become_absolute_once_when_loaded(tmp_path, monkeypatch):
+    """Written, overridden and default paths alike: a saved config names the same files from any directory."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = load_config(WithPaths, None, ["weights=../w/enc.pth", "files=[x, /abs/y]"])
+    assert cfg.weights == tmp_path / "w" / "enc.pth"  # ".." folded
+    assert cfg.files == [tmp_path / "a" / "x", pathlib.Path("/abs/y")]
+    assert cfg.store == tmp_path / "a" / "annotations"  # a default is as relative as a written path
+    assert cfg.outer.path == tmp_path / "a" / "in" / "outer"  # a default section's paths too
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_yaml(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(WithPaths, saved) == cfg
+    assert WithPaths().store == pathlib.Path("annotations")  # the dataclass itself is unchanged
 
 
 @pytest.mark.parametrize(
@@ -156,7 +181,7 @@ def test_the_same_key_in_different_mappings_and_merge_keys_are_fine(tmp_path):
 ])
 def test_string_and_path_overrides_take_the_text_as_written(override, name, path):
     cfg = load_config(Outer, None, ["name=a", override])
-    assert (cfg.name, cfg.path) == (name, path)
+    assert (cfg.name, cfg.path) == (name, None if path is None else pathlib.Path.cwd() / path)
 
 
 def test_other_overrides_still_parse_yaml():
@@ -191,3 +216,18 @@ def test_check_kwargs_refuses_keys_with_colons_and_null_values(override, key, fr
         check_kwargs("kw", kwargs)
     assert info.value.key == key and fragment in info.value.message
     check_kwargs("kw", apply_overrides({}, ["kw={img_size: 32, patch_size: 8}"])["kw"])
+
+
+def test_absolute_paths_of_raw_data_match_a_loaded_config(tmp_path, monkeypatch):
+    """For comparing a config saved with relative paths (an older sgdm) against one loaded now."""
+    from sgdm.config.core import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    raw = {"store": "s", "files": ["x", "/abs/y"], "outer": {"name": "rel", "path": "p", "unknown": "u"}, "extra": 1}
+    resolved = absolute_paths(WithPaths, raw)
+    assert resolved == {"store": str(tmp_path / "s"), "files": [str(tmp_path / "x"), "/abs/y"],
+                        "outer": {"name": "rel", "path": str(tmp_path / "p"), "unknown": "u"}, "extra": 1}
+    assert raw["store"] == "s"  # a copy
+    loaded = to_dict(from_dict(WithPaths, {"store": "s", "files": ["x", "/abs/y"], "outer": {"name": "rel", "path": "p"}}))
+    assert (loaded["store"], loaded["files"], loaded["outer"]["path"]) == \
+        (resolved["store"], resolved["files"], resolved["outer"]["path"])
