@@ -1,5 +1,6 @@
 """``sgdm-ldm annotate`` and ``sgdm-ldm clusters`` through the dispatcher."""
 import json
+import pathlib
 
 import pytest
 import yaml
@@ -79,3 +80,34 @@ def test_backbone_kwargs_without_spaces_are_refused(tmp_path, tiny_weights, shap
     assert "annotation.backbone_kwargs.img_size:32: the key 'img_size:32' holds a colon" in err
     assert "{img_size: 32, patch_size: 8}" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_relative_paths_are_recorded_absolute_and_clusters_runs_from_anywhere(tmp_path, tiny_weights, monkeypatch,
+                                                                               capsys):
+    """Annotated from one directory with relative paths; the gallery is drawn from another, then after the
+    images moved (the manifest's data.root is named, and a data.root override reads them where they are)."""
+    work = tmp_path / "work"
+    image_folder(work / "imgs", good=6, bad=False)
+    cfg = write_config(work / "exp.yaml", "store", tiny_weights, tmp_path, granularity="label", num_classes=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"] = {"dataset": "image_folder", "root": "imgs", "size": 32, "num_workers": 0}
+    raw["model"]["guidance"] = {"kind": "label", "num_classes": 2, "source": "self"}
+    cfg.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(work)
+    assert main(["annotate", "exp.yaml", "--no-progress"]) == 0
+    manifest = json.loads((work / "store" / "manifest.json").read_text())
+    assert manifest["dataset"]["config"]["root"] == str(work / "imgs")
+    monkeypatch.chdir(tmp_path)
+    assert main(["clusters", "work/store", "--out", "g1.html"]) == 0
+    (work / "imgs").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["clusters", "work/store", "--out", "g2.html"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.root as recorded in the store's manifest {pathlib.Path('work/store/manifest.json')}: " in err
+    assert "work/store data.root=DIR" in err
+    assert main(["clusters", "work/store", "--out", "g3.html", "data.root=moved"]) == 0
+    assert (tmp_path / "g3.html").is_file()
+    # --config takes overrides too; only data.* keys are read
+    assert main(["clusters", "work/store", "--config", str(cfg), "data.root=moved", "--out", "g4.html"]) == 0
+    assert main(["clusters", "work/store", "train.lr=1"]) == 2
+    assert "train.lr: clusters reads only the data: section" in capsys.readouterr().err
