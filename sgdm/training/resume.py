@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Iterator
 
-from sgdm.config.core import ConfigError, dump_yaml
+from sgdm.config.core import ConfigError, absolute_paths, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 
 __all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences"]
@@ -93,7 +93,9 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer:
 
     if not saved.is_file():
         return
-    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_yaml(recorded_config(cfg)))
+    # a config saved before paths were recorded absolute holds them as typed: resolve them the same way
+    old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
+    new = yaml.safe_load(dump_yaml(recorded_config(cfg)))
     differences = resume_differences(old, new, trainer)
     if differences:
         key, before, after = differences[0]

@@ -6,8 +6,8 @@ import pathlib
 import pytest
 
 from sgdm.cli.main import main
-from sgdm.config.core import ConfigError, from_dict
-from sgdm.config.schema import ExperimentConfig, check_annotation_store
+from sgdm.config.core import ConfigError, dump_yaml, from_dict
+from sgdm.config.schema import ExperimentConfig, check_annotation_store, recorded_config
 from tests.training.helpers import make_label_store, tiny_config, write_config
 
 
@@ -48,7 +48,9 @@ UNGUIDED = {"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.0}}
 
 def test_a_missing_first_stage_checkpoint_exits_2_before_the_run_dir_exists(capsys, tmp_path):
     code, err = _run(capsys, tmp_path, tiny_config(tmp_path, model=UNGUIDED), "model.autoencoder.checkpoint=nope.ckpt")
-    assert code == 2 and "config error: model.autoencoder.checkpoint: nope.ckpt does not exist" in err
+    # paths are recorded absolute, resolved against the working directory
+    missing = pathlib.Path.cwd() / "nope.ckpt"
+    assert code == 2 and f"config error: model.autoencoder.checkpoint: {missing} does not exist" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
@@ -125,7 +127,7 @@ def test_run_name_and_dir_overrides_are_taken_as_written():
     from sgdm.config.schema import load_experiment
 
     cfg = load_experiment(None, ["data.size=256", "run.name=exp #3", "run.dir=2024", "annotation.store=1.0"])
-    assert cfg.run.path == pathlib.Path("2024/exp #3") and str(cfg.annotation.store) == "1.0"
+    assert cfg.run.path == pathlib.Path.cwd() / "2024/exp #3" and cfg.annotation.store == pathlib.Path.cwd() / "1.0"
     assert load_experiment(None, ["data.size=256", "run.name=0755"]).run.name == "0755"
 
 
@@ -226,7 +228,7 @@ def _saved_run(tmp_path) -> None:
 @pytest.mark.parametrize("changes, key, old_new", [
     ({"train": {"grad_clip": 1.0e-6}}, "train.grad_clip", "None -> 1e-06"),
     ({"train": {"precision": "bf16-mixed"}}, "train.precision", "'32' -> 'bf16-mixed'"),
-    ({"annotation": {"store": "elsewhere"}}, "annotation.store", "-> 'elsewhere'"),
+    ({"annotation": {"store": "elsewhere"}}, "annotation.store", "elsewhere'"),  # recorded absolute
     ({"data": {"flip": False}}, "data.flip", "True -> False"),
     ({"model": {"unet": {"dropout": 0.1}}}, "model.unet.dropout", "0.0 -> 0.1"),
     ({"train": {"cache_latents": True}}, "train.cache_latents", "False -> True"),
@@ -340,3 +342,24 @@ def test_a_bad_image_under_on_bad_image_raise_is_one_line(capsys, tmp_path, monk
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("sgdm-ldm train: error: /data/img_7.png") and "data.on_bad_image is 'raise'" in err
+
+
+def test_resume_of_a_run_saved_with_relative_paths(tmp_path, monkeypatch):
+    """Runs saved before paths were recorded absolute hold them as typed; resumed from the same
+    directory, they are the same paths, and nothing is refused."""
+    import yaml
+
+    from sgdm.config.schema import load_experiment
+    from sgdm.training.resume import check_resume_compatible
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_experiment(None, ["data.size=256", "run.dir=runs", "annotation.store=store"])
+    saved = tmp_path / "config.yaml"
+    old = yaml.safe_load(dump_yaml(recorded_config(cfg)))
+    old["run"]["dir"], old["annotation"]["store"] = "runs", "store"  # as an older sgdm wrote them
+    saved.write_text(dump_yaml(old))
+    check_resume_compatible(cfg, saved)
+    old["annotation"]["store"] = "other"
+    saved.write_text(dump_yaml(old))
+    with pytest.raises(ConfigError, match="annotation.store"):
+        check_resume_compatible(cfg, saved)
