@@ -15,7 +15,7 @@ DPM-Solver++(2M) with log-SNR spacing is at ~2x it by 25 steps, ~3x lower error 
 with uniform spacing at the same step count.
 Schedules: LDM's scaled_linear (default) or any DiffusionConfig kind.
 
-    python benchmarks/sampler_bench.py [--n 20000] [--schedule scaled_linear] [--json out.json]
+    python benchmarks/sampler_bench.py [--n 20000] [--schedule scaled_linear] [--start noise] [--json out.json]
 """
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from sgdm.diffusion.config import DiffusionConfig  # noqa: E402
-from sgdm.diffusion.samplers import ddim_timesteps, get_sampler, logsnr_timesteps  # noqa: E402
+from sgdm.diffusion.samplers import SPACINGS, ddim_timesteps, get_sampler, logsnr_timesteps  # noqa: E402
 from sgdm.diffusion.schedule import make_schedule  # noqa: E402
 from tests.diffusion import gmm  # noqa: E402
 
-CASES = [("ddpm", "uniform", 1000)] + [("ddim", "uniform", s) for s in (10, 25, 50, 100, 250)] + [
-    ("dpmpp_2m", spacing, s) for s in (10, 15, 20, 25) for spacing in ("uniform", "logsnr")
-] + [("ddpm", "uniform", s) for s in (50, 250)]
+# spacing: one of ddim_timesteps' (linspace, the default; leading, LDM's; trailing) or logsnr
+CASES = [("ddpm", "linspace", 1000)] + [
+    ("ddim", spacing, s) for s in (10, 25, 50, 100, 250) for spacing in SPACINGS] + [
+    ("dpmpp_2m", spacing, s) for s in (5, 10, 15, 20, 25) for spacing in ("linspace", "logsnr")
+] + [("ddpm", "linspace", s) for s in (50, 250)]
 
 
 def errors(x: torch.Tensor) -> dict:
@@ -57,11 +59,14 @@ def exact_samples(n: int, seed: int) -> dict:
     return {"sampler": "exact", "spacing": "-", "steps": 0, **errors(x), "seconds": 0.0}
 
 
-def run_case(name, spacing, steps, schedule, n, seed):
+def run_case(name, spacing, steps, schedule, n, seed, start="marginal"):
     g = torch.Generator().manual_seed(seed)
-    ts = logsnr_timesteps(steps, schedule) if spacing == "logsnr" else ddim_timesteps(steps, len(schedule))
-    a = float(schedule.alpha_bar[ts[0]])  # x_T ~ the exact marginal at the first visited timestep
-    x_T = a ** 0.5 * mixture_samples(n, g) + (1 - a) ** 0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    ts = logsnr_timesteps(steps, schedule) if spacing == "logsnr" else ddim_timesteps(steps, len(schedule), spacing)
+    if start == "marginal":  # x_T ~ the exact marginal at the first visited timestep
+        a = float(schedule.alpha_bar[ts[0]])
+        x_T = a ** 0.5 * mixture_samples(n, g) + (1 - a) ** 0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    else:  # what a pipeline does: pure noise, whatever the first timestep
+        x_T = torch.randn(n, 2, generator=g, dtype=torch.float64)
     kwargs = {} if name == "dpmpp_2m" else {"generator": g}
     start = time.perf_counter()
     x = get_sampler(name)(gmm.make_denoiser(schedule), x_T, ts, schedule, **kwargs)
@@ -74,13 +79,18 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=20000, help="samples per case")
     parser.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", default="marginal", choices=["marginal", "noise"],
+                        help="x_T from the exact marginal at the first timestep (the solver's error alone), or "
+                             "N(0, I) as sampling does (adds the error of a first timestep short of pure noise)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # 2-D points: threads only add synchronisation
     schedule = make_schedule(DiffusionConfig(schedule=args.schedule, timesteps=1000))
-    rows = [exact_samples(args.n, args.seed)] + [run_case(*case, schedule, args.n, args.seed) for case in CASES]
+    rows = [exact_samples(args.n, args.seed)] + [run_case(*case, schedule, args.n, args.seed, args.start)
+                                                 for case in CASES]
     floor = rows[0]
-    print(f"schedule {args.schedule}, N = {args.n}; baseline: N exact mixture samples (Monte-Carlo noise)")
+    print(f"schedule {args.schedule}, N = {args.n}, x_T: {args.start}; baseline: N exact mixture samples "
+          f"(Monte-Carlo noise)")
     print(f"{'sampler':9s} {'spacing':8s} {'steps':>5s} {'mean err':>9s} {'cov err':>8s} {'x exact':>8s} "
           f"{'weight err':>10s} {'s':>6s}")
     for r in rows:
@@ -88,7 +98,8 @@ def main(argv=None) -> int:
         print(f"{r['sampler']:9s} {r['spacing']:8s} {r['steps']:5d} {r['mean_err']:9.4f} {r['cov_err']:8.4f} "
               f"{ratio:8.2f} {r['weight_err']:10.4f} {r['seconds']:6.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"schedule": args.schedule, "n": args.n, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"schedule": args.schedule, "n": args.n, "start": args.start, "rows": rows},
+                                        indent=1))
     return 0
 
 
