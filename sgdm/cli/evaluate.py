@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import get_args
+
+from sgdm.diffusion.config import SAMPLERS, Spacing  # light: no torch
 
 # CLI flag -> eval config key (None values are left as the run's eval: section has them)
 _FLAGS = {
@@ -30,10 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("run", help="training run directory (holds config.yaml and pipeline/)")
     parser.add_argument("--n", type=int, help="number of generated images (default: the run's eval.n)")
     parser.add_argument("--batch-size", type=int, help="sampling / feature batch size (default: eval.batch_size)")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampler (default: eval.sampler)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: eval.sampler)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: eval.steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: eval.eta)")
-    parser.add_argument("--spacing", choices=["linspace", "leading", "trailing"],
+    parser.add_argument("--spacing", choices=get_args(Spacing),
                         help="ddim / ddpm timesteps (default: eval.spacing; linspace: T - 1 down to 1, leading: "
                              "LDM's)")
     parser.add_argument("--guidance-scale", type=float, help="w of paper Eq. 4 (default: eval.guidance_scale)")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+from typing import get_args
 
 from sgdm.cli.arguments import positive_int
+from sgdm.diffusion.config import SAMPLERS, Spacing  # light: no torch
 
 DESCRIPTION = """Sample from a trained self-guided LDM with SelfGuidedPipeline. RUN is a training run
 directory (its pipeline/ export), a pipeline directory or a .safetensors file. A run that has not
@@ -44,11 +46,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", "-w", type=float, default=None,
                    help="w of Eq. 4 (default: the run's sampler.guidance_scale)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the run's sampler.steps)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp_2m"), default=None,
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="solver (default: the run's sampler.sampler)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default: the run's sampler.eta with its sampler, else 0)")
-    p.add_argument("--spacing", choices=("linspace", "leading", "trailing"), default=None,
+    p.add_argument("--spacing", choices=get_args(Spacing), default=None,
                    help="ddim / ddpm timesteps (default: the run's sampler.spacing)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator (same seed, same images)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per network call (default: all)")
