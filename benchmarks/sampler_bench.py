@@ -30,13 +30,14 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from sgdm.diffusion.config import DiffusionConfig  # noqa: E402
-from sgdm.diffusion.samplers import SPACINGS, ddim_timesteps, get_sampler, logsnr_timesteps  # noqa: E402
+from sgdm.diffusion.samplers import get_sampler, sampling_timesteps  # noqa: E402
 from sgdm.diffusion.schedule import make_schedule  # noqa: E402
 from tests.diffusion import gmm  # noqa: E402
 
-# spacing: one of ddim_timesteps' (linspace, the default; leading, LDM's; trailing) or logsnr
+# spacing: one of sgdm.diffusion.samplers.SPACINGS (linspace, ddim's default; leading, LDM's; trailing;
+# logsnr, dpmpp_2m's default)
 CASES = [("ddpm", "linspace", 1000)] + [
-    ("ddim", spacing, s) for s in (10, 25, 50, 100, 250) for spacing in SPACINGS] + [
+    ("ddim", spacing, s) for s in (10, 25, 50, 100, 250) for spacing in ("linspace", "leading", "trailing")] + [
     ("dpmpp_2m", spacing, s) for s in (5, 10, 15, 20, 25) for spacing in ("linspace", "logsnr")
 ] + [("ddpm", "linspace", s) for s in (50, 250)]
 
@@ -61,7 +62,7 @@ def exact_samples(n: int, seed: int) -> dict:
 
 def run_case(name, spacing, steps, schedule, n, seed, start="marginal"):
     g = torch.Generator().manual_seed(seed)
-    ts = logsnr_timesteps(steps, schedule) if spacing == "logsnr" else ddim_timesteps(steps, len(schedule), spacing)
+    ts = sampling_timesteps(steps, schedule, spacing)
     if start == "marginal":  # x_T ~ the exact marginal at the first visited timestep
         a = float(schedule.alpha_bar[ts[0]])
         x_T = a ** 0.5 * mixture_samples(n, g) + (1 - a) ** 0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from sgdm.config.core import dump_yaml, from_dict, to_dict
 from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
 from sgdm.diffusion.guidance import ClassifierFreeGuidance
-from sgdm.diffusion.samplers import SPACINGS, ddim_timesteps, get_sampler, logsnr_timesteps
+from sgdm.diffusion.samplers import DEFAULT_SPACING, SPACINGS, get_sampler, sampling_timesteps
 from sgdm.diffusion.schedule import eps_from_output, make_schedule
 from sgdm.models.config import GuidanceConfig, ModelConfig
 from sgdm.models.conditioning import IGNORE_INDEX, box_mask, class_map_one_hot, condition_dims, multi_hot, one_hot
@@ -213,7 +213,8 @@ class SelfGuidedPipeline:
 
     def _solver(self, num_steps, sampler, eta, spacing) -> tuple[int, str, float, str]:
         """(num_steps, sampler, eta, spacing) checked, with unset ones from the ``sampler`` config;
-        its eta is for its own sampler: another sampler chosen here runs with eta = 0."""
+        its eta and spacing are for its own sampler: another sampler chosen here runs with eta = 0
+        and its own default spacing (``DEFAULT_SPACING``)."""
         s = self.sampler
         sampler = s.sampler if sampler is None else sampler
         get_sampler(sampler)
@@ -225,17 +226,17 @@ class SelfGuidedPipeline:
         eta = _finite_float(eta, "eta", "a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)", 0.0, 1.0)
         if eta and sampler != "ddim":
             raise ValueError(f"eta: only the ddim sampler uses eta; got eta={eta} with sampler={sampler!r}")
-        spacing = s.spacing if spacing is None else spacing
+        if spacing is None:
+            spacing = s.spacing if sampler == s.sampler else None
+        spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: expected one of {', '.join(SPACINGS)}, got {spacing!r}")
         return num_steps, sampler, eta, spacing
 
-    def timesteps(self, num_steps: int, sampler: str, spacing: str) -> torch.Tensor:
-        """The descending training timesteps ``sampler`` visits: dpmpp_2m's evenly spaced in
-        log-SNR, ddim's and ddpm's by ``spacing`` (:func:`sgdm.diffusion.samplers.ddim_timesteps`)."""
-        if sampler == "dpmpp_2m":
-            return logsnr_timesteps(num_steps, self.schedule)
-        return ddim_timesteps(num_steps, len(self.schedule), spacing)
+    def timesteps(self, num_steps: int, spacing: str) -> torch.Tensor:
+        """The descending training timesteps a sampler visits with ``spacing``
+        (:func:`sgdm.diffusion.samplers.sampling_timesteps`)."""
+        return sampling_timesteps(num_steps, self.schedule, spacing)
 
     @torch.no_grad()
     def __call__(self, num_images: int, cluster=None, box=None, mask=None, guidance_scale: Optional[float] = None,
@@ -253,10 +254,11 @@ class SelfGuidedPipeline:
         guidance_scale: w of Eq. 4, eps = (1 - w) eps_uncond + w eps_cond (= eps_uncond + w (eps_cond -
             eps_uncond)); None takes ``sampler.guidance_scale`` of the config (2.0 by default). Must be
             left unset for an unguided model.
-        num_steps, sampler (ddim | ddpm | dpmpp_2m), eta (ddim only, in [0, 1]), spacing (of ddim's and
-            ddpm's timesteps: linspace | leading | trailing, see ``ddim_timesteps``): the solver; each
-            one left unset comes from the model's ``sampler`` config (its eta only with its own sampler).
-            dpmpp_2m visits timesteps evenly spaced in log-SNR.
+        num_steps, sampler (ddim | ddpm | dpmpp_2m), eta (ddim only, in [0, 1]), spacing (of the
+            timesteps: linspace | leading | trailing | logsnr, see ``sampling_timesteps``): the solver;
+            each one left unset comes from the model's ``sampler`` config (its eta and spacing only
+            with its own sampler), else the sampler's default spacing: linspace for ddim and ddpm,
+            logsnr for dpmpp_2m.
         generator: torch.Generator (or one per image); see the module docstring for reproducibility.
         batch_size: images per network call (default all). output_type: ``pil`` (list of PIL images),
             ``pt`` (float [N, 3, H, W] in [0, 1]), ``np`` (float32 [N, H, W, 3] in [0, 1]) or ``latent``
@@ -271,7 +273,7 @@ class SelfGuidedPipeline:
         inputs = parse_guidance(self.guidance, num_images, self.latent_shape[1:], self.image_size,
                                 cluster=cluster, box=box, mask=mask)
         generators = per_image_generators(generator, num_images)
-        timesteps = self.timesteps(num_steps, sampler, spacing)
+        timesteps = self.timesteps(num_steps, spacing)
         starts = range(0, num_images, batch_size)
         from tqdm.auto import tqdm
 

@@ -37,8 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="sampling steps (default: eval.steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: eval.eta)")
     parser.add_argument("--spacing", choices=get_args(Spacing),
-                        help="ddim / ddpm timesteps (default: eval.spacing; linspace: T - 1 down to 1, leading: "
-                             "LDM's)")
+                        help="timesteps: linspace (T - 1 down to 1), leading (LDM's), trailing or logsnr (default: "
+                             "eval.spacing, else the run's sampler.spacing with its sampler, else linspace for "
+                             "ddim / ddpm and logsnr for dpmpp_2m)")
     parser.add_argument("--guidance-scale", type=float, help="w of paper Eq. 4 (default: eval.guidance_scale)")
     parser.add_argument("--sweep-scale", help="comma-separated guidance scales, e.g. 0,1,2,4; plots metric vs scale")
     parser.add_argument("--metrics", help="comma-separated subset of fid,is,kid,fd,adherence (default: eval.metrics)")

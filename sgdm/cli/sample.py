@@ -51,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default: the run's sampler.eta with its sampler, else 0)")
     p.add_argument("--spacing", choices=get_args(Spacing), default=None,
-                   help="ddim / ddpm timesteps (default: the run's sampler.spacing)")
+                   help="timesteps (default: the run's sampler.spacing with its sampler, else linspace for "
+                        "ddim / ddpm and logsnr for dpmpp_2m)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the CPU generator (same seed, same images)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per network call (default: all)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")

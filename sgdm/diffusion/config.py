@@ -65,7 +65,7 @@ class DiffusionConfig:
 
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
-Spacing = Literal["linspace", "leading", "trailing"]  # sgdm.diffusion.samplers.ddim_timesteps
+Spacing = Literal["linspace", "leading", "trailing", "logsnr"]  # sgdm.diffusion.samplers.SPACINGS
 
 
 def check_eta(eta: float, sampler: str) -> None:
@@ -84,8 +84,10 @@ class SamplerConfig:
         ``ddpm`` (ancestral) or ``dpmpp_2m`` (DPM-Solver++(2M), 20-25 steps).
     steps: number of denoising steps (<= diffusion.timesteps).
     eta: DDIM stochasticity in [0, 1] (0 = deterministic, 1 = DDPM-like); ddim only.
-    spacing: which timesteps ddim and ddpm visit (``sgdm.diffusion.samplers.ddim_timesteps``):
-        ``linspace`` (T - 1 down to 1), ``leading`` (LDM's) or ``trailing``.
+    spacing: which timesteps the sampler visits (``sgdm.diffusion.samplers.sampling_timesteps``):
+        ``linspace`` (T - 1 down to 1), ``leading`` (LDM's), ``trailing`` or ``logsnr`` (evenly
+        in log-SNR); unset (null): the sampler's own, linspace for ddim and ddpm, logsnr for
+        dpmpp_2m. Like eta, it applies only with this section's sampler.
     guidance_scale: w in the paper's Eq. 4, eps = (1 - w) eps_uncond + w eps_cond
         (w = 0 unconditional, w = 1 conditional; equals eps_uncond + s (eps_cond -
         eps_uncond) with s = w).
@@ -95,7 +97,7 @@ class SamplerConfig:
     steps: int = 250
     eta: float = 0.0
     guidance_scale: float = 2.0
-    spacing: Spacing = "linspace"
+    spacing: Optional[Spacing] = None
 
     def validate(self) -> None:
         if self.steps < 1:

@@ -28,14 +28,20 @@ from sgdm.diffusion.guidance import GuidedEps, resolve_eps
 from sgdm.diffusion.noise import Generators, randn_like
 from sgdm.diffusion.schedule import NoiseSchedule
 
-__all__ = ["SPACINGS", "LAMBDA_MIN_CLIPPED", "ddim_timesteps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "logsnr_timesteps", "get_sampler",
-           "SAMPLERS", "Denoiser", "Callback"]
+__all__ = ["SPACINGS", "DEFAULT_SPACING", "LAMBDA_MIN_CLIPPED", "ddim_timesteps", "logsnr_timesteps", "sampling_timesteps",
+           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "get_sampler", "SAMPLERS", "Denoiser", "Callback"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], Union[torch.Tensor, GuidedEps]]
 Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
 
 
-SPACINGS = ("linspace", "leading", "trailing")
+# linspace, leading, trailing: ddim_timesteps; logsnr: logsnr_timesteps
+SPACINGS = ("linspace", "leading", "trailing", "logsnr")
+# each sampler's spacing when none is chosen: DPM-Solver++ is a solver in lambda (log-SNR), and on
+# LDM's scaled_linear schedule its log-SNR grid has 1.8x lower error than linspace at 20 steps
+# (benchmarks/sampler_bench.py); on the cosine schedule linspace is better (RESULTS.md), so both
+# can be chosen for either sampler
+DEFAULT_SPACING = {"ddim": "linspace", "ddpm": "linspace", "dpmpp_2m": "logsnr"}
 
 # Lower end of the lambda range that logsnr_timesteps spaces over (lambda = log(alpha / sigma)):
 # the cosine schedule's clamped last beta puts lambda_{T-1} near -9.8 while lambda_{T-2} is near
@@ -84,6 +90,8 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "lin
         return (torch.arange(n, dtype=torch.int64) * c + offset).flip(0)
     if spacing == "trailing":
         return (torch.arange(n, 0, -1, dtype=torch.float64) * (T / n)).round().to(torch.int64) - 1
+    if spacing == "logsnr":
+        raise ValueError("spacing: 'logsnr' depends on the noise schedule; use logsnr_timesteps or sampling_timesteps")
     raise ValueError(f"spacing: unknown value {spacing!r} (expected one of {', '.join(SPACINGS)})")
 
 
@@ -106,6 +114,15 @@ def logsnr_timesteps(num_steps: int, schedule: NoiseSchedule) -> torch.Tensor:
         ts[j] = max(ts[j], ts[j + 1] + 1)
     # min of two strictly decreasing sequences stays strictly decreasing, and now ends <= T - 1
     return torch.tensor([min(t, T - 1 - j) for j, t in enumerate(ts)], dtype=torch.int64)
+
+
+def sampling_timesteps(num_steps: int, schedule: NoiseSchedule, spacing: str) -> torch.Tensor:
+    """The ``num_steps`` descending timesteps of ``spacing`` (one of :data:`SPACINGS`) on ``schedule``:
+    ``logsnr`` from :func:`logsnr_timesteps`, the others from :func:`ddim_timesteps`. Any sampler
+    runs on any of them; :data:`DEFAULT_SPACING` is each one's default."""
+    if spacing == "logsnr":
+        return logsnr_timesteps(num_steps, schedule)
+    return ddim_timesteps(num_steps, len(schedule), spacing)
 
 
 def _steps(timesteps: torch.Tensor, schedule: NoiseSchedule) -> Iterator[tuple[int, int, float, float]]:

@@ -82,7 +82,7 @@ class EvalConfig:
     sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
     steps: int = 250
     eta: float = 0.0
-    spacing: Spacing = "linspace"
+    spacing: Optional[Spacing] = None  # None: the run's sampler.spacing with its sampler, else the sampler's default
     guidance_scale: float = 2.0
     sweep_scales: list[float] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=lambda: ["fid", "is", "kid", "fd", "adherence"])

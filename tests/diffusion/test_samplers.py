@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from sgdm.diffusion.config import DiffusionConfig
-from sgdm.diffusion.samplers import (LAMBDA_MIN_CLIPPED, SPACINGS, ddim_timesteps, get_sampler, logsnr_timesteps,
-                                     sample_ddim, sample_ddpm, sample_dpmpp_2m)
+from sgdm.diffusion.samplers import (DEFAULT_SPACING, LAMBDA_MIN_CLIPPED, SAMPLERS, SPACINGS, ddim_timesteps,
+                                     get_sampler, logsnr_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m,
+                                     sampling_timesteps)
 from sgdm.diffusion.schedule import make_schedule
 from tests.diffusion import gmm
 
@@ -115,7 +116,7 @@ def test_ddim_timesteps_spacings():
     assert ddim_timesteps(250, 1000)[:3].tolist() == [999, 995, 991]
     # trailing: from T - 1 in steps of T / n
     assert ddim_timesteps(4, 1000, "trailing").tolist() == [999, 749, 499, 249]
-    for spacing in SPACINGS:
+    for spacing in ("linspace", "leading", "trailing"):
         assert ddim_timesteps(1000, 1000, spacing).tolist() == list(range(999, -1, -1))
         for T in (2, 3, 10, 1000):
             for n in range(1, T + 1):
@@ -125,6 +126,26 @@ def test_ddim_timesteps_spacings():
                     assert ts[0] == T - 1
     with pytest.raises(ValueError, match="spacing: unknown value 'uniform'"):
         ddim_timesteps(10, 1000, "uniform")
+    with pytest.raises(ValueError, match="spacing: 'logsnr' depends on the noise schedule"):
+        ddim_timesteps(10, 1000, "logsnr")
+
+
+@pytest.mark.parametrize("kind", ["scaled_linear", "cosine"])
+def test_every_sampler_runs_on_every_spacing(kind):
+    """sampling_timesteps dispatches each spacing; each sampler accepts any of them, and DEFAULT_SPACING
+    names the better grid for DPM-Solver++ on LDM's schedule (log-SNR), where it is also measured."""
+    schedule = make_schedule(DiffusionConfig(schedule=kind))
+    assert sampling_timesteps(20, schedule, "logsnr").tolist() == logsnr_timesteps(20, schedule).tolist()
+    for spacing in ("linspace", "leading", "trailing"):
+        assert sampling_timesteps(20, schedule, spacing).tolist() == ddim_timesteps(20, 1000, spacing).tolist()
+    assert DEFAULT_SPACING == {"ddim": "linspace", "ddpm": "linspace", "dpmpp_2m": "logsnr"}
+    x_t = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for spacing in SPACINGS:
+        ts = sampling_timesteps(6, schedule, spacing)
+        for name in SAMPLERS:
+            kwargs = {} if name == "dpmpp_2m" else {"generator": torch.Generator().manual_seed(1)}
+            out = get_sampler(name)(gmm.make_denoiser(schedule), x_t, ts, schedule, **kwargs)
+            assert out.shape == x_t.shape and bool(torch.isfinite(out).all()), (name, spacing)
 
 
 def test_default_spacing_recovers_the_mixture_at_every_step_count():

@@ -144,4 +144,11 @@ def test_configs_defaults_are_valid():
     from sgdm.diffusion.config import Spacing
     from sgdm.diffusion.samplers import SPACINGS
 
-    assert get_args(Spacing) == SPACINGS and SamplerConfig().spacing == SPACINGS[0]
+    from sgdm.diffusion.samplers import DEFAULT_SPACING
+
+    assert get_args(Spacing) == SPACINGS and SamplerConfig().spacing is None
+    from sgdm.diffusion.config import SAMPLERS
+
+    assert set(DEFAULT_SPACING) == set(SAMPLERS)
+    assert from_dict(SamplerConfig, {"sampler": "dpmpp_2m", "spacing": "linspace"}).spacing == "linspace"
+    assert from_dict(SamplerConfig, {"sampler": "ddim", "spacing": "logsnr"}).spacing == "logsnr"

@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sgdm.diffusion.samplers import logsnr_timesteps
 from sgdm.models.unet import UNet
 from sgdm.pipeline import SelfGuidedPipeline
 from tests.pipeline.helpers import K, tiny_config, tiny_pipeline
@@ -50,7 +51,7 @@ def _call(pipe, n=2, **kwargs):
     ("label", {"sampler": "euler_a"}, "sampler: unknown sampler 'euler_a'"),
     ("label", {"eta": -1.0}, r"eta: expected a number in \[0, 1\]"),
     ("label", {"eta": 1.5}, r"eta: expected a number in \[0, 1\]"),
-    ("label", {"spacing": "uniform"}, "spacing: expected one of linspace, leading, trailing"),
+    ("label", {"spacing": "uniform"}, "spacing: expected one of linspace, leading, trailing, logsnr"),
     ("box", {"cluster": 1, "box": [float("nan"), 0, 1, 1]}, r"box\[0\]: expected normalized xyxy"),
     ("box", {"cluster": 1, "box": [0.5, 0.5, 0.5, 0.9]}, r"box\[0\]: expected normalized xyxy .*x0 < x1"),
     # a float [N, 4] is boxes: four zero-area boxes at (1, 1), not a 4-pixel-wide mask
@@ -109,6 +110,18 @@ def test_solver_defaults_come_from_the_models_sampler_config(pipes, monkeypatch)
     assert seen["sampler"] == "ddpm" and seen["eta"] == 0.0
     _call(p, cluster=1, num_steps=4, spacing="leading", eta=0.0)
     assert seen == {"ts": [37, 25, 13, 1], "sampler": "ddim", "eta": 0.0}
+    # the config's spacing is for its own sampler too: another one gets its default spacing
+    _call(p, cluster=1, num_steps=3, sampler="ddpm")
+    assert seen["ts"] == [49, 25, 1]
+    _call(p, cluster=1, num_steps=3, sampler="dpmpp_2m")
+    assert seen["ts"] == logsnr_timesteps(3, p.schedule).tolist() != [49, 25, 1]
+    _call(p, cluster=1, num_steps=3, sampler="dpmpp_2m", spacing="linspace")
+    assert seen["ts"] == [49, 25, 1]
+    _call(p, cluster=1, num_steps=3, spacing="logsnr")
+    assert seen["ts"] == logsnr_timesteps(3, p.schedule).tolist() and seen["sampler"] == "ddim"
+    monkeypatch.setattr(p, "sampler", replace(p.sampler, sampler="dpmpp_2m", eta=0.0, spacing=None))
+    _call(p, cluster=1, num_steps=3)
+    assert seen["ts"] == logsnr_timesteps(3, p.schedule).tolist() and seen["sampler"] == "dpmpp_2m"
 
 
 def test_bad_num_images_and_generators(pipes):
