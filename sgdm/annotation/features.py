@@ -263,12 +263,36 @@ def _key_hook(store: dict):
     return hook
 
 
+def _check_patch_grid(backbone: Backbone) -> None:
+    """A ViT's patch grid must tile its whole input: boxes and masks are placed on the image by
+    the grid (cell ``j`` of ``w`` spans ``[j / w, (j + 1) / w]``). With an input that is not a
+    multiple of the patch size the strided patch embedding drops the last pixels (or, with
+    ``dynamic_img_pad``, adds padding), so every box and mask would be stretched off its place."""
+    embed = backbone.model.patch_embed
+    grid, patch = tuple(embed.grid_size), tuple(embed.patch_size)
+    covered = (grid[0] * patch[0], grid[1] * patch[1])
+    if covered != tuple(backbone.input_size):
+        side, p = backbone.input_size[0], patch[0]
+        hint = sorted({max(p, side // p * p), -(-side // p) * p})
+        raise BackboneError(
+            f"backbone {backbone.name!r}: input {backbone.input_size[0]}x{backbone.input_size[1]} is not a multiple "
+            f"of the patch size {patch[0]}x{patch[1]}: the {grid[0]}x{grid[1]} patch grid covers "
+            f"{covered[0]}x{covered[1]} px, so boxes and masks made on it would be misplaced; set "
+            f"annotation.image_size (or backbone_kwargs img_size) to a multiple of the patch size, "
+            f"e.g. {' or '.join(map(str, hint))}"
+        )
+
+
 @torch.no_grad()
 def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patches: bool = True,
             bf16: Optional[bool] = None) -> Features:
     """Features of ``images [B, 3, H, W]`` in ``[-1, 1]``, as float32.
 
-    ``bf16``: run the backbone under bfloat16 autocast (default: on CUDA only)."""
+    ``bf16``: run the backbone under bfloat16 autocast (default: on CUDA only). Patch tokens and
+    keys of a ViT need an input that is a multiple of its patch size (:class:`BackboneError`
+    otherwise); the CLS feature alone does not."""
+    if backbone.is_vit and (keys or patches):
+        _check_patch_grid(backbone)
     x = preprocess(backbone, images)
     model = backbone.model
     captured: dict[str, torch.Tensor] = {}

@@ -160,3 +160,14 @@ def test_bf16_autocast_close_to_fp32(tiny_weights):
     assert not torch.equal(full.cls, half.cls)  # autocast really ran in bfloat16
     torch.testing.assert_close(half.cls, full.cls, rtol=0.05, atol=0.05)
     torch.testing.assert_close(half.keys, full.keys, rtol=0.05, atol=0.05)
+
+
+def test_patch_grid_must_tile_the_input():
+    """A 36 px input at patch size 8 gives a 4 x 4 grid over 32 px: the boxes and masks made on it
+    would be stretched over the whole image (up to 4 px off), so spatial features are refused."""
+    backbone = load_backbone(TINY_VIT, kwargs={**TINY_KWARGS, "img_size": 36}, random_init=True)
+    assert tuple(backbone.model.patch_embed.grid_size) == (4, 4)
+    for flags in ({"keys": True, "patches": False}, {"patches": True}):
+        with pytest.raises(BackboneError, match=r"input 36x36 is not a multiple of the patch size 8x8.*32 or 40"):
+            extract(backbone, images(size=36), **flags)
+    assert extract(backbone, images(size=36), patches=False).cls.shape == (2, DIM)  # CLS alone is fine
