@@ -112,7 +112,8 @@ def _build(cfg):
 def train_autoencoder(cfg, resume: bool | None = None) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
     ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM. ``resume``: None continues the
-    run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``."""
+    run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``.
+    A new run refuses a checkpoint path that already exists (often a downloaded first stage), before any work."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from sgdm.config.core import ConfigError
@@ -128,6 +129,11 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
         from sgdm.training.checkpoint import list_checkpoints
 
         resume = bool(list_checkpoints(cfg.run.path / "checkpoints"))
+    if not resume and target.exists():
+        # (a resumed run may find the file its own earlier segment wrote)
+        raise ConfigError("model.autoencoder.checkpoint", f"{target} already exists; train-autoencoder writes the "
+                                                          f"weights it trains there at the end and would replace it. "
+                                                          f"Point the key at a new file, or move the old one away")
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     check_batch_fits(t, len(dataset))
     ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder")
