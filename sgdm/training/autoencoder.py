@@ -20,7 +20,7 @@ import torch
 
 from sgdm.training.rng import derive_seed, generator_for
 
-__all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder"]
+__all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files"]
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -109,6 +109,28 @@ def _build(cfg):
                          lambda: (AutoencoderKL(ae_cfg), AutoencoderLoss(ae_cfg.loss, ae_cfg.in_channels)))
 
 
+def check_loss_files(cfg) -> None:
+    """The LPIPS files ``model.autoencoder.loss`` names exist, before anything is built or written
+    (:func:`sgdm.models.autoencoder_losses.build_lpips` would stop on them only after the run dir is made)."""
+    from sgdm.config.core import ConfigError
+    from sgdm.models.autoencoder_losses import default_lpips_heads
+
+    loss = cfg.model.autoencoder.loss
+    if loss.perceptual_weight == 0:
+        return
+    if loss.vgg16_weights is not None and not loss.vgg16_weights.is_file():
+        raise ConfigError("model.autoencoder.loss.vgg16_weights", f"{loss.vgg16_weights} is not a file; point it at "
+                                                                  f"a torchvision VGG16 state dict")
+    if loss.vgg16_weights is None and not loss.vgg16_download:
+        return  # no perceptual term (build_lpips warns)
+    if loss.lpips_heads is not None and not loss.lpips_heads.is_file():
+        raise ConfigError("model.autoencoder.loss.lpips_heads", f"{loss.lpips_heads} is not a file; point it at "
+                                                                f"LPIPS' vgg.pth linear heads")
+    if loss.lpips_heads is None and default_lpips_heads() is None:
+        raise ConfigError("model.autoencoder.loss.lpips_heads", "not set, and torchmetrics' copy of LPIPS' vgg.pth "
+                                                                "is not installed; point the key at the file")
+
+
 def train_autoencoder(cfg, resume: bool | None = None) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
     ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM. ``resume``: None continues the
@@ -129,6 +151,7 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
         from sgdm.training.checkpoint import list_checkpoints
 
         resume = bool(list_checkpoints(cfg.run.path / "checkpoints"))
+    check_loss_files(cfg)
     if not resume and target.exists():
         # (a resumed run may find the file its own earlier segment wrote)
         raise ConfigError("model.autoencoder.checkpoint", f"{target} already exists; train-autoencoder writes the "

@@ -24,3 +24,17 @@ def test_new_run_refuses_to_overwrite_an_existing_checkpoint(tmp_path, capsys):
     assert "config error: model.autoencoder.checkpoint: " in err and "ae.ckpt already exists" in err, err
     assert (tmp_path / "ae.ckpt").read_bytes() == b"pretrained weights"
     assert not (tmp_path / "runs" / "ae").exists()  # refused before the run directory is written
+
+
+@pytest.mark.parametrize("key", ["vgg16_weights", "lpips_heads"])
+def test_missing_lpips_file_is_a_config_error_before_any_work(tmp_path, capsys, key):
+    """Not a traceback from inside the loss after the dataset is scanned and the run directory written."""
+    loss = {"perceptual_weight": 1.0, "vgg16_weights": str(tmp_path / "vgg16.pth"), "disc_start": 2}
+    if key == "lpips_heads":
+        (tmp_path / "vgg16.pth").write_bytes(b"")
+        loss["lpips_heads"] = str(tmp_path / "nohead.pth")
+    path = write_config(tmp_path, _ae_config(tmp_path, loss=loss))
+    assert main(["train-autoencoder", str(path), "run.name=ae"]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: model.autoencoder.loss.{key}: " in err and "is not a file" in err, err
+    assert not (tmp_path / "runs" / "ae").exists()
