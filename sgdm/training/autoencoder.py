@@ -20,7 +20,16 @@ import torch
 
 from sgdm.training.rng import derive_seed, generator_for
 
-__all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files"]
+__all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files", "posterior_sample"]
+
+
+def posterior_sample(posterior, generator: torch.Generator, world_size: int = 1, rank: int = 0) -> torch.Tensor:
+    """z ~ q(z|x) for this rank's B images of the global micro-batch (world_size * B images): the noise is
+    drawn for the whole global micro-batch from ``generator`` (seeded by its position, the same on every
+    rank) and sliced, so each rank gets its own noise and several devices draw what one would."""
+    b = posterior.mean.shape[0]
+    noise = torch.randn((world_size * b, *posterior.mean.shape[1:]), generator=generator)[rank * b:(rank + 1) * b]
+    return posterior.mean + posterior.std * noise.to(posterior.mean)
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -57,7 +66,8 @@ class AutoencoderModule(pl.LightningModule):
         x = batch["image"]
         gen = generator_for(self.seed, "autoencoder", int(batch["position"][0]))
         posterior = self.autoencoder.encode(x)
-        rec = self.autoencoder.decode(posterior.sample(gen))
+        rec = self.autoencoder.decode(posterior_sample(posterior, gen, self.trainer.world_size,
+                                                       self.trainer.global_rank))
         loss, logs = self.loss.generator_loss(x, rec, posterior, self.step,
                                               last_layer=self.autoencoder.decoder.conv_out.weight)
         opt_ae.zero_grad(set_to_none=True)

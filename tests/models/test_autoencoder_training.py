@@ -38,3 +38,24 @@ def test_missing_lpips_file_is_a_config_error_before_any_work(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"config error: model.autoencoder.loss.{key}: " in err and "is not a file" in err, err
     assert not (tmp_path / "runs" / "ae").exists()
+
+
+def test_each_rank_draws_its_slice_of_the_global_posterior_noise(generator):
+    """Every rank seeds the step's generator alike: drawing only its own B samples gave all ranks the
+    same noise (and several devices other latents than one)."""
+    import torch
+
+    from sgdm.models.autoencoder import AutoencoderKL
+    from sgdm.training.autoencoder import posterior_sample
+    from tests.models.helpers import randomize_, tiny_autoencoder_config
+
+    ae = randomize_(AutoencoderKL(tiny_autoencoder_config()), generator, std=0.1).eval()
+    x = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
+    with torch.no_grad():
+        one_device = posterior_sample(ae.encode(x), torch.Generator().manual_seed(7))
+        ranks = [posterior_sample(ae.encode(x[2 * r:2 * r + 2]), torch.Generator().manual_seed(7), 2, r)
+                 for r in range(2)]
+        posterior = ae.encode(x)
+    torch.testing.assert_close(torch.cat(ranks), one_device)
+    noise = (one_device - posterior.mean) / posterior.std
+    assert not torch.allclose(noise[:2], noise[2:])
