@@ -5,6 +5,13 @@ drawn here (from the caller's ``torch.Generator``) and applied with kornia's
 functional ops: random resized crops (``crop_and_resize``), horizontal flips,
 colour jitter (brightness, contrast, saturation, hue), greyscale and Gaussian
 blur (Caron et al. 2021, Sec. 3 and App. D).
+
+The colour jitter is torchvision's ``ColorJitter`` (DINO's), applied in the
+fixed order brightness, contrast, saturation, hue: brightness scales the
+intensities, contrast blends with the mean grey level, saturation with the grey
+image. (Kornia's plain ``adjust_brightness`` / ``adjust_contrast`` add a
+constant and scale the intensities instead: at strength 0.4 they left one dark
+view in ten nearly black and never changed the contrast.)
 """
 from __future__ import annotations
 
@@ -12,7 +19,12 @@ import math
 
 import torch
 from kornia.color import rgb_to_grayscale
-from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_hue,
+    adjust_saturation_with_gray_subtraction,
+)
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import crop_and_resize
 
@@ -71,9 +83,9 @@ def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Gene
         sat = torch.lerp(one, _uniform(b, 1 - s, 1 + s, generator), apply.cpu()).to(images)
         hue_max = s / 4 if cfg.hue_jitter is None else cfg.hue_jitter
         hue = (_uniform(b, -hue_max, hue_max, generator) * apply.cpu() * 2 * math.pi).to(images)
-        images = adjust_brightness(images, bright - 1).clamp(0, 1)
-        images = adjust_contrast(images, contrast).clamp(0, 1)
-        images = adjust_saturation(images, sat).clamp(0, 1)
+        images = adjust_brightness_accumulative(images, bright).clamp(0, 1)  # x * b
+        images = adjust_contrast_with_mean_subtraction(images, contrast)  # mean + c (x - mean), clamped
+        images = adjust_saturation_with_gray_subtraction(images, sat)  # grey + s (x - grey), clamped
         images = adjust_hue(images, hue).clamp(0, 1)
     if cfg.grayscale_prob > 0:
         grey = (torch.rand(b, generator=generator) < cfg.grayscale_prob).to(images.device).view(b, 1, 1, 1)

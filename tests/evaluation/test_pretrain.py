@@ -201,3 +201,28 @@ def test_photometric_hue_and_solarize_settings(generator):
     for key, value in (("hue_jitter", 0.6), ("solarize_prob", 1.5), ("max_rotation", 270.0)):
         with pytest.raises(ConfigError, match=f"pretrain.{key}"):
             from_dict(PretrainConfig, {key: value}, "pretrain")
+
+
+def test_photometric_colour_jitter_is_torchvisions(generator):
+    """DINO's ColorJitter(0.4, 0.4, ...): brightness scales the grey level by [0.6, 1.4], contrast
+    scales the deviation from the mean grey by [0.6, 1.4], saturation keeps the grey image. Kornia's
+    plain adjust_brightness (additive) and adjust_contrast (a second scaling) left 5% of the views of
+    this dark image at under 6% of its brightness and never changed its contrast."""
+    from kornia.color import rgb_to_grayscale
+
+    from sgdm.features_pretrain.augment import photometric
+
+    field = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    base = torch.nn.functional.interpolate(field, size=32, mode="bilinear") * 0.4 + 0.1  # mean grey ~0.3
+    cfg = PretrainConfig(color_jitter=0.4, hue_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    out = photometric(base.expand(512, 3, 32, 32), cfg, generator)
+
+    def grey_stats(x):
+        grey = rgb_to_grayscale(x).flatten(1)
+        return grey.mean(1), grey.std(1) / grey.mean(1)
+
+    (mean0, contrast0), (mean, contrast) = grey_stats(base), grey_stats(out)
+    brightness, contrast = mean / mean0, contrast / contrast0
+    assert brightness.min() > 0.6 - 1e-3 and brightness.max() < 1.4 + 1e-3
+    assert contrast.min() > 0.6 - 1e-3 and contrast.max() < 1.4 + 1e-3
+    assert (contrast < 0.8).any() and (contrast > 1.2).any()  # the contrast does change
