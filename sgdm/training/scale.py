@@ -3,10 +3,16 @@
 Computed once, at the start of a new run whose first stage has none (neither
 ``model.autoencoder.scale_factor`` nor one stored with its weights), from
 posterior samples of the first ``train.batch_size`` training images (dataset
-order, unflipped, noise from (run.seed, "scale")). It lives in the first
-stage's ``scale_factor`` buffer, hence in every checkpoint and the export.
+order, unflipped; unreadable ones left out): z = mean + exp(logvar / 2) * n in
+float64, n ~ N(0, I) from (run.seed, "scale"). The posteriors come from the
+latent cache with ``train.cache_latents``, else from encoding the images in
+batches of at most ``batch_size`` (as the cache does), so both give the same
+factor (up to float rounding). It lives in the first stage's ``scale_factor`` buffer, hence in every
+checkpoint and the export.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,27 +22,46 @@ __all__ = ["ensure_scale_factor"]
 
 
 @torch.no_grad()
-def ensure_scale_factor(cfg, module) -> None:
-    first_stage = module.first_stage
-    if first_stage.has_scale_factor:
-        return
-    gen = generator_for(cfg.run.seed, "scale")
-    n = cfg.train.batch_size
+def _posteriors(cfg, first_stage, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, logvar) float32 [m, C, h, w] of the readable images among the first ``n``."""
     if cfg.train.cache_latents:
         from sgdm.training.latent_cache import LatentCacheDataset, cache_dir_for
 
         cache = LatentCacheDataset(cache_dir_for(cfg))
-        rows = [r for r in (cache[i] for i in range(min(len(cache), n))) if r is not None]  # unreadable: dropped, as below
-        mean = torch.stack([r["mean"] for r in rows]).double()
-        std = torch.exp(0.5 * torch.stack([r["logvar"] for r in rows]).double())
-        z = mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float64)
-        first_stage.scale_factor.fill_(1.0 / float(z.flatten().std()))
-        return
-    from sgdm.models.autoencoder import compute_scale_factor
+        rows = [r for r in (cache[i] for i in range(min(len(cache), n))) if r is not None]
+        if not rows:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.stack([r["mean"] for r in rows]), torch.stack([r["logvar"] for r in rows])
     from sgdm.training.data import build_image_dataset
 
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
-    samples = [dataset[i] for i in range(min(len(dataset), n))]
-    images = torch.stack([s["image"] for s in samples if s is not None])
     device = next(first_stage.parameters()).device
-    compute_scale_factor(first_stage, [images.to(device)], generator=gen)
+    means, logvars = [], []
+    n = min(len(dataset), n)
+    for start in range(0, n, batch_size):  # bounded memory: 256 px images take ~180 MB each in the encoder
+        images = [s["image"] for s in (dataset[i] for i in range(start, min(n, start + batch_size))) if s is not None]
+        if images:
+            posterior = first_stage.encode(torch.stack(images).to(device))
+            means.append(posterior.mean.float().cpu())
+            logvars.append(posterior.logvar.float().cpu())
+    if not means:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(means), torch.cat(logvars)
+
+
+@torch.no_grad()
+def ensure_scale_factor(cfg, module, batch_size: int = 32) -> None:
+    first_stage = module.first_stage
+    if first_stage.has_scale_factor:
+        return
+    mean, logvar = _posteriors(cfg, first_stage, cfg.train.batch_size, batch_size)
+    if len(mean) == 0:
+        raise ValueError(f"data: none of the first {cfg.train.batch_size} training images is readable; cannot "
+                         f"compute the latent scale factor (or set model.autoencoder.scale_factor)")
+    noise = torch.randn(mean.shape, generator=generator_for(cfg.run.seed, "scale"), dtype=torch.float64)
+    z = mean.double() + torch.exp(0.5 * logvar.double()) * noise
+    std = float(z.flatten().std())
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"the first stage's latents of the first {len(mean)} training images have std {std}; "
+                         f"cannot compute the latent scale factor (set model.autoencoder.scale_factor)")
+    first_stage.scale_factor.fill_(1.0 / std)
