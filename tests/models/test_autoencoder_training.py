@@ -59,3 +59,34 @@ def test_each_rank_draws_its_slice_of_the_global_posterior_noise(generator):
     torch.testing.assert_close(torch.cat(ranks), one_device)
     noise = (one_device - posterior.mean) / posterior.std
     assert not torch.allclose(noise[:2], noise[2:])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_continues_exactly_with_dropout_and_the_discriminator(tmp_path):
+    """Straight to step 2 == step 1 then --resume: weights, discriminator (BatchNorm statistics), logvar,
+    both optimisers. model.autoencoder.dropout drew from the global RNG, which a resume does not restore."""
+    import torch
+
+    from sgdm.config.schema import load_experiment
+    from sgdm.training.autoencoder import train_autoencoder
+
+    cfg = _ae_config(tmp_path, dropout=0.3, loss={"perceptual_weight": 0.0, "disc_start": 1, "disc_channels": 8,
+                                                  "disc_num_layers": 2})
+    cfg["train"].update(checkpoint_every=1)
+    path = write_config(tmp_path, cfg)
+    runs = {"straight": [("run.name=straight", False)],
+            "resumed": [("run.name=resumed", False, "train.max_steps=1"), ("run.name=resumed", True)]}
+    for name, segments in runs.items():
+        for overrides, resume, *more in segments:
+            c = load_experiment(path, [overrides, f"model.autoencoder.checkpoint={tmp_path / name}.ckpt", *more])
+            torch.manual_seed(len(more))  # whatever the global RNG holds when a segment starts
+            assert train_autoencoder(c, resume=resume) == 0
+    a, b = (torch.load(tmp_path / "runs" / n / "checkpoints" / "step-00000002.ckpt", weights_only=False)
+            for n in runs)
+    assert a["sgdm"] == b["sgdm"] == {"step": 2}
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]) or key.endswith("scale_factor"), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for index, state in sa["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, sb["state"][index][name]), f"optimizer state {index}.{name}"
