@@ -82,7 +82,8 @@ class LPIPS(nn.Module):
 
     Same submodule names as ``taming.modules.losses.lpips.LPIPS`` and the same forward:
     d(x, y) [B, 1, 1, 1] = sum_l mean_hw(w_l . (phi_l(x)/|phi_l(x)| - phi_l(y)/|phi_l(y)|)^2).
-    Inputs are images in [-1, 1]. All parameters are frozen.
+    Inputs are images in [-1, 1]. All parameters are frozen, and the module stays in eval mode (taming's
+    heads hold Dropout(0.5) layers, which ``.train()`` on an enclosing model would switch on).
     """
 
     def __init__(self):
@@ -95,6 +96,9 @@ class LPIPS(nn.Module):
         for i, c in enumerate(self.chns):
             setattr(self, f"lin{i}", tl.NetLinLayer(c, use_dropout=True))
         self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from taming.modules.losses.lpips import LPIPS as TamingLPIPS

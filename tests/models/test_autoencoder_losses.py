@@ -61,6 +61,12 @@ def test_lpips_from_local_files_matches_float64_definition(vgg_file, generator):
         assert out.shape == (2, 1, 1, 1)
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-6)
         assert lpips(x, x).abs().max() < 1e-6
+    # a training loop's model.train() reaches the loss module: LPIPS stays the metric (its heads'
+    # Dropout(0.5) would make it random)
+    loss = torch.nn.ModuleDict({"perceptual": lpips}).train()
+    assert not loss.perceptual.training and not any(m.training for m in loss.perceptual.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(lpips(x, y), out)
 
 
 def test_lpips_missing_files_warn_once_or_fail_clearly(tmp_path):
