@@ -1,0 +1,48 @@
+"""benchmarks/*.py: argument checks and reporting paths that need no real timing (seconds, CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def kmeans_bench():
+    return load("kmeans_bench")
+
+
+def test_kmeans_without_faiss_says_so_and_runs_the_rest(kmeans_bench, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    args = kmeans_bench.parse_args(["--n", "300", "--dim", "4", "--k", "3", "--repeats", "1",
+                                    "--methods", "sgdm,faiss"])
+    summary = kmeans_bench.compare(args)
+    assert list(summary["methods"]) == ["sgdm"]
+    assert "faiss is not installed" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--methods faiss: faiss is not installed"):
+        kmeans_bench.compare(kmeans_bench.parse_args(["--n", "300", "--k", "3", "--methods", "faiss"]))
+
+
+def test_kmeans_unknown_method_is_an_error(kmeans_bench):
+    with pytest.raises(SystemExit, match=r"--methods: unknown \['sklean'\]"):
+        kmeans_bench.compare(kmeans_bench.parse_args(["--n", "300", "--k", "3", "--methods", "sgdm,sklean"]))
+
+
+def test_kmeans_warms_every_method_up_before_timing(kmeans_bench, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    calls = []
+    real = kmeans_bench.run_sgdm
+    monkeypatch.setattr(kmeans_bench, "run_sgdm", lambda x, k, *a, **kw: calls.append(len(x)) or real(x, k, *a, **kw))
+    kmeans_bench.compare(kmeans_bench.parse_args(["--n", "2000", "--dim", "4", "--k", "3", "--repeats", "1",
+                                                  "--methods", "sgdm"]))
+    assert calls == [3 * 64, 2000]  # an untimed run on a slice, then the timed one
