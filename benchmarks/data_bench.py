@@ -161,7 +161,7 @@ def main() -> int:
             print(f"{name:<14}" + "".join(f"{r:>12.1f}" for r in rates), flush=True)
     need = args.train_batch * args.gpu_steps_per_s
     print(f"needed: {need:.0f} images/s (batch {args.train_batch} x {args.gpu_steps_per_s} GPU steps/s, assumed); "
-          f"with cached latents (train.latent_cache) images are decoded once, not per step")
+          f"with cached latents (train.cache_latents) images are decoded once, not per step")
     return 0
 
 
