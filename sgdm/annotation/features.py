@@ -7,7 +7,10 @@ a local ``.pth`` / ``.safetensors`` file in timm's or the original DINO layout,
 or from timm's hub when online. :func:`extract` returns, for images in
 ``[-1, 1]``:
 
-* ``cls [B, D]``: the CLS token after the final norm (global average pool for CNNs),
+* ``cls [B, D]``: the image feature of the model's own pooling (``forward_head(pre_logits=True)``):
+  the CLS token after the final norm for CLS-token ViTs such as DINO; the pooled patch
+  tokens for ViTs without a class token (``global_pool`` avg or map); global average
+  pool for CNNs,
 * ``patches [B, h, w, D]``: the patch tokens (the last feature map for CNNs),
 * ``keys [B, h, w, D]``: the last block's attention keys, heads concatenated
   (LOST's features), captured by a forward hook on that block's ``qkv``
@@ -305,6 +308,9 @@ def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patche
     try:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda if bf16 is None else bf16):
             out = model.forward_features(x)
+            # a ViT without a class token (global_pool avg / map) has no CLS at out[:, 0]: that is
+            # its top-left patch; its own pooling gives the image feature
+            pooled = model.forward_head(out, pre_logits=True).float() if backbone.is_vit else None
     finally:
         if handle is not None:
             handle.remove()
@@ -312,7 +318,7 @@ def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patche
     if backbone.is_vit:
         p = backbone.num_prefix_tokens
         h, w = model.patch_embed.grid_size
-        cls = out[:, 0]
+        cls = pooled if pooled.dim() == 2 else out[:, 0] if p else out.mean(1)  # global_pool '': unpooled tokens
         patch = out[:, p:].reshape(out.shape[0], h, w, -1)
         key = captured["keys"][:, p:].float().reshape(out.shape[0], h, w, -1) if keys else None
     else:

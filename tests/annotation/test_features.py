@@ -171,3 +171,31 @@ def test_patch_grid_must_tile_the_input():
         with pytest.raises(BackboneError, match=r"input 36x36 is not a multiple of the patch size 8x8.*32 or 40"):
             extract(backbone, images(size=36), **flags)
     assert extract(backbone, images(size=36), patches=False).cls.shape == (2, DIM)  # CLS alone is fine
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_cls_of_a_vit_without_class_token_is_its_pooled_feature(pool):
+    """Without a class token, out[:, 0] is the top-left patch token: clustering on it would group
+    images by one corner patch. The image feature is the model's own pooling."""
+    kwargs = {**TINY_KWARGS, "class_token": False, "global_pool": pool}
+    backbone = load_backbone(TINY_VIT, kwargs=kwargs, random_init=True)
+    assert backbone.num_prefix_tokens == 0
+    feats = extract(backbone, images(), keys=True)
+    from sgdm.annotation.features import preprocess
+
+    with torch.no_grad():
+        expected = backbone.model(preprocess(backbone, images()))  # num_classes=0: the pre-logits feature
+    torch.testing.assert_close(feats.cls, expected)
+    assert not torch.allclose(feats.cls, feats.patches[:, 0, 0])
+    assert feats.patches.shape == (2, 4, 4, DIM) and feats.keys.shape == (2, 4, 4, DIM)
+
+
+def test_cls_of_a_class_token_vit_is_its_cls_token(tiny_weights):
+    backbone = load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS)
+    from sgdm.annotation.features import preprocess
+
+    with torch.no_grad():
+        tokens = backbone.model.forward_features(preprocess(backbone, images()))
+    assert torch.equal(extract(backbone, images()).cls, tokens[:, 0])
+    unpooled = load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "global_pool": ""})
+    assert torch.equal(extract(unpooled, images()).cls, tokens[:, 0])
