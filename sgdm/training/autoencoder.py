@@ -157,7 +157,8 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
     ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM. ``resume``: None continues the
     run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``.
-    A new run refuses a checkpoint path that already exists (often a downloaded first stage), before any work."""
+    A new run refuses a checkpoint path that already exists (often a downloaded first stage), and any run a
+    configured ``model.autoencoder.scale_factor`` (it belongs to other weights), before any work."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from sgdm.config.core import ConfigError
@@ -174,6 +175,13 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
 
         resume = bool(list_checkpoints(cfg.run.path / "checkpoints"))
     check_loss_files(cfg)
+    if cfg.model.autoencoder.scale_factor is not None:
+        raise ConfigError("model.autoencoder.scale_factor", f"{cfg.model.autoencoder.scale_factor} is set, the value "
+                                                            f"of another autoencoder's latents (as in the paper "
+                                                            f"configs, for LDM's own weights); the diffusion run "
+                                                            f"would scale this new autoencoder's latents by it. Set "
+                                                            f"it to null in the config, so that the diffusion run "
+                                                            f"computes 1/std of these latents")
     if not resume and target.exists():
         # (a resumed run may find the file its own earlier segment wrote)
         raise ConfigError("model.autoencoder.checkpoint", f"{target} already exists; train-autoencoder writes the "

@@ -90,3 +90,13 @@ def test_resume_continues_exactly_with_dropout_and_the_discriminator(tmp_path):
         for index, state in sa["state"].items():
             for name, value in state.items():
                 assert torch.equal(value, sb["state"][index][name]), f"optimizer state {index}.{name}"
+
+
+def test_a_configured_scale_factor_is_refused(tmp_path, capsys):
+    """The paper configs fix LDM's factor for LDM's kl-f8 (0.22765929 for Churches); training a new
+    autoencoder from such a config gave the diffusion run that factor for latents of another std."""
+    path = write_config(tmp_path, _ae_config(tmp_path, scale_factor=0.22765929))
+    assert main(["train-autoencoder", str(path), "run.name=ae"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: model.autoencoder.scale_factor: 0.22765929 is set" in err and "to null" in err, err
+    assert not (tmp_path / "runs" / "ae").exists() and not (tmp_path / "ae.ckpt").exists()
