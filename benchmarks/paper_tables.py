@@ -171,6 +171,21 @@ def adherence_steps(args) -> int:
     return args.adherence_steps
 
 
+def only_variants(args) -> set[str] | None:
+    """``--only`` as a set of variant names (None: all of them); an unknown name stops before anything
+    is prepared or trained (it used to select nothing and fail after the preparation, on an empty table)."""
+    if args.only is None:
+        return None
+    from sgdm.quickstart.variants import VARIANTS, variant_name
+
+    known = [variant_name(kind, source) for kind, source in VARIANTS]
+    names = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = sorted(names - set(known))
+    if unknown or not names:
+        raise SystemExit(f"--only: unknown variant(s) {unknown or repr(args.only)} (choose from {','.join(known)})")
+    return names
+
+
 def run_variants(cfg, args, log) -> tuple[list[dict], list[dict]]:
     """The rows at ``--steps``, and the rows continued to ``--adherence-steps``: the box / mask
     models that miss the adherence target at ``--steps`` (none when off)."""
@@ -178,7 +193,7 @@ def run_variants(cfg, args, log) -> tuple[list[dict], list[dict]]:
 
     out = pathlib.Path(args.out)
     counts = class_counts(cfg, args.mask_classes)
-    only = set(args.only.split(",")) if args.only else None
+    only = only_variants(args)
     long_steps = adherence_steps(args)
     rows, long_rows = [], []
 
@@ -370,7 +385,8 @@ def check_targets(rows: list[dict], fd_key: str, long_rows: list[dict] = ()) -> 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    adherence_steps(args)  # a bad --adherence-steps stops before anything is prepared or trained
+    adherence_steps(args)  # a bad --adherence-steps or --only stops before anything is prepared or trained
+    only_variants(args)
     from sgdm.config.schema import load_experiment
     from sgdm.quickstart import prepare
 

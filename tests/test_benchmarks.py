@@ -46,3 +46,26 @@ def test_kmeans_warms_every_method_up_before_timing(kmeans_bench, monkeypatch):
     kmeans_bench.compare(kmeans_bench.parse_args(["--n", "2000", "--dim", "4", "--k", "3", "--repeats", "1",
                                                   "--methods", "sgdm"]))
     assert calls == [3 * 64, 2000]  # an untimed run on a slice, then the timed one
+
+
+@pytest.fixture(scope="module")
+def paper_tables():
+    return load("paper_tables")
+
+
+def test_paper_tables_only_names_known_variants(paper_tables):
+    assert paper_tables.only_variants(paper_tables.parse_args([])) is None
+    assert paper_tables.only_variants(paper_tables.parse_args(["--only", "no-guidance, self-label"])) == \
+        {"no-guidance", "self-label"}
+    with pytest.raises(SystemExit, match=r"--only: unknown variant\(s\) \['self-labels'\] \(choose from no-guidance,"):
+        paper_tables.only_variants(paper_tables.parse_args(["--only", "no-guidance,self-labels"]))
+    with pytest.raises(SystemExit, match="--only: unknown"):
+        paper_tables.only_variants(paper_tables.parse_args(["--only", ","]))
+
+
+def test_paper_tables_checks_only_before_preparing(paper_tables, monkeypatch):
+    import sgdm.quickstart
+
+    monkeypatch.setattr(sgdm.quickstart, "prepare", lambda *a, **k: pytest.fail("prepared before checking --only"))
+    with pytest.raises(SystemExit, match="--only: unknown"):
+        paper_tables.main(["--only", "self-labels"])
