@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -44,8 +46,22 @@ NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
               "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage,-Werror"]
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+_ON, _OFF = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _switch(name: str) -> bool | None:
+    """An on/off environment variable, in any case: True, False, or None where unset or empty."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in _ON | _OFF:
+        sys.exit(f"sgdm: {name}={os.environ[name]!r}: expected 1 or 0 (or true/false, yes/no, on/off).")
+    return raw in _ON
+
+
+def _arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST with ';' between entries (spaces and commas accepted); '' where unset or blank."""
+    return ";".join(a for a in re.split(r"[\s;,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a)
 
 
 def _cuda_home() -> str | None:
@@ -66,9 +82,10 @@ def _cuda_home() -> str | None:
 
 
 def _want_cuda(cuda_home: str | None) -> bool:
-    if os.environ.get("FORCE_CUDA") is not None and os.environ["FORCE_CUDA"].strip() in {"0", ""}:
+    force = _switch("FORCE_CUDA")
+    if force is False or (force is None and "FORCE_CUDA" in os.environ):  # FORCE_CUDA=0 or FORCE_CUDA=
         return False
-    if _flag("FORCE_CUDA") or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if force or _arch_list():
         return True
     if cuda_home is None:
         return False
@@ -84,11 +101,34 @@ def _hopper_archs(arch_list: str) -> tuple[str, bool]:
     9.0a code is what the Hopper wgmma attention kernels need (SGDM_ATTENTION_WGMMA=1), and it
     runs everything else as 9.0 code does, so with both in the list the plain 9.0 is
     dropped: one cubin per GPU, no doubt about which the driver loads."""
-    archs = [a for a in arch_list.replace(" ", ";").split(";") if a]
+    archs = [a for a in re.split(r"[\s;,]+", arch_list) if a]
     has_a = "9.0a" in {a.split("+")[0] for a in archs}
     if has_a:
         archs = [a for a in archs if a != "9.0"]
     return ";".join(archs), has_a
+
+
+def _check_cuda(cuda_home: str | None) -> None:
+    """Stops with the variable to fix where the CUDA kernels cannot build: no toolkit, a CUDA_HOME
+    without nvcc, a CPU-only torch, or an nvcc whose major version is not torch's CUDA."""
+    import torch
+
+    var = "CUDA_HOME" if os.environ.get("CUDA_HOME") else "CUDA_PATH" if os.environ.get("CUDA_PATH") else None
+    if torch.version.cuda is None:
+        sys.exit(f"sgdm: the CUDA kernels were asked for (FORCE_CUDA / TORCH_CUDA_ARCH_LIST) but torch "
+                 f"{torch.__version__} is a CPU-only build; install a CUDA build of torch, or set FORCE_CUDA=0.")
+    if cuda_home is None:
+        sys.exit("sgdm: CUDA build requested but no toolkit found; set CUDA_HOME.")
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    where = f"{var}={cuda_home}" if var else f"the toolkit found at {cuda_home}"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        sys.exit(f"sgdm: {where} has no working bin/nvcc ({err}); set CUDA_HOME to the toolkit root.")
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found and found.group(1) != torch.version.cuda.split(".")[0]:
+        sys.exit(f"sgdm: nvcc {found.group(1)}.{found.group(2)} ({where}) does not match torch's CUDA "
+                 f"{torch.version.cuda}; set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]}.x toolkit.")
 
 
 def _sources(with_cuda: bool) -> tuple[list[str], list[str]]:
@@ -107,10 +147,11 @@ def _extension():
     cuda_home = _cuda_home()
     with_cuda = _want_cuda(cuda_home)
     if with_cuda:
-        if cuda_home is None:
-            sys.exit("sgdm: CUDA build requested but no toolkit found; set CUDA_HOME.")
+        _check_cuda(cuda_home)
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension guesses /usr/local
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if _arch_list():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
+        else:
             try:
                 import torch
                 major, minor = torch.cuda.get_device_capability()
@@ -121,7 +162,7 @@ def _extension():
                          "without a visible GPU.")
     from torch.utils import cpp_extension
 
-    avx512 = os.environ.get("SGDM_CPU_AVX512", "1").strip() not in {"0", "false", "no", "off"}
+    avx512 = _switch("SGDM_CPU_AVX512") is not False
     once, per_isa = _sources(with_cuda)
     macros = [("SGDM_CPU_AVX512", "1" if avx512 else "0")]
     include_dirs = [CSRC, os.path.join(CSRC, "include")]
@@ -149,12 +190,53 @@ def _extension():
     return ext, cpp_extension
 
 
+# What a compiler must build (and assemble) for an ISA's kernels to compile.
+ISA_PROBES = {
+    "AVX2": "#include <immintrin.h>\n__m256 f(__m256 a, __m256 b) { return _mm256_fmadd_ps(a, b, a); }\n",
+    "AVX512": "#include <immintrin.h>\n__m512 f(__m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, a); }\n",
+}
+
+
+def _isa_compiles(compiler: list[str], isa: str) -> bool:
+    """Whether ``compiler`` builds an object with ``isa``'s flags (DEFAULT always does)."""
+    if isa not in ISA_PROBES:
+        return True
+    flags = [f for f in ISA_FLAGS[isa] if f.startswith("-m")]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [*compiler, *flags, "-x", "c++", "-c", "-", "-o", os.path.join(tmp, "probe.o")]
+        try:
+            return subprocess.run(cmd, input=ISA_PROBES[isa], capture_output=True, text=True,
+                                  timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+def _buildable_isas(ext, compiler: list[str]) -> None:
+    """Leaves AVX-512 out of ``ext`` (with a note) where the compiler cannot build it, unless
+    SGDM_CPU_AVX512=1 asked for it; stops where it cannot build AVX2, which every build has."""
+    name = " ".join(compiler)
+    if "AVX512" in ext.sgdm_isas and not _isa_compiles(compiler, "AVX512"):
+        if _switch("SGDM_CPU_AVX512"):
+            sys.exit(f"sgdm: SGDM_CPU_AVX512=1 but the C++ compiler ({name}) cannot build AVX-512 code "
+                     f"({' '.join(ISA_FLAGS['AVX512'][2:])}); set SGDM_CPU_AVX512=0 or use a newer compiler.")
+        print(f"sgdm: the C++ compiler ({name}) cannot build AVX-512 code; building without the AVX-512 "
+              "CPU kernels, as SGDM_CPU_AVX512=0 does.", file=sys.stderr)
+        ext.sgdm_isas.remove("AVX512")
+        ext.define_macros = [(k, "0" if k == "SGDM_CPU_AVX512" else v) for k, v in ext.define_macros]
+    if "AVX2" in ext.sgdm_isas and not _isa_compiles(compiler, "AVX2"):
+        sys.exit(f"sgdm: the C++ compiler ({name}) cannot build AVX2+FMA code, which every build's CPU "
+                 "kernels need (csrc/cpu/dispatch.h): an x86-64 compiler is required.")
+
+
 def _build_ext_class(cpp_extension):
     class BuildExtension(cpp_extension.BuildExtension):
         """Compiles csrc/cpu/*_kernel.cpp once per ISA, then links everything."""
 
         def build_extension(self, ext):
             per_isa = getattr(ext, "sgdm_per_isa_sources", [])
+            if per_isa:  # the compiler the sources go through: ninja's CXX, else distutils' own
+                _buildable_isas(ext, [cpp_extension.get_cxx_compiler()] if self.use_ninja
+                                else list(self.compiler.compiler_so))
             for isa in getattr(ext, "sgdm_isas", []):
                 if not per_isa:
                     break

@@ -1,0 +1,134 @@
+"""setup.py's configuration: environment switches, TORCH_CUDA_ARCH_LIST, toolkit checks and the
+per-ISA compiler probe (setup() itself is replaced: nothing is compiled but the probe's few lines)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import runpy
+import shutil
+import stat
+import sys
+import types
+
+import pytest
+import setuptools
+import torch
+
+SETUP = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
+VARIABLES = ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "SGDM_CPU_AVX512")
+
+
+def configure(monkeypatch, **env):
+    """Runs setup.py with ``env`` (the build variables not named are unset): (extension, setup.py's globals)."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setattr(sys, "argv", ["setup.py", "--name"])
+    namespace = runpy.run_path(str(SETUP), run_name="__main__")
+    return captured["ext_modules"][0], namespace
+
+
+def executable(path: pathlib.Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.parametrize("off", ["0", "false", "OFF", "No", ""])
+def test_force_cuda_off_in_any_spelling_wins_over_the_arch_list(monkeypatch, off):
+    ext, _ = configure(monkeypatch, FORCE_CUDA=off, TORCH_CUDA_ARCH_LIST="8.0")
+    assert ("SGDM_WITH_CUDA", "1") not in ext.define_macros
+
+
+def test_avx512_switch_in_any_case(monkeypatch):
+    ext, _ = configure(monkeypatch, FORCE_CUDA="0", SGDM_CPU_AVX512="OFF")
+    assert ext.sgdm_isas == ["DEFAULT", "AVX2"] and ("SGDM_CPU_AVX512", "0") in ext.define_macros
+    ext, _ = configure(monkeypatch, FORCE_CUDA="0")
+    assert ext.sgdm_isas == ["DEFAULT", "AVX2", "AVX512"] and ("SGDM_CPU_AVX512", "1") in ext.define_macros
+
+
+@pytest.mark.parametrize("name", ["FORCE_CUDA", "SGDM_CPU_AVX512"])
+def test_unknown_switch_value_names_the_variable(monkeypatch, name):
+    with pytest.raises(SystemExit, match=f"{name}='maybe': expected 1 or 0"):
+        configure(monkeypatch, **{"FORCE_CUDA": "0", name: "maybe"})
+
+
+def test_arch_list_separators_and_9_0a(monkeypatch):
+    _, g = configure(monkeypatch, FORCE_CUDA="0")
+    assert g["_hopper_archs"]("8.0;9.0a") == ("8.0;9.0a", True)
+    assert g["_hopper_archs"]("8.0,9.0a") == ("8.0;9.0a", True)
+    assert g["_hopper_archs"](" 9.0 , 9.0a+PTX ") == ("9.0a+PTX", True)
+    assert g["_hopper_archs"]("9.0") == ("9.0", False)
+    assert g["_hopper_archs"]("8.6+PTX") == ("8.6+PTX", False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0, 9.0a")
+    assert g["_arch_list"]() == "8.0;9.0a"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", " ")  # blank: as unset, not "build CUDA for nothing"
+    assert g["_arch_list"]() == "" and g["_want_cuda"](None) is False
+
+
+@pytest.fixture
+def check_cuda(monkeypatch):
+    _, g = configure(monkeypatch, FORCE_CUDA="0")
+    return g["_check_cuda"]
+
+
+def fake_toolkit(root: pathlib.Path, release: str) -> str:
+    (root / "bin").mkdir(parents=True)
+    executable(root / "bin" / "nvcc", f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    return str(root)
+
+
+def test_check_cuda_names_the_variable(check_cuda, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match=r"CUDA_HOME=.*missing has no working bin/nvcc"):
+        check_cuda(str(tmp_path / "missing"))
+    home = fake_toolkit(tmp_path / "cuda-12.4", "12.4")
+    monkeypatch.setenv("CUDA_HOME", home)
+    with pytest.raises(SystemExit, match=r"nvcc 12.4 \(CUDA_HOME=.*cuda-12.4\) does not match torch's CUDA 13.0"):
+        check_cuda(home)
+    check_cuda(fake_toolkit(tmp_path / "cuda-13.2", "13.2"))  # a minor difference is torch's warning, not ours
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(SystemExit, match="is a CPU-only build"):
+        check_cuda(home)
+
+
+needs_x86_cxx = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("c++"),
+                                   reason="needs an x86-64 c++")
+
+
+@needs_x86_cxx
+def test_a_compiler_without_avx512_drops_that_isa_unless_asked_for(monkeypatch, tmp_path, capsys):
+    _, g = configure(monkeypatch, FORCE_CUDA="0")
+    no_avx512 = executable(tmp_path / "cxx", '#!/bin/sh\nfor a in "$@"; do case "$a" in -mavx512*) '
+                                             'echo "unrecognized $a" >&2; exit 1;; esac; done\nexec c++ "$@"\n')
+    assert g["_isa_compiles"](["c++"], "AVX2") and not g["_isa_compiles"]([no_avx512], "AVX512")
+
+    def ext():
+        return types.SimpleNamespace(sgdm_isas=["DEFAULT", "AVX2", "AVX512"],
+                                     define_macros=[("SGDM_CPU_AVX512", "1"), ("SGDM_WITH_CUDA", "1")])
+
+    e = ext()
+    g["_buildable_isas"](e, [no_avx512])
+    assert e.sgdm_isas == ["DEFAULT", "AVX2"]
+    assert e.define_macros == [("SGDM_CPU_AVX512", "0"), ("SGDM_WITH_CUDA", "1")]
+    assert "cannot build AVX-512 code" in capsys.readouterr().err
+    monkeypatch.setenv("SGDM_CPU_AVX512", "1")
+    with pytest.raises(SystemExit, match="SGDM_CPU_AVX512=1 but the C.. compiler .* cannot build AVX-512"):
+        g["_buildable_isas"](ext(), [no_avx512])
+    e = ext()
+    g["_buildable_isas"](e, ["c++"])  # a compiler that can: nothing changes
+    assert e.sgdm_isas == ["DEFAULT", "AVX2", "AVX512"]
+
+
+def test_a_compiler_without_avx2_stops_the_build(monkeypatch, tmp_path):
+    _, g = configure(monkeypatch, FORCE_CUDA="0")
+    failing = executable(tmp_path / "cxx", "#!/bin/sh\nexit 1\n")
+    e = types.SimpleNamespace(sgdm_isas=["DEFAULT", "AVX2"], define_macros=[("SGDM_CPU_AVX512", "0")])
+    with pytest.raises(SystemExit, match="cannot build AVX2.FMA code"):
+        g["_buildable_isas"](e, [failing])
+    assert os.path.exists(failing)
