@@ -105,7 +105,9 @@ def bench_case(case, dtype, device, repeats, gen, wgmma: bool) -> list[dict]:
         def run(fn):
             if not backward:
                 return lambda: fn(q, k, v)
-            return lambda: torch.autograd.backward(fn(q, k, v), grad_out)
+            # gradients returned, not accumulated into .grad: accumulating added a read-modify-write
+            # of three q-sized tensors to both sides that no training step has (as in ops_bench)
+            return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
 
         with torch.set_grad_enabled(backward):
             best = None
@@ -253,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-wgmma", action="store_true",
                    help="leave out the Hopper wgmma kernels (SGDM_ATTENTION_WGMMA=1) even where they run")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats: expected at least 1 timed call, got {args.repeats}")
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():

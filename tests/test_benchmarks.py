@@ -69,3 +69,29 @@ def test_paper_tables_checks_only_before_preparing(paper_tables, monkeypatch):
     monkeypatch.setattr(sgdm.quickstart, "prepare", lambda *a, **k: pytest.fail("prepared before checking --only"))
     with pytest.raises(SystemExit, match="--only: unknown"):
         paper_tables.main(["--only", "self-labels"])
+
+
+@pytest.fixture(scope="module")
+def attention_bench():
+    sys.path.insert(0, str(BENCHMARKS))  # it imports ops_bench as a sibling, as when run as a script
+    try:
+        return load("attention_bench")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_attention_flops_and_a_tiny_cpu_case(attention_bench):
+    import torch
+
+    assert attention_bench.flops(2, 3, 5, 7, backward=False) == 4 * 2 * 3 * 5 * 5 * 7
+    assert attention_bench.flops(2, 3, 5, 7, backward=True) == 3.5 * 4 * 2 * 3 * 5 * 5 * 7  # fwd + 2.5x fwd
+    rows = attention_bench.bench_case((1, 2, 64, 32), torch.float32, torch.device("cpu"), 1,
+                                      torch.Generator().manual_seed(0), wgmma=False)
+    assert [r["op"] for r in rows] == ["attention fwd", "attention fwd+bwd"]
+    assert all(r["ratio"] > 0 and r["baseline"] == "sdpa" for r in rows)
+
+
+def test_attention_repeats_must_be_positive(attention_bench, capsys):
+    with pytest.raises(SystemExit):
+        attention_bench.main(["--device", "cpu", "--repeats", "0"])
+    assert "--repeats: expected at least 1" in capsys.readouterr().err
