@@ -270,8 +270,13 @@ def _check_patch_grid(backbone: Backbone) -> None:
     """A ViT's patch grid must tile its whole input: boxes and masks are placed on the image by
     the grid (cell ``j`` of ``w`` spans ``[j / w, (j + 1) / w]``). With an input that is not a
     multiple of the patch size the strided patch embedding drops the last pixels (or, with
-    ``dynamic_img_pad``, adds padding), so every box and mask would be stretched off its place."""
+    ``dynamic_img_pad``, adds padding), so every box and mask would be stretched off its place.
+    Hybrid (CNN-stem) embeddings pad their convolutions and cover the whole input."""
+    from timm.layers import PatchEmbed
+
     embed = backbone.model.patch_embed
+    if not isinstance(embed, PatchEmbed):
+        return
     grid, patch = tuple(embed.grid_size), tuple(embed.patch_size)
     covered = (grid[0] * patch[0], grid[1] * patch[1])
     if covered != tuple(backbone.input_size):

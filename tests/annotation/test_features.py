@@ -171,6 +171,9 @@ def test_patch_grid_must_tile_the_input():
         with pytest.raises(BackboneError, match=r"input 36x36 is not a multiple of the patch size 8x8.*32 or 40"):
             extract(backbone, images(size=36), **flags)
     assert extract(backbone, images(size=36), patches=False).cls.shape == (2, DIM)  # CLS alone is fine
+    # a hybrid (CNN-stem) ViT's grid is counted in feature-map cells, not pixels: 64 px -> a 2 x 2 grid
+    hybrid = load_backbone("vit_tiny_r_s16_p8_224", kwargs={"img_size": 64, "depth": 1}, random_init=True)
+    assert extract(hybrid, images(size=64)).patches.shape[1:3] == (2, 2)
 
 
 @pytest.mark.parametrize("pool", ["avg", "map"])
