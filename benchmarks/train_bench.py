@@ -1,7 +1,7 @@
 """Training throughput of the full Lightning trainer: sgdm kernels vs ``SGDM_KERNELS=0``, same run.
 
 Each (config, kernels) setting runs ``sgdm.training.run.train`` in its own subprocess (the extension
-loads once per process); settings alternate over ``--rounds`` so machine load hits both alike.
+loads once per process); settings alternate over ``--rounds`` in ABBA order so machine load hits both alike.
 Reported per setting: median optimiser steps/s and images/s over the steps after ``--warmup``
 (each step timed at the trainer's batch end, CUDA synchronised), peak memory (CUDA allocator peak on
 GPU, max RSS on CPU), and the kernel/reference throughput ratio measured in the same run.
@@ -159,8 +159,10 @@ def main(argv=None) -> int:
     results = []
     for config in configs:
         runs = {True: [], False: []}
-        for _ in range(args.rounds):
-            for kernels in (True, False):
+        for r in range(args.rounds):
+            # ABBA order, as in unet_bench: the kernels do not always run first (on a cold machine,
+            # or right after the other setting has loaded it)
+            for kernels in ((True, False) if r % 2 == 0 else (False, True)):
                 runs[kernels].append(_run(config, kernels, args))
         for kernels, rs in runs.items():
             best = dict(rs[0], steps_per_s=statistics.median(r["steps_per_s"] for r in rs),

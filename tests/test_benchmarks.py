@@ -95,3 +95,18 @@ def test_attention_repeats_must_be_positive(attention_bench, capsys):
     with pytest.raises(SystemExit):
         attention_bench.main(["--device", "cpu", "--repeats", "0"])
     assert "--repeats: expected at least 1" in capsys.readouterr().err
+
+
+def test_train_bench_alternates_settings_abba(monkeypatch, capsys):
+    train_bench = load("train_bench")
+    order = []
+
+    def fake_run(config, kernels, args):
+        order.append(kernels)
+        return {"config": config, "kernels": kernels, "device": "cpu", "batch_size": 4, "steps_per_s": 2.0 if kernels else 1.0,
+                "images_per_s": 8.0, "peak_memory_mb": 1.0}
+
+    monkeypatch.setattr(train_bench, "_run", fake_run)
+    assert train_bench.main(["--configs", "small", "--rounds", "4", "--steps", "8", "--warmup", "1"]) == 0
+    assert order == [True, False, False, True, True, False, False, True]
+    assert "2.000" in capsys.readouterr().out  # the kernel / reference ratio of the same run
