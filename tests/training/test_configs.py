@@ -38,3 +38,41 @@ def test_variants_share_network_and_budget(base, variant, kind, source):
     assert a.model.unet == b.model.unet and a.model.autoencoder == b.model.autoencoder
     assert a.train == b.train and a.diffusion == b.diffusion and a.data == b.data
     assert a.run.name != b.run.name
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_printed_config_loads_back_the_same(path, tmp_path):
+    """What ``--print-config`` writes (and a run records) is the config itself."""
+    from sgdm.config.core import dump_yaml
+    from sgdm.config.schema import recorded_config
+
+    cfg = load_experiment(path)
+    printed = tmp_path / path.name
+    printed.write_text(dump_yaml(recorded_config(cfg)))
+    assert load_experiment(printed) == cfg
+
+
+# LDM's published setups the comments name (CompVis latent-diffusion: models/ldm/lsun_churches256 and
+# configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml; models/ldm/cin256, whose attention downsampling
+# factors 4, 2, 1 are latent resolutions 8, 16, 32 of a 32x32 latent).
+LDM = {
+    "lsun_churches": dict(channels=192, channel_mult=[1, 2, 2, 4, 4], num_res_blocks=2,
+                          attention_resolutions=[32, 16, 8, 4], num_heads=8, resblock_updown=True,
+                          use_scale_shift_norm=True, betas=(0.0015, 0.0155), loss="l1", lr=5.0e-5, batch=96,
+                          warmup=10000),
+    "imagenet100": dict(channels=256, channel_mult=[1, 2, 4], num_res_blocks=2, attention_resolutions=[32, 16, 8],
+                        num_head_channels=32, betas=(0.0015, 0.0195), loss="l2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LDM))
+def test_paper_configs_keep_ldms_network_and_schedule(name):
+    cfg, want = load_experiment(CONFIGS / f"{name}.yaml"), dict(LDM[name])
+    unet, d = cfg.model.unet, cfg.diffusion
+    assert (d.linear_start, d.linear_end) == want.pop("betas") and d.schedule == "scaled_linear"
+    assert d.loss == want.pop("loss") and d.timesteps == 1000
+    if "lr" in want:
+        assert (cfg.train.lr, cfg.train.batch_size, cfg.train.warmup_steps) == \
+            (want.pop("lr"), want.pop("batch"), want.pop("warmup"))
+    assert {k: getattr(unet, k) for k in want} == want
+    assert (unet.in_channels, unet.image_size, cfg.data.size) == (4, 32, 256)  # kl-f8 latents of 256 px images
