@@ -12,14 +12,13 @@ go to ``model.autoencoder.checkpoint`` in the LDM autoencoder layout, which
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import pathlib
 
 import pytorch_lightning as pl
 import torch
 
-from sgdm.training.rng import derive_seed, generator_for
+from sgdm.training.rng import derive_seed, generator_for, seeded_global_rng
 
 __all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files", "posterior_sample"]
 
@@ -31,16 +30,6 @@ def posterior_sample(posterior, generator: torch.Generator, world_size: int = 1,
     b = posterior.mean.shape[0]
     noise = torch.randn((world_size * b, *posterior.mean.shape[1:]), generator=generator)[rank * b:(rank + 1) * b]
     return posterior.mean + posterior.std * noise.to(posterior.mean)
-
-
-@contextlib.contextmanager
-def step_rng(seed: int, position: int, rank: int, device: torch.device):
-    """The global RNG (what ``model.autoencoder.dropout`` draws from) seeded by (seed, position, rank) inside,
-    restored after: a resumed run drops the same units at the same step."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device.index or 0] if cuda else []):
-        torch.manual_seed(derive_seed(seed, "autoencoder-dropout", position, rank))
-        yield
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -76,7 +65,7 @@ class AutoencoderModule(pl.LightningModule):
         opt_ae, opt_disc = self.optimizers()
         x = batch["image"]
         position, world, rank = int(batch["position"][0]), self.trainer.world_size, self.trainer.global_rank
-        with step_rng(self.seed, position, rank, x.device):
+        with seeded_global_rng(x.device, self.seed, "autoencoder-dropout", position, rank):
             posterior = self.autoencoder.encode(x)
             rec = self.autoencoder.decode(posterior_sample(posterior, generator_for(self.seed, "autoencoder", position),
                                                            world, rank))

@@ -15,6 +15,7 @@ touching the weights, the optimiser state or the EMA.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Callable, Optional
@@ -29,7 +30,7 @@ from sgdm.diffusion.schedule import NoiseSchedule
 from sgdm.training.conditions import GuidanceLookup, apply_keep_mask, dropout_keep_mask
 from sgdm.training.config import TrainConfig
 from sgdm.training.ema import ema_decay, update_ema
-from sgdm.training.rng import generator_for
+from sgdm.training.rng import generator_for, seeded_global_rng
 
 __all__ = ["LatentDiffusionModule", "NonFiniteLossError"]
 
@@ -62,6 +63,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.nan_skips = 0
         self.consecutive_nan = 0
         self._step_finite = True
+        self._draws_global_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in unet.modules())
         self._last_step_time: Optional[float] = None
 
     # -- state that Lightning does not know about -------------------------------------------------------------
@@ -101,10 +103,13 @@ class LatentDiffusionModule(pl.LightningModule):
             raise RuntimeError("LatentDiffusionModule was built without a train_loader factory")
         return self._train_loader(self)
 
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self._trainer is not None else 0
+
     def _rank_slice(self) -> tuple[int, int]:
         """(global size G, offset of this rank) of the current global micro-batch."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self._rank()
         micro = self.train_cfg.micro_batch(world)
         return micro * world, rank * micro
 
@@ -138,8 +143,12 @@ class LatentDiffusionModule(pl.LightningModule):
         if cond is not None or cond_map is not None:
             keep = self._slice(dropout_keep_mask(g_size, self.drop_prob, gen), lo, n)
             cond, cond_map = apply_keep_mask(self._to_device(cond), self._to_device(cond_map), keep)
-        per_sample = diffusion_loss(lambda x, tt: self.unet(x, tt, cond, cond_map), z0, t, noise, self.schedule,
-                                    self.diffusion_cfg)
+        # model.unet.dropout draws from the global RNG: seeded per position and rank, so a resume is exact
+        draws = seeded_global_rng(self.device, self.seed, "unet-dropout", position, self._rank()) \
+            if self._draws_global_rng else contextlib.nullcontext()
+        with draws:
+            per_sample = diffusion_loss(lambda x, tt: self.unet(x, tt, cond, cond_map), z0, t, noise, self.schedule,
+                                        self.diffusion_cfg)
         loss = per_sample.mean()
         self._step_finite = self._step_finite and bool(torch.isfinite(loss.detach()))
         self.manual_backward(loss / self.train_cfg.accumulate)

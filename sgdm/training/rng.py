@@ -8,11 +8,12 @@ exactly the same numbers for the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
 
-__all__ = ["derive_seed", "generator_for"]
+__all__ = ["derive_seed", "generator_for", "seeded_global_rng"]
 
 
 def derive_seed(seed: int, stream: str, *indices: int) -> int:
@@ -25,3 +26,17 @@ def derive_seed(seed: int, stream: str, *indices: int) -> int:
 def generator_for(seed: int, stream: str, *indices: int) -> torch.Generator:
     """A CPU generator seeded by :func:`derive_seed` (CPU so draws do not depend on the device)."""
     return torch.Generator().manual_seed(derive_seed(seed, stream, *indices))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(device: torch.device, seed: int, stream: str, *indices: int):
+    """Inside, the global RNG (what modules such as ``nn.Dropout`` draw from) is seeded by
+    :func:`derive_seed` on the CPU and on ``device`` if it is a GPU; its earlier state is restored
+    after. A resumed run then drops the same units at the same step; pass the rank among the
+    indices so that data-parallel ranks draw differently."""
+    devices = []
+    if device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, stream, *indices))
+        yield

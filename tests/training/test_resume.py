@@ -73,6 +73,20 @@ def test_resume_is_exact_in_a_new_process(workdir, reference):
     assert reference["sgdm"]["ema_updates"] == STEPS
 
 
+def test_resume_is_exact_with_unet_dropout(workdir):
+    """model.unet.dropout draws from the global RNG; it is seeded per position and rank, so a resumed
+    run drops the same units (before, the resumed half drew from a freshly seeded process)."""
+    common = {"max_steps": 4, "checkpoint_every": 1}
+    straight = tiny_config(workdir, run={"name": "drop-straight"}, train=common, model={"unet": {"dropout": 0.3}})
+    _cli(workdir, straight, "drop-straight")
+    split = tiny_config(workdir, run={"name": "drop-split"}, train={**common, "max_steps": 2},
+                        model={"unet": {"dropout": 0.3}})
+    _cli(workdir, split, "drop-split")
+    split["train"]["max_steps"] = 4
+    _cli(workdir, split, "drop-split", "--resume")
+    assert_same_training_state(_ckpt(straight, 4), _ckpt(split, 4))
+
+
 def test_a_continuation_in_a_new_run_dir_matches_the_uninterrupted_run(workdir, reference):
     """seed_continuation (paper_tables --adherence-steps): run B starts from run A's last checkpoint
     and trains on to a larger budget; A stays as it was."""
