@@ -7,6 +7,7 @@ key path relative to the section.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Literal, Optional
 
@@ -66,8 +67,10 @@ class AutoencoderLossConfig:
 
     def validate(self) -> None:
         for name in ("pixel_weight", "perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(name, f"must be a finite number >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.logvar_init):
+            raise ConfigError("logvar_init", f"must be finite, got {self.logvar_init}")
         if self.disc_start < 0:
             raise ConfigError("disc_start", f"must be >= 0, got {self.disc_start}")
         _check_positive(self, "disc_num_layers", "disc_channels")
@@ -121,8 +124,12 @@ class AutoencoderConfig:
             if r not in reachable:
                 raise ConfigError(f"attn_resolutions[{i}]", f"{r} is not a level resolution; the levels are "
                                                             f"{reachable}")
-        if self.scale_factor is not None and self.scale_factor <= 0:
-            raise ConfigError("scale_factor", f"must be > 0, got {self.scale_factor}")
+        if self.scale_factor is not None and not 0 < self.scale_factor < math.inf:
+            raise ConfigError("scale_factor", f"must be a finite number > 0, got {self.scale_factor}")
+        for key in ("in_channels", "out_ch"):
+            if getattr(self, key) != 3:
+                # sgdm's datasets give RGB images, and the LPIPS and PatchGAN losses take RGB
+                raise ConfigError(key, f"must be 3 (RGB images), got {getattr(self, key)}")
 
 
 @dataclasses.dataclass

@@ -28,6 +28,14 @@ def test_defaults_are_the_churches_ldm():
     ("autoencoder", AutoencoderConfig, {"ch": 100}, "autoencoder.norm_groups", "not divisible"),
     ("autoencoder", AutoencoderConfig, {"loss": {"disc_start": -1}}, "autoencoder.loss.disc_start", ">= 0"),
     ("autoencoder", AutoencoderConfig, {"scale_factor": 0.0}, "autoencoder.scale_factor", "> 0"),
+    ("autoencoder", AutoencoderConfig, {"scale_factor": float("inf")}, "autoencoder.scale_factor", "finite"),
+    ("autoencoder", AutoencoderConfig, {"loss": {"kl_weight": float("nan")}}, "autoencoder.loss.kl_weight", "finite"),
+    ("autoencoder", AutoencoderConfig, {"loss": {"disc_weight": float("inf")}}, "autoencoder.loss.disc_weight",
+     "finite"),
+    ("autoencoder", AutoencoderConfig, {"loss": {"logvar_init": float("nan")}}, "autoencoder.loss.logvar_init",
+     "finite"),
+    ("autoencoder", AutoencoderConfig, {"in_channels": 1}, "autoencoder.in_channels", "must be 3 (RGB"),
+    ("autoencoder", AutoencoderConfig, {"out_ch": 4}, "autoencoder.out_ch", "must be 3 (RGB"),
 ])
 def test_bad_values_name_the_key(section, cls, data, key, text):
     with pytest.raises(ConfigError) as err:
