@@ -266,6 +266,15 @@ def build_trainer(cfg: ExperimentConfig, extra_callbacks=(), unused_parameters: 
                       default_root_dir=str(cfg.run.path), num_sanity_val_steps=0, limit_val_batches=0)
 
 
+def encode_device(t) -> torch.device:
+    """Where the first stage encodes the latent cache and the scale factor's sample before training:
+    this process's GPU when training runs on GPUs (a DDP process started by Lightning has its
+    LOCAL_RANK; the first one builds the cache before it starts the others), else the CPU."""
+    if t.accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
     """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM.
 
@@ -281,6 +290,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
     check_batch_fits(cfg.train, len(dataset))
     ckpt = prepare_run_dir(cfg, resume)
     module = build_module(cfg, dataset=dataset)
+    module.first_stage.to(encode_device(cfg.train))
     if cfg.train.cache_latents:
         # on a resume too: a complete cache is kept as it is, a missing one (a continuation in
         # a new run dir, a deleted cache) is rebuilt
@@ -291,6 +301,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
         from sgdm.training.scale import ensure_scale_factor
 
         ensure_scale_factor(cfg, module)
+    module.first_stage.to("cpu")  # Lightning places the whole module
     trainer = build_trainer(cfg, callbacks)
     try:
         with warnings.catch_warnings():

@@ -211,3 +211,38 @@ def test_latent_cache_skips_an_unreadable_image_as_training_from_images_does(tmp
     assert all("img_05b.png" not in ids for ids in seen[True].seen)
     cache = LatentCacheDataset(cfg.run.path / "latents")
     assert len(cache) == 12 and cache[6] is None and cache[7]["id"] == "img_06.png"
+
+
+def test_the_latent_cache_and_scale_factor_are_encoded_on_the_training_gpu(monkeypatch):
+    """On GPUs the first stage encodes the cache and the scale factor's sample on this process's GPU
+    (LOCAL_RANK under Lightning's DDP), not on the CPU; a CPU run, or a machine without CUDA, stays on the CPU."""
+    from sgdm.training.config import TrainConfig
+    from sgdm.training.run import encode_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert encode_device(TrainConfig(accelerator="gpu")) == torch.device("cuda", 0)
+    assert encode_device(TrainConfig(accelerator="auto")) == torch.device("cuda", 0)
+    assert encode_device(TrainConfig(accelerator="cpu")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert encode_device(TrainConfig(accelerator="cuda")) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert encode_device(TrainConfig(accelerator="auto")) == torch.device("cpu")
+
+
+@pytest.mark.cuda
+def test_a_latent_cache_encoded_on_the_gpu_matches_the_cpus(workdir):
+    from sgdm.training.latent_cache import LatentCacheDataset, ensure_latent_cache
+    from sgdm.training.run import build_module
+
+    cfg = from_dict(ExperimentConfig, tiny_config(workdir, run={"name": "cache-gpu"},
+                                                  train={"cache_latents": True, "cache_shard_size": 10}))
+    first_stage = build_module(cfg).first_stage
+    caches = {}
+    for device in ("cpu", "cuda"):
+        cfg.run.name = f"cache-{device}"
+        caches[device] = LatentCacheDataset(ensure_latent_cache(cfg, first_stage.to(device)))
+    assert len(caches["cpu"]) == len(caches["cuda"])
+    for i in range(len(caches["cpu"])):
+        a, b = caches["cpu"][i], caches["cuda"][i]
+        torch.testing.assert_close(a["mean"], b["mean"], rtol=1e-4, atol=1e-4)
