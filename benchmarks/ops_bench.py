@@ -238,8 +238,9 @@ def _row(op, shape, dtype, device, te, tf, floor_bytes, bw, target) -> Row:
     floor = 100.0 * (floor_bytes / bw) / (tf * 1e-3) if device.type == "cuda" else None
     return Row(op, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), device.type,
                te, tf, te / tf, floor_bytes / (tf * 1e-3) / 1e9, floor,
-               target if device.type == "cpu" else (">=70%" if "fwd" == op.split()[-1] else
-                                                    ">=80%" if op == "guided_ddim_step" else ""))
+               # the CPU targets are fp32's (docstring); a float16 / bfloat16 row has none
+               (target if dtype == torch.float32 else "") if device.type == "cpu" else
+               (">=70%" if "fwd" == op.split()[-1] else ">=80%" if op == "guided_ddim_step" else ""))
 
 
 # Timed calls per side when --repeats is not given. The CPU takes 200: with 40, one guided DDIM

@@ -110,3 +110,13 @@ def test_train_bench_alternates_settings_abba(monkeypatch, capsys):
     assert train_bench.main(["--configs", "small", "--rounds", "4", "--steps", "8", "--warmup", "1"]) == 0
     assert order == [True, False, False, True, True, False, False, True]
     assert "2.000" in capsys.readouterr().out  # the kernel / reference ratio of the same run
+
+
+def test_ops_bench_cpu_targets_are_fp32s():
+    import torch
+
+    ops_bench = load("ops_bench")
+    cpu = torch.device("cpu")
+    assert ops_bench._row("guided_ddim_step", (2, 4), torch.float32, cpu, 2.0, 1.0, 8, 1e9, ">=4x cpu").target == ">=4x cpu"
+    row = ops_bench._row("guided_ddim_step", (2, 4), torch.bfloat16, cpu, 2.0, 1.0, 8, 1e9, ">=4x cpu")
+    assert row.target == "" and row.ratio == 2.0 and row.floor_pct is None
