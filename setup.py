@@ -144,6 +144,9 @@ def _sources(with_cuda: bool) -> tuple[list[str], list[str]]:
 
 
 def _extension():
+    jobs = os.environ.get("MAX_JOBS", "").strip()
+    if jobs and not (jobs.isdigit() and int(jobs) > 0):  # torch would ignore it and run one job per core
+        sys.exit(f"sgdm: MAX_JOBS={os.environ['MAX_JOBS']!r}: expected a number of parallel compile jobs >= 1.")
     cuda_home = _cuda_home()
     with_cuda = _want_cuda(cuda_home)
     if with_cuda:

@@ -16,7 +16,7 @@ import setuptools
 import torch
 
 SETUP = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
-VARIABLES = ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "SGDM_CPU_AVX512")
+VARIABLES = ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "SGDM_CPU_AVX512", "MAX_JOBS")
 
 
 def configure(monkeypatch, **env):
@@ -55,6 +55,13 @@ def test_avx512_switch_in_any_case(monkeypatch):
 def test_unknown_switch_value_names_the_variable(monkeypatch, name):
     with pytest.raises(SystemExit, match=f"{name}='maybe': expected 1 or 0"):
         configure(monkeypatch, **{"FORCE_CUDA": "0", name: "maybe"})
+
+
+@pytest.mark.parametrize("jobs", ["two", "0", "-1"])
+def test_max_jobs_must_be_a_positive_number(monkeypatch, jobs):
+    with pytest.raises(SystemExit, match=f"MAX_JOBS='{jobs}': expected a number"):
+        configure(monkeypatch, FORCE_CUDA="0", MAX_JOBS=jobs)
+    configure(monkeypatch, FORCE_CUDA="0", MAX_JOBS="2")
 
 
 def test_arch_list_separators_and_9_0a(monkeypatch):
