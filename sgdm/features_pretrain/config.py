@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from sgdm.config.core import ConfigError, check_device
 
@@ -31,6 +32,10 @@ class PretrainConfig:
     # Photometric augmentation strength. DINO's defaults (0.4 jitter, 0.2 grey)
     # teach colour invariance; lower them where colour defines the classes.
     color_jitter: float = 0.4
+    # "dino": torchvision's ColorJitter (DINO's: brightness scales, contrast and saturation blend
+    # with grey); "additive": kornia's plain ops (brightness adds, "contrast" scales, HSV
+    # saturation), much stronger on dark images; see sgdm.features_pretrain.augment.
+    color_jitter_style: Literal["additive", "dino"] = "additive"
     # Largest hue shift as a fraction of the colour circle; None: color_jitter / 4 (DINO's 0.1 at 0.4).
     hue_jitter: float | None = None
     grayscale_prob: float = 0.2

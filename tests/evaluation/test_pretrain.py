@@ -203,26 +203,31 @@ def test_photometric_hue_and_solarize_settings(generator):
             from_dict(PretrainConfig, {key: value}, "pretrain")
 
 
-def test_photometric_colour_jitter_is_torchvisions(generator):
-    """DINO's ColorJitter(0.4, 0.4, ...): brightness scales the grey level by [0.6, 1.4], contrast
-    scales the deviation from the mean grey by [0.6, 1.4], saturation keeps the grey image. Kornia's
-    plain adjust_brightness (additive) and adjust_contrast (a second scaling) left 5% of the views of
-    this dark image at under 6% of its brightness and never changed its contrast."""
+def test_photometric_colour_jitter_styles(generator):
+    """color_jitter_style dino is DINO's ColorJitter(0.4, 0.4, ...): brightness scales the grey level
+    by [0.6, 1.4], contrast scales the deviation from the mean grey by [0.6, 1.4], saturation keeps
+    the grey image. additive (kornia's plain ops) adds b - 1 and never changes the contrast: 5% of
+    the views of this dark image keep under 6% of its brightness."""
     from kornia.color import rgb_to_grayscale
 
     from sgdm.features_pretrain.augment import photometric
 
     field = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     base = torch.nn.functional.interpolate(field, size=32, mode="bilinear") * 0.4 + 0.1  # mean grey ~0.3
-    cfg = PretrainConfig(color_jitter=0.4, hue_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0)
-    out = photometric(base.expand(512, 3, 32, 32), cfg, generator)
 
-    def grey_stats(x):
-        grey = rgb_to_grayscale(x).flatten(1)
-        return grey.mean(1), grey.std(1) / grey.mean(1)
+    def ratios(style):
+        cfg = PretrainConfig(color_jitter=0.4, hue_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0,
+                             color_jitter_style=style)
+        out = photometric(base.expand(512, 3, 32, 32), cfg, generator)
+        grey, grey0 = rgb_to_grayscale(out).flatten(1), rgb_to_grayscale(base).flatten(1)
+        return grey.mean(1) / grey0.mean(1), (grey.std(1) / grey.mean(1)) / (grey0.std(1) / grey0.mean(1))
 
-    (mean0, contrast0), (mean, contrast) = grey_stats(base), grey_stats(out)
-    brightness, contrast = mean / mean0, contrast / contrast0
+    brightness, contrast = ratios("dino")
     assert brightness.min() > 0.6 - 1e-3 and brightness.max() < 1.4 + 1e-3
     assert contrast.min() > 0.6 - 1e-3 and contrast.max() < 1.4 + 1e-3
     assert (contrast < 0.8).any() and (contrast > 1.2).any()  # the contrast does change
+    brightness, _ = ratios("additive")
+    assert brightness.quantile(0.05) < 0.1
+    assert PretrainConfig().color_jitter_style == "additive"  # the default keeps existing encoders' recipe
+    with pytest.raises(ConfigError, match="color_jitter_style"):
+        from_dict(PretrainConfig, {"color_jitter_style": "torchvision"}, "pretrain")
