@@ -319,6 +319,10 @@ def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patche
     finally:
         if handle is not None:
             handle.remove()
+    if handle is not None and "keys" not in captured:
+        raise BackboneError(f"backbone {backbone.name!r}: its last attention block does not call its qkv "
+                            "projection (it applies the weights itself, as BEiT and EVA do), so no keys can be "
+                            "taken from it; use annotation.lost.features: tokens")
     out = out.float()
     if backbone.is_vit:
         p = backbone.num_prefix_tokens

@@ -202,3 +202,12 @@ def test_cls_of_a_class_token_vit_is_its_cls_token(tiny_weights):
     assert torch.equal(extract(backbone, images()).cls, tokens[:, 0])
     unpooled = load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "global_pool": ""})
     assert torch.equal(extract(unpooled, images()).cls, tokens[:, 0])
+
+
+def test_keys_of_a_backbone_that_bypasses_its_qkv_module():
+    """BEiT applies qkv.weight with its own q/v biases (F.linear), so the forward hook never fires:
+    a BackboneError that says so, not a bare KeyError."""
+    backbone = load_backbone("beit_base_patch16_224", kwargs={**TINY_KWARGS, "depth": 1}, random_init=True)
+    with pytest.raises(BackboneError, match="does not call its qkv projection.*features: tokens"):
+        extract(backbone, images(), keys=True)
+    assert extract(backbone, images()).patches.shape == (2, 4, 4, DIM)
