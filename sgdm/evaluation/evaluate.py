@@ -65,18 +65,35 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class _ReferenceImages(Dataset):
-    """The first ``n`` dataset images, as [-1, 1] tensors or uint8 (for torch-fidelity)."""
+    """The first ``n`` readable dataset images, as [-1, 1] tensors or uint8 (for torch-fidelity).
+
+    Unreadable images (``None`` items, ``data.on_bad_image: skip``) are passed over as training
+    passes over them, so the set keeps its ``n`` images while the dataset has that many readable
+    ones; which dataset item is reference image i is found by reading forward, once."""
 
     def __init__(self, dataset: Dataset, n: int, uint8: bool):
         self.dataset, self.n, self.uint8 = dataset, min(n, len(dataset)), uint8
+        self._rows: list[int] = []  # dataset index of reference image i, for the i found so far
+        self._next = 0  # the next dataset index to read when looking for more
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        item = self.dataset[index]
+        if not 0 <= index < self.n:
+            raise IndexError(f"reference image {index} out of range for {self.n}")
+        item = self.dataset[self._rows[index]] if index < len(self._rows) else None
+        while len(self._rows) <= index:
+            if self._next >= len(self.dataset):
+                raise ValueError(f"the reference set needs {self.n} readable images (eval.reference_n), but only "
+                                 f"{len(self._rows)} of the dataset's {len(self.dataset)} images can be read; lower "
+                                 "eval.reference_n or run `sgdm-ldm validate-data` on this config")
+            item = self.dataset[self._next]
+            if item is not None:
+                self._rows.append(self._next)
+            self._next += 1
         if item is None:
-            raise ValueError(f"reference image {index} cannot be read; run `sgdm-ldm validate-data` on this config")
+            raise ValueError(f"reference image {index} (dataset item {self._rows[index]}) cannot be read any more")
         return to_uint8(item["image"]) if self.uint8 else item["image"]
 
 

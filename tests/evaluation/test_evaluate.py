@@ -145,3 +145,66 @@ def test_eval_unusable_inception_weights_fail_before_sampling(tmp_path, capsys, 
         assert f"--inception-weights: {path} is not torch-fidelity's inception-v3-compat state dict" in err, err
         assert "Traceback" not in err
     assert not sampled
+
+
+class _Items:
+    """A dataset whose items listed in ``bad`` cannot be read (``data.on_bad_image: skip`` gives None)."""
+
+    def __init__(self, n, bad):
+        self.n, self.bad = n, set(bad)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return None if index in self.bad else {"image": torch.full((3, 2, 2), index / 10.0)}
+
+
+def test_reference_set_passes_over_unreadable_images():
+    """With data.on_bad_image: skip the reference set is the first reference_n readable images,
+    as training left the unreadable ones out, not an error after every sample was drawn."""
+    from sgdm.evaluation.evaluate import _ReferenceImages
+
+    ref = _ReferenceImages(_Items(10, bad={1, 4}), 5, uint8=False)
+    assert len(ref) == 5
+    assert [float(ref[i][0, 0, 0]) * 10 for i in range(5)] == pytest.approx([0, 2, 3, 5, 6])
+    assert float(ref[1][0, 0, 0]) * 10 == pytest.approx(2)  # random access after the scan
+    fresh = _ReferenceImages(_Items(10, bad={1, 4}), 5, uint8=True)
+    assert fresh[3].dtype == torch.uint8 and fresh[3][0, 0, 0] == round((0.5 + 1) * 127.5)  # item 5, direct access
+    short = _ReferenceImages(_Items(4, bad={0, 2}), 4, uint8=False)
+    assert float(short[1][0, 0, 0]) * 10 == pytest.approx(3)
+    with pytest.raises(ValueError, match=r"needs 4 readable images \(eval.reference_n\), but only 2 of the dataset's 4"):
+        short[2]
+
+
+def test_eval_of_a_run_with_unreadable_training_images(tmp_path):
+    """data.on_bad_image: skip trains without the unreadable files; eval must not stop on them."""
+    import numpy as np
+    from PIL import Image
+
+    from sgdm.config.core import dump_yaml, from_dict, to_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.features_pretrain.train import build_backbone, save_backbone
+    from sgdm.pipeline import SelfGuidedPipeline
+    from tests.evaluation.helpers import TINY_VIT, tiny_config
+
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(images / f"{i}.png")
+    (images / "1.png").write_bytes(b"not a png")
+    raw = tiny_config(tmp_path, "none")
+    raw["data"] = {"dataset": "image_folder", "root": str(images), "size": 16, "num_workers": 0, "on_bad_image": "skip"}
+    raw["eval"].update(metrics=["fd"], reference_n=4, n=4, batch_size=4)
+    cfg = from_dict(ExperimentConfig, raw)
+    run_dir = cfg.run.path
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_backbone(build_backbone("vit_tiny_patch16_224", TINY_VIT), cfg.annotation.weights, "vit_tiny_patch16_224", TINY_VIT)
+        SelfGuidedPipeline.from_config(to_dict(cfg)).save_pretrained(run_dir / "pipeline")
+    assert main(["eval", str(run_dir)]) == 0
+    (row,) = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
+    assert row["fd_tiny"] > 0
