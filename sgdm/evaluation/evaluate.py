@@ -272,14 +272,14 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     ecfg = ecfg or cfg.eval
     evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
     kind = cfg.model.guidance.kind
-    generator = torch.Generator().manual_seed(ecfg.seed)
-    conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, generator)
+    conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, torch.Generator().manual_seed(ecfg.seed))
     scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
     rows = []
     for scale in scales:
         start = time.time()
         images = generate(pipe, conditions, scale, ecfg, ecfg.n)
-        row = {"guidance_scale": scale, **evaluator.measure(images, conditions, generator)}
+        # each scale's scorers start from eval.seed, so a row of a sweep equals an evaluation at that scale alone
+        row = {"guidance_scale": scale, **evaluator.measure(images, conditions, torch.Generator().manual_seed(ecfg.seed))}
         rows.append(row)
         log(f"eval: w={scale}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "guidance_scale")
             + f" ({time.time() - start:.0f}s)")

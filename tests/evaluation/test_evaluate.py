@@ -208,3 +208,14 @@ def test_eval_of_a_run_with_unreadable_training_images(tmp_path):
     assert main(["eval", str(run_dir)]) == 0
     (row,) = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert row["fd_tiny"] > 0
+
+
+def test_sweep_row_equals_the_evaluation_at_that_scale_alone(tmp_path):
+    """The samples of w are the same in a sweep and alone; so must their scores be (the segmenter
+    fitted on the samples of a ground-truth-mask run draws its k-means start from eval.seed)."""
+    run_dir = make_run(tmp_path, "mask")
+    assert main(["eval", str(run_dir), "--metrics", "adherence", "--sweep-scale", "1,2"]) == 0
+    swept = json.loads((run_dir / "eval" / "results.json").read_text())["results"][1]
+    assert main(["eval", str(run_dir), "--metrics", "adherence", "--guidance-scale", "2"]) == 0
+    (alone,) = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
+    assert swept == alone
