@@ -303,16 +303,22 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> pathlib.Path:
-    """``results.json`` + ``results.md`` (+ ``sweep.png``) in ``out_dir``."""
+    """``results.json`` + ``results.md`` (+ ``sweep.png``) in ``out_dir``, each written atomically;
+    the ``sweep.png`` of an earlier sweep goes when these results are not one."""
+    from sgdm.training.checkpoint import atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     head = (f"# Evaluation of {results['run']}\n\nEMA weights, {results['n']} samples, {results['sampler']} "
             f"{results['steps']} steps, eta {results['eta']}, guidance: {results['guidance']}.\n"
             "`fd_<name>` is the Frechet distance in that feature extractor's space (not FID).\n\n")
-    (out_dir / "results.md").write_text(head + markdown_table(results["results"]))
+    markdown = head + markdown_table(results["results"])
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.md", markdown)
     if plot:
         from sgdm.evaluation.plot import plot_sweep
 
         metrics = [k for k in results["results"][0] if k != "guidance_scale"]
         plot_sweep(results["results"], metrics, out_dir / "sweep.png")
+    else:
+        (out_dir / "sweep.png").unlink(missing_ok=True)  # another evaluation's sweep, not of these results
     return out_dir

@@ -1,6 +1,7 @@
 """Metric-versus-guidance-scale plot for ``eval --sweep-scale``."""
 from __future__ import annotations
 
+import os
 import pathlib
 
 __all__ = ["plot_sweep"]
@@ -25,6 +26,11 @@ def plot_sweep(results: list[dict], metrics: list[str], path: str | pathlib.Path
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = pathlib.Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")  # the name's own format
+        os.replace(tmp, path)  # a plot is there whole or not at all
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

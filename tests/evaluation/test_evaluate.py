@@ -219,3 +219,38 @@ def test_sweep_row_equals_the_evaluation_at_that_scale_alone(tmp_path):
     assert main(["eval", str(run_dir), "--metrics", "adherence", "--guidance-scale", "2"]) == 0
     (alone,) = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert swept == alone
+
+
+def _results(scales):
+    return {"run": "r", "guidance": "label", "n": 2, "sampler": "ddim", "steps": 2, "eta": 0.0,
+            "results": [{"guidance_scale": s, "fd_tiny": 1.0 + s} for s in scales]}
+
+
+def test_results_of_one_scale_remove_an_earlier_sweep_plot(tmp_path):
+    from sgdm.evaluation.evaluate import write_results
+
+    write_results(_results([0.0, 2.0]), tmp_path, plot=True)
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    write_results(_results([2.0]), tmp_path, plot=False)
+    assert not (tmp_path / "sweep.png").exists()  # it showed the earlier sweep, not these results
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == [{"guidance_scale": 2.0, "fd_tiny": 3.0}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+
+
+def test_interrupted_results_write_keeps_the_earlier_files_whole(tmp_path, monkeypatch):
+    import os
+
+    import sgdm.training.checkpoint as checkpoint
+    from sgdm.evaluation.evaluate import write_results
+
+    write_results(_results([1.0]), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_results(_results([3.0, 4.0]), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no half-written file, no temporary
+    assert os.path.exists(tmp_path / "results.json")
