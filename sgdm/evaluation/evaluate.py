@@ -287,6 +287,10 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         "run": str(run_dir), "guidance": kind, "n": ecfg.n, "sampler": ecfg.sampler, "steps": ecfg.steps,
         "eta": ecfg.eta, "weights": "ema", "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
         "inception_weights": None if ecfg.inception_weights is None else str(ecfg.inception_weights),
+        # the size of the reference set the distances were measured against: eval.reference_n is
+        # capped at the dataset's size (eval_config keeps the value asked for)
+        "reference_images": min(ecfg.reference_n, len(evaluator.dataset))
+        if any(m in ecfg.metrics for m in (*INCEPTION, "fd")) else None,
         "eval_config": to_dict(ecfg), "results": rows,
     }
     write_results(results, run_dir / "eval", plot=len(rows) > 1)
@@ -309,7 +313,9 @@ def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> p
 
     out_dir.mkdir(parents=True, exist_ok=True)
     head = (f"# Evaluation of {results['run']}\n\nEMA weights, {results['n']} samples, {results['sampler']} "
-            f"{results['steps']} steps, eta {results['eta']}, guidance: {results['guidance']}.\n"
+            f"{results['steps']} steps, eta {results['eta']}, guidance: {results['guidance']}"
+            + (f"; reference set: the first {results['reference_images']} training images"
+               if results.get("reference_images") else "") + ".\n"
             "`fd_<name>` is the Frechet distance in that feature extractor's space (not FID).\n\n")
     markdown = head + markdown_table(results["results"])
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

@@ -254,3 +254,21 @@ def test_interrupted_results_write_keeps_the_earlier_files_whole(tmp_path, monke
         write_results(_results([3.0, 4.0]), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no half-written file, no temporary
     assert os.path.exists(tmp_path / "results.json")
+
+
+def test_results_name_the_reference_set_size_actually_used(tmp_path):
+    """eval.reference_n larger than the dataset is capped; results.json says by how much (the
+    Frechet distance depends on the reference size; eval_config keeps the value asked for)."""
+    import dataclasses
+
+    from sgdm.config.schema import load_experiment
+    from sgdm.evaluation.evaluate import evaluate_run
+
+    run_dir = make_run(tmp_path, "label")  # 12 training images
+    ecfg = load_experiment(run_dir / "config.yaml").eval
+    results = evaluate_run(run_dir, dataclasses.replace(ecfg, metrics=["fd"], reference_n=50), log=lambda msg: None)
+    assert results == json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["reference_images"] == 12 and results["eval_config"]["reference_n"] == 50
+    assert "reference set: the first 12 training images" in (run_dir / "eval" / "results.md").read_text()
+    unreferenced = evaluate_run(run_dir, dataclasses.replace(ecfg, metrics=["adherence"]), log=lambda msg: None)
+    assert unreferenced["reference_images"] is None  # a label run's metrics here need no reference set
