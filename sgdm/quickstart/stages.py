@@ -23,7 +23,7 @@ from typing import Callable
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["prepare", "store_exists", "reusable_store"]
+__all__ = ["prepare", "store_exists", "reusable_store", "autoencoder_settings_differ"]
 
 
 def _stderr(msg: str) -> None:
@@ -64,20 +64,53 @@ def _dataset(cfg, log) -> str:
     return f"{cfg.data.dataset}: {n} images"
 
 
+# the autoencoder run's settings that prepare sets from its own keys
+_AUTOENCODER_BUDGET = {"train.max_steps": "prepare.autoencoder_steps", "train.batch_size": "prepare.autoencoder_batch_size",
+                       "train.lr": "prepare.autoencoder_lr (or train.lr)"}
+
+
+def autoencoder_settings_differ(ae_cfg) -> list[str] | None:
+    """The settings of autoencoder run ``ae_cfg`` that differ from the ``config.yaml`` of the run of that
+    name (those its weights depend on, as ``--resume`` compares them, and its step budget), named as
+    the quickstart config spells them; None when that run left no config (weights made elsewhere)."""
+    import yaml
+
+    from sgdm.config.core import absolute_paths, dump_yaml
+    from sgdm.config.schema import ExperimentConfig, recorded_config
+    from sgdm.training.resume import resume_differences
+
+    saved = ae_cfg.run.path / "config.yaml"
+    if not saved.is_file():
+        return None
+    old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
+    keys = [key for key, _, _ in resume_differences(old, yaml.safe_load(dump_yaml(recorded_config(ae_cfg))), "autoencoder")]
+    if (old.get("train") or {}).get("max_steps", ae_cfg.train.max_steps) != ae_cfg.train.max_steps:
+        keys.append("train.max_steps")
+    return [_AUTOENCODER_BUDGET.get(key, key) for key in keys]
+
+
 def _autoencoder(cfg, log) -> str:
     path = cfg.model.autoencoder.checkpoint
     if path is None:
         raise ConfigError("model.autoencoder.checkpoint", "prepare.autoencoder needs a path to write the autoencoder to")
-    if path.is_file():
-        return f"reused {path}"
-    from sgdm.training.autoencoder import train_autoencoder
-    from sgdm.training.checkpoint import list_checkpoints
-
     p = cfg.prepare
     budget = dataclasses.replace(cfg.train, max_steps=p.autoencoder_steps, batch_size=p.autoencoder_batch_size,
                                  lr=cfg.train.lr if p.autoencoder_lr is None else p.autoencoder_lr,
                                  checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps))
     ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
+    if path.is_file():
+        differ = autoencoder_settings_differ(ae_cfg)
+        if differ is None:
+            return f"reused {path} (no run {ae_cfg.run.path} records how it was trained: made elsewhere)"
+        if differ:
+            raise ConfigError("model.autoencoder.checkpoint",
+                              f"autoencoder {path} was trained with other settings ({', '.join(differ)} differ from "
+                              f"{ae_cfg.run.path / 'config.yaml'}); delete it and {ae_cfg.run.path} to train it again, "
+                              "or point model.autoencoder.checkpoint elsewhere")
+        return f"reused {path}"
+    from sgdm.training.autoencoder import train_autoencoder
+    from sgdm.training.checkpoint import list_checkpoints
+
     resume = bool(list_checkpoints(ae_cfg.run.path / "checkpoints"))  # an interrupted first try continues
     code = train_autoencoder(ae_cfg, resume=resume)
     if code != 0:

@@ -108,6 +108,31 @@ def test_stale_encoder_and_stale_label_store_are_refused(quickstart_run, tmp_pat
         prepare(load_experiment(CONFIG, mine), log=lambda m: None)
 
 
+def test_an_autoencoder_trained_with_other_settings_is_refused(quickstart_run, tmp_path):
+    """prepare reused model.autoencoder.checkpoint whatever its run was trained with: a changed
+    first stage (loss, data, budget) kept the old weights without a word."""
+    import shutil
+
+    from sgdm.quickstart import prepare
+
+    tmp, overrides = quickstart_run
+    only_ae = [*overrides, "prepare.features=false", "prepare.annotations=false"]
+    assert prepare(load_experiment(CONFIG, only_ae), log=lambda m: None)["autoencoder"] == f"reused {tmp / 'assets' / 'ae.ckpt'}"
+    for change, named in (("model.autoencoder.loss.kl_weight=1e-4", "model.autoencoder.loss.kl_weight"),
+                          ("prepare.autoencoder_steps=3", "prepare.autoencoder_steps"),
+                          ("data.size=16", "data.size, model.autoencoder.resolution")):
+        with pytest.raises(ConfigError, match=rf"model.autoencoder.checkpoint: autoencoder .*ae.ckpt was trained with "
+                                              rf"other settings \({named} differ from .*quickstart-autoencoder"):
+            prepare(load_experiment(CONFIG, [*only_ae, change, "model.autoencoder.resolution=16",
+                                             "model.unet.image_size=4"] if change.startswith("data.size") else
+                                    [*only_ae, change]), log=lambda m: None)
+    elsewhere = tmp_path / "ae.ckpt"  # weights without the run that made them: reused, and said so
+    shutil.copy(tmp / "assets" / "ae.ckpt", elsewhere)
+    done = prepare(load_experiment(CONFIG, [*only_ae, f"model.autoencoder.checkpoint={elsewhere}", "run.name=other"]),
+                   log=lambda m: None)
+    assert done["autoencoder"].startswith(f"reused {elsewhere} (no run") and "made elsewhere" in done["autoencoder"]
+
+
 def test_a_store_annotated_from_other_images_is_not_reused(quickstart_run, tmp_path, capsys):
     """prepare would report the store as reused and training stop at its first batch on an unknown id."""
     from sgdm.quickstart import prepare
