@@ -23,7 +23,7 @@ from typing import Callable
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["prepare", "store_exists", "reusable_store", "autoencoder_settings_differ"]
+__all__ = ["prepare", "store_exists", "reusable_store", "run_settings_differ"]
 
 
 def _stderr(msg: str) -> None:
@@ -69,24 +69,24 @@ _AUTOENCODER_BUDGET = {"train.max_steps": "prepare.autoencoder_steps", "train.ba
                        "train.lr": "prepare.autoencoder_lr (or train.lr)"}
 
 
-def autoencoder_settings_differ(ae_cfg) -> list[str] | None:
-    """The settings of autoencoder run ``ae_cfg`` that differ from the ``config.yaml`` of the run of that
-    name (those its weights depend on, as ``--resume`` compares them, and its step budget), named as
-    the quickstart config spells them; None when that run left no config (weights made elsewhere)."""
+def run_settings_differ(cfg, trainer: str = "diffusion") -> list[str] | None:
+    """The settings of ``cfg`` that differ from the ``config.yaml`` of its run directory: those its
+    weights depend on (as ``--resume`` compares them for ``trainer``) and its step budget
+    ``train.max_steps``; None when the run left no config (weights made elsewhere)."""
     import yaml
 
     from sgdm.config.core import absolute_paths, dump_yaml
     from sgdm.config.schema import ExperimentConfig, recorded_config
     from sgdm.training.resume import resume_differences
 
-    saved = ae_cfg.run.path / "config.yaml"
+    saved = cfg.run.path / "config.yaml"
     if not saved.is_file():
         return None
     old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
-    keys = [key for key, _, _ in resume_differences(old, yaml.safe_load(dump_yaml(recorded_config(ae_cfg))), "autoencoder")]
-    if (old.get("train") or {}).get("max_steps", ae_cfg.train.max_steps) != ae_cfg.train.max_steps:
+    keys = [key for key, _, _ in resume_differences(old, yaml.safe_load(dump_yaml(recorded_config(cfg))), trainer)]
+    if (old.get("train") or {}).get("max_steps", cfg.train.max_steps) != cfg.train.max_steps:
         keys.append("train.max_steps")
-    return [_AUTOENCODER_BUDGET.get(key, key) for key in keys]
+    return keys
 
 
 def _autoencoder(cfg, log) -> str:
@@ -99,12 +99,13 @@ def _autoencoder(cfg, log) -> str:
                                  checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps))
     ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
     if path.is_file():
-        differ = autoencoder_settings_differ(ae_cfg)
+        differ = run_settings_differ(ae_cfg, "autoencoder")
         if differ is None:
             return f"reused {path} (no run {ae_cfg.run.path} records how it was trained: made elsewhere)"
         if differ:
             raise ConfigError("model.autoencoder.checkpoint",
-                              f"autoencoder {path} was trained with other settings ({', '.join(differ)} differ from "
+                              f"autoencoder {path} was trained with other settings "
+                              f"({', '.join(_AUTOENCODER_BUDGET.get(key, key) for key in differ)} differ from "
                               f"{ae_cfg.run.path / 'config.yaml'}); delete it and {ae_cfg.run.path} to train it again, "
                               "or point model.autoencoder.checkpoint elsewhere")
         return f"reused {path}"

@@ -52,11 +52,18 @@ def variant_name(kind: str, source: str) -> str:
 
 
 def train_variant(vcfg, log) -> pathlib.Path:
-    """Annotate (if its store is missing) and train variant ``vcfg``; reuse a finished run. Returns the run dir."""
-    from sgdm.quickstart.stages import reusable_store
+    """Annotate (if its store is missing) and train variant ``vcfg``; reuse a finished run trained with
+    these settings (one trained with others is refused by name). Returns the run dir."""
+    from sgdm.quickstart.stages import reusable_store, run_settings_differ
 
     run_path = vcfg.run.path
     if (run_path / "pipeline").exists():
+        differ = run_settings_differ(vcfg)
+        if differ:
+            from sgdm.config.core import ConfigError
+
+            raise ConfigError(differ[0], f"variant run {run_path} was trained with other settings ({', '.join(differ)} "
+                                         f"differ from its config.yaml); delete {run_path} to train it again")
         log(f"variant {run_path.name}: reusing {run_path / 'pipeline'}")
         return run_path
     if vcfg.model.guidance.kind != "none" and not reusable_store(vcfg.annotation, vcfg.data):

@@ -45,3 +45,31 @@ def test_a_source_without_a_valid_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"src/checkpoints: no valid checkpoint to continue from"):
         seed_continuation(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+
+
+def test_a_finished_variant_trained_with_other_settings_is_refused(tmp_path):
+    """train_variant reused any finished variant run: a companion trained for other
+    prepare.companion_steps or another K kept its old weights in the report without a word."""
+    from sgdm.config.core import ConfigError, dump_yaml, from_dict
+    from sgdm.config.schema import ExperimentConfig, recorded_config
+    from sgdm.quickstart.variants import guidance_variant, train_variant
+    from tests.evaluation.helpers import tiny_config
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path, "label"))
+
+    def variant(classes, steps):
+        return guidance_variant(cfg, "mask", "self", classes=classes, store_root=tmp_path / "stores",
+                                run_dir=tmp_path / "companions", run_name="mask", max_steps=steps)
+
+    done = variant(3, 4)
+    (done.run.path / "pipeline").mkdir(parents=True)
+    (done.run.path / "config.yaml").write_text(dump_yaml(recorded_config(done)))
+    logged = []
+    assert train_variant(variant(3, 4), logged.append) == done.run.path  # the same settings: reused
+    assert logged == [f"variant mask: reusing {done.run.path / 'pipeline'}"]
+    with pytest.raises(ConfigError, match=r"train.max_steps: variant run .*companions/mask was trained with other "
+                                          r"settings \(train.max_steps differ from its config.yaml\); delete"):
+        train_variant(variant(3, 8), logged.append)
+    with pytest.raises(ConfigError, match=r"model.guidance.num_classes, annotation.num_classes differ"):
+        train_variant(variant(5, 4), logged.append)
+    assert len(logged) == 1
