@@ -262,8 +262,9 @@ class _Evaluator:
 
 
 def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
-                 log: Callable[[str], None] = _stderr) -> dict:
-    """Evaluate run ``run_dir`` (EMA weights) per ``ecfg`` (default: the run's ``eval:`` section)."""
+                 log: Callable[[str], None] = _stderr, out_dir: str | pathlib.Path | None = None) -> dict:
+    """Evaluate run ``run_dir`` (EMA weights) per ``ecfg`` (default: the run's ``eval:`` section);
+    the results go to ``out_dir`` (default ``<run_dir>/eval``, where ``sgdm-ldm eval`` writes them)."""
     from sgdm.devices import resolve_device
 
     run_dir = pathlib.Path(run_dir)
@@ -293,7 +294,7 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         if any(m in ecfg.metrics for m in (*INCEPTION, "fd")) else None,
         "eval_config": to_dict(ecfg), "results": rows,
     }
-    write_results(results, run_dir / "eval", plot=len(rows) > 1)
+    write_results(results, run_dir / "eval" if out_dir is None else pathlib.Path(out_dir), plot=len(rows) > 1)
     return results
 
 

@@ -123,15 +123,16 @@ def _layout_section(vcfg, pipe, out: pathlib.Path, n: int) -> dict:
                 caption=f"Pairs: the guiding {what}, then the sample (w = {vcfg.sampler.guidance_scale}).")
 
 
-def _evaluate(run_dir: pathlib.Path, cfg, scales: list[float], log) -> list[dict]:
-    """fd_<encoder> (and adherence; FID/IS/KID when eval.inception_weights is set) on report_eval_n samples."""
+def _evaluate(run_dir: pathlib.Path, cfg, scales: list[float], log, out_dir: pathlib.Path) -> list[dict]:
+    """fd_<encoder> (and adherence; FID/IS/KID when eval.inception_weights is set) on report_eval_n samples,
+    written to ``out_dir`` (not the run's eval/, where a full `sgdm-ldm eval` keeps its results)."""
     from sgdm.evaluation.evaluate import evaluate_run
 
     p = cfg.prepare
     metrics = ["fd", "adherence"] + (["fid", "is", "kid"] if cfg.eval.inception_weights is not None else [])
     ecfg = dataclasses.replace(cfg.eval, n=p.report_eval_n, batch_size=min(cfg.eval.batch_size, p.report_eval_n),
                                steps=p.report_steps, sweep_scales=scales, metrics=metrics)
-    return evaluate_run(run_dir, ecfg, log)["results"]
+    return evaluate_run(run_dir, ecfg, log, out_dir=out_dir)["results"]
 
 
 def _companion(cfg, run_dir: pathlib.Path, kind: str):
@@ -164,7 +165,7 @@ def write_report(cfg, run_dir: str | pathlib.Path, log: Callable[[str], None] = 
     if kind in ("box", "mask"):
         sections.append(_layout_section(cfg, pipe, out, 8))
     scales = [] if kind == "none" else [0.0, w]
-    metrics = [{"model": f"{cfg.run.name} ({kind})", **r} for r in _evaluate(run_dir, cfg, scales, log)]
+    metrics = [{"model": f"{cfg.run.name} ({kind})", **r} for r in _evaluate(run_dir, cfg, scales, log, out / "eval")]
     scores = {f"{kind} store": _annotation_scores(cfg.annotation.store)} if kind != "none" else {}
     for extra in ("box", "mask") if cfg.prepare.report_companions else ():
         if extra == kind:
@@ -172,7 +173,7 @@ def write_report(cfg, run_dir: str | pathlib.Path, log: Callable[[str], None] = 
         vcfg = _companion(cfg, run_dir, extra)
         vdir = train_variant(vcfg, log)
         sections.append(_layout_section(vcfg, SelfGuidedPipeline.from_pretrained(vdir / "pipeline"), out, 8))
-        metrics += [{"model": f"companion ({extra})", **r} for r in _evaluate(vdir, vcfg, [w], log)]
+        metrics += [{"model": f"companion ({extra})", **r} for r in _evaluate(vdir, vcfg, [w], log, out / f"eval-{extra}")]
         scores[f"{extra} store"] = _annotation_scores(vcfg.annotation.store)
     _write_markdown(out / "report.md", cfg, sections, metrics, scores)
     _write_html(out / "index.html", cfg, sections, metrics, scores)

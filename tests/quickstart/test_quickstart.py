@@ -58,6 +58,22 @@ def test_quickstart_writes_report_with_every_section(quickstart_run):
     assert Image.open(report / "clusters.png").size[1] > Image.open(report / "scales.png").size[1]  # 4 clusters vs 2 scales
 
 
+def test_report_keeps_its_evaluations_to_itself(quickstart_run):
+    """The report's small evaluations (prepare.report_eval_n samples) went to the run's eval/, so
+    every repeated quickstart replaced the results of a full `sgdm-ldm eval` of the run."""
+    import json
+
+    tmp, _ = quickstart_run
+    run = tmp / "runs" / "quickstart"
+    report = run / "report"
+    for folder, rows in ((report / "eval", 2), (report / "eval-box", 1), (report / "eval-mask", 1)):
+        results = json.loads((folder / "results.json").read_text())
+        assert results["n"] == 8 and len(results["results"]) == rows
+    assert not (run / "eval" / "results.json").exists()
+    for companion in ("box", "mask"):
+        assert not (run / "companions" / companion / "eval" / "results.json").exists()
+
+
 def test_repeated_quickstart_reuses_what_is_prepared(quickstart_run):
     from sgdm.quickstart import prepare
 
