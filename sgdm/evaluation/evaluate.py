@@ -275,6 +275,8 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     kind = cfg.model.guidance.kind
     conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, torch.Generator().manual_seed(ecfg.seed))
     scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
+    if evaluator.space is not None:
+        evaluator.reference_stats()  # read the reference images now: an unreadable one stops us before any sampling
     rows = []
     for scale in scales:
         start = time.time()

@@ -177,8 +177,8 @@ def test_reference_set_passes_over_unreadable_images():
         short[2]
 
 
-def test_eval_of_a_run_with_unreadable_training_images(tmp_path):
-    """data.on_bad_image: skip trains without the unreadable files; eval must not stop on them."""
+def _folder_run(tmp_path, on_bad_image):
+    """An unguided run on an image folder of 6 images whose second file is not an image."""
     import numpy as np
     from PIL import Image
 
@@ -195,7 +195,7 @@ def test_eval_of_a_run_with_unreadable_training_images(tmp_path):
         Image.fromarray(p).save(images / f"{i}.png")
     (images / "1.png").write_bytes(b"not a png")
     raw = tiny_config(tmp_path, "none")
-    raw["data"] = {"dataset": "image_folder", "root": str(images), "size": 16, "num_workers": 0, "on_bad_image": "skip"}
+    raw["data"] = {"dataset": "image_folder", "root": str(images), "size": 16, "num_workers": 0, "on_bad_image": on_bad_image}
     raw["eval"].update(metrics=["fd"], reference_n=4, n=4, batch_size=4)
     cfg = from_dict(ExperimentConfig, raw)
     run_dir = cfg.run.path
@@ -205,6 +205,12 @@ def test_eval_of_a_run_with_unreadable_training_images(tmp_path):
         torch.manual_seed(0)
         save_backbone(build_backbone("vit_tiny_patch16_224", TINY_VIT), cfg.annotation.weights, "vit_tiny_patch16_224", TINY_VIT)
         SelfGuidedPipeline.from_config(to_dict(cfg)).save_pretrained(run_dir / "pipeline")
+    return run_dir
+
+
+def test_eval_of_a_run_with_unreadable_training_images(tmp_path):
+    """data.on_bad_image: skip trains without the unreadable files; eval must not stop on them."""
+    run_dir = _folder_run(tmp_path, "skip")
     assert main(["eval", str(run_dir)]) == 0
     (row,) = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert row["fd_tiny"] > 0
@@ -272,3 +278,16 @@ def test_results_name_the_reference_set_size_actually_used(tmp_path):
     assert "reference set: the first 12 training images" in (run_dir / "eval" / "results.md").read_text()
     unreferenced = evaluate_run(run_dir, dataclasses.replace(ecfg, metrics=["adherence"]), log=lambda msg: None)
     assert unreferenced["reference_images"] is None  # a label run's metrics here need no reference set
+
+
+def test_unreadable_reference_image_stops_eval_before_sampling(tmp_path, capsys, monkeypatch):
+    """data.on_bad_image: raise: the reference set is read before the samples are drawn, so an
+    unreadable file is named at once, not after hours of sampling."""
+    import sgdm.evaluation.evaluate as evaluate
+
+    run_dir = _folder_run(tmp_path, "raise")
+    sampled = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: sampled.append(1) or None)
+    assert main(["eval", str(run_dir)]) != 0
+    assert "1.png" in capsys.readouterr().err
+    assert not sampled
