@@ -76,26 +76,29 @@ def make_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
 
 
 def broadcast_to(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample values [B] as [B, 1, ..., 1] in x's dtype and device."""
-    return values.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    """Per-sample values [B] as [B, 1, ..., 1] in x's dtype and device (copied from the CPU without
+    waiting for the device's queued work: a copy from pageable memory is staged before the call returns)."""
+    values = values.to(device=x.device, dtype=x.dtype, non_blocking=values.device.type == "cpu")
+    return values.view(-1, *([1] * (x.dim() - 1)))
 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (DDPM Eq. 4).
 
-    x0, noise: [B, ...]; t: [B] integer timesteps. Returns x_t like x0.
+    x0, noise: [B, ...]; t: [B] integer timesteps, on any device (training keeps them on the CPU, where
+    indexing and range-checking the schedule needs no host sync). Returns x_t like x0.
     """
     if noise.shape != x0.shape:
         raise ValueError(f"noise: expected shape {tuple(x0.shape)} like x0, got {tuple(noise.shape)}")
-    a = schedule.at(t.to(x0.device))
+    a = schedule.at(t)
     if a.shape != x0.shape[:1]:
         raise ValueError(f"t: expected shape [{x0.shape[0]}] (one timestep per sample), got {tuple(t.shape)}")
     return broadcast_to(a.sqrt(), x0) * x0 + broadcast_to((1 - a).sqrt(), x0) * noise
 
 
 def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, Eq. in Sec. 4)."""
-    a = schedule.at(t.to(x0.device))
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, Eq. in Sec. 4); t on any device."""
+    a = schedule.at(t)
     return broadcast_to(a.sqrt(), x0) * noise - broadcast_to((1 - a).sqrt(), x0) * x0
 
 

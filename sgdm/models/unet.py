@@ -191,7 +191,11 @@ class UNet(nn.Module):
         if x_t.shape[2] % factor or x_t.shape[3] % factor:
             raise ValueError(f"x_t: spatial size {tuple(x_t.shape[2:])} is not divisible by {factor}")
         b = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            # training draws t on the CPU: copied without waiting for the device's queued work
+            t = t.to(x_t.device, non_blocking=True)
+        else:
+            t = torch.as_tensor(t, device=x_t.device)
         if t.dim() == 0:
             t = t.expand(b)
         if t.shape != (b,):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -114,7 +114,18 @@ class LatentDiffusionModule(pl.LightningModule):
         return micro * world, rank * micro
 
     def _slice(self, x: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-        return x[lo:lo + n].to(self.device)
+        return _to_device(x[lo:lo + n], self.device)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Lightning's move to the GPU, except ``position`` and ``flipped``, which stay on the CPU:
+        the step reads them as Python values (``int(position[0])``, the flips of the condition
+        builders), which on the GPU would wait for all queued work every step."""
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        host = {k: batch[k] for k in _HOST_KEYS if k in batch}
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host}, device,
+                                                 dataloader_idx)
+        return {**moved, **host}
 
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator, global_size: int, lo: int) -> torch.Tensor:
@@ -137,7 +148,9 @@ class LatentDiffusionModule(pl.LightningModule):
         n = len(batch["position"])
         gen = generator_for(self.seed, "train", position)
         z0 = self.latents(batch, gen, g_size, lo)
-        t = self._slice(sample_timesteps(g_size, len(self.schedule), gen), lo, n)
+        # t stays on the CPU: the schedule is indexed there and the quartiles logged from it without a
+        # host sync; the UNet copies it to the device itself
+        t = sample_timesteps(g_size, len(self.schedule), gen)[lo:lo + n]
         noise = self._slice(torch.randn((g_size, *z0.shape[1:]), generator=gen), lo, n).to(z0.dtype)
         cond, cond_map = self.guidance(batch["id"], batch["flipped"], tuple(z0.shape[-2:]))
         if cond is not None or cond_map is not None:
@@ -150,7 +163,8 @@ class LatentDiffusionModule(pl.LightningModule):
             per_sample = diffusion_loss(lambda x, tt: self.unet(x, tt, cond, cond_map), z0, t, noise, self.schedule,
                                         self.diffusion_cfg)
         loss = per_sample.mean()
-        self._step_finite = self._step_finite and bool(torch.isfinite(loss.detach()))
+        # a device tensor, read once per optimiser step (in _finish_step), not once per micro-batch
+        self._step_finite = torch.isfinite(loss.detach()) & self._step_finite
         self.manual_backward(loss / self.train_cfg.accumulate)
         self._log_loss(loss.detach(), per_sample.detach(), t)
         if micro == self.train_cfg.accumulate - 1:
@@ -158,17 +172,17 @@ class LatentDiffusionModule(pl.LightningModule):
         return loss.detach()
 
     def _to_device(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if x is None else x.to(self.device)
+        return None if x is None else _to_device(x, self.device)
 
-    def _grads_finite(self) -> bool:
+    def _grads_finite(self) -> Union[bool, torch.Tensor]:
         if self.trainer.precision_plugin.precision in ("16-mixed",):
             return True  # the GradScaler owns overflow handling in fp16
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        return all_finite([p.grad for p in self.unet.parameters() if p.grad is not None])
 
     def _finish_step(self, step: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        finite = self._step_finite and self._grads_finite()
+        # the step's one host sync: whether to skip it (loss of every micro-batch and all gradients)
+        finite = bool(self._step_finite & self._grads_finite())
         finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
         if finite:
             opt.step()  # clips in on_before_optimizer_step
@@ -176,7 +190,7 @@ class LatentDiffusionModule(pl.LightningModule):
             update_ema(self.ema, self.unet, decay)
             self.ema_updates += 1
             self.consecutive_nan = 0
-            self.log("train/ema_decay", decay, on_step=True, rank_zero_only=True)
+            self._log_host("train/ema_decay", decay, rank_zero_only=True)
         else:
             self._skip(step)
         opt.zero_grad(set_to_none=True)
@@ -215,21 +229,66 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # -- logging ----------------------------------------------------------------------------------------------
     def _log_loss(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        """t: the micro-batch's timesteps on the CPU, so which quartiles it holds is known without a sync."""
         self.log("train/loss", loss, on_step=True, prog_bar=True)
-        quartile = (t * 4) // len(self.schedule)
+        quartile = (t.cpu() * 4) // len(self.schedule)
         for q in range(4):
-            hit = quartile == q
-            if bool(hit.any()):
-                self.log(f"train/loss_q{q}", per_sample[hit].mean(), on_step=True)
+            rows = (quartile == q).nonzero().flatten()
+            if len(rows):
+                # per_sample[rows] is per_sample[mask] (the same rows in the same order)
+                self.log(f"train/loss_q{q}", per_sample[_to_device(rows, per_sample.device)].mean(), on_step=True)
+
+    def _log_host(self, name: str, value: float, **kwargs) -> None:
+        """Log a Python number as a CPU tensor: Lightning keeps it on the CPU, where a number would be
+        copied to the module's device (a blocking copy, i.e. a host sync, on the GPU) on every call."""
+        self.log(name, torch.tensor(float(value), dtype=_log_dtype()), on_step=True, **kwargs)
 
     def _log_step(self, sched) -> None:
         now = time.perf_counter()
         if self._last_step_time is not None:
             dt = now - self._last_step_time
-            self.log("train/steps_per_sec", 1.0 / dt, on_step=True, rank_zero_only=True)
-            self.log("train/images_per_sec", self.train_cfg.batch_size / dt, on_step=True, prog_bar=True,
-                     rank_zero_only=True)
+            self._log_host("train/steps_per_sec", 1.0 / dt, rank_zero_only=True)
+            self._log_host("train/images_per_sec", self.train_cfg.batch_size / dt, prog_bar=True,
+                           rank_zero_only=True)
         self._last_step_time = now
-        self.log("train/lr", sched.get_last_lr()[0], on_step=True, rank_zero_only=True)
-        self.log("train/skipped_steps", float(self.nan_skips), on_step=True, rank_zero_only=True)
-        self.log("train/step", float(self.step), on_step=True, rank_zero_only=True)
+        self._log_host("train/lr", sched.get_last_lr()[0], rank_zero_only=True)
+        self._log_host("train/skipped_steps", float(self.nan_skips), rank_zero_only=True)
+        self._log_host("train/step", float(self.step), rank_zero_only=True)
+
+
+_HOST_KEYS = ("position", "flipped")
+
+
+def _log_dtype() -> torch.dtype:
+    """The dtype Lightning gives a logged Python number (the default dtype, at least float32)."""
+    dtype = torch.get_default_dtype()
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x.to(device)``; from the CPU without waiting for the device's queued work (a copy from pageable
+    memory is staged before the call returns, so the source may be freed or reused at once)."""
+    return x.to(device, non_blocking=x.device.type == "cpu")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> Union[bool, torch.Tensor]:
+    """Whether every element of ``tensors`` is finite, as a 0-d bool tensor (True for no tensors),
+    without a host sync: one fused check per (device, dtype) on CPU and CUDA (GradScaler's, with an
+    unscale by 1, which leaves every value as it is), a reduction per tensor elsewhere."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for x in tensors:
+        groups.setdefault((x.device, x.dtype), []).append(x)
+    verdicts = []
+    for (device, _), xs in groups.items():
+        if device.type in ("cpu", "cuda"):
+            found = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(xs, found, torch.ones((), dtype=torch.float32,
+                                                                                    device=device))
+            verdicts.append(found == 0)
+        else:
+            verdicts.append(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+    if not verdicts:
+        return True
+    if len(verdicts) == 1:
+        return verdicts[0]
+    return torch.stack([v.to(verdicts[0].device) for v in verdicts]).all()
