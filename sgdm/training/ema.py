@@ -28,7 +28,10 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     if ema_params.keys() != model_params.keys():
         missing = sorted(set(model_params) ^ set(ema_params))[:3]
         raise ValueError(f"ema: parameter names differ from the model's, e.g. {missing}")
-    for name, p in model_params.items():
-        ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - decay)
+    targets = [ema_params[name] for name in model_params]
+    sources = [p.detach().to(e.dtype) for e, p in zip(targets, model_params.values())]
+    # one fused lerp per (device, dtype) on the GPU instead of a kernel launch per parameter; the same
+    # lerp as Tensor.lerp_ elementwise (the CPU runs it tensor by tensor)
+    torch._foreach_lerp_(targets, sources, 1.0 - decay)
     for (name, b_ema), (_, b) in zip(ema.named_buffers(), model.named_buffers()):
         b_ema.copy_(b)

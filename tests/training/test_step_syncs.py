@@ -1,11 +1,14 @@
 """What keeps the training step free of per-step host syncs on a GPU, pinned on the CPU: the fused
-finiteness check, the CPU-resident batch keys and timesteps."""
+finiteness check, the EMA's fused lerp, the CPU-resident batch keys and timesteps."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from sgdm.diffusion.schedule import NoiseSchedule, make_betas, q_sample, v_target
+from sgdm.training.ema import update_ema
 from sgdm.training.module import LatentDiffusionModule, all_finite
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -35,6 +38,20 @@ def test_all_finite_over_mixed_dtypes_and_no_tensors():
     xs[1][0] = float("nan")
     assert not bool(all_finite(xs))
     assert all_finite([]) is True
+
+
+def test_update_ema_is_the_per_parameter_lerp_bit_for_bit():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3).double())
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.data.normal_()
+    expected = copy.deepcopy(ema)
+    with torch.no_grad():
+        for e, p in zip(expected.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - 0.93)
+    update_ema(ema, model, 0.93)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), expected.parameters()))
 
 
 def _module() -> LatentDiffusionModule:
