@@ -51,7 +51,7 @@ from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.decode import printable
 from sgdm.devices import resolve_device
 
-__all__ = ["AnnotationResult", "annotate", "class_count", "init_distributed"]
+__all__ = ["AnnotationResult", "annotate", "class_count", "data_settings", "init_distributed"]
 
 
 @dataclasses.dataclass
@@ -169,7 +169,7 @@ def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 _DATA_SETTINGS_NOT_IN_FEATURES = ("flip", "on_bad_image", "num_workers", "max_images", "shapes")
 
 
-def _data_settings(data) -> dict[str, Any]:
+def data_settings(data) -> dict[str, Any]:
     """``data.*`` keys that decide the pixels (and ground truth) of each id, paths made absolute
     (a relative root means another folder when run from elsewhere)."""
     settings = {k: v for k, v in to_dict(data).items() if k not in _DATA_SETTINGS_NOT_IN_FEATURES}
@@ -184,7 +184,7 @@ def _data_settings(data) -> dict[str, Any]:
 
 def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids, data) -> dict[str, Any]:
     return {
-        **_data_settings(data),
+        **data_settings(data),
         "backbone": backbone.name,
         "backbone_kwargs": a.backbone_kwargs,
         "weights": backbone.weights_id,

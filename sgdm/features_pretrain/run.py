@@ -14,6 +14,7 @@ def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -
     ``cfg`` is an :class:`~sgdm.config.schema.ExperimentConfig`. The encoder is
     written to ``out`` or ``annotation.weights``, where ``annotate`` reads it.
     """
+    from sgdm.annotation.annotate import data_settings
     from sgdm.data import build_dataset
     from sgdm.features_pretrain.train import pretrain_features
 
@@ -21,4 +22,5 @@ def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -
     if target is None:
         raise ConfigError("annotation.weights", "no output file: set annotation.weights (or pass --out) to where the encoder goes")
     dataset = build_dataset(cfg.data, train=True, seed=cfg.run.seed)
-    return pretrain_features(dataset, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs), cfg.prepare.pretrain, target, log=log)
+    return pretrain_features(dataset, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs), cfg.prepare.pretrain,
+                             target, log=log, data_record=data_settings(cfg.data))

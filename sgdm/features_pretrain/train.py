@@ -61,9 +61,10 @@ def _pretrain_record(cfg: PretrainConfig) -> dict:
 
 
 def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: dict,
-                  pretrain: PretrainConfig | None = None) -> pathlib.Path:
+                  pretrain: PretrainConfig | None = None, data: dict | None = None) -> pathlib.Path:
     """Write ``model.state_dict()`` atomically (tmp file, fsync, rename) as .safetensors or .pth;
-    a .safetensors file records ``name``, ``kwargs`` and the ``pretrain`` settings."""
+    a .safetensors file records ``name``, ``kwargs``, the ``pretrain`` settings and the ``data``
+    it was pretrained on (:func:`sgdm.annotation.annotate.data_settings`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -74,6 +75,8 @@ def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: 
         metadata = {"architecture": name, "backbone_kwargs": json.dumps(kwargs), "format": "timm"}
         if pretrain is not None:
             metadata["pretrain"] = json.dumps(_pretrain_record(pretrain))
+        if data is not None:
+            metadata["data"] = json.dumps(data)
         save_file(state, str(tmp), metadata=metadata)
     elif path.suffix in (".pth", ".pt"):
         torch.save(state, tmp)
@@ -117,8 +120,10 @@ def pretrain_features(
     cfg: PretrainConfig,
     out_path: str | os.PathLike,
     log: Callable[[str], None] | None = None,
+    data_record: dict | None = None,
 ) -> pathlib.Path:
-    """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher."""
+    """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher
+    (recording ``data_record``, the data settings behind ``dataset``, when given)."""
     device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
@@ -154,14 +159,16 @@ def pretrain_features(
         update_center(center, teacher_out, cfg.center_momentum)
         if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
             log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-    return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg)
+    return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg,
+                         data=data_record)
 
 
 def pretrain_record_differs(path: str | os.PathLike, backbone: str, backbone_kwargs: dict,
-                            cfg: PretrainConfig) -> list[str] | None:
-    """Keys (``annotation.backbone``, ``annotation.backbone_kwargs``, ``prepare.pretrain.<key>``)
-    whose values differ from those the encoder at ``path`` was pretrained with; None when the
-    file holds no record (a .pth, an encoder made elsewhere or by an older sgdm)."""
+                            cfg: PretrainConfig, data_record: dict | None = None) -> list[str] | None:
+    """Keys (``annotation.backbone``, ``annotation.backbone_kwargs``, ``prepare.pretrain.<key>``,
+    ``data.<key>`` of ``data_record``) whose values differ from those the encoder at ``path`` was
+    pretrained with; None when the file holds no record (a .pth, an encoder made elsewhere or by an
+    older sgdm). The data are compared where the file records them (sgdm after 2026-11-26)."""
     path = pathlib.Path(path)
     if path.suffix != ".safetensors":
         return None
@@ -183,4 +190,7 @@ def pretrain_record_differs(path: str | os.PathLike, backbone: str, backbone_kwa
     default = plain(_pretrain_record(PretrainConfig()))  # keys added since count at their defaults
     differ += [f"prepare.pretrain.{k}" for k in sorted(set(old) | set(new))
                if old.get(k, default.get(k)) != new.get(k, default.get(k))]
+    if data_record is not None and "data" in meta:
+        old_data, new_data = json.loads(meta["data"]), plain(data_record)
+        differ += [k for k in sorted(set(old_data) | set(new_data)) if old_data.get(k) != new_data.get(k)]
     return differ

@@ -126,10 +126,11 @@ def _features(cfg, log) -> str:
     if path is None:
         raise ConfigError("annotation.weights", "prepare.features needs a path to write the encoder to")
     if path.is_file():
+        from sgdm.annotation.annotate import data_settings
         from sgdm.features_pretrain.train import pretrain_record_differs
 
         differ = pretrain_record_differs(path, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs),
-                                         cfg.prepare.pretrain)
+                                         cfg.prepare.pretrain, data_settings(cfg.data))
         if differ is None:
             return f"reused {path} (it records no pretraining settings: made elsewhere or by an older sgdm)"
         if differ:

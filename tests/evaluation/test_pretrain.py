@@ -139,6 +139,15 @@ def test_pretrain_record_names_what_changed(tmp_path):
                                    "vit_tiny_patch16_224", TINY_VIT, made) is None
     bare = save_backbone(model, tmp_path / "bare.safetensors", "vit_tiny_patch16_224", TINY_VIT)
     assert pretrain_record_differs(bare, "vit_tiny_patch16_224", TINY_VIT, made) is None
+    # The data it was pretrained on: another folder of images is named (a file without the data
+    # record, from before it was written, is compared on the rest only).
+    mine = {"data.dataset": "image_folder", "data.root": "/data/mine", "data.size": 32}
+    enc = save_backbone(model, tmp_path / "data.safetensors", "vit_tiny_patch16_224", TINY_VIT, pretrain=made,
+                        data=mine)
+    assert pretrain_record_differs(enc, "vit_tiny_patch16_224", TINY_VIT, made, mine) == []
+    assert pretrain_record_differs(enc, "vit_tiny_patch16_224", TINY_VIT, made,
+                                   dict(mine, **{"data.root": "/data/other"})) == ["data.root"]
+    assert pretrain_record_differs(path, "vit_tiny_patch16_224", TINY_VIT, made, mine) == []
 
 
 def test_pretrain_bad_input_is_named(tmp_path):

@@ -1,4 +1,5 @@
 """The quickstart's stages end to end on a drastically reduced budget (dotted overrides)."""
+import json
 import pathlib
 
 import pytest
@@ -119,6 +120,7 @@ def test_stale_encoder_and_stale_label_store_are_refused(quickstart_run, tmp_pat
         prepare(load_experiment(CONFIG, [*mine, "prepare.pretrain.steps=3"]), log=lambda m: None)
     with safe_open(str(enc), "pt") as f:  # the same record, other weights: a re-pretrained encoder
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(meta["data"])["data.dataset"] == "shapes"  # the data it was pretrained on, compared too
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(enc), metadata=meta)
     with pytest.raises(StoreMismatchError, match=r"annotation.weights \(file content\) differ"):
         prepare(load_experiment(CONFIG, mine), log=lambda m: None)
