@@ -120,3 +120,18 @@ def test_drop_guidance_drops_both_together_and_is_reproducible():
     with pytest.raises(ValueError, match="^p: "):
         drop_guidance(cond, cmap, 1.5)
     assert null_condition(cond, None)[0].sum() == 0 and null_condition(cond, None)[1] is None
+
+
+def test_mask_condition_multi_hot_is_the_one_hot_max_pool():
+    """The training path's histogram multi-hot (``_present_classes``) gives exactly what the one-hot does."""
+    from sgdm.models.conditioning import IGNORE_INDEX, _mask_condition
+
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randint(0, 6, (h, w), generator=g, dtype=torch.uint8) for h, w in ((9, 13), (16, 16), (1, 1))]
+    maps[0][torch.rand(9, 13, generator=g) < 0.4] = IGNORE_INDEX
+    maps[2].fill_(IGNORE_INDEX)
+    cond, _ = _mask_condition(maps, 7, (8, 8), torch.tensor([True, False, True]))
+    expected = torch.cat([multi_hot(class_map_one_hot(m[None], 7)) for m in maps])
+    assert cond.dtype == torch.float32 and torch.equal(cond, expected) and not torch.signbit(cond).any()
+    with pytest.raises(ValueError, match="class id 9 is outside"):
+        _mask_condition([torch.full((2, 2), 9)], 7, (8, 8), None)
