@@ -186,7 +186,8 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
         return build_train_loader(dataset, flip_image_sample,
                                   global_micro_batch=t.micro_batch(world) * world, total_positions=t.max_steps,
                                   seed=cfg.run.seed, flip=cfg.data.flip, rank=rank, world_size=world,
-                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers)
+                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers,
+                                  pin_memory=module.device.type == "cuda")
 
     module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, t.max_steps, loader)
     trainer = build_trainer(cfg, unused_parameters=True)  # the discriminator, idle before disc_start

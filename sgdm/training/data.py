@@ -54,9 +54,10 @@ class PositionLoader(DataLoader):
 
 def build_train_loader(dataset: Dataset, flip_fn: Callable[[dict], dict], *, global_micro_batch: int,
                        total_positions: int, seed: int, flip: bool, rank: int, world_size: int,
-                       start: Callable[[], int], num_workers: int) -> DataLoader:
-    """DataLoader over positions ``start() .. total_positions - 1`` of this rank's slices."""
+                       start: Callable[[], int], num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """DataLoader over positions ``start() .. total_positions - 1`` of this rank's slices;
+    ``pin_memory`` for training on a GPU (page-locked batches copy to it without waiting)."""
     order = DataOrder(len(dataset), global_micro_batch, seed, flip)
     sampler = PositionSampler(order, total_positions, rank, world_size, start)
     return PositionLoader(PositionedDataset(dataset, flip_fn), batch_sampler=sampler, collate_fn=collate_training,
-                          num_workers=num_workers, persistent_workers=False)
+                          num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)

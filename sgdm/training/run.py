@@ -196,7 +196,8 @@ def _loader_factory(cfg: ExperimentConfig, images=None):
         return build_train_loader(dataset, flip_fn, global_micro_batch=cfg.train.micro_batch(world) * world,
                                   total_positions=cfg.train.max_steps * cfg.train.accumulate, seed=cfg.run.seed,
                                   flip=cfg.data.flip, rank=rank, world_size=world,
-                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers)
+                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers,
+                                  pin_memory=module.device.type == "cuda")
 
     return make
 
