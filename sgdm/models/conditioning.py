@@ -137,14 +137,15 @@ def _check_class_ids(ids: torch.Tensor, num_classes: int) -> None:
 
 def _present_classes(class_map: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``multi_hot(class_map_one_hot(class_map, K))`` of one map [H, W] ([1, K] float32, the same
-    checks and values) from a histogram of its ids instead of a [1, K, H, W] one-hot: at 256 x 256
-    and K = 12, ~25x faster."""
+    checks and values) by the annotation store's scatter of its ids instead of a [1, K, H, W]
+    one-hot: at 256 x 256 and K = 12, ~25x faster."""
+    from sgdm.annotation.store import multi_hot_from_masks
+
     ids = _class_ids(class_map)
     _check_class_ids(ids, num_classes)
     if ids.numel() == 0:  # no pixels: the one-hot path's error
         return multi_hot(class_map_one_hot(class_map, num_classes))
-    counts = torch.bincount(torch.where(ids == IGNORE_INDEX, num_classes, ids).flatten(), minlength=num_classes + 1)
-    return (counts[:num_classes] > 0).to(torch.float32)[None]
+    return multi_hot_from_masks(ids, num_classes).to(torch.float32)
 
 
 def multi_hot(mask_one_hot: torch.Tensor) -> torch.Tensor:
