@@ -21,7 +21,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save", "checkpoint_name", "list_checkpoints", "find_last_valid",
-           "clean_leftovers", "prune_checkpoints", "is_valid_checkpoint", "atomic_write_text"]
+           "clean_leftovers", "prune_checkpoints", "is_valid_checkpoint", "atomic_open", "atomic_write_text"]
 
 _NAME = re.compile(r"^step-(\d{8,})\.ckpt$")
 TMP_SUFFIX = ".tmp"
@@ -45,7 +45,7 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_open(path: str | os.PathLike, mode: str):
+def atomic_open(path: str | os.PathLike, mode: str):
     """A temporary file ``.<name>.<pid>.tmp`` beside ``path``; on success flush, fsync, rename to
     ``path``, fsync the directory; on failure remove it."""
     path = pathlib.Path(path)
@@ -64,8 +64,8 @@ def _atomic_open(path: str | os.PathLike, mode: str):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`_atomic_open`)."""
-    with _atomic_open(path, "wb") as fh:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
 
 
@@ -122,12 +122,12 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
 
 
 def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Copy file ``src`` to ``path`` atomically (:func:`_atomic_open`)."""
-    with open(src, "rb") as fin, _atomic_open(path, "wb") as fout:
+    """Copy file ``src`` to ``path`` atomically (:func:`atomic_open`)."""
+    with open(src, "rb") as fin, atomic_open(path, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file atomically (:func:`_atomic_open`)."""
-    with _atomic_open(path, "w") as fh:
+    """Write a small text file atomically (:func:`atomic_open`)."""
+    with atomic_open(path, "w") as fh:
         fh.write(text)

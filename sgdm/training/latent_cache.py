@@ -16,6 +16,8 @@ exactly as training from the images does.
 Shards are written atomically and in order; an interrupted encode resumes at
 the first missing shard. The fingerprint covers the data config and the
 first-stage weights, so a stale cache is rebuilt rather than silently reused.
+One process at a time builds (the lock file ``.lock``): the ranks that torchrun starts together
+wait for the first and then read its cache instead of each encoding the dataset into the same files.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch
 from torch.utils.data import Dataset
 
 from sgdm.config.core import to_dict
-from sgdm.training.checkpoint import atomic_write_text
+from sgdm.training.checkpoint import atomic_open, atomic_write_text, clean_leftovers
+from sgdm.training.file_lock import exclusive_lock
 
 __all__ = ["cache_dir_for", "ensure_latent_cache", "LatentCacheDataset", "flip_latent_sample", "fingerprint"]
 
@@ -86,7 +89,7 @@ def _with_unreadable_rows(encoded: Optional[dict], readable: list[bool], latent_
 def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_size,
                  latent_shape) -> list[Optional[str]]:
     """Encode indices [lo, hi) into shard ``index``; their ids, None for an unreadable image."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from sgdm.training.data import collate_training
 
@@ -98,20 +101,28 @@ def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_s
         parts.append(_with_unreadable_rows(encoded, [s is not None for s in samples], latent_shape))
         ids.extend(None if s is None else str(s["id"]) for s in samples)
     tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    path = _shard_path(directory, index)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with atomic_open(_shard_path(directory, index), "wb") as fh:
+        fh.write(save(tensors))
     return ids
 
 
 @torch.no_grad()
 def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
-    """Build (or finish) the cache for ``cfg`` and return its directory."""
-    from sgdm.training.data import build_image_dataset
+    """Build (or finish) the cache for ``cfg`` and return its directory.
 
+    Under the directory's lock: a process that finds another one building waits for it, then finds
+    the cache complete (or finishes what an interrupted build left)."""
     directory = cache_dir_for(cfg)
     directory.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(directory / ".lock", f"the latent cache {directory}"):
+        clean_leftovers(directory)  # shards of an interrupted write; no one else writes while we hold the lock
+        _build(cfg, first_stage, directory, batch_size)
+    return directory
+
+
+def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
+    from sgdm.training.data import build_image_dataset
+
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     first_stage = first_stage.eval()
     device = next(first_stage.parameters()).device
@@ -126,7 +137,7 @@ def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
             old.unlink()
         manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False}
     if manifest["complete"]:  # (the loop below would rewrite a partial last shard)
-        return directory
+        return
     num_shards = (len(dataset) + shard - 1) // shard
     for index in range(len(manifest["ids"]) // shard, num_shards):
         lo, hi = index * shard, min(len(dataset), (index + 1) * shard)
@@ -134,7 +145,6 @@ def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
                                                  latent_shape))
         manifest["complete"] = index == num_shards - 1
         atomic_write_text(manifest_path, json.dumps(manifest))
-    return directory
 
 
 class LatentCacheDataset(Dataset):

@@ -116,6 +116,47 @@ def test_resume_rebuilds_a_missing_latent_cache_and_keeps_a_complete_one(workdir
     assert (cfg.run.path / "checkpoints" / "step-00000004.ckpt").is_file()
 
 
+def test_a_process_that_finds_the_latent_cache_being_built_waits_and_reuses_it(workdir, monkeypatch):
+    """torchrun starts every rank at once: one builds the cache under its lock, the others wait for
+    it and then read it, instead of encoding the dataset again into the same files."""
+    import threading
+
+    import sgdm.training.latent_cache as latent_cache
+    from sgdm.training.data import build_image_dataset
+    from sgdm.training.file_lock import exclusive_lock
+    from sgdm.training.run import build_module
+
+    cfg = from_dict(ExperimentConfig, tiny_config(workdir, run={"name": "cache-lock"},
+                                                  train={"cache_latents": True, "cache_shard_size": 10}))
+    first_stage = build_module(cfg).first_stage
+    directory = latent_cache.cache_dir_for(cfg)
+    directory.mkdir(parents=True)
+    leftover = directory / ".shard-00000.safetensors.999.tmp"  # a write interrupted before
+    leftover.write_bytes(b"partial")
+    writes, errors = [], []
+    write_shard = latent_cache._write_shard
+    monkeypatch.setattr(latent_cache, "_write_shard", lambda *a: writes.append(a[1]) or write_shard(*a))
+
+    def other_rank():
+        try:
+            latent_cache.ensure_latent_cache(cfg, first_stage)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    with exclusive_lock(directory / ".lock", "the test's cache"):
+        waiter = threading.Thread(target=other_rank)
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not list(directory.glob("shard-*"))  # it waits and writes nothing
+        latent_cache._build(cfg, first_stage, directory, 32)  # the first rank's build
+        built = list(writes)
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and not errors
+    assert built == [0, 1, 2] and writes == built  # the waiting rank encoded nothing
+    assert not leftover.exists()  # removed by the first to take the lock after it
+    assert len(latent_cache.LatentCacheDataset(directory)) == len(build_image_dataset(cfg.data, cfg.run.seed))
+
+
 def test_ema_warmup_and_update_in_float64():
     assert ema_decay(0, 0.9999) == pytest.approx(0.1)
     assert ema_decay(10**6, 0.9999) == 0.9999
