@@ -1,4 +1,4 @@
-"""How good self-annotations are, where ground truth exists (paper Sec. 4, Table 1).
+"""How good self-annotations are, where ground truth exists (paper Sec. 4).
 
 * clusters vs labels: NMI (arithmetic-mean normalisation, as scikit-learn's
   default), ARI (Hubert & Arabie), purity (each cluster votes its majority class);

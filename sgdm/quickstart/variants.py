@@ -1,4 +1,4 @@
-"""The same experiment with another guidance: the paper's comparison grid (Tables 2-5).
+"""The same experiment with another guidance: the paper's comparison grid (image-level, box and mask guidance).
 
 One network, one budget, only the guidance differs: none, labels, boxes or
 masks, from self-annotation (``self``) or ground truth (``gt``). Each variant
