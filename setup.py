@@ -59,9 +59,14 @@ def _switch(name: str) -> bool | None:
     return raw in _ON
 
 
+def _arch_entries(arch_list: str) -> list[str]:
+    """The entries of an arch list separated by ';', ',' or spaces."""
+    return [a for a in re.split(r"[\s;,]+", arch_list) if a]
+
+
 def _arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST with ';' between entries (spaces and commas accepted); '' where unset or blank."""
-    return ";".join(a for a in re.split(r"[\s;,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a)
+    """TORCH_CUDA_ARCH_LIST with ';' between entries; '' where unset or blank."""
+    return ";".join(_arch_entries(os.environ.get("TORCH_CUDA_ARCH_LIST", "")))
 
 
 def _cuda_home() -> str | None:
@@ -101,7 +106,7 @@ def _hopper_archs(arch_list: str) -> tuple[str, bool]:
     9.0a code is what the Hopper wgmma attention kernels need (SGDM_ATTENTION_WGMMA=1), and it
     runs everything else as 9.0 code does, so with both in the list the plain 9.0 is
     dropped: one cubin per GPU, no doubt about which the driver loads."""
-    archs = [a for a in re.split(r"[\s;,]+", arch_list) if a]
+    archs = _arch_entries(arch_list)
     has_a = "9.0a" in {a.split("+")[0] for a in archs}
     if has_a:
         archs = [a for a in archs if a != "9.0"]
