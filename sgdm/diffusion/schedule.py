@@ -8,7 +8,7 @@ applied, so fp16/bf16 training does not round alpha_bar near 0 or 1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,8 @@ class NoiseSchedule:
 
     betas: torch.Tensor
     alpha_bar: torch.Tensor
+    # alpha_bar copied once to each other device it is looked up on (see ``at``), keyed by device
+    _device_alpha_bar: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
@@ -38,14 +40,28 @@ class NoiseSchedule:
         return len(self.betas)
 
     def at(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t for integer timesteps ``t`` (any shape), float64 on t's device."""
+        """alpha_bar_t for integer timesteps ``t`` (any shape), float64 on t's device.
+
+        On the CPU t's range is checked before the lookup, with an error naming it. Elsewhere that
+        check would read t back to the host, and a fresh copy of alpha_bar to the device would wait
+        on it too: a host sync per call, i.e. per sampler step of a v-prediction model. There the
+        lookup indexes a copy of alpha_bar kept on that device (made on the first call) and the range
+        is asserted on the device (``torch._assert_async``): a bad t still stops the program, at the
+        next synchronisation, instead of reading a wrong or wrapped-around value.
+        """
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point:
             raise TypeError(f"t: expected integer timesteps, got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(self)):
-            raise ValueError(f"t: timesteps must be in [0, {len(self) - 1}], got range "
-                             f"[{int(t.min())}, {int(t.max())}]")
-        return self.alpha_bar.to(t.device)[t]
+        if t.device.type == "cpu":
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(self)):
+                raise ValueError(f"t: timesteps must be in [0, {len(self) - 1}], got range "
+                                 f"[{int(t.min())}, {int(t.max())}]")
+            return self.alpha_bar[t]
+        table = self._device_alpha_bar.get(t.device)
+        if table is None:
+            table = self._device_alpha_bar.setdefault(t.device, self.alpha_bar.to(t.device))
+        torch._assert_async(((t >= 0) & (t < len(self))).all(), f"t: timesteps must be in [0, {len(self) - 1}]")
+        return table[t]
 
 
 def make_betas(kind: str, timesteps: int, linear_start: float | None = None, linear_end: float | None = None,
@@ -105,7 +121,8 @@ def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: 
 def eps_from_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor,
                     parameterization: str) -> torch.Tensor:
     """The noise estimate from the network output: eps itself, or from v as
-    eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t."""
+    eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t. With t on x_t's device (as samplers pass
+    it) nothing is read back to the host (see :meth:`NoiseSchedule.at`)."""
     if parameterization == "eps":
         return output
     if parameterization != "v":

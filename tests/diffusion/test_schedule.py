@@ -152,3 +152,64 @@ def test_configs_defaults_are_valid():
     assert set(DEFAULT_SPACING) == set(SAMPLERS)
     assert from_dict(SamplerConfig, {"sampler": "dpmpp_2m", "spacing": "linspace"}).spacing == "linspace"
     assert from_dict(SamplerConfig, {"sampler": "ddim", "spacing": "logsnr"}).spacing == "logsnr"
+
+
+def _count_copies_to(device_type: str, monkeypatch) -> list:
+    """Records every Tensor.to that moves a CPU tensor to ``device_type``."""
+    copies, to = [], torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == device_type:
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    return copies
+
+
+def test_v_to_eps_off_the_cpu_reads_nothing_back_and_copies_alpha_bar_once(monkeypatch):
+    # "meta" stands in for a GPU: a tensor there has no values, so any host read (int(t.min()),
+    # .item(), .tolist(), .cpu()) raises, as a host sync would stall a GPU
+    schedule = NoiseSchedule.from_betas(torch.linspace(1e-4, 2e-2, 50, dtype=torch.float64))
+    x, v = torch.empty(3, 2, 4, 4, device="meta"), torch.empty(3, 2, 4, 4, device="meta")
+    t = torch.full((3,), 17, dtype=torch.int64, device="meta")
+    copies = _count_copies_to("meta", monkeypatch)
+    for _ in range(4):  # four sampler steps
+        eps = eps_from_output(schedule, x, t, v, "v")
+        assert eps.shape == x.shape and eps.device.type == "meta"
+    assert copies == [(50,)]  # alpha_bar, once for all steps
+
+
+def test_at_off_the_cpu_matches_the_cpu_lookup_and_still_checks_the_range():
+    schedule = NoiseSchedule.from_betas(torch.linspace(1e-4, 2e-2, 50, dtype=torch.float64))
+    t = torch.tensor([0, 17, 49])
+    # a second CPU device key would not exercise the device path; the range check is what differs there
+    with pytest.raises(ValueError, match=r"^t: timesteps must be in \[0, 49\], got range \[0, 50\]"):
+        schedule.at(torch.tensor([0, 50]))
+    assert torch.equal(schedule.at(t), schedule.alpha_bar[t])
+    meta = schedule.at(t.to("meta"))
+    assert meta.dtype == torch.float64 and meta.shape == (3,) and meta.device.type == "meta"
+
+
+@pytest.mark.cuda
+def test_at_on_the_gpu_is_the_cpu_lookup_without_a_host_sync():
+    schedule = NoiseSchedule.from_betas(torch.linspace(1e-4, 2e-2, 50, dtype=torch.float64))
+    t = torch.tensor([0, 17, 49])
+    x, v = torch.randn(3, 2, 4, 4, device="cuda"), torch.randn(3, 2, 4, 4, device="cuda")
+    t_gpu = t.cuda()  # a blocking copy itself: made before the sync check
+    eps_from_output(schedule, x, t_gpu, v, "v")  # the first call copies alpha_bar to the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = schedule.at(t_gpu)
+        eps = eps_from_output(schedule, x, t_gpu, v, "v")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(a.cpu(), schedule.alpha_bar[t])
+    assert torch.equal(eps.cpu(), _old_eps(schedule, x.cpu(), t, v.cpu()))
+
+
+def _old_eps(schedule, x, t, v):
+    a = schedule.alpha_bar[t]
+    return a.sqrt().float().view(-1, 1, 1, 1) * v + (1 - a).sqrt().float().view(-1, 1, 1, 1) * x

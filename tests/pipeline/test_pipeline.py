@@ -178,3 +178,43 @@ def test_cuda_is_batch_size_invariant_and_matches_cpu():
         split = _run(pipe, batch_size=2, **inputs)
     assert (whole - split).abs().max() < 1e-4
     assert (whole - cpu).abs().max() < 1e-3
+
+
+def _old_eps_from_output(schedule, x_t, t, output, parameterization):
+    """eps_from_output before the sync fix (host lookup of alpha_bar_t): the reference for bit-equality."""
+    a = schedule.alpha_bar[t.cpu()].to(x_t.device)
+    return ((a.sqrt().to(x_t.dtype).view(-1, 1, 1, 1) * output)
+            + (1 - a).sqrt().to(x_t.dtype).view(-1, 1, 1, 1) * x_t) if parameterization == "v" else output
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_v_prediction_samples_are_bit_identical_to_the_host_lookup(sampler, monkeypatch):
+    pipe = tiny_pipeline("label", parameterization="v")
+    new = _run(pipe, n=3, cluster=[0, 1, 2], sampler=sampler)
+    monkeypatch.setattr("sgdm.pipeline.eps_from_output", _old_eps_from_output)
+    old = _run(pipe, n=3, cluster=[0, 1, 2], sampler=sampler)
+    assert torch.equal(new, old)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_v_prediction_sampling_reads_nothing_back_from_the_device(sampler, monkeypatch):
+    """The whole sampling loop on "meta", a device without values: every host read (int(t.min()),
+    .item(), .tolist(), .cpu()) raises there, as each would be a host sync per step on a GPU.
+    alpha_bar goes to the device once, not once per step."""
+    from sgdm.models.conditioning import one_hot
+
+    pipe = tiny_pipeline("label", parameterization="v").to("meta")
+    copies, to = [], torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "meta" and self.dtype == torch.float64:
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    generators = per_image_generators(torch.Generator().manual_seed(0), 2)
+    z = pipe._sample_batch(generators, one_hot([0, 1], K), None, 2.5, pipe.timesteps(4, "linspace"), sampler,
+                           0.0, None)
+    assert z.shape == (2, *pipe.latent_shape) and z.device.type == "meta"
+    assert copies == [(len(pipe.schedule),)]
