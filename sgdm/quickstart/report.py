@@ -7,6 +7,11 @@ mask-guided samples (from the companion runs, with the guiding layout drawn
 next to each sample), and the metrics: the Frechet distance in the
 self-supervised feature space at w = 0 (unguided) and at the sampling w, the
 layout adherence of the companions, and the annotation scores from the stores.
+
+Every file is written atomically (a temporary file beside it, then a rename), so
+a report directory never holds a half-written page or image; the section images
+a regenerated report no longer shows (companions switched off, another guidance
+kind) are removed, and only those (:data:`SECTION_IMAGES`).
 """
 from __future__ import annotations
 
@@ -20,11 +25,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "SECTION_IMAGES"]
 
 PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
                         [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
                         [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195]]) / 255.0
+
+
+def _layout_image(kind: str) -> str:
+    return f"{kind}-guided.png"
+
+
+# every image a section of the report can show: the files the report owns in its directory
+SECTION_IMAGES = ("clusters.png", "scales.png", _layout_image("box"), _layout_image("mask"))
 
 
 def _stderr(msg: str) -> None:
@@ -32,8 +45,10 @@ def _stderr(msg: str) -> None:
 
 
 def save_grid(images: torch.Tensor, per_row: int, path: pathlib.Path, cell: int = 64) -> pathlib.Path:
-    """images [N, 3, H, W] in [0, 1] -> PNG grid, each image scaled to ``cell`` px (nearest)."""
+    """images [N, 3, H, W] in [0, 1] -> PNG grid, each image scaled to ``cell`` px (nearest), written atomically."""
     from PIL import Image
+
+    from sgdm.training.checkpoint import atomic_open
 
     n = images.shape[0]
     rows = (n + per_row - 1) // per_row
@@ -43,7 +58,8 @@ def save_grid(images: torch.Tensor, per_row: int, path: pathlib.Path, cell: int 
         r, c = divmod(i, per_row)
         canvas[:, r * (cell + 2): r * (cell + 2) + cell, c * (cell + 2): c * (cell + 2) + cell] = x[i]
     pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).save(path)
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(pixels).save(fh, format="PNG")
     return path
 
 
@@ -116,7 +132,7 @@ def _layout_section(vcfg, pipe, out: pathlib.Path, n: int) -> dict:
         shown = draw_boxes(images, conds.boxes)
     else:
         guides, shown = colour_masks(conds.masks, tuple(images.shape[-2:])), images
-    name = f"{kind}-guided.png"
+    name = _layout_image(kind)
     save_grid(_interleave(guides, shown), 2 * min(n, 4), out / name)
     what = "box (red; its cluster id is guidance too)" if kind == "box" else "self-segmented class map"
     return dict(title=f"{kind.capitalize()}-guided samples", image=name,
@@ -164,7 +180,7 @@ def write_report(cfg, run_dir: str | pathlib.Path, log: Callable[[str], None] = 
     sections = _label_sections(cfg, pipe, out) if kind == "label" else []
     if kind in ("box", "mask"):
         sections.append(_layout_section(cfg, pipe, out, 8))
-    scales = [] if kind == "none" else [0.0, w]
+    scales = [] if kind == "none" else list(dict.fromkeys([0.0, w]))  # w = 0 is the unguided row already
     metrics = [{"model": f"{cfg.run.name} ({kind})", **r} for r in _evaluate(run_dir, cfg, scales, log, out / "eval")]
     scores = {f"{kind} store": _annotation_scores(cfg.annotation.store)} if kind != "none" else {}
     for extra in ("box", "mask") if cfg.prepare.report_companions else ():
@@ -177,6 +193,10 @@ def write_report(cfg, run_dir: str | pathlib.Path, log: Callable[[str], None] = 
         scores[f"{extra} store"] = _annotation_scores(vcfg.annotation.store)
     _write_markdown(out / "report.md", cfg, sections, metrics, scores)
     _write_html(out / "index.html", cfg, sections, metrics, scores)
+    shown = {s["image"] for s in sections}
+    for name in SECTION_IMAGES:  # an earlier report's sections that this one does not have
+        if name not in shown:
+            (out / name).unlink(missing_ok=True)
     log(f"report: {out / 'index.html'}")
     return out
 
@@ -188,20 +208,31 @@ def _intro(cfg) -> str:
             "distance in that encoder's feature space (lower is better; not FID).")
 
 
+def _md_cell(value):
+    """A table cell's text as Markdown: ``|`` would end the cell and a line break the row;
+    backslashes are doubled first so that a name's own ``\\`` cannot escape the next ``|``."""
+    if not isinstance(value, str):
+        return value
+    return " ".join(value.replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def _write_markdown(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
     from sgdm.evaluation.evaluate import markdown_table
+    from sgdm.training.checkpoint import atomic_write_text
 
     lines = [f"# sgdm report: {cfg.run.name}", "", _intro(cfg), ""]
     for s in sections:
         lines += [f"## {s['title']}", "", f"![{s['title']}]({s['image']})", "", s["caption"], ""]
-    lines += ["## Metrics", "", markdown_table(metrics)]
+    lines += ["## Metrics", "", markdown_table([{_md_cell(k): _md_cell(v) for k, v in r.items()} for r in metrics])]
     for name, values in scores.items():
         if values:
             lines += [f"Annotation scores ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()), ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _write_html(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
+    from sgdm.training.checkpoint import atomic_write_text
+
     esc = html.escape
     keys = list(dict.fromkeys(k for r in metrics for k in r))
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else esc(str(v)))  # noqa: E731
@@ -216,6 +247,7 @@ def _write_html(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
         if values:
             body.append(f"<p>Annotation scores ({esc(name)}): "
                         + ", ".join(f"{esc(k)} {v:.3f}" for k, v in values.items()) + "</p>")
-    path.write_text("<!doctype html><html><head><meta charset=utf-8><title>sgdm report</title>"
-                    "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{image-rendering:pixelated}"
-                    "</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    atomic_write_text(path, "<!doctype html><html><head><meta charset=utf-8><title>sgdm report</title>"
+                            "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+                            "img{image-rendering:pixelated}"
+                            "</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
