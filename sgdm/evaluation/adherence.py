@@ -4,8 +4,17 @@ The paper's self-annotation function f (LOST for boxes, STEGO-style
 segmentation for masks, Sec. 3.2) is run on the generated images, and its
 output is compared with the guiding layout: IoU with the guiding box (mean,
 and the fraction with IoU >= 0.5 as in CorLoc), and mIoU / pixel accuracy with
-the guiding mask after Hungarian matching of segment ids (the segmenter's ids
-are arbitrary, as in unsupervised segmentation evaluation).
+the guiding mask (:func:`mask_scores`). How segment ids are matched depends on
+where f comes from: the store's own f (the one that made the guiding masks)
+names segments with the guidance's ids, so they are compared id for id
+(``identity``); a segmenter fitted on the samples has arbitrary ids, matched one
+to one to the guidance's by the Hungarian algorithm (``hungarian``, as in
+unsupervised segmentation evaluation). The matching that maximises matched
+pixels can only raise pixel accuracy, and mostly raises mIoU (not always: it
+does not maximise mIoU), the floor of a model that ignores its guidance
+included, so it is used only where ids carry no meaning; its scores are
+reported beside every identity score (``mask_miou_hungarian``) so that numbers
+from before this protocol stay comparable.
 
 Ground-truth masks have meaningful class ids, which an unsupervised segmenter
 fitted on the samples cannot name (mIoU ~0.05 on ``shapes`` whatever the
@@ -14,12 +23,17 @@ linear probe (:mod:`sgdm.evaluation.probe`) and plain per-class IoU instead.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from sgdm.evaluation.feature_distance import FeatureSpace
 
-__all__ = ["box_adherence", "image_tokens", "mask_adherence", "mask_adherence_probe", "patch_tokens"]
+__all__ = ["MaskMatching", "box_adherence", "image_tokens", "mask_adherence", "mask_adherence_probe", "mask_scores",
+           "patch_tokens"]
+
+MaskMatching = Literal["identity", "hungarian"]
 
 
 @torch.no_grad()
@@ -55,6 +69,38 @@ def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor
     return {"box_iou": float(iou.mean()), "box_hit50": float((iou >= 0.5).double().mean())}
 
 
+def mask_scores(pred: torch.Tensor, masks: torch.Tensor, num_classes: int, matching: MaskMatching) -> dict:
+    """Segmenter class maps ``pred`` [N, h, w] (ids in [0, num_classes)) against the guiding class
+    maps ``masks`` [N, h, w] (255 = ignore), pixels pooled over the set.
+
+    Returns ``mask_miou`` and ``mask_pixel_accuracy`` under ``matching``, ``mask_matching``
+    (which one), and ``mask_miou_hungarian`` / ``mask_pixel_accuracy_hungarian``, the scores after
+    Hungarian matching (equal to the first two when ``matching`` is ``hungarian``). mIoU is the
+    mean over the classes present in ``masks`` in both protocols (absent ones are left out, not
+    0), as :func:`~sgdm.annotation.metrics.hungarian_miou` and
+    :func:`~sgdm.evaluation.probe.class_iou` do.
+
+    ``identity``: ``pred``'s ids are the guidance's (the f that made the masks), compared as
+    they are; ``hungarian``: ids are arbitrary, matched one to one to maximise matched pixels.
+    """
+    from sgdm.annotation.metrics import confusion, hungarian_miou
+    from sgdm.evaluation.probe import class_iou
+
+    if matching not in ("identity", "hungarian"):
+        raise ValueError(f"matching: expected identity or hungarian, got {matching!r}")
+    if pred.shape != masks.shape:
+        raise ValueError(f"pred: class maps of shape {tuple(pred.shape)} for guiding masks of shape {tuple(masks.shape)}")
+    valid = masks[masks != 255]
+    top = int(valid.max()) if valid.numel() else -1
+    if matching == "identity" and top >= num_classes:
+        raise ValueError(f"masks: class id {top} is outside the segmenter's {num_classes} classes; id-for-id "
+                         "matching needs the segmenter that made the guiding masks (the store's own)")
+    hungarian = hungarian_miou(confusion(pred, masks.long(), num_classes, max(num_classes, top + 1)))
+    scores = class_iou(pred, masks.long(), num_classes) if matching == "identity" else hungarian
+    return {"mask_miou": scores["miou"], "mask_pixel_accuracy": scores["pixel_accuracy"], "mask_matching": matching,
+            "mask_miou_hungarian": hungarian["miou"], "mask_pixel_accuracy_hungarian": hungarian["pixel_accuracy"]}
+
+
 @torch.no_grad()
 def mask_adherence(
     space: FeatureSpace,
@@ -67,17 +113,18 @@ def mask_adherence(
     batch_size: int = 64,
     segmenter=None,
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """images [N, 3, H, W]; guiding class maps ``masks`` [N, h, w] (255 = ignore) -> ``mask_miou``, ``mask_pixel_accuracy``.
+) -> dict:
+    """images [N, 3, H, W]; guiding class maps ``masks`` [N, h, w] (255 = ignore) -> the
+    :func:`mask_scores` of f's class maps of the images (``mask_miou``, ``mask_matching``, ...).
 
     ``segmenter``: the fitted f that made the guiding masks
-    (:meth:`~sgdm.annotation.store.AnnotationStore.segmenter`), applied as it is.
-    Without one (ground-truth masks) a segmenter (``stego_cfg.method``: STEGO
-    head or k-means on patches) is fitted on the generated set itself. Its
+    (:meth:`~sgdm.annotation.store.AnnotationStore.segmenter`), applied as it is; its ids are
+    the guidance's, so they are scored id for id. Without one (ground-truth masks, or a store
+    that did not keep f) a segmenter (``stego_cfg.method``: STEGO head or k-means on patches)
+    is fitted on the generated set itself and its arbitrary ids are Hungarian-matched. Its
     [N, h', w'] maps are upsampled (nearest) to the guiding masks' resolution.
     ``tokens``: the images' :func:`image_tokens`, when the caller already has them.
     """
-    from sgdm.annotation.metrics import confusion, hungarian_miou
     from sgdm.annotation.stego import segment
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
@@ -89,11 +136,7 @@ def mask_adherence(
     else:
         pred = segment(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device=space.device)
     pred = F.interpolate(pred[:, None].float(), size=masks.shape[-2:], mode="nearest")[:, 0].long()
-    valid = masks[masks != 255]
-    num_true = max(num_classes, int(valid.max()) + 1 if valid.numel() else 1)
-    table = confusion(pred, masks.long(), num_classes, num_true)
-    scores = hungarian_miou(table)
-    return {"mask_miou": scores["miou"], "mask_pixel_accuracy": scores["pixel_accuracy"]}
+    return mask_scores(pred, masks, num_classes, "hungarian" if segmenter is None else "identity")
 
 
 @torch.no_grad()

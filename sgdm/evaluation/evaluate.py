@@ -284,7 +284,8 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         # each scale's scorers start from eval.seed, so a row of a sweep equals an evaluation at that scale alone
         row = {"guidance_scale": scale, **evaluator.measure(images, conditions, torch.Generator().manual_seed(ecfg.seed))}
         rows.append(row)
-        log(f"eval: w={scale}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "guidance_scale")
+        log(f"eval: w={scale}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items() if k != "guidance_scale")
             + f" ({time.time() - start:.0f}s)")
     results = {
         "run": str(run_dir), "guidance": kind, "n": ecfg.n, "sampler": ecfg.sampler, "steps": ecfg.steps,
@@ -326,7 +327,8 @@ def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> p
     if plot:
         from sgdm.evaluation.plot import plot_sweep
 
-        metrics = [k for k in results["results"][0] if k != "guidance_scale"]
+        # numbers only: a row also names how it was scored (mask_matching)
+        metrics = [k for k, v in results["results"][0].items() if k != "guidance_scale" and isinstance(v, (int, float))]
         plot_sweep(results["results"], metrics, out_dir / "sweep.png")
     else:
         (out_dir / "sweep.png").unlink(missing_ok=True)  # another evaluation's sweep, not of these results

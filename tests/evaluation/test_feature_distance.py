@@ -84,6 +84,7 @@ def test_mask_adherence_plumbing(space, generator):
     masks[0, 0, 0] = 255
     out = mask_adherence(space, images, masks, 2, StegoConfig(method="kmeans"), KMeansConfig(max_iter=5), generator)
     assert 0 <= out["mask_miou"] <= 1 and 0 <= out["mask_pixel_accuracy"] <= 1
+    assert out["mask_matching"] == "hungarian"  # a segmenter fitted on the samples: its ids are arbitrary
     with pytest.raises(ValueError, match=r"masks: expected \[4, h, w\]"):
         mask_adherence(space, images, masks[:2], 2, StegoConfig(method="kmeans"), KMeansConfig(), generator)
 
@@ -103,7 +104,13 @@ def test_mask_adherence_applies_the_stored_segmenter(space, generator, tmp_path,
     assert (segmenter.head is None) == (method == "kmeans")
     masks = segmenter.assign(feats.patches, batch_size=4)
     out = mask_adherence(space, images, masks, 3, stego, KMeansConfig(), generator, batch_size=4, segmenter=segmenter)
-    assert out == {"mask_miou": pytest.approx(1.0), "mask_pixel_accuracy": pytest.approx(1.0)}
+    assert out == {"mask_miou": pytest.approx(1.0), "mask_pixel_accuracy": pytest.approx(1.0), "mask_matching": "identity",
+                   "mask_miou_hungarian": pytest.approx(1.0), "mask_pixel_accuracy_hungarian": pytest.approx(1.0)}
+    # f's ids are the guidance's: the same layout under other ids is not followed
+    renamed = (masks.long() + 1) % 3
+    out = mask_adherence(space, images, renamed, 3, stego, KMeansConfig(), generator, batch_size=4, segmenter=segmenter)
+    assert out["mask_matching"] == "identity" and out["mask_miou_hungarian"] == pytest.approx(1.0)
+    assert out["mask_miou"] == 0.0
     with pytest.raises(ValueError, match="D=5, the centroids"):
         Segmenter(torch.zeros(3, 32)).assign(torch.zeros(1, 2, 2, 5))
 
