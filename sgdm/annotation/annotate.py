@@ -9,7 +9,8 @@ Stages (paper Sec. 3.2, Eq. 6):
    files changed (a repaired bad file);
 2. the self-annotation function: k-means on L2-normalised CLS features
    (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
-   patch k-means class maps at the patch grid (``mask``); k-means and the
+   patch k-means class maps (``mask``; codes upsampled bilinearly to
+   ``annotation.stego.mask_size``, 0: the patch grid); k-means and the
    STEGO head's training run data-parallel across ranks (the cluster probe
    is fitted on rank 0, every rank assigns a share of the images);
 3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
@@ -263,6 +264,10 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
             return None, None, extra
     if granularity == "mask":  # every rank: patch features stay on disk, read a batch at a time
         patches = ShardPatches([cache.path(s) for s in range(n_shards)])
+        size = a.stego.mask_size
+        if size and size < max(patches.shape[1:3]):  # before the head trains: a wrong size costs nothing
+            raise ConfigError("annotation.stego.mask_size", f"{size} is below the {patches.shape[1]}x{patches.shape[2]} "
+                                                            f"patch grid; use 0 for the patch grid or at least {max(patches.shape[1:3])}")
         cls = torch.cat([t["cls"] for t in (cache.load(s, keys=("cls",)) for s in range(n_shards)) if "cls" in t])
         generator = torch.Generator().manual_seed(a.seed)
         distributed = _dist() is not None
@@ -271,6 +276,7 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
         extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
         if masks is None:
             return None, None, extra
+        extra.update(mask_hw=list(masks.shape[-2:]), patch_grid=list(patches.shape[1:3]))
         # f itself goes with the store: layout adherence segments samples with it (written before the manifest)
         pathlib.Path(a.store).mkdir(parents=True, exist_ok=True)
         extra["segmenter"] = segmenter.save(pathlib.Path(a.store) / SEGMENTER_FILE).name

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 from sgdm.config.core import ConfigError, check_device, check_kwargs, require_at_least
 
 Granularity = Literal["label", "box", "mask"]
+MASK_SIZE_DEFAULT = 0  # 0: the patch grid
 
 
 @dataclasses.dataclass
@@ -64,6 +65,12 @@ class StegoConfig:
     """STEGO-style segmentation head trained on frozen patch features (Hamilton et al., 2022).
 
     ``method: kmeans`` is the non-parametric baseline (k-means on patch features).
+
+    ``mask_size``: side of the stored class maps. As STEGO does before its cluster probe, the
+    codes (the features for ``kmeans``) are upsampled bilinearly from the patch grid to
+    ``mask_size x mask_size`` and each cell takes its nearest centroid, so boundaries run between
+    patch centres instead of along patch edges; 0 keeps the patch grid. The probe itself is fitted
+    at the patch grid. Storage is N x mask_size^2 bytes.
     """
 
     method: Literal["stego", "kmeans"] = "stego"
@@ -80,8 +87,11 @@ class StegoConfig:
     pos_inter_shift: float = 0.12
     neg_inter_shift: float = 0.46
     pointwise: bool = True  # centre feature correlations per query location (STEGO's default)
+    mask_size: int = MASK_SIZE_DEFAULT
 
     def validate(self) -> None:
+        if not 0 <= self.mask_size <= 1024:
+            raise ConfigError("mask_size", f"must be in [0, 1024] (0: the patch grid), got {self.mask_size}")
         for name in ("dim", "epochs", "batch_size", "knn"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

@@ -27,15 +27,18 @@ The fitted f -- head and centroids -- is a :class:`Segmenter`; ``annotate``
 saves it with the store, so layout adherence segments generated images with
 the same f that made the guiding masks.
 
-Not done: STEGO's dense CRF refinement. Masks are at the patch grid and are
-not CRF-refined; ``method: kmeans`` is the non-parametric baseline (k-means
-directly on the patch features).
+Mask resolution: as STEGO, the codes are upsampled bilinearly from the patch
+grid to ``mask_size`` before each cell takes its nearest centroid (the probe is
+fitted at the patch grid); ``mask_size: 0`` keeps the patch grid.
+
+Not done: STEGO's dense CRF refinement; ``method: kmeans`` is the
+non-parametric baseline (k-means directly on the patch features).
 """
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,7 @@ __all__ = [
     "Segmenter",
     "fit_segmenter",
     "segment",
+    "upsample_codes",
 ]
 
 
@@ -220,21 +224,35 @@ class _Encoder:
         self.head, self.dim, self.device = head, dim, device
 
     @torch.no_grad()
+    def raw(self, feats: torch.Tensor) -> torch.Tensor:
+        """Unnormalised codes ``[B, C, h, w]`` of ``feats [B, h, w, D]``."""
+        x = feats.to(self.device).float().permute(0, 3, 1, 2)
+        return x if self.head is None else self.head(x)
+
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats.to(self.device).float()
-        if self.head is None:
-            return F.normalize(x, dim=-1)
-        return F.normalize(self.head(x.permute(0, 3, 1, 2)), dim=1).permute(0, 2, 3, 1)
+        return F.normalize(self.raw(feats), dim=1).permute(0, 2, 3, 1)
+
+
+def upsample_codes(codes: torch.Tensor, size: int) -> torch.Tensor:
+    """Codes ``[B, C, h, w]`` -> normalised ``[B, size, size, C]``: bilinear (half-pixel centres,
+    ``align_corners=False``) before the normalisation, as STEGO upsamples its codes to the label
+    size before its cluster probe normalises them."""
+    if size and tuple(codes.shape[-2:]) != (size, size):
+        codes = F.interpolate(codes, size=(size, size), mode="bilinear", align_corners=False)
+    return F.normalize(codes, dim=1).permute(0, 2, 3, 1)
 
 
 class Segmenter:
-    """The fitted self-segmentation f: an optional STEGO head and the K cluster centroids of its
-    normalised codes (of the normalised patch features for ``method: kmeans``)."""
+    """The fitted self-segmentation f: an optional STEGO head, the K cluster centroids of its
+    normalised codes (of the normalised patch features for ``method: kmeans``) and the side
+    ``mask_size`` of the class maps it draws (0: the patch grid; see ``StegoConfig.mask_size``)."""
 
-    def __init__(self, centroids: torch.Tensor, head: Optional[SegmentationHead] = None):
+    def __init__(self, centroids: torch.Tensor, head: Optional[SegmentationHead] = None, mask_size: int = 0):
         if centroids.dim() != 2:
             raise ValueError(f"Segmenter: centroids must be [K, C], got shape {tuple(centroids.shape)}")
-        self.centroids, self.head = centroids.float().cpu(), head
+        if mask_size < 0:
+            raise ValueError(f"Segmenter: mask_size must be >= 0 (0: the patch grid), got {mask_size}")
+        self.centroids, self.head, self.mask_size = centroids.float().cpu(), head, int(mask_size)
 
     num_classes = property(lambda self: self.centroids.shape[0])
 
@@ -242,37 +260,61 @@ class Segmenter:
         head = None if self.head is None else self.head.to(device).eval()
         return _Encoder(head, self.centroids.shape[1], device)
 
+    def mask_hw(self, grid: Sequence[int]) -> tuple[int, int]:
+        """``(h, w)`` of the class maps drawn from patch features on a ``grid`` (h, w) patch grid."""
+        h, w = int(grid[0]), int(grid[1])
+        if self.mask_size and self.mask_size < max(h, w):
+            raise ValueError(f"mask_size {self.mask_size} is below the {h}x{w} patch grid: use 0 for the "
+                             f"patch grid, or at least {max(h, w)}")
+        return (self.mask_size, self.mask_size) if self.mask_size else (h, w)
+
     @torch.no_grad()
     def assign(self, patches, batch_size: int = 64, chunk_elements: int = 1 << 24, device="cpu") -> torch.Tensor:
-        """Class maps ``[N, h, w]`` uint8 of patch features ``[N, h, w, D]``."""
+        """Class maps ``[N, s, s]`` uint8 (``s = mask_size``; ``[N, h, w]`` with ``mask_size`` 0) of
+        patch features ``[N, h, w, D]``: codes upsampled (:func:`upsample_codes`), then the nearest
+        centroid of each cell."""
         n, h, w = len(patches), patches.shape[1], patches.shape[2]
         if self.head is None and patches.shape[-1] != self.centroids.shape[1]:
             raise ValueError(f"Segmenter: patch features have D={patches.shape[-1]}, the centroids "
                              f"{self.centroids.shape[1]} (features of another backbone?)")
+        out_h, out_w = self.mask_hw((h, w))
         encode, centroids = self.encoder(device), self.centroids.to(device)
-        masks = [assign(encode(patches[s : s + batch_size]).reshape(-1, encode.dim), centroids, chunk_elements)[0]
-                 .reshape(-1, h, w).to(torch.uint8).cpu() for s in range(0, n, batch_size)]
-        return torch.cat(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
+        # images per step: the upsampled codes of one step stay within chunk_elements floats
+        step = max(1, min(batch_size, chunk_elements // max(1, out_h * out_w * max(encode.dim, patches.shape[-1]))))
+        masks = []
+        for s in range(0, n, step):
+            codes = upsample_codes(encode.raw(patches[s : s + step]), self.mask_size)
+            ids = assign(codes.reshape(-1, encode.dim), centroids, chunk_elements)[0]
+            masks.append(ids.reshape(-1, out_h, out_w).to(torch.uint8).cpu())
+        return torch.cat(masks) if masks else torch.zeros(0, out_h, out_w, dtype=torch.uint8)
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """One safetensors file (written atomically): ``centroids`` and the head's ``head.*`` weights."""
+        """One safetensors file (written atomically): ``centroids``, the head's ``head.*`` weights
+        and ``mask_size`` in its metadata."""
         from sgdm.annotation.store import save_tensors_atomic
 
         tensors = {"centroids": self.centroids}
         if self.head is not None:
             tensors.update({f"head.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()})
         path = pathlib.Path(path)
-        save_tensors_atomic(path, tensors)
+        save_tensors_atomic(path, tensors, {"mask_size": str(self.mask_size)})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Segmenter":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"segmenter file {path} does not exist")
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("mask_size", "0")  # files without it drew patch-grid maps
+        try:
+            mask_size = int(recorded)
+        except ValueError:
+            raise ValueError(f"segmenter file {path}: metadata mask_size {recorded!r} is not an integer") from None
         if "centroids" not in tensors:
             raise ValueError(f"segmenter file {path} has no 'centroids' tensor")
         state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -282,7 +324,7 @@ class Segmenter:
             head = SegmentationHead(in_dim, dim)
             head.load_state_dict(state)
             head.eval().requires_grad_(False)
-        return cls(tensors["centroids"], head)
+        return cls(tensors["centroids"], head, mask_size)
 
 
 def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
@@ -302,13 +344,14 @@ def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmean
         import torch.distributed as dist
 
         dist.broadcast(centroids, 0)
-    return Segmenter(centroids, head)
+    return Segmenter(centroids, head, stego_cfg.mask_size)
 
 
 def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
             device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000,
             segmenter: Optional[Segmenter] = None) -> Optional[torch.Tensor]:
-    """Class maps ``[N, h, w]`` uint8 with values in ``[0, K)`` from patch features ``[N, h, w, D]``
+    """Class maps ``[N, s, s]`` uint8 (``s = stego_cfg.mask_size``, or the segmenter's; ``[N, h, w]``
+    for 0) with values in ``[0, K)`` from patch features ``[N, h, w, D]``
     (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
 
     Fits f with :func:`fit_segmenter` unless ``segmenter`` is given, then assigns

@@ -80,3 +80,75 @@ def test_segment_separates_two_feature_kinds(method):
     assert masks.shape == (6, 4, 4) and masks.dtype == torch.uint8
     left, right = masks[:, :, :2], masks[:, :, 2:]
     assert left.unique().numel() == 1 and right.unique().numel() == 1 and left[0, 0, 0] != right[0, 0, 0]
+
+
+def _diagonal_field(grid: int, offset: float = 0.125) -> torch.Tensor:
+    """Patch features ``[1, grid, grid, 3]`` of a code field linear in ``d = x - y - offset`` (patch
+    units, patch centres at k + 0.5): channels (d, -d, 1), so the class boundary is the diagonal d = 0."""
+    centres = torch.arange(grid, dtype=torch.float64) + 0.5
+    d = centres[None, :] - centres[:, None] - offset  # [y, x]
+    return torch.stack([d, -d, torch.ones_like(d)], dim=-1)[None].float()
+
+
+def _diagonal_segmenter(mask_size: int):
+    from sgdm.annotation.stego import Segmenter
+
+    centroids = F.normalize(torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]]), dim=1)  # class 0: d > 0
+    return Segmenter(centroids, head=None, mask_size=mask_size)
+
+
+def test_finer_masks_follow_a_diagonal_boundary_the_patch_grid_makes_blocky():
+    grid, size = 4, 16
+    patches = _diagonal_field(grid)
+    coarse = _diagonal_segmenter(0).assign(patches)[0]
+    fine = _diagonal_segmenter(size).assign(patches)[0]
+    assert coarse.shape == (grid, grid) and fine.shape == (size, size) and fine.dtype == torch.uint8
+    # oracle (float64): bilinear interpolation of a linear field is the field itself, except that
+    # with half-pixel centres a cell within half a patch of the border reads the border patch
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) * grid / size
+    clamped = centres.clamp(0.5, grid - 0.5)
+    expected = (clamped[None, :] - clamped[:, None] - 0.125 < 0).to(torch.uint8)
+    assert torch.equal(fine, expected)
+    truth = (centres[None, :] - centres[:, None] - 0.125 < 0).to(torch.uint8)
+    blocky = coarse.repeat_interleave(size // grid, 0).repeat_interleave(size // grid, 1)
+    assert (fine != truth).sum() < (blocky != truth).sum()  # 2 cells wrong (corners) against 24
+    blocks = fine.reshape(grid, size // grid, grid, size // grid).permute(0, 2, 1, 3).flatten(2)
+    assert (blocks.amin(-1) != blocks.amax(-1)).any()  # the boundary runs through patches
+    assert torch.equal(_diagonal_segmenter(grid).assign(patches)[0], coarse)  # mask_size = grid: the grid itself
+
+
+def test_mask_size_below_the_patch_grid_is_refused_and_kept_by_save(tmp_path):
+    from sgdm.annotation.stego import Segmenter
+    from sgdm.annotation.store import save_tensors_atomic
+    from sgdm.config.core import ConfigError, from_dict
+
+    with pytest.raises(ValueError, match="mask_size 3 is below the 4x4 patch grid"):
+        _diagonal_segmenter(3).assign(_diagonal_field(4))
+    with pytest.raises(ConfigError, match="annotation.stego.mask_size: must be in"):
+        from_dict(StegoConfig, {"mask_size": -1}, "annotation.stego")
+    path = _diagonal_segmenter(16).save(tmp_path / "seg.safetensors")
+    assert Segmenter.load(path).mask_size == 16
+    save_tensors_atomic(tmp_path / "old.safetensors", {"centroids": torch.eye(2)})  # as sgdm wrote it before
+    assert Segmenter.load(tmp_path / "old.safetensors").mask_size == 0  # it drew patch-grid maps
+
+
+@pytest.mark.parametrize("method", ["stego", "kmeans"])
+def test_segment_at_mask_size_upsamples_the_codes(method):
+    from sgdm.annotation.config import KMeansConfig
+    from sgdm.annotation.stego import fit_segmenter
+
+    patches = torch.randn(5, 3, 3, 6, generator=torch.Generator().manual_seed(0))
+    cls = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    cfg = StegoConfig(method=method, dim=4, epochs=1, batch_size=2, knn=2, feature_samples=0, mask_size=7)
+    segmenter = fit_segmenter(patches, cls, 3, cfg, KMeansConfig(), torch.Generator().manual_seed(0))
+    masks = segment(patches, cls, 3, cfg, KMeansConfig(), torch.Generator(), segmenter=segmenter)
+    assert segmenter.mask_size == 7 and masks.shape == (5, 7, 7)
+    # reference: every image alone, codes upsampled by F.interpolate, nearest centroid by cdist
+    encode = segmenter.encoder()
+    for i in range(5):
+        codes = F.interpolate(encode.raw(patches[i : i + 1]), size=(7, 7), mode="bilinear", align_corners=False)
+        codes = F.normalize(codes, dim=1)[0].permute(1, 2, 0).reshape(-1, encode.dim)
+        expected = torch.cdist(codes.double(), segmenter.centroids.double()).argmin(1).reshape(7, 7)
+        assert (masks[i].long() == expected).float().mean() > 0.97  # float32 ties aside
+    # small steps: chunk_elements bounds the upsampled codes held at once, same maps
+    assert torch.equal(segmenter.assign(patches, chunk_elements=7 * 7 * 6), masks)
