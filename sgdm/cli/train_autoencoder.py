@@ -7,9 +7,11 @@ from sgdm.cli.arguments import add_config_arguments, printed_config
 
 DESCRIPTION = """Train the KL autoencoder (LDM's first stage) of an experiment config with LDM's losses
 (L1 + LPIPS + KL, hinge PatchGAN from model.autoencoder.loss.disc_start), two optimizers, manual
-optimisation. Uses data.*, model.autoencoder.*, train.{batch_size,max_steps,lr,checkpoint_every,
-precision,devices,strategy}, run.* (the run directory is run.dir/run.name; pick a name other than the
-diffusion run's, e.g. run.name=churches-ae). Writes model.autoencoder.checkpoint at the end.
+optimisation. Uses data.*, model.autoencoder.*, train.{batch_size,accumulate,max_steps,lr,
+checkpoint_every,precision,devices,strategy}, run.* (the run directory is run.dir/run.name; pick a name
+other than the diffusion run's, e.g. run.name=churches-ae). train.batch_size is the global batch of one
+optimiser step; train.accumulate splits it into that many micro-batches per device (less memory; the
+discriminator's BatchNorm then normalises over micro-batches). Writes model.autoencoder.checkpoint at the end.
 Exit codes: 0 done, 2 config error, 143 stopped by SIGTERM (continue with --resume)."""
 
 

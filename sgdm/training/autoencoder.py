@@ -9,6 +9,14 @@ is active. Data order, checkpoints, resume and SIGTERM behave as for the
 denoiser (same sampler, same atomic step checkpoints); at the end the weights
 go to ``model.autoencoder.checkpoint`` in the LDM autoencoder layout, which
 :func:`sgdm.models.checkpoints.load_autoencoder` reads.
+
+Gradient accumulation (``train.accumulate`` = A): optimiser step s spans the global
+micro-batches at positions s*A .. s*A + A - 1 (:mod:`sgdm.training.data_order`). Each
+micro-batch back-propagates its generator loss / A into the autoencoder only and its
+discriminator loss / A into the discriminator only (``toggle_model``), so the summed
+gradients are those of the batch mean; both optimizers step after the last one. The
+adaptive GAN weight is a ratio of gradient norms, computed per micro-batch as LDM does
+per batch. ``step`` (``disc_start``, checkpoints, resume) counts optimiser steps.
 """
 from __future__ import annotations
 
@@ -23,28 +31,33 @@ from sgdm.training.rng import derive_seed, generator_for, seeded_global_rng
 __all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files", "posterior_sample"]
 
 
-def posterior_sample(posterior, generator: torch.Generator, world_size: int = 1, rank: int = 0) -> torch.Tensor:
-    """z ~ q(z|x) for this rank's B images of the global micro-batch (world_size * B images): the noise is
-    drawn for the whole global micro-batch from ``generator`` (seeded by its position, the same on every
-    rank) and sliced, so each rank gets its own noise and several devices draw what one would."""
+def posterior_sample(posterior, generator: torch.Generator, parts: int = 1, part: int = 0) -> torch.Tensor:
+    """z ~ q(z|x) for the B images of ``part`` of an optimiser step's batch, made of ``parts`` equal parts
+    (parts = accumulate * world_size; micro-batch m of rank r is part m * world_size + r, the order of
+    :mod:`sgdm.training.data_order`). The noise is drawn for the whole batch (parts * B images) from
+    ``generator`` (seeded by the step, the same on every rank) and sliced, so each rank and micro-batch
+    gets its own noise, and several devices or micro-batches draw what one batch would."""
     b = posterior.mean.shape[0]
-    noise = torch.randn((world_size * b, *posterior.mean.shape[1:]), generator=generator)[rank * b:(rank + 1) * b]
+    noise = torch.randn((parts * b, *posterior.mean.shape[1:]), generator=generator)[part * b:(part + 1) * b]
     return posterior.mean + posterior.std * noise.to(posterior.mean)
 
 
 class AutoencoderModule(pl.LightningModule):
-    """AutoencoderKL + AutoencoderLoss; ``step`` counts optimiser steps (the resume position)."""
+    """AutoencoderKL + AutoencoderLoss trained on ``train`` (lr, accumulate, max_steps of a
+    :class:`~sgdm.training.config.TrainConfig`); ``step`` counts optimiser steps (the resume position)."""
 
-    def __init__(self, autoencoder, loss, lr: float, seed: int, max_steps: int, train_loader=None):
+    def __init__(self, autoencoder, loss, train, seed: int, train_loader=None):
         super().__init__()
         self.automatic_optimization = False
         self.autoencoder, self.loss = autoencoder, loss
-        self.lr, self.seed, self.max_steps, self._train_loader = lr, seed, max_steps, train_loader
+        self.lr, self.accumulate, self.max_steps = train.lr, train.accumulate, train.max_steps
+        self.seed, self._train_loader = seed, train_loader
         self.step = 0
 
     @property
     def next_position(self) -> int:
-        return self.step
+        """First micro-batch position of the next optimiser step (a resume redoes a partial accumulation)."""
+        return self.step * self.accumulate
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sgdm"] = {"step": self.step}
@@ -65,24 +78,39 @@ class AutoencoderModule(pl.LightningModule):
         opt_ae, opt_disc = self.optimizers()
         x = batch["image"]
         position, world, rank = int(batch["position"][0]), self.trainer.world_size, self.trainer.global_rank
-        with seeded_global_rng(x.device, self.seed, "autoencoder-dropout", position, rank):
-            posterior = self.autoencoder.encode(x)
-            rec = self.autoencoder.decode(posterior_sample(posterior, generator_for(self.seed, "autoencoder", position),
-                                                           world, rank))
-        loss, logs = self.loss.generator_loss(x, rec, posterior, self.step,
-                                              last_layer=self.autoencoder.decoder.conv_out.weight)
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt_ae.step()
-        if self.loss.disc_factor(self.step) > 0:
-            d_loss, d_logs = self.loss.discriminator_loss(x, rec, self.step)
-            opt_disc.zero_grad(set_to_none=True)  # the generator loss also reached the discriminator
-            self.manual_backward(d_loss)
-            opt_disc.step()
+        micro = position - self.next_position
+        if not 0 <= micro < self.accumulate:
+            raise RuntimeError(f"micro-batch at position {position} is not part of optimiser step {self.step} "
+                               f"(train.accumulate={self.accumulate})")
+        last = micro == self.accumulate - 1
+        disc_active = self.loss.disc_factor(self.step) > 0
+        # toggle_model: only this optimizer's parameters take gradients (the generator loss runs through
+        # the discriminator); sync_grad=False: DDP's no_sync until the step's last micro-batch
+        with opt_ae.toggle_model(sync_grad=last):
+            with seeded_global_rng(x.device, self.seed, "autoencoder-dropout", position, rank):
+                posterior = self.autoencoder.encode(x)
+                noise = generator_for(self.seed, "autoencoder", self.step)
+                rec = self.autoencoder.decode(posterior_sample(posterior, noise, self.accumulate * world,
+                                                               micro * world + rank))
+            loss, logs = self.loss.generator_loss(x, rec, posterior, self.step,
+                                                  last_layer=self.autoencoder.decoder.conv_out.weight)
+            self.manual_backward(loss / self.accumulate)
+        if disc_active:
+            with opt_disc.toggle_model(sync_grad=last):
+                d_loss, d_logs = self.loss.discriminator_loss(x, rec, self.step)
+                self.manual_backward(d_loss / self.accumulate)
             logs.update(d_logs)
-        self.step += 1
         self.log_dict({f"autoencoder/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False)
         self.log("autoencoder/loss", loss.detach(), on_step=True, prog_bar=True)
+        if last:
+            self._finish_step(opt_ae, opt_disc if disc_active else None)
+
+    def _finish_step(self, opt_ae, opt_disc) -> None:
+        for opt in (opt_ae, opt_disc):
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        self.step += 1
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
 
@@ -142,23 +170,26 @@ def check_loss_files(cfg) -> None:
                                                                 "is not installed; point the key at the file")
 
 
-def train_autoencoder(cfg, resume: bool | None = None) -> int:
+def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
     ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM. ``resume``: None continues the
     run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``.
     A new run refuses a checkpoint path that already exists (often a downloaded first stage), and any run a
-    configured ``model.autoencoder.scale_factor`` (it belongs to other weights), before any work."""
+    configured ``model.autoencoder.scale_factor`` (it belongs to other weights), before any work.
+    ``callbacks``: extra Lightning callbacks (monitoring, tests)."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from sgdm.config.core import ConfigError
-    from sgdm.training.data import build_image_dataset, build_train_loader, flip_image_sample
-    from sgdm.training.run import EXIT_SIGTERM, build_trainer, check_batch_fits, prepare_run_dir
+    from sgdm.training.data import build_image_dataset
+    from sgdm.training.run import EXIT_SIGTERM, _loader_factory, build_trainer, check_batch_fits, prepare_run_dir
 
     target = cfg.model.autoencoder.checkpoint
     if target is None:
         raise ConfigError("model.autoencoder.checkpoint", "train-autoencoder needs a path to write the weights to")
-    t = dataclasses.replace(cfg.train, accumulate=1, sample_every=0, export_pipeline=False)
+    # no sample grids, pipeline or latent cache: those are the denoiser's
+    t = dataclasses.replace(cfg.train, sample_every=0, export_pipeline=False, cache_latents=False)
     cfg = dataclasses.replace(cfg, train=t)
+    t.micro_batch(t.world_size() or 1)  # a config built in code (the quickstart's) was not validated
     if resume is None:
         from sgdm.training.checkpoint import list_checkpoints
 
@@ -180,17 +211,9 @@ def train_autoencoder(cfg, resume: bool | None = None) -> int:
     check_batch_fits(t, len(dataset))
     ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder")
     autoencoder, loss = _build(cfg)
-
-    def loader(module):
-        world, rank = module.trainer.world_size, module.trainer.global_rank
-        return build_train_loader(dataset, flip_image_sample,
-                                  global_micro_batch=t.micro_batch(world) * world, total_positions=t.max_steps,
-                                  seed=cfg.run.seed, flip=cfg.data.flip, rank=rank, world_size=world,
-                                  start=lambda: module.next_position, num_workers=cfg.data.num_workers,
-                                  pin_memory=module.device.type == "cuda")
-
-    module = AutoencoderModule(autoencoder, loss, t.lr, cfg.run.seed, t.max_steps, loader)
-    trainer = build_trainer(cfg, unused_parameters=True)  # the discriminator, idle before disc_start
+    module = AutoencoderModule(autoencoder, loss, t, cfg.run.seed, _loader_factory(cfg, dataset))
+    # unused parameters: the discriminator, idle before disc_start and in the generator's backward
+    trainer = build_trainer(cfg, callbacks, unused_parameters=True)
     try:
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
     except SIGTERMException:

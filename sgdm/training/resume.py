@@ -53,7 +53,7 @@ MAY_DIFFER: dict[str, str] = {
 UNUSED_BY: dict[str, tuple[str, ...]] = {
     "diffusion": ("model.autoencoder.loss",),  # the first stage's own training loss
     "autoencoder": ("model.unet", "model.guidance", "model.autoencoder.checkpoint", "diffusion", "annotation",
-                    "train.accumulate", "train.weight_decay", "train.betas", "train.adam_eps", "train.warmup_steps",
+                    "train.weight_decay", "train.betas", "train.adam_eps", "train.warmup_steps",
                     "train.grad_clip", "train.ema_decay", "train.ema_warmup", "train.cache_latents",
                     "train.cache_shard_size"),
 }
