@@ -42,7 +42,8 @@ def test_missing_lpips_file_is_a_config_error_before_any_work(tmp_path, capsys, 
 
 def test_each_rank_draws_its_slice_of_the_global_posterior_noise(generator):
     """Every rank seeds the step's generator alike: drawing only its own B samples gave all ranks the
-    same noise (and several devices other latents than one)."""
+    same noise (and several devices other latents than one). Likewise for the micro-batches of an
+    accumulated step: micro-batch m of rank r is part m * world_size + r of the step's batch."""
     import torch
 
     from sgdm.models.autoencoder import AutoencoderKL
@@ -55,8 +56,12 @@ def test_each_rank_draws_its_slice_of_the_global_posterior_noise(generator):
         one_device = posterior_sample(ae.encode(x), torch.Generator().manual_seed(7))
         ranks = [posterior_sample(ae.encode(x[2 * r:2 * r + 2]), torch.Generator().manual_seed(7), 2, r)
                  for r in range(2)]
+        # accumulate 2 on 2 ranks: micro-batch m of rank r holds image 2 * m + r
+        parts = [posterior_sample(ae.encode(x[2 * m + r:2 * m + r + 1]), torch.Generator().manual_seed(7), 4,
+                                  2 * m + r) for m in range(2) for r in range(2)]
         posterior = ae.encode(x)
     torch.testing.assert_close(torch.cat(ranks), one_device)
+    torch.testing.assert_close(torch.cat(parts), one_device)
     noise = (one_device - posterior.mean) / posterior.std
     assert not torch.allclose(noise[:2], noise[2:])
 

@@ -1,0 +1,195 @@
+"""train-autoencoder with ``train.accumulate``: micro-batches of one optimiser step add up to its batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgdm.cli.main import main
+from tests.training.helpers import load_checkpoint, tiny_config, write_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These convolutions are tiny: on a shared 2-core machine two threads made a step ~10x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(tmp_path, name: str, *, accumulate: int, max_steps: int, dropout: float = 0.0, disc_start: int = 100,
+            **train):
+    """The tiny config (24 shape images, batch 4) for an autoencoder run named ``name``."""
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+
+    ae = {"checkpoint": str(tmp_path / f"{name}.ckpt"), "dropout": dropout,
+          "loss": {"perceptual_weight": 0.0, "disc_start": disc_start, "disc_channels": 8, "disc_num_layers": 2}}
+    cfg = tiny_config(tmp_path, run={"name": name},
+                      model={"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.0}, "autoencoder": ae},
+                      train={"accumulate": accumulate, "max_steps": max_steps, "checkpoint_every": 1, **train})
+    return from_dict(ExperimentConfig, cfg)
+
+
+def _final(tmp_path, name: str, step: int) -> dict:
+    return load_checkpoint(tmp_path / "runs" / name / "checkpoints" / f"step-{step:08d}.ckpt")
+
+
+def test_accumulated_micro_batches_train_as_the_whole_batch(tmp_path, monkeypatch):
+    """3 steps of batch 4 as 2 micro-batches of 2 == 3 steps of batch 4 (dropout 0, discriminator off),
+    in float64: the same images (positions 2s, 2s + 1 hold step s's batch), the same posterior noise
+    (drawn for the step's batch and sliced, not per micro-batch), gradients of the batch mean (Adam's
+    moments compare them: its update alone hardly changes with the gradients' scale)."""
+    from sgdm.training.autoencoder import _build, train_autoencoder
+    from sgdm.training.config import TrainConfig
+
+    monkeypatch.setattr(TrainConfig, "precision_name", property(lambda self: "64-true"))
+    steps = 3
+    for accumulate in (1, 2):
+        assert train_autoencoder(_config(tmp_path, f"acc{accumulate}", accumulate=accumulate,
+                                         max_steps=steps)) == 0
+    one, two = (_final(tmp_path, f"acc{a}", steps) for a in (1, 2))
+    initial = _build(_config(tmp_path, "acc1", accumulate=1, max_steps=steps))[0].state_dict()
+    moved = 0.0
+    for key, value in one["state_dict"].items():
+        assert value.dtype == torch.float64 or not value.is_floating_point(), key
+        # atol: attention's key bias has a zero gradient in exact arithmetic (softmax ignores a shift of
+        # all logits), and Adam turns its round-off (~1e-16) into steps of ~1e-11
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-9, atol=1e-9, equal_nan=True, msg=key)
+        name = key.removeprefix("autoencoder.")
+        if name in initial and value.is_floating_point() and not name.endswith("scale_factor"):
+            moved = max(moved, float((value - initial[name].double()).abs().max()))
+    assert moved > 1e-3  # the comparison above is many orders of magnitude tighter than training's changes
+    for sa, sb in zip(one["optimizer_states"], two["optimizer_states"], strict=True):
+        assert sa["state"].keys() == sb["state"].keys()
+        for index, state in sa["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(sb["state"][index][name], value, rtol=1e-9, atol=1e-12,
+                                           msg=f"optimizer state {index}.{name}")
+    assert two["sgdm"] == one["sgdm"] == {"step": steps}
+
+
+class _Recorder:
+    """Which optimizer steps after which micro-batch, and whose gradients each backward changes."""
+
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        recorder = self
+
+        class Callback(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                recorder.position = int(batch["position"][0])
+
+            def on_after_backward(self, trainer, pl_module):
+                recorder.backward(pl_module)
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                index = [o is getattr(optimizer, "optimizer", optimizer) for o in trainer.optimizers].index(True)
+                recorder.steps.append((("ae", "disc")[index], recorder.position))
+                recorder.grads = None  # every gradient is None again before the next backward (zero_grad)
+
+        self.callback = Callback()
+        self.position, self.steps, self.changed, self.grads = -1, [], [], None
+
+    @staticmethod
+    def _snapshot(pl_module) -> dict:
+        groups = {"ae": [*pl_module.autoencoder.parameters(), pl_module.loss.logvar],
+                  "disc": list(pl_module.loss.discriminator.parameters())}
+        return {k: [None if p.grad is None else p.grad.clone() for p in ps] for k, ps in groups.items()}
+
+    def backward(self, pl_module) -> None:
+        grads = self._snapshot(pl_module)
+        before = self.grads or {k: [None] * len(v) for k, v in grads.items()}
+        same = {k: all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                       for a, b in zip(before[k], grads[k], strict=True)) for k in grads}
+        self.changed.append((self.position, tuple(k for k in grads if not same[k])))
+        self.grads = grads
+
+
+def test_both_optimizers_step_once_per_accumulated_step_and_keep_their_gradients_apart(tmp_path):
+    """accumulate 2, discriminator from step 1: the autoencoder's optimizer steps after positions 1, 3, 5,
+    the discriminator's after 3, 5 (not after every micro-batch); the generator's backward leaves the
+    discriminator's gradients as they were and the discriminator's the autoencoder's (toggle_model)."""
+    from sgdm.training.autoencoder import train_autoencoder
+
+    recorder = _Recorder()
+    cfg = _config(tmp_path, "steps", accumulate=2, max_steps=3, disc_start=1)
+    assert train_autoencoder(cfg, callbacks=[recorder.callback]) == 0
+    assert recorder.steps == [("ae", 1), ("ae", 3), ("disc", 3), ("ae", 5), ("disc", 5)]
+    assert recorder.changed == [(0, ("ae",)), (1, ("ae",)),
+                                (2, ("ae",)), (2, ("disc",)), (3, ("ae",)), (3, ("disc",)),
+                                (4, ("ae",)), (4, ("disc",)), (5, ("ae",)), (5, ("disc",))]
+    ckpt = _final(tmp_path, "steps", 3)
+    assert ckpt["sgdm"] == {"step": 3}
+    ae_state, disc_state = (s["state"] for s in ckpt["optimizer_states"])
+    assert {int(s["step"]) for s in ae_state.values()} == {3}  # Adam's own count of its steps
+    assert {int(s["step"]) for s in disc_state.values()} == {2}
+
+
+def test_resume_with_accumulation_continues_exactly(tmp_path):
+    """4 steps straight == 2 steps then --resume to 4, with accumulate 2, dropout 0.3 and the discriminator
+    from step 1: the resumed loader restarts at position 2 * step, the dropout and posterior noise are
+    those of the same positions and steps."""
+    from sgdm.training.autoencoder import train_autoencoder
+
+    assert train_autoencoder(_config(tmp_path, "straight", accumulate=2, max_steps=4, dropout=0.3,
+                                     disc_start=1), resume=False) == 0
+    for max_steps, resume in ((2, False), (4, True)):
+        torch.manual_seed(max_steps)  # whatever the global RNG holds when a segment starts
+        assert train_autoencoder(_config(tmp_path, "resumed", accumulate=2, max_steps=max_steps, dropout=0.3,
+                                         disc_start=1), resume=resume) == 0
+    a, b = _final(tmp_path, "straight", 4), _final(tmp_path, "resumed", 4)
+    assert a["sgdm"] == b["sgdm"] == {"step": 4}
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]) or key.endswith("scale_factor"), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+        for index, state in sa["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, sb["state"][index][name]), f"optimizer state {index}.{name}"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.accumulate=3"], "config error: train.batch_size: 4 is the global batch per optimiser step and must "
+                             "divide by devices x num_nodes x accumulate = 3"),
+    (["train.accumulate=0"], "config error: train.accumulate: must be >= 1, got 0"),
+    (["train.batch_size=64", "train.accumulate=2"], "config error: train.batch_size: 64 (with train.accumulate=2: "
+                                                    "32 images per micro-batch) is larger than the dataset (24"),
+])
+def test_bad_accumulate_is_a_config_error_before_any_work(tmp_path, capsys, overrides, message):
+    from tests.models.test_autoencoder_training import _ae_config
+
+    path = write_config(tmp_path, _ae_config(tmp_path))
+    assert main(["train-autoencoder", str(path), "run.name=ae", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "runs" / "ae").exists()
+
+
+def test_a_config_built_in_code_is_checked_too(tmp_path):
+    """The quickstart builds its autoencoder budget with dataclasses.replace, past the config's validation:
+    a batch that accumulate does not divide is refused before the run directory is written."""
+    import dataclasses
+
+    from sgdm.config.core import ConfigError
+    from sgdm.training.autoencoder import train_autoencoder
+
+    cfg = _config(tmp_path, "built", accumulate=1, max_steps=2)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, accumulate=3))
+    with pytest.raises(ConfigError, match=r"train\.batch_size: 4 does not divide by world size 1 x accumulate 3"):
+        train_autoencoder(cfg)
+    assert not (tmp_path / "runs" / "built").exists()
+
+
+def test_resume_refuses_another_accumulate(tmp_path):
+    """As for the denoiser: accumulate splits each step's batch differently (the discriminator's BatchNorm,
+    the dropout draws), so a resume must keep it; before, the autoencoder trainer ignored the key."""
+    from sgdm.config.core import ConfigError
+    from sgdm.training.autoencoder import train_autoencoder
+
+    assert train_autoencoder(_config(tmp_path, "run", accumulate=2, max_steps=1)) == 0
+    with pytest.raises(ConfigError, match=r"train\.accumulate: differs from the run's saved config .* \(2 -> 1\)"):
+        train_autoencoder(_config(tmp_path, "run", accumulate=1, max_steps=2), resume=True)
