@@ -6,7 +6,8 @@ Stages (paper Sec. 3.2, Eq. 6):
    torchrun each rank takes every world-size-th shard). A rerun refuses features
    made with another backbone or other pixels (``data.root``, ``data.size``, ...;
    see :mod:`sgdm.annotation.cache`) and extracts again a shard whose image
-   files changed (a repaired bad file);
+   files changed (a repaired bad file) or that an older sgdm wrote in another
+   feature format;
 2. the self-annotation function: k-means on L2-normalised CLS features
    (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
    patch k-means class maps (``mask``; codes upsampled bilinearly to
@@ -38,7 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sgdm.annotation.cache import FeatureCache, file_stamps
+from sgdm.annotation.cache import FEATURE_FORMAT, FeatureCache, file_stamps
 from sgdm.annotation.config import AnnotationConfig
 from sgdm.annotation.evaluate import evaluate_records
 from sgdm.annotation.features import extract, load_backbone
@@ -221,7 +222,11 @@ def _extract_all(dataset, a, granularity, data, log, progress):
     indices = {s: range(s * a.shard_size, min(n, (s + 1) * a.shard_size)) for s in shards}
     stamps = {s: _stamps(dataset, indices[s]) for s in shards}  # before reading: a later edit shows next time
     todo = [s for s in shards if not cache.done(s, stamps[s])]
-    stale = [s for s in todo if cache.path(s).is_file()]
+    outdated = [s for s in todo if cache.outdated(s)]
+    if outdated:
+        log(f"annotate: extracting {len(outdated)} feature shard(s) again: an older sgdm wrote them in another "
+            f"feature format (this one writes format {FEATURE_FORMAT})")
+    stale = [s for s in todo if cache.path(s).is_file() and s not in outdated]
     if stale:
         log(f"annotate: extracting {len(stale)} feature shard(s) again: their image files changed since "
             f"(replaced or repaired; e.g. {printable(cache.changed(stale[0], stamps[stale[0]]))})")

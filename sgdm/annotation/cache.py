@@ -8,6 +8,12 @@ the files were made with; otherwise it refuses rather than mixing features of
 two models or two datasets. Each shard also records a stamp (size, mtime) of
 its image files: a shard whose files changed since (an image replaced, or a
 file that could not be read then repaired) is extracted again.
+
+The fingerprint and every shard also record :data:`FEATURE_FORMAT`, the version
+of what extraction writes. Shards of another format are extracted again, never
+reused: a cache that differs from the fingerprint only in that version is
+taken over (its fingerprint rewritten, its shards redone as they are reached),
+since the user could do nothing with it but delete it.
 """
 from __future__ import annotations
 
@@ -22,7 +28,13 @@ from safetensors.torch import load_file
 
 from sgdm.annotation.store import StoreMismatchError, atomic_write_text, save_tensors_atomic
 
-__all__ = ["FeatureCache", "file_stamps"]
+__all__ = ["FeatureCache", "file_stamps", "FEATURE_FORMAT"]
+
+# Version of the cached tensors' meaning; raise it whenever extraction changes what a key holds.
+# 2: `cls` of a ViT without a class token is the model's pooled feature (21a07ea); format 1
+# (unrecorded) held its top-left patch token there.
+FEATURE_FORMAT = 2
+FORMAT_KEY = "feature_format"
 
 Stamps = list  # [[id, size, mtime_ns] or [id, None, None] for a path that is not a file], one per image
 
@@ -52,15 +64,23 @@ def _describe(changed: list[str], old: Mapping[str, Any]) -> str:
 
 
 class FeatureCache:
+    """Feature shards under ``directory`` made with ``fingerprint`` (plus :data:`FEATURE_FORMAT`).
+
+    ``upgraded_from``: the format of a cache taken over from an older sgdm (None otherwise)."""
+
     def __init__(self, directory: pathlib.Path, fingerprint: Mapping[str, Any]):
         self.directory = pathlib.Path(directory)
-        self.fingerprint = json.loads(json.dumps(dict(fingerprint)))  # normalise tuples etc.
+        self.fingerprint = json.loads(json.dumps({**fingerprint, FORMAT_KEY: FEATURE_FORMAT}))  # normalise tuples etc.
+        self.upgraded_from = None
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "fingerprint.json"
         if path.is_file():
             old = json.loads(path.read_text())
             changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-            if changed:
+            if changed == [FORMAT_KEY]:  # the same features by an older sgdm: redo them, here
+                self.upgraded_from = old.get(FORMAT_KEY, 1)
+                atomic_write_text(path, json.dumps(self.fingerprint, indent=1))
+            elif changed:
                 raise StoreMismatchError(
                     f"{self.directory} holds features made with other settings ({_describe(changed, old)}); "
                     f"delete {self.directory} to re-extract, or point annotation.store elsewhere"
@@ -71,22 +91,33 @@ class FeatureCache:
     def path(self, shard: int) -> pathlib.Path:
         return self.directory / f"features_{shard:05d}.safetensors"
 
+    def _metadata(self, shard: int) -> dict[str, str]:
+        with safe_open(str(self.path(shard)), framework="pt") as handle:
+            return handle.metadata() or {}
+
+    def outdated(self, shard: int) -> bool:
+        """Whether the shard exists but was written in another feature format (an older sgdm's)."""
+        return self.path(shard).is_file() and self._metadata(shard).get(FORMAT_KEY) != str(FEATURE_FORMAT)
+
     def done(self, shard: int, stamps: Optional[Stamps] = None) -> bool:
-        """Whether the shard's features exist and, given ``stamps``, were made from those files."""
-        return self.path(shard).is_file() and (stamps is None or self.changed(shard, stamps) is None)
+        """Whether the shard's features exist in this format and, given ``stamps``, were made from those files."""
+        return (self.path(shard).is_file() and not self.outdated(shard)
+                and (stamps is None or self.changed(shard, stamps) is None))
 
     def changed(self, shard: int, stamps: Stamps) -> Optional[str]:
         """The id of the first image whose file differs from its stamp in the saved shard, or None."""
-        with safe_open(str(self.path(shard)), framework="pt") as handle:
-            recorded = json.loads((handle.metadata() or {}).get("files", "null"))
+        recorded = json.loads(self._metadata(shard).get("files", "null"))
         fresh = json.loads(json.dumps(stamps))  # as the metadata holds them
         if recorded is None or len(recorded) != len(fresh):  # cannot compare: count it as changed
             return fresh[0][0]
         return next((new[0] for was, new in zip(recorded, fresh) if was != new), None)
 
     def save(self, shard: int, tensors: Mapping[str, torch.Tensor], stamps: Optional[Stamps] = None) -> None:
-        """Write the shard; ``stamps`` (of its files, taken before they were read) go into its metadata."""
-        metadata = None if stamps is None else {"files": json.dumps(stamps)}
+        """Write the shard; its format and ``stamps`` (of its files, taken before they were read) go
+        into its metadata."""
+        metadata = {FORMAT_KEY: str(FEATURE_FORMAT)}
+        if stamps is not None:
+            metadata["files"] = json.dumps(stamps)
         save_tensors_atomic(self.path(shard), tensors, metadata)
 
     def load(self, shard: int, keys: Optional[Iterable[str]] = None, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:

@@ -290,3 +290,59 @@ def test_features_cached_before_data_settings_were_recorded_are_refused_clearly(
     with pytest.raises(StoreMismatchError, match=r"made by an sgdm that did not record data.dataset, .*data.root.*; "
                                                  r"delete .*work to re-extract"):
         annotate(cfg, progress=False, log=lambda m: None)
+
+
+def _as_older_sgdm_wrote_it(work, feature_format=None, **fingerprint):
+    """Rewrite the cache in ``work`` as an sgdm of another feature format would have: fingerprint and
+    shards without the current format (``feature_format`` None: unrecorded, as before it existed),
+    ``cls`` replaced (stale features must not reach the store)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = work / "fingerprint.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k != "feature_format"}
+    old.update({} if feature_format is None else {"feature_format": feature_format}, **fingerprint)
+    path.write_text(json.dumps(old))
+    for shard in sorted(work.glob("features_*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = {k: v for k, v in handle.metadata().items() if k != "feature_format"}
+        if feature_format is not None:
+            metadata["feature_format"] = str(feature_format)
+        tensors = load_file(str(shard))
+        tensors["cls"] = torch.zeros_like(tensors["cls"])
+        save_file(tensors, str(shard), metadata=metadata)
+
+
+@pytest.mark.parametrize("feature_format", [None, 1, 3])
+def test_features_of_another_feature_format_are_extracted_again(tmp_path, tiny_weights, shapes_cache, monkeypatch,
+                                                                  feature_format):
+    from sgdm.annotation.cache import FEATURE_FORMAT
+
+    cfg = config(tmp_path, tiny_weights, shapes_cache)
+    reference = AnnotationStore.open(annotate(cfg, progress=False, log=lambda m: None).store).tensor("cluster")
+    work = tmp_path / "store" / "work"
+    assert json.loads((work / "fingerprint.json").read_text())["feature_format"] == FEATURE_FORMAT
+    _as_older_sgdm_wrote_it(work, feature_format)
+    extracted, messages = [], []
+    real_extract = annotate_module._extract_shard
+    monkeypatch.setattr(annotate_module, "_extract_shard",
+                        lambda backbone, dataset, indices, *args: extracted.append(indices[0]) or
+                        real_extract(backbone, dataset, indices, *args))
+    store = AnnotationStore.open(annotate(cfg, progress=False, log=messages.append).store)
+    assert extracted == [0, 16, 32]  # every shard again: none is reused
+    assert any(f"extracting 3 feature shard(s) again: an older sgdm wrote them in another feature format "
+               f"(this one writes format {FEATURE_FORMAT})" in m for m in messages)
+    assert torch.equal(store.tensor("cluster"), reference)  # not the stale (zeroed) cls features
+    assert json.loads((work / "fingerprint.json").read_text())["feature_format"] == FEATURE_FORMAT
+    extracted.clear()
+    annotate(cfg, progress=False, log=lambda m: None)
+    assert extracted == []  # the rebuilt cache is reused
+
+
+def test_features_of_another_format_and_other_settings_are_refused_naming_both(tmp_path, tiny_weights, shapes_cache):
+    cfg = config(tmp_path, tiny_weights, shapes_cache)
+    annotate(cfg, progress=False, log=lambda m: None)
+    _as_older_sgdm_wrote_it(tmp_path / "store" / "work", 1, shard_size=8)
+    with pytest.raises(StoreMismatchError, match=r"\(feature_format, shard_size differ; they were feature_format=1, "
+                                                 r"shard_size=8\); delete"):
+        annotate(cfg, progress=False, log=lambda m: None)
