@@ -3,7 +3,8 @@
 Sources are found by pattern, so adding an op means adding files:
   csrc/*.cpp                op schemas + CPU glue, compiled once
   csrc/cpu/*_kernel.cpp     CPU kernels, compiled once per ISA (baseline, AVX2+FMA,
-                            AVX-512 unless SGDM_CPU_AVX512=0); see csrc/cpu/dispatch.h
+                            AVX-512 unless SGDM_CPU_AVX512=0; the baseline only with a
+                            compiler for another CPU, e.g. aarch64); see csrc/cpu/dispatch.h
   csrc/cpu/*.cpp (others)   CPU helpers, compiled once
   csrc/cuda/*.cu            torch-free CUDA kernels        } only when CUDA is built
   csrc/cuda/*_launch.cpp    torch glue on the current stream }
@@ -172,7 +173,7 @@ def _extension():
 
     avx512 = _switch("SGDM_CPU_AVX512") is not False
     once, per_isa = _sources(with_cuda)
-    macros = [("SGDM_CPU_AVX512", "1" if avx512 else "0")]
+    macros = [("SGDM_CPU_AVX2", "1"), ("SGDM_CPU_AVX512", "1" if avx512 else "0")]
     include_dirs = [CSRC, os.path.join(CSRC, "include")]
     cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     if with_cuda:
@@ -198,8 +199,10 @@ def _extension():
     return ext, cpp_extension
 
 
-# What a compiler must build (and assemble) for an ISA's kernels to compile.
+# What a compiler must build (and assemble) for an ISA's kernels to compile; X86 tells an x86
+# compiler (whose AVX2 failure is an error) from one for another CPU (which builds the baseline only).
 ISA_PROBES = {
+    "X86": "#if !defined(__x86_64__) && !defined(__i386__)\n#error not x86\n#endif\nint f(void) { return 0; }\n",
     "AVX2": "#include <immintrin.h>\n__m256 f(__m256 a, __m256 b) { return _mm256_fmadd_ps(a, b, a); }\n",
     "AVX512": "#include <immintrin.h>\n__m512 f(__m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, a); }\n",
 }
@@ -209,7 +212,7 @@ def _isa_compiles(compiler: list[str], isa: str) -> bool:
     """Whether ``compiler`` builds an object with ``isa``'s flags (DEFAULT always does)."""
     if isa not in ISA_PROBES:
         return True
-    flags = [f for f in ISA_FLAGS[isa] if f.startswith("-m")]
+    flags = [f for f in ISA_FLAGS.get(isa, []) if f.startswith("-m")]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [*compiler, *flags, "-x", "c++", "-c", "-", "-o", os.path.join(tmp, "probe.o")]
         try:
@@ -219,10 +222,25 @@ def _isa_compiles(compiler: list[str], isa: str) -> bool:
             return False
 
 
+def _set_macro(ext, key: str, value: str) -> None:
+    ext.define_macros = [(k, value if k == key else v) for k, v in ext.define_macros]
+
+
 def _buildable_isas(ext, compiler: list[str]) -> None:
     """Leaves AVX-512 out of ``ext`` (with a note) where the compiler cannot build it, unless
-    SGDM_CPU_AVX512=1 asked for it; stops where it cannot build AVX2, which every build has."""
+    SGDM_CPU_AVX512=1 asked for it. A compiler for another CPU than x86 (aarch64, e.g. Grace
+    Hopper) builds the baseline kernels only, which ATen vectorises there (NEON); an x86 compiler
+    that cannot build AVX2 stops the build."""
     name = " ".join(compiler)
+    if "AVX2" in ext.sgdm_isas and not _isa_compiles(compiler, "X86"):
+        if _switch("SGDM_CPU_AVX512"):
+            sys.exit(f"sgdm: SGDM_CPU_AVX512=1 but the C++ compiler ({name}) does not target x86; unset it.")
+        print(f"sgdm: the C++ compiler ({name}) does not target x86: building the baseline CPU kernels only "
+              "(no AVX2 / AVX-512 variants).", file=sys.stderr)
+        ext.sgdm_isas = ["DEFAULT"]
+        _set_macro(ext, "SGDM_CPU_AVX2", "0")
+        _set_macro(ext, "SGDM_CPU_AVX512", "0")
+        return
     if "AVX512" in ext.sgdm_isas and not _isa_compiles(compiler, "AVX512"):
         if _switch("SGDM_CPU_AVX512"):
             sys.exit(f"sgdm: SGDM_CPU_AVX512=1 but the C++ compiler ({name}) cannot build AVX-512 code "
@@ -230,10 +248,10 @@ def _buildable_isas(ext, compiler: list[str]) -> None:
         print(f"sgdm: the C++ compiler ({name}) cannot build AVX-512 code; building without the AVX-512 "
               "CPU kernels, as SGDM_CPU_AVX512=0 does.", file=sys.stderr)
         ext.sgdm_isas.remove("AVX512")
-        ext.define_macros = [(k, "0" if k == "SGDM_CPU_AVX512" else v) for k, v in ext.define_macros]
+        _set_macro(ext, "SGDM_CPU_AVX512", "0")
     if "AVX2" in ext.sgdm_isas and not _isa_compiles(compiler, "AVX2"):
         sys.exit(f"sgdm: the C++ compiler ({name}) cannot build AVX2+FMA code, which every build's CPU "
-                 "kernels need (csrc/cpu/dispatch.h): an x86-64 compiler is required.")
+                 "kernels on x86 need (csrc/cpu/dispatch.h); use a newer compiler.")
 
 
 def _build_ext_class(cpp_extension):

@@ -132,10 +132,66 @@ def test_a_compiler_without_avx512_drops_that_isa_unless_asked_for(monkeypatch, 
     assert e.sgdm_isas == ["DEFAULT", "AVX2", "AVX512"]
 
 
-def test_a_compiler_without_avx2_stops_the_build(monkeypatch, tmp_path):
+def test_an_x86_compiler_without_avx2_stops_the_build(monkeypatch, tmp_path):
     _, g = configure(monkeypatch, FORCE_CUDA="0")
-    failing = executable(tmp_path / "cxx", "#!/bin/sh\nexit 1\n")
-    e = types.SimpleNamespace(sgdm_isas=["DEFAULT", "AVX2"], define_macros=[("SGDM_CPU_AVX512", "0")])
+    no_avx2 = executable(tmp_path / "cxx", '#!/bin/sh\nfor a in "$@"; do case "$a" in -mavx*) exit 1;; esac; done\n'
+                                           'exec c++ "$@"\n')
+    e = types.SimpleNamespace(sgdm_isas=["DEFAULT", "AVX2"],
+                              define_macros=[("SGDM_CPU_AVX2", "1"), ("SGDM_CPU_AVX512", "0")])
     with pytest.raises(SystemExit, match="cannot build AVX2.FMA code"):
-        g["_buildable_isas"](e, [failing])
-    assert os.path.exists(failing)
+        g["_buildable_isas"](e, [no_avx2])
+
+
+@needs_x86_cxx
+def test_a_compiler_for_another_cpu_builds_the_baseline_kernels_only(monkeypatch, tmp_path, capsys):
+    """aarch64 (Grace Hopper): no AVX variants, SGDM_CPU_AVX2=0 for every source; asking for AVX-512 stops."""
+    _, g = configure(monkeypatch, FORCE_CUDA="0")
+    other_cpu = executable(tmp_path / "cxx", '#!/bin/sh\nexec c++ -U__x86_64__ -U__i386__ "$@"\n')
+    assert not g["_isa_compiles"]([other_cpu], "X86") and g["_isa_compiles"](["c++"], "X86")
+
+    def ext():
+        return types.SimpleNamespace(sgdm_isas=["DEFAULT", "AVX2", "AVX512"], define_macros=[
+            ("SGDM_CPU_AVX2", "1"), ("SGDM_CPU_AVX512", "1"), ("SGDM_WITH_CUDA", "1")])
+
+    e = ext()
+    g["_buildable_isas"](e, [other_cpu])
+    assert e.sgdm_isas == ["DEFAULT"]
+    assert e.define_macros == [("SGDM_CPU_AVX2", "0"), ("SGDM_CPU_AVX512", "0"), ("SGDM_WITH_CUDA", "1")]
+    assert "does not target x86: building the baseline CPU kernels only" in capsys.readouterr().err
+    monkeypatch.setenv("SGDM_CPU_AVX512", "1")
+    with pytest.raises(SystemExit, match="SGDM_CPU_AVX512=1 but the C.. compiler .* does not target x86"):
+        g["_buildable_isas"](ext(), [other_cpu])
+
+
+DISPATCH_PROGRAM = """
+#include "cpu/dispatch.h"
+SGDM_CPU_DECLARE(int, plus_one, (int))
+namespace sgdm::cpu::DEFAULT { int plus_one(int x) { return x + 1; } }
+namespace sgdm::cpu { Isa active_isa() { return Isa::kAvx2; } }
+int main() { return SGDM_CPU_DISPATCH(plus_one, 41) == 42 ? 0 : 1; }
+"""
+
+
+@pytest.mark.skipif(not shutil.which("c++"), reason="needs a c++")
+def test_dispatch_without_avx2_declares_and_calls_the_baseline_only(tmp_path):
+    """SGDM_CPU_AVX2=0: a build with only the baseline kernels links (no AVX2 copy is referenced) and
+    runs them whatever ISA is active; with AVX2 on, the same program needs the AVX2 copy."""
+    import subprocess
+
+    source = tmp_path / "dispatch.cpp"
+    source.write_text(DISPATCH_PROGRAM)
+    csrc = str(SETUP.parent / "csrc")
+
+    def build(*defines):
+        exe = tmp_path / "prog"
+        out = subprocess.run(["c++", "-std=c++20", f"-I{csrc}", *defines, str(source), "-o", str(exe)],
+                             capture_output=True, text=True, timeout=120)
+        return out, exe
+
+    out, exe = build("-DSGDM_CPU_AVX2=0")
+    assert out.returncode == 0, out.stderr
+    assert subprocess.run([str(exe)], timeout=30).returncode == 0
+    out, _ = build()  # AVX2 on by default: the AVX2 copy is called and is missing here
+    assert out.returncode != 0 and "AVX2::plus_one" in out.stderr
+    out, _ = build("-DSGDM_CPU_AVX2=0", "-DSGDM_CPU_AVX512=1")
+    assert out.returncode != 0 and "SGDM_CPU_AVX512=1 needs SGDM_CPU_AVX2=1" in out.stderr

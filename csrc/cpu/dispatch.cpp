@@ -12,11 +12,15 @@ namespace {
 constexpr int kNoOverride = -1;
 std::atomic<int> g_override{kNoOverride};
 
+// The best compiled ISA that is at most `wanted`.
 Isa best_compiled(Isa wanted) {
 #if SGDM_CPU_AVX512
   return wanted;
-#else
+#elif SGDM_CPU_AVX2
   return wanted == Isa::kAvx512 ? Isa::kAvx2 : wanted;
+#else
+  (void)wanted;
+  return Isa::kDefault;
 #endif
 }
 
@@ -66,7 +70,8 @@ std::string set_isa_override(const std::string& name) {
     TORCH_CHECK(false, "sgdm: unknown CPU ISA '", name, "'; expected default, avx2 or avx512");
   }
   TORCH_CHECK(best_compiled(isa) == isa, "sgdm: CPU ISA '", name,
-              "' was not compiled into this build (set SGDM_CPU_AVX512=1 when building)");
+              "' was not compiled into this build (AVX2 is built on x86-64 only; AVX-512 unless "
+              "SGDM_CPU_AVX512=0)");
   TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(machine_isa()), "sgdm: CPU ISA '", name,
               "' is not supported by this CPU or is disabled by ATEN_CPU_CAPABILITY (best: ",
               isa_name(machine_isa()), ")");

@@ -4,6 +4,8 @@
 // setup.py / CMakeLists.txt, with
 //   baseline: -DCPU_CAPABILITY=DEFAULT
 //   AVX2:     -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c
+//             (on x86-64; other CPUs, e.g. aarch64, build the baseline only, with
+//             SGDM_CPU_AVX2 defined as 0: ATen's Vectorized is NEON there)
 //   AVX-512:  -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512 -mavx512f ...
 //             (only when SGDM_CPU_AVX512 is defined as 1 for the whole build)
 // A kernel file defines its functions inside `namespace sgdm::cpu::CPU_CAPABILITY`,
@@ -15,8 +17,20 @@
 
 #include <string>
 
+#ifndef SGDM_CPU_AVX2
+#define SGDM_CPU_AVX2 1
+#endif
 #ifndef SGDM_CPU_AVX512
 #define SGDM_CPU_AVX512 0
+#endif
+#if SGDM_CPU_AVX512 && !SGDM_CPU_AVX2
+#error "sgdm: SGDM_CPU_AVX512=1 needs SGDM_CPU_AVX2=1"
+#endif
+
+#if SGDM_CPU_AVX2
+#define SGDM_IF_AVX2(...) __VA_ARGS__
+#else
+#define SGDM_IF_AVX2(...)
 #endif
 
 #if SGDM_CPU_AVX512
@@ -46,7 +60,7 @@ std::string set_isa_override(const std::string& name);
 // Declares `ret name params` in every compiled ISA namespace.
 #define SGDM_CPU_DECLARE(ret, name, params)          \
   namespace sgdm::cpu::DEFAULT { ret name params; }  \
-  namespace sgdm::cpu::AVX2 { ret name params; }     \
+  SGDM_IF_AVX2(namespace sgdm::cpu::AVX2 { ret name params; }) \
   SGDM_IF_AVX512(namespace sgdm::cpu::AVX512 { ret name params; })
 
 // Calls the copy of `name` for the active ISA.
@@ -55,8 +69,8 @@ std::string set_isa_override(const std::string& name);
     switch (::sgdm::cpu::active_isa()) {                               \
       SGDM_IF_AVX512(case ::sgdm::cpu::Isa::kAvx512:                   \
                        return ::sgdm::cpu::AVX512::name(__VA_ARGS__);) \
-      case ::sgdm::cpu::Isa::kAvx2:                                    \
-        return ::sgdm::cpu::AVX2::name(__VA_ARGS__);                   \
+      SGDM_IF_AVX2(case ::sgdm::cpu::Isa::kAvx2:                     \
+                     return ::sgdm::cpu::AVX2::name(__VA_ARGS__);)     \
       default:                                                         \
         return ::sgdm::cpu::DEFAULT::name(__VA_ARGS__);                \
     }                                                                  \
