@@ -56,15 +56,26 @@ def one_hot(cluster, num_classes: int, device=None) -> torch.Tensor:
     return F.one_hot(ids.long(), num_classes).float()
 
 
-def _as_box_list(boxes) -> list[torch.Tensor]:
+def _box_rows(boxes) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """All boxes as float32 [M, 4], the sample each belongs to [M] (ascending), B, and whether
+    box i is sample i's only box (M = B)."""
     if isinstance(boxes, torch.Tensor) and boxes.dim() == 2:
-        return [b[None] for b in boxes]
-    return [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+        if boxes.shape[1] != 4:
+            raise ValueError(f"boxes: expected [B, 4] normalized xyxy, got shape {tuple(boxes.shape)}")
+        flat = boxes.float()
+        return flat, torch.arange(len(flat), device=flat.device), len(flat), True
+    items = [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+    if not items:
+        return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 0, True
+    device, counts = items[0].device, [len(b) for b in items]
+    sample = torch.repeat_interleave(torch.arange(len(items), device=device), torch.tensor(counts, device=device))
+    return torch.cat(items), sample, len(items), all(c == 1 for c in counts)
 
 
 def _covered(cells: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Cells [j, j+1) overlapping the interval [lo, hi]; a zero-width interval keeps the cell holding lo."""
-    n = cells.numel()
+    """[M, n]: cells [j, j+1) (j = ``cells`` [n]) overlapping the intervals [lo, hi] ([M]); a zero-width
+    interval keeps the cell holding lo."""
+    n, lo, hi = cells.numel(), lo[:, None], hi[:, None]
     return ((cells + 1 > lo) & (cells < hi)) | (cells == torch.clamp(torch.floor(lo), max=n - 1))
 
 
@@ -74,27 +85,31 @@ def box_mask(boxes, height: int, width: int, flipped=None) -> torch.Tensor:
     ``boxes``: [B, 4] (one box per sample) or a list of [n_i, 4] (union of n_i boxes).
     A pixel is on when its cell [j, j+1) x [i, i+1) overlaps the box scaled to
     (W, H), so any box covers at least one pixel. ``flipped`` [B] bool mirrors the
-    boxes horizontally first (x -> 1 - x).
+    boxes horizontally first (x -> 1 - x). All boxes at once: row and column coverage
+    [M, H] and [M, W] per box, their outer product, and the union per sample.
     """
-    items = _as_box_list(boxes)
-    flips = [False] * len(items) if flipped is None else [bool(f) for f in torch.as_tensor(flipped).reshape(-1)]
-    if len(flips) != len(items):
-        raise ValueError(f"flipped: expected {len(items)} flags, got {len(flips)}")
-    device = items[0].device if items else None
-    out = torch.zeros(len(items), 1, height, width, device=device)
-    xs = torch.arange(width, dtype=torch.float32, device=device)
-    ys = torch.arange(height, dtype=torch.float32, device=device)
-    for i, (b, flip) in enumerate(zip(items, flips)):
-        b = b.float()
-        if ((b < 0) | (b > 1)).any() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
-            raise ValueError(f"boxes[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1, "
-                             f"got {b.tolist()}")
-        if flip:
-            b = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], dim=1)
-        for x0, y0, x1, y1 in b:
-            row, col = _covered(ys, y0 * height, y1 * height), _covered(xs, x0 * width, x1 * width)
-            out[i, 0] = torch.maximum(out[i, 0], (row[:, None] & col[None, :]).float())
-    return out
+    flat, sample, n, one_each = _box_rows(boxes)
+    device = flat.device
+    if flipped is not None:
+        flip = torch.as_tensor(flipped, device=device).reshape(-1).bool()
+        if flip.numel() != n:
+            raise ValueError(f"flipped: expected {n} flags, got {flip.numel()}")
+    x0, y0, x1, y1 = flat.unbind(1)
+    bad = ((flat < 0) | (flat > 1)).any(1) | (x1 < x0) | (y1 < y0)
+    if bad.any():
+        i = int(sample[bad][0])
+        raise ValueError(f"boxes[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1, "
+                         f"got {flat[sample == i].tolist()}")
+    if flipped is not None:
+        f = flip[sample]
+        x0, x1 = torch.where(f, 1 - x1, x0), torch.where(f, 1 - x0, x1)
+    rows = _covered(torch.arange(height, dtype=torch.float32, device=device), y0 * height, y1 * height)
+    cols = _covered(torch.arange(width, dtype=torch.float32, device=device), x0 * width, x1 * width)
+    hit = (rows[:, :, None] & cols[:, None, :]).float()
+    if one_each:  # no union to take
+        return hit[:, None]
+    union = torch.zeros(n, height, width, device=device).index_add_(0, sample, hit).clamp_(max=1)
+    return union[:, None]
 
 
 def class_map_one_hot(class_map: torch.Tensor, num_classes: int, size: tuple[int, int] | None = None,

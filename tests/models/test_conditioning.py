@@ -135,3 +135,75 @@ def test_mask_condition_multi_hot_is_the_one_hot_max_pool():
     assert cond.dtype == torch.float32 and torch.equal(cond, expected) and not torch.signbit(cond).any()
     with pytest.raises(ValueError, match="class id 9 is outside"):
         _mask_condition([torch.full((2, 2), 9)], 7, (8, 8), None)
+
+
+def _box_mask_per_box(boxes, height, width, flipped=None):
+    """The per-sample, per-box loop box_mask replaced: the oracle for the vectorised one."""
+    items = [b[None] for b in boxes] if isinstance(boxes, torch.Tensor) else [
+        torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+    flips = [False] * len(items) if flipped is None else [bool(f) for f in torch.as_tensor(flipped).reshape(-1)]
+    out = torch.zeros(len(items), 1, height, width)
+    xs, ys = torch.arange(width, dtype=torch.float32), torch.arange(height, dtype=torch.float32)
+
+    def covered(cells, lo, hi):
+        return ((cells + 1 > lo) & (cells < hi)) | (cells == torch.clamp(torch.floor(lo), max=cells.numel() - 1))
+
+    for i, (b, flip) in enumerate(zip(items, flips)):
+        b = b.float()
+        if flip:
+            b = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], dim=1)
+        for x0, y0, x1, y1 in b:
+            cell = covered(ys, y0 * height, y1 * height)[:, None] & covered(xs, x0 * width, x1 * width)[None, :]
+            out[i, 0] = torch.maximum(out[i, 0], cell.float())
+    return out
+
+
+def _random_boxes(g, n, height, width):
+    """Normalized xyxy with the edge cases mixed in: on pixel edges (k / W), touching 0 and 1,
+    zero width and/or height, and the whole image."""
+    a, b = torch.rand(n, 2, generator=g), torch.rand(n, 2, generator=g)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    kind = torch.randint(0, 6, (n,), generator=g)
+    grid = torch.tensor([width, height], dtype=torch.float32)
+    snapped_lo, snapped_hi = (lo * grid).floor() / grid, (hi * grid).ceil() / grid
+    lo = torch.where((kind == 1)[:, None], snapped_lo, lo)
+    hi = torch.where((kind == 1)[:, None], snapped_hi, hi)
+    hi = torch.where((kind == 2)[:, None], lo, hi)  # zero area
+    hi[kind == 3, 0] = lo[kind == 3, 0]  # zero width only
+    lo = torch.where((kind == 4)[:, None], torch.zeros(2), lo)  # touching the top-left border
+    hi = torch.where((kind == 4)[:, None], torch.ones(2), hi)  # and the bottom-right one
+    lo = torch.where((kind == 5)[:, None], torch.ones(2), lo)  # a point at (1, 1)
+    hi = torch.where((kind == 5)[:, None], torch.ones(2), hi)
+    return torch.stack([lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]], dim=1)
+
+
+@pytest.mark.parametrize("height, width", [(4, 4), (8, 8), (5, 7), (32, 32), (1, 3)])
+def test_box_mask_is_the_per_box_loop_on_random_and_edge_boxes(height, width):
+    g = torch.Generator().manual_seed(height * 100 + width)
+    boxes = _random_boxes(g, 64, height, width)
+    flipped = torch.rand(64, generator=g) < 0.5
+    for flags in (None, flipped):
+        expected = _box_mask_per_box(boxes, height, width, flags)
+        assert torch.equal(box_mask(boxes, height, width, flipped=flags), expected)
+        assert torch.equal(box_mask(boxes.double(), height, width, flipped=flags), expected)
+    # a union of 0 .. 3 boxes per sample
+    counts = torch.randint(0, 4, (16,), generator=g).tolist()
+    lists = list(_random_boxes(g, sum(counts), height, width).split(counts))
+    for flags in (None, flipped[:16].tolist()):
+        assert torch.equal(box_mask(lists, height, width, flipped=flags),
+                           _box_mask_per_box(lists, height, width, flags))
+    one_each = [b.tolist() for b in boxes[:5]]  # plain lists, one box per sample
+    assert torch.equal(box_mask(one_each, height, width), _box_mask_per_box(one_each, height, width))
+
+
+def test_box_mask_of_no_samples_and_bad_shapes():
+    assert box_mask(torch.zeros(0, 4), 4, 6).shape == (0, 1, 4, 6)
+    assert box_mask([], 4, 6).shape == (0, 1, 4, 6)
+    assert box_mask([torch.zeros(0, 4)], 4, 6).sum() == 0
+    with pytest.raises(ValueError, match=r"^boxes: expected \[B, 4\] normalized xyxy, got shape \(2, 5\)"):
+        box_mask(torch.zeros(2, 5), 4, 4)
+    with pytest.raises(ValueError, match=r"^flipped: expected 2 flags, got 3"):
+        box_mask(torch.zeros(2, 4), 4, 4, flipped=[True, False, True])
+    # the first sample with a bad box is named, with all its boxes
+    with pytest.raises(ValueError, match=r"^boxes\[1\]: .* got \[\[0\.0, 0\.0, 0\.5, 0\.5\], \[0\.5, 0\.0, 0\.25"):
+        box_mask([[[0, 0, 1, 1]], [[0, 0, 0.5, 0.5], [0.5, 0, 0.25, 1]], [[2, 0, 1, 1]]], 4, 4)
