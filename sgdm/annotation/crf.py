@@ -1,0 +1,109 @@
+"""Fully connected CRF refinement of class maps (Kraehenbuehl & Koltun, NeurIPS 2011), as STEGO
+refines its cluster-probe output.
+
+Energy over labels ``x`` of the N cells of a grid, with unary ``U_i(l) = -log p_i(l)`` and a Potts
+pairwise term over every pair of cells::
+
+    E(x) = sum_i U_i(x_i) + sum_{i<j} [x_i != x_j] (w_pos k_pos(i, j) + w_bi k_bi(i, j))
+    k_pos(i, j) = exp(-|r_i - r_j|^2 / (2 s_pos^2))
+    k_bi(i, j)  = exp(-|r_i - r_j|^2 / (2 s_xy^2) - |I_i - I_j|^2 / (2 s_rgb^2))
+
+with ``r`` the cell position (in cells) and ``I`` its colour (0-255, as pydensecrf's ``rgbim``).
+Mean-field inference starts at ``Q = p`` and repeats ``Q_i(l) ∝ exp(-U_i(l) + sum_{j != i} K(i, j)
+Q_j(l))`` (the Potts term's part that is the same for every label cancels in the normalisation).
+
+The message is computed exactly, a block of rows of ``K`` at a time: O(N^2) per iteration, which
+is what the grids of self-segmentation (the patch grid or a few times finer, N <= ~10^4) afford;
+pydensecrf's permutohedral lattice approximates the same sums in O(N) for full-resolution images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = ["CRFParams", "dense_crf"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFParams:
+    """Weights and widths of the two kernels, in cells of the grid the CRF runs on (the defaults are
+    STEGO's, whose grid is the image's pixels: scale the ``*_xy_std`` with the grid)."""
+
+    iterations: int = 10
+    pos_weight: float = 3.0
+    pos_xy_std: float = 1.0
+    bi_weight: float = 4.0
+    bi_xy_std: float = 67.0
+    bi_rgb_std: float = 3.0
+
+    def __post_init__(self):
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations: expected an integer >= 0, got {self.iterations!r}")
+        for name in ("pos_weight", "bi_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+    def scaled(self, factor: float) -> "CRFParams":
+        """The same kernels on a grid ``factor`` times as fine per side (cell distances scale)."""
+        return dataclasses.replace(self, pos_xy_std=self.pos_xy_std * factor, bi_xy_std=self.bi_xy_std * factor)
+
+
+def _features(image: torch.Tensor, params: CRFParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell: (position / s_pos [N, 2], (position / s_xy, colour / s_rgb) [N, 5]), float64."""
+    _, h, w = image.shape
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    pos = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1).to(image.device)
+    colour = image.reshape(3, -1).t().to(torch.float64) * 255.0
+    return pos / params.pos_xy_std, torch.cat([pos / params.bi_xy_std, colour / params.bi_rgb_std], dim=1)
+
+
+def _gaussian_rows(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """exp(-|f_i - f_j|^2 / 2) for rows i in [lo, hi), every j, with the diagonal (j = i) zero."""
+    k = torch.exp(-0.5 * torch.cdist(f[lo:hi], f).square())
+    k[torch.arange(hi - lo, device=f.device), torch.arange(lo, hi, device=f.device)] = 0.0
+    return k
+
+
+def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRFParams(),
+              block_rows: int = 2048) -> torch.Tensor:
+    """Mean-field marginals ``[K, H, W]`` of the CRF with unary ``-log probs``.
+
+    ``image``: ``[3, H, W]`` in [0, 1] on the grid of ``probs`` (``[K, H, W]``, each cell's class
+    probabilities, e.g. a softmax over negative distances to the centroids). Computed in float64;
+    returned in ``probs``' dtype. ``block_rows`` bounds memory (a block is ``block_rows x H W``).
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"probs: expected [K, H, W], got shape {tuple(probs.shape)}")
+    if image.dim() != 3 or image.shape[0] != 3 or image.shape[1:] != probs.shape[1:]:
+        raise ValueError(f"image: expected [3, {probs.shape[1]}, {probs.shape[2]}] (the grid of probs), "
+                         f"got shape {tuple(image.shape)}")
+    if image.device != probs.device:
+        raise ValueError(f"image is on {image.device}, probs on {probs.device}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows: expected >= 1, got {block_rows}")
+    k, h, w = probs.shape
+    n = h * w
+    p = probs.reshape(k, n).t().to(torch.float64)
+    if not (torch.isfinite(p).all() and (p >= 0).all()):
+        raise ValueError("probs: expected finite, non-negative class probabilities")
+    unary = -torch.log(p.clamp_min(1e-10))
+    q = torch.softmax(-unary, dim=1)
+    if params.iterations == 0 or (params.pos_weight == 0 and params.bi_weight == 0):
+        return q.t().reshape(k, h, w).to(probs.dtype)
+    f_pos, f_bi = _features(image, params)
+    for _ in range(params.iterations):
+        message = torch.empty_like(q)
+        for lo in range(0, n, block_rows):
+            hi = min(n, lo + block_rows)
+            kernel = params.pos_weight * _gaussian_rows(f_pos, lo, hi) + params.bi_weight * _gaussian_rows(f_bi, lo, hi)
+            message[lo:hi] = kernel @ q
+        q = torch.softmax(-unary + message, dim=1)
+    return q.t().reshape(k, h, w).to(probs.dtype)

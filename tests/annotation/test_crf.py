@@ -1,0 +1,108 @@
+"""dense_crf: exact mean-field of the fully connected CRF, against a loop over cell pairs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sgdm.annotation.crf import CRFParams, dense_crf
+
+
+def reference_crf(image, probs, p: CRFParams):
+    """Mean-field written out cell pair by cell pair, in float64."""
+    k, h, w = probs.shape
+    cells = [(r, c) for r in range(h) for c in range(w)]
+    unary = -torch.log(probs.double().clamp_min(1e-10))
+    q = torch.softmax(-unary, dim=0)
+    rgb = image.double() * 255
+    for _ in range(p.iterations):
+        message = torch.zeros_like(q)
+        for (ri, ci) in cells:
+            for (rj, cj) in cells:
+                if (ri, ci) == (rj, cj):
+                    continue
+                d2 = (ri - rj) ** 2 + (ci - cj) ** 2
+                c2 = float(((rgb[:, ri, ci] - rgb[:, rj, cj]) ** 2).sum())
+                kern = p.pos_weight * math.exp(-d2 / (2 * p.pos_xy_std ** 2)) + p.bi_weight * math.exp(
+                    -d2 / (2 * p.bi_xy_std ** 2) - c2 / (2 * p.bi_rgb_std ** 2))
+                message[:, ri, ci] += kern * q[:, rj, cj]
+        q = torch.softmax(-unary + message, dim=0)
+    return q
+
+
+def random_inputs(k=3, h=4, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, h, w, generator=g), torch.softmax(2 * torch.randn(k, h, w, generator=g), dim=0)
+
+
+def test_matches_the_pairwise_loop_and_does_not_depend_on_the_block_size():
+    image, probs = random_inputs()
+    params = CRFParams(iterations=4, pos_weight=1.5, pos_xy_std=1.3, bi_weight=2.0, bi_xy_std=3.0, bi_rgb_std=40.0)
+    expected = reference_crf(image, probs, params)
+    for block in (1, 7, 4096):
+        got = dense_crf(image.double(), probs.double(), params, block_rows=block)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(expected, probs.double(), atol=1e-3)  # the pairwise term did something
+
+
+def test_without_pairwise_weight_or_iterations_the_probabilities_come_back():
+    image, probs = random_inputs()
+    for params in (CRFParams(iterations=0), CRFParams(pos_weight=0.0, bi_weight=0.0)):
+        torch.testing.assert_close(dense_crf(image, probs, params), probs, rtol=0, atol=1e-6)
+
+
+def test_an_isolated_cell_takes_its_neighbours_label():
+    h, w = 8, 8
+    image = torch.zeros(3, h, w)
+    probs = torch.full((2, h, w), 0.1)
+    probs[0] = 0.9
+    probs[:, 2, 1] = torch.tensor([0.3, 0.7])  # one noisy cell
+    params = CRFParams(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=0.0)
+    assert probs.argmax(0)[2, 1] == 1
+    assert (dense_crf(image, probs, params).argmax(0) == 0).all()
+
+
+def test_the_label_boundary_moves_to_the_colour_edge():
+    """The classes change between columns 4 and 5, the colour between 3 and 4: the bilateral kernel
+    gives column 4 (white, unsure) the class of the confident white cells; without it, it keeps its own."""
+    h, w = 6, 8
+    image = torch.zeros(3, h, w)
+    image[:, :, 4:] = 1.0
+    p1 = torch.tensor([0.1, 0.1, 0.1, 0.3, 0.3, 0.8, 0.9, 0.9]).expand(h, w)
+    probs = torch.stack([1 - p1, p1])
+    columns = {}
+    for bi_weight in (0.0, 4.0):
+        params = CRFParams(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=bi_weight, bi_xy_std=3.0,
+                           bi_rgb_std=13.0)
+        labels = dense_crf(image, probs, params).argmax(0)
+        assert (labels == labels[0]).all()  # the same in every row
+        columns[bi_weight] = labels[0].tolist()
+    assert columns[0.0] == [0, 0, 0, 0, 0, 1, 1, 1] and columns[4.0] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(iterations=-1), "iterations"), (dict(iterations=1.5), "iterations"), (dict(pos_weight=-1.0), "pos_weight"),
+    (dict(bi_weight=float("nan")), "bi_weight"), (dict(pos_xy_std=0.0), "pos_xy_std"),
+    (dict(bi_rgb_std=float("inf")), "bi_rgb_std"),
+])
+def test_bad_params_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CRFParams(**bad)
+
+
+def test_bad_inputs_are_named():
+    image, probs = random_inputs()
+    with pytest.raises(ValueError, match="probs: expected"):
+        dense_crf(image, probs[0])
+    with pytest.raises(ValueError, match=r"image: expected \[3, 4, 5\]"):
+        dense_crf(image[:, :3], probs)
+    with pytest.raises(ValueError, match="probs: expected finite"):
+        dense_crf(image, probs * float("nan"))
+    with pytest.raises(ValueError, match="block_rows"):
+        dense_crf(image, probs, block_rows=0)
+
+
+def test_scaled_params_widen_the_spatial_kernels_only():
+    p = CRFParams().scaled(0.25)
+    assert (p.pos_xy_std, p.bi_xy_std, p.bi_rgb_std, p.pos_weight) == (0.25, 67.0 / 4, 3.0, 3.0)
