@@ -106,10 +106,20 @@ class AutoencoderModule(pl.LightningModule):
             self._finish_step(opt_ae, opt_disc if disc_active else None)
 
     def _finish_step(self, opt_ae, opt_disc) -> None:
-        for opt in (opt_ae, opt_disc):
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        """Step the autoencoder's optimizer, then the discriminator's (``opt_disc``: None while inactive).
+        Under 16-mixed, Lightning ends each step with the GradScaler's update, which may change the loss
+        scale (halved after an overflow, doubled after 2000 clean steps); the discriminator's gradients,
+        made at the old scale, are brought to the new one, which its step divides them by."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if opt_disc is not None else None
+        scale = scaler.get_scale() if scaler is not None else None  # GradScaler.step syncs the host anyway
+        opt_ae.step()
+        opt_ae.zero_grad(set_to_none=True)
+        if opt_disc is not None:
+            if scale is not None and scaler.get_scale() != scale:
+                grads = [p.grad for p in self.loss.discriminator.parameters() if p.grad is not None]
+                torch._foreach_mul_(grads, scaler.get_scale() / scale)
+            opt_disc.step()
+            opt_disc.zero_grad(set_to_none=True)
         self.step += 1
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
