@@ -193,3 +193,95 @@ def test_resume_refuses_another_accumulate(tmp_path):
     assert train_autoencoder(_config(tmp_path, "run", accumulate=2, max_steps=1)) == 0
     with pytest.raises(ConfigError, match=r"train\.accumulate: differs from the run's saved config .* \(2 -> 1\)"):
         train_autoencoder(_config(tmp_path, "run", accumulate=1, max_steps=2), resume=True)
+
+
+def test_discriminator_gradients_follow_a_loss_scale_changed_by_the_autoencoders_step(generator):
+    """16-mixed: the GradScaler updates after each optimizer's step. An overflow in the autoencoder's
+    gradients skips its step and halves the scale; the discriminator's gradients, made at the old scale,
+    must still step as the unscaled gradients (not twice them)."""
+    from types import SimpleNamespace
+
+    from sgdm.models.autoencoder import AutoencoderKL
+    from sgdm.models.autoencoder_losses import AutoencoderLoss
+    from sgdm.training.autoencoder import AutoencoderModule
+    from sgdm.training.config import TrainConfig
+    from tests.models.helpers import tiny_autoencoder_config
+
+    cfg = tiny_autoencoder_config()
+    module = AutoencoderModule(AutoencoderKL(cfg), AutoencoderLoss(cfg.loss, cfg.in_channels), TrainConfig(), seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))  # as the first backward does
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), should_stop=False)
+
+    class Stepper:  # Lightning's manual step under 16-mixed: the scaler's step, then its update
+        def __init__(self, params):
+            self.optimizer = torch.optim.SGD(params, lr=1.0)
+
+        def step(self):
+            scaler.step(self.optimizer)
+            scaler.update()
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    ae_params, d_params = list(module.autoencoder.parameters()), list(module.loss.discriminator.parameters())
+    for p in ae_params:
+        p.grad = torch.full_like(p, float("inf"))
+    unscaled = [torch.randn(p.shape, generator=generator) for p in d_params]
+    for p, g in zip(d_params, unscaled):
+        p.grad = 8.0 * g
+    ae_before, d_before = [p.detach().clone() for p in ae_params], [p.detach().clone() for p in d_params]
+    module._finish_step(Stepper(ae_params), Stepper(d_params))
+    assert scaler.get_scale() == 4.0  # the overflow halved it
+    assert all(torch.equal(p, b) for p, b in zip(ae_params, ae_before))  # skipped
+    for p, b, g in zip(d_params, d_before, unscaled):
+        torch.testing.assert_close(p.detach(), b - g)
+    assert module.step == 1
+
+
+_FLOAT64_CLI = """import sys
+from sgdm.training.config import TrainConfig
+TrainConfig.precision_name = property(lambda self: "64-true")  # Lightning's DDP runs this script on each rank
+from sgdm.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulation_matches_one_process(tmp_path, monkeypatch):
+    """2 processes x accumulate 2 == 1 process x accumulate 4 (one image per micro-batch in both, so the
+    discriminator's BatchNorm sees the same batches), discriminator from step 1, float64: no_sync on the
+    first micro-batch, the all-reduce on the last, each rank's slice of the step's posterior noise."""
+    import os
+    import subprocess
+    import sys
+
+    from sgdm.training.autoencoder import train_autoencoder
+    from sgdm.training.config import TrainConfig
+
+    monkeypatch.setattr(TrainConfig, "precision_name", property(lambda self: "64-true"))
+    assert train_autoencoder(_config(tmp_path, "single", accumulate=4, max_steps=3, disc_start=1)) == 0
+    cfg = tiny_config(tmp_path, run={"name": "ddp"},
+                      model={"guidance": {"kind": "none", "num_classes": 0, "drop_prob": 0.0},
+                             "autoencoder": {"checkpoint": str(tmp_path / "ddp.ckpt"),
+                                             "loss": {"perceptual_weight": 0.0, "disc_start": 1, "disc_channels": 8,
+                                                      "disc_num_layers": 2}}},
+                      train={"accumulate": 2, "max_steps": 3, "checkpoint_every": 3, "devices": 2, "strategy": "ddp"})
+    script = tmp_path / "float64_cli.py"
+    script.write_text(_FLOAT64_CLI)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), "train-autoencoder", str(write_config(tmp_path, cfg, "ddp.yaml"))],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    one, ddp = _final(tmp_path, "single", 3), _final(tmp_path, "ddp", 3)
+    assert one["sgdm"] == ddp["sgdm"] == {"step": 3}
+    for key, value in one["state_dict"].items():
+        if key.startswith("loss.discriminator.") and "running_" in key or key.endswith("num_batches_tracked"):
+            continue  # each rank's BatchNorm statistics of its own images
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-9, atol=1e-9, equal_nan=True, msg=key)
+    for sa, sb in zip(one["optimizer_states"], ddp["optimizer_states"], strict=True):
+        for index, state in sa["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(sb["state"][index][name], value, rtol=1e-9, atol=1e-12,
+                                           msg=f"optimizer state {index}.{name}")
