@@ -301,12 +301,18 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     return results
 
 
+def markdown_cell(value) -> str:
+    """A value as the text of a Markdown table cell: ``|`` would end the cell and a line break the
+    row; backslashes are doubled first so that a name's own ``\\`` cannot escape the next ``|``."""
+    text = "-" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """Rows of {metric: value} as a Markdown table (metrics in first-seen order)."""
+    """Rows of {metric: value} as a Markdown table (metrics in first-seen order; cells escaped)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    lines = ["| " + " | ".join(markdown_cell(k) for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(markdown_cell(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

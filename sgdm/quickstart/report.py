@@ -208,14 +208,6 @@ def _intro(cfg) -> str:
             "distance in that encoder's feature space (lower is better; not FID).")
 
 
-def _md_cell(value):
-    """A table cell's text as Markdown: ``|`` would end the cell and a line break the row;
-    backslashes are doubled first so that a name's own ``\\`` cannot escape the next ``|``."""
-    if not isinstance(value, str):
-        return value
-    return " ".join(value.replace("\\", "\\\\").replace("|", "\\|").splitlines())
-
-
 def _write_markdown(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
     from sgdm.evaluation.evaluate import markdown_table
     from sgdm.training.checkpoint import atomic_write_text
@@ -223,7 +215,7 @@ def _write_markdown(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
     lines = [f"# sgdm report: {cfg.run.name}", "", _intro(cfg), ""]
     for s in sections:
         lines += [f"## {s['title']}", "", f"![{s['title']}]({s['image']})", "", s["caption"], ""]
-    lines += ["## Metrics", "", markdown_table([{_md_cell(k): _md_cell(v) for k, v in r.items()} for r in metrics])]
+    lines += ["## Metrics", "", markdown_table(metrics)]
     for name, values in scores.items():
         if values:
             lines += [f"Annotation scores ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()), ""]

@@ -291,3 +291,11 @@ def test_unreadable_reference_image_stops_eval_before_sampling(tmp_path, capsys,
     assert main(["eval", str(run_dir)]) != 0
     assert "1.png" in capsys.readouterr().err
     assert not sampled
+
+
+def test_markdown_table_escapes_what_would_break_a_row():
+    from sgdm.evaluation.evaluate import markdown_table
+
+    table = markdown_table([{"run": "a|b\\", "note": "two\nlines", "x": 0.123456, "y": None}])
+    assert table.splitlines()[2] == "| a\\|b\\\\ | two lines | 0.1235 | - |"
+    assert table.splitlines()[0] == "| run | note | x | y |"

@@ -69,7 +69,6 @@ def test_user_strings_cannot_break_the_metrics_table(tmp_path, scales_evaluated)
     table = _table((out / "report.md").read_text())
     assert len(table) == 4 and len({_cells(line) for line in table}) == 1, table
     assert table[2].startswith("| a\\|b\\\\\\|c\\\\ (label) |")
-    assert report._md_cell("two\nlines") == "two lines" and report._md_cell(1.5) == 1.5
     assert "a|b\\|c\\ (label)" in (out / "index.html").read_text()  # HTML shows the name as it is
 
 
