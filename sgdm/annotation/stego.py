@@ -29,7 +29,7 @@ the same f that made the guiding masks.
 
 Mask resolution: as STEGO, the codes are upsampled bilinearly from the patch
 grid to ``mask_size`` before each cell takes its nearest centroid (the probe is
-fitted at the patch grid); ``mask_size: 0`` keeps the patch grid.
+fitted at the patch grid); a ``mask_size`` no finer than the grid (0) keeps it.
 
 Not done: STEGO's dense CRF refinement; ``method: kmeans`` is the
 non-parametric baseline (k-means directly on the patch features).
@@ -233,19 +233,20 @@ class _Encoder:
         return F.normalize(self.raw(feats), dim=1).permute(0, 2, 3, 1)
 
 
-def upsample_codes(codes: torch.Tensor, size: int) -> torch.Tensor:
-    """Codes ``[B, C, h, w]`` -> normalised ``[B, size, size, C]``: bilinear (half-pixel centres,
-    ``align_corners=False``) before the normalisation, as STEGO upsamples its codes to the label
-    size before its cluster probe normalises them."""
-    if size and tuple(codes.shape[-2:]) != (size, size):
-        codes = F.interpolate(codes, size=(size, size), mode="bilinear", align_corners=False)
+def upsample_codes(codes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Codes ``[B, C, h, w]`` -> normalised ``[B, H, W, C]`` for ``size = (H, W)``: bilinear
+    (half-pixel centres, ``align_corners=False``) before the normalisation, as STEGO upsamples its
+    codes to the label size before its cluster probe normalises them."""
+    if tuple(codes.shape[-2:]) != tuple(size):
+        codes = F.interpolate(codes, size=tuple(size), mode="bilinear", align_corners=False)
     return F.normalize(codes, dim=1).permute(0, 2, 3, 1)
 
 
 class Segmenter:
     """The fitted self-segmentation f: an optional STEGO head, the K cluster centroids of its
     normalised codes (of the normalised patch features for ``method: kmeans``) and the side
-    ``mask_size`` of the class maps it draws (0: the patch grid; see ``StegoConfig.mask_size``)."""
+    ``mask_size`` of the class maps it draws (the patch grid where that is as fine, 0 included;
+    see ``StegoConfig.mask_size``)."""
 
     def __init__(self, centroids: torch.Tensor, head: Optional[SegmentationHead] = None, mask_size: int = 0):
         if centroids.dim() != 2:
@@ -261,16 +262,14 @@ class Segmenter:
         return _Encoder(head, self.centroids.shape[1], device)
 
     def mask_hw(self, grid: Sequence[int]) -> tuple[int, int]:
-        """``(h, w)`` of the class maps drawn from patch features on a ``grid`` (h, w) patch grid."""
+        """``(h, w)`` of the class maps drawn from patch features on a ``grid`` (h, w) patch grid:
+        ``mask_size`` square, or the grid itself where that is as fine (``mask_size`` 0 included)."""
         h, w = int(grid[0]), int(grid[1])
-        if self.mask_size and self.mask_size < max(h, w):
-            raise ValueError(f"mask_size {self.mask_size} is below the {h}x{w} patch grid: use 0 for the "
-                             f"patch grid, or at least {max(h, w)}")
-        return (self.mask_size, self.mask_size) if self.mask_size else (h, w)
+        return (self.mask_size, self.mask_size) if self.mask_size > max(h, w) else (h, w)
 
     @torch.no_grad()
     def assign(self, patches, batch_size: int = 64, chunk_elements: int = 1 << 24, device="cpu") -> torch.Tensor:
-        """Class maps ``[N, s, s]`` uint8 (``s = mask_size``; ``[N, h, w]`` with ``mask_size`` 0) of
+        """Class maps ``[N, s, s]`` uint8 (``s = mask_size``; ``[N, h, w]`` where the grid is as fine) of
         patch features ``[N, h, w, D]``: codes upsampled (:func:`upsample_codes`), then the nearest
         centroid of each cell."""
         n, h, w = len(patches), patches.shape[1], patches.shape[2]
@@ -283,7 +282,7 @@ class Segmenter:
         step = max(1, min(batch_size, chunk_elements // max(1, out_h * out_w * max(encode.dim, patches.shape[-1]))))
         masks = []
         for s in range(0, n, step):
-            codes = upsample_codes(encode.raw(patches[s : s + step]), self.mask_size)
+            codes = upsample_codes(encode.raw(patches[s : s + step]), (out_h, out_w))
             ids = assign(codes.reshape(-1, encode.dim), centroids, chunk_elements)[0]
             masks.append(ids.reshape(-1, out_h, out_w).to(torch.uint8).cpu())
         return torch.cat(masks) if masks else torch.zeros(0, out_h, out_w, dtype=torch.uint8)

@@ -235,14 +235,18 @@ class AnnotationStore:
         """Dotted keys of ``annotation`` (an :class:`~sgdm.annotation.config.AnnotationConfig`, with
         the store's granularity) whose values differ from those the store was made with; only keys
         that change what the store holds count (not batch sizes, devices or the store path).
-        Settings added since the store was written count at their defaults."""
+        Settings added since the store was written count at their defaults, except
+        ``stego.mask_size``: such a store's masks are at the patch grid (0)."""
         from sgdm.annotation.config import AnnotationConfig
         from sgdm.config.core import from_dict, to_dict
 
         old = self.manifest.get("params")
         if old is None:
             return ["params (the manifest does not record them)"]
-        old = to_dict(from_dict(AnnotationConfig, {k: v for k, v in old.items() if k != "store"}, "annotation"))
+        old = {k: v for k, v in old.items() if k != "store"}
+        if isinstance(old.get("stego", {}), dict):  # stores made before stego.mask_size hold patch-grid masks
+            old["stego"] = {"mask_size": 0, **old.get("stego", {})}
+        old = to_dict(from_dict(AnnotationConfig, old, "annotation"))
         new = to_dict(annotation)
         skip = {"store", "batch_size", "num_workers", "device", "precision", "shard_size", "weights"}
         skip |= {"lost", "stego"} - {"box": {"lost"}, "mask": {"stego"}}.get(self.granularity, set())

@@ -41,8 +41,9 @@ def test_each_granularity_with_evaluate(tmp_path, tiny_weights, shapes_cache, gr
         box = record["box"]
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
     if granularity == "mask":
-        assert record["mask"].shape == (4, 4) and int(record["mask"].max()) < 13
-        assert manifest["crf"] is False
+        # stego.mask_size 64 (the default) is clamped to the 32-pixel images; the tiny ViT's grid is 4x4
+        assert record["mask"].shape == (32, 32) and int(record["mask"].max()) < 13
+        assert manifest["crf"] is False and manifest["mask_hw"] == [32, 32] and manifest["patch_grid"] == [4, 4]
 
 
 def test_resume_skips_finished_shards(tmp_path, tiny_weights, shapes_cache, monkeypatch):
@@ -346,3 +347,33 @@ def test_features_of_another_format_and_other_settings_are_refused_naming_both(t
     with pytest.raises(StoreMismatchError, match=r"\(feature_format, shard_size differ; they were feature_format=1, "
                                                  r"shard_size=8\); delete"):
         annotate(cfg, progress=False, log=lambda m: None)
+
+
+def test_mask_size_changes_the_masks_not_the_features_and_a_store_of_another_size_is_named(
+        tmp_path, tiny_weights, shapes_cache, monkeypatch):
+    messages = []
+    coarse_cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4,
+                        stego={"method": "kmeans", "mask_size": 0})
+    coarse = AnnotationStore.open(annotate(coarse_cfg, "mask", evaluate=True, progress=False, log=lambda m: None).store)
+    coarse_masks = coarse.tensor("mask")
+    assert coarse_masks.shape == (48, 4, 4) and coarse.manifest["mask_hw"] == [4, 4]
+    extracted = []
+    monkeypatch.setattr(annotate_module, "_extract_shard", lambda *args: extracted.append(1))
+    fine_cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans", "mask_size": 16})
+    assert coarse.settings_differ(fine_cfg.annotation) == ["stego.mask_size"]  # never read as the other size
+    fine = AnnotationStore.open(annotate(fine_cfg, "mask", evaluate=True, progress=False, log=messages.append).store)
+    assert extracted == []  # the cached patch features serve every mask size
+    assert fine.tensor("mask").shape == (48, 16, 16) and fine.manifest["mask_hw"] == [16, 16]
+    assert fine.segmenter().mask_size == 16 and set(fine.manifest["metrics"]) == {"miou", "pixel_accuracy"}
+    assert fine.settings_differ(fine_cfg.annotation) == [] and fine.settings_differ(coarse_cfg.annotation) == ["stego.mask_size"]
+    # the same f (patch k-means, same seed): the fine maps pooled back to the grid mostly agree with the coarse ones
+    blocks = fine.tensor("mask").long().reshape(48, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(48, 4, 4, 16)
+    assert (blocks.mode(-1).values == coarse_masks.long()).float().mean() > 0.8
+    # a store made before stego.mask_size existed holds patch-grid masks: it matches 0, not the default
+    manifest = json.loads((fine.path / "manifest.json").read_text())
+    del manifest["params"]["stego"]["mask_size"]
+    (fine.path / "manifest.json").write_text(json.dumps(manifest))
+    old = AnnotationStore.open(fine.path)
+    assert old.settings_differ(coarse_cfg.annotation) == []
+    default_cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans"})
+    assert old.settings_differ(default_cfg.annotation) == ["stego.mask_size"]

@@ -128,4 +128,4 @@ def test_annotate_masks_with_two_ranks(ranks):
     assert results[0]["mask_images"] == 40 and results[1]["mask_images"] == 0
     store = AnnotationStore.open(out / "mask" / "store")
     masks = store.tensor("mask")
-    assert masks.shape == (40, 4, 4) and int(masks.max()) < 3 and store.manifest["method"] == "stego"
+    assert masks.shape == (40, 32, 32) and int(masks.max()) < 3 and store.manifest["method"] == "stego"  # mask_size 64 -> the 32-px image

@@ -66,7 +66,7 @@ class CountingSource:
 def test_segment_streams_batches_and_matches_in_memory(tmp_path, method):
     patches = two_kind_patches(12)
     cls = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
-    cfg = StegoConfig(method=method, dim=4, epochs=2, batch_size=5, knn=2, feature_samples=0)
+    cfg = StegoConfig(method=method, dim=4, epochs=2, batch_size=5, knn=2, feature_samples=0, mask_size=0)
     source = CountingSource(ShardPatches(write_shards(tmp_path, patches, [5, 5, 2])))
     streamed = segment(source, cls, 2, cfg, KMeansConfig(), torch.Generator().manual_seed(0), fit_patches=40)
     in_memory = segment(patches, cls, 2, cfg, KMeansConfig(), torch.Generator().manual_seed(0), fit_patches=40)

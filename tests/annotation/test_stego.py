@@ -75,7 +75,7 @@ def test_segment_separates_two_feature_kinds(method):
     cls = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
     from sgdm.annotation.config import KMeansConfig
 
-    cfg = StegoConfig(method=method, dim=4, epochs=2, batch_size=3, knn=2, feature_samples=0)
+    cfg = StegoConfig(method=method, dim=4, epochs=2, batch_size=3, knn=2, feature_samples=0, mask_size=0)
     masks = segment(patches, cls, 2, cfg, KMeansConfig(), torch.Generator().manual_seed(0))
     assert masks.shape == (6, 4, 4) and masks.dtype == torch.uint8
     left, right = masks[:, :, :2], masks[:, :, 2:]
@@ -114,18 +114,20 @@ def test_finer_masks_follow_a_diagonal_boundary_the_patch_grid_makes_blocky():
     assert (fine != truth).sum() < (blocky != truth).sum()  # 2 cells wrong (corners) against 24
     blocks = fine.reshape(grid, size // grid, grid, size // grid).permute(0, 2, 1, 3).flatten(2)
     assert (blocks.amin(-1) != blocks.amax(-1)).any()  # the boundary runs through patches
-    assert torch.equal(_diagonal_segmenter(grid).assign(patches)[0], coarse)  # mask_size = grid: the grid itself
 
 
-def test_mask_size_below_the_patch_grid_is_refused_and_kept_by_save(tmp_path):
+def test_mask_size_no_finer_than_the_patch_grid_keeps_it_and_save_keeps_the_size(tmp_path):
     from sgdm.annotation.stego import Segmenter
     from sgdm.annotation.store import save_tensors_atomic
     from sgdm.config.core import ConfigError, from_dict
 
-    with pytest.raises(ValueError, match="mask_size 3 is below the 4x4 patch grid"):
-        _diagonal_segmenter(3).assign(_diagonal_field(4))
+    patches = _diagonal_field(4)
+    for size in (0, 3):
+        assert torch.equal(_diagonal_segmenter(size).assign(patches), _diagonal_segmenter(4).assign(patches))
     with pytest.raises(ConfigError, match="annotation.stego.mask_size: must be in"):
         from_dict(StegoConfig, {"mask_size": -1}, "annotation.stego")
+    with pytest.raises(ValueError, match="mask_size must be >= 0"):
+        _diagonal_segmenter(-1)
     path = _diagonal_segmenter(16).save(tmp_path / "seg.safetensors")
     assert Segmenter.load(path).mask_size == 16
     save_tensors_atomic(tmp_path / "old.safetensors", {"centroids": torch.eye(2)})  # as sgdm wrote it before
