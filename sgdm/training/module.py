@@ -166,7 +166,7 @@ class LatentDiffusionModule(pl.LightningModule):
         # a device tensor, read once per optimiser step (in _finish_step), not once per micro-batch
         self._step_finite = torch.isfinite(loss.detach()) & self._step_finite
         self.manual_backward(loss / self.train_cfg.accumulate)
-        self._log_loss(loss.detach(), per_sample.detach(), t)
+        self._log_loss(loss.detach(), per_sample.detach(), t, step, micro)
         if micro == self.train_cfg.accumulate - 1:
             self._finish_step(step)
         return loss.detach()
@@ -228,9 +228,17 @@ class LatentDiffusionModule(pl.LightningModule):
                   f"({self.consecutive_nan} in a row, {self.nan_skips} in total)", flush=True)
 
     # -- logging ----------------------------------------------------------------------------------------------
-    def _log_loss(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        """t: the micro-batch's timesteps on the CPU, so which quartiles it holds is known without a sync."""
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
+    def _log_loss(self, loss: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor, step: int, micro: int) -> None:
+        """t: the micro-batch's timesteps on the CPU, so which quartiles it holds is known without a sync.
+
+        The progress bar shows ``loss``, a host copy of train/loss read on the last micro-batch of every
+        ``train.log_every``-th step: Lightning turns each prog_bar metric into a number after every batch
+        (its logger connector's on_batch_end, bar or no bar), a host sync per micro-batch for a device
+        tensor such as train/loss itself.
+        """
+        self.log("train/loss", loss, on_step=True)
+        if micro == self.train_cfg.accumulate - 1 and step % self.train_cfg.log_every == 0:
+            self._log_host("loss", float(loss), prog_bar=True, logger=False)
         quartile = (t.cpu() * 4) // len(self.schedule)
         for q in range(4):
             rows = (quartile == q).nonzero().flatten()
