@@ -89,8 +89,8 @@ class AutoencoderModule(pl.LightningModule):
         with opt_ae.toggle_model(sync_grad=last):
             with seeded_global_rng(x.device, self.seed, "autoencoder-dropout", position, rank):
                 posterior = self.autoencoder.encode(x)
-                noise = generator_for(self.seed, "autoencoder", self.step)
-                rec = self.autoencoder.decode(posterior_sample(posterior, noise, self.accumulate * world,
+                gen = generator_for(self.seed, "autoencoder", self.step)  # the step's, not the micro-batch's
+                rec = self.autoencoder.decode(posterior_sample(posterior, gen, self.accumulate * world,
                                                                micro * world + rank))
             loss, logs = self.loss.generator_loss(x, rec, posterior, self.step,
                                                   last_layer=self.autoencoder.decoder.conv_out.weight)
