@@ -129,27 +129,52 @@ def test_both_optimizers_step_once_per_accumulated_step_and_keep_their_gradients
     assert {int(s["step"]) for s in disc_state.values()} == {2}
 
 
-def test_resume_with_accumulation_continues_exactly(tmp_path):
-    """4 steps straight == 2 steps then --resume to 4, with accumulate 2, dropout 0.3 and the discriminator
-    from step 1: the resumed loader restarts at position 2 * step, the dropout and posterior noise are
-    those of the same positions and steps."""
-    from sgdm.training.autoencoder import train_autoencoder
+def _sigterm_at(position: int):
+    """A callback that sends this process a SIGTERM when the micro-batch at ``position`` starts
+    (Lightning's handler flags it; the step checkpoint callback saves and training stops)."""
+    import os
+    import signal
 
-    assert train_autoencoder(_config(tmp_path, "straight", accumulate=2, max_steps=4, dropout=0.3,
-                                     disc_start=1), resume=False) == 0
-    for max_steps, resume in ((2, False), (4, True)):
-        torch.manual_seed(max_steps)  # whatever the global RNG holds when a segment starts
-        assert train_autoencoder(_config(tmp_path, "resumed", accumulate=2, max_steps=max_steps, dropout=0.3,
-                                         disc_start=1), resume=resume) == 0
-    a, b = _final(tmp_path, "straight", 4), _final(tmp_path, "resumed", 4)
-    assert a["sgdm"] == b["sgdm"] == {"step": 4}
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]) or key.endswith("scale_factor"), key
-    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        assert sa["state"].keys() == sb["state"].keys() and sa["state"]
-        for index, state in sa["state"].items():
-            for name, value in state.items():
-                assert torch.equal(value, sb["state"][index][name]), f"optimizer state {index}.{name}"
+    import pytorch_lightning as pl
+
+    class SigtermAt(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if int(batch["position"][0]) == position:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return SigtermAt()
+
+
+def test_resume_with_accumulation_continues_exactly(tmp_path):
+    """4 steps straight == 2 steps then --resume to 4 == a SIGTERM in the first micro-batch of step 2
+    (its partial accumulation dropped, the checkpoint at step 2) then --resume to 4; accumulate 2, dropout
+    0.3, the discriminator from step 1. The resumed loader restarts at position 2 * step, the dropout and
+    posterior noise are those of the same positions and steps."""
+    from sgdm.training.autoencoder import train_autoencoder
+    from sgdm.training.run import EXIT_SIGTERM
+
+    def run(name, max_steps, resume, callbacks=()):
+        torch.manual_seed(max_steps + resume)  # whatever the global RNG holds when a segment starts
+        return train_autoencoder(_config(tmp_path, name, accumulate=2, max_steps=max_steps, dropout=0.3,
+                                         disc_start=1), resume=resume, callbacks=callbacks)
+
+    assert run("straight", 4, False) == 0
+    assert run("resumed", 2, False) == 0 and run("resumed", 4, True) == 0
+    assert run("stopped", 4, False, [_sigterm_at(4)]) == EXIT_SIGTERM
+    saved = sorted(p.name for p in (tmp_path / "runs" / "stopped" / "checkpoints").glob("*.ckpt"))
+    assert saved[-1] == "step-00000002.ckpt", saved
+    assert run("stopped", 4, True) == 0
+    a = _final(tmp_path, "straight", 4)
+    for other in ("resumed", "stopped"):
+        b = _final(tmp_path, other, 4)
+        assert a["sgdm"] == b["sgdm"] == {"step": 4}
+        for key, value in a["state_dict"].items():
+            assert torch.equal(value, b["state_dict"][key]) or key.endswith("scale_factor"), (other, key)
+        for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+            assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+            for index, state in sa["state"].items():
+                for name, value in state.items():
+                    assert torch.equal(value, sb["state"][index][name]), f"{other}: optimizer state {index}.{name}"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
