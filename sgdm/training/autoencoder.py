@@ -26,6 +26,7 @@ import pathlib
 import pytorch_lightning as pl
 import torch
 
+from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import derive_seed, generator_for, seeded_global_rng
 
 __all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files", "posterior_sample"]
@@ -42,7 +43,7 @@ def posterior_sample(posterior, generator: torch.Generator, parts: int = 1, part
     return posterior.mean + posterior.std * noise.to(posterior.mean)
 
 
-class AutoencoderModule(pl.LightningModule):
+class AutoencoderModule(HostLogging, pl.LightningModule):
     """AutoencoderKL + AutoencoderLoss trained on ``train`` (lr, accumulate, max_steps of a
     :class:`~sgdm.training.config.TrainConfig`); ``step`` counts optimiser steps (the resume position)."""
 
@@ -51,6 +52,7 @@ class AutoencoderModule(pl.LightningModule):
         self.automatic_optimization = False
         self.autoencoder, self.loss = autoencoder, loss
         self.lr, self.accumulate, self.max_steps = train.lr, train.accumulate, train.max_steps
+        self.log_every = train.log_every
         self.seed, self._train_loader = seed, train_loader
         self.step = 0
 
@@ -100,8 +102,10 @@ class AutoencoderModule(pl.LightningModule):
                 d_loss, d_logs = self.loss.discriminator_loss(x, rec, self.step)
                 self.manual_backward(d_loss / self.accumulate)
             logs.update(d_logs)
-        self.log_dict({f"autoencoder/{k}": float(v) for k, v in logs.items()}, on_step=True, prog_bar=False)
-        self.log("autoencoder/loss", loss.detach(), on_step=True, prog_bar=True)
+        # device tensors for the loggers (read at their cadence only); the bar gets host copies (HostLogging)
+        self.log_dict({f"autoencoder/{k}": torch.as_tensor(v).detach() for k, v in logs.items()}, on_step=True)
+        self.log("autoencoder/loss", loss.detach(), on_step=True)
+        self._log_bar_loss(loss.detach(), self.step, last, self.log_every)
         if last:
             self._finish_step(opt_ae, opt_disc if disc_active else None)
 

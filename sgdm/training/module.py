@@ -30,6 +30,7 @@ from sgdm.diffusion.schedule import NoiseSchedule
 from sgdm.training.conditions import GuidanceLookup, apply_keep_mask, dropout_keep_mask
 from sgdm.training.config import TrainConfig
 from sgdm.training.ema import ema_decay, update_ema
+from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import generator_for, seeded_global_rng
 
 __all__ = ["LatentDiffusionModule", "NonFiniteLossError"]
@@ -39,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
     """A non-finite loss or gradient under ``on_nan: raise`` (or too many consecutive skips)."""
 
 
-class LatentDiffusionModule(pl.LightningModule):
+class LatentDiffusionModule(HostLogging, pl.LightningModule):
     """Denoiser + EMA copy + frozen first stage.
 
     unet: ``UNet``; first_stage: autoencoder with ``encode(x) -> posterior(mean, logvar)``
@@ -237,19 +238,13 @@ class LatentDiffusionModule(pl.LightningModule):
         tensor such as train/loss itself.
         """
         self.log("train/loss", loss, on_step=True)
-        if micro == self.train_cfg.accumulate - 1 and step % self.train_cfg.log_every == 0:
-            self._log_host("loss", float(loss), prog_bar=True, logger=False)
+        self._log_bar_loss(loss, step, micro == self.train_cfg.accumulate - 1, self.train_cfg.log_every)
         quartile = (t.cpu() * 4) // len(self.schedule)
         for q in range(4):
             rows = (quartile == q).nonzero().flatten()
             if len(rows):
                 # per_sample[rows] is per_sample[mask] (the same rows in the same order)
                 self.log(f"train/loss_q{q}", per_sample[_to_device(rows, per_sample.device)].mean(), on_step=True)
-
-    def _log_host(self, name: str, value: float, **kwargs) -> None:
-        """Log a Python number as a CPU tensor: Lightning keeps it on the CPU, where a number would be
-        copied to the module's device (a blocking copy, i.e. a host sync, on the GPU) on every call."""
-        self.log(name, torch.tensor(float(value), dtype=_log_dtype()), on_step=True, **kwargs)
 
     def _log_step(self, sched) -> None:
         now = time.perf_counter()
@@ -267,10 +262,6 @@ class LatentDiffusionModule(pl.LightningModule):
 _HOST_KEYS = ("position", "flipped")
 
 
-def _log_dtype() -> torch.dtype:
-    """The dtype Lightning gives a logged Python number (the default dtype, at least float32)."""
-    dtype = torch.get_default_dtype()
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

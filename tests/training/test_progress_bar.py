@@ -56,3 +56,29 @@ def test_prog_bar_metrics_are_host_numbers_and_the_loss_is_read_every_log_every_
     assert record.bar["loss"] == pytest.approx(shown[-1][1])
     assert "train/loss" not in record.bar
 
+
+
+def test_the_autoencoder_trainer_puts_host_numbers_only_on_the_bar(tmp_path):
+    import torch
+
+    from sgdm.training.autoencoder import train_autoencoder
+
+    ae = {"checkpoint": str(tmp_path / "ae.ckpt"),
+          "loss": {"perceptual_weight": 0.0, "disc_start": 2, "disc_channels": 8, "disc_num_layers": 2}}
+    cfg = tiny_config(tmp_path, run={"name": "ae"}, model={"guidance": {"kind": "none", "num_classes": 0,
+                                                                         "drop_prob": 0.0}, "autoencoder": ae},
+                      train={"max_steps": 4, "log_every": 3, "progress_bar": True, "accumulate": 2,
+                             "checkpoint_every": 100})
+    record = RecordLogs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_autoencoder(from_dict(ExperimentConfig, cfg), callbacks=[record]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert {(name, host) for _, name, _, bar, host in record.logs if bar} == {("loss", True)}
+    losses = [(step, value) for step, name, value, _, _ in record.logs if name == "autoencoder/loss"]
+    shown = [(step, value) for step, name, value, _, _ in record.logs if name == "loss"]
+    assert len(losses) == 4 * 2 and [s for s, _ in shown] == [0, 3]
+    assert shown == [losses[(s + 1) * 2 - 1] for s in (0, 3)]  # the last micro-batch of steps 0 and 3
+    assert set(record.bar) == {"loss"}
