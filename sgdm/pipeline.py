@@ -397,7 +397,7 @@ class GuidanceInputs:
     boxes: Optional[torch.Tensor] = None  # [N, 4] normalized xyxy
     box_masks: Optional[torch.Tensor] = None  # [N, H, W] binary
     class_maps: Optional[torch.Tensor] = None  # [N, H, W] ids, 255 = ignore
-    channel_masks: Optional[torch.Tensor] = None  # [N, K, H, W] in [0, 1]
+    channel_masks: Optional[torch.Tensor] = None  # [N, K, H, W] in [0, 1], not one-hot (those are class_maps)
 
     def condition(self, lo: int, hi: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(cond [b, K] | None, cond_map [b, C, h, w] | None) for images lo..hi-1 (None, None: unconditional)."""
@@ -406,9 +406,10 @@ class GuidanceInputs:
             ids = self.class_maps[lo:hi]
             # multi-hot from the full-resolution map: small regions may vanish on the latent grid (Eq. 9)
             return multi_hot(class_map_one_hot(ids, k)), class_map_one_hot(ids, k, size=hw)
-        if self.channel_masks is not None:
+        if self.channel_masks is not None:  # soft masks: coverage fractions when shrinking
             hot = self.channel_masks[lo:hi].float()
-            return multi_hot(hot), F.interpolate(hot, size=hw, mode="nearest")
+            shrink = hw[0] <= hot.shape[-2] and hw[1] <= hot.shape[-1]
+            return multi_hot(hot), F.interpolate(hot, size=hw, mode="area" if shrink else "nearest-exact")
         if self.clusters is None:
             return None, None
         cond = one_hot(self.clusters[lo:hi], k)
@@ -462,6 +463,11 @@ def _parse_mask(mask, k: int, n: int, latent_hw, image_hw) -> dict:
     _check_covers_image(hot.shape[-2:], image_hw, latent_hw, "mask")
     if not bool(((hot >= 0) & (hot <= 1)).all()):  # NaN fails it too
         raise ValueError("mask: channel values must lie in [0, 1] (NaN is not a value)")
+    covered = hot.sum(1)
+    if bool((((hot == 0) | (hot == 1)).all() & (covered <= 1).all())):
+        # one-hot (all-zero: ignored): the class ids it encodes, so it is resized as an id map is
+        ids = torch.where(covered > 0, hot.argmax(1), IGNORE_INDEX)
+        return {"class_maps": _expand(ids, n, "mask")}
     return {"channel_masks": _expand(hot, n, "mask")}
 
 

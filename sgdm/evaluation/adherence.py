@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from sgdm.evaluation.feature_distance import FeatureSpace
 
@@ -122,10 +121,11 @@ def mask_adherence(
     the guidance's, so they are scored id for id. Without one (ground-truth masks, or a store
     that did not keep f) a segmenter (``stego_cfg.method``: STEGO head or k-means on patches)
     is fitted on the generated set itself and its arbitrary ids are Hungarian-matched. Its
-    [N, h', w'] maps are upsampled (nearest) to the guiding masks' resolution.
+    [N, h', w'] maps are resized to the guiding masks' resolution (:func:`~sgdm.models.conditioning.resize_class_map`).
     ``tokens``: the images' :func:`image_tokens`, when the caller already has them.
     """
     from sgdm.annotation.stego import segment
+    from sgdm.models.conditioning import resize_class_map
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
         raise ValueError(f"masks: expected [{images.shape[0]}, h, w] class maps, got {tuple(masks.shape)}")
@@ -135,7 +135,7 @@ def mask_adherence(
         pred = segmenter.assign(patches, batch_size, kmeans_cfg.chunk_elements, space.device)
     else:
         pred = segment(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device=space.device)
-    pred = F.interpolate(pred[:, None].float(), size=masks.shape[-2:], mode="nearest")[:, 0].long()
+    pred = resize_class_map(pred, masks.shape[-2:], num_classes)
     return mask_scores(pred, masks, num_classes, "hungarian" if segmenter is None else "identity")
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "one_hot",
     "box_mask",
     "class_map_one_hot",
+    "resize_class_map",
     "multi_hot",
     "condition_from_annotations",
     "condition_from_batch",
@@ -117,7 +118,7 @@ def class_map_one_hot(class_map: torch.Tensor, num_classes: int, size: tuple[int
                       flipped=None) -> torch.Tensor:
     """Class maps [B, H, W] (ids in [0, K) or 255 = ignore) -> one-hot float32 [B, K, h, w].
 
-    Resized to ``size`` with nearest neighbour first (class ids must not be blended);
+    Resized to ``size`` first (:func:`resize_class_map`: class ids are never blended);
     ignored pixels get all-zero channels. ``flipped`` [B] bool mirrors maps horizontally.
     """
     ids = _class_ids(class_map)
@@ -126,12 +127,32 @@ def class_map_one_hot(class_map: torch.Tensor, num_classes: int, size: tuple[int
         if flip.numel() != ids.shape[0]:
             raise ValueError(f"flipped: expected {ids.shape[0]} flags, got {flip.numel()}")
         ids = torch.where(flip[:, None, None], ids.flip(-1), ids)
-    if size is not None and tuple(ids.shape[-2:]) != tuple(size):
-        ids = F.interpolate(ids[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
     _check_class_ids(ids, num_classes)
+    if size is not None:
+        ids = resize_class_map(ids, size, num_classes)
     valid = ids != IGNORE_INDEX
     hot = F.one_hot(torch.where(valid, ids, 0), num_classes).permute(0, 3, 1, 2).float()
     return hot * valid[:, None].float()
+
+
+def resize_class_map(ids: torch.Tensor, size, num_classes: int) -> torch.Tensor:
+    """Class maps [B, H, W] (ids in [0, K) or 255) resized to ``size`` (h, w) without blending ids.
+
+    Shrinking (h <= H and w <= W): each cell takes the class that covers most of its area (ties: the
+    lowest id; ignored pixels do not vote; a cell of ignored pixels only stays ignored); nearest
+    neighbour would take one corner pixel of each cell, shifting the map by up to a cell. Growing:
+    the nearest pixel of the cell's centre (``nearest-exact``; equal to plain nearest for whole factors).
+    """
+    size = tuple(int(v) for v in size)
+    if tuple(ids.shape[-2:]) == size:
+        return ids
+    if size[0] <= ids.shape[-2] and size[1] <= ids.shape[-1]:
+        ids = ids.long()
+        valid = ids != IGNORE_INDEX
+        hot = F.one_hot(torch.where(valid, ids, 0), num_classes).permute(0, 3, 1, 2).float()
+        share = F.adaptive_avg_pool2d(hot * valid[:, None], size)
+        return torch.where(share.sum(1) > 0, share.argmax(1), IGNORE_INDEX)
+    return F.interpolate(ids[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
 
 
 def _class_ids(class_map: torch.Tensor) -> torch.Tensor:

@@ -207,3 +207,26 @@ def test_box_mask_of_no_samples_and_bad_shapes():
     # the first sample with a bad box is named, with all its boxes
     with pytest.raises(ValueError, match=r"^boxes\[1\]: .* got \[\[0\.0, 0\.0, 0\.5, 0\.5\], \[0\.5, 0\.0, 0\.25"):
         box_mask([[[0, 0, 1, 1]], [[0, 0, 0.5, 0.5], [0.5, 0, 0.25, 1]], [[2, 0, 1, 1]]], 4, 4)
+
+
+def test_resize_class_map_votes_by_area_when_shrinking_and_takes_centres_when_growing():
+    from sgdm.models.conditioning import IGNORE_INDEX, class_map_one_hot, resize_class_map
+
+    ig = IGNORE_INDEX
+    ids = torch.tensor([[[0, 1, 2, 2],
+                         [1, 1, 2, 3],
+                         [ig, ig, 0, 1],
+                         [ig, 2, 1, 0]]])
+    # top-left: 1 covers 3 of 4; top-right: 2 covers 3; bottom-left: one valid pixel (2), the ignored
+    # ones do not vote; bottom-right: a tie of 0 and 1 -> the lower id
+    assert resize_class_map(ids, (2, 2), 4).tolist() == [[[1, 2], [2, 0]]]
+    assert resize_class_map(torch.full((1, 4, 4), ig), (2, 2), 4).tolist() == [[[ig, ig], [ig, ig]]]
+    # plain nearest would have taken each block's top-left pixel: 0, 2, ig, 0
+    hot = class_map_one_hot(ids, 4, size=(2, 2))
+    assert hot.argmax(1).tolist() == [[[1, 2], [2, 0]]] and hot.sum(1).eq(1).all()
+    small = torch.tensor([[[0, 1], [2, ig]]])
+    assert torch.equal(resize_class_map(small, (4, 4), 3), small.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    # 3 -> 2 (not a whole factor): every output cell averages the input area it covers
+    three = torch.tensor([[[0, 0, 1], [0, 2, 1], [2, 2, 1]]])
+    assert resize_class_map(three, (2, 2), 3).tolist() == [[[0, 1], [2, 1]]]
+    assert resize_class_map(ids, (4, 4), 4) is ids

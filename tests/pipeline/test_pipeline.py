@@ -218,3 +218,14 @@ def test_v_prediction_sampling_reads_nothing_back_from_the_device(sampler, monke
                            0.0, None)
     assert z.shape == (2, *pipe.latent_shape) and z.device.type == "meta"
     assert copies == [(len(pipe.schedule),)]
+
+
+def test_a_soft_channel_mask_keeps_its_coverage_on_the_latent_grid():
+    g = tiny_pipeline("mask").guidance
+    soft = torch.zeros(K, 16, 16)
+    soft[0, :, :8], soft[1, :, 8:] = 1.0, 0.5  # half-certain class 1 on the right
+    soft[0, 0, 0] = 0.25
+    cond, cond_map = build_condition(g, 1, (8, 8), (16, 16), mask=soft)
+    assert torch.equal(cond, torch.tensor([[1.0, 0.5, 0.0]]))  # the max over the map
+    assert cond_map.shape == (1, K, 8, 8) and cond_map[0, 1, :, 4:].eq(0.5).all()
+    assert cond_map[0, 0, 0, 0] == pytest.approx((0.25 + 3) / 4)  # the area of the 2x2 cell
