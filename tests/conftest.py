@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
 def generator():
     """A fresh CPU generator with a fixed seed; tests never seed globally."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: for tiny tensors a second thread only adds synchronisation,
+    which on a loaded 2-core machine made such tests 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,12 +11,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """These convolutions are tiny: on a shared 2-core machine two threads made a step ~10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 def _config(tmp_path, name: str, *, accumulate: int, max_steps: int, dropout: float = 0.0, disc_start: int = 100,

@@ -58,9 +58,7 @@ def test_prog_bar_metrics_are_host_numbers_and_the_loss_is_read_every_log_every_
 
 
 
-def test_the_autoencoder_trainer_puts_host_numbers_only_on_the_bar(tmp_path):
-    import torch
-
+def test_the_autoencoder_trainer_puts_host_numbers_only_on_the_bar(tmp_path, one_thread):
     from sgdm.training.autoencoder import train_autoencoder
 
     ae = {"checkpoint": str(tmp_path / "ae.ckpt"),
@@ -70,12 +68,7 @@ def test_the_autoencoder_trainer_puts_host_numbers_only_on_the_bar(tmp_path):
                       train={"max_steps": 4, "log_every": 3, "progress_bar": True, "accumulate": 2,
                              "checkpoint_every": 100})
     record = RecordLogs()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train_autoencoder(from_dict(ExperimentConfig, cfg), callbacks=[record]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert train_autoencoder(from_dict(ExperimentConfig, cfg), callbacks=[record]) == 0
     assert {(name, host) for _, name, _, bar, host in record.logs if bar} == {("loss", True)}
     losses = [(step, value) for step, name, value, _, _ in record.logs if name == "autoencoder/loss"]
     shown = [(step, value) for step, name, value, _, _ in record.logs if name == "loss"]
