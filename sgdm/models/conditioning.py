@@ -97,7 +97,7 @@ def box_mask(boxes, height: int, width: int, flipped=None) -> torch.Tensor:
         if flip.numel() != n:
             raise ValueError(f"flipped: expected {n} flags, got {flip.numel()}")
     x0, y0, x1, y1 = flat.unbind(1)
-    bad = ((flat < 0) | (flat > 1)).any(1) | (x1 < x0) | (y1 < y0)
+    bad = ~((flat >= 0) & (flat <= 1)).all(1) | (x1 < x0) | (y1 < y0)  # written so that NaN fails it
     if bad.any():
         i = int(sample[bad][0])
         raise ValueError(f"boxes[{i}]: expected normalized xyxy with 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1, "

@@ -39,7 +39,8 @@ def test_box_mask_union_of_several_boxes():
     torch.testing.assert_close(mask[0, 0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
 
 
-@pytest.mark.parametrize("box", [[0.5, 0.0, 0.25, 1.0], [-0.1, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.5]])
+@pytest.mark.parametrize("box", [[0.5, 0.0, 0.25, 1.0], [-0.1, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.5],
+                                 [float("nan"), 0.0, 0.5, 0.5], [0.0, 0.0, float("inf"), 1.0]])
 def test_box_mask_rejects_bad_boxes(box):
     with pytest.raises(ValueError, match=r"^boxes\[0\]: expected normalized xyxy"):
         box_mask(torch.tensor([box]), 4, 4)
