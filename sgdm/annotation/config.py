@@ -60,6 +60,43 @@ class LostConfig:
 
 
 @dataclasses.dataclass
+class CRFConfig:
+    """STEGO's dense-CRF refinement of the class maps (:func:`sgdm.annotation.crf.dense_crf`), opt-in.
+
+    Each cell of the ``mask_size`` grid gets class probabilities from the cluster probe,
+    ``p = softmax(-alpha |c - m_k|^2 / 2)`` over the centroids ``m_k`` of its unit code ``c``.
+    STEGO's probe gives ``softmax(alpha cos(c, m_k))`` with ``alpha = 2``; since
+    ``-|c - m|^2 / 2 = c.m - |m|^2 / 2 - 1/2``, ours equals it up to each centroid's length (our
+    centroids are not renormalised, see :mod:`sgdm.annotation.stego`), and its argmax is the
+    nearest centroid, the map without CRF. Then mean-field of the fully connected CRF on the image
+    area-resized to the grid, and each cell's most probable class.
+
+    Kernel widths are in pixels of the annotation image (STEGO's defaults, which run at the
+    image's pixels) and scale with the grid (mask side / image side); ``bi_rgb_std`` is in 0-255
+    colour units. Cost: O((mask cells)^2) per image and iteration (32x32: ~1M pairs).
+    """
+
+    enabled: bool = False
+    iterations: int = 10
+    pos_weight: float = 3.0
+    pos_xy_std: float = 1.0
+    bi_weight: float = 4.0
+    bi_xy_std: float = 67.0
+    bi_rgb_std: float = 3.0
+    alpha: float = 2.0  # temperature of the probe's class probabilities
+
+    def validate(self) -> None:
+        if self.iterations < 0:
+            raise ConfigError("iterations", f"must be >= 0, got {self.iterations}")
+        for name in ("pos_weight", "bi_weight"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(name, f"must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std", "alpha"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(name, f"must be a finite number > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
 class StegoConfig:
     """STEGO-style segmentation head trained on frozen patch features (Hamilton et al., 2022).
 
@@ -91,6 +128,7 @@ class StegoConfig:
     neg_inter_shift: float = 0.46
     pointwise: bool = True  # centre feature correlations per query location (STEGO's default)
     mask_size: int = 64
+    crf: CRFConfig = dataclasses.field(default_factory=CRFConfig)
 
     def validate(self) -> None:
         if not 0 <= self.mask_size <= 1024:

@@ -31,11 +31,18 @@ Mask resolution: as STEGO, the codes are upsampled bilinearly from the patch
 grid to ``mask_size`` before each cell takes its nearest centroid (the probe is
 fitted at the patch grid); a ``mask_size`` no finer than the grid (0) keeps it.
 
-Not done: STEGO's dense CRF refinement; ``method: kmeans`` is the
-non-parametric baseline (k-means directly on the patch features).
+Dense CRF (opt-in, ``StegoConfig.crf``): as STEGO's evaluation, the probe's class
+probabilities at the mask grid are refined by a fully connected CRF on the image
+the patches came from (:mod:`sgdm.annotation.crf`); the segmenter keeps the
+settings, so adherence segments samples with the same f.
+
+``method: kmeans`` is the non-parametric baseline (k-means directly on the patch features).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import pathlib
 from typing import Optional, Sequence
@@ -44,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgdm.annotation.config import CRFConfig
+from sgdm.annotation.crf import CRFParams, dense_crf
 from sgdm.annotation.kmeans import assign, kmeans_from_config
 
 __all__ = [
@@ -244,16 +253,19 @@ def upsample_codes(codes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 class Segmenter:
     """The fitted self-segmentation f: an optional STEGO head, the K cluster centroids of its
-    normalised codes (of the normalised patch features for ``method: kmeans``) and the side
+    normalised codes (of the normalised patch features for ``method: kmeans``), the side
     ``mask_size`` of the class maps it draws (the patch grid where that is as fine, 0 included;
-    see ``StegoConfig.mask_size``)."""
+    see ``StegoConfig.mask_size``) and ``crf``, its dense-CRF refinement
+    (:class:`~sgdm.annotation.config.CRFConfig`; None, or one not enabled, is off)."""
 
-    def __init__(self, centroids: torch.Tensor, head: Optional[SegmentationHead] = None, mask_size: int = 0):
+    def __init__(self, centroids: torch.Tensor, head: Optional[SegmentationHead] = None, mask_size: int = 0,
+                 crf: Optional[CRFConfig] = None):
         if centroids.dim() != 2:
             raise ValueError(f"Segmenter: centroids must be [K, C], got shape {tuple(centroids.shape)}")
         if mask_size < 0:
             raise ValueError(f"Segmenter: mask_size must be >= 0 (0: the patch grid), got {mask_size}")
         self.centroids, self.head, self.mask_size = centroids.float().cpu(), head, int(mask_size)
+        self.crf = crf if crf is not None and crf.enabled else None
 
     num_classes = property(lambda self: self.centroids.shape[0])
 
@@ -268,14 +280,25 @@ class Segmenter:
         return (self.mask_size, self.mask_size) if self.mask_size > max(h, w) else (h, w)
 
     @torch.no_grad()
-    def assign(self, patches, batch_size: int = 64, chunk_elements: int = 1 << 24, device="cpu") -> torch.Tensor:
+    def assign(self, patches, batch_size: int = 64, chunk_elements: int = 1 << 24, device="cpu",
+               images=None) -> torch.Tensor:
         """Class maps ``[N, s, s]`` uint8 (``s = mask_size``; ``[N, h, w]`` where the grid is as fine) of
         patch features ``[N, h, w, D]``: codes upsampled (:func:`upsample_codes`), then the nearest
-        centroid of each cell."""
+        centroid of each cell, or with ``crf`` the dense-CRF refinement (:meth:`refine`).
+
+        ``images``: required with ``crf`` (ignored without), the ``N`` images the patches came from,
+        ``[N, 3, H, W]`` in [-1, 1] as :func:`~sgdm.annotation.features.extract` took them: a tensor,
+        or any source whose slices are such tensors (read one step of images at a time)."""
         n, h, w = len(patches), patches.shape[1], patches.shape[2]
         if self.head is None and patches.shape[-1] != self.centroids.shape[1]:
             raise ValueError(f"Segmenter: patch features have D={patches.shape[-1]}, the centroids "
                              f"{self.centroids.shape[1]} (features of another backbone?)")
+        if self.crf is not None and images is None:
+            raise ValueError("Segmenter.assign: images is required: this segmenter refines its class maps with a "
+                             "dense CRF (crf enabled), which needs the images the patches came from, [N, 3, H, W] "
+                             "in [-1, 1]")
+        if self.crf is not None and len(images) != n:
+            raise ValueError(f"Segmenter.assign: images holds {len(images)} images for {n} patch maps")
         out_h, out_w = self.mask_hw((h, w))
         encode, centroids = self.encoder(device), self.centroids.to(device)
         # images per step: the upsampled codes of one step stay within chunk_elements floats
@@ -283,20 +306,53 @@ class Segmenter:
         masks = []
         for s in range(0, n, step):
             codes = upsample_codes(encode.raw(patches[s : s + step]), (out_h, out_w))
-            ids = assign(codes.reshape(-1, encode.dim), centroids, chunk_elements)[0]
+            if self.crf is None:
+                ids = assign(codes.reshape(-1, encode.dim), centroids, chunk_elements)[0]
+            else:
+                ids = self.refine(codes, images[s : s + step], chunk_elements)
             masks.append(ids.reshape(-1, out_h, out_w).to(torch.uint8).cpu())
         return torch.cat(masks) if masks else torch.zeros(0, out_h, out_w, dtype=torch.uint8)
 
+    def refine(self, codes: torch.Tensor, images: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+        """Class ids ``[B, H, W]`` of unit codes ``[B, H, W, C]`` (:func:`upsample_codes`) refined by the
+        dense CRF on their images ``[B, 3, H', W']`` in [-1, 1]: per image, the probe's probabilities
+        ``softmax(-alpha |c - m_k|^2 / 2)`` (see :class:`~sgdm.annotation.config.CRFConfig`), the image
+        area-resized to the grid, :func:`~sgdm.annotation.crf.dense_crf`, then the most probable class.
+        Kernel widths, in pixels of the images, scale by grid side / image side; a block of the CRF's
+        kernel holds at most ``chunk_elements`` entries."""
+        b, out_h, out_w, _ = codes.shape
+        images = torch.as_tensor(images).to(codes.device, torch.float32)
+        if images.dim() != 4 or images.shape[0] != b or images.shape[1] != 3:
+            raise ValueError(f"images: expected [{b}, 3, H, W] (the images of the patches), got {tuple(images.shape)}")
+        if images.numel() and (images.min() < -1.01 or images.max() > 1.01):
+            raise ValueError(f"images: expected values in [-1, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")
+        cells_per_pixel = math.sqrt(out_h * out_w / (images.shape[2] * images.shape[3]))  # equal axes for square images
+        params = CRFParams(**{f.name: getattr(self.crf, f.name) for f in dataclasses.fields(CRFParams)})
+        params = params.scaled(cells_per_pixel)
+        grid = F.interpolate((images + 1) / 2, size=(out_h, out_w), mode="area").clamp(0, 1)
+        centroids = self.centroids.to(codes.device)
+        block = max(1, chunk_elements // (out_h * out_w))
+        ids = []
+        for code, image in zip(codes, grid):
+            d2 = torch.cdist(code.reshape(-1, code.shape[-1]), centroids).square()  # [H W, K]
+            probs = torch.softmax(-self.crf.alpha * d2 / 2, dim=1).t().reshape(-1, out_h, out_w)
+            ids.append(dense_crf(image, probs, params, block).argmax(0))
+        return torch.stack(ids)
+
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """One safetensors file (written atomically): ``centroids``, the head's ``head.*`` weights
-        and ``mask_size`` in its metadata."""
+        """One safetensors file (written atomically): ``centroids``, the head's ``head.*`` weights,
+        and in its metadata ``mask_size`` and, with CRF on, ``crf`` (the settings as JSON)."""
         from sgdm.annotation.store import save_tensors_atomic
+        from sgdm.config.core import to_dict
 
         tensors = {"centroids": self.centroids}
         if self.head is not None:
             tensors.update({f"head.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()})
         path = pathlib.Path(path)
-        save_tensors_atomic(path, tensors, {"mask_size": str(self.mask_size)})
+        metadata = {"mask_size": str(self.mask_size)}
+        if self.crf is not None:
+            metadata["crf"] = json.dumps(to_dict(self.crf))
+        save_tensors_atomic(path, tensors, metadata)
         return path
 
     @classmethod
@@ -309,11 +365,13 @@ class Segmenter:
             raise FileNotFoundError(f"segmenter file {path} does not exist")
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
-            recorded = (handle.metadata() or {}).get("mask_size", "0")  # files without it drew patch-grid maps
+            metadata = handle.metadata() or {}
+        recorded = metadata.get("mask_size", "0")  # files without it drew patch-grid maps
         try:
             mask_size = int(recorded)
         except ValueError:
             raise ValueError(f"segmenter file {path}: metadata mask_size {recorded!r} is not an integer") from None
+        crf = _load_crf(path, metadata.get("crf"))  # files without it: CRF off
         if "centroids" not in tensors:
             raise ValueError(f"segmenter file {path} has no 'centroids' tensor")
         state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -323,7 +381,19 @@ class Segmenter:
             head = SegmentationHead(in_dim, dim)
             head.load_state_dict(state)
             head.eval().requires_grad_(False)
-        return cls(tensors["centroids"], head, mask_size)
+        return cls(tensors["centroids"], head, mask_size, crf)
+
+
+def _load_crf(path: pathlib.Path, recorded: Optional[str]) -> Optional[CRFConfig]:
+    """The CRF settings in a segmenter file's metadata (JSON), validated; None where absent."""
+    from sgdm.config.core import from_dict
+
+    if recorded is None:
+        return None
+    try:
+        return from_dict(CRFConfig, json.loads(recorded), "crf")
+    except ValueError as err:  # json's errors and ConfigError are ValueErrors
+        raise ValueError(f"segmenter file {path}: metadata {err}") from None
 
 
 def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
@@ -343,12 +413,12 @@ def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmean
         import torch.distributed as dist
 
         dist.broadcast(centroids, 0)
-    return Segmenter(centroids, head, stego_cfg.mask_size)
+    return Segmenter(centroids, head, stego_cfg.mask_size, stego_cfg.crf)
 
 
 def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
             device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000,
-            segmenter: Optional[Segmenter] = None) -> Optional[torch.Tensor]:
+            segmenter: Optional[Segmenter] = None, images=None) -> Optional[torch.Tensor]:
     """Class maps ``[N, s, s]`` uint8 (``s = stego_cfg.mask_size``, or the segmenter's; ``[N, h, w]``
     for 0) with values in ``[0, K)`` from patch features ``[N, h, w, D]``
     (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
@@ -356,6 +426,8 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
     Fits f with :func:`fit_segmenter` unless ``segmenter`` is given, then assigns
     every patch batch by batch. ``distributed``: each rank assigns a contiguous
     share of the images, and rank 0 returns all class maps (other ranks return None).
+    ``images``: the images of the patches, required with CRF on (see :meth:`Segmenter.assign`);
+    a lazy source is read only for this rank's share.
     """
     rank, world = _rank_world(distributed)
     if segmenter is None:
@@ -364,7 +436,8 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
     n = len(patches)
     share = -(-n // world)
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
-    masks = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements, device)
+    masks = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements, device,
+                             None if images is None else _Rows(images, lo, hi))
     if world > 1:
         import torch.distributed as dist
 
@@ -375,11 +448,13 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
 
 
 class _Rows:
-    """Rows ``[lo, hi)`` of a tensor or :class:`~sgdm.annotation.patches.ShardPatches`, sliced lazily."""
+    """Rows ``[lo, hi)`` of a tensor, a :class:`~sgdm.annotation.patches.ShardPatches` or an image
+    source, sliced lazily."""
 
     def __init__(self, patches, lo: int, hi: int):
         self.patches, self.lo, self.hi = patches, lo, hi
-        self.shape = (hi - lo, *patches.shape[1:])
+        if hasattr(patches, "shape"):
+            self.shape = (hi - lo, *patches.shape[1:])
 
     def __len__(self) -> int:
         return self.hi - self.lo

@@ -132,9 +132,9 @@ def mask_adherence(
     patches, cls = tokens if tokens is not None else image_tokens(space, images, batch_size)
     if segmenter is not None:
         num_classes = segmenter.num_classes
-        pred = segmenter.assign(patches, batch_size, kmeans_cfg.chunk_elements, space.device)
+        pred = segmenter.assign(patches, batch_size, kmeans_cfg.chunk_elements, space.device, images=images)
     else:
-        pred = segment(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device=space.device)
+        pred = segment(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device=space.device, images=images)
     pred = resize_class_map(pred, masks.shape[-2:], num_classes)
     return mask_scores(pred, masks, num_classes, "hungarian" if segmenter is None else "identity")
 
