@@ -11,9 +11,11 @@ Stages (paper Sec. 3.2, Eq. 6):
 2. the self-annotation function: k-means on L2-normalised CLS features
    (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
    patch k-means class maps (``mask``; codes upsampled bilinearly to
-   ``annotation.stego.mask_size``, clamped to [patch grid, image side]); k-means and the
-   STEGO head's training run data-parallel across ranks (the cluster probe
-   is fitted on rank 0, every rank assigns a share of the images);
+   ``annotation.stego.mask_size``, clamped to [patch grid, image side]; with
+   ``annotation.stego.crf``, refined by a dense CRF on the images, read again
+   a batch at a time); k-means and the STEGO head's training run
+   data-parallel across ranks (the cluster probe is fitted on rank 0, every
+   rank assigns a share of the images);
 3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
    ``evaluate``, scores it against whatever ground truth the dataset has.
 
@@ -157,6 +159,27 @@ def _extract_shard(backbone, dataset, indices, a, granularity, device, bar) -> d
     return out
 
 
+class _DatasetImages:
+    """The images ``[B, 3, H, W]`` in [-1, 1] of dataset rows ``indices``, read again a slice at a time
+    as feature extraction read them (the CRF refines masks on the images the features came from)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        images = []
+        for i in self.indices[index]:
+            sample = self.dataset[i]
+            if sample is None:  # readable when its features were extracted
+                raise ValueError(f"annotate: image {printable(self.dataset.ids[i])} (dataset index {i}) can no longer "
+                                 "be read; it was read when its features were extracted (a file changed since?)")
+            images.append(sample["image"])
+        return torch.stack(images)
+
+
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     parts = [p for p in parts if p["index"].numel()]
     if not parts:
@@ -258,7 +281,7 @@ def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], flo
     return torch.cat(labels), result.inertia
 
 
-def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict], Optional[dict], dict]:
+def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Optional[dict], Optional[dict], dict]:
     device = _device(a)
     k, _ = class_count(a, granularity)
     extra: dict[str, Any] = {}
@@ -269,7 +292,7 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
             return None, None, extra
     if granularity == "mask":  # every rank: patch features stay on disk, read a batch at a time
         patches = ShardPatches([cache.path(s) for s in range(n_shards)])
-        loaded = [cache.load(s, keys=("cls", "image_hw")) for s in range(n_shards)]
+        loaded = [cache.load(s, keys=("cls", "image_hw", "index")) for s in range(n_shards)]
         cls = torch.cat([t["cls"] for t in loaded if "cls" in t])
         sides = [min(t["image_hw"].tolist()) for t in loaded if "image_hw" in t]
         if not sides:
@@ -279,8 +302,13 @@ def _self_records(cache, n_shards, a, granularity, log) -> tuple[Optional[dict],
         generator = torch.Generator().manual_seed(a.seed)
         distributed = _dist() is not None
         segmenter = fit_segmenter(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed)
-        masks = segment(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed, segmenter=segmenter)
-        extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans", crf=False)
+        images = None
+        if stego_cfg.crf.enabled:  # the rows of the patch features, each rank reading its share
+            images = _DatasetImages(dataset, torch.cat([t["index"] for t in loaded]).tolist())
+        masks = segment(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed,
+                        segmenter=segmenter, images=images)
+        extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans",
+                     crf=to_dict(a.stego.crf) if a.stego.crf.enabled else False)
         if masks is None:
             return None, None, extra
         extra.update(mask_hw=list(masks.shape[-2:]), patch_grid=list(patches.shape[1:3]))
@@ -345,7 +373,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
         records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
     else:
         cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress)
-        records, feats, extra = _self_records(cache, n_shards, a, granularity, log)
+        records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset)
         extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
                               "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,
                               "input_size": list(backbone.input_size)}

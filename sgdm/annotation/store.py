@@ -142,6 +142,15 @@ def write_store(
     return AnnotationStore.open(path)
 
 
+def _leaves(section: Mapping[str, Any], prefix: str):
+    """``(dotted key, value)`` of every non-mapping value in a nested settings mapping."""
+    for key, value in section.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
 class AnnotationStore:
     """Read access to a store written by :func:`write_store`; shards load lazily."""
 
@@ -235,9 +244,10 @@ class AnnotationStore:
         """Dotted keys of ``annotation`` (an :class:`~sgdm.annotation.config.AnnotationConfig`, with
         the store's granularity) whose values differ from those the store was made with; only keys
         that change what the store holds count (not batch sizes, devices or the store path).
-        Settings added since the store was written count at their defaults, except
-        ``stego.mask_size``: such a store's masks are at the patch grid (0)."""
-        from sgdm.annotation.config import AnnotationConfig
+        Settings added since the store was written count at their defaults (``stego.crf`` off), except
+        ``stego.mask_size``: such a store's masks are at the patch grid (0). Nested settings are
+        named to the leaf (``stego.crf.alpha``); those of a disabled CRF are not compared."""
+        from sgdm.annotation.config import AnnotationConfig, CRFConfig
         from sgdm.config.core import from_dict, to_dict
 
         old = self.manifest.get("params")
@@ -253,14 +263,20 @@ class AnnotationStore:
         if self.source == "gt":
             skip |= {"backbone", "backbone_kwargs", "image_size", "seed", "kmeans", "lost", "stego"}
         old["granularity"] = new["granularity"] = self.granularity  # `annotate(cfg, granularity)` may override it
+        for params in (old, new):  # the settings of a CRF that does not run change nothing: count the defaults
+            crf = params.get("stego", {}).get("crf")
+            if isinstance(crf, dict) and not crf.get("enabled"):
+                params["stego"]["crf"] = to_dict(CRFConfig())
         differ = []
         for key in sorted(set(old) | set(new)):
             if key in skip:
                 continue
             a, b = old.get(key), new.get(key)
             if isinstance(a, dict) and isinstance(b, dict) and key != "backbone_kwargs":
+                a, b = dict(_leaves(a, key)), dict(_leaves(b, key))
                 skip_inner = {"chunk_elements"}  # memory per step, not the result
-                differ += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if k not in skip_inner and a.get(k) != b.get(k)]
+                differ += [k for k in sorted(set(a) | set(b))
+                           if k.rsplit(".", 1)[-1] not in skip_inner and a.get(k) != b.get(k)]
             elif a != b:
                 differ.append(key)
         if self.source == "self" and annotation.weights is not None and self._weights_changed(annotation.weights):

@@ -377,3 +377,55 @@ def test_mask_size_changes_the_masks_not_the_features_and_a_store_of_another_siz
     assert old.settings_differ(coarse_cfg.annotation) == []
     default_cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans"})
     assert old.settings_differ(default_cfg.annotation) == ["stego.mask_size"]
+
+
+def test_crf_masks_are_refined_on_the_dataset_images_read_a_batch_at_a_time_and_recorded(
+        tmp_path, tiny_weights, shapes_cache, monkeypatch):
+    from sgdm.annotation.patches import ShardPatches
+    from sgdm.annotation.stego import Segmenter
+    from sgdm.config.core import to_dict
+    from sgdm.data import build_dataset
+
+    reads = []
+    read = annotate_module._DatasetImages.__getitem__
+    monkeypatch.setattr(annotate_module._DatasetImages, "__getitem__",
+                        lambda self, index: reads.append(len(self.indices[index])) or read(self, index))
+    stego = {"method": "kmeans", "mask_size": 0, "batch_size": 8}
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={**stego, "crf": {"enabled": True}})
+    store = AnnotationStore.open(annotate(cfg, "mask", progress=False, log=lambda m: None).store)
+    assert reads == [8] * 6  # the 48 images again, one step of the segmenter at a time, never all at once
+    crf = cfg.annotation.stego.crf
+    assert store.manifest["crf"] == to_dict(crf) and store.manifest["params"]["stego"]["crf"] == to_dict(crf)
+    segmenter = store.segmenter()
+    assert segmenter.crf == crf  # adherence segments samples with the same f
+    # the store's maps: the cached features' codes refined on the images the features came from
+    data = build_dataset(cfg.data, train=False)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    patches = ShardPatches(sorted((store.path / "work").glob("features_*.safetensors")))
+    masks = store.tensor("mask")
+    assert torch.equal(segmenter.assign(patches, images=images), masks)
+    assert not torch.equal(Segmenter(segmenter.centroids, segmenter.head, segmenter.mask_size).assign(patches), masks)
+    # a store made with the CRF is not taken for one without it, nor for other CRF settings
+    plain = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego=stego)
+    assert store.settings_differ(plain.annotation) == ["stego.crf.enabled"]
+    other = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={**stego, "crf": {"enabled": True, "alpha": 5}})
+    assert store.settings_differ(other.annotation) == ["stego.crf.alpha"]
+
+
+def test_a_store_without_crf_matches_any_disabled_crf_settings(tmp_path, tiny_weights, shapes_cache):
+    stego = {"method": "kmeans", "mask_size": 0}
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego=stego)
+    store = AnnotationStore.open(annotate(cfg, "mask", progress=False, log=lambda m: None).store)
+    assert store.manifest["crf"] is False and store.segmenter().crf is None
+    unused = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={**stego, "crf": {"alpha": 5}})
+    assert store.settings_differ(unused.annotation) == []  # settings of a CRF that does not run change nothing
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    del manifest["params"]["stego"]["crf"]  # a store made before the option
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    assert AnnotationStore.open(store.path).settings_differ(cfg.annotation) == []
+
+
+def test_an_image_unreadable_when_read_again_for_the_crf_is_named():
+    unreadable = type("Dataset", (), {"ids": ["a.png", "b.png"], "__getitem__": lambda self, i: None})()
+    with pytest.raises(ValueError, match=r"image a.png \(dataset index 0\) can no longer be read"):
+        annotate_module._DatasetImages(unreadable, [0, 1])[0:2]
