@@ -39,7 +39,9 @@ class ProbeConfig:
     do not hold the classes (on ``shapes`` the quickstart encoder's tokens carry colour, not
     shape: held-out mIoU 0.15 against 0.97 for the U-Net). ``held_out`` is the fraction of
     real images kept out of training to measure the scorer itself (the ceiling of the
-    samples' score)."""
+    samples' score). ``max_images``: at most this many real images (a random subset drawn
+    from ``eval.seed``; 0: all), because the images and their tokens are held in memory
+    (COCO-Stuff's 118k images would take tens of GB)."""
 
     input: Literal["tokens", "pixels"] = "tokens"
     epochs: int = 30
@@ -47,6 +49,7 @@ class ProbeConfig:
     lr: float = 0.05
     weight_decay: float = 1e-4
     held_out: float = 0.2
+    max_images: int = 5000
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
     def validate(self) -> None:
@@ -59,6 +62,8 @@ class ProbeConfig:
             raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if not 0 < self.held_out < 1:
             raise ConfigError("held_out", f"expected a fraction in (0, 1), got {self.held_out}")
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 0:
+            raise ConfigError("max_images", f"expected an integer >= 0 (0: every real image), got {self.max_images!r}")
 
 
 @dataclass

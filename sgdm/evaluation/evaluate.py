@@ -241,7 +241,8 @@ class _Evaluator:
             from sgdm.evaluation.probe import fit_with_held_out, real_probe_data
 
             start = time.process_time()
-            images, masks = real_probe_data(self.dataset, store)
+            generator = torch.Generator().manual_seed(self.ecfg.seed)
+            images, masks = real_probe_data(self.dataset, store, self.ecfg.probe.max_images, generator)
             pixels = self.ecfg.probe.input == "pixels"
 
             def scorer_inputs(x):
@@ -251,7 +252,6 @@ class _Evaluator:
             # produce, so the scorer's mIoU on them bounds the samples' score
             views = {} if self.autoencoder is None else \
                 {"recon": lambda rows: scorer_inputs(self._reconstruct(images[rows]))}
-            generator = torch.Generator().manual_seed(self.ecfg.seed)
             self._probe = fit_with_held_out(scorer_inputs(images), masks, store.num_classes, generator, self.ecfg.probe,
                                             views=views)
             recon = f", their reconstructions {self._probe[1]['recon_miou']:.4g}" if views else ""

@@ -129,12 +129,19 @@ def class_iou(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> dict[
             "pixel_accuracy": float(hit.sum() / total) if total else 0.0}
 
 
-def real_probe_data(dataset, store) -> tuple[torch.Tensor, torch.Tensor]:
+def real_probe_data(dataset, store, max_images: int = 0,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Real images [M, 3, H, W] in [-1, 1] and their store masks [M, h, w]: the store's records
     joined to ``dataset`` items by image id (the ids annotation wrote, ``dataset.ids``).
-    Ids of the store without a dataset item, and unreadable items, are left out; none left is an error."""
+    Ids of the store without a dataset item, and unreadable items, are left out; none left is an error.
+    ``max_images`` > 0: a random subset of that many joined records (``generator``), in store order."""
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     rows = [(image_id, index[image_id]) for image_id in store.ids if image_id in index]
+    if 0 < max_images < len(rows):
+        if generator is None:
+            raise ValueError("real_probe_data: max_images needs a generator to draw the subset from")
+        keep = torch.randperm(len(rows), generator=generator)[:max_images].sort().values
+        rows = [rows[i] for i in keep.tolist()]
     if not rows:
         shown = ", ".join(repr(i) for i in list(store.ids)[:3])
         raise ValueError(f"annotation store {store.path}: none of its {len(store)} image ids (e.g. {shown}) is an image "

@@ -92,6 +92,22 @@ def test_real_probe_data_joins_store_ids_to_dataset_items(tmp_path):
     foreign = write_store(tmp_path / "f", ["x", "y"], {"mask": masks[:2]}, granularity="mask", num_classes=3)
     with pytest.raises(ValueError, match=r"none of its 2 image ids \(e.g. 'x', 'y'\) is an image of the dataset"):
         real_probe_data(Data(), foreign)
+    # at most max_images of them, a subset drawn from the generator, in store order
+    picks = {tuple(real_probe_data(Data(), store, 1, torch.Generator().manual_seed(s))[1][:, 0, 0].tolist())
+             for s in range(8)}
+    assert picks == {(2,), (0,)}
+    images, got = real_probe_data(Data(), store, 5, torch.Generator().manual_seed(0))  # more than there are: all
+    assert got[:, 0, 0].tolist() == [2, 0]
+    with pytest.raises(ValueError, match="max_images needs a generator"):
+        real_probe_data(Data(), store, 1)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_probe_max_images_is_checked(bad):
+    from sgdm.config.core import ConfigError
+
+    with pytest.raises(ConfigError, match="max_images"):
+        ProbeConfig(max_images=bad).validate()
 
 
 def _gt_store(run_dir):
