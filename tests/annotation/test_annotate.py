@@ -391,9 +391,10 @@ def test_crf_masks_are_refined_on_the_dataset_images_read_a_batch_at_a_time_and_
     monkeypatch.setattr(annotate_module._DatasetImages, "__getitem__",
                         lambda self, index: reads.append(len(self.indices[index])) or read(self, index))
     stego = {"method": "kmeans", "mask_size": 0, "batch_size": 8}
-    cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={**stego, "crf": {"enabled": True}})
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_images=24, num_classes=4,
+                 stego={**stego, "crf": {"enabled": True}})
     store = AnnotationStore.open(annotate(cfg, "mask", progress=False, log=lambda m: None).store)
-    assert reads == [8] * 6  # the 48 images again, one step of the segmenter at a time, never all at once
+    assert reads == [8] * 3  # the 24 images again, one step of the segmenter at a time, never all at once
     crf = cfg.annotation.stego.crf
     assert store.manifest["crf"] == to_dict(crf) and store.manifest["params"]["stego"]["crf"] == to_dict(crf)
     segmenter = store.segmenter()
@@ -406,9 +407,10 @@ def test_crf_masks_are_refined_on_the_dataset_images_read_a_batch_at_a_time_and_
     assert torch.equal(segmenter.assign(patches, images=images), masks)
     assert not torch.equal(Segmenter(segmenter.centroids, segmenter.head, segmenter.mask_size).assign(patches), masks)
     # a store made with the CRF is not taken for one without it, nor for other CRF settings
-    plain = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego=stego)
+    plain = config(tmp_path, tiny_weights, shapes_cache, num_images=24, num_classes=4, stego=stego)
     assert store.settings_differ(plain.annotation) == ["stego.crf.enabled"]
-    other = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={**stego, "crf": {"enabled": True, "alpha": 5}})
+    other = config(tmp_path, tiny_weights, shapes_cache, num_images=24, num_classes=4,
+                   stego={**stego, "crf": {"enabled": True, "alpha": 5}})
     assert store.settings_differ(other.annotation) == ["stego.crf.alpha"]
 
 

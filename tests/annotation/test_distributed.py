@@ -61,6 +61,9 @@ def worker(rank, world, init_file, out_dir, weights, cache):
         mask_cfg = config(pathlib.Path(out_dir) / "mask", weights, pathlib.Path(cache), num_images=40, shard_size=8,
                           num_classes=3)
         masks = annotate(mask_cfg, "mask", progress=False, log=lambda m: None)
+        crf_cfg = config(pathlib.Path(out_dir) / "crf", weights, pathlib.Path(cache), num_images=40, shard_size=8,
+                         num_classes=3, stego={"method": "kmeans", "mask_size": 0, "crf": {"enabled": True}})
+        annotate(crf_cfg, "mask", progress=False, log=lambda m: None)
         torch.save({"centroids": centroids, "labels": labels, "n_iter": n_iter, "full": full,
                     "num_images": result.num_images, "head": head.state_dict(), "mask_images": masks.num_images},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -129,3 +132,20 @@ def test_annotate_masks_with_two_ranks(ranks):
     store = AnnotationStore.open(out / "mask" / "store")
     masks = store.tensor("mask")
     assert masks.shape == (40, 32, 32) and int(masks.max()) < 3 and store.manifest["method"] == "stego"  # mask_size 64 -> the 32-px image
+
+
+@pytest.mark.slow
+def test_crf_masks_with_two_ranks_read_each_ranks_images(ranks, shapes_cache):
+    # each rank refines its share of the rows on the images it reads again; rank 0's store holds
+    # every map as one process would draw it from the cached features and the dataset's images
+    from sgdm.annotation.patches import ShardPatches
+    from sgdm.data import build_dataset
+
+    out, _ = ranks
+    store = AnnotationStore.open(out / "crf" / "store")
+    data = build_dataset(shapes_data(shapes_cache, 40), train=False)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    patches = ShardPatches(sorted((store.path / "work").glob("features_*.safetensors")))
+    segmenter = store.segmenter()
+    assert segmenter.crf is not None and store.manifest["crf"]["enabled"] is True
+    assert torch.equal(store.tensor("mask"), segmenter.assign(patches, images=images))
