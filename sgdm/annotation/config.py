@@ -94,8 +94,8 @@ class CRFConfig:
     alpha: float = 2.0  # temperature of the probe's class probabilities
 
     def validate(self) -> None:
-        if self.iterations < 0:
-            raise ConfigError("iterations", f"must be >= 0, got {self.iterations}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ConfigError("iterations", f"must be an integer >= 0, got {self.iterations!r}")
         for name in ("pos_weight", "bi_weight"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ConfigError(name, f"must be a finite number >= 0, got {getattr(self, name)}")

@@ -19,43 +19,21 @@ pydensecrf's permutohedral lattice approximates the same sums in O(N) for full-r
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Optional
 
 import torch
 
-__all__ = ["CRFParams", "dense_crf"]
+from sgdm.annotation.config import CRFConfig
+
+__all__ = ["dense_crf", "scaled"]
 
 
-@dataclasses.dataclass(frozen=True)
-class CRFParams:
-    """Weights and widths of the two kernels, in cells of the grid the CRF runs on (the defaults are
-    STEGO's, whose grid is the image's pixels: scale the ``*_xy_std`` with the grid)."""
-
-    iterations: int = 10
-    pos_weight: float = 3.0
-    pos_xy_std: float = 1.0
-    bi_weight: float = 4.0
-    bi_xy_std: float = 67.0
-    bi_rgb_std: float = 3.0
-
-    def __post_init__(self):
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"iterations: expected an integer >= 0, got {self.iterations!r}")
-        for name in ("pos_weight", "bi_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        for name in ("pos_xy_std", "bi_xy_std", "bi_rgb_std"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-
-    def scaled(self, factor: float) -> "CRFParams":
-        """The same kernels on a grid ``factor`` times as fine per side (cell distances scale)."""
-        return dataclasses.replace(self, pos_xy_std=self.pos_xy_std * factor, bi_xy_std=self.bi_xy_std * factor)
+def scaled(params: CRFConfig, factor: float) -> CRFConfig:
+    """The same kernels on a grid ``factor`` times as fine per side (cell distances scale)."""
+    return dataclasses.replace(params, pos_xy_std=params.pos_xy_std * factor, bi_xy_std=params.bi_xy_std * factor)
 
 
-def _features(image: torch.Tensor, params: CRFParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(image: torch.Tensor, params: CRFConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per cell: (position / s_pos [N, 2], (position / s_xy, colour / s_rgb) [N, 5]), float64."""
     _, h, w = image.shape
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
@@ -74,9 +52,13 @@ def _gaussian_rows(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return k
 
 
-def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRFParams(),
+def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: Optional[CRFConfig] = None,
               block_rows: int = 2048) -> torch.Tensor:
     """Mean-field marginals ``[K, H, W]`` of the CRF with unary ``-log probs``.
+
+    ``params``: the weights, widths (in cells of this grid: :func:`scaled` converts widths in
+    image pixels) and iterations of :class:`~sgdm.annotation.config.CRFConfig` (default: STEGO's);
+    its ``enabled`` and ``alpha`` are the caller's.
 
     ``image``: ``[3, H, W]`` in [0, 1] on the grid of ``probs`` (``[K, H, W]``, each cell's class
     probabilities, e.g. a softmax over negative distances to the centroids). Computed in float64;
@@ -92,6 +74,8 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRFP
         raise ValueError(f"image is on {image.device}, probs on {probs.device}")
     if block_rows < 1:
         raise ValueError(f"block_rows: expected >= 1, got {block_rows}")
+    params = CRFConfig() if params is None else params
+    params.validate()
     k, h, w = probs.shape
     n = h * w
     p = probs.reshape(k, n).t().to(torch.float64)

@@ -40,7 +40,6 @@ settings, so adherence segments samples with the same f.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgdm.annotation.config import CRFConfig
-from sgdm.annotation.crf import CRFParams, dense_crf
+from sgdm.annotation.crf import dense_crf, scaled
 from sgdm.annotation.kmeans import assign, kmeans_from_config
 
 __all__ = [
@@ -327,8 +326,7 @@ class Segmenter:
         if images.numel() and (images.min() < -1.01 or images.max() > 1.01):
             raise ValueError(f"images: expected values in [-1, 1], got [{float(images.min()):.3g}, {float(images.max()):.3g}]")
         cells_per_pixel = math.sqrt(out_h * out_w / (images.shape[2] * images.shape[3]))  # equal axes for square images
-        params = CRFParams(**{f.name: getattr(self.crf, f.name) for f in dataclasses.fields(CRFParams)})
-        params = params.scaled(cells_per_pixel)
+        params = scaled(self.crf, cells_per_pixel)
         grid = F.interpolate((images + 1) / 2, size=(out_h, out_w), mode="area").clamp(0, 1)
         centroids = self.centroids.to(codes.device)
         block = max(1, chunk_elements // (out_h * out_w))

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from sgdm.annotation.crf import CRFParams, dense_crf
+from sgdm.annotation.config import CRFConfig
+from sgdm.annotation.crf import dense_crf, scaled
 
 
-def reference_crf(image, probs, p: CRFParams):
+def reference_crf(image, probs, p: CRFConfig):
     """Mean-field written out cell pair by cell pair, in float64."""
     k, h, w = probs.shape
     cells = [(r, c) for r in range(h) for c in range(w)]
@@ -38,7 +39,7 @@ def random_inputs(k=3, h=4, w=5, seed=0):
 
 def test_matches_the_pairwise_loop_and_does_not_depend_on_the_block_size():
     image, probs = random_inputs()
-    params = CRFParams(iterations=4, pos_weight=1.5, pos_xy_std=1.3, bi_weight=2.0, bi_xy_std=3.0, bi_rgb_std=40.0)
+    params = CRFConfig(iterations=4, pos_weight=1.5, pos_xy_std=1.3, bi_weight=2.0, bi_xy_std=3.0, bi_rgb_std=40.0)
     expected = reference_crf(image, probs, params)
     for block in (1, 7, 4096):
         got = dense_crf(image.double(), probs.double(), params, block_rows=block)
@@ -48,7 +49,7 @@ def test_matches_the_pairwise_loop_and_does_not_depend_on_the_block_size():
 
 def test_without_pairwise_weight_or_iterations_the_probabilities_come_back():
     image, probs = random_inputs()
-    for params in (CRFParams(iterations=0), CRFParams(pos_weight=0.0, bi_weight=0.0)):
+    for params in (CRFConfig(iterations=0), CRFConfig(pos_weight=0.0, bi_weight=0.0)):
         torch.testing.assert_close(dense_crf(image, probs, params), probs, rtol=0, atol=1e-6)
 
 
@@ -58,7 +59,7 @@ def test_an_isolated_cell_takes_its_neighbours_label():
     probs = torch.full((2, h, w), 0.1)
     probs[0] = 0.9
     probs[:, 2, 1] = torch.tensor([0.3, 0.7])  # one noisy cell
-    params = CRFParams(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=0.0)
+    params = CRFConfig(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=0.0)
     assert probs.argmax(0)[2, 1] == 1
     assert (dense_crf(image, probs, params).argmax(0) == 0).all()
 
@@ -73,7 +74,7 @@ def test_the_label_boundary_moves_to_the_colour_edge():
     probs = torch.stack([1 - p1, p1])
     columns = {}
     for bi_weight in (0.0, 4.0):
-        params = CRFParams(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=bi_weight, bi_xy_std=3.0,
+        params = CRFConfig(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=bi_weight, bi_xy_std=3.0,
                            bi_rgb_std=13.0)
         labels = dense_crf(image, probs, params).argmax(0)
         assert (labels == labels[0]).all()  # the same in every row
@@ -87,8 +88,9 @@ def test_the_label_boundary_moves_to_the_colour_edge():
     (dict(bi_rgb_std=float("inf")), "bi_rgb_std"),
 ])
 def test_bad_params_are_named(bad, match):
-    with pytest.raises(ValueError, match=match):
-        CRFParams(**bad)
+    image, probs = random_inputs()
+    with pytest.raises(ValueError, match=f"^{match}: must"):
+        dense_crf(image, probs, CRFConfig(**bad))
 
 
 def test_bad_inputs_are_named():
@@ -104,5 +106,5 @@ def test_bad_inputs_are_named():
 
 
 def test_scaled_params_widen_the_spatial_kernels_only():
-    p = CRFParams().scaled(0.25)
+    p = scaled(CRFConfig(), 0.25)
     assert (p.pos_xy_std, p.bi_xy_std, p.bi_rgb_std, p.pos_weight) == (0.25, 67.0 / 4, 3.0, 3.0)

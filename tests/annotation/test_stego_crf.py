@@ -87,7 +87,7 @@ def test_save_load_keeps_the_crf_settings_and_old_files_load_with_crf_off(tmp_pa
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("iterations", -1, "must be >= 0"),
+    ("iterations", -1, "must be an integer >= 0"),
     ("bi_weight", -0.5, "must be a finite number >= 0"),
     ("bi_rgb_std", 0.0, "must be a finite number > 0"),
     ("pos_xy_std", float("inf"), "must be a finite number > 0"),
