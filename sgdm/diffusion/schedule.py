@@ -59,7 +59,7 @@ class NoiseSchedule:
             return self.alpha_bar[t]
         table = self._device_alpha_bar.get(t.device)
         if table is None:
-            table = self._device_alpha_bar.setdefault(t.device, self.alpha_bar.to(t.device))
+            table = self._device_alpha_bar[t.device] = self.alpha_bar.to(t.device)
         torch._assert_async(((t >= 0) & (t < len(self))).all(), f"t: timesteps must be in [0, {len(self) - 1}]")
         return table[t]
 

@@ -130,9 +130,7 @@ def class_map_one_hot(class_map: torch.Tensor, num_classes: int, size: tuple[int
     _check_class_ids(ids, num_classes)
     if size is not None:
         ids = resize_class_map(ids, size, num_classes)
-    valid = ids != IGNORE_INDEX
-    hot = F.one_hot(torch.where(valid, ids, 0), num_classes).permute(0, 3, 1, 2).float()
-    return hot * valid[:, None].float()
+    return _one_hot_maps(ids, num_classes)
 
 
 def resize_class_map(ids: torch.Tensor, size, num_classes: int) -> torch.Tensor:
@@ -147,12 +145,16 @@ def resize_class_map(ids: torch.Tensor, size, num_classes: int) -> torch.Tensor:
     if tuple(ids.shape[-2:]) == size:
         return ids
     if size[0] <= ids.shape[-2] and size[1] <= ids.shape[-1]:
-        ids = ids.long()
-        valid = ids != IGNORE_INDEX
-        hot = F.one_hot(torch.where(valid, ids, 0), num_classes).permute(0, 3, 1, 2).float()
-        share = F.adaptive_avg_pool2d(hot * valid[:, None], size)
+        share = F.adaptive_avg_pool2d(_one_hot_maps(ids.long(), num_classes), size)
         return torch.where(share.sum(1) > 0, share.argmax(1), IGNORE_INDEX)
     return F.interpolate(ids[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+
+
+def _one_hot_maps(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """int64 ids [B, H, W] -> float32 [B, K, H, W]; ignored pixels are all-zero."""
+    valid = ids != IGNORE_INDEX
+    hot = F.one_hot(torch.where(valid, ids, 0), num_classes).permute(0, 3, 1, 2).float()
+    return hot * valid[:, None].float()
 
 
 def _class_ids(class_map: torch.Tensor) -> torch.Tensor:
