@@ -14,12 +14,36 @@ class PretrainConfig:
     The architecture (a timm name + kwargs) and the output file come from the
     annotation section (``backbone``, ``backbone_kwargs``, ``weights``), so the
     encoder trained here is exactly the one ``annotate`` loads.
+
+    ``weight_decay_end``, ``decay_bias_and_norm``, ``clip_grad``, ``clip_grad_scope``,
+    ``freeze_last_layer_steps`` and the teacher-temperature warm-up complete DINO's optimisation
+    recipe (main_dino.py). Their defaults keep sgdm's earlier training exactly (one gradient-norm
+    clip over all parameters at 3.0, the last layer trained from the start, a constant weight decay
+    on every parameter, a constant teacher temperature): encoders made before them are reproduced
+    bit for bit. DINO's settings: ``clip_grad_scope: per_parameter`` (at 3.0),
+    ``freeze_last_layer_steps`` about one epoch of steps, ``weight_decay_end: 0.4``,
+    ``decay_bias_and_norm: false``; its default teacher warm-up (0.04 -> 0.04) is none.
     """
 
     steps: int = 300
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 0.04
+    # Cosine schedule of the weight decay from weight_decay (step 0) to this value at the last step,
+    # as DINO's 0.04 -> 0.4; None: constant weight_decay.
+    weight_decay_end: float | None = None
+    # True: AdamW decays every parameter; False: DINO's parameter groups, no decay on biases and on
+    # 1-D tensors (norm gains and shifts); the weight-decay schedule applies to the decayed group only.
+    decay_bias_and_norm: bool = True
+    # Largest gradient norm (None: no clipping), over all parameters together ("total",
+    # torch.nn.utils.clip_grad_norm_) or per parameter tensor ("per_parameter": DINO's clip_grad 3.0,
+    # each tensor's gradient scaled down to this norm on its own, smaller ones left alone).
+    clip_grad: float | None = 3.0
+    clip_grad_scope: Literal["total", "per_parameter"] = "total"
+    # The head's last (weight-normed) layer gets no update during the first this-many steps: its
+    # gradients are dropped, before the clipping (DINO's freeze_last_layer: 1 epoch, here
+    # len(dataset) // batch_size steps, e.g. 62 for the quickstart's 2000 images at batch 32).
+    freeze_last_layer_steps: int = 0
     warmup_steps: int = 20
     out_dim: int = 1024
     hidden_dim: int = 512
@@ -45,6 +69,11 @@ class PretrainConfig:
     max_rotation: float = 0.0
     student_temp: float = 0.1
     teacher_temp: float = 0.04
+    # Teacher temperature warm-up (DINO's warmup_teacher_temp / warmup_teacher_temp_epochs): linear
+    # from warmup_teacher_temp at step 0 to teacher_temp at step warmup_teacher_temp_steps - 1, then
+    # teacher_temp. None / 0 (set both or neither): teacher_temp throughout.
+    warmup_teacher_temp: float | None = None
+    warmup_teacher_temp_steps: int = 0
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996
     seed: int = 0
@@ -81,3 +110,18 @@ class PretrainConfig:
                 raise ConfigError(name, f"expected in [0, 1), got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        for name in ("weight_decay", "weight_decay_end"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(name, f"must be >= 0, got {value}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError("clip_grad", f"must be > 0 (or null: no clipping), got {self.clip_grad}")
+        for name in ("freeze_last_layer_steps", "warmup_teacher_temp_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.warmup_teacher_temp is not None and self.warmup_teacher_temp <= 0:
+            raise ConfigError("warmup_teacher_temp", f"must be > 0, got {self.warmup_teacher_temp}")
+        if (self.warmup_teacher_temp is None) != (self.warmup_teacher_temp_steps == 0):
+            key = "warmup_teacher_temp" if self.warmup_teacher_temp is None else "warmup_teacher_temp_steps"
+            raise ConfigError(key, "set warmup_teacher_temp and warmup_teacher_temp_steps (> 0) together, "
+                                   f"got {self.warmup_teacher_temp} and {self.warmup_teacher_temp_steps}")

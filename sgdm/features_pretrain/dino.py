@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DINOHead", "dino_loss", "update_center", "ema_update"]
+__all__ = ["DINOHead", "dino_loss", "update_center", "ema_update", "clip_grad_per_parameter_"]
 
 
 class DINOHead(nn.Module):
@@ -80,3 +80,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """theta_t <- m theta_t + (1 - m) theta_s for matching parameters."""
     for pt, ps in zip(teacher.parameters(), student.parameters()):
         pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+
+
+@torch.no_grad()
+def clip_grad_per_parameter_(params, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """Scale each parameter's gradient whose L2 norm exceeds ``max_norm`` down to it, each tensor on
+    its own (DINO's clip_grad); gradients within the bound are left exactly as they are.
+
+    Returns the norms before clipping (one per parameter that has a gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack([g.detach().norm(2.0).float() for g in grads])
+    scale = (max_norm / (norms + eps)).clamp(max=1.0)
+    for g, s in zip(grads, scale.unbind()):
+        g.mul_(s.to(g.dtype))  # x * 1.0 == x: gradients within the bound stay bit for bit
+    return norms

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from sgdm.features_pretrain.augment import multi_crop
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.devices import resolve_device
-from sgdm.features_pretrain.dino import DINOHead, dino_loss, ema_update, update_center
+from sgdm.features_pretrain.dino import DINOHead, clip_grad_per_parameter_, dino_loss, ema_update, update_center
 
 __all__ = ["build_backbone", "pretrain_features", "save_backbone"]
 
@@ -99,6 +99,40 @@ def _schedules(cfg: PretrainConfig, step: int) -> tuple[float, float]:
     return lr, m
 
 
+def _weight_decay(cfg: PretrainConfig, step: int) -> float:
+    """Weight decay at ``step``: ``weight_decay``, or a cosine from it (step 0) to ``weight_decay_end``
+    (the last step)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    progress = step / max(1, cfg.steps - 1)
+    return cfg.weight_decay_end + (cfg.weight_decay - cfg.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _teacher_temp(cfg: PretrainConfig, step: int) -> float:
+    """Teacher temperature at ``step``: linear from ``warmup_teacher_temp`` (step 0) to ``teacher_temp``
+    (step ``warmup_teacher_temp_steps - 1``), then ``teacher_temp``."""
+    n = cfg.warmup_teacher_temp_steps
+    if cfg.warmup_teacher_temp is None or step >= n:
+        return cfg.teacher_temp
+    if n == 1:
+        return cfg.warmup_teacher_temp
+    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / (n - 1)
+
+
+def _param_groups(model: nn.Module, cfg: PretrainConfig) -> list[dict]:
+    """The optimiser's parameter groups; the first is the one whose weight decay is scheduled.
+
+    ``decay_bias_and_norm``: one group with every trainable parameter (sgdm's earlier optimiser);
+    otherwise DINO's split, biases and 1-D tensors (norm gains and shifts) in a second group
+    without weight decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.decay_bias_and_norm:
+        return [{"params": [p for _, p in named]}]
+    plain = [p for n, p in named if n.endswith(".bias") or p.ndim <= 1]
+    plain_ids = {id(p) for p in plain}
+    return [{"params": [p for _, p in named if id(p) not in plain_ids]}, {"params": plain, "weight_decay": 0.0}]
+
+
 def _stack_images(items: list) -> torch.Tensor:
     # Only the image is needed; a dataset that skips bad files yields None for them.
     return torch.stack([item["image"] for item in items if item is not None])
@@ -121,9 +155,13 @@ def pretrain_features(
     out_path: str | os.PathLike,
     log: Callable[[str], None] | None = None,
     data_record: dict | None = None,
+    on_step: Callable[[int, nn.ModuleDict, torch.optim.Optimizer], None] | None = None,
 ) -> pathlib.Path:
     """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher
-    (recording ``data_record``, the data settings behind ``dataset``, when given)."""
+    (recording ``data_record``, the data settings behind ``dataset``, when given).
+
+    ``on_step(step, student, optimizer)``, when given, is called after each update (the student
+    holds ``backbone`` and ``head``); for tests and monitoring, it must not change them."""
     device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
@@ -135,7 +173,9 @@ def pretrain_features(
     teacher_model = copy.deepcopy(student_model).requires_grad_(False)
     center = torch.zeros(1, cfg.out_dim, device=device)
     params = [p for p in student_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = _param_groups(student_model, cfg)
+    optimizer = torch.optim.AdamW(groups if len(groups) > 1 else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    last_layer = [p for p in student_model["head"].last.parameters() if p.requires_grad]
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.time()
     batches = _batches(dataset, cfg, generator)
@@ -143,20 +183,31 @@ def pretrain_features(
         lr, momentum = _schedules(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if cfg.weight_decay_end is not None:
+            optimizer.param_groups[0]["weight_decay"] = _weight_decay(cfg, step)
         images = next(batches).to(device)
         global_views, local_views = multi_crop(images, cfg, generator)
         with torch.no_grad():
             teacher_out = [teacher_model["head"](teacher_model["backbone"](v)) for v in global_views]
         student_out = [student_model["head"](student_model["backbone"](v)) for v in global_views + local_views]
-        loss = dino_loss(student_out, teacher_out, center, cfg.student_temp, cfg.teacher_temp)
+        loss = dino_loss(student_out, teacher_out, center, cfg.student_temp, _teacher_temp(cfg, step))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain: non-finite DINO loss at step {step}; lower lr ({cfg.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        if step < cfg.freeze_last_layer_steps:
+            for p in last_layer:
+                p.grad = None  # AdamW skips a parameter without a gradient: no step, no decay
+        if cfg.clip_grad is not None:
+            if cfg.clip_grad_scope == "per_parameter":
+                clip_grad_per_parameter_(params, cfg.clip_grad)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         optimizer.step()
         ema_update(teacher_model, student_model, momentum)
         update_center(center, teacher_out, cfg.center_momentum)
+        if on_step is not None:
+            on_step(step, student_model, optimizer)
         if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
             log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
     return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg,
