@@ -69,17 +69,17 @@ _AUTOENCODER_BUDGET = {"train.max_steps": "prepare.autoencoder_steps", "train.ba
                        "train.lr": "prepare.autoencoder_lr (or train.lr)"}
 
 
-def run_settings_differ(cfg, trainer: str = "diffusion") -> list[str] | None:
-    """The settings of ``cfg`` that differ from the ``config.yaml`` of its run directory: those its
-    weights depend on (as ``--resume`` compares them for ``trainer``) and its step budget
-    ``train.max_steps``; None when the run left no config (weights made elsewhere)."""
+def run_settings_differ(cfg, trainer: str = "diffusion", run_dir: pathlib.Path | None = None) -> list[str] | None:
+    """The settings of ``cfg`` that differ from the ``config.yaml`` of ``run_dir`` (default: its own run
+    directory): those its weights depend on (as ``--resume`` compares them for ``trainer``) and its step
+    budget ``train.max_steps``; None when the run left no config (weights made elsewhere)."""
     import yaml
 
     from sgdm.config.core import absolute_paths, dump_yaml
     from sgdm.config.schema import ExperimentConfig, recorded_config
     from sgdm.training.resume import resume_differences
 
-    saved = cfg.run.path / "config.yaml"
+    saved = (cfg.run.path if run_dir is None else run_dir) / "config.yaml"
     if not saved.is_file():
         return None
     old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
@@ -99,14 +99,19 @@ def _autoencoder(cfg, log) -> str:
                                  checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps))
     ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
     if path.is_file():
-        differ = run_settings_differ(ae_cfg, "autoencoder")
+        from sgdm.training.autoencoder import trained_by
+
+        # the run that wrote the file (its record), whatever this run is called; else, for a file
+        # without one (an older sgdm), the run this config would train it in
+        run_dir = trained_by(path) or ae_cfg.run.path
+        differ = run_settings_differ(ae_cfg, "autoencoder", run_dir)
         if differ is None:
-            return f"reused {path} (no run {ae_cfg.run.path} records how it was trained: made elsewhere)"
+            return f"reused {path} (no run {run_dir} records how it was trained: made elsewhere)"
         if differ:
             raise ConfigError("model.autoencoder.checkpoint",
                               f"autoencoder {path} was trained with other settings "
                               f"({', '.join(_AUTOENCODER_BUDGET.get(key, key) for key in differ)} differ from "
-                              f"{ae_cfg.run.path / 'config.yaml'}); delete it and {ae_cfg.run.path} to train it again, "
+                              f"{run_dir / 'config.yaml'}); delete it and {run_dir} to train it again, "
                               "or point model.autoencoder.checkpoint elsewhere")
         return f"reused {path}"
     from sgdm.training.autoencoder import train_autoencoder

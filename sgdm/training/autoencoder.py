@@ -152,6 +152,39 @@ def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
         atomic_torch_save({"state_dict": state}, path)
 
 
+def training_record_path(checkpoint) -> pathlib.Path:
+    """The file beside an autoencoder ``checkpoint`` that names the run directory which trained it."""
+    checkpoint = pathlib.Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.name}.run.json")
+
+
+def write_training_record(checkpoint, run_dir) -> None:
+    """Record beside ``checkpoint`` that ``run_dir`` (its ``config.yaml``) trained it, with the file's digest,
+    so that whoever reuses the file later compares settings with that run, whatever its own run is called."""
+    import json
+
+    from sgdm.annotation.features import file_sha256
+    from sgdm.training.checkpoint import atomic_write_text
+
+    record = {"run": str(pathlib.Path(run_dir).resolve()), "sha256": file_sha256(checkpoint)}
+    atomic_write_text(training_record_path(checkpoint), json.dumps(record, indent=1) + "\n")
+
+
+def trained_by(checkpoint) -> pathlib.Path | None:
+    """The run directory that trained the autoencoder ``checkpoint`` (see :func:`write_training_record`), or
+    None: no record (weights made elsewhere, or by an older sgdm), or the file was replaced since."""
+    import json
+
+    from sgdm.annotation.features import file_sha256
+
+    try:
+        record = json.loads(training_record_path(checkpoint).read_text())
+        run, digest = pathlib.Path(record["run"]), record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run if digest == file_sha256(checkpoint) else None
+
+
 def _build(cfg):
     from sgdm.models.autoencoder import AutoencoderKL
     from sgdm.models.autoencoder_losses import AutoencoderLoss
@@ -236,4 +269,5 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
         return EXIT_SIGTERM
     if trainer.is_global_zero:
         save_autoencoder(module.autoencoder, target)
+        write_training_record(target, cfg.run.path)
     return 0

@@ -133,6 +133,19 @@ def test_an_autoencoder_trained_with_other_settings_is_refused(quickstart_run, t
     assert done["autoencoder"].startswith(f"reused {elsewhere} (no run") and "made elsewhere" in done["autoencoder"]
 
 
+def test_an_autoencoder_is_compared_with_the_run_that_trained_it_whatever_the_run_name(quickstart_run):
+    """The autoencoder's settings were looked up in RUN.name-autoencoder/, so under another run.name the
+    quickstart's shapes autoencoder counted as "made elsewhere" and was reused for other data or losses."""
+    from sgdm.quickstart import prepare
+    from sgdm.training.autoencoder import trained_by
+
+    tmp, overrides = quickstart_run
+    assert trained_by(tmp / "assets" / "ae.ckpt") == tmp / "runs" / "quickstart-autoencoder"
+    only_ae = [*overrides, "prepare.features=false", "prepare.annotations=false", "run.name=mine"]
+    assert prepare(load_experiment(CONFIG, only_ae), log=lambda m: None)["autoencoder"] == f"reused {tmp / 'assets' / 'ae.ckpt'}"
+    with pytest.raises(ConfigError, match=r"model.autoencoder.loss.kl_weight differ from .*quickstart-autoencoder"):
+        prepare(load_experiment(CONFIG, [*only_ae, "model.autoencoder.loss.kl_weight=1e-4"]), log=lambda m: None)
+
 def test_a_store_annotated_from_other_images_is_not_reused(quickstart_run, tmp_path, capsys):
     """prepare would report the store as reused and training stop at its first batch on an unknown id."""
     from sgdm.quickstart import prepare
