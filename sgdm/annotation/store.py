@@ -246,7 +246,8 @@ class AnnotationStore:
         that change what the store holds count (not batch sizes, devices or the store path).
         Settings added since the store was written count at their defaults (``stego.crf`` off), except
         ``stego.mask_size``: such a store's masks are at the patch grid (0). Nested settings are
-        named to the leaf (``stego.crf.alpha``); those of a disabled CRF are not compared."""
+        named to the leaf (``stego.crf.alpha``); those of a disabled CRF are not compared. Two
+        ``stego.mask_size`` values that draw the same grid are the same (:meth:`_same_mask_grid`)."""
         from sgdm.annotation.config import AnnotationConfig, CRFConfig
         from sgdm.config.core import from_dict, to_dict
 
@@ -279,9 +280,26 @@ class AnnotationStore:
                            if k.rsplit(".", 1)[-1] not in skip_inner and a.get(k) != b.get(k)]
             elif a != b:
                 differ.append(key)
+        if "stego.mask_size" in differ and self._same_mask_grid(old["stego"]["mask_size"], new["stego"]["mask_size"]):
+            differ.remove("stego.mask_size")
         if self.source == "self" and annotation.weights is not None and self._weights_changed(annotation.weights):
             differ.append("weights (file content)")
         return differ
+
+    def _same_mask_grid(self, made_with: int, asked: int) -> bool:
+        """Whether ``stego.mask_size`` ``asked`` draws the masks at the grid this store's were drawn at
+        (``made_with``): a size no finer than the patch grid gives the grid, and one past the image side
+        is clamped to it, so e.g. 64 and 32 are the same on 32-pixel images. False where the manifest
+        does not record the grids (``mask_hw``, ``patch_grid``)."""
+        hw, grid = self.manifest.get("mask_hw"), self.manifest.get("patch_grid")
+        if not hw or not grid or hw[0] != hw[1] or grid[0] != grid[1]:
+            return False
+        side, patch = hw[0], grid[0]
+        if side == patch:  # drawn at the patch grid
+            return asked <= patch
+        if made_with > side:  # clamped to the image side, which is therefore `side`
+            return asked >= side
+        return asked == side
 
     def _weights_changed(self, weights) -> bool:
         """Whether the encoder file at ``weights`` is not the one the store's features came from

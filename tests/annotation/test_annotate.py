@@ -366,6 +366,12 @@ def test_mask_size_changes_the_masks_not_the_features_and_a_store_of_another_siz
     assert fine.tensor("mask").shape == (48, 16, 16) and fine.manifest["mask_hw"] == [16, 16]
     assert fine.segmenter().mask_size == 16 and set(fine.manifest["metrics"]) == {"miou", "pixel_accuracy"}
     assert fine.settings_differ(fine_cfg.annotation) == [] and fine.settings_differ(coarse_cfg.annotation) == ["stego.mask_size"]
+    # sizes that draw the same grid are the same setting: <= the 4x4 patch grid, or >= the 32-pixel side
+    grid_cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans", "mask_size": 3})
+    assert coarse.settings_differ(grid_cfg.annotation) == []
+    for size in (8, 32):
+        other = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans", "mask_size": size})
+        assert fine.settings_differ(other.annotation) == ["stego.mask_size"]
     # the same f (patch k-means, same seed): the fine maps pooled back to the grid mostly agree with the coarse ones
     blocks = fine.tensor("mask").long().reshape(48, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(48, 4, 4, 16)
     assert (blocks.mode(-1).values == coarse_masks.long()).float().mean() > 0.8
@@ -377,6 +383,13 @@ def test_mask_size_changes_the_masks_not_the_features_and_a_store_of_another_siz
     assert old.settings_differ(coarse_cfg.annotation) == []
     default_cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans"})
     assert old.settings_differ(default_cfg.annotation) == ["stego.mask_size"]
+    # masks drawn at the default 64 clamped to 32-pixel images: any size from the image side up is the same
+    manifest["params"]["stego"]["mask_size"], manifest["mask_hw"] = 64, [32, 32]
+    (fine.path / "manifest.json").write_text(json.dumps(manifest))
+    clamped = AnnotationStore.open(fine.path)
+    for size, differ in ((32, []), (48, []), (16, ["stego.mask_size"]), (0, ["stego.mask_size"])):
+        other = config(tmp_path, tiny_weights, shapes_cache, num_classes=4, stego={"method": "kmeans", "mask_size": size})
+        assert clamped.settings_differ(other.annotation) == differ, size
 
 
 def test_crf_masks_are_refined_on_the_dataset_images_read_a_batch_at_a_time_and_recorded(
