@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import sys
 
 
@@ -40,3 +42,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def check_output(path: pathlib.Path, flag: str, *, folder: bool = False) -> None:
+    """Before any work: ``path`` can be written, as a file (``folder``: as a folder of files): it is not an
+    existing folder (``folder``: file) and the nearest of its parents that exists is a writable folder.
+    A ConfigError names ``flag`` otherwise (instead of a traceback once the work is done)."""
+    from sgdm.config.core import ConfigError
+
+    path = pathlib.Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "file" if folder else "folder"
+        raise ConfigError(flag, f"{path} is an existing {kind}; name a {'folder' if folder else 'file'} to write")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(flag, f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(flag, f"cannot write {path}: folder {parent} is not writable")

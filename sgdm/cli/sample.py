@@ -6,7 +6,7 @@ import pathlib
 import sys
 from typing import get_args
 
-from sgdm.cli.arguments import positive_int
+from sgdm.cli.arguments import check_output, positive_int
 from sgdm.diffusion.config import SAMPLERS, Spacing  # light: no torch
 
 DESCRIPTION = """Sample from a trained self-guided LDM with SelfGuidedPipeline. RUN is a training run
@@ -116,9 +116,22 @@ def _load_mask(path: pathlib.Path):
     return mask
 
 
+def _check_out(out: pathlib.Path) -> None:
+    """``--out`` before sampling: a .png grid, or a folder (a name with another image suffix is neither)."""
+    from sgdm.config.core import ConfigError
+    from sgdm.data.decode import IMAGE_EXTENSIONS
+
+    suffix = out.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS and suffix != ".png":
+        raise ConfigError("--out", f"{out}: sample writes a .png grid, or a folder of PNG files; name a .png file "
+                                   f"({out.with_suffix('.png')}) or a folder")
+    check_output(out, "--out", folder=suffix != ".png")
+
+
 def run(args: argparse.Namespace) -> int:
     from sgdm.config.core import ConfigError
 
+    _check_out(args.out)
     try:
         images = _sample(args)
     except (FileNotFoundError, ValueError) as err:  # bad input, named by the message; ConfigError: main()

@@ -57,6 +57,25 @@ def test_sample_cli_grid_files_and_errors(trained, capsys):
     assert "expected 4 numbers" in capsys.readouterr().err
 
 
+
+def test_sample_cli_refuses_an_out_it_cannot_write_before_sampling(trained, capsys, monkeypatch):
+    """-o x.jpg made a folder named x.jpg; -o under a file, or an existing file as the folder, ended in a
+    traceback once the images were sampled."""
+    import sgdm.cli.sample as sample_cli
+
+    tmp, _ = trained
+    run = tmp / "runs" / "ldm"
+    monkeypatch.setattr(sample_cli, "_sample", lambda args: pytest.fail("sampled before checking --out"))
+    (tmp / "a-file").write_text("")
+    for out, says in ((tmp / "x.jpg", f"--out: {tmp / 'x.jpg'}: sample writes a .png grid, or a folder of PNG files; "
+                                      f"name a .png file ({tmp / 'x.png'}) or a folder"),
+                      (tmp / "a-file", f"--out: {tmp / 'a-file'} is an existing file; name a folder"),
+                      (tmp / "a-file" / "g.png", f"--out: cannot write {tmp / 'a-file' / 'g.png'}: {tmp / 'a-file'} "
+                                                 f"is a file, not a folder")):
+        assert main(["sample", str(run), "--steps", "2", "-o", str(out)]) == 2
+        assert f"sgdm-ldm sample: config error: {says}" in capsys.readouterr().err
+    assert not (tmp / "x.jpg").exists()
+
 @pytest.mark.parametrize("flag", ["--num-images", "--steps", "--batch-size", "--per-row"])
 def test_sample_cli_counts_must_be_positive(trained, capsys, flag):
     tmp, _ = trained
