@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from sgdm.annotation.store import IGNORE, AnnotationStore
 from sgdm.data.decode import printable
 
-__all__ = ["write_gallery", "render"]
+__all__ = ["write_gallery", "render", "missing_ids"]
 
 
 def _palette(k: int) -> np.ndarray:
@@ -71,6 +71,12 @@ def _group(store: AnnotationStore) -> dict[int, list[str]]:
     return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
 
+def missing_ids(store: AnnotationStore, dataset) -> list[str]:
+    """The ids of ``store`` that ``dataset`` does not hold (a dataset other than the one annotated)."""
+    ids = set(dataset.ids)
+    return [image_id for image_id in store.ids if image_id not in ids]
+
+
 def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_cluster: int = 16,
                   thumb: int = 96, max_clusters: Optional[int] = None) -> pathlib.Path:
     """Write the gallery of ``store`` (images read from ``dataset`` by id) to ``out``; largest clusters first.
@@ -78,7 +84,7 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
     max_clusters: show only the largest N (N >= 1); None shows every cluster.
     """
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
-    missing = [i for i in store.ids if i not in index]
+    missing = missing_ids(store, dataset)
     if missing:
         raise ValueError(f"gallery: {len(missing)} ids of store {store.path} are not in the dataset "
                          f"(e.g. {printable(missing[0])!r})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sgdm.cli.arguments import check_output
 from sgdm.config.core import ConfigError
 
 DESCRIPTION = """\
@@ -32,20 +33,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.annotation.gallery import write_gallery
+    from sgdm.annotation.gallery import missing_ids, write_gallery
     from sgdm.annotation.store import AnnotationStore
+    from sgdm.data.decode import printable
 
     for flag, value in (("--per-cluster", args.per_cluster), ("--max-clusters", args.max_clusters),
                         ("--thumb", args.thumb)):
         if value is not None and value < 1:
             raise ConfigError(flag, f"must be >= 1, got {value}")
+    check_output(args.out, "--out")
     try:
         store = AnnotationStore.open(args.store)
     except (FileNotFoundError, ValueError) as err:
         print(f"sgdm-ldm clusters: error: {err}", file=sys.stderr)
         return 1
-    out = write_gallery(store, _dataset(store, args.config, args.overrides), args.out, args.per_cluster, args.thumb,
-                        args.max_clusters)
+    dataset = _dataset(store, args.config, args.overrides)
+    missing = missing_ids(store, dataset)
+    if missing:
+        source = f"--config {args.config}" if args.config is not None else "the dataset its manifest records"
+        print(f"sgdm-ldm clusters: error: {len(missing)} of the {len(store)} images of store {store.path} are not "
+              f"in {source} (e.g. {printable(missing[0])!r}); give the config of the data the store was annotated "
+              f"from, or data.* overrides that lead to it", file=sys.stderr)
+        return 1
+    out = write_gallery(store, dataset, args.out, args.per_cluster, args.thumb, args.max_clusters)
     print(f"wrote {out}")
     return 0
 

@@ -111,3 +111,31 @@ def test_relative_paths_are_recorded_absolute_and_clusters_runs_from_anywhere(tm
     assert main(["clusters", "work/store", "--config", str(cfg), "data.root=moved", "--out", "g4.html"]) == 0
     assert main(["clusters", "work/store", "train.lr=1"]) == 2
     assert "train.lr: clusters reads only the data: section" in capsys.readouterr().err
+
+
+def test_clusters_of_other_images_or_an_unwritable_out_is_one_line(tmp_path, tiny_weights, capsys):
+    """A dataset without the store's images (data.root of another folder, or --config of other data) ended
+    in the gallery's traceback; --out under a file failed only once every thumbnail was drawn."""
+    image_folder(tmp_path / "imgs", good=6, bad=False)
+    image_folder(tmp_path / "fewer", good=3, bad=False)
+    cfg = write_config(tmp_path / "exp.yaml", tmp_path / "store", tiny_weights, tmp_path, granularity="label",
+                       num_classes=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"] = {"dataset": "image_folder", "root": str(tmp_path / "imgs"), "size": 32, "num_workers": 0}
+    raw["model"]["guidance"] = {"kind": "label", "num_classes": 2, "source": "self"}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["annotate", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    store = str(tmp_path / "store")
+    assert main(["clusters", store, f"data.root={tmp_path / 'fewer'}", "--out", str(tmp_path / "g.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "3 of the 6 images of store" in err and "the dataset its manifest records" in err and "'img_03.png'" in err
+    assert main(["clusters", store, "--config", str(cfg), f"data.root={tmp_path / 'fewer'}",
+                 "--out", str(tmp_path / "g.html")]) == 1
+    assert f"--config {cfg}" in capsys.readouterr().err
+    assert not (tmp_path / "g.html").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["clusters", store, "--out", str(tmp_path / "file" / "g.html")]) == 2
+    assert f"config error: --out: cannot write {tmp_path / 'file' / 'g.html'}: {tmp_path / 'file'} is a file" in \
+        capsys.readouterr().err
