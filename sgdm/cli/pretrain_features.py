@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 
-from sgdm.cli.arguments import add_config_arguments
+from sgdm.cli.arguments import add_config_arguments, check_output
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,6 +31,18 @@ def run(args) -> int:
     from sgdm.features_pretrain.run import pretrain_from_config
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    if args.out is not None:
+        _check_out(pathlib.Path(args.out))
     path = pretrain_from_config(cfg, args.out)
     print(f"saved encoder to {path}")
     return 0
+
+
+def _check_out(out: pathlib.Path) -> None:
+    """``--out`` before the training: a weights file name that can be written."""
+    from sgdm.config.core import ConfigError
+    from sgdm.features_pretrain.train import WEIGHT_SUFFIXES
+
+    if out.suffix not in WEIGHT_SUFFIXES:
+        raise ConfigError("--out", f"{out}: the encoder is saved as a {', '.join(WEIGHT_SUFFIXES)} file")
+    check_output(out, "--out")

@@ -18,9 +18,14 @@ def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -
     from sgdm.data import build_dataset
     from sgdm.features_pretrain.train import pretrain_features
 
+    from sgdm.features_pretrain.train import WEIGHT_SUFFIXES
+
     target = pathlib.Path(out) if out is not None else cfg.annotation.weights
     if target is None:
         raise ConfigError("annotation.weights", "no output file: set annotation.weights (or pass --out) to where the encoder goes")
+    if target.suffix not in WEIGHT_SUFFIXES:  # before the training, not when its result is saved
+        raise ConfigError("annotation.weights" if target == cfg.annotation.weights else "out",
+                          f"{target}: the encoder is saved as a {', '.join(WEIGHT_SUFFIXES)} file")
     dataset = build_dataset(cfg.data, train=True, seed=cfg.run.seed)
     return pretrain_features(dataset, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs), cfg.prepare.pretrain,
                              target, log=log, data_record=data_settings(cfg.data))

@@ -60,6 +60,9 @@ def _pretrain_record(cfg: PretrainConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in _RECORD_IGNORES}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")  # the files save_backbone writes (and load_backbone reads)
+
+
 def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: dict,
                   pretrain: PretrainConfig | None = None, data: dict | None = None) -> pathlib.Path:
     """Write ``model.state_dict()`` atomically (tmp file, fsync, rename) as .safetensors or .pth;
@@ -78,7 +81,7 @@ def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: 
         if data is not None:
             metadata["data"] = json.dumps(data)
         save_file(state, str(tmp), metadata=metadata)
-    elif path.suffix in (".pth", ".pt"):
+    elif path.suffix in WEIGHT_SUFFIXES:
         torch.save(state, tmp)
     else:
         raise ValueError(f"weights path {path}: expected a .safetensors or .pth file name")

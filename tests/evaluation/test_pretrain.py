@@ -240,3 +240,24 @@ def test_photometric_colour_jitter_styles(generator):
     assert PretrainConfig().color_jitter_style == "additive"  # the default keeps existing encoders' recipe
     with pytest.raises(ConfigError, match="color_jitter_style"):
         from_dict(PretrainConfig, {"color_jitter_style": "torchvision"}, "pretrain")
+
+
+def test_pretrain_features_refuses_an_output_it_cannot_save_before_training(tmp_path, capsys, monkeypatch):
+    """--out with another suffix (or annotation.weights) failed in save_backbone, after the whole training."""
+    import yaml
+
+    import sgdm.features_pretrain.train as pretrain_train
+    from sgdm.cli.main import main
+    from tests.evaluation.helpers import tiny_config
+
+    monkeypatch.setattr(pretrain_train, "pretrain_features", lambda *a, **k: pytest.fail("trained before the check"))
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, "label")))
+    assert main(["pretrain-features", str(config), "--out", str(tmp_path / "encoder.txt")]) == 2
+    assert (f"config error: --out: {tmp_path / 'encoder.txt'}: the encoder is saved as a .safetensors, .pth, .pt "
+            f"file") in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["pretrain-features", str(config), "--out", str(tmp_path / "a-file" / "encoder.pth")]) == 2
+    assert "config error: --out: cannot write" in capsys.readouterr().err
+    assert main(["pretrain-features", str(config), f"annotation.weights={tmp_path / 'encoder.bin'}"]) == 2
+    assert "config error: annotation.weights: " in capsys.readouterr().err
