@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
+from sgdm.annotation.features import BackboneError
 from sgdm.config.core import to_dict
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
@@ -126,7 +127,16 @@ def _feature_space(cfg, ecfg: EvalConfig):
     backbone = ecfg.feature_backbone or a.backbone
     kwargs = ecfg.feature_backbone_kwargs if ecfg.feature_backbone else dict(a.backbone_kwargs)
     weights = ecfg.feature_weights if ecfg.feature_backbone or ecfg.feature_weights else a.weights
-    return load_feature_space(backbone, weights, kwargs, ecfg.feature_name, resolve_device(ecfg.device, "eval.device"))
+    try:
+        return load_feature_space(backbone, weights, kwargs, ecfg.feature_name, resolve_device(ecfg.device, "eval.device"))
+    except BackboneError as err:
+        if ecfg.feature_backbone or ecfg.feature_weights:
+            raise
+        # the run's annotation settings are only the default: say how to choose the distance's own
+        raise BackboneError(f"fd: {err}. The distance uses the run's annotation backbone unless it is given an "
+                            f"extractor of its own: --feature-extractor NAME --feature-weights FILE "
+                            f"(eval.feature_backbone, eval.feature_weights); or leave fd out of --metrics "
+                            f"(eval.metrics)") from None
 
 
 class _Evaluator:

@@ -299,3 +299,24 @@ def test_markdown_table_escapes_what_would_break_a_row():
     table = markdown_table([{"run": "a|b\\", "note": "two\nlines", "x": 0.123456, "y": None}])
     assert table.splitlines()[2] == "| a\\|b\\\\ | two lines | 0.1235 | - |"
     assert table.splitlines()[0] == "| run | note | x | y |"
+
+
+def test_eval_fd_without_annotation_weights_offline_names_the_eval_flags(tmp_path, capsys, monkeypatch):
+    """The distance's extractor defaults to the run's annotation backbone; when that cannot be loaded, the
+    error named only annotation.weights, not eval's own --feature-extractor / --feature-weights or --metrics."""
+    import sgdm.annotation.features as features
+    import yaml
+
+    monkeypatch.setattr(features, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(features, "cached_pretrained_file", lambda name: None)
+    run_dir = make_run(tmp_path, "label")
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw["annotation"]["weights"] = None
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["eval", str(run_dir), "--metrics", "fd"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sgdm-ldm eval: fd: backbone 'vit_tiny_patch16_224': no local weights given") and \
+        err.count("\n") == 1, err
+    assert "--feature-extractor NAME --feature-weights FILE (eval.feature_backbone, eval.feature_weights)" in err
+    assert "leave fd out of --metrics (eval.metrics)" in err
+
