@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sgdm.annotation.features import BackboneError
-from sgdm.config.core import to_dict
+from sgdm.config.core import ConfigError, to_dict
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
 
@@ -283,6 +283,10 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     ecfg = ecfg or cfg.eval
     evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
     kind = cfg.model.guidance.kind
+    if kind not in ("box", "mask") and set(ecfg.metrics) == {"adherence"}:
+        raise ConfigError("eval.metrics", f"layout adherence scores box and mask guidance; this run has {kind!r} "
+                                          f"guidance (model.guidance.kind), so nothing would be measured: ask for "
+                                          f"fid, is, kid or fd")
     conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, torch.Generator().manual_seed(ecfg.seed))
     scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
     if evaluator.space is not None:

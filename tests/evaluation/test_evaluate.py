@@ -276,8 +276,9 @@ def test_results_name_the_reference_set_size_actually_used(tmp_path):
     assert results == json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["reference_images"] == 12 and results["eval_config"]["reference_n"] == 50
     assert "reference set: the first 12 training images" in (run_dir / "eval" / "results.md").read_text()
-    unreferenced = evaluate_run(run_dir, dataclasses.replace(ecfg, metrics=["adherence"]), log=lambda msg: None)
-    assert unreferenced["reference_images"] is None  # a label run's metrics here need no reference set
+    box_run = make_run(tmp_path / "box", "box")
+    unreferenced = evaluate_run(box_run, dataclasses.replace(ecfg, metrics=["adherence"]), log=lambda msg: None)
+    assert unreferenced["reference_images"] is None  # layout adherence needs no reference set
 
 
 def test_unreadable_reference_image_stops_eval_before_sampling(tmp_path, capsys, monkeypatch):
@@ -319,4 +320,14 @@ def test_eval_fd_without_annotation_weights_offline_names_the_eval_flags(tmp_pat
         err.count("\n") == 1, err
     assert "--feature-extractor NAME --feature-weights FILE (eval.feature_backbone, eval.feature_weights)" in err
     assert "leave fd out of --metrics (eval.metrics)" in err
+
+
+def test_eval_adherence_alone_of_a_label_run_is_refused(tmp_path, capsys):
+    """Adherence scores box and mask runs only: a label run evaluated for it alone sampled every image and
+    wrote a results table without a metric, exit 0."""
+    run_dir = make_run(tmp_path, "label")
+    assert main(["eval", str(run_dir), "--metrics", "adherence"]) == 2
+    assert ("config error: eval.metrics: layout adherence scores box and mask guidance; this run has 'label' "
+            "guidance") in capsys.readouterr().err
+    assert not (run_dir / "eval" / "results.json").exists()
 
