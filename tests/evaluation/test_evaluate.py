@@ -330,4 +330,3 @@ def test_eval_adherence_alone_of_a_label_run_is_refused(tmp_path, capsys):
     assert ("config error: eval.metrics: layout adherence scores box and mask guidance; this run has 'label' "
             "guidance") in capsys.readouterr().err
     assert not (run_dir / "eval" / "results.json").exists()
-
