@@ -1,10 +1,12 @@
-"""Training throughput of the full Lightning trainer: sgdm kernels vs ``SGDM_KERNELS=0``, same run.
+"""Training throughput of the full Lightning trainer: sgdm kernels vs ``SGDM_KERNELS=0`` (``--compare
+kernels``, the default), or the denoiser under ``torch.compile`` vs eager, both with the kernels
+(``--compare compile``: ``train.compile``; the compile itself falls in the ``--warmup`` steps), same run.
 
-Each (config, kernels) setting runs ``sgdm.training.run.train`` in its own subprocess (the extension
+Each (config, setting) runs ``sgdm.training.run.train`` in its own subprocess (the extension
 loads once per process); settings alternate over ``--rounds`` in ABBA order so machine load hits both alike.
 Reported per setting: median optimiser steps/s and images/s over the steps after ``--warmup``
 (each step timed at the trainer's batch end, CUDA synchronised), peak memory (CUDA allocator peak on
-GPU, max RSS on CPU), and the kernel/reference throughput ratio measured in the same run.
+GPU, max RSS on CPU), and the ratio of the two settings' throughputs measured in the same run.
 
 Configs: ``small`` = configs/shapes_cpu.yaml on the CPU (real shapes images, random first stage);
 ``churches`` = configs/lsun_churches.yaml on one GPU (synthetic 256 px images, since LSUN is not
@@ -14,6 +16,7 @@ EMA).
 
     python benchmarks/train_bench.py                      # small on CPU; + churches when CUDA is present
     python benchmarks/train_bench.py --configs small --steps 30 --json out.json
+    python benchmarks/train_bench.py --compare compile --configs small --steps 40 --warmup 10
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _overrides(name: str, steps: int, run_dir: str, churches_batch: int) -> list[str]:
-    common = [f"run.dir={run_dir}", f"train.max_steps={steps}", "train.checkpoint_every=1000000",
+def _overrides(name: str, steps: int, run_dir: str, churches_batch: int, compile: bool = False) -> list[str]:
+    common = [f"train.compile={str(compile).lower()}", f"run.dir={run_dir}", f"train.max_steps={steps}", "train.checkpoint_every=1000000",
               "train.logger=none", "train.progress_bar=false", "train.sample_every=0",
               "train.export_pipeline=false", "train.cache_latents=false", "model.autoencoder.checkpoint=null",
               "prepare.dataset=false", "prepare.autoencoder=false", "prepare.annotations=false",
@@ -79,7 +82,7 @@ def worker(args) -> None:
     from sgdm.training.run import train
 
     cfg_path = ROOT / "configs" / ("shapes_cpu.yaml" if args.config == "small" else "lsun_churches.yaml")
-    overrides = _overrides(args.config, args.steps, args.run_dir, args.churches_batch)
+    overrides = _overrides(args.config, args.steps, args.run_dir, args.churches_batch, args.compiled)
     overrides += [f"annotation.store={args.run_dir}/store", "annotation.source=self", "model.guidance.source=self"]
     cfg = load_experiment(cfg_path, overrides)
     if args.config == "churches":
@@ -115,21 +118,26 @@ def worker(args) -> None:
 
     step_s = statistics.median(dts)
     print("RESULT " + json.dumps({"config": args.config, "kernels": os.environ.get("SGDM_KERNELS", "1") != "0",
+                                  "compile": args.compiled,
                                   "steps_per_s": 1 / step_s, "images_per_s": cfg.train.batch_size / step_s,
                                   "batch_size": cfg.train.batch_size, "timed_steps": len(dts),
                                   "peak_memory_mb": peak, "device": "cuda" if cuda else "cpu",
                                   "backends": ops.backend() if hasattr(ops, "backend") else {}}), flush=True)
 
 
-def _run(config: str, kernels: bool, args) -> dict:
+def _run(config: str, setting: bool, args) -> dict:
+    """One run; ``setting``: the kernels on (``--compare kernels``) or torch.compile on (``--compare compile``)."""
+    kernels = setting or args.compare == "compile"
     env = {**os.environ, "SGDM_KERNELS": "1" if kernels else "0", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--worker", "--config", config, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--run-dir", tmp, "--churches-batch", str(args.churches_batch)]
+        if args.compare == "compile" and setting:
+            cmd.append("--compiled")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{config} (kernels={kernels}) failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{config} ({args.compare}={setting}) failed:\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -142,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds per setting (default 1)")
     p.add_argument("--churches-batch", type=int, default=32, help="images per step for churches (default 32)")
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
+    p.add_argument("--compare", choices=("kernels", "compile"), default="kernels",
+                   help="kernels: sgdm kernels vs SGDM_KERNELS=0 (default); compile: train.compile vs eager")
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default="small", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
@@ -160,23 +171,23 @@ def main(argv=None) -> int:
     for config in configs:
         runs = {True: [], False: []}
         for r in range(args.rounds):
-            # ABBA order, as in unet_bench: the kernels do not always run first (on a cold machine,
-            # or right after the other setting has loaded it)
-            for kernels in ((True, False) if r % 2 == 0 else (False, True)):
-                runs[kernels].append(_run(config, kernels, args))
-        for kernels, rs in runs.items():
+            # ABBA order, as in unet_bench: the kernels (or compile) do not always run first (on a cold
+            # machine, or right after the other setting has loaded it)
+            for setting in ((True, False) if r % 2 == 0 else (False, True)):
+                runs[setting].append(_run(config, setting, args))
+        for setting, rs in runs.items():
             best = dict(rs[0], steps_per_s=statistics.median(r["steps_per_s"] for r in rs),
                         images_per_s=statistics.median(r["images_per_s"] for r in rs),
                         peak_memory_mb=max(r["peak_memory_mb"] for r in rs))
             results.append(best)
         k, ref = results[-2], results[-1]
-        k["speedup_vs_reference"] = k["steps_per_s"] / ref["steps_per_s"]
-    print(f"{'config':10s} {'kernels':8s} {'device':6s} {'batch':>5s} {'steps/s':>9s} {'images/s':>9s} "
-          f"{'peak MB':>9s} {'speedup':>8s}")
+        k["speedup"] = k["steps_per_s"] / ref["steps_per_s"]
+    print(f"{'config':10s} {'kernels':8s} {'compile':8s} {'device':6s} {'batch':>5s} {'steps/s':>9s} "
+          f"{'images/s':>9s} {'peak MB':>9s} {'speedup':>8s}")
     for r in results:
-        print(f"{r['config']:10s} {str(r['kernels']):8s} {r['device']:6s} {r['batch_size']:5d} "
+        print(f"{r['config']:10s} {str(r['kernels']):8s} {str(r['compile']):8s} {r['device']:6s} {r['batch_size']:5d} "
               f"{r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_memory_mb']:9.0f} "
-              f"{r.get('speedup_vs_reference', 1.0):8.3f}")
+              f"{r.get('speedup', 1.0):8.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -1,4 +1,6 @@
-"""UNet training step and guided sampling step: sgdm kernels vs ``SGDM_KERNELS=0``, same run.
+"""UNet training step and guided sampling step: sgdm kernels vs ``SGDM_KERNELS=0`` (``--compare
+kernels``, the default), or the UNet under ``torch.compile`` vs eager, both with the kernels
+(``--compare compile``; the compiles fall in the ``--warmup`` iterations), same run.
 
 Each setting runs in its own subprocess (the extension is loaded once per process),
 alternating settings over ``--rounds`` in ABBA order so that machine load and warm-up
@@ -7,10 +9,11 @@ Reported: median forward+backward time of the label-guided UNet (one training
 step without the optimizer), median time of one guided DDIM sampling step (cond and
 uncond halves batched in one UNet call, then ``sgdm.ops.guided_ddim_step`` with
 eps = (1 - w) eps_uncond + w eps_cond), peak memory, the op backends in use, and
-reference/kernel time ratios.
+the time ratios of the two settings.
 
     python benchmarks/unet_bench.py                 # small config on CPU; Churches on GPU if present
     python benchmarks/unet_bench.py --config churches --device cuda --precision bf16
+    python benchmarks/unet_bench.py --compare compile --warmup 3
 """
 from __future__ import annotations
 
@@ -90,6 +93,10 @@ def worker(args) -> dict:
     with torch.no_grad():  # non-zero output convs so backward does real work everywhere
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).to(device) * 0.01)
+    if args.compiled:
+        from sgdm.models.compile import compile_network
+
+        compile_network(model)  # one graph for the training step, one for sampling (eval, no grad)
     b, s = args.batch, cfg.image_size
     x = torch.randn(b, cfg.in_channels, s, s, generator=gen).to(device)
     t = torch.randint(0, 1000, (b,), generator=gen).to(device)
@@ -123,14 +130,18 @@ def worker(args) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def _run_setting(args, kernels: bool) -> dict:
-    env = dict(os.environ, SGDM_KERNELS="1" if kernels else "0")
+def _run_setting(args, setting: bool) -> dict:
+    """One worker; ``setting``: the kernels on (``--compare kernels``) or torch.compile on (``--compare compile``)."""
+    env = dict(os.environ, SGDM_KERNELS="1" if setting or args.compare == "compile" else "0")
     cmd = [sys.executable, __file__, "--worker", "--config", args.config, "--device", args.device,
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--precision", args.precision, "--threads", str(args.threads), "--clock", args.clock]
+    if args.compare == "compile" and setting:
+        cmd.append("--compiled")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"worker (SGDM_KERNELS={env['SGDM_KERNELS']}) failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker ({args.compare}={setting}, SGDM_KERNELS={env['SGDM_KERNELS']}) failed:\n"
+                           f"{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -147,7 +158,10 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="CPU timing clock; 'cpu' (process time) resists machine load, use with "
                              "--threads 1")
+    parser.add_argument("--compare", choices=["kernels", "compile"], default="kernels",
+                        help="kernels: sgdm kernels vs SGDM_KERNELS=0 (default); compile: torch.compile vs eager")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -162,8 +176,8 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         # ABBA order: neither setting always runs first (on a cold GPU, or right after the
         # other has heated the machine)
-        for kernels in ((True, False) if r % 2 == 0 else (False, True)):
-            runs[kernels].append(_run_setting(args, kernels))
+        for setting in ((True, False) if r % 2 == 0 else (False, True)):
+            runs[setting].append(_run_setting(args, setting))
     _report(args, runs)
     return 0
 
@@ -173,7 +187,8 @@ def _report(args, runs) -> None:
           f"{args.precision} threads={args.threads} clock={args.clock} params={runs[True][0]['params_m']:.1f}M "
           f"(median of {args.iters} iters x {args.rounds} rounds)")
     medians = {}
-    for kernels, label in ((True, "kernels"), (False, "SGDM_KERNELS=0")):
+    labels = ("torch.compile", "eager") if args.compare == "compile" else ("kernels", "SGDM_KERNELS=0")
+    for kernels, label in zip((True, False), labels):
         r = runs[kernels]
         train = statistics.median(v for x in r for v in x["train"])
         sample = statistics.median(v for x in r for v in x["sample"])
@@ -184,7 +199,7 @@ def _report(args, runs) -> None:
         per_round = " / ".join(f"{statistics.median(x['train']) * 1e3:.1f}" for x in r)
         print(f"  {'':15s} train median per round: {per_round} ms")
     (tk, sk), (tr, sr) = medians[True], medians[False]
-    print(f"  speed-up (reference / kernels): train {tr / tk:.2f}x   sampling step {sr / sk:.2f}x")
+    print(f"  speed-up ({labels[1]} / {labels[0]} time): train {tr / tk:.2f}x   sampling step {sr / sk:.2f}x")
 
 
 if __name__ == "__main__":

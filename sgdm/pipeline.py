@@ -178,6 +178,15 @@ class SelfGuidedPipeline:
         self.autoencoder.to(device=device, dtype=dtype)
         return self
 
+    def compile(self, mode: str = "default") -> "SelfGuidedPipeline":
+        """Run the UNet under ``torch.compile`` (in place, :func:`sgdm.models.compile.compile_network`;
+        ``mode``: ``default`` or ``max-autotune-no-cudagraphs``). The first network call at each batch
+        shape, dtype and device compiles; the weights and :meth:`save_pretrained` are unchanged."""
+        from sgdm.models.compile import compile_network
+
+        compile_network(self.unet, mode)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -103,13 +103,37 @@ def test_train_bench_alternates_settings_abba(monkeypatch, capsys):
 
     def fake_run(config, kernels, args):
         order.append(kernels)
-        return {"config": config, "kernels": kernels, "device": "cpu", "batch_size": 4, "steps_per_s": 2.0 if kernels else 1.0,
-                "images_per_s": 8.0, "peak_memory_mb": 1.0}
+        return {"config": config, "kernels": kernels, "compile": False, "device": "cpu", "batch_size": 4,
+                "steps_per_s": 2.0 if kernels else 1.0, "images_per_s": 8.0, "peak_memory_mb": 1.0}
 
     monkeypatch.setattr(train_bench, "_run", fake_run)
     assert train_bench.main(["--configs", "small", "--rounds", "4", "--steps", "8", "--warmup", "1"]) == 0
     assert order == [True, False, False, True, True, False, False, True]
     assert "2.000" in capsys.readouterr().out  # the kernel / reference ratio of the same run
+
+
+@pytest.mark.parametrize("compare", ["kernels", "compile"])
+def test_train_bench_workers_get_the_compared_setting(monkeypatch, compare):
+    """--compare compile: both runs keep the kernels and only one compiles; --compare kernels: no compile."""
+    import json
+    import subprocess
+    import types
+
+    train_bench = load("train_bench")
+    calls = []
+
+    def fake_subprocess_run(cmd, env, **kwargs):
+        calls.append((cmd, env["SGDM_KERNELS"]))
+        result = {"steps_per_s": 1.0}
+        return types.SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(result), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_subprocess_run)
+    args = types.SimpleNamespace(compare=compare, steps=8, warmup=1, churches_batch=4)
+    for setting in (True, False):
+        train_bench._run("small", setting, args)
+    (on_cmd, on_kernels), (off_cmd, off_kernels) = calls
+    assert ("--compiled" in on_cmd, "--compiled" in off_cmd) == ((True, False) if compare == "compile" else (False, False))
+    assert (on_kernels, off_kernels) == (("1", "1") if compare == "compile" else ("1", "0"))
 
 
 def test_ops_bench_cpu_targets_are_fp32s():
@@ -120,3 +144,25 @@ def test_ops_bench_cpu_targets_are_fp32s():
     assert ops_bench._row("guided_ddim_step", (2, 4), torch.float32, cpu, 2.0, 1.0, 8, 1e9, ">=4x cpu").target == ">=4x cpu"
     row = ops_bench._row("guided_ddim_step", (2, 4), torch.bfloat16, cpu, 2.0, 1.0, 8, 1e9, ">=4x cpu")
     assert row.target == "" and row.ratio == 2.0 and row.floor_pct is None
+
+
+@pytest.mark.parametrize("compare", ["kernels", "compile"])
+def test_unet_bench_workers_get_the_compared_setting(monkeypatch, compare):
+    import subprocess
+    import types
+
+    unet_bench = load("unet_bench")
+    calls = []
+
+    def fake_subprocess_run(cmd, env, **kwargs):
+        calls.append((cmd, env["SGDM_KERNELS"]))
+        return types.SimpleNamespace(returncode=0, stdout='{"train": [1.0]}\n', stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_subprocess_run)
+    args = types.SimpleNamespace(compare=compare, config="small", device="cpu", batch=2, iters=1, warmup=0,
+                                 precision="fp32", threads=1, clock="wall")
+    for setting in (True, False):
+        assert unet_bench._run_setting(args, setting) == {"train": [1.0]}
+    (on_cmd, on_kernels), (off_cmd, off_kernels) = calls
+    assert ("--compiled" in on_cmd, "--compiled" in off_cmd) == ((True, False) if compare == "compile" else (False, False))
+    assert (on_kernels, off_kernels) == (("1", "1") if compare == "compile" else ("1", "0"))

@@ -79,7 +79,9 @@ class EvalConfig:
     reference set is the first ``reference_n`` images of the training data
     (unflipped); its statistics are cached in ``cache_dir`` (default
     ``<run>/eval/cache``). Runs guided by ground-truth masks are also scored by a
-    linear probe trained on the dataset's own masks (``probe``).
+    linear probe trained on the dataset's own masks (``probe``). ``compile``: the
+    UNet samples under ``torch.compile`` (:meth:`SelfGuidedPipeline.compile`; the
+    first batch compiles, which pays off over thousands of samples).
     """
 
     n: int = 10000
@@ -102,6 +104,7 @@ class EvalConfig:
     cache_dir: Optional[pathlib.Path] = None
     seed: int = 0
     device: str = "auto"
+    compile: bool = False
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:

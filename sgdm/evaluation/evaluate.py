@@ -281,6 +281,8 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     device = resolve_device(ecfg.device if ecfg is not None else "auto", "eval.device")
     cfg, pipe = load_run(run_dir, device)
     ecfg = ecfg or cfg.eval
+    if ecfg.compile:
+        pipe.compile()
     evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
     kind = cfg.model.guidance.kind
     if kind not in ("box", "mask") and set(ecfg.metrics) == {"adherence"}:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -237,6 +238,9 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     t = dataclasses.replace(cfg.train, sample_every=0, export_pipeline=False, cache_latents=False)
     cfg = dataclasses.replace(cfg, train=t)
     t.micro_batch(t.world_size() or 1)  # a config built in code (the quickstart's) was not validated
+    if t.compile:
+        warnings.warn("train.compile compiles the denoiser of `sgdm-ldm train`; the autoencoder trains without "
+                      "torch.compile", stacklevel=2)
     if resume is None:
         from sgdm.training.checkpoint import list_checkpoints
 

@@ -30,6 +30,8 @@ class TrainConfig:
     keeping the newest ``keep_checkpoints``. A sample grid every
     ``sample_every`` steps (0: never) with one row per guidance scale in
     ``sample_scales`` (label guidance: one row per cluster at each scale).
+    ``compile``: the denoiser runs under ``torch.compile`` (Inductor, ``compile_mode``; see
+    :mod:`sgdm.models.compile`); the first step compiles, checkpoints are unchanged.
     """
 
     batch_size: int = 64
@@ -64,6 +66,8 @@ class TrainConfig:
     cache_dir: Optional[pathlib.Path] = None
     cache_shard_size: int = 1024
     export_pipeline: bool = True
+    compile: bool = False
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
 
     @property
     def precision_name(self) -> str:
@@ -105,6 +109,9 @@ class TrainConfig:
         if self.batch_size % per_step:
             raise ConfigError("batch_size", f"{self.batch_size} is the global batch per optimiser step and must "
                                             f"divide by devices x num_nodes x accumulate = {per_step}")
+        if self.compile and self.strategy == "fsdp":
+            # Lightning's FSDP wraps the submodules after the UNet was compiled in place; unproven here
+            raise ConfigError("compile", "is not supported with strategy fsdp (untested); use ddp, or compile: false")
         if self.sample_every and not self.sample_scales:
             raise ConfigError("sample_scales", "needs at least one guidance scale when sample_every > 0")
 

@@ -55,6 +55,10 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
         self.automatic_optimization = False
         self.unet = unet
         self.ema = copy.deepcopy(unet).requires_grad_(False).eval()
+        if train.compile:  # after the EMA copy, which stays eager (it only samples grids and is exported)
+            from sgdm.models.compile import compile_network
+
+            compile_network(self.unet, train.compile_mode)
         self.first_stage = first_stage.requires_grad_(False).eval()
         self.schedule, self.diffusion_cfg, self.train_cfg = schedule, diffusion, train
         self.guidance, self.drop_prob, self.seed = guidance, drop_prob, seed

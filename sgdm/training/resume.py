@@ -24,6 +24,8 @@ MAY_DIFFER: dict[str, str] = {
     "data.num_workers": "loader processes; the samples and their order are the trainer's",
     "data.on_bad_image": "whether an unreadable file stops the run; readable images are unchanged",
     "model.unet.gradient_checkpointing": "recomputes activations to save memory; same values",
+    "train.compile": "the same network, with kernels fused by torch.compile (float rounding may differ)",
+    "train.compile_mode": "the same network, with kernels fused by torch.compile (float rounding may differ)",
     "annotation.num_workers": "loader processes of sgdm-ldm annotate; training reads the store",
     "train.max_steps": "the budget",
     "train.accelerator": "where it runs; train.batch_size is global, so the samples do not change",
@@ -55,7 +57,7 @@ UNUSED_BY: dict[str, tuple[str, ...]] = {
     "autoencoder": ("model.unet", "model.guidance", "model.autoencoder.checkpoint", "diffusion", "annotation",
                     "train.weight_decay", "train.betas", "train.adam_eps", "train.warmup_steps",
                     "train.grad_clip", "train.ema_decay", "train.ema_warmup", "train.cache_latents",
-                    "train.cache_shard_size"),
+                    "train.cache_shard_size", "train.compile", "train.compile_mode"),
 }
 
 
