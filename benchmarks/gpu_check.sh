@@ -3,7 +3,8 @@
 # already installed): build the extension, run the CUDA tests, compute-sanitizer
 # (memcheck + racecheck) on small shapes, the op benchmarks. Writes
 # $OUT/gpu_check.log and $OUT/gpu_check.json (OUT defaults to a temp dir) and
-# prints a short table last. Budget: under 6 minutes on 16 cores (about 4.5 on an H200).
+# prints a short table last. Budget: under 6 minutes on 16 cores (about 4.5 on an H200), plus up to
+# 5 for the torch.compile comparison of the Churches UNet (never run on a GPU yet).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #   bash benchmarks/gpu_check.sh ops        # re-check after an op kernel change: build, the
@@ -111,6 +112,9 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
     step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 | tee $OUT/kmeans_paper.txt"
     # end to end (issue 4): the LSUN-Churches UNet, kernels vs SGDM_KERNELS=0, bf16
     step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 | tee $OUT/unet_churches.txt"
+    # train.compile / pipe.compile: the same UNet under torch.compile (Inductor) vs eager, both with the
+    # kernels; the warm-up iterations hold the two compiles (training step, sampling step)
+    step unet-compile 300 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --compare compile --warmup 3 --iters 10 --rounds 1 | tee $OUT/unet_compile.txt"
   fi
 fi
 
