@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             save_grid(image[None], 1, args.out / f"{i:05d}.png")
-    print(f"wrote {args.num_images} images to {args.out}")
+    print(f"wrote {args.num_images} image{'' if args.num_images == 1 else 's'} to {args.out}")
     return 0
 
 

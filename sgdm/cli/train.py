@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.training.run import check_resumable
 
     check_resumable(cfg, args.resume)  # before prepare's minutes of work
+    if not cfg.prepare.autoencoder:  # prepare will not make it: a missing file stops us before its work
+        from sgdm.training.run import check_first_stage_file
+
+        check_first_stage_file(cfg)
     resume = args.resume
     if cfg.prepare.any():
         from sgdm.quickstart import prepare

@@ -274,4 +274,5 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     if trainer.is_global_zero:
         save_autoencoder(module.autoencoder, target)
         write_training_record(target, cfg.run.path)
+        print(f"sgdm: wrote the autoencoder to {target} (model.autoencoder.checkpoint)", flush=True)
     return 0

@@ -149,8 +149,10 @@ def check_first_stage_file(cfg: ExperimentConfig) -> None:
     """``model.autoencoder.checkpoint`` exists (a file, or a diffusers model folder), before anything is built."""
     path = cfg.model.autoencoder.checkpoint
     if path is not None and not path.exists():
+        prepare = " (or set prepare.autoencoder: true to train it first)" if cfg.prepare.any() else ""
         raise ConfigError("model.autoencoder.checkpoint", f"{path} does not exist; train one with `sgdm-ldm "
-                                                          f"train-autoencoder` or point the key at an existing file")
+                                                          f"train-autoencoder` or point the key at an existing "
+                                                          f"file{prepare}")
 
 
 def check_batch_fits(train_cfg, num_images: int) -> None:
@@ -267,6 +269,17 @@ def build_trainer(cfg: ExperimentConfig, extra_callbacks=(), unused_parameters: 
                       default_root_dir=str(cfg.run.path), num_sanity_val_steps=0, limit_val_batches=0)
 
 
+def _say_when_finished(cfg: ExperimentConfig, ckpt: pathlib.Path) -> None:
+    """A resume of a run already at ``train.max_steps`` trains nothing (it only exports again): say so,
+    naming the key to raise; otherwise only Lightning's "Restored all states" would show."""
+    step = next((s for s, path in list_checkpoints(ckpt.parent) if path == ckpt), None)
+    if step is not None and step >= cfg.train.max_steps and _rank() == 0:
+        import sys
+
+        print(f"sgdm: {cfg.run.path} is already at step {step} of train.max_steps={cfg.train.max_steps}: nothing "
+              f"to train; raise train.max_steps to continue it", file=sys.stderr, flush=True)
+
+
 def encode_device(t) -> torch.device:
     """Where the first stage encodes the latent cache and the scale factor's sample before training:
     this process's GPU when training runs on GPUs (a DDP process started by Lightning has its
@@ -290,6 +303,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     check_batch_fits(cfg.train, len(dataset))
     ckpt = prepare_run_dir(cfg, resume)
+    if ckpt is not None:
+        _say_when_finished(cfg, ckpt)
     module = build_module(cfg, dataset=dataset)
     module.first_stage.to(encode_device(cfg.train))
     if cfg.train.cache_latents:

@@ -80,6 +80,27 @@ def _flatten(d: dict, prefix: str = ""):
             yield key, yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def label_workdir(tmp_path_factory, name: str):
+    """Body of a module-scoped fixture: a temporary dir with the tiny label store, trained in with one
+    intra-op thread (a parallel reduction's float order depends on the thread count; bit-identical
+    comparisons need the same)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp(name)
+    make_label_store(tiny_config(tmp))
+    yield tmp
+    torch.set_num_threads(threads)
+
+
+def run_checkpoint(cfg: dict, step: int) -> dict:
+    """The checkpoint of step ``step`` of the run of config dict ``cfg``."""
+    from sgdm.training.checkpoint import checkpoint_name
+
+    return load_checkpoint(pathlib.Path(cfg["run"]["dir"]) / cfg["run"]["name"] / "checkpoints" / checkpoint_name(step))
+
+
 def run_in_process(cfg_dict: dict, resume: bool = False, callbacks=()) -> int:
     from sgdm.config.core import from_dict
     from sgdm.config.schema import ExperimentConfig

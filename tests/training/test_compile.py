@@ -20,10 +20,8 @@ from sgdm.config.schema import ExperimentConfig, load_experiment
 from sgdm.evaluation.config import EvalConfig
 from sgdm.models import compile as compile_module
 from sgdm.models.compile import COMPILE_MODES, compile_network
-from sgdm.training.checkpoint import checkpoint_name
 from sgdm.training.config import TrainConfig
-from tests.training.helpers import (assert_same_training_state, load_checkpoint, make_label_store, run_in_process,
-                                    tiny_config)
+from tests.training.helpers import assert_same_training_state, label_workdir, run_checkpoint, run_in_process, tiny_config
 
 
 class RecordingBackend:
@@ -48,16 +46,10 @@ def recording(monkeypatch):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("compile")
-    make_label_store(tiny_config(tmp))
-    yield tmp
-    torch.set_num_threads(threads)
+    yield from label_workdir(tmp_path_factory, "compile")
 
 
-def _ckpt(cfg: dict, step: int) -> dict:
-    return load_checkpoint(pathlib.Path(cfg["run"]["dir"]) / cfg["run"]["name"] / "checkpoints" / checkpoint_name(step))
+_ckpt = run_checkpoint
 
 
 def test_the_config_modes_are_the_ones_compile_network_takes():

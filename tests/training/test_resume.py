@@ -13,8 +13,8 @@ import pytorch_lightning as pl
 import torch
 
 from sgdm.training.checkpoint import checkpoint_name, list_checkpoints
-from tests.training.helpers import (assert_same_training_state, cli_command, load_checkpoint, make_label_store,
-                                    run_in_process, tiny_config, write_config)
+from tests.training.helpers import (assert_same_training_state, cli_command, label_workdir,
+                                    make_label_store, run_checkpoint, run_in_process, tiny_config, write_config)
 
 # One intra-op thread here and in the children: a parallel reduction's chunking depends on how many
 # threads actually run, which a loaded machine can vary; bit-identity needs the same float order.
@@ -23,18 +23,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("resume")
-    make_label_store(tiny_config(tmp))
-    yield tmp
-    torch.set_num_threads(threads)
+    yield from label_workdir(tmp_path_factory, "resume")
 
 
-def _ckpt(cfg: dict, step: int) -> dict:
-    import pathlib
-
-    return load_checkpoint(pathlib.Path(cfg["run"]["dir"]) / cfg["run"]["name"] / "checkpoints" / checkpoint_name(step))
+_ckpt = run_checkpoint
 
 
 class DataRecorder(pl.Callback):

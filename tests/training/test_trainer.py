@@ -287,3 +287,27 @@ def test_a_latent_cache_encoded_on_the_gpu_matches_the_cpus(workdir):
     for i in range(len(caches["cpu"])):
         a, b = caches["cpu"][i], caches["cuda"][i]
         torch.testing.assert_close(a["mean"], b["mean"], rtol=1e-4, atol=1e-4)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(workdir, capsys):
+    cfg = tiny_config(workdir, run={"name": "finished"}, train={"max_steps": 2, "checkpoint_every": 2})
+    assert train(from_dict(ExperimentConfig, cfg)) == 0
+    capsys.readouterr()
+    assert train(from_dict(ExperimentConfig, cfg), resume=True) == 0
+    assert "is already at step 2 of train.max_steps=2: nothing to train; raise train.max_steps" in capsys.readouterr().err
+    cfg["train"]["max_steps"] = 3
+    assert train(from_dict(ExperimentConfig, cfg), resume=True) == 0
+    assert "nothing to train" not in capsys.readouterr().err
+
+
+def test_a_missing_autoencoder_that_prepare_will_not_make_stops_before_prepare(tmp_path, capsys):
+    from sgdm.cli.main import main
+    from tests.training.helpers import write_config
+
+    cfg = tiny_config(tmp_path, model={"guidance": {"kind": "none", "drop_prob": 0.0},
+                                       "autoencoder": {"checkpoint": str(tmp_path / "missing.ckpt")}},
+                      prepare={"dataset": True, "autoencoder": False, "annotations": False})
+    assert main(["train", str(write_config(tmp_path, cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "model.autoencoder.checkpoint" in err and "prepare.autoencoder: true" in err
+    assert not (tmp_path / "shapes").exists()  # prepare.dataset did not run first
