@@ -12,7 +12,7 @@ _FLAGS = {
     "n": "n", "batch_size": "batch_size", "sampler": "sampler", "steps": "steps", "eta": "eta", "spacing": "spacing",
     "guidance_scale": "guidance_scale", "inception_weights": "inception_weights",
     "feature_extractor": "feature_backbone", "feature_weights": "feature_weights", "feature_name": "feature_name",
-    "seed": "seed", "device": "device", "compile": "compile",
+    "seed": "seed", "device": "device", "compile": "compile", "reference_n": "reference_n",
 }
 
 
@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--feature-extractor", help="timm backbone name for fd_<name> (default: annotation.backbone)")
     parser.add_argument("--feature-weights", help="weights file of --feature-extractor")
     parser.add_argument("--feature-name", help="name the distance is reported under (fd_<name>)")
+    parser.add_argument("--reference-n", type=int,
+                        help="real images the distances compare with: the first N readable training images "
+                             "(default: eval.reference_n)")
     parser.add_argument("--seed", type=int, help="seed of the conditions and the sampling noise (default: eval.seed)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: eval.device)")
     parser.add_argument("--compile", action="store_true", default=None,

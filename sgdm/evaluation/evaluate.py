@@ -88,7 +88,7 @@ class _ReferenceImages(Dataset):
             if self._next >= len(self.dataset):
                 raise ValueError(f"the reference set needs {self.n} readable images (eval.reference_n), but only "
                                  f"{len(self._rows)} of the dataset's {len(self.dataset)} images can be read; lower "
-                                 "eval.reference_n or run `sgdm-ldm validate-data` on this config")
+                                 "eval.reference_n (sgdm-ldm eval --reference-n) or run `sgdm-ldm validate-data` on this config")
             item = self.dataset[self._next]
             if item is not None:
                 self._rows.append(self._next)

@@ -330,3 +330,15 @@ def test_eval_adherence_alone_of_a_label_run_is_refused(tmp_path, capsys):
     assert ("config error: eval.metrics: layout adherence scores box and mask guidance; this run has 'label' "
             "guidance") in capsys.readouterr().err
     assert not (run_dir / "eval" / "results.json").exists()
+
+
+def test_reference_n_flag_sets_eval_reference_n_and_a_bad_value_names_the_flag():
+    import argparse
+
+    from sgdm.cli.evaluate import add_parser, eval_config_from_args
+    from sgdm.config.core import ConfigError
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    assert eval_config_from_args({"reference_n": 500}, parser.parse_args(["run", "--reference-n", "40"])).reference_n == 40
+    with pytest.raises(ConfigError, match=r"--reference-n \(eval\.reference_n\)"):
+        eval_config_from_args({}, parser.parse_args(["run", "--reference-n", "1"]))
