@@ -9,7 +9,8 @@ increasing COCO id.
 
 COCO-Stuff-27: STEGO's layout, ``root/images/{split}2017/{id}.jpg``,
 ``root/annotations/{split}2017/{id}.png`` (COCO-Stuff 164k stuffthingmaps,
-fine ids 0..181, 255 unlabelled) and the curated id list
+fine ids 0..181, 255 unlabelled; any other value makes the item a bad file:
+it is not a stuffthingmap, e.g. COCO-Stuff's 1-based ``stuff_*_pixelmaps``) and the curated id list
 ``root/curated/{split}2017/Coco164kFull_Stuff_Coarse_7.txt`` (49,629 train,
 2,175 val) unless ``list_file`` is given. Fine ids are merged into the 27
 COCO-Stuff super-categories (12 things, then 15 stuff); ``gt_mask`` holds
@@ -36,6 +37,7 @@ STUFF27_CLASSES = (
     "ceiling", "floor", "food-stuff", "furniture-stuff", "rawmaterial", "textile", "wall", "window",
     "building", "ground", "plant", "sky", "solid", "structural", "water",
 )
+NUM_FINE = 182  # stuffthingmap ids 0..181 (91 thing + 91 stuff slots; 255 = unlabelled)
 # fine stuffthingmap ids (0-based COCO-Stuff labels) of each coarse class, as inclusive ranges
 _COARSE_MEMBERS: tuple[tuple[tuple[int, int], ...], ...] = (
     ((71, 76),), ((77, 82),), ((51, 60),), ((61, 70),), ((83, 90),), ((43, 50),), ((25, 32),), ((15, 24),),
@@ -167,4 +169,9 @@ class CocoStuff27Dataset(ImageDataset):
             raise
         except (OSError, SyntaxError, ValueError) as err:
             raise BadImageError(path, f"cannot read stuffthingmap PNG ({err})") from None
+        invalid = (fine >= NUM_FINE) & (fine != 255)
+        if invalid.any():  # e.g. a 1-based stuff_*_pixelmaps PNG (0 unlabelled, 183 other): every id one off
+            raise BadImageError(path, f"value {int(fine[invalid].max())} is no stuffthingmap id (0..{NUM_FINE - 1} "
+                                "and 255 = unlabelled); is this a 1-based COCO-Stuff pixelmap instead of "
+                                "stuffthingmaps_trainval2017?")
         return RawSample(image, mask=self.lut[fine])

@@ -214,3 +214,17 @@ def test_lsun_lmdb_survives_pickling_in_the_same_process(tmp_path):
     first = ds[0]["image"]
     copy = pickle.loads(pickle.dumps(ds))
     assert torch.equal(copy[0]["image"], first)
+
+
+def test_coco_stuff27_refuses_values_that_are_no_stuffthingmap_id(tmp_path):
+    # COCO-Stuff's stuff_*_pixelmaps are 1-based (0 unlabelled, 92..182 stuff, 183 "other"): read as
+    # stuffthingmaps every class would be one off and "unlabelled" would become person
+    ids = fixtures.make_coco_stuff(tmp_path)
+    pixelmap = np.full((30, 40), 157, np.uint8)
+    pixelmap[15:] = 183
+    pixelmap[:, :5] = 0
+    fixtures.Image.fromarray(pixelmap, "L").save(tmp_path / "annotations/train2017" / f"{ids[0]}.png")
+    ds = build_dataset(cfg(dataset="coco_stuff27", root=tmp_path), train=False)
+    bad = ds.check(0)
+    assert bad is not None and bad.source.endswith(f"{ids[0]}.png") and "value 183 is no stuffthingmap id" in bad.reason
+    assert ds.check(1) is None and ds[1] is not None  # 0..181 and 255 are fine
