@@ -139,15 +139,22 @@ class CocoStuff27Dataset(ImageDataset):
                  max_images: Optional[int] = None, key: str = "data", **kwargs):
         self.root = require_dir(Path(root), f"{key}.root", "COCO-Stuff directory")
         folder = f"{split}2017"
+        # checked here, not per item: a root of another layout would otherwise make every item a bad file
+        self.image_dir = require_dir(self.root / "images" / folder, f"{key}.root",
+                                     f"COCO-Stuff image folder (root/images/{folder}, STEGO's layout)")
+        self.mask_dir = require_dir(self.root / "annotations" / folder, f"{key}.root",
+                                    f"COCO-Stuff label folder (root/annotations/{folder}: the {folder} PNGs "
+                                    "of stuffthingmaps_trainval2017.zip)")
         if list_file is None:
             list_file = self.root / "curated" / folder / "Coco164kFull_Stuff_Coarse_7.txt"
+            if not list_file.is_file():
+                raise ConfigError(f"{key}.list_file", f"STEGO's curated list {list_file} does not exist; copy it "
+                                  "there or set data.list_file to a file of image ids")
         lines = read_list(Path(list_file), f"{key}.list_file")
         ids = [Path(line).stem for line in lines]
         require_distinct(ids, lines, list_file, f"{key}.list_file")
         if not ids:
             raise ConfigError(f"{key}.list_file", f"list file {list_file} names no images")
-        self.image_dir = self.root / "images" / folder
-        self.mask_dir = self.root / "annotations" / folder
         self.lut = fine_to_coarse_lut()
         super().__init__(limit(ids, max_images), class_names=STUFF27_CLASSES, mask_class_names=STUFF27_CLASSES,
                          **kwargs)

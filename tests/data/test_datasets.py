@@ -228,3 +228,20 @@ def test_coco_stuff27_refuses_values_that_are_no_stuffthingmap_id(tmp_path):
     bad = ds.check(0)
     assert bad is not None and bad.source.endswith(f"{ids[0]}.png") and "value 183 is no stuffthingmap id" in bad.reason
     assert ds.check(1) is None and ds[1] is not None  # 0..181 and 255 are fine
+
+
+def test_coco_stuff27_root_of_another_layout_is_a_config_error(tmp_path):
+    # the official download: images/train2017 and stuffthingmaps_trainval2017/train2017, no annotations/ folder
+    ids = fixtures.make_coco_stuff(tmp_path)
+    list_file = tmp_path / "ids.txt"
+    list_file.write_text("\n".join(ids) + "\n")
+    (tmp_path / "annotations").rename(tmp_path / "stuffthingmaps_trainval2017")
+    with pytest.raises(ConfigError, match=r"^data\.root: COCO-Stuff label folder .*annotations/train2017.* does not exist"):
+        build_dataset(cfg(dataset="coco_stuff27", root=tmp_path, list_file=list_file))
+    with pytest.raises(ConfigError, match=r"^data\.root: COCO-Stuff image folder .*images/train2017.* does not exist"):
+        build_dataset(cfg(dataset="coco_stuff27", root=tmp_path / "stuffthingmaps_trainval2017", list_file=list_file))
+    (tmp_path / "stuffthingmaps_trainval2017").rename(tmp_path / "annotations")
+    (tmp_path / "curated/train2017/Coco164kFull_Stuff_Coarse_7.txt").unlink()
+    with pytest.raises(ConfigError, match=r"^data\.list_file: STEGO's curated list .* does not exist; .*data\.list_file"):
+        build_dataset(cfg(dataset="coco_stuff27", root=tmp_path))
+    assert build_dataset(cfg(dataset="coco_stuff27", root=tmp_path, list_file=list_file)).ids == ids
