@@ -26,6 +26,17 @@ VOC_CLASSES = (
 )
 
 
+def _require_layout(root: Path, key: str) -> None:
+    """Refuse a root that is not one year's folder (``VOCdevkit/VOC2012``), naming the folder to use instead."""
+    missing = [sub for sub in ("ImageSets/Main", "JPEGImages", "Annotations") if not (root / sub).is_dir()]
+    if not missing:
+        return
+    years = sorted(p for p in root.glob("*/ImageSets/Main") if p.is_dir())
+    hint = (f"; point root at {years[0].parent.parent}" if years else
+            "; point root at one year's folder, e.g. VOCdevkit/VOC2012")
+    raise ConfigError(key, f"{root} is not a VOC year folder: it has no {missing[0]}/ folder{hint}")
+
+
 class VocDataset(ImageDataset):
     name = "voc"
     has_labels = True
@@ -35,6 +46,7 @@ class VocDataset(ImageDataset):
     def __init__(self, root: Path, split: str = "trainval", keep_difficult: bool = True,
                  max_images: Optional[int] = None, key: str = "data", **kwargs):
         self.root = require_dir(Path(root), f"{key}.root", "VOC directory (e.g. VOCdevkit/VOC2007)")
+        _require_layout(self.root, f"{key}.root")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         lines = read_list(split_file, f"{key}.split")
         if not lines:

@@ -245,3 +245,14 @@ def test_coco_stuff27_root_of_another_layout_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.list_file: STEGO's curated list .* does not exist; .*data\.list_file"):
         build_dataset(cfg(dataset="coco_stuff27", root=tmp_path))
     assert build_dataset(cfg(dataset="coco_stuff27", root=tmp_path, list_file=list_file)).ids == ids
+
+
+def test_voc_root_that_is_not_a_year_folder_names_data_root(tmp_path):
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    fixtures.make_voc(root)
+    with pytest.raises(ConfigError, match=r"^data\.root: .*VOCdevkit is not a VOC year folder: it has no "
+                                          r"ImageSets/Main/ folder; point root at .*VOCdevkit/VOC2012$"):
+        build_dataset(cfg(dataset="voc", root=tmp_path / "VOCdevkit"))
+    shutil.rmtree(root / "Annotations")
+    with pytest.raises(ConfigError, match=r"^data\.root: .*VOC2012 is not a VOC year folder: it has no Annotations/"):
+        build_dataset(cfg(dataset="voc", root=root))
