@@ -184,20 +184,29 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
     wnids = imagenet100_wnids(class_list, key)
     present = [w for w in wnids if (split_dir / w).is_dir()]
     if not present:
+        loose = sum(1 for entry in os.scandir(split_dir) if entry.is_file() and is_image_file(entry.name))
+        hint = (f" It holds {loose} images directly: ImageNet's official flat {split} layout, which sgdm does not "
+                f"read; move each image into {split}/<wnid>/ (e.g. from LOC_val_solution.csv or the devkit's "
+                "ground truth)." if loose else f" Is the {split} split in per-class folders?")
         raise ConfigError(f"{key}.root", f"{split_dir} has none of the {len(wnids)} class folders "
-                          f"(expected e.g. {split_dir / wnids[0]}); is the {split} split in per-class folders?")
+                          f"(expected e.g. {split_dir / wnids[0]}).{hint}")
     if len(present) < len(wnids):
         missing = [w for w in wnids if w not in present]
         log.warning("imagenet100: %d of %d class folders missing under %s (first: %s)",
                     len(missing), len(wnids), split_dir, missing[0])
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for label, wnid in enumerate(wnids):
         if wnid in present:
             names = scan_images(split_dir / wnid)
             files.extend(f"{wnid}/{n}" for n in names)
             labels.extend([label] * len(names))
+            if not names:
+                empty.append(wnid)
     if not files:
         raise _empty(split_dir, f"{key}.root")
+    if empty:  # a class without images: its label never occurs (an interrupted copy or extraction)
+        log.warning("imagenet100: %d class folder(s) under %s hold no images (first: %s)",
+                    len(empty), split_dir, split_dir / empty[0])
     dataset = FileDataset(split_dir, limit(files, max_images), limit(labels, max_images), wnids, **kwargs)
     dataset.name = "imagenet100"
     return dataset

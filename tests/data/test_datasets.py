@@ -256,3 +256,21 @@ def test_voc_root_that_is_not_a_year_folder_names_data_root(tmp_path):
     shutil.rmtree(root / "Annotations")
     with pytest.raises(ConfigError, match=r"^data\.root: .*VOC2012 is not a VOC year folder: it has no Annotations/"):
         build_dataset(cfg(dataset="voc", root=root))
+
+
+def test_imagenet100_flat_val_and_empty_class_folders_are_reported(tmp_path, caplog):
+    wnids = imagenet100_wnids(None, "data")
+    fixtures.make_imagenet(tmp_path, [wnids[0]])
+    (tmp_path / "train" / wnids[1]).mkdir()  # extracted class tar that was empty / interrupted
+    with caplog.at_level(logging.WARNING, logger="sgdm.data.folders"):
+        ds = build_dataset(cfg(dataset="imagenet100", root=tmp_path, split="train"), train=False)
+    assert {ds[i]["gt_label"] for i in range(len(ds))} == {0}
+    assert any("1 class folder(s)" in r.getMessage() and "hold no images" in r.getMessage()
+               and wnids[1] in r.getMessage() for r in caplog.records)
+    shutil.rmtree(tmp_path / "val")  # the official layout: val/ILSVRC2012_val_00000001.JPEG, no class folders
+    (tmp_path / "val").mkdir()
+    for i in (1, 2):
+        fixtures.Image.fromarray(fixtures.sample_rgb()).save(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(ConfigError, match=r"^data\.root: .*val has none of the 100 class folders .* It holds 2 images "
+                                          r"directly: ImageNet's official flat val layout"):
+        build_dataset(cfg(dataset="imagenet100", root=tmp_path, split="val"))
