@@ -82,6 +82,11 @@ class CRFConfig:
     exact (32x32: ~1M pairs, ~0.15 s an image on one loaded CPU thread, against ~1 ms without;
     the default 64x64 grid of 256-px images: ~3 s an image, ~100 CPU hours for COCO's 118k,
     and a 128 MB float64 kernel held per image).
+
+    ``method``: ``exact`` sums the messages over every pair of cells (the reference);
+    ``lattice`` approximates them in O(cells) on the permutohedral lattice, as pydensecrf does
+    (:mod:`sgdm.annotation.permutohedral`): measured in ``benchmarks/RESULTS.md`` ("Permutohedral
+    CRF"), not the default because its messages differ from the exact ones by a few to ~20 per cent.
     """
 
     enabled: bool = False
@@ -92,8 +97,11 @@ class CRFConfig:
     bi_xy_std: float = 67.0
     bi_rgb_std: float = 3.0
     alpha: float = 2.0  # temperature of the probe's class probabilities
+    method: str = "exact"  # exact | lattice: the messages summed exactly, or on the permutohedral lattice
 
     def validate(self) -> None:
+        if self.method not in ("exact", "lattice"):
+            raise ConfigError("method", f"must be 'exact' or 'lattice', got {self.method!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ConfigError("iterations", f"must be an integer >= 0, got {self.iterations!r}")
         for name in ("pos_weight", "bi_weight"):

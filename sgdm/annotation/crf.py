@@ -12,9 +12,11 @@ with ``r`` the cell position (in cells) and ``I`` its colour (0-255, as pydensec
 Mean-field inference starts at ``Q = p`` and repeats ``Q_i(l) ∝ exp(-U_i(l) + sum_{j != i} K(i, j)
 Q_j(l))`` (the Potts term's part that is the same for every label cancels in the normalisation).
 
-The message is computed exactly, a block of rows of ``K`` at a time: O(N^2) per iteration, which
-is what the grids of self-segmentation (the patch grid or a few times finer, N <= ~10^4) afford;
-pydensecrf's permutohedral lattice approximates the same sums in O(N) for full-resolution images.
+With ``method: exact`` (the reference) the message is computed exactly, a block of rows of ``K`` at
+a time: O(N^2) per iteration, which is what the grids of self-segmentation (the patch grid or a few
+times finer, N <= ~10^4) afford. ``method: lattice`` approximates the same sums in O(N) on the
+permutohedral lattice, as pydensecrf does (:mod:`sgdm.annotation.permutohedral`; the ``j = i``
+term left out as here).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 
 from sgdm.annotation.config import CRFConfig
+from sgdm.annotation.permutohedral import Lattice
 
 __all__ = ["dense_crf", "scaled"]
 
@@ -64,6 +67,8 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: Optional[CRFConf
     probabilities, e.g. a softmax over negative distances to the centroids). Computed in float64;
     returned in ``probs``' dtype. ``block_rows`` bounds memory (a block is ``block_rows x H W``);
     where it covers every cell the kernel is built once, else a block at a time every iteration.
+    With ``params.method == "lattice"`` the messages come from the permutohedral lattice instead
+    (O(H W) memory and time; ``block_rows`` unused).
     """
     if probs.dim() != 3:
         raise ValueError(f"probs: expected [K, H, W], got shape {tuple(probs.shape)}")
@@ -86,6 +91,13 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: Optional[CRFConf
     if params.iterations == 0 or (params.pos_weight == 0 and params.bi_weight == 0):
         return q.t().reshape(k, h, w).to(probs.dtype)
     f_pos, f_bi = _features(image, params)
+    if params.method == "lattice":
+        lattices = [(weight, Lattice(f)) for weight, f in ((params.pos_weight, f_pos), (params.bi_weight, f_bi))
+                    if weight > 0]
+        for _ in range(params.iterations):
+            message = sum(weight * lattice.filter(q) for weight, lattice in lattices)
+            q = torch.softmax(-unary + message, dim=1)
+        return q.t().reshape(k, h, w).to(probs.dtype)
 
     def kernel_rows(lo: int, hi: int) -> torch.Tensor:
         return _gaussian_rows(f_pos, lo, hi).mul_(params.pos_weight).add_(_gaussian_rows(f_bi, lo, hi),

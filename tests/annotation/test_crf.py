@@ -1,6 +1,8 @@
-"""dense_crf: exact mean-field of the fully connected CRF, against a loop over cell pairs."""
+"""dense_crf: exact mean-field of the fully connected CRF, against a loop over cell pairs; the lattice
+messages (method: lattice) against the exact ones."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -85,7 +87,7 @@ def test_the_label_boundary_moves_to_the_colour_edge():
 @pytest.mark.parametrize("bad, match", [
     (dict(iterations=-1), "iterations"), (dict(iterations=1.5), "iterations"), (dict(pos_weight=-1.0), "pos_weight"),
     (dict(bi_weight=float("nan")), "bi_weight"), (dict(pos_xy_std=0.0), "pos_xy_std"),
-    (dict(bi_rgb_std=float("inf")), "bi_rgb_std"),
+    (dict(bi_rgb_std=float("inf")), "bi_rgb_std"), (dict(method="permutohedral"), "method"),
 ])
 def test_bad_params_are_named(bad, match):
     image, probs = random_inputs()
@@ -108,3 +110,39 @@ def test_bad_inputs_are_named():
 def test_scaled_params_widen_the_spatial_kernels_only():
     p = scaled(CRFConfig(), 0.25)
     assert (p.pos_xy_std, p.bi_xy_std, p.bi_rgb_std, p.pos_weight) == (0.25, 67.0 / 4, 3.0, 3.0)
+
+
+def structured_inputs(side, seed=0):
+    """Three colour regions (a half, a disc, a band) with slight noise, and class probabilities that
+    follow them under heavy noise (about a third of the cells' argmax wrong)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    image = torch.stack([(xx > 0.4).float(), ((xx - 0.6) ** 2 + (yy - 0.4) ** 2 < 0.08).float(),
+                         0.5 * (yy > 0.7).float()])
+    image = (image + 0.03 * torch.randn(3, side, side, generator=g)).clamp(0, 1)
+    truth = (image[0] > 0.5).long() + 2 * (image[1] > 0.5).long()
+    logits = 2.0 * torch.nn.functional.one_hot(truth, 4).permute(2, 0, 1) + 1.5 * torch.randn(4, side, side, generator=g)
+    return image, torch.softmax(logits, 0), truth
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_lattice_labels_agree_with_the_exact_ones(factor, one_thread):
+    # measured at 32 x 32: factor 1 all 1024 cells agree, factor 0.5 99.8%; 64 x 64 at 0.25 99.2%
+    image, probs, truth = structured_inputs(32)
+    params = scaled(CRFConfig(), factor)
+    exact = dense_crf(image, probs, params).argmax(0)
+    lattice = dense_crf(image, probs, dataclasses.replace(params, method="lattice")).argmax(0)
+    assert (probs.argmax(0) == truth).float().mean() < 0.7 < 0.98 < (exact == truth).float().mean()
+    assert (lattice == exact).float().mean() > 0.98
+
+
+def test_lattice_cleans_an_isolated_cell_and_keeps_no_pairwise_term_as_is():
+    h, w = 8, 8
+    image = torch.zeros(3, h, w)
+    probs = torch.full((2, h, w), 0.1)
+    probs[0] = 0.9
+    probs[:, 2, 1] = torch.tensor([0.3, 0.7])
+    params = CRFConfig(iterations=5, pos_weight=3.0, pos_xy_std=1.0, bi_weight=0.0, method="lattice")
+    assert (dense_crf(image, probs, params).argmax(0) == 0).all()
+    off = dataclasses.replace(params, pos_weight=0.0)
+    torch.testing.assert_close(dense_crf(image, probs, off), probs, rtol=0, atol=1e-6)

@@ -93,6 +93,7 @@ def test_save_load_keeps_the_crf_settings_and_old_files_load_with_crf_off(tmp_pa
     ("pos_xy_std", float("inf"), "must be a finite number > 0"),
     ("alpha", float("nan"), "must be a finite number > 0"),
     ("enabeld", True, "unknown key"),
+    ("method", "fast", "must be 'exact' or 'lattice'"),
 ])
 def test_config_errors_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=rf"^annotation\.stego\.crf\.{key}: {message}"):
