@@ -67,8 +67,8 @@ class DataConfig:
         image ids (``coco_stuff27``, default: the curated list under root).
     annotation_file: COCO instances JSON (``coco20k``; default
         ``root/annotations/instances_train2014.json``).
-    class_list: WordNet ids, one a line (``imagenet100``; default: CMC's list
-        shipped with sgdm).
+    class_list: WordNet ids, one a line, anything after the id ignored (``imagenet100``;
+        default: CMC's list shipped with sgdm); the label is the line's index.
     folder_labels: ``image_folder`` only: first-level folder name is the class.
     keep_difficult: ``voc`` only: keep boxes marked difficult.
     size: output side in pixels (centre crop to the short side, then resize).

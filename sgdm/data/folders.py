@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
@@ -162,9 +163,19 @@ def image_folder(root: Path, list_file: Optional[Path], folder_labels: bool, max
 
 
 def imagenet100_wnids(class_list: Optional[Path], key: str) -> list[str]:
-    """The 100 WordNet ids of CMC's ImageNet-100 (shipped with sgdm), or ``class_list``."""
+    """The 100 WordNet ids of CMC's ImageNet-100 (shipped with sgdm), or those of ``class_list``.
+
+    A line of ``class_list`` is a WordNet id, optionally followed by anything after a space, tab or
+    comma (``LOC_synset_mapping.txt``'s ``n01440764 tench, Tinca tinca``); any other line is refused.
+    """
     if class_list is not None:
-        wnids = read_list(class_list, f"{key}.class_list")
+        wnids = []
+        for line in read_list(class_list, f"{key}.class_list"):
+            match = re.match(r"(n\d{8})(?:[\s,]|$)", line)
+            if match is None:
+                raise ConfigError(f"{key}.class_list", f"{class_list}: {printable(line)!r} does not start with a "
+                                  "WordNet id such as n01440764")
+            wnids.append(match.group(1))
     else:
         wnids = resources.files("sgdm.data").joinpath("imagenet100_wnids.txt").read_text().split()
     repeat = first_repeat(wnids)

@@ -274,3 +274,15 @@ def test_imagenet100_flat_val_and_empty_class_folders_are_reported(tmp_path, cap
     with pytest.raises(ConfigError, match=r"^data\.root: .*val has none of the 100 class folders .* It holds 2 images "
                                           r"directly: ImageNet's official flat val layout"):
         build_dataset(cfg(dataset="imagenet100", root=tmp_path, split="val"))
+
+
+def test_imagenet100_class_list_takes_the_wnid_of_each_line(tmp_path):
+    wnids = imagenet100_wnids(None, "data")
+    fixtures.make_imagenet(tmp_path, [wnids[0], wnids[1]])
+    mapping = tmp_path / "LOC_synset_mapping.txt"  # "<wnid> <names>", as ImageNet's Kaggle release has it
+    mapping.write_text(f"{wnids[1]} tiger cat, Felis\n{wnids[0]}\tcastle\n")
+    ds = build_dataset(cfg(dataset="imagenet100", root=tmp_path, class_list=mapping), train=False)
+    assert ds.class_names == [wnids[1], wnids[0]] and ds[0]["id"].startswith(wnids[1]) and ds[0]["gt_label"] == 0
+    mapping.write_text(f"wnid,name\n{wnids[0]},castle\n")
+    with pytest.raises(ConfigError, match=r"^data\.class_list: .*'wnid,name' does not start with a WordNet id"):
+        build_dataset(cfg(dataset="imagenet100", root=tmp_path, class_list=mapping))
