@@ -191,8 +191,15 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
     The val split must use the same per-class folders as train (the common
     reorganised layout), not the flat official one.
     """
-    split_dir = require_dir(Path(root) / split, f"{key}.root", f"ImageNet {split} folder")
     wnids = imagenet100_wnids(class_list, key)
+    root = require_dir(Path(root), f"{key}.root", "ImageNet root")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        inside = any((root / w).is_dir() for w in wnids)  # root is the split folder itself (root: /data/imagenet/train)
+        hint = f"; {root} holds class folders itself: point root at its parent" if inside else ""
+        raise ConfigError(f"{key}.root", f"ImageNet {split} folder {split_dir} "
+                          f"{'is not a directory' if split_dir.exists() else 'does not exist'} "
+                          f"(root holds train/<wnid>/ and val/<wnid>/){hint}")
     present = [w for w in wnids if (split_dir / w).is_dir()]
     if not present:
         loose = sum(1 for entry in os.scandir(split_dir) if entry.is_file() and is_image_file(entry.name))

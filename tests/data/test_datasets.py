@@ -286,3 +286,13 @@ def test_imagenet100_class_list_takes_the_wnid_of_each_line(tmp_path):
     mapping.write_text(f"wnid,name\n{wnids[0]},castle\n")
     with pytest.raises(ConfigError, match=r"^data\.class_list: .*'wnid,name' does not start with a WordNet id"):
         build_dataset(cfg(dataset="imagenet100", root=tmp_path, class_list=mapping))
+
+
+def test_imagenet100_root_at_the_split_folder_says_to_use_its_parent(tmp_path):
+    wnids = imagenet100_wnids(None, "data")
+    fixtures.make_imagenet(tmp_path, [wnids[0]])
+    with pytest.raises(ConfigError, match=r"^data\.root: ImageNet train folder .*train/train does not exist .*"
+                                          r"holds class folders itself: point root at its parent$"):
+        build_dataset(cfg(dataset="imagenet100", root=tmp_path / "train"))
+    with pytest.raises(ConfigError, match=r"^data\.root: ImageNet root .*nowhere does not exist"):
+        build_dataset(cfg(dataset="imagenet100", root=tmp_path / "nowhere"))
