@@ -83,7 +83,8 @@ class Lattice:
         d, m = self.d, self.vertices
         values = values.to(self.dtype)
         lattice = values.new_zeros(m + 1, values.shape[1])  # row m: the missing neighbour, always zero
-        lattice.index_add_(0, self.ids.reshape(-1), (self.weight[:, :, None] * values[:, None, :]).reshape(-1, values.shape[1]))
+        splat = (self.weight[:, :, None] * values[:, None, :]).reshape(-1, values.shape[1])
+        lattice.index_add_(0, self.ids.reshape(-1), splat)
         for minus, plus in self.neighbours:  # [1 2 1] / 2 along each of the d+1 directions in turn
             blurred = lattice[minus] + lattice[plus]
             lattice[:m] += 0.5 * blurred

@@ -121,7 +121,8 @@ def structured_inputs(side, seed=0):
                          0.5 * (yy > 0.7).float()])
     image = (image + 0.03 * torch.randn(3, side, side, generator=g)).clamp(0, 1)
     truth = (image[0] > 0.5).long() + 2 * (image[1] > 0.5).long()
-    logits = 2.0 * torch.nn.functional.one_hot(truth, 4).permute(2, 0, 1) + 1.5 * torch.randn(4, side, side, generator=g)
+    logits = 2.0 * torch.nn.functional.one_hot(truth, 4).permute(2, 0, 1)
+    logits = logits + 1.5 * torch.randn(4, side, side, generator=g)
     return image, torch.softmax(logits, 0), truth
 
 
