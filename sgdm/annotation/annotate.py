@@ -343,6 +343,11 @@ def _ground_truth(dataset, a, granularity, log, progress):
     ids = [dataset.ids[i] for i in rows]
     records, extra = ground_truth_records(gt, granularity, k, gt["image_hw"].tolist(), ids)
     extra["method"] = "ground-truth"
+    empty = extra.get("ids_without_gt_box") or []
+    if empty:
+        log(f"annotate: {len(empty)} of {len(ids)} images have no ground-truth box after the centre crop (e.g. "
+            f"{printable(empty[0])!r}); they are stored without annotation (cluster -1) and train unguided; "
+            f"the manifest lists them under ids_without_gt_box")
     return records, gt, extra
 
 

@@ -4,7 +4,8 @@ Each image is drawn from the (unflipped) dataset the store describes, with its
 LOST/ground-truth box outlined or its class map blended over it, and embedded
 as an inline PNG, so the page is one self-contained file people can open,
 scroll and use to name what each cluster captured. Mask stores are grouped by
-each image's largest class.
+each image's largest class. A box store's images with the no-annotation marker
+(no ground-truth box after the crop) form their own group, drawn without a box.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sgdm.annotation.store import IGNORE, AnnotationStore
+from sgdm.annotation.store import IGNORE, NO_ANNOTATION, AnnotationStore, is_annotated
 from sgdm.data.decode import printable
 
 __all__ = ["write_gallery", "render", "missing_ids"]
@@ -40,7 +41,7 @@ def _to_pil(image: torch.Tensor, size: int) -> Image.Image:
 def render(image: torch.Tensor, record: dict, size: int = 96, num_classes: int = 1) -> Image.Image:
     """Thumbnail of ``image [3, H, W]`` in [-1, 1] with ``record``'s box or mask drawn on it."""
     pil = _to_pil(image, size)
-    if "box" in record:
+    if "box" in record and is_annotated(record):  # the marker's zero box is no box
         x0, y0, x1, y1 = (float(v) * size for v in record["box"])
         ImageDraw.Draw(pil).rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 220, 0), width=2)
     if "mask" in record:
@@ -81,7 +82,8 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
                   thumb: int = 96, max_clusters: Optional[int] = None) -> pathlib.Path:
     """Write the gallery of ``store`` (images read from ``dataset`` by id) to ``out``; largest clusters first.
 
-    max_clusters: show only the largest N (N >= 1); None shows every cluster.
+    max_clusters: show only the largest N (N >= 1); None shows every cluster. Images without
+    annotation (the store's marker) are shown last, as their own group.
     """
     index = {image_id: i for i, image_id in enumerate(dataset.ids)}
     missing = missing_ids(store, dataset)
@@ -90,14 +92,17 @@ def write_gallery(store: AnnotationStore, dataset, out: str | pathlib.Path, per_
                          f"(e.g. {printable(missing[0])!r})")
     if max_clusters is not None and max_clusters < 1:
         raise ValueError(f"gallery: max_clusters must be >= 1 or None (all clusters), got {max_clusters}")
-    groups = list(_group(store).items())[:max_clusters]
+    groups = _group(store)
+    unannotated = groups.pop(NO_ANNOTATION, None)  # not a cluster: shown last, whatever max_clusters is
+    groups = list(groups.items())[:max_clusters] + ([(NO_ANNOTATION, unannotated)] if unannotated else [])
     title = f"{store.path.name}: {store.granularity} annotations, K={store.num_classes}, {len(store)} images"
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif}div.g{display:flex;flex-wrap:wrap;gap:4px}"
              "img{image-rendering:pixelated}figure{margin:0;font-size:10px}</style>",
              f"<h1>{html.escape(title)}</h1><p>method: {html.escape(str(store.method))}</p>"]
     for cluster, ids in groups:
-        name = "no class" if cluster == IGNORE else f"cluster {cluster}"
+        name = ("no class" if cluster == IGNORE else "no annotation (no ground-truth box)" if cluster == NO_ANNOTATION
+                else f"cluster {cluster}")
         count = f"{len(ids)} image{'' if len(ids) == 1 else 's'}"
         parts.append(f"<h2 id='c{cluster}'>{name} ({count})</h2><div class='g'>")
         for image_id in ids[:per_cluster]:

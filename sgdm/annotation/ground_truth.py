@@ -6,8 +6,11 @@ safetensors shard; :func:`ground_truth_records` makes store records of them:
 
 * ``label``: ``cluster = gt_label`` (ImageNet-100 class);
 * ``box``: the largest ground-truth box, normalised, and its class as ``cluster``
-  (one box per image, like LOST); an image whose boxes were all cropped away
-  gets the whole image and its ``gt_label`` (counted in the manifest);
+  (one box per image, like LOST); an image with no ground-truth box left after
+  the centre crop (no objects, all outside the crop, only ``difficult`` ones) has
+  no guidance: it gets the store's no-annotation marker (``cluster`` -1, box
+  zeros, see :mod:`sgdm.annotation.store`), and the manifest counts and lists
+  such images (``images_without_gt_box``, ``ids_without_gt_box``);
 * ``mask``: ``gt_mask`` as the class map (dataset values, 255 = ignore).
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sgdm.annotation.store import NO_ANNOTATION
 from sgdm.config.core import ConfigError
 
 __all__ = ["pack_gt", "unpack_boxes", "ground_truth_records"]
@@ -53,9 +57,21 @@ def _need(gt: dict, key: str, granularity: str) -> torch.Tensor:
     return gt[key]
 
 
-def _check_range(values: torch.Tensor, num_classes: int, key: str, what: str) -> None:
-    if values.numel() and int(values.max()) >= num_classes:
+def _check_range(values: torch.Tensor, num_classes: int, key: str, what: str,
+                 unannotated: torch.Tensor | None = None) -> None:
+    """Refuse values >= K (K too small) and negative ones, except the no-annotation marker in the
+    rows ``unannotated`` ([n] bool, box clusters): those must hold exactly the marker."""
+    if unannotated is not None:
+        if bool((values[unannotated] != NO_ANNOTATION).any()):
+            raise ValueError(f"ground truth: a row without annotation must hold {NO_ANNOTATION}")
+        values = values[~unannotated]
+    if not values.numel():
+        return
+    if int(values.max()) >= num_classes:
         raise ConfigError(key, f"{num_classes} is too small: the ground truth has {what} {int(values.max())}")
+    if int(values.min()) < 0:
+        raise ValueError(f"ground truth: {what} {int(values.min())} is negative (only an image without any "
+                         f"ground-truth box gets the no-annotation marker {NO_ANNOTATION})")
 
 
 def ground_truth_records(gt: dict[str, torch.Tensor], granularity: str, num_classes: int, image_hw: Sequence[int],
@@ -69,29 +85,34 @@ def ground_truth_records(gt: dict[str, torch.Tensor], granularity: str, num_clas
         _check_range(labels, num_classes, "annotation.num_classes", "class id")
         return {"cluster": labels}, {}
     if granularity == "box":
-        return _box_records(gt, num_classes, image_hw)
+        return _box_records(gt, num_classes, image_hw, ids)
     masks = _need(gt, "gt_mask", granularity)
     _check_range(masks[masks != 255], num_classes, "annotation.num_classes", "mask value")
     return {"mask": masks}, {}
 
 
-def _box_records(gt, num_classes, image_hw) -> tuple[dict, dict]:
+def _box_records(gt, num_classes, image_hw, ids) -> tuple[dict, dict]:
     boxes = unpack_boxes({"gt_boxes": _need(gt, "gt_boxes", "box"), "gt_box_count": gt["gt_box_count"]})
     labels = unpack_boxes(gt, "gt_box_labels") if "gt_box_labels" in gt else [None] * len(boxes)
-    image_labels = gt.get("gt_label", torch.zeros(len(boxes), dtype=torch.long)).clamp_min(0)
+    image_labels = gt.get("gt_label", torch.zeros(len(boxes), dtype=torch.long))
     h, w = image_hw
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    out_boxes, clusters, empty = [], [], 0
+    out_boxes, clusters, empty = [], [], []
     for i, (b, lab) in enumerate(zip(boxes, labels)):
-        if len(b) == 0:
-            empty += 1
-            out_boxes.append(torch.tensor([0.0, 0.0, 1.0, 1.0]))
-            clusters.append(int(image_labels[i]))
+        if len(b) == 0:  # no guidance: the marker, never a class (it used to be gt_label -1 clamped to class 0)
+            empty.append(ids[i])
+            out_boxes.append(torch.zeros(4))
+            clusters.append(NO_ANNOTATION)
             continue
         j = int(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax())
         out_boxes.append((b[j] / scale).clamp(0, 1))
         clusters.append(int(lab[j]) if lab is not None else int(image_labels[i]))
     cluster = torch.tensor(clusters, dtype=torch.long)
     key = "annotation.lost.num_clusters"  # K of box guidance (see sgdm.config.schema.guidance_classes_key)
-    _check_range(cluster, num_classes, key, "box class")
-    return {"cluster": cluster, "box": torch.stack(out_boxes)}, {"images_without_gt_box": empty}
+    unannotated = torch.tensor([len(b) == 0 for b in boxes], dtype=torch.bool)
+    _check_range(cluster, num_classes, key, "box class", unannotated)
+    if len(empty) == len(ids):
+        raise ValueError(f"ground truth: none of the {len(ids)} images has a ground-truth box left after the "
+                         f"centre crop (e.g. {ids[0]!r}); there is nothing to guide with")
+    return ({"cluster": cluster, "box": torch.stack(out_boxes)},
+            {"images_without_gt_box": len(empty), "ids_without_gt_box": empty})

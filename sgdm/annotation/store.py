@@ -6,8 +6,8 @@ A directory with sharded safetensors files and a JSON manifest::
                              num_classes (K), method, params, extractor (backbone,
                              weights hash), dataset (config, ids hash), ids, shards
     shard_00000.safetensors  per image, rows in manifest order:
-                             cluster int64 [n]        (label, box)
-                             box float32 [n, 4]       (box)
+                             cluster int64 [n]        (label, box; -1 = no annotation, box only)
+                             box float32 [n, 4]       (box; all zeros where cluster is -1)
                              mask uint8 [n, h, w]     (mask; 255 = ignore)
                              multi_hot float32 [n, K] (mask)
 
@@ -17,6 +17,18 @@ the image; ``multi_hot`` is the spatial max-pool of the one-hot mask (Eq. 9).
 Consumers mirror boxes and masks of samples whose ``flipped`` is True. The
 manifest is written last (atomically), so a directory without one is not a
 store.
+
+"No annotation" marker (box stores only): a row with ``cluster == NO_ANNOTATION``
+(-1) and box ``[0, 0, 0, 0]`` describes an image that has NO guidance, e.g. a
+ground-truth box store's image with no box left after the centre crop (no
+objects, all objects outside the crop, only ``difficult`` boxes). The image stays
+in the store (training's data order and id checks are unchanged), but it is
+never guided: training gives it the null condition (the zeros of guidance
+dropout, so it is trained unconditionally), evaluation never draws it, the
+gallery lists it apart. :func:`is_annotated` / :meth:`AnnotationStore.annotated`
+tell such rows apart; a ground-truth store's manifest counts and lists them
+(``images_without_gt_box``, ``ids_without_gt_box``). Any other negative cluster
+is refused.
 """
 from __future__ import annotations
 
@@ -30,13 +42,21 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "atomic_write_text", "STORE_VERSION"]
+__all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "atomic_write_text", "STORE_VERSION",
+           "NO_ANNOTATION", "is_annotated"]
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
 SEGMENTER_FILE = "segmenter.safetensors"  # self-segmented stores: the fitted f (head + centroids)
 FIELDS = {"label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask", "multi_hot")}
 IGNORE = 255
+NO_ANNOTATION = -1  # cluster of a box-store row without annotation (its box is all zeros): no guidance
+
+
+def is_annotated(record: Mapping[str, Any]) -> bool:
+    """Whether a store record (``AnnotationStore.get``) carries guidance: False only for the
+    no-annotation marker (``cluster == NO_ANNOTATION``); mask records are always annotated."""
+    return "cluster" not in record or int(record["cluster"]) != NO_ANNOTATION
 
 
 class StoreMismatchError(ValueError):
@@ -90,8 +110,15 @@ def _check_records(records: Mapping[str, torch.Tensor], granularity: str, n: int
             raise ValueError(f"write_store: granularity {granularity!r} needs field {name!r}")
         if records[name].shape[0] != n:
             raise ValueError(f"write_store: field {name!r} has {records[name].shape[0]} rows for {n} ids")
-    if "cluster" in records and n and (records["cluster"].min() < 0 or records["cluster"].max() >= num_classes):
-        raise ValueError(f"write_store: cluster ids must lie in [0, {num_classes}), got max {int(records['cluster'].max())}")
+    if "cluster" in records and n:
+        cluster = records["cluster"]
+        marker = cluster == NO_ANNOTATION if granularity == "box" else torch.zeros_like(cluster, dtype=torch.bool)
+        bad = ~marker & ((cluster < 0) | (cluster >= num_classes))
+        if bool(bad.any()):
+            allowed = f"[0, {num_classes})" + (f" or {NO_ANNOTATION} (no annotation)" if granularity == "box" else "")
+            raise ValueError(f"write_store: cluster ids must lie in {allowed}, got {int(cluster[bad][0])}")
+        if bool(marker.any()) and bool(records["box"][marker].any()):
+            raise ValueError(f"write_store: a row with cluster {NO_ANNOTATION} (no annotation) must have box [0, 0, 0, 0]")
     if "mask" in records:
         masks = records["mask"]
         bad = (masks >= num_classes) & (masks != IGNORE)
@@ -311,6 +338,13 @@ class AnnotationStore:
         if not recorded or recorded.startswith(("hub:", "random")) or not path.is_file():
             return False
         return file_sha256(path) != recorded
+
+    def annotated(self) -> torch.Tensor:
+        """[n] bool in :attr:`ids` order: False for the rows with the no-annotation marker
+        (``cluster == NO_ANNOTATION``, box stores only), True elsewhere."""
+        if self.granularity != "box":
+            return torch.ones(len(self), dtype=torch.bool)
+        return self.tensor("cluster") != NO_ANNOTATION
 
     def tensor(self, name: str) -> torch.Tensor:
         """Field ``name`` of every image, in :attr:`ids` order."""
