@@ -216,17 +216,30 @@ def condition_from_annotations(guidance: GuidanceConfig, records: Sequence[Mappi
 
     ``size`` (H, W) is the resolution of the returned map (e.g. the latent grid);
     ``flipped`` [B] bool says which samples were mirrored by the data pipeline.
+    A record with the store's no-annotation marker (``cluster`` -1, see
+    :mod:`sgdm.annotation.store`) gets the null condition: zeros in both, as
+    guidance dropout gives (the sample is trained unconditionally).
     """
+    from sgdm.annotation.store import NO_ANNOTATION
+
     k, kind = guidance.num_classes, guidance.kind
     if kind == "none":
         return None, None
     if kind == "mask":
         return _mask_condition(_stack_field(records, "mask"), k, size, flipped)
-    cond = one_hot([int(c) for c in _stack_field(records, "cluster")], k)
+    clusters = [int(c) for c in _stack_field(records, "cluster")]  # Python ints: no device sync below
+    annotated = [c != NO_ANNOTATION for c in clusters]
+    cond = one_hot([c if a else 0 for c, a in zip(clusters, annotated)], k)
+    keep = None if all(annotated) else torch.tensor(annotated, dtype=torch.float32)
+    if keep is not None:
+        cond = cond * keep[:, None]
     if kind == "label":
         return cond, None
     boxes = torch.stack([torch.as_tensor(b, dtype=torch.float32).reshape(4) for b in _stack_field(records, "box")])
-    return cond, box_mask(boxes, size[0], size[1], flipped=flipped)
+    cond_map = box_mask(boxes, size[0], size[1], flipped=flipped)
+    if keep is not None:  # the marker's box [0, 0, 0, 0] still covers a cell: zero the whole map
+        cond_map = cond_map * keep.to(cond_map.device)[:, None, None, None]
+    return cond, cond_map
 
 
 def _gt_label_vector(labels, k: int) -> torch.Tensor:

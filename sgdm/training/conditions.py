@@ -6,6 +6,8 @@ same format, so one code path serves the paper's self-guided models and their
 supervised twins, and latent caching (which keeps no ground-truth fields)
 works for both. Annotations describe the unflipped image; the builders in
 :mod:`sgdm.models.conditioning` mirror boxes and masks of flipped samples.
+An image stored with the no-annotation marker (a ground-truth box store's image
+with no box left after the crop) gets the null condition, like a dropped one.
 
 Guidance dropout (paper Sec. 3, probability p) draws one uniform per sample of
 the *global* micro-batch and keeps this rank's slice, so dropping is the same

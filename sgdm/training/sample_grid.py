@@ -3,7 +3,7 @@
 Rows: for label guidance one row per cluster (the first ``train.sample_max_clusters``)
 at ``sampler.guidance_scale``; then one row per scale w in ``train.sample_scales``
 (Eq. 4), whose columns take the guidance of the first annotated images (clusters
-0, 1, ... for label guidance). Every row starts from the same
+0, 1, ... for label guidance; a box store's rows without annotation are skipped). Every row starts from the same
 ``train.sample_per_row`` noise tensors, drawn on the CPU from (run.seed, "grid"),
 so grids are comparable across steps and machines. DDIM, ``train.sample_steps``.
 """
@@ -30,7 +30,11 @@ def grid_conditions(lookup, kind: str, k: int, n: int, size: tuple[int, int]):
         return None, None
     if kind == "label":
         return one_hot([i % k for i in range(n)], k), None
-    ids = list(lookup.store().ids)[:n]
+    store = lookup.store()
+    annotated = store.annotated()  # a box store's rows with the no-annotation marker guide nothing
+    ids = [image_id for image_id, a in zip(store.ids, annotated.tolist()) if a][:n]
+    if not ids:
+        raise ValueError(f"annotation store {store.path}: no image is annotated, there is no guidance to sample with")
     ids = [ids[i % len(ids)] for i in range(n)]
     return lookup(ids, torch.zeros(n, dtype=torch.bool), size)
 

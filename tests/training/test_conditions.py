@@ -65,3 +65,20 @@ def test_box_and_mask_guided_training_with_sample_grids(tmp_path, kind):
                     granularity="box", num_classes=k)
     assert run_in_process(cfg) == 0
     assert (tmp_path / "runs" / "tiny" / "samples" / "step-00000002.png").is_file()
+
+
+def test_a_box_without_annotation_gets_the_null_condition_and_no_grid_column(tmp_path):
+    from sgdm.training.sample_grid import grid_conditions
+
+    ids = ["none", "a", "b"]  # "none": the store's no-annotation marker (cluster -1, box zeros)
+    box = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 1.0], [0.25, 0.25, 1.0, 1.0]])
+    write_store(tmp_path / "box", ids, {"cluster": torch.tensor([-1, 0, 2]), "box": box}, granularity="box",
+                num_classes=3)
+    lookup = GuidanceLookup(GuidanceConfig(kind="box", num_classes=3), tmp_path / "box")
+    for flipped in (torch.tensor([False, False, True]), torch.tensor([True, False, False])):
+        cond, cond_map = lookup(ids, flipped, (4, 4))
+        assert cond.device.type == "cpu" and cond_map.device.type == "cpu"
+        assert cond[0].tolist() == [0.0, 0.0, 0.0] and not cond_map[0].any()  # the zeros guidance dropout gives
+        assert cond[1:].sum(1).tolist() == [1.0, 1.0] and cond_map[1:].flatten(1).sum(1).min() > 0
+    cond, cond_map = grid_conditions(lookup, "box", 3, 3, (4, 4))  # columns: a, b, a (never "none")
+    assert cond.argmax(1).tolist() == [0, 2, 0] and cond_map.flatten(1).sum(1).min() > 0
