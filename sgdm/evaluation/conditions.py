@@ -1,7 +1,8 @@
 """Sampling conditions for evaluation, drawn from the training annotations (as in the paper).
 
 Each generated image gets the annotation of a training image drawn uniformly
-with replacement from the store: its cluster id (label guidance), its box and
+with replacement from the store's annotated images (a box store's rows with the
+no-annotation marker are never drawn): its cluster id (label guidance), its box and
 cluster (box guidance) or its class map (mask guidance). The guiding layouts
 are returned too, for the adherence metrics.
 """
@@ -48,9 +49,13 @@ def draw_conditions(kind: str, store_path, n: int, generator: torch.Generator) -
     store = AnnotationStore.open(store_path)
     if store.granularity != kind:
         raise ValueError(f"annotation store {store_path} holds {store.granularity!r} annotations, the model is {kind}-guided")
-    ids = list(store.ids)
-    if not ids:
+    if not store.ids:
         raise ValueError(f"annotation store {store_path} is empty")
+    annotated = store.annotated().tolist()
+    ids = [image_id for image_id, a in zip(store.ids, annotated) if a]
+    if not ids:
+        raise ValueError(f"annotation store {store_path}: none of its {len(annotated)} images is annotated "
+                         f"(every row has the no-annotation marker), there is no guidance to draw")
     picks = torch.randint(len(ids), (n,), generator=generator).tolist()
     records = [store.get(ids[i]) for i in picks]
     clusters = torch.tensor([int(r["cluster"]) for r in records]) if kind in ("label", "box") else None
