@@ -118,7 +118,8 @@ def _check_records(records: Mapping[str, torch.Tensor], granularity: str, n: int
             allowed = f"[0, {num_classes})" + (f" or {NO_ANNOTATION} (no annotation)" if granularity == "box" else "")
             raise ValueError(f"write_store: cluster ids must lie in {allowed}, got {int(cluster[bad][0])}")
         if bool(marker.any()) and bool(records["box"][marker].any()):
-            raise ValueError(f"write_store: a row with cluster {NO_ANNOTATION} (no annotation) must have box [0, 0, 0, 0]")
+            raise ValueError(f"write_store: a row with cluster {NO_ANNOTATION} (no annotation) must have "
+                             "box [0, 0, 0, 0]")
     if "mask" in records:
         masks = records["mask"]
         bad = (masks >= num_classes) & (masks != IGNORE)
