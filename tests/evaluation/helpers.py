@@ -65,3 +65,16 @@ def make_run(tmp: pathlib.Path, kind: str = "label", export: bool = True) -> pat
             records = {"mask": masks}
         write_store(cfg.annotation.store, ids, records, granularity=kind, num_classes=k)
     return run_dir
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` fixed random 16x16 images in [-1, 1] with ids "0", "1", ...: pretraining's input in tests."""
+
+    def __init__(self, n: int):
+        self.x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "id": str(i)}

@@ -9,6 +9,7 @@ from sgdm.features_pretrain.augment import multi_crop, random_resized_crop
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.features_pretrain.dino import DINOHead, dino_loss, ema_update, update_center
 from sgdm.features_pretrain.train import build_backbone, pretrain_features, pretrain_record_differs, save_backbone
+from tests.evaluation.helpers import RandomImages
 
 TINY_VIT = dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
 
@@ -89,23 +90,12 @@ def test_random_resized_crop_keeps_content_monotone_and_flips(generator):
     assert increasing.any() and decreasing.any()  # some crops are mirrored
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i], "id": str(i)}
-
-
 def test_pretrain_saves_teacher_in_timm_layout(tmp_path):
     import timm
     from safetensors import safe_open
 
     cfg = from_dict(PretrainConfig, dict(steps=3, batch_size=4, warmup_steps=1, out_dim=32, hidden_dim=16, bottleneck_dim=8, local_crops=2))
-    path = pretrain_features(_Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.safetensors", log=lambda m: None)
+    path = pretrain_features(RandomImages(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.safetensors", log=lambda m: None)
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["architecture"] == "vit_tiny_patch16_224"
     model = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)), **TINY_VIT)
@@ -153,7 +143,7 @@ def test_pretrain_record_names_what_changed(tmp_path):
 def test_pretrain_bad_input_is_named(tmp_path):
     cfg = PretrainConfig(steps=1, batch_size=16)
     with pytest.raises(ValueError, match="8 images, fewer than batch_size 16"):
-        pretrain_features(_Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "e.pth", log=lambda m: None)
+        pretrain_features(RandomImages(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "e.pth", log=lambda m: None)
     with pytest.raises(ValueError, match="unknown timm architecture 'not_a_net'"):
         build_backbone("not_a_net")
     with pytest.raises(ConfigError, match="pretrain.global_crops"):

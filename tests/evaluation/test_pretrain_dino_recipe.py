@@ -13,24 +13,14 @@ from sgdm.features_pretrain.augment import multi_crop
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.features_pretrain.dino import DINOHead, clip_grad_per_parameter_, dino_loss, ema_update, update_center
 from sgdm.features_pretrain.train import build_backbone, pretrain_features, pretrain_record_differs, save_backbone
+from tests.evaluation.helpers import RandomImages
 
 TINY_VIT = dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
 TINY = dict(batch_size=4, warmup_steps=1, out_dim=32, hidden_dim=16, bottleneck_dim=8, local_crops=2, lr=1e-2)
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"image": self.x[i], "id": str(i)}
-
-
 def _run(tmp_path, cfg, name="enc.safetensors", on_step=None):
-    return pretrain_features(_Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / name, log=lambda m: None,
+    return pretrain_features(RandomImages(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / name, log=lambda m: None,
                              on_step=on_step)
 
 
@@ -194,7 +184,7 @@ def _previous_training(dataset, cfg):
 
 def test_defaults_reproduce_the_previous_training_bit_for_bit(tmp_path, one_thread):
     cfg = PretrainConfig(steps=4, **TINY)
-    before = _previous_training(_Images(8), cfg)
+    before = _previous_training(RandomImages(8), cfg)
     now = _teacher(_run(tmp_path, cfg))
     assert set(now) == set(before) and all(torch.equal(now[k], before[k]) for k in now)
     # and each recipe key does change the result (the comparison above can tell)
