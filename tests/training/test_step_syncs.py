@@ -9,6 +9,7 @@ import torch
 
 from sgdm.diffusion.schedule import NoiseSchedule, make_betas, q_sample, v_target
 from sgdm.training.ema import update_ema
+from sgdm.training.config import TrainConfig
 from sgdm.training.module import LatentDiffusionModule, all_finite
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -56,7 +57,7 @@ def test_update_ema_is_the_per_parameter_lerp_bit_for_bit():
 
 def _module() -> LatentDiffusionModule:
     unet, first_stage = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    return LatentDiffusionModule(unet, first_stage, None, None, None, None, 0.0, 0)
+    return LatentDiffusionModule(unet, first_stage, None, None, TrainConfig(), None, 0.0, 0)
 
 
 def test_position_and_flipped_stay_on_the_cpu_when_the_batch_moves():
