@@ -57,14 +57,9 @@ def _need(gt: dict, key: str, granularity: str) -> torch.Tensor:
     return gt[key]
 
 
-def _check_range(values: torch.Tensor, num_classes: int, key: str, what: str,
-                 unannotated: torch.Tensor | None = None) -> None:
-    """Refuse values >= K (K too small) and negative ones, except the no-annotation marker in the
-    rows ``unannotated`` ([n] bool, box clusters): those must hold exactly the marker."""
-    if unannotated is not None:
-        if bool((values[unannotated] != NO_ANNOTATION).any()):
-            raise ValueError(f"ground truth: a row without annotation must hold {NO_ANNOTATION}")
-        values = values[~unannotated]
+def _check_range(values: torch.Tensor, num_classes: int, key: str, what: str) -> None:
+    """Refuse values >= K (K too small) and negative ones (the callers leave out rows with the
+    no-annotation marker)."""
     if not values.numel():
         return
     if int(values.max()) >= num_classes:
@@ -109,8 +104,8 @@ def _box_records(gt, num_classes, image_hw, ids) -> tuple[dict, dict]:
         clusters.append(int(lab[j]) if lab is not None else int(image_labels[i]))
     cluster = torch.tensor(clusters, dtype=torch.long)
     key = "annotation.lost.num_clusters"  # K of box guidance (see sgdm.config.schema.guidance_classes_key)
-    unannotated = torch.tensor([len(b) == 0 for b in boxes], dtype=torch.bool)
-    _check_range(cluster, num_classes, key, "box class", unannotated)
+    annotated = torch.tensor([len(b) > 0 for b in boxes], dtype=torch.bool)
+    _check_range(cluster[annotated], num_classes, key, "box class")
     if len(empty) == len(ids):
         raise ValueError(f"ground truth: none of the {len(ids)} images has a ground-truth box left after the "
                          f"centre crop (e.g. {ids[0]!r}); there is nothing to guide with")

@@ -281,14 +281,14 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     device = resolve_device(ecfg.device if ecfg is not None else "auto", "eval.device")
     cfg, pipe = load_run(run_dir, device)
     ecfg = ecfg or cfg.eval
-    if ecfg.compile:
-        pipe.compile()
-    evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
     kind = cfg.model.guidance.kind
-    if kind not in ("box", "mask") and set(ecfg.metrics) == {"adherence"}:
+    if kind not in ("box", "mask") and set(ecfg.metrics) == {"adherence"}:  # before any scorer is built
         raise ConfigError("eval.metrics", f"layout adherence scores box and mask guidance; this run has {kind!r} "
                                           f"guidance (model.guidance.kind), so nothing would be measured: ask for "
                                           f"fid, is, kid or fd")
+    if ecfg.compile:
+        pipe.compile()
+    evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
     conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, torch.Generator().manual_seed(ecfg.seed))
     scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
     if evaluator.space is not None:

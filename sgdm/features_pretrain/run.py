@@ -16,9 +16,7 @@ def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -
     """
     from sgdm.annotation.annotate import data_settings
     from sgdm.data import build_dataset
-    from sgdm.features_pretrain.train import pretrain_features
-
-    from sgdm.features_pretrain.train import WEIGHT_SUFFIXES
+    from sgdm.features_pretrain.train import WEIGHT_SUFFIXES, pretrain_features
 
     target = pathlib.Path(out) if out is not None else cfg.annotation.weights
     if target is None:

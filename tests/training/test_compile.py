@@ -95,8 +95,10 @@ def test_train_autoencoder_says_it_does_not_compile(tmp_path, monkeypatch):
     cfg = from_dict(ExperimentConfig, tiny_config(tmp_path, train={"compile": True, "max_steps": 1}))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, autoencoder=dataclasses.replace(
         cfg.model.autoencoder, checkpoint=tmp_path / "ae.ckpt")))
-    stop = RuntimeError("stopped after the checks")
-    monkeypatch.setattr(autoencoder, "check_loss_files", lambda cfg: (_ for _ in ()).throw(stop))
+    def stop(cfg):
+        raise RuntimeError("stopped after the checks")
+
+    monkeypatch.setattr(autoencoder, "check_loss_files", stop)
     with pytest.warns(UserWarning, match="train.compile compiles the denoiser"):
         with pytest.raises(RuntimeError, match="stopped after the checks"):
             autoencoder.train_autoencoder(cfg, resume=False)
