@@ -18,7 +18,7 @@ from sgdm.config.core import ConfigError, apply_overrides, from_dict, load_yaml
 from sgdm.data.config import DataConfig
 from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
 from sgdm.evaluation.config import EvalConfig
-from sgdm.models.config import ModelConfig
+from sgdm.models.config import AutoencoderConfig, ModelConfig, UNetConfig
 from sgdm.quickstart.config import PrepareConfig
 from sgdm.training.config import TrainConfig
 
@@ -74,13 +74,10 @@ class ExperimentConfig:
             raise ConfigError("model.autoencoder.resolution", f"must equal data.size={self.data.size} (the first "
                                                               f"stage encodes the dataset's images), got "
                                                               f"{self.model.autoencoder.resolution}")
-        ae, unet = self.model.autoencoder, self.model.unet
-        latent = self.data.size // ae.downsample_factor
-        if unet.image_size != latent:
-            # the UNet places attention and the sample grids draw noise by image_size
-            raise ConfigError("model.unet.image_size", f"must equal the latent side {latent} = data.size {self.data.size}"
-                                                       f" / {ae.downsample_factor} (the downsampling of "
-                                                       f"model.autoencoder.ch_mult), got {unet.image_size}")
+        err = _latent_side_error(self.data.size, self.model.autoencoder.downsample_factor,
+                                 self.model.unet.image_size)
+        if err is not None:
+            raise err
 
     def _check_guidance(self) -> None:
         g, a = self.model.guidance, self.annotation
@@ -99,6 +96,41 @@ class ExperimentConfig:
                                                             f"from {key}")
 
 
+def _latent_side_error(size: int, factor: int, image_size: int) -> ConfigError | None:
+    """The UNet's ``image_size`` must be the latent side: it places attention, and the sample grids
+    draw noise by it."""
+    latent = size // factor
+    if image_size == latent:
+        return None
+    return ConfigError("model.unet.image_size", f"must equal the latent side {latent} = data.size {size} / {factor} "
+                                                f"(the downsampling of model.autoencoder.ch_mult), got {image_size}")
+
+
+def _root_cause(data: dict, err: ConfigError) -> ConfigError:
+    """The error to report for ``err``, raised while a section validated itself.
+
+    Sections validate before the checks across them, so an ``image_size`` that is not the latent side
+    surfaced as one of its consequences inside ``model.unet`` (an unreachable ``attention_resolutions``
+    entry, a side not divisible by the levels). When the written data and first-stage sections are
+    valid and the UNet's ``image_size`` (written or default) is not their latent side, that is the cause.
+    """
+    if not err.key.startswith("model.unet.") or not isinstance(data.get("model", {}), dict):
+        return err
+    model = data.get("model") or {}
+    unet = model.get("unet") or {}
+    if not isinstance(unet, dict):
+        return err
+    try:
+        size = from_dict(DataConfig, data.get("data"), "data").size
+        factor = from_dict(AutoencoderConfig, model.get("autoencoder"), "model.autoencoder").downsample_factor
+        image_size = unet.get("image_size", UNetConfig.image_size)
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            return err
+    except ConfigError:
+        return err
+    return _latent_side_error(size, factor, image_size) or err
+
+
 def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """YAML + ``a.b=value`` overrides -> a validated :class:`ExperimentConfig`.
 
@@ -107,7 +139,10 @@ def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = 
     """
     data = load_yaml(path) if path is not None else {}
     apply_overrides(data, overrides, ExperimentConfig)
-    cfg = from_dict(ExperimentConfig, data)
+    try:
+        cfg = from_dict(ExperimentConfig, data)
+    except ConfigError as err:
+        raise _root_cause(data, err) from None
     written = ((data.get("model") or {}).get("guidance") or {}) if isinstance(data.get("model"), dict) else {}
     if cfg.model.guidance.kind == "none" and isinstance(written, dict) and cfg.model.guidance.drop_prob > 0 \
             and "drop_prob" in written:

@@ -76,3 +76,25 @@ def test_paper_configs_keep_ldms_network_and_schedule(name):
             (want.pop("lr"), want.pop("batch"), want.pop("warmup"))
     assert {k: getattr(unet, k) for k in want} == want
     assert (unet.in_channels, unet.image_size, cfg.data.size) == (4, 32, 256)  # kl-f8 latents of 256 px images
+
+
+@pytest.mark.parametrize("image_size", [16, 30, 64])
+def test_a_unet_side_that_is_not_the_latent_side_is_named_as_the_cause(image_size):
+    # the UNet section validates first: 16 leaves attention_resolutions' 32 unreachable, 30 does not
+    # divide by its levels; each is only a consequence of image_size not being data.size / 8
+    with pytest.raises(Exception) as info:
+        load_experiment(CONFIGS / "lsun_churches.yaml", [f"model.unet.image_size={image_size}"])
+    assert str(info.value) == (f"model.unet.image_size: must equal the latent side 32 = data.size 256 / 8 (the "
+                               f"downsampling of model.autoencoder.ch_mult), got {image_size}")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.unet.attention_resolutions=[3]", "model.unet.attention_resolutions[0]"),  # image_size is right
+    ("model.unet.channel_mult=[1,2,2,2,2,2,2]", "model.unet.image_size"),  # 32 is right, it has no 7 levels
+])
+def test_a_unet_error_is_kept_when_the_side_is_not_its_cause(override, key):
+    from sgdm.config.core import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_experiment(CONFIGS / "lsun_churches.yaml", [override])
+    assert info.value.key == key and "latent side" not in info.value.message
