@@ -48,7 +48,7 @@ def build_dataset(cfg: DataConfig, train: bool = True, *, seed: int = 0, split: 
     if kind == "imagenet100":
         from sgdm.data.folders import imagenet100
 
-        return imagenet100(root, split, cfg.class_list, cfg.max_images, key, seed=seed, **common)
+        return imagenet100(root, split, cfg.class_list, cfg.max_images, key, cfg.val_labels, seed=seed, **common)
     if kind == "lsun_lmdb":
         from sgdm.data.lsun import LsunLmdbDataset
 

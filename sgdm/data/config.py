@@ -69,6 +69,10 @@ class DataConfig:
         ``root/annotations/instances_train2014.json``).
     class_list: WordNet ids, one a line, anything after the id ignored (``imagenet100``;
         default: CMC's list shipped with sgdm); the label is the line's index.
+    val_labels: ``imagenet100`` only: the ground truth of ImageNet's official flat val folder
+        (``LOC_val_solution.csv``, or the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with
+        its ``meta.mat`` beside it), for ``split: val`` in that layout; see
+        :mod:`sgdm.data.imagenet_val`.
     folder_labels: ``image_folder`` only: first-level folder name is the class.
     keep_difficult: ``voc`` only: keep boxes marked difficult.
     size: output side in pixels (centre crop to the short side, then resize).
@@ -85,6 +89,7 @@ class DataConfig:
     list_file: Optional[pathlib.Path] = None
     annotation_file: Optional[pathlib.Path] = None
     class_list: Optional[pathlib.Path] = None
+    val_labels: Optional[pathlib.Path] = None
     folder_labels: bool = False
     keep_difficult: bool = True
     size: int = 256
@@ -103,6 +108,8 @@ class DataConfig:
         if self.dataset in ("lsun_list", "coco20k") and self.list_file is None:
             what = "relative image paths" if self.dataset == "lsun_list" else "COCO-20K file names"
             raise ConfigError("list_file", f"required for dataset {self.dataset!r} (a text file of {what})")
+        if self.val_labels is not None and self.dataset != "imagenet100":
+            raise ConfigError("val_labels", "only applies to dataset 'imagenet100' (ImageNet's flat val folder)")
         if self.folder_labels and self.dataset != "image_folder":
             raise ConfigError("folder_labels", "only applies to dataset 'image_folder'")
         if self.size < 8:
