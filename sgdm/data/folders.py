@@ -185,11 +185,12 @@ def imagenet100_wnids(class_list: Optional[Path], key: str) -> list[str]:
 
 
 def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: Optional[int], key: str,
-                **kwargs) -> FileDataset:
+                val_labels: Optional[Path] = None, **kwargs) -> FileDataset:
     """``root/{train,val}/<wnid>/*.JPEG`` restricted to the 100 classes; label = index in the class list.
 
-    The val split must use the same per-class folders as train (the common
-    reorganised layout), not the flat official one.
+    The val split is read in the same per-class folders as train (the common reorganised layout)
+    or, with ``val_labels`` (a ground-truth file, :mod:`sgdm.data.imagenet_val`), in the official
+    flat layout: ``root/val/ILSVRC2012_val_*.JPEG``, ids the file names in sorted order.
     """
     wnids = imagenet100_wnids(class_list, key)
     root = require_dir(Path(root), f"{key}.root", "ImageNet root")
@@ -201,11 +202,24 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
                           f"{'is not a directory' if split_dir.exists() else 'does not exist'} "
                           f"(root holds train/<wnid>/ and val/<wnid>/){hint}")
     present = [w for w in wnids if (split_dir / w).is_dir()]
+    if split == "val" and val_labels is not None:
+        if present:
+            raise ConfigError(f"{key}.val_labels", f"{split_dir} is in per-class folders ({split_dir / present[0]}, "
+                              "...), whose names are the classes; val_labels is for the official flat layout: "
+                              "remove it")
+        dataset = _flat_val(split_dir, wnids, val_labels, max_images, f"{key}.val_labels", **kwargs)
+        dataset.name = "imagenet100"
+        return dataset
     if not present:
-        loose = sum(1 for entry in os.scandir(split_dir) if entry.is_file() and is_image_file(entry.name))
-        hint = (f" It holds {loose} images directly: ImageNet's official flat {split} layout, which sgdm does not "
-                f"read; move each image into {split}/<wnid>/ (e.g. from LOC_val_solution.csv or the devkit's "
-                "ground truth)." if loose else f" Is the {split} split in per-class folders?")
+        loose = len(_loose_images(split_dir))
+        if loose and split == "val":
+            hint = (f" It holds {loose} images directly: ImageNet's official flat val layout. Set {key}.val_labels "
+                    "to its ground truth (LOC_val_solution.csv, or the devkit's "
+                    "ILSVRC2012_validation_ground_truth.txt with meta.mat beside it) to read it.")
+        elif loose:
+            hint = f" It holds {loose} images directly; the {split} split is read in per-class folders only."
+        else:
+            hint = f" Is the {split} split in per-class folders?"
         raise ConfigError(f"{key}.root", f"{split_dir} has none of the {len(wnids)} class folders "
                           f"(expected e.g. {split_dir / wnids[0]}).{hint}")
     if len(present) < len(wnids):
@@ -228,3 +242,50 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
     dataset = FileDataset(split_dir, limit(files, max_images), limit(labels, max_images), wnids, **kwargs)
     dataset.name = "imagenet100"
     return dataset
+
+
+def _loose_images(folder: Path) -> list[str]:
+    """Sorted names of the visible image files directly in ``folder``."""
+    return sorted(entry.name for entry in os.scandir(folder)
+                  if entry.is_file() and is_image_file(entry.name) and not entry.name.startswith("."))
+
+
+def _flat_val(split_dir: Path, wnids: list[str], val_labels: Path, max_images: Optional[int], key: str,
+              **kwargs) -> FileDataset:
+    """The images of ``split_dir`` (flat) whose ground-truth class is in ``wnids``, by file name.
+
+    An image the ground truth does not name is left out with a warning (all of them: an error, as
+    when the file is the train split's); so are the ground truth's images of these classes that are
+    missing from the folder (an interrupted extraction).
+    """
+    from sgdm.data.imagenet_val import image_stem, read_val_labels
+
+    truth = read_val_labels(val_labels, key)
+    names = _loose_images(split_dir)
+    if not names:
+        raise _empty(split_dir, key.rsplit(".", 1)[0] + ".root", " (the official flat val layout holds "
+                     "ILSVRC2012_val_*.JPEG directly)")
+    index = {w: i for i, w in enumerate(wnids)}
+    files, labels, unnamed = [], [], []
+    for name in names:
+        wnid = truth.get(image_stem(name))
+        if wnid is None:
+            unnamed.append(name)
+        elif wnid in index:
+            files.append(name)
+            labels.append(index[wnid])
+    if len(unnamed) == len(names):
+        raise ConfigError(key, f"{val_labels} names none of the {len(names)} images of {split_dir} (first image: "
+                          f"{printable(names[0])}, first named: {printable(next(iter(truth)))}); is it the val "
+                          "split's ground truth?")
+    if unnamed:
+        log.warning("imagenet100: %d image(s) of %s are not in %s and are left out (first: %s)",
+                    len(unnamed), split_dir, val_labels, printable(unnamed[0]))
+    if not files:
+        raise ConfigError(key, f"no image of {split_dir} belongs to the {len(wnids)} classes by {val_labels}")
+    stems = {image_stem(name) for name in names}
+    absent = sorted(stem for stem, wnid in truth.items() if wnid in index and stem not in stems)
+    if absent:
+        log.warning("imagenet100: %d image(s) of these classes in %s are missing from %s (first: %s)",
+                    len(absent), val_labels, split_dir, printable(absent[0]))
+    return FileDataset(split_dir, limit(files, max_images), limit(labels, max_images), wnids, **kwargs)
