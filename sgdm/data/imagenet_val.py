@@ -84,10 +84,11 @@ def _devkit_labels(path: Path, numbered: list[tuple[int, int]], key: str) -> dic
 def _devkit_wnids(meta: Path, key: str) -> dict[int, str]:
     """ILSVRC2012_ID -> WNID of the devkit's ``meta.mat`` (its ``synsets`` struct array)."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
     try:
         synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
         return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+    except (MatReadError, NotImplementedError, OSError, ValueError, KeyError, TypeError, IndexError) as err:
         raise ConfigError(key, f"{meta} is not the devkit's meta.mat (a 'synsets' struct array with ILSVRC2012_ID, "
                                f"WNID and num_children): {type(err).__name__}: {err}") from None
