@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sgdm.data.decode import BadImageError
+from sgdm.data.decode import EXIF_ORIENTATIONS, BadImageError, read_image
 from sgdm.data.transforms import centre_crop, flip_coin, transform_boxes, transform_image, transform_mask
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class RawSample:
     boxes: Optional[np.ndarray] = None  # float [n, 4] xyxy
     box_labels: Optional[np.ndarray] = None  # int [n]
     mask: Optional[np.ndarray] = None  # uint8 [H, W]
+    orientation: int = 1  # EXIF Orientation of the file as stored (2..8; 1 none), applied or not (decode.Decoded)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class ImageDataset(Dataset):
 
     Attributes subclasses may set: ``class_names`` (labels of ``gt_label``),
     ``mask_class_names`` (values of ``gt_mask``), ``has_boxes``, ``has_masks``,
-    ``has_labels``.
+    ``has_labels``. Subclasses that read image files decode them with :meth:`read`,
+    which applies ``exif_orientation`` (``data.exif_orientation``).
     """
 
     name = "dataset"
@@ -73,9 +75,16 @@ class ImageDataset(Dataset):
     mask_offset = 1  # gt_mask value of class c is c + mask_offset (0 = background when 1)
 
     def __init__(self, ids: Sequence[str], *, size: int, flip: bool, on_bad_image: str, seed: int = 0,
-                 class_names: Sequence[str] = (), mask_class_names: Sequence[str] = ()):
+                 class_names: Sequence[str] = (), mask_class_names: Sequence[str] = (),
+                 exif_orientation: str = "ignore"):
         if on_bad_image not in ("skip", "raise"):
             raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+        if exif_orientation not in EXIF_ORIENTATIONS:
+            raise ValueError(f"exif_orientation must be 'ignore' or 'apply', got {exif_orientation!r}")
+        if exif_orientation == "apply" and (self.has_boxes or self.has_masks):
+            raise ValueError(f"{self.name}: exif_orientation 'apply' would turn the image away from its boxes and "
+                             "masks, which refer to the stored pixel grid")
+        self.exif_orientation = exif_orientation
         self.ids = list(ids)
         self.size = int(size)
         self.flip = bool(flip)
@@ -94,6 +103,12 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> RawSample:
         """Decode item ``index``; raise :class:`BadImageError` when it cannot be read."""
         raise NotImplementedError
+
+    def read(self, source: str, data: Optional[bytes] = None, **fields: Any) -> RawSample:
+        """The image file ``source`` (or its bytes ``data``) as a :class:`RawSample` with ``fields``,
+        turned upright when ``exif_orientation`` is ``"apply"``."""
+        decoded = read_image(source, data, self.exif_orientation)
+        return RawSample(decoded.image, orientation=decoded.orientation, **fields)
 
     # -- public -------------------------------------------------------------
     @property
@@ -120,11 +135,16 @@ class ImageDataset(Dataset):
 
     def check(self, index: int) -> Optional[SkippedItem]:
         """The file of item ``index`` that cannot be read and why, or None (no preprocessing)."""
+        return self.inspect(index)[0]
+
+    def inspect(self, index: int) -> tuple[Optional[SkippedItem], int]:
+        """(:meth:`check`'s answer, the EXIF orientation of the image as stored: 1 when none or unreadable),
+        from one read of the item."""
         try:
-            self._checked_load(index)
+            raw = self._checked_load(index)
         except BadImageError as err:
-            return SkippedItem(index, err.source, err.reason)
-        return None
+            return SkippedItem(index, err.source, err.reason), 1
+        return None, raw.orientation
 
     def _checked_load(self, index: int) -> RawSample:
         raw = self.load(index)

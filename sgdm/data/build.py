@@ -27,7 +27,8 @@ def build_dataset(cfg: DataConfig, train: bool = True, *, seed: int = 0, split: 
     allowed = SPLITS[cfg.dataset]
     if allowed is not None and split not in allowed:
         raise ConfigError(f"{key}.split", f"dataset {cfg.dataset!r} has splits {', '.join(allowed)}; got {split!r}")
-    common = dict(size=cfg.size, flip=bool(train and cfg.flip), on_bad_image=cfg.on_bad_image)
+    common = dict(size=cfg.size, flip=bool(train and cfg.flip), on_bad_image=cfg.on_bad_image,
+                  exif_orientation=cfg.exif_orientation)
     kind = cfg.dataset
     root = Path(cfg.root) if cfg.root is not None else None
     if kind != "shapes" and root is None:

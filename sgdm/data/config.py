@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
-from sgdm.config.core import ConfigError, require_at_least
+from sgdm.config.core import ConfigError, require_at_least, to_dict
 
 DatasetKind = Literal[
     "shapes", "image_folder", "lsun_lmdb", "lsun_list", "imagenet100", "voc", "coco20k", "coco_stuff27"
@@ -28,6 +28,27 @@ SPLITS: dict[str, Optional[tuple[str, ...]]] = {
     "coco20k": ("train",),
     "coco_stuff27": ("train", "val"),
 }
+
+# kinds that may turn images by their EXIF orientation: the rest have boxes and masks on the stored
+# pixel grid (voc, coco20k, coco_stuff27) or no files (shapes)
+EXIF_KINDS = ("image_folder", "lsun_list", "lsun_lmdb", "imagenet100")
+
+# data.* keys added after the data settings were first recorded (annotation store manifests, feature
+# caches, pretrained-encoder metadata, latent caches, a run's config.yaml), each with the value every
+# record that lacks it was made with. recorded_data() leaves such a key out at that value, and
+# recorded_value() reads a missing one as that value, so an older record compares equal at that value
+# and differs, by the key's name, at any other.
+ADDED_KEYS: dict[str, Any] = {"exif_orientation": "ignore"}
+
+
+def recorded_data(data: "DataConfig") -> dict[str, Any]:
+    """The data settings as records store them: ``to_dict(data)`` without :data:`ADDED_KEYS` at their value."""
+    return {k: v for k, v in to_dict(data).items() if k not in ADDED_KEYS or v != ADDED_KEYS[k]}
+
+
+def recorded_value(record: Mapping[str, Any], key: str) -> Any:
+    """``record[key]`` of a record of ``data:``; a key of :data:`ADDED_KEYS` it lacks reads as its value there."""
+    return record.get(key, ADDED_KEYS.get(key))
 
 
 @dataclasses.dataclass
@@ -81,6 +102,12 @@ class DataConfig:
         ``raise`` (error naming the file and index).
     num_workers: DataLoader worker processes.
     max_images: keep only the first N images (in the dataset's id order).
+    exif_orientation: ``ignore`` (default) reads the pixels as stored; ``apply``
+        turns each image upright as its EXIF Orientation tag says (phone photos),
+        before cropping. Only for ``image_folder``, ``lsun_list``, ``lsun_lmdb`` and
+        ``imagenet100``: VOC/COCO boxes and masks refer to the stored pixel grid,
+        and ``shapes`` has no files. Recorded (stores, caches, encoders) only when
+        ``apply``, see :data:`ADDED_KEYS`.
     """
 
     dataset: DatasetKind = "shapes"
@@ -97,6 +124,7 @@ class DataConfig:
     on_bad_image: Literal["skip", "raise"] = "skip"
     num_workers: int = 4
     max_images: Optional[int] = None
+    exif_orientation: Literal["ignore", "apply"] = "ignore"
     shapes: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
 
     def validate(self) -> None:
@@ -118,3 +146,9 @@ class DataConfig:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.max_images is not None and self.max_images < 1:
             raise ConfigError("max_images", f"must be >= 1 or null, got {self.max_images}")
+        if self.exif_orientation == "apply" and self.dataset not in EXIF_KINDS:
+            truth = {"voc": "boxes and masks", "coco20k": "boxes", "coco_stuff27": "masks"}.get(self.dataset)
+            why = (f"its ground-truth {truth} refer to the stored pixel grid, which turning the image would break"
+                   if truth else "its images are drawn, not read from files: there is no EXIF to apply")
+            raise ConfigError("exif_orientation", f"'apply' is refused for dataset {self.dataset!r}: {why}; use "
+                                                  f"'ignore' (apply is for {', '.join(EXIF_KINDS)})")

@@ -13,18 +13,36 @@ converted, not rejected:
   (PIL already un-inverts Adobe CMYK JPEGs);
 - palette, 1-bit, grayscale, YCbCr, LAB, HSV: ``convert("RGB")``.
 
-EXIF orientation is deliberately ignored: VOC/COCO boxes and masks refer to
-the stored pixel grid.
+EXIF orientation (``data.exif_orientation``): every decode reads the file's
+Orientation tag (values 2..8 turn or mirror the stored grid; 1, none, any other
+value or an unreadable EXIF block count as 1) and reports it as
+:attr:`Decoded.orientation`. Under ``"ignore"`` (the default, as LDM's and
+torchvision's loaders) the stored pixel grid is returned: VOC/COCO boxes and
+masks refer to it. Under ``"apply"`` the image is turned upright with
+``PIL.ImageOps.exif_transpose`` before the RGB conversion. EXIF is optional
+metadata, so a damaged EXIF block never makes a decodable image a bad file:
+without a readable tag the image is read as stored; under ``"apply"`` a logged
+warning names the file, and Pillow's own anonymous "Corrupt EXIF data" warning
+is not shown under either setting.
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+ExifOrientation = Literal["ignore", "apply"]
+EXIF_ORIENTATIONS: tuple[str, ...] = ("ignore", "apply")
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2..8 the stored grid is mirrored and/or turned
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
 
@@ -75,48 +93,123 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def open_image(source: str | os.PathLike, data: bytes | None = None) -> Image.Image:
-    """Decode ``data`` (or the file ``source``) fully into an RGB image.
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: ``image`` 8-bit RGB; ``orientation`` the file's EXIF Orientation tag as stored
+    (2..8; 1 when upright, absent, out of range or unreadable), whether or not it was applied."""
+
+    image: Image.Image
+    orientation: int = 1
+
+
+def read_image(source: str | os.PathLike, data: bytes | None = None,
+               exif_orientation: ExifOrientation = "ignore") -> Decoded:
+    """Decode ``data`` (or the file ``source``) fully into an RGB image, turned upright by its EXIF
+    orientation when ``exif_orientation="apply"``.
 
     ``source`` names the input in errors; with ``data=None`` it is the path.
     """
     if data is None:
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise BadImageError(source, "file does not exist") from None
-        except OSError as err:
-            raise BadImageError(source, f"cannot stat file: {err.strerror or err}") from None
-        if size == 0:
-            raise BadImageError(source, "zero-byte file")
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise BadImageError(source, f"cannot read file: {err.strerror or err}") from None
+        data = _read_file(source)
     if len(data) == 0:
         raise BadImageError(source, "zero-byte image data")
-    return decode_bytes(data, source)
+    return decode(data, source, exif_orientation)
 
 
-def decode_bytes(data: bytes, source: str | os.PathLike) -> Image.Image:
+def open_image(source: str | os.PathLike, data: bytes | None = None,
+               exif_orientation: ExifOrientation = "ignore") -> Image.Image:
+    """:func:`read_image`'s RGB image only."""
+    return read_image(source, data, exif_orientation).image
+
+
+def decode_bytes(data: bytes, source: str | os.PathLike, exif_orientation: ExifOrientation = "ignore") -> Image.Image:
+    """:func:`decode`'s RGB image only."""
+    return decode(data, source, exif_orientation).image
+
+
+def _read_file(source: str | os.PathLike) -> bytes:
+    path = Path(source)
     try:
-        with warnings.catch_warnings():
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise BadImageError(source, "file does not exist") from None
+    except OSError as err:
+        raise BadImageError(source, f"cannot stat file: {err.strerror or err}") from None
+    if size == 0:
+        raise BadImageError(source, "zero-byte file")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise BadImageError(source, f"cannot read file: {err.strerror or err}") from None
+
+
+def decode(data: bytes, source: str | os.PathLike, exif_orientation: ExifOrientation = "ignore") -> Decoded:
+    """Decode encoded bytes; ``source`` names them in errors."""
+    if exif_orientation not in EXIF_ORIENTATIONS:
+        raise ValueError(f"exif_orientation must be 'ignore' or 'apply', got {exif_orientation!r}")
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # a JPEG's EXIF block is parsed here (for its DPI)
             image.load()  # decode now: truncated data fails here, not later in a worker
+            orientation, damage = _orientation(image)
     except UnidentifiedImageError:
         raise BadImageError(source, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError(source, f"too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise BadImageError(source, f"cannot decode ({type(err).__name__}: {err})") from None
+    finally:
+        exif_warning = _replay_warnings(caught)  # shown before any error, as when they were not caught
+    damage = damage or exif_warning
     if image.width < 1 or image.height < 1:
         raise BadImageError(source, f"empty image ({image.width}x{image.height})")
+    if exif_orientation == "apply":
+        image = _upright(image, orientation, damage, source)
     try:
-        return to_rgb(image)
+        return Decoded(to_rgb(image), orientation)
     except (OSError, ValueError) as err:
         raise BadImageError(source, f"cannot convert mode {image.mode} to RGB ({err})") from None
+
+
+def _orientation(image: Image.Image) -> tuple[int, str | None]:
+    """(the Orientation tag, 2..8, else 1; the parser's error, or None)."""
+    try:
+        value = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as err:  # any parser failure: the pixels decoded, and EXIF is optional metadata
+        return 1, f"{type(err).__name__}: {err}"
+    return (value if isinstance(value, int) and 2 <= value <= 8 else 1), None
+
+
+def _replay_warnings(caught: list[warnings.WarningMessage]) -> str | None:
+    """Warn again what Pillow warned while decoding, except its EXIF complaints ("Corrupt EXIF data"),
+    which only matter to ``apply`` and are returned (the first) for it to report with the file name."""
+    damage = None
+    for w in caught:
+        if "EXIF" in str(w.message):
+            damage = damage or str(w.message).strip()
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # as often as before: the
+            # catch_warnings around every decode already reset Python's once-per-location registries
+    return damage
+
+
+def _upright(image: Image.Image, orientation: int, damage: str | None, source) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; as stored (with a warning) when that fails."""
+    if orientation == 1:
+        if damage is not None:  # a tag read from a partly damaged block is applied without a word
+            log.warning("%s: damaged EXIF block (%s); read as stored", printable(str(source)), damage)
+        return image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the block was read (and any damage reported) in decode()
+            return ImageOps.exif_transpose(image)
+    except Exception as err:  # rewriting a damaged block: the stored grid is still an image
+        log.warning("%s: cannot apply EXIF orientation %d (%s: %s); read as stored", printable(str(source)),
+                    orientation, type(err).__name__, err)
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

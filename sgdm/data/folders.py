@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
-from sgdm.data.decode import IMAGE_EXTENSIONS, is_image_file, open_image, printable
+from sgdm.data.decode import IMAGE_EXTENSIONS, is_image_file, printable
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ class FileDataset(ImageDataset):
         return str(self.root / self.ids[index])
 
     def load(self, index: int) -> RawSample:
-        label = None if self.labels is None else self.labels[index]
-        return RawSample(open_image(self.source(index)), label=label)
+        return self.read(self.source(index), label=None if self.labels is None else self.labels[index])
 
 
 def _empty(root: Path, key: str, detail: str = "") -> ConfigError:

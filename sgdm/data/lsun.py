@@ -13,7 +13,7 @@ from typing import Optional
 
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
-from sgdm.data.decode import BadImageError, decode_bytes
+from sgdm.data.decode import BadImageError
 from sgdm.data.folders import require_dir
 
 
@@ -68,4 +68,4 @@ class LsunLmdbDataset(ImageDataset):
             data = txn.get(self.keys[index])
         if not data:
             raise BadImageError(self.source(index), "key not found in the LMDB" if data is None else "zero-byte value")
-        return RawSample(decode_bytes(data, self.source(index)))
+        return self.read(self.source(index), data)

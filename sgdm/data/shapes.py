@@ -255,12 +255,13 @@ class ShapesDataset(ImageDataset):
 
     def __init__(self, num_images: int, image_size: int = 64, seed: int = 0, split: str = "train",
                  cache_dir: Optional[Path] = None, *, size: int, flip: bool, on_bad_image: str = "raise",
-                 flip_seed: int = 0):
+                 flip_seed: int = 0, exif_orientation: str = "ignore"):
         self.arrays = load_or_generate(num_images, image_size, seed, split, cache_dir)
         self.folder = cache_folder(num_images, image_size, seed, split, cache_dir)
         ids = [f"shapes-{image_size}px-seed{seed}-{split}-{i:06d}" for i in range(num_images)]
         super().__init__(ids, size=size, flip=flip, on_bad_image=on_bad_image, seed=flip_seed,
-                         class_names=CLASS_NAMES, mask_class_names=("background",) + CLASS_NAMES)
+                         class_names=CLASS_NAMES, mask_class_names=("background",) + CLASS_NAMES,
+                         exif_orientation=exif_orientation)  # no files: "ignore" only (base refuses "apply")
 
     def __getstate__(self):
         state = dict(self.__dict__)
