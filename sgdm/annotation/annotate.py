@@ -196,8 +196,12 @@ _DATA_SETTINGS_NOT_IN_FEATURES = ("flip", "on_bad_image", "num_workers", "max_im
 
 def data_settings(data) -> dict[str, Any]:
     """``data.*`` keys that decide the pixels (and ground truth) of each id, paths made absolute
-    (a relative root means another folder when run from elsewhere)."""
-    settings = {k: v for k, v in to_dict(data).items() if k not in _DATA_SETTINGS_NOT_IN_FEATURES}
+    (a relative root means another folder when run from elsewhere). Keys added since records were
+    first written appear only away from the value older records imply (``data.exif_orientation``
+    only when ``apply``; see :data:`sgdm.data.config.ADDED_KEYS`), so those records stay valid."""
+    from sgdm.data.config import recorded_data
+
+    settings = {k: v for k, v in recorded_data(data).items() if k not in _DATA_SETTINGS_NOT_IN_FEATURES}
     for key in ("root", "list_file", "annotation_file", "class_list"):
         if settings.get(key) is not None:
             settings[key] = os.path.abspath(settings[key])

@@ -195,7 +195,7 @@ def check_annotation_store(cfg: ExperimentConfig) -> None:
 
 
 # data settings that do not decide which images a dataset lists
-_NOT_IDS = ("num_workers", "on_bad_image", "flip", "size")
+_NOT_IDS = ("num_workers", "on_bad_image", "flip", "size", "exif_orientation")
 
 
 def check_store_dataset(opened, data: DataConfig) -> None:
@@ -204,12 +204,17 @@ def check_store_dataset(opened, data: DataConfig) -> None:
     that differs, before any work (training would stop at the first batch with an unknown id).
 
     Cheap: the dataset lists its ids without reading an image; their hash is compared with the one
-    the store recorded. A store made from a larger dataset holding all of them is accepted."""
+    the store recorded. A store made from a larger dataset holding all of them is accepted.
+
+    A box or mask store must also have been annotated from images the same way up
+    (``data.exif_orientation``): its boxes and masks lie on that pixel grid. A label store is not
+    compared on it: a class is the image's, whichever way up it was read."""
     from sgdm.annotation.store import ids_hash
     from sgdm.data import build_dataset
 
-    ids = build_dataset(data, train=False).ids
     recorded = opened.manifest.get("dataset") or {}
+    _check_store_orientation(opened, recorded.get("config"), data)
+    ids = build_dataset(data, train=False).ids
     if ids_hash(ids) in (recorded.get("ids_sha256"), opened.manifest.get("ids_sha256")):
         return
     skipped = set(recorded.get("skipped") or ())  # unreadable when annotated; training skips them too
@@ -222,9 +227,25 @@ def check_store_dataset(opened, data: DataConfig) -> None:
                                           f"annotate again, or point annotation.store elsewhere")
 
 
+def _check_store_orientation(opened, old: Optional[dict], data: DataConfig) -> None:
+    """Refuse a box or mask store annotated under another ``data.exif_orientation`` (an older store,
+    which does not record the key, was annotated with ``ignore``)."""
+    from sgdm.data.config import recorded_value
+
+    if opened.granularity == "label" or not isinstance(old, dict):
+        return
+    made = recorded_value(old, "exif_orientation")
+    if made != data.exif_orientation:
+        raise ConfigError("data.exif_orientation", f"{data.exif_orientation!r}, but the annotation store {opened.path} "
+                                                   f"was annotated from images read with {made!r}: its "
+                                                   f"{opened.granularity} annotations lie on that pixel grid. Use "
+                                                   f"{made!r}, or annotate again into another annotation.store")
+
+
 def _data_difference(old: Optional[dict], data: DataConfig) -> str:
     """Which ``data.*`` settings differ from those the store recorded, as words."""
     from sgdm.config.core import to_dict
+    from sgdm.data.config import recorded_value
 
     if not isinstance(old, dict):
         return "the store does not record the data settings it was made from"
@@ -233,7 +254,9 @@ def _data_difference(old: Optional[dict], data: DataConfig) -> str:
                 for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
 
     old, new = leaves(old), leaves(to_dict(data))
-    differ = [k for k in sorted(set(old) | set(new)) if k not in _NOT_IDS and old.get(k) != new.get(k)]
+    differ = [k for k in sorted(set(old) | set(new))
+              if k not in _NOT_IDS and recorded_value(old, k) != recorded_value(new, k)]
     if not differ:
         return "the data settings are the same, so the files changed since it was annotated"
-    return "; ".join(f"data.{k} differs (store: {old.get(k)!r}, now: {new.get(k)!r})" for k in differ)
+    return "; ".join(f"data.{k} differs (store: {recorded_value(old, k)!r}, now: {recorded_value(new, k)!r})"
+                     for k in differ)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from sgdm.annotation.features import BackboneError
 from sgdm.config.core import ConfigError, to_dict
+from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
 
@@ -159,7 +160,7 @@ class _Evaluator:
         self._ann_space = None
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe
         self.dataset = build_dataset(cfg.data, train=False)
-        self.data_key = _digest(to_dict(cfg.data))
+        self.data_key = _digest(recorded_data(cfg.data))  # the cached reference statistics stay keyed as before
         self._ref_stats = None
 
     def reference_stats(self):

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from sgdm.config.core import to_dict
+from sgdm.data.config import recorded_data
 from sgdm.training.checkpoint import atomic_open, atomic_write_text, clean_leftovers
 from sgdm.training.file_lock import exclusive_lock
 
@@ -47,8 +47,9 @@ NOT_IN_FINGERPRINT = ("num_workers", "on_bad_image", "flip")
 
 
 def fingerprint(data_cfg, first_stage: torch.nn.Module) -> str:
-    """sha256 of the data settings that decide the pixels and of the first-stage weights."""
-    data = {k: v for k, v in to_dict(data_cfg).items() if k not in NOT_IN_FINGERPRINT}
+    """sha256 of the data settings that decide the pixels and of the first-stage weights (keys added
+    since caches were first written count only away from their old value: ``recorded_data``)."""
+    data = {k: v for k, v in recorded_data(data_cfg).items() if k not in NOT_IN_FINGERPRINT}
     h = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
     for name, tensor in sorted(first_stage.state_dict().items()):
         if name == "scale_factor":  # set after caching; the encodings do not depend on it

@@ -5,7 +5,9 @@ networks, schedule, optimiser, clipping, precision, guidance labels) has to equa
 exceptions are listed here and nowhere else: :data:`MAY_DIFFER` for every trainer (where and how fast it
 runs, how long, what it logs and writes), :data:`UNUSED_BY` for settings a trainer never reads.
 A key is allowed when it or one of its parent sections is listed. A key the saved config lacks (written
-by an older sgdm) is not compared.
+by an older sgdm) is not compared, except the ``data.*`` keys of :data:`sgdm.data.config.ADDED_KEYS`:
+those count at the value the older run read its data with (a run saved before
+``data.exif_orientation`` existed read the pixels as stored, so resuming it with ``apply`` is refused).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Iterator
 
 from sgdm.config.core import ConfigError, absolute_paths, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
+from sgdm.data.config import ADDED_KEYS
 
 __all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences"]
 
@@ -79,7 +82,7 @@ def _allowed(key: str, unused: tuple[str, ...]) -> bool:
 def resume_differences(old: dict, new: dict, trainer: str = "diffusion") -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) of every leaf that must not change, in config order."""
     unused = UNUSED_BY[trainer]
-    saved = dict(_leaves(old))
+    saved = {**{f"data.{k}": v for k, v in ADDED_KEYS.items()}, **dict(_leaves(old))}
     return [(key, saved[key], value) for key, value in _leaves(new)
             if key in saved and saved[key] != value and not _allowed(key, unused)]
 
