@@ -21,13 +21,17 @@ def _cuda_count() -> int:
 
 
 def resolve_device(value: str, key: str = "device") -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the
-    CPU. Any other value must name a device that exists here; otherwise :class:`ConfigError` naming
-    ``key`` (a config key path or a flag)."""
+    """``auto``: this process's GPU (its local rank under torchrun or srun, :mod:`sgdm.launch`) when CUDA
+    is available, else the CPU. Any other value must name a device that exists here; otherwise
+    :class:`ConfigError` naming ``key`` (a config key path or a flag)."""
     check_device(key, value)
     cuda = _cuda_count()
     if value == "auto":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if not cuda:
+            return torch.device("cpu")
+        from sgdm.launch import current
+
+        return torch.device("cuda", current().local_rank)
     device = torch.device(value)
     if device.type == "cuda":
         if cuda == 0:
@@ -55,12 +59,17 @@ def _cpu_overrides(devices, strategy: str, precision: str, section: str) -> str:
 
 
 def check_accelerator(accelerator: str, devices, section: str = "train", *, strategy: str = "auto",
-                      precision: str = "32") -> None:
+                      precision: str = "32", num_nodes: int = 1) -> None:
     """Lightning's ``accelerator`` and ``devices`` (of ``section``): ``gpu`` / ``cuda`` need a CUDA
     device here, and as many as an integer ``devices`` asks for. Checked where a command starts, so
     that a run meant for a GPU machine fails at once, not after its data and first stage are prepared;
     the error gives every override a CPU run of the section needs. A CPU run with more processes than
-    usable cores (``devices: 8`` of a GPU config under ``accelerator: auto``) is warned about."""
+    usable cores (``devices: 8`` of a GPU config under ``accelerator: auto``) is warned about. Under
+    torchrun or srun, ``devices`` and ``num_nodes`` must be the processes it started
+    (:func:`sgdm.launch.check_launch`)."""
+    from sgdm.launch import check_launch
+
+    check_launch(devices, num_nodes, accelerator, section)
     cuda = _cuda_count()
     if accelerator in ("gpu", "cuda"):
         if cuda == 0:

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.devices import check_accelerator
 
     check_accelerator(cfg.train.accelerator, cfg.train.devices, strategy=cfg.train.strategy,
-                      precision=cfg.train.precision)
+                      precision=cfg.train.precision, num_nodes=cfg.train.num_nodes)
     from sgdm.training.autoencoder import train_autoencoder
     from sgdm.training.run import check_resumable
 

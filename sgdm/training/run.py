@@ -12,7 +12,6 @@ Run directory layout (``run.dir/run.name``)::
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import warnings
 from typing import Optional
@@ -31,8 +30,11 @@ __all__ = ["train", "prepare_run_dir", "check_resumable", "check_resume_compatib
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+def _first_process() -> bool:
+    """The process of a launch that writes the run directory (:mod:`sgdm.launch`)."""
+    from sgdm.launch import current
+
+    return current().is_first
 
 
 def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusion") -> Optional[pathlib.Path]:
@@ -42,7 +44,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     (:mod:`sgdm.training.resume`)."""
     run_dir = cfg.run.path
     ckpt_dir = run_dir / "checkpoints"
-    if _rank() == 0:
+    if _first_process():
         clean_leftovers(ckpt_dir)
     existing = list_checkpoints(ckpt_dir)
     if resume and not existing:
@@ -58,7 +60,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if ckpt is not None:
         check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
         _check_same_store(run_dir / STORE_RECORD, store)
-    if _rank() == 0:
+    if _first_process():
         from sgdm.training.checkpoint import atomic_write_text
 
         if ckpt is not None:
@@ -246,12 +248,26 @@ def _strategy(t, unused_parameters: bool):
     return "ddp_find_unused_parameters_true"  # "auto" with several processes is DDP as well
 
 
+def _plugins() -> list:
+    """Atomic checkpoint files; under srun, SLURM's environment without Lightning's auto-requeue: on SIGUSR1
+    that would write a checkpoint of its own (``hpc_ckpt_*.ckpt``, not atomic, not sgdm's) and resume from
+    it on the next start, past ``--resume``'s checks. sgdm's own answer to SLURM's SIGTERM is a checkpoint
+    and exit code 143 (docs/training.md)."""
+    from sgdm.launch import srun_launched
+    from sgdm.training.checkpoint import AtomicCheckpointIO
+
+    if not srun_launched():
+        return [AtomicCheckpointIO()]
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    return [AtomicCheckpointIO(), SLURMEnvironment(auto_requeue=False)]
+
+
 def build_trainer(cfg: ExperimentConfig, extra_callbacks=(), unused_parameters: bool = False):
     """The Lightning Trainer for ``cfg.train``; ``unused_parameters``: see :func:`_strategy`."""
     import pytorch_lightning as pl
 
     from sgdm.training.callbacks import StepCheckpoint
-    from sgdm.training.checkpoint import AtomicCheckpointIO
     from sgdm.training.sample_grid import SampleGrid
 
     t = cfg.train
@@ -263,7 +279,7 @@ def build_trainer(cfg: ExperimentConfig, extra_callbacks=(), unused_parameters: 
     return pl.Trainer(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes,
                       strategy=_strategy(t, unused_parameters),
                       precision=t.precision_name, max_epochs=-1, max_steps=-1, logger=_logger(cfg),
-                      callbacks=callbacks, plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+                      callbacks=callbacks, plugins=_plugins(), use_distributed_sampler=False,
                       enable_checkpointing=False, log_every_n_steps=t.log_every * t.accumulate,
                       enable_progress_bar=t.progress_bar, enable_model_summary=False,
                       default_root_dir=str(cfg.run.path), num_sanity_val_steps=0, limit_val_batches=0)
@@ -273,7 +289,7 @@ def _say_when_finished(cfg: ExperimentConfig, ckpt: pathlib.Path) -> None:
     """A resume of a run already at ``train.max_steps`` trains nothing (it only exports again): say so,
     naming the key to raise; otherwise only Lightning's "Restored all states" would show."""
     step = next((s for s, path in list_checkpoints(ckpt.parent) if path == ckpt), None)
-    if step is not None and step >= cfg.train.max_steps and _rank() == 0:
+    if step is not None and step >= cfg.train.max_steps and _first_process():
         import sys
 
         print(f"sgdm: {cfg.run.path} is already at step {step} of train.max_steps={cfg.train.max_steps}: nothing "
@@ -283,9 +299,12 @@ def _say_when_finished(cfg: ExperimentConfig, ckpt: pathlib.Path) -> None:
 def encode_device(t) -> torch.device:
     """Where the first stage encodes the latent cache and the scale factor's sample before training:
     this process's GPU when training runs on GPUs (a DDP process started by Lightning has its
-    LOCAL_RANK; the first one builds the cache before it starts the others), else the CPU."""
+    LOCAL_RANK; the first one builds the cache before it starts the others; torchrun and srun set theirs,
+    see :mod:`sgdm.launch`), else the CPU."""
     if t.accelerator != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        from sgdm.launch import current
+
+        return torch.device("cuda", current().local_rank)
     return torch.device("cpu")
 
 
