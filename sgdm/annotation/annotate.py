@@ -202,7 +202,7 @@ def data_settings(data) -> dict[str, Any]:
     from sgdm.data.config import recorded_data
 
     settings = {k: v for k, v in recorded_data(data).items() if k not in _DATA_SETTINGS_NOT_IN_FEATURES}
-    for key in ("root", "list_file", "annotation_file", "class_list"):
+    for key in ("root", "list_file", "annotation_file", "class_list", "val_labels"):
         if settings.get(key) is not None:
             settings[key] = os.path.abspath(settings[key])
     out = {f"data.{k}": v for k, v in settings.items()}

@@ -38,7 +38,7 @@ EXIF_KINDS = ("image_folder", "lsun_list", "lsun_lmdb", "imagenet100")
 # record that lacks it was made with. recorded_data() leaves such a key out at that value, and
 # recorded_value() reads a missing one as that value, so an older record compares equal at that value
 # and differs, by the key's name, at any other.
-ADDED_KEYS: dict[str, Any] = {"exif_orientation": "ignore"}
+ADDED_KEYS: dict[str, Any] = {"exif_orientation": "ignore", "val_labels": None}
 
 
 def recorded_data(data: "DataConfig") -> dict[str, Any]:

@@ -26,6 +26,7 @@ MAY_DIFFER: dict[str, str] = {
     "run.name": "where the run lives (a moved or copied run directory)",
     "data.num_workers": "loader processes; the samples and their order are the trainer's",
     "data.on_bad_image": "whether an unreadable file stops the run; readable images are unchanged",
+    "data.val_labels": "the ground truth of ImageNet's flat val split; training reads the train split",
     "model.unet.gradient_checkpointing": "recomputes activations to save memory; same values",
     "train.compile": "the same network, with kernels fused by torch.compile (float rounding may differ)",
     "train.compile_mode": "the same network, with kernels fused by torch.compile (float rounding may differ)",

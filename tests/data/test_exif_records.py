@@ -10,14 +10,15 @@ import yaml
 from sgdm.annotation.annotate import data_settings
 from sgdm.config.core import ConfigError, dump_yaml, from_dict, to_dict
 from sgdm.data import DataConfig
-from sgdm.data.config import recorded_data
+from sgdm.data.config import ADDED_KEYS, recorded_data
 from tests.data.test_exif_orientation import tagged_jpeg, write
 
 
 def _before_the_key():
-    """DataConfig as it was before ``exif_orientation`` existed (what older records were written from)."""
+    """DataConfig as it was before ``exif_orientation`` (and the other keys added since records were
+    written) existed: what older records were written from."""
     fields = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory))
-              for f in dataclasses.fields(DataConfig) if f.name != "exif_orientation"]
+              for f in dataclasses.fields(DataConfig) if f.name not in ADDED_KEYS]
     return dataclasses.make_dataclass("OldDataConfig", fields)
 
 
@@ -28,7 +29,7 @@ def photos(tmp_path):
     section = {"dataset": "image_folder", "root": str(tmp_path / "photos"), "size": 8, "num_workers": 0}
     ignore = from_dict(DataConfig, section, "data")
     apply = from_dict(DataConfig, {**section, "exif_orientation": "apply"}, "data")
-    old = _before_the_key()(**{k: v for k, v in vars(ignore).items() if k != "exif_orientation"})
+    old = _before_the_key()(**{k: v for k, v in vars(ignore).items() if k not in ADDED_KEYS})
     return ignore, apply, old
 
 

@@ -155,3 +155,16 @@ def test_without_val_labels_the_flat_layout_error_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.root: .* It holds 1 images directly: ImageNet's official flat val "
                                           r"layout\. Set data\.val_labels to its ground truth"):
         build_dataset(cfg(root=tmp_path))
+
+
+def test_val_labels_is_recorded_absolute_only_when_set_and_may_change_on_a_resume(tmp_path, monkeypatch):
+    from sgdm.annotation.annotate import data_settings
+    from sgdm.training.resume import resume_differences
+
+    monkeypatch.chdir(tmp_path)
+    assert "data.val_labels" not in data_settings(cfg(root=tmp_path))  # records made before the key still fit
+    assert data_settings(cfg(root=tmp_path, val_labels="LOC_val_solution.csv"))["data.val_labels"] == \
+        str(tmp_path / "LOC_val_solution.csv")
+    # training reads the train split, so the val split's ground truth may be set later
+    assert resume_differences({"data": {"dataset": "imagenet100"}},
+                              {"data": {"dataset": "imagenet100", "val_labels": "/data/LOC_val_solution.csv"}}) == []
