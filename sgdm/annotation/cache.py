@@ -52,7 +52,12 @@ def file_stamps(ids: Sequence[str], paths: Sequence[str]) -> Stamps:
 
 
 def _describe(changed: list[str], old: Mapping[str, Any]) -> str:
-    """``a, b differ; they were a=1`` plus which keys the old fingerprint predates."""
+    """``a, b differ; they were a=1`` plus which keys the old fingerprint predates. A ``data.*`` key of
+    :data:`~sgdm.data.config.ADDED_KEYS` it lacks was at its value there (left out of records)."""
+    from sgdm.data.config import ADDED_KEYS
+
+    implied = {f"data.{k}": v for k, v in ADDED_KEYS.items()}
+    old = {**{k: implied[k] for k in changed if k not in old and k in implied}, **old}
     text = f"{', '.join(changed)} differ"
     was = [f"{k}={old[k]}" for k in changed if k in old and len(str(old[k])) <= 80]
     if was:

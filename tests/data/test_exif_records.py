@@ -48,8 +48,10 @@ def test_a_feature_cache_of_an_older_sgdm_fits_ignore_and_is_refused_under_apply
     old = {k: v for k, v in data_settings(apply).items() if k != "data.exif_orientation"}  # as an older sgdm wrote
     FeatureCache(tmp_path / "work", {**old, "backbone": "vit"})
     FeatureCache(tmp_path / "work", {**data_settings(ignore), "backbone": "vit"})
-    with pytest.raises(StoreMismatchError, match=r"data\.exif_orientation differ"):
+    with pytest.raises(StoreMismatchError, match=r"data\.exif_orientation differ; they were "
+                                                 r"data\.exif_orientation=ignore\)") as info:
         FeatureCache(tmp_path / "work", {**data_settings(apply), "backbone": "vit"})
+    assert "did not record" not in str(info.value)  # left out at ignore, not unknown to the sgdm that wrote it
 
 
 def test_an_encoder_pretrained_before_the_key_fits_ignore_and_is_refused_under_apply(photos, tmp_path):
