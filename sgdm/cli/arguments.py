@@ -33,6 +33,24 @@ def printed_config(cfg, args: argparse.Namespace) -> bool:
     return True
 
 
+def add_resume_arguments(parser: argparse.ArgumentParser, *, resume_help: str) -> None:
+    """``--resume`` and ``--auto-resume`` (one of them) of a training command; :func:`wants_resume` reads them."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help=resume_help)
+    group.add_argument("--auto-resume", action="store_true",
+                       help="continue the run when it has a checkpoint, else start it: one command for a job that a "
+                            "scheduler may stop (SIGTERM: a checkpoint, exit 143) and start again")
+
+
+def wants_resume(args: argparse.Namespace, cfg) -> bool:
+    """Whether the run ``cfg`` continues: ``--resume``, or ``--auto-resume`` and the run has a checkpoint."""
+    if args.resume or not args.auto_resume:
+        return bool(args.resume)
+    from sgdm.training.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(cfg.run.path / "checkpoints"))
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a usage error names the flag otherwise)."""
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from sgdm.cli.arguments import add_config_arguments, printed_config
+from sgdm.cli.arguments import add_config_arguments, add_resume_arguments, printed_config, wants_resume
 
 DESCRIPTION = """Train the KL autoencoder (LDM's first stage) of an experiment config with LDM's losses
 (L1 + LPIPS + KL, hinge PatchGAN from model.autoencoder.loss.disc_start), two optimizers, manual
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train-autoencoder", help="train the KL autoencoder (first stage)",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, reads="all sections", example="train.max_steps=1000", print_config=True)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run")
+    add_resume_arguments(parser, resume_help="continue from the newest valid checkpoint of the run")
     parser.set_defaults(func=run)
     return parser
 
@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.training.autoencoder import train_autoencoder
     from sgdm.training.run import check_resumable
 
-    check_resumable(cfg, args.resume)
-
-    return train_autoencoder(cfg, resume=args.resume)
+    resume = wants_resume(args, cfg)
+    check_resumable(cfg, resume)
+    return train_autoencoder(cfg, resume=resume)

@@ -168,6 +168,13 @@ def test_existing_run_needs_resume(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "train-autoencoder"])
+def test_resume_and_auto_resume_exclude_each_other(capsys, tmp_path, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, str(write_config(tmp_path, tiny_config(tmp_path))), "--resume", "--auto-resume"])
+    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "train-autoencoder"])
 def test_resume_of_a_run_without_checkpoints_is_refused(capsys, tmp_path, command):
     """A mistyped run.name with --resume must not silently start a new run from step 0."""
     cfg = tiny_config(tmp_path, run={"name": "typo"}, model={"autoencoder": {"checkpoint": str(tmp_path / "ae.ckpt")}})

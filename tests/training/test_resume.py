@@ -56,11 +56,15 @@ def reference(workdir):
     return _ckpt(cfg, STEPS)
 
 
-def test_resume_is_exact_in_a_new_process(workdir, reference):
-    split = tiny_config(workdir, run={"name": "split"}, train={**FAULT_TRAIN, "max_steps": 4})
-    _cli(workdir, split, "split")
+@pytest.mark.parametrize("start, again", [((), "--resume"), (("--auto-resume",), "--auto-resume")],
+                         ids=["resume", "auto-resume"])
+def test_resume_is_exact_in_a_new_process(workdir, reference, start, again):
+    # --auto-resume: the same command starts the run, then continues it (a job a scheduler requeues)
+    name = f"split{again}"
+    split = tiny_config(workdir, run={"name": name}, train={**FAULT_TRAIN, "max_steps": 4})
+    _cli(workdir, split, name, *start)
     split["train"]["max_steps"] = STEPS
-    _cli(workdir, split, "split", "--resume")
+    _cli(workdir, split, name, again)
     assert_same_training_state(reference, _ckpt(split, STEPS))
     assert reference["sgdm"]["ema_updates"] == STEPS
 
