@@ -359,11 +359,17 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, file: pa
 def _as_tensor(value) -> torch.Tensor:
     """Tensors as they are; numbers, (nested) lists, numpy arrays and PIL images as tensors."""
     if isinstance(value, torch.Tensor):
-        return value
+        return _signed(value)
     import numpy as np
 
     array = np.asarray(value)
-    return torch.as_tensor(array if array.flags.writeable else array.copy())  # PIL gives read-only arrays
+    return _signed(torch.as_tensor(array if array.flags.writeable else array.copy()))  # PIL: read-only arrays
+
+
+def _signed(t: torch.Tensor) -> torch.Tensor:
+    """uint16/32/64 (16-bit PNGs, numpy arrays) as int64: torch compares and indexes only uint8 of the
+    unsigned types."""
+    return t.long() if t.dtype in (torch.uint16, torch.uint32, torch.uint64) else t
 
 
 def _expand(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -375,8 +381,13 @@ def _expand(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
     return t
 
 
+def _covers(hw, image_hw) -> bool:
+    """Whether a map of size ``hw`` covers images of ``image_hw`` (same aspect ratio)."""
+    return hw[0] >= 1 and hw[1] >= 1 and hw[0] * image_hw[1] == hw[1] * image_hw[0]
+
+
 def _check_covers_image(hw, image_hw, latent_hw, name: str) -> None:
-    if hw[0] < 1 or hw[1] < 1 or hw[0] * image_hw[1] != hw[1] * image_hw[0]:
+    if not _covers(hw, image_hw):
         raise ValueError(f"{name}: size {tuple(hw)} does not fit the {image_hw[0]}x{image_hw[1]} output images: it "
                          f"must cover the image (same aspect ratio, any resolution; it is resized to the "
                          f"{latent_hw[0]}x{latent_hw[1]} latent grid)")
@@ -442,9 +453,11 @@ def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
         ok = (x0 >= 0) & (y0 >= 0) & (x1 <= 1) & (y1 <= 1) & (x0 < x1) & (y0 < y1)
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0])
-            raise ValueError(f"box[{i}]: expected normalized xyxy with 0 <= x0 < x1 <= 1 and "
-                             f"0 <= y0 < y1 <= 1, got {boxes[i].tolist()} (a 4-pixel-wide box mask must be "
-                             f"bool or integer, not float)")
+            # one [4] box is never a mask; only an [N, 4] could have been meant as a 4-pixel-wide one
+            name, hint = ("box", "") if b.dim() == 1 else (f"box[{i}]", " (a 4-pixel-wide box mask must be "
+                                                                        "bool or integer, not float)")
+            raise ValueError(f"{name}: expected normalized xyxy with 0 <= x0 < x1 <= 1 and "
+                             f"0 <= y0 < y1 <= 1, got {boxes[i].tolist()}{hint}")
         return {"boxes": boxes.float()}
     m = b[:, 0] if b.dim() == 4 and b.shape[1] == 1 else (b[None] if b.dim() == 2 else b)
     if m.dim() != 3:
@@ -462,6 +475,11 @@ def _parse_mask(mask, k: int, n: int, latent_hw, image_hw) -> dict:
         ids = m[None] if m.dim() == 2 else m
         if ids.dim() != 3:
             raise ValueError(f"mask: a class-id map must be [H, W] or [N, H, W], got shape {tuple(m.shape)}")
+        if m.dim() == 3 and m.shape[-1] in (3, 4) and _covers(m.shape[:2], image_hw) and not _covers(
+                m.shape[1:], image_hw):  # an [H, W, C] picture, not C-pixel-wide maps
+            raise ValueError(f"mask: got shape {tuple(m.shape)}, a colour (RGB / RGBA) image; a class map holds "
+                             f"one class id per pixel: [H, W] or [N, H, W] (as a PNG: single-channel, mode L, P "
+                             f"or I;16)")
         _check_covers_image(ids.shape[-2:], image_hw, latent_hw, "mask")
         _check_ids(ids, k, "mask", ignore=IGNORE_INDEX)
         return {"class_maps": _expand(ids, n, "mask")}

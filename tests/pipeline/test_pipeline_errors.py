@@ -31,8 +31,9 @@ def _call(pipe, n=2, **kwargs):
     ("none", {"guidance_scale": 2.0}, "guidance_scale: this model is unguided"),
     ("box", {"box": [0, 0, 1, 1]}, "cluster: box guidance .* takes a box together with its cluster id"),
     ("box", {"cluster": 1}, "box: box guidance"),
-    ("box", {"cluster": 1, "box": [0.5, 0, 0.2, 1]}, r"box\[0\]: expected normalized xyxy"),
-    ("box", {"cluster": 1, "box": [0, 0, 1, 1.5]}, r"box\[0\]: expected normalized xyxy"),
+    ("box", {"cluster": 1, "box": [0.5, 0, 0.2, 1]}, r"^box: expected normalized xyxy .*got \[0.5, 0.0, 0.2, 1.0\]$"),
+    ("box", {"cluster": 1, "box": [0, 0, 1, 1.5]}, r"^box: expected normalized xyxy"),
+    ("box", {"cluster": [1, 2], "box": [[0, 0, 1, 1], [0, 0, 1, 1.5]]}, r"^box\[1\]: expected normalized xyxy"),
     ("box", {"cluster": 1, "box": torch.zeros(16, 24, dtype=torch.bool)}, r"box: size \(16, 24\) does not fit"),
     ("box", {"cluster": 1, "box": torch.full((16, 16), 0.5)}, "box: a box mask must be binary"),
     ("box", {"cluster": 1, "box": torch.zeros(2, 2, 16, 16)}, "box: expected xyxy"),
@@ -52,8 +53,8 @@ def _call(pipe, n=2, **kwargs):
     ("label", {"eta": -1.0}, r"eta: expected a number in \[0, 1\]"),
     ("label", {"eta": 1.5}, r"eta: expected a number in \[0, 1\]"),
     ("label", {"spacing": "uniform"}, "spacing: expected one of linspace, leading, trailing, logsnr"),
-    ("box", {"cluster": 1, "box": [float("nan"), 0, 1, 1]}, r"box\[0\]: expected normalized xyxy"),
-    ("box", {"cluster": 1, "box": [0.5, 0.5, 0.5, 0.9]}, r"box\[0\]: expected normalized xyxy .*x0 < x1"),
+    ("box", {"cluster": 1, "box": [float("nan"), 0, 1, 1]}, r"box: expected normalized xyxy"),
+    ("box", {"cluster": 1, "box": [0.5, 0.5, 0.5, 0.9]}, r"box: expected normalized xyxy .*x0 < x1"),
     # a float [N, 4] is boxes: four zero-area boxes at (1, 1), not a 4-pixel-wide mask
     ("box", {"cluster": 1, "box": torch.ones(4, 4)}, "got 4 items for num_images=2|must be bool or integer"),
     ("mask", {"mask": torch.full((K, 8, 8), float("nan"))}, r"mask: channel values must lie in \[0, 1\]"),
@@ -65,6 +66,49 @@ def _call(pipe, n=2, **kwargs):
 def test_bad_call_names_the_argument(pipes, kind, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _call(pipes[kind], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
+def test_unsigned_class_maps_and_clusters_are_ids(pipes, dtype):
+    """A 16-bit PNG opened with PIL (mode I;16) or a numpy uint array is a class map like any integer one."""
+    import numpy as np
+
+    ids = np.zeros((16, 16), dtype)
+    ids[4:12, 4:12] = 2
+    want = _call(pipes["mask"], mask=torch.from_numpy(ids.astype(np.int64)))
+    torch.testing.assert_close(_call(pipes["mask"], mask=ids), want)
+    torch.testing.assert_close(_call(pipes["mask"], mask=torch.from_numpy(ids)), want)
+    torch.testing.assert_close(_call(pipes["label"], cluster=np.array([1, 2], dtype)),
+                               _call(pipes["label"], cluster=[1, 2]))
+    ids[0, 0] = K
+    with pytest.raises(ValueError, match=rf"mask: class id {K} is outside"):
+        _call(pipes["mask"], mask=ids)
+
+
+def test_a_pil_16_bit_class_map_is_read(pipes):
+    import numpy as np
+    from PIL import Image
+
+    ids = np.zeros((16, 16), np.uint16)
+    ids[4:12, 4:12] = 2
+    image = Image.fromarray(ids)
+    assert image.mode == "I;16"
+    torch.testing.assert_close(_call(pipes["mask"], mask=image), _call(pipes["mask"], mask=ids.astype(np.int64)))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_image_as_mask_is_named(pipes, channels):
+    """An RGB(A) picture of a class map ([H, W, C]) is not read as H maps C pixels wide."""
+    import numpy as np
+    from PIL import Image
+
+    picture = np.zeros((16, 16, channels), np.uint8)
+    for mask in (picture, Image.fromarray(picture, "RGBA" if channels == 4 else "RGB")):
+        with pytest.raises(ValueError, match=rf"^mask: got shape \(16, 16, {channels}\), a colour .* \[H, W\]"):
+            _call(pipes["mask"], mask=mask)
+    # maps 3 pixels wide that are no picture of the image stay a size error
+    with pytest.raises(ValueError, match=r"mask: size \(16, 3\) does not fit"):
+        _call(pipes["mask"], mask=np.zeros((2, 16, 3), np.int64))
 
 
 def test_numpy_and_tensor_scalars_are_numbers(pipes):
