@@ -113,7 +113,7 @@ def _load_mask(path: pathlib.Path):
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"--mask: {path} holds a {type(mask).__name__}, not a tensor (save the class map "
                          f"itself with torch.save)")
-    if mask.is_floating_point() and mask.dim() == 2:
+    if (mask.is_floating_point() or mask.dtype == torch.bool) and mask.dim() == 2:
         raise ValueError(f"--mask: {path} holds a 2-D {mask.dtype} array; a class map holds integer ids "
                          f"(a channel mask is [K, H, W])")
     return mask

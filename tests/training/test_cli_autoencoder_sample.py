@@ -108,6 +108,7 @@ def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
     import numpy as np
 
     np.save(tmp_path / "float_ids.npy", np.zeros((16, 16), np.float32))
+    np.save(tmp_path / "bool_ids.npy", np.zeros((16, 16), bool))  # `ids > 0`, a region meant as a class map
     cases = [
         ([str(tmp_path / "missing-run")], "missing-run: no such file or directory"),
         ([run, "--cluster", "0"], "--cluster: this model has 'none' guidance"),  # unguided: takes no cluster
@@ -116,6 +117,7 @@ def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
         ([run, "--mask", str(tmp_path / "rgb.png")], "a RGB image is not a class map; save the class ids as a"),
         ([run, "--mask", str(tmp_path / "dict.pt")], "dict.pt holds a dict, not a tensor"),
         ([run, "--mask", str(tmp_path / "float_ids.npy")], "holds a 2-D torch.float32 array; a class map holds"),
+        ([run, "--mask", str(tmp_path / "bool_ids.npy")], "holds a 2-D torch.bool array; a class map holds"),
         ([run, "--guidance-scale", "2"], "--guidance-scale: this model is unguided"),
         ([run, "--eta", "1.5"], "--eta: expected a number in [0, 1]"),
     ]
