@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("run", help="training run directory (holds config.yaml and pipeline/)")
     parser.add_argument("--n", type=int, help="number of generated images (default: the run's eval.n)")
-    parser.add_argument("--batch-size", type=int, help="sampling / feature batch size (default: eval.batch_size)")
+    parser.add_argument("--batch-size", type=int, help="sampling / feature batch size (default: eval.batch_size, at most --n)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: eval.sampler)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: eval.steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: eval.eta)")
@@ -78,6 +78,9 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
         value = getattr(args, flag)
         if value is not None:
             data[key] = value
+    batch_size = data.get("batch_size", EvalConfig.batch_size)
+    if args.n is not None and args.batch_size is None and isinstance(batch_size, int) and 2 <= args.n < batch_size:
+        data["batch_size"] = args.n  # a small --n is one batch, not a conflict with the run's eval.batch_size
     if args.feature_extractor is not None:
         data["feature_backbone_kwargs"] = {}
     if args.sweep_scale is not None:

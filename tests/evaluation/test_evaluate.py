@@ -93,6 +93,24 @@ def test_eval_n_smaller_than_batch_is_a_config_error(tmp_path, capsys):
     assert "--n (eval.n): 2 samples is smaller than the batch size 4" in capsys.readouterr().err
 
 
+def test_eval_small_n_alone_is_one_batch(tmp_path):
+    """`--n` below the run's eval.batch_size, without --batch-size, samples one batch of n: the run's
+    batch size is a default the user did not choose, so it is no conflict (only a --batch-size > --n is)."""
+    from sgdm.cli.evaluate import eval_config_from_args
+    from sgdm.cli.main import build_parser
+
+    def config(run_eval, *flags):
+        ecfg = eval_config_from_args(run_eval, build_parser("eval").parse_args(["eval", "RUN", *flags]))
+        return ecfg.n, ecfg.batch_size
+
+    assert config({"n": 512, "batch_size": 128}, "--n", "32") == (32, 32)
+    assert config({"n": 512}, "--n", "8") == (8, 8)  # under the default batch size, 64
+    assert config({"n": 512, "batch_size": 16}, "--n", "32") == (32, 16)
+    run_dir = make_run(tmp_path, "box")  # its eval.batch_size is 3
+    assert main(["eval", str(run_dir), "--n", "2", "--metrics", "adherence"]) == 0
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["n"] == 2
+
+
 def test_eval_missing_weights_files_are_named(tmp_path, capsys):
     run_dir = make_run(tmp_path, "label")
     assert main(["eval", str(run_dir), "--inception-weights", str(tmp_path / "nope.pth")]) == 2
