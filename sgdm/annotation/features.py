@@ -223,7 +223,9 @@ def load_backbone(
     if weights is not None:
         path = pathlib.Path(weights)
         if not path.is_file():
-            raise BackboneError(f"weights file {path} does not exist (annotation.weights)")
+            raise BackboneError(f"weights file {path} does not exist (annotation.weights); `sgdm-ldm "
+                                f"pretrain-features CONFIG` trains one on your images, as `sgdm-ldm train` does "
+                                f"for a config with a prepare: section")
         _load_local(model, path, name)
         weights_id = file_sha256(path)
     model.eval().requires_grad_(False)
