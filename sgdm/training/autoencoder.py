@@ -229,7 +229,7 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
 
     from sgdm.config.core import ConfigError
     from sgdm.training.data import build_image_dataset
-    from sgdm.training.run import EXIT_SIGTERM, _loader_factory, build_trainer, check_batch_fits, prepare_run_dir
+    from sgdm.training.run import _loader_factory, build_trainer, check_batch_fits, prepare_run_dir, stopped
 
     target = cfg.model.autoencoder.checkpoint
     if target is None:
@@ -268,9 +268,9 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     try:
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
     except SIGTERMException:
-        return EXIT_SIGTERM
+        return stopped(cfg, trainer)
     if trainer.received_sigterm:
-        return EXIT_SIGTERM
+        return stopped(cfg, trainer)
     if trainer.is_global_zero:
         save_autoencoder(module.autoencoder, target)
         write_training_record(target, cfg.run.path)

@@ -20,7 +20,7 @@ import torch
 
 from sgdm.config.core import ConfigError, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
-from sgdm.training.checkpoint import clean_leftovers, find_last_valid, list_checkpoints
+from sgdm.training.checkpoint import checkpoint_name, clean_leftovers, find_last_valid, list_checkpoints
 from sgdm.training.resume import check_resume_compatible
 from sgdm.training.rng import derive_seed
 
@@ -296,6 +296,21 @@ def _say_when_finished(cfg: ExperimentConfig, ckpt: pathlib.Path) -> None:
               f"to train; raise train.max_steps to continue it", file=sys.stderr, flush=True)
 
 
+def stopped(cfg: ExperimentConfig, trainer) -> int:
+    """:data:`EXIT_SIGTERM`, after the first process says which checkpoint the SIGTERM left and how to go on."""
+    from sgdm.training.callbacks import StepCheckpoint
+
+    if _first_process():
+        import sys
+
+        saved = next((c.last_saved for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+        where = (f"; wrote {cfg.run.path / 'checkpoints' / checkpoint_name(saved)}" if saved is not None
+                 else "; no checkpoint written in this start")
+        print(f"sgdm: stopped by SIGTERM{f' at step {saved}' if saved is not None else ''}{where}; continue with "
+              f"the same command and --resume (or --auto-resume)", file=sys.stderr, flush=True)
+    return EXIT_SIGTERM
+
+
 def encode_device(t) -> torch.device:
     """Where the first stage encodes the latent cache and the scale factor's sample before training:
     this process's GPU when training runs on GPUs (a DDP process started by Lightning has its
@@ -344,9 +359,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen first stage, EMA
             trainer.fit(module, ckpt_path=str(ckpt) if ckpt is not None else None)
     except SIGTERMException:
-        return EXIT_SIGTERM
+        return stopped(cfg, trainer)
     if trainer.received_sigterm:
-        return EXIT_SIGTERM
+        return stopped(cfg, trainer)
     if cfg.train.export_pipeline and trainer.is_global_zero:
         from sgdm.training.export import export_pipeline
 

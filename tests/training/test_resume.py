@@ -155,6 +155,8 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     assert proc.wait(timeout=120) == 143
     assert not any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir()), "leftovers were not cleaned"
     stopped_at = max(s for s, _ in list_checkpoints(ckpt_dir))
+    said = f"sgdm: stopped by SIGTERM at step {stopped_at}; wrote {ckpt_dir / checkpoint_name(stopped_at)}; continue"
+    assert said in (workdir / "faulty.log").read_text()
 
     # 3) resume to the end
     proc = subprocess.run(cli_command(path, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
