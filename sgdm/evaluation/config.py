@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import string
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -79,7 +80,10 @@ class EvalConfig:
     reference set is the first ``reference_n`` images of the training data
     (unflipped); its statistics are cached in ``cache_dir`` (default
     ``<run>/eval/cache``). Runs guided by ground-truth masks are also scored by a
-    linear probe trained on the dataset's own masks (``probe``). ``compile``: the
+    linear probe trained on the dataset's own masks (``probe``). ``feature_name``: the
+    ``<name>`` of ``fd_<name>`` (default ``dino`` or the architecture), ``{dataset}`` in it
+    standing for ``data.dataset`` (the quickstart's ``dino_{dataset}``: its encoder is pretrained
+    on the run's own images). ``compile``: the
     UNet samples under ``torch.compile`` (:meth:`SelfGuidedPipeline.compile`; the
     first batch compiles, which pays off over thousands of samples).
     """
@@ -127,5 +131,13 @@ class EvalConfig:
             raise ConfigError("inception_weights", f"file {self.inception_weights} does not exist")
         if self.feature_weights is not None and not self.feature_weights.is_file():
             raise ConfigError("feature_weights", f"file {self.feature_weights} does not exist")
+        if self.feature_name is not None:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.feature_name) if f is not None}
+            except ValueError as err:
+                raise ConfigError("feature_name", f"{self.feature_name!r}: {err}") from None
+            if not self.feature_name or fields - {"dataset"}:
+                raise ConfigError("feature_name", f"{self.feature_name!r}: a name, in which {{dataset}} stands for "
+                                                  "data.dataset (no other field)")
         check_device("device", self.device)
         check_kwargs("feature_backbone_kwargs", self.feature_backbone_kwargs)

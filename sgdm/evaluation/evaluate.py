@@ -129,7 +129,8 @@ def _feature_space(cfg, ecfg: EvalConfig):
     kwargs = ecfg.feature_backbone_kwargs if ecfg.feature_backbone else dict(a.backbone_kwargs)
     weights = ecfg.feature_weights if ecfg.feature_backbone or ecfg.feature_weights else a.weights
     try:
-        return load_feature_space(backbone, weights, kwargs, ecfg.feature_name, resolve_device(ecfg.device, "eval.device"))
+        name = None if ecfg.feature_name is None else ecfg.feature_name.format(dataset=cfg.data.dataset)
+        return load_feature_space(backbone, weights, kwargs, name, resolve_device(ecfg.device, "eval.device"))
     except BackboneError as err:
         if ecfg.feature_backbone or ecfg.feature_weights:
             raise

@@ -75,9 +75,10 @@ def test_eval_layout_adherence_runs_on_the_annotation_backbone(tmp_path, monkeyp
 
 def test_eval_unguided_run_has_one_row_without_scale(tmp_path):
     run_dir = make_run(tmp_path, "none")
-    assert main(["eval", str(run_dir), "--metrics", "fd"]) == 0
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--feature-name", "tiny_{dataset}"]) == 0
     rows = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
     assert len(rows) == 1 and rows[0]["guidance_scale"] is None
+    assert "fd_tiny_shapes" in rows[0]  # {dataset}: data.dataset
 
 
 def test_eval_run_without_ema_weights_is_refused(tmp_path, capsys):

@@ -33,6 +33,7 @@ def _run(capsys, tmp_path, cfg, *extra):
     ("train.betas=[0.9,1.0]", "train.betas[1]"),
     ("train.betas=[.nan,0.9]", "train.betas[0]"),
     ("train.grad_clip=inf", "train.grad_clip"),
+    ("eval.feature_name=dino_{data}", "eval.feature_name"),  # only {dataset} is replaced
 ])
 def test_bad_settings_exit_2_naming_the_key(capsys, tmp_path, override, key):
     cfg = tiny_config(tmp_path, train={"accumulate": 4} if key == "train.batch_size" else {})
