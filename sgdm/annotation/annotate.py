@@ -412,7 +412,8 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
     elif evaluate:
         metrics = evaluate_records(granularity, records, feats, k, feats["image_hw"].tolist())
         log("annotate: " + (", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) or "no ground truth to evaluate against"))
-    extra.update(source=a.source, params=to_dict(a), metrics=metrics, image_size=feats["image_hw"].tolist(),
+    # the settings it was made with: the granularity annotated, also when the call overrode the config's
+    extra.update(source=a.source, params=to_dict(dataclasses.replace(a, granularity=granularity)), metrics=metrics, image_size=feats["image_hw"].tolist(),
                  dataset={"config": to_dict(cfg.data), "ids_sha256": ids_hash(dataset.ids), "num_images": n,
                           "skipped": sorted(set(dataset.ids) - set(ids))})
     write_store(a.store, ids, records, granularity=granularity, num_classes=k, shard_size=a.shard_size, extra=extra)

@@ -115,6 +115,7 @@ def test_mask_store_keeps_its_segmenter(tmp_path, tiny_weights, shapes_cache):
 
     cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=5)
     store = AnnotationStore.open(annotate(cfg, "mask", progress=False, log=lambda m: None).store)
+    assert cfg.annotation.granularity == "label" and store.manifest["params"]["granularity"] == "mask"  # as made
     segmenter = store.segmenter()
     assert segmenter is not None and segmenter.num_classes == 5 and segmenter.head is not None  # method: stego
     data = build_dataset(cfg.data, train=False)
