@@ -105,7 +105,7 @@ def _load_mask(path: pathlib.Path):
         else:
             with Image.open(path) as image:
                 if image.mode not in ("L", "P", "1") and not image.mode.startswith("I"):
-                    raise ValueError(f"a {image.mode} image is not a class map; save the class ids as a "
+                    raise ValueError(f"an image of mode {image.mode} is not a class map; save the class ids as a "
                                      f"single-channel (L, P or 16-bit) PNG")
                 mask = torch.from_numpy(np.array(image).astype(np.int64))
     except (OSError, ValueError, EOFError, RuntimeError) as err:  # truncated, not an image, not a tensor file

@@ -114,7 +114,7 @@ def test_sample_cli_bad_input_is_one_line_naming_it(trained, tmp_path, capsys):
         ([run, "--cluster", "0"], "--cluster: this model has 'none' guidance"),  # unguided: takes no cluster
         ([run, "--mask", str(tmp_path / "none.png")], "--mask: file"),
         ([run, "--mask", str(garbage)], "cannot be read as a class map"),
-        ([run, "--mask", str(tmp_path / "rgb.png")], "a RGB image is not a class map; save the class ids as a"),
+        ([run, "--mask", str(tmp_path / "rgb.png")], "an image of mode RGB is not a class map; save the class ids as a"),
         ([run, "--mask", str(tmp_path / "dict.pt")], "dict.pt holds a dict, not a tensor"),
         ([run, "--mask", str(tmp_path / "float_ids.npy")], "holds a 2-D torch.float32 array; a class map holds"),
         ([run, "--mask", str(tmp_path / "bool_ids.npy")], "holds a 2-D torch.bool array; a class map holds"),
