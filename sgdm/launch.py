@@ -5,7 +5,8 @@ on one machine starts 7 copies of the command, each with ``LOCAL_RANK``), ``torc
 ``srun``. Lightning's Trainer finds its ranks from the same environment variables (its
 TorchElasticEnvironment comes first, then SLURMEnvironment, then its own launcher's), and so does
 this module, for the work sgdm does before a Trainer exists: which process writes the run
-directory, which GPU encodes the latent cache, how ``annotate`` joins its process group. A SLURM job
+directory, which GPU encodes the latent cache, how ``annotate`` joins its process group
+(:func:`join_process_group`). A SLURM job
 named ``bash`` or ``interactive`` is no launch (Lightning's rule: an interactive shell on an
 allocation).
 
@@ -21,7 +22,7 @@ from typing import Literal, Optional
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["Launch", "current", "check_launch"]
+__all__ = ["Launch", "current", "check_launch", "join_process_group"]
 
 Launcher = Literal["none", "lightning", "torchrun", "srun"]
 
@@ -111,3 +112,31 @@ def check_launch(devices, num_nodes: int, accelerator: str = "auto", section: st
     if launch.launcher == "torchrun" and devices * num_nodes != launch.world_size:
         raise ConfigError(f"{section}.devices", f"{section}.devices x {section}.num_nodes = {devices} x {num_nodes}, "
                                                 f"but torchrun started {launch.world_size} processes (WORLD_SIZE)")
+
+
+def join_process_group() -> bool:
+    """Join the process group of the launch that started this process: torchrun's (or one described by
+    ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set by hand), or srun's, with its
+    main address and port found as Lightning finds them (``MASTER_ADDR`` / ``MASTER_PORT``, else the
+    first node of ``SLURM_NODELIST`` and a port from the job id). True when distributed."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
+    launch = current()
+    srun = launch.launcher == "srun" and launch.world_size > 1
+    if not srun and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank)
+    if not srun:
+        dist.init_process_group(backend)
+    else:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment(auto_requeue=False)
+        dist.init_process_group(backend, init_method=f"tcp://{slurm.main_address}:{slurm.main_port}",
+                                rank=launch.rank, world_size=launch.world_size)
+    return True

@@ -55,7 +55,7 @@ from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.decode import printable
 from sgdm.devices import resolve_device
 
-__all__ = ["AnnotationResult", "annotate", "class_count", "data_settings", "init_distributed"]
+__all__ = ["AnnotationResult", "annotate", "class_count", "data_settings"]
 
 
 @dataclasses.dataclass
@@ -86,35 +86,6 @@ def _dist():
 def _rank_world() -> tuple[int, int]:
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
-
-
-def init_distributed() -> bool:
-    """Join the process group of the launch that started this process: torchrun's (or one described by
-    ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set by hand), or srun's, with its
-    main address and port found as Lightning finds them (``MASTER_ADDR`` / ``MASTER_PORT``, else the
-    first node of ``SLURM_NODELIST`` and a port from the job id). True when distributed."""
-    from sgdm.launch import current
-
-    if _dist() is not None:
-        return True
-    launch = current()
-    srun = launch.launcher == "srun" and launch.world_size > 1
-    if not srun and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
-    if not srun:
-        dist.init_process_group(backend)
-    else:
-        from lightning_fabric.plugins.environments import SLURMEnvironment
-
-        slurm = SLURMEnvironment(auto_requeue=False)
-        dist.init_process_group(backend, init_method=f"tcp://{slurm.main_address}:{slurm.main_port}",
-                                rank=launch.rank, world_size=launch.world_size)
-    return True
 
 
 def _barrier() -> None:

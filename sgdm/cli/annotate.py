@@ -30,12 +30,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.annotation.annotate import annotate, init_distributed
+    from sgdm.annotation.annotate import annotate
     from sgdm.config.core import ConfigError
     from sgdm.config.schema import load_experiment
+    from sgdm.launch import join_process_group
 
     cfg = load_experiment(args.config, args.overrides)  # annotate reads its data and annotation sections
-    init_distributed()  # no-op unless launched by torchrun
+    join_process_group()  # no-op unless torchrun or srun started several processes
     try:
         result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
     except ConfigError:

@@ -146,8 +146,9 @@ def test_a_launch_variable_that_is_not_a_number_is_named(env):
 
 JOIN = """
 import torch, torch.distributed as dist
-from sgdm.annotation.annotate import _rank_world, init_distributed
-assert init_distributed()
+from sgdm.annotation.annotate import _rank_world
+from sgdm.launch import join_process_group
+assert join_process_group()
 value = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(value)
 print("joined", *_rank_world(), int(value.item()))
@@ -155,7 +156,7 @@ dist.destroy_process_group()
 """
 
 
-def test_annotate_joins_the_process_group_srun_started(tmp_path):
+def test_the_process_group_srun_started_is_joined(tmp_path):
     import os
     import socket
     import subprocess
