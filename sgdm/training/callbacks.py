@@ -62,8 +62,14 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer, pl_module.step)
+        self._restore_handler()
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        """Lightning's handler back, before the trainer's teardown puts back the one from before fit
+        (this hook runs first; a later one would leave Lightning's handler installed after fit)."""
         if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)  # Lightning's, which it then restores
+            signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None

@@ -311,3 +311,24 @@ def test_a_missing_autoencoder_that_prepare_will_not_make_stops_before_prepare(t
     err = capsys.readouterr().err
     assert "model.autoencoder.checkpoint" in err and "prepare.autoencoder: true" in err
     assert not (tmp_path / "shapes").exists()  # prepare.dataset did not run first
+
+
+def test_sigterm_handling_is_sgdms_during_training_only(workdir, capsys):
+    """sgdm takes SIGTERM while training (see StepCheckpoint) and gives the handler from before back,
+    after a finished run and after a stopped one."""
+    import os
+    import signal
+
+    class Kill(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            assert signal.getsignal(signal.SIGTERM) != before  # sgdm's, during training
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = tiny_config(workdir, run={"name": "sigterm"}, train={"max_steps": 4, "checkpoint_every": 4})
+    assert train(from_dict(ExperimentConfig, cfg), callbacks=[Kill()]) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    ckpt = workdir / "runs" / "sigterm" / "checkpoints" / "step-00000001.ckpt"
+    assert f"sgdm: stopped by SIGTERM at step 1; wrote {ckpt}; continue" in capsys.readouterr().err
+    assert train(from_dict(ExperimentConfig, cfg), resume=True) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
