@@ -14,22 +14,24 @@ Layouts recognised (from the keys, not the file name):
   ``query``/``key``/``value``/``proj_attn``, stored as Linear [C, C] where LDM has 1x1
   convs [C, C, 1, 1]), converted to LDM names by :func:`diffusers_to_ldm`.
 
-Every load is strict: a missing, unexpected or mis-shaped tensor is an error naming
-the file and the key.
+Every load is strict: a missing, unexpected or mis-shaped tensor is a ``ConfigError`` on
+``model.autoencoder.checkpoint`` naming the file and the key, and saying what the file holds
+(a KL autoencoder of another shape, with the overrides that describe it; a VQ model; no autoencoder).
 """
 from __future__ import annotations
 
 import pathlib
 import re
 import warnings
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
+from sgdm.config.core import ConfigError
 from sgdm.models.autoencoder import AutoencoderKL
 from sgdm.models.config import AutoencoderConfig
 
-__all__ = ["read_state_dict", "extract_autoencoder_state", "diffusers_to_ldm", "load_autoencoder"]
+__all__ = ["read_state_dict", "extract_autoencoder_state", "diffusers_to_ldm", "infer_architecture", "load_autoencoder"]
 
 _ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v",
                "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out"}
@@ -125,18 +127,84 @@ def extract_autoencoder_state(raw: Mapping, num_levels: int) -> tuple[dict, str,
     return dict(state), "ldm-autoencoder", None if sf is None else float(sf)
 
 
-def _check_keys(model: AutoencoderKL, state: Mapping[str, torch.Tensor], source: str) -> None:
+_LEVEL = re.compile(r"^encoder\.down\.(\d+)\.(block|attn)\.(\d+)\.")
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor]) -> Optional[dict]:
+    """The ``model.autoencoder`` keys that an LDM-named KL autoencoder state fixes (``ch``, ``ch_mult``,
+    ``num_res_blocks``, ``z_channels``, ``embed_dim``, ``double_z``, and ``attn_levels``: the encoder
+    levels holding attention), or None when ``state`` holds no such autoencoder (``norm_groups`` and
+    ``dropout`` leave no trace in the weights)."""
+    needed = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight", "post_quant_conv.weight")
+    if any(k not in state for k in needed):
+        return None
+    ch = int(state["encoder.conv_in.weight"].shape[0])
+    blocks: dict[int, set] = {}
+    attn_levels = set()
+    for key in state:
+        m = _LEVEL.match(key)
+        if m and m.group(2) == "block":
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(3)))
+        elif m:
+            attn_levels.add(int(m.group(1)))
+    widths = [state.get(f"encoder.down.{i}.block.0.conv2.weight") for i in range(len(blocks))]
+    if not blocks or sorted(blocks) != list(range(len(blocks))) or any(w is None for w in widths):
+        return None
+    z_channels = int(state["decoder.conv_in.weight"].shape[1])
+    return {"ch": ch, "ch_mult": [int(w.shape[0]) // ch for w in widths], "num_res_blocks": len(blocks[0]),
+            "z_channels": z_channels, "embed_dim": int(state["post_quant_conv.weight"].shape[1]),
+            "double_z": int(state["encoder.conv_out.weight"].shape[0]) == 2 * z_channels,
+            "attn_levels": sorted(attn_levels)}
+
+
+def _what_differs(cfg: AutoencoderConfig, arch: dict) -> str:
+    """What the file is, and the overrides that describe it, where they differ from ``cfg``."""
+    fixes = {k: v for k, v in arch.items() if k != "attn_levels" and getattr(cfg, k) != v}
+    attn = [cfg.resolution // 2**level for level in arch["attn_levels"]]
+    if sorted(cfg.attn_resolutions) != sorted(attn):
+        fixes["attn_resolutions"] = attn
+    factor = 2 ** (len(arch["ch_mult"]) - 1)
+    what = f"the file holds a kl-f{factor} (a KL autoencoder with downsampling factor {factor} and " \
+           f"{arch['embed_dim']}-channel latents)"
+    if not fixes:
+        return what
+    overrides = " ".join(f"model.autoencoder.{k}={str(v).replace(' ', '')}" for k, v in fixes.items())
+    after = ""
+    if factor != cfg.downsample_factor or arch["embed_dim"] != cfg.embed_dim:
+        after = (f"; the latents are then data.size/{factor} wide with {arch['embed_dim']} channels, so "
+                 f"model.unet.image_size, in_channels and out_channels follow, and a fixed "
+                 f"model.autoencoder.scale_factor belongs to another autoencoder")
+    return f"{what}; model.autoencoder describes it with {overrides}{after}"
+
+
+def _mismatch(path, layout: str, cfg: AutoencoderConfig, state: Mapping, detail: str) -> ConfigError:
+    source = f"{path} ({layout} layout)"
+    if any(k.startswith("quantize.") for k in state):
+        what = ("the file is a VQ autoencoder (it has a codebook, quantize.*: LDM's vq-f4 / vq-f8 or a VQGAN); "
+                "sgdm's first stage is LDM's KL autoencoder (kl-f4, kl-f8, ...)")
+    else:
+        arch = infer_architecture(state)
+        if arch is None:
+            what = (f"the file holds no LDM autoencoder (no encoder.conv_in / decoder.conv_in / post_quant_conv "
+                    f"weights; its first keys: {sorted(state)[:4]})")
+        else:
+            what = _what_differs(cfg, arch)
+    return ConfigError("model.autoencoder.checkpoint", f"{source}: {detail}; {what}")
+
+
+def _check_keys(model: AutoencoderKL, state: Mapping[str, torch.Tensor], path, layout: str) -> None:
     own = {k: v for k, v in model.state_dict().items() if k != "scale_factor"}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the autoencoder built from model.autoencoder "
-                         f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, "
-                         f"e.g. {unexpected[:3]}); check ch_mult, num_res_blocks and attn_resolutions")
+        counts = [f"{name} {len(keys)} keys, e.g. {keys[:3]}" for name, keys in
+                  (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise _mismatch(path, layout, model.cfg, state, f"weights do not match the autoencoder built from "
+                                                        f"model.autoencoder ({'; '.join(counts)})")
     for key, value in own.items():
         if tuple(state[key].shape) != tuple(value.shape):
-            raise ValueError(f"{source}: '{key}' has shape {tuple(state[key].shape)} in the file but "
-                             f"{tuple(value.shape)} in the model built from model.autoencoder (check ch, ch_mult, "
-                             f"z_channels, embed_dim)")
+            raise _mismatch(path, layout, model.cfg, state,
+                            f"'{key}' has shape {tuple(state[key].shape)} in the file but {tuple(value.shape)} "
+                            f"in the model built from model.autoencoder")
 
 
 def load_autoencoder(path: str | pathlib.Path, cfg: AutoencoderConfig) -> AutoencoderKL:
@@ -151,7 +219,7 @@ def load_autoencoder(path: str | pathlib.Path, cfg: AutoencoderConfig) -> Autoen
         state, layout, stored_sf = extract_autoencoder_state(raw, len(cfg.ch_mult))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    _check_keys(model, state, f"{path} ({layout} layout)")
+    _check_keys(model, state, path, layout)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if cfg.scale_factor is None and stored_sf is not None:
         model.scale_factor.fill_(stored_sf)

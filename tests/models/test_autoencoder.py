@@ -159,7 +159,7 @@ def test_loader_errors_name_file_and_key(ae, tmp_path):
     torch.save(ae.state_dict(), path)
     with pytest.raises(ValueError, match=r"ae.ckpt \(ldm-autoencoder layout\): 'encoder.conv_in.weight' has shape"):
         load_autoencoder(path, tiny_autoencoder_config(ch=24))
-    with pytest.raises(ValueError, match=r"missing \d+ keys.*attn_resolutions"):
+    with pytest.raises(ValueError, match=r"unexpected \d+ keys.*model.autoencoder.attn_resolutions=\[8\]$"):
         load_autoencoder(path, tiny_autoencoder_config(attn_resolutions=[]))
     # sgdm's own save (LDM names + scale_factor buffer) round-trips, including the scale factor.
     ae.scale_factor.fill_(0.7)
@@ -184,3 +184,36 @@ def test_compute_scale_factor_and_latent_round_trip(ae, images):
     with pytest.raises(ValueError, match="^batches: need at least one"):
         compute_scale_factor(ae, [])
     assert math.isfinite(sf)
+
+
+def test_wrong_first_stage_file_is_named_with_what_it_holds(tmp_path):
+    """kl-f4 for a kl-f8 config, a VQ model, a ViT: a ConfigError on model.autoencoder.checkpoint saying
+    what the file is and, for a KL autoencoder, the overrides that describe it."""
+    from sgdm.config import ConfigError
+    from sgdm.models.checkpoints import infer_architecture
+
+    f8 = tiny_autoencoder_config(ch_mult=[1, 2, 2, 2], z_channels=4, embed_dim=4, resolution=32, attn_resolutions=[])
+    f4_cfg = tiny_autoencoder_config(ch=32, attn_resolutions=[8], z_channels=3, embed_dim=3)
+    f4 = {k: v for k, v in AutoencoderKL(f4_cfg).state_dict().items() if k != "scale_factor"}
+    arch = infer_architecture(f4)
+    assert arch == {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 3, "embed_dim": 3,
+                    "double_z": True, "attn_levels": [1]}
+    path = tmp_path / "kl-f4.ckpt"
+    torch.save({"state_dict": {**f4, "loss.logvar": torch.zeros(())}, "global_step": 3}, path)
+    with pytest.raises(ConfigError, match=r"kl-f2 .*model.autoencoder.ch=32 model.autoencoder.ch_mult=\[1,2\] "
+                                          r"model.autoencoder.z_channels=3 model.autoencoder.embed_dim=3 "
+                                          r"model.autoencoder.attn_resolutions=\[16\].*data.size/2") as err:
+        load_autoencoder(path, f8)
+    assert err.value.key == "model.autoencoder.checkpoint" and str(path) in str(err.value)
+    # the overrides it names load the file
+    fixed = tiny_autoencoder_config(ch=32, ch_mult=[1, 2], z_channels=3, embed_dim=3, resolution=32,
+                                    attn_resolutions=[16])
+    load_autoencoder(path, fixed)
+    vq = {**f4, "quantize.embedding.weight": torch.zeros(16, 3)}
+    torch.save({"state_dict": vq}, path)
+    with pytest.raises(ConfigError, match=r"VQ autoencoder .*quantize.*KL autoencoder"):
+        load_autoencoder(path, f4_cfg)
+    torch.save({"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8)}, path)
+    with pytest.raises(ConfigError, match=r"holds no LDM autoencoder .*'cls_token'"):
+        load_autoencoder(path, f4_cfg)
+
