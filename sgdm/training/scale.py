@@ -13,6 +13,7 @@ checkpoint and the export.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -65,3 +66,7 @@ def ensure_scale_factor(cfg, module, batch_size: int = 32) -> None:
         raise ValueError(f"the first stage's latents of the first {len(mean)} training images have std {std}; "
                          f"cannot compute the latent scale factor (set model.autoencoder.scale_factor)")
     first_stage.scale_factor.fill_(1.0 / std)
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank computes the same factor; one line says it
+        # said, because a fixed model.autoencoder.scale_factor reproduces it (LDM's Churches value is 0.22765929)
+        print(f"sgdm: model.autoencoder.scale_factor = 1/std of the latents of the first {len(mean)} training "
+              f"images = {1.0 / std:.8g} (kept with the weights in every checkpoint)", flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 
 import pytest
@@ -45,3 +46,15 @@ def test_scale_factor_is_the_same_with_and_without_the_latent_cache_and_encodes_
     assert calls == [3, 3, 2]
     assert direct == pytest.approx(_factor(cfg, cache=True), rel=1e-6)
     assert direct == pytest.approx(_factor(cfg, cache=False), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:model.autoencoder.checkpoint is not set")
+def test_the_measured_factor_is_said(cfg, capsys, monkeypatch):
+    """A run with scale_factor null says the value it measured, so a config can fix it (once, on rank 0)."""
+    factor = _factor(cfg, cache=False)
+    said = re.search(r"scale_factor = 1/std of the latents of the first 8 training images = ([0-9.e-]+) ",
+                     capsys.readouterr().out)
+    assert said and float(said.group(1)) == pytest.approx(factor, rel=1e-6)
+    monkeypatch.setenv("RANK", "1")
+    _factor(cfg, cache=False)
+    assert capsys.readouterr().out == ""
