@@ -106,10 +106,49 @@ _CHECK_SETTINGS = ("check annotation.backbone / annotation.backbone_kwargs "
                    "(eval.feature_backbone / feature_backbone_kwargs for eval's feature extractor)")
 
 
+# DINO's released backbones (facebookresearch/dino), by (embed_dim, patch size); all have depth 12
+_DINO_RELEASES = {(384, 16): ("vit_small_patch16_224.dino", "dino_deitsmall16_pretrain.pth"),
+                  (384, 8): ("vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth"),
+                  (768, 16): ("vit_base_patch16_224.dino", "dino_vitbase16_pretrain.pth"),
+                  (768, 8): ("vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth")}
+
+
+def _describe_vit(state: dict) -> str:
+    """What ViT a timm / DINO-layout state dict holds, and the settings that build it ('' if not a ViT)."""
+    proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if proj is None or proj.dim() != 4 or pos is None or pos.dim() != 3:
+        return ""
+    dim, patch = int(proj.shape[0]), int(proj.shape[-1])
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    # positions: the patch grid, after the class token where pos_embed covers it (DINO's does)
+    grid = next((g for n in (int(pos.shape[1]) - ("cls_token" in state), int(pos.shape[1]))
+                 if (g := round(n ** 0.5)) ** 2 == n), 0)
+    what = f"the file holds a ViT with embed_dim {dim}, patch size {patch}, depth {depth}"
+    known = _DINO_RELEASES.get((dim, patch))
+    if known is not None and depth == 12:
+        return f"{what}: DINO's {known[1]}, which is annotation.backbone={known[0]} (no backbone_kwargs)"
+    size = f", img_size: {grid * patch}" if grid else ""
+    return (f"{what}: build it with a vit_* annotation.backbone and annotation.backbone_kwargs={{embed_dim: {dim}, "
+            f"depth: {depth}, patch_size: {patch}{size}, num_heads: N}} (num_heads is not stored in the weights)")
+
+
+def _check_patch_size(model: torch.nn.Module, state: dict, path: pathlib.Path, name: str) -> None:
+    """timm's checkpoint filter resamples a patch embedding of another size (FlexiViT) without a word, so
+    DINO ViT-B/8 weights would load into a ViT-B/16 and give other features: refuse that."""
+    own = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "weight", None)
+    theirs = state.get("patch_embed.proj.weight")
+    if own is None or theirs is None or theirs.dim() != 4 or tuple(theirs.shape[-2:]) == tuple(own.shape[-2:]):
+        return
+    raise BackboneError(f"weights file {path} does not match backbone {name}: its patch size is "
+                        f"{tuple(theirs.shape[-2:])}, the backbone's {tuple(own.shape[-2:])}; {_describe_vit(state)}; "
+                        f"{_CHECK_SETTINGS}")
+
+
 def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str) -> None:
     import importlib
 
     state = _read_state_dict(path)
+    _check_patch_size(model, state, path, name)
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
@@ -125,9 +164,11 @@ def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str) -> None:
     if mismatched:
         key = mismatched[0]
         more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        described = _describe_vit(state)
         raise BackboneError(
             f"weights file {path} does not match backbone {name}: {key!r} has shape {tuple(state[key].shape)} "
-            f"in the file, {tuple(own[key].shape)} in the model{more}; {_CHECK_SETTINGS}"
+            f"in the file, {tuple(own[key].shape)} in the model{more}; {described + '; ' if described else ''}"
+            f"{_CHECK_SETTINGS}"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

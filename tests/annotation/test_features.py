@@ -1,3 +1,4 @@
+import re
 import time
 
 import pytest
@@ -211,3 +212,26 @@ def test_keys_of_a_backbone_that_bypasses_its_qkv_module():
     with pytest.raises(BackboneError, match="does not call its qkv projection.*features: tokens"):
         extract(backbone, images(), keys=True)
     assert extract(backbone, images()).patches.shape == (2, 4, 4, DIM)
+
+
+def test_weights_of_another_vit_are_refused_and_described(tmp_path):
+    """DINO weights of another ViT than annotation.backbone: timm's filter would resample a patch
+    embedding of another size (ViT-S/8 weights loaded into a ViT-S/16 without a word); both that and a
+    width mismatch name what the file holds and the settings that build it."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        small8 = timm.create_model("vit_small_patch8_224.dino", num_classes=0, img_size=32)
+    torch.save(small8.state_dict(), tmp_path / "dino_deitsmall8_pretrain.pth")
+    with pytest.raises(BackboneError, match=r"patch size is \(8, 8\), the backbone's \(16, 16\); .*embed_dim 384, "
+                                            r"patch size 8, depth 12: DINO's dino_deitsmall8_pretrain.pth, which is "
+                                            r"annotation.backbone=vit_small_patch8_224.dino"):
+        load_backbone("vit_small_patch16_224.dino", tmp_path / "dino_deitsmall8_pretrain.pth", {"img_size": 32})
+    # the tiny ViT's file for a ViT-B/16 config: same patch size here, so the width mismatch speaks
+    torch.save(tiny_vit().state_dict(), tmp_path / "tiny.pth")
+    kwargs = {k: TINY_KWARGS[k] for k in ("embed_dim", "depth", "patch_size", "img_size")}
+    expected = "backbone_kwargs={" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + ", num_heads: N}"
+    with pytest.raises(BackboneError, match=r"'cls_token' has shape .*" + re.escape(expected)):
+        load_backbone("vit_base_patch8_224.dino", tmp_path / "tiny.pth", {"img_size": 32})
+    # what it describes loads
+    load_backbone(TINY_VIT, tmp_path / "tiny.pth", {**kwargs, "num_heads": 2})
