@@ -38,13 +38,31 @@ def _environment(root: Path):
     return env
 
 
+def _lmdb_below(root: Path) -> str:
+    """', such as ...' naming the LMDB directories right below ``root`` (the folder above them is a
+    common mistake: LSUN's download unpacks every category's *_lmdb side by side), or ''."""
+    try:
+        found = sorted(p for p in root.iterdir() if (p / "data.mdb").is_file())
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    more = f" (or one of {len(found) - 1} more)" if len(found) > 1 else ""
+    return f": {root} holds {found[0]}{more}"
+
+
 class LsunLmdbDataset(ImageDataset):
     name = "lsun_lmdb"
 
     def __init__(self, root: Path, max_images: Optional[int] = None, key: str = "data", **kwargs):
-        root = require_dir(Path(root), f"{key}.root", "LSUN LMDB directory")
+        root = Path(root)
+        if root.is_file() and root.name in ("data.mdb", "lock.mdb"):
+            raise ConfigError(f"{key}.root", f"{root} is the LMDB's {root.name} file; point root at the directory "
+                                             f"holding it: {root.parent}")
+        root = require_dir(root, f"{key}.root", "LSUN LMDB directory")
         if not (root / "data.mdb").is_file():
-            raise ConfigError(f"{key}.root", f"{root} has no data.mdb; point root at the *_lmdb directory")
+            raise ConfigError(f"{key}.root", f"{root} has no data.mdb; point root at the *_lmdb directory"
+                                             f"{_lmdb_below(root)}")
         import lmdb
 
         try:

@@ -98,6 +98,12 @@ def test_lsun_lmdb_errors(tmp_path):
     fixtures.make_lsun_lmdb(tmp_path / "empty_lmdb", num_good=0, bad=False)
     with pytest.raises(ConfigError, match="holds no images"):
         build_dataset(cfg(dataset="lsun_lmdb", root=tmp_path / "empty_lmdb"))
+    # the folder above the *_lmdb directory, and its data.mdb file: both name the directory to use
+    with pytest.raises(ConfigError, match=r"has no data\.mdb; .*: .* holds .*/empty_lmdb$"):
+        build_dataset(cfg(dataset="lsun_lmdb", root=tmp_path))
+    with pytest.raises(ConfigError, match=r"data\.root: .*data\.mdb is the LMDB's data\.mdb file; point root at the "
+                                          r"directory holding it: .*/empty_lmdb$"):
+        build_dataset(cfg(dataset="lsun_lmdb", root=tmp_path / "empty_lmdb" / "data.mdb"))
 
 
 def test_lsun_list_layout_reports_the_missing_file(tmp_path):
