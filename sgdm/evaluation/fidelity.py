@@ -63,8 +63,9 @@ def check_inception_weights(path: str | os.PathLike | None) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SGDM_OFFLINE") == "1":
         raise RuntimeError(
             "FID/IS/KID need Inception weights: offline mode is set and torch-fidelity's download "
-            f"({_URL_FILE}) is not in {cached.parent}; pass --inception-weights PATH "
-            "(a torch-fidelity inception-v3-compat state dict) or drop fid/is/kid from the metrics"
+            f"({_URL_FILE}) is not in {cached.parent}; copy it there, or pass --inception-weights PATH "
+            "(eval.inception_weights): that file, or pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the "
+            "same FID Inception, same parameter names); or drop fid/is/kid from the metrics"
         )
     return "tf-inception-2015-12-05"
 
