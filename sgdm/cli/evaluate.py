@@ -27,7 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "as fd_<name>, not FID; default extractor: the run's annotation backbone), and for box / mask "
             "guidance the IoU / mIoU of the self-annotation of generated images with the guiding layout. "
             "Defaults come from the run's eval: section (its config.yaml). Writes RUN/eval/results.json, "
-            "results.md and, with --sweep-scale, sweep.png."
+            "results.md and, with --sweep-scale, sweep.png. Started by torchrun (torchrun --nproc-per-node 8 -m "
+            "sgdm.cli.main eval RUN) or srun, the processes share the sampling, each on its own GPU, and the "
+            "first one measures and writes the same results as one process (the others hand it their "
+            "samples through RUN/eval/.rank-samples/, deleted afterwards)."
         ),
     )
     parser.add_argument("run", help="training run directory (holds config.yaml and pipeline/)")
@@ -51,7 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="real images the distances compare with: the first N readable training images "
                              "(default: eval.reference_n)")
     parser.add_argument("--seed", type=int, help="seed of the conditions and the sampling noise (default: eval.seed)")
-    parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: eval.device)")
+    parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: eval.device); under torchrun or srun, "
+                                         "auto and cuda are each process's own GPU")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="sample with the UNet under torch.compile: the first batch compiles (default: "
                              "eval.compile)")
@@ -108,12 +112,14 @@ def run(args) -> int:
 
     from sgdm.config.core import load_yaml
     from sgdm.evaluation.evaluate import evaluate_run
+    from sgdm.launch import join_process_group
 
     config = pathlib.Path(args.run) / "config.yaml"
     if not config.is_file():
         print(f"sgdm-ldm eval: RUN {args.run}: no config.yaml there; pass a training run directory", file=sys.stderr)
         return 2
-    ecfg = eval_config_from_args(load_yaml(config).get("eval") or {}, args)
+    ecfg = eval_config_from_args(load_yaml(config).get("eval") or {}, args)  # on every rank, before any collective
+    join_process_group()  # no-op unless torchrun or srun started several processes
     from sgdm.config.core import ConfigError
 
     try:
@@ -123,5 +129,7 @@ def run(args) -> int:
             raise
         print(f"sgdm-ldm eval: {err}", file=sys.stderr)
         return 1
+    if results is None:  # not the first of several processes: it wrote and prints nothing
+        return 0
     print((pathlib.Path(results["run"]) / "eval" / "results.md").read_text())
     return 0

@@ -26,6 +26,7 @@ class EvalConditions:
     masks: Optional[torch.Tensor] = None
 
     def slice(self, start: int, stop: int) -> "EvalConditions":
+        """Images ``[start, stop)`` of these conditions (one process's share of an evaluation)."""
         cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
         return EvalConditions(self.kind, cut(self.clusters), cut(self.boxes), cut(self.masks))
 

@@ -7,15 +7,23 @@ reference set (training images, unflipped); write ``eval/results.json``,
 ``eval/results.md`` and, for a sweep, ``eval/sweep.png`` in the run directory.
 Everything that can fail before sampling (weights files, run layout) is
 checked first.
+
+Several processes (``torchrun`` or ``srun``, :func:`sgdm.launch.join_process_group`; or any
+initialised ``torch.distributed`` group whose every rank calls :func:`evaluate_run`) share the
+sampling: every rank draws the same conditions and per-image generators and samples one contiguous
+run of whole batches (:func:`share`), so each image is the one a single process makes, in the same
+batch. The other ranks hand their samples to rank 0 through files (:class:`_Shares`), and rank 0
+alone measures, logs and writes the results, exactly as one process does.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import pathlib
+import shutil
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -26,7 +34,7 @@ from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
 
-__all__ = ["evaluate_run", "load_run", "generate", "to_uint8", "write_results"]
+__all__ = ["evaluate_run", "load_run", "generate", "share", "to_uint8", "write_results"]
 
 INCEPTION = ("fid", "is", "kid")
 
@@ -54,7 +62,8 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
                 "valid checkpoint); evaluation uses the EMA weights that training saves"
             )
         pipe, step = pipeline_from_checkpoint(ckpt)
-        _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run has not exported pipeline/)")
+        if _rank_world()[0] == 0:
+            _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run has not exported pipeline/)")
         return cfg, pipe.to(device)
     from sgdm.pipeline import SelfGuidedPipeline
 
@@ -104,16 +113,166 @@ def _batches(dataset: Dataset, batch_size: int):
         yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
-def generate(pipe, conditions: EvalConditions, scale: Optional[float], ecfg: EvalConfig, n: int) -> torch.Tensor:
-    """``n`` images [n, 3, H, W] in [-1, 1] from ``pipe`` at guidance scale ``scale`` (None: unguided)."""
+def generate(pipe, conditions: EvalConditions, scale: Optional[float], ecfg: EvalConfig, n: int,
+             generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """``n`` images [n, 3, H, W] in [-1, 1] from ``pipe`` at guidance scale ``scale`` (None: unguided).
+
+    ``generators``: one per image (a slice of ``per_image_generators(Generator().manual_seed(eval.seed),
+    eval.n)``, for one rank's share); default: the ``n`` that ``eval.seed`` gives, as one process draws them."""
     kwargs = conditions.pipeline_kwargs()
     if scale is not None:
         kwargs["guidance_scale"] = scale
+    generator = torch.Generator().manual_seed(ecfg.seed) if generators is None else list(generators)
     images = pipe(
-        n, num_steps=ecfg.steps, sampler=ecfg.sampler, eta=ecfg.eta, spacing=ecfg.spacing, generator=torch.Generator().manual_seed(ecfg.seed),
+        n, num_steps=ecfg.steps, sampler=ecfg.sampler, eta=ecfg.eta, spacing=ecfg.spacing, generator=generator,
         batch_size=ecfg.batch_size, output_type="pt", progress=False, **kwargs,
     )
     return images.float().cpu() * 2 - 1  # "pt" output is [0, 1]
+
+
+# ------------------------------------------------------------------ several processes
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Images ``[lo, hi)`` of ``n`` that process ``rank`` of ``world`` samples: a contiguous run of the
+    ``ceil(n / batch_size)`` batches one process samples, so every batch (and so every image, up to the
+    device's own nondeterminism) is the same as in a one-process evaluation. Ranks beyond the number of
+    batches get none (``lo == hi``)."""
+    batches = -(-n // batch_size)
+    first, last = batches * rank // world, batches * (rank + 1) // world
+    return min(first * batch_size, n), min(last * batch_size, n)
+
+
+def _agree(world: int, step: Callable[[], tuple]) -> tuple:
+    """``step()`` on every rank, then one collective, so that an error on any rank (a config error, a
+    missing file, out of memory while loading) stops all of them here, each naming it, instead of
+    leaving the others waiting. The first failing rank's own exception is raised as it is."""
+    if world == 1:
+        return step()
+    import torch.distributed as dist
+
+    error: Optional[BaseException] = None
+    result: tuple = ()
+    try:
+        result = step()
+    except Exception as err:  # noqa: BLE001 - reported to every rank, then raised again below
+        error = err
+    messages: list = [None] * world
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        r, message = failed[0]
+        raise RuntimeError(f"rank {r} of {world} stopped before sampling: {message}")
+    return result
+
+
+class _Shares:
+    """The samples of ranks 1.. reach rank 0 as files in ``folder`` (``<eval output>/.rank-samples``):
+    ``w<scale index>-rank<rank>.pt`` (float32 [m, 3, H, W], written atomically), read in rank order and
+    deleted by rank 0, so that rank 0 measures exactly the float images one process would (fd and
+    adherence read the floats, not their uint8 rounding). No collective waits on rank 0 while it
+    measures (NCCL's watchdog ends a collective after 10 minutes): the other ranks write and go on.
+
+    A rank whose sampling raises writes ``rank<rank>.failed`` with the error; rank 0 stops with it while
+    waiting for that rank's samples, and the others stop at their next scale when rank 0 has failed. A
+    rank killed without a Python error (SIGKILL, host memory) leaves rank 0 waiting: torchrun then stops
+    every process; under srun use ``--kill-on-bad-exit=1``. Rank 0 deletes the folder at the start (what a
+    crashed evaluation left) and at the end."""
+
+    POLL_S, REPORT_S = 0.5, 600.0
+
+    def __init__(self, folder: pathlib.Path, rank: int, world: int):
+        self.folder, self.rank, self.world = folder, rank, world
+
+    def path(self, index: int, rank: int) -> pathlib.Path:
+        return self.folder / f"w{index:03d}-rank{rank:05d}.pt"
+
+    def _marker(self, rank: int) -> pathlib.Path:
+        return self.folder / f"rank{rank:05d}.failed"
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def put(self, index: int, images: torch.Tensor) -> None:
+        from sgdm.training.checkpoint import atomic_torch_save
+
+        atomic_torch_save(images.contiguous(), self.path(index, self.rank))
+
+    def fail(self, err: BaseException) -> None:
+        """Leave ``err`` for the other ranks to read (best effort: the folder may be gone)."""
+        try:
+            from sgdm.training.checkpoint import atomic_write_text
+
+            atomic_write_text(self._marker(self.rank), f"{type(err).__name__}: {err}")
+        except OSError:
+            pass
+
+    def check(self, rank: int) -> None:
+        """RuntimeError when ``rank`` has left a failure marker."""
+        marker = self._marker(rank)
+        if marker.is_file():
+            raise RuntimeError(f"rank {rank} of {self.world} stopped: {marker.read_text()}")
+
+    def gather(self, index: int, own: Optional[torch.Tensor], bounds: list[tuple[int, int]],
+               log: Callable[[str], None]) -> torch.Tensor:
+        """Rank 0: the ``bounds[-1][1]`` images of scale ``index``, its ``own`` share and the others' files
+        in rank order (each deleted once copied; one share in memory at a time besides the result)."""
+        out = None
+        for r, (lo, hi) in enumerate(bounds):
+            if hi == lo:
+                continue
+            part = own if r == 0 else self._wait(index, r, log)
+            if out is None:
+                out = part.new_empty((bounds[-1][1], *part.shape[1:]))
+            if part.shape[0] != hi - lo or part.shape[1:] != out.shape[1:]:
+                raise RuntimeError(f"{self.path(index, r)}: {tuple(part.shape)}, expected {hi - lo} images of "
+                                   f"{tuple(out.shape[1:])} (rank {r} of {self.world})")
+            out[lo:hi] = part
+            del part
+            if r:
+                self.path(index, r).unlink()
+        return out
+
+    def _wait(self, index: int, rank: int, log: Callable[[str], None]) -> torch.Tensor:
+        path, start, reported = self.path(index, rank), time.monotonic(), 0.0
+        while not path.is_file():
+            self.check(rank)
+            waited = time.monotonic() - start
+            if waited - reported >= self.REPORT_S:
+                reported = waited
+                log(f"eval: waiting {waited / 60:.0f} min for the samples of rank {rank} ({path}); a process "
+                    "killed without an error leaves this one waiting: stop the job (srun: --kill-on-bad-exit=1)")
+            time.sleep(self.POLL_S)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _process_device(value: str, world: int) -> torch.device:
+    """``eval.device`` for this process: with several processes ``cuda`` (like ``auto``) is this
+    process's own GPU (its local rank), and ``cuda:N`` is refused where there are several GPUs, which
+    every process would share."""
+    from sgdm.devices import resolve_device
+
+    device = resolve_device(value, "eval.device")
+    if world == 1 or device.type != "cuda":
+        return device
+    from sgdm.launch import current
+
+    launch = current()
+    if device.index is None:
+        return torch.device("cuda", launch.local_rank)
+    per_node = launch.per_node or world
+    if per_node > 1 and torch.cuda.device_count() > 1:
+        raise ConfigError("eval.device", f"{value!r} puts the {per_node} processes of this machine on one GPU; use "
+                                         "auto or cuda (each process its own GPU: its local rank)")
+    return device
 
 
 def _digest(obj) -> str:
@@ -274,40 +433,51 @@ class _Evaluator:
 
 
 def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
-                 log: Callable[[str], None] = _stderr, out_dir: str | pathlib.Path | None = None) -> dict:
+                 log: Callable[[str], None] = _stderr, out_dir: str | pathlib.Path | None = None) -> Optional[dict]:
     """Evaluate run ``run_dir`` (EMA weights) per ``ecfg`` (default: the run's ``eval:`` section);
-    the results go to ``out_dir`` (default ``<run_dir>/eval``, where ``sgdm-ldm eval`` writes them)."""
-    from sgdm.devices import resolve_device
+    the results go to ``out_dir`` (default ``<run_dir>/eval``, where ``sgdm-ldm eval`` writes them).
 
+    In an initialised process group every rank must call it: they share the sampling (module
+    docstring); rank 0 logs, writes and returns the results, which equal a one-process evaluation's up
+    to the devices' float nondeterminism; the other ranks return None."""
     run_dir = pathlib.Path(run_dir)
-    device = resolve_device(ecfg.device if ecfg is not None else "auto", "eval.device")
-    cfg, pipe = load_run(run_dir, device)
-    ecfg = ecfg or cfg.eval
-    kind = cfg.model.guidance.kind
-    if kind not in ("box", "mask") and set(ecfg.metrics) == {"adherence"}:  # before any scorer is built
-        raise ConfigError("eval.metrics", f"layout adherence scores box and mask guidance; this run has {kind!r} "
-                                          f"guidance (model.guidance.kind), so nothing would be measured: ask for "
-                                          f"fid, is, kid or fd")
-    if ecfg.compile:
-        pipe.compile()
-    evaluator = _Evaluator(cfg, ecfg, run_dir, log, autoencoder=pipe.autoencoder)
-    conditions = draw_conditions(kind, cfg.annotation.store, ecfg.n, torch.Generator().manual_seed(ecfg.seed))
-    scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
-    if evaluator.space is not None:
-        evaluator.reference_stats()  # read the reference images now: an unreadable one stops us before any sampling
-    rows = []
-    for scale in scales:
-        start = time.time()
-        images = generate(pipe, conditions, scale, ecfg, ecfg.n)
-        # each scale's scorers start from eval.seed, so a row of a sweep equals an evaluation at that scale alone
-        row = {"guidance_scale": scale, **evaluator.measure(images, conditions, torch.Generator().manual_seed(ecfg.seed))}
-        rows.append(row)
-        log(f"eval: w={scale}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in row.items() if k != "guidance_scale")
-            + f" ({time.time() - start:.0f}s)")
+    out_dir = run_dir / "eval" if out_dir is None else pathlib.Path(out_dir)
+    rank, world = _rank_world()
+    if rank != 0:
+        log = lambda _msg: None  # noqa: E731
+    shares = _Shares(out_dir / ".rank-samples", rank, world) if world > 1 else None
+
+    def prepare():  # all that can fail before sampling, on every rank
+        device = _process_device(ecfg.device if ecfg is not None else "auto", world)
+        cfg, pipe = load_run(run_dir, device)
+        e = ecfg or cfg.eval
+        kind = cfg.model.guidance.kind
+        if kind not in ("box", "mask") and set(e.metrics) == {"adherence"}:  # before any scorer is built
+            raise ConfigError("eval.metrics", f"layout adherence scores box and mask guidance; this run has "
+                                              f"{kind!r} guidance (model.guidance.kind), so nothing would be "
+                                              f"measured: ask for fid, is, kid or fd")
+        if e.compile:
+            pipe.compile()
+        if shares is not None and rank == 0:
+            shares.clear()  # a crashed evaluation's files; the other ranks write only after _agree
+        # rank 0 alone measures: only it loads the scorers and the reference images
+        evaluator = _Evaluator(cfg, e, run_dir, log, autoencoder=pipe.autoencoder) if rank == 0 else None
+        conditions = draw_conditions(kind, cfg.annotation.store, e.n, torch.Generator().manual_seed(e.seed))
+        return cfg, e, pipe, evaluator, conditions
+
+    cfg, ecfg, pipe, evaluator, conditions = _agree(world, prepare)
+    try:
+        rows = _sample_and_measure(pipe, conditions, cfg.model.guidance.kind, ecfg, evaluator, shares, log)
+    except BaseException as err:
+        if shares is not None:
+            shares.fail(err)
+        raise
+    if rank != 0:
+        return None
     results = {
-        "run": str(run_dir), "guidance": kind, "n": ecfg.n, "sampler": ecfg.sampler, "steps": ecfg.steps,
-        "eta": ecfg.eta, "weights": "ema", "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
+        "run": str(run_dir), "guidance": cfg.model.guidance.kind, "n": ecfg.n, "sampler": ecfg.sampler,
+        "steps": ecfg.steps, "eta": ecfg.eta, "weights": "ema",
+        "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
         "inception_weights": None if ecfg.inception_weights is None else str(ecfg.inception_weights),
         # the size of the reference set the distances were measured against: eval.reference_n is
         # capped at the dataset's size (eval_config keeps the value asked for)
@@ -315,8 +485,51 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         if any(m in ecfg.metrics for m in (*INCEPTION, "fd")) else None,
         "eval_config": to_dict(ecfg), "results": rows,
     }
-    write_results(results, run_dir / "eval" if out_dir is None else pathlib.Path(out_dir), plot=len(rows) > 1)
+    write_results(results, out_dir, plot=len(rows) > 1)
+    if shares is not None:
+        shares.clear()
     return results
+
+
+def _sample_and_measure(pipe, conditions: EvalConditions, kind: str, ecfg: EvalConfig,
+                        evaluator: Optional[_Evaluator], shares: Optional[_Shares], log) -> list[dict]:
+    """One row per guidance scale (rank 0; the other ranks sample their share and return [])."""
+    from sgdm.pipeline import per_image_generators
+
+    scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
+    if evaluator is not None and evaluator.space is not None:
+        evaluator.reference_stats()  # read the reference images now: an unreadable one stops us before any sampling
+    if shares is not None:
+        bounds = [share(ecfg.n, ecfg.batch_size, r, shares.world) for r in range(shares.world)]
+        lo, hi = bounds[shares.rank]
+        idle = sum(b == a for a, b in bounds)
+        if idle:
+            log(f"eval: {ecfg.n} samples are {-(-ecfg.n // ecfg.batch_size)} batches of {ecfg.batch_size}, so "
+                f"{idle} of {shares.world} processes sample nothing (lower eval.batch_size)")
+    rows = []
+    for index, scale in enumerate(scales):
+        start = time.time()
+        if shares is None:
+            images = generate(pipe, conditions, scale, ecfg, ecfg.n)
+        else:
+            if shares.rank != 0:
+                shares.check(0)  # rank 0 has stopped: nobody would read these samples
+            # the generators of all eval.n images, as one process draws them, and this rank's slice
+            generators = per_image_generators(torch.Generator().manual_seed(ecfg.seed), ecfg.n)[lo:hi]
+            mine = generate(pipe, conditions.slice(lo, hi), scale, ecfg, hi - lo, generators) if hi > lo else None
+            if shares.rank != 0:
+                if mine is not None:
+                    shares.put(index, mine)
+                continue
+            images = shares.gather(index, mine, bounds, log)
+            del mine
+        # each scale's scorers start from eval.seed, so a row of a sweep equals an evaluation at that scale alone
+        row = {"guidance_scale": scale, **evaluator.measure(images, conditions, torch.Generator().manual_seed(ecfg.seed))}
+        rows.append(row)
+        log(f"eval: w={scale}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items() if k != "guidance_scale")
+            + f" ({time.time() - start:.0f}s)")
+    return rows
 
 
 def markdown_cell(value) -> str:
