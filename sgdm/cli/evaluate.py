@@ -34,7 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("run", help="training run directory (holds config.yaml and pipeline/)")
-    parser.add_argument("--n", type=int, help="number of generated images (default: the run's eval.n)")
+    parser.add_argument("--n", "--num-samples", dest="n", type=int,
+                        help="number of generated images (default: the run's eval.n); under torchrun write "
+                             "--num-samples: torchrun reads --n as an abbreviation of its own options")
     parser.add_argument("--batch-size", type=int, help="sampling / feature batch size (default: eval.batch_size, at most --n)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: eval.sampler)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: eval.steps)")

@@ -21,8 +21,9 @@ from tests.evaluation.helpers import make_run
 
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1"}
-# every metric (Inception ones with random weights), and a sweep, so that each row is compared
-ARGS = ["--sweep-scale", "1,3", "--metrics", "fid,is,kid,fd,adherence"]
+# every metric (Inception ones with random weights), and a sweep, so that each row is compared;
+# --num-samples: torchrun takes --n for an abbreviation of its own --nnodes / --nproc-per-node
+ARGS = ["--num-samples", "6", "--sweep-scale", "1,3", "--metrics", "fid,is,kid,fd,adherence"]
 
 
 def _varied_box_run(tmp_path):
