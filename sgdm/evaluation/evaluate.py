@@ -11,8 +11,8 @@ checked first.
 Several processes (``torchrun`` or ``srun``, :func:`sgdm.launch.join_process_group`; or any
 initialised ``torch.distributed`` group whose every rank calls :func:`evaluate_run`) share the
 sampling: every rank draws the same conditions and per-image generators and samples one contiguous
-run of whole batches (:func:`share`), so each image is the one a single process makes, in the same
-batch. The other ranks hand their samples to rank 0 through files (:class:`_Shares`), and rank 0
+run of whole batches (:func:`~sgdm.evaluation.ranks.share`), so each image is the one a single process makes, in the same
+batch. The other ranks hand their samples to rank 0 through files (:class:`~sgdm.evaluation.ranks.Shares`), and rank 0
 alone measures, logs and writes the results, exactly as one process does.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import shutil
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -33,8 +32,9 @@ from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
+from sgdm.evaluation.ranks import Shares, agree, process_device, rank_world, share
 
-__all__ = ["evaluate_run", "load_run", "generate", "share", "to_uint8", "write_results"]
+__all__ = ["evaluate_run", "load_run", "generate", "to_uint8", "write_results"]
 
 INCEPTION = ("fid", "is", "kid")
 
@@ -62,7 +62,7 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
                 "valid checkpoint); evaluation uses the EMA weights that training saves"
             )
         pipe, step = pipeline_from_checkpoint(ckpt)
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run has not exported pipeline/)")
         return cfg, pipe.to(device)
     from sgdm.pipeline import SelfGuidedPipeline
@@ -128,151 +128,6 @@ def generate(pipe, conditions: EvalConditions, scale: Optional[float], ecfg: Eva
         batch_size=ecfg.batch_size, output_type="pt", progress=False, **kwargs,
     )
     return images.float().cpu() * 2 - 1  # "pt" output is [0, 1]
-
-
-# ------------------------------------------------------------------ several processes
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def share(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
-    """Images ``[lo, hi)`` of ``n`` that process ``rank`` of ``world`` samples: a contiguous run of the
-    ``ceil(n / batch_size)`` batches one process samples, so every batch (and so every image, up to the
-    device's own nondeterminism) is the same as in a one-process evaluation. Ranks beyond the number of
-    batches get none (``lo == hi``)."""
-    batches = -(-n // batch_size)
-    first, last = batches * rank // world, batches * (rank + 1) // world
-    return min(first * batch_size, n), min(last * batch_size, n)
-
-
-def _agree(world: int, step: Callable[[], tuple]) -> tuple:
-    """``step()`` on every rank, then one collective, so that an error on any rank (a config error, a
-    missing file, out of memory while loading) stops all of them here, each naming it, instead of
-    leaving the others waiting. The first failing rank's own exception is raised as it is."""
-    if world == 1:
-        return step()
-    import torch.distributed as dist
-
-    error: Optional[BaseException] = None
-    result: tuple = ()
-    try:
-        result = step()
-    except Exception as err:  # noqa: BLE001 - reported to every rank, then raised again below
-        error = err
-    messages: list = [None] * world
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
-        r, message = failed[0]
-        raise RuntimeError(f"rank {r} of {world} stopped before sampling: {message}")
-    return result
-
-
-class _Shares:
-    """The samples of ranks 1.. reach rank 0 as files in ``folder`` (``<eval output>/.rank-samples``):
-    ``w<scale index>-rank<rank>.pt`` (float32 [m, 3, H, W], written atomically), read in rank order and
-    deleted by rank 0, so that rank 0 measures exactly the float images one process would (fd and
-    adherence read the floats, not their uint8 rounding). No collective waits on rank 0 while it
-    measures (NCCL's watchdog ends a collective after 10 minutes): the other ranks write and go on.
-
-    A rank whose sampling raises writes ``rank<rank>.failed`` with the error; rank 0 stops with it while
-    waiting for that rank's samples, and the others stop at their next scale when rank 0 has failed. A
-    rank killed without a Python error (SIGKILL, host memory) leaves rank 0 waiting: torchrun then stops
-    every process; under srun use ``--kill-on-bad-exit=1``. Rank 0 deletes the folder at the start (what a
-    crashed evaluation left) and at the end."""
-
-    POLL_S, REPORT_S = 0.5, 600.0
-
-    def __init__(self, folder: pathlib.Path, rank: int, world: int):
-        self.folder, self.rank, self.world = folder, rank, world
-
-    def path(self, index: int, rank: int) -> pathlib.Path:
-        return self.folder / f"w{index:03d}-rank{rank:05d}.pt"
-
-    def _marker(self, rank: int) -> pathlib.Path:
-        return self.folder / f"rank{rank:05d}.failed"
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def put(self, index: int, images: torch.Tensor) -> None:
-        from sgdm.training.checkpoint import atomic_torch_save
-
-        atomic_torch_save(images.contiguous(), self.path(index, self.rank))
-
-    def fail(self, err: BaseException) -> None:
-        """Leave ``err`` for the other ranks to read (best effort: the folder may be gone)."""
-        try:
-            from sgdm.training.checkpoint import atomic_write_text
-
-            atomic_write_text(self._marker(self.rank), f"{type(err).__name__}: {err}")
-        except OSError:
-            pass
-
-    def check(self, rank: int) -> None:
-        """RuntimeError when ``rank`` has left a failure marker."""
-        marker = self._marker(rank)
-        if marker.is_file():
-            raise RuntimeError(f"rank {rank} of {self.world} stopped: {marker.read_text()}")
-
-    def gather(self, index: int, own: Optional[torch.Tensor], bounds: list[tuple[int, int]],
-               log: Callable[[str], None]) -> torch.Tensor:
-        """Rank 0: the ``bounds[-1][1]`` images of scale ``index``, its ``own`` share and the others' files
-        in rank order (each deleted once copied; one share in memory at a time besides the result)."""
-        out = None
-        for r, (lo, hi) in enumerate(bounds):
-            if hi == lo:
-                continue
-            part = own if r == 0 else self._wait(index, r, log)
-            if out is None:
-                out = part.new_empty((bounds[-1][1], *part.shape[1:]))
-            if part.shape[0] != hi - lo or part.shape[1:] != out.shape[1:]:
-                raise RuntimeError(f"{self.path(index, r)}: {tuple(part.shape)}, expected {hi - lo} images of "
-                                   f"{tuple(out.shape[1:])} (rank {r} of {self.world})")
-            out[lo:hi] = part
-            del part
-            if r:
-                self.path(index, r).unlink()
-        return out
-
-    def _wait(self, index: int, rank: int, log: Callable[[str], None]) -> torch.Tensor:
-        path, start, reported = self.path(index, rank), time.monotonic(), 0.0
-        while not path.is_file():
-            self.check(rank)
-            waited = time.monotonic() - start
-            if waited - reported >= self.REPORT_S:
-                reported = waited
-                log(f"eval: waiting {waited / 60:.0f} min for the samples of rank {rank} ({path}); a process "
-                    "killed without an error leaves this one waiting: stop the job (srun: --kill-on-bad-exit=1)")
-            time.sleep(self.POLL_S)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def _process_device(value: str, world: int) -> torch.device:
-    """``eval.device`` for this process: with several processes ``cuda`` (like ``auto``) is this
-    process's own GPU (its local rank), and ``cuda:N`` is refused where there are several GPUs, which
-    every process would share."""
-    from sgdm.devices import resolve_device
-
-    device = resolve_device(value, "eval.device")
-    if world == 1 or device.type != "cuda":
-        return device
-    from sgdm.launch import current
-
-    launch = current()
-    if device.index is None:
-        return torch.device("cuda", launch.local_rank)
-    per_node = launch.per_node or world
-    if per_node > 1 and torch.cuda.device_count() > 1:
-        raise ConfigError("eval.device", f"{value!r} puts the {per_node} processes of this machine on one GPU; use "
-                                         "auto or cuda (each process its own GPU: its local rank)")
-    return device
 
 
 def _digest(obj) -> str:
@@ -442,13 +297,13 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
     to the devices' float nondeterminism; the other ranks return None."""
     run_dir = pathlib.Path(run_dir)
     out_dir = run_dir / "eval" if out_dir is None else pathlib.Path(out_dir)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if rank != 0:
         log = lambda _msg: None  # noqa: E731
-    shares = _Shares(out_dir / ".rank-samples", rank, world) if world > 1 else None
+    shares = Shares(out_dir / ".rank-samples", rank, world) if world > 1 else None
 
     def prepare():  # all that can fail before sampling, on every rank
-        device = _process_device(ecfg.device if ecfg is not None else "auto", world)
+        device = process_device(ecfg.device if ecfg is not None else "auto", world)
         cfg, pipe = load_run(run_dir, device)
         e = ecfg or cfg.eval
         kind = cfg.model.guidance.kind
@@ -459,13 +314,13 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         if e.compile:
             pipe.compile()
         if shares is not None and rank == 0:
-            shares.clear()  # a crashed evaluation's files; the other ranks write only after _agree
+            shares.clear()  # a crashed evaluation's files; the other ranks write only after agree
         # rank 0 alone measures: only it loads the scorers and the reference images
         evaluator = _Evaluator(cfg, e, run_dir, log, autoencoder=pipe.autoencoder) if rank == 0 else None
         conditions = draw_conditions(kind, cfg.annotation.store, e.n, torch.Generator().manual_seed(e.seed))
         return cfg, e, pipe, evaluator, conditions
 
-    cfg, ecfg, pipe, evaluator, conditions = _agree(world, prepare)
+    cfg, ecfg, pipe, evaluator, conditions = agree(world, prepare)
     try:
         rows = _sample_and_measure(pipe, conditions, cfg.model.guidance.kind, ecfg, evaluator, shares, log)
     except BaseException as err:
@@ -492,7 +347,7 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
 
 
 def _sample_and_measure(pipe, conditions: EvalConditions, kind: str, ecfg: EvalConfig,
-                        evaluator: Optional[_Evaluator], shares: Optional[_Shares], log) -> list[dict]:
+                        evaluator: Optional[_Evaluator], shares: Optional[Shares], log) -> list[dict]:
     """One row per guidance scale (rank 0; the other ranks sample their share and return [])."""
     from sgdm.pipeline import per_image_generators
 

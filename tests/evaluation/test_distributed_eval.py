@@ -15,7 +15,7 @@ import torch
 
 from sgdm.cli.main import main
 from sgdm.config.core import ConfigError
-from sgdm.evaluation import evaluate
+from sgdm.evaluation import evaluate, ranks
 from tests.evaluation.conftest import save_random_inception
 from tests.evaluation.helpers import make_run
 
@@ -132,7 +132,7 @@ def test_srun_tasks_give_the_results_of_one_process(single):
 
 @pytest.mark.parametrize("n,batch_size,world", [(6, 3, 2), (10, 3, 2), (10, 3, 3), (10, 3, 8), (100, 7, 8), (5, 5, 2)])
 def test_shares_are_contiguous_whole_batches_covering_every_image_once(n, batch_size, world):
-    bounds = [evaluate.share(n, batch_size, r, world) for r in range(world)]
+    bounds = [ranks.share(n, batch_size, r, world) for r in range(world)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert all(lo % batch_size == 0 and (hi % batch_size == 0 or hi == n) for lo, hi in bounds)
@@ -151,7 +151,7 @@ def test_shares_sampled_apart_are_the_images_of_one_generation(tmp_path):
     whole = evaluate.generate(pipe, conditions, 2.0, e, e.n)
     parts = []
     for rank in range(2):
-        lo, hi = evaluate.share(e.n, e.batch_size, rank, 2)
+        lo, hi = ranks.share(e.n, e.batch_size, rank, 2)
         generators = per_image_generators(torch.Generator().manual_seed(e.seed), e.n)[lo:hi]
         parts.append(evaluate.generate(pipe, conditions.slice(lo, hi), 2.0, e, hi - lo, generators))
     assert torch.equal(torch.cat(parts), whole)
@@ -163,20 +163,20 @@ def test_rank_zero_gathers_the_files_in_rank_order_and_deletes_them(tmp_path):
     images = torch.randn(7, 3, 4, 4)
     bounds = [(0, 3), (3, 3), (3, 6), (6, 7)]  # rank 1 samples nothing
     for rank in (2, 3):
-        evaluate._Shares(tmp_path, rank, 4).put(0, images[slice(*bounds[rank])])
-    got = evaluate._Shares(tmp_path, 0, 4).gather(0, images[:3], bounds, print)
+        ranks.Shares(tmp_path, rank, 4).put(0, images[slice(*bounds[rank])])
+    got = ranks.Shares(tmp_path, 0, 4).gather(0, images[:3], bounds, print)
     assert torch.equal(got, images) and not list(tmp_path.iterdir())
 
 
 def test_a_failed_rank_stops_rank_zero_instead_of_leaving_it_waiting(tmp_path):
     images = torch.randn(6, 3, 4, 4)
-    evaluate._Shares(tmp_path, 1, 3).put(0, images[2:4])
+    ranks.Shares(tmp_path, 1, 3).put(0, images[2:4])
     try:
         raise torch.OutOfMemoryError("CUDA out of memory")
     except RuntimeError as err:
-        evaluate._Shares(tmp_path, 2, 3).fail(err)
+        ranks.Shares(tmp_path, 2, 3).fail(err)
     with pytest.raises(RuntimeError, match="rank 2 of 3 stopped: OutOfMemoryError: CUDA out of memory"):
-        evaluate._Shares(tmp_path, 0, 3).gather(0, images[:2], [(0, 2), (2, 4), (4, 6)], print)
+        ranks.Shares(tmp_path, 0, 3).gather(0, images[:2], [(0, 2), (2, 4), (4, 6)], print)
 
 
 def test_an_error_on_one_rank_before_sampling_stops_every_rank(tmp_path):
@@ -184,7 +184,7 @@ def test_an_error_on_one_rank_before_sampling_stops_every_rank(tmp_path):
     script = textwrap.dedent("""
         import sys
         from sgdm.launch import join_process_group
-        from sgdm.evaluation.evaluate import _agree
+        from sgdm.evaluation.ranks import agree
         import torch.distributed as dist
 
         assert join_process_group()
@@ -193,7 +193,7 @@ def test_an_error_on_one_rank_before_sampling_stops_every_rank(tmp_path):
                 raise FileNotFoundError("no such weights on this node")
             return (1,)
         try:
-            _agree(2, prepare)
+            agree(2, prepare)
         except Exception as err:
             print(f"rank {dist.get_rank()}: {type(err).__name__}: {err}")
             sys.exit(1)
@@ -215,10 +215,10 @@ def test_each_process_gets_its_own_gpu(monkeypatch):
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert evaluate._process_device("cuda", 2) == torch.device("cuda", 1)
-    assert evaluate._process_device("cuda", 1) == torch.device("cuda")  # alone: as today
-    assert evaluate._process_device("cpu", 2) == torch.device("cpu")
+    assert ranks.process_device("cuda", 2) == torch.device("cuda", 1)
+    assert ranks.process_device("cuda", 1) == torch.device("cuda")  # alone: as today
+    assert ranks.process_device("cpu", 2) == torch.device("cpu")
     with pytest.raises(ConfigError, match="eval.device.*puts the 2 processes of this machine on one GPU"):
-        evaluate._process_device("cuda:0", 2)
+        ranks.process_device("cuda:0", 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: each sees one
-    assert evaluate._process_device("cuda:0", 2) == torch.device("cuda", 0)
+    assert ranks.process_device("cuda:0", 2) == torch.device("cuda", 0)
