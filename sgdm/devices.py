@@ -29,9 +29,9 @@ def resolve_device(value: str, key: str = "device") -> torch.device:
     if value == "auto":
         if not cuda:
             return torch.device("cpu")
-        from sgdm.launch import current
+        from sgdm.launch import local_gpu
 
-        return torch.device("cuda", current().local_rank)
+        return torch.device("cuda", local_gpu())
     device = torch.device(value)
     if device.type == "cuda":
         if cuda == 0:
@@ -77,7 +77,12 @@ def check_accelerator(accelerator: str, devices, section: str = "train", *, stra
                               f"{accelerator!r}, but torch sees no CUDA device on this machine; for a CPU run "
                               f"override {_cpu_overrides(devices, strategy, precision, section)}")
         if isinstance(devices, int) and devices > cuda:
-            raise ConfigError(f"{section}.devices", f"{devices} GPUs per node, but torch sees {cuda} CUDA device(s)")
+            from sgdm.launch import srun_launched
+
+            hint = ("; srun --gpus-per-task gives each task a GPU of its own, but every task of a training run must "
+                    "see all the node's GPUs: use --gpus-per-node") if srun_launched() and cuda == 1 else ""
+            raise ConfigError(f"{section}.devices", f"{devices} GPUs per node, but torch sees {cuda} CUDA device(s)"
+                                                    f"{hint}")
         return
     cores = _usable_cores()
     if (accelerator == "cpu" or cuda == 0) and isinstance(devices, int) and devices > 1 and devices > cores:

@@ -22,7 +22,7 @@ from typing import Literal, Optional
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["Launch", "current", "check_launch", "join_process_group"]
+__all__ = ["Launch", "current", "check_launch", "join_process_group", "local_gpu"]
 
 Launcher = Literal["none", "lightning", "torchrun", "srun"]
 
@@ -84,6 +84,15 @@ def current() -> Launch:
     return Launch("none", 1, 0, 0, 0)
 
 
+def local_gpu() -> int:
+    """The CUDA index of this process's GPU: its local rank, as Lightning places a process; or 0 where the
+    process sees one GPU only (``srun --gpus-per-task=1`` gives each task its own). For the work sgdm does
+    outside Lightning (annotate, eval, encoding before training)."""
+    import torch
+
+    return 0 if torch.cuda.device_count() == 1 else current().local_rank
+
+
 def check_launch(devices, num_nodes: int, accelerator: str = "auto", section: str = "train") -> None:
     """The processes a launcher started are the ones ``section.devices`` x ``section.num_nodes`` ask for;
     else a :class:`ConfigError` naming the key and the value to set. ``devices: auto`` counts as the
@@ -130,7 +139,7 @@ def join_process_group() -> bool:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(local_gpu())
     if not srun:
         dist.init_process_group(backend)
     else:

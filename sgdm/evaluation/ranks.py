@@ -152,11 +152,11 @@ def process_device(value: str, world: int) -> torch.device:
     device = resolve_device(value, "eval.device")
     if world == 1 or device.type != "cuda":
         return device
-    from sgdm.launch import current
+    from sgdm.launch import current, local_gpu
 
     launch = current()
     if device.index is None:
-        return torch.device("cuda", launch.local_rank)
+        return torch.device("cuda", local_gpu())
     per_node = launch.per_node or world
     if per_node > 1 and torch.cuda.device_count() > 1:
         raise ConfigError("eval.device", f"{value!r} puts the {per_node} processes of this machine on one GPU; use "

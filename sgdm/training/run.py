@@ -317,9 +317,9 @@ def encode_device(t) -> torch.device:
     LOCAL_RANK; the first one builds the cache before it starts the others; torchrun and srun set theirs,
     see :mod:`sgdm.launch`), else the CPU."""
     if t.accelerator != "cpu" and torch.cuda.is_available():
-        from sgdm.launch import current
+        from sgdm.launch import local_gpu
 
-        return torch.device("cuda", current().local_rank)
+        return torch.device("cuda", local_gpu())
     return torch.device("cpu")
 
 

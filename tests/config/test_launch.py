@@ -136,6 +136,11 @@ def test_auto_device_is_the_local_rank_gpu(env, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     srun(env, rank=3, local=3, node=0, tasks=4, per_node=4, nodes=1)
     assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: each task sees its own
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"^train\.devices: 4 GPUs per node, but torch sees 1 CUDA device\(s\); "
+                                          r"srun --gpus-per-task .* use --gpus-per-node$"):
+        check_accelerator("gpu", 4, strategy="ddp")
 
 
 def test_a_launch_variable_that_is_not_a_number_is_named(env):
