@@ -48,7 +48,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, help="w of paper Eq. 4 (default: eval.guidance_scale)")
     parser.add_argument("--sweep-scale", help="comma-separated guidance scales, e.g. 0,1,2,4; plots metric vs scale")
     parser.add_argument("--metrics", help="comma-separated subset of fid,is,kid,fd,adherence (default: eval.metrics)")
-    parser.add_argument("--inception-weights", help="torch-fidelity inception-v3-compat weights file (offline use)")
+    parser.add_argument("--inception-weights",
+                        help="the FID Inception's weights file, for offline use: torch-fidelity's "
+                             "weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
+                             "pt_inception-2015-12-05-6726825d.pth")
     parser.add_argument("--feature-extractor", help="timm backbone name for fd_<name> (default: annotation.backbone)")
     parser.add_argument("--feature-weights", help="weights file of --feature-extractor")
     parser.add_argument("--feature-name", help="name the distance is reported under (fd_<name>)")
