@@ -16,13 +16,14 @@ with a traceback once data and first stage are prepared.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Literal, Optional
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["Launch", "current", "check_launch", "join_process_group", "local_gpu"]
+__all__ = ["Launch", "current", "check_launch", "join_process_group", "process_group", "local_gpu"]
 
 Launcher = Literal["none", "lightning", "torchrun", "srun"]
 
@@ -149,3 +150,20 @@ def join_process_group() -> bool:
         dist.init_process_group(backend, init_method=f"tcp://{slurm.main_address}:{slurm.main_port}",
                                 rank=launch.rank, world_size=launch.world_size)
     return True
+
+
+@contextlib.contextmanager
+def process_group():
+    """:func:`join_process_group` for the time of a command (``with process_group() as joined:``): the
+    group it joined is destroyed on the way out, also after an error. Left to the interpreter's exit,
+    gloo's and NCCL's threads now and then abort it ("terminate called without an active exception",
+    exit code -6) after the command has finished."""
+    import torch.distributed as dist
+
+    already = dist.is_available() and dist.is_initialized()
+    joined = join_process_group()
+    try:
+        yield joined
+    finally:
+        if joined and not already and dist.is_initialized():
+            dist.destroy_process_group()

@@ -33,12 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.annotation.annotate import annotate
     from sgdm.config.core import ConfigError
     from sgdm.config.schema import load_experiment
-    from sgdm.launch import join_process_group
+    from sgdm.launch import process_group
 
     cfg = load_experiment(args.config, args.overrides)  # annotate reads its data and annotation sections
-    join_process_group()  # no-op unless torchrun or srun started several processes
     try:
-        result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
+        with process_group():  # one process unless torchrun or srun started several
+            result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
     except ConfigError:
         raise  # main() reports it (exit 2)
     except (FileNotFoundError, ValueError) as err:

@@ -117,18 +117,18 @@ def run(args) -> int:
 
     from sgdm.config.core import load_yaml
     from sgdm.evaluation.evaluate import evaluate_run
-    from sgdm.launch import join_process_group
+    from sgdm.launch import process_group
 
     config = pathlib.Path(args.run) / "config.yaml"
     if not config.is_file():
         print(f"sgdm-ldm eval: RUN {args.run}: no config.yaml there; pass a training run directory", file=sys.stderr)
         return 2
     ecfg = eval_config_from_args(load_yaml(config).get("eval") or {}, args)  # on every rank, before any collective
-    join_process_group()  # no-op unless torchrun or srun started several processes
     from sgdm.config.core import ConfigError
 
     try:
-        results = evaluate_run(args.run, ecfg)
+        with process_group():  # one process unless torchrun or srun started several
+            results = evaluate_run(args.run, ecfg)
     except (FileNotFoundError, RuntimeError, ValueError) as err:  # ConfigError: main() reports it (exit 2)
         if isinstance(err, ConfigError):
             raise

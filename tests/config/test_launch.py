@@ -152,12 +152,13 @@ def test_a_launch_variable_that_is_not_a_number_is_named(env):
 JOIN = """
 import torch, torch.distributed as dist
 from sgdm.annotation.annotate import _rank_world
-from sgdm.launch import join_process_group
-assert join_process_group()
-value = torch.tensor([float(dist.get_rank() + 1)])
-dist.all_reduce(value)
-print("joined", *_rank_world(), int(value.item()))
-dist.destroy_process_group()
+from sgdm.launch import process_group
+with process_group() as joined:
+    assert joined
+    value = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(value)
+    print("joined", *_rank_world(), int(value.item()))
+assert not dist.is_initialized()
 """
 
 

@@ -183,20 +183,25 @@ def test_an_error_on_one_rank_before_sampling_stops_every_rank(tmp_path):
     """Rank 1 alone fails while preparing: both processes leave the collective with an error naming it."""
     script = textwrap.dedent("""
         import sys
-        from sgdm.launch import join_process_group
+        from sgdm.launch import process_group
         from sgdm.evaluation.ranks import agree
         import torch.distributed as dist
 
-        assert join_process_group()
         def prepare():
             if dist.get_rank() == 1:
                 raise FileNotFoundError("no such weights on this node")
             return (1,)
-        try:
-            agree(2, prepare)
-        except Exception as err:
-            print(f"rank {dist.get_rank()}: {type(err).__name__}: {err}")
-            sys.exit(1)
+        code = 0
+        with process_group() as joined:
+            assert joined
+            rank = dist.get_rank()
+            try:
+                agree(2, prepare)
+            except Exception as err:
+                print(f"rank {rank}: {type(err).__name__}: {err}")
+                code = 1
+        assert not dist.is_initialized()  # left on the way out
+        sys.exit(code)
     """)
     env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
