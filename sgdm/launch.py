@@ -23,7 +23,7 @@ from typing import Literal, Optional
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["Launch", "current", "check_launch", "join_process_group", "process_group", "local_gpu"]
+__all__ = ["Launch", "current", "check_launch", "join_process_group", "process_group", "rank_world", "local_gpu"]
 
 Launcher = Literal["none", "lightning", "torchrun", "srun"]
 
@@ -150,6 +150,15 @@ def join_process_group() -> bool:
         dist.init_process_group(backend, init_method=f"tcp://{slurm.main_address}:{slurm.main_port}",
                                 rank=launch.rank, world_size=launch.world_size)
     return True
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) in the joined process group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ from sgdm.annotation.store import SEGMENTER_FILE, ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.decode import printable
 from sgdm.devices import resolve_device
+from sgdm.launch import rank_world
 
 __all__ = ["AnnotationResult", "annotate", "class_count", "data_settings"]
 
@@ -81,11 +82,6 @@ def _dist():
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank_world() -> tuple[int, int]:
-    dist = _dist()
-    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
 
 
 def _barrier() -> None:
@@ -227,7 +223,7 @@ def _extract_all(dataset, a, granularity, data, log, progress):
     device = _device(a)
     backbone.model.to(device)
     cache = FeatureCache(a.store / "work", _fingerprint(backbone, a, granularity, dataset.ids, data))
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n = len(dataset)
     if -(-n // a.shard_size) < world:  # every rank needs features for the distributed k-means
         raise ConfigError("annotation.shard_size", f"{a.shard_size} leaves {-(-n // a.shard_size)} shards of {n} "
@@ -257,7 +253,7 @@ def _extract_all(dataset, a, granularity, data, log, progress):
 def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], float]:
     """k-means of the normalised CLS features, all ranks together: (cluster ids on rank 0, None
     elsewhere; inertia)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = [cache.load(s) for s in range(rank, n_shards, world)]
     cls = torch.cat([m["cls"] for m in mine if "cls" in m]) if any("cls" in m for m in mine) else torch.zeros(0, 1)
     generator = torch.Generator().manual_seed(a.seed)
@@ -307,7 +303,7 @@ def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Option
         pathlib.Path(a.store).mkdir(parents=True, exist_ok=True)
         extra["segmenter"] = segmenter.save(pathlib.Path(a.store) / SEGMENTER_FILE).name
         return {"mask": masks}, _concat([cache.load(s, exclude=("patches",)) for s in range(n_shards)]), extra
-    if _rank_world()[0] != 0:
+    if rank_world()[0] != 0:
         return None, None, extra
     feats = _concat([cache.load(s) for s in range(n_shards)])
     records = {"cluster": cluster}

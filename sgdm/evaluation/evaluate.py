@@ -32,7 +32,8 @@ from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
-from sgdm.evaluation.ranks import Shares, agree, process_device, rank_world, share
+from sgdm.evaluation.ranks import Shares, agree, process_device, share
+from sgdm.launch import rank_world
 
 __all__ = ["evaluate_run", "load_run", "generate", "to_uint8", "write_results"]
 

@@ -17,15 +17,7 @@ import torch
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["rank_world", "share", "agree", "Shares", "process_device"]
-
-
-def rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["share", "agree", "Shares", "process_device"]
 
 
 def share(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:

@@ -151,13 +151,12 @@ def test_a_launch_variable_that_is_not_a_number_is_named(env):
 
 JOIN = """
 import torch, torch.distributed as dist
-from sgdm.annotation.annotate import _rank_world
-from sgdm.launch import process_group
+from sgdm.launch import process_group, rank_world
 with process_group() as joined:
     assert joined
     value = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(value)
-    print("joined", *_rank_world(), int(value.item()))
+    print("joined", *rank_world(), int(value.item()))
 assert not dist.is_initialized()
 """
 
