@@ -163,18 +163,12 @@ assert not dist.is_initialized()
 
 def test_the_process_group_srun_started_is_joined(tmp_path):
     import os
-    import socket
-    import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.launchers import srun_tasks
+
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("MASTER_")}
-    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1", SLURM_NODEID="0",
-               SLURM_JOB_NAME="annotate.sh", SLURM_JOB_ID="77", SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, "-c", JOIN], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = srun_tasks([sys.executable, "-c", JOIN], env, "annotate.sh")
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert [o.strip().splitlines()[-1] for o in outputs] == ["joined 0 2 3", "joined 1 2 3"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from sgdm.config.core import ConfigError
 from sgdm.evaluation import evaluate, ranks
 from tests.evaluation.conftest import save_random_inception
 from tests.evaluation.helpers import make_run
+from tests.launchers import TORCHRUN, free_port, srun_tasks
 
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1"}
@@ -80,12 +80,6 @@ def _command(run_dir, *args) -> list[str]:
     return [sys.executable, "-m", "sgdm.cli.main", "eval", str(run_dir), *args]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_scales_differ_so_a_wrong_share_would_show(single):
     _, _, results = single
     a, b = results["results"]
@@ -99,8 +93,7 @@ def test_torchrun_two_processes_give_the_results_of_one(single):
     leftovers.mkdir(parents=True)
     torch.save(torch.zeros(3, 3, 16, 16), leftovers / "w000-rank00001.pt")
     (leftovers / "rank00001.failed").write_text("RuntimeError: an earlier crash")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               *_command(run_dir, "--inception-weights", str(weights), *ARGS)[1:]]
+    command = [*TORCHRUN, *_command(run_dir, "--inception-weights", str(weights), *ARGS)[1:]]
     proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=400)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -116,12 +109,7 @@ def test_srun_tasks_give_the_results_of_one_process(single):
     """Two tasks as srun starts them (the variables it sets); one scale of the sweep on its own equals
     its row of the sweep."""
     run_dir, _, want = single
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_NAME": "eval.sh", "SLURM_JOB_ID": "1234", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_PORT": str(_free_port())}
-    command = _command(run_dir, "--guidance-scale", "3", "--metrics", "fd,adherence")
-    procs = [subprocess.Popen(command, env={**ENV, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = srun_tasks(_command(run_dir, "--guidance-scale", "3", "--metrics", "fd,adherence"), ENV, "eval.sh")
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     got = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
@@ -203,7 +191,7 @@ def test_an_error_on_one_rank_before_sampling_stops_every_rank(tmp_path):
         assert not dist.is_initialized()  # left on the way out
         sys.exit(code)
     """)
-    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]

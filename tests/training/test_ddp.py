@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
+from tests.launchers import TORCHRUN, srun_tasks
 from tests.training.helpers import cli_command, load_checkpoint, make_label_store, run_in_process, tiny_config, \
     write_config
 
@@ -36,15 +35,9 @@ def single_run(tmp_path_factory):
     return tmp_path, load_checkpoint(tmp_path / "runs" / "single" / "checkpoints" / f"step-{STEPS:08d}.ckpt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(command: list[str], launcher: str) -> tuple[int, str]:
     if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command[1:]]
+        command = [*TORCHRUN, *command[1:]]
     proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=400)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -53,11 +46,7 @@ def _srun(command: list[str], log, stop_after=None) -> list[int]:
     """Two tasks as srun starts them, with the variables it sets (Lightning's SLURMEnvironment reads them);
     ``stop_after``: a checkpoint folder whose first checkpoint makes both get SIGTERM, as SLURM sends it
     to every task at the time limit. Their exit codes."""
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_NAME": "train.sh", "SLURM_JOB_ID": "1234", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen(command, env={**ENV, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=log, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = srun_tasks(command, ENV, "train.sh", stdout=log)
     if stop_after is not None:
         deadline = time.monotonic() + 300
         while not (stop_after.is_dir() and any(stop_after.glob("step-*.ckpt"))) and time.monotonic() < deadline \

@@ -1,0 +1,26 @@
+"""Two processes on this machine as torchrun or SLURM's srun starts them (gloo on the CPU), for the
+tests of several processes."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+# torchrun with two processes on this machine; the command (a module run with -m) follows
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def srun_tasks(command: list[str], env: dict, job_name: str, stdout=subprocess.PIPE) -> list[subprocess.Popen]:
+    """Two tasks of one node started with the variables srun sets (Lightning's SLURMEnvironment and
+    :mod:`sgdm.launch` read them); their output to ``stdout`` (text), stderr with it."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_NAME": job_name, "SLURM_JOB_ID": "1234", "SLURM_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+    return [subprocess.Popen(command, env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                             stdout=stdout, stderr=subprocess.STDOUT, text=True) for r in range(2)]
