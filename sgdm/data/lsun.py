@@ -39,8 +39,9 @@ def _environment(root: Path):
 
 
 def _lmdb_below(root: Path) -> str:
-    """', such as ...' naming the LMDB directories right below ``root`` (the folder above them is a
-    common mistake: LSUN's download unpacks every category's *_lmdb side by side), or ''."""
+    """``': ROOT holds ROOT/x_lmdb (or one of N more)'`` naming the LMDB directories right below ``root``
+    (the folder above them is a common mistake: LSUN's download unpacks every category's *_lmdb side by
+    side), or ''."""
     try:
         found = sorted(p for p in root.iterdir() if (p / "data.mdb").is_file())
     except OSError:
