@@ -17,6 +17,12 @@ Layouts recognised (from the keys, not the file name):
 Every load is strict: a missing, unexpected or mis-shaped tensor is a ``ConfigError`` on
 ``model.autoencoder.checkpoint`` naming the file and the key, and saying what the file holds
 (a KL autoencoder of another shape, with the overrides that describe it; a VQ model; no autoencoder).
+
+What the weights cannot tell (``norm_groups``: GroupNorm's grouping has no parameter of its own, so a
+file trained with 8 groups loads into a model with 32 and decodes garbage) sgdm records in its own
+saves (:func:`settings_record`): as safetensors metadata, or beside ``state_dict`` in a torch file.
+A recorded value that differs from the config is a ``ConfigError`` naming the key. Files made
+elsewhere record nothing and load as before.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ from sgdm.config.core import ConfigError
 from sgdm.models.autoencoder import AutoencoderKL
 from sgdm.models.config import AutoencoderConfig
 
-__all__ = ["read_state_dict", "extract_autoencoder_state", "diffusers_to_ldm", "infer_architecture", "load_autoencoder"]
+__all__ = ["read_state_dict", "extract_autoencoder_state", "diffusers_to_ldm", "infer_architecture", "load_autoencoder",
+           "settings_record", "SETTINGS_KEY"]
 
 _ATTN_NAMES = {"group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v",
                "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out"}
@@ -39,6 +46,8 @@ _BLOCK = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resne
                     r"\.(\d+)\.(.+)$")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _MID = re.compile(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+_RECORDED = ("norm_groups",)  # model.autoencoder keys the weights leave no trace of
+SETTINGS_KEY = "sgdm_settings"  # where a torch save keeps settings_record(), beside "state_dict"
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict:
@@ -207,6 +216,33 @@ def _check_keys(model: AutoencoderKL, state: Mapping[str, torch.Tensor], path, l
                             f"in the model built from model.autoencoder")
 
 
+def settings_record(cfg: AutoencoderConfig) -> dict[str, str]:
+    """The ``model.autoencoder`` settings an sgdm save records beside the weights (safetensors metadata
+    takes strings only, so the values are strings in both formats): ``{"sgdm.norm_groups": "32"}``."""
+    return {f"sgdm.{key}": str(getattr(cfg, key)) for key in _RECORDED}
+
+
+def _recorded_settings(path: pathlib.Path, raw) -> dict[str, str]:
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    else:
+        meta = raw.get(SETTINGS_KEY) if isinstance(raw, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+    return {key[len("sgdm."):]: str(value) for key, value in meta.items() if str(key).startswith("sgdm.")}
+
+
+def _check_settings(path: pathlib.Path, raw, cfg: AutoencoderConfig) -> None:
+    recorded = _recorded_settings(path, raw)
+    for key in _RECORDED:
+        if key in recorded and recorded[key] != str(getattr(cfg, key)):
+            raise ConfigError(f"model.autoencoder.{key}",
+                              f"{getattr(cfg, key)}, but {path} was trained with {key}={recorded[key]} (the file "
+                              f"records it: the weights cannot tell); set model.autoencoder.{key}={recorded[key]}")
+
+
 def load_autoencoder(path: str | pathlib.Path, cfg: AutoencoderConfig) -> AutoencoderKL:
     """Build ``AutoencoderKL(cfg)`` and load ``path`` strictly (any layout above).
 
@@ -220,6 +256,7 @@ def load_autoencoder(path: str | pathlib.Path, cfg: AutoencoderConfig) -> Autoen
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     _check_keys(model, state, path, layout)
+    _check_settings(pathlib.Path(path), raw, cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if cfg.scale_factor is None and stored_sf is not None:
         model.scale_factor.fill_(stored_sf)

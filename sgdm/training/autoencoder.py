@@ -135,7 +135,9 @@ class AutoencoderModule(HostLogging, pl.LightningModule):
 
 
 def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
-    """Atomically write the LDM-layout state dict (``.safetensors``, else a torch ``{"state_dict": ...}``)."""
+    """Atomically write the LDM-layout state dict (``.safetensors``, else a torch ``{"state_dict": ...}``),
+    with the settings the weights cannot tell (:func:`sgdm.models.checkpoints.settings_record`)."""
+    from sgdm.models.checkpoints import SETTINGS_KEY, settings_record
     from sgdm.training.checkpoint import TMP_SUFFIX, atomic_torch_save
 
     state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
@@ -147,10 +149,10 @@ def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=settings_record(autoencoder.cfg))
         tmp.replace(path)
     else:
-        atomic_torch_save({"state_dict": state}, path)
+        atomic_torch_save({"state_dict": state, SETTINGS_KEY: settings_record(autoencoder.cfg)}, path)
 
 
 def training_record_path(checkpoint) -> pathlib.Path:

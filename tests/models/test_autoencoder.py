@@ -167,6 +167,21 @@ def test_loader_errors_name_file_and_key(ae, tmp_path):
     assert load_autoencoder(path, ae.cfg).scale_factor.item() == pytest.approx(0.7)
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_saved_norm_groups_must_match_the_config(ae, images, tmp_path, suffix):
+    # GroupNorm's grouping leaves no trace in the weights: sgdm's saves record it, and a config that
+    # differs is refused by key instead of loading a model that decodes with the wrong statistics.
+    from sgdm.config.core import ConfigError
+    from sgdm.training.autoencoder import save_autoencoder
+
+    path = tmp_path / f"ae{suffix}"
+    save_autoencoder(ae, path)
+    _same_outputs(ae, load_autoencoder(path, ae.cfg).eval(), images)
+    with pytest.raises(ConfigError, match=rf"^model\.autoencoder\.norm_groups: 4, but .*ae\{suffix} was trained "
+                                          rf"with norm_groups=8 .*; set model\.autoencoder\.norm_groups=8$"):
+        load_autoencoder(path, tiny_autoencoder_config(norm_groups=4))
+
+
 def test_compute_scale_factor_and_latent_round_trip(ae, images):
     assert not ae.has_scale_factor
     with pytest.raises(RuntimeError, match="compute_scale_factor"):
