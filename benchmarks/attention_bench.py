@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import json
 import os
@@ -211,32 +212,22 @@ def format_table(result: dict) -> str:
 
 
 def smoke(device: torch.device, wgmma: bool = True) -> int:
-    """Forward and backward once per (dtype, head dim) on odd shapes, checked loosely
-    against the float64 reference (and the wgmma kernels, where they run, against
-    the default ones): what
-    compute-sanitizer runs in gpu_check.sh."""
-    gen = torch.Generator().manual_seed(0)
-    failures = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for d in (32, 64, 128):
-            q = torch.randn(2, 3, 77, d, generator=gen).to(device, dtype).requires_grad_()
-            k, v = (torch.randn(2, 3, 130, d, generator=gen).to(device, dtype).requires_grad_() for _ in range(2))
-            out = ops.attention(q, k, v)
-            out.backward(torch.ones_like(out))
-            want = attention_ref(q.detach().double(), k.detach().double(), v.detach().double())
-            failures += not torch.allclose(out.double(), want, rtol=3e-2, atol=3e-2)
-            failures += not all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
-            if wgmma and wgmma_runs(device, dtype):  # the same through the wgmma kernels
-                grads = [t.grad for t in (q, k, v)]
-                for t in (q, k, v):
-                    t.grad = None
-                with _wgmma():
-                    out = ops.attention(q, k, v)
-                    out.backward(torch.ones_like(out))
-                failures += not torch.allclose(out.double(), want, rtol=3e-2, atol=3e-2)
-                failures += not all(torch.allclose(t.grad, g, rtol=3e-2, atol=3e-2) for t, g in zip((q, k, v), grads))
-    ops_bench._sync(device)
-    print(f"attention smoke on {device}: backend {ops.backend(device.type)['attention']}, {failures} mismatches")
+    """Forward and backward once per (dtype, head dim) on odd shapes, checked against the float64
+    reference (:mod:`sgdm.ops.selfcheck`, also ``sgdm-ldm info --check``), and again through the
+    wgmma kernels where they run: what compute-sanitizer runs in gpu_check.sh."""
+    from sgdm.ops.selfcheck import check_ops
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    results = check_ops(device, dtypes, ("attention",))
+    hopper = [dtype for dtype in dtypes if wgmma and wgmma_runs(device, dtype)]
+    if hopper:
+        with _wgmma():
+            results += [dataclasses.replace(r, backend="wgmma") for r in check_ops(device, hopper, ("attention",))]
+    failures = [r for r in results if not r.ok]
+    for r in failures:
+        print(r.line())
+    print(f"attention smoke on {device}: backend {ops.backend(device.type)['attention']}"
+          f"{' (and wgmma)' if hopper else ''}, {len(failures)} mismatches")
     return 1 if failures else 0
 
 

@@ -77,6 +77,8 @@ step env 60 "nvidia-smi -L; $PY -c 'import torch, sys; print(sys.version); print
 $PY -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   echo "warning: ninja not found; torch falls back to a serial build (slow)" | tee -a "$LOG"
 if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
+  # the installation as a user's bug report shows it: kernels built, CPU ISA, GPUs, backends per device
+  step info 60 "$PY -m sgdm.cli.main info"
   # The Hopper wgmma kernels (never run before their first GPU session) are checked first, on
   # their own: agreement with the production kernels, then time. Until they pass, the tests and
   # benchmarks leave them out (a broken kernel may hang, and each step would wait out its limit;

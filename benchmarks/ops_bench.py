@@ -290,36 +290,16 @@ def format_table(result: dict) -> str:
 
 
 def smoke(device: torch.device) -> int:
-    """Each op once on small odd shapes (forward and backward), checked against the
-    references: what compute-sanitizer runs in benchmarks/gpu_check.sh."""
-    from sgdm.ops.reference import group_norm_silu_ref, guided_ddim_step_ref
+    """Each op once on small odd shapes (forward and backward), checked against the float64
+    references (:mod:`sgdm.ops.selfcheck`, also ``sgdm-ldm info --check``): what compute-sanitizer
+    runs in benchmarks/gpu_check.sh."""
+    from sgdm.ops.selfcheck import check_ops
 
-    gen = torch.Generator().manual_seed(0)
-    failures = 0
-    # (shape, groups, channels-last, per-sample [N, C] affine as in the UNet's scale-shift blocks)
-    for shape, groups, cl, per_sample in (((2, 12, 5, 7), 3, False, False), ((3, 16, 4, 6), 8, True, False),
-                                          ((1, 6, 1, 1), 6, False, False), ((2, 12, 5, 7), 3, False, True),
-                                          ((3, 16, 4, 6), 8, True, True)):
-        for dtype in (torch.float32, torch.bfloat16):
-            x, w, b = _gn_inputs(shape, dtype, device, gen, grad=True)
-            if cl:
-                x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
-            if per_sample:
-                w, b = (torch.randn(shape[:2], generator=gen).to(device=device, dtype=dtype).requires_grad_()
-                        for _ in range(2))
-            y = ops.group_norm_silu(x, groups, w, b)
-            y.backward(torch.ones_like(y))
-            want = group_norm_silu_ref(x.detach().double(), groups, w.detach().double(), b.detach().double())
-            failures += not torch.allclose(y.double(), want, rtol=3e-2, atol=3e-2)
-            failures += not bool(torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all())
-    x, ec, eu, nz = (torch.randn(3, 4, 7, 5, generator=gen).to(device) for _ in range(4))
-    a_t = torch.tensor([0.2, 0.5, 1.0], device=device)
-    got = ops.guided_ddim_step(x, ec, a_t, 1.0, eps_uncond=eu, guidance_scale=2.0, eta=0.5, noise=nz,
-                               clip_x0=1.0)
-    want = guided_ddim_step_ref(x, ec, a_t, 1.0, eu, 2.0, 0.5, nz, 1.0)
-    failures += sum(not torch.allclose(g, r, rtol=1e-4, atol=1e-4) for g, r in zip(got, want))
-    _sync(device)
-    print(f"smoke on {device}: backends {ops.backend(device.type)}, {failures} mismatches")
+    results = check_ops(device, (torch.float32, torch.bfloat16), ("group_norm_silu", "guided_ddim_step"))
+    failures = [r for r in results if not r.ok]
+    for r in failures:
+        print(r.line())
+    print(f"smoke on {device}: backends {ops.backend(device.type)}, {len(failures)} mismatches")
     return 1 if failures else 0
 
 

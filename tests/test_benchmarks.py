@@ -166,3 +166,19 @@ def test_unet_bench_workers_get_the_compared_setting(monkeypatch, compare):
     (on_cmd, on_kernels), (off_cmd, off_kernels) = calls
     assert ("--compiled" in on_cmd, "--compiled" in off_cmd) == ((True, False) if compare == "compile" else (False, False))
     assert (on_kernels, off_kernels) == (("1", "1") if compare == "compile" else ("1", "0"))
+
+
+def test_smokes_check_the_ops_and_report_a_mismatch(attention_bench, monkeypatch, capsys):
+    # what gpu_check.sh runs under compute-sanitizer, here on the CPU: 0 on agreement, 1 on a mismatch
+    import torch
+
+    from sgdm import ops
+
+    ops_bench = load("ops_bench")
+    cpu = torch.device("cpu")
+    assert ops_bench.smoke(cpu) == 0 and attention_bench.smoke(cpu) == 0
+    assert "smoke on cpu: backends" in capsys.readouterr().out
+    real = ops.group_norm_silu
+    monkeypatch.setattr(ops, "group_norm_silu", lambda x, *args: real(x, *args) * 1.05)
+    assert ops_bench.smoke(cpu) == 1 and attention_bench.smoke(cpu) == 0
+    assert capsys.readouterr().out.splitlines()[-2].endswith(", 10 mismatches")  # 5 GroupNorm cases x 2 dtypes

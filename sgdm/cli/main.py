@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate-data": ("sgdm.cli.validate_data", "list the files of a dataset that cannot be read"),
     "eval": ("sgdm.cli.evaluate", "FID / IS / KID and layout adherence of a trained run"),
     "pretrain-features": ("sgdm.cli.pretrain_features", "DINO-style self-supervised feature pretraining"),
+    "info": ("sgdm.cli.info", "this installation: versions, kernels, GPUs; --check runs the ops"),
 }
 
 

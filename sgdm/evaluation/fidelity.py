@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "weights_digest"]
+__all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "weights_digest", "INCEPTION_FILE"]
 
-_URL_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 class UInt8Images(Dataset):
@@ -57,13 +57,13 @@ def check_inception_weights(path: str | os.PathLike | None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"--inception-weights: file {path} does not exist")
         return weights_digest(path)
-    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / _URL_FILE
+    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
         return "tf-inception-2015-12-05"
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SGDM_OFFLINE") == "1":
         raise RuntimeError(
             "FID/IS/KID need Inception weights: offline mode is set and torch-fidelity's download "
-            f"({_URL_FILE}) is not in {cached.parent}; copy it there, or pass --inception-weights PATH "
+            f"({INCEPTION_FILE}) is not in {cached.parent}; copy it there, or pass --inception-weights PATH "
             "(eval.inception_weights): that file, or pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the "
             "same FID Inception, same parameter names); or drop fid/is/kid from the metrics"
         )
