@@ -3,7 +3,6 @@ of training (:func:`export_pipeline`), or from a checkpoint of a run that has no
 (:func:`pipeline_from_checkpoint`, what ``sgdm-ldm sample`` uses when a run has no ``pipeline/``)."""
 from __future__ import annotations
 
-import copy
 import pathlib
 from typing import Optional
 
@@ -18,11 +17,30 @@ def _pipeline(cfg, unet, first_stage):
     return SelfGuidedPipeline(unet, first_stage, cfg.diffusion, cfg.model.guidance, cfg.sampler, to_dict(cfg))
 
 
+def _modules(cfg, states: dict, source: str) -> tuple:
+    """(UNet, first stage) of ``cfg.model`` holding ``states["ema."]`` and ``states["first_stage."]``
+    (:func:`sgdm.pipeline.empty_modules`: built without initialising the weights they replace)."""
+    from sgdm.pipeline import assign_state, empty_modules
+
+    modules = empty_modules(cfg.model)
+    for (prefix, state), module in zip(states.items(), modules):
+        try:
+            missing, unexpected = assign_state(module, state)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"{source}: its {prefix[:-1]} weights do not fit the config: {str(err)[:300]}") from None
+        if missing or unexpected:
+            raise ValueError(f"{source}: its {prefix[:-1]} weights do not fit the config: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+    return modules
+
+
 def export_pipeline(cfg, module, path: pathlib.Path) -> pathlib.Path:
-    """Write ``path/model.safetensors`` (+ config.yaml) with the EMA UNet weights; returns the file."""
-    unet = copy.deepcopy(module.ema).cpu().float()
-    first_stage = copy.deepcopy(module.first_stage).cpu().float()
-    return _pipeline(cfg, unet, first_stage).save_pretrained(path)
+    """Write ``path/model.safetensors`` (+ config.yaml) with the EMA UNet weights; returns the file.
+    Each weight is copied straight to the CPU: no copy of the modules is made on the training device."""
+    states = {prefix: {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
+              for prefix, part in (("ema.", module.ema), ("first_stage.", module.first_stage))}
+    unet, first_stage = _modules(cfg, states, "the training module")
+    return _pipeline(cfg, unet.eval(), first_stage.eval()).save_pretrained(path)
 
 
 def checkpoint_for(path: pathlib.Path) -> Optional[pathlib.Path]:
@@ -47,9 +65,6 @@ def pipeline_from_checkpoint(ckpt: pathlib.Path):
     import torch
 
     from sgdm.config.schema import load_experiment
-    from sgdm.models.autoencoder import AutoencoderKL
-    from sgdm.models.conditioning import condition_dims
-    from sgdm.models.unet import UNet
     from sgdm.training.checkpoint import is_valid_checkpoint
 
     ckpt = pathlib.Path(ckpt)
@@ -64,15 +79,11 @@ def pipeline_from_checkpoint(ckpt: pathlib.Path):
     cfg = load_experiment(config)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = saved.get("state_dict", {})
-    unet = UNet(cfg.model.unet, *condition_dims(cfg.model.guidance))
-    first_stage = AutoencoderKL(cfg.model.autoencoder)
-    for prefix, module in (("ema.", unet), ("first_stage.", first_stage)):
-        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    states = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+              for prefix in ("ema.", "first_stage.")}
+    for prefix, part in states.items():
         if not part:
             raise ValueError(f"{ckpt}: holds no '{prefix}*' weights; not a checkpoint of `sgdm-ldm train`")
-        try:
-            module.load_state_dict(part)
-        except RuntimeError as err:
-            raise ValueError(f"{ckpt}: its {prefix[:-1]} weights do not fit {config}: {str(err)[:300]}") from None
+    unet, first_stage = _modules(cfg, states, f"{ckpt} (with {config})")
     step = int((saved.get("sgdm") or {}).get("step", saved.get("global_step", 0)))
     return _pipeline(cfg, unet.eval(), first_stage.eval()), step

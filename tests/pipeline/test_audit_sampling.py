@@ -156,3 +156,50 @@ def test_from_pretrained_does_not_initialise_the_weights_it_loads(pipe, tmp_path
     assert {v.dtype for v in SelfGuidedPipeline.from_pretrained(tmp_path / "bf16").unet.state_dict().values()} == {
         torch.float32}
     assert torch.equal(_run(loaded, cluster=1), _run(pipe, cluster=1))
+
+
+def _training_module(tmp_path, device="cpu"):
+    """A run's config and a stand-in for its training module: the EMA UNet and the first stage."""
+    from types import SimpleNamespace
+
+    from sgdm.config.core import from_dict, to_dict
+    from sgdm.config.schema import ExperimentConfig
+    from tests.training.helpers import tiny_config as training_config
+
+    cfg = from_dict(ExperimentConfig, training_config(tmp_path))
+    built = SelfGuidedPipeline.from_config(to_dict(cfg))
+    randomize_(built.unet, torch.Generator().manual_seed(1), std=0.2)
+    built.autoencoder.scale_factor.fill_(0.5)
+    return cfg, SimpleNamespace(ema=built.unet.to(device), first_stage=built.autoencoder.to(device))
+
+
+def test_export_builds_the_pipeline_without_copying_the_ema_on_its_device(tmp_path, monkeypatch):
+    """export_pipeline deep-copied the EMA UNet and the first stage where they trained (a GPU: one
+    more copy of the model there at the end of a run) before moving the copies to the CPU."""
+    from sgdm.training.export import export_pipeline
+
+    cfg, module = _training_module(tmp_path)
+    devices, reset = [], torch.nn.Conv2d.reset_parameters
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters",
+                        lambda self: devices.append(self.weight.device.type) or reset(self))
+    file = export_pipeline(cfg, module, tmp_path / "pipeline")
+    assert devices and set(devices) == {"meta"}
+    loaded = SelfGuidedPipeline.from_pretrained(file)
+    for mine, theirs in ((loaded.unet, module.ema), (loaded.autoencoder, module.first_stage)):
+        assert all(torch.equal(v, mine.state_dict()[k]) for k, v in theirs.state_dict().items())
+    ema = dict(module.ema.named_parameters())
+    first = next(iter(ema))
+    ema[first].data.add_(1.0)  # the export holds copies, not the training module's tensors
+    assert not torch.equal(loaded.unet.state_dict()[first], ema[first])
+
+
+@pytest.mark.cuda
+def test_export_from_the_gpu_allocates_nothing_there(tmp_path):
+    from sgdm.training.export import export_pipeline
+
+    cfg, module = _training_module(tmp_path, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    export_pipeline(cfg, module, tmp_path / "pipeline")
+    assert torch.cuda.max_memory_allocated() == before

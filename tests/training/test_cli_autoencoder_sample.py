@@ -172,3 +172,23 @@ def test_sample_a_run_without_its_pipeline_export_from_its_newest_checkpoint(tra
     (partial / "config.yaml").unlink()
     assert main(["sample", str(ckpt), "-n", "1", "--steps", "1", "-o", str(tmp / "never.png")]) == 1
     assert "config.yaml beside it" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_loaded_without_initialising_the_weights_it_replaces(trained, monkeypatch):
+    """pipeline_from_checkpoint built and randomly initialised the UNet and first stage, then copied the
+    checkpoint's weights over them (half of a large UNet's load time, twice its memory)."""
+    from sgdm.pipeline import SelfGuidedPipeline
+    from sgdm.training.export import pipeline_from_checkpoint
+
+    tmp, _ = trained
+    run = tmp / "runs" / "ldm"
+    devices, reset = [], torch.nn.Conv2d.reset_parameters
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters",
+                        lambda self: devices.append(self.weight.device.type) or reset(self))
+    pipe, _ = pipeline_from_checkpoint(run / "checkpoints" / "step-00000002.ckpt")
+    assert devices and set(devices) == {"meta"}
+    exported = SelfGuidedPipeline.from_pretrained(run)
+    for mine, theirs in ((pipe.unet, exported.unet), (pipe.autoencoder, exported.autoencoder)):
+        state = mine.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in theirs.state_dict().items())
+        assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in state.values())
