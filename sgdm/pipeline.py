@@ -531,6 +531,11 @@ def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
     if m.dim() != 3:
         raise ValueError(f"box: expected xyxy [4] / [N, 4] or a binary mask [H, W] / [N, H, W], got shape "
                          f"{tuple(b.shape)}")
+    if b.dim() == 2 and b.shape[1] == 4 and b.dtype != torch.bool and not _covers(b.shape, image_hw):
+        # [[0, 0, 1, 1]]: whole-image boxes written with integers, not a mask 4 pixels wide
+        raise ValueError(f"box: got integers of shape {tuple(b.shape)}; boxes [N, 4] are normalized xyxy floats "
+                         f"(write 1.0, not 1), and a box mask [H, W] must have the "
+                         f"{image_hw[0]}x{image_hw[1]} images' aspect ratio")
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("box: a box mask must be binary (bool or 0/1 values)")
     _check_covers_image(m.shape[-2:], image_hw, latent_hw, "box")

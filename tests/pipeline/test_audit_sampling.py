@@ -223,3 +223,13 @@ def test_a_class_maps_present_classes_come_without_a_full_resolution_one_hot(mon
     assert sizes == [(8, 8)]
     assert torch.equal(cond, conditioning.multi_hot(one_hot(ids, 3))) and cond.dtype == torch.float32
     assert cond[0].sum() == 0 and cond[1].tolist() == [1.0, 0.0, 1.0] and cond_map[1, 2].sum() == 0
+
+
+@pytest.mark.parametrize("box", [[[0, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]], torch.tensor([[0, 0, 1, 1]] * 2)])
+def test_integer_boxes_are_told_to_be_floats(box):
+    """[[0, 0, 1, 1]] (whole-image boxes in integers) was read as a 1x4-pixel mask: 'box: size (1, 4) does
+    not fit the 16x16 output images', which says nothing of boxes."""
+    with pytest.raises(ValueError, match=r"^box: got integers of shape \(\d, 4\); boxes \[N, 4\] are normalized "
+                                         r"xyxy floats \(write 1.0, not 1\)"):
+        _run(tiny_pipeline("box"), cluster=1, box=box)
+    assert _run(tiny_pipeline("box"), cluster=1, box=torch.as_tensor(box).float()).shape == (2, 3, 16, 16)
