@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 from typing import get_args
 
@@ -16,7 +17,8 @@ valid checkpoint, as is a checkpoint named directly (RUN/checkpoints/step-*.ckpt
 
 Guidance (paper Eq. 4, eps = (1 - w) eps_uncond + w eps_cond): --cluster for label guidance (and the
 box's cluster for box guidance), --box for box guidance, --mask for mask guidance; none of them samples
-unconditionally. --out ending in .png writes one grid; otherwise a folder of numbered PNG files."""
+unconditionally (then without --guidance-scale, which has no effect there). --out ending in .png writes
+one grid; otherwise a folder of numbered PNG files."""
 
 
 def _floats(text: str) -> list[float]:
@@ -72,11 +74,18 @@ _FLAGS = {"num_images": "--num-images", "num_steps": "--steps", "guidance_scale"
           "sampler": "--sampler", "spacing": "--spacing"}
 
 
+# parameter names that are no English word, so also said as flags inside a message ("leave guidance_scale unset")
+_IDENTIFIERS = re.compile(r"\b(" + "|".join(name for name in _FLAGS if "_" in name) + r")\b")
+
+
 def _flag_names(message: str) -> str:
-    """A pipeline error as this command says it: a leading ``name:`` (or ``name[i]:``) as its flag."""
+    """A pipeline error as this command says it: a leading ``name:`` (or ``name[i]:``) as its flag, and
+    the parameter names with an underscore wherever they appear."""
     head, sep, rest = message.partition(":")
     name = head.split("[")[0]
-    return f"{_FLAGS[name]}{head[len(name):]}{sep}{rest}" if sep and name in _FLAGS else message
+    if not (sep and name in _FLAGS):
+        return message
+    return f"{_FLAGS[name]}{head[len(name):]}{sep}{_IDENTIFIERS.sub(lambda m: _FLAGS[m.group(1)], rest)}"
 
 
 def _seed(text: str) -> int:

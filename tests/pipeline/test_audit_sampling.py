@@ -233,3 +233,14 @@ def test_integer_boxes_are_told_to_be_floats(box):
                                          r"xyxy floats \(write 1.0, not 1\)"):
         _run(tiny_pipeline("box"), cluster=1, box=box)
     assert _run(tiny_pipeline("box"), cluster=1, box=torch.as_tensor(box).float()).shape == (2, 3, 16, 16)
+
+
+def test_the_cli_says_flags_where_the_pipeline_names_parameters(pipe, tmp_path, capsys):
+    from sgdm.cli.main import main
+
+    pipe.save_pretrained(tmp_path / "p")
+    assert main(["sample", str(tmp_path / "p"), "-w", "3", "-n", "1", "--steps", "1", "-o", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sgdm-ldm sample: error: --guidance-scale: no cluster given, so the samples are unconditional")
+    assert "leave --guidance-scale unset" in err and "guidance_scale" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.png").exists()
