@@ -58,6 +58,12 @@ def per_image_generators(generator, num_images: int) -> list[torch.Generator]:
         if len(generator) != num_images or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(f"generator: a list must hold one torch.Generator per image ({num_images}), "
                              f"got {len(generator)} items")
+        first = {}
+        for i, g in enumerate(generator):  # [g] * n: the images would take turns drawing from g
+            if first.setdefault(id(g), i) != i:
+                raise ValueError(f"generator: items {first[id(g)]} and {i} are the same torch.Generator; the images "
+                                 f"would share its stream, so they would change with batch_size. Pass distinct "
+                                 f"generators ([torch.Generator().manual_seed(s) for s in seeds]) or one generator")
         return list(generator)
     if generator is None:
         generator = torch.Generator()

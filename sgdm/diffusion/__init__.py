@@ -14,10 +14,13 @@ _LAZY = {
     "DiffusionConfig": "config", "SamplerConfig": "config",
     "ClassifierFreeGuidance": "guidance", "GuidedEps": "guidance", "guided_eps": "guidance",
     "diffusion_loss": "losses", "sample_timesteps": "losses",
-    "randn": "noise",
+    "resolve_eps": "guidance",
+    "randn": "noise", "randn_like": "noise",
     "ddim_timesteps": "samplers", "get_sampler": "samplers", "sample_ddim": "samplers",
-    "sample_ddpm": "samplers", "sample_dpmpp_2m": "samplers",
+    "sample_ddpm": "samplers", "sample_dpmpp_2m": "samplers", "sampling_timesteps": "samplers",
+    "logsnr_timesteps": "samplers", "SPACINGS": "samplers", "DEFAULT_SPACING": "samplers",
     "NoiseSchedule": "schedule", "make_schedule": "schedule", "q_sample": "schedule",
+    "eps_from_output": "schedule", "v_target": "schedule",
 }
 
 __all__ = sorted(_LAZY)

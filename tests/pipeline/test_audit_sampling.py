@@ -244,3 +244,12 @@ def test_the_cli_says_flags_where_the_pipeline_names_parameters(pipe, tmp_path, 
     assert err.startswith("sgdm-ldm sample: error: --guidance-scale: no cluster given, so the samples are unconditional")
     assert "leave --guidance-scale unset" in err and "guidance_scale" not in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_one_generator_repeated_in_the_list_is_refused(pipe):
+    """[g] * n made the images take turns drawing from g, so they changed with batch_size (DDPM: by 6.7)."""
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"^generator: items 0 and 2 are the same torch.Generator"):
+        pipe(3, cluster=1, num_steps=1, progress=False, generator=[g, torch.Generator(), g])
+    distinct = [torch.Generator().manual_seed(s) for s in range(3)]
+    assert len(pipe(3, cluster=1, num_steps=1, progress=False, generator=distinct)) == 3
