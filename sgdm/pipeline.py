@@ -146,8 +146,13 @@ class SelfGuidedPipeline:
 
         The weights are the file's (a training run exports its EMA UNet); the networks, schedule and
         sampler defaults are the config stored in its metadata, not ``config.yaml`` beside it. The
-        modules are built without initialising weights that the file replaces (``empty_modules``)."""
-        file = _weights_file(pathlib.Path(path))
+        modules are built without initialising weights that the file replaces (``empty_modules``).
+        Called under ``torch.inference_mode`` too, the weights are ordinary tensors (trainable)."""
+        with torch.inference_mode(False):
+            return cls._from_file(_weights_file(pathlib.Path(path)), device, dtype)
+
+    @classmethod
+    def _from_file(cls, file: pathlib.Path, device, dtype) -> "SelfGuidedPipeline":
         meta, tensors = _read_weights(file)
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{file}: not an sgdm pipeline file (its safetensors metadata lacks format "
@@ -399,11 +404,14 @@ def empty_modules(model: ModelConfig) -> tuple[torch.nn.Module, torch.nn.Module]
 
 def assign_state(module: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
     """Load ``state`` into a module from :func:`empty_modules` by taking its tensors (no copy unless
-    the dtype differs: each becomes the dtype the module was built with). Returns (missing,
-    unexpected) keys; a shape that does not fit raises RuntimeError, as ``load_state_dict`` does."""
+    the dtype differs: each becomes the dtype the module was built with, or it was read under
+    ``torch.inference_mode``: such weights could never be trained). Returns (missing, unexpected)
+    keys; a shape that does not fit raises RuntimeError, as ``load_state_dict`` does."""
     own = module.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
-    return module.load_state_dict(state, strict=False, assign=True)
+    with torch.inference_mode(False):
+        state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v.clone() if v.is_inference()
+                 else v for k, v in state.items()}
+        return module.load_state_dict(state, strict=False, assign=True)
 
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, file: pathlib.Path) -> None:

@@ -253,3 +253,19 @@ def test_one_generator_repeated_in_the_list_is_refused(pipe):
         pipe(3, cluster=1, num_steps=1, progress=False, generator=[g, torch.Generator(), g])
     distinct = [torch.Generator().manual_seed(s) for s in range(3)]
     assert len(pipe(3, cluster=1, num_steps=1, progress=False, generator=distinct)) == 3
+
+
+def test_weights_loaded_under_inference_mode_can_still_be_trained(pipe, tmp_path):
+    """Weights taken as they were read (no copy) were inference tensors when loaded inside
+    torch.inference_mode: fine-tuning the loaded UNet later failed in backward."""
+    from sgdm.models.conditioning import one_hot
+
+    pipe.save_pretrained(tmp_path / "p")
+    with torch.inference_mode():
+        loaded = SelfGuidedPipeline.from_pretrained(tmp_path / "p", dtype=torch.float32)
+        also = SelfGuidedPipeline.from_pretrained(tmp_path / "p", dtype=torch.float64)
+    for p in (loaded, also):
+        assert not any(v.is_inference() for m in (p.unet, p.autoencoder) for v in m.state_dict().values())
+    dtype = next(loaded.unet.parameters()).dtype
+    loaded.unet(torch.randn(1, *loaded.latent_shape, dtype=dtype), torch.tensor([3]), one_hot([1], 3), None).sum().backward()
+    assert all(p.grad is not None for p in loaded.unet.parameters() if p.requires_grad)

@@ -192,3 +192,6 @@ def test_a_checkpoint_is_loaded_without_initialising_the_weights_it_replaces(tra
         state = mine.state_dict()
         assert all(torch.equal(v, state[k]) for k, v in theirs.state_dict().items())
         assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in state.values())
+    with torch.inference_mode():  # its weights taken as read would be inference tensors: never trainable
+        pipe, _ = pipeline_from_checkpoint(run / "checkpoints" / "step-00000002.ckpt")
+    assert not any(v.is_inference() for m in (pipe.unet, pipe.autoencoder) for v in m.state_dict().values())
