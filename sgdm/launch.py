@@ -88,10 +88,23 @@ def current() -> Launch:
 def local_gpu() -> int:
     """The CUDA index of this process's GPU: its local rank, as Lightning places a process; or 0 where the
     process sees one GPU only (``srun --gpus-per-task=1`` gives each task its own). For the work sgdm does
-    outside Lightning (annotate, eval, encoding before training)."""
+    outside Lightning (annotate, eval, encoding before training). A local rank beyond the GPUs the process
+    sees (more processes on a node than GPUs, ``srun --gpus-per-task=2``) is a :class:`ConfigError` naming
+    the launcher's variable, instead of CUDA's "invalid device ordinal" at the first use."""
     import torch
 
-    return 0 if torch.cuda.device_count() == 1 else current().local_rank
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    launch = current()
+    if 0 < count <= launch.local_rank:
+        name = "SLURM_LOCALID" if launch.launcher == "srun" else "LOCAL_RANK"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise ConfigError(name, f"this process is local rank {launch.local_rank} of its node, but it sees {count} "
+                                f"GPU(s){seen}: start at most {count} processes per node, or give each process "
+                                "one GPU of its own (srun --gpus-per-task=1)")
+    return launch.local_rank
 
 
 def check_launch(devices, num_nodes: int, accelerator: str = "auto", section: str = "train") -> None:
@@ -144,12 +157,26 @@ def join_process_group() -> bool:
     if not srun:
         dist.init_process_group(backend)
     else:
-        from lightning_fabric.plugins.environments import SLURMEnvironment
-
-        slurm = SLURMEnvironment(auto_requeue=False)
-        dist.init_process_group(backend, init_method=f"tcp://{slurm.main_address}:{slurm.main_port}",
-                                rank=launch.rank, world_size=launch.world_size)
+        address, port = _slurm_main_address()
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=launch.rank,
+                                world_size=launch.world_size)
     return True
+
+
+def _slurm_main_address() -> tuple[str, int]:
+    """(host, port) of rank 0 of an srun launch, as Lightning's SLURMEnvironment finds them: ``MASTER_ADDR``
+    else the first node of ``SLURM_NODELIST``; ``MASTER_PORT`` else 15000 + the job id's last 4 digits.
+    Not through a SLURMEnvironment, which refuses ``srun --ntasks`` without ``--ntasks-per-node``: a
+    training run needs the tasks per node (:func:`check_launch`), annotate and eval need only the ranks."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    address = os.environ.get("MASTER_ADDR") or \
+        SLURMEnvironment.resolve_root_node_address(os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+    port = _int("MASTER_PORT")
+    if port is None:
+        job = os.environ.get("SLURM_JOB_ID")
+        port = int(job[-4:]) + 15000 if job and job[-4:].isdigit() else 12910
+    return address, port
 
 
 def rank_world() -> tuple[int, int]:

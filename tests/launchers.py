@@ -16,11 +16,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def srun_tasks(command: list[str], env: dict, job_name: str, stdout=subprocess.PIPE) -> list[subprocess.Popen]:
+def srun_tasks(command: list[str], env: dict, job_name: str, stdout=subprocess.PIPE,
+               per_node: bool = True) -> list[subprocess.Popen]:
     """Two tasks of one node started with the variables srun sets (Lightning's SLURMEnvironment and
-    :mod:`sgdm.launch` read them); their output to ``stdout`` (text), stderr with it."""
+    :mod:`sgdm.launch` read them); their output to ``stdout`` (text), stderr with it. ``per_node=False``:
+    as ``srun --ntasks 2`` starts them, without ``SLURM_NTASKS_PER_NODE``."""
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
              "SLURM_JOB_NAME": job_name, "SLURM_JOB_ID": "1234", "SLURM_NODELIST": "127.0.0.1",
              "MASTER_PORT": str(free_port())}
+    if not per_node:
+        del slurm["SLURM_NTASKS_PER_NODE"]
     return [subprocess.Popen(command, env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                              stdout=stdout, stderr=subprocess.STDOUT, text=True) for r in range(2)]
