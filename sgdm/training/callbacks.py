@@ -28,13 +28,20 @@ class StepCheckpoint(pl.Callback):
     together. Lightning's own handler, replaced here, runs a broadcast inside the signal handler
     (2.6), which pairs with whatever collective the other processes are in and hangs DDP when every
     process is signalled at once, as SLURM and torchrun do.
+
+    The handler stays until the trainer's teardown, which puts back the handler from before fit
+    (recorded in :meth:`setup`; :meth:`on_exception` and :meth:`teardown` put it back too, should
+    Lightning's teardown not run). A SIGTERM after the last checkpoint (between :meth:`on_train_end` and
+    the teardown) is noted and ignored: the run is complete. Lightning's handler, given back there before,
+    ran its collective and made the finished run exit 143 without its export.
     """
 
     def __init__(self, directory: pathlib.Path, every: int, keep: int):
         self.directory, self.every, self.keep = pathlib.Path(directory), every, keep
         self.last_saved: int | None = None
         self.signalled = False
-        self._previous_handler = None
+        self._before_fit = None  # the SIGTERM handler from before fit, put back after it
+        self._installed = False
 
     def save(self, trainer: pl.Trainer, step: int) -> None:
         if self.last_saved == step:
@@ -47,9 +54,14 @@ class StepCheckpoint(pl.Callback):
     def _note_sigterm(self, signum, frame) -> None:
         self.signalled = True  # no collective in a signal handler: decided at the batch end, by every process
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._before_fit = signal.getsignal(signal.SIGTERM)  # before Lightning registers its own
+
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._note_sigterm)
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+            self._installed = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         at_boundary = pl_module.next_position == int(batch["position"][0]) + 1
@@ -61,15 +73,20 @@ class StepCheckpoint(pl.Callback):
             self.save(trainer, pl_module.step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.save(trainer, pl_module.step)
-        self._restore_handler()
+        self.save(trainer, pl_module.step)  # the handler stays: a SIGTERM from here on finds the run complete
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_handler()
+
     def _restore_handler(self) -> None:
-        """Lightning's handler back, before the trainer's teardown puts back the one from before fit
-        (this hook runs first; a later one would leave Lightning's handler installed after fit)."""
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        """The handler from before fit back, where this callback's is still installed (Lightning's teardown
+        puts it back as well; this covers a path that skips it)."""
+        if not self._installed:
+            return
+        self._installed = False
+        if signal.getsignal(signal.SIGTERM) == self._note_sigterm:
+            before = self._before_fit
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
