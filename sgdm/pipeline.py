@@ -171,17 +171,23 @@ class SelfGuidedPipeline:
             _load_prefixed(module, tensors, name, file)
         return cls.from_config(config, unet, autoencoder).to(device, dtype)
 
-    def save_pretrained(self, path: Union[str, pathlib.Path]) -> pathlib.Path:
-        """Write ``path/model.safetensors`` + ``path/config.yaml``, or one file if ``path`` ends in .safetensors."""
+    def save_pretrained(self, path: Union[str, pathlib.Path], metadata: Optional[dict] = None) -> pathlib.Path:
+        """Write ``path/model.safetensors`` + ``path/config.yaml``, or one file if ``path`` ends in .safetensors.
+        ``metadata``: more string entries for the file's header (training's export writes ``step``)."""
         from safetensors.torch import save_file
 
+        extra = dict(metadata or {})
+        if set(extra) & {"format", "format_version", "config"} or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise ValueError(f"metadata: expected str -> str entries other than format, format_version and config, "
+                             f"got {extra!r}")
         path = pathlib.Path(path)
         file = path if path.suffix == ".safetensors" else path / WEIGHTS_NAME
         file.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{k}": v.detach().cpu().contiguous().clone()
                    for name, module in (("unet", self.unet), ("autoencoder", self.autoencoder))
                    for k, v in module.state_dict().items()}
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config)}
+        meta = {**extra, "format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config)}
         tmp = file.with_name(file.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(file)  # atomic: an interrupted save never leaves a truncated model.safetensors

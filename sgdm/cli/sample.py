@@ -12,7 +12,8 @@ from sgdm.diffusion.config import SAMPLERS, Spacing  # light: no torch
 
 DESCRIPTION = """Sample from a trained self-guided LDM with SelfGuidedPipeline. RUN is a training run
 directory (its pipeline/ export), a pipeline directory or a .safetensors file. A run that has not
-exported its pipeline yet (stopped, or still training) is sampled from the EMA weights of its newest
+exported its pipeline yet (stopped, or still training), or has checkpoints newer than its export (a
+finished run continued with a higher train.max_steps), is sampled from the EMA weights of its newest
 valid checkpoint, as is a checkpoint named directly (RUN/checkpoints/step-*.ckpt).
 
 Guidance (paper Eq. 4, eps = (1 - w) eps_uncond + w eps_cond): --cluster for label guidance (and the
@@ -36,8 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=pathlib.Path,
                    help="run directory, pipeline directory, .safetensors file, or a run's checkpoint "
-                        "(RUN/checkpoints/step-*.ckpt); a run that has not exported its pipeline yet is "
-                        "sampled from the EMA weights of its newest valid checkpoint")
+                        "(RUN/checkpoints/step-*.ckpt); a run that has not exported its pipeline yet, or "
+                        "has checkpoints newer than its export, is sampled from the EMA weights of its newest "
+                        "valid checkpoint")
     p.add_argument("--num-images", "-n", type=positive_int, default=8, help="how many images (default 8)")
     p.add_argument("--cluster", type=int, nargs="+", default=None,
                    help="cluster id(s) in [0, K): one for all images or one per image")

@@ -40,22 +40,45 @@ def export_pipeline(cfg, module, path: pathlib.Path) -> pathlib.Path:
     states = {prefix: {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
               for prefix, part in (("ema.", module.ema), ("first_stage.", module.first_stage))}
     unet, first_stage = _modules(cfg, states, "the training module")
-    return _pipeline(cfg, unet.eval(), first_stage.eval()).save_pretrained(path)
+    step = getattr(module, "step", None)  # checkpoint_for compares it with the run's newest checkpoint
+    return _pipeline(cfg, unet.eval(), first_stage.eval()).save_pretrained(
+        path, metadata=None if step is None else {"step": str(int(step))})
 
 
 def checkpoint_for(path: pathlib.Path) -> Optional[pathlib.Path]:
     """The training checkpoint to build a pipeline from: ``path`` itself when it names a ``.ckpt``; the
     newest valid checkpoint of a run directory that has no exported ``pipeline/`` yet (stopped or still
-    running); None otherwise (an export is there, or no run)."""
+    running), or whose export is older than that checkpoint (a finished run continued with a higher
+    ``train.max_steps``: its export is of the earlier end); None otherwise (an up-to-date export, an
+    export that does not record its step, or no run)."""
     from sgdm.pipeline import WEIGHTS_NAME
-    from sgdm.training.checkpoint import find_last_valid
+    from sgdm.training.checkpoint import find_last_valid, list_checkpoints
 
     path = pathlib.Path(path)
     if path.suffix == ".ckpt":
         return path
-    if not path.is_dir() or (path / WEIGHTS_NAME).is_file() or (path / "pipeline" / WEIGHTS_NAME).is_file():
+    if not path.is_dir():
         return None
-    return find_last_valid(path / "checkpoints")
+    export = next((f for f in (path / WEIGHTS_NAME, path / "pipeline" / WEIGHTS_NAME) if f.is_file()), None)
+    if export is None:
+        return find_last_valid(path / "checkpoints")
+    step = _export_step(export)
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if step is None or not checkpoints or checkpoints[-1][0] <= step:
+        return None
+    newest = find_last_valid(path / "checkpoints")
+    return newest if newest is not None and next(s for s, p in checkpoints if p == newest) > step else None
+
+
+def _export_step(file: pathlib.Path) -> Optional[int]:
+    """The training step an export was written at (its ``step`` metadata), or None where it says none."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except (SafetensorError, OSError, KeyError, ValueError):  # no step, or damaged: from_pretrained says so
+        return None
 
 
 def pipeline_from_checkpoint(ckpt: pathlib.Path):

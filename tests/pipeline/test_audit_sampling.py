@@ -269,3 +269,15 @@ def test_weights_loaded_under_inference_mode_can_still_be_trained(pipe, tmp_path
     dtype = next(loaded.unet.parameters()).dtype
     loaded.unet(torch.randn(1, *loaded.latent_shape, dtype=dtype), torch.tensor([3]), one_hot([1], 3), None).sum().backward()
     assert all(p.grad is not None for p in loaded.unet.parameters() if p.requires_grad)
+
+
+def test_save_pretrained_metadata_adds_entries_but_cannot_replace_the_format(pipe, tmp_path):
+    from safetensors import safe_open
+
+    file = pipe.save_pretrained(tmp_path / "p.safetensors", metadata={"step": "7"})
+    with safe_open(str(file), framework="pt") as f:
+        assert f.metadata()["step"] == "7" and f.metadata()["format"] == "sgdm.pipeline"
+    for bad in ({"format": "x"}, {"config": "{}"}, {"step": 7}):
+        with pytest.raises(ValueError, match="^metadata: expected str -> str entries other than format"):
+            pipe.save_pretrained(tmp_path / "q.safetensors", metadata=bad)
+    assert not (tmp_path / "q.safetensors").exists()

@@ -195,3 +195,34 @@ def test_a_checkpoint_is_loaded_without_initialising_the_weights_it_replaces(tra
     with torch.inference_mode():  # its weights taken as read would be inference tensors: never trainable
         pipe, _ = pipeline_from_checkpoint(run / "checkpoints" / "step-00000002.ckpt")
     assert not any(v.is_inference() for m in (pipe.unet, pipe.autoencoder) for v in m.state_dict().values())
+
+
+def test_a_run_continued_past_its_export_is_sampled_from_its_newer_checkpoint(trained, capsys):
+    """A finished run continued with a higher train.max_steps and stopped keeps the export of its
+    earlier end: sample and eval used those old weights without a word. The export records its step."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sgdm.training.export import checkpoint_for
+
+    tmp, _ = trained
+    run = tmp / "runs" / "ldm"
+    with safe_open(str(run / "pipeline" / "model.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["step"] == "2" and checkpoint_for(run) is None  # up to date
+    continued = tmp / "runs" / "continued"
+    shutil.copytree(run, continued)
+    newer = continued / "checkpoints" / "step-00000004.ckpt"
+    shutil.copyfile(continued / "checkpoints" / "step-00000002.ckpt", newer)
+    assert checkpoint_for(continued) == newer
+    assert main(["sample", str(continued), "-n", "1", "--steps", "1", "-o", str(tmp / "continued.png")]) == 0
+    assert f"EMA weights of {newer} (step 2)" in capsys.readouterr().err  # (its content is step 2's)
+    newer.write_bytes(b"torn")  # an incomplete newer checkpoint: the export is the newest usable weights
+    assert checkpoint_for(continued) is None
+    # an export written before exports recorded their step is used as it is
+    save_file(tensors, str(continued / "pipeline" / "model.safetensors"),
+              metadata={k: v for k, v in meta.items() if k != "step"})
+    shutil.copyfile(run / "checkpoints" / "step-00000002.ckpt", newer)
+    assert checkpoint_for(continued) is None
