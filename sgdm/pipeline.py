@@ -11,7 +11,8 @@ On-disk format (``save_pretrained`` / ``from_pretrained``)::
     DIR/model.safetensors   tensors "unet.*" (EMA UNet) and "autoencoder.*" (incl. scale_factor);
                             metadata: format "sgdm.pipeline", format_version "1",
                             config = the resolved experiment config as JSON (sections
-                            model.{autoencoder,unet,guidance}, diffusion, sampler are read)
+                            model.{autoencoder,unet,guidance}, diffusion, sampler are read);
+                            training's export adds step (the step its EMA weights are from)
     DIR/config.yaml         the same config, for people to read (the metadata is authoritative)
 
 A bare ``.safetensors`` file with that metadata loads too, and a training run
@@ -20,7 +21,11 @@ directory loads from its ``pipeline/`` folder (where training exports it).
 Reproducibility: image i's randomness (its x_T and, for stochastic samplers,
 every step's noise) comes from its own CPU generator seeded with the i-th of
 ``num_images`` 63-bit seeds drawn from ``generator`` up front, so the same
-generator seed gives the same images whatever ``batch_size`` and device.
+generator seed gives the same images whatever ``batch_size`` and ``num_images``
+(the first i images of a larger call are those of a call for i) and device (up
+to floating-point rounding there). The seeds come from the generator's own
+stream: a CUDA generator draws other seeds than a CPU one seeded alike. A list
+of per-image generators must hold distinct ones.
 """
 from __future__ import annotations
 
