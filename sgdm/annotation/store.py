@@ -99,7 +99,7 @@ def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
 def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[n, K]`` float: class k present anywhere in the map (max-pool of the one-hot); 255 ignored."""
     flat = masks.reshape(masks.shape[0], -1).long()
-    out = torch.zeros(masks.shape[0], num_classes + 1)
+    out = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device)
     out.scatter_(1, torch.where(flat == IGNORE, num_classes, flat.clamp(max=num_classes)), 1.0)
     return out[:, :num_classes]
 

@@ -145,9 +145,44 @@ def resize_class_map(ids: torch.Tensor, size, num_classes: int) -> torch.Tensor:
     if tuple(ids.shape[-2:]) == size:
         return ids
     if size[0] <= ids.shape[-2] and size[1] <= ids.shape[-1]:
-        share = F.adaptive_avg_pool2d(_one_hot_maps(ids.long(), num_classes), size)
-        return torch.where(share.sum(1) > 0, share.argmax(1), IGNORE_INDEX)
+        return _majority_cells(ids.long(), size, num_classes)
     return F.interpolate(ids[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+
+
+def _cells_of(length: int, cells: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of ``length`` pixels along an axis, the first and (or -1) the second of the ``cells``
+    pooling cells of ``adaptive_avg_pool`` that hold it: cell i spans [floor(i L / n), ceil((i + 1) L / n)),
+    and shrinking makes neighbours overlap by one pixel at most."""
+    i = torch.arange(cells, device=device)
+    start, end = (i * length) // cells, ((i + 1) * length + cells - 1) // cells
+    pixel = torch.arange(length, device=device)[:, None]
+    inside = (pixel >= start) & (pixel < end)  # [L, n]
+    first = inside.int().argmax(1)
+    second = torch.where(inside.sum(1) > 1, first + 1, -1)
+    return first, second
+
+
+def _majority_cells(ids: torch.Tensor, size: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """The class covering most of each ``adaptive_avg_pool`` cell (ties: the lowest id; ignored pixels do
+    not vote; all-ignored cells stay ignored), from per-cell class counts gathered by a scatter of the
+    pixels: the same as the argmax of the pooled one-hot, without a [B, K, H, W] tensor (453 MB and
+    seconds for 64 maps of 256 x 256 with K = 27)."""
+    b, height, width = ids.shape
+    h, w = size
+    slots = num_classes + 1  # the last one collects ignored pixels
+    label = torch.where(ids == IGNORE_INDEX, num_classes, ids).reshape(b, -1)
+    counts = torch.zeros(b, h * w * slots, dtype=torch.int32, device=ids.device)
+    rows, cols = _cells_of(height, h, ids.device), _cells_of(width, w, ids.device)
+    for row in rows:
+        for col in cols:
+            cell = (row[:, None] * w + col[None, :]).reshape(-1)  # [H * W]; -1 where the pixel has no 2nd cell
+            inside = ((row[:, None] >= 0) & (col[None, :] >= 0)).reshape(-1)
+            if not bool(inside.any()):
+                continue
+            key = (cell[inside] * slots)[None] + label[:, inside]
+            counts.scatter_add_(1, key, torch.ones_like(key, dtype=torch.int32))
+    counts = counts.view(b, h, w, slots)[..., :num_classes]
+    return torch.where(counts.sum(-1) > 0, counts.argmax(-1), IGNORE_INDEX)
 
 
 def _one_hot_maps(ids: torch.Tensor, num_classes: int) -> torch.Tensor:

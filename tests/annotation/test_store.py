@@ -46,6 +46,8 @@ def test_multi_hot_is_max_pool_of_one_hot():
     masks = torch.tensor([[[0, 2], [2, 255]], [[1, 1], [1, 1]]], dtype=torch.uint8)
     one_hot = torch.nn.functional.one_hot(masks.long().clamp(max=2), 3).float() * (masks != 255)[..., None]
     torch.testing.assert_close(multi_hot_from_masks(masks, 3), one_hot.amax((1, 2)))
+    # on the masks' own device (the pipeline's class maps may be CUDA tensors; meta stands in here)
+    assert multi_hot_from_masks(masks.to("meta"), 3).device.type == "meta"
 
 
 def test_check_matches(tmp_path):

@@ -46,6 +46,28 @@ def test_box_mask_rejects_bad_boxes(box):
         box_mask(torch.tensor([box]), 4, 4)
 
 
+@pytest.mark.parametrize("shape,size,k", [((256, 256), (32, 32), 27), ((37, 53), (8, 11), 5), ((64, 48), (64, 5), 3),
+                                           ((10, 10), (3, 7), 4), ((5, 5), (1, 1), 2), ((7, 9), (7, 2), 3)])
+def test_shrinking_a_class_map_takes_each_cell_majority(shape, size, k):
+    # the definition: argmax over classes of adaptive_avg_pool2d of the one-hot (lowest id on ties; ignored
+    # pixels do not vote; a cell of ignored pixels only stays ignored), on divisible and overlapping cells
+    import torch.nn.functional as F
+
+    from sgdm.models.conditioning import IGNORE_INDEX, resize_class_map
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, k, (3, *shape), generator=gen)
+    ids[:, : shape[0] // 2] = torch.randint(0, k, (3, 1, shape[1]), generator=gen)  # blocks: majorities and ties
+    ids[torch.rand(3, *shape, generator=gen) < 0.3] = IGNORE_INDEX
+    ids[1, : shape[0] // 2 + 1] = IGNORE_INDEX  # whole cells of ignored pixels (where cells are small)
+    ids[2] = IGNORE_INDEX
+    share = F.adaptive_avg_pool2d(class_map_one_hot(ids, k), size)
+    want = torch.where(share.sum(1) > 0, share.argmax(1), IGNORE_INDEX)
+    got = resize_class_map(ids, size, k)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert bool((got[2] == IGNORE_INDEX).all()) and bool((got[0] != IGNORE_INDEX).any())
+
+
 def test_class_map_one_hot_ignore_flip_resize_and_multi_hot():
     cmap = torch.tensor([[[0, 1], [255, 2]]], dtype=torch.uint8)
     hot = class_map_one_hot(cmap, 3)
