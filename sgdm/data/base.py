@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sgdm.data.decode import EXIF_ORIENTATIONS, BadImageError, read_image
+from sgdm.data.decode import EXIF_ORIENTATIONS, BadImageError, printable, read_image
 from sgdm.data.transforms import centre_crop, flip_coin, transform_boxes, transform_image, transform_mask
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ class ImageDataset(Dataset):
             if self.on_bad_image == "raise":
                 raise err.at(index, self.name) from None
             self.skipped.append(SkippedItem(index, err.source, err.reason))
-            log.warning("%s: skipping bad image at index %d: %s: %s", self.name, index, err.source, err.reason)
+            log.warning("%s: skipping bad image at index %d: %s: %s", self.name, index, printable(err.source),
+                        err.reason)  # printable: a log file in UTF-8 refuses a name that is not
             return None
         return self.preprocess(raw, index)
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
-from sgdm.data.decode import BadImageError, open_image
+from sgdm.data.decode import BadImageError, strict_loading
 from sgdm.data.folders import read_list, require_dir, require_distinct, require_file
 
 STUFF27_CLASSES = (
@@ -126,7 +126,7 @@ class Coco20kDataset(ImageDataset):
         objects = self.objects[self.image_ids[index]]
         boxes = np.array([b for b, _ in objects], dtype=np.float64).reshape(-1, 4)
         labels = np.array([c for _, c in objects], dtype=np.int64)
-        return RawSample(open_image(self.source(index)), boxes=boxes, box_labels=labels)
+        return self.read(self.source(index), boxes=boxes, box_labels=labels)  # stored grid, orientation noted
 
 
 class CocoStuff27Dataset(ImageDataset):
@@ -163,22 +163,23 @@ class CocoStuff27Dataset(ImageDataset):
         return str(self.image_dir / f"{self.ids[index]}.jpg")
 
     def load(self, index: int) -> RawSample:
-        image = open_image(self.source(index))
+        sample = self.read(self.source(index))  # the stored grid ("apply" is refused); its EXIF orientation noted
         path = self.mask_dir / f"{self.ids[index]}.png"
         try:
-            with Image.open(path) as png:
+            with strict_loading(), Image.open(path) as png:
                 if png.mode not in ("L", "P"):
                     raise BadImageError(path, f"stuffthingmap has mode {png.mode}, expected L (8-bit ids)")
                 fine = np.array(png)
         except FileNotFoundError:
             raise BadImageError(path, "stuffthingmap PNG does not exist") from None
-        except BadImageError:
+        except (BadImageError, MemoryError):
             raise
-        except (OSError, SyntaxError, ValueError) as err:
+        except Exception as err:  # OSError, SyntaxError, ... whatever a damaged file makes Pillow raise
             raise BadImageError(path, f"cannot read stuffthingmap PNG ({err})") from None
         invalid = (fine >= NUM_FINE) & (fine != 255)
         if invalid.any():  # e.g. a 1-based stuff_*_pixelmaps PNG (0 unlabelled, 183 other): every id one off
             raise BadImageError(path, f"value {int(fine[invalid].max())} is no stuffthingmap id (0..{NUM_FINE - 1} "
                                 "and 255 = unlabelled); is this a 1-based COCO-Stuff pixelmap instead of "
                                 "stuffthingmaps_trainval2017?")
-        return RawSample(image, mask=self.lut[fine])
+        sample.mask = self.lut[fine]
+        return sample

@@ -29,6 +29,13 @@ SPLITS: dict[str, Optional[tuple[str, ...]]] = {
     "coco_stuff27": ("train", "val"),
 }
 
+# file keys read by some kinds only; set for another kind, they are refused (val_labels is checked on its own)
+FILE_KEYS: dict[str, tuple[str, ...]] = {
+    "list_file": ("image_folder", "lsun_list", "coco20k", "coco_stuff27"),
+    "annotation_file": ("coco20k",),
+    "class_list": ("imagenet100",),
+}
+
 # kinds that may turn images by their EXIF orientation: the rest have boxes and masks on the stored
 # pixel grid (voc, coco20k, coco_stuff27) or no files (shapes)
 EXIF_KINDS = ("image_folder", "lsun_list", "lsun_lmdb", "imagenet100")
@@ -138,6 +145,11 @@ class DataConfig:
             raise ConfigError("list_file", f"required for dataset {self.dataset!r} (a text file of {what})")
         if self.val_labels is not None and self.dataset != "imagenet100":
             raise ConfigError("val_labels", "only applies to dataset 'imagenet100' (ImageNet's flat val folder)")
+        # a file key the kind does not read would be ignored without a word (a list_file meant as a subset)
+        for name, kinds in FILE_KEYS.items():
+            if getattr(self, name) is not None and self.dataset not in kinds:
+                raise ConfigError(name, f"dataset {self.dataset!r} does not read it (it applies to "
+                                        f"{', '.join(repr(k) for k in kinds)}); remove it")
         if self.folder_labels and self.dataset != "image_folder":
             raise ConfigError("folder_labels", "only applies to dataset 'image_folder'")
         if self.size < 8:

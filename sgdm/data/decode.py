@@ -23,20 +23,24 @@ masks refer to it. Under ``"apply"`` the image is turned upright with
 metadata, so a damaged EXIF block never makes a decodable image a bad file:
 without a readable tag the image is read as stored; under ``"apply"`` a logged
 warning names the file, and Pillow's own anonymous "Corrupt EXIF data" warning
-is not shown under either setting.
+is not shown under either setting. TIFF is the exception: Pillow itself turns a TIFF upright by its
+Orientation tag when it opens the file, and drops the tag, under either setting (so LDM's and
+torchvision's loaders read it upright too); it is reported as orientation 1.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,8 @@ def _read_file(source: str | os.PathLike) -> bytes:
         raise BadImageError(source, "file does not exist") from None
     except OSError as err:
         raise BadImageError(source, f"cannot stat file: {err.strerror or err}") from None
+    except ValueError as err:  # a name no file can have: "embedded null byte"
+        raise BadImageError(source, f"not a file name ({err})") from None
     if size == 0:
         raise BadImageError(source, "zero-byte file")
     try:
@@ -149,7 +155,7 @@ def decode(data: bytes, source: str | os.PathLike, exif_orientation: ExifOrienta
         raise ValueError(f"exif_orientation must be 'ignore' or 'apply', got {exif_orientation!r}")
     caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, strict_loading():
             warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # a JPEG's EXIF block is parsed here (for its DPI)
@@ -159,7 +165,10 @@ def decode(data: bytes, source: str | os.PathLike, exif_orientation: ExifOrienta
         raise BadImageError(source, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError(source, f"too large: {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # OSError, SyntaxError, EOFError, ... and what a plugin raises on a damaged
+        # header (a TIFF whose strip offset is a fraction: TypeError): the file is bad, not the program
         raise BadImageError(source, f"cannot decode ({type(err).__name__}: {err})") from None
     finally:
         exif_warning = _replay_warnings(caught)  # shown before any error, as when they were not caught
@@ -172,6 +181,27 @@ def decode(data: bytes, source: str | os.PathLike, exif_orientation: ExifOrienta
         return Decoded(to_rgb(image), orientation)
     except (OSError, ValueError) as err:
         raise BadImageError(source, f"cannot convert mode {image.mode} to RGB ({err})") from None
+
+
+_STRICT = threading.RLock()
+
+
+@contextlib.contextmanager
+def strict_loading():
+    """Pillow's check for truncated data on while decoding, whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
+    says: the snippet ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (common in training scripts, and in some
+    libraries) would otherwise fill the missing part of a truncated file with grey without a word.
+    The setting is restored afterwards. While it is on, sgdm's reads take turns (a lock); a thread of the
+    caller's own that reads an image meanwhile sees it off."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _STRICT:
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def _orientation(image: Image.Image) -> tuple[int, str | None]:

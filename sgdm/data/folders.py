@@ -6,8 +6,10 @@ kept, so ``a.jpg`` and ``a.png`` stay distinct). Extensions match in any case
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
+import posixpath
 import re
 from importlib import resources
 from pathlib import Path
@@ -43,10 +45,15 @@ def scan_images(root: Path) -> list[str]:
     (``sub/loop -> ..``) or a second link to a folder gives no image a second id, and adding a
     link never renames an image. One warning says how many folders were reached again.
     """
-    found, seen, again = [], set(), []
+    found, seen, again, unlisted = [], set(), [], []
+
+    def cannot_list(err: OSError) -> None:  # os.walk would leave such a folder out without a word
+        if not isinstance(err, FileNotFoundError):  # one that vanished since it was listed held nothing
+            unlisted.append(err)
+
     pending = [Path(root)]
     while pending:
-        for folder, dirs, files in os.walk(pending.pop(0)):  # links are not followed here but queued
+        for folder, dirs, files in os.walk(pending.pop(0), onerror=cannot_list):  # links queued, not followed
             try:
                 info = os.stat(folder)
             except OSError:  # vanished since it was listed: os.walk had nothing to give either
@@ -65,18 +72,38 @@ def scan_images(root: Path) -> list[str]:
     if again:
         log.warning("%s: %d folder(s) reached again through symlinks were read once only (first: %s)",
                     root, len(again), again[0])
+    if unlisted:
+        first = unlisted[0]
+        log.warning("%s: %d folder(s) cannot be listed and their images are left out (first: %s: %s)", root,
+                    len(unlisted), printable(str(first.filename)), first.strerror or first)
     return sorted(found)
 
 
-def read_list(path: Path, key: str) -> list[str]:
-    """Non-empty, non-comment lines of a list file, stripped.
+def read_text(path: Path, key: str) -> str:
+    """The text of a list file: UTF-8 with an optional byte-order mark (Windows editors write one, and
+    it would otherwise stick to the first name), or UTF-16 with its byte-order mark (what Windows
+    PowerShell's ``>`` writes). Bytes that are not UTF-8 (a Latin-1 file name) become surrogate escapes,
+    as ``os.walk`` names such a file, so the file is found. A NUL character is refused naming the line:
+    no file name holds one (UTF-16 without a byte-order mark, or not a text file)."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            text = raw.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise ConfigError(key, f"{path} starts as UTF-16 text but is not ({err}); save it as UTF-8") from None
+    else:
+        text = raw.decode("utf-8-sig", errors="surrogateescape")
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(key, f"{path} line {line} holds a NUL character: not UTF-8 text (UTF-16 without its "
+                               "byte-order mark?); save it as UTF-8, one name a line")
+    return text
 
-    Read as UTF-8 with an optional byte-order mark (Windows editors write one, and it would
-    otherwise stick to the first name) and any line ends. Bytes that are not UTF-8 (a Latin-1
-    file name) become surrogate escapes, as ``os.walk`` names such a file, so the file is found.
-    """
+
+def read_list(path: Path, key: str) -> list[str]:
+    """Non-empty, non-comment lines of a list file (:func:`read_text`), stripped; any line ends."""
     require_file(path, key, "list file")
-    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    text = read_text(path, key)
     numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     numbered = [(n, line) for n, line in numbered if line and not line.startswith("#")]
     names = [line for _, line in numbered]
@@ -93,8 +120,30 @@ def require_distinct(ids: Sequence, lines: Sequence[str], list_file: Path, key: 
     repeat = first_repeat(ids)
     if repeat is not None:
         i, j = repeat
-        raise ConfigError(key, f"{list_file}: {lines[i]!r} and {lines[j]!r} name the same image {ids[i]}; "
-                          "remove one of them")
+        raise ConfigError(key, f"{list_file}: {lines[i]!r} and {lines[j]!r} name the same image "
+                          f"{printable(str(ids[i]))}; remove one of them")
+
+
+def list_ids(lines: Sequence[str], root: Path, list_file: Path, key: str) -> list[str]:
+    """The id of the file each line of ``list_file`` names: its path below ``root`` with ``/``, spelt
+    as a scan of the folder spells it (``./a.jpg``, ``sub//a.jpg`` and ``sub/../a.jpg`` are ``a.jpg``,
+    so ``find . -name '*.jpg' > list.txt`` works, with ``data.folder_labels`` too; an absolute path
+    inside root is made relative). A line that leads out of root is refused: its id would not be a
+    path below root, and its first folder (``..``, ``/``) would be taken for a class. Two lines that
+    name one file are refused."""
+    bases = sorted({os.path.abspath(root), os.path.realpath(root)})
+    ids = []
+    for line in lines:
+        path = posixpath.normpath(line)
+        if posixpath.isabs(path):
+            inside = [b for b in bases if path.startswith(b.rstrip("/") + "/")]
+            path = path[len(inside[0].rstrip("/")) + 1:] if inside else path
+        if posixpath.isabs(path) or path in (".", "..") or path.startswith("../"):
+            raise ConfigError(key, f"{list_file}: {printable(line)!r} is not a file below the dataset root {root}; "
+                                   "list paths relative to it")
+        ids.append(path)
+    require_distinct(ids, lines, list_file, key)
+    return ids
 
 
 def first_repeat(items: Sequence) -> Optional[tuple[int, int]]:
@@ -135,13 +184,15 @@ def image_folder(root: Path, list_file: Optional[Path], folder_labels: bool, max
     """Any tree of images, or the files named by ``list_file`` (relative to ``root``).
 
     Files named by a list are not checked here: a missing one is a bad file,
-    reported when read (and by ``validate-data``), like a corrupt one.
+    reported when read (and by ``validate-data``), like a corrupt one. Its lines become ids as
+    :func:`list_ids` spells them (``./a.jpg`` is ``a.jpg``); a line that leads out of root is refused.
     """
     require_dir(root, f"{key}.root", "dataset root")
     if list_file is not None:
-        files = read_list(list_file, f"{key}.list_file")
-        if not files:
+        lines = read_list(list_file, f"{key}.list_file")
+        if not lines:
             raise ConfigError(f"{key}.list_file", f"list file {list_file} names no files")
+        files = list_ids(lines, root, list_file, f"{key}.list_file")
     else:
         files = scan_images(root)
         if not files:

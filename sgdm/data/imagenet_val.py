@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sgdm.config.core import ConfigError
 from sgdm.data.decode import is_image_file, printable
+from sgdm.data.folders import read_text
 
 __all__ = ["read_val_labels", "image_stem"]
 
@@ -41,7 +42,7 @@ def read_val_labels(path: Path, key: str) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(key, f"ImageNet val ground truth {path} {'is not a file' if path.exists() else 'does not exist'}")
-    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    text = read_text(path, key)
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
     if not lines:

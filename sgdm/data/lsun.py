@@ -4,6 +4,8 @@ The key list is read once when the dataset is built. Each process holds one
 read-only, lock-free environment per LMDB, shared by every dataset object on
 that path; a forked DataLoader worker replaces the one it inherited (LMDB
 environments must not cross a fork), so any number of workers can read.
+A ``data.mdb`` shorter than its header says (an interrupted copy) is refused when the dataset is
+built: reading past its end would kill the process with a bus error.
 """
 from __future__ import annotations
 
@@ -52,6 +54,17 @@ def _lmdb_below(root: Path) -> str:
     return f": {root} holds {found[0]}{more}"
 
 
+def _require_whole(env, root: Path, key: str) -> None:
+    """Refuse a ``data.mdb`` shorter than the pages its header says it holds (an interrupted download or
+    copy): LMDB maps the file into memory, and reading a page past its end kills the process with a bus
+    error (SIGBUS), no Python exception, no message."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (root / "data.mdb").stat().st_size
+    if size < needed:
+        raise ConfigError(key, f"{root / 'data.mdb'} is truncated: {size} bytes, but its LMDB header counts "
+                               f"{needed} (an interrupted download or copy); copy or download it again")
+
+
 class LsunLmdbDataset(ImageDataset):
     name = "lsun_lmdb"
 
@@ -70,8 +83,13 @@ class LsunLmdbDataset(ImageDataset):
             env = _environment(root)
         except lmdb.Error as err:
             raise ConfigError(f"{key}.root", f"cannot open LMDB {root}: {err}") from None
-        with env.begin() as txn:
-            keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        _require_whole(env, root, f"{key}.root")
+        try:
+            with env.begin() as txn:
+                keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        except lmdb.Error as err:  # a damaged page on the way to the keys
+            raise ConfigError(f"{key}.root", f"cannot list the keys of LMDB {root} ({type(err).__name__}: {err}); "
+                                             "its data.mdb is damaged: copy or download it again") from None
         if not keys:
             raise ConfigError(f"{key}.root", f"LMDB {root} holds no images")
         keys = limit(keys, max_images)
@@ -83,8 +101,14 @@ class LsunLmdbDataset(ImageDataset):
         return f"{self.root}[{self.ids[index]}]"
 
     def load(self, index: int) -> RawSample:
-        with _environment(self.root).begin(buffers=False) as txn:
-            data = txn.get(self.keys[index])
+        import lmdb
+
+        try:
+            with _environment(self.root).begin(buffers=False) as txn:
+                data = txn.get(self.keys[index])
+        except lmdb.Error as err:  # a damaged page of the LMDB: this value cannot be read
+            raise BadImageError(self.source(index), f"cannot read the LMDB value ({type(err).__name__}: {err})") \
+                from None
         if not data:
             raise BadImageError(self.source(index), "key not found in the LMDB" if data is None else "zero-byte value")
         return self.read(self.source(index), data)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
-from sgdm.data.decode import BadImageError, open_image
+from sgdm.data.decode import BadImageError, strict_loading
 from sgdm.data.folders import read_list, require_dir, require_distinct
 
 VOC_CLASSES = (
@@ -61,21 +61,22 @@ class VocDataset(ImageDataset):
         return str(self.root / "JPEGImages" / f"{self.ids[index]}.jpg")
 
     def load(self, index: int) -> RawSample:
-        image = open_image(self.source(index))
-        boxes, labels = self._objects(self.ids[index])
+        sample = self.read(self.source(index))  # the stored grid ("apply" is refused); its EXIF orientation noted
+        sample.boxes, sample.box_labels = self._objects(self.ids[index])
         mask_path = self.root / "SegmentationClass" / f"{self.ids[index]}.png"
         mask = None
         if mask_path.is_file():
             try:
-                with Image.open(mask_path) as png:
+                with strict_loading(), Image.open(mask_path) as png:
                     if png.mode not in ("P", "L"):
                         raise BadImageError(mask_path, f"segmentation PNG has mode {png.mode}, expected P or L")
                     mask = np.array(png)
-            except (OSError, SyntaxError, ValueError) as err:
-                if isinstance(err, BadImageError):
-                    raise
+            except (BadImageError, MemoryError):
+                raise
+            except Exception as err:  # OSError, SyntaxError, ... whatever a damaged file makes Pillow raise
                 raise BadImageError(mask_path, f"cannot read segmentation PNG ({err})") from None
-        return RawSample(image, boxes=boxes, box_labels=labels, mask=mask)
+        sample.mask = mask
+        return sample
 
     def _objects(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         path = self.root / "Annotations" / f"{image_id}.xml"
