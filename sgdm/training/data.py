@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler
 
-__all__ = ["flip_image_sample", "collate_training", "build_train_loader", "build_image_dataset", "PositionLoader"]
+__all__ = ["flip_image_sample", "collate_training", "build_train_loader", "build_image_dataset", "PositionLoader",
+           "ignore_sigterm"]
 
 _KEEP = ("image", "mean", "logvar")
 
@@ -40,6 +41,18 @@ def build_image_dataset(data_cfg, seed: int) -> Dataset:
     return build_dataset(dataclasses.replace(data_cfg, flip=False), train=True, seed=seed)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: a DataLoader worker ignores SIGTERM. torchrun's agent
+    (``os.killpg``) and SLURM at a time limit send it to every process of a task, workers included; a
+    worker that died of it would make the main process raise ("DataLoader worker ... is killed by
+    signal: Terminated") before the checkpoint that SIGTERM asks for (:class:`~sgdm.training.callbacks.
+    StepCheckpoint`). Workers still end with their loader, and on their own when the main process is
+    gone (PyTorch's worker watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class PositionLoader(DataLoader):
     """A DataLoader that is resumable by construction: where it starts is the module's restored
     step (read by :class:`PositionSampler` at ``iter``), so its own state is empty. Having
@@ -60,4 +73,5 @@ def build_train_loader(dataset: Dataset, flip_fn: Callable[[dict], dict], *, glo
     order = DataOrder(len(dataset), global_micro_batch, seed, flip)
     sampler = PositionSampler(order, total_positions, rank, world_size, start)
     return PositionLoader(PositionedDataset(dataset, flip_fn), batch_sampler=sampler, collate_fn=collate_training,
-                          num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
+                          num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
+                          worker_init_fn=ignore_sigterm if num_workers else None)

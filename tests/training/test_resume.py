@@ -147,11 +147,14 @@ def test_sigkill_anywhere_then_sigterm_then_resume_matches_uninterrupted(workdir
     torn = ckpt_dir / checkpoint_name(max(killed_at) + 2)
     torn.write_bytes((ckpt_dir / checkpoint_name(max(killed_at))).read_bytes()[:1000])  # corrupt, real name
 
-    # 2) resume; SIGTERM after the next checkpoint -> a checkpoint at a step boundary and exit code 143
-    proc = subprocess.Popen(cli_command(path, "--resume"), env=ENV, stdout=log, stderr=log)
+    # 2) resume; SIGTERM after the next checkpoint -> a checkpoint at a step boundary and exit code 143. The
+    # signal goes to the whole process group, DataLoader workers included, as torchrun's agent (os.killpg) and
+    # SLURM at the time limit send it; the workers must outlive it until the checkpoint is written.
+    proc = subprocess.Popen(cli_command(path, "--resume", "data.num_workers=2"), env=ENV, stdout=log, stderr=log,
+                            start_new_session=True)
     before = {s for s, _ in list_checkpoints(ckpt_dir)}
     assert _wait_for(lambda: {s for s, _ in list_checkpoints(ckpt_dir)} - before, 180, proc), "resume made no progress"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
     assert not any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir()), "leftovers were not cleaned"
     stopped_at = max(s for s, _ in list_checkpoints(ckpt_dir))
