@@ -12,7 +12,13 @@ The config is validated before any data or device is touched; an unknown key, a 
 type or an inconsistent setting exits with code 2 and names the key path. The resolved
 config is saved as RUN_DIR/config.yaml (RUN_DIR = run.dir/run.name). Exit codes: 0 done,
 2 config error, 143 stopped by SIGTERM after writing a checkpoint (continue with --resume, or start
-every run with --auto-resume)."""
+every run with --auto-resume).
+
+A config with a `prepare:` section (the quickstart) makes its assets first, in one process, then
+trains. Under torchrun or srun the processes only reuse them: make them once with
+`sgdm-ldm train CONFIG --prepare-only` (one process, same config and overrides), then launch. A run of
+several processes leaves `prepare.report` to the same command in one process (`train.devices=1`),
+which trains nothing more and writes the report."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,8 +28,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_resume_arguments(parser, resume_help="continue the run in RUN_DIR from its newest valid checkpoint (exactly: "
                                              "same weights, EMA, optimiser state and data order as an uninterrupted "
                                              "run)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="run the config's prepare: stages (dataset, autoencoder, features, annotations) in this "
+                             "one process, then stop: what a torchrun or srun launch of the config reuses")
     parser.set_defaults(func=run)
     return parser
+
+
+def _several_processes(cfg) -> int:
+    """How many processes trained (or train) this run: the launcher's, the config's, or the process group's."""
+    import torch.distributed as dist
+
+    from sgdm.launch import current
+
+    group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return max(current().world_size, cfg.train.world_size() or 1, group)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,11 +64,24 @@ def run(args: argparse.Namespace) -> int:
         from sgdm.training.run import check_first_stage_file
 
         check_first_stage_file(cfg)
+    from sgdm.config.core import ConfigError
+    from sgdm.launch import current
+
+    launch = current()
+    launched = launch.launcher in ("torchrun", "srun") and launch.world_size > 1  # every process runs this now
+    if args.prepare_only and not cfg.prepare.makes_assets():
+        raise ConfigError("--prepare-only", "the config has no prepare: stage to run (prepare.dataset, autoencoder, "
+                                            "features, annotations are all false)")
+    if args.prepare_only and launched:
+        raise ConfigError("--prepare-only", f"runs in one process, but {launch.launcher} started {launch.world_size}; "
+                                            "run it without the launcher")
     if cfg.prepare.any():
         from sgdm.quickstart import prepare
         from sgdm.training.checkpoint import list_checkpoints
 
-        prepare(cfg)
+        prepare(cfg, build=not launched)
+        if args.prepare_only:
+            return 0
         # A self-preparing config (the quickstart) is one command to repeat: like its prepared
         # artefacts, its own run is reused, continued exactly from its last checkpoint.
         resume = resume or bool(list_checkpoints(cfg.run.path / "checkpoints"))
@@ -57,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
     code = train(cfg, resume=resume)
     if code == 0 and cfg.prepare.report:
+        processes = _several_processes(cfg)
+        if processes > 1:  # its evaluations and companion runs are one process's work
+            if launch.is_first:
+                import sys
+
+                print(f"sgdm: prepare.report is not written by a run of {processes} processes; write it with the same "
+                      "command in one process (train.devices=1, without a launcher): the run is complete, so it "
+                      "trains nothing more", file=sys.stderr)
+            return code
         from sgdm.quickstart import write_report
 
         write_report(cfg, cfg.run.path)

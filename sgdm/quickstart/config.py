@@ -41,7 +41,11 @@ class PrepareConfig:
     companion_mask_classes: int = 0  # K of the self-segmented companion; 0: annotation.num_classes
 
     def any(self) -> bool:
-        return self.dataset or self.autoencoder or self.features or self.annotations or self.report
+        return self.makes_assets() or self.report
+
+    def makes_assets(self) -> bool:
+        """Whether a stage that runs before training is on (every flag but ``report``)."""
+        return self.dataset or self.autoencoder or self.features or self.annotations
 
     def validate(self) -> None:
         require_at_least(self, 1, "autoencoder_batch_size", "autoencoder_steps", "report_samples_per_row",

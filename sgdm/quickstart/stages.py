@@ -12,6 +12,11 @@ quickstart goes straight to training. The stages, in order (each only when its
   ``annotation.backbone`` with ``prepare.pretrain``;
 - ``annotations``: the ``annotation.store`` via ``annotate`` (with ``--evaluate``
   scores where the data has ground truth).
+
+The stages run in one process (the autoencoder on one device). A run of several processes
+(``train.devices`` or ``train.num_nodes`` above 1, torchrun, srun) calls ``prepare(cfg, build=False)``:
+every process checks and reuses what ``sgdm-ldm train CONFIG --prepare-only`` made, and a stage whose
+artefact is missing is a ``ConfigError`` saying so, before any process trains.
 """
 from __future__ import annotations
 
@@ -57,8 +62,17 @@ def reusable_store(annotation, data=None) -> bool:
     return True
 
 
-def _dataset(cfg, log) -> str:
+def _not_built(name: str, what) -> ConfigError:
+    return ConfigError(f"prepare.{name}", f"{what} is not made yet, and a run of several processes only reuses what "
+                                          "prepare made: run `sgdm-ldm train CONFIG --prepare-only` (the same config "
+                                          "and overrides) once in one process first")
+
+
+def _dataset(cfg, log, build: bool = True) -> str:
     from sgdm.data import build_dataset
+
+    if not build:
+        return "left to the training processes"
 
     n = len(build_dataset(cfg.data, train=False))
     return f"{cfg.data.dataset}: {n} images"
@@ -89,14 +103,16 @@ def run_settings_differ(cfg, trainer: str = "diffusion", run_dir: pathlib.Path |
     return keys
 
 
-def _autoencoder(cfg, log) -> str:
+def _autoencoder(cfg, log, build: bool = True) -> str:
     path = cfg.model.autoencoder.checkpoint
     if path is None:
         raise ConfigError("model.autoencoder.checkpoint", "prepare.autoencoder needs a path to write the autoencoder to")
     p = cfg.prepare
+    # one process on one device: a small budget, and a run of several processes must not train it N times
     budget = dataclasses.replace(cfg.train, max_steps=p.autoencoder_steps, batch_size=p.autoencoder_batch_size,
                                  lr=cfg.train.lr if p.autoencoder_lr is None else p.autoencoder_lr,
-                                 checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps))
+                                 checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps),
+                                 devices=1, num_nodes=1, strategy="auto")
     ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
     if path.is_file():
         from sgdm.training.autoencoder import trained_by
@@ -114,6 +130,8 @@ def _autoencoder(cfg, log) -> str:
                               f"{run_dir / 'config.yaml'}); delete it and {run_dir} to train it again, "
                               "or point model.autoencoder.checkpoint elsewhere")
         return f"reused {path}"
+    if not build:
+        raise _not_built("autoencoder", f"the autoencoder {path} (model.autoencoder.checkpoint)")
     from sgdm.training.autoencoder import train_autoencoder
     from sgdm.training.checkpoint import list_checkpoints
 
@@ -126,7 +144,7 @@ def _autoencoder(cfg, log) -> str:
     return f"trained {path}"
 
 
-def _features(cfg, log) -> str:
+def _features(cfg, log, build: bool = True) -> str:
     path = cfg.annotation.weights
     if path is None:
         raise ConfigError("annotation.weights", "prepare.features needs a path to write the encoder to")
@@ -143,16 +161,20 @@ def _features(cfg, log) -> str:
                                                     f"({', '.join(differ)} differ); delete it to pretrain again, "
                                                     "or point annotation.weights elsewhere")
         return f"reused {path}"
+    if not build:
+        raise _not_built("features", f"the encoder {path} (annotation.weights)")
     from sgdm.features_pretrain.run import pretrain_from_config
 
     pretrain_from_config(cfg, path, log=log)
     return f"pretrained {path}"
 
 
-def _annotations(cfg, log) -> str:
+def _annotations(cfg, log, build: bool = True) -> str:
     store = cfg.annotation.store
     if reusable_store(cfg.annotation, cfg.data):
         return f"reused {store}"
+    if not build:
+        raise _not_built("annotations", f"the annotation store {store} (annotation.store)")
     if cfg.annotation.source == "self" and cfg.annotation.weights is not None and not cfg.annotation.weights.is_file():
         raise ConfigError("annotation.weights", f"{cfg.annotation.weights} does not exist; set prepare.features: true "
                                                 "to pretrain it, or point it at an encoder")
@@ -168,13 +190,14 @@ _STAGES: list[tuple[str, Callable]] = [
 ]
 
 
-def prepare(cfg, log: Callable[[str], None] = _stderr) -> dict[str, str]:
-    """Run the stages whose ``cfg.prepare`` flag is set; returns what each did (also logged)."""
+def prepare(cfg, log: Callable[[str], None] = _stderr, build: bool = True) -> dict[str, str]:
+    """Run the stages whose ``cfg.prepare`` flag is set; returns what each did (also logged).
+    ``build=False`` (a run of several processes) only reuses: a missing artefact is a ``ConfigError``."""
     done = {}
     for name, stage in _STAGES:
         if not getattr(cfg.prepare, name):
             continue
         start = time.time()
-        done[name] = stage(cfg, log)
+        done[name] = stage(cfg, log, build)
         log(f"prepare {name}: {done[name]} ({time.time() - start:.0f}s)")
     return done

@@ -199,3 +199,63 @@ def test_prepare_trains_the_autoencoder_with_its_own_budget_and_lr(tmp_path, mon
     assert seen == [(5, 3, 1e-4, "quickstart-autoencoder"), (5, 3, 5e-4, "quickstart-autoencoder")]
     with pytest.raises(ConfigError, match=r"prepare.autoencoder_lr: must be > 0"):
         load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=0"])
+
+
+def _torchrun_env(monkeypatch, rank: int, world: int = 2) -> None:
+    """The variables torchrun gives process ``rank`` of ``world`` on one node."""
+    for name, value in {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "RANK": rank,
+                        "LOCAL_RANK": rank, "GROUP_RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}.items():
+        monkeypatch.setenv(name, str(value))
+
+
+_TWO_CPUS = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]
+
+
+def test_launched_processes_only_reuse_what_prepare_only_made(tmp_path, monkeypatch, capsys):
+    # Under torchrun every process runs the command at once: none may train the autoencoder or annotate
+    # (they would race on the same files, and the autoencoder would try to join their DDP group).
+    from sgdm.quickstart import prepare
+
+    overrides = [*tiny_overrides(tmp_path), *_TWO_CPUS]
+    with monkeypatch.context() as m:
+        _torchrun_env(m, rank=1)
+        assert main(["train", str(CONFIG), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert "config error: prepare.autoencoder: the autoencoder " in err and "is not made yet" in err
+        assert "run `sgdm-ldm train CONFIG --prepare-only`" in err
+        assert main(["train", str(CONFIG), *overrides, "--prepare-only"]) == 2
+        assert "--prepare-only: runs in one process, but torchrun started 2" in capsys.readouterr().err
+        assert not (tmp_path / "assets" / "ae.ckpt").exists()
+    # one process makes the assets, the autoencoder on one device, and trains nothing
+    assert main(["train", str(CONFIG), *overrides, "--prepare-only"]) == 0
+    assert (tmp_path / "assets" / "ae.ckpt").is_file() and (tmp_path / "assets" / "ann-label" / "manifest.json").is_file()
+    assert not (tmp_path / "runs" / "quickstart").exists()
+    assert "devices: 1" in (tmp_path / "runs" / "quickstart-autoencoder" / "config.yaml").read_text()
+    with monkeypatch.context() as m:  # what each launched process then does before training: reuse
+        _torchrun_env(m, rank=1)
+        done = prepare(load_experiment(CONFIG, overrides), log=lambda msg: None, build=False)
+    assert all(done[stage].startswith("reused") for stage in ("autoencoder", "features", "annotations"))
+    assert main(["train", str(CONFIG), *tiny_overrides(tmp_path), "prepare.dataset=false", "prepare.autoencoder=false",
+                 "prepare.features=false", "prepare.annotations=false", "--prepare-only"]) == 2
+    assert "--prepare-only: the config has no prepare: stage to run" in capsys.readouterr().err
+
+
+def test_a_run_of_several_processes_leaves_the_report_to_one(quickstart_run, monkeypatch, capsys):
+    import shutil
+
+    import sgdm.cli.train as train_cli
+
+    tmp, overrides = quickstart_run
+    report = tmp / "runs" / "quickstart" / "report"
+    saved = tmp / "report-saved"
+    shutil.copytree(report, saved)
+    try:
+        shutil.rmtree(report)
+        monkeypatch.setattr(train_cli, "_several_processes", lambda cfg: 2)  # as after a DDP fit of 2 processes
+        assert main(["train", str(CONFIG), *overrides]) == 0
+        assert "sgdm: prepare.report is not written by a run of 2 processes; write it with the same command in " \
+               "one process (train.devices=1" in capsys.readouterr().err
+        assert not report.exists()
+    finally:
+        shutil.rmtree(report, ignore_errors=True)
+        shutil.copytree(saved, report)
