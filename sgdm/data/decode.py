@@ -164,7 +164,10 @@ def decode(data: bytes, source: str | os.PathLike, exif_orientation: ExifOrienta
     except UnidentifiedImageError:
         raise BadImageError(source, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImageError(source, f"too large: {err}") from None
+        raise BadImageError(source, f"too large: {err} (Pillow's guard, PIL.Image.MAX_IMAGE_PIXELS = "
+                                    f"{Image.MAX_IMAGE_PIXELS}; a training image needs far fewer pixels: downscale "
+                                    "such files first, e.g. to 4096 px on the long side, or raise the limit in a "
+                                    "script that calls sgdm)") from None
     except MemoryError:
         raise
     except Exception as err:  # OSError, SyntaxError, EOFError, ... and what a plugin raises on a damaged

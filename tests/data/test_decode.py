@@ -91,6 +91,18 @@ def test_bytes_are_named_by_their_source():
         decode_bytes(data[:100], "lmdb[k1]")
 
 
+def test_an_image_above_pillows_pixel_limit_is_bad_and_says_what_to_do(monkeypatch):
+    from PIL import Image
+
+    data = encode(sample_rgb(), "PNG")  # 40 x 30 = 1200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadImageError, match=r"^big\.png: too large: .*1200 pixels.*PIL\.Image\.MAX_IMAGE_PIXELS = 1000;"
+                                            r" .*downscale such files first"):
+        decode_bytes(data, "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+    assert decode_bytes(data, "big.png").size == (40, 30)
+
+
 def test_bad_image_error_with_index_names_dataset_file_and_index():
     err = BadImageError("/d/x.jpg", "zero-byte file").at(7, "voc")
     assert str(err) == "voc index 7: /d/x.jpg: zero-byte file"
