@@ -62,6 +62,23 @@ class StepCheckpoint(pl.Callback):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_sigterm)
             self._installed = True
+        self._check_same_start(trainer, pl_module)
+
+    def _check_same_start(self, trainer, pl_module) -> None:
+        """Every process starts at the same step: each picked the newest valid checkpoint of the run on its
+        own, and a network filesystem whose listing is cached on one node (NFS attribute caching after a
+        requeue) could give them different ones. DDP would then train on with one process's weights (it
+        broadcasts them) but each process's own step, optimiser state and data position."""
+        if trainer.world_size <= 1:
+            return
+        import torch
+
+        steps = trainer.strategy.all_gather(torch.tensor(int(pl_module.step), device=pl_module.device)).reshape(-1)
+        if bool((steps != steps[0]).any()):
+            raise RuntimeError(f"sgdm: the processes of this run start from different steps ({steps.tolist()}, by "
+                               f"rank): each took the newest valid checkpoint in {self.directory} on its own, and "
+                               "their filesystems showed them different ones (a network filesystem's cached "
+                               "listing?); run the same command again once every node sees the same checkpoints")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         at_boundary = pl_module.next_position == int(batch["position"][0]) + 1

@@ -332,3 +332,25 @@ def test_sigterm_handling_is_sgdms_during_training_only(workdir, capsys):
     assert f"sgdm: stopped by SIGTERM at step 1; wrote {ckpt}; continue" in capsys.readouterr().err
     assert train(from_dict(ExperimentConfig, cfg), resume=True) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("steps", [[6, 6], [6, 4]])
+def test_processes_that_resumed_from_different_checkpoints_are_stopped(steps, tmp_path):
+    """Each process finds the newest valid checkpoint on its own; a filesystem that shows two nodes
+    different listings would have them resume from different steps (here: the gathered steps of 2)."""
+    import types
+
+    import torch
+
+    from sgdm.training.callbacks import StepCheckpoint
+
+    strategy = types.SimpleNamespace(all_gather=lambda t: torch.tensor(steps))
+    trainer = types.SimpleNamespace(world_size=2, strategy=strategy)
+    module = types.SimpleNamespace(step=steps[0], device=torch.device("cpu"))
+    callback = StepCheckpoint(tmp_path / "checkpoints", every=2, keep=2)
+    if steps[0] == steps[1]:
+        callback._check_same_start(trainer, module)
+        return
+    with pytest.raises(RuntimeError, match=r"start from different steps \(\[6, 4\], by rank\): each took the newest "
+                                           rf"valid checkpoint in {tmp_path / 'checkpoints'} on its own"):
+        callback._check_same_start(trainer, module)
