@@ -137,11 +137,24 @@ def check_launch(devices, num_nodes: int, accelerator: str = "auto", section: st
                                                 f"but torchrun started {launch.world_size} processes (WORLD_SIZE)")
 
 
-def join_process_group() -> bool:
+def _backend(device: Optional[str]) -> str:
+    """NCCL where the command's tensors live on GPUs; gloo for a command run on the CPU (``device`` "cpu"),
+    which NCCL would refuse with more processes on a node than GPUs, and where CUDA is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "gloo"
+    if device is not None and device != "auto" and torch.device(device).type == "cpu":
+        return "gloo"
+    return "nccl"
+
+
+def join_process_group(device: Optional[str] = None) -> bool:
     """Join the process group of the launch that started this process: torchrun's (or one described by
     ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set by hand), or srun's, with its
     main address and port found as Lightning finds them (``MASTER_ADDR`` / ``MASTER_PORT``, else the
-    first node of ``SLURM_NODELIST`` and a port from the job id). True when distributed."""
+    first node of ``SLURM_NODELIST`` and a port from the job id). ``device``: where the command works
+    ("cpu", "cuda", "auto"; None as "auto"), which picks the backend. True when distributed."""
     import torch
     import torch.distributed as dist
 
@@ -151,7 +164,7 @@ def join_process_group() -> bool:
     srun = launch.launcher == "srun" and launch.world_size > 1
     if not srun and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = _backend(device)
     if backend == "nccl":
         torch.cuda.set_device(local_gpu())
     if not srun:
@@ -189,7 +202,7 @@ def rank_world() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def process_group():
+def process_group(device: Optional[str] = None):
     """:func:`join_process_group` for the time of a command (``with process_group() as joined:``): the
     group it joined is destroyed on the way out, also after an error. Left to the interpreter's exit,
     gloo's and NCCL's threads now and then abort it ("terminate called without an active exception",
@@ -197,7 +210,7 @@ def process_group():
     import torch.distributed as dist
 
     already = dist.is_available() and dist.is_initialized()
-    joined = join_process_group()
+    joined = join_process_group(device)
     try:
         yield joined
     finally:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args.config, args.overrides)  # annotate reads its data and annotation sections
     try:
-        with process_group():  # one process unless torchrun or srun started several
+        with process_group(cfg.annotation.device):  # one process unless torchrun or srun started several
             result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
     except ConfigError:
         raise  # main() reports it (exit 2)

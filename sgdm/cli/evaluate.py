@@ -127,7 +127,7 @@ def run(args) -> int:
     from sgdm.config.core import ConfigError
 
     try:
-        with process_group():  # one process unless torchrun or srun started several
+        with process_group(ecfg.device):  # one process unless torchrun or srun started several
             results = evaluate_run(args.run, ecfg)
     except (FileNotFoundError, RuntimeError, ValueError) as err:  # ConfigError: main() reports it (exit 2)
         if isinstance(err, ConfigError):

@@ -172,3 +172,15 @@ def test_the_process_group_srun_started_is_joined(tmp_path):
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert [o.strip().splitlines()[-1] for o in outputs] == ["joined 0 2 3", "joined 1 2 3"]
+
+
+def test_a_command_on_the_cpu_joins_with_gloo_where_cuda_is_present(monkeypatch):
+    # NCCL would refuse more processes on a node than GPUs for a CPU evaluation or annotation
+    import torch
+
+    from sgdm.launch import _backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [_backend(d) for d in (None, "auto", "cuda", "cuda:1", "cpu")] == ["nccl"] * 4 + ["gloo"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {_backend(d) for d in (None, "auto", "cpu")} == {"gloo"}
