@@ -116,9 +116,23 @@ def clean_leftovers(directory: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (older ones go only after a newer one exists)."""
-    for _, path in list_checkpoints(directory)[:-keep]:
+    """Keep the newest ``keep`` checkpoints up to the one written last (older ones go only after a newer
+    one exists). Checkpoints numbered above the one written last are neither counted nor removed: a
+    resume starts from the newest *valid* checkpoint, so they are torn files it went back past, and
+    counting them would delete the resumed run's good checkpoints and keep only the torn ones."""
+    found = list_checkpoints(directory)
+    if not found:
+        return
+    last = max(found, key=lambda sp: (_mtime_ns(sp[1]), sp[0]))[0]
+    for _, path in [c for c in found if c[0] <= last][:-keep]:
         path.unlink(missing_ok=True)
+
+
+def _mtime_ns(path: pathlib.Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1
 
 
 def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
