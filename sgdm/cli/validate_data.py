@@ -33,6 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from sgdm.config import ConfigError, apply_overrides, from_dict, load_yaml
+    from sgdm.config.core import check_known_keys
     from sgdm.data.build import build_dataset
     from sgdm.data.config import EXIF_KINDS, DataConfig
     from sgdm.data.decode import printable
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     # typed by the experiment schema (text and path keys take the override text as written)
     raw = apply_overrides(load_yaml(args.config), args.overrides, ExperimentConfig)
+    check_known_keys(ExperimentConfig, raw)  # a misspelt key (dta.root=...) must not check another dataset
     cfg = from_dict(DataConfig, raw.get("data"), "data")
     dataset = build_dataset(cfg, train=False, split=args.split)
     if args.workers is not None and args.workers < 0:

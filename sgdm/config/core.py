@@ -41,6 +41,7 @@ __all__ = [
     "check_device",
     "check_kwargs",
     "absolute_paths",
+    "check_known_keys",
 ]
 
 
@@ -202,8 +203,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(path, f"expected str, got {_describe(value)}")
     if tp is pathlib.Path:
-        if isinstance(value, (str, pathlib.PurePath)):
-            return _absolute(pathlib.Path(value))
+        if isinstance(value, (str, pathlib.PurePath)):  # ~ is the home folder, as in a shell (not ./~)
+            return _absolute(pathlib.Path(value).expanduser())
         raise ConfigError(path, f"expected a path, got {_describe(value)}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
@@ -241,9 +242,29 @@ def absolute_paths(cls: type, data: Any, parts: tuple[str, ...] = ()) -> Any:
     tp = _field_type(cls, parts) if parts else None
     if typing.get_origin(_without_none(tp)) is list:
         tp = typing.get_args(_without_none(tp))[0]
-        return [os.path.abspath(v) if _without_none(tp) is pathlib.Path and isinstance(v, str) else v
+        return [_absolute_text(v) if _without_none(tp) is pathlib.Path and isinstance(v, str) else v
                 for v in data] if isinstance(data, list) else data
-    return os.path.abspath(data) if _without_none(tp) is pathlib.Path and isinstance(data, str) else data
+    return _absolute_text(data) if _without_none(tp) is pathlib.Path and isinstance(data, str) else data
+
+
+def _absolute_text(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def check_known_keys(cls: type, data: Any, path: str = "") -> None:
+    """Every key of raw config data (parsed YAML) names a field of dataclass ``cls``, in nested sections too;
+    a ConfigError like :func:`from_dict`'s otherwise. Values are not checked: for a command that reads some
+    sections and takes the others (the same config and overrides as ``train``) without building them."""
+    if not isinstance(data, Mapping):
+        return
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_join(path, str(key)), f"unknown key (known keys here: {', '.join(sorted(fields))})")
+        tp = _without_none(hints[key])
+        if dataclasses.is_dataclass(tp):
+            check_known_keys(tp, value, _join(path, key))
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -345,6 +366,39 @@ def _without_none(tp: Any) -> Any:
 
 _YAML_NULL = ("null", "Null", "NULL", "~")
 
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading numbers as YAML 1.2 does: ``010`` is ten, not YAML 1.1's octal 8
+    (``train.max_steps=010`` trained 8 steps), and ``1:30`` is text, not 90 in base 60. Only text that
+    YAML 1.1 read as a number changes (``09``, text there, stays text), so whatever ``yaml.safe_dump``
+    wrote (a run's config.yaml, ``--print-config``) reads back the same."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    base = {"0b": 2, "0x": 16}.get(digits[:2], 10)
+    try:
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
+
 
 def _override_value(raw: str, key: str, tp: Any) -> Any:
     text = raw.strip()
@@ -360,7 +414,7 @@ def _override_value(raw: str, key: str, tp: Any) -> Any:
                 return unquoted
         return text
     try:
-        return yaml.safe_load(raw) if text else ""
+        return yaml.load(raw, Loader=_Loader) if text else ""
     except yaml.YAMLError as err:
         raise ConfigError(key, f"cannot parse override value {raw!r}: {err}") from None
 
@@ -368,7 +422,7 @@ def _override_value(raw: str, key: str, tp: Any) -> Any:
 def _load_unique_keys(text: str, source: str) -> Any:
     """``yaml.safe_load``, refusing a key written twice in one mapping (PyYAML keeps the last one, so a
     second ``train:`` block would silently replace the first)."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -398,6 +452,8 @@ def _check_unique_keys(node: yaml.Node, path: str, source: str) -> None:
 
 def load_yaml(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError("", f"config file {path} is a folder; give the YAML file in it")
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
     try:

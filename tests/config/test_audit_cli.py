@@ -1,0 +1,97 @@
+"""Config loading and the CLI as a user meets them: numbers, home-relative paths, config files, typos."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+
+from sgdm.cli.main import main
+from sgdm.config import ConfigError, apply_overrides, from_dict, load_config, load_yaml
+from sgdm.config.schema import load_experiment
+
+
+@dataclasses.dataclass
+class Section:
+    steps: int = 1
+    lr: float = 1.0
+    name: str = "x"
+    where: pathlib.Path = pathlib.Path("here")
+
+
+@pytest.mark.parametrize("text, value", [("010", 10), ("0010", 10), ("-010", -10), ("0", 0), ("0x10", 16),
+                                         ("1_000", 1000), ("1e3", 1000)])
+def test_an_int_with_leading_zeros_is_decimal_not_octal(tmp_path, text, value):
+    # YAML 1.1 (PyYAML) reads 010 as octal 8: train.max_steps=010 would train 8 steps
+    assert load_config(Section, None, [f"steps={text}"]).steps == value
+    (tmp_path / "c.yaml").write_text(f"steps: {text}\n")
+    assert load_config(Section, tmp_path / "c.yaml").steps == value
+
+
+def test_a_float_with_a_leading_zero_and_a_sexagesimal_number():
+    assert load_config(Section, None, ["lr=010"]).lr == 10.0
+    assert load_config(Section, None, ["lr=010.5"]).lr == 10.5
+    # YAML 1.1 reads 1:30 as 90 (base 60); as text it is refused for a number and kept for a string
+    with pytest.raises(ConfigError, match=r"^steps: expected int, got str '1:30'"):
+        load_config(Section, None, ["steps=1:30"])
+    data = apply_overrides({}, ["other=1:30"])
+    assert data == {"other": "1:30"}
+
+
+def test_a_file_keeps_sexagesimal_text_for_a_string(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: 1:30\n")
+    assert load_config(Section, tmp_path / "c.yaml").name == "1:30"
+
+
+def test_printed_config_with_numeric_looking_strings_loads_back(tmp_path, capsys):
+    config = pathlib.Path(__file__).parents[2] / "configs" / "shapes_cpu.yaml"
+    assert main(["train", str(config), "--print-config", "run.name=010", "run.dir=1:30", "data.root=09"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    cfg = load_experiment(printed)
+    assert cfg.run.name == "010" and cfg.run.dir.name == "1:30" and cfg.data.root.name == "09"
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Section, None, ["where=~/runs"]).where == tmp_path / "home" / "runs"
+    (tmp_path / "c.yaml").write_text("where: ~/data\n")
+    assert from_dict(Section, load_yaml(tmp_path / "c.yaml")).where == tmp_path / "home" / "data"
+    cfg = load_experiment(None, ["run.dir=~/runs", "data.size=256"])
+    assert cfg.run.dir == tmp_path / "home" / "runs"
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_folder_given_as_the_config_file_is_said_so(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_yaml(tmp_path)
+    assert main(["train", str(tmp_path), "--print-config"]) == 2
+    assert f"{tmp_path} is a folder" in capsys.readouterr().err
+
+
+def _shapes_config(tmp_path) -> pathlib.Path:
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  dataset: shapes\n  max_images: 4\n  size: 32\n")
+    return config
+
+
+@pytest.mark.parametrize("override, key", [("dta.root=/x", "dta"), ("data.rot=/x", "data.rot"),
+                                           ("run.nme=a", "run.nme"), ("model.unet.chanels=3", "model.unet.chanels")])
+def test_validate_data_refuses_a_misspelt_key(tmp_path, capsys, override, key):
+    # a misspelt data key must not validate the dataset the user did not mean
+    assert main(["validate-data", str(_shapes_config(tmp_path)), override, "--workers", "0"]) == 2
+    assert f"config error: {key}: unknown key" in capsys.readouterr().err
+
+
+def test_validate_data_refuses_a_misspelt_section_in_the_file(tmp_path, capsys):
+    config = _shapes_config(tmp_path)
+    config.write_text(config.read_text() + "trian:\n  lr: 1\n")
+    assert main(["validate-data", str(config), "--workers", "0"]) == 2
+    assert "config error: trian: unknown key" in capsys.readouterr().err
+
+
+def test_validate_data_takes_the_train_commands_overrides(tmp_path, capsys):
+    # the README's flow: the same overrides as `train`, the other sections unread
+    assert main(["validate-data", str(_shapes_config(tmp_path)), "run.name=mine", "train.lr=1e-4",
+                 "annotation.backbone_kwargs.img_size=32", "--workers", "0"]) == 0, capsys.readouterr().err
