@@ -7,6 +7,7 @@ positions per optimiser step; see :mod:`sgdm.training.data_order`):
     t ~ U{0..T-1},  eps ~ N(0, I)           x_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps
     (k, k_s) = guidance(sample) zeroed with probability p_drop (classifier-free training)
     loss = mean_b || eps - eps_theta(x_t, t, k, k_s) ||^2      (or l1, or v-prediction)
+    (the gradient's: a sum over the readable samples / batch_size, see training_step)
 
 All draws come from a generator seeded by (run seed, position) over the
 global micro-batch; each rank keeps its slice (exact resume, DDP == 1 device).
@@ -111,9 +112,12 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self._trainer is not None else 0
 
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def _rank_slice(self) -> tuple[int, int]:
         """(global size G, offset of this rank) of the current global micro-batch."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self._world()
         rank = self._rank()
         micro = self.train_cfg.micro_batch(world)
         return micro * world, rank * micro
@@ -168,9 +172,13 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
             per_sample = diffusion_loss(lambda x, tt: self.unet(x, tt, cond, cond_map), z0, t, noise, self.schedule,
                                         self.diffusion_cfg)
         loss = per_sample.mean()
+        # every readable sample weighs 1 / batch_size, however many its micro-batch or rank lost to
+        # data.on_bad_image: skip (a mean over the readable ones would weigh a rank's or micro-batch's
+        # survivors up, so DDP would differ from one device); DDP averages the ranks' gradients
+        objective = per_sample.sum() / (g_size // self._world() * self.train_cfg.accumulate)
         # a device tensor, read once per optimiser step (in _finish_step), not once per micro-batch
         self._step_finite = torch.isfinite(loss.detach()) & self._step_finite
-        self.manual_backward(loss / self.train_cfg.accumulate)
+        self.manual_backward(objective)
         self._log_loss(loss.detach(), per_sample.detach(), t, step, micro)
         if micro == self.train_cfg.accumulate - 1:
             self._finish_step(step)

@@ -23,3 +23,48 @@ def test_pruning_after_a_resume_past_a_torn_newer_checkpoint_keeps_the_new_ones(
         prune_checkpoints(tmp_path, keep=1)
         assert find_last_valid(tmp_path) == tmp_path / checkpoint_name(step)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 8]
+
+
+def _bare_module(tmp_path, **train):
+    """The tiny unguided module, stepped by hand: backward only (no trainer, optimiser or logging)."""
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.run import build_module
+    from tests.training.helpers import tiny_config
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path, model={"guidance": {"kind": "none"}},
+                                                  train={"batch_size": 4, **train}))
+    module = build_module(cfg)
+    module.first_stage.scale_factor.fill_(1.0)
+    module.manual_backward = lambda loss: loss.backward()
+    module._log_loss = lambda *args: None
+    module._finish_step = lambda step: None
+    return module
+
+
+def _cached_batch(slots: list[int], position: int) -> dict:
+    g = torch.Generator().manual_seed(5)
+    mean, logvar = torch.randn(4, 2, 16, 16, generator=g), torch.randn(4, 2, 16, 16, generator=g) - 3
+    return {"mean": mean[slots], "logvar": logvar[slots], "id": [str(s) for s in slots],
+            "flipped": torch.zeros(len(slots), dtype=torch.bool), "position": torch.full((len(slots),), position)}
+
+
+def _grads(module, batch, rank: int, world: int) -> list[torch.Tensor]:
+    module.unet.zero_grad(set_to_none=True)
+    module._rank, module._world = (lambda: rank), (lambda: world)
+    module._rank_slice = lambda: (4, rank * (4 // world))  # (global micro-batch, this rank's offset)
+    module.training_step(batch, 0)
+    return [p.grad.clone() for p in module.unet.parameters()]
+
+
+def test_a_dropped_unreadable_sample_weighs_the_same_on_one_device_and_under_ddp(tmp_path):
+    """data.on_bad_image: skip drops sample 3 of global micro-batch [0, 1, 2, 3]. Each readable sample must
+    weigh 1 / batch_size on one device and on two (DDP averages the ranks' gradients): before, each rank
+    averaged over its own readable samples, so rank 1's lone sample weighed 1/2 under DDP and 1/3 alone."""
+    torch.manual_seed(0)
+    module = _bare_module(tmp_path)
+    one = _grads(module, _cached_batch([0, 1, 2], 7), rank=0, world=1)
+    rank0 = _grads(module, _cached_batch([0, 1], 7), rank=0, world=2)
+    rank1 = _grads(module, _cached_batch([2], 7), rank=1, world=2)
+    for a, b, c in zip(one, rank0, rank1):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
