@@ -132,8 +132,8 @@ def _integral(value: Any) -> int | None:
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if tp is Any:
-        return value
+    if tp is Any:  # kwargs for a library (backbone_kwargs): 1e-1, text to PyYAML, is the number it spells
+        return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) else value
     if origin in (typing.Union, types.UnionType):
         if value is None:
             if type(None) in args:
@@ -203,6 +203,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(path, f"expected str, got {_describe(value)}")
     if tp is pathlib.Path:
+        if value == "":  # Path("") is the current folder: never what an empty key=, or "", meant
+            raise ConfigError(path, "empty path; write . for the current folder (or null for none, where the key "
+                                    "allows it)")
         if isinstance(value, (str, pathlib.PurePath)):  # ~ is the home folder, as in a shell (not ./~)
             return _absolute(pathlib.Path(value).expanduser())
         raise ConfigError(path, f"expected a path, got {_describe(value)}")

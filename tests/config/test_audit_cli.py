@@ -95,3 +95,19 @@ def test_validate_data_takes_the_train_commands_overrides(tmp_path, capsys):
     # the README's flow: the same overrides as `train`, the other sections unread
     assert main(["validate-data", str(_shapes_config(tmp_path)), "run.name=mine", "train.lr=1e-4",
                  "annotation.backbone_kwargs.img_size=32", "--workers", "0"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("written", ["1e-1", "1.5e-1", "-2e-1"])
+def test_scientific_numbers_in_backbone_kwargs_are_numbers(tmp_path, written):
+    # PyYAML reads 1e-1 (no dot) as text; timm would get drop_rate='1e-1'
+    cfg = load_experiment(None, [f"annotation.backbone_kwargs.drop_rate={written}", "data.size=256"])
+    assert cfg.annotation.backbone_kwargs == {"drop_rate": float(written)}
+    config = tmp_path / "c.yaml"
+    config.write_text(f"annotation:\n  backbone_kwargs: {{drop_path_rate: {written}}}\n")
+    assert load_experiment(config).annotation.backbone_kwargs == {"drop_path_rate": float(written)}
+
+
+@pytest.mark.parametrize("override", ["where=", "where=''"])
+def test_an_empty_path_is_refused_not_the_current_folder(override):
+    with pytest.raises(ConfigError, match=r"^where: empty path"):
+        load_config(Section, None, [override])
