@@ -138,8 +138,9 @@ class UNetConfig:
     first level of a 32x32 latent), not downsampling factors. ``num_head_channels``
     > 0 overrides ``num_heads`` (heads = channels // num_head_channels).
     ``norm_groups`` is 32 as in LDM; smaller for tiny test models. ``cond_resize``
-    picks how guidance maps are resized to the latent grid (nearest keeps box masks
-    binary; area gives coverage fractions).
+    picks how guidance maps are resized to the latent grid (nearest reads each latent
+    cell at its centre, ``nearest-exact``, and keeps box masks binary; area gives
+    coverage fractions).
     """
 
     in_channels: int = 4

@@ -9,8 +9,9 @@ Guidance enters in the paper's three ways (Hu et al., CVPR 2023, Sec. 3):
   with its own SiLU+Linear to a per-channel scale and shift, so the concatenation
   conditions every block without an extra fusion layer;
 * box level (Eq. 8) and mask level (Eq. 9): ``cond_map`` (1-channel box mask or
-  K-channel one-hot mask, any resolution) is resized to the latent grid and
-  concatenated with x_t along channels before the first convolution.
+  K-channel one-hot mask, any resolution, on x_t's device) is resized to the latent
+  grid (``cond_resize``) and concatenated with x_t along channels before the first
+  convolution.
 
 The null condition is all zeros for both k and the map (what guidance dropout
 substitutes), so one network gives eps_cond and eps_uncond. A model built with
@@ -210,6 +211,10 @@ class UNet(nn.Module):
         if cond_map is not None and (cond_map.dim() != 4 or tuple(cond_map.shape[:2]) != (b, self.cond_channels)):
             raise ValueError(f"cond_map: expected shape [{b}, {self.cond_channels}, H, W], got "
                              f"{tuple(cond_map.shape)}")
+        for name, value in (("cond", cond), ("cond_map", cond_map)):
+            if value is not None and value.device != x_t.device:
+                raise ValueError(f"{name}: is on {value.device} but x_t is on {x_t.device}; move the guidance "
+                                 f"to x_t's device")
         return t
 
     def _complete_condition(self, x_t, cond, cond_map):
@@ -240,7 +245,10 @@ class UNet(nn.Module):
         h = x_t
         if cond_map is not None:
             if cond_map.shape[2:] != x_t.shape[2:]:
-                cond_map = F.interpolate(cond_map.float(), size=x_t.shape[2:], mode=self.cfg.cond_resize)
+                # "nearest" reads each latent cell at its centre (nearest-exact), as resize_class_map and the
+                # pipeline grow maps; plain nearest reads a cell's top-left pixel, shifting a shrunk map
+                mode = "nearest-exact" if self.cfg.cond_resize == "nearest" else self.cfg.cond_resize
+                cond_map = F.interpolate(cond_map.float(), size=x_t.shape[2:], mode=mode)
             h = torch.cat([x_t, cond_map.to(x_t.dtype)], dim=1)
         ckpt = self.cfg.gradient_checkpointing
         h = self.conv_in(h)
