@@ -187,23 +187,35 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
     def _to_device(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else _to_device(x, self.device)
 
-    def _grads_finite(self) -> Union[bool, torch.Tensor]:
-        if self.trainer.precision_plugin.precision in ("16-mixed",):
-            return True  # the GradScaler owns overflow handling in fp16
-        return all_finite([p.grad for p in self.unet.parameters() if p.grad is not None])
+    def _scaler(self):
+        """The fp16 GradScaler of the precision plugin, None under 32 and bf16."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _verdict(self) -> tuple[bool, bool]:
+        """(every micro-batch's loss finite, all gradients finite) on every rank: the step's one host sync."""
+        grads = all_finite([p.grad for p in self.unet.parameters() if p.grad is not None])
+        flags = torch.stack([torch.as_tensor(v, device=self.device) for v in (self._step_finite, grads)]).int()
+        world = self._world()
+        if world > 1:  # one all-reduce for both: how many ranks found each finite
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        loss_finite, grads_finite = (int(n) == world for n in flags.tolist())
+        return loss_finite, grads_finite
 
     def _finish_step(self, step: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        # the step's one host sync: whether to skip it (loss of every micro-batch and all gradients)
-        finite = bool(self._step_finite & self._grads_finite())
-        finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-        if finite:
+        loss_finite, grads_finite = self._verdict()
+        if loss_finite and grads_finite:
             opt.step()  # clips in on_before_optimizer_step
             decay = ema_decay(self.ema_updates, self.train_cfg.ema_decay, self.train_cfg.ema_warmup)
             update_ema(self.ema, self.unet, decay)
             self.ema_updates += 1
             self.consecutive_nan = 0
             self._log_host("train/ema_decay", decay, rank_zero_only=True)
+        elif loss_finite and self._scaler() is not None:
+            # fp16 gradients overflowed at this loss scale: the GradScaler's routine, not a fault. Its
+            # step skips the update and lowers the scale; the weights, optimiser state and EMA stay
+            # (the scaler finds the same non-finite loss-scaled gradients as all_finite)
+            opt.step()
         else:
             self._skip(step)
         opt.zero_grad(set_to_none=True)

@@ -68,3 +68,39 @@ def test_a_dropped_unreadable_sample_weighs_the_same_on_one_device_and_under_ddp
     rank1 = _grads(module, _cached_batch([2], 7), rank=1, world=2)
     for a, b, c in zip(one, rank0, rank1):
         torch.testing.assert_close(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_fp16_steps_the_grad_scaler_skips_leave_the_ema_alone(tmp_path):
+    """Under 16-mixed an overflowing step is skipped by the GradScaler (weights and optimiser unchanged, scale
+    lowered). The EMA must not take an update for it either (docs: a skipped step leaves the EMA untouched,
+    and the warm-up counts updates); before, sgdm treated every fp16 step as finite and updated the EMA."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.run import build_module
+    from tests.training.helpers import tiny_config
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path, model={"guidance": {"kind": "none"}},
+                                                  train={"max_steps": 3}))
+    module = build_module(cfg)
+    module.first_stage.scale_factor.fill_(1.0)
+    unet0 = {k: v.clone() for k, v in module.unet.state_dict().items()}
+    # a loss scale near float32's maximum: every backward overflows, so the scaler skips all 3 steps
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)
+
+    class ZeroEma(pl.Callback):
+        def on_train_start(self, trainer, module):
+            for p in module.ema.parameters():
+                p.data.zero_()  # an EMA apart from the weights, so that an update would show
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                         max_epochs=-1, max_steps=-1, logger=False, callbacks=[ZeroEma()],
+                         use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert module.step == 3 and scaler.get_scale() == 2.0**123  # three overflows, three back-offs
+    assert all(torch.equal(v, unet0[k]) for k, v in module.unet.state_dict().items())
+    assert all(bool((p == 0).all()) for p in module.ema.parameters())
+    assert (module.ema_updates, module.nan_skips) == (0, 0)  # the scaler's routine, not a fault
