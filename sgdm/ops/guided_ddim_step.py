@@ -16,7 +16,9 @@ there is no noise left: sigma_t = 0 and eps is kept.
 
 Eager PyTorch spends about ten kernel launches and as many passes over memory
 on this expression; the compiled op reads each input once and writes both
-outputs once. Sampling only: the op has no autograd formula.
+outputs once. The kernel has no autograd formula (sampling needs none): a call that
+needs gradients (grad mode on and an input that requires them) runs the differentiable
+reference instead, so gradients never silently stop at the step.
 """
 from __future__ import annotations
 
@@ -96,6 +98,11 @@ def _check(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond, guidance_scal
     return (at_tensor, at_scalar), (ap_tensor, ap_scalar), w, eta, clip_x0
 
 
+def _wants_grad(*args) -> bool:
+    """Whether autograd would record this call: grad mode on and some tensor argument requiring grad."""
+    return torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args)
+
+
 def guided_ddim_step(x_t: torch.Tensor, eps_cond: torch.Tensor, alpha_bar_t, alpha_bar_prev,
                      eps_uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
                      eta: float = 0.0, noise: torch.Tensor | None = None,
@@ -117,7 +124,8 @@ def guided_ddim_step(x_t: torch.Tensor, eps_cond: torch.Tensor, alpha_bar_t, alp
             and type(guidance_scale) in _REAL and -math.inf < guidance_scale < math.inf
             and type(eta) in _REAL and eta == 0 and isinstance(x_t, torch.Tensor)
             and not torch.compiler.is_compiling()
-            and _extension.kernels_enabled(_OP, "cpu" if x_t.is_cpu else x_t.device.type)):
+            and _extension.kernels_enabled(_OP, "cpu" if x_t.is_cpu else x_t.device.type)
+            and not _wants_grad(x_t, eps_cond, eps_uncond)):
         try:
             return torch.ops.sgdm.guided_ddim_step(x_t, eps_cond, eps_uncond, None, None, None,
                                                    alpha_bar_t, alpha_bar_prev,
@@ -128,7 +136,9 @@ def guided_ddim_step(x_t: torch.Tensor, eps_cond: torch.Tensor, alpha_bar_t, alp
             raise
     (at_t, at_s), (ap_t, ap_s), w, eta, clip_x0 = _check(
         x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond, guidance_scale, eta, noise, clip_x0)
-    if _extension.kernels_enabled(_OP, x_t.device.type):
+    # the kernel has no autograd formula: a call that needs gradients runs the reference
+    if _extension.kernels_enabled(_OP, x_t.device.type) and not _wants_grad(
+            x_t, eps_cond, eps_uncond, noise if eta else None, at_t, ap_t):
         return torch.ops.sgdm.guided_ddim_step(x_t, eps_cond, eps_uncond, noise if eta else None,
                                                at_t, ap_t, at_s, ap_s, w, eta, clip_x0)
     return guided_ddim_step_ref(x_t, eps_cond, alpha_bar_t if at_t is None else at_t,
