@@ -15,7 +15,8 @@ exactly as training from the images does.
 
 Shards are written atomically and in order; an interrupted encode resumes at
 the first missing shard. The fingerprint covers the data config and the
-first-stage weights, so a stale cache is rebuilt rather than silently reused.
+first-stage weights, and the manifest's ids must be the dataset's (images added or removed under the
+same settings), so a stale cache is rebuilt rather than silently reused.
 One process at a time builds (the lock file ``.lock``): the ranks that torchrun starts together
 wait for the first and then read its cache instead of each encoding the dataset into the same files.
 """
@@ -133,7 +134,8 @@ def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
     manifest_path = directory / "manifest.json"
     shard = cfg.train.cache_shard_size
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if manifest.get("fingerprint") != fp or manifest.get("shard_size") != shard:
+    stale = manifest.get("fingerprint") != fp or manifest.get("shard_size") != shard
+    if stale or not _same_images(manifest, dataset):
         for old in directory.glob("shard-*.safetensors"):
             old.unlink()
         manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False}
@@ -146,6 +148,18 @@ def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
                                                  latent_shape))
         manifest["complete"] = index == num_shards - 1
         atomic_write_text(manifest_path, json.dumps(manifest))
+
+
+def _same_images(manifest: dict, dataset) -> bool:
+    """Whether the cache's rows are still the dataset's images: the same number, and the ids cached so far
+    (of the readable ones) at the same indices. The fingerprint covers the data settings, not the files: a
+    folder with images added or removed under the same settings must not be read through the old rows."""
+    if manifest.get("num_samples") != len(dataset):
+        return False
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        return True
+    return all(cached is None or cached == str(ids[i]) for i, cached in enumerate(manifest.get("ids", [])))
 
 
 class LatentCacheDataset(Dataset):

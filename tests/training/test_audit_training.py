@@ -104,3 +104,36 @@ def test_fp16_steps_the_grad_scaler_skips_leave_the_ema_alone(tmp_path):
     assert all(torch.equal(v, unet0[k]) for k, v in module.unet.state_dict().items())
     assert all(bool((p == 0).all()) for p in module.ema.parameters())
     assert (module.ema_updates, module.nan_skips) == (0, 0)  # the scaler's routine, not a fault
+
+
+def test_a_complete_latent_cache_of_other_images_is_rebuilt(tmp_path, monkeypatch):
+    """The fingerprint covers the data *settings* and the first-stage weights; a folder whose files changed
+    under the same settings (images added or removed) must not be read through the old cache."""
+    import sgdm.training.data as data
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.latent_cache import LatentCacheDataset, ensure_latent_cache
+    from sgdm.training.run import build_first_stage
+    from tests.training.helpers import tiny_config
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path, train={"cache_latents": True, "cache_shard_size": 8}))
+    first_stage = build_first_stage(cfg)
+    full = LatentCacheDataset(ensure_latent_cache(cfg, first_stage))
+    assert len(full) == 24
+    second = full[1]  # read now: the rebuild below replaces the shard files
+    build = data.build_image_dataset
+
+    class Fewer(torch.utils.data.Dataset):  # the folder after some files were removed
+        def __init__(self, base, ids):
+            self.base, self.ids = base, ids
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, index):
+            return {**self.base[index + 1], "id": self.ids[index]}
+
+    monkeypatch.setattr(data, "build_image_dataset", lambda *a: (lambda b: Fewer(b, b.ids[1:]))(build(*a)))
+    fewer = LatentCacheDataset(ensure_latent_cache(cfg, first_stage))
+    assert len(fewer) == 23 and fewer[0]["id"] == second["id"]
+    torch.testing.assert_close(fewer[0]["mean"], second["mean"])
