@@ -26,7 +26,7 @@ class TrainConfig:
     non-finite loss (``on_nan: skip``), so data order never depends on faults.
     AdamW with a linear warm-up over ``warmup_steps`` to ``lr``, then constant
     (LDM). EMA: ``ema_decay`` with warm-up ``min(decay, (1 + n) / (10 + n))``
-    after n updates. Checkpoints every ``checkpoint_every`` steps (atomic),
+    at the n-th update, n = 1, 2, ... (LDM's LitEma). Checkpoints every ``checkpoint_every`` steps (atomic),
     keeping the newest ``keep_checkpoints``. A sample grid every
     ``sample_every`` steps (0: never) with one row per guidance scale in
     ``sample_scales`` (label guidance: one row per cluster at each scale).

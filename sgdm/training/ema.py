@@ -1,8 +1,9 @@
 """Exponential moving average of the denoiser's weights (used for samples, evaluation, export).
 
-theta_ema <- d_n theta_ema + (1 - d_n) theta after the n-th optimiser step
-(n = 0, 1, ...), with the warm-up d_n = min(decay, (1 + n) / (10 + n)) of
-LDM's ``LitEma`` so early EMA weights are not dominated by the random init.
+theta_ema <- d_n theta_ema + (1 - d_n) theta at the n-th EMA update (n = 1, 2, ...),
+with the warm-up d_n = min(decay, (1 + n) / (10 + n)) of LDM's ``LitEma`` (which
+counts the update before using it: the first decays by 2/11) so early EMA weights
+are not dominated by the random init.
 Buffers (none in the UNet today) are copied, not averaged.
 """
 from __future__ import annotations
@@ -14,10 +15,11 @@ __all__ = ["ema_decay", "update_ema"]
 
 
 def ema_decay(num_updates: int, decay: float, warmup: bool = True) -> float:
-    """d_n for the n-th update (0-based)."""
+    """The decay of the update that follows ``num_updates`` earlier ones (n = num_updates + 1)."""
     if not warmup:
         return decay
-    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+    n = num_updates + 1
+    return min(decay, (1.0 + n) / (10.0 + n))
 
 
 @torch.no_grad()

@@ -137,3 +137,14 @@ def test_a_complete_latent_cache_of_other_images_is_rebuilt(tmp_path, monkeypatc
     fewer = LatentCacheDataset(ensure_latent_cache(cfg, first_stage))
     assert len(fewer) == 23 and fewer[0]["id"] == second["id"]
     torch.testing.assert_close(fewer[0]["mean"], second["mean"])
+
+
+def test_ema_warmup_is_ldm_litema_step_for_step():
+    """LDM's LitEma counts the update before using it: its first update decays by (1 + 1) / (10 + 1)."""
+    from sgdm.training.ema import ema_decay
+
+    num_updates, litema = 0, []  # LitEma.forward: num_updates += 1, then min(decay, (1 + n) / (10 + n))
+    for _ in range(5):
+        num_updates += 1
+        litema.append(min(0.9999, (1 + num_updates) / (10 + num_updates)))
+    assert [ema_decay(n, 0.9999) for n in range(5)] == litema
