@@ -168,6 +168,8 @@ class UNetConfig:
         _check_mult(self.channel_mult, "channel_mult")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.cond_resize not in ("nearest", "area"):  # the loader checks the Literal; code-made configs too
+            raise ConfigError("cond_resize", f"must be one of nearest, area, got {self.cond_resize!r}")
         if self.num_head_channels <= 0 and self.num_heads <= 0:
             raise ConfigError("num_heads", f"must be > 0 when num_head_channels is -1, got {self.num_heads}")
         if self.num_head_channels == 0 or self.num_head_channels < -1:

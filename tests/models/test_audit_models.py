@@ -46,3 +46,12 @@ def test_guidance_on_another_device_is_named(name, generator):
     inputs[name] = inputs[name].to("meta")
     with pytest.raises(ValueError, match=f"^{name}: is on meta but x_t is on cpu"):
         model(x, t, inputs["cond"], inputs["cond_map"])
+
+
+def test_an_unknown_cond_resize_is_refused_when_the_unet_is_built():
+    """The config loader checks the Literal; a UNetConfig made in code was built and resized maps with any
+    mode F.interpolate takes (bilinear blends box edges), or failed at the first resize."""
+    from sgdm.config.core import ConfigError
+
+    with pytest.raises(ConfigError, match="^cond_resize: must be one of nearest, area"):
+        UNet(tiny_unet_config(cond_resize="bilinear"), K, 1)
