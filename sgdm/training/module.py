@@ -138,15 +138,18 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
 
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator, global_size: int, lo: int) -> torch.Tensor:
-        """z_0 = scale * posterior sample from images (encoded here) or cached (mean, logvar)."""
+        """z_0 = scale * posterior sample from images (encoded here) or cached (mean, logvar), float32.
+
+        float32 even where autocast ran the encoder in bf16/fp16: the sample, the scale factor and so the
+        noise target and x_t are then those of the latent cache (float32), not rounded to 8 bits."""
         if "image" in batch:
             posterior = self.first_stage.encode(batch["image"])
-            mean, logvar = posterior.mean, posterior.logvar
+            mean, logvar = posterior.mean.float(), posterior.logvar.float()
         else:
-            mean, logvar = batch["mean"], batch["logvar"]
+            mean, logvar = batch["mean"].float(), batch["logvar"].float()
         n = torch.randn((global_size, *mean.shape[1:]), generator=generator)
-        z = mean + torch.exp(0.5 * logvar) * self._slice(n, lo, len(mean)).to(mean.dtype)
-        return z * self.first_stage.scale_factor.to(z.dtype)
+        z = mean + torch.exp(0.5 * logvar) * self._slice(n, lo, len(mean))
+        return z * self.first_stage.scale_factor.float()
 
     def training_step(self, batch: dict, batch_idx: int):
         position = int(batch["position"][0])

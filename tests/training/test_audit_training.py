@@ -148,3 +148,21 @@ def test_ema_warmup_is_ldm_litema_step_for_step():
         num_updates += 1
         litema.append(min(0.9999, (1 + num_updates) / (10 + num_updates)))
     assert [ema_decay(n, 0.9999) for n in range(5)] == litema
+
+
+def test_latents_encoded_under_bf16_autocast_are_sampled_and_scaled_in_float32(tmp_path):
+    """Training from images under bf16-mixed encodes in bf16 (autocast convolutions). The posterior sample,
+    the scale factor and so the noise target must still be float32, as from the latent cache: before, z_0,
+    the noise and x_t were bf16 and scale_factor was rounded to bf16 (0.18215 -> 0.1826)."""
+    from sgdm.training.rng import generator_for
+
+    module = _bare_module(tmp_path)
+    module.first_stage.scale_factor.fill_(0.18215)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = module.latents({"image": images}, generator_for(0, "t", 0), 4, 0)
+        posterior = module.first_stage.encode(images)
+    n = torch.randn(z.shape, generator=generator_for(0, "t", 0))
+    expected = (posterior.mean.float() + torch.exp(0.5 * posterior.logvar.float()) * n) * torch.tensor(0.18215)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, expected, rtol=0, atol=0)
