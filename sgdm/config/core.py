@@ -160,12 +160,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if origin in (list, Sequence, typing.Sequence) or tp is list:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+            raise ConfigError(path, _not_a_list(value))
         item = args[0] if args else Any
         return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple or tp is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+            raise ConfigError(path, _not_a_list(value))
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
@@ -212,6 +212,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _not_a_list(value: Any) -> str:
+    hint = f"; write [{value}]: a list is in brackets" if isinstance(value, str) and "," in value else ""
+    return f"expected a list, got {_describe(value)}{hint}"
 
 
 def _absolute(value: Any) -> Any:

@@ -111,3 +111,12 @@ def test_scientific_numbers_in_backbone_kwargs_are_numbers(tmp_path, written):
 def test_an_empty_path_is_refused_not_the_current_folder(override):
     with pytest.raises(ConfigError, match=r"^where: empty path"):
         load_config(Section, None, [override])
+
+
+def test_a_comma_separated_list_says_how_to_write_it():
+    # the commas of eval --sweep-scale 0,1,2 do not make a list in an override
+    with pytest.raises(ConfigError, match=r"^model.unet.channel_mult: expected a list, got str '1,2'; write "
+                                          r"\[1,2\]"):
+        load_experiment(None, ["model.unet.channel_mult=1,2"])
+    with pytest.raises(ConfigError, match=r"^train.betas: .*; write \[0.9,0.99\]"):
+        load_experiment(None, ["train.betas=0.9,0.99"])
