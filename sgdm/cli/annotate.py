@@ -20,7 +20,9 @@ redoing finished shards. With torchrun, ranks share the work.
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("annotate", help="self-annotate a dataset: clusters, boxes or masks",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, reads="its data: and annotation: sections", example="annotation.num_classes=50")
+    # the whole config is validated, so a K of its own needs the guidance's K too
+    add_config_arguments(parser, reads="its data: and annotation: sections",
+                         example="annotation.num_classes=50 model.guidance.num_classes=50")
     parser.add_argument("--granularity", choices=("label", "box", "mask"), help="instead of annotation.granularity")
     parser.add_argument("--evaluate", action="store_true",
                         help="score against the dataset's ground truth (NMI/ARI/purity, CorLoc, mIoU)")

@@ -120,3 +120,15 @@ def test_a_comma_separated_list_says_how_to_write_it():
         load_experiment(None, ["model.unet.channel_mult=1,2"])
     with pytest.raises(ConfigError, match=r"^train.betas: .*; write \[0.9,0.99\]"):
         load_experiment(None, ["train.betas=0.9,0.99"])
+
+
+@pytest.mark.parametrize("command", ["train", "train-autoencoder", "annotate", "validate-data", "pretrain-features"])
+def test_the_override_example_in_each_help_loads(command):
+    # annotate's example was annotation.num_classes=50 alone, which every guided config refuses
+    from sgdm.cli.main import build_parser
+
+    sub = build_parser(only=command).subcommand_parsers[command]
+    text = next(a.help for a in sub._actions if a.dest == "overrides")
+    example = text.split("e.g. ", 1)[1].split()
+    config = pathlib.Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    load_experiment(config, example)
