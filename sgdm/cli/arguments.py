@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
 
 
@@ -49,6 +50,13 @@ def wants_resume(args: argparse.Namespace, cfg) -> bool:
     from sgdm.training.checkpoint import list_checkpoints
 
     return bool(list_checkpoints(cfg.run.path / "checkpoints"))
+
+
+def take_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """Words that start like a negative number (``-1,0,1``, ``-0.5,0,1,1``, ``-1e-3``) are values of ``parser``'s
+    options, not unknown options: argparse's own pattern takes only ``-1`` and ``-1.5``, so
+    ``--sweep-scale -1,0,1`` failed with "expected one argument". ``parser`` has no option spelt like a number."""
+    parser._negative_number_matcher = re.compile(r"^-\.?[0-9]")
 
 
 def positive_int(text: str) -> int:

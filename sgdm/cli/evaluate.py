@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import get_args
 
+from sgdm.cli.arguments import take_negative_numbers
 from sgdm.diffusion.config import SAMPLERS, Spacing  # light: no torch
 
 # CLI flag -> eval config key (None values are left as the run's eval: section has them)
@@ -64,6 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", default=None,
                         help="sample with the UNet under torch.compile: the first batch compiles (default: "
                              "eval.compile)")
+    take_negative_numbers(parser)
     parser.set_defaults(func=run)
     return parser
 

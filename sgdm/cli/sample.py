@@ -7,7 +7,7 @@ import re
 import sys
 from typing import get_args
 
-from sgdm.cli.arguments import check_output, positive_int
+from sgdm.cli.arguments import check_output, positive_int, take_negative_numbers
 from sgdm.diffusion.config import SAMPLERS, Spacing  # light: no torch
 
 DESCRIPTION = """Sample from a trained self-guided LDM with SelfGuidedPipeline. RUN is a training run
@@ -66,6 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--per-row", type=positive_int, default=8, help="images per grid row (default 8)")
     p.add_argument("--out", "-o", type=pathlib.Path, default=pathlib.Path("samples.png"),
                    help="a .png grid, or a folder for one PNG per image (default samples.png)")
+    take_negative_numbers(p)
     p.set_defaults(func=run)
     return p
 

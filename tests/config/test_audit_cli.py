@@ -132,3 +132,14 @@ def test_the_override_example_in_each_help_loads(command):
     example = text.split("e.g. ", 1)[1].split()
     config = pathlib.Path(__file__).parents[2] / "configs" / "quickstart.yaml"
     load_experiment(config, example)
+
+
+def test_a_negative_first_number_in_a_list_flag_is_its_value(tmp_path, capsys):
+    # argparse took -1,0 for an option and said "--sweep-scale: expected one argument"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("eval:\n  n: 10\n")
+    assert main(["eval", str(run), "--sweep-scale", "-1,0,1", "--n", "1"]) == 2
+    assert "--n (eval.n)" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing"), "--box", "-0.5,0,1,1", "-o", str(tmp_path / "s.png")]) == 1
+    assert "missing" in capsys.readouterr().err
