@@ -12,7 +12,8 @@ Supported field types: ``int`` (also an exactly integral float or scientific
 notation: ``1e5``, ``1.0e5``), ``float`` (ints accepted), ``str``, ``bool``,
 ``pathlib.Path`` (from str, made absolute), ``Optional[X]`` / ``X | None``, ``Literal[...]``,
 ``list[X]``, ``tuple[X, ...]`` and fixed tuples, ``dict[str, X]`` and nested
-dataclasses. No import strings, no ``eval``.
+dataclasses. No import strings, no ``eval``. Files and override values are read as YAML with
+YAML 1.2's numbers (``010`` is ten, ``1:30`` is text); a ``~/`` path starts at the home folder.
 """
 from __future__ import annotations
 
@@ -462,10 +463,12 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if path.is_dir():
         raise ConfigError("", f"config file {path} is a folder; give the YAML file in it")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError("", f"config file {path} does not exist")
-    try:
+    try:  # a regular file, or a pipe (/dev/stdin)
         data = _load_unique_keys(path.read_bytes().decode("utf-8"), str(path))
+    except OSError as err:
+        raise ConfigError("", f"cannot read config file {path}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError("", f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:

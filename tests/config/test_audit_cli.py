@@ -143,3 +143,18 @@ def test_a_negative_first_number_in_a_list_flag_is_its_value(tmp_path, capsys):
     assert "--n (eval.n)" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing"), "--box", "-0.5,0,1,1", "-o", str(tmp_path / "s.png")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_config_piped_in_loads(tmp_path):
+    # sgdm-ldm train CONFIG --print-config ... | sgdm-ldm train /dev/stdin: a pipe is no regular file
+    import os
+
+    read, write = os.pipe()
+    os.write(write, b"run:\n  name: piped\n")
+    os.close(write)
+    try:
+        assert load_yaml(f"/proc/self/fd/{read}") == {"run": {"name": "piped"}}
+    finally:
+        os.close(read)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
