@@ -158,3 +158,9 @@ def test_a_config_piped_in_loads(tmp_path):
         os.close(read)
     with pytest.raises(ConfigError, match="does not exist"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_the_quickstart_header_does_not_ask_for_resume():
+    # `sgdm-ldm train` continues a self-preparing config's own run from its last checkpoint (cli/train.py)
+    header = (pathlib.Path(__file__).parents[2] / "configs" / "quickstart.yaml").read_text().split("\nrun:")[0]
+    assert "add --resume" not in header and "continues the run itself" in " ".join(header.replace("#", " ").split())
