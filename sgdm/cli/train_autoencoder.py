@@ -7,8 +7,9 @@ from sgdm.cli.arguments import add_config_arguments, add_resume_arguments, print
 
 DESCRIPTION = """Train the KL autoencoder (LDM's first stage) of an experiment config with LDM's losses
 (L1 + LPIPS + KL, hinge PatchGAN from model.autoencoder.loss.disc_start), two optimizers, manual
-optimisation. Uses data.*, model.autoencoder.*, train.{batch_size,accumulate,max_steps,lr,
-checkpoint_every,precision,devices,strategy}, run.* (the run directory is run.dir/run.name; pick a name
+optimisation (Adam, betas 0.5 and 0.9 as LDM). Uses data.*, model.autoencoder.*, train.{batch_size,
+accumulate,max_steps,lr,checkpoint_every,keep_checkpoints,log_every,logger,progress_bar,precision,
+accelerator,devices,num_nodes,strategy}, run.* (the run directory is run.dir/run.name; pick a name
 other than the diffusion run's, e.g. run.name=churches-ae). train.batch_size is the global batch of one
 optimiser step; train.accumulate splits it into that many micro-batches per device (less memory; the
 discriminator's BatchNorm then normalises over micro-batches). Writes model.autoencoder.checkpoint at the end.

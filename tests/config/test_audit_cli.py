@@ -164,3 +164,13 @@ def test_the_quickstart_header_does_not_ask_for_resume():
     # `sgdm-ldm train` continues a self-preparing config's own run from its last checkpoint (cli/train.py)
     header = (pathlib.Path(__file__).parents[2] / "configs" / "quickstart.yaml").read_text().split("\nrun:")[0]
     assert "add --resume" not in header and "continues the run itself" in " ".join(header.replace("#", " ").split())
+
+
+def test_train_autoencoder_help_names_the_train_keys_it_reads():
+    # it reads the trainer's keys as `train` does; train.betas, warmup_steps, ema_* are the denoiser's
+    from sgdm.cli.train_autoencoder import DESCRIPTION
+
+    text = "".join(DESCRIPTION.split())
+    keys = text.split("train.{", 1)[1].split("}", 1)[0].split(",")
+    assert {"accelerator", "num_nodes", "keep_checkpoints", "log_every"} <= set(keys)
+    assert not {"betas", "warmup_steps", "ema_decay"} & set(keys)
