@@ -116,13 +116,16 @@ def _type_name(tp: Any) -> str:
 
 # PyYAML reads 1e5 and 1.0e5 (no sign in the exponent) as strings, 1.0e+5 as a float
 _SCIENTIFIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+_ZERO_LED = re.compile(r"[+-]?0[0-9]+")
 
 
 def _integral(value: Any) -> int | None:
-    """The int an exactly integral float or scientific-notation string spells (1e5, 1.0e5 -> 100000),
-    else None (1.5e0 is not an int)."""
+    """The int an exactly integral float, a scientific-notation string (1e5, 1.0e5 -> 100000) or a decimal
+    string with leading zeros (08 -> 8) spells, else None (1.5e0 is not an int)."""
     if isinstance(value, float):
         return int(value) if value.is_integer() and abs(value) < 2**53 else None
+    if isinstance(value, str) and _ZERO_LED.fullmatch(value.strip()):  # 08, 09: text to YAML 1.1, decimal here
+        return int(value.strip())
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
         number = decimal.Decimal(value.strip())
         if number.adjusted() < 19 and number == number.to_integral_value():  # adjusted: no 1e999999 ints

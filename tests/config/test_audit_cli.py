@@ -20,7 +20,7 @@ class Section:
 
 
 @pytest.mark.parametrize("text, value", [("010", 10), ("0010", 10), ("-010", -10), ("0", 0), ("0x10", 16),
-                                         ("1_000", 1000), ("1e3", 1000)])
+                                         ("1_000", 1000), ("1e3", 1000), ("08", 8), ("-09", -9)])
 def test_an_int_with_leading_zeros_is_decimal_not_octal(tmp_path, text, value):
     # YAML 1.1 (PyYAML) reads 010 as octal 8: train.max_steps=010 would train 8 steps
     assert load_config(Section, None, [f"steps={text}"]).steps == value
