@@ -304,16 +304,27 @@ def test_torch_compile_fullgraph(generator):
         torch.testing.assert_close(a, b)
 
 
-def test_unsupported_head_dim_warns_once_and_uses_reference(generator, monkeypatch):
+def test_unsupported_head_dim_warns_once_and_uses_torchs_sdpa(generator, monkeypatch):
+    # LDM's Churches UNet has head dims 24 / 48 / 96: PyTorch's fused SDPA (O(N) memory), not the
+    # reference's N x N scores; float64 keeps the exact reference
+    import torch.nn.functional as F
+
     require_kernels(OP)
     monkeypatch.setattr(attention_module, "_warned_head_dims", set())
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].dtype) or sdpa(*a, **kw))
     q, k, v = _qkv(1, 2, 5, 7, 48, "cpu", generator)
-    with pytest.warns(RuntimeWarning, match="head dim 48"):
+    with pytest.warns(RuntimeWarning, match="head dim 48 .*using torch's scaled_dot_product_attention"):
         out = attention(q, k, v)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attention(q, k, v)
+        attention(q, k, v, scale=0.3)
+    assert calls == [torch.float32, torch.float32]
     assert _rel_err(out, _ref64(q, k, v)[0]) < 1e-5
+    assert _rel_err(attention(q, k, v, scale=0.3), _ref64(q, k, v, 0.3)[0]) < 1e-5
+    out = attention(*(t.double().requires_grad_() for t in (q, k, v)))  # the oracle: float64 reference
+    assert calls == [torch.float32] * 3 and out.dtype == torch.float64
 
 
 def test_reference_path_when_kernels_are_off(generator, monkeypatch):
