@@ -11,8 +11,9 @@ Overrides use dotted key paths, e.g. `model.unet.channels=128 train.max_steps=10
 The config is validated before any data or device is touched; an unknown key, a wrong
 type or an inconsistent setting exits with code 2 and names the key path. The resolved
 config is saved as RUN_DIR/config.yaml (RUN_DIR = run.dir/run.name). Exit codes: 0 done,
-2 config error, 143 stopped by SIGTERM after writing a checkpoint (continue with --resume, or start
-every run with --auto-resume).
+1 an error said in one line (an unreadable image under data.on_bad_image=raise, ...), 2 config
+error, 143 stopped by SIGTERM after writing a checkpoint (continue with --resume, or start every
+run with --auto-resume).
 
 A config with a `prepare:` section (the quickstart) makes its assets first, in one process, then
 trains. Under torchrun or srun the processes only reuse them: make them once with
@@ -79,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
         from sgdm.quickstart import prepare
         from sgdm.training.checkpoint import list_checkpoints
 
-        prepare(cfg, build=not launched)
+        from sgdm.quickstart.stages import Stopped
+
+        try:
+            prepare(cfg, build=not launched)
+        except Stopped as err:  # SIGTERM in the autoencoder's training: its checkpoint is written
+            return err.code
         if args.prepare_only:
             return 0
         # A self-preparing config (the quickstart) is one command to repeat: like its prepared
@@ -99,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
                       "trains nothing more", file=sys.stderr)
             return code
         from sgdm.quickstart import write_report
+        from sgdm.quickstart.stages import Stopped
 
-        write_report(cfg, cfg.run.path)
+        try:
+            write_report(cfg, cfg.run.path)
+        except Stopped as err:  # SIGTERM in a companion run's training
+            return err.code
     return code

@@ -13,7 +13,8 @@ accelerator,devices,num_nodes,strategy}, run.* (the run directory is run.dir/run
 other than the diffusion run's, e.g. run.name=churches-ae). train.batch_size is the global batch of one
 optimiser step; train.accumulate splits it into that many micro-batches per device (less memory; the
 discriminator's BatchNorm then normalises over micro-batches). Writes model.autoencoder.checkpoint at the end.
-Exit codes: 0 done, 2 config error, 143 stopped by SIGTERM (continue with --resume)."""
+Exit codes: 0 done, 1 an error said in one line (an unreadable image under data.on_bad_image=raise,
+...), 2 config error, 143 stopped by SIGTERM (continue with --resume)."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

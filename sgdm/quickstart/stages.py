@@ -28,7 +28,16 @@ from typing import Callable
 
 from sgdm.config.core import ConfigError
 
-__all__ = ["prepare", "store_exists", "reusable_store", "run_settings_differ"]
+__all__ = ["prepare", "store_exists", "reusable_store", "run_settings_differ", "Stopped"]
+
+
+class Stopped(Exception):
+    """A training run inside ``prepare`` or the report ended early (SIGTERM: ``code`` 143, with its
+    checkpoint written); the same command continues it. ``sgdm-ldm train`` exits with ``code``."""
+
+    def __init__(self, what: str, code: int):
+        super().__init__(f"{what} stopped with exit code {code}; the same command continues it")
+        self.code = code
 
 
 def _stderr(msg: str) -> None:
@@ -138,7 +147,7 @@ def _autoencoder(cfg, log, build: bool = True) -> str:
     resume = bool(list_checkpoints(ae_cfg.run.path / "checkpoints"))  # an interrupted first try continues
     code = train_autoencoder(ae_cfg, resume=resume)
     if code != 0:
-        raise RuntimeError(f"autoencoder training stopped with exit code {code}; run again to resume it")
+        raise Stopped(f"autoencoder training ({ae_cfg.run.path})", code)
     if not path.is_file():
         raise RuntimeError(f"train_autoencoder finished without writing {path} (model.autoencoder.checkpoint)")
     return f"trained {path}"

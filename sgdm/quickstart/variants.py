@@ -76,7 +76,9 @@ def train_variant(vcfg, log) -> pathlib.Path:
     resume = bool(list_checkpoints(run_path / "checkpoints"))
     code = train(vcfg, resume=resume)
     if code != 0:
-        raise RuntimeError(f"training variant {run_path} stopped with exit code {code}")
+        from sgdm.quickstart.stages import Stopped
+
+        raise Stopped(f"training variant {run_path}", code)
     return run_path
 
 

@@ -259,3 +259,12 @@ def test_a_run_of_several_processes_leaves_the_report_to_one(quickstart_run, mon
     finally:
         shutil.rmtree(report, ignore_errors=True)
         shutil.copytree(saved, report)
+
+
+def test_sigterm_while_preparing_the_autoencoder_exits_143(tmp_path, monkeypatch, capsys):
+    # train --help promises 143 after a SIGTERM: train_autoencoder returns it with its checkpoint written
+    import sgdm.training.autoencoder as autoencoder
+
+    monkeypatch.setattr(autoencoder, "train_autoencoder", lambda cfg, resume=None: 143)
+    assert main(["train", str(CONFIG), *tiny_overrides(tmp_path)]) == 143
+    assert not (tmp_path / "runs" / "quickstart").exists()  # nothing after the stopped stage ran
