@@ -82,6 +82,8 @@ def test_check_on_cuda_without_a_gpu_is_a_config_error(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = _info(capsys, "--check", "--device", "cuda")
     assert code == 2 and "--device: cuda, but this process sees no GPU" in err
+    code, out, err = _info(capsys, "--device", "cpu")
+    assert code == 2 and "--device: chooses where --check runs; add --check" in err and not out
 
 
 def test_selfcheck_refuses_unknown_ops_and_dtypes():

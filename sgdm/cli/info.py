@@ -18,7 +18,8 @@ forward and backward on small odd shapes against its float64 reference, on the
 CPU and on each visible GPU: what to run after `pip install -e .` on a new
 machine or GPU.
 
-Exit status: 0, or 1 when --check finds an op outside its tolerance.
+Exit status: 0; 1 when --check finds an op outside its tolerance; 2 for --device
+without --check, or --device cuda where no GPU is visible.
 """
 
 
@@ -26,8 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("info", help="this installation: versions, kernels, GPUs; --check runs the ops",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="run every op against its reference (a few seconds)")
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                        help="devices --check runs on ('all': the CPU and every visible GPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default=None,
+                        help="devices --check runs on (default 'all': the CPU and every visible GPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.set_defaults(func=run)
     return parser
@@ -47,7 +48,11 @@ def _devices(choice: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from sgdm.environment import collect, format_report
 
-    devices = _devices(args.device) if args.check else []
+    if args.device is not None and not args.check:
+        from sgdm.config import ConfigError
+
+        raise ConfigError("--device", "chooses where --check runs; add --check")
+    devices = _devices(args.device or "all") if args.check else []
     info = collect()
     checks = []
     if args.check:
