@@ -49,19 +49,9 @@ def _version(dist: str) -> str | None:
 def _extension() -> dict[str, Any]:
     from sgdm.ops import _extension
 
-    info: dict[str, Any] = {"requested": _extension.requested(), "loaded": False, "path": None, "error": None}
-    if not info["requested"]:
-        return info
-    try:
-        import importlib
-
-        module = importlib.import_module("sgdm._C")
-    except ImportError as err:
-        info["error"] = "not built (pip install -e . builds it)" if "No module named" in str(err) else str(err)
-        return info
-    info["loaded"] = _extension.load()
-    info["path"] = getattr(module, "__file__", None)
-    return info
+    loaded = _extension.load()
+    return {"requested": _extension.requested(), "loaded": loaded, "error": _extension.load_error(),
+            "path": getattr(sys.modules.get("sgdm._C"), "__file__", None) if loaded else None}
 
 
 def _cpu_isas(loaded: bool) -> dict[str, Any]:

@@ -270,13 +270,18 @@ def check_known_keys(cls: type, data: Any, path: str = "") -> None:
     if not isinstance(data, Mapping):
         return
     hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    _refuse_unknown(data, [f.name for f in dataclasses.fields(cls) if f.init], path)
     for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(_join(path, str(key)), f"unknown key (known keys here: {', '.join(sorted(fields))})")
         tp = _without_none(hints[key])
         if dataclasses.is_dataclass(tp):
             check_known_keys(tp, value, _join(path, key))
+
+
+def _refuse_unknown(data: Mapping, fields, path: str) -> None:
+    """A ConfigError naming the first key of ``data`` that is not one of ``fields``, listing them."""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(_join(path, str(unknown[0])), f"unknown key (known keys here: {', '.join(sorted(fields))})")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -290,10 +295,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(_join(path, str(unknown[0])), f"unknown key (known keys here: {known})")
+    _refuse_unknown(data, fields, path)
     kwargs = {}
     for name, field in fields.items():
         if name in data:

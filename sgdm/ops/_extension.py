@@ -25,6 +25,7 @@ def requested() -> bool:
 
 
 _loaded: bool | None = None
+_error: str | None = None  # why the import failed, for load_error()
 
 
 def load() -> bool:
@@ -35,12 +36,23 @@ def load() -> bool:
     return _loaded
 
 
+def load_error() -> str | None:
+    """Why :func:`load` found no extension (not built, or the import's error), None when it loaded or
+    was not asked to (``SGDM_KERNELS=0``)."""
+    load()
+    return _error
+
+
 def _import() -> bool:
+    global _error
     try:
         importlib.import_module("sgdm._C")
     except ImportError as exc:
         # A missing build is normal (pure-Python install); a broken one is worth a word.
-        if "No module named" not in str(exc):
+        if "No module named" in str(exc):
+            _error = "not built (pip install -e . builds it)"
+        else:
+            _error = str(exc)
             warnings.warn(f"sgdm: compiled extension failed to load ({exc}); using references",
                           RuntimeWarning, stacklevel=3)
         return False
