@@ -167,11 +167,14 @@ class _Evaluator:
         self.cache = ecfg.cache_dir or run_dir / "eval" / "cache"
         wants_inception = any(m in ecfg.metrics for m in INCEPTION)
         if wants_inception:
-            from sgdm.evaluation.fidelity import check_inception_weights, check_inception_weights_load
+            from sgdm.evaluation.fidelity import (check_inception_weights, check_inception_weights_load,
+                                                  fetch_inception_weights)
 
             check_inception_weights(ecfg.inception_weights)
             if ecfg.inception_weights is not None:
                 check_inception_weights_load(ecfg.inception_weights)
+            else:
+                fetch_inception_weights()  # torch-fidelity would download them only after sampling
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe

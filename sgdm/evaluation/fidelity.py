@@ -11,14 +11,26 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import socket
 from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "weights_digest", "INCEPTION_FILE"]
+__all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "fetch_inception_weights", "weights_digest",
+           "INCEPTION_FILE"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+_TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's spellings of a true environment flag
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().upper() in _TRUE for k in ("HF_HUB_OFFLINE", "SGDM_OFFLINE"))
+
+
+def _hub_file() -> pathlib.Path:
+    """Where torch-fidelity's download of the Inception weights lies (torch hub's checkpoints folder)."""
+    return pathlib.Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
 class UInt8Images(Dataset):
@@ -57,10 +69,10 @@ def check_inception_weights(path: str | os.PathLike | None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"--inception-weights: file {path} does not exist")
         return weights_digest(path)
-    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    cached = _hub_file()
     if cached.is_file():
         return "tf-inception-2015-12-05"
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SGDM_OFFLINE") == "1":
+    if _offline():
         raise RuntimeError(
             "FID/IS/KID need Inception weights: offline mode is set and torch-fidelity's download "
             f"({INCEPTION_FILE}) is not in {cached.parent}; copy it there, or pass --inception-weights PATH "
@@ -68,6 +80,29 @@ def check_inception_weights(path: str | os.PathLike | None) -> str:
             "same FID Inception, same parameter names); or drop fid/is/kid from the metrics"
         )
     return "tf-inception-2015-12-05"
+
+
+def fetch_inception_weights(timeout: float = 60.0) -> None:
+    """Download torch-fidelity's Inception weights into the torch hub cache now, when they are not
+    there yet, so that a machine without a network fails before sampling, not after it. ``timeout``
+    (seconds) bounds each socket operation of the download: a network that drops packets is an
+    error, not a hang."""
+    if _hub_file().is_file():
+        return
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torch.hub's urlopen has no timeout of its own
+    try:
+        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    except OSError as err:  # urllib errors, socket timeouts, a cache folder that cannot be written
+        raise RuntimeError(
+            f"FID/IS/KID need Inception weights: downloading torch-fidelity's {INCEPTION_FILE} into "
+            f"{_hub_file().parent} failed ({err}); pass --inception-weights PATH (eval.inception_weights): that "
+            "file, or pytorch-fid's pt_inception-2015-12-05-6726825d.pth; or drop fid/is/kid from the metrics"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def check_inception_weights_load(path: str | os.PathLike) -> None:

@@ -1,0 +1,55 @@
+"""Audit 27 of the evaluation: offline Inception weights, reference-statistics caches, config errors."""
+import json
+import urllib.error
+
+import pytest
+import torch
+
+from sgdm.cli.main import main
+from tests.evaluation.helpers import make_run
+
+
+@pytest.mark.parametrize("value", ["true", "True", "YES", "on"])
+def test_offline_as_huggingface_spells_it_fails_at_once(tmp_path, monkeypatch, value):
+    """HF_HUB_OFFLINE=true (huggingface_hub's own truthy spellings) is offline too: no download of
+    torch-fidelity's Inception after every sample is drawn."""
+    from sgdm.evaluation.fidelity import check_inception_weights
+
+    monkeypatch.delenv("SGDM_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(RuntimeError, match="offline mode is set"):
+        check_inception_weights(None)
+
+
+def test_offline_false_is_not_offline(tmp_path, monkeypatch):
+    from sgdm.evaluation.fidelity import check_inception_weights
+
+    monkeypatch.delenv("SGDM_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "false")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert check_inception_weights(None) == "tf-inception-2015-12-05"
+
+
+def test_unreachable_inception_download_fails_before_sampling(tmp_path, monkeypatch, capsys):
+    """Online mode without a local Inception: the download is tried before sampling, so a machine
+    without a network learns it at once, not after hours of sampling."""
+    import sgdm.evaluation.evaluate as evaluate
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    run_dir = make_run(tmp_path, "label")
+    monkeypatch.delenv("SGDM_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
+    sampled = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: sampled.append(1) or None)
+    assert main(["eval", str(run_dir), "--n", "4", "--batch-size", "4", "--steps", "2", "--metrics", "fid"]) == 1
+    err = capsys.readouterr().err
+    assert "--inception-weights" in err and "name resolution" in err, err
+    assert "Traceback" not in err
+    assert not sampled
