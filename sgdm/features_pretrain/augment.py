@@ -41,7 +41,7 @@ from kornia.geometry.transform import crop_and_resize
 
 from sgdm.features_pretrain.config import PretrainConfig
 
-__all__ = ["random_resized_crop", "photometric", "multi_crop"]
+__all__ = ["random_resized_crop", "photometric", "multi_crop", "crop_sides"]
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -116,6 +116,12 @@ def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Gene
     return images
 
 
+def crop_sides(size: int, cfg: PretrainConfig) -> tuple[int, int]:
+    """(global, local) crop side in pixels for images of side ``size``: ``size`` and
+    ``max(4, round(size * local_crop_fraction))``."""
+    return size, max(4, round(size * cfg.local_crop_fraction))
+
+
 def multi_crop(
     images: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator | None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -127,8 +133,7 @@ def multi_crop(
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images.shape)}")
     x = (images + 1) / 2
-    size = images.shape[-1]
-    local_size = max(4, round(size * cfg.local_crop_fraction))
+    size, local_size = crop_sides(images.shape[-1], cfg)
 
     def view(side: int, scale: tuple[float, float]) -> torch.Tensor:
         crops = random_resized_crop(x, side, scale, generator, cfg.max_rotation)

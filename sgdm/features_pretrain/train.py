@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from sgdm.features_pretrain.augment import multi_crop
+from sgdm.config.core import ConfigError
+from sgdm.features_pretrain.augment import crop_sides, multi_crop
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.devices import resolve_device
 from sgdm.features_pretrain.dino import DINOHead, clip_grad_per_parameter_, dino_loss, ema_update, update_center
@@ -136,9 +137,10 @@ def _param_groups(model: nn.Module, cfg: PretrainConfig) -> list[dict]:
     return [{"params": [p for _, p in named if id(p) not in plain_ids]}, {"params": plain, "weight_decay": 0.0}]
 
 
-def _stack_images(items: list) -> torch.Tensor:
-    # Only the image is needed; a dataset that skips bad files yields None for them.
-    return torch.stack([item["image"] for item in items if item is not None])
+def _stack_images(items: list) -> torch.Tensor | None:
+    # Only the image is needed; a dataset that skips bad files yields None for them (None: all were).
+    images = [item["image"] for item in items if item is not None]
+    return torch.stack(images) if images else None
 
 
 def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator):
@@ -146,8 +148,38 @@ def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator):
         raise ValueError(f"pretrain: the dataset has {len(dataset)} images, fewer than batch_size {cfg.batch_size}")
     while True:  # epochs; the sampler draws its order from the generator
         sampler = RandomSampler(dataset, generator=generator)
+        read = 0
         for batch in DataLoader(dataset, cfg.batch_size, sampler=sampler, drop_last=True, collate_fn=_stack_images):
-            yield batch
+            if batch is not None:  # a batch of skipped files only is passed over
+                read += 1
+                yield batch
+        if read == 0:  # else the next epoch would find none either, for ever
+            raise ValueError(f"pretrain: none of the {len(dataset)} images of the dataset could be read in a whole "
+                             "epoch (every file was skipped as unreadable); `sgdm-ldm validate-data CONFIG` lists "
+                             "them and why")
+
+
+def _check_crop_sides(model: nn.Module, name: str, size: int, cfg: PretrainConfig) -> None:
+    """Refuse, before the first step, crops a ViT's patch embedding cannot take: a side that is not a
+    multiple of its patch size (timm asserts deep in the forward, naming no setting). A backbone with
+    ``dynamic_img_pad`` pads any side, and one without a plain patch embedding (CNNs) takes any."""
+    from timm.layers import PatchEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, PatchEmbed) or getattr(embed, "dynamic_img_pad", False):
+        return
+    p = math.lcm(*(int(v) for v in embed.patch_size))
+    size, local = crop_sides(size, cfg)
+    where = f"a multiple of the patch size {p} of {name!r}"
+    if size % p:
+        raise ConfigError("data.size", f"global crops of {size} px (the image side) are not {where}; "
+                                       f"use e.g. {' or '.join(map(str, sorted({max(p, size // p * p), -(-size // p) * p})))}")
+    if cfg.local_crops and local % p:
+        sides = sorted({max(p, local // p * p), min(size, -(-local // p) * p)})
+        hint = " or ".join(f"{m / size:g} ({m} px)" for m in sides)
+        raise ConfigError("prepare.pretrain.local_crop_fraction",
+                          f"local crops of {local} px (round({size} * {cfg.local_crop_fraction:g})) are not {where}; "
+                          f"use e.g. {hint}")
 
 
 def pretrain_features(
@@ -189,6 +221,8 @@ def pretrain_features(
         if cfg.weight_decay_end is not None:
             optimizer.param_groups[0]["weight_decay"] = _weight_decay(cfg, step)
         images = next(batches).to(device)
+        if step == 0:
+            _check_crop_sides(student, backbone, images.shape[-1], cfg)
         global_views, local_views = multi_crop(images, cfg, generator)
         with torch.no_grad():
             teacher_out = [teacher_model["head"](teacher_model["backbone"](v)) for v in global_views]

@@ -1,0 +1,70 @@
+"""Audit 27 of DINO pretraining: crop sides a ViT cannot take, batches whose images are all unreadable."""
+import pytest
+import torch
+
+from sgdm.config.core import ConfigError
+from sgdm.features_pretrain.config import PretrainConfig
+from sgdm.features_pretrain.train import pretrain_features
+from tests.evaluation.helpers import TINY_VIT
+
+
+class Images(torch.utils.data.Dataset):
+    """``n`` random ``side`` x ``side`` images in [-1, 1]; the indices in ``bad`` read as None (a skipped file)."""
+
+    def __init__(self, n: int, side: int = 16, bad=()):
+        self.x = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        self.bad = set(bad)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return None if i in self.bad else {"image": self.x[i], "id": str(i)}
+
+
+def _fail_on_step(*args):
+    pytest.fail("a training step ran before the check")
+
+
+def test_a_local_crop_side_that_is_no_multiple_of_the_patch_size_names_the_fraction(tmp_path):
+    """round(16 * 0.4) = 6 px local crops on a patch-4 ViT used to stop in timm's patch embedding with
+    'Input height (6) should be divisible by patch size (4)', naming no setting."""
+    cfg = PretrainConfig(steps=2, batch_size=4, out_dim=16, local_crop_fraction=0.4)
+    out = tmp_path / "enc.pth"
+    with pytest.raises(ConfigError, match=r"^prepare\.pretrain\.local_crop_fraction: local crops of 6 px .*patch "
+                                          r"size 4.* 0\.25 \(4 px\) or 0\.5 \(8 px\)"):
+        pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, out, log=lambda m: None,
+                          on_step=_fail_on_step)
+    assert not out.exists()
+
+
+def test_an_image_side_that_is_no_multiple_of_the_patch_size_names_data_size(tmp_path):
+    cfg = PretrainConfig(steps=2, batch_size=4, out_dim=16, local_crop_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"^data\.size: global crops of 18 px .*patch size 4.* 16 or 20"):
+        pretrain_features(Images(8, side=18), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth",
+                          log=lambda m: None, on_step=_fail_on_step)
+
+
+def test_fitting_crop_sides_still_train(tmp_path):
+    steps = []
+    cfg = PretrainConfig(steps=1, batch_size=4, out_dim=16, local_crops=1, local_crop_fraction=0.25)
+    pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth", log=lambda m: None,
+                      on_step=lambda step, *a: steps.append(step))
+    assert steps == [0]
+
+
+def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path):
+    """A batch whose every file was skipped (on_bad_image: skip) stopped pretraining with torch's
+    'stack expects a non-empty TensorList'; it is passed over, the other batches train."""
+    steps = []
+    cfg = PretrainConfig(steps=4, batch_size=2, out_dim=16, local_crops=1)
+    pretrain_features(Images(8, bad=range(1, 8)), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth",
+                      log=lambda m: None, on_step=lambda step, *a: steps.append(step))
+    assert steps == [0, 1, 2, 3]
+
+
+def test_a_dataset_of_only_unreadable_images_is_an_error_that_says_so(tmp_path):
+    cfg = PretrainConfig(steps=2, batch_size=2, out_dim=16, local_crops=1)
+    with pytest.raises(ValueError, match=r"none of the 6 images .* could be read.*validate-data"):
+        pretrain_features(Images(6, bad=range(6)), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth",
+                          log=lambda m: None, on_step=_fail_on_step)
