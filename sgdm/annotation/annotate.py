@@ -50,7 +50,7 @@ from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_feature_flags, lost_from_features
 from sgdm.annotation.patches import ShardPatches
 from sgdm.annotation.stego import fit_segmenter, segment
-from sgdm.annotation.store import SEGMENTER_FILE, ids_hash, write_store
+from sgdm.annotation.store import MANIFEST, SEGMENTER_FILE, ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.decode import printable
 from sgdm.devices import resolve_device
@@ -299,8 +299,10 @@ def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Option
         if masks is None:
             return None, None, extra
         extra.update(mask_hw=list(masks.shape[-2:]), patch_grid=list(patches.shape[1:3]))
-        # f itself goes with the store: layout adherence segments samples with it (written before the manifest)
+        # f itself goes with the store: layout adherence segments samples with it (written before the manifest;
+        # an older store's manifest goes first, so that its masks are never read beside the new f)
         pathlib.Path(a.store).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(a.store) / MANIFEST).unlink(missing_ok=True)
         extra["segmenter"] = segmenter.save(pathlib.Path(a.store) / SEGMENTER_FILE).name
         return {"mask": masks}, _concat([cache.load(s, exclude=("patches",)) for s in range(n_shards)]), extra
     if rank_world()[0] != 0:
