@@ -181,11 +181,20 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
         objective = per_sample.sum() / (g_size // self._world() * self.train_cfg.accumulate)
         # a device tensor, read once per optimiser step (in _finish_step), not once per micro-batch
         self._step_finite = torch.isfinite(loss.detach()) & self._step_finite
-        self.manual_backward(objective)
+        last = micro == self.train_cfg.accumulate - 1
+        # DDP all-reduces the gradients once per optimiser step: the micro-batches before the last
+        # accumulate locally (no_sync), the last one's backward reduces the sum
+        with contextlib.nullcontext() if last else self._no_gradient_sync():
+            self.manual_backward(objective)
         self._log_loss(loss.detach(), per_sample.detach(), t, step, micro)
-        if micro == self.train_cfg.accumulate - 1:
+        if last:
             self._finish_step(step)
         return loss.detach()
+
+    def _no_gradient_sync(self):
+        """DDP's no_sync for a backward pass (Lightning's parallel strategies); nothing otherwise."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
 
     def _to_device(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else _to_device(x, self.device)
