@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(func(args) or 0)
     except Exception as err:
         if isinstance(err, ConfigError):
-            print(f"sgdm-ldm {args.command}: config error: {err}", file=sys.stderr)
+            where = f" ({err.where})" if err.where else ""  # the file and line, or the override
+            print(f"sgdm-ldm {args.command}: config error: {err}{where}", file=sys.stderr)
             return 2
         message = _complete_message(err)
         if message is None:

@@ -43,22 +43,26 @@ __all__ = [
     "check_kwargs",
     "absolute_paths",
     "check_known_keys",
+    "located",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong. ``key`` is the dotted path ("" for the root)."""
+    """A configuration value is wrong. ``key`` is the dotted path ("" for the root); ``where`` says where
+    its value was written, when known (``exp.yaml, line 12``, ``the override train.lr=-1``: see
+    :func:`located`), and the command line prints it after the message."""
 
-    def __init__(self, key: str, message: str):
+    def __init__(self, key: str, message: str, where: str = ""):
         self.key = key
         self.message = message
+        self.where = where
         super().__init__(f"{key}: {message}" if key else message)
 
     def prefixed(self, prefix: str) -> "ConfigError":
         if not prefix:
             return self
         key = f"{prefix}.{self.key}" if self.key else prefix
-        return ConfigError(key, self.message)
+        return ConfigError(key, self.message, self.where)
 
 
 def require_at_least(section: Any, minimum: int, *names: str) -> None:
@@ -159,6 +163,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # `eval:` with every key commented out: the section's defaults, as an absent one
+            value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {_describe(value)}")
         return from_dict(tp, value, path)
@@ -205,7 +211,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(path, f"expected str, got {_describe(value)}")
+        hint = (" (YAML reads unquoted no, off, yes, on as booleans: put the text in quotes, e.g. 'no')"
+                if isinstance(value, bool) else "")
+        raise ConfigError(path, f"expected str, got {_describe(value)}{hint}")
     if tp is pathlib.Path:
         if value == "":  # Path("") is the current folder: never what an empty key=, or "", meant
             raise ConfigError(path, "empty path; write . for the current folder (or null for none, where the key "
@@ -433,21 +441,30 @@ def _override_value(raw: str, key: str, tp: Any) -> Any:
         raise ConfigError(key, f"cannot parse override value {raw!r}: {err}") from None
 
 
-def _load_unique_keys(text: str, source: str) -> Any:
+class _Document(dict):
+    """A config file's top-level mapping, which remembers the file (``source``) and the line each key
+    path was written on (``lines``: ``{"train.lr": 12, "train.sample_scales[1]": 14}``), so that an
+    error about a value can say where it was written (:func:`located`)."""
+
+    source: str = ""
+    lines: dict = {}
+
+
+def _load_unique_keys(text: str, source: str, lines: dict[str, int] | None = None) -> Any:
     """``yaml.safe_load``, refusing a key written twice in one mapping (PyYAML keeps the last one, so a
-    second ``train:`` block would silently replace the first)."""
+    second ``train:`` block would silently replace the first); ``lines`` receives each key path's line."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        _check_unique_keys(node, "", source)
+        _check_unique_keys(node, "", source, {} if lines is None else lines)
         return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-def _check_unique_keys(node: yaml.Node, path: str, source: str) -> None:
+def _check_unique_keys(node: yaml.Node, path: str, source: str, where: dict[str, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         lines: dict[str, int] = {}
         for key, value in node.value:
@@ -458,10 +475,38 @@ def _check_unique_keys(node: yaml.Node, path: str, source: str) -> None:
                     raise ConfigError(_join(path, name), f"written twice in {source} (lines {lines[name]} and "
                                                          f"{line}); keep one")
                 lines[name] = line
-            _check_unique_keys(value, _join(path, name) if name is not None else path, source)
+                where.setdefault(_join(path, name), line)
+            _check_unique_keys(value, _join(path, name) if name is not None else path, source, where)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_unique_keys(item, f"{path}[{i}]", source)
+            where.setdefault(f"{path}[{i}]", item.start_mark.line + 1)
+            _check_unique_keys(item, f"{path}[{i}]", source, where)
+
+
+def _within(key: str, section: str) -> bool:
+    """Whether dotted ``key`` is ``section`` or lies inside it (``train.betas[0]`` lies in ``train``)."""
+    return key == section or key.startswith(section + ".") or key.startswith(section + "[")
+
+
+def located(err: ConfigError, data: Mapping, overrides: Sequence[str] = ()) -> ConfigError:
+    """``err`` (about the config ``data`` that :func:`load_yaml` read and ``overrides`` changed) with its
+    ``where``: the last override that set its key or a section it lies in (``the override train.lr=-1``),
+    else the file and line (``exp.yaml, line 12``), else that the value is the default."""
+    if not err.key or err.where:
+        return err
+    key, where = err.key, ""
+    for item in reversed(overrides):
+        written = item.split("=", 1)[0].strip()
+        if _within(key, written) or _within(written, key):
+            where = f"the override {item.strip()}"
+            break
+    source, lines = getattr(data, "source", ""), getattr(data, "lines", {})
+    for part in (key, key.split("[", 1)[0]):  # a list item without a line of its own: the list's
+        if not where and part in lines:
+            where = f"{source}, line {lines[part]}"
+    if not where and source and "required key is missing" not in err.message:
+        where = f"the default: neither {source} nor an override sets it"
+    return ConfigError(key, err.message, where) if where else err
 
 
 def load_yaml(path: str | pathlib.Path) -> dict:
@@ -470,8 +515,9 @@ def load_yaml(path: str | pathlib.Path) -> dict:
         raise ConfigError("", f"config file {path} is a folder; give the YAML file in it")
     if not path.exists():
         raise ConfigError("", f"config file {path} does not exist")
+    lines: dict[str, int] = {}
     try:  # a regular file, or a pipe (/dev/stdin)
-        data = _load_unique_keys(path.read_bytes().decode("utf-8"), str(path))
+        data = _load_unique_keys(path.read_bytes().decode("utf-8"), str(path), lines)
     except OSError as err:
         raise ConfigError("", f"cannot read config file {path}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
@@ -482,14 +528,20 @@ def load_yaml(path: str | pathlib.Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return data
+    document = _Document(data)
+    document.source, document.lines = str(path), lines
+    return document
 
 
 def load_config(cls: type[T], path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> T:
-    """Load YAML ``path`` (or nothing), apply dotted overrides, validate into ``cls``."""
+    """Load YAML ``path`` (or nothing), apply dotted overrides, validate into ``cls``; an error says where
+    the wrong value was written (:func:`located`)."""
     data = load_yaml(path) if path is not None else {}
     apply_overrides(data, overrides, cls)
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise located(err, data, overrides) from None
 
 
 def dump_yaml(obj: Any) -> str:

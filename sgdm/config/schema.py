@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from sgdm.annotation.config import AnnotationConfig
-from sgdm.config.core import ConfigError, apply_overrides, from_dict, load_yaml
+from sgdm.config.core import ConfigError, apply_overrides, from_dict, load_yaml, located
 from sgdm.data.config import DataConfig
 from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
 from sgdm.evaluation.config import EvalConfig
@@ -142,12 +142,13 @@ def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = 
     try:
         cfg = from_dict(ExperimentConfig, data)
     except ConfigError as err:
-        raise _root_cause(data, err) from None
+        raise located(_root_cause(data, err), data, overrides) from None
     written = ((data.get("model") or {}).get("guidance") or {}) if isinstance(data.get("model"), dict) else {}
     if cfg.model.guidance.kind == "none" and isinstance(written, dict) and cfg.model.guidance.drop_prob > 0 \
             and "drop_prob" in written:
-        raise ConfigError("model.guidance.drop_prob", f"guidance dropout {cfg.model.guidance.drop_prob} with no "
-                                                      f"guidance (model.guidance.kind: none); set it to 0 or remove it")
+        raise located(ConfigError("model.guidance.drop_prob", f"guidance dropout {cfg.model.guidance.drop_prob} with "
+                                                              f"no guidance (model.guidance.kind: none); set it to 0 "
+                                                              f"or remove it"), data, overrides)
     return cfg
 
 

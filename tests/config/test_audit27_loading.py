@@ -1,0 +1,100 @@
+"""Config errors say where the wrong value was written (file and line, or the override), and a section
+written with no keys is its defaults."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+
+from sgdm.cli.main import main
+from sgdm.config import ConfigError, load_config
+from sgdm.config.schema import load_experiment
+from sgdm.training.config import TrainConfig
+
+QUICKSTART = pathlib.Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+@dataclasses.dataclass
+class Inner:
+    steps: int = 1
+
+
+@dataclasses.dataclass
+class Section:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    scales: list[float] = dataclasses.field(default_factory=list)
+    name: str = "x"
+
+
+def _error(path, overrides=()) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path, list(overrides))
+    return info.value
+
+
+def test_a_wrong_value_in_the_file_names_the_file_and_its_line(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("run:\n  name: a\ntrain:\n  lr: 1.0e-4\n  max_step: 3\n")
+    err = _error(config)
+    assert err.key == "train.max_step" and str(err).startswith("train.max_step: unknown key")
+    assert err.where == f"{config}, line 5"
+    config.write_text("train:\n  sample_scales: [1, 2,\n    a]\n")
+    assert _error(config).where == f"{config}, line 3"  # a list item: its own line
+    config.write_text("train:\n  lr: -1\n")
+    assert _error(config).where == f"{config}, line 2"  # a section's own check
+
+
+def test_a_wrong_value_from_an_override_names_the_override(tmp_path):
+    err = _error(QUICKSTART, ["train.lr=-1"])  # the file's lr is fine: the override replaced it
+    assert err.key == "train.lr" and err.where == "the override train.lr=-1"
+    err = _error(QUICKSTART, ["train.lr=1e-4", "sampler={steps: 10, typo: 1}", "eval.n=512"])
+    assert err.key == "sampler.typo" and err.where == "the override sampler={steps: 10, typo: 1}"
+
+
+def test_a_default_that_does_not_fit_says_it_is_the_default(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("data:\n  size: 64\n")  # the default autoencoder resolution is 256
+    err = _error(config)
+    assert err.key == "model.autoencoder.resolution"
+    assert err.where == f"the default: neither {config} nor an override sets it"
+
+
+def test_the_cli_prints_where_the_value_was_written(tmp_path, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text("train:\n  max_step: 3\n")
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(TrainConfig)))
+    assert main(["train", str(config), "--print-config"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"unknown key (known keys here: {known}) ({config}, line 2)")
+    assert main(["train", str(config), "train.max_step=4"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(the override train.max_step=4)")
+
+
+def test_load_config_says_where_too(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("inner:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"^inner.steps: expected int, got str 'many'$") as info:
+        load_config(Section, config)
+    assert info.value.where == f"{config}, line 2"
+    with pytest.raises(ConfigError, match=r"^inner.steps: expected int, got str 'x'$") as info:
+        load_config(Section, config, ["inner.steps=x"])
+    assert info.value.where == "the override inner.steps=x"
+
+
+@pytest.mark.parametrize("text", ["eval:\n", "eval:\n#  n: 512\n", "eval: null\n", "model:\n  unet:\n"])
+def test_a_section_written_with_no_keys_takes_its_defaults(tmp_path, text):
+    config = tmp_path / "exp.yaml"
+    config.write_text(text)
+    assert load_experiment(config) == load_experiment(None)
+    (tmp_path / "c.yaml").write_text("inner:\n")
+    assert load_config(Section, tmp_path / "c.yaml") == Section()
+
+
+def test_a_yaml_boolean_for_a_text_key_says_to_quote_it(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("run:\n  name: no\n")  # YAML 1.1 reads no, off, yes, on as booleans
+    err = _error(config)
+    assert err.key == "run.name" and "expected str, got bool False" in str(err)
+    assert "put the text in quotes" in str(err)
+    assert load_experiment(None, ["run.name=no"]).run.name == "no"  # an override of a text key is text
+
