@@ -135,6 +135,21 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _reference_content(dataset: Dataset, n: int) -> str:
+    """Digest of the ids of the first ``n`` dataset items and the stamps (size, mtime) of their files
+    (:func:`~sgdm.annotation.cache.file_stamps`): the reference statistics' cache name carries it, so an
+    image replaced or a list file edited at the same config is measured again, not read from the cache.
+    (An unreadable image among them moves the reference set past item ``n``; those items are not stamped.)"""
+    from sgdm.annotation.cache import file_stamps
+
+    ids = getattr(dataset, "ids", None)
+    if ids is None:  # not an sgdm dataset: its config is all there is to key on
+        return "no-ids"
+    m = min(n, len(dataset))
+    source = getattr(dataset, "source", None)
+    return _digest(file_stamps(list(ids[:m]), [source(i) if source is not None else "" for i in range(m)]))
+
+
 def _feature_space(cfg, ecfg: EvalConfig):
     from sgdm.evaluation.feature_distance import load_feature_space
     from sgdm.devices import resolve_device
@@ -179,7 +194,9 @@ class _Evaluator:
         self._ann_space = None
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe
         self.dataset = build_dataset(cfg.data, train=False)
-        self.data_key = _digest(recorded_data(cfg.data))  # the cached reference statistics stay keyed as before
+        self.data_key = _digest(recorded_data(cfg.data))
+        if wants_inception or "fd" in ecfg.metrics:  # the images themselves, not only the settings that read them
+            self.data_key += "-" + _reference_content(self.dataset, ecfg.reference_n)
         self._ref_stats = None
 
     def reference_stats(self):

@@ -53,3 +53,27 @@ def test_unreachable_inception_download_fails_before_sampling(tmp_path, monkeypa
     assert "--inception-weights" in err and "name resolution" in err, err
     assert "Traceback" not in err
     assert not sampled
+
+
+def test_reference_statistics_are_recomputed_when_the_images_change(tmp_path):
+    """The cached reference statistics belong to the images, not only to the data config: an image
+    replaced in place (same path, same config) must not leave the distance measured against the old
+    images' statistics."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.evaluation.test_evaluate import _folder_run
+
+    run_dir = _folder_run(tmp_path, "skip")  # images/0.png ... 5.png, 1.png unreadable; fd, 4 reference images
+    assert main(["eval", str(run_dir)]) == 0
+    before = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]["fd_tiny"]
+    path = tmp_path / "images" / "0.png"
+    stat = path.stat()
+    Image.fromarray(np.full((16, 16, 3), 255, dtype=np.uint8)).save(path)  # a white image in its place
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert main(["eval", str(run_dir)]) == 0
+    after = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]["fd_tiny"]
+    assert after != pytest.approx(before, rel=1e-6)  # the same samples against other reference images
+    assert len(list((run_dir / "eval" / "cache").glob("fd-tiny-*.pt"))) == 2
