@@ -25,8 +25,11 @@ ENV_VARS = {
     "SGDM_KERNELS": "0 runs every op's plain-PyTorch reference",
     "SGDM_ATTENTION_WGMMA": "1 runs the Hopper wgmma attention kernels (compute capability 9.0, 9.0a build)",
     "SGDM_REQUIRE_KERNELS": "1 makes the tests fail, not skip, without the compiled kernels",
-    "SGDM_OFFLINE": "1: no downloads (as HF_HUB_OFFLINE=1)",
+    "SGDM_OFFLINE": "1: eval refuses FID/IS/KID at once when the Inception weights are not cached (as "
+                    "HF_HUB_OFFLINE=1 does; it stops no other download)",
     "HF_HUB_OFFLINE": "1: timm and torch-fidelity weights only from local caches",
+    "SGDM_CACHE": "where the shapes dataset is generated when data.shapes.cache_dir is unset (default ~/.cache/sgdm)",
+    "ATEN_CPU_CAPABILITY": "default or avx2 caps the instruction set of the CPU kernels (read by PyTorch)",
     "TORCH_HOME": "the torch hub cache (Inception, VGG16 weights)",
     "CUDA_VISIBLE_DEVICES": "the GPUs this process sees",
     "OMP_NUM_THREADS": "CPU threads of the kernels and of PyTorch",

@@ -99,3 +99,26 @@ def test_disabled_kernels_are_reported():
                          timeout=300, check=True).stdout
     assert "extension      disabled by SGDM_KERNELS=0" in out
     assert "ops on cpu     group_norm_silu: reference, guided_ddim_step: reference, attention: reference" in out
+
+
+def test_every_variable_sgdm_reads_at_run_time_is_reported(capsys, monkeypatch):
+    import pathlib
+    import re
+
+    from sgdm.environment import ENV_VARS
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    read = set()
+    for path in (root / "sgdm").rglob("*.py"):
+        read |= set(re.findall(r"environ(?:\.get)?[(\[]\s*[\"'](SGDM_\w+)", path.read_text()))
+    for path in (root / "csrc").rglob("*.c*"):
+        read |= set(re.findall(r"getenv\(\"(SGDM_\w+)\"\)", path.read_text()))
+    assert "SGDM_KERNELS" in read and "SGDM_CACHE" in read  # the scan finds both spellings
+    assert read <= set(ENV_VARS), f"read but not reported by info: {sorted(read - set(ENV_VARS))}"
+    # ATen reads it, and it decides which of the CPU kernels run (README: it forces one)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("SGDM_CACHE", "/data/cache")
+    info = json.loads(_info(capsys, "--json")[1])
+    assert info["env"]["ATEN_CPU_CAPABILITY"] == "default" and info["env"]["SGDM_CACHE"] == "/data/cache"
+    # SGDM_OFFLINE only makes eval refuse FID/IS/KID early without the Inception weights; timm still downloads
+    assert "Inception" in ENV_VARS["SGDM_OFFLINE"] and "no downloads" not in ENV_VARS["SGDM_OFFLINE"]
