@@ -81,11 +81,12 @@ def reference_stats(space: FeatureSpace, batches: Iterable[torch.Tensor], cache:
         return GaussianStats(data["mu"], data["sigma"], int(data["count"]))
     stats = gaussian_stats(embed(space, batches), "reference features")
     if cache is not None:
+        from sgdm.training.checkpoint import atomic_torch_save
+
         path = pathlib.Path(cache)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"mu": stats.mu, "sigma": stats.sigma, "count": torch.tensor(stats.count)}, tmp)
-        os.replace(tmp, path)
+        # a temporary file of this process's own: two evaluations may compute the same statistics at once
+        atomic_torch_save({"mu": stats.mu, "sigma": stats.sigma, "count": torch.tensor(stats.count)}, path)
     return stats
 
 

@@ -77,3 +77,44 @@ def test_reference_statistics_are_recomputed_when_the_images_change(tmp_path):
     after = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]["fd_tiny"]
     assert after != pytest.approx(before, rel=1e-6)  # the same samples against other reference images
     assert len(list((run_dir / "eval" / "cache").glob("fd-tiny-*.pt"))) == 2
+
+
+def test_two_evaluations_writing_one_reference_cache_at_once(tmp_path, monkeypatch):
+    """Two evaluations of one run (another --seed in a second job) compute the same fd reference
+    statistics at the same time: the second's write in the middle of the first's must leave both
+    running and a whole cache file, not a mix of the two or a crash on a temporary file taken away."""
+    import io
+    import os
+
+    import sgdm.evaluation.feature_distance as fdist
+
+    features = {"first": torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                "second": torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
+    monkeypatch.setattr(fdist, "embed", lambda space, batches: features[next(iter(batches))])
+    cache = tmp_path / "cache" / "fd-x.pt"
+    real_save, pid = torch.save, os.getpid()
+    state = {"inside": False}
+
+    def interleaved_save(obj, f):
+        if state["inside"]:
+            return real_save(obj, f)
+        state["inside"] = True
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        fh = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f  # noqa: SIM115
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # the other evaluation, start to end
+        fdist.reference_stats(None, ["second"], cache)
+        monkeypatch.setattr(os, "getpid", lambda: pid)
+        fh.write(data[len(data) // 2:])
+        if fh is not f:
+            fh.close()
+
+    monkeypatch.setattr(torch, "save", interleaved_save)
+    first = fdist.reference_stats(None, ["first"], cache)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no temporary file left
+    kept = torch.load(cache, weights_only=True)  # whole: one of the two evaluations' statistics
+    assert torch.equal(kept["mu"], first.mu) or torch.equal(kept["mu"], features["second"].mean(0))
