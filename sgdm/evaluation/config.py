@@ -121,8 +121,8 @@ class EvalConfig:
         check_eta(self.eta, self.sampler)
         if self.reference_n < 2:
             raise ConfigError("reference_n", f"need at least 2 reference images, got {self.reference_n}")
-        if self.kid_subsets < 1 or self.kid_subset_size < 2:
-            raise ConfigError("kid_subset_size", "kid_subsets must be >= 1 and kid_subset_size >= 2")
+        require_at_least(self, 1, "kid_subsets")
+        require_at_least(self, 2, "kid_subset_size")  # an unbiased MMD estimate needs two vectors a set
         if not self.metrics:
             raise ConfigError("metrics", "empty; choose from fid, is, kid, fd, adherence")
         if len(set(self.metrics)) != len(self.metrics):

@@ -118,3 +118,15 @@ def test_two_evaluations_writing_one_reference_cache_at_once(tmp_path, monkeypat
     assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no temporary file left
     kept = torch.load(cache, weights_only=True)  # whole: one of the two evaluations' statistics
     assert torch.equal(kept["mu"], first.mu) or torch.equal(kept["mu"], features["second"].mean(0))
+
+
+def test_bad_kid_subsets_names_kid_subsets():
+    from sgdm.config.core import ConfigError, from_dict
+    from sgdm.evaluation.config import EvalConfig
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(EvalConfig, {"kid_subsets": 0}, "eval")
+    assert err.value.key == "eval.kid_subsets", err.value
+    with pytest.raises(ConfigError) as err:
+        from_dict(EvalConfig, {"kid_subset_size": 1}, "eval")
+    assert err.value.key == "eval.kid_subset_size", err.value
