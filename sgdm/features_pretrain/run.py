@@ -26,4 +26,4 @@ def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -
                           f"{target}: the encoder is saved as a {', '.join(WEIGHT_SUFFIXES)} file")
     dataset = build_dataset(cfg.data, train=True, seed=cfg.run.seed)
     return pretrain_features(dataset, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs), cfg.prepare.pretrain,
-                             target, log=log, data_record=data_settings(cfg.data))
+                             target, log=log, data_record=data_settings(cfg.data), num_workers=cfg.data.num_workers)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from sgdm.config.core import ConfigError
 from sgdm.features_pretrain.augment import crop_sides, multi_crop
@@ -143,18 +143,27 @@ def _stack_images(items: list) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
-def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator):
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"pretrain: the dataset has {len(dataset)} images, fewer than batch_size {cfg.batch_size}")
-    while True:  # epochs; the sampler draws its order from the generator
-        sampler = RandomSampler(dataset, generator=generator)
+def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, num_workers: int = 0):
+    """Batches of images, epoch after epoch, each epoch in the order of a permutation drawn from
+    ``generator`` in this process when its first batch is asked for (``num_workers`` processes only read
+    the images, so the batches and the generator's stream do not depend on them)."""
+    n = len(dataset)
+    if n < cfg.batch_size:
+        raise ValueError(f"pretrain: the dataset has {n} images, fewer than batch_size {cfg.batch_size}")
+    while True:  # epochs
+        # the draws of torch's RandomSampler(generator=generator), which made the order before: one permutation
+        # per epoch, and one more, unused, when it is exhausted (so encoders made before are reproduced)
+        order = torch.randperm(n, generator=generator).tolist()
+        loader = DataLoader(dataset, cfg.batch_size, sampler=order, drop_last=True, collate_fn=_stack_images,
+                            num_workers=num_workers)
         read = 0
-        for batch in DataLoader(dataset, cfg.batch_size, sampler=sampler, drop_last=True, collate_fn=_stack_images):
+        for batch in loader:
             if batch is not None:  # a batch of skipped files only is passed over
                 read += 1
                 yield batch
+        torch.randperm(n, generator=generator)
         if read == 0:  # else the next epoch would find none either, for ever
-            raise ValueError(f"pretrain: none of the {len(dataset)} images of the dataset could be read in a whole "
+            raise ValueError(f"pretrain: none of the {n} images of the dataset could be read in a whole "
                              "epoch (every file was skipped as unreadable); `sgdm-ldm validate-data CONFIG` lists "
                              "them and why")
 
@@ -191,12 +200,15 @@ def pretrain_features(
     log: Callable[[str], None] | None = None,
     data_record: dict | None = None,
     on_step: Callable[[int, nn.ModuleDict, torch.optim.Optimizer], None] | None = None,
+    num_workers: int = 0,
 ) -> pathlib.Path:
     """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher
     (recording ``data_record``, the data settings behind ``dataset``, when given).
 
     ``on_step(step, student, optimizer)``, when given, is called after each update (the student
-    holds ``backbone`` and ``head``); for tests and monitoring, it must not change them."""
+    holds ``backbone`` and ``head``); for tests and monitoring, it must not change them.
+    ``num_workers``: DataLoader processes that read the images (``data.num_workers``); the result does not
+    depend on it."""
     device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
@@ -213,7 +225,7 @@ def pretrain_features(
     last_layer = [p for p in student_model["head"].last.parameters() if p.requires_grad]
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.time()
-    batches = _batches(dataset, cfg, generator)
+    batches = _batches(dataset, cfg, generator, num_workers)
     for step in range(cfg.steps):
         lr, momentum = _schedules(cfg, step)
         for group in optimizer.param_groups:

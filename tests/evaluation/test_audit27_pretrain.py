@@ -68,3 +68,52 @@ def test_a_dataset_of_only_unreadable_images_is_an_error_that_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"none of the 6 images .* could be read.*validate-data"):
         pretrain_features(Images(6, bad=range(6)), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth",
                           log=lambda m: None, on_step=_fail_on_step)
+
+
+def test_data_num_workers_decode_the_images_and_leave_the_encoder_unchanged(tmp_path, monkeypatch):
+    """Pretraining read every image in the main process whatever data.num_workers said (a GPU waiting on
+    JPEG decoding); worker processes now decode them, and the encoder is the same bit for bit."""
+    from safetensors.torch import load_file
+
+    import sgdm.features_pretrain.train as pretrain_train
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.features_pretrain.run import pretrain_from_config
+    from tests.evaluation.helpers import tiny_config
+
+    cfg = PretrainConfig(steps=3, batch_size=4, out_dim=16, local_crops=1)
+    a = pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "a.safetensors", log=lambda m: None)
+    b = pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "b.safetensors",
+                          log=lambda m: None, num_workers=2)
+    wa, wb = load_file(a), load_file(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    seen = {}
+    monkeypatch.setattr(pretrain_train, "pretrain_features", lambda *a, **k: seen.update(k))
+    raw = tiny_config(tmp_path, "label")
+    raw["data"]["num_workers"] = 3
+    pretrain_from_config(from_dict(ExperimentConfig, raw), tmp_path / "c.pth")
+    assert seen["num_workers"] == 3
+
+
+def test_the_batches_and_the_generator_stream_are_those_of_the_random_sampler_before():
+    """The order is drawn in this process (so that workers cannot move the sampler's draws in the generator's
+    stream), as torch's RandomSampler drew it: encoders made before are reproduced."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from sgdm.features_pretrain.train import _batches, _stack_images
+
+    cfg = PretrainConfig(batch_size=3)
+    dataset = Images(7)
+
+    def before(generator):
+        while True:
+            sampler = RandomSampler(dataset, generator=generator)
+            yield from DataLoader(dataset, 3, sampler=sampler, drop_last=True, collate_fn=_stack_images)
+
+    for workers in (0, 2):
+        old_g, new_g = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        old, new = before(old_g), _batches(dataset, cfg, new_g, workers)
+        for _ in range(7):  # 3 epochs and a half, the augmentations drawing from the generator between batches
+            assert torch.equal(next(old), next(new))
+            assert torch.equal(torch.rand(2, generator=old_g), torch.rand(2, generator=new_g))
