@@ -52,6 +52,8 @@ class PretrainConfig:
     local_crops: int = 4
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    # Local crop side = round(data.size * local_crop_fraction); for a ViT both data.size and it must be
+    # multiples of the patch size (refused before the first step otherwise, naming the fractions that fit).
     local_crop_fraction: float = 0.5
     # Photometric augmentation strength. DINO's defaults (0.4 jitter, 0.2 grey)
     # teach colour invariance; lower them where colour defines the classes.
