@@ -28,6 +28,7 @@ opt-in until ``benchmarks/gpu_check.sh`` has checked it.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
@@ -117,8 +118,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             _check_inputs(q, k, v, scale)  # raises the error that names the argument
             raise
     _check_inputs(q, k, v, scale)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if _kernel_ok(q.device.type, q.dtype, int(q.shape[-1])):
+    # operator.index, not int: under torch.compile(dynamic=True) it specialises a symbolic head
+    # dim into the constant that _kernel_ok (assume_constant_result) needs
+    head_dim = operator.index(q.shape[-1])
+    scale = float(head_dim ** -0.5 if scale is None else scale)
+    if _kernel_ok(q.device.type, q.dtype, head_dim):
         return _Attention.apply(q, k, v, scale)
     return _fallback(q, k, v, scale)
 
