@@ -75,9 +75,16 @@ class CRFConfig:
     image's pixels) and scale with the grid (mask side / image side); ``bi_rgb_std`` is in 0-255
     colour units.
 
-    Measured on the quickstart's shapes (2000 images of 32 px, patch k-means f, K=12, seed 0;
-    mIoU against the ground truth): 32x32 masks 0.0763 without, 0.0896 with these defaults,
-    0.0914 with ``bi_rgb_std: 30``; 16x16 masks 0.0748 / 0.0849. Off by default all the same:
+    ``normalization``: ``symmetric`` (default) divides each kernel's messages by its degrees, as
+    pydensecrf (and so STEGO) does, so that a message is a weighted average of the neighbours' labels
+    whatever the grid's size; ``none`` sums them raw, which on a 64x64 grid makes them hundreds of
+    times the unary's range (a confident segment inside a larger region of its colour is erased).
+    Stores and segmenters made before the key existed used ``none`` and keep it.
+
+    Measured with ``normalization: none`` on the quickstart's shapes (2000 images of 32 px, patch
+    k-means f, K=12, seed 0; mIoU against the ground truth): 32x32 masks 0.0763 without, 0.0896 with
+    these defaults, 0.0914 with ``bi_rgb_std: 30``; 16x16 masks 0.0748 / 0.0849 (not yet measured
+    with ``symmetric``). Off by default all the same:
     one small f on one toy set, and the cost is O((mask cells)^2) per image and iteration,
     exact (32x32: ~1M pairs, ~0.15 s an image on one loaded CPU thread, against ~1 ms without;
     the default 64x64 grid of 256-px images: ~3 s an image, ~100 CPU hours for COCO's 118k,
@@ -98,10 +105,15 @@ class CRFConfig:
     bi_rgb_std: float = 3.0
     alpha: float = 2.0  # temperature of the probe's class probabilities
     method: str = "exact"  # exact | lattice: the messages summed exactly, or on the permutohedral lattice
+    # symmetric | none: messages normalised by the kernels' degrees (pydensecrf's default, STEGO's CRF),
+    # or raw sums (segmenters made before this key; their messages grow with the grid's cell count)
+    normalization: str = "symmetric"
 
     def validate(self) -> None:
         if self.method not in ("exact", "lattice"):
             raise ConfigError("method", f"must be 'exact' or 'lattice', got {self.method!r}")
+        if self.normalization not in ("symmetric", "none"):
+            raise ConfigError("normalization", f"must be 'symmetric' or 'none', got {self.normalization!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ConfigError("iterations", f"must be an integer >= 0, got {self.iterations!r}")
         for name in ("pos_weight", "bi_weight"):

@@ -9,14 +9,26 @@ pairwise term over every pair of cells::
     k_bi(i, j)  = exp(-|r_i - r_j|^2 / (2 s_xy^2) - |I_i - I_j|^2 / (2 s_rgb^2))
 
 with ``r`` the cell position (in cells) and ``I`` its colour (0-255, as pydensecrf's ``rgbim``).
-Mean-field inference starts at ``Q = p`` and repeats ``Q_i(l) ∝ exp(-U_i(l) + sum_{j != i} K(i, j)
-Q_j(l))`` (the Potts term's part that is the same for every label cancels in the normalisation).
+Mean-field inference starts at ``Q = p`` and repeats ``Q_i(l) ∝ exp(-U_i(l) + M_i(l))`` (the Potts
+term's part that is the same for every label cancels in the normalisation), with the message ``M``
+per ``normalization``:
+
+* ``symmetric`` (the default; pydensecrf's ``NORMALIZE_SYMMETRIC``, what STEGO runs): each kernel is
+  normalised by its degrees, ``M_i = sum_k w_k sum_j k(i, j) Q_j / sqrt(d_i d_j)`` with
+  ``d_i = sum_j k(i, j)``, both sums over every ``j`` including ``i`` (``k(i, i) = 1``), as
+  pydensecrf's lattice computes them. A message is then a weighted average of the neighbours'
+  ``Q`` (at most ``w_k`` per kernel), whatever the grid's size: STEGO's weights keep their meaning
+  on any ``mask_size``.
+* ``none``: the paper's equations as written, ``M_i = sum_{j != i} K(i, j) Q_j``. The message grows
+  with the number of similar cells (on a 64 x 64 grid with STEGO's kernels, hundreds to thousands
+  of times the unary's range), so the unary hardly counts; kept for segmenters made before
+  ``normalization`` existed.
 
 With ``method: exact`` (the reference) the message is computed exactly, a block of rows of ``K`` at
 a time: O(N^2) per iteration, which is what the grids of self-segmentation (the patch grid or a few
 times finer, N <= ~10^4) afford. ``method: lattice`` approximates the same sums in O(N) on the
 permutohedral lattice, as pydensecrf does (:mod:`sgdm.annotation.permutohedral`; the ``j = i``
-term left out as here).
+term left out or kept as above).
 """
 from __future__ import annotations
 
@@ -55,6 +67,13 @@ def _gaussian_rows(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return k
 
 
+def _degree_norms(f: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """``1 / sqrt(d_i)`` with ``d_i = 1 + sum_{j != i} exp(-|f_i - f_j|^2 / 2)`` ``[N]``, a block of rows at a time."""
+    n = f.shape[0]
+    degree = torch.cat([_gaussian_rows(f, lo, min(n, lo + block_rows)).sum(1) for lo in range(0, n, block_rows)])
+    return degree.add_(1.0).rsqrt_()
+
+
 def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: Optional[CRFConfig] = None,
               block_rows: int = 2048) -> torch.Tensor:
     """Mean-field marginals ``[K, H, W]`` of the CRF with unary ``-log probs``.
@@ -91,17 +110,33 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, params: Optional[CRFConf
     if params.iterations == 0 or (params.pos_weight == 0 and params.bi_weight == 0):
         return q.t().reshape(k, h, w).to(probs.dtype)
     f_pos, f_bi = _features(image, params)
+    symmetric = params.normalization == "symmetric"
+    kernels = [(weight, f) for weight, f in ((params.pos_weight, f_pos), (params.bi_weight, f_bi)) if weight > 0]
     if params.method == "lattice":
-        lattices = [(weight, Lattice(f)) for weight, f in ((params.pos_weight, f_pos), (params.bi_weight, f_bi))
-                    if weight > 0]
+        lattices = [(weight, Lattice(f)) for weight, f in kernels]
+        if symmetric:  # the degrees from the same lattice: its approximations (and its mass) cancel
+            ones = q.new_ones(n, 1)
+            norms = [lattice.filter(ones, include_self=True).clamp_min_(1e-20).rsqrt_() for _, lattice in lattices]
         for _ in range(params.iterations):
-            message = sum(weight * lattice.filter(q) for weight, lattice in lattices)
+            if symmetric:
+                message = sum(weight * norm * lattice.filter(norm * q, include_self=True)
+                              for (weight, lattice), norm in zip(lattices, norms))
+            else:
+                message = sum(weight * lattice.filter(q) for weight, lattice in lattices)
             q = torch.softmax(-unary + message, dim=1)
         return q.t().reshape(k, h, w).to(probs.dtype)
+    norms = [_degree_norms(f, block_rows) for _, f in kernels] if symmetric else []
 
     def kernel_rows(lo: int, hi: int) -> torch.Tensor:
-        return _gaussian_rows(f_pos, lo, hi).mul_(params.pos_weight).add_(_gaussian_rows(f_bi, lo, hi),
-                                                                          alpha=params.bi_weight)
+        """Rows [lo, hi) of the message operator: ``M[lo:hi] = rows @ Q``."""
+        rows = None
+        for index, (weight, f) in enumerate(kernels):
+            block = _gaussian_rows(f, lo, hi)
+            if symmetric:
+                block[torch.arange(hi - lo, device=q.device), torch.arange(lo, hi, device=q.device)] = 1.0
+                block.mul_(norms[index][lo:hi, None]).mul_(norms[index][None, :])
+            rows = block.mul_(weight) if rows is None else rows.add_(block, alpha=weight)
+        return rows
 
     # one block holds all of K: built once, not every iteration (the exponentials cost ~8x the
     # product with Q; measured at 32x32 on a loaded 2-core CPU: 2.1 s -> 0.3 s per image)

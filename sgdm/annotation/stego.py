@@ -383,13 +383,17 @@ class Segmenter:
 
 
 def _load_crf(path: pathlib.Path, recorded: Optional[str]) -> Optional[CRFConfig]:
-    """The CRF settings in a segmenter file's metadata (JSON), validated; None where absent."""
+    """The CRF settings in a segmenter file's metadata (JSON), validated; None where absent. Settings
+    recorded before ``normalization`` existed refined with raw message sums: ``none``."""
     from sgdm.config.core import from_dict
 
     if recorded is None:
         return None
     try:
-        return from_dict(CRFConfig, json.loads(recorded), "crf")
+        settings = json.loads(recorded)
+        if isinstance(settings, dict):
+            settings.setdefault("normalization", "none")
+        return from_dict(CRFConfig, settings, "crf")
     except ValueError as err:  # json's errors and ConfigError are ValueErrors
         raise ValueError(f"segmenter file {path}: metadata {err}") from None
 

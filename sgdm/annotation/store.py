@@ -273,7 +273,8 @@ class AnnotationStore:
         the store's granularity) whose values differ from those the store was made with; only keys
         that change what the store holds count (not batch sizes, devices or the store path).
         Settings added since the store was written count at their defaults (``stego.crf`` off), except
-        ``stego.mask_size``: such a store's masks are at the patch grid (0). Nested settings are
+        ``stego.mask_size``: such a store's masks are at the patch grid (0), and an enabled CRF's
+        ``normalization``: it summed raw messages (``none``). Nested settings are
         named to the leaf (``stego.crf.alpha``); those of a disabled CRF are not compared. Two
         ``stego.mask_size`` values that draw the same grid are the same (:meth:`_same_mask_grid`)."""
         from sgdm.annotation.config import AnnotationConfig, CRFConfig
@@ -285,6 +286,9 @@ class AnnotationStore:
         old = {k: v for k, v in old.items() if k != "store"}
         if isinstance(old.get("stego", {}), dict):  # stores made before stego.mask_size hold patch-grid masks
             old["stego"] = {"mask_size": 0, **old.get("stego", {})}
+            crf = old["stego"].get("crf")
+            if isinstance(crf, dict) and crf.get("enabled"):  # and before crf.normalization, raw message sums
+                old["stego"]["crf"] = {"normalization": "none", **crf}
         old = to_dict(from_dict(AnnotationConfig, old, "annotation"))
         new = to_dict(annotation)
         skip = {"store", "batch_size", "num_workers", "device", "precision", "shard_size", "weights"}

@@ -13,23 +13,34 @@ from sgdm.annotation.crf import dense_crf, scaled
 
 
 def reference_crf(image, probs, p: CRFConfig):
-    """Mean-field written out cell pair by cell pair, in float64."""
+    """Mean-field written out cell pair by cell pair, in float64. ``normalization: none``: the raw sums
+    over ``j != i``; ``symmetric`` (pydensecrf's NORMALIZE_SYMMETRIC): each kernel's sum over every j,
+    ``i`` included, weighted by ``1 / sqrt(d_i d_j)`` with ``d_i`` the kernel's own sum of ones."""
     k, h, w = probs.shape
     cells = [(r, c) for r in range(h) for c in range(w)]
     unary = -torch.log(probs.double().clamp_min(1e-10))
     q = torch.softmax(-unary, dim=0)
     rgb = image.double() * 255
+
+    def kernels(i, j):  # (position kernel, bilateral kernel) of cells i and j
+        (ri, ci), (rj, cj) = i, j
+        d2 = (ri - rj) ** 2 + (ci - cj) ** 2
+        c2 = float(((rgb[:, ri, ci] - rgb[:, rj, cj]) ** 2).sum())
+        return (math.exp(-d2 / (2 * p.pos_xy_std ** 2)),
+                math.exp(-d2 / (2 * p.bi_xy_std ** 2) - c2 / (2 * p.bi_rgb_std ** 2)))
+
+    symmetric = p.normalization == "symmetric"
+    degree = {i: [sum(kernels(i, j)[m] for j in cells) for m in (0, 1)] for i in cells}
     for _ in range(p.iterations):
         message = torch.zeros_like(q)
-        for (ri, ci) in cells:
-            for (rj, cj) in cells:
-                if (ri, ci) == (rj, cj):
+        for i in cells:
+            for j in cells:
+                if i == j and not symmetric:
                     continue
-                d2 = (ri - rj) ** 2 + (ci - cj) ** 2
-                c2 = float(((rgb[:, ri, ci] - rgb[:, rj, cj]) ** 2).sum())
-                kern = p.pos_weight * math.exp(-d2 / (2 * p.pos_xy_std ** 2)) + p.bi_weight * math.exp(
-                    -d2 / (2 * p.bi_xy_std ** 2) - c2 / (2 * p.bi_rgb_std ** 2))
-                message[:, ri, ci] += kern * q[:, rj, cj]
+                kern = kernels(i, j)
+                if symmetric:
+                    kern = [kern[m] / math.sqrt(degree[i][m] * degree[j][m]) for m in (0, 1)]
+                message[:, i[0], i[1]] += (p.pos_weight * kern[0] + p.bi_weight * kern[1]) * q[:, j[0], j[1]]
         q = torch.softmax(-unary + message, dim=0)
     return q
 
@@ -39,9 +50,11 @@ def random_inputs(k=3, h=4, w=5, seed=0):
     return torch.rand(3, h, w, generator=g), torch.softmax(2 * torch.randn(k, h, w, generator=g), dim=0)
 
 
-def test_matches_the_pairwise_loop_and_does_not_depend_on_the_block_size():
+@pytest.mark.parametrize("normalization", ["symmetric", "none"])
+def test_matches_the_pairwise_loop_and_does_not_depend_on_the_block_size(normalization):
     image, probs = random_inputs()
-    params = CRFConfig(iterations=4, pos_weight=1.5, pos_xy_std=1.3, bi_weight=2.0, bi_xy_std=3.0, bi_rgb_std=40.0)
+    params = CRFConfig(iterations=4, pos_weight=1.5, pos_xy_std=1.3, bi_weight=2.0, bi_xy_std=3.0, bi_rgb_std=40.0,
+                       normalization=normalization)
     expected = reference_crf(image, probs, params)
     for block in (1, 7, 4096):
         got = dense_crf(image.double(), probs.double(), params, block_rows=block)
@@ -147,3 +160,24 @@ def test_lattice_cleans_an_isolated_cell_and_keeps_no_pairwise_term_as_is():
     assert (dense_crf(image, probs, params).argmax(0) == 0).all()
     off = dataclasses.replace(params, pos_weight=0.0)
     torch.testing.assert_close(dense_crf(image, probs, off), probs, rtol=0, atol=1e-6)
+
+
+def test_the_default_crf_weighs_the_unary_against_the_neighbours_not_their_number():
+    """STEGO's CRF (pydensecrf, symmetric normalisation): a message is a weighted average of the
+    neighbours' labels, at most a few units, so a confident segment survives inside a region of its
+    colour. Raw sums (``normalization: none``) grow with the number of same-colour cells (~500 here),
+    and the region's majority erases the segment whatever its unary says."""
+    side = 32
+    image = torch.zeros(3, side, side)
+    image[0, :, : side // 2] = 0.8  # red left half, blue right half
+    image[2, :, side // 2 :] = 0.8
+    probs = torch.full((2, side, side), 0.1)
+    probs[0] = 0.9
+    probs[:, 10:14, 4:8] = torch.tensor([0.001, 0.999])[:, None, None]  # a confident 4 x 4 segment of class 1
+    params = scaled(CRFConfig(), side / 128)  # STEGO's kernels, a 128-pixel image drawn on 32 x 32 cells
+    labels = dense_crf(image, probs, params).argmax(0)
+    assert (labels[10:14, 4:8] == 1).all() and int(labels.sum()) == 16
+    raw = dense_crf(image, probs, dataclasses.replace(params, normalization="none")).argmax(0)
+    assert (raw == 0).all()
+    lattice = dense_crf(image, probs, dataclasses.replace(params, method="lattice")).argmax(0)
+    assert torch.equal(lattice, labels)

@@ -109,3 +109,36 @@ def test_kernel_widths_are_in_pixels_of_the_image():
     assert torch.equal(Segmenter(CENTROIDS, crf=crf).assign(patches, images=image)[0].long(), noisy)
     wide = CRFConfig(enabled=True, bi_weight=0.0, pos_weight=3.0, pos_xy_std=4.0)  # one cell at 8 / 32
     assert (Segmenter(CENTROIDS, crf=wide).assign(patches, images=image)[0].long() != truth).sum() < (noisy != truth).sum()
+
+
+def test_a_segmenter_or_store_made_before_crf_normalization_keeps_raw_sums(tmp_path):
+    """CRF settings recorded without ``normalization`` were made with raw message sums: a segmenter file
+    loads with ``none`` (adherence refines samples as its masks were refined), and such a store
+    differs from a config that asks for the default ``symmetric``."""
+    import dataclasses
+
+    from sgdm.annotation.store import AnnotationStore, save_tensors_atomic, write_store
+    from sgdm.config.core import to_dict
+
+    old_crf = {k: v for k, v in to_dict(CRFConfig(enabled=True)).items() if k != "normalization"}
+    save_tensors_atomic(tmp_path / "old_crf.safetensors", {"centroids": CENTROIDS}, {"crf": json.dumps(old_crf)})
+    assert Segmenter.load(tmp_path / "old_crf.safetensors").crf.normalization == "none"
+    new = Segmenter(CENTROIDS, crf=CRFConfig(enabled=True)).save(tmp_path / "new.safetensors")
+    assert Segmenter.load(new).crf.normalization == "symmetric"
+
+    made = AnnotationConfig(store=tmp_path / "s", granularity="mask", num_classes=2)
+    made = dataclasses.replace(made, stego=dataclasses.replace(made.stego, crf=CRFConfig(enabled=True)))
+    params = to_dict(made)
+    del params["stego"]["crf"]["normalization"]
+    write_store(made.store, ["a"], {"mask": torch.zeros(1, 4, 4, dtype=torch.uint8)}, granularity="mask",
+                num_classes=2, extra={"params": params})
+    store = AnnotationStore.open(made.store)
+    assert store.settings_differ(made) == ["stego.crf.normalization"]
+    raw = dataclasses.replace(made.stego.crf, normalization="none")
+    assert store.settings_differ(dataclasses.replace(made, stego=dataclasses.replace(made.stego, crf=raw))) == []
+    off = dataclasses.replace(made, stego=dataclasses.replace(made.stego, crf=CRFConfig()))
+    params_off = to_dict(off)
+    del params_off["stego"]["crf"]["normalization"]  # an old store without CRF: nothing to compare
+    write_store(off.store, ["a"], {"mask": torch.zeros(1, 4, 4, dtype=torch.uint8)}, granularity="mask",
+                num_classes=2, extra={"params": params_off})
+    assert AnnotationStore.open(off.store).settings_differ(off) == []
