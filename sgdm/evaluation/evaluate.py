@@ -217,11 +217,13 @@ class _Evaluator:
         e, out = self.ecfg, {}
         inception = [m for m in e.metrics if m in INCEPTION]
         if inception:
+            from sgdm.devices import resolve_device
             from sgdm.evaluation.fidelity import inception_metrics
 
             ref = _ReferenceImages(self.dataset, e.reference_n, uint8=True)
             out.update(inception_metrics(to_uint8(images), ref, f"{self.data_key}-n{len(ref)}", inception,
-                                         e.inception_weights, self.cache, e.kid_subsets, e.kid_subset_size, e.batch_size))
+                                         e.inception_weights, self.cache, e.kid_subsets, e.kid_subset_size, e.batch_size,
+                                         device=resolve_device(e.device, "eval.device")))
         if "fd" in e.metrics:
             from sgdm.evaluation.feature_distance import feature_distance
 

@@ -128,11 +128,13 @@ def inception_metrics(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     batch_size: int = 64,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """FID / IS / KID of ``generated`` (uint8 [N,3,H,W]) against ``reference``.
 
     ``reference`` yields uint8 [3, H, W] tensors. Returns keys ``fid``,
     ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std`` for the metrics asked.
+    ``device``: where the Inception runs (``eval.device``; None: the current CUDA device when there is one).
     """
     import torch_fidelity
 
@@ -141,11 +143,13 @@ def inception_metrics(
         raise ValueError(f"metrics: unknown {sorted(unknown)}; torch-fidelity computes fid, is, kid")
     tag = check_inception_weights(weights_path)
     gen = UInt8Images(generated)
+    device = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     subset = min(kid_subset_size, len(gen), len(reference))
     kwargs = dict(
         input1=gen,
         input2=reference,
-        cuda=torch.cuda.is_available(),
+        cuda=cuda,
         batch_size=batch_size,
         isc="is" in metrics,
         fid="fid" in metrics,
@@ -160,7 +164,11 @@ def inception_metrics(
         save_cpu_ram=True,  # in-process loading: the images are already in memory, workers only cost start-up
     )
     try:
-        raw = torch_fidelity.calculate_metrics(**kwargs)
+        if cuda and device is not None and device.index is not None:
+            with torch.cuda.device(device):  # torch-fidelity moves its Inception to the current CUDA device
+                raw = torch_fidelity.calculate_metrics(**kwargs)
+        else:
+            raw = torch_fidelity.calculate_metrics(**kwargs)
     except OSError as err:  # urllib errors subclass OSError
         raise RuntimeError(
             f"could not get torch-fidelity's Inception weights ({err}); pass --inception-weights PATH"

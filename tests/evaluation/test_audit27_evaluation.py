@@ -130,3 +130,17 @@ def test_bad_kid_subsets_names_kid_subsets():
     with pytest.raises(ConfigError) as err:
         from_dict(EvalConfig, {"kid_subset_size": 1}, "eval")
     assert err.value.key == "eval.kid_subset_size", err.value
+
+
+def test_inception_runs_on_eval_device(monkeypatch, inception_weights):
+    """--device cpu keeps torch-fidelity's Inception off the GPU too (it took CUDA whenever present)."""
+    import torch_fidelity
+
+    from sgdm.evaluation.fidelity import UInt8Images, inception_metrics
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", lambda **kw: seen.update(kw) or {})
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    inception_metrics(images, UInt8Images(images), "x", ["fid"], inception_weights, device="cpu")
+    assert seen["cuda"] is False
