@@ -62,7 +62,8 @@ def _check_inputs(q, k, v, scale) -> None:
         check_float_tensor(t, name, _NAME, min_dim=4, shape_hint="[B, H, N, D]")
         if t.dim() != 4:
             raise ValueError(f"{_NAME}: {name} must be [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.numel() == 0:
+        # B, H or Nq = 0 leaves nothing to attend (an empty output); no keys or D = 0 is an error
+        if t.shape[3] == 0 or (name != "q" and t.shape[2] == 0):
             raise ValueError(f"{_NAME}: {name} is empty (shape {tuple(t.shape)})")
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
@@ -116,13 +117,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             return _extension.call_below_autograd(torch.ops.sgdm.attention, q, k, v, scale)[0]
         except Exception:
             _check_inputs(q, k, v, scale)  # raises the error that names the argument
+            if q.numel() == 0:  # B, H or Nq = 0, which the compiled op refuses
+                return _fallback(q, k, v, scale)
             raise
     _check_inputs(q, k, v, scale)
     # operator.index, not int: under torch.compile(dynamic=True) it specialises a symbolic head
     # dim into the constant that _kernel_ok (assume_constant_result) needs
     head_dim = operator.index(q.shape[-1])
     scale = float(head_dim ** -0.5 if scale is None else scale)
-    if _kernel_ok(q.device.type, q.dtype, head_dim):
+    if q.numel() and _kernel_ok(q.device.type, q.dtype, head_dim):
         return _Attention.apply(q, k, v, scale)
     return _fallback(q, k, v, scale)
 
@@ -210,6 +213,8 @@ def _register() -> None:
     @torch.library.register_fake("sgdm::attention")
     def _fwd_fake(q, k, v, scale):
         _check_inputs(q, k, v, scale)  # the compiled op's checks (no data read)
+        if q.numel() == 0:  # the wrapper sends B, H or Nq = 0 to the fallback instead
+            raise ValueError(f"{_NAME}: q is empty (shape {tuple(q.shape)})")
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("sgdm::attention_backward")

@@ -362,7 +362,7 @@ def _bad_inputs():
         ((x, x, x.double()), TypeError, "v has dtype torch.float64"),
         ((x.int(), x, x), TypeError, "q must be float32"),
         ((x, x.to("meta"), x), ValueError, "k is on meta but q is on cpu"),
-        ((torch.zeros(1, 2, 0, 32), x, x), ValueError, "q is empty"),
+        ((torch.zeros(1, 2, 3, 0),) * 3, ValueError, "q is empty"),  # D = 0 (an empty Nq is fine)
         ((x, torch.zeros(1, 2, 0, 32), torch.zeros(1, 2, 0, 32)), ValueError, "k is empty"),
         (([[1.0]], x, x), TypeError, "q must be a torch.Tensor"),
         ((torch.zeros(()), x, x), ValueError, r"q must be \[B, H, N, D\]"),
