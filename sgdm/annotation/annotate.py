@@ -270,7 +270,11 @@ def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], flo
 
 def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Optional[dict], Optional[dict], dict]:
     device = _device(a)
-    k, _ = class_count(a, granularity)
+    k, key = class_count(a, granularity)
+    readable = sum(cache.load(s, keys=("index",))["index"].numel() for s in range(n_shards))
+    if granularity != "mask" and k > readable:  # annotate() checked the dataset's size; some were unreadable
+        raise ConfigError(key, f"K={k} clusters is more than the {readable} images that could be read "
+                               f"({len(dataset) - readable} of the dataset's {len(dataset)} could not)")
     extra: dict[str, Any] = {}
     if granularity in ("label", "box"):
         cluster, inertia = _cluster(cache, n_shards, a, k, device)
@@ -279,6 +283,10 @@ def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Option
             return None, None, extra
     if granularity == "mask":  # every rank: patch features stay on disk, read a batch at a time
         patches = ShardPatches([cache.path(s) for s in range(n_shards)])
+        if k > len(patches) * patches.shape[1] * patches.shape[2]:  # the probe clusters patches into K classes
+            raise ConfigError(key, f"K={k} segment classes is more than the "
+                                   f"{len(patches) * patches.shape[1] * patches.shape[2]} patches of the "
+                                   f"{len(patches)} image(s) that could be read")
         loaded = [cache.load(s, keys=("cls", "image_hw", "index")) for s in range(n_shards)]
         cls = torch.cat([t["cls"] for t in loaded if "cls" in t])
         sides = [min(t["image_hw"].tolist()) for t in loaded if "image_hw" in t]
