@@ -236,7 +236,11 @@ def _extract_all(dataset, a, granularity, data, log, progress):
     if outdated:
         log(f"annotate: extracting {len(outdated)} feature shard(s) again: an older sgdm wrote them in another "
             f"feature format (this one writes format {FEATURE_FORMAT})")
-    stale = [s for s in todo if cache.path(s).is_file() and s not in outdated]
+    torn = [s for s in todo if cache.unreadable(s)]
+    if torn:
+        log(f"annotate: extracting {len(torn)} feature shard(s) again: their files cannot be read (cut short by "
+            f"a crash or a copy?), e.g. {cache.path(torn[0])}")
+    stale = [s for s in todo if cache.path(s).is_file() and s not in outdated and s not in torn]
     if stale:
         log(f"annotate: extracting {len(stale)} feature shard(s) again: their image files changed since "
             f"(replaced or repaired; e.g. {printable(cache.changed(stale[0], stamps[stale[0]]))})")

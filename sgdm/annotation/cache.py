@@ -23,7 +23,7 @@ import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sgdm.annotation.store import StoreMismatchError, atomic_write_text, save_tensors_atomic
@@ -96,22 +96,32 @@ class FeatureCache:
     def path(self, shard: int) -> pathlib.Path:
         return self.directory / f"features_{shard:05d}.safetensors"
 
-    def _metadata(self, shard: int) -> dict[str, str]:
-        with safe_open(str(self.path(shard)), framework="pt") as handle:
-            return handle.metadata() or {}
+    def _metadata(self, shard: int) -> Optional[dict[str, str]]:
+        """The shard's metadata; None where its file cannot be read as safetensors (torn)."""
+        try:
+            with safe_open(str(self.path(shard)), framework="pt") as handle:
+                return handle.metadata() or {}
+        except SafetensorError:
+            return None
+
+    def unreadable(self, shard: int) -> bool:
+        """Whether the shard's file exists but cannot be read (cut short by a crash or a copy): extracted again."""
+        return self.path(shard).is_file() and self._metadata(shard) is None
 
     def outdated(self, shard: int) -> bool:
         """Whether the shard exists but was written in another feature format (an older sgdm's)."""
-        return self.path(shard).is_file() and self._metadata(shard).get(FORMAT_KEY) != str(FEATURE_FORMAT)
+        metadata = self._metadata(shard) if self.path(shard).is_file() else None
+        return metadata is not None and metadata.get(FORMAT_KEY) != str(FEATURE_FORMAT)
 
     def done(self, shard: int, stamps: Optional[Stamps] = None) -> bool:
-        """Whether the shard's features exist in this format and, given ``stamps``, were made from those files."""
-        return (self.path(shard).is_file() and not self.outdated(shard)
+        """Whether the shard's features exist, readable, in this format and, given ``stamps``, were made
+        from those files."""
+        return (self.path(shard).is_file() and not self.unreadable(shard) and not self.outdated(shard)
                 and (stamps is None or self.changed(shard, stamps) is None))
 
     def changed(self, shard: int, stamps: Stamps) -> Optional[str]:
         """The id of the first image whose file differs from its stamp in the saved shard, or None."""
-        recorded = json.loads(self._metadata(shard).get("files", "null"))
+        recorded = json.loads((self._metadata(shard) or {}).get("files", "null"))
         fresh = json.loads(json.dumps(stamps))  # as the metadata holds them
         if recorded is None or len(recorded) != len(fresh):  # cannot compare: count it as changed
             return fresh[0][0]

@@ -40,6 +40,7 @@ import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "atomic_write_text", "STORE_VERSION",
@@ -82,18 +83,30 @@ def _tmp_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text)
+def _replace_when_written(tmp: pathlib.Path, path: pathlib.Path, write) -> None:
+    """``write(tmp)``, its data flushed to the disk, then ``tmp`` renamed to ``path``: without the flush
+    a crash soon after the rename can leave ``path`` empty or cut short on some filesystems. A write
+    that fails (a full disk, an interrupt) removes its temporary file."""
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    _replace_when_written(_tmp_path(path), path, lambda tmp: tmp.write_text(text))
 
 
 def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
                         metadata: Optional[Mapping[str, str]] = None) -> None:
-    tmp = _tmp_path(path)
     metadata = None if metadata is None else dict(metadata)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a shard either exists whole or not at all (resume relies on it)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    # a shard either exists whole or not at all (resume relies on it)
+    _replace_when_written(_tmp_path(path), path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -233,7 +246,11 @@ class AnnotationStore:
             file = self.path / info["file"]
             if not file.is_file():
                 raise FileNotFoundError(f"annotation store {self.path}: shard {info['file']} is missing")
-            self._shards[number] = load_file(str(file))
+            try:
+                self._shards[number] = load_file(str(file))
+            except SafetensorError as err:
+                raise ValueError(f"annotation store {self.path}: shard {info['file']} cannot be read ({err}); "
+                                 f"rerun `sgdm-ldm annotate` to write the store again") from None
         return self._shards[number]
 
     def _locate(self, image_id: str) -> tuple[int, int]:

@@ -1,0 +1,57 @@
+"""Torn files: a feature shard or store shard that cannot be read, and writes that fail half-way."""
+import errno
+import os
+
+import pytest
+import torch
+
+from sgdm.annotation import store as store_module
+from sgdm.annotation.annotate import annotate
+from sgdm.annotation.store import AnnotationStore, save_tensors_atomic, write_store
+
+from .test_annotate import config
+
+
+def _tear(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_torn_feature_shard_is_extracted_again_and_named(tmp_path, tiny_weights, shapes_cache):
+    cfg = config(tmp_path, tiny_weights, shapes_cache)
+    first = AnnotationStore.open(annotate(cfg, progress=False, log=lambda m: None).store).tensor("cluster")
+    torn = cfg.annotation.store / "work" / "features_00001.safetensors"
+    _tear(torn)  # e.g. a copy cut short, or a crash before the data reached the disk
+    messages = []
+    again = AnnotationStore.open(annotate(cfg, progress=False, log=messages.append).store)
+    assert any("cannot be read" in m and str(torn) in m for m in messages), messages
+    assert torch.equal(again.tensor("cluster"), first)
+
+
+def test_a_torn_store_shard_is_named(tmp_path):
+    write_store(tmp_path / "s", ["a", "b"], {"cluster": torch.tensor([0, 1])}, granularity="label", num_classes=2)
+    _tear(tmp_path / "s" / "shard_00000.safetensors")
+    with pytest.raises(ValueError, match=r"annotation store .*s: shard shard_00000.safetensors cannot be read"):
+        AnnotationStore.open(tmp_path / "s").get("a")
+
+
+def test_a_write_that_fails_half_way_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_tensors_atomic(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(store_module.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    save_tensors_atomic(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
+    store_module.atomic_write_text(tmp_path / "m.json", "{}")
+    assert events == ["fsync", "replace", "fsync", "replace"]
