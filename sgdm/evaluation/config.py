@@ -127,10 +127,6 @@ class EvalConfig:
             raise ConfigError("metrics", "empty; choose from fid, is, kid, fd, adherence")
         if len(set(self.metrics)) != len(self.metrics):
             raise ConfigError("metrics", f"duplicates in {self.metrics}")
-        if self.inception_weights is not None and not self.inception_weights.is_file():
-            raise ConfigError("inception_weights", f"file {self.inception_weights} does not exist")
-        if self.feature_weights is not None and not self.feature_weights.is_file():
-            raise ConfigError("feature_weights", f"file {self.feature_weights} does not exist")
         if self.feature_name is not None:
             try:
                 fields = {f for _, f, _, _ in string.Formatter().parse(self.feature_name) if f is not None}
@@ -141,3 +137,13 @@ class EvalConfig:
                                                   "data.dataset (no other field)")
         check_device("device", self.device)
         check_kwargs("feature_backbone_kwargs", self.feature_backbone_kwargs)
+        self.check_files(prefix="")
+
+    def check_files(self, prefix: str = "eval.") -> None:
+        """The weights files this evaluation's metrics read must exist (ConfigError naming ``<prefix><key>``):
+        a file no metric reads is not checked (a run copied from another machine records its paths)."""
+        used = {"inception_weights": bool({"fid", "is", "kid"} & set(self.metrics)), "feature_weights": "fd" in self.metrics}
+        for name, needed in used.items():
+            path = getattr(self, name)
+            if needed and path is not None and not path.is_file():
+                raise ConfigError(prefix + name, f"file {path} does not exist")

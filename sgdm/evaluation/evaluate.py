@@ -44,14 +44,18 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = None):
-    """(ExperimentConfig, SelfGuidedPipeline with EMA weights on ``device``) of a training run directory."""
+def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = None, own_eval: bool = False):
+    """(ExperimentConfig, SelfGuidedPipeline with EMA weights on ``device``) of a training run directory.
+
+    ``own_eval``: the caller evaluates with an ``eval`` section of its own, so the weights files the run's
+    ``eval:`` records (paths of the machine it ran on, maybe) are left out of the loaded config, unchecked."""
     from sgdm.config.schema import load_experiment
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"RUN {run_dir}: no config.yaml there; pass a training run directory (run.dir/run.name)")
-    cfg = load_experiment(run_dir / "config.yaml")
+    unused = ["eval.inception_weights=null", "eval.feature_weights=null"] if own_eval else []
+    cfg = load_experiment(run_dir / "config.yaml", unused)
     pipeline_dir = run_dir / "pipeline"
     if not pipeline_dir.exists():
         from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
@@ -327,8 +331,9 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
 
     def prepare():  # all that can fail before sampling, on every rank
         device = process_device(ecfg.device if ecfg is not None else "auto", world)
-        cfg, pipe = load_run(run_dir, device)
+        cfg, pipe = load_run(run_dir, device, own_eval=ecfg is not None)
         e = ecfg or cfg.eval
+        e.check_files()  # an ecfg made by dataclasses.replace was not validated
         kind = cfg.model.guidance.kind
         if kind not in ("box", "mask") and set(e.metrics) == {"adherence"}:  # before any scorer is built
             raise ConfigError("eval.metrics", f"layout adherence scores box and mask guidance; this run has "

@@ -144,3 +144,29 @@ def test_inception_runs_on_eval_device(monkeypatch, inception_weights):
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     inception_metrics(images, UInt8Images(images), "x", ["fid"], inception_weights, device="cpu")
     assert seen["cuda"] is False
+
+
+def test_a_recorded_weights_path_missing_here_does_not_block_the_run(tmp_path, inception_weights):
+    """A run trained elsewhere records eval.inception_weights / eval.feature_weights of that machine:
+    an evaluation that reads other files (a flag's, or none for its metrics) must not fail on them."""
+    import yaml
+
+    run_dir = make_run(tmp_path, "label")
+    config = run_dir / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["eval"].update(inception_weights="/elsewhere/pt_inception.pth", feature_weights="/elsewhere/enc.pth")
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--feature-weights", raw["annotation"]["weights"],
+                 "--n", "4", "--batch-size", "4"]) == 0
+
+
+def test_missing_weights_named_by_key_without_a_flag(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "label")
+    import yaml
+
+    config = run_dir / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["eval"]["inception_weights"] = str(tmp_path / "nope.pth")
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["eval", str(run_dir), "--metrics", "fid", "--n", "4", "--batch-size", "4"]) == 2
+    assert "eval.inception_weights: file" in capsys.readouterr().err
