@@ -80,7 +80,11 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "fingerprint.json"
         if path.is_file():
-            old = json.loads(path.read_text())
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise StoreMismatchError(f"{path} cannot be read as JSON ({err}); delete {self.directory} to "
+                                         f"re-extract the features") from None
             changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
             if changed == [FORMAT_KEY]:  # the same features by an older sgdm: redo them, here
                 self.upgraded_from = old.get(FORMAT_KEY, 1)

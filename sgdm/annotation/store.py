@@ -209,7 +209,11 @@ class AnnotationStore:
         if not manifest_path.is_file():
             hint = " (an unfinished run? rerun `sgdm-ldm annotate` to resume)" if path.is_dir() else ""
             raise FileNotFoundError(f"annotation store {path}: no {MANIFEST}{hint}")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"annotation store {path}: {MANIFEST} cannot be read as JSON ({err}); rerun "
+                             f"`sgdm-ldm annotate` to write the store again") from None
         version = manifest.get("version")
         if version != STORE_VERSION:
             raise ValueError(f"annotation store {path}: version {version!r}, this sgdm reads version {STORE_VERSION}")

@@ -55,3 +55,16 @@ def test_the_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
     save_tensors_atomic(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
     store_module.atomic_write_text(tmp_path / "m.json", "{}")
     assert events == ["fsync", "replace", "fsync", "replace"]
+
+
+def test_a_torn_manifest_or_fingerprint_is_named(tmp_path):
+    from sgdm.annotation.cache import FeatureCache
+
+    write_store(tmp_path / "s", ["a"], {"cluster": torch.tensor([0])}, granularity="label", num_classes=1)
+    (tmp_path / "s" / "manifest.json").write_text('{"version": 1, "granul')
+    with pytest.raises(ValueError, match=r"annotation store .*s: manifest.json cannot be read as JSON"):
+        AnnotationStore.open(tmp_path / "s")
+    FeatureCache(tmp_path / "work", {"backbone": "x"})
+    (tmp_path / "work" / "fingerprint.json").write_text("")
+    with pytest.raises(ValueError, match=r"work.fingerprint.json cannot be read as JSON"):
+        FeatureCache(tmp_path / "work", {"backbone": "x"})
