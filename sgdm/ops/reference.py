@@ -49,11 +49,17 @@ def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, activat
     return z.to(x.dtype)
 
 
-def _per_sample(alpha, like: torch.Tensor):
-    """A float stays a float; a [B] tensor becomes [B, 1, ..., 1] in the compute dtype."""
+def _coefficient_dtype(like: torch.Tensor) -> torch.dtype:
+    """float64 for the per-sample coefficients, as the kernels compute them (float32 where the device
+    has no float64: MPS)."""
+    return torch.float32 if like.device.type == "mps" else torch.float64
+
+
+def _per_sample(alpha, like: torch.Tensor, dtype: torch.dtype):
+    """A float becomes a 0-d tensor; a [B] tensor becomes [B, 1, ..., 1]; both in ``dtype``."""
     if isinstance(alpha, torch.Tensor):
-        return alpha.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
-    return torch.tensor(float(alpha), dtype=like.dtype, device=like.device)
+        return alpha.to(device=like.device, dtype=dtype).view(-1, *([1] * (like.dim() - 1)))
+    return torch.tensor(float(alpha), dtype=dtype, device=like.device)
 
 
 def guided_ddim_step_ref(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond=None,
@@ -65,26 +71,31 @@ def guided_ddim_step_ref(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond=
                                                                 then eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t))
     sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)   (0 when a_t = 1)
     x_prev  = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma_t^2) * eps + sigma_t * noise
-    (Song et al. 2021, Eq. 12). Computed in float32, or float64 for fp64 inputs.
+    (Song et al. 2021, Eq. 12). Computed in float32, or float64 for fp64 inputs; the per-sample
+    coefficients in float64, as in the kernels: near a_t = 1 (the last steps), 1 - a_t formed in
+    float32 keeps only the digits of a_t's rounding (2e-4 relative error with clipping at t = 1).
     """
     acc = _compute_dtype(x_t)
+    coef = _coefficient_dtype(x_t)
     x = x_t.to(acc)
-    a_t, a_prev = _per_sample(alpha_bar_t, x), _per_sample(alpha_bar_prev, x)
+    a_t, a_prev = _per_sample(alpha_bar_t, x, coef), _per_sample(alpha_bar_prev, x, coef)
     eps = eps_cond.to(acc)
     if eps_uncond is not None:
         eps = (1.0 - guidance_scale) * eps_uncond.to(acc) + guidance_scale * eps
     one_m_at = 1.0 - a_t
     noisy = one_m_at > 0  # a_t == 1: nothing left to denoise
-    x0 = (x - one_m_at.sqrt() * eps) / a_t.sqrt()
+    tiny = torch.finfo(coef).tiny
+    x0 = (x - one_m_at.sqrt().to(acc) * eps) / a_t.sqrt().to(acc)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = torch.where(noisy, (x - a_t.sqrt() * x0) / one_m_at.clamp_min(torch.finfo(acc).tiny).sqrt(), eps)
+        eps = torch.where(noisy, (x - a_t.sqrt().to(acc) * x0) / one_m_at.clamp_min(tiny).sqrt().to(acc), eps)
     ratio = (1.0 - a_t / a_prev).clamp_min(0.0)
-    sigma = torch.where(noisy, eta * ((1.0 - a_prev) / one_m_at.clamp_min(torch.finfo(acc).tiny)).sqrt() * ratio.sqrt(),
+    sigma = torch.where(noisy, eta * ((1.0 - a_prev) / one_m_at.clamp_min(tiny)).sqrt() * ratio.sqrt(),
                         torch.zeros_like(a_t))
-    x_prev = a_prev.sqrt() * x0 + (1.0 - a_prev - sigma ** 2).clamp_min(0.0).sqrt() * eps
+    direction = (1.0 - a_prev - sigma ** 2).clamp_min(0.0).sqrt()
+    x_prev = a_prev.sqrt().to(acc) * x0 + direction.to(acc) * eps
     if noise is not None:
-        x_prev = x_prev + sigma * noise.to(acc)
+        x_prev = x_prev + sigma.to(acc) * noise.to(acc)
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
 
 

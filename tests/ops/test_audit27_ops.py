@@ -100,3 +100,31 @@ def test_cpu_group_norm_statistics_with_an_outlying_first_element(isa, generator
     with _extension.force_cpu_isa(isa):
         got = ops.group_norm_silu(x, 8, activation=None)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+
+
+# The first steps of the cosine schedule (alpha_bar_t, alpha_bar_prev) and of LDM's linear one.
+_NEAR_ONE = [(0.9999125759273678, 0.999958715775178), (0.9997800920720721, 0.9999000000000000)]
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "reference"])
+@pytest.mark.parametrize("alphas", _NEAR_ONE, ids=["cosine-t1", "linear-t1"])
+@pytest.mark.parametrize("eta,clip", [(0.0, None), (0.0, 1.0), (1.0, 1.0)])
+def test_guided_ddim_step_near_alpha_one_matches_float64(monkeypatch, kernels, alphas, eta, clip, generator):
+    """fp32 data, alphas near 1 (the last steps of sampling): the reference (the fallback under
+    SGDM_KERNELS=0, and the path of every call that needs gradients) rounded alpha_bar to fp32
+    before forming 1 - alpha_bar, losing about log10(1 / (1 - alpha_bar)) digits; with x0 clipping,
+    which divides by sqrt(1 - alpha_bar_t), it was 2e-4 off float64 where the kernel is 3e-6."""
+    if kernels:
+        require_kernels("guided_ddim_step")
+    else:
+        monkeypatch.setattr(_extension, "kernels_enabled", lambda op, device_type: False)
+    from sgdm.ops.reference import guided_ddim_step_ref
+
+    a_t, a_prev = alphas
+    x, ec, eu, noise = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(4))
+    extra = {"noise": noise} if eta else {}
+    got = ops.guided_ddim_step(x, ec, a_t, a_prev, eu, 2.0, eta=eta, clip_x0=clip, **extra)
+    want = guided_ddim_step_ref(x.double(), ec.double(), a_t, a_prev, eu.double(), 2.0, eta=eta, clip_x0=clip,
+                                **{k: v.double() for k, v in extra.items()})
+    for g, w in zip(got, want):
+        assert ((g.double() - w).abs().max() / w.abs().max()).item() < 2e-5
