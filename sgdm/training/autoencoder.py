@@ -23,28 +23,34 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import warnings
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 
+from sgdm.training.data import HostBatchKeys
 from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import derive_seed, generator_for, seeded_global_rng
 
 __all__ = ["AutoencoderModule", "train_autoencoder", "save_autoencoder", "check_loss_files", "posterior_sample"]
 
 
-def posterior_sample(posterior, generator: torch.Generator, parts: int = 1, part: int = 0) -> torch.Tensor:
-    """z ~ q(z|x) for the B images of ``part`` of an optimiser step's batch, made of ``parts`` equal parts
-    (parts = accumulate * world_size; micro-batch m of rank r is part m * world_size + r, the order of
-    :mod:`sgdm.training.data_order`). The noise is drawn for the whole batch (parts * B images) from
-    ``generator`` (seeded by the step, the same on every rank) and sliced, so each rank and micro-batch
-    gets its own noise, and several devices or micro-batches draw what one batch would."""
+def posterior_sample(posterior, generator: torch.Generator, total: Optional[int] = None,
+                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """z ~ q(z|x) for the B images at ``rows`` (CPU int64 [B]) of an optimiser step's batch of ``total``
+    images (all of them, in order, by default). The noise is drawn for the whole batch from ``generator``
+    (seeded by the step, the same on every rank) and each image takes its row's: row = m * G + slot for
+    the image at ``slot`` of global micro-batch m of the step (G images each, :mod:`sgdm.training.data_order`),
+    so each rank and micro-batch gets its own noise, several devices or micro-batches draw what one batch
+    would, and an image keeps its noise whichever others were dropped as unreadable."""
     b = posterior.mean.shape[0]
-    noise = torch.randn((parts * b, *posterior.mean.shape[1:]), generator=generator)[part * b:(part + 1) * b]
+    total = b if total is None else total
+    rows = torch.arange(b) if rows is None else rows
+    noise = torch.randn((total, *posterior.mean.shape[1:]), generator=generator)[rows]
     return posterior.mean + posterior.std * noise.to(posterior.mean)
 
 
-class AutoencoderModule(HostLogging, pl.LightningModule):
+class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
     """AutoencoderKL + AutoencoderLoss trained on ``train`` (lr, accumulate, max_steps of a
     :class:`~sgdm.training.config.TrainConfig`); ``step`` counts optimiser steps (the resume position)."""
 
@@ -53,7 +59,7 @@ class AutoencoderModule(HostLogging, pl.LightningModule):
         self.automatic_optimization = False
         self.autoencoder, self.loss = autoencoder, loss
         self.lr, self.accumulate, self.max_steps = train.lr, train.accumulate, train.max_steps
-        self.log_every = train.log_every
+        self.batch_size, self.log_every = train.batch_size, train.log_every
         self.seed, self._train_loader = seed, train_loader
         self.step = 0
 
@@ -93,8 +99,9 @@ class AutoencoderModule(HostLogging, pl.LightningModule):
             with seeded_global_rng(x.device, self.seed, "autoencoder-dropout", position, rank):
                 posterior = self.autoencoder.encode(x)
                 gen = generator_for(self.seed, "autoencoder", self.step)  # the step's, not the micro-batch's
-                rec = self.autoencoder.decode(posterior_sample(posterior, gen, self.accumulate * world,
-                                                               micro * world + rank))
+                g = self.batch_size // self.accumulate  # the global micro-batch, all ranks
+                rec = self.autoencoder.decode(posterior_sample(posterior, gen, self.accumulate * g,
+                                                               micro * g + batch["slot"]))
             loss, logs = self.loss.generator_loss(x, rec, posterior, self.step,
                                                   last_layer=self.autoencoder.decoder.conv_out.weight)
             self.manual_backward(loss / self.accumulate)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler
 
 __all__ = ["flip_image_sample", "collate_training", "build_train_loader", "build_image_dataset", "PositionLoader",
-           "ignore_sigterm"]
+           "ignore_sigterm", "HostBatchKeys"]
 
 _KEEP = ("image", "mean", "logvar")
 
@@ -22,7 +22,8 @@ def flip_image_sample(sample: dict) -> dict:
 
 
 def collate_training(samples: list[Optional[dict]]) -> dict:
-    """Stack what training uses: image or (mean, logvar), id, flipped, position. Unreadable samples (None) drop."""
+    """Stack what training uses: image or (mean, logvar), id, flipped, position, slot. Unreadable samples
+    (None) drop; the others keep their slots in the global micro-batch (their noise rows)."""
     kept = [s for s in samples if s is not None]
     if not kept:
         raise RuntimeError("every sample of a training micro-batch was unreadable (data.on_bad_image: skip); "
@@ -30,8 +31,28 @@ def collate_training(samples: list[Optional[dict]]) -> dict:
     out = {k: torch.stack([s[k] for s in kept]) for k in _KEEP if k in kept[0]}
     out["id"] = [str(s["id"]) for s in kept]
     out["flipped"] = torch.tensor([bool(s["flipped"]) for s in kept])
-    out["position"] = torch.tensor([int(s["position"]) for s in kept], dtype=torch.long)
+    for key in ("position", "slot"):
+        out[key] = torch.tensor([int(s[key]) for s in kept], dtype=torch.long)
     return out
+
+
+# what the training steps read as Python values or use to index draws made on the CPU
+_HOST_KEYS = ("position", "slot", "flipped")
+
+
+class HostBatchKeys:
+    """Lightning-module mixin: a training batch goes to the device except ``position``, ``slot`` and
+    ``flipped``, which stay on the CPU. The steps read them as Python values or index CPU draws with them
+    (``int(position[0])``, the rows of the noise, the flips of the condition builders); on a GPU each such
+    read would wait for all queued work."""
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        host = {k: batch[k] for k in _HOST_KEYS if k in batch}
+        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host}, device,
+                                                 dataloader_idx)
+        return {**moved, **host}
 
 
 def build_image_dataset(data_cfg, seed: int) -> Dataset:

@@ -71,15 +71,18 @@ class PositionSampler(Sampler):
     def __len__(self) -> int:
         return self.total
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, bool]]]:
+        """[(position, slot, index, flipped)]: slot is the sample's place in the global micro-batch."""
         lo = self.rank * self.micro
         for position in range(int(self.start()), self.total):
             items = self.order.batch(position)[lo:lo + self.micro]
-            yield [(position, index, flip) for index, flip in items]
+            yield [(position, lo + j, index, flip) for j, (index, flip) in enumerate(items)]
 
 
 class PositionedDataset(Dataset):
-    """Wraps a dataset for keys ``(position, index, flipped)``; adds ``position`` and applies the flip.
+    """Wraps a dataset for keys ``(position, slot, index, flipped)``; adds ``position`` and ``slot`` (the
+    sample's place in the global micro-batch, which picks its noise rows however many samples before it
+    were dropped) and applies the flip.
 
     ``base`` maps an index to a sample dict; ``flip_fn(sample)`` returns the
     horizontally flipped sample (the image, or a cached latent pair). An
@@ -92,12 +95,13 @@ class PositionedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int, bool]) -> dict | None:
-        position, index, flipped = key
+    def __getitem__(self, key: tuple[int, int, int, bool]) -> dict | None:
+        position, slot, index, flipped = key
         sample = self.base[index]
         if sample is None:  # unreadable file under on_bad_image: skip; the collate drops it
             return None
         sample = self.flip_fn(sample) if flipped else dict(sample)
         sample["flipped"] = flipped
         sample["position"] = position
+        sample["slot"] = slot
         return sample

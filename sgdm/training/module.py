@@ -30,6 +30,7 @@ from sgdm.diffusion.losses import diffusion_loss, sample_timesteps
 from sgdm.diffusion.schedule import NoiseSchedule
 from sgdm.training.conditions import GuidanceLookup, apply_keep_mask, dropout_keep_mask
 from sgdm.training.config import TrainConfig
+from sgdm.training.data import HostBatchKeys
 from sgdm.training.ema import ema_decay, update_ema
 from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import generator_for, seeded_global_rng
@@ -41,7 +42,7 @@ class NonFiniteLossError(FloatingPointError):
     """A non-finite loss or gradient under ``on_nan: raise`` (or too many consecutive skips)."""
 
 
-class LatentDiffusionModule(HostLogging, pl.LightningModule):
+class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
     """Denoiser + EMA copy + frozen first stage.
 
     unet: ``UNet``; first_stage: autoencoder with ``encode(x) -> posterior(mean, logvar)``
@@ -115,30 +116,19 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    def _rank_slice(self) -> tuple[int, int]:
-        """(global size G, offset of this rank) of the current global micro-batch."""
+    def _global_size(self) -> int:
+        """G, the number of samples in a global micro-batch (all ranks)."""
         world = self._world()
-        rank = self._rank()
-        micro = self.train_cfg.micro_batch(world)
-        return micro * world, rank * micro
+        return self.train_cfg.micro_batch(world) * world
 
-    def _slice(self, x: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-        return _to_device(x[lo:lo + n], self.device)
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """Lightning's move to the GPU, except ``position`` and ``flipped``, which stay on the CPU:
-        the step reads them as Python values (``int(position[0])``, the flips of the condition
-        builders), which on the GPU would wait for all queued work every step."""
-        if not isinstance(batch, dict):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        host = {k: batch[k] for k in _HOST_KEYS if k in batch}
-        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host}, device,
-                                                 dataloader_idx)
-        return {**moved, **host}
+    def _rows(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The rows of draws ``x`` (one per slot of the global micro-batch) of this rank's samples, on the device."""
+        return _to_device(x[slots], self.device)
 
     @torch.no_grad()
-    def latents(self, batch: dict, generator: torch.Generator, global_size: int, lo: int) -> torch.Tensor:
-        """z_0 = scale * posterior sample from images (encoded here) or cached (mean, logvar), float32.
+    def latents(self, batch: dict, generator: torch.Generator, global_size: int) -> torch.Tensor:
+        """z_0 = scale * posterior sample from images (encoded here) or cached (mean, logvar), float32;
+        the posterior noise is drawn for the ``global_size`` slots and picked by ``batch["slot"]``.
 
         float32 even where autocast ran the encoder in bf16/fp16: the sample, the scale factor and so the
         noise target and x_t are then those of the latent cache (float32), not rounded to 8 bits."""
@@ -148,7 +138,7 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
         else:
             mean, logvar = batch["mean"].float(), batch["logvar"].float()
         n = torch.randn((global_size, *mean.shape[1:]), generator=generator)
-        z = mean + torch.exp(0.5 * logvar) * self._slice(n, lo, len(mean))
+        z = mean + torch.exp(0.5 * logvar) * self._rows(n, batch["slot"])
         return z * self.first_stage.scale_factor.float()
 
     def training_step(self, batch: dict, batch_idx: int):
@@ -156,17 +146,18 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
         step, micro = divmod(position, self.train_cfg.accumulate)
         if micro == 0:
             self._step_finite = True
-        g_size, lo = self._rank_slice()
-        n = len(batch["position"])
+        # every draw is made for the G slots of the global micro-batch and each sample takes its slot's row:
+        # the same on any number of ranks, and whichever samples data.on_bad_image: skip dropped
+        g_size, slots = self._global_size(), batch["slot"]
         gen = generator_for(self.seed, "train", position)
-        z0 = self.latents(batch, gen, g_size, lo)
+        z0 = self.latents(batch, gen, g_size)
         # t stays on the CPU: the schedule is indexed there and the quartiles logged from it without a
         # host sync; the UNet copies it to the device itself
-        t = sample_timesteps(g_size, len(self.schedule), gen)[lo:lo + n]
-        noise = self._slice(torch.randn((g_size, *z0.shape[1:]), generator=gen), lo, n).to(z0.dtype)
+        t = sample_timesteps(g_size, len(self.schedule), gen)[slots]
+        noise = self._rows(torch.randn((g_size, *z0.shape[1:]), generator=gen), slots).to(z0.dtype)
         cond, cond_map = self.guidance(batch["id"], batch["flipped"], tuple(z0.shape[-2:]))
         if cond is not None or cond_map is not None:
-            keep = self._slice(dropout_keep_mask(g_size, self.drop_prob, gen), lo, n)
+            keep = self._rows(dropout_keep_mask(g_size, self.drop_prob, gen), slots)
             cond, cond_map = apply_keep_mask(self._to_device(cond), self._to_device(cond_map), keep)
         # model.unet.dropout draws from the global RNG: seeded per position and rank, so a resume is exact
         draws = seeded_global_rng(self.device, self.seed, "unet-dropout", position, self._rank()) \
@@ -295,7 +286,6 @@ class LatentDiffusionModule(HostLogging, pl.LightningModule):
         self._log_host("train/step", float(self.step), rank_zero_only=True)
 
 
-_HOST_KEYS = ("position", "flipped")
 
 
 

@@ -54,14 +54,18 @@ def test_each_rank_draws_its_slice_of_the_global_posterior_noise(generator):
     x = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
     with torch.no_grad():
         one_device = posterior_sample(ae.encode(x), torch.Generator().manual_seed(7))
-        ranks = [posterior_sample(ae.encode(x[2 * r:2 * r + 2]), torch.Generator().manual_seed(7), 2, r)
-                 for r in range(2)]
-        # accumulate 2 on 2 ranks: micro-batch m of rank r holds image 2 * m + r
+        ranks = [posterior_sample(ae.encode(x[2 * r:2 * r + 2]), torch.Generator().manual_seed(7), 4,
+                                  torch.arange(2 * r, 2 * r + 2)) for r in range(2)]
+        # accumulate 2 on 2 ranks: micro-batch m of rank r holds image 2 * m + r (row m * G + slot, G = 2)
         parts = [posterior_sample(ae.encode(x[2 * m + r:2 * m + r + 1]), torch.Generator().manual_seed(7), 4,
-                                  2 * m + r) for m in range(2) for r in range(2)]
+                                  torch.tensor([2 * m + r])) for m in range(2) for r in range(2)]
+        # image 1 dropped as unreadable: images 2 and 3 keep their own rows
+        dropped = posterior_sample(ae.encode(x[[0, 2, 3]]), torch.Generator().manual_seed(7), 4,
+                                   torch.tensor([0, 2, 3]))
         posterior = ae.encode(x)
     torch.testing.assert_close(torch.cat(ranks), one_device)
     torch.testing.assert_close(torch.cat(parts), one_device)
+    torch.testing.assert_close(dropped, one_device[[0, 2, 3]])
     noise = (one_device - posterior.mean) / posterior.std
     assert not torch.allclose(noise[:2], noise[2:])
 

@@ -34,6 +34,7 @@ def test_resumed_sampler_continues_and_ranks_partition_the_global_batch():
     r0 = _positions(PositionSampler(order, 9, 0, 2, start=lambda: 0))
     r1 = _positions(PositionSampler(order, 9, 1, 2, start=lambda: 0))
     assert [a + b for a, b in zip(r0, r1)] == full
+    assert all([slot for _, slot, _, _ in batch] == [0, 1, 2, 3] for batch in full)  # places in the global batch
     with pytest.raises(ValueError, match="does not divide by world size 3"):
         PositionSampler(order, 9, 0, 3, start=lambda: 0)
     with pytest.raises(ValueError, match="larger than the dataset"):
