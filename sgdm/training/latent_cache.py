@@ -16,7 +16,9 @@ exactly as training from the images does.
 Shards are written atomically and in order; an interrupted encode resumes at
 the first missing shard. The fingerprint covers the data config and the
 first-stage weights, and the manifest's ids must be the dataset's (images added or removed under the
-same settings), so a stale cache is rebuilt rather than silently reused.
+same settings), so a stale cache is rebuilt rather than silently reused: in the run's own directory
+(``RUN/latents``); a ``train.cache_dir`` the config names may be shared by runs, so a stale cache
+there is refused instead of deleted under a run that may be reading it.
 One process at a time builds (the lock file ``.lock``): the ranks that torchrun starts together
 wait for the first and then read its cache instead of each encoding the dataset into the same files.
 """
@@ -30,6 +32,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from sgdm.config.core import ConfigError
 from sgdm.data.config import recorded_data
 from sgdm.training.checkpoint import atomic_open, atomic_write_text, clean_leftovers
 from sgdm.training.file_lock import exclusive_lock
@@ -93,13 +96,11 @@ def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_s
     """Encode indices [lo, hi) into shard ``index``; their ids, None for an unreadable image."""
     from safetensors.torch import save
 
-    from sgdm.training.data import collate_training
-
     parts, ids = [], []
     for start in range(lo, hi, batch_size):
         samples = [dataset[i] for i in range(start, min(hi, start + batch_size))]
-        readable = [dict(s, flipped=False, position=0) for s in samples if s is not None]
-        encoded = _encode(first_stage, collate_training(readable)["image"], device) if readable else None
+        readable = [s["image"] for s in samples if s is not None]
+        encoded = _encode(first_stage, torch.stack(readable), device) if readable else None
         parts.append(_with_unreadable_rows(encoded, [s is not None for s in samples], latent_shape))
         ids.extend(None if s is None else str(s["id"]) for s in samples)
     tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -136,6 +137,12 @@ def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     stale = manifest.get("fingerprint") != fp or manifest.get("shard_size") != shard
     if stale or not _same_images(manifest, dataset):
+        if manifest and cfg.train.cache_dir is not None:
+            # a directory the config names may be shared: another run may be reading these shards
+            raise ConfigError("train.cache_dir", f"{directory} holds the latents of other data settings or another "
+                                                 f"first stage (or of other images, or train.cache_shard_size "
+                                                 f"{manifest.get('shard_size')}), perhaps in use by another run; "
+                                                 f"give this run its own directory, or delete that one to rebuild it")
         for old in directory.glob("shard-*.safetensors"):
             old.unlink()
         manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False}

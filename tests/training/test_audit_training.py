@@ -46,13 +46,13 @@ def _cached_batch(slots: list[int], position: int) -> dict:
     g = torch.Generator().manual_seed(5)
     mean, logvar = torch.randn(4, 2, 16, 16, generator=g), torch.randn(4, 2, 16, 16, generator=g) - 3
     return {"mean": mean[slots], "logvar": logvar[slots], "id": [str(s) for s in slots],
-            "flipped": torch.zeros(len(slots), dtype=torch.bool), "position": torch.full((len(slots),), position)}
+            "flipped": torch.zeros(len(slots), dtype=torch.bool), "position": torch.full((len(slots),), position),
+            "slot": torch.tensor(slots)}
 
 
 def _grads(module, batch, rank: int, world: int) -> list[torch.Tensor]:
     module.unet.zero_grad(set_to_none=True)
     module._rank, module._world = (lambda: rank), (lambda: world)
-    module._rank_slice = lambda: (4, rank * (4 // world))  # (global micro-batch, this rank's offset)
     module.training_step(batch, 0)
     return [p.grad.clone() for p in module.unet.parameters()]
 
@@ -66,6 +66,19 @@ def test_a_dropped_unreadable_sample_weighs_the_same_on_one_device_and_under_ddp
     one = _grads(module, _cached_batch([0, 1, 2], 7), rank=0, world=1)
     rank0 = _grads(module, _cached_batch([0, 1], 7), rank=0, world=2)
     rank1 = _grads(module, _cached_batch([2], 7), rank=1, world=2)
+    for a, b, c in zip(one, rank0, rank1):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_samples_after_a_dropped_one_keep_their_own_noise_on_one_device_and_under_ddp(tmp_path):
+    """Sample 1 of global micro-batch [0, 1, 2, 3] is unreadable. Samples 2 and 3 must get the noise, timestep
+    and posterior draws of their own slots on one device as on two: before, each rank handed its survivors
+    the first rows of its slice, so on one device sample 2 took slot 1's draws and on two it took slot 2's."""
+    torch.manual_seed(0)
+    module = _bare_module(tmp_path)
+    one = _grads(module, _cached_batch([0, 2, 3], 7), rank=0, world=1)
+    rank0 = _grads(module, _cached_batch([0], 7), rank=0, world=2)
+    rank1 = _grads(module, _cached_batch([2, 3], 7), rank=1, world=2)
     for a, b, c in zip(one, rank0, rank1):
         torch.testing.assert_close(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
 
@@ -160,9 +173,42 @@ def test_latents_encoded_under_bf16_autocast_are_sampled_and_scaled_in_float32(t
     module.first_stage.scale_factor.fill_(0.18215)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z = module.latents({"image": images}, generator_for(0, "t", 0), 4, 0)
+        z = module.latents({"image": images, "slot": torch.arange(4)}, generator_for(0, "t", 0), 4)
         posterior = module.first_stage.encode(images)
     n = torch.randn(z.shape, generator=generator_for(0, "t", 0))
     expected = (posterior.mean.float() + torch.exp(0.5 * posterior.logvar.float()) * n) * torch.tensor(0.18215)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z, expected, rtol=0, atol=0)
+
+
+def test_a_shared_cache_dir_holding_other_latents_is_refused_not_rebuilt(tmp_path):
+    """An explicit train.cache_dir may be shared by runs (the guided and unguided runs of one dataset read
+    the same latents). A run whose data settings or first stage differ must not delete and rewrite the
+    shards another run is reading: it is refused, naming the key; the run's own default directory
+    (RUN/latents) is still rebuilt."""
+    import pytest
+
+    from sgdm.config.core import ConfigError, from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.latent_cache import ensure_latent_cache
+    from sgdm.training.run import build_first_stage
+    from tests.training.helpers import tiny_config
+
+    shared = tmp_path / "shared-latents"
+    first = from_dict(ExperimentConfig, tiny_config(tmp_path, train={"cache_latents": True, "cache_dir": str(shared),
+                                                                     "cache_shard_size": 8}))
+    first_stage = build_first_stage(first)
+    ensure_latent_cache(first, first_stage)
+    stamps = {p.name: p.stat().st_mtime_ns for p in shared.iterdir()}
+    ensure_latent_cache(first, first_stage)  # the same settings: read as it is
+    other = build_first_stage(first)
+    for p in other.parameters():
+        p.data.add_(0.01)  # another autoencoder
+    with pytest.raises(ConfigError, match=r"train\.cache_dir.*other data settings or another first stage"):
+        ensure_latent_cache(first, other)
+    assert {p.name: p.stat().st_mtime_ns for p in shared.iterdir()} == stamps  # nothing deleted or rewritten
+
+    own = from_dict(ExperimentConfig, tiny_config(tmp_path, run={"name": "own"},
+                                                  train={"cache_latents": True, "cache_shard_size": 8}))
+    ensure_latent_cache(own, first_stage)
+    ensure_latent_cache(own, other)  # RUN/latents belongs to the run: rebuilt
