@@ -44,6 +44,9 @@ class PretrainConfig:
     # gradients are dropped, before the clipping (DINO's freeze_last_layer: 1 epoch, here
     # len(dataset) // batch_size steps, e.g. 62 for the quickstart's 2000 images at batch 32).
     freeze_last_layer_steps: int = 0
+    # Every this many steps, write a checkpoint beside the encoder file (ENCODER.resume.pt, atomically) from
+    # which a rerun of the same command continues bit for bit; the finished run deletes it. 0: none.
+    checkpoint_every: int = 0
     warmup_steps: int = 20
     out_dim: int = 1024
     hidden_dim: int = 512
@@ -118,7 +121,7 @@ class PretrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {value}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError("clip_grad", f"must be > 0 (or null: no clipping), got {self.clip_grad}")
-        for name in ("freeze_last_layer_steps", "warmup_teacher_temp_steps"):
+        for name in ("freeze_last_layer_steps", "warmup_teacher_temp_steps", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.warmup_teacher_temp is not None and self.warmup_teacher_temp <= 0:

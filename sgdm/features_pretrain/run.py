@@ -25,5 +25,7 @@ def pretrain_from_config(cfg, out: str | pathlib.Path | None = None, log=None) -
         raise ConfigError("annotation.weights" if target == cfg.annotation.weights else "out",
                           f"{target}: the encoder is saved as a {', '.join(WEIGHT_SUFFIXES)} file")
     dataset = build_dataset(cfg.data, train=True, seed=cfg.run.seed)
+    checkpoint = target.with_name(target.name + ".resume.pt") if cfg.prepare.pretrain.checkpoint_every else None
     return pretrain_features(dataset, cfg.annotation.backbone, dict(cfg.annotation.backbone_kwargs), cfg.prepare.pretrain,
-                             target, log=log, data_record=data_settings(cfg.data), num_workers=cfg.data.num_workers)
+                             target, log=log, data_record=data_settings(cfg.data), num_workers=cfg.data.num_workers,
+                             checkpoint=checkpoint)

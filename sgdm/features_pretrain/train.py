@@ -52,7 +52,7 @@ def build_backbone(name: str, kwargs: dict | None = None, dynamic_size: bool = F
 
 
 # Pretraining settings that do not change the encoder a run produces.
-_RECORD_IGNORES = {"device"}
+_RECORD_IGNORES = {"device", "checkpoint_every"}
 
 
 def _pretrain_record(cfg: PretrainConfig) -> dict:
@@ -143,29 +143,85 @@ def _stack_images(items: list) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
-def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, num_workers: int = 0):
+class _Batches:
     """Batches of images, epoch after epoch, each epoch in the order of a permutation drawn from
     ``generator`` in this process when its first batch is asked for (``num_workers`` processes only read
-    the images, so the batches and the generator's stream do not depend on them)."""
-    n = len(dataset)
-    if n < cfg.batch_size:
-        raise ValueError(f"pretrain: the dataset has {n} images, fewer than batch_size {cfg.batch_size}")
-    while True:  # epochs
-        # the draws of torch's RandomSampler(generator=generator), which made the order before: one permutation
-        # per epoch, and one more, unused, when it is exhausted (so encoders made before are reproduced)
-        order = torch.randperm(n, generator=generator).tolist()
-        loader = DataLoader(dataset, cfg.batch_size, sampler=order, drop_last=True, collate_fn=_stack_images,
-                            num_workers=num_workers)
-        read = 0
-        for batch in loader:
-            if batch is not None:  # a batch of skipped files only is passed over
-                read += 1
-                yield batch
-        torch.randperm(n, generator=generator)
-        if read == 0:  # else the next epoch would find none either, for ever
-            raise ValueError(f"pretrain: none of the {n} images of the dataset could be read in a whole "
-                             "epoch (every file was skipped as unreadable); `sgdm-ldm validate-data CONFIG` lists "
-                             "them and why")
+    the images, so the batches and the generator's stream do not depend on them). :meth:`state` (the
+    epoch's order, how many of its batches were taken and how many held an image) continues it exactly."""
+
+    def __init__(self, dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, num_workers: int = 0,
+                 state: dict | None = None):
+        self.n = len(dataset)
+        if self.n < cfg.batch_size:
+            raise ValueError(f"pretrain: the dataset has {self.n} images, fewer than batch_size {cfg.batch_size}")
+        self.dataset, self.batch_size, self.generator, self.num_workers = dataset, cfg.batch_size, generator, num_workers
+        state = state or {"order": None, "taken": 0, "read": 0}
+        self.order, self.taken, self.read = state["order"], int(state["taken"]), int(state["read"])
+        self._batches = self._epochs()
+
+    def state(self) -> dict:
+        return {"order": self.order, "taken": self.taken, "read": self.read}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._batches)
+
+    def _epochs(self):
+        while True:
+            if self.order is None:
+                # the draws of torch's RandomSampler(generator=generator), which made the order before: one
+                # permutation per epoch, and one more, unused, when it is exhausted (so earlier encoders are
+                # reproduced)
+                self.order, self.taken, self.read = torch.randperm(self.n, generator=self.generator).tolist(), 0, 0
+            loader = DataLoader(self.dataset, self.batch_size, sampler=self.order[self.taken * self.batch_size:],
+                                drop_last=True, collate_fn=_stack_images, num_workers=self.num_workers)
+            for batch in loader:
+                self.taken += 1
+                if batch is not None:  # a batch of skipped files only is passed over
+                    self.read += 1
+                    yield batch
+            torch.randperm(self.n, generator=self.generator)
+            if self.read == 0:  # else the next epoch would find none either, for ever
+                raise ValueError(f"pretrain: none of the {self.n} images of the dataset could be read in a whole "
+                                 "epoch (every file was skipped as unreadable); `sgdm-ldm validate-data CONFIG` "
+                                 "lists them and why")
+            self.order = None
+
+
+def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, num_workers: int = 0) -> _Batches:
+    return _Batches(dataset, cfg, generator, num_workers)
+
+
+def _checkpoint_record(backbone: str, backbone_kwargs: dict, cfg: PretrainConfig, data_record: dict | None) -> dict:
+    """What must agree for a checkpoint to continue: every setting that changes the encoder, as JSON text."""
+    return {"annotation.backbone": backbone, "annotation.backbone_kwargs": json.dumps(backbone_kwargs, sort_keys=True),
+            **{f"prepare.pretrain.{k}": json.dumps(v) for k, v in _pretrain_record(cfg).items()},
+            **{f"data.{k}": json.dumps(v, sort_keys=True, default=str) for k, v in (data_record or {}).items()}}
+
+
+def _save_checkpoint(path: pathlib.Path, state: dict) -> None:
+    """``state`` to ``path`` atomically (tmp file, fsync, rename): a stop while writing keeps the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: pathlib.Path, record: dict, device: torch.device) -> dict | None:
+    """The checkpoint at ``path`` (None when there is none); one of other settings is refused naming them."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    old = state["record"]
+    differ = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+    if differ:
+        raise ConfigError("prepare.pretrain", f"the checkpoint {path} was written by a pretraining with other "
+                                              f"settings ({', '.join(differ)}); delete it to start again")
+    return state
 
 
 def _check_crop_sides(model: nn.Module, name: str, size: int, cfg: PretrainConfig) -> None:
@@ -201,6 +257,7 @@ def pretrain_features(
     data_record: dict | None = None,
     on_step: Callable[[int, nn.ModuleDict, torch.optim.Optimizer], None] | None = None,
     num_workers: int = 0,
+    checkpoint: str | os.PathLike | None = None,
 ) -> pathlib.Path:
     """Run ``cfg.steps`` DINO steps on ``dataset`` (dicts with ``image`` in [-1, 1]); save the teacher
     (recording ``data_record``, the data settings behind ``dataset``, when given).
@@ -208,7 +265,9 @@ def pretrain_features(
     ``on_step(step, student, optimizer)``, when given, is called after each update (the student
     holds ``backbone`` and ``head``); for tests and monitoring, it must not change them.
     ``num_workers``: DataLoader processes that read the images (``data.num_workers``); the result does not
-    depend on it."""
+    depend on it. ``checkpoint``: where a checkpoint is written every ``cfg.checkpoint_every`` steps; when one
+    is there (of the same settings) training continues from it, to the encoder an uninterrupted run makes,
+    and the finished run deletes it."""
     device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
@@ -225,15 +284,27 @@ def pretrain_features(
     last_layer = [p for p in student_model["head"].last.parameters() if p.requires_grad]
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.time()
-    batches = _batches(dataset, cfg, generator, num_workers)
-    for step in range(cfg.steps):
+    checkpoint = pathlib.Path(checkpoint) if checkpoint is not None else None
+    record = _checkpoint_record(backbone, backbone_kwargs, cfg, data_record)
+    saved = _load_checkpoint(checkpoint, record, device) if checkpoint is not None else None
+    first = 0
+    if saved is not None:
+        student_model.load_state_dict(saved["student"])
+        teacher_model.load_state_dict(saved["teacher"])
+        optimizer.load_state_dict(saved["optimizer"])
+        center.copy_(saved["center"])
+        generator.set_state(saved["generator"].cpu())
+        first = int(saved["step"])
+        log(f"pretrain-features: continuing from {checkpoint} at step {first + 1}/{cfg.steps}")
+    batches = _Batches(dataset, cfg, generator, num_workers, None if saved is None else saved["batches"])
+    for step in range(first, cfg.steps):
         lr, momentum = _schedules(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cfg.weight_decay_end is not None:
             optimizer.param_groups[0]["weight_decay"] = _weight_decay(cfg, step)
         images = next(batches).to(device)
-        if step == 0:
+        if step == first:
             _check_crop_sides(student, backbone, images.shape[-1], cfg)
         global_views, local_views = multi_crop(images, cfg, generator)
         with torch.no_grad():
@@ -255,12 +326,21 @@ def pretrain_features(
         optimizer.step()
         ema_update(teacher_model, student_model, momentum)
         update_center(center, teacher_out, cfg.center_momentum)
+        if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps:
+            _save_checkpoint(checkpoint, {"step": step + 1, "student": student_model.state_dict(),
+                                          "teacher": teacher_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "center": center, "generator": generator.get_state(),
+                                          "batches": batches.state(), "record": record})
         if on_step is not None:
             on_step(step, student_model, optimizer)
         if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
             log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-    return save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg,
+    path = save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg,
                          data=data_record)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return path
 
 
 def pretrain_record_differs(path: str | os.PathLike, backbone: str, backbone_kwargs: dict,

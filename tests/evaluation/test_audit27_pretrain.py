@@ -117,3 +117,73 @@ def test_the_batches_and_the_generator_stream_are_those_of_the_random_sampler_be
         for _ in range(7):  # 3 epochs and a half, the augmentations drawing from the generator between batches
             assert torch.equal(next(old), next(new))
             assert torch.equal(torch.rand(2, generator=old_g), torch.rand(2, generator=new_g))
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(at: int, seen: list):
+    def on_step(step, *args):
+        seen.append(step)
+        if step == at:
+            raise Crash
+    return on_step
+
+
+def test_an_interrupted_pretraining_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    """Pretraining had no checkpoint: a job stopped by a time limit started again from step 0. With
+    checkpoint_every, a rerun continues from the last checkpoint and makes the encoder of an uninterrupted run
+    (here across epochs: 2 batches of 4 per epoch of 8 images, a bad one among them)."""
+    from safetensors.torch import load_file
+
+    def run(cfg, name, **kw):
+        return pretrain_features(Images(8, bad=[3]), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / name,
+                                 log=lambda m: None, **kw)
+
+    straight = load_file(run(PretrainConfig(steps=5, batch_size=4, out_dim=16, local_crops=1), "a.safetensors"))
+    cfg = PretrainConfig(steps=5, batch_size=4, out_dim=16, local_crops=1, checkpoint_every=2)
+    ckpt = tmp_path / "b.resume.pt"
+    seen = []
+    with pytest.raises(Crash):  # stopped in step 3, after the checkpoint of steps 0 and 1 (and before the next)
+        run(cfg, "b.safetensors", checkpoint=ckpt, on_step=_crash_at(2, seen))
+    assert ckpt.is_file() and not (tmp_path / "b.safetensors").exists()
+    again = []
+    resumed = load_file(run(cfg, "b.safetensors", checkpoint=ckpt, on_step=lambda step, *a: again.append(step)))
+    assert seen == [0, 1, 2] and again == [2, 3, 4]
+    assert set(resumed) == set(straight) and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not ckpt.exists() and not list(tmp_path.glob("*.tmp"))  # the finished run removes its checkpoint
+
+
+def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path):
+    cfg = PretrainConfig(steps=4, batch_size=4, out_dim=16, local_crops=1, checkpoint_every=1)
+    ckpt = tmp_path / "enc.resume.pt"
+    with pytest.raises(Crash):
+        pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth", log=lambda m: None,
+                          checkpoint=ckpt, on_step=_crash_at(1, []))
+    other = PretrainConfig(steps=4, batch_size=4, out_dim=16, local_crops=1, checkpoint_every=1, lr=1e-3)
+    with pytest.raises(ConfigError, match=r"prepare\.pretrain: .*enc\.resume\.pt .*\(prepare\.pretrain\.lr\); delete it"):
+        pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, other, tmp_path / "enc.pth",
+                          log=lambda m: None, checkpoint=ckpt, on_step=_fail_on_step)
+    # checkpoint_every itself (and the device) may change on a resume
+    steps = []
+    pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, PretrainConfig(**{**vars(cfg), "checkpoint_every": 3}),
+                      tmp_path / "enc.pth", log=lambda m: None, checkpoint=ckpt, on_step=lambda s, *a: steps.append(s))
+    assert steps == [2, 3]
+
+
+def test_pretrain_from_config_checkpoints_beside_the_encoder(tmp_path, monkeypatch):
+    import sgdm.features_pretrain.train as pretrain_train
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.features_pretrain.run import pretrain_from_config
+    from tests.evaluation.helpers import tiny_config
+
+    seen = {}
+    monkeypatch.setattr(pretrain_train, "pretrain_features", lambda *a, **k: seen.update(k))
+    raw = tiny_config(tmp_path, "label")
+    pretrain_from_config(from_dict(ExperimentConfig, raw), tmp_path / "c.pth")
+    assert seen["checkpoint"] is None
+    raw["prepare"] = {"pretrain": {"checkpoint_every": 100}}
+    pretrain_from_config(from_dict(ExperimentConfig, raw), tmp_path / "c.pth")
+    assert seen["checkpoint"] == tmp_path / "c.pth.resume.pt"
