@@ -215,8 +215,12 @@ def _load_checkpoint(path: pathlib.Path, record: dict, device: torch.device) -> 
     """The checkpoint at ``path`` (None when there is none); one of other settings is refused naming them."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
-    old = state["record"]
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        old = state["record"]
+    except Exception as err:  # not a checkpoint of pretrain_features (or damaged): say which file, and what to do
+        raise ConfigError("prepare.pretrain", f"the checkpoint {path} cannot be read ({type(err).__name__}: "
+                                              f"{str(err)[:200]}); delete it to start again") from None
     differ = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
     if differ:
         raise ConfigError("prepare.pretrain", f"the checkpoint {path} was written by a pretraining with other "

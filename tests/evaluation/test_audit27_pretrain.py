@@ -165,6 +165,11 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path):
     with pytest.raises(ConfigError, match=r"prepare\.pretrain: .*enc\.resume\.pt .*\(prepare\.pretrain\.lr\); delete it"):
         pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, other, tmp_path / "enc.pth",
                           log=lambda m: None, checkpoint=ckpt, on_step=_fail_on_step)
+    broken = tmp_path / "broken.resume.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"prepare\.pretrain: the checkpoint .*broken\.resume\.pt cannot be read .*delete it"):
+        pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth", log=lambda m: None,
+                          checkpoint=broken, on_step=_fail_on_step)
     # checkpoint_every itself (and the device) may change on a resume
     steps = []
     pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, PretrainConfig(**{**vars(cfg), "checkpoint_every": 3}),
