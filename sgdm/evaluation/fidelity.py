@@ -169,10 +169,14 @@ def inception_metrics(
                 raw = torch_fidelity.calculate_metrics(**kwargs)
         else:
             raw = torch_fidelity.calculate_metrics(**kwargs)
-    except OSError as err:  # urllib errors subclass OSError
-        raise RuntimeError(
-            f"could not get torch-fidelity's Inception weights ({err}); pass --inception-weights PATH"
-        ) from err
+    except OSError as err:  # urllib errors subclass OSError, and so do those of the cache folder
+        if weights_path is None and not _hub_file().is_file():
+            raise RuntimeError(
+                f"could not get torch-fidelity's Inception weights ({err}); pass --inception-weights PATH"
+            ) from err
+        cache = kwargs["cache_root"] or "$TORCH_HOME/fidelity_cache"  # torch-fidelity's default
+        raise RuntimeError(f"FID/IS/KID: {err}; torch-fidelity keeps the reference set's Inception features in "
+                           f"{cache} (eval.cache_dir), which must be a writable folder") from err
     names = {
         "frechet_inception_distance": "fid",
         "inception_score_mean": "is_mean",

@@ -170,3 +170,18 @@ def test_missing_weights_named_by_key_without_a_flag(tmp_path, capsys):
     config.write_text(yaml.safe_dump(raw))
     assert main(["eval", str(run_dir), "--metrics", "fid", "--n", "4", "--batch-size", "4"]) == 2
     assert "eval.inception_weights: file" in capsys.readouterr().err
+
+
+def test_an_unusable_cache_folder_is_named_as_such(tmp_path, inception_weights):
+    """An OSError of torch-fidelity's reference cache (eval.cache_dir a file, a full disk) is not a
+    failed download of the Inception weights: the error names the cache folder."""
+    from sgdm.evaluation.fidelity import UInt8Images, inception_metrics
+
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError) as err:
+        inception_metrics(images, UInt8Images(images), "x", ["fid"], inception_weights, cache_dir=not_a_folder,
+                          device="cpu")
+    assert str(not_a_folder) in str(err.value) and "eval.cache_dir" in str(err.value), err.value
+    assert "Inception weights" not in str(err.value)
