@@ -276,10 +276,14 @@ def _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, dist
     """Rank 0's k-means++ (or random) centres on ``init_sample`` random points (0: all), broadcast."""
     dist = _dist() if distributed else None
     rank = dist.get_rank() if dist is not None else 0
+    held = torch.tensor([x.shape[0]], device=x.device)
+    if dist is not None:  # every rank learns rank 0's count: all stop together instead of waiting for its centres
+        dist.broadcast(held, 0)
+    if num_clusters > int(held):
+        raise ValueError(f"kmeans: rank 0 holds {int(held)} points, fewer than num_clusters={num_clusters} "
+                         "(its k-means++ seeds every rank's centres)")
     centres = torch.empty(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
     if rank == 0:
-        if num_clusters > x.shape[0]:
-            raise ValueError(f"kmeans: rank 0 holds {x.shape[0]} points, fewer than num_clusters={num_clusters}")
         sample, sample_sq = x, x_sq
         if 0 < init_sample < x.shape[0]:
             idx = torch.randperm(x.shape[0], generator=generator)[: max(init_sample, num_clusters)].to(x.device)

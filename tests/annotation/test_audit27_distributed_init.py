@@ -1,0 +1,41 @@
+"""Distributed k-means whose rank 0 holds fewer points than K: every rank stops with the same error
+(rank 0 alone used to raise while the others waited for its centres)."""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from sgdm.annotation.kmeans import kmeans
+
+    torch.set_num_threads(1)
+    # a short timeout: the old code left rank 1 waiting in the broadcast of rank 0's centres
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        x = torch.randn(3 if rank == 0 else 10, 4, generator=torch.Generator().manual_seed(rank))
+        try:
+            kmeans(x, 5, generator=torch.Generator().manual_seed(0), distributed=True)
+            outcome = "ran"
+        except ValueError as err:
+            outcome = f"ValueError: {err}"
+        except RuntimeError as err:  # e.g. the collective's timeout
+            outcome = f"RuntimeError: {err}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_raises_when_rank_0_has_fewer_points_than_k(tmp_path):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    for outcome in outcomes:
+        assert outcome.startswith("ValueError: kmeans: rank 0 holds 3 points, fewer than num_clusters=5"), outcomes
