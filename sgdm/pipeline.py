@@ -330,8 +330,7 @@ class SelfGuidedPipeline:
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images [b, 3, H, W] in [-1, 1] from latents, in the autoencoder's own device and dtype."""
-        ae = next(self.autoencoder.parameters())
-        return self.autoencoder.decode_latents(z.to(device=ae.device, dtype=ae.dtype))
+        return self.autoencoder.decode_latents(z.to(next(self.autoencoder.parameters()).device))
 
     def _sample_batch(self, generators, cond, cond_map, scale, timesteps, sampler, eta, callback) -> torch.Tensor:
         """Latents [b, C, h, w] for one batch (its images' own generators), in the sampler's state dtype.

@@ -210,6 +210,18 @@ class AutoencoderKL(nn.Module):
     def has_scale_factor(self) -> bool:
         return bool(torch.isfinite(self.scale_factor))
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.half()`` cast the weights; the scale factor stays float32 (in bf16 0.18215
+        would become 0.1826, a bias of every latent), and moves with them."""
+        scale = self.scale_factor
+        super()._apply(fn, recurse)
+        if self.scale_factor.dtype != torch.float32:
+            self.scale_factor = scale.to(device=self.scale_factor.device)
+        return self
+
+    def _weight_dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
     def _check_image(self, x: torch.Tensor) -> None:
         f, c = self.cfg.downsample_factor, self.cfg.in_channels
         if x.dim() != 4 or x.shape[1] != c or x.shape[2] % f or x.shape[3] % f:
@@ -243,13 +255,16 @@ class AutoencoderKL(nn.Module):
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Diffusion-space latents: scale_factor * z, z ~ q(z|x)."""
         self._require_scale_factor()
-        return self.encode(x).sample(generator) * self.scale_factor.to(x.dtype)
+        z = self.encode(x.to(self._weight_dtype())).sample(generator)
+        return (z.float() * self.scale_factor).to(x.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (clamped) from diffusion-space latents: decode(latents / scale_factor)."""
+        """Images in [-1, 1] (clamped) from diffusion-space latents: decode(latents / scale_factor), the
+        division in float32, the decoder in the autoencoder's dtype."""
         self._require_scale_factor()
-        return self.decode(latents / self.scale_factor.to(latents.dtype)).clamp(-1.0, 1.0)
+        z = latents.float() / self.scale_factor
+        return self.decode(z.to(self._weight_dtype())).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -264,7 +279,7 @@ def compute_scale_factor(ae: AutoencoderKL, batches: Iterable[torch.Tensor],
     for i, x in enumerate(batches):
         if isinstance(x, dict):
             x = x["image"]
-        z = ae.encode(x.to(ae.scale_factor.device)).sample(generator).double()
+        z = ae.encode(x.to(ae.scale_factor.device, ae._weight_dtype())).sample(generator).double()
         count, total, total_sq = count + z.numel(), total + z.sum().item(), total_sq + z.square().sum().item()
     if count < 2:
         raise ValueError("batches: need at least one batch with two or more latent elements to compute scale_factor")
