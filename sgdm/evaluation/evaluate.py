@@ -380,6 +380,9 @@ def _sample_and_measure(pipe, conditions: EvalConditions, kind: str, ecfg: EvalC
     from sgdm.pipeline import per_image_generators
 
     scales = [None] if kind == "none" else (ecfg.sweep_scales or [ecfg.guidance_scale])
+    if kind == "none" and ecfg.sweep_scales:
+        log(f"eval: the run has no guidance (model.guidance.kind: none), so the guidance scales "
+            f"{ecfg.sweep_scales} (--sweep-scale, eval.sweep_scales) are one unguided evaluation")
     if evaluator is not None and evaluator.space is not None:
         evaluator.reference_stats()  # read the reference images now: an unreadable one stops us before any sampling
     if shares is not None:

@@ -185,3 +185,12 @@ def test_an_unusable_cache_folder_is_named_as_such(tmp_path, inception_weights):
                           device="cpu")
     assert str(not_a_folder) in str(err.value) and "eval.cache_dir" in str(err.value), err.value
     assert "Inception weights" not in str(err.value)
+
+
+def test_a_sweep_of_an_unguided_run_says_why_it_is_one_row(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "none")
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--sweep-scale", "0,1,2"]) == 0
+    rows = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
+    assert len(rows) == 1 and rows[0]["guidance_scale"] is None
+    err = capsys.readouterr().err
+    assert "--sweep-scale" in err and "no guidance" in err, err
