@@ -151,7 +151,9 @@ def _register() -> None:
     def _fake(x_t, eps_cond, eps_uncond, noise, alpha_bar_t, alpha_bar_prev, alpha_bar_t_scalar,
               alpha_bar_prev_scalar, guidance_scale, eta, clip_x0):
         # The checks of the C++ glue that need no data (it raises on meta tensors, e.g. a
-        # meta eps_cond beside a CPU x_t, which dispatch sends here).
+        # meta eps_cond beside a CPU x_t, which dispatch sends here). At eta = 0 it neither
+        # checks nor reads noise, which then has no say in the layout either.
+        noise = noise if eta != 0.0 else None
         _check_tensors(x_t, eps_cond, eps_uncond, noise)
         for name, a in (("alpha_bar_t", alpha_bar_t), ("alpha_bar_prev", alpha_bar_prev)):
             if a is not None and tuple(a.shape) != (x_t.shape[0],):

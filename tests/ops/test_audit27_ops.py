@@ -128,3 +128,14 @@ def test_guided_ddim_step_near_alpha_one_matches_float64(monkeypatch, kernels, a
                                 **{k: v.double() for k, v in extra.items()})
     for g, w in zip(got, want):
         assert ((g.double() - w).abs().max() / w.abs().max()).item() < 2e-5
+
+
+def test_guided_ddim_step_fake_kernel_ignores_noise_at_eta_zero(generator):
+    """The C++ op ignores noise when eta = 0 (neither checked nor read, nor part of the layout
+    choice); the fake kernel let it decide the output layout: channels-last inputs with a
+    contiguous noise gave channels-last outputs eagerly but contiguous fake ones."""
+    require_kernels("guided_ddim_step")
+    x, ec = (torch.randn(2, 4, 3, 3, generator=generator).to(memory_format=torch.channels_last) for _ in range(2))
+    noise = torch.randn(2, 4, 3, 3, generator=generator)
+    torch.library.opcheck(torch.ops.sgdm.guided_ddim_step.default,
+                          (x, ec, None, noise, None, None, 0.3, 0.5, 1.0, 0.0, None))
