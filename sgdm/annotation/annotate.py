@@ -329,17 +329,19 @@ def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Option
 def _ground_truth(dataset, a, granularity, log, progress):
     from tqdm import tqdm
 
-    rows, samples = [], []
+    rows, samples, image_hw = [], [], None
     with tqdm(total=len(dataset), desc="ground truth", unit="img", disable=not progress) as bar:
         for kept in _samples(dataset, range(len(dataset)), a):
             rows += [i for i, _ in kept]
-            samples += [s for _, s in kept]
+            samples += [{k: v for k, v in s.items() if k.startswith("gt_")} for _, s in kept]  # not the images
+            if image_hw is None:
+                image_hw = torch.tensor(kept[0][1]["image"].shape[-2:])
             bar.update(len(kept))
     if not rows:
         raise ValueError("annotate: no image of the dataset could be read")
     gt = pack_gt(samples)
     gt["index"] = torch.tensor(rows)
-    gt["image_hw"] = torch.tensor(samples[0]["image"].shape[-2:])
+    gt["image_hw"] = image_hw
     k, _ = class_count(a, granularity)
     ids = [dataset.ids[i] for i in rows]
     records, extra = ground_truth_records(gt, granularity, k, gt["image_hw"].tolist(), ids)
