@@ -109,11 +109,19 @@ def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
     _replace_when_written(_tmp_path(path), path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
+# mask pixels per block of multi_hot_from_masks: its int64 temporaries stay ~400 MB, not ~24 bytes for
+# every pixel of the store (a 256-pixel ground-truth store of COCO's 118k images: 185 GB)
+_MULTI_HOT_BLOCK_PIXELS = 1 << 24
+
+
 def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[n, K]`` float: class k present anywhere in the map (max-pool of the one-hot); 255 ignored."""
-    flat = masks.reshape(masks.shape[0], -1).long()
+    flat = masks.reshape(masks.shape[0], -1)
     out = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device)
-    out.scatter_(1, torch.where(flat == IGNORE, num_classes, flat.clamp(max=num_classes)), 1.0)
+    step = max(1, _MULTI_HOT_BLOCK_PIXELS // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        block = flat[start : start + step].long()
+        out[start : start + step].scatter_(1, torch.where(block == IGNORE, num_classes, block.clamp(max=num_classes)), 1.0)
     return out[:, :num_classes]
 
 
