@@ -205,14 +205,17 @@ class _Evaluator:
 
     def reference_stats(self):
         if self._ref_stats is None:
+            from sgdm.annotation import cache as feature_cache
             from sgdm.evaluation.feature_distance import reference_stats
 
             ref = _ReferenceImages(self.dataset, self.ecfg.reference_n, uint8=False)
             b = self.space.backbone
             # the whole identity of the features: hub names share long prefixes (hub:vit_small_patch16_224.dino,
-            # hub:vit_small_patch8_224.dino), and backbone_kwargs change the architecture, not the name
+            # hub:vit_small_patch8_224.dino), backbone_kwargs change the architecture, not the name, and
+            # FEATURE_FORMAT changes with what extraction returns for the same weights
             backbone_key = _digest([b.name, b.weights_id, b.input_size, b.mean, b.std,
-                                    [list(t.shape) for t in b.model.state_dict().values()]])
+                                    [list(t.shape) for t in b.model.state_dict().values()],
+                                    feature_cache.FEATURE_FORMAT])
             name = f"fd-{self.space.name}-{self.data_key}-{backbone_key}-n{len(ref)}.pt"
             self._ref_stats = reference_stats(self.space, _batches(ref, self.ecfg.batch_size), self.cache / name)
         return self._ref_stats

@@ -194,3 +194,4 @@ def test_a_sweep_of_an_unguided_run_says_why_it_is_one_row(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["guidance_scale"] is None
     err = capsys.readouterr().err
     assert "--sweep-scale" in err and "no guidance" in err, err
+

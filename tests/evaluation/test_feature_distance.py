@@ -159,3 +159,23 @@ def test_reference_cache_names_tell_backbones_apart(space, tmp_path, monkeypatch
                                ecfg=SimpleNamespace(reference_n=4, batch_size=2), cache=tmp_path, _ref_stats=None)
         _Evaluator.reference_stats(fake)
     assert len(set(paths)) == 3 and all(":" not in p for p in paths), paths
+
+
+def test_reference_cache_name_follows_the_feature_format(space, monkeypatch, tmp_path):
+    """When what extraction returns changes (sgdm.annotation.cache.FEATURE_FORMAT, as when a ViT
+    without a class token got its pooled feature as `cls`), cached reference statistics of the old
+    features must not be read against the new ones."""
+    from types import SimpleNamespace
+
+    import sgdm.annotation.cache as feature_cache
+    import sgdm.evaluation.feature_distance as fdist
+    from sgdm.evaluation.evaluate import _Evaluator
+
+    names = []
+    monkeypatch.setattr(fdist, "reference_stats", lambda space, batches, path: names.append(path.name))
+    for version in (feature_cache.FEATURE_FORMAT, feature_cache.FEATURE_FORMAT + 1):
+        monkeypatch.setattr(feature_cache, "FEATURE_FORMAT", version)
+        fake = SimpleNamespace(space=space, dataset=torch.zeros(4, 3, 16, 16), data_key="d",
+                               ecfg=SimpleNamespace(reference_n=4, batch_size=2), cache=tmp_path, _ref_stats=None)
+        _Evaluator.reference_stats(fake)
+    assert names[0] != names[1], names
