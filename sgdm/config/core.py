@@ -354,17 +354,40 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = Non
         if not key or any(not part for part in key.split(".")):
             raise ConfigError("", f"override {item!r} has an empty key")
         parts = key.split(".")
+        if cls is not None:
+            _refuse_inside_list(cls, parts)
         value = _override_value(raw, key, _field_type(cls, parts) if cls is not None else None)
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            elif isinstance(child, list):
+                raise ConfigError(".".join(parts[: i + 1]), "is a list: an override sets it whole, e.g. "
+                                                            f"{'.'.join(parts[: i + 1])}=[...]")
             elif not isinstance(child, dict):
                 raise ConfigError(".".join(parts[: i + 1]), "is not a mapping; cannot override a key inside it")
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _refuse_inside_list(cls: Any, parts: Sequence[str]) -> None:
+    """A ConfigError when ``parts`` leads into a list field of dataclass ``cls`` (``train.betas.0=0.5``),
+    giving the whole-list override with the field's default as the example."""
+    default: Any = cls
+    for i in range(1, len(parts)):
+        tp = _without_none(_field_type(cls, parts[:i]))
+        field = {f.name: f for f in dataclasses.fields(default)}.get(parts[i - 1]) \
+            if dataclasses.is_dataclass(default) else None
+        default = None if field is None else field.default if field.default is not dataclasses.MISSING else \
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+        if typing.get_origin(tp) in (list, tuple) or tp in (list, tuple):
+            name = ".".join(parts[:i])
+            example = yaml.safe_dump(list(default), default_flow_style=True).strip() if default else "[...]"
+            raise ConfigError(name, f"is a list: an override sets it whole, e.g. {name}={example}")
+        if tp is None:
+            return
 
 
 def _field_type(cls: Any, parts: Sequence[str]) -> Any:

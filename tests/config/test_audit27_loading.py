@@ -108,3 +108,11 @@ def test_null_for_a_path_key_without_a_none_is_refused_not_a_folder_named_null(t
     assert info.value.where == f"the override annotation.store={text}"
     assert load_experiment(None, ["data.size=256", "annotation.store=./null"]).annotation.store.name == "null"
     assert load_experiment(None, ["data.size=256", "annotation.weights=null"]).annotation.weights is None
+
+
+@pytest.mark.parametrize("overrides", [["train.betas.0=0.5"], ["train.betas=[0.9, 0.99]", "train.betas.1=0.9"]])
+def test_an_override_inside_a_list_says_to_set_the_whole_list(overrides):
+    # it said "expected a list, got dict {'0': 0.5}", or "is not a mapping", without the remedy
+    with pytest.raises(ConfigError, match=r"^train.betas: is a list: an override sets it whole, "
+                                          r"e.g. train.betas=\[0.9, 0.999\]"):
+        load_experiment(None, ["data.size=256", *overrides])
