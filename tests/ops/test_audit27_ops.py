@@ -139,3 +139,22 @@ def test_guided_ddim_step_fake_kernel_ignores_noise_at_eta_zero(generator):
     noise = torch.randn(2, 4, 3, 3, generator=generator)
     torch.library.opcheck(torch.ops.sgdm.guided_ddim_step.default,
                           (x, ec, None, noise, None, None, 0.3, 0.5, 1.0, 0.0, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("affine", [None, (8,), (2, 8)], ids=["no-affine", "shared", "per-sample"])
+@pytest.mark.parametrize("affine_grads", [True, False])
+def test_group_norm_silu_backward_opcheck(dtype, channels_last, affine, affine_grads, generator):
+    """opcheck of the backward op itself (its fake kernel: layout of grad_x, shape and dtype of the
+    affine gradients, [0] when not requested); the existing opchecks reach it only through autograd."""
+    require_kernels("group_norm_silu")
+    x = torch.randn(2, 8, 3, 5, generator=generator).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = (None, None) if affine is None else (torch.randn(affine, generator=generator).to(dtype),
+                                                torch.randn(affine, generator=generator))
+    _, mean, rstd = torch.ops.sgdm.group_norm_silu(x, 4, w, b, 1e-5, True)
+    grad_y = torch.randn(2, 8, 3, 5, generator=generator).to(dtype)  # contiguous even for a channels-last x
+    torch.library.opcheck(torch.ops.sgdm.group_norm_silu_backward.default,
+                          (grad_y, x, mean, rstd, w, b, 4, True, affine_grads))
