@@ -427,7 +427,11 @@ def _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chu
     """Sculley's mini-batch k-means; ``max_iter`` counts passes over the data."""
     k = centroids.shape[0]
     totals = torch.zeros(k, dtype=x.dtype, device=x.device)
-    steps = max(1, math.ceil(x.shape[0] / batch_size))
+    steps = torch.tensor([max(1, math.ceil(x.shape[0] / batch_size))], device=x.device)
+    dist = _dist() if distributed else None
+    if dist is not None:  # every rank takes as many steps (all-reduces) as the one with most points; the others
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # take empty batches once theirs run out
+    steps = int(steps)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         start_centroids = centroids.clone()

@@ -39,3 +39,34 @@ def test_every_rank_raises_when_rank_0_has_fewer_points_than_k(tmp_path):
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     for outcome in outcomes:
         assert outcome.startswith("ValueError: kmeans: rank 0 holds 3 points, fewer than num_clusters=5"), outcomes
+
+
+def minibatch_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from sgdm.annotation.kmeans import kmeans
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        x = torch.randn(40 if rank == 0 else 27, 4, generator=torch.Generator().manual_seed(rank))
+        try:
+            result = kmeans(x, 3, generator=torch.Generator().manual_seed(0), batch_size=8, max_iter=3,
+                            distributed=True)
+            torch.save(result.centroids, os.path.join(out_dir, f"rank{rank}.pt"))
+        except RuntimeError as err:  # the old code's collectives fell out of step and timed out
+            with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+                handle.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_minibatch_with_unequal_ranks_keeps_the_collectives_in_step(tmp_path):
+    # rank 0 has 5 mini-batches per pass, rank 1 four: every rank must take the same number of steps
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(minibatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert not list(tmp_path.glob("rank*.txt")), [p.read_text()[:200] for p in tmp_path.glob("rank*.txt")]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(a, b)
