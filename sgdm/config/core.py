@@ -536,7 +536,7 @@ def located(err: ConfigError, data: Mapping, overrides: Sequence[str] = ()) -> C
 
 
 def load_yaml(path: str | pathlib.Path) -> dict:
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()  # ~/exp.yaml, as a path inside a config may be written
     if path.is_dir():
         raise ConfigError("", f"config file {path} is a folder; give the YAML file in it")
     if not path.exists():

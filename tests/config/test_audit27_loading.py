@@ -116,3 +116,11 @@ def test_an_override_inside_a_list_says_to_set_the_whole_list(overrides):
     with pytest.raises(ConfigError, match=r"^train.betas: is a list: an override sets it whole, "
                                           r"e.g. train.betas=\[0.9, 0.999\]"):
         load_experiment(None, ["data.size=256", *overrides])
+
+
+def test_a_config_path_from_the_home_folder(tmp_path, monkeypatch):
+    # paths inside a config may start with ~/, and so may the config's own path given in Python
+    # (load_experiment("~/exp.yaml"), `clusters --config '~/exp.yaml'`): it was "does not exist"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "exp.yaml").write_text("run:\n  name: home\n")
+    assert load_experiment("~/exp.yaml").run.name == "home"
