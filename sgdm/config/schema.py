@@ -78,6 +78,10 @@ class ExperimentConfig:
                                  self.model.unet.image_size)
         if err is not None:
             raise err
+        if self.prepare.report and not self.train.export_pipeline:  # else found missing after all the training
+            raise ConfigError("train.export_pipeline", "false, but prepare.report samples the run's exported pipeline "
+                                                       "(and its companion runs'); set it to true, or prepare.report "
+                                                       "to false")
 
     def _check_guidance(self) -> None:
         g, a = self.model.guidance, self.annotation

@@ -124,3 +124,12 @@ def test_a_config_path_from_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "exp.yaml").write_text("run:\n  name: home\n")
     assert load_experiment("~/exp.yaml").run.name == "home"
+
+
+def test_a_report_needs_the_exported_pipeline():
+    # the report samples RUN/pipeline (and its companions'): without the export the run trained to the end,
+    # then the report stopped on a missing pipeline/ (and each re-run trained the companions again)
+    with pytest.raises(ConfigError, match=r"^train.export_pipeline: false, but prepare.report") as info:
+        load_experiment(QUICKSTART, ["train.export_pipeline=false"])
+    assert info.value.where == "the override train.export_pipeline=false"
+    assert not load_experiment(QUICKSTART, ["train.export_pipeline=false", "prepare.report=false"]).prepare.report
