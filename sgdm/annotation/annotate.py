@@ -259,7 +259,11 @@ def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], flo
     elsewhere; inertia)."""
     rank, world = rank_world()
     mine = [cache.load(s) for s in range(rank, n_shards, world)]
-    cls = torch.cat([m["cls"] for m in mine if "cls" in m]) if any("cls" in m for m in mine) else torch.zeros(0, 1)
+    if any("cls" in m for m in mine):
+        cls = torch.cat([m["cls"] for m in mine if "cls" in m])
+    else:  # this rank read no image: no rows, but the others' width (the all-reduces need equal shapes)
+        widths = (cache.load(s, keys=("cls",)).get("cls") for s in range(n_shards))
+        cls = torch.zeros(0, next((c.shape[1] for c in widths if c is not None), 1))
     generator = torch.Generator().manual_seed(a.seed)
     result = kmeans_from_config(F.normalize(cls.float(), dim=1).to(device), k, a.kmeans, generator, distributed=world > 1)
     labels = list(torch.split(result.labels.cpu(), [m["index"].numel() for m in mine]))

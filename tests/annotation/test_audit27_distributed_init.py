@@ -70,3 +70,51 @@ def test_minibatch_with_unequal_ranks_keeps_the_collectives_in_step(tmp_path):
     assert not list(tmp_path.glob("rank*.txt")), [p.read_text()[:200] for p in tmp_path.glob("rank*.txt")]
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(a, b)
+
+
+class _LaterUnreadable(torch.utils.data.Dataset):
+    """Images from index ``first_bad`` on cannot be read (the data layer returns None)."""
+
+    def __init__(self, inner, first_bad):
+        self.inner, self.ids, self.first_bad = inner, inner.ids, first_bad
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return None if i >= self.first_bad else self.inner[i]
+
+
+def empty_rank_worker(rank, world, init_file, out_dir, weights, cache):
+    import pathlib
+
+    import torch.distributed as dist
+
+    from sgdm.annotation.annotate import annotate
+    from sgdm.data import build_dataset
+
+    from .test_annotate import config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        cfg = config(pathlib.Path(out_dir), weights, pathlib.Path(cache), num_images=20, shard_size=8, num_classes=3)
+        dataset = _LaterUnreadable(build_dataset(cfg.data, train=False), 8)  # rank 1's shards 1 (8-15): unreadable
+        # (shard 2, rank 0's, too): rank 1 holds no CLS feature at all
+        result = annotate(cfg, "label", dataset=dataset, progress=False, log=lambda m: None)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(str(result.num_images))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_images_are_all_unreadable_still_clusters(tmp_path, tiny_weights, shapes_cache):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(empty_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tiny_weights), str(shapes_cache)),
+             nprocs=2, join=True)
+    from sgdm.annotation.store import AnnotationStore
+
+    assert (tmp_path / "rank0.txt").read_text() == "8"
+    assert len(AnnotationStore.open(tmp_path / "store")) == 8
