@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import math
 import os
 import pathlib
 import re
@@ -322,7 +323,24 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
             validate()
         except ConfigError as err:
             raise err.prefixed(path) from None
+    _refuse_non_finite(obj, hints, path)  # after validate(), whose own message says more where it checks
     return obj
+
+
+def _refuse_non_finite(obj: Any, hints: Mapping[str, Any], path: str) -> None:
+    """A ConfigError for a float field of ``obj`` (or an item of a list of them) that is nan or inf: no
+    setting means either, and ``nan`` passes every ``value < limit`` check a section might make."""
+    for name, tp in hints.items():
+        value, tp = getattr(obj, name, None), _without_none(tp)
+        if tp is float:
+            items = [(_join(path, name), value)]
+        elif typing.get_origin(tp) in (list, tuple) and float in typing.get_args(tp) and isinstance(value, (list, tuple)):
+            items = [(f"{_join(path, name)}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        for key, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(key, f"expected a finite number, got {v}")
 
 
 def to_dict(obj: Any) -> Any:

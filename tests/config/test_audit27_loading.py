@@ -133,3 +133,32 @@ def test_a_report_needs_the_exported_pipeline():
         load_experiment(QUICKSTART, ["train.export_pipeline=false"])
     assert info.value.where == "the override train.export_pipeline=false"
     assert not load_experiment(QUICKSTART, ["train.export_pipeline=false", "prepare.report=false"]).prepare.report
+
+
+def _float_keys(cls, prefix=""):
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+        if dataclasses.is_dataclass(base):
+            yield from _float_keys(base, f"{prefix}{f.name}.")
+        elif base is float:
+            yield prefix + f.name
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", ".inf", "Infinity"])
+def test_every_number_key_refuses_a_non_finite_value(value):
+    # a dozen sections took nan or inf (annotation.stego.lr, prepare.pretrain.teacher_temp, eval.guidance_scale, ...)
+    from sgdm.config.schema import ExperimentConfig
+
+    keys = list(_float_keys(ExperimentConfig))
+    assert "prepare.pretrain.teacher_temp" in keys and "eval.guidance_scale" in keys
+    for key in keys:  # a section's own check may say more ("must be a finite number > 0, got nan")
+        with pytest.raises(ConfigError, match=rf"^{key}: .*got -?(nan|inf)"):
+            load_experiment(QUICKSTART, [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=r"^eval.guidance_scale: expected a finite number, got -inf"):
+        load_experiment(QUICKSTART, ["eval.guidance_scale=-.inf"])
+    with pytest.raises(ConfigError, match=r"^train.sample_scales\[1\]: expected a finite number, got nan"):
+        load_experiment(QUICKSTART, ["train.sample_scales=[0, .nan]"])
