@@ -158,8 +158,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 errors.append(err.message)
         raise ConfigError(path, "; ".join(errors))
     if origin is typing.Literal:
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
-            return value
+        for arg in args:  # the same type too: 32.0 == 32 and True == 1, but neither is the choice 32 or 1
+            if value == arg and type(value) is type(arg):
+                return arg
         raise ConfigError(path, f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

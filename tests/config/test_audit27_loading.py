@@ -162,3 +162,11 @@ def test_every_number_key_refuses_a_non_finite_value(value):
         load_experiment(QUICKSTART, ["eval.guidance_scale=-.inf"])
     with pytest.raises(ConfigError, match=r"^train.sample_scales\[1\]: expected a finite number, got nan"):
         load_experiment(QUICKSTART, ["train.sample_scales=[0, .nan]"])
+
+
+@pytest.mark.parametrize("text", ["32.0", "32."])
+def test_a_choice_must_be_one_of_its_values_not_an_equal_number_of_another_type(text):
+    # 32.0 == 32 let train.precision: 32.0 through, and the trainer stopped on KeyError '32.0' after prepare
+    with pytest.raises(ConfigError, match=r"^train.precision: expected one of 32, '32'"):
+        load_experiment(QUICKSTART, [f"train.precision={text}"])
+    assert load_experiment(QUICKSTART, ["train.precision=32"]).train.precision_name == "32-true"
