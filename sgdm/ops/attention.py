@@ -100,7 +100,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """``softmax(q k^T * scale) v``: q ``[B, H, Nq, D]``, k, v ``[B, H, Nk, D]`` -> ``[B, H, Nq, D]``.
 
     Differentiable in q, k and v. Inputs may be non-contiguous (e.g. views of
-    one packed qkv tensor) as long as they share dtype and device.
+    one packed qkv tensor) as long as they share dtype and device. B, H or Nq = 0
+    gives an empty output (an empty batch); Nk = 0 or D = 0 is an error.
     """
     # The usual call goes straight to the op (its C++ glue and fake kernel check q, k, v;
     # a failure there is diagnosed again by _check_inputs, so the error names the
