@@ -78,6 +78,11 @@ class ExperimentConfig:
                                  self.model.unet.image_size)
         if err is not None:
             raise err
+        p, accumulate = self.prepare, self.train.accumulate
+        if p.autoencoder and p.autoencoder_batch_size % accumulate:  # its run: one device, the run's accumulate
+            raise ConfigError("prepare.autoencoder_batch_size", f"{p.autoencoder_batch_size} must divide by "
+                                                                f"train.accumulate={accumulate}: prepare trains the "
+                                                                f"autoencoder on one device in that many micro-batches")
         if self.prepare.report and not self.train.export_pipeline:  # else found missing after all the training
             raise ConfigError("train.export_pipeline", "false, but prepare.report samples the run's exported pipeline "
                                                        "(and its companion runs'); set it to true, or prepare.report "
