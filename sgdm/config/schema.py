@@ -66,8 +66,9 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         self._check_guidance()
+        report = (("prepare.report_steps", self.prepare.report_steps),) if self.prepare.report else ()
         for key, steps in (("sampler.steps", self.sampler.steps), ("eval.steps", self.eval.steps),
-                           ("train.sample_steps", self.train.sample_steps)):
+                           ("train.sample_steps", self.train.sample_steps), *report):
             if steps > self.diffusion.timesteps:
                 raise ConfigError(key, f"{steps} sampling steps exceed diffusion.timesteps={self.diffusion.timesteps}")
         if self.data.size != self.model.autoencoder.resolution:

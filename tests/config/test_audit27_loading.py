@@ -179,3 +179,10 @@ def test_the_autoencoder_batch_of_prepare_must_divide_by_the_runs_accumulate():
         load_experiment(QUICKSTART, ["train.batch_size=96", "train.accumulate=3"])
     assert load_experiment(QUICKSTART, ["train.batch_size=96", "train.accumulate=3", "prepare.autoencoder=false"])
     assert load_experiment(QUICKSTART, ["train.accumulate=4"]).prepare.autoencoder_batch_size == 16
+
+
+def test_the_report_steps_cannot_exceed_the_diffusion_steps():
+    # sampler.steps, eval.steps and train.sample_steps were checked; the report sampled with more after training
+    with pytest.raises(ConfigError, match=r"^prepare.report_steps: 2000 sampling steps exceed diffusion.timesteps=1000"):
+        load_experiment(QUICKSTART, ["prepare.report_steps=2000"])
+    assert load_experiment(QUICKSTART, ["prepare.report_steps=2000", "prepare.report=false"])
