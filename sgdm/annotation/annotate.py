@@ -379,6 +379,8 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
     if n == 0:
         raise ConfigError("data", f"the dataset ({cfg.data.dataset}, split {cfg.data.split!r}) has no images")
     k, key = class_count(a, granularity)
+    if granularity == "mask" and k > 255:  # the config was validated for its own granularity, maybe not mask
+        raise ConfigError(key, f"masks are stored as uint8 class maps: at most 255 classes, got {k}")
     if granularity != "mask" and a.source == "self" and k > n:
         raise ConfigError(key, f"K={k} clusters is more than the dataset's {n} images")
     if a.source == "gt":

@@ -161,6 +161,9 @@ def write_store(
     """Write ``records`` (row i describes ``ids[i]``) as a store; ``extra`` goes into the manifest."""
     if granularity not in FIELDS:
         raise ValueError(f"write_store: granularity must be one of {', '.join(FIELDS)}, got {granularity!r}")
+    if granularity == "mask" and num_classes > IGNORE:
+        raise ValueError(f"write_store: a mask store holds at most {IGNORE} classes (uint8 class maps, {IGNORE} = "
+                         f"ignore), got num_classes={num_classes}")
     if len(set(ids)) != len(ids):
         raise ValueError("write_store: ids are not unique")
     records = dict(records)

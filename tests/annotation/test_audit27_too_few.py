@@ -38,3 +38,14 @@ def test_mask_k_above_the_patches_names_the_key(tmp_path, tiny_weights, shapes_c
     with pytest.raises(ConfigError, match=r"^annotation\.num_classes: K=20 segment classes is more than the 16 "
                                           r"patches of the 1 image"):
         annotate(cfg, "mask", dataset=dataset, progress=False, log=lambda m: None)
+
+
+def test_mask_granularity_given_to_annotate_refuses_more_classes_than_uint8_maps_hold(tmp_path, tiny_weights,
+                                                                                       shapes_cache):
+    # the config says label (K=300 is fine there); annotate(cfg, "mask") / --granularity mask must not
+    # store class 300 as 44 and class 255 as "ignore"
+    cfg = config(tmp_path, tiny_weights, shapes_cache, num_classes=300, stego={"method": "kmeans", "batch_size": 16})
+    assert cfg.annotation.granularity == "label"
+    with pytest.raises(ConfigError, match=r"^annotation\.num_classes: masks are stored as uint8 class maps: at most "
+                                          r"255 classes, got 300"):
+        annotate(cfg, "mask", progress=False, log=lambda m: None)

@@ -162,3 +162,12 @@ def test_multi_hot_is_computed_a_block_of_masks_at_a_time(monkeypatch):
     blocked = multi_hot_from_masks(masks, 6)
     monkeypatch.undo()
     assert max(seen) <= 7 * 64 and torch.equal(blocked, whole)
+
+
+def test_a_mask_store_of_more_classes_than_uint8_maps_hold_is_refused_as_such(tmp_path):
+    masks = torch.tensor([[[50]]], dtype=torch.uint8)  # uint8 compared with K=300 wrapped: "got 50"
+    with pytest.raises(ValueError, match=r"write_store: a mask store holds at most 255 classes .*got num_classes=300"):
+        write_store(tmp_path, ["a"], {"mask": masks}, granularity="mask", num_classes=300)
+    write_store(tmp_path, ["a"], {"mask": masks}, granularity="mask", num_classes=255)
+    with pytest.raises(ValueError, match=r"mask values must be < K=50 or 255, got 50"):
+        write_store(tmp_path, ["a"], {"mask": masks}, granularity="mask", num_classes=50)
