@@ -20,6 +20,16 @@ styles (``color_jitter_style``):
   brightness and contrast ratios 0.65-1.37). The quickstart's short ``shapes``
   recipe is tuned with it (its NMI at 800 steps: 0.130 / 0.098 for seeds 0 / 1,
   0.076 / 0.079 with ``dino`` at the same settings).
+
+Blur and solarization follow ``view_recipe``:
+
+* ``shared`` (the default, sgdm's original): every view is blurred with probability ``blur_prob`` (a 3-tap
+  kernel, sigma 0.1-1.0 px, so cut at 1 px) and solarized with ``solarize_prob``;
+* ``dino``: DINO's asymmetric views (DataAugmentationDINO in main_dino.py): global view 1 is always blurred and
+  never solarized, global view 2 blurred with p 0.1 and solarized with p 0.2, local crops blurred with p 0.5;
+  sigma 0.1-2.0 px (PIL's GaussianBlur radius, its standard deviation) with a kernel to +-3 sigma of the largest.
+  Sigma is in pixels of the crop, as in DINO (224 px global, 96 px local crops): on small images it blurs
+  relatively more.
 """
 from __future__ import annotations
 
@@ -41,7 +51,13 @@ from kornia.geometry.transform import crop_and_resize
 
 from sgdm.features_pretrain.config import PretrainConfig
 
-__all__ = ["random_resized_crop", "photometric", "multi_crop", "crop_sides"]
+__all__ = ["random_resized_crop", "photometric", "multi_crop", "crop_sides", "view_probabilities"]
+
+# (blur_prob, solarize_prob) of DINO's global views 1 and 2 and of its local crops (DataAugmentationDINO).
+DINO_GLOBAL_VIEWS = ((1.0, 0.0), (0.1, 0.2))
+DINO_LOCAL_VIEWS = (0.5, 0.0)
+# Blur sigma range in pixels, and the kernel's half-width in sigmas of its largest (None: sgdm's fixed 3 taps).
+_BLUR = {"shared": ((0.1, 1.0), None), "dino": ((0.1, 2.0), 3)}
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -82,9 +98,23 @@ def random_resized_crop(
     return crop_and_resize(images, boxes, (size, size), align_corners=True)
 
 
-def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Colour jitter (p=0.8), greyscale and blur on images in [0, 1], [B, 3, H, W]."""
+def _blur_kernel(cfg: PretrainConfig, height: int, width: int) -> int:
+    """Odd kernel side of ``cfg.view_recipe``'s blur: 3, or to +-3 sigma of the largest sigma, at most
+    ``2 * side - 1`` (reflect padding needs a pad below the image side)."""
+    (_, sigma_max), reach = _BLUR[cfg.view_recipe]
+    if reach is None:
+        return 3
+    return min(2 * math.ceil(reach * sigma_max) + 1, 2 * min(height, width) - 1)
+
+
+def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator | None,
+                blur_prob: float | None = None, solarize_prob: float | None = None) -> torch.Tensor:
+    """Colour jitter (p=0.8), greyscale, blur and solarization on images in [0, 1], [B, 3, H, W].
+
+    ``blur_prob`` / ``solarize_prob``: this view's probabilities (:func:`view_probabilities`); None: ``cfg``'s."""
     b = images.shape[0]
+    blur_prob = cfg.blur_prob if blur_prob is None else blur_prob
+    solarize_prob = cfg.solarize_prob if solarize_prob is None else solarize_prob
     s = cfg.color_jitter
     if s > 0:
         apply = (torch.rand(b, generator=generator) < 0.8).to(images)
@@ -106,12 +136,12 @@ def photometric(images: torch.Tensor, cfg: PretrainConfig, generator: torch.Gene
     if cfg.grayscale_prob > 0:
         grey = (torch.rand(b, generator=generator) < cfg.grayscale_prob).to(images.device).view(b, 1, 1, 1)
         images = torch.where(grey, rgb_to_grayscale(images).expand_as(images), images)
-    if cfg.blur_prob > 0:
-        blur = (torch.rand(b, generator=generator) < cfg.blur_prob).to(images.device).view(b, 1, 1, 1)
-        sigma = _uniform(b, 0.1, 1.0, generator).to(images).unsqueeze(1).repeat(1, 2)
-        images = torch.where(blur, gaussian_blur2d(images, 3, sigma), images)
-    if cfg.solarize_prob > 0:  # BYOL/DINO: invert the intensities above 0.5
-        sol = (torch.rand(b, generator=generator) < cfg.solarize_prob).to(images.device).view(b, 1, 1, 1)
+    if blur_prob > 0:
+        blur = (torch.rand(b, generator=generator) < blur_prob).to(images.device).view(b, 1, 1, 1)
+        sigma = _uniform(b, *_BLUR[cfg.view_recipe][0], generator).to(images).unsqueeze(1).repeat(1, 2)
+        images = torch.where(blur, gaussian_blur2d(images, _blur_kernel(cfg, *images.shape[-2:]), sigma), images)
+    if solarize_prob > 0:  # BYOL/DINO: invert the intensities above 0.5
+        sol = (torch.rand(b, generator=generator) < solarize_prob).to(images.device).view(b, 1, 1, 1)
         images = torch.where(sol & (images >= 0.5), 1 - images, images)
     return images
 
@@ -120,6 +150,13 @@ def crop_sides(size: int, cfg: PretrainConfig) -> tuple[int, int]:
     """(global, local) crop side in pixels for images of side ``size``: ``size`` and
     ``max(4, round(size * local_crop_fraction))``."""
     return size, max(4, round(size * cfg.local_crop_fraction))
+
+
+def view_probabilities(cfg: PretrainConfig) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    """(blur_prob, solarize_prob) of each global view, and of the local views, under ``cfg.view_recipe``."""
+    if cfg.view_recipe == "dino":
+        return list(DINO_GLOBAL_VIEWS), DINO_LOCAL_VIEWS
+    return [(cfg.blur_prob, cfg.solarize_prob)] * cfg.global_crops, (cfg.blur_prob, cfg.solarize_prob)
 
 
 def multi_crop(
@@ -135,10 +172,12 @@ def multi_crop(
     x = (images + 1) / 2
     size, local_size = crop_sides(images.shape[-1], cfg)
 
-    def view(side: int, scale: tuple[float, float]) -> torch.Tensor:
-        crops = random_resized_crop(x, side, scale, generator, cfg.max_rotation)
-        return photometric(crops, cfg, generator) * 2 - 1
+    global_probs, local_probs = view_probabilities(cfg)
 
-    global_views = [view(size, cfg.global_crop_scale) for _ in range(cfg.global_crops)]
-    local_views = [view(local_size, cfg.local_crop_scale) for _ in range(cfg.local_crops)]
+    def view(side: int, scale: tuple[float, float], probs: tuple[float, float]) -> torch.Tensor:
+        crops = random_resized_crop(x, side, scale, generator, cfg.max_rotation)
+        return photometric(crops, cfg, generator, *probs) * 2 - 1
+
+    global_views = [view(size, cfg.global_crop_scale, probs) for probs in global_probs]
+    local_views = [view(local_size, cfg.local_crop_scale, local_probs) for _ in range(cfg.local_crops)]
     return global_views, local_views

@@ -70,6 +70,11 @@ class PretrainConfig:
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     solarize_prob: float = 0.0
+    # "shared": every view blurred with blur_prob (3-tap kernel, sigma 0.1-1.0 px) and solarized with
+    # solarize_prob; "dino": DINO's asymmetric views (global view 1 always blurred, view 2 blurred with p 0.1 and
+    # solarized with p 0.2, local crops blurred with p 0.5; sigma 0.1-2.0 px): it sets those probabilities, so
+    # blur_prob and solarize_prob stay at their defaults and global_crops at 2. See features_pretrain.augment.
+    view_recipe: Literal["shared", "dino"] = "shared"
     # Crops turned by up to this many degrees: orientation stops being shared between views.
     max_rotation: float = 0.0
     student_temp: float = 0.1
@@ -108,6 +113,17 @@ class PretrainConfig:
         for name in ("grayscale_prob", "blur_prob", "solarize_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, f"expected a probability in [0, 1], got {getattr(self, name)}")
+        if self.view_recipe == "dino":
+            if self.global_crops != 2:
+                raise ConfigError("global_crops", f"view_recipe dino makes DINO's 2 global views (one always blurred, "
+                                                  f"one solarized at times), got {self.global_crops}; set 2, or "
+                                                  "view_recipe: shared")
+            for name in ("blur_prob", "solarize_prob"):
+                default = PretrainConfig.__dataclass_fields__[name].default
+                if getattr(self, name) != default:
+                    raise ConfigError(name, f"view_recipe dino sets each view's blur and solarization probability "
+                                            f"(DINO's), got {getattr(self, name)}; leave {name} at its default "
+                                            f"{default}, or set view_recipe: shared")
         if self.student_temp <= 0 or self.teacher_temp <= 0:
             raise ConfigError("teacher_temp", "temperatures must be > 0")
         for name in ("center_momentum", "teacher_momentum"):

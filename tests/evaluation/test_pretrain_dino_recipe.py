@@ -190,7 +190,7 @@ def test_defaults_reproduce_the_previous_training_bit_for_bit(tmp_path, one_thre
     # and each recipe key does change the result (the comparison above can tell)
     for change in (dict(clip_grad_scope="per_parameter"), dict(freeze_last_layer_steps=2),
                    dict(weight_decay_end=0.4), dict(decay_bias_and_norm=False),
-                   dict(warmup_teacher_temp=0.02, warmup_teacher_temp_steps=2)):
+                   dict(warmup_teacher_temp=0.02, warmup_teacher_temp_steps=2), dict(view_recipe="dino")):
         other = _teacher(_run(tmp_path, PretrainConfig(steps=4, **TINY, **change), "other.safetensors"))
         assert not all(torch.equal(other[k], before[k]) for k in other), change
 
@@ -227,3 +227,103 @@ def test_recipe_keys_validate_and_old_records_read_at_defaults(tmp_path):
     assert pretrain_record_differs(old, "vit_tiny_patch16_224", TINY_VIT, PretrainConfig()) == []
     assert pretrain_record_differs(old, "vit_tiny_patch16_224", TINY_VIT, PretrainConfig(freeze_last_layer_steps=62)) == [
         "prepare.pretrain.freeze_last_layer_steps"]
+
+
+# multi_crop of _VIEW_IMAGES with PretrainConfig() and then with solarize_prob 0.3 and color_jitter_style dino, from
+# torch.Generator().manual_seed(7), computed by the code before view_recipe (cc85c20): per view (2 global, 4 local)
+# the float64 sum and sum of squares, then the generator's next draw.
+_VIEW_IMAGES = lambda: torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # noqa: E731
+_VIEWS_BEFORE = [
+    ({}, [324.721826553, -655.961511493, -57.559256434, -119.605907619, 91.75949955, 368.317083359],
+     [430.192019831, 852.07502024, 235.140308907, 66.44777105, 93.978766053, 268.187401887], 0.35706937313079834),
+    ({"solarize_prob": 0.3, "color_jitter_style": "dino"},
+     [-113.617141128, -236.72708708, -56.791790366, -177.104087114, -151.574530482, -132.21692729],
+     [358.977607738, 283.23323902, 63.778131067, 133.190930697, 114.31311701, 78.609216627], 0.12342828512191772),
+]
+
+
+@pytest.mark.parametrize("change, sums, squares, next_draw", _VIEWS_BEFORE)
+def test_default_views_are_those_made_before_view_recipe(change, sums, squares, next_draw, one_thread):
+    generator = torch.Generator().manual_seed(7)
+    global_views, local_views = multi_crop(_VIEW_IMAGES(), PretrainConfig(**change), generator)
+    views = global_views + local_views
+    assert [float(v.double().sum()) for v in views] == pytest.approx(sums, rel=1e-6, abs=1e-5)
+    assert [float(v.double().square().sum()) for v in views] == pytest.approx(squares, rel=1e-6)
+    assert torch.rand(1, generator=generator).item() == next_draw  # the same draws, in the same order
+
+
+def _marked_views(monkeypatch, cfg, n=4000, seed=0):
+    """Which views of a flat light grey image (0.8) ``multi_crop`` blurs and solarizes, per view [n] each, and the
+    blurs' kernel sizes and sigmas. The blur is replaced by a mark (0.75), so a view reads 0.8 (neither), 0.2
+    (solarized), 0.75 (blurred) or 0.25 (blurred, then solarized)."""
+    from sgdm.features_pretrain import augment
+
+    calls = []
+
+    def mark(images, kernel_size, sigma):
+        calls.append((kernel_size, sigma.clone()))
+        return torch.full_like(images, 0.75)
+
+    monkeypatch.setattr(augment, "gaussian_blur2d", mark)
+    images = torch.full((n, 3, 8, 8), 0.6)
+    global_views, local_views = multi_crop(images, cfg, torch.Generator().manual_seed(seed))
+    marks = []
+    for v in global_views + local_views:
+        value = ((v + 1) / 2)[:, 0, 0, 0]
+        assert torch.allclose((v + 1) / 2, value.view(-1, 1, 1, 1).expand_as(v), atol=1e-5)
+        blurred = ((value - 0.75).abs() < 1e-4) | ((value - 0.25).abs() < 1e-4)
+        solarized = ((value - 0.2).abs() < 1e-4) | ((value - 0.25).abs() < 1e-4)
+        assert (blurred | solarized | ((value - 0.8).abs() < 1e-4)).all()
+        marks.append((blurred.double().mean().item(), solarized.double().mean().item()))
+    return marks, calls
+
+
+def test_dino_view_recipe_blurs_and_solarizes_each_view_as_dino(monkeypatch, one_thread):
+    """DINO's DataAugmentationDINO: global view 1 blurred always and never solarized, view 2 blurred with
+    p 0.1 and solarized with p 0.2, local crops blurred with p 0.5; sigma in [0.1, 2.0] px."""
+    plain = dict(color_jitter=0.0, grayscale_prob=0.0, local_crops=2)
+    marks, calls = _marked_views(monkeypatch, PretrainConfig(view_recipe="dino", **plain))
+    (blur1, sol1), (blur2, sol2), *local = marks
+    assert blur1 == 1.0 and sol1 == 0.0
+    assert blur2 == pytest.approx(0.1, abs=0.025) and sol2 == pytest.approx(0.2, abs=0.03)
+    assert all(b == pytest.approx(0.5, abs=0.04) and s == 0.0 for b, s in local)
+    sigma = torch.cat([s for _, s in calls])
+    assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and sigma.min() < 0.2 and sigma.max() > 1.9
+    # kernels to +-3 sigma of the largest (13 taps), as far as reflect padding of the 4 px local crops allows (7)
+    assert [k for k, _ in calls] == [13, 13, 7, 7]
+    # the default: every view as blur_prob and solarize_prob say, sgdm's 3-tap kernel and sigma 0.1-1.0
+    marks, calls = _marked_views(monkeypatch, PretrainConfig(solarize_prob=0.3, **plain))
+    assert all(b == pytest.approx(0.5, abs=0.04) and s == pytest.approx(0.3, abs=0.04) for b, s in marks)
+    assert [k for k, _ in calls] == [3] * 4 and torch.cat([s for _, s in calls]).max() <= 1.0
+    # a pure function of (images, generator)
+    cfg = PretrainConfig(view_recipe="dino", local_crops=2)
+    again = [multi_crop(_VIEW_IMAGES(), cfg, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(sum(again[0], []), sum(again[1], [])))
+
+
+def test_dino_view_recipe_blurs_wider_than_three_taps(one_thread):
+    """sgdm's 3-tap kernel stops at 1 px whatever the sigma; DINO's blur (PIL radius up to 2.0) reaches further."""
+    from sgdm.features_pretrain.augment import photometric
+
+    impulse = torch.zeros(64, 3, 16, 16)
+    impulse[:, :, 8, 8] = 1.0
+    plain = dict(color_jitter=0.0, grayscale_prob=0.0)
+    for recipe, reach in (("shared", False), ("dino", True)):
+        cfg = PretrainConfig(view_recipe=recipe, **plain)
+        out = photometric(impulse, cfg, torch.Generator().manual_seed(0), blur_prob=1.0, solarize_prob=0.0)
+        far = out[:, 0].clone()
+        far[:, 6:11, 6:11] = 0  # more than 2 px from the impulse
+        assert (far.flatten(1).amax(1) > 1e-3).any() == reach, recipe
+        assert torch.allclose(out.sum((2, 3)), torch.ones(64, 3), atol=1e-2)  # a normalised kernel
+
+
+def test_view_recipe_validates_naming_the_key():
+    assert PretrainConfig().view_recipe == "shared"
+    from_dict(PretrainConfig, {"view_recipe": "dino"}, "pretrain")
+    for raw, key in (({"view_recipe": "dinov2"}, "view_recipe"),
+                     ({"view_recipe": "dino", "global_crops": 3}, "global_crops"),
+                     ({"view_recipe": "dino", "blur_prob": 0.3}, "blur_prob"),
+                     ({"view_recipe": "dino", "solarize_prob": 0.2}, "solarize_prob")):
+        with pytest.raises(ConfigError, match=rf"^pretrain\.{key}: .*view_recipe" if key != "view_recipe"
+                           else r"^pretrain\.view_recipe"):
+            from_dict(PretrainConfig, raw, "pretrain")
