@@ -221,7 +221,9 @@ def _load_checkpoint(path: pathlib.Path, record: dict, device: torch.device) -> 
     except Exception as err:  # not a checkpoint of pretrain_features (or damaged): say which file, and what to do
         raise ConfigError("prepare.pretrain", f"the checkpoint {path} cannot be read ({type(err).__name__}: "
                                               f"{str(err)[:200]}); delete it to start again") from None
-    differ = [k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)]
+    # a setting added since the checkpoint was written counts at its default (as in pretrain_record_differs)
+    defaults = {f"prepare.pretrain.{k}": json.dumps(v) for k, v in _pretrain_record(PretrainConfig()).items()}
+    differ = [k for k in sorted(set(old) | set(record)) if old.get(k, defaults.get(k)) != record.get(k)]
     if differ:
         raise ConfigError("prepare.pretrain", f"the checkpoint {path} was written by a pretraining with other "
                                               f"settings ({', '.join(differ)}); delete it to start again")

@@ -192,3 +192,23 @@ def test_pretrain_from_config_checkpoints_beside_the_encoder(tmp_path, monkeypat
     raw["prepare"] = {"pretrain": {"checkpoint_every": 100}}
     pretrain_from_config(from_dict(ExperimentConfig, raw), tmp_path / "c.pth")
     assert seen["checkpoint"] == tmp_path / "c.pth.resume.pt"
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default(tmp_path):
+    """A checkpoint written before prepare.pretrain.view_recipe existed holds no such key: it was refused as one of
+    'other settings' although its run used the default; a key it lacks now reads at its default (as for encoders)."""
+    cfg = PretrainConfig(steps=3, batch_size=4, out_dim=16, local_crops=1, checkpoint_every=1)
+    ckpt = tmp_path / "enc.resume.pt"
+    with pytest.raises(Crash):
+        pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth", log=lambda m: None,
+                          checkpoint=ckpt, on_step=_crash_at(0, []))
+    state = torch.load(ckpt, weights_only=True)
+    del state["record"]["prepare.pretrain.view_recipe"]
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match=r"\(prepare\.pretrain\.view_recipe\); delete it"):  # not the default
+        pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, PretrainConfig(**{**vars(cfg), "view_recipe": "dino"}),
+                          tmp_path / "enc.pth", log=lambda m: None, checkpoint=ckpt, on_step=_fail_on_step)
+    steps = []
+    pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth", log=lambda m: None,
+                      checkpoint=ckpt, on_step=lambda s, *a: steps.append(s))
+    assert steps == [1, 2]
