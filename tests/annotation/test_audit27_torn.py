@@ -68,3 +68,12 @@ def test_a_torn_manifest_or_fingerprint_is_named(tmp_path):
     (tmp_path / "work" / "fingerprint.json").write_text("")
     with pytest.raises(ValueError, match=r"work.fingerprint.json cannot be read as JSON"):
         FeatureCache(tmp_path / "work", {"backbone": "x"})
+
+
+def test_a_torn_segmenter_file_is_named(tmp_path):
+    from sgdm.annotation.stego import Segmenter
+
+    path = Segmenter(torch.eye(2)).save(tmp_path / "segmenter.safetensors")
+    _tear(path)
+    with pytest.raises(ValueError, match=r"segmenter file .*segmenter.safetensors cannot be read"):
+        Segmenter.load(path)
