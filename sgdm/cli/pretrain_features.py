@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 
 from sgdm.cli.arguments import add_config_arguments, check_output
@@ -30,6 +31,7 @@ def run(args) -> int:
     from sgdm.config.schema import ExperimentConfig
     from sgdm.features_pretrain.run import pretrain_from_config
 
+    _check_one_process()
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if args.out is not None:
         _check_out(pathlib.Path(args.out))
@@ -46,3 +48,23 @@ def _check_out(out: pathlib.Path) -> None:
     if out.suffix not in WEIGHT_SUFFIXES:
         raise ConfigError("--out", f"{out}: the encoder is saved as a {', '.join(WEIGHT_SUFFIXES)} file")
     check_output(out, "--out")
+
+
+def _check_one_process() -> None:
+    """Refuse a launch of several processes (torchrun, srun, or ``WORLD_SIZE`` > 1 as :func:`sgdm.launch.
+    join_process_group` reads it): pretraining is one process's work, and each would train the same encoder from
+    the same seed and write the same file."""
+    from sgdm.config.core import ConfigError
+    from sgdm.launch import current
+
+    launch = current()
+    world = launch.world_size
+    if launch.launcher == "none" and os.environ.get("WORLD_SIZE", "").strip().isdigit():
+        world = int(os.environ["WORLD_SIZE"])
+    if world > 1:
+        variable = "SLURM_NTASKS" if launch.launcher == "srun" else "WORLD_SIZE"
+        by = f"{launch.launcher} started" if launch.launcher in ("torchrun", "srun") else "this is one of"
+        raise ConfigError(variable, f"pretrain-features trains in one process, but {by} {world} processes "
+                                    f"({variable}={world}): "
+                                    "each would train the same encoder and write the same file; run it once, without "
+                                    "the launcher (prepare.pretrain.device picks its device)")

@@ -212,3 +212,41 @@ def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default(tmp_path):
     pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.pth", log=lambda m: None,
                       checkpoint=ckpt, on_step=lambda s, *a: steps.append(s))
     assert steps == [1, 2]
+
+
+_LAUNCH_VARIABLES = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+                     "SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_PROCID", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES")
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, "WORLD_SIZE"),
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "pretrain", "SLURM_PROCID": "0"}, "SLURM_NTASKS"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE"),  # a process group set up by hand, as annotate joins it
+    ({"TORCHELASTIC_RUN_ID": "1", "WORLD_SIZE": "1"}, None),
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "bash"}, None),  # an interactive shell on an allocation: no launch
+])
+def test_pretrain_features_refuses_a_launch_of_several_processes(env, refused, tmp_path, capsys, monkeypatch):
+    """Under torchrun or srun every process trained the same encoder from the same seed and wrote the same file (on
+    a shared disk, at the same time); the command now refuses such a launch before any work."""
+    import yaml
+
+    import sgdm.features_pretrain.train as pretrain_train
+    from sgdm.cli.main import main
+    from tests.evaluation.helpers import tiny_config
+
+    for name in _LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    trained = []
+    monkeypatch.setattr(pretrain_train, "pretrain_features", lambda *a, **k: trained.append(a) or a[4])
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, "label")))
+    code = main(["pretrain-features", str(config)])
+    err = capsys.readouterr().err
+    if refused is None:
+        assert code == 0 and len(trained) == 1
+    else:
+        assert code == 2 and not trained
+        assert f"config error: {refused}: pretrain-features trains in one process" in err
+        assert "without the launcher" in err
