@@ -100,6 +100,9 @@ def _sample_kwargs(cfg) -> dict:
                 progress=False, batch_size=cfg.eval.batch_size)
 
 
+_LABELS = {"self": "self-labeled guidance", "gt": "ground-truth labels"}  # model.guidance.source
+
+
 def _label_sections(cfg, pipe, out: pathlib.Path) -> list[dict]:
     """One row per cluster at the sampling w, then one row per w in report_scales."""
     p, k = cfg.prepare, cfg.model.guidance.num_classes
@@ -108,7 +111,8 @@ def _label_sections(cfg, pipe, out: pathlib.Path) -> list[dict]:
     images = pipe(len(clusters), cluster=clusters, guidance_scale=w, generator=_column_generators(per_row, k, seed),
                   **_sample_kwargs(cfg))
     sections = [dict(title="One row per cluster", image=save_grid(images, per_row, out / "clusters.png").name,
-                     caption=f"Rows: clusters 0..{k - 1} (self-labeled guidance), w = {w}; columns share their noise.")]
+                     caption=f"Rows: clusters 0..{k - 1} ({_LABELS[cfg.model.guidance.source]}), w = {w}; columns share "
+                             "their noise.")]
     rows = []
     for scale in p.report_scales:
         rows.append(pipe(per_row, cluster=[c % k for c in range(per_row)], guidance_scale=scale,

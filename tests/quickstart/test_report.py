@@ -108,3 +108,11 @@ def test_images_of_sections_no_longer_produced_are_removed(tmp_path, scales_eval
     assert (out / "notes.png").read_bytes() == b"old"  # not a file the report names: not the report's to remove
     assert (out / "clusters.png").stat().st_size > 0 and (out / "scales.png").stat().st_size > 0
     assert set(report.SECTION_IMAGES) == {"clusters.png", "scales.png", "box-guided.png", "mask-guided.png"}
+
+
+def test_the_cluster_rows_say_which_labels_guide_them(tmp_path, scales_evaluated):
+    # a ground-truth-label run (configs/shapes_cpu.yaml with a report) was captioned "self-labeled guidance"
+    gt = _report(tmp_path / "gt", "model.guidance.source=gt", "annotation.source=gt")
+    assert "Rows: clusters 0..3 (ground-truth labels)" in (gt / "report.md").read_text()
+    own = _report(tmp_path / "self")
+    assert "Rows: clusters 0..3 (self-labeled guidance)" in (own / "report.md").read_text()
