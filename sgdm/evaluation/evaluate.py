@@ -35,7 +35,7 @@ from sgdm.evaluation.config import EvalConfig
 from sgdm.evaluation.ranks import Shares, agree, process_device, share
 from sgdm.launch import rank_world
 
-__all__ = ["evaluate_run", "load_run", "generate", "to_uint8", "write_results"]
+__all__ = ["evaluate_run", "load_run", "recorded_eval", "generate", "to_uint8", "write_results"]
 
 INCEPTION = ("fid", "is", "kid")
 
@@ -44,18 +44,18 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = None, own_eval: bool = False):
+def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = None):
     """(ExperimentConfig, SelfGuidedPipeline with EMA weights on ``device``) of a training run directory.
 
-    ``own_eval``: the caller evaluates with an ``eval`` section of its own, so the weights files the run's
-    ``eval:`` records (paths of the machine it ran on, maybe) are left out of the loaded config, unchecked."""
+    The weights files the run's ``eval:`` section names are left out of the returned config (None), unchecked:
+    they may be paths of the machine the run was made on, and an evaluation may not read them (another
+    metric, a flag's file). :func:`evaluate_run` reads that section itself (:func:`recorded_eval`)."""
     from sgdm.config.schema import load_experiment
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"RUN {run_dir}: no config.yaml there; pass a training run directory (run.dir/run.name)")
-    unused = ["eval.inception_weights=null", "eval.feature_weights=null"] if own_eval else []
-    cfg = load_experiment(run_dir / "config.yaml", unused)
+    cfg = load_experiment(run_dir / "config.yaml", ["eval.inception_weights=null", "eval.feature_weights=null"])
     pipeline_dir = run_dir / "pipeline"
     if not pipeline_dir.exists():
         from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
@@ -73,6 +73,14 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
     from sgdm.pipeline import SelfGuidedPipeline
 
     return cfg, SelfGuidedPipeline.from_pretrained(pipeline_dir, device=device)
+
+
+def recorded_eval(run_dir: str | pathlib.Path) -> EvalConfig:
+    """The ``eval:`` section of run ``run_dir``'s config.yaml, validated (the weights files its metrics read
+    must exist, :meth:`EvalConfig.check_files`)."""
+    from sgdm.config.core import from_dict, load_yaml
+
+    return from_dict(EvalConfig, load_yaml(pathlib.Path(run_dir) / "config.yaml").get("eval") or {}, "eval")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -334,8 +342,8 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
 
     def prepare():  # all that can fail before sampling, on every rank
         device = process_device(ecfg.device if ecfg is not None else "auto", world)
-        cfg, pipe = load_run(run_dir, device, own_eval=ecfg is not None)
-        e = ecfg or cfg.eval
+        cfg, pipe = load_run(run_dir, device)
+        e = ecfg or recorded_eval(run_dir)
         e.check_files()  # an ecfg made by dataclasses.replace was not validated
         kind = cfg.model.guidance.kind
         if kind not in ("box", "mask") and set(e.metrics) == {"adherence"}:  # before any scorer is built

@@ -170,6 +170,11 @@ def test_missing_weights_named_by_key_without_a_flag(tmp_path, capsys):
     config.write_text(yaml.safe_dump(raw))
     assert main(["eval", str(run_dir), "--metrics", "fid", "--n", "4", "--batch-size", "4"]) == 2
     assert "eval.inception_weights: file" in capsys.readouterr().err
+    from sgdm.config.core import ConfigError
+    from sgdm.evaluation.evaluate import evaluate_run
+
+    with pytest.raises(ConfigError, match="eval.inception_weights: file"):  # the run's own eval: section
+        evaluate_run(run_dir)
 
 
 def test_an_unusable_cache_folder_is_named_as_such(tmp_path, inception_weights):
