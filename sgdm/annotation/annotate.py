@@ -246,12 +246,34 @@ def _extract_all(dataset, a, granularity, data, log, progress):
             f"(replaced or repaired; e.g. {printable(cache.changed(stale[0], stamps[stale[0]]))})")
     if len(todo) < len(shards):
         log(f"annotate: resuming, {len(shards) - len(todo)} of {len(shards)} feature shards already done")
+    precision = _check_precision(cache, shards, todo, a, device)
     total = sum(len(indices[s]) for s in todo)
     with tqdm(total=total, desc=f"features ({backbone.name})", unit="img", disable=not progress or rank != 0) as bar:
         for s in todo:
-            cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, bar), stamps[s])
+            cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, bar), stamps[s],
+                       precision)
     _barrier()
     return cache, -(-n // a.shard_size), backbone
+
+
+def _check_precision(cache, shards, todo, a: AnnotationConfig, device: torch.device) -> str:
+    """This run's extraction precision (``bf16`` / ``fp32``; ``auto`` is bf16 on CUDA). Refuses to extract
+    shards at it beside finished shards made at the other one (a resume on another device or with another
+    ``annotation.precision``), on every rank alike; with nothing left to extract, any precision reuses them."""
+    precision = "bf16" if a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda") else "fp32"
+    other = sum(cache.precision(s) not in (None, precision) for s in shards if s not in todo)
+    counts = torch.tensor([len(todo), other], device=device)
+    if _dist() is not None:
+        _dist().all_reduce(counts)
+    pending, other = (int(c) for c in counts)
+    if pending and other:
+        made = "fp32" if precision == "bf16" else "bf16"
+        raise ConfigError("annotation.precision",
+                          f"{other} feature shard(s) in {cache.directory} were extracted at {made}, this run extracts "
+                          f"at {precision} (annotation.precision={a.precision} on {device.type}) and {pending} shard(s) "
+                          f"are left: set annotation.precision={made} to finish them alike, or delete "
+                          f"{cache.directory} to extract every shard again")
+    return precision
 
 
 def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], float]:

@@ -131,12 +131,21 @@ class FeatureCache:
             return fresh[0][0]
         return next((new[0] for was, new in zip(recorded, fresh) if was != new), None)
 
-    def save(self, shard: int, tensors: Mapping[str, torch.Tensor], stamps: Optional[Stamps] = None) -> None:
-        """Write the shard; its format and ``stamps`` (of its files, taken before they were read) go
-        into its metadata."""
+    def precision(self, shard: int) -> Optional[str]:
+        """The precision the shard's features were computed at (``bf16`` / ``fp32``), or None (not recorded:
+        an older sgdm's shard, or none at all)."""
+        metadata = self._metadata(shard) if self.path(shard).is_file() else None
+        return (metadata or {}).get("precision")
+
+    def save(self, shard: int, tensors: Mapping[str, torch.Tensor], stamps: Optional[Stamps] = None,
+             precision: Optional[str] = None) -> None:
+        """Write the shard; its format, ``stamps`` (of its files, taken before they were read) and the
+        ``precision`` its features were computed at go into its metadata."""
         metadata = {FORMAT_KEY: str(FEATURE_FORMAT)}
         if stamps is not None:
             metadata["files"] = json.dumps(stamps)
+        if precision is not None:
+            metadata["precision"] = precision
         save_tensors_atomic(self.path(shard), tensors, metadata)
 
     def load(self, shard: int, keys: Optional[Iterable[str]] = None, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:

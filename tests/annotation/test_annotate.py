@@ -52,11 +52,11 @@ def test_resume_skips_finished_shards(tmp_path, tiny_weights, shapes_cache, monk
     real_save = annotate_module.FeatureCache.save
     saved = []
 
-    def crash_after_two(self, shard, tensors, stamps=None):
+    def crash_after_two(self, shard, tensors, *args, **kwargs):
         if len(saved) == 2:
             raise KeyboardInterrupt
         saved.append(shard)
-        real_save(self, shard, tensors, stamps)
+        real_save(self, shard, tensors, *args, **kwargs)
 
     monkeypatch.setattr(annotate_module.FeatureCache, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
