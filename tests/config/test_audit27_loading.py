@@ -186,3 +186,13 @@ def test_the_report_steps_cannot_exceed_the_diffusion_steps():
     with pytest.raises(ConfigError, match=r"^prepare.report_steps: 2000 sampling steps exceed diffusion.timesteps=1000"):
         load_experiment(QUICKSTART, ["prepare.report_steps=2000"])
     assert load_experiment(QUICKSTART, ["prepare.report_steps=2000", "prepare.report=false"])
+
+
+@pytest.mark.parametrize("override, key", [("annotation.weights=null", "annotation.weights"),
+                                           ("model.autoencoder.checkpoint=null", "model.autoencoder.checkpoint")])
+def test_a_prepare_stage_without_a_file_to_write_is_refused_at_load(override, key):
+    # the features stage said so only after the autoencoder had trained (minutes); now before any work
+    with pytest.raises(ConfigError, match=rf"^{key}: prepare\.\w+ needs a path to write"):
+        load_experiment(QUICKSTART, [override])
+    stage = "prepare.features=false" if key == "annotation.weights" else "prepare.autoencoder=false"
+    assert load_experiment(QUICKSTART, [override, stage])
