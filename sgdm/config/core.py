@@ -363,7 +363,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = Non
     The value is parsed as YAML, except for a ``str`` or path field of dataclass ``cls`` (when given):
     there the text is taken as written (``run.name=exp #3``, ``run.name=0755``), stripped of surrounding
     whitespace and of one pair of enclosing quotes; ``null`` or ``~`` sets an optional one to None, and
-    ``null`` for a path that cannot be None is refused as a file's ``null`` is (``~`` is the home folder).
+    ``null`` or ``~`` for a path that cannot be None is refused as in a file (``~/`` is the home folder).
     """
     for item in overrides:
         if "=" not in item:
@@ -470,7 +470,7 @@ def _override_value(raw: str, key: str, tp: Any) -> Any:
     if _without_none(tp) in (str, pathlib.Path):
         if text in _YAML_NULL and _without_none(tp) is not tp:
             return None
-        if text in _YAML_NULL[:3] and tp is pathlib.Path:  # refused, as in a file (not a folder called null)
+        if text in _YAML_NULL and tp is pathlib.Path:  # refused as in a file: not a folder called null, nor ~ itself
             return None
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
             try:

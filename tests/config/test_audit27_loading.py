@@ -100,13 +100,15 @@ def test_a_yaml_boolean_for_a_text_key_says_to_quote_it(tmp_path):
 
 
 
-@pytest.mark.parametrize("text", ["null", "Null", "NULL"])
+@pytest.mark.parametrize("text", ["null", "Null", "NULL", "~"])
 def test_null_for_a_path_key_without_a_none_is_refused_not_a_folder_named_null(tmp_path, text):
+    # ~ is YAML's null too: annotation.store=~ made the home folder itself the store (and "delete the store")
     # in a file `store: null` is refused; the override made a store folder called "null" in the current one
     with pytest.raises(ConfigError, match=r"^annotation.store: expected a path, got NoneType None") as info:
         load_experiment(None, ["data.size=256", f"annotation.store={text}"])
     assert info.value.where == f"the override annotation.store={text}"
     assert load_experiment(None, ["data.size=256", "annotation.store=./null"]).annotation.store.name == "null"
+    assert load_experiment(None, ["data.size=256", "run.dir=~/"]).run.dir == pathlib.Path.home()
     assert load_experiment(None, ["data.size=256", "annotation.weights=null"]).annotation.weights is None
 
 
