@@ -239,27 +239,29 @@ def load_backbone(
     kwargs.setdefault("num_classes", 0)
     if image_size and "img_size" not in kwargs and name.startswith(("vit", "deit")):
         kwargs["img_size"] = image_size
-    try:
-        if weights is not None or random_init:
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        else:
-            offline = not _hub_reachable()
-            # Offline, only a cached copy is tried: a download attempt on a network that drops
-            # packets would wait out the hub's timeouts and retries before failing.
-            cached = cached_pretrained_file(name) if offline else None
-            try:
-                if offline and cached is None:
-                    raise FileNotFoundError("not in the local hub caches")
-                overlay = {} if cached is None else {"pretrained_cfg_overlay": {"file": cached}}
-                model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
-            except Exception as err:
-                why = "offline (HF_HUB_OFFLINE or no route to huggingface.co)" if offline else f"download failed: {err}"
-                raise BackboneError(
-                    f"backbone {name!r}: no local weights given (annotation.weights) and the hub cannot be used: {why}; "
-                    "set annotation.weights to a .pth or .safetensors file"
-                ) from None
-    except TypeError as err:
-        raise BackboneError(f"backbone {name!r}: bad annotation.backbone_kwargs {kwargs}: {err}") from None
+    # timm initialises from the global RNG (then loads weights over it): the caller's generator stays put
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if weights is not None or random_init:
+                model = timm.create_model(name, pretrained=False, **kwargs)
+            else:
+                offline = not _hub_reachable()
+                # Offline, only a cached copy is tried: a download attempt on a network that drops
+                # packets would wait out the hub's timeouts and retries before failing.
+                cached = cached_pretrained_file(name) if offline else None
+                try:
+                    if offline and cached is None:
+                        raise FileNotFoundError("not in the local hub caches")
+                    overlay = {} if cached is None else {"pretrained_cfg_overlay": {"file": cached}}
+                    model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
+                except Exception as err:
+                    why = "offline (HF_HUB_OFFLINE or no route to huggingface.co)" if offline else f"download failed: {err}"
+                    raise BackboneError(
+                        f"backbone {name!r}: no local weights given (annotation.weights) and the hub cannot be used: {why}; "
+                        "set annotation.weights to a .pth or .safetensors file"
+                    ) from None
+        except TypeError as err:
+            raise BackboneError(f"backbone {name!r}: bad annotation.backbone_kwargs {kwargs}: {err}") from None
     weights_id = "random" if random_init else f"hub:{name}"
     if weights is not None:
         path = pathlib.Path(weights)

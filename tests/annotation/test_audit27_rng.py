@@ -18,3 +18,13 @@ def test_train_head_does_not_seed_the_global_cuda_generators(monkeypatch):
     assert torch.equal(torch.random.get_rng_state(), before)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_loading_a_backbone_leaves_the_global_generator_where_it_was(tiny_weights):
+    from sgdm.annotation.features import load_backbone
+
+    from .conftest import TINY_KWARGS, TINY_VIT
+
+    before = torch.random.get_rng_state()
+    load_backbone(TINY_VIT, tiny_weights, TINY_KWARGS)  # timm's random init, then the file's weights
+    assert torch.equal(torch.random.get_rng_state(), before)
