@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "cpu/group_norm_silu_kernel.h"
@@ -74,6 +75,9 @@ const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data
 GroupNormForward prepare_forward(const at::Tensor& x, int64_t num_groups,
                                  const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps, bool silu) {
+  // eps = 0 gives rstd = inf on a constant group (NaN out), eps < 0 a NaN rstd
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0,
+              "sgdm.group_norm_silu: eps must be a positive finite number, got ", eps);
   GroupNormForward f;
   f.p = prepare_group_norm(x, num_groups, weight, bias, silu);
   f.y = empty_group_norm_like(x, f.p.shape);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -43,6 +44,32 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& x_t, const at::Ten
   return {p.x_prev, p.x0};
 }
 
+// Per-sample alphas on the CPU: each in (0, 1], as the scalars are checked; and, with eta > 0 and no
+// noise (need_noise_free), no sample with sigma_t > 0 (a_t < a_prev < 1), which the step would take
+// without its noise term. On a GPU reading them would wait for the device: there the Python layer
+// checks (with torch._assert_async under torch.compile).
+void check_host_alphas(const GuidedDdimPrepared& p, double a_t_scalar, double a_prev_scalar, int64_t batch,
+                       bool need_noise_free) {
+  const at::Tensor* tensors[] = {&p.alpha_t, &p.alpha_prev};
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && !t->is_cpu()) return;
+  }
+  const double* at = p.alpha_t.defined() ? p.alpha_t.const_data_ptr<double>() : nullptr;
+  const double* ap = p.alpha_prev.defined() ? p.alpha_prev.const_data_ptr<double>() : nullptr;
+  const int64_t n = (at || ap) ? batch : 1;  // per-sample: each sample; scalars: once
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = at ? at[i] : a_t_scalar;
+    const double b = ap ? ap[i] : a_prev_scalar;
+    TORCH_CHECK_VALUE(a > 0.0 && a <= 1.0, "sgdm.guided_ddim_step: alpha_bar_t must lie in (0, 1], got ", a,
+                      " for sample ", i);
+    TORCH_CHECK_VALUE(b > 0.0 && b <= 1.0, "sgdm.guided_ddim_step: alpha_bar_prev must lie in (0, 1], got ", b,
+                      " for sample ", i);
+    TORCH_CHECK_VALUE(!(need_noise_free && a < 1.0 && b < 1.0 && a < b),
+                      "sgdm.guided_ddim_step: noise is required when eta > 0 (sigma_t > 0); draw it with "
+                      "torch.randn(..., generator=...)");
+  }
+}
+
 }  // namespace
 
 GuidedDdimPrepared prepare_guided_ddim(
@@ -72,10 +99,17 @@ GuidedDdimPrepared prepare_guided_ddim(
   auto check_scalar = [](double v, const char* name) {
     TORCH_CHECK(v > 0.0 && v <= 1.0, "sgdm.guided_ddim_step: ", name, " must lie in (0, 1], got ", v);
   };
+  TORCH_CHECK_VALUE(std::isfinite(eta) && eta >= 0.0, "sgdm.guided_ddim_step: eta must be a finite number >= 0, got ",
+                    eta);
+  TORCH_CHECK_VALUE(std::isfinite(guidance_scale), "sgdm.guided_ddim_step: guidance_scale must be finite, got ",
+                    guidance_scale);
+  TORCH_CHECK_VALUE(!clip_x0.has_value() || (std::isfinite(*clip_x0) && *clip_x0 > 0.0),
+                    "sgdm.guided_ddim_step: clip_x0 must be a finite number > 0, got ", clip_x0.value_or(0.0));
   if (!alpha_bar_t.has_value()) check_scalar(alpha_bar_t_scalar, "alpha_bar_t");
   if (!alpha_bar_prev.has_value()) check_scalar(alpha_bar_prev_scalar, "alpha_bar_prev");
   p.alpha_t = alpha(alpha_bar_t, "alpha_bar_t");
   p.alpha_prev = alpha(alpha_bar_prev, "alpha_bar_prev");
+  check_host_alphas(p, alpha_bar_t_scalar, alpha_bar_prev_scalar, batch, eta != 0.0 && !nz.defined());
   at::Tensor x = x_t, ec = eps_cond;
   if (!same_dense_layout(x, {&ec, &eu, &nz})) {
     x = x.contiguous();

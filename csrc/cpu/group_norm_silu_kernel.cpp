@@ -126,13 +126,11 @@ WelfordData<double> shifted_partial(Acc k, Vec<Acc> s1, Vec<Acc> s2, int64_t len
   return {static_cast<double>(k) + sum1 / n, std::max(sum2 - sum1 * sum1 / n, 0.0), n};
 }
 
-// Mean and M2 of one short run in one pass of sums shifted by its first
-// element (no cancellation while the run's spread is moderate), as a Welford
-// partial to merge; the lane sums are combined in double.
+// Mean and M2 of one short run from sums shifted by k, as a Welford partial to
+// merge; the lane sums are combined in double.
 template <typename T, typename Acc = acc_t<T>>
-WelfordData<double> run_stats(const T* p, int64_t len) {
+WelfordData<double> shifted_stats(const T* p, int64_t len, Acc k) {
   using V = Vec<Acc>;
-  const Acc k = static_cast<Acc>(p[0]);
   const V kv(k);
   // Four independent accumulator pairs: one add / FMA chain would bound the
   // loop by its latency (~4 cycles a vector) instead of the loads.
@@ -166,6 +164,26 @@ WelfordData<double> run_stats(const T* p, int64_t len) {
     s2 = at::vec::fmadd(d, d, s2);
   }
   return shifted_partial<Acc>(k, s1, s2, len);
+}
+
+// The partial w of the run [p, p + len), shifted by k, shifted again by its
+// mean when that lies more than a standard deviation from k: sum(d^2) -
+// sum(d)^2 / n cancels by a factor 1 + (mean - k)^2 / var, so an outlying
+// shift element (a 30-sigma corner pixel) would cost about 10 bits of the
+// variance. The run is at most kStatChunk elements, still in L1.
+template <typename T, typename Acc = acc_t<T>>
+WelfordData<double> recentred(const T* p, int64_t len, Acc k, const WelfordData<double>& w) {
+  const double off = w.mean - static_cast<double>(k);
+  if (!(off * off * w.count > w.m2)) return w;  // (also NaN / inf: nothing to gain)
+  return shifted_stats<T>(p, len, static_cast<Acc>(w.mean));
+}
+
+// Mean and M2 of one short run: sums shifted by its first element, then by its
+// mean if that was far from it.
+template <typename T, typename Acc = acc_t<T>>
+WelfordData<double> run_stats(const T* p, int64_t len) {
+  const Acc k = static_cast<Acc>(p[0]);
+  return recentred<T>(p, len, k, shifted_stats<T>(p, len, k));
 }
 
 template <typename T>
@@ -281,7 +299,9 @@ void fwd_range_nchw(const GroupNormFwdArgs& a, int64_t begin, int64_t end,
           int64_t i = c0;
           for (; i + V::size() <= c1; i += V::size()) step(i, V::size());
           if (i < c1) step(i, c1 - i);
-          if constexpr (kNext) wn = welford_merge(wn, shifted_partial<Acc>(k, s1, s2, c1 - c0));
+          if constexpr (kNext) {
+            wn = welford_merge(wn, recentred<T>(xn + c0, c1 - c0, k, shifted_partial<Acc>(k, s1, s2, c1 - c0)));
+          }
         }
       }
       return wn;

@@ -58,10 +58,7 @@ def test_attention_fake_kernel_still_rejects_an_empty_q():
 
 # The compiled ops' own checks: torch.ops.sgdm.* on real tensors runs the C++ glue directly (the
 # Python layer registers only fake kernels and autograd), so what it accepts is decided in C++.
-# The extension is not rebuilt in this audit; the C++ fixes are in the audit report.
 
-@pytest.mark.xfail(strict=True, reason="C++: prepare_forward (csrc/group_norm_silu.cpp) does not check eps; "
-                   "the fake kernel rejects it, so eager and torch.compile disagree")
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")])
 def test_raw_group_norm_silu_rejects_an_eps_that_is_not_positive_and_finite(eps):
     """eps = 0 on a constant group gives rstd = inf and a NaN output; eps < 0 a NaN rstd."""
@@ -70,8 +67,6 @@ def test_raw_group_norm_silu_rejects_an_eps_that_is_not_positive_and_finite(eps)
         torch.ops.sgdm.group_norm_silu(torch.ones(2, 4, 3, 3), 2, None, None, eps, True)
 
 
-@pytest.mark.xfail(strict=True, reason="C++: csrc/guided_ddim_step.cpp drops the noise term when eta > 0 "
-                   "and noise is None, where sigma_t > 0")
 def test_raw_guided_ddim_step_refuses_eta_without_noise():
     """The wrapper refuses it (sigma_t > 0 needs noise); the raw op silently returns a step whose
     direction term is shrunk to sqrt(1 - a_prev - sigma^2) with no noise added."""
@@ -79,11 +74,30 @@ def test_raw_guided_ddim_step_refuses_eta_without_noise():
     x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     with pytest.raises((RuntimeError, ValueError), match="noise"):
         torch.ops.sgdm.guided_ddim_step(x, x, None, None, None, None, 0.3, 0.5, 1.0, 1.0, None)
+    # per-sample alphas on the CPU: the same check, sample by sample (sample 1 has sigma_t > 0)
+    a_t, a_prev = torch.tensor([0.5, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    with pytest.raises((RuntimeError, ValueError), match="noise"):
+        torch.ops.sgdm.guided_ddim_step(x, x, None, None, a_t, a_prev, 1.0, 1.0, 1.0, 1.0, None)
+    # no sample with sigma_t > 0 (a_t == a_prev): nothing to add, so no noise is needed
+    torch.ops.sgdm.guided_ddim_step(x, x, None, None, a_prev, a_prev, 1.0, 1.0, 1.0, 1.0, None)
 
 
-@pytest.mark.xfail(strict=True, reason="C++: the CPU GroupNorm statistics (run_stats / shifted_partial and the "
-                   "fused NCHW pass in csrc/cpu/group_norm_silu_kernel.cpp) shift by a run's first element "
-                   "and subtract sum^2 / n from float lane sums: a first element far from the mean cancels")
+@pytest.mark.parametrize("args, name", [
+    ((None, None, 0.3, 0.5, 1.0, -0.5, None), "eta"),
+    ((None, None, 0.3, 0.5, float("nan"), 0.0, None), "guidance_scale"),
+    ((None, None, 0.3, 0.5, 1.0, 0.0, 0.0), "clip_x0"),
+    ((torch.tensor([0.3, 1.5], dtype=torch.float64), None, 1.0, 0.5, 1.0, 0.0, None), "alpha_bar_t"),
+    ((None, torch.tensor([0.5, 0.0], dtype=torch.float64), 0.3, 1.0, 1.0, 0.0, None), "alpha_bar_prev"),
+])
+def test_raw_guided_ddim_step_names_a_bad_number(args, name):
+    """What the Python layer refuses by name, the raw op refuses too (it ran with it: a clamp to
+    [-0, 0], a negative sigma_t^2, NaN outputs)."""
+    require_kernels("guided_ddim_step")
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=name):
+        torch.ops.sgdm.guided_ddim_step(x, x, None, None, *args)
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_cpu_group_norm_statistics_with_an_outlying_first_element(isa, generator):
     """A 30-sigma corner pixel (the first element of every channel's run): PyTorch's fp32 GroupNorm
