@@ -291,7 +291,13 @@ def _refuse_unknown(data: Mapping, fields, path: str) -> None:
     """A ConfigError naming the first key of ``data`` that is not one of ``fields``, listing them."""
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(_join(path, str(unknown[0])), f"unknown key (known keys here: {', '.join(sorted(fields))})")
+        key = str(unknown[0])
+        head, *rest = key.split(".")
+        nested = "..."
+        for part in reversed(rest):
+            nested = f"{{{part}: {nested}}}"
+        nest = f"; a dotted key is for overrides; in a file, nest it: {head}: {nested}" if rest and head in fields else ""
+        raise ConfigError(_join(path, key), f"unknown key (known keys here: {', '.join(sorted(fields))}){nest}")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:

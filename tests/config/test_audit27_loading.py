@@ -198,3 +198,12 @@ def test_a_prepare_stage_without_a_file_to_write_is_refused_at_load(override, ke
         load_experiment(QUICKSTART, [override])
     stage = "prepare.features=false" if key == "annotation.weights" else "prepare.autoencoder=false"
     assert load_experiment(QUICKSTART, [override, stage])
+
+
+def test_a_dotted_key_in_the_file_says_to_nest_it(tmp_path):
+    # the command line's train.lr=... written into the file as a key of its own: "unknown key" alone did not say why
+    config = tmp_path / "exp.yaml"
+    config.write_text("train.lr: 1.0e-4\n")
+    err = _error(config)
+    assert err.key == "train.lr" and err.where == f"{config}, line 1"
+    assert "a dotted key is for overrides; in a file, nest it: train: {lr: ...}" in str(err)
