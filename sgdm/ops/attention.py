@@ -118,7 +118,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             return _extension.call_below_autograd(torch.ops.sgdm.attention, q, k, v, scale)[0]
         except Exception:
             _check_inputs(q, k, v, scale)  # raises the error that names the argument
-            if q.numel() == 0:  # B, H or Nq = 0, which the compiled op refuses
+            if q.numel() == 0 or _over_cuda_grid(q):  # cases the compiled op refuses
                 return _fallback(q, k, v, scale)
             raise
     _check_inputs(q, k, v, scale)
@@ -126,9 +126,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     # dim into the constant that _kernel_ok (assume_constant_result) needs
     head_dim = operator.index(q.shape[-1])
     scale = float(head_dim ** -0.5 if scale is None else scale)
-    if q.numel() and _kernel_ok(q.device.type, q.dtype, head_dim):
+    if q.numel() and not _over_cuda_grid(q) and _kernel_ok(q.device.type, q.dtype, head_dim):
         return _Attention.apply(q, k, v, scale)
     return _fallback(q, k, v, scale)
+
+
+# the CUDA kernels put B * H on the launch grid's y dimension, which holds at most 65535 blocks
+_CUDA_MAX_BH = 65535
+
+
+def _over_cuda_grid(q: torch.Tensor) -> bool:
+    """B * H beyond what the CUDA kernels launch (e.g. B > 8191 at 8 heads): PyTorch's SDPA runs it."""
+    return q.is_cuda and q.shape[0] * q.shape[1] > _CUDA_MAX_BH
 
 
 def _fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -350,6 +350,23 @@ def test_cuda_unaligned_storage_offset(generator, dtype):
     assert _rel_err(attention(q, k, v).cpu(), _ref64(q.cpu(), k.cpu(), v.cpu())[0]) < tol
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("grad", [False, True])
+def test_cuda_batch_times_heads_beyond_the_launch_grid_runs_sdpa(generator, grad):
+    """B * H > 65535 does not fit the CUDA kernels' grid (y dimension): PyTorch's SDPA runs it, as for
+    head dims without a kernel, instead of the op's error."""
+    require_kernels(OP, "cuda")
+    q, k, v = (torch.randn(65536, 1, 4, 32, generator=generator).to("cuda", torch.bfloat16).requires_grad_(grad)
+               for _ in range(3))
+    out = attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q.detach().float(), k.detach().float(),
+                                                            v.detach().float())
+    assert out.shape == q.shape and _rel_err(out.detach().float(), want) < 2e-2
+    if grad:
+        out.sum().backward()
+        assert q.grad.shape == q.shape and torch.isfinite(q.grad.float()).all()
+
+
 def _bad_inputs():
     x = torch.zeros(1, 2, 3, 32)
     return [
