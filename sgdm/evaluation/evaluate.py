@@ -151,7 +151,8 @@ def _reference_content(dataset: Dataset, n: int) -> str:
     """Digest of the ids of the first ``n`` dataset items and the stamps (size, mtime) of their files
     (:func:`~sgdm.annotation.cache.file_stamps`): the reference statistics' cache name carries it, so an
     image replaced or a list file edited at the same config is measured again, not read from the cache.
-    (An unreadable image among them moves the reference set past item ``n``; those items are not stamped.)"""
+    (An unreadable image among them moves the reference set past item ``n``; those items are not stamped.)
+    Items without a file of their own (an LMDB's) are covered by the stamp of the database's ``data.mdb``."""
     from sgdm.annotation.cache import file_stamps
 
     ids = getattr(dataset, "ids", None)
@@ -159,7 +160,11 @@ def _reference_content(dataset: Dataset, n: int) -> str:
         return "no-ids"
     m = min(n, len(dataset))
     source = getattr(dataset, "source", None)
-    return _digest(file_stamps(list(ids[:m]), [source(i) if source is not None else "" for i in range(m)]))
+    stamps = file_stamps(list(ids[:m]), [source(i) if source is not None else "" for i in range(m)])
+    root = getattr(dataset, "root", None)
+    if root is not None and (pathlib.Path(root) / "data.mdb").is_file():
+        stamps += file_stamps(["data.mdb"], [str(pathlib.Path(root) / "data.mdb")])
+    return _digest(stamps)
 
 
 def _feature_space(cfg, ecfg: EvalConfig):

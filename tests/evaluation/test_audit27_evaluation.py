@@ -200,3 +200,27 @@ def test_a_sweep_of_an_unguided_run_says_why_it_is_one_row(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--sweep-scale" in err and "no guidance" in err, err
 
+
+
+def test_reference_key_of_an_lmdb_follows_its_data_file(tmp_path):
+    """LMDB items have no file of their own: the key stamps the database's data.mdb, so an LMDB rewritten
+    in place under the same config does not reuse the old reference statistics."""
+    import os
+
+    from sgdm.evaluation.evaluate import _reference_content
+
+    class Lmdb:  # what LsunLmdbDataset exposes: ids, root, source = "root[id]"
+        root, ids = tmp_path, ["a", "b"]
+
+        def __len__(self):
+            return 2
+
+        def source(self, i):
+            return f"{self.root}[{self.ids[i]}]"
+
+    data = tmp_path / "data.mdb"
+    data.write_bytes(b"x" * 100)
+    before = _reference_content(Lmdb(), 2)
+    data.write_bytes(b"y" * 200)
+    os.utime(data, ns=(0, data.stat().st_mtime_ns + 5_000_000_000))
+    assert _reference_content(Lmdb(), 2) != before
