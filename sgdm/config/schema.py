@@ -41,8 +41,8 @@ class RunConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError("name", f"must be a plain directory name, got {self.name!r}")
-        if self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # torch.Generator().manual_seed takes at most 2**64 - 1 (the report adds to it)
+            raise ConfigError("seed", f"must be >= 0 and < 2**63, got {self.seed}")
 
 
 def guidance_classes_key(kind: str) -> str:

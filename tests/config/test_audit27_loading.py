@@ -207,3 +207,11 @@ def test_a_dotted_key_in_the_file_says_to_nest_it(tmp_path):
     err = _error(config)
     assert err.key == "train.lr" and err.where == f"{config}, line 1"
     assert "a dotted key is for overrides; in a file, nest it: train: {lr: ...}" in str(err)
+
+
+def test_a_seed_beyond_what_a_torch_generator_takes_is_refused():
+    # run.seed=2**64 loaded, trained (training hashes it), then the report's torch.Generator().manual_seed(run.seed)
+    # stopped with "Overflow when unpacking long long"
+    with pytest.raises(ConfigError, match=r"^run.seed: must be >= 0 and < 2\*\*63, got 18446744073709551616"):
+        load_experiment(QUICKSTART, [f"run.seed={2**64}"])
+    assert load_experiment(QUICKSTART, [f"run.seed={2**63 - 1}"]).run.seed == 2**63 - 1
