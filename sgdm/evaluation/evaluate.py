@@ -215,6 +215,7 @@ class _Evaluator:
         if wants_inception or "fd" in ecfg.metrics:  # the images themselves, not only the settings that read them
             self.data_key += "-" + _reference_content(self.dataset, ecfg.reference_n)
         self._ref_stats = None
+        self._inception_ref = None
 
     def reference_stats(self):
         if self._ref_stats is None:
@@ -233,6 +234,29 @@ class _Evaluator:
             self._ref_stats = reference_stats(self.space, _batches(ref, self.ecfg.batch_size), self.cache / name)
         return self._ref_stats
 
+    def inception_reference(self) -> _ReferenceImages:
+        """The reference set as torch-fidelity reads it (uint8), one for every scale: its scan for readable
+        images is done once."""
+        if self._inception_ref is None:
+            self._inception_ref = _ReferenceImages(self.dataset, self.ecfg.reference_n, uint8=True)
+        return self._inception_ref
+
+    def check_reference(self) -> None:
+        """Before sampling: the reference set can be read (an unreadable one would stop the evaluation after
+        every sample was drawn). fd reads it for its statistics; FID and KID read it through torch-fidelity
+        after sampling, so it is read here unless torch-fidelity's cache of its features is there."""
+        if self.space is not None:
+            self.reference_stats()
+        if not {"fid", "kid"} & set(self.ecfg.metrics):
+            return
+        from sgdm.evaluation.fidelity import check_inception_weights
+
+        ref = self.inception_reference()
+        tag = check_inception_weights(self.ecfg.inception_weights)
+        if any(pathlib.Path(self.cache).glob(f"sgdm-{self.data_key}-n{len(ref)}-{tag}-*")):
+            return  # torch-fidelity reads its features, not the images
+        ref[len(ref) - 1]  # reads forward to the last reference image, passing over unreadable ones
+
     def measure(self, images: torch.Tensor, conditions: EvalConditions, generator: torch.Generator) -> dict:
         e, out = self.ecfg, {}
         inception = [m for m in e.metrics if m in INCEPTION]
@@ -240,7 +264,7 @@ class _Evaluator:
             from sgdm.devices import resolve_device
             from sgdm.evaluation.fidelity import inception_metrics
 
-            ref = _ReferenceImages(self.dataset, e.reference_n, uint8=True)
+            ref = self.inception_reference()
             out.update(inception_metrics(to_uint8(images), ref, f"{self.data_key}-n{len(ref)}", inception,
                                          e.inception_weights, self.cache, e.kid_subsets, e.kid_subset_size, e.batch_size,
                                          device=resolve_device(e.device, "eval.device")))
@@ -399,8 +423,8 @@ def _sample_and_measure(pipe, conditions: EvalConditions, kind: str, ecfg: EvalC
     if kind == "none" and ecfg.sweep_scales:
         log(f"eval: the run has no guidance (model.guidance.kind: none), so the guidance scales "
             f"{ecfg.sweep_scales} (--sweep-scale, eval.sweep_scales) are one unguided evaluation")
-    if evaluator is not None and evaluator.space is not None:
-        evaluator.reference_stats()  # read the reference images now: an unreadable one stops us before any sampling
+    if evaluator is not None:
+        evaluator.check_reference()  # read the reference images now: an unreadable one stops us before any sampling
     if shares is not None:
         bounds = [share(ecfg.n, ecfg.batch_size, r, shares.world) for r in range(shares.world)]
         lo, hi = bounds[shares.rank]

@@ -224,3 +224,38 @@ def test_reference_key_of_an_lmdb_follows_its_data_file(tmp_path):
     data.write_bytes(b"y" * 200)
     os.utime(data, ns=(0, data.stat().st_mtime_ns + 5_000_000_000))
     assert _reference_content(Lmdb(), 2) != before
+
+
+def test_fid_alone_finds_a_short_reference_set_before_sampling(tmp_path, capsys, monkeypatch, inception_weights):
+    """FID without fd: a reference set with fewer readable images than it needs stops the evaluation
+    before any sample is drawn (fd read it early; torch-fidelity reads it only after sampling)."""
+    import sgdm.evaluation.evaluate as evaluate
+    from tests.evaluation.test_evaluate import _folder_run
+
+    run_dir = _folder_run(tmp_path, "skip")  # 6 images, 1.png unreadable
+    sampled = []
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: sampled.append(1) or None)
+    assert main(["eval", str(run_dir), "--metrics", "fid", "--inception-weights", str(inception_weights),
+                 "--reference-n", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "needs 6 readable images (eval.reference_n)" in err, err
+    assert not sampled
+
+
+def test_fid_alone_with_cached_reference_features_reads_no_reference_image(tmp_path, monkeypatch, inception_weights):
+    """The check before sampling reads the reference images only when torch-fidelity has not cached
+    their features: a second evaluation reads none of them."""
+    import sgdm.evaluation.evaluate as evaluate
+
+    run_dir = make_run(tmp_path, "label")
+    args = ["eval", str(run_dir), "--metrics", "fid", "--inception-weights", str(inception_weights), "--n", "4",
+            "--batch-size", "4", "--steps", "2"]
+    assert main(args) == 0
+    first = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]["fid"]
+
+    def unread(self, index):
+        raise AssertionError(f"reference image {index} read again")
+
+    monkeypatch.setattr(evaluate._ReferenceImages, "__getitem__", unread)
+    assert main(args) == 0
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]["fid"] == pytest.approx(first)
