@@ -18,7 +18,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect", "format_report", "ENV_VARS", "DISTRIBUTIONS"]
+__all__ = ["collect", "format_report", "env_flag", "hub_offline", "ENV_VARS", "DISTRIBUTIONS"]
+
+_TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's spellings of a true environment flag
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set true, as huggingface_hub reads its flags
+    (1 / on / yes / true in any case; anything else, unset included, is false)."""
+    return os.environ.get(name, "").strip().upper() in _TRUE
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE``: timm and torch-fidelity weights come from local caches only."""
+    return env_flag("HF_HUB_OFFLINE")
 
 # The environment variables sgdm (or what it loads offline) reads, and what each does.
 ENV_VARS = {

@@ -180,7 +180,9 @@ def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str) -> None:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    from sgdm.environment import hub_offline
+
+    if hub_offline():
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()

@@ -21,11 +21,12 @@ __all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "fetch
            "INCEPTION_FILE"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-_TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's spellings of a true environment flag
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().upper() in _TRUE for k in ("HF_HUB_OFFLINE", "SGDM_OFFLINE"))
+    from sgdm.environment import env_flag, hub_offline
+
+    return hub_offline() or env_flag("SGDM_OFFLINE")
 
 
 def _hub_file() -> pathlib.Path:

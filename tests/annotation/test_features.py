@@ -235,3 +235,27 @@ def test_weights_of_another_vit_are_refused_and_described(tmp_path):
         load_backbone("vit_base_patch8_224.dino", tmp_path / "tiny.pth", {"img_size": 32})
     # what it describes loads
     load_backbone(TINY_VIT, tmp_path / "tiny.pth", {**kwargs, "num_heads": 2})
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("yes", True), ("ON", True), ("true", True),
+                                            ("0", False), ("no", False), ("off", False), ("FALSE", False), ("", False)])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, value, offline):
+    """The same flag, read the same way wherever sgdm decides whether to go online (annotation's backbone,
+    evaluation's Inception): before, annotation took "no" and "off" for offline and eval "yes" for online."""
+    import socket
+
+    from sgdm.annotation import features
+    from sgdm.evaluation import fidelity
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.delenv("SGDM_OFFLINE", raising=False)
+    tried = []
+
+    def connect(*args, **kwargs):
+        tried.append(args)
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert features._hub_reachable() is False
+    assert bool(tried) is not offline  # offline: not even tried
+    assert fidelity._offline() is offline
