@@ -22,7 +22,7 @@ from sgdm.models.config import AutoencoderConfig, ModelConfig, UNetConfig
 from sgdm.quickstart.config import PrepareConfig
 from sgdm.training.config import TrainConfig
 
-__all__ = ["RunConfig", "ExperimentConfig", "load_experiment", "recorded_config", "check_annotation_store",
+__all__ = ["RunConfig", "ExperimentConfig", "load_experiment", "load_recorded", "recorded_config", "check_annotation_store",
            "check_store_dataset", "guidance_classes_key"]
 
 
@@ -144,6 +144,14 @@ def _root_cause(data: dict, err: ConfigError) -> ConfigError:
     except ConfigError:
         return err
     return _latent_side_error(size, factor, image_size) or err
+
+
+def load_recorded(path: str | pathlib.Path) -> ExperimentConfig:
+    """A run's recorded config.yaml with the weights files its ``eval:`` section names left out (None),
+    unchecked: they may be paths of the machine the run was made on, and loading the run's networks
+    (sample, eval from a checkpoint) reads none of them. An evaluation that needs them reads that
+    section itself (:func:`sgdm.evaluation.evaluate.recorded_eval`)."""
+    return load_experiment(path, ["eval.inception_weights=null", "eval.feature_weights=null"])
 
 
 def load_experiment(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:

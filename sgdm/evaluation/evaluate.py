@@ -50,12 +50,12 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
     The weights files the run's ``eval:`` section names are left out of the returned config (None), unchecked:
     they may be paths of the machine the run was made on, and an evaluation may not read them (another
     metric, a flag's file). :func:`evaluate_run` reads that section itself (:func:`recorded_eval`)."""
-    from sgdm.config.schema import load_experiment
+    from sgdm.config.schema import load_recorded
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"RUN {run_dir}: no config.yaml there; pass a training run directory (run.dir/run.name)")
-    cfg = load_experiment(run_dir / "config.yaml", ["eval.inception_weights=null", "eval.feature_weights=null"])
+    cfg = load_recorded(run_dir / "config.yaml")
     pipeline_dir = run_dir / "pipeline"
     if not pipeline_dir.exists():
         from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint

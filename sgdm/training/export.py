@@ -87,7 +87,7 @@ def pipeline_from_checkpoint(ckpt: pathlib.Path):
     of ``RUN/config.yaml``. Raises FileNotFoundError / ValueError naming the file."""
     import torch
 
-    from sgdm.config.schema import load_experiment
+    from sgdm.config.schema import load_recorded
     from sgdm.training.checkpoint import is_valid_checkpoint
 
     ckpt = pathlib.Path(ckpt)
@@ -99,7 +99,7 @@ def pipeline_from_checkpoint(ckpt: pathlib.Path):
                                 f"a checkpoint is read in its run's checkpoints/ folder)")
     if not is_valid_checkpoint(ckpt):
         raise ValueError(f"{ckpt}: not a complete checkpoint (it fails its integrity check); use an earlier one")
-    cfg = load_experiment(config)
+    cfg = load_recorded(config)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = saved.get("state_dict", {})
     states = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -174,6 +174,25 @@ def test_sample_a_run_without_its_pipeline_export_from_its_newest_checkpoint(tra
     assert "config.yaml beside it" in capsys.readouterr().err
 
 
+def test_a_copied_run_whose_recorded_eval_weights_are_elsewhere_loads_from_its_checkpoint(trained):
+    """A run copied from another machine records that machine's eval weights paths; sampling it from a
+    checkpoint (no pipeline/ export) reads no eval weights, so it must not refuse them (as load_run does)."""
+    import shutil
+
+    import yaml
+
+    from sgdm.training.export import pipeline_from_checkpoint
+
+    tmp, _ = trained
+    copied = tmp / "runs" / "copied"
+    shutil.copytree(tmp / "runs" / "ldm", copied, ignore=shutil.ignore_patterns("pipeline"))
+    recorded = yaml.safe_load((copied / "config.yaml").read_text())
+    recorded.setdefault("eval", {})["inception_weights"] = "/elsewhere/pt_inception-2015-12-05-6726825d.pth"
+    (copied / "config.yaml").write_text(yaml.safe_dump(recorded))
+    pipe, step = pipeline_from_checkpoint(copied / "checkpoints" / "step-00000002.ckpt")
+    assert step == 2 and pipe.unet is not None
+
+
 def test_a_checkpoint_is_loaded_without_initialising_the_weights_it_replaces(trained, monkeypatch):
     """pipeline_from_checkpoint built and randomly initialised the UNet and first stage, then copied the
     checkpoint's weights over them (half of a large UNet's load time, twice its memory)."""
