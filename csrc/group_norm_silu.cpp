@@ -84,6 +84,10 @@ GroupNormForward prepare_forward(const at::Tensor& x, int64_t num_groups,
   const auto stat_opts = x.options().dtype(group_norm_acc_type(x));
   f.mean = at::empty({f.p.shape.n, num_groups}, stat_opts);
   f.rstd = at::empty({f.p.shape.n, num_groups}, stat_opts);
+  if (f.p.shape.hw == 0) {  // no elements: the kernels launch nothing; the statistics of an empty group
+    f.mean.zero_();
+    f.rstd.fill_(1.0 / std::sqrt(eps));
+  }
   GroupNormFwdArgs& a = f.args;
   a.s = f.p.shape;
   a.eps = eps;
@@ -119,6 +123,10 @@ GroupNormBackward prepare_backward(const at::Tensor& grad_y, const at::Tensor& x
   if (affine_grads) {
     b.sum_dz = at::empty({b.p.shape.n, b.p.shape.c}, acc_opts);
     b.sum_dzx = at::empty({b.p.shape.n, b.p.shape.c}, acc_opts);
+    if (b.p.shape.hw == 0) {  // nothing to sum (the kernels launch nothing for hw = 0)
+      b.sum_dz.zero_();
+      b.sum_dzx.zero_();
+    }
   }
   GroupNormBwdArgs& a = b.args;
   a.s = b.p.shape;

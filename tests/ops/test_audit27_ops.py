@@ -172,3 +172,18 @@ def test_group_norm_silu_backward_opcheck(dtype, channels_last, affine, affine_g
     grad_y = torch.randn(2, 8, 3, 5, generator=generator).to(dtype)  # contiguous even for a channels-last x
     torch.library.opcheck(torch.ops.sgdm.group_norm_silu_backward.default,
                           (grad_y, x, mean, rstd, w, b, 4, True, affine_grads))
+
+
+def test_zero_spatial_size_gives_empty_group_statistics_and_zero_affine_grads(target):
+    """[N, C, 0, W]: no elements, so mean 0, rstd 1/sqrt(eps) and zero weight / bias gradients on every
+    device. The CUDA kernels launch nothing there; its statistics and sums were left uninitialised."""
+    require_kernels("group_norm_silu", target)
+    x = torch.randn(2, 4, 0, 3, device=target, requires_grad=True)
+    w = torch.ones(4, device=target, requires_grad=True)
+    b = torch.zeros(4, device=target, requires_grad=True)
+    y, mean, rstd = torch.ops.sgdm.group_norm_silu(x.detach(), 2, w.detach(), b.detach(), 1e-4, True)
+    assert y.shape == x.shape
+    assert torch.equal(mean.cpu(), torch.zeros(2, 2)) and torch.allclose(rstd.cpu(), torch.full((2, 2), 100.0))
+    out = ops.group_norm_silu(x, 2, w, b, eps=1e-4)
+    gw, gb = torch.autograd.grad(out.sum(), (w, b))
+    assert torch.equal(gw.cpu(), torch.zeros(4)) and torch.equal(gb.cpu(), torch.zeros(4))
