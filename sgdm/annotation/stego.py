@@ -179,9 +179,10 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
     """
     n = len(patches)
     rank, world = _rank_world(distributed)
-    with torch.random.fork_rng(devices=[]):  # parameter init from our generator, not the global one
-        # the CPU default generator only: torch.manual_seed would also reseed (and leave reseeded) CUDA's
-        torch.random.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    from sgdm.training.rng import seeded_cpu_rng
+
+    # parameter init from our generator, not the global one
+    with seeded_cpu_rng(int(torch.randint(2**62, (1,), generator=generator))):
         head = SegmentationHead(patches.shape[-1], cfg.dim).to(device)
     local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + rank)
     optimiser = torch.optim.Adam(head.parameters(), lr=cfg.lr)

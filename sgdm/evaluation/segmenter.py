@@ -111,8 +111,10 @@ def fit_segmenter(images: torch.Tensor, masks: torch.Tensor, num_classes: int, g
     resolution, Adam with a one-cycle schedule. Initial weights and minibatch order come from ``generator``."""
     cfg = cfg or SegmenterConfig()
     check_training_data(images, masks, num_classes)
-    with torch.random.fork_rng(devices=[]):  # module initialisation draws from the global RNG: keep it ours
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    from sgdm.training.rng import seeded_cpu_rng
+
+    # module initialisation draws from the global RNG: keep it ours
+    with seeded_cpu_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))):
         net = UNetSegmenter(num_classes, cfg.width)
     probe = PixelProbe(net, num_classes)
     from sgdm.evaluation.probe import train_per_pixel

@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-__all__ = ["derive_seed", "generator_for", "seeded_global_rng"]
+__all__ = ["derive_seed", "generator_for", "seeded_global_rng", "seeded_cpu_rng"]
 
 
 def derive_seed(seed: int, stream: str, *indices: int) -> int:
@@ -39,4 +39,14 @@ def seeded_global_rng(device: torch.device, seed: int, stream: str, *indices: in
         devices = [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(derive_seed(seed, stream, *indices))
+        yield
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int):
+    """Inside, the CPU global RNG (what module initialisation in ``torch.nn`` and timm draws from) is
+    seeded by ``seed``; its earlier state is restored after. No CUDA generator is touched:
+    ``torch.manual_seed`` would reseed every CUDA device's, which ``fork_rng(devices=[])`` leaves so."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
         yield

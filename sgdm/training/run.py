@@ -129,8 +129,9 @@ def keep_earlier_metrics(log_dir: pathlib.Path) -> Optional[pathlib.Path]:
 
 def _seeded_build(seed: int, fn):
     """Module init draws from the global RNG inside torch.nn; fork it so nothing leaks out."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    from sgdm.training.rng import seeded_cpu_rng
+
+    with seeded_cpu_rng(seed):
         return fn()
 
 

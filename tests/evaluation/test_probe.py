@@ -253,3 +253,17 @@ def test_held_out_views_are_scored_by_the_same_probe():
     assert scores["noise_miou"] < 0.5 < scores["miou"]
     with pytest.raises(ValueError, match=r"views\['bad'\]: expected the shape of inputs"):
         fit_with_held_out(tokens, masks, 4, g, FAST, views={"bad": lambda rows: tokens[:3]})
+
+
+def test_pixel_segmenter_initialisation_leaves_the_global_generators_alone(monkeypatch):
+    """Its initial weights come from the caller's generator; torch.manual_seed inside fork_rng(devices=[])
+    reseeded every CUDA device's default generator and left it so."""
+    from sgdm.evaluation.config import SegmenterConfig
+    from sgdm.evaluation.segmenter import fit_segmenter
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    images, masks = toy_images()
+    before = torch.random.get_rng_state()
+    fit_segmenter(images[:4], masks[:4], 3, torch.Generator().manual_seed(0), SegmenterConfig(epochs=1, width=4))
+    assert calls == [] and torch.equal(torch.random.get_rng_state(), before)
