@@ -8,65 +8,65 @@ import torch
 import torch.multiprocessing as mp
 
 
-def worker(rank, world, init_file, out_dir):
+def _in_group(rank, world, init_file, body, *args):
+    """Runs ``body(rank, *args)`` in a gloo group of ``world`` processes. A short timeout: the old code
+    left a rank waiting in a collective the others never joined."""
     import torch.distributed as dist
 
-    from sgdm.annotation.kmeans import kmeans
-
     torch.set_num_threads(1)
-    # a short timeout: the old code left rank 1 waiting in the broadcast of rank 0's centres
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+                            timeout=datetime.timedelta(seconds=30))
     try:
-        x = torch.randn(3 if rank == 0 else 10, 4, generator=torch.Generator().manual_seed(rank))
-        try:
-            kmeans(x, 5, generator=torch.Generator().manual_seed(0), distributed=True)
-            outcome = "ran"
-        except ValueError as err:
-            outcome = f"ValueError: {err}"
-        except RuntimeError as err:  # e.g. the collective's timeout
-            outcome = f"RuntimeError: {err}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
-            handle.write(outcome)
+        body(rank, *args)
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(tmp_path, body, *args):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_in_group, args=(2, str(tmp_path / "init"), body, *args), nprocs=2, join=True)
+
+
+def worker(rank, out_dir):
+    from sgdm.annotation.kmeans import kmeans
+
+    x = torch.randn(3 if rank == 0 else 10, 4, generator=torch.Generator().manual_seed(rank))
+    try:
+        kmeans(x, 5, generator=torch.Generator().manual_seed(0), distributed=True)
+        outcome = "ran"
+    except ValueError as err:
+        outcome = f"ValueError: {err}"
+    except RuntimeError as err:  # e.g. the collective's timeout
+        outcome = f"RuntimeError: {err}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+        handle.write(outcome)
+
+
 @pytest.mark.slow
 def test_every_rank_raises_when_rank_0_has_fewer_points_than_k(tmp_path):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    _spawn(tmp_path, worker, str(tmp_path))
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     for outcome in outcomes:
         assert outcome.startswith("ValueError: kmeans: rank 0 holds 3 points, fewer than num_clusters=5"), outcomes
 
 
-def minibatch_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
+def minibatch_worker(rank, out_dir):
     from sgdm.annotation.kmeans import kmeans
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+    x = torch.randn(40 if rank == 0 else 27, 4, generator=torch.Generator().manual_seed(rank))
     try:
-        x = torch.randn(40 if rank == 0 else 27, 4, generator=torch.Generator().manual_seed(rank))
-        try:
-            result = kmeans(x, 3, generator=torch.Generator().manual_seed(0), batch_size=8, max_iter=3,
-                            distributed=True)
-            torch.save(result.centroids, os.path.join(out_dir, f"rank{rank}.pt"))
-        except RuntimeError as err:  # the old code's collectives fell out of step and timed out
-            with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
-                handle.write(str(err))
-    finally:
-        dist.destroy_process_group()
+        result = kmeans(x, 3, generator=torch.Generator().manual_seed(0), batch_size=8, max_iter=3,
+                        distributed=True)
+        torch.save(result.centroids, os.path.join(out_dir, f"rank{rank}.pt"))
+    except RuntimeError as err:  # the old code's collectives fell out of step and timed out
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(str(err))
 
 
 @pytest.mark.slow
 def test_minibatch_with_unequal_ranks_keeps_the_collectives_in_step(tmp_path):
     # rank 0 has 5 mini-batches per pass, rank 1 four: every rank must take the same number of steps
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(minibatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    _spawn(tmp_path, minibatch_worker, str(tmp_path))
     assert not list(tmp_path.glob("rank*.txt")), [p.read_text()[:200] for p in tmp_path.glob("rank*.txt")]
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(a, b)
@@ -85,35 +85,25 @@ class _LaterUnreadable(torch.utils.data.Dataset):
         return None if i >= self.first_bad else self.inner[i]
 
 
-def empty_rank_worker(rank, world, init_file, out_dir, weights, cache):
+def empty_rank_worker(rank, out_dir, weights, cache):
     import pathlib
-
-    import torch.distributed as dist
 
     from sgdm.annotation.annotate import annotate
     from sgdm.data import build_dataset
 
     from .test_annotate import config
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        cfg = config(pathlib.Path(out_dir), weights, pathlib.Path(cache), num_images=20, shard_size=8, num_classes=3)
-        dataset = _LaterUnreadable(build_dataset(cfg.data, train=False), 8)  # rank 1's shards 1 (8-15): unreadable
-        # (shard 2, rank 0's, too): rank 1 holds no CLS feature at all
-        result = annotate(cfg, "label", dataset=dataset, progress=False, log=lambda m: None)
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
-            handle.write(str(result.num_images))
-    finally:
-        dist.destroy_process_group()
+    cfg = config(pathlib.Path(out_dir), weights, pathlib.Path(cache), num_images=20, shard_size=8, num_classes=3)
+    dataset = _LaterUnreadable(build_dataset(cfg.data, train=False), 8)  # rank 1's shards 1 (8-15): unreadable
+    # (shard 2, rank 0's, too): rank 1 holds no CLS feature at all
+    result = annotate(cfg, "label", dataset=dataset, progress=False, log=lambda m: None)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+        handle.write(str(result.num_images))
 
 
 @pytest.mark.slow
 def test_a_rank_whose_images_are_all_unreadable_still_clusters(tmp_path, tiny_weights, shapes_cache):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(empty_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tiny_weights), str(shapes_cache)),
-             nprocs=2, join=True)
+    _spawn(tmp_path, empty_rank_worker, str(tmp_path), str(tiny_weights), str(shapes_cache))
     from sgdm.annotation.store import AnnotationStore
 
     assert (tmp_path / "rank0.txt").read_text() == "8"
