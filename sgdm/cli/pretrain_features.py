@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 
 from sgdm.cli.arguments import add_config_arguments, check_output
 
@@ -35,7 +36,15 @@ def run(args) -> int:
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if args.out is not None:
         _check_out(pathlib.Path(args.out))
-    path = pretrain_from_config(cfg, args.out)
+    from sgdm.features_pretrain.train import PretrainStopped
+
+    try:
+        path = pretrain_from_config(cfg, args.out)
+    except PretrainStopped as stopped:  # SIGTERM, its checkpoint written: exit as `sgdm-ldm train` does
+        from sgdm.training.run import EXIT_SIGTERM
+
+        print(f"sgdm: {stopped}", file=sys.stderr, flush=True)
+        return EXIT_SIGTERM
     print(f"saved encoder to {path}")
     return 0
 

@@ -10,12 +10,15 @@ record with the settings that would make it now.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -28,8 +31,18 @@ from sgdm.features_pretrain.augment import crop_sides, multi_crop
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.devices import resolve_device
 from sgdm.features_pretrain.dino import DINOHead, clip_grad_per_parameter_, dino_loss, ema_update, update_center
+from sgdm.training.data import ignore_sigterm
 
-__all__ = ["build_backbone", "pretrain_features", "save_backbone"]
+__all__ = ["build_backbone", "pretrain_features", "save_backbone", "PretrainStopped"]
+
+
+class PretrainStopped(Exception):
+    """Pretraining stopped by SIGTERM once its checkpoint was written: the same command continues it from ``step``."""
+
+    def __init__(self, step: int, steps: int, checkpoint: pathlib.Path):
+        super().__init__(f"pretrain-features: stopped by SIGTERM at step {step}/{steps}; wrote {checkpoint}, from "
+                         "which the same command continues")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def build_backbone(name: str, kwargs: dict | None = None, dynamic_size: bool = False) -> nn.Module:
@@ -162,6 +175,11 @@ class _Batches:
     def state(self) -> dict:
         return {"order": self.order, "taken": self.taken, "read": self.read}
 
+    def close(self) -> None:
+        """Shut the loader's workers down now (they ignore SIGTERM, so multiprocessing's exit handler, which
+        terminates and then joins them, would wait for them for ever)."""
+        self._batches.close()
+
     def __iter__(self):
         return self
 
@@ -175,8 +193,10 @@ class _Batches:
                 # permutation per epoch, and one more, unused, when it is exhausted (so earlier encoders are
                 # reproduced)
                 self.order, self.taken, self.read = torch.randperm(self.n, generator=self.generator).tolist(), 0, 0
+            # workers ignore SIGTERM (sent to the whole process group): the main process ends the step and checkpoints
             loader = DataLoader(self.dataset, self.batch_size, sampler=self.order[self.taken * self.batch_size:],
-                                drop_last=True, collate_fn=_stack_images, num_workers=self.num_workers)
+                                drop_last=True, collate_fn=_stack_images, num_workers=self.num_workers,
+                                worker_init_fn=ignore_sigterm if self.num_workers else None)
             for batch in loader:
                 self.taken += 1
                 if batch is not None:  # a batch of skipped files only is passed over
@@ -230,6 +250,22 @@ def _load_checkpoint(path: pathlib.Path, record: dict, device: torch.device) -> 
     return state
 
 
+@contextlib.contextmanager
+def _noting_sigterm(active: bool):
+    """For the time of the block (where ``active``, in the main thread), SIGTERM is noted, not obeyed: the list
+    yielded gets an entry, so the step in progress ends and writes its checkpoint (a scheduler's time limit or
+    preemption sends SIGTERM, then SIGKILL a while later). The handler from before is put back on the way out."""
+    noted: list[int] = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
 def _check_crop_sides(model: nn.Module, name: str, size: int, cfg: PretrainConfig) -> None:
     """Refuse, before the first step, crops a ViT's patch embedding cannot take: a side that is not a
     multiple of its patch size (timm asserts deep in the forward, naming no setting). A backbone with
@@ -273,7 +309,8 @@ def pretrain_features(
     ``num_workers``: DataLoader processes that read the images (``data.num_workers``); the result does not
     depend on it. ``checkpoint``: where a checkpoint is written every ``cfg.checkpoint_every`` steps; when one
     is there (of the same settings) training continues from it, to the encoder an uninterrupted run makes,
-    and the finished run deletes it."""
+    and the finished run deletes it. With a checkpoint, a SIGTERM ends the step in progress, writes the checkpoint and
+    raises :class:`PretrainStopped` (``sgdm-ldm pretrain-features`` exits 143, as ``train`` does)."""
     device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
@@ -303,45 +340,49 @@ def pretrain_features(
         first = int(saved["step"])
         log(f"pretrain-features: continuing from {checkpoint} at step {first + 1}/{cfg.steps}")
     batches = _Batches(dataset, cfg, generator, num_workers, None if saved is None else saved["batches"])
-    for step in range(first, cfg.steps):
-        lr, momentum = _schedules(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if cfg.weight_decay_end is not None:
-            optimizer.param_groups[0]["weight_decay"] = _weight_decay(cfg, step)
-        images = next(batches).to(device)
-        if step == first:
-            _check_crop_sides(student, backbone, images.shape[-1], cfg)
-        global_views, local_views = multi_crop(images, cfg, generator)
-        with torch.no_grad():
-            teacher_out = [teacher_model["head"](teacher_model["backbone"](v)) for v in global_views]
-        student_out = [student_model["head"](student_model["backbone"](v)) for v in global_views + local_views]
-        loss = dino_loss(student_out, teacher_out, center, cfg.student_temp, _teacher_temp(cfg, step))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: non-finite DINO loss at step {step}; lower lr ({cfg.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step < cfg.freeze_last_layer_steps:
-            for p in last_layer:
-                p.grad = None  # AdamW skips a parameter without a gradient: no step, no decay
-        if cfg.clip_grad is not None:
-            if cfg.clip_grad_scope == "per_parameter":
-                clip_grad_per_parameter_(params, cfg.clip_grad)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        optimizer.step()
-        ema_update(teacher_model, student_model, momentum)
-        update_center(center, teacher_out, cfg.center_momentum)
-        if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                and step + 1 < cfg.steps:
-            _save_checkpoint(checkpoint, {"step": step + 1, "student": student_model.state_dict(),
-                                          "teacher": teacher_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "center": center, "generator": generator.get_state(),
-                                          "batches": batches.state(), "record": record})
-        if on_step is not None:
-            on_step(step, student_model, optimizer)
-        if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
-            log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+    with _noting_sigterm(checkpoint is not None and cfg.checkpoint_every > 0) as sigterm, contextlib.closing(batches):
+        for step in range(first, cfg.steps):
+            lr, momentum = _schedules(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.weight_decay_end is not None:
+                optimizer.param_groups[0]["weight_decay"] = _weight_decay(cfg, step)
+            images = next(batches).to(device)
+            if step == first:
+                _check_crop_sides(student, backbone, images.shape[-1], cfg)
+            global_views, local_views = multi_crop(images, cfg, generator)
+            with torch.no_grad():
+                teacher_out = [teacher_model["head"](teacher_model["backbone"](v)) for v in global_views]
+            student_out = [student_model["head"](student_model["backbone"](v)) for v in global_views + local_views]
+            loss = dino_loss(student_out, teacher_out, center, cfg.student_temp, _teacher_temp(cfg, step))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretrain: non-finite DINO loss at step {step}; lower lr ({cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < cfg.freeze_last_layer_steps:
+                for p in last_layer:
+                    p.grad = None  # AdamW skips a parameter without a gradient: no step, no decay
+            if cfg.clip_grad is not None:
+                if cfg.clip_grad_scope == "per_parameter":
+                    clip_grad_per_parameter_(params, cfg.clip_grad)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            optimizer.step()
+            ema_update(teacher_model, student_model, momentum)
+            update_center(center, teacher_out, cfg.center_momentum)
+            stop = bool(sigterm) and step + 1 < cfg.steps  # noted once: a SIGTERM from here on stops the next step
+            if checkpoint is not None and cfg.checkpoint_every and step + 1 < cfg.steps \
+                    and ((step + 1) % cfg.checkpoint_every == 0 or stop):
+                _save_checkpoint(checkpoint, {"step": step + 1, "student": student_model.state_dict(),
+                                              "teacher": teacher_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "center": center, "generator": generator.get_state(),
+                                              "batches": batches.state(), "record": record})
+            if on_step is not None:
+                on_step(step, student_model, optimizer)
+            if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:
+                log(f"pretrain-features step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+            if stop:  # (after the last step the run finishes)
+                raise PretrainStopped(step + 1, cfg.steps, checkpoint)
     path = save_backbone(teacher_model["backbone"], out_path, backbone, backbone_kwargs, pretrain=cfg,
                          data=data_record)
     if checkpoint is not None:

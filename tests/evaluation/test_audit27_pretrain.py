@@ -250,3 +250,78 @@ def test_pretrain_features_refuses_a_launch_of_several_processes(env, refused, t
         assert code == 2 and not trained
         assert f"config error: {refused}: pretrain-features trains in one process" in err
         assert "without the launcher" in err
+
+
+_SLOW_PRETRAINING = '''
+import pathlib, sys, time
+import sgdm.features_pretrain.train as train
+from sgdm.cli.main import main
+
+marker, pretrain_features = pathlib.Path(sys.argv[2]), train.pretrain_features
+
+def slow(*args, **kwargs):
+    def on_step(step, *rest):
+        marker.write_text(str(step))
+        time.sleep(0.2)  # slow steps: the SIGTERM comes inside one
+    return pretrain_features(*args, on_step=on_step, **kwargs)
+
+train.pretrain_features = slow
+sys.exit(main(["pretrain-features", sys.argv[1]]))
+'''
+
+
+def test_sigterm_writes_the_checkpoint_and_exits_143(tmp_path, monkeypatch):
+    """A SIGTERM (a scheduler's time limit: to the whole process group, DataLoader workers included) killed
+    pretraining at once, losing every step since the last checkpoint_every. With checkpoint_every set, the step in
+    progress ends, the checkpoint is written, and the command exits 143 like `sgdm-ldm train`; a rerun continues
+    from that step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    import sgdm.features_pretrain.train as pretrain_train
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.features_pretrain.run import pretrain_from_config
+    from tests.evaluation.helpers import tiny_config
+
+    raw = tiny_config(tmp_path, "label")
+    raw["data"]["num_workers"] = 2
+    raw["prepare"] = {"pretrain": dict(steps=100000, batch_size=4, warmup_steps=1, out_dim=16, hidden_dim=16,
+                                       bottleneck_dim=8, local_crops=1, checkpoint_every=1000)}
+    config, script, marker = tmp_path / "exp.yaml", tmp_path / "slow.py", tmp_path / "step"
+    config.write_text(yaml.safe_dump(raw))
+    script.write_text(_SLOW_PRETRAINING)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, str(script), str(config), str(marker)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # a guard against a hang, not a timing: wait for the third step
+            if marker.is_file() and marker.read_text() not in ("", "0", "1") or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = int(marker.read_text())
+    ckpt = tmp_path / "enc.safetensors.resume.pt"
+    assert proc.returncode == 143, err
+    assert ckpt.is_file() and not (tmp_path / "enc.safetensors").exists()
+    assert torch.load(ckpt, weights_only=True)["step"] == last + 1  # the step the signal came in, finished
+    assert f"stopped by SIGTERM at step {last + 1}" in err and str(ckpt) in err
+
+    steps = []
+    before = signal.getsignal(signal.SIGTERM)
+    real = pretrain_train.pretrain_features
+    monkeypatch.setattr(pretrain_train, "pretrain_features",
+                        lambda *a, **k: real(*a, on_step=_crash_at(last + 1, steps), **k))
+    with pytest.raises(Crash):
+        pretrain_from_config(from_dict(ExperimentConfig, raw))
+    assert steps == [last + 1]  # continued where the SIGTERM stopped it
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler of the pretraining is gone with it
