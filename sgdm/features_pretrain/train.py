@@ -163,11 +163,14 @@ class _Batches:
     epoch's order, how many of its batches were taken and how many held an image) continues it exactly."""
 
     def __init__(self, dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, num_workers: int = 0,
-                 state: dict | None = None):
+                 state: dict | None = None, workers_ignore_sigterm: bool = False):
         self.n = len(dataset)
         if self.n < cfg.batch_size:
             raise ValueError(f"pretrain: the dataset has {self.n} images, fewer than batch_size {cfg.batch_size}")
         self.dataset, self.batch_size, self.generator, self.num_workers = dataset, cfg.batch_size, generator, num_workers
+        # workers that ignore SIGTERM (sent to the whole process group) leave the main process to end its step and
+        # checkpoint; they must then be shut down by close(): the interpreter's exit would wait for them for ever
+        self.worker_init = ignore_sigterm if workers_ignore_sigterm and num_workers else None
         state = state or {"order": None, "taken": 0, "read": 0}
         self.order, self.taken, self.read = state["order"], int(state["taken"]), int(state["read"])
         self._batches = self._epochs()
@@ -176,8 +179,8 @@ class _Batches:
         return {"order": self.order, "taken": self.taken, "read": self.read}
 
     def close(self) -> None:
-        """Shut the loader's workers down now (they ignore SIGTERM, so multiprocessing's exit handler, which
-        terminates and then joins them, would wait for them for ever)."""
+        """Shut the loader's workers down now (multiprocessing's exit handler terminates them with SIGTERM, then
+        joins them)."""
         self._batches.close()
 
     def __iter__(self):
@@ -193,10 +196,9 @@ class _Batches:
                 # permutation per epoch, and one more, unused, when it is exhausted (so earlier encoders are
                 # reproduced)
                 self.order, self.taken, self.read = torch.randperm(self.n, generator=self.generator).tolist(), 0, 0
-            # workers ignore SIGTERM (sent to the whole process group): the main process ends the step and checkpoints
             loader = DataLoader(self.dataset, self.batch_size, sampler=self.order[self.taken * self.batch_size:],
                                 drop_last=True, collate_fn=_stack_images, num_workers=self.num_workers,
-                                worker_init_fn=ignore_sigterm if self.num_workers else None)
+                                worker_init_fn=self.worker_init)
             for batch in loader:
                 self.taken += 1
                 if batch is not None:  # a batch of skipped files only is passed over
@@ -339,8 +341,9 @@ def pretrain_features(
         generator.set_state(saved["generator"].cpu())
         first = int(saved["step"])
         log(f"pretrain-features: continuing from {checkpoint} at step {first + 1}/{cfg.steps}")
-    batches = _Batches(dataset, cfg, generator, num_workers, None if saved is None else saved["batches"])
-    with _noting_sigterm(checkpoint is not None and cfg.checkpoint_every > 0) as sigterm, contextlib.closing(batches):
+    stoppable = checkpoint is not None and cfg.checkpoint_every > 0  # a SIGTERM writes the checkpoint and stops
+    batches = _Batches(dataset, cfg, generator, num_workers, None if saved is None else saved["batches"], stoppable)
+    with _noting_sigterm(stoppable) as sigterm, contextlib.closing(batches):
         for step in range(first, cfg.steps):
             lr, momentum = _schedules(cfg, step)
             for group in optimizer.param_groups:

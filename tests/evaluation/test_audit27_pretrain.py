@@ -325,3 +325,45 @@ def test_sigterm_writes_the_checkpoint_and_exits_143(tmp_path, monkeypatch):
         pretrain_from_config(from_dict(ExperimentConfig, raw))
     assert steps == [last + 1]  # continued where the SIGTERM stopped it
     assert signal.getsignal(signal.SIGTERM) is before  # the handler of the pretraining is gone with it
+
+
+_LEFT_OPEN = '''
+import sys, torch
+from sgdm.features_pretrain.config import PretrainConfig
+from sgdm.features_pretrain.train import _batches, pretrain_features
+from tests.evaluation.test_audit27_pretrain import Images, TINY_VIT
+
+if sys.argv[1] == "batches":  # read and left open, as a caller may
+    batches = _batches(Images(8), PretrainConfig(batch_size=2), torch.Generator().manual_seed(0), 2)
+    next(batches)
+else:  # stopped by an error inside a checkpointing run, whose workers ignore SIGTERM
+    def fail(step, *args):
+        raise RuntimeError("stop")
+    pretrain_features(Images(8), "vit_tiny_patch16_224", TINY_VIT, PretrainConfig(steps=3, batch_size=2, out_dim=16,
+                      local_crops=1, checkpoint_every=1), sys.argv[2] + "/enc.pth", log=lambda m: None, num_workers=2,
+                      checkpoint=sys.argv[2] + "/enc.resume.pt", on_step=fail)
+'''
+
+
+@pytest.mark.parametrize("case, code", [("batches", 0), ("pretrain", 1)])
+def test_a_process_with_pretraining_workers_exits(case, code, tmp_path):
+    """DataLoader workers that ignore SIGTERM kept the interpreter from exiting (multiprocessing's exit handler
+    terminates daemonic children with SIGTERM, then joins them): the workers ignore it only inside pretrain_features,
+    which shuts them down on the way out, also after an error."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_open.py"
+    script.write_text(_LEFT_OPEN)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, str(script), case, str(tmp_path)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)  # a guard against the hang, not a timing
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the process did not exit ({case})")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == code, err
