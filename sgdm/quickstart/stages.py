@@ -173,8 +173,12 @@ def _features(cfg, log, build: bool = True) -> str:
     if not build:
         raise _not_built("features", f"the encoder {path} (annotation.weights)")
     from sgdm.features_pretrain.run import pretrain_from_config
+    from sgdm.features_pretrain.train import PretrainStopped
 
-    pretrain_from_config(cfg, path, log=log)
+    try:
+        pretrain_from_config(cfg, path, log=log)
+    except PretrainStopped:  # SIGTERM with prepare.pretrain.checkpoint_every: its checkpoint is written
+        raise Stopped("feature pretraining", 143) from None
     return f"pretrained {path}"
 
 

@@ -270,3 +270,23 @@ def test_sigterm_while_preparing_the_autoencoder_exits_143(tmp_path, monkeypatch
     monkeypatch.setattr(autoencoder, "train_autoencoder", lambda cfg, resume=None: 143)
     assert main(["train", str(CONFIG), *tiny_overrides(tmp_path)]) == 143
     assert not (tmp_path / "runs" / "quickstart").exists()  # nothing after the stopped stage ran
+
+
+def test_sigterm_while_pretraining_the_encoder_exits_143(tmp_path, monkeypatch):
+    # with prepare.pretrain.checkpoint_every, pretraining writes its checkpoint and raises PretrainStopped;
+    # the quickstart's train ended in its traceback (exit 1) instead of 143
+    import pathlib
+
+    import sgdm.features_pretrain.run as run
+    from sgdm.features_pretrain.train import PretrainStopped
+    from sgdm.quickstart import stages
+
+    def stopped(cfg, path, log=None):
+        raise PretrainStopped(3, 10, pathlib.Path(f"{path}.resume.pt"))
+
+    monkeypatch.setattr(run, "pretrain_from_config", stopped)
+    monkeypatch.setattr(stages, "_STAGES", [(name, (lambda cfg, log, build=True: "reused (test)")
+                                                   if name == "autoencoder" else stage)
+                                            for name, stage in stages._STAGES])
+    assert main(["train", str(CONFIG), *tiny_overrides(tmp_path)]) == 143
+    assert not (tmp_path / "runs" / "quickstart").exists()
