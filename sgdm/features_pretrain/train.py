@@ -32,6 +32,7 @@ from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.devices import resolve_device
 from sgdm.features_pretrain.dino import DINOHead, clip_grad_per_parameter_, dino_loss, ema_update, update_center
 from sgdm.training.data import ignore_sigterm
+from sgdm.training.rng import seeded_cpu_rng
 
 __all__ = ["build_backbone", "pretrain_features", "save_backbone", "PretrainStopped"]
 
@@ -316,8 +317,8 @@ def pretrain_features(
     device = resolve_device(cfg.device, "prepare.pretrain.device")
     generator = torch.Generator().manual_seed(cfg.seed)
     torch_init = torch.Generator().manual_seed(cfg.seed + 1)
-    with torch.random.fork_rng(devices=[]):  # timm initialises from the global RNG; keep it ours and local
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch_init)))
+    # timm initialises from the global RNG; keep it ours and local
+    with seeded_cpu_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=torch_init))):
         student = build_backbone(backbone, backbone_kwargs, dynamic_size=True)
         head = DINOHead(student.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
     student_model = nn.ModuleDict({"backbone": student, "head": head}).to(device)

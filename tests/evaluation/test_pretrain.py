@@ -90,12 +90,15 @@ def test_random_resized_crop_keeps_content_monotone_and_flips(generator):
     assert increasing.any() and decreasing.any()  # some crops are mirrored
 
 
-def test_pretrain_saves_teacher_in_timm_layout(tmp_path):
+def test_pretrain_saves_teacher_in_timm_layout(tmp_path, monkeypatch):
     import timm
     from safetensors import safe_open
 
+    seeded = []  # the initialisation is seeded on the CPU generator only, never every CUDA device's
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
     cfg = from_dict(PretrainConfig, dict(steps=3, batch_size=4, warmup_steps=1, out_dim=32, hidden_dim=16, bottleneck_dim=8, local_crops=2))
     path = pretrain_features(RandomImages(8), "vit_tiny_patch16_224", TINY_VIT, cfg, tmp_path / "enc.safetensors", log=lambda m: None)
+    assert seeded == []
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["architecture"] == "vit_tiny_patch16_224"
     model = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)), **TINY_VIT)
