@@ -256,15 +256,20 @@ class AutoencoderKL(nn.Module):
         """Diffusion-space latents: scale_factor * z, z ~ q(z|x)."""
         self._require_scale_factor()
         z = self.encode(x.to(self._weight_dtype())).sample(generator)
-        return (z.float() * self.scale_factor).to(x.dtype)
+        return (z.to(_at_least_float32(z.dtype)) * self.scale_factor).to(x.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (clamped) from diffusion-space latents: decode(latents / scale_factor), the
-        division in float32, the decoder in the autoencoder's dtype."""
+        division in float32 (or float64 for float64 latents), the decoder in the autoencoder's dtype."""
         self._require_scale_factor()
-        z = latents.float() / self.scale_factor
+        z = latents.to(_at_least_float32(latents.dtype)) / self.scale_factor
         return self.decode(z.to(self._weight_dtype())).clamp(-1.0, 1.0)
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16 / fp16 (the scale factor's own precision), the dtype itself if wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @torch.no_grad()

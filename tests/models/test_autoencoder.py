@@ -248,3 +248,18 @@ def test_wrong_first_stage_file_is_named_with_what_it_holds(tmp_path):
     with pytest.raises(ConfigError, match=r"holds no LDM autoencoder .*'cls_token'"):
         load_autoencoder(path, f4_cfg)
 
+
+
+def test_float64_latents_are_scaled_in_float64(ae, images):
+    """The scale factor's float32 is the floor, not the ceiling: float64 latents keep float64."""
+    ae = ae.double()
+    ae.scale_factor.fill_(0.18215)
+    latents = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ae.decode(latents / torch.tensor(0.18215, dtype=torch.float32).double()).clamp(-1, 1)
+    torch.testing.assert_close(ae.decode_latents(latents), expected, rtol=0, atol=0)
+    z = ae.encode_latents(images.double(), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        n = ae.encode(images.double()).sample(torch.Generator().manual_seed(1))
+    assert z.dtype == torch.float64
+    torch.testing.assert_close(z, n * torch.tensor(0.18215, dtype=torch.float32).double(), rtol=0, atol=0)

@@ -62,6 +62,13 @@ def test_accumulated_micro_batches_all_reduce_once_per_step_and_train_as_without
 
     cfg = tiny_config(tmp_path, run={"name": "plain"},
                       train={"max_steps": 3, "batch_size": 4, "accumulate": 2, "checkpoint_every": 3})
-    assert run_in_process(cfg) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): a parallel reduction's order follows it
+    try:
+        assert run_in_process(cfg) == 0
+    finally:
+        torch.set_num_threads(threads)
     for key, value in run_checkpoint(cfg, 3)["state_dict"].items():
-        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+        # the same samples and noise; the sum of the micro-batches' gradients is taken in another order
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")
