@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 __all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "atomic_write_text", "STORE_VERSION",
            "NO_ANNOTATION", "is_annotated"]
@@ -77,36 +77,24 @@ def ids_hash(ids: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _tmp_path(path: pathlib.Path) -> pathlib.Path:
-    # one temporary per process: under torchrun every rank may write the same file (the feature
-    # cache's fingerprint) at once, and a shared name let one rank's rename take the other's file
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def _replace_when_written(tmp: pathlib.Path, path: pathlib.Path, write) -> None:
-    """``write(tmp)``, its data flushed to the disk, then ``tmp`` renamed to ``path``: without the flush
-    a crash soon after the rename can leave ``path`` empty or cut short on some filesystems. A write
-    that fails (a full disk, an interrupt) removes its temporary file."""
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    _replace_when_written(_tmp_path(path), path, lambda tmp: tmp.write_text(text))
+    """Write a small text file atomically (:func:`sgdm.training.checkpoint.atomic_write_text`: a temporary per
+    process, fsync, rename; a failed write removes its temporary)."""
+    from sgdm.training.checkpoint import atomic_write_text as write
+
+    write(path, text)
 
 
 def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
                         metadata: Optional[Mapping[str, str]] = None) -> None:
-    metadata = None if metadata is None else dict(metadata)
-    contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    # a shard either exists whole or not at all (resume relies on it)
-    _replace_when_written(_tmp_path(path), path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    """A safetensors file written atomically: a shard either exists whole or not at all (resume relies on it)."""
+    from safetensors.torch import save
+
+    from sgdm.training.checkpoint import atomic_open
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=None if metadata is None else dict(metadata))
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
 
 
 # mask pixels per block of multi_hot_from_masks: its int64 temporaries stay ~400 MB, not ~24 bytes for

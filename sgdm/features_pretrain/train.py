@@ -213,25 +213,11 @@ class _Batches:
             self.order = None
 
 
-def _batches(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, num_workers: int = 0) -> _Batches:
-    return _Batches(dataset, cfg, generator, num_workers)
-
-
 def _checkpoint_record(backbone: str, backbone_kwargs: dict, cfg: PretrainConfig, data_record: dict | None) -> dict:
     """What must agree for a checkpoint to continue: every setting that changes the encoder, as JSON text."""
     return {"annotation.backbone": backbone, "annotation.backbone_kwargs": json.dumps(backbone_kwargs, sort_keys=True),
             **{f"prepare.pretrain.{k}": json.dumps(v) for k, v in _pretrain_record(cfg).items()},
             **{f"data.{k}": json.dumps(v, sort_keys=True, default=str) for k, v in (data_record or {}).items()}}
-
-
-def _save_checkpoint(path: pathlib.Path, state: dict) -> None:
-    """``state`` to ``path`` atomically (tmp file, fsync, rename): a stop while writing keeps the previous one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(path: pathlib.Path, record: dict, device: torch.device) -> dict | None:
@@ -377,10 +363,12 @@ def pretrain_features(
             stop = bool(sigterm) and step + 1 < cfg.steps  # noted once: a SIGTERM from here on stops the next step
             if checkpoint is not None and cfg.checkpoint_every and step + 1 < cfg.steps \
                     and ((step + 1) % cfg.checkpoint_every == 0 or stop):
-                _save_checkpoint(checkpoint, {"step": step + 1, "student": student_model.state_dict(),
-                                              "teacher": teacher_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "center": center, "generator": generator.get_state(),
-                                              "batches": batches.state(), "record": record})
+                from sgdm.training.checkpoint import atomic_torch_save
+
+                atomic_torch_save({"step": step + 1, "student": student_model.state_dict(),
+                                   "teacher": teacher_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "center": center, "generator": generator.get_state(),
+                                   "batches": batches.state(), "record": record}, checkpoint)
             if on_step is not None:
                 on_step(step, student_model, optimizer)
             if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1:

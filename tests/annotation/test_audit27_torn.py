@@ -36,25 +36,51 @@ def test_a_torn_store_shard_is_named(tmp_path):
 
 
 def test_a_write_that_fails_half_way_leaves_no_temporary_file(tmp_path, monkeypatch):
-    def disk_full(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
+    import builtins
 
-    monkeypatch.setattr(store_module, "save_file", disk_full)
+    real_open = builtins.open
+
+    class DiskFull:  # the temporary file fills up after 100 bytes
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_full(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return DiskFull(handle) if str(file).endswith(".tmp") and "w" in mode else handle
+
+    monkeypatch.setattr(builtins, "open", open_full)
     with pytest.raises(OSError, match="No space left"):
         save_tensors_atomic(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
     assert os.listdir(tmp_path) == []
 
 
 def test_the_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    from sgdm.training import checkpoint as atomic_module  # the atomic writes the store uses
+
+    import stat
+
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(store_module.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+
+    def fsync(fd):  # the files' data; the folder's fsync after the rename is counted apart
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic_module.os, "fsync", fsync)
+    monkeypatch.setattr(atomic_module.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
     save_tensors_atomic(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
     store_module.atomic_write_text(tmp_path / "m.json", "{}")
-    assert events == ["fsync", "replace", "fsync", "replace"]
+    assert [e for e in events if e != "fsync-dir"] == ["fsync", "replace", "fsync", "replace"]
 
 
 def test_a_torn_manifest_or_fingerprint_is_named(tmp_path):

@@ -101,7 +101,7 @@ def test_the_batches_and_the_generator_stream_are_those_of_the_random_sampler_be
     stream), as torch's RandomSampler drew it: encoders made before are reproduced."""
     from torch.utils.data import DataLoader, RandomSampler
 
-    from sgdm.features_pretrain.train import _batches, _stack_images
+    from sgdm.features_pretrain.train import _Batches, _stack_images
 
     cfg = PretrainConfig(batch_size=3)
     dataset = Images(7)
@@ -113,7 +113,7 @@ def test_the_batches_and_the_generator_stream_are_those_of_the_random_sampler_be
 
     for workers in (0, 2):
         old_g, new_g = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        old, new = before(old_g), _batches(dataset, cfg, new_g, workers)
+        old, new = before(old_g), _Batches(dataset, cfg, new_g, workers)
         for _ in range(7):  # 3 epochs and a half, the augmentations drawing from the generator between batches
             assert torch.equal(next(old), next(new))
             assert torch.equal(torch.rand(2, generator=old_g), torch.rand(2, generator=new_g))
@@ -330,11 +330,11 @@ def test_sigterm_writes_the_checkpoint_and_exits_143(tmp_path, monkeypatch):
 _LEFT_OPEN = '''
 import sys, torch
 from sgdm.features_pretrain.config import PretrainConfig
-from sgdm.features_pretrain.train import _batches, pretrain_features
+from sgdm.features_pretrain.train import _Batches, pretrain_features
 from tests.evaluation.test_audit27_pretrain import Images, TINY_VIT
 
 if sys.argv[1] == "batches":  # read and left open, as a caller may
-    batches = _batches(Images(8), PretrainConfig(batch_size=2), torch.Generator().manual_seed(0), 2)
+    batches = _Batches(Images(8), PretrainConfig(batch_size=2), torch.Generator().manual_seed(0), 2)
     next(batches)
 else:  # stopped by an error inside a checkpointing run, whose workers ignore SIGTERM
     def fail(step, *args):

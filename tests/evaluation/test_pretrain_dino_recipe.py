@@ -163,7 +163,7 @@ def _previous_training(dataset, cfg):
     center = torch.zeros(1, cfg.out_dim)
     params = [p for p in student_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = train._batches(dataset, cfg, generator)
+    batches = train._Batches(dataset, cfg, generator)
     for step in range(cfg.steps):
         lr, momentum = train._schedules(cfg, step)
         for group in optimizer.param_groups:
