@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["contingency", "nmi", "ari", "purity", "box_iou", "corloc", "confusion", "hungarian_miou", "cluster_scores"]
+__all__ = ["contingency", "nmi", "ari", "purity", "box_iou", "corloc", "confusion", "matched_miou", "hungarian_miou", "cluster_scores"]
 
 
 def _labels(x, name: str) -> np.ndarray:
@@ -118,25 +118,34 @@ def confusion(pred: torch.Tensor, true: torch.Tensor, num_pred: int, num_true: i
     return torch.bincount(p * num_true + t, minlength=num_pred * num_true).reshape(num_pred, num_true).numpy()
 
 
-def hungarian_miou(table: np.ndarray) -> dict[str, float]:
-    """mIoU and pixel accuracy of a confusion matrix ``[num_pred, num_true]`` after the
-    one-to-one matching of predicted to true classes that maximises matched pixels.
-    mIoU averages over true classes present in the ground truth."""
+def matched_miou(table: np.ndarray, pred_ids, true_ids) -> dict[str, float]:
+    """mIoU and pixel accuracy of a confusion matrix ``[num_pred, num_true]`` under a one-to-one
+    matching: predicted class ``pred_ids[i]`` is true class ``true_ids[i]``; unmatched predicted
+    classes count as false positives of nothing (their pixels are misses). A class's IoU is
+    matched / (true + predicted - matched) pixels; mIoU averages over the true classes with a
+    non-empty union (present in the truth or predicted), as STEGO and mmsegmentation do, so a
+    class predicted where the truth has none scores 0 rather than being left out."""
     table = np.asarray(table, dtype=np.float64)
-    rows, cols = linear_sum_assignment(table, maximize=True)
+    rows, cols = np.asarray(pred_ids, dtype=np.int64), np.asarray(true_ids, dtype=np.int64)
     matched = np.zeros(table.shape[1])
     pred_total = np.zeros(table.shape[1])
     matched[cols] = table[rows, cols]
     pred_total[cols] = table[rows].sum(1)
-    true_total = table.sum(0)
-    union = true_total + pred_total - matched
-    present = true_total > 0
-    iou = np.where(union > 0, matched / np.maximum(union, 1), 0.0)
+    union = table.sum(0) + pred_total - matched
+    counted = union > 0
     total = table.sum()
     return {
-        "miou": float(iou[present].mean()) if present.any() else 0.0,
+        "miou": float((matched[counted] / union[counted]).mean()) if counted.any() else 0.0,
         "pixel_accuracy": float(matched.sum() / total) if total else 0.0,
     }
+
+
+def hungarian_miou(table: np.ndarray) -> dict[str, float]:
+    """:func:`matched_miou` of a confusion matrix ``[num_pred, num_true]`` after the one-to-one
+    matching of predicted to true classes that maximises matched pixels."""
+    table = np.asarray(table, dtype=np.float64)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return matched_miou(table, rows, cols)
 
 
 def cluster_scores(pred, true) -> dict[str, float]:

@@ -75,9 +75,9 @@ def mask_scores(pred: torch.Tensor, masks: torch.Tensor, num_classes: int, match
     Returns ``mask_miou`` and ``mask_pixel_accuracy`` under ``matching``, ``mask_matching``
     (which one), and ``mask_miou_hungarian`` / ``mask_pixel_accuracy_hungarian``, the scores after
     Hungarian matching (equal to the first two when ``matching`` is ``hungarian``). mIoU is the
-    mean over the classes present in ``masks`` in both protocols (absent ones are left out, not
-    0), as :func:`~sgdm.annotation.metrics.hungarian_miou` and
-    :func:`~sgdm.evaluation.probe.class_iou` do.
+    mean over the classes present in ``masks`` or predicted in both protocols (a class predicted
+    where the guidance has none scores 0; one neither present nor predicted is left out), see
+    :func:`~sgdm.annotation.metrics.matched_miou`.
 
     ``identity``: ``pred``'s ids are the guidance's (the f that made the masks), compared as
     they are; ``hungarian``: ids are arbitrary, matched one to one to maximise matched pixels.

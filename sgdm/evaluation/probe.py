@@ -10,7 +10,8 @@ bilinearly to the mask resolution before the cross-entropy (ignore 255) and
 the argmax, so the probe is trained and applied at the masks' own resolution.
 
 Scores are plain per-class IoU (no Hungarian matching: predicted id k is class
-k), averaged over the classes present in the ground truth of the whole set,
+k), averaged over the classes present in the ground truth of the whole set or
+predicted (a class predicted where the truth has none scores 0),
 and pixel accuracy. The probe's score on held-out real images is the ceiling
 for the samples' score.
 """
@@ -114,19 +115,13 @@ def train_per_pixel(logits, inputs: torch.Tensor, masks: torch.Tensor, optimiser
 
 def class_iou(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Per-class IoU of class maps ``pred`` against ``true`` (same shape, 255 in ``true`` ignored),
-    pooled over all pixels of the set: ``miou`` (mean over classes present in ``true``) and
+    pooled over all pixels of the set: ``miou`` (mean over classes present in ``true`` or predicted; see
+    :func:`~sgdm.annotation.metrics.matched_miou`) and
     ``pixel_accuracy``. Ids are compared as they are (no matching)."""
-    from sgdm.annotation.metrics import confusion
+    from sgdm.annotation.metrics import confusion, matched_miou
 
-    table = confusion(pred, true, num_classes, num_classes).astype(np.float64)  # [pred, true]
-    hit = np.diag(table)
-    true_total, pred_total = table.sum(0), table.sum(1)
-    union = true_total + pred_total - hit
-    present = true_total > 0
-    iou = np.where(union > 0, hit / np.maximum(union, 1), 0.0)
-    total = table.sum()
-    return {"miou": float(iou[present].mean()) if present.any() else 0.0,
-            "pixel_accuracy": float(hit.sum() / total) if total else 0.0}
+    ids = np.arange(num_classes)
+    return matched_miou(confusion(pred, true, num_classes, num_classes), ids, ids)
 
 
 def real_probe_data(dataset, store, max_images: int = 0,

@@ -70,6 +70,17 @@ def test_hungarian_miou_by_hand():
     assert scores["pixel_accuracy"] == pytest.approx(5 / 6)
 
 
+def test_hungarian_miou_counts_classes_predicted_but_absent_from_the_truth():
+    # true class 2 has no pixels; after matching 0->0, 1->1, predicted class 2 (one pixel of true
+    # class 1) is matched to it: its union is that pixel, so it scores 0 and counts (as in STEGO)
+    table = np.array([[2, 0, 0], [0, 2, 0], [0, 1, 0]])
+    scores = hungarian_miou(table)
+    assert scores["miou"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(4 / 5)
+    # an empty predicted class matched to an absent true class is left out
+    assert hungarian_miou(np.array([[2, 0, 0], [0, 2, 0], [0, 0, 0]]))["miou"] == 1.0
+
+
 @pytest.mark.parametrize(
     "call,message",
     [

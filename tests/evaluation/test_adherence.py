@@ -33,15 +33,17 @@ def test_permuted_ids_score_one_under_hungarian_and_zero_id_for_id(generator):
 
 def test_identity_miou_by_hand():
     # one 2x3 image, K = 4; the 255 pixel is ignored; class 3 is predicted but absent from
-    # the guidance, so it is left out of the mean (not averaged in as 0)
+    # the guidance, so it counts as 0 (as in STEGO's and mmsegmentation's mIoU)
     masks = torch.tensor([[[0, 0, 1], [1, 2, 255]]], dtype=torch.uint8)
     pred = torch.tensor([[[0, 1, 1], [1, 3, 0]]])
     out = mask_scores(pred, masks, 4, "identity")
     # (pred, guide) pairs: (0,0) (1,0) (1,1) (1,1) (3,2)
-    # IoU_0 = 1 / (2 + 1 - 1) = 1/2, IoU_1 = 2 / (2 + 3 - 2) = 2/3, IoU_2 = 0 / (1 + 0 - 0) = 0
-    assert out["mask_miou"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    # IoU_0 = 1 / (2 + 1 - 1) = 1/2, IoU_1 = 2 / (2 + 3 - 2) = 2/3, IoU_2 = 0 / (1 + 0 - 0) = 0,
+    # IoU_3 = 0 / (0 + 1 - 0) = 0
+    assert out["mask_miou"] == pytest.approx((1 / 2 + 2 / 3 + 0 + 0) / 4)
     assert out["mask_pixel_accuracy"] == pytest.approx(3 / 5)
-    # Hungarian pairs 0-0, 1-1, 3-2: IoU_2 becomes 1 / (1 + 1 - 1) = 1
+    # Hungarian pairs 0-0, 1-1, 3-2: IoU_2 becomes 1 / (1 + 1 - 1) = 1; class 3 is matched to the
+    # empty predicted class 2, so its union is empty and it is left out
     assert out["mask_miou_hungarian"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
     assert out["mask_pixel_accuracy_hungarian"] == pytest.approx(4 / 5)
 

@@ -44,9 +44,12 @@ def test_class_iou_compares_ids_as_they_are():
     swapped = torch.tensor([[1, 1, 0, 0], [2, 2, 0, 0]])  # Hungarian matching would call this perfect
     out = class_iou(swapped, true, 3)
     assert out["miou"] == pytest.approx(1 / 3) and out["pixel_accuracy"] == pytest.approx(2 / 6)
-    # classes absent from the truth do not count: class 2 predicted on class-1 pixels
+    # a class predicted where the truth has none counts as 0: class 2 on class-1 pixels
     out = class_iou(torch.tensor([[0, 2]]), torch.tensor([[0, 1]]), 3)
-    assert out == {"miou": pytest.approx(0.5), "pixel_accuracy": pytest.approx(0.5)}
+    assert out == {"miou": pytest.approx(1 / 3), "pixel_accuracy": pytest.approx(0.5)}
+    # classes neither present nor predicted are left out
+    out = class_iou(torch.tensor([[0, 0]]), torch.tensor([[0, 0]]), 3)
+    assert out == {"miou": 1.0, "pixel_accuracy": 1.0}
 
 
 def test_probe_bad_input_is_named():
