@@ -439,14 +439,18 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict, prefix: str, file: pa
 
 
 # --------------------------------------------------------------------- guidance inputs
-def _as_tensor(value) -> torch.Tensor:
-    """Tensors as they are; numbers, (nested) lists, numpy arrays and PIL images as tensors."""
+def _as_tensor(value, name: str, what: str) -> torch.Tensor:
+    """Tensors as they are; numbers, (nested) lists, numpy arrays and PIL images as tensors. Anything
+    else (a string, a ragged list) is a ValueError naming the argument ``name`` and saying ``what`` it takes."""
     if isinstance(value, torch.Tensor):
         return _signed(value)
-    import numpy as np
-
-    array = np.asarray(value)
-    return _signed(torch.as_tensor(array if array.flags.writeable else array.copy()))  # PIL: read-only arrays
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":  # strings, objects: torch.as_tensor's TypeError names nothing
+            raise TypeError(array.dtype)
+        return _signed(torch.as_tensor(array if array.flags.writeable else array.copy()))  # PIL: read-only arrays
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {what}, got {value!r:.200}") from None
 
 
 def _signed(t: torch.Tensor) -> torch.Tensor:
@@ -536,7 +540,7 @@ def _present_classes(ids: torch.Tensor, k: int) -> torch.Tensor:
 def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
     """Boxes are a [4] vector or a floating-point [N, 4]; any other bool or integer [H, W] or
     [N, H, W] is a box mask (a 4-pixel-wide mask must be bool or integer, not float)."""
-    b = _as_tensor(box)
+    b = _as_tensor(box, "box", "normalized xyxy numbers or a binary box mask")
     if b.dim() == 1 and b.shape[0] == 4 and b.dtype != torch.bool or b.dim() == 2 and b.shape[1] == 4 and (
             b.is_floating_point()):
         boxes = _expand(b.double().reshape(-1, 4), n, "box")
@@ -567,7 +571,7 @@ def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
 
 
 def _parse_mask(mask, k: int, n: int, latent_hw, image_hw) -> dict:
-    m = _as_tensor(mask)
+    m = _as_tensor(mask, "mask", "an integer class map or a channel mask (tensor, numpy array or PIL image)")
     if not (m.is_floating_point() or m.dtype == torch.bool):
         ids = m[None] if m.dim() == 2 else m
         if ids.dim() != 3:
@@ -590,7 +594,8 @@ def _parse_mask(mask, k: int, n: int, latent_hw, image_hw) -> dict:
     covered = hot.sum(1)
     if bool((((hot == 0) | (hot == 1)).all() & (covered <= 1).all())):
         # one-hot (all-zero: ignored): the class ids it encodes, so it is resized as an id map is
-        ids = torch.where(covered > 0, hot.argmax(1), IGNORE_INDEX)
+        ids = torch.where(covered > 0, (hot.byte() if hot.dtype == torch.bool else hot).argmax(1),
+                          IGNORE_INDEX)  # argmax takes no bool
         return {"class_maps": _expand(ids, n, "mask")}
     return {"channel_masks": _expand(hot, n, "mask")}
 
@@ -618,7 +623,7 @@ def parse_guidance(guidance: GuidanceConfig, num_images: int, latent_hw: Sequenc
         missing = "box" if given == ["cluster"] else "cluster"
         raise ValueError(f"{missing}: box guidance (paper Eq. 8) takes a box together with its cluster id; "
                          f"pass both cluster= and box= (or neither, for unconditional samples)")
-    ids = _as_tensor(cluster)
+    ids = _as_tensor(cluster, "cluster", "an integer cluster id or one per image")
     if ids.dim() > 1:  # a one-hot row or an [N, 1] column would otherwise be read as that many ids
         raise ValueError(f"cluster: expected one id or one id per image ([N]), got shape {tuple(ids.shape)}")
     ids = ids.reshape(-1)
