@@ -27,6 +27,7 @@ elsewhere record nothing and load as before.
 from __future__ import annotations
 
 import pathlib
+import pickle
 import re
 import warnings
 from typing import Mapping, Optional
@@ -46,6 +47,7 @@ _BLOCK = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resne
                     r"\.(\d+)\.(.+)$")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _MID = re.compile(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+_LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 _RECORDED = ("norm_groups",)  # model.autoencoder keys the weights leave no trace of
 SETTINGS_KEY = "sgdm_settings"  # where a torch save keeps settings_record(), beside "state_dict"
 
@@ -62,16 +64,27 @@ def read_state_dict(path: str | pathlib.Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist (pretrained weights are read "
                                 f"from a local file; nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+    with open(path, "rb") as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise _unreadable(path, "it is a Git LFS pointer, not the weights; fetch them (git lfs pull)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # Lightning checkpoints may pickle callbacks/hparams objects.
-        warnings.warn(f"{path}: not loadable with weights_only=True ({type(err).__name__}); loading the full "
-                      f"pickle, which runs code from the file; only do this with files you trust", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # Lightning checkpoints may pickle callbacks/hparams objects
+            warnings.warn(f"{path}: not loadable with weights_only=True ({type(err).__name__}); loading the full "
+                          f"pickle, which runs code from the file; only do this with files you trust", stacklevel=2)
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated, empty, not a checkpoint, a pickled class this machine lacks
+        raise _unreadable(path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+                          ) from err
+
+
+def _unreadable(path: pathlib.Path, why: str) -> ConfigError:
+    return ConfigError("model.autoencoder.checkpoint", f"{path} cannot be read as a checkpoint ({why})")
 
 
 def _attn_param(rest: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
