@@ -16,6 +16,8 @@ network call (concatenated along the batch) and returns them unmixed as a
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -31,6 +33,16 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optiona
 def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Paper Eq. 4: (1 - w) eps_uncond + w eps_cond, with w = ``scale``."""
     return (1.0 - scale) * eps_uncond + scale * eps_cond
+
+
+def _check_scale(scale) -> float:
+    """w as a float: a finite real number (Python, numpy or a one-element tensor; not a bool). A NaN or
+    infinite w would turn every sample into NaN."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point():
+        scale = scale.item()
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale):
+        return float(scale)
+    raise ValueError(f"scale: expected a finite number w (Eq. 4: 0 unconditional, 1 conditional), got {scale!r}")
 
 
 class GuidedEps(NamedTuple):
@@ -65,7 +77,7 @@ class ClassifierFreeGuidance:
         if cond is not None and cond_map is not None and cond.shape[0] != cond_map.shape[0]:
             raise ValueError(f"cond_map: batch size {cond_map.shape[0]} differs from cond's {cond.shape[0]}")
         self.eps_model = eps_model
-        self.cond, self.cond_map, self.scale = cond, cond_map, float(scale)
+        self.cond, self.cond_map, self.scale = cond, cond_map, _check_scale(scale)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Union[torch.Tensor, GuidedEps]:
         cond, cond_map = self.cond, self.cond_map
