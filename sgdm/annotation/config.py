@@ -9,7 +9,7 @@ import dataclasses
 import pathlib
 from typing import Any, Literal, Optional
 
-from sgdm.config.core import ConfigError, check_device, check_kwargs, require_at_least
+from sgdm.config.core import ConfigError, check_device, check_kwargs, check_seed, require_at_least
 
 Granularity = Literal["label", "box", "mask"]
 
@@ -202,6 +202,7 @@ class AnnotationConfig:
     stego: StegoConfig = dataclasses.field(default_factory=StegoConfig)
 
     def validate(self) -> None:
+        check_seed("seed", self.seed)
         for name in ("num_classes", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")

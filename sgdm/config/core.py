@@ -74,6 +74,13 @@ def require_at_least(section: Any, minimum: int, *names: str) -> None:
             raise ConfigError(name, f"must be >= {minimum}, got {value}")
 
 
+def check_seed(name: str, value: int) -> None:
+    """A seed for ``torch.Generator().manual_seed``, which takes at most 2**64 - 1: [0, 2**63) leaves
+    room for the offsets some streams add to it."""
+    if not 0 <= value < 2**63:
+        raise ConfigError(name, f"must be >= 0 and < 2**63, got {value}")
+
+
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from sgdm.annotation.config import AnnotationConfig
-from sgdm.config.core import ConfigError, apply_overrides, from_dict, load_yaml, located
+from sgdm.config.core import ConfigError, apply_overrides, check_seed, from_dict, load_yaml, located
 from sgdm.data.config import DataConfig
 from sgdm.diffusion.config import DiffusionConfig, SamplerConfig
 from sgdm.evaluation.config import EvalConfig
@@ -41,8 +41,7 @@ class RunConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError("name", f"must be a plain directory name, got {self.name!r}")
-        if not 0 <= self.seed < 2**63:  # torch.Generator().manual_seed takes at most 2**64 - 1 (the report adds to it)
-            raise ConfigError("seed", f"must be >= 0 and < 2**63, got {self.seed}")
+        check_seed("seed", self.seed)
 
 
 def guidance_classes_key(kind: str) -> str:

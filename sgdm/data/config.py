@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 from typing import Any, Literal, Mapping, Optional
 
-from sgdm.config.core import ConfigError, require_at_least, to_dict
+from sgdm.config.core import ConfigError, check_seed, require_at_least, to_dict
 
 DatasetKind = Literal[
     "shapes", "image_folder", "lsun_lmdb", "lsun_list", "imagenet100", "voc", "coco20k", "coco_stuff27"
@@ -77,8 +77,7 @@ class ShapesConfig:
         require_at_least(self, 1, "num_images", "num_val_images")
         if not 16 <= self.image_size <= 1024:
             raise ConfigError("image_size", f"must be in [16, 1024], got {self.image_size}")
-        if self.seed < 0:
-            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        check_seed("seed", self.seed)
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from sgdm.config.core import ConfigError, check_device, check_kwargs, require_at_least
+from sgdm.config.core import ConfigError, check_device, check_kwargs, check_seed, require_at_least
 from sgdm.diffusion.config import Spacing, check_eta
 
 Metric = Literal["fid", "is", "kid", "fd", "adherence"]
@@ -112,6 +112,7 @@ class EvalConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
+        check_seed("seed", self.seed)
         if self.n < 2:
             raise ConfigError("n", f"need at least 2 samples for a covariance, got {self.n}")
         require_at_least(self, 1, "batch_size")

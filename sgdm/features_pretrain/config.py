@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sgdm.config.core import ConfigError, check_device
+from sgdm.config.core import ConfigError, check_device, check_seed
 
 
 @dataclass
@@ -91,6 +91,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         check_device("device", self.device)
+        check_seed("seed", self.seed)
         for name in ("steps", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -124,8 +125,9 @@ class PretrainConfig:
                     raise ConfigError(name, f"view_recipe dino sets each view's blur and solarization probability "
                                             f"(DINO's), got {getattr(self, name)}; leave {name} at its default "
                                             f"{default}, or set view_recipe: shared")
-        if self.student_temp <= 0 or self.teacher_temp <= 0:
-            raise ConfigError("teacher_temp", "temperatures must be > 0")
+        for name in ("student_temp", "teacher_temp"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         for name in ("center_momentum", "teacher_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"expected in [0, 1), got {getattr(self, name)}")
