@@ -120,7 +120,8 @@ def _load_mask(path: pathlib.Path):
                     raise ValueError(f"an image of mode {image.mode} is not a class map; save the class ids as a "
                                      f"single-channel (L, P or 16-bit) PNG")
                 mask = torch.from_numpy(np.array(image).astype(np.int64))
-    except (OSError, ValueError, EOFError, RuntimeError) as err:  # truncated, not an image, not a tensor file
+    except (OSError, ValueError, EOFError, RuntimeError, TypeError) as err:  # truncated, not an image, not a
+        # tensor file; TypeError: an .npy of strings or objects, which torch.from_numpy cannot take
         raise ValueError(f"--mask: {path} cannot be read as a class map: {err}") from None
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"--mask: {path} holds a {type(mask).__name__}, not a tensor (save the class map "
