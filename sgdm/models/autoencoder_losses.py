@@ -29,6 +29,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from sgdm.config.core import ConfigError
 from sgdm.models.autoencoder import DiagonalGaussian
 from sgdm.models.config import AutoencoderLossConfig
 
@@ -122,13 +123,24 @@ def _load_vgg_backbone(lpips: LPIPS, state: dict, source: str) -> None:
     lpips.net.load_state_dict(mapped)
 
 
+def _read_weights(path: pathlib.Path, key: str) -> dict:
+    """The state dict in the torch file ``path`` (model.autoencoder.loss.``key``); a file that is not one
+    (truncated, a whole pickled model) is a ConfigError naming the key and the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle and zip errors come in many types
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
+        raise ConfigError(f"model.autoencoder.loss.{key}", f"{path} cannot be read as a torch state dict "
+                                                           f"({type(err).__name__}: {detail})") from err
+
+
 def _vgg16_state(vgg16_weights: str | pathlib.Path | None, download: bool) -> tuple[dict, str] | None:
     """(torchvision VGG16 state dict, where it came from), or None when no weights are configured."""
     if vgg16_weights is not None:
         path = pathlib.Path(vgg16_weights)
         if not path.is_file():
             raise FileNotFoundError(f"model.autoencoder.loss.vgg16_weights: {path} does not exist")
-        return torch.load(path, map_location="cpu", weights_only=True), f"vgg16_weights {path}"
+        return _read_weights(path, "vgg16_weights"), f"vgg16_weights {path}"
     if not download:
         return None
     from torchvision.models import VGG16_Weights
@@ -161,7 +173,7 @@ def build_lpips(vgg16_weights: str | pathlib.Path | None, heads: str | pathlib.P
                                 f"point it at LPIPS' vgg.pth linear heads")
     lpips = LPIPS()
     _load_vgg_backbone(lpips, *vgg)
-    head_state = torch.load(heads, map_location="cpu", weights_only=True)
+    head_state = _read_weights(heads, "lpips_heads")
     missing = [k for k in (f"lin{i}.model.1.weight" for i in range(5)) if k not in head_state]
     if missing:
         raise ValueError(f"model.autoencoder.loss.lpips_heads: {heads} is not an LPIPS VGG head file "
