@@ -70,8 +70,11 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int, spacing: str = "lin
     - ``leading``: LDM's ``ddim_discretize``, every c = T // n-th step shifted by one
       (t = 1, 1 + c, ...; the shift is dropped when it would pass T - 1). It starts at
       T - c + 1 at best, and far lower where c = T // n truncates: n = 1 is [1] (the output is
-      the input noise), n = 3 starts at 667 and n = 600 at 600. For reproducing LDM's samples
-      (250 of 1000 steps: 997, 993, ..., 1).
+      the input noise), n = 3 starts at 667 and n = 600 at 600. LDM's timesteps (250 of 1000
+      steps: 997, 993, ..., 1) where n divides T (else LDM's range(0, T, c) has more than n values).
+      Their last step differs: LDM's DDIM steps from t = 1 to alpha_bar_0 (its ``alphas_prev[0]``),
+      leaving sqrt(1 - alpha_bar_0) eps (0.039 eps on LDM's default schedule) in the sample; every
+      sampler here steps to alpha_bar = 1 and returns x0_pred.
     - ``trailing``: t_i = round(T - i T / n) - 1 (Lin et al. 2024, "Common diffusion noise
       schedules and sample steps are flawed"): starts at T - 1, but its last step leaves from
       t = T / n - 1 (t = 19 at n = 50), a coarse final denoising step.
