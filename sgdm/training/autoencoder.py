@@ -28,7 +28,7 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
-from sgdm.training.data import HostBatchKeys
+from sgdm.training.data import HostBatchKeys, is_empty
 from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import derive_seed, generator_for, seeded_global_rng
 
@@ -85,8 +85,12 @@ class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         opt_ae, opt_disc = self.optimizers()
-        x = batch["image"]
         position, world, rank = int(batch["position"][0]), self.trainer.world_size, self.trainer.global_rank
+        if is_empty(batch):  # (the diffusion trainer's ranks agree on such a step; this one stops here)
+            raise RuntimeError(f"micro-batch at position {position} has no readable image on rank {rank}: all of its "
+                               f"images were unreadable (data.on_bad_image: skip); run `sgdm-ldm validate-data` on "
+                               f"this dataset")
+        x = batch["image"]
         micro = position - self.next_position
         if not 0 <= micro < self.accumulate:
             raise RuntimeError(f"micro-batch at position {position} is not part of optimiser step {self.step} "

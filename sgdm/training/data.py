@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler
+from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler, Unreadable
 
-__all__ = ["flip_image_sample", "collate_training", "build_train_loader", "build_image_dataset", "PositionLoader",
-           "ignore_sigterm", "HostBatchKeys"]
+__all__ = ["flip_image_sample", "collate_training", "is_empty", "build_train_loader", "build_image_dataset",
+           "PositionLoader", "ignore_sigterm", "HostBatchKeys"]
 
 _KEEP = ("image", "mean", "logvar")
 
@@ -21,19 +21,31 @@ def flip_image_sample(sample: dict) -> dict:
     return {**sample, "image": sample["image"].flip(-1)}
 
 
-def collate_training(samples: list[Optional[dict]]) -> dict:
+def collate_training(samples: list[Union[dict, Unreadable, None]]) -> dict:
     """Stack what training uses: image or (mean, logvar), id, flipped, position, slot. Unreadable samples
-    (None) drop; the others keep their slots in the global micro-batch (their noise rows)."""
-    kept = [s for s in samples if s is not None]
+    (:class:`~sgdm.training.data_order.Unreadable`, or None) drop; the others keep their slots in the global
+    micro-batch (their noise rows). A slice with none readable gives an empty batch (no image, no slot)
+    whose ``position`` holds the micro-batch's position once: under DDP its rank must still take part in
+    the step, adding nothing (the trainers handle it; :func:`is_empty`)."""
+    kept = [s for s in samples if isinstance(s, dict)]
     if not kept:
-        raise RuntimeError("every sample of a training micro-batch was unreadable (data.on_bad_image: skip); "
-                           "run `sgdm-ldm validate-data` on this dataset")
+        where = next((s for s in samples if isinstance(s, Unreadable)), None)
+        if where is None:
+            raise RuntimeError("every sample of a training micro-batch was unreadable (data.on_bad_image: skip); "
+                               "run `sgdm-ldm validate-data` on this dataset")
+        return {"id": [], "flipped": torch.zeros(0, dtype=torch.bool),
+                "position": torch.tensor([where.position], dtype=torch.long), "slot": torch.zeros(0, dtype=torch.long)}
     out = {k: torch.stack([s[k] for s in kept]) for k in _KEEP if k in kept[0]}
     out["id"] = [str(s["id"]) for s in kept]
     out["flipped"] = torch.tensor([bool(s["flipped"]) for s in kept])
     for key in ("position", "slot"):
         out[key] = torch.tensor([int(s[key]) for s in kept], dtype=torch.long)
     return out
+
+
+def is_empty(batch: dict) -> bool:
+    """Whether a training batch of :func:`collate_training` holds no readable sample."""
+    return len(batch["slot"]) == 0
 
 
 # what the training steps read as Python values or use to index draws made on the CPU

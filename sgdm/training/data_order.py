@@ -12,14 +12,14 @@ positions were consumed before: resuming at position p reproduces the order.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from sgdm.training.rng import generator_for
 
-__all__ = ["DataOrder", "PositionSampler", "PositionedDataset"]
+__all__ = ["DataOrder", "PositionSampler", "PositionedDataset", "Unreadable"]
 
 
 class DataOrder:
@@ -79,6 +79,14 @@ class PositionSampler(Sampler):
             yield [(position, lo + j, index, flip) for j, (index, flip) in enumerate(items)]
 
 
+class Unreadable(NamedTuple):
+    """An unreadable sample's place (``data.on_bad_image: skip``): the collate drops it, and a micro-batch
+    slice of only such samples still knows its position (its rank takes part in the step, adding nothing)."""
+
+    position: int
+    slot: int
+
+
 class PositionedDataset(Dataset):
     """Wraps a dataset for keys ``(position, slot, index, flipped)``; adds ``position`` and ``slot`` (the
     sample's place in the global micro-batch, which picks its noise rows however many samples before it
@@ -86,7 +94,7 @@ class PositionedDataset(Dataset):
 
     ``base`` maps an index to a sample dict; ``flip_fn(sample)`` returns the
     horizontally flipped sample (the image, or a cached latent pair). An
-    unreadable sample (``None``, from ``data.on_bad_image: skip``) stays None.
+    unreadable sample (``None``, from ``data.on_bad_image: skip``) becomes :class:`Unreadable`.
     """
 
     def __init__(self, base: Dataset, flip_fn: Callable[[dict], dict]):
@@ -95,11 +103,11 @@ class PositionedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int, int, bool]) -> dict | None:
+    def __getitem__(self, key: tuple[int, int, int, bool]) -> dict | Unreadable:
         position, slot, index, flipped = key
         sample = self.base[index]
         if sample is None:  # unreadable file under on_bad_image: skip; the collate drops it
-            return None
+            return Unreadable(position, slot)
         sample = self.flip_fn(sample) if flipped else dict(sample)
         sample["flipped"] = flipped
         sample["position"] = position

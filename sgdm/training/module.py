@@ -30,7 +30,7 @@ from sgdm.diffusion.losses import diffusion_loss, sample_timesteps
 from sgdm.diffusion.schedule import NoiseSchedule
 from sgdm.training.conditions import GuidanceLookup, apply_keep_mask, dropout_keep_mask
 from sgdm.training.config import TrainConfig
-from sgdm.training.data import HostBatchKeys
+from sgdm.training.data import HostBatchKeys, is_empty
 from sgdm.training.ema import ema_decay, update_ema
 from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import generator_for, seeded_global_rng
@@ -70,6 +70,7 @@ class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
         self.nan_skips = 0
         self.consecutive_nan = 0
         self._step_finite = True
+        self._step_samples = 0  # readable samples of this rank in the step's micro-batches so far
         self._draws_global_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in unet.modules())
         self._last_step_time: Optional[float] = None
 
@@ -145,7 +146,14 @@ class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
         position = int(batch["position"][0])
         step, micro = divmod(position, self.train_cfg.accumulate)
         if micro == 0:
-            self._step_finite = True
+            self._step_finite, self._step_samples = True, 0
+        last = micro == self.train_cfg.accumulate - 1
+        if is_empty(batch):
+            self._take_part(last)
+            if last:
+                self._finish_step(step)
+            return None
+        self._step_samples += len(batch["slot"])
         # every draw is made for the G slots of the global micro-batch and each sample takes its slot's row:
         # the same on any number of ranks, and whichever samples data.on_bad_image: skip dropped
         g_size, slots = self._global_size(), batch["slot"]
@@ -172,7 +180,6 @@ class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
         objective = per_sample.sum() / (g_size // self._world() * self.train_cfg.accumulate)
         # a device tensor, read once per optimiser step (in _finish_step), not once per micro-batch
         self._step_finite = torch.isfinite(loss.detach()) & self._step_finite
-        last = micro == self.train_cfg.accumulate - 1
         # DDP all-reduces the gradients once per optimiser step: the micro-batches before the last
         # accumulate locally (no_sync), the last one's backward reduces the sum
         with contextlib.nullcontext() if last else self._no_gradient_sync():
@@ -181,6 +188,14 @@ class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
         if last:
             self._finish_step(step)
         return loss.detach()
+
+    def _take_part(self, last: bool) -> None:
+        """A micro-batch slice without a readable sample (data.on_bad_image: skip) adds nothing, as its
+        samples weigh nothing; its backward still runs, a zero gradient for every parameter, so that the
+        step's DDP all-reduce (every parameter's hook) happens on every rank."""
+        zero = sum(p.sum() for p in self.unet.parameters()) * 0.0
+        with contextlib.nullcontext() if last else self._no_gradient_sync():
+            self.manual_backward(zero)
 
     def _no_gradient_sync(self):
         """DDP's no_sync for a backward pass (Lightning's parallel strategies); nothing otherwise."""
@@ -194,19 +209,27 @@ class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
         """The fp16 GradScaler of the precision plugin, None under 32 and bf16."""
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
-    def _verdict(self) -> tuple[bool, bool]:
-        """(every micro-batch's loss finite, all gradients finite) on every rank: the step's one host sync."""
+    def _verdict(self) -> tuple[bool, bool, int]:
+        """(every micro-batch's loss finite, all gradients finite) on every rank, and the step's readable
+        samples on all ranks: the step's one host sync."""
         grads = all_finite([p.grad for p in self.unet.parameters() if p.grad is not None])
-        flags = torch.stack([torch.as_tensor(v, device=self.device) for v in (self._step_finite, grads)]).int()
+        flags = torch.stack([torch.as_tensor(v, device=self.device).int()
+                             for v in (self._step_finite, grads, self._step_samples)])
         world = self._world()
-        if world > 1:  # one all-reduce for both: how many ranks found each finite
+        if world > 1:  # one all-reduce for all three: how many ranks found each finite, how many samples
             flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
-        loss_finite, grads_finite = (int(n) == world for n in flags.tolist())
-        return loss_finite, grads_finite
+        finite, grads_finite, samples = flags.tolist()
+        return finite == world, grads_finite == world, samples
 
     def _finish_step(self, step: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
-        loss_finite, grads_finite = self._verdict()
+        loss_finite, grads_finite, samples = self._verdict()
+        if not samples:  # every rank knows it from the all-reduce: all stop here, none waits for the others
+            first = step * self.train_cfg.accumulate
+            last = first + self.train_cfg.accumulate - 1
+            raise RuntimeError(f"optimiser step {step} (micro-batch positions {first}..{last}) has no readable "
+                               f"image: all of its images were unreadable (data.on_bad_image: skip); run "
+                               f"`sgdm-ldm validate-data` on this dataset")
         if loss_finite and grads_finite:
             opt.step()  # clips in on_before_optimizer_step
             decay = ema_decay(self.ema_updates, self.train_cfg.ema_decay, self.train_cfg.ema_warmup)
