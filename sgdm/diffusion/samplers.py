@@ -151,12 +151,13 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sch
         x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z,
         sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev),  z ~ N(0, I).
 
-    eta = 0 is deterministic (the paper's 250-step sampler); eta = 1 matches
+    eta in [0, 1]: 0 is deterministic (the paper's 250-step sampler); 1 matches
     DDPM's posterior variance. A guided denoiser's halves go into the fused op,
     which forms eps = (1 - w) eps_uncond + w eps_cond (paper Eq. 4) itself.
     """
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta: must be a finite number >= 0, got {eta}")
+    # past 1, sigma_t^2 > 1 - a_prev on large steps: no DDIM process has that variance
+    if not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise ValueError(f"eta: must be a finite number in [0, 1] (0: deterministic, 1: DDPM's variance), got {eta}")
     for i, t, a_t, a_prev in _steps(timesteps, schedule):
         out = denoise(x, _t_batch(t, x))
         noise = randn_like(x, generator) if eta > 0 and a_prev < 1.0 else None
