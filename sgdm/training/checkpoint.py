@@ -47,7 +47,8 @@ def _fsync_dir(path: pathlib.Path) -> None:
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str):
     """A temporary file ``.<name>.<pid>.tmp`` beside ``path``; on success flush, fsync, rename to
-    ``path``, fsync the directory; on failure remove it."""
+    ``path``, fsync the directory; on failure remove it. An OSError of the write (a full disk) is raised
+    again naming ``path``: the errno's message alone does not say which file of a run could not be written."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
@@ -57,6 +58,12 @@ def atomic_open(path: str | os.PathLike, mode: str):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, f"could not write {path}: {err.strerror}; the file there, if any, is unchanged") \
+            from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

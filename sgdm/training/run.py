@@ -56,6 +56,8 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if resume and existing and ckpt is None:
         raise ConfigError("run.name", f"no readable checkpoint in {ckpt_dir} (all {len(existing)} fail their "
                                       f"integrity check)")
+    if ckpt is not None:
+        _say_passed_over(existing, ckpt)
     store = _annotation_store_digest(cfg) if trainer == "diffusion" else None
     if ckpt is not None:
         check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
@@ -70,6 +72,19 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
         if store is not None:
             atomic_write_text(run_dir / STORE_RECORD, json.dumps(store, indent=1))
     return ckpt
+
+
+def _say_passed_over(existing: list[tuple[int, pathlib.Path]], ckpt: pathlib.Path) -> None:
+    """Name the newer checkpoints a resume goes back past (torn or corrupt files): the steps after ``ckpt``
+    are trained again, and the files stay until the run writes those steps anew."""
+    step = next(s for s, path in existing if path == ckpt)
+    passed = [path for s, path in existing if s > step]
+    if passed and _first_process():
+        import sys
+
+        for path in passed:
+            print(f"sgdm: {path} fails its integrity check (torn or corrupt); resuming from {ckpt}",
+                  file=sys.stderr, flush=True)
 
 
 def no_checkpoints_error(cfg: ExperimentConfig) -> ConfigError:

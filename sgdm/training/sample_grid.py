@@ -19,6 +19,7 @@ from sgdm.diffusion.guidance import ClassifierFreeGuidance
 from sgdm.diffusion.samplers import ddim_timesteps, sample_ddim
 from sgdm.diffusion.schedule import eps_from_output
 from sgdm.models.conditioning import one_hot
+from sgdm.training.checkpoint import atomic_open
 from sgdm.training.rng import generator_for
 
 __all__ = ["SampleGrid", "grid_conditions", "sample_rows", "save_grid"]
@@ -60,7 +61,8 @@ def sample_rows(module, rows: list[tuple[Optional[torch.Tensor], Optional[torch.
 
 
 def save_grid(images: torch.Tensor, per_row: int, path: pathlib.Path) -> torch.Tensor:
-    """Tile [N, 3, H, W] in [-1, 1] into a uint8 [3, rows*H, per_row*W] grid and save it as PNG."""
+    """Tile [N, 3, H, W] in [-1, 1] into a uint8 [3, rows*H, per_row*W] grid and save it as PNG, atomically: a
+    resume does not draw a step's grid again, so a grid cut short (SIGKILL, a full disk) would stay."""
     from PIL import Image
 
     n, c, h, w = images.shape
@@ -70,8 +72,8 @@ def save_grid(images: torch.Tensor, per_row: int, path: pathlib.Path) -> torch.T
         r, col = divmod(i, per_row)
         grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = img
     grid = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(fh, format="PNG")
     return grid
 
 
