@@ -12,6 +12,10 @@ with a 9.0a build, rows marked "[wgmma]" time sgdm again with the Hopper
 wgmma kernels (SGDM_ATTENTION_WGMMA=1) against that backend. On the CPU the peak resident
 memory of one forward+backward is shown for sgdm, SDPA and eager math
 attention (softmax(q k^T) v, which stores N x N scores): sgdm stays O(N).
+Before timing, sgdm's output (and input gradients) is checked against each baseline's
+(``ops_bench.check_agreement``); a case that disagrees is not timed, is listed under
+"mismatches" and makes the exit status 1. ``--seq-len 256`` (e.g.) replaces N for a
+quick run; the CPU's default N = 4096 takes minutes.
 
 Targets: CPU fp32, B*H=16, D=64, N in {1024, 4096}: forward and forward+backward
 >= 1.0x SDPA. H100 bf16, D=64, N in {1024, 4096}, B*H=64: forward >= 0.7x the
@@ -110,16 +114,19 @@ def bench_case(case, dtype, device, repeats, gen, wgmma: bool) -> list[dict]:
             # of three q-sized tensors to both sides that no training step has (as in ops_bench)
             return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
 
+        what = ops_bench._what("attention " + ("fwd+bwd" if backward else "fwd"), case, dtype, device)
         with torch.set_grad_enabled(backward):
             best = None
             for name, ctx in backends.items():
-                try:
-                    with ctx():
-                        t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
-                                                     device, repeats)
-                except RuntimeError as exc:  # backend unavailable for this dtype / card
-                    print(f"  {name}: unavailable ({str(exc).splitlines()[0]})", file=sys.stderr)
-                    continue
+                with ctx():
+                    try:  # the baseline alone: an error of sgdm's own must not pass for an unavailable backend
+                        want = run(F.scaled_dot_product_attention)()
+                    except RuntimeError as exc:  # backend unavailable for this dtype / card
+                        print(f"  {name}: unavailable ({str(exc).splitlines()[0]})", file=sys.stderr)
+                        continue
+                    ops_bench.check_agreement(f"{what} vs {name}", run(ops.attention)(), want, dtype)
+                    t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
+                                                       device, repeats)
                 if best is None or t_base < best[1]:
                     best = (name, t_base, t_ours)
             if best is None:
@@ -127,6 +134,8 @@ def bench_case(case, dtype, device, repeats, gen, wgmma: bool) -> list[dict]:
             rows.append(_row(case, dtype, device, backward, "", *best))
             if wgmma and wgmma_runs(device, dtype):
                 with backends[best[0]](), _wgmma():
+                    ops_bench.check_agreement(f"{what} [wgmma] vs {best[0]}", run(ops.attention)(),
+                                              run(F.scaled_dot_product_attention)(), dtype)
                     t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
                                                  device, repeats)
                 rows.append(_row(case, dtype, device, backward, "wgmma", best[0], t_base, t_ours))
@@ -173,25 +182,35 @@ def memory_rows(case, gen) -> list[dict]:
     return rows
 
 
-def run(devices, dtypes, threads, repeats, with_memory: bool, wgmma: bool = True) -> dict:
+def run(devices, dtypes, threads, repeats, with_memory: bool, wgmma: bool = True, seq_lens=None) -> dict:
+    """Rows for every case on ``devices``; ``seq_lens``: the N of the cases instead of the default ones
+    (B, H, D as in CPU_CASES / CUDA_CASES). A case whose result disagrees with SDPA's is left out and
+    listed under "mismatches"."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "backend": {}}
-    rows, memory = [], []
+    rows, memory, mismatches = [], [], []
     for name in devices:
         device = torch.device(name)
         env["backend"][name] = ops.backend(device.type)["attention"]
         env[f"{name}_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
                                else platform.processor() or platform.machine())
         cases = CUDA_CASES if device.type == "cuda" else CPU_CASES
+        if seq_lens:
+            b, h, _, d = cases[0]
+            cases = [(b, h, n, d) for n in seq_lens]
         for dtype in (dtypes if device.type == "cuda" else [torch.float32]):
             for case in cases:
                 cpu_reps = max(3, repeats // (4 * max(1, case[2] // 1024) ** 2))  # N=4096: minutes
                 reps = repeats if device.type == "cuda" else cpu_reps
-                rows += bench_case(case, dtype, device, reps, gen, wgmma)
+                try:
+                    rows += bench_case(case, dtype, device, reps, gen, wgmma)
+                except ops_bench.Disagreement as err:  # the other cases still run; the exit status says it
+                    print(f"attention_bench: {err}", file=sys.stderr)
+                    mismatches.append(str(err))
         if device.type == "cpu" and with_memory:
-            memory += memory_rows(CPU_CASES[-1], gen)
-    return {"env": env, "rows": rows, "memory": memory}
+            memory += memory_rows(cases[-1], gen)
+    return {"env": env, "rows": rows, "memory": memory, "mismatches": mismatches}
 
 
 def format_table(result: dict) -> str:
@@ -240,6 +259,8 @@ def main(argv=None) -> int:
                    help="CUDA dtypes (the CPU always runs float32, the target case)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per side (fewer on the CPU)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=None, metavar="N",
+                   help="sequence lengths to run instead of the default cases' (1024 4096); e.g. 256 for a quick run")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory comparison")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true", help="no timing: run once per dtype/head dim and check")
@@ -248,6 +269,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats: expected at least 1 timed call, got {args.repeats}")
+    if args.threads < 1:
+        p.error(f"--threads: expected at least 1, got {args.threads}")
+    if args.seq_len and min(args.seq_len) < 1:
+        p.error(f"--seq-len: expected sequence lengths >= 1, got {args.seq_len}")
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
@@ -255,12 +280,14 @@ def main(argv=None) -> int:
     if args.smoke:
         return max(smoke(torch.device(d), not args.no_wgmma) for d in devices)
     result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats, not args.no_memory,
-                 not args.no_wgmma)
+                 not args.no_wgmma, args.seq_len)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     print(format_table(result))
-    return 0
+    for text in result["mismatches"]:
+        print(f"MISMATCH {text}")
+    return 1 if result["mismatches"] else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ not start-up) and the rate training needs: ``train_batch * gpu_steps_per_s``
 assumption for one A100/H100 running the 294M LDM-8 UNet on 32x32x4 latents
 plus the encoder; with cached latents images are decoded only once).
 
-    python benchmarks/data_bench.py [--num-images 192] [--workers 0 1 2]
+    python benchmarks/data_bench.py [--num-images 192] [--workers 0 1 2] [--json out.json]
+    python benchmarks/data_bench.py --num-images 8 --workers 0 --repeats 1 --batch-size 4   # quick
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def throughput(dataset, workers: int, batch_size: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=192)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -141,7 +142,14 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--train-batch", type=int, default=96, help="training batch (LDM LSUN-Churches: 96)")
     parser.add_argument("--gpu-steps-per-s", type=float, default=2.0, help="assumed GPU training step rate")
-    args = parser.parse_args()
+    parser.add_argument("--json", metavar="PATH", help="also write the rates here")
+    args = parser.parse_args(argv)
+    for name, low in (("num_images", 1), ("repeats", 1), ("batch_size", 1), ("size", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')}: expected at least {low}, got {getattr(args, name)}")
+    if min(args.workers) < 0:
+        parser.error(f"--workers: expected worker counts >= 0, got {args.workers}")
+    results = {}
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -158,10 +166,15 @@ def main() -> int:
                                                                            for k, v in extra.items()}}
             dataset = build_dataset(from_dict(DataConfig, data, "data"), train=True, seed=0)
             rates = [throughput(dataset, w, args.batch_size, args.repeats) for w in args.workers]
+            results[name] = {str(w): r for w, r in zip(args.workers, rates)}
             print(f"{name:<14}" + "".join(f"{r:>12.1f}" for r in rates), flush=True)
     need = args.train_batch * args.gpu_steps_per_s
     print(f"needed: {need:.0f} images/s (batch {args.train_batch} x {args.gpu_steps_per_s} GPU steps/s, assumed); "
           f"with cached latents (train.cache_latents) images are decoded once, not per step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "cpu_cores": os.cpu_count(), "images_per_s": results,
+                       "needed_images_per_s": need}, f, indent=1)
     return 0
 
 

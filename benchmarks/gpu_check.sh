@@ -3,8 +3,13 @@
 # already installed): build the extension, run the CUDA tests, compute-sanitizer
 # (memcheck + racecheck) on small shapes, the op benchmarks. Writes
 # $OUT/gpu_check.log and $OUT/gpu_check.json (OUT defaults to a temp dir) and
-# prints a short table last. Budget: under 6 minutes on 16 cores (about 4.5 on an H200), plus up to
-# 5 for the torch.compile comparison of the Churches UNet (never run on a GPU yet).
+# prints a short table last. Time: under 6 minutes on 16 cores (about 4.5 on an H200), plus up to
+# 5 for the torch.compile comparison of the Churches UNet (never run on a GPU yet). The whole run
+# keeps to GPU_CHECK_BUDGET_S (default 540 s, for a 10-minute lease): each step's limit is cut to
+# the time left, a step with under 5 s left is "skipped", and 40 s stay for the summary (a run
+# killed from outside would leave no JSON and no table). A step that ignores SIGTERM (a hung
+# kernel) is killed 10 s after its limit. A failed step does not stop the others; the exit status
+# is 0 only when every step is "ok".
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #   bash benchmarks/gpu_check.sh ops        # re-check after an op kernel change: build, the
@@ -37,6 +42,12 @@ export SGDM_REQUIRE_KERNELS=1 HF_HUB_OFFLINE=1
 export SGDM_CPU_AVX512=${SGDM_CPU_AVX512:-0}  # CPU paths are checked elsewhere; a faster build
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+case $BUDGET in '' | *[!0-9]*) echo "GPU_CHECK_BUDGET_S=$BUDGET: expected whole seconds" >&2; exit 2 ;; esac
+RESERVE=30   # the summary at the end (one python, torch imported once)
+KILL_AFTER=10
+MIN_STEP=5
+
 SCOPE=${1:-all}
 case $SCOPE in all | ops | attention) ;; *) echo "usage: $0 [all|ops|attention]" >&2; exit 2 ;; esac
 
@@ -57,17 +68,28 @@ fi
 TESTS="tests/ops tests/models/test_devices.py"
 [ "$SCOPE" = all ] && TESTS="$TESTS tests/pipeline/test_pipeline.py"
 
-# step NAME TIMEOUT_S CMD...: runs CMD, logs it, records status and seconds.
+# step NAME TIMEOUT_S CMD...: runs CMD, logs it, records status and seconds; the limit is cut to what
+# is left of the budget, and with under MIN_STEP s left the step is skipped (status 1).
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - RESERVE - KILL_AFTER - SECONDS))
+  if [ "$left" -lt "$MIN_STEP" ]; then
+    printf '%s\t%s\t%s\n' "$name" skipped 0 >>"$STEPS"
+    echo "=== $name: skipped (GPU_CHECK_BUDGET_S=$BUDGET spent)" | tee -a "$LOG"
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
-  echo "=== $name: $*" >>"$LOG"
-  timeout "$limit" bash -c "$*" >>"$LOG" 2>&1
+  echo "=== $name (limit $limit s): $*" >>"$LOG"
+  timeout -k "$KILL_AFTER" "$limit" bash -c "$*" >>"$LOG" 2>&1
   local rc=$?
   local status=ok
-  [ $rc -eq 124 ] && status=timeout
-  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="fail($rc)"
+  if [ $rc -eq 124 ] || { [ $rc -eq 137 ] && [ $((SECONDS - t0)) -ge "$limit" ]; }; then
+    status=timeout
+  elif [ $rc -ne 0 ]; then
+    status="fail($rc)"
+  fi
   printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >>"$STEPS"
   echo "=== $name: $status in $((SECONDS - t0)) s" | tee -a "$LOG"
   return $rc
@@ -111,32 +133,57 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   done
   if [ "$SCOPE" = all ]; then
     # self-labels at the paper's ImageNet scale (issue 7): sgdm k-means alone on the GPU
-    step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 | tee $OUT/kmeans_paper.txt"
+    step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 --json $OUT/kmeans_paper.json | tee $OUT/kmeans_paper.txt"
     # end to end (issue 4): the LSUN-Churches UNet, kernels vs SGDM_KERNELS=0, bf16
-    step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 | tee $OUT/unet_churches.txt"
+    step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 --json $OUT/unet_churches.json | tee $OUT/unet_churches.txt"
     # train.compile / pipe.compile: the same UNet under torch.compile (Inductor) vs eager, both with the
     # kernels; the warm-up iterations hold the two compiles (training step, sampling step)
-    step unet-compile 300 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --compare compile --warmup 3 --iters 10 --rounds 1 | tee $OUT/unet_compile.txt"
+    step unet-compile 300 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --compare compile --warmup 3 --iters 10 --rounds 1 --json $OUT/unet_compile.json | tee $OUT/unet_compile.txt"
   fi
 fi
 
-# JSON summary: steps, environment, every benchmark's rows.
-$PY - "$OUT" <<'PYEOF' >>"$LOG" 2>&1
-import glob, json, os, sys
-out = sys.argv[1]
-steps = [dict(zip(("step", "status", "seconds"), line.rstrip("\n").split("\t")))
-         for line in open(os.path.join(out, "steps.tsv"))]
-benches = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "bench_*.json")))]
-json.dump({"steps": steps, "benchmarks": benches}, open(os.path.join(out, "gpu_check.json"), "w"),
-          indent=2)
-PYEOF
-
+# JSON summary: steps, every benchmark's rows, the end-to-end runs' results; then the tables.
 echo
 echo "log and JSON: $OUT"
-for f in "$OUT"/bench_*.json; do
-  [ -f "$f" ] && $PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); import ops_bench; print(ops_bench.format_table(json.load(open('$f'))))" 2>/dev/null
-done
+$PY - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import glob, json, os, sys
+out = sys.argv[1]
+
+
+def load(path):  # a step cut short may leave a partial file: the rest of the summary still counts
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        print(f"summary: {path}: unreadable ({err})")
+        return None
+
+
+steps = [dict(zip(("step", "status", "seconds"), line.rstrip("\n").split("\t")))
+         for line in open(os.path.join(out, "steps.tsv"))]
+benches = [b for b in (load(p) for p in sorted(glob.glob(os.path.join(out, "bench_*.json")))) if b is not None]
+results = {os.path.basename(p)[:-len(".json")]: load(p) for p in sorted(glob.glob(os.path.join(out, "*.json")))
+           if not os.path.basename(p).startswith(("bench_", "gpu_check"))}
+with open(os.path.join(out, "gpu_check.json"), "w") as f:
+    json.dump({"steps": steps, "benchmarks": benches, "results": results}, f, indent=2)
+if benches:
+    sys.path.insert(0, "benchmarks")
+    try:
+        import attention_bench, ops_bench
+    except Exception as err:  # noqa: BLE001 - the JSON is written; the tables are a convenience
+        print(f"summary: no tables ({err})")
+    else:
+        for bench in benches:  # attention rows in their own table: TFLOP/s and the SDPA backend
+            fmt = attention_bench if any("sgdm_tflops" in r for r in bench.get("rows", [])) else ops_bench
+            try:
+                print(fmt.format_table(bench))
+            except Exception as err:  # noqa: BLE001
+                print(f"summary: a table failed ({err!r})")
+            for text in bench.get("mismatches", []):
+                print(f"MISMATCH {text}")
+            print()
+PYEOF
 echo
-printf '%-14s %-10s %s\n' step status seconds
-while IFS=$'\t' read -r name status secs; do printf '%-14s %-10s %s\n' "$name" "$status" "$secs"; done <"$STEPS"
+printf '%-16s %-10s %s\n' step status seconds
+while IFS=$'\t' read -r name status secs; do printf '%-16s %-10s %s\n' "$name" "$status" "$secs"; done <"$STEPS"
 ! grep -q -v -P '\tok\t' "$STEPS"

@@ -213,6 +213,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="with --device: one line per Lloyd iteration")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    for name, low in (("n", 1), ("dim", 1), ("k", 1), ("repeats", 1), ("threads", 1), ("centres", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name}: expected at least {low}, got {getattr(args, name)}")
     if args.max_iter is None:
         args.max_iter = 100 if args.device else 300
     return args

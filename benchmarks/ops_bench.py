@@ -22,6 +22,10 @@ before: eager GroupNorm+SiLU at [8, 256, 32, 32] measured 0.47 ms in one run and
 2.3x. The steady setting times the kernels' own work, which is the lower ratio
 (eager gains more from it); ``--allocator default`` keeps the process as started.
 
+Before an op is timed, its output (and, for fwd+bwd, its input gradients) on the first input set
+is compared with the eager expression's (:func:`check_agreement`): a case that disagrees is not
+timed, is listed under "mismatches" and makes the exit status 1.
+
 Targets (fp32, 2-core CPU): GroupNorm+SiLU forward >= 2.0x, forward+backward
 >= 1.5x, guided DDIM step >= 4x. H100: GroupNorm+SiLU forward >= 70% of the
 floor, guided step >= 80%.
@@ -120,6 +124,27 @@ def _graphed(fn, device: torch.device):
         return None
 
 
+class Disagreement(Exception):
+    """sgdm's op and the baseline it is timed against give different results (the case is not timed)."""
+
+
+def check_agreement(what: str, got, want, dtype: torch.dtype) -> None:
+    """Raises :class:`Disagreement` unless ``got`` (a tensor or a sequence of them) matches ``want``
+    within :mod:`sgdm.ops.selfcheck`'s tolerance at ``dtype`` (its error: max |got - want| / max(1,
+    max |want|); NaN or inf in ``got`` never matches): a fast wrong result is no result."""
+    from sgdm.ops.selfcheck import TOLERANCES, _error
+
+    as_list = (lambda t: list(t) if isinstance(t, (tuple, list)) else [t])  # noqa: E731
+    error = _error(as_list(got), as_list(want))
+    if not error <= TOLERANCES[dtype]:  # NaN fails too
+        raise Disagreement(f"{what}: sgdm differs from the baseline by {error:.2e} (tolerance "
+                           f"{TOLERANCES[dtype]:.0e}): NOT TIMED")
+
+
+def _what(op: str, shape, dtype: torch.dtype, device: torch.device) -> str:
+    return f"{op} {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} {device.type}"
+
+
 def compare(eager, fused, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, float]:
     """Medians (ms) of eager and fused, interleaved so both see the same machine load."""
     for _ in range(warmup):
@@ -190,10 +215,12 @@ def bench_group_norm(shape, groups, dtype, device, repeats, gen, bw) -> list[Row
     n_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
     sets = [_gn_inputs(shape, dtype, device, gen, grad=False)
             for _ in range(rotation_sets(2 * n_bytes, device))]
+    eager_fwd = lambda x, w, b: F.silu(F.group_norm(x, groups, w, b))  # noqa: E731
+    fused_fwd = lambda x, w, b: ops.group_norm_silu(x, groups, w, b)  # noqa: E731
     with torch.no_grad():
-        te, tf = compare(rotating(lambda x, w, b: F.silu(F.group_norm(x, groups, w, b)), sets),
-                         rotating(lambda x, w, b: ops.group_norm_silu(x, groups, w, b), sets),
-                         device, repeats)
+        check_agreement(_what("group_norm_silu fwd", shape, dtype, device), fused_fwd(*sets[0]), eager_fwd(*sets[0]),
+                        dtype)
+        te, tf = compare(rotating(eager_fwd, sets), rotating(fused_fwd, sets), device, repeats)
     rows.append(_row("group_norm_silu fwd", shape, dtype, device, te, tf, 2 * n_bytes, bw, ">=2.0x cpu"))
     sets = [_gn_inputs(shape, dtype, device, gen, grad=True)
             + (torch.randn(shape, generator=gen).to(device=device, dtype=dtype),)
@@ -207,9 +234,9 @@ def bench_group_norm(shape, groups, dtype, device, repeats, gen, bw) -> list[Row
             return torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
         return run
 
-    te, tf = compare(rotating(step(lambda x, w, b: F.silu(F.group_norm(x, groups, w, b))), sets),
-                     rotating(step(lambda x, w, b: ops.group_norm_silu(x, groups, w, b)), sets),
-                     device, repeats)
+    check_agreement(_what("group_norm_silu fwd+bwd", shape, dtype, device), step(fused_fwd)(*sets[0]),
+                    step(eager_fwd)(*sets[0]), dtype)
+    te, tf = compare(rotating(step(eager_fwd), sets), rotating(step(fused_fwd), sets), device, repeats)
     # floor: forward reads x, writes y; backward reads x, dy, writes dx
     rows.append(_row("group_norm_silu fwd+bwd", shape, dtype, device, te, tf, 5 * n_bytes, bw,
                      ">=1.5x cpu"))
@@ -227,10 +254,10 @@ def bench_ddim(shape, dtype, device, repeats, gen, bw) -> Row:
     n_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
     sets = [tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
             for _ in range(rotation_sets(5 * n_bytes, device))]
-    te, tf = compare(rotating(lambda x, ec, eu: eager_guided_ddim(x, ec, eu, 0.3, 0.5, 2.0), sets),
-                     rotating(lambda x, ec, eu: ops.guided_ddim_step(x, ec, 0.3, 0.5, eps_uncond=eu,
-                                                                     guidance_scale=2.0), sets),
-                     device, repeats)
+    eager = lambda x, ec, eu: eager_guided_ddim(x, ec, eu, 0.3, 0.5, 2.0)  # noqa: E731
+    fused = lambda x, ec, eu: ops.guided_ddim_step(x, ec, 0.3, 0.5, eps_uncond=eu, guidance_scale=2.0)  # noqa: E731
+    check_agreement(_what("guided_ddim_step", shape, dtype, device), fused(*sets[0]), eager(*sets[0]), dtype)
+    te, tf = compare(rotating(eager, sets), rotating(fused, sets), device, repeats)
     return _row("guided_ddim_step", shape, dtype, device, te, tf, 5 * n_bytes, bw, ">=4x cpu")
 
 
@@ -254,7 +281,7 @@ def run(devices, dtypes, threads, repeats=None) -> dict:
     (guided DDIM 4x), default :data:`DEFAULT_REPEATS` per device type."""
     torch.set_num_threads(threads)  # the same for both sides of every ratio
     gen = torch.Generator().manual_seed(0)
-    rows, env = [], {"torch": torch.__version__, "python": platform.python_version(),
+    rows, mismatches, env = [], [], {"torch": torch.__version__, "python": platform.python_version(),
                      "threads": threads, "backend": {}}
     for name in devices:
         device = torch.device(name)
@@ -266,11 +293,17 @@ def run(devices, dtypes, threads, repeats=None) -> dict:
         extra = device.type == "cuda"
         reps = repeats if repeats is not None else DEFAULT_REPEATS[device.type]
         for dtype in dtypes:
-            for shape, groups in GN_SHAPES + (CUDA_GN_SHAPES if extra else []):
-                rows += bench_group_norm(shape, groups, dtype, device, reps, gen, bw)
-            for shape in DDIM_SHAPES + (CUDA_DDIM_SHAPES if extra else []):
-                rows.append(bench_ddim(shape, dtype, device, reps * 4, gen, bw))
-    return {"env": env, "rows": [asdict(r) for r in rows]}
+            cases = [lambda s=shape, g=groups: bench_group_norm(s, g, dtype, device, reps, gen, bw)
+                     for shape, groups in GN_SHAPES + (CUDA_GN_SHAPES if extra else [])]
+            cases += [lambda s=shape: [bench_ddim(s, dtype, device, reps * 4, gen, bw)]
+                      for shape in DDIM_SHAPES + (CUDA_DDIM_SHAPES if extra else [])]
+            for case in cases:
+                try:
+                    rows += case()
+                except Disagreement as err:  # the other cases still run; the exit status says it
+                    print(f"ops_bench: {err}", file=sys.stderr)
+                    mismatches.append(str(err))
+    return {"env": env, "rows": [asdict(r) for r in rows], "mismatches": mismatches}
 
 
 def format_table(result: dict) -> str:
@@ -328,6 +361,8 @@ def main(argv=None) -> int:
                    help="CPU: 'steady' re-runs this script with glibc malloc keeping freed memory, so "
                         "page faults of fresh temporaries do not swing the timings (see the docstring)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads: expected at least 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats: expected at least 1 timed call, got {args.repeats}")
     if args.allocator == "steady" and args.device != "cuda" and "glibc.malloc.trim_threshold" not in \
@@ -351,13 +386,17 @@ def main(argv=None) -> int:
     result["env"]["cuda_graphs"] = args.cuda_graphs
     if args.attention:
         import attention_bench  # benchmarks/ is sys.path[0]
-        result["rows"] += attention_bench.run(devices, [DTYPES[d] for d in args.dtype], args.threads,
-                                              args.repeats or DEFAULT_REPEATS["cuda"], with_memory=False)["rows"]
+        attention = attention_bench.run(devices, [DTYPES[d] for d in args.dtype], args.threads,
+                                        args.repeats or DEFAULT_REPEATS["cuda"], with_memory=False)
+        result["rows"] += attention["rows"]
+        result["mismatches"] += attention["mismatches"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     print(format_table(result))
-    return 0
+    for text in result["mismatches"]:
+        print(f"MISMATCH {text}")
+    return 1 if result["mismatches"] else 0
 
 
 if __name__ == "__main__":

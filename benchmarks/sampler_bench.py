@@ -16,6 +16,7 @@ with uniform spacing at the same step count.
 Schedules: LDM's scaled_linear (default) or any DiffusionConfig kind.
 
     python benchmarks/sampler_bench.py [--n 20000] [--schedule scaled_linear] [--start noise] [--json out.json]
+    python benchmarks/sampler_bench.py --n 200      # quick (errors dominated by Monte-Carlo noise)
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
                              "N(0, I) as sampling does (adds the error of a first timestep short of pure noise)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.n < 2:
+        parser.error(f"--n: expected at least 2 samples (a covariance), got {args.n}")
     torch.set_num_threads(1)  # 2-D points: threads only add synchronisation
     schedule = make_schedule(DiffusionConfig(schedule=args.schedule, timesteps=1000))
     rows = [exact_samples(args.n, args.seed)] + [run_case(*case, schedule, args.n, args.seed, args.start)

@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="small", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name, low in (("rounds", 1), ("warmup", 0), ("churches_batch", 1)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')}: expected at least {low}, got {getattr(args, name)}")
     if args.steps <= args.warmup + 1:
         p.error(f"--steps {args.steps} leaves no timed steps after --warmup {args.warmup}")
     if args.worker:

@@ -14,6 +14,7 @@ the time ratios of the two settings.
     python benchmarks/unet_bench.py                 # small config on CPU; Churches on GPU if present
     python benchmarks/unet_bench.py --config churches --device cuda --precision bf16
     python benchmarks/unet_bench.py --compare compile --warmup 3
+    python benchmarks/unet_bench.py --device cpu --batch 2 --iters 1 --warmup 1 --rounds 1   # quick
 """
 from __future__ import annotations
 
@@ -160,9 +161,13 @@ def main(argv=None) -> int:
                              "--threads 1")
     parser.add_argument("--compare", choices=["kernels", "compile"], default="kernels",
                         help="kernels: sgdm kernels vs SGDM_KERNELS=0 (default); compile: torch.compile vs eager")
+    parser.add_argument("--json", metavar="PATH", help="also write the results (medians, ratios, every time) here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name, low in (("rounds", 1), ("iters", 1), ("warmup", 0), ("batch", 0), ("threads", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name}: expected at least {low}, got {getattr(args, name)}")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -178,15 +183,19 @@ def main(argv=None) -> int:
         # other has heated the machine)
         for setting in ((True, False) if r % 2 == 0 else (False, True)):
             runs[setting].append(_run_setting(args, setting))
-    _report(args, runs)
+    result = _report(args, runs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 
-def _report(args, runs) -> None:
+def _report(args, runs) -> dict:
+    """Prints the table; returns the same numbers (and every worker's times) for ``--json``."""
     print(f"UNet benchmark: config={args.config} device={args.device} batch={args.batch} precision="
           f"{args.precision} threads={args.threads} clock={args.clock} params={runs[True][0]['params_m']:.1f}M "
           f"(median of {args.iters} iters x {args.rounds} rounds)")
-    medians = {}
+    medians, settings = {}, {}
     labels = ("torch.compile", "eager") if args.compare == "compile" else ("kernels", "SGDM_KERNELS=0")
     for kernels, label in zip((True, False), labels):
         r = runs[kernels]
@@ -194,12 +203,19 @@ def _report(args, runs) -> None:
         sample = statistics.median(v for x in r for v in x["sample"])
         peak = max(x["peak_mb"] for x in r)
         medians[kernels] = (train, sample)
+        settings[label] = {"train_ms": train * 1e3, "sample_ms": sample * 1e3, "peak_mb": peak,
+                           "backend": r[0]["backend"], "rounds": r}
         print(f"  {label:15s} train fwd+bwd {train * 1e3:9.1f} ms   guided DDIM step {sample * 1e3:9.1f} ms   "
               f"peak {peak:8.0f} MiB   backends {r[0]['backend']}")
         per_round = " / ".join(f"{statistics.median(x['train']) * 1e3:.1f}" for x in r)
         print(f"  {'':15s} train median per round: {per_round} ms")
     (tk, sk), (tr, sr) = medians[True], medians[False]
     print(f"  speed-up ({labels[1]} / {labels[0]} time): train {tr / tk:.2f}x   sampling step {sr / sk:.2f}x")
+    return {"config": args.config, "device": args.device, "batch": args.batch, "precision": args.precision,
+            "threads": args.threads, "clock": args.clock, "compare": args.compare, "iters": args.iters,
+            "warmup": args.warmup, "rounds": args.rounds, "params_m": runs[True][0]["params_m"],
+            "settings": settings, "speedup": {"train": tr / tk, "sample": sr / sk},
+            "speedup_of": f"{labels[1]} / {labels[0]} time"}
 
 
 if __name__ == "__main__":
