@@ -622,7 +622,7 @@ def parse_guidance(guidance: GuidanceConfig, num_images: int, latent_hw: Sequenc
     if guidance.kind == "box" and len(given) == 1:
         missing = "box" if given == ["cluster"] else "cluster"
         raise ValueError(f"{missing}: box guidance (paper Eq. 8) takes a box together with its cluster id; "
-                         f"pass both cluster= and box= (or neither, for unconditional samples)")
+                         f"pass both (or neither, for unconditional samples)")
     ids = _as_tensor(cluster, "cluster", "an integer cluster id or one per image")
     if ids.dim() > 1:  # a one-hot row or an [N, 1] column would otherwise be read as that many ids
         raise ValueError(f"cluster: expected one id or one id per image ([N]), got shape {tuple(ids.shape)}")

@@ -31,3 +31,13 @@ def test_a_bool_channel_mask_npy_samples(mask_pipe, tmp_path):
     np.save(tmp_path / "m.npy", one_hot)
     assert _sample(mask_pipe, tmp_path / "m.npy", tmp_path / "o.png") == 0
     assert (tmp_path / "o.png").is_file()
+
+
+def test_box_without_cluster_says_the_flags(tmp_path, capsys):
+    """The pipeline's "pass both cluster= and box=" read as Python keywords on the command line."""
+    tiny_pipeline("box").save_pretrained(tmp_path / "p")
+    code = main(["sample", str(tmp_path / "p"), "-n", "1", "--steps", "1", "--box", "0,0,1,1",
+                 "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("sgdm-ldm sample: error: --cluster: box guidance"), err
+    assert "takes a box together with its cluster id; pass both (or neither" in err and "=" not in err, err
