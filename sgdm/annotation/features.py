@@ -83,7 +83,10 @@ def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # truncated, a Git LFS pointer, not safetensors at all
+            raise BackboneError(f"weights file {path} cannot be read as safetensors: {err}") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

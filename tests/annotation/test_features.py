@@ -135,6 +135,10 @@ def test_bad_weights_files(tmp_path, tiny_weights):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="junk.pth cannot be read"):
         load_backbone(TINY_VIT, tmp_path / "junk.pth", TINY_KWARGS)
+    truncated = tmp_path / "truncated.safetensors"  # an interrupted copy: safetensors' bare error named no file
+    truncated.write_bytes(tiny_weights.read_bytes()[:1000])
+    with pytest.raises(BackboneError, match="truncated.safetensors cannot be read as safetensors"):
+        load_backbone(TINY_VIT, truncated, TINY_KWARGS)
     with pytest.raises(BackboneError, match=f"does not match backbone {TINY_VIT}: missing.*annotation.backbone_kwargs"):
         load_backbone(TINY_VIT, tiny_weights, {**TINY_KWARGS, "depth": 3})
     with pytest.raises(BackboneError, match="bad annotation.backbone_kwargs"):
