@@ -627,6 +627,8 @@ def parse_guidance(guidance: GuidanceConfig, num_images: int, latent_hw: Sequenc
     if ids.dim() > 1:  # a one-hot row or an [N, 1] column would otherwise be read as that many ids
         raise ValueError(f"cluster: expected one id or one id per image ([N]), got shape {tuple(ids.shape)}")
     ids = ids.reshape(-1)
+    if ids.numel() == 0:  # [] is a float64 array: say that no id came, not that its dtype is wrong
+        _expand(ids, n, "cluster")
     _check_ids(ids, k, "cluster")
     out = replace(out, clusters=_expand(ids, n, "cluster"))
     return out if box is None else replace(out, **_parse_box(box, n, latent_hw, image_hw))

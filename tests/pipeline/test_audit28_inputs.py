@@ -58,3 +58,10 @@ def test_a_value_that_is_no_array_names_the_argument(kind, kwargs, match):
     """Strings (a cluster id from a text field, a mask's file name) were a numpy TypeError naming nothing."""
     with pytest.raises(ValueError, match=match):
         tiny_pipeline(kind)(1, num_steps=1, output_type="latent", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("cluster", [[], (), torch.zeros(0, dtype=torch.long)])
+def test_no_cluster_ids_at_all_says_so(cluster):
+    """An empty list became a float64 array and was refused as 'expected integer ids, got dtype float64'."""
+    with pytest.raises(ValueError, match=r"^cluster: got 0 items for num_images=2; pass one, or one per image"):
+        tiny_pipeline("label")(2, cluster=cluster, num_steps=1, output_type="latent", progress=False)
