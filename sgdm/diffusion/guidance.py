@@ -83,6 +83,9 @@ class ClassifierFreeGuidance:
         cond, cond_map = self.cond, self.cond_map
         if cond is None and cond_map is None:
             return self.eps_model(x, t, None, None)
+        ref, name = (cond, "cond") if cond is not None else (cond_map, "cond_map")
+        if ref.shape[0] != x.shape[0]:  # said here: the network sees the doubled batch of the guided pass
+            raise ValueError(f"{name}: batch size {ref.shape[0]} differs from x_t's {x.shape[0]}")
         if self.scale == 1.0:
             return self.eps_model(x, t, cond, cond_map)
         null_cond, null_map = null_condition(cond, cond_map)

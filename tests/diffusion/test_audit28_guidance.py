@@ -34,3 +34,17 @@ def test_no_sampler_turns_a_nan_scale_into_nan_samples(name):
 def test_finite_real_scales_are_kept_as_floats(scale):
     g = ClassifierFreeGuidance(_model, torch.ones(3, 2), None, scale)
     assert type(g.scale) is float and g.scale == float(scale)
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.0, 0.0])
+@pytest.mark.parametrize("which", ["cond", "cond_map"])
+def test_a_condition_for_another_batch_size_is_named_with_both_sizes(scale, which):
+    """The guided pass doubles the batch, so the network's own check said "cond: expected shape [6, 3]"
+    for a [2, 3] condition and 3 images; with w = 1 a [1, K] condition was broadcast over every image."""
+    seen = []
+    model = lambda x, t, c, cm: seen.append(x.shape[0]) or x  # noqa: E731
+    conds = {"cond": torch.ones(2, 3), "cond_map": torch.ones(2, 1, 4, 4)}
+    guided = ClassifierFreeGuidance(model, **{which: conds[which]}, scale=scale)
+    with pytest.raises(ValueError, match=rf"^{which}: batch size 2 differs from x_t's 3"):
+        guided(torch.zeros(3, 2, 4, 4), torch.zeros(3, dtype=torch.long))
+    assert not seen
