@@ -40,7 +40,7 @@ def test_finite_real_scales_are_kept_as_floats(scale):
 @pytest.mark.parametrize("which", ["cond", "cond_map"])
 def test_a_condition_for_another_batch_size_is_named_with_both_sizes(scale, which):
     """The guided pass doubles the batch, so the network's own check said "cond: expected shape [6, 3]"
-    for a [2, 3] condition and 3 images; with w = 1 a [1, K] condition was broadcast over every image."""
+    for a [2, 3] condition and 3 images; any other network would see a mismatch it cannot explain."""
     seen = []
     model = lambda x, t, c, cm: seen.append(x.shape[0]) or x  # noqa: E731
     conds = {"cond": torch.ones(2, 3), "cond_map": torch.ones(2, 1, 4, 4)}
