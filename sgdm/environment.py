@@ -9,16 +9,19 @@ environment variables sgdm reads, and which pretrained files an offline machine 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import pathlib
 import platform
+import socket
 import sys
 from typing import Any
 
 import torch
 
-__all__ = ["collect", "format_report", "env_flag", "hub_offline", "ENV_VARS", "DISTRIBUTIONS"]
+__all__ = ["collect", "format_report", "env_flag", "hub_offline", "offline", "download_timeout", "ENV_VARS",
+           "DISTRIBUTIONS"]
 
 _TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's spellings of a true environment flag
 
@@ -33,13 +36,31 @@ def hub_offline() -> bool:
     """``HF_HUB_OFFLINE``: timm and torch-fidelity weights come from local caches only."""
     return env_flag("HF_HUB_OFFLINE")
 
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` or ``SGDM_OFFLINE``: a torch hub download sgdm starts (Inception, VGG16) is
+    refused at once when the file is not cached, instead of waiting on a network that is not there."""
+    return hub_offline() or env_flag("SGDM_OFFLINE")
+
+
+@contextlib.contextmanager
+def download_timeout(seconds: float = 60.0):
+    """Bounds each socket operation of a download inside the block (torch.hub's urlopen has no
+    timeout of its own): a network that drops packets is an error after ``seconds``, not a hang."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
 # The environment variables sgdm (or what it loads offline) reads, and what each does.
 ENV_VARS = {
     "SGDM_KERNELS": "0 runs every op's plain-PyTorch reference",
     "SGDM_ATTENTION_WGMMA": "1 runs the Hopper wgmma attention kernels (compute capability 9.0, 9.0a build)",
     "SGDM_REQUIRE_KERNELS": "1 makes the tests fail, not skip, without the compiled kernels",
-    "SGDM_OFFLINE": "1: eval refuses FID/IS/KID at once when the Inception weights are not cached (as "
-                    "HF_HUB_OFFLINE=1 does; it stops no other download)",
+    "SGDM_OFFLINE": "1: the Inception (FID/IS/KID) and VGG16 (vgg16_download) weights only from the torch "
+                    "hub cache, as HF_HUB_OFFLINE=1 does; it stops no other download",
     "HF_HUB_OFFLINE": "1: timm and torch-fidelity weights only from local caches",
     "SGDM_CACHE": "where the shapes dataset is generated when data.shapes.cache_dir is unset (default ~/.cache/sgdm)",
     "ATEN_CPU_CAPABILITY": "default or avx2 caps the instruction set of the CPU kernels (read by PyTorch)",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import socket
 from typing import Sequence
 
 import torch
@@ -21,12 +20,6 @@ __all__ = ["UInt8Images", "inception_metrics", "check_inception_weights", "fetch
            "INCEPTION_FILE"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
-
-def _offline() -> bool:
-    from sgdm.environment import env_flag, hub_offline
-
-    return hub_offline() or env_flag("SGDM_OFFLINE")
 
 
 def _hub_file() -> pathlib.Path:
@@ -73,7 +66,9 @@ def check_inception_weights(path: str | os.PathLike | None) -> str:
     cached = _hub_file()
     if cached.is_file():
         return "tf-inception-2015-12-05"
-    if _offline():
+    from sgdm.environment import offline
+
+    if offline():
         raise RuntimeError(
             "FID/IS/KID need Inception weights: offline mode is set and torch-fidelity's download "
             f"({INCEPTION_FILE}) is not in {cached.parent}; copy it there, or pass --inception-weights PATH "
@@ -92,18 +87,17 @@ def fetch_inception_weights(timeout: float = 60.0) -> None:
         return
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # torch.hub's urlopen has no timeout of its own
+    from sgdm.environment import download_timeout
+
     try:
-        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        with download_timeout(timeout):
+            FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except OSError as err:  # urllib errors, socket timeouts, a cache folder that cannot be written
         raise RuntimeError(
             f"FID/IS/KID need Inception weights: downloading torch-fidelity's {INCEPTION_FILE} into "
             f"{_hub_file().parent} failed ({err}); pass --inception-weights PATH (eval.inception_weights): that "
             "file, or pytorch-fid's pt_inception-2015-12-05-6726825d.pth; or drop fid/is/kid from the metrics"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def check_inception_weights_load(path: str | os.PathLike) -> None:

@@ -22,6 +22,7 @@ step, since the generator loss also back-propagates into it.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import warnings
 from collections import OrderedDict
@@ -145,9 +146,17 @@ def _vgg16_state(vgg16_weights: str | pathlib.Path | None, download: bool) -> tu
         return None
     from torchvision.models import VGG16_Weights
 
+    from sgdm.environment import download_timeout, offline
+
     url = VGG16_Weights.IMAGENET1K_V1.url
+    cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file() and offline():
+        raise RuntimeError(f"model.autoencoder.loss.vgg16_download: torchvision's VGG16 weights are not in "
+                           f"{cached.parent} and offline mode is set (HF_HUB_OFFLINE / SGDM_OFFLINE); copy "
+                           f"{cached.name} there, or set vgg16_weights to a local file")
     try:  # the torch hub cache first; the network only when the file is not cached
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False), url
+        with download_timeout():
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False), url
     except Exception as err:
         raise RuntimeError(f"model.autoencoder.loss.vgg16_download: cannot get torchvision's VGG16 weights "
                            f"({type(err).__name__}: {err}); offline, set vgg16_weights to a local file") from None

@@ -48,7 +48,8 @@ class AutoencoderLossConfig:
 
     ``vgg16_weights`` is a local torchvision VGG16 state dict for the LPIPS backbone;
     without it, ``vgg16_download: true`` takes torchvision's ImageNet VGG16 from the torch
-    hub cache (downloading it when online), and otherwise the perceptual term is switched
+    hub cache (downloading it when online, 60 s timeout per network operation; offline, a file
+    that is not cached is an error at once), and otherwise the perceptual term is switched
     off (one warning). ``lpips_heads`` defaults to the linear heads shipped inside torchmetrics.
     """
 

@@ -89,17 +89,24 @@ def test_lpips_missing_files_warn_once_or_fail_clearly(tmp_path):
         al.build_lpips(bad, heads=tmp_path / "nohead.pth")
 
 
-def test_lpips_download_fetches_torchvision_weights_or_fails_clearly(vgg_file, monkeypatch):
+def test_lpips_download_fetches_torchvision_weights_or_fails_clearly(vgg_file, monkeypatch, tmp_path):
     path, _ = vgg_file
-    urls = []
+    urls, timeouts = [], []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("SGDM_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
 
     def cached(url, **kwargs):
+        import socket
+
         urls.append(url)
+        timeouts.append(socket.getdefaulttimeout())
         return torch.load(path, weights_only=True)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", cached)
     assert isinstance(al.build_lpips(None, download=True), al.LPIPS)
     assert urls and "vgg16" in urls[0]
+    assert timeouts == [60.0]  # each socket operation of the download is bounded: no hang on a dead network
 
     def offline(url, **kwargs):
         raise OSError("Temporary failure in name resolution")
@@ -107,6 +114,30 @@ def test_lpips_download_fetches_torchvision_weights_or_fails_clearly(vgg_file, m
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="vgg16_download: cannot get .*set vgg16_weights to a local file"):
         al.build_lpips(None, download=True)
+
+
+@pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "SGDM_OFFLINE"])
+def test_lpips_download_offline_without_a_cached_file_fails_at_once(flag, vgg_file, monkeypatch, tmp_path):
+    # vgg16_download ignored the offline flags and went to the network (no timeout either)
+    path, _ = vgg_file
+    calls = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("SGDM_OFFLINE", raising=False)
+    monkeypatch.setenv(flag, "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda url, **kwargs: calls.append(url) or torch.load(path, weights_only=True))
+    with pytest.raises(RuntimeError, match=r"vgg16_download: .* not in .*hub.checkpoints and offline mode is set"):
+        al.build_lpips(None, download=True)
+    assert calls == []
+    # a cached download is used offline
+    from torchvision.models import VGG16_Weights
+
+    cache = tmp_path / "hub" / "checkpoints" / VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(path.read_bytes())
+    assert isinstance(al.build_lpips(None, download=True), al.LPIPS)
+    assert len(calls) == 1
 
 
 def _setup(generator, **loss_cfg):
