@@ -9,7 +9,11 @@ Reported: median forward+backward time of the label-guided UNet (one training
 step without the optimizer), median time of one guided DDIM sampling step (cond and
 uncond halves batched in one UNet call, then ``sgdm.ops.guided_ddim_step`` with
 eps = (1 - w) eps_uncond + w eps_cond), peak memory, the op backends in use, and
-the time ratios of the two settings.
+the time ratios of the two settings. Before timing, each first-round worker saves the UNet's
+sampling output on the shared inputs (same seed, same weights); the two settings must agree
+(relative L2 error under 1e-2 in fp32, 1e-1 in bf16: loose enough for TF32 convolutions and
+bf16 rounding through the network, while a wrong kernel is off by O(1)), else the times are
+printed with a MISMATCH line and the exit status is 1.
 
     python benchmarks/unet_bench.py                 # small config on CPU; Churches on GPU if present
     python benchmarks/unet_bench.py --config churches --device cuda --precision bf16
@@ -24,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 SMALL = dict(channels=64, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[8, 4], image_size=16,
@@ -89,8 +94,11 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = UNetConfig(**(SMALL if args.config == "small" else CHURCHES))
+    from sgdm.training.rng import seeded_cpu_rng
+
     gen = torch.Generator().manual_seed(0)
-    model = UNet(cfg, cond_dim=NUM_CLASSES).to(device)
+    with seeded_cpu_rng(0):  # the same weights in every worker: both settings time (and check) one network
+        model = UNet(cfg, cond_dim=NUM_CLASSES).to(device)
     with torch.no_grad():  # non-zero output convs so backward does real work everywhere
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).to(device) * 0.01)
@@ -111,12 +119,17 @@ def worker(args) -> dict:
             loss = (model(x, t, cond) - x).square().mean()
         loss.backward()
 
-    def sample_step():
+    def denoise():
         with torch.no_grad(), autocast:
-            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
-        eps_cond, eps_uncond = eps.float().chunk(2)
+            return model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
+
+    def sample_step():
+        eps_cond, eps_uncond = denoise().float().chunk(2)
         ops.guided_ddim_step(x, eps_cond, 0.5, 0.6, eps_uncond=eps_uncond, guidance_scale=2.0)
 
+    if args.check_file:  # the output the other setting must reproduce (untimed)
+        model.eval()
+        torch.save(denoise().float().cpu(), args.check_file)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,14 +144,17 @@ def worker(args) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def _run_setting(args, setting: bool) -> dict:
-    """One worker; ``setting``: the kernels on (``--compare kernels``) or torch.compile on (``--compare compile``)."""
+def _run_setting(args, setting: bool, check_file: str | None = None) -> dict:
+    """One worker; ``setting``: the kernels on (``--compare kernels``) or torch.compile on (``--compare compile``);
+    ``check_file``: where it saves the UNet's output for :func:`_agreement`."""
     env = dict(os.environ, SGDM_KERNELS="1" if setting or args.compare == "compile" else "0")
     cmd = [sys.executable, __file__, "--worker", "--config", args.config, "--device", args.device,
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--precision", args.precision, "--threads", str(args.threads), "--clock", args.clock]
     if args.compare == "compile" and setting:
         cmd.append("--compiled")
+    if check_file:
+        cmd += ["--check-file", check_file]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"worker ({args.compare}={setting}, SGDM_KERNELS={env['SGDM_KERNELS']}) failed:\n"
@@ -164,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results (medians, ratios, every time) here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--check-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, low in (("rounds", 1), ("iters", 1), ("warmup", 0), ("batch", 0), ("threads", 1)):
         if getattr(args, name) < low:
@@ -178,16 +195,35 @@ def main(argv=None) -> int:
     args.config = ("churches" if args.device == "cuda" else "small") if args.config == "auto" else args.config
     args.batch = args.batch or (16 if args.config == "churches" else 4)
     runs = {True: [], False: []}
-    for r in range(args.rounds):
-        # ABBA order: neither setting always runs first (on a cold GPU, or right after the
-        # other has heated the machine)
-        for setting in ((True, False) if r % 2 == 0 else (False, True)):
-            runs[setting].append(_run_setting(args, setting))
+    with tempfile.TemporaryDirectory() as tmp:
+        checks = {setting: os.path.join(tmp, f"eps_{setting}.pt") for setting in (True, False)}
+        for r in range(args.rounds):
+            # ABBA order: neither setting always runs first (on a cold GPU, or right after the
+            # other has heated the machine)
+            for setting in ((True, False) if r % 2 == 0 else (False, True)):
+                runs[setting].append(_run_setting(args, setting, checks[setting] if r == 0 else None))
+        agreement = _agreement(args, checks)
     result = _report(args, runs)
+    result["agreement"] = agreement
+    if not agreement["ok"]:
+        print(f"MISMATCH UNet output: {agreement['what']} differ by {agreement['rel_error']:.2e} "
+              f"(relative L2; tolerance {agreement['tolerance']:.0e}): the times above are not comparable")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    return 0
+    return 0 if agreement["ok"] else 1
+
+
+def _agreement(args, checks: dict) -> dict:
+    """The two settings' saved UNet outputs compared: ||a - b|| / ||b||, b the reference setting's."""
+    import torch
+
+    got, want = (torch.load(checks[setting]).double() for setting in (True, False))
+    labels = ("torch.compile", "eager") if args.compare == "compile" else ("kernels", "SGDM_KERNELS=0")
+    error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    tolerance = 1e-1 if args.precision == "bf16" else 1e-2
+    return {"what": f"{labels[0]} vs {labels[1]}", "rel_error": error, "tolerance": tolerance,
+            "ok": error <= tolerance}  # False for NaN
 
 
 def _report(args, runs) -> dict:

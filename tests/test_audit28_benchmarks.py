@@ -131,14 +131,24 @@ def test_unet_bench_bad_arguments_stop_before_any_worker(monkeypatch, capsys, ar
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_unet_bench_writes_json(monkeypatch, tmp_path, capsys):
-    unet_bench = load("unet_bench")
+def _fake_unet_worker(eps_off: float = 0.0):
+    """A stand-in for unet_bench's worker: times, and the UNet output it saves for the agreement check."""
+    calls = []
 
-    def fake(args, setting):
+    def fake(args, setting, check_file=None):
+        calls.append(check_file)
+        if check_file is not None:
+            eps = torch.linspace(-1, 1, 64) + (eps_off if setting else 0.0)
+            torch.save(eps, check_file)
         t = 0.1 if setting else 0.2
         return {"train": [t], "sample": [t / 2], "peak_mb": 5.0, "train_peak_mb": 4.0,
                 "backend": {"attention": "x"}, "params_m": 1.0}
+    return fake, calls
 
+
+def test_unet_bench_writes_json(monkeypatch, tmp_path, capsys):
+    unet_bench = load("unet_bench")
+    fake, calls = _fake_unet_worker()
     monkeypatch.setattr(unet_bench, "_run_setting", fake)
     out = tmp_path / "unet.json"
     assert unet_bench.main(["--device", "cpu", "--rounds", "2", "--iters", "1", "--json", str(out)]) == 0
@@ -146,7 +156,22 @@ def test_unet_bench_writes_json(monkeypatch, tmp_path, capsys):
     assert result["config"] == "small" and result["compare"] == "kernels"
     assert result["speedup"] == {"train": pytest.approx(2.0), "sample": pytest.approx(2.0)}
     assert result["settings"]["kernels"]["train_ms"] == pytest.approx(100.0)
+    assert result["agreement"]["ok"] and result["agreement"]["rel_error"] == 0.0
     assert "speed-up" in capsys.readouterr().out  # the human table as before
+    assert [c is not None for c in calls] == [True, True, False, False]  # the first round's workers save eps
+
+
+def test_unet_bench_reports_settings_that_disagree(monkeypatch, tmp_path, capsys):
+    """The kernels (or the compiled UNet) must give the reference's output on the same inputs: a fast
+    wrong network is no speed-up. The times are still printed; the exit status is 1."""
+    unet_bench = load("unet_bench")
+    fake, _ = _fake_unet_worker(eps_off=0.5)
+    monkeypatch.setattr(unet_bench, "_run_setting", fake)
+    out = tmp_path / "unet.json"
+    assert unet_bench.main(["--device", "cpu", "--rounds", "1", "--iters", "1", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "speed-up" in text and "MISMATCH UNet output: kernels vs SGDM_KERNELS=0" in text
+    assert not json.loads(out.read_text())["agreement"]["ok"]
 
 
 def test_train_bench_rounds_must_be_positive(monkeypatch, capsys):
@@ -354,3 +379,19 @@ def test_gpu_check_kills_a_step_that_ignores_sigterm(tmp_path):
 def test_gpu_check_rejects_a_bad_budget(tmp_path):
     proc, _ = run_gpu_check(tmp_path, timeout=30, GPU_CHECK_BUDGET_S="9m")
     assert proc.returncode == 2 and "GPU_CHECK_BUDGET_S=9m" in proc.stderr
+
+
+def test_unet_bench_workers_build_the_same_network(tmp_path, one_thread):
+    """Both settings must time (and check) the same weights: the UNet's initialisation is seeded, not
+    drawn from whatever the process's global RNG holds."""
+    import types
+
+    unet_bench = load("unet_bench")
+    outputs = []
+    for i in range(2):
+        args = types.SimpleNamespace(config="small", device="cpu", batch=1, iters=1, warmup=0, precision="fp32",
+                                     threads=1, clock="wall", compiled=False, check_file=str(tmp_path / f"{i}.pt"))
+        torch.rand(i + 1)  # the global RNG is elsewhere the second time
+        unet_bench.worker(args)
+        outputs.append(torch.load(args.check_file))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
