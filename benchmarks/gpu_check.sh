@@ -182,6 +182,10 @@ if benches:
             for text in bench.get("mismatches", []):
                 print(f"MISMATCH {text}")
             print()
+HEADLINE = ("device", "speedup", "agreement", "total_s", "iterations", "inertia", "peak_gpu_gib")
+for name, result in results.items():  # the end-to-end runs' headline numbers (their tables are in the log)
+    if isinstance(result, dict):
+        print(f"{name}: {json.dumps({k: result[k] for k in HEADLINE if k in result})}")
 PYEOF
 echo
 printf '%-16s %-10s %s\n' step status seconds

@@ -349,6 +349,9 @@ def test_gpu_check_all_steps_and_a_machine_readable_summary(tmp_path):
     # the end-to-end runs are in the JSON too, not only in their text files
     assert summary["results"] == {"kmeans_paper": {"total_s": 12.5}, "unet_churches": {"speedup": {"train": 1.5}},
                                   "unet_compile": {"speedup": {"train": 1.5}}}
+    # and their headline numbers are printed (the lent machine returns only the output's tail)
+    assert 'unet_churches: {"speedup": {"train": 1.5}}' in proc.stdout
+    assert 'kmeans_paper: {"total_s": 12.5}' in proc.stdout
     # the attention rows are printed with their own table: TFLOP/s and the SDPA backend
     assert "sgdm TF/s" in proc.stdout and "321.500" in proc.stdout and "sdpa-flash" in proc.stdout
     # the wgmma kernels passed their standalone check, so the tests and benchmarks include them
