@@ -7,10 +7,9 @@ Per granularity (paper Sec. 3, K = ``GuidanceConfig.num_classes``):
 * ``mask`` (Eq. 9): cond_map = one-hot class map [B, K, H, W] (ignore label 255 -> all zeros);
   cond = its spatial max-pool, the multi-hot vector of present classes [B, K].
 
-Annotations (``AnnotationStore.get``) describe the unflipped preprocessed image, so
-boxes and masks are mirrored here for samples whose ``flipped`` flag is set. Ground-truth
-fields of a data batch (``gt_label``, ``gt_boxes`` in pixels, ``gt_mask``) already describe
-the returned (possibly flipped) image. The null condition is zeros for both; see
+Annotations (``AnnotationStore.get``; ground truth too, which ``annotate`` writes into a store
+of the same layout) describe the unflipped preprocessed image, so boxes and masks are mirrored
+here for samples whose ``flipped`` flag is set. The null condition is zeros for both; see
 :func:`drop_guidance`.
 """
 from __future__ import annotations
@@ -31,7 +30,6 @@ __all__ = [
     "resize_class_map",
     "multi_hot",
     "condition_from_annotations",
-    "condition_from_batch",
     "drop_guidance",
     "null_condition",
 ]
@@ -275,41 +273,6 @@ def condition_from_annotations(guidance: GuidanceConfig, records: Sequence[Mappi
     if keep is not None:  # the marker's box [0, 0, 0, 0] still covers a cell: zero the whole map
         cond_map = cond_map * keep.to(cond_map.device)[:, None, None, None]
     return cond, cond_map
-
-
-def _gt_label_vector(labels, k: int) -> torch.Tensor:
-    if isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.dim() == 2:
-        if labels.shape[1] != k:
-            raise ValueError(f"gt_label: expected multi-hot vectors of length K={k}, got {tuple(labels.shape)}")
-        return labels.float()
-    return one_hot(labels, k)
-
-
-def condition_from_batch(guidance: GuidanceConfig, batch: Mapping, size: tuple[int, int]
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(cond, cond_map) from a collated data batch's ground truth (``source: gt``).
-
-    Uses ``gt_label`` (int ids or multi-hot [B, K]), ``gt_boxes`` (list of [n, 4] xyxy
-    pixels of the returned image; the union of the boxes is the mask) and ``gt_mask``
-    ([B, H, W], 255 = ignore). These already describe the returned (flipped) image.
-    """
-    k, kind = guidance.num_classes, guidance.kind
-    if kind == "none":
-        return None, None
-    needed = {"label": "gt_label", "box": "gt_boxes", "mask": "gt_mask"}[kind]
-    if needed not in batch or (kind == "box" and "gt_label" not in batch):
-        missing = needed if needed not in batch else "gt_label"
-        raise ValueError(f"batch: guidance kind '{kind}' with source 'gt' needs '{missing}', which this "
-                         f"dataset does not provide")
-    if kind == "mask":
-        return _mask_condition(list(batch["gt_mask"]), k, size, None)
-    cond = _gt_label_vector(batch["gt_label"], k)
-    if kind == "label":
-        return cond, None
-    img_h, img_w = batch["image"].shape[-2:]
-    scale = torch.tensor([img_w, img_h, img_w, img_h], dtype=torch.float32)
-    boxes = [(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) / scale).clamp(0, 1) for b in batch["gt_boxes"]]
-    return cond, box_mask(boxes, size[0], size[1])
 
 
 def drop_guidance(cond: torch.Tensor | None, cond_map: torch.Tensor | None, p: float = 0.1,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sgdm.models.conditioning import (box_mask, class_map_one_hot, condition_dims, condition_from_annotations,
-                                      condition_from_batch, drop_guidance, multi_hot, null_condition, one_hot)
+                                      drop_guidance, multi_hot, null_condition, one_hot)
 
 from tests.models.helpers import K, guidance
 
@@ -111,22 +111,6 @@ def test_condition_from_annotations_every_kind():
     assert cmap[1, :, 2:].sum() == 0  # ignored rows
     with pytest.raises(ValueError, match="no 'box' field"):
         condition_from_annotations(guidance("box"), [{"cluster": 0}], (4, 4))
-
-
-def test_condition_from_batch_ground_truth():
-    batch = {"image": torch.zeros(2, 3, 8, 8), "gt_label": torch.tensor([0, 3]),
-             "gt_boxes": [torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.zeros(0, 4)],
-             "gt_mask": torch.zeros(2, 8, 8, dtype=torch.long)}
-    cond, cmap = condition_from_batch(guidance("box"), batch, (2, 2))
-    torch.testing.assert_close(cond, one_hot([0, 3], K))
-    torch.testing.assert_close(cmap[:, 0], torch.tensor([[[1.0, 0], [0, 0]], [[0, 0], [0, 0]]]))
-    cond, cmap = condition_from_batch(guidance("mask"), batch, (2, 2))
-    assert cmap.shape == (2, K, 2, 2) and cond[:, 0].tolist() == [1.0, 1.0]
-    multi = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 0, 1]])
-    cond, _ = condition_from_batch(guidance("label"), {**batch, "gt_label": multi}, (2, 2))
-    torch.testing.assert_close(cond, multi)
-    with pytest.raises(ValueError, match="needs 'gt_mask'"):
-        condition_from_batch(guidance("mask"), {"image": batch["image"]}, (2, 2))
 
 
 def test_drop_guidance_drops_both_together_and_is_reproducible():
