@@ -46,6 +46,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     ckpt_dir = run_dir / "checkpoints"
     if _first_process():
         clean_leftovers(ckpt_dir)
+        clean_leftovers(run_dir / "samples")  # a grid being written when the run was stopped
     existing = list_checkpoints(ckpt_dir)
     if resume and not existing:
         raise no_checkpoints_error(cfg)

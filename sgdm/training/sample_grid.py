@@ -97,17 +97,30 @@ class SampleGrid(pl.Callback):
         return rows
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        every = self.cfg.train.sample_every
         at_boundary = pl_module.next_position == int(batch["position"][0]) + 1
-        if not at_boundary or pl_module.step % every or not trainer.is_global_zero:
-            return
+        if at_boundary and not pl_module.step % self.cfg.train.sample_every and trainer.is_global_zero:
+            self.draw(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resume draws the grid of the step it starts at if that grid is missing: the checkpoint of a step
+        is written before its grid, so a run stopped while drawing (SIGKILL, a full disk) had none, and the
+        restored EMA weights are those it would have been drawn from."""
+        step = pl_module.step
+        if step and not step % self.cfg.train.sample_every and trainer.is_global_zero \
+                and not self.path(step).is_file():
+            self.draw(trainer, pl_module)
+
+    def path(self, step: int) -> pathlib.Path:
+        return self.directory / f"step-{step:08d}.png"
+
+    def draw(self, trainer, pl_module) -> None:
         ucfg = self.cfg.model.unet
         size = (ucfg.image_size, ucfg.image_size)
         noise = torch.randn((self.cfg.train.sample_per_row, ucfg.in_channels, *size),
                             generator=generator_for(self.cfg.run.seed, "grid"))
         images = sample_rows(pl_module, self.rows(pl_module, size), noise, self.cfg.train.sample_steps,
                              self.cfg.diffusion.parameterization)
-        grid = save_grid(images, self.cfg.train.sample_per_row, self.directory / f"step-{pl_module.step:08d}.png")
+        grid = save_grid(images, self.cfg.train.sample_per_row, self.path(pl_module.step))
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("samples", grid, global_step=pl_module.step)
