@@ -567,6 +567,11 @@ def _parse_box(box, n: int, latent_hw, image_hw) -> dict:
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("box: a box mask must be binary (bool or 0/1 values)")
     _check_covers_image(m.shape[-2:], image_hw, latent_hw, "box")
+    empty = (m.flatten(1) == 0).all(1)
+    if bool(empty.any()):  # training pairs every cluster id with a box; the null condition is zeros for both
+        name = "box" if m.shape[0] == 1 else f"box[{int(empty.nonzero()[0])}]"
+        raise ValueError(f"{name}: the box mask is empty; a box-guided model saw a box with every cluster id "
+                         f"in training (guidance_scale=0 samples without guidance)")
     return {"box_masks": _expand(m, n, "box")}
 
 

@@ -36,6 +36,10 @@ def _call(pipe, n=2, **kwargs):
     ("box", {"cluster": [1, 2], "box": [[0, 0, 1, 1], [0, 0, 1, 1.5]]}, r"^box\[1\]: expected normalized xyxy"),
     ("box", {"cluster": 1, "box": torch.zeros(16, 24, dtype=torch.bool)}, r"box: size \(16, 24\) does not fit"),
     ("box", {"cluster": 1, "box": torch.full((16, 16), 0.5)}, "box: a box mask must be binary"),
+    # an empty box with a cluster id was sampled silently, a condition training never shows
+    ("box", {"cluster": 1, "box": torch.zeros(16, 16, dtype=torch.bool)}, r"^box: the box mask is empty"),
+    ("box", {"cluster": [1, 2], "box": torch.stack([torch.ones(16, 16), torch.zeros(16, 16)]).bool()},
+     r"^box\[1\]: the box mask is empty"),
     ("box", {"cluster": 1, "box": torch.zeros(2, 2, 16, 16)}, "box: expected xyxy"),
     ("box", {"cluster": 1, "mask": torch.zeros(16, 16, dtype=torch.long)}, "mask: this model has 'box' guidance"),
     ("mask", {"mask": torch.zeros(16, 12, dtype=torch.long)}, r"mask: size \(16, 12\) does not fit the 16x16"),
