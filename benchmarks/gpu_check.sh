@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU verification in one go, for a lent GPU machine (no network; torch with CUDA
 # already installed): build the extension, run the CUDA tests, compute-sanitizer
-# (memcheck + racecheck) on small shapes, the op benchmarks. Writes
-# $OUT/gpu_check.log and $OUT/gpu_check.json (OUT defaults to a temp dir) and
-# prints a short table last. Time: under 6 minutes on 16 cores (about 4.5 on an H200), plus up to
+# (memcheck + racecheck) on small shapes, the op benchmarks. Writes three files,
+# $OUT/gpu_check.log (every step's output), $OUT/gpu_check.json (steps, every benchmark's rows,
+# the end-to-end runs' results) and $OUT/steps.tsv (OUT defaults to a temp dir; the lent machine
+# returns at most 8 files, so the intermediates stay in a temp dir) and prints a short table last. Time: under 6 minutes on 16 cores (about 4.5 on an H200), plus up to
 # 5 for the torch.compile comparison of the Churches UNet (never run on a GPU yet). The whole run
 # keeps to GPU_CHECK_BUDGET_S (default 540 s, for a 10-minute lease): each step's limit is cut to
 # the time left, a step with under 5 s left is "skipped", and 40 s stay for the summary (a run
@@ -29,11 +30,13 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$(mktemp -d /tmp/sgdm_gpu_check.XXXXXX)}
 mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sgdm_gpu_check_work.XXXXXX")  # each step's JSON, text and binaries; gathered at the end
 LOG=$OUT/gpu_check.log
 STEPS=$OUT/steps.tsv
 : >"$LOG"
 : >"$STEPS"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || echo python)}  # the lent machine's torch is under python3
+export PYTHONUNBUFFERED=1  # a step cut short at its limit still leaves what it printed in the log
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # 9.0a: the Hopper wgmma kernels too
@@ -108,7 +111,7 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   export ATTN_FLAGS=--no-wgmma
   WGMMA_TESTS=(-k "not wgmma")
   if [ "$SCOPE" != ops ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q '^9\.'; then
-    if step attention-wgmma 240 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o $OUT/attention_wgmma && $OUT/attention_wgmma | tee $OUT/attention_wgmma.txt"; then
+    if step attention-wgmma 240 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc/include -Icsrc/cuda benchmarks/attention_wgmma.cu -o $WORK/attention_wgmma && $WORK/attention_wgmma | tee $WORK/attention_wgmma.txt"; then
       ATTN_FLAGS=
       WGMMA_TESTS=()
     fi
@@ -119,11 +122,11 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   i=0
   for cmd in "${BENCH[@]}"; do
     i=$((i + 1))
-    step "bench-$i" 90 "$cmd --json $OUT/bench_$i.json"
+    step "bench-$i" 90 "$cmd --json $WORK/bench_$i.json"
   done
   if [ "$SCOPE" != ops ]; then
     # the forward's tile configurations against the production FwdTile (standalone nvcc program)
-    step attention-tiles 150 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -arch=native -Icsrc/include -Icsrc/cuda benchmarks/attention_tiles.cu -o $OUT/attention_tiles && $OUT/attention_tiles | tee $OUT/attention_tiles.txt"
+    step attention-tiles 150 "set -o pipefail; $CUDA_HOME/bin/nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -arch=native -Icsrc/include -Icsrc/cuda benchmarks/attention_tiles.cu -o $WORK/attention_tiles && $WORK/attention_tiles | tee $WORK/attention_tiles.txt"
   fi
   i=0
   for cmd in "${SMOKE[@]}"; do
@@ -133,21 +136,21 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
   done
   if [ "$SCOPE" = all ]; then
     # self-labels at the paper's ImageNet scale (issue 7): sgdm k-means alone on the GPU
-    step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 --json $OUT/kmeans_paper.json | tee $OUT/kmeans_paper.txt"
+    step kmeans-paper 150 "set -o pipefail; $PY benchmarks/kmeans_bench.py --device cuda --n 1300000 --dim 768 --k 10000 --json $WORK/kmeans_paper.json | tee $WORK/kmeans_paper.txt"
     # end to end (issue 4): the LSUN-Churches UNet, kernels vs SGDM_KERNELS=0, bf16
-    step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 --json $OUT/unet_churches.json | tee $OUT/unet_churches.txt"
+    step unet-churches 120 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --iters 10 --rounds 2 --json $WORK/unet_churches.json | tee $WORK/unet_churches.txt"
     # train.compile / pipe.compile: the same UNet under torch.compile (Inductor) vs eager, both with the
     # kernels; the warm-up iterations hold the two compiles (training step, sampling step)
-    step unet-compile 300 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --compare compile --warmup 3 --iters 10 --rounds 1 --json $OUT/unet_compile.json | tee $OUT/unet_compile.txt"
+    step unet-compile 300 "set -o pipefail; $PY benchmarks/unet_bench.py --config churches --device cuda --precision bf16 --compare compile --warmup 3 --iters 10 --rounds 1 --json $WORK/unet_compile.json | tee $WORK/unet_compile.txt"
   fi
 fi
 
 # JSON summary: steps, every benchmark's rows, the end-to-end runs' results; then the tables.
 echo
-echo "log and JSON: $OUT"
-$PY - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+echo "log and JSON: $OUT (each step's own files: $WORK)"
+$PY - "$OUT" "$WORK" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys
-out = sys.argv[1]
+out, work = sys.argv[1:3]
 
 
 def load(path):  # a step cut short may leave a partial file: the rest of the summary still counts
@@ -161,9 +164,9 @@ def load(path):  # a step cut short may leave a partial file: the rest of the su
 
 steps = [dict(zip(("step", "status", "seconds"), line.rstrip("\n").split("\t")))
          for line in open(os.path.join(out, "steps.tsv"))]
-benches = [b for b in (load(p) for p in sorted(glob.glob(os.path.join(out, "bench_*.json")))) if b is not None]
-results = {os.path.basename(p)[:-len(".json")]: load(p) for p in sorted(glob.glob(os.path.join(out, "*.json")))
-           if not os.path.basename(p).startswith(("bench_", "gpu_check"))}
+benches = [b for b in (load(p) for p in sorted(glob.glob(os.path.join(work, "bench_*.json")))) if b is not None]
+results = {os.path.basename(p)[:-len(".json")]: load(p) for p in sorted(glob.glob(os.path.join(work, "*.json")))
+           if not os.path.basename(p).startswith("bench_")}
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump({"steps": steps, "benchmarks": benches, "results": results}, f, indent=2)
 if benches:

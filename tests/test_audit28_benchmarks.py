@@ -244,7 +244,7 @@ def test_data_bench_repeats_must_be_positive(capsys):
 STUB_PY = """\
 #!/usr/bin/env bash
 # a stand-in python: the summary's own code runs for real; the GPU commands pretend, writing a JSON result
-echo "$*" >>"$STUB_LOG"
+echo "PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-} $*" >>"$STUB_LOG"
 if [ "$1" = - ]; then exec "$REAL_PY" "$@"; fi
 if [ "$1" = setup.py ] && [ -n "${STUB_HANG_BUILD:-}" ]; then
   exec "$REAL_PY" -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
@@ -288,19 +288,26 @@ def _stub_json(dir: pathlib.Path) -> None:
     (dir / "unet_bench.json").write_text(json.dumps({"speedup": {"train": 1.5}}))
 
 
-def run_gpu_check(tmp_path: pathlib.Path, timeout: float, **env_extra) -> tuple[subprocess.CompletedProcess, float]:
+def run_gpu_check(tmp_path: pathlib.Path, timeout: float, python: str = "python",
+                  **env_extra) -> tuple[subprocess.CompletedProcess, float]:
+    """gpu_check.sh with stubs for python (named ``python``, passed as PYTHON; or ``python3``, found on a
+    PATH without this venv), nvcc, nvidia-smi and compute-sanitizer."""
     stubs = tmp_path / "stubs"
     (stubs / "cuda" / "bin").mkdir(parents=True)
-    for path, text in ((stubs / "python", STUB_PY), (stubs / "cuda" / "bin" / "nvcc", STUB_NVCC),
+    for path, text in ((stubs / python, STUB_PY), (stubs / "cuda" / "bin" / "nvcc", STUB_NVCC),
                        (stubs / "nvidia-smi", STUB_NVIDIA_SMI), (stubs / "sanitizer", STUB_SANITIZER)):
         path.write_text(text)
         path.chmod(0o755)
     (stubs / "json").mkdir()
     _stub_json(stubs / "json")
     out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", PYTHON=str(stubs / "python"), REAL_PY=sys.executable,
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", PYTHON=str(stubs / python), REAL_PY=sys.executable,
                CUDA_HOME=str(stubs / "cuda"), SANITIZER=str(stubs / "sanitizer"), OUT=str(out),
-               STUB_LOG=str(tmp_path / "calls.log"), STUB_JSON=str(stubs / "json"), **env_extra)
+               STUB_LOG=str(tmp_path / "calls.log"), STUB_JSON=str(stubs / "json"), TMPDIR=str(tmp_path),
+               **env_extra)
+    if python == "python3":  # no `python` anywhere on the PATH (no venv: /usr/bin has python3 only)
+        env.pop("PYTHON")
+        env["PATH"] = f"{stubs}:/usr/bin:/bin"
     start = time.monotonic()
     proc = subprocess.Popen(["bash", str(BENCHMARKS / "gpu_check.sh")], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -357,6 +364,17 @@ def test_gpu_check_all_steps_and_a_machine_readable_summary(tmp_path):
     # the wgmma kernels passed their standalone check, so the tests and benchmarks include them
     calls = (tmp_path / "calls.log").read_text()
     assert "not wgmma" not in calls and "--no-wgmma" not in calls
+    # a step cut short still leaves its rows in the log
+    assert all(line.startswith("PYTHONUNBUFFERED=1 ") for line in calls.splitlines())
+    # the lent machine returns at most 8 files from $OUT: the intermediates stay elsewhere
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.json", "gpu_check.log", "steps.tsv"]
+
+
+def test_gpu_check_finds_python3(tmp_path):
+    """The lent machine's torch is under `python3`; a plain `python` may not exist there."""
+    proc, _ = run_gpu_check(tmp_path, timeout=150, python="python3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(_steps(tmp_path).values()) == {"ok"}
 
 
 def test_gpu_check_keeps_to_its_budget_and_still_writes_the_summary(tmp_path):
