@@ -63,7 +63,22 @@ def test_attention_disagreement_is_reported_and_exits_nonzero(attention_bench, m
     assert rc == 1
     assert "NOT TIMED" in capsys.readouterr().err
     result = json.loads(out.read_text())
-    assert result["rows"] == [] and len(result["mismatches"]) == 1  # the fwd case stops the case
+    assert result["rows"] == [] and len(result["mismatches"]) == 2  # fwd, and fwd+bwd (its gradients)
+
+
+def test_attention_wgmma_disagreement_keeps_the_production_rows(attention_bench, monkeypatch, one_thread):
+    """The Hopper wgmma kernels are the ones never run before: their disagreement is reported without
+    losing the production kernel's rows of the same case (here on the CPU, the wgmma switch faked)."""
+    real = attention_bench.ops.attention
+    monkeypatch.setattr(attention_bench, "wgmma_runs", lambda device, dtype: True)
+    monkeypatch.setattr(attention_bench.ops, "attention", lambda q, k, v: real(q, k, v) * (
+        1.1 if os.environ.get("SGDM_ATTENTION_WGMMA") == "1" else 1.0))
+    mismatches = []
+    rows = attention_bench.bench_case((1, 2, 64, 32), torch.float32, CPU, 1, torch.Generator().manual_seed(0),
+                                      wgmma=True, mismatches=mismatches)
+    assert [r["op"] for r in rows] == ["attention fwd", "attention fwd+bwd"]
+    assert [m.split(":")[0] for m in mismatches] == ["attention fwd 1x2x64x32 float32 cpu [wgmma] vs sdpa",
+                                                    "attention fwd+bwd 1x2x64x32 float32 cpu [wgmma] vs sdpa"]
 
 
 def test_ops_disagreement_is_reported_per_op_and_exits_nonzero(ops_bench, monkeypatch, capsys, tmp_path,
