@@ -62,6 +62,7 @@ class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
         self.batch_size, self.log_every = train.batch_size, train.log_every
         self.seed, self._train_loader = seed, train_loader
         self.step = 0
+        self._step_samples = 0  # readable images of this rank in the step's micro-batches so far
 
     @property
     def next_position(self) -> int:
@@ -86,17 +87,21 @@ class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         opt_ae, opt_disc = self.optimizers()
         position, world, rank = int(batch["position"][0]), self.trainer.world_size, self.trainer.global_rank
-        if is_empty(batch):  # (the diffusion trainer's ranks agree on such a step; this one stops here)
-            raise RuntimeError(f"micro-batch at position {position} has no readable image on rank {rank}: all of its "
-                               f"images were unreadable (data.on_bad_image: skip); run `sgdm-ldm validate-data` on "
-                               f"this dataset")
-        x = batch["image"]
         micro = position - self.next_position
         if not 0 <= micro < self.accumulate:
             raise RuntimeError(f"micro-batch at position {position} is not part of optimiser step {self.step} "
                                f"(train.accumulate={self.accumulate})")
         last = micro == self.accumulate - 1
         disc_active = self.loss.disc_factor(self.step) > 0
+        if micro == 0:
+            self._step_samples = 0
+        if is_empty(batch):
+            self._take_part(opt_ae, opt_disc if disc_active else None, last)
+            if last:
+                self._finish_step(opt_ae, opt_disc if disc_active else None)
+            return
+        self._step_samples += len(batch["slot"])
+        x = batch["image"]
         # toggle_model: only this optimizer's parameters take gradients (the generator loss runs through
         # the discriminator); sync_grad=False: DDP's no_sync until the step's last micro-batch
         with opt_ae.toggle_model(sync_grad=last):
@@ -121,11 +126,34 @@ class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
         if last:
             self._finish_step(opt_ae, opt_disc if disc_active else None)
 
+    def _take_part(self, opt_ae, opt_disc, last: bool) -> None:
+        """A micro-batch slice without a readable image (data.on_bad_image: skip) adds nothing; its backward
+        passes still run (a zero gradient for each optimizer's parameters), so that the step's DDP
+        all-reduces happen on every rank."""
+        for opt, params in ((opt_ae, [*self.autoencoder.parameters(), self.loss.logvar]),
+                            (opt_disc, list(self.loss.discriminator.parameters()) if opt_disc is not None else [])):
+            if opt is not None:
+                with opt.toggle_model(sync_grad=last):
+                    self.manual_backward(sum(p.sum() for p in params) * 0.0)
+
+    def _check_readable(self) -> None:
+        """Stop, on every rank together, at a step with no readable image on any rank (one all-reduce per
+        step under DDP: a rank that stopped alone would leave the others waiting in the next collective)."""
+        samples = self._step_samples
+        if self.trainer.world_size > 1:
+            samples = int(self.trainer.strategy.reduce(torch.tensor(samples, device=self.device), reduce_op="sum"))
+        if not samples:
+            first, step = self.step * self.accumulate, self.step
+            raise RuntimeError(f"optimiser step {step} (micro-batch positions {first}..{first + self.accumulate - 1}) "
+                               f"has no readable image: all of its images were unreadable (data.on_bad_image: skip); "
+                               f"run `sgdm-ldm validate-data` on this dataset")
+
     def _finish_step(self, opt_ae, opt_disc) -> None:
         """Step the autoencoder's optimizer, then the discriminator's (``opt_disc``: None while inactive).
         Under 16-mixed, Lightning ends each step with the GradScaler's update, which may change the loss
         scale (halved after an overflow, doubled after 2000 clean steps); the discriminator's gradients,
         made at the old scale, are brought to the new one, which its step divides them by."""
+        self._check_readable()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if opt_disc is not None else None
         scale = scaler.get_scale() if scaler is not None else None  # GradScaler.step syncs the host anyway
         opt_ae.step()

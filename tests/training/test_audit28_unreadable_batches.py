@@ -94,10 +94,10 @@ def test_a_step_without_a_readable_image_stops_with_an_error_naming_it(tmp_path)
         _one_thread(lambda: run_in_process(cfg))
 
 
-def _ddp(tmp_path, cfg: dict) -> subprocess.CompletedProcess:
+def _ddp(tmp_path, cfg: dict, command: str = "train") -> subprocess.CompletedProcess:
     ddp = {**cfg, "train": {**cfg["train"], "devices": 2, "strategy": "ddp"}}
-    return subprocess.run(cli_command(write_config(tmp_path, ddp, f"{cfg['run']['name']}.yaml")), env=ENV,
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(cli_command(write_config(tmp_path, ddp, f"{cfg['run']['name']}.yaml"), command=command),
+                          env=ENV, capture_output=True, text=True, timeout=400)
 
 
 def test_ddp_with_one_rank_s_slice_unreadable_matches_one_process(tmp_path):
@@ -123,12 +123,40 @@ def test_ddp_step_without_a_readable_image_stops_every_rank_with_the_error(tmp_p
         assert f"[rank{rank}]: RuntimeError: optimiser step 0" in output, output[-3000:]
 
 
-def test_the_autoencoder_stops_on_a_micro_batch_without_a_readable_image_naming_it(tmp_path):
-    """train-autoencoder has no step-wide agreement on such a micro-batch yet: it stops with an error naming
-    the position (not a KeyError on the empty batch)."""
+def _autoencoder_config(tmp_path, name: str, bad_slots: list[int], disc_start: int = 1, **train) -> dict:
+    cfg = _folder_config(tmp_path, name, bad_slots, **train)
+    cfg["model"]["autoencoder"].update({"checkpoint": str(tmp_path / f"{name}.ckpt"),
+                                        "loss": {"perceptual_weight": 0.0, "disc_start": disc_start}})
+    return cfg
+
+
+def test_the_autoencoder_leaves_out_a_micro_batch_without_a_readable_image(tmp_path):
+    """train-autoencoder, accumulate 2, micro-batch 0 all unreadable (it used to raise a KeyError on the
+    empty batch, and before that the collate's error)."""
     from sgdm.training.autoencoder import train_autoencoder
 
-    cfg = _folder_config(tmp_path, "ae-empty", [0, 1, 2, 3])
-    cfg["model"]["autoencoder"].update({"checkpoint": str(tmp_path / "ae.ckpt"), "loss": {"perceptual_weight": 0.0}})
-    with pytest.raises(RuntimeError, match=r"micro-batch at position 0 has no readable image.*data.on_bad_image"):
+    cfg = _autoencoder_config(tmp_path, "ae-micro", [0, 1], accumulate=2)
+    assert _one_thread(lambda: train_autoencoder(from_dict(ExperimentConfig, cfg))) == 0
+    assert _checkpoint(cfg, 3)["sgdm"] == {"step": 3}
+
+
+def test_the_autoencoder_stops_on_a_step_without_a_readable_image_naming_it(tmp_path):
+    from sgdm.training.autoencoder import train_autoencoder
+
+    cfg = _autoencoder_config(tmp_path, "ae-empty", [0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match=r"optimiser step 0 .*no readable image.*data.on_bad_image"):
         _one_thread(lambda: train_autoencoder(from_dict(ExperimentConfig, cfg)))
+
+
+def test_the_autoencoder_under_ddp_with_one_rank_s_slice_unreadable_trains(tmp_path):
+    """Rank 0's slice of micro-batch 0 is unreadable: both ranks take the step (the discriminator's too:
+    active from step 0), and a step with nothing readable on any rank stops both with the error."""
+    ddp = _autoencoder_config(tmp_path, "ae-slice-ddp", [0, 1], disc_start=0)
+    proc = _ddp(tmp_path, ddp, "train-autoencoder")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert _checkpoint(ddp, 3)["sgdm"] == {"step": 3}
+    proc = _ddp(tmp_path, _autoencoder_config(tmp_path, "ae-empty-ddp", [0, 1, 2, 3]), "train-autoencoder")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Connection closed by peer" not in output, output[-3000:]
+    for rank in (0, 1):
+        assert f"[rank{rank}]: RuntimeError: optimiser step 0" in output, output[-3000:]
