@@ -3,9 +3,10 @@
 # already installed): build the extension, run the CUDA tests, compute-sanitizer
 # (memcheck + racecheck) on small shapes, the op benchmarks. Writes three files,
 # $OUT/gpu_check.log (every step's output), $OUT/gpu_check.json (steps, every benchmark's rows,
-# the end-to-end runs' results) and $OUT/steps.tsv (OUT defaults to a temp dir; the lent machine
-# returns at most 8 files, so the intermediates stay in a temp dir) and prints a short table last. Time: under 6 minutes on 16 cores (about 4.5 on an H200), plus up to
-# 5 for the torch.compile comparison of the Churches UNet (never run on a GPU yet). The whole run
+# the end-to-end runs' results, the standalone CUDA programs' output) and $OUT/steps.tsv (OUT
+# defaults to a temp dir; the lent machine returns at most 8 files, so each step's own files stay
+# in a temp dir) and prints a short table last. Time: under 6 minutes on 16 cores (about 4.5 on
+# an H200), plus up to 5 for the torch.compile comparison of the Churches UNet (never run on a GPU yet). The whole run
 # keeps to GPU_CHECK_BUDGET_S (default 540 s, for a 10-minute lease): each step's limit is cut to
 # the time left, a step with under 5 s left is "skipped", and 40 s stay for the summary (a run
 # killed from outside would leave no JSON and no table). A step that ignores SIGTERM (a hung
@@ -167,8 +168,12 @@ steps = [dict(zip(("step", "status", "seconds"), line.rstrip("\n").split("\t")))
 benches = [b for b in (load(p) for p in sorted(glob.glob(os.path.join(work, "bench_*.json")))) if b is not None]
 results = {os.path.basename(p)[:-len(".json")]: load(p) for p in sorted(glob.glob(os.path.join(work, "*.json")))
            if not os.path.basename(p).startswith("bench_")}
+programs = {}  # the standalone nvcc programs' output (no JSON of their own)
+for path in sorted(glob.glob(os.path.join(work, "attention_*.txt"))):
+    with open(path, errors="replace") as f:
+        programs[os.path.basename(path)[:-len(".txt")]] = f.read()[-20000:]
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
-    json.dump({"steps": steps, "benchmarks": benches, "results": results}, f, indent=2)
+    json.dump({"steps": steps, "benchmarks": benches, "results": results, "programs": programs}, f, indent=2)
 if benches:
     sys.path.insert(0, "benchmarks")
     try:
@@ -185,6 +190,8 @@ if benches:
             for text in bench.get("mismatches", []):
                 print(f"MISMATCH {text}")
             print()
+for name, text in programs.items():
+    print(f"{name}:\n" + "\n".join(text.splitlines()[-12:]))
 HEADLINE = ("device", "speedup", "agreement", "total_s", "iterations", "inertia", "peak_gpu_gib")
 for name, result in results.items():  # the end-to-end runs' headline numbers (their tables are in the log)
     if isinstance(result, dict):

@@ -371,6 +371,9 @@ def test_gpu_check_all_steps_and_a_machine_readable_summary(tmp_path):
     # the end-to-end runs are in the JSON too, not only in their text files
     assert summary["results"] == {"kmeans_paper": {"total_s": 12.5}, "unet_churches": {"speedup": {"train": 1.5}},
                                   "unet_compile": {"speedup": {"train": 1.5}}}
+    # the standalone CUDA programs' output too (the wgmma kernels' first verdict)
+    assert summary["programs"] == {"attention_tiles": "stub kernel ok\n", "attention_wgmma": "stub kernel ok\n"}
+    assert "attention_wgmma:\nstub kernel ok" in proc.stdout
     # and their headline numbers are printed (the lent machine returns only the output's tail)
     assert 'unet_churches: {"speedup": {"train": 1.5}}' in proc.stdout
     assert 'kmeans_paper: {"total_s": 12.5}' in proc.stdout
