@@ -104,15 +104,7 @@ def bench_case(case, dtype, device, repeats, gen, wgmma: bool, mismatches: list 
     a disagreement raises :class:`ops_bench.Disagreement`, or, given ``mismatches``, is appended
     there and that timing (only) is left out."""
     def agrees(what, got, want) -> bool:
-        try:
-            ops_bench.check_agreement(what, got, want, dtype)
-            return True
-        except ops_bench.Disagreement as err:
-            if mismatches is None:
-                raise
-            print(f"attention_bench: {err}", file=sys.stderr)
-            mismatches.append(str(err))
-            return False
+        return ops_bench.agrees(what, got, want, dtype, mismatches)
 
     rows = []
     backends = _sdpa_backends(device)

@@ -95,7 +95,8 @@ def test_ops_disagreement_is_reported_per_op_and_exits_nonzero(ops_bench, monkey
     assert "group_norm_silu fwd 2x8x4x4 float32 cpu" in err and "NOT TIMED" in err
     result = json.loads(out.read_text())
     assert [r["op"] for r in result["rows"]] == ["guided_ddim_step"]  # the other op is still timed
-    assert len(result["mismatches"]) == 1
+    assert [m.split(":")[0] for m in result["mismatches"]] == ["group_norm_silu fwd 2x8x4x4 float32 cpu",
+                                                              "group_norm_silu fwd+bwd 2x8x4x4 float32 cpu"]
 
 
 def test_ops_guided_step_disagreement_is_caught(ops_bench, monkeypatch, one_thread):
@@ -434,3 +435,22 @@ def test_unet_bench_workers_build_the_same_network(tmp_path, one_thread):
         unet_bench.worker(args)
         outputs.append(torch.load(args.check_file))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_ops_backward_disagreement_keeps_the_forward_row(ops_bench, monkeypatch, one_thread):
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.1
+
+    real = ops_bench.ops.group_norm_silu
+    monkeypatch.setattr(ops_bench.ops, "group_norm_silu", lambda x, *args: WrongGrad.apply(real(x, *args)))
+    monkeypatch.setattr(ops_bench, "GN_SHAPES", [((2, 8, 4, 4), 2)])
+    monkeypatch.setattr(ops_bench, "DDIM_SHAPES", [])
+    result = ops_bench.run(["cpu"], [torch.float32], 1, repeats=1)
+    assert [r["op"] for r in result["rows"]] == ["group_norm_silu fwd"]
+    assert [m.split(":")[0] for m in result["mismatches"]] == ["group_norm_silu fwd+bwd 2x8x4x4 float32 cpu"]
