@@ -99,8 +99,8 @@ GuidedDdimPrepared prepare_guided_ddim(
   auto check_scalar = [](double v, const char* name) {
     TORCH_CHECK(v > 0.0 && v <= 1.0, "sgdm.guided_ddim_step: ", name, " must lie in (0, 1], got ", v);
   };
-  TORCH_CHECK_VALUE(std::isfinite(eta) && eta >= 0.0, "sgdm.guided_ddim_step: eta must be a finite number >= 0, got ",
-                    eta);
+  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, "sgdm.guided_ddim_step: eta must lie in [0, 1] (above 1, "
+                    "1 - alpha_bar_prev - sigma_t^2 turns negative), got ", eta);
   TORCH_CHECK_VALUE(std::isfinite(guidance_scale), "sgdm.guided_ddim_step: guidance_scale must be finite, got ",
                     guidance_scale);
   TORCH_CHECK_VALUE(!clip_x0.has_value() || (std::isfinite(*clip_x0) && *clip_x0 > 0.0),

@@ -44,6 +44,8 @@ def check_number(v, name: str, op: str, low: float | None = None, high: float | 
     below = low is not None and (v <= low if low_open else v < low)
     # comparisons, not math.isfinite: under torch.compile(dynamic=True) v may be a SymFloat
     if not -math.inf < v < math.inf or below or (high is not None and v > high):
+        if low is None and high is None:
+            raise ValueError(f"{op}: {name} must be a finite number, got {v}")
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{op}: {name} must lie in {'(' if low_open else '['}{lo}, {hi}], got {v}")

@@ -10,6 +10,9 @@ With a_t = alpha_bar_t, a_prev = alpha_bar_prev and w = guidance_scale:
     x_prev  = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma_t^2) * eps + sigma_t * noise
                                                       DDIM, Song et al. 2021, Eq. 12
 
+eta lies in [0, 1] (DDIM's range: 0 deterministic, 1 DDPM's posterior variance); above 1,
+1 - a_prev - sigma_t^2 turns negative on large steps.
+
 With ``clip_x0=c``, x0 is clamped to [-c, c] and eps re-derived from it,
 eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t), so both terms agree. At a_t = 1
 there is no noise left: sigma_t = 0 and eps is kept.
@@ -89,7 +92,7 @@ def _check(x_t, eps_cond, alpha_bar_t, alpha_bar_prev, eps_uncond, guidance_scal
     at_tensor, at_scalar = _check_alpha(alpha_bar_t, "alpha_bar_t", x_t)
     ap_tensor, ap_scalar = _check_alpha(alpha_bar_prev, "alpha_bar_prev", x_t)
     w = check_number(guidance_scale, "guidance_scale", _NAME)
-    eta = check_number(eta, "eta", _NAME, low=0.0)
+    eta = check_number(eta, "eta", _NAME, low=0.0, high=1.0)
     if clip_x0 is not None:
         clip_x0 = check_number(clip_x0, "clip_x0", _NAME, low=0.0, low_open=True)
     if noise is None:

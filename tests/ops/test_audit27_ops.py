@@ -84,6 +84,7 @@ def test_raw_guided_ddim_step_refuses_eta_without_noise():
 
 @pytest.mark.parametrize("args, name", [
     ((None, None, 0.3, 0.5, 1.0, -0.5, None), "eta"),
+
     ((None, None, 0.3, 0.5, float("nan"), 0.0, None), "guidance_scale"),
     ((None, None, 0.3, 0.5, 1.0, 0.0, 0.0), "clip_x0"),
     ((torch.tensor([0.3, 1.5], dtype=torch.float64), None, 1.0, 0.5, 1.0, 0.0, None), "alpha_bar_t"),
@@ -114,6 +115,17 @@ def test_group_norm_statistics_with_an_outlying_first_element(target, shape, gro
     want = group_norm_silu_ref(x.double(), groups, activation=None)
     got = ops.group_norm_silu(x.to(target), groups, activation=None)
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("eta", [1.5, float("nan"), float("inf")])
+def test_raw_guided_ddim_step_refuses_eta_above_one(eta):
+    """eta > 1 ran: 1 - a_prev - sigma_t^2 turned negative on large steps and was clamped to 0
+    (samples too wide); the Python layer, the config and the CLI all keep eta in [0, 1]."""
+    require_kernels("guided_ddim_step")
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+        torch.ops.sgdm.guided_ddim_step(x, x, None, x, None, None, 0.3, 0.5, 1.0, eta, None)
+    torch.ops.sgdm.guided_ddim_step(x, x, None, x, None, None, 0.3, 0.5, 1.0, 1.0, None)  # eta = 1 is fine
 
 
 # The first steps of the cosine schedule (alpha_bar_t, alpha_bar_prev) and of LDM's linear one.

@@ -290,9 +290,10 @@ BAD = [
     (dict(alpha_bar_prev=torch.tensor([0.5])), ValueError, r"alpha_bar_prev must be .* shape \[B\] = \[2\]"),
     (dict(alpha_bar_t="0.5"), TypeError, "alpha_bar_t must be a number"),
     (dict(eta=-0.1), ValueError, "eta must lie in"),
+    (dict(eta=1.5, noise=X), ValueError, r"eta must lie in \[0, 1\], got 1.5"),
     (dict(eta=0.5), ValueError, "noise is required when eta > 0"),
     (dict(clip_x0=0.0), ValueError, "clip_x0 must lie in"),
-    (dict(guidance_scale=float("inf")), ValueError, "guidance_scale must lie in"),
+    (dict(guidance_scale=float("inf")), ValueError, "guidance_scale must be a finite number, got inf"),
 ]
 
 
