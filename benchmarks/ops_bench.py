@@ -132,10 +132,10 @@ def check_agreement(what: str, got, want, dtype: torch.dtype) -> None:
     """Raises :class:`Disagreement` unless ``got`` (a tensor or a sequence of them) matches ``want``
     within :mod:`sgdm.ops.selfcheck`'s tolerance at ``dtype`` (its error: max |got - want| / max(1,
     max |want|); NaN or inf in ``got`` never matches): a fast wrong result is no result."""
-    from sgdm.ops.selfcheck import TOLERANCES, _error
+    from sgdm.ops.selfcheck import TOLERANCES, relative_error
 
     as_list = (lambda t: list(t) if isinstance(t, (tuple, list)) else [t])  # noqa: E731
-    error = _error(as_list(got), as_list(want))
+    error = relative_error(as_list(got), as_list(want))
     if not error <= TOLERANCES[dtype]:  # NaN fails too
         raise Disagreement(f"{what}: sgdm differs from the baseline by {error:.2e} (tolerance "
                            f"{TOLERANCES[dtype]:.0e}): NOT TIMED")

@@ -24,7 +24,7 @@ from sgdm import ops
 from sgdm.ops.attention import SUPPORTED_HEAD_DIMS, attention_ref
 from sgdm.ops.reference import group_norm_silu_ref, guided_ddim_step_ref
 
-__all__ = ["OpCheck", "TOLERANCES", "check_ops", "default_dtypes"]
+__all__ = ["OpCheck", "TOLERANCES", "check_ops", "default_dtypes", "relative_error"]
 
 TOLERANCES = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 OPS = ("group_norm_silu", "guided_ddim_step", "attention")
@@ -60,7 +60,9 @@ def default_dtypes(device: torch.device | str) -> tuple[torch.dtype, ...]:
     return torch.float32, torch.bfloat16
 
 
-def _error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """The worst over pairs of max |got - want| / max(1, max |want|), in float64; NaN when ``got``
+    holds a non-finite value. What :data:`TOLERANCES` bound (the benchmarks check with it too)."""
     worst = 0.0
     for g, w in zip(got, want):
         g, w = g.detach().double().cpu(), w.detach().double().cpu()
@@ -78,11 +80,11 @@ def _compare(fn: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], 
     refs = [t.detach().double().requires_grad_(i < grad_inputs) for i, t in enumerate(inputs)]
     out, want = fn(*leaves), ref(*refs)
     if not grad_inputs:
-        return _error([out], [want])
+        return relative_error([out], [want])
     upstream = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves[:grad_inputs], upstream.to(out.device, out.dtype))
     want_grads = torch.autograd.grad(want, refs[:grad_inputs], upstream.to(want.device))
-    return _error([out, *grads], [want, *want_grads])
+    return relative_error([out, *grads], [want, *want_grads])
 
 
 def _randn(shape, generator: torch.Generator, device, dtype) -> torch.Tensor:
