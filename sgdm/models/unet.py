@@ -119,7 +119,11 @@ class _Stage(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """Denoiser eps_theta(x_t, t, k, k_s) of the self-guided LDM (see module docstring)."""
+    """Denoiser eps_theta(x_t, t, k, k_s) of the self-guided LDM (see module docstring).
+
+    Like every ``nn.Module``, it initialises its weights from the global CPU generator; build it
+    under ``sgdm.training.rng.seeded_cpu_rng(seed)`` (as training does) for the same weights
+    every time."""
 
     def __init__(self, cfg: UNetConfig, cond_dim: int = 0, cond_channels: int = 0):
         super().__init__()
