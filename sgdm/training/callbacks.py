@@ -8,7 +8,7 @@ import threading
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from sgdm.training.checkpoint import checkpoint_name, prune_checkpoints
+from sgdm.training.checkpoint import AtomicCheckpointIO, checkpoint_name, prune_checkpoints
 
 __all__ = ["StepCheckpoint"]
 
@@ -46,7 +46,22 @@ class StepCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer, step: int) -> None:
         if self.last_saved == step:
             return
-        trainer.save_checkpoint(self.directory / checkpoint_name(step), weights_only=False)
+        path = self.directory / checkpoint_name(step)
+        io = trainer.strategy.checkpoint_io
+        if trainer.world_size <= 1 or not isinstance(io, AtomicCheckpointIO):
+            trainer.save_checkpoint(path, weights_only=False)
+        else:
+            # rank 0 alone writes; every process learns whether it could, and all stop together if not
+            io.keep_failure, io.failure = True, None
+            try:
+                trainer.save_checkpoint(path, weights_only=False)
+            finally:
+                io.keep_failure = False
+            failure, io.failure = io.failure, None
+            if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"sgdm: rank 0 could not write {path} (its error says why); every process stops")
         self.last_saved = step
         if trainer.is_global_zero:
             prune_checkpoints(self.directory, self.keep)

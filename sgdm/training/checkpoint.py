@@ -77,12 +77,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO whose ``save_checkpoint`` is :func:`atomic_torch_save`."""
+    """Lightning checkpoint IO whose ``save_checkpoint`` is :func:`atomic_torch_save`.
+
+    While ``keep_failure`` is set, an OSError of the write (a full disk) is kept in ``failure`` instead of
+    raised: under DDP only rank 0 writes and the others wait in Lightning's barrier after the write, which
+    rank 0 must reach too before every process can learn of the failure (:class:`~sgdm.training.callbacks.
+    StepCheckpoint`); raised there, it left them waiting until the process group's timeout."""
+
+    def __init__(self):
+        super().__init__()
+        self.keep_failure = False
+        self.failure: Optional[OSError] = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO does not take storage_options, got {storage_options!r}")
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as err:
+            if not self.keep_failure:
+                raise
+            self.failure = err
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:

@@ -96,3 +96,51 @@ def test_a_resume_past_a_torn_newest_checkpoint_says_which_file_it_passed_over(w
     assert run_in_process(cfg, resume=True) == 0
     err = capsys.readouterr().err
     assert f"{newest} fails its integrity check" in err and f"resuming from {ckpt_dir / checkpoint_name(2)}" in err
+
+
+# `sgdm-ldm train CONFIG` whose torch.save raises ENOSPC (after writing a little) from its CALL-th call on:
+# a disk that fills up. A script file, not `python -c`: Lightning starts the other DDP process by running
+# the same file again.
+FULL_DISK = r"""
+import errno, os, sys
+import torch
+import sgdm.training.checkpoint as checkpoint
+real, calls = torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] < int(sys.argv[1]):
+        return real(obj, f, *args, **kwargs)
+    f.write(b"PK\x03\x04 a first part")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+checkpoint.torch.save = save
+from sgdm.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ddp_a_full_disk_during_a_checkpoint_stops_every_rank_with_the_error(workdir):
+    """Only rank 0 writes; the others wait in Lightning's barrier after the write. Rank 0 failing out of the
+    write left them there (NCCL: until the process group's timeout; gloo: "Connection closed by peer"):
+    every rank now learns of the failure and stops, rank 0 with the error naming the file."""
+    import subprocess
+    import sys
+
+    from tests.training.helpers import cli_command, write_config
+
+    cfg = tiny_config(workdir, run={"name": "enospc-ddp"},
+                      train={"max_steps": 6, "batch_size": 4, "checkpoint_every": 2, "devices": 2, "strategy": "ddp"})
+    driver = workdir / "full_disk.py"
+    driver.write_text(FULL_DISK)
+    config = write_config(workdir, cfg, "enospc-ddp.yaml")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(driver), "2", *cli_command(config)[3:]], env=env,
+                          capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "Connection closed by peer" not in output, output[-3000:]
+    ckpt_dir = pathlib.Path(cfg["run"]["dir"]) / "enospc-ddp" / "checkpoints"
+    assert f"could not write {ckpt_dir / checkpoint_name(4)}: No space left on device" in output, output[-3000:]
+    assert "[rank1]: RuntimeError: sgdm: rank 0 could not write" in output, output[-3000:]
+    assert [p.name for p in ckpt_dir.iterdir()] == [checkpoint_name(2)]
+    assert is_valid_checkpoint(ckpt_dir / checkpoint_name(2))
