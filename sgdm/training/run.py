@@ -56,7 +56,8 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     ckpt = find_last_valid(ckpt_dir) if resume else None
     if resume and existing and ckpt is None:
         raise ConfigError("run.name", f"no readable checkpoint in {ckpt_dir} (all {len(existing)} fail their "
-                                      f"integrity check)")
+                                      f"integrity check, the newest {existing[-1][1]}: torn or corrupt); start "
+                                      f"a new run.name, or put back a good copy")
     if ckpt is not None:
         _say_passed_over(existing, ckpt)
     store = _annotation_store_digest(cfg) if trainer == "diffusion" else None

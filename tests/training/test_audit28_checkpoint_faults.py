@@ -144,3 +144,18 @@ def test_ddp_a_full_disk_during_a_checkpoint_stops_every_rank_with_the_error(wor
     assert "[rank1]: RuntimeError: sgdm: rank 0 could not write" in output, output[-3000:]
     assert [p.name for p in ckpt_dir.iterdir()] == [checkpoint_name(2)]
     assert is_valid_checkpoint(ckpt_dir / checkpoint_name(2))
+
+
+def test_a_resume_with_only_torn_checkpoints_names_them(tmp_path):
+    from sgdm.config.core import ConfigError, from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.checkpoint import atomic_torch_save
+    from sgdm.training.run import prepare_run_dir
+
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp_path))
+    prepare_run_dir(cfg, resume=False)
+    ckpt = cfg.run.path / "checkpoints" / checkpoint_name(2)
+    atomic_torch_save({"x": torch.ones(100)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-50])
+    with pytest.raises(ConfigError, match=rf"no readable checkpoint .*{ckpt}"):
+        prepare_run_dir(cfg, resume=True)
