@@ -152,7 +152,12 @@ class SelfGuidedPipeline:
         The weights are the file's (a training run exports its EMA UNet); the networks, schedule and
         sampler defaults are the config stored in its metadata, not ``config.yaml`` beside it. The
         modules are built without initialising weights that the file replaces (``empty_modules``).
-        Called under ``torch.inference_mode`` too, the weights are ordinary tensors (trainable)."""
+        Called under ``torch.inference_mode`` too, the weights are ordinary tensors (trainable).
+
+        device, dtype: where the UNet and autoencoder go and the dtype of their weights (:meth:`to`).
+        None: the CPU, and torch's default dtype (float32), to which a bf16 / fp16 file's weights are
+        cast as they are read. A file that is not an sgdm pipeline, or whose weights do not fit its
+        config, is a ValueError naming the file; a missing one a FileNotFoundError."""
         with torch.inference_mode(False):
             return cls._from_file(_weights_file(pathlib.Path(path)), device, dtype)
 
@@ -201,6 +206,8 @@ class SelfGuidedPipeline:
         return file
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SelfGuidedPipeline":
+        """Move the UNet and autoencoder to ``device`` and/or cast their weights to ``dtype`` (None keeps
+        each as it is; the autoencoder's scale_factor stays float32), in place; returns the pipeline."""
         self.unet.to(device=device, dtype=dtype)
         self.autoencoder.to(device=device, dtype=dtype)
         return self
@@ -216,6 +223,7 @@ class SelfGuidedPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The device of the UNet's weights, where sampling runs."""
         return next(self.unet.parameters()).device
 
     @property
@@ -225,11 +233,13 @@ class SelfGuidedPipeline:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one diffusion-space latent (the UNet's ``in_channels`` and ``image_size``)."""
         c = self.unet.cfg
         return c.in_channels, c.image_size, c.image_size
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(H, W) of the decoded images: the latent side times the autoencoder's downsampling factor."""
         side = self.unet.cfg.image_size * self.autoencoder.cfg.downsample_factor
         return side, side
 

@@ -61,6 +61,11 @@ __all__ = ["AnnotationResult", "annotate", "class_count", "data_settings"]
 
 @dataclasses.dataclass
 class AnnotationResult:
+    """What :func:`annotate` returns: ``store``, the annotation store's directory (open it with
+    :meth:`AnnotationStore.open <sgdm.annotation.store.AnnotationStore.open>`); ``granularity``
+    (``label``, ``box`` or ``mask``); ``num_images`` annotated; ``metrics``, the scores against the
+    dataset's ground truth (NMI, ARI, purity, CorLoc, mIoU, ...; empty unless ``evaluate``)."""
+
     store: pathlib.Path
     granularity: str
     num_images: int

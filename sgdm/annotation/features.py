@@ -43,6 +43,13 @@ class BackboneError(ValueError):
 
 @dataclasses.dataclass
 class Backbone:
+    """A frozen timm feature extractor from :func:`load_backbone`, and how to feed it.
+
+    ``model`` (eval mode, no gradients); ``name`` (timm's); ``input_size`` (H, W) it was built
+    for; ``mean`` / ``std``: the per-channel normalisation :func:`preprocess` applies to images in
+    [-1, 1]; ``is_vit`` (token output) and its ``num_prefix_tokens`` (CLS, registers);
+    ``weights_id``: the SHA-256 of the weights file, or ``hub:<name>`` / ``random``."""
+
     model: torch.nn.Module
     name: str
     input_size: tuple[int, int]
@@ -55,12 +62,17 @@ class Backbone:
 
 @dataclasses.dataclass
 class Features:
+    """What :func:`extract` returns for B images, all float32: ``cls`` [B, D] (the image feature),
+    ``patches`` [B, h, w, D] (patch tokens, or a CNN's last feature map; None unless asked) and
+    ``keys`` [B, h, w, D] (a ViT's last-layer attention keys, which LOST uses; None unless asked)."""
+
     cls: torch.Tensor
     patches: Optional[torch.Tensor]
     keys: Optional[torch.Tensor]
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """SHA-256 of the file at ``path`` as 64 hex digits, read ``block`` bytes at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):

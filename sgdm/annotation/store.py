@@ -203,6 +203,9 @@ class AnnotationStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "AnnotationStore":
+        """The store in directory ``path`` (``AnnotationResult.store``), its manifest read and checked; the
+        shards load on first use. No manifest (an unfinished run) is a FileNotFoundError, an unreadable
+        one, another store version or a missing manifest key a ValueError, each naming the store."""
         path = pathlib.Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -221,11 +224,16 @@ class AnnotationStore:
                 raise ValueError(f"annotation store {path}: {MANIFEST} lacks {key!r}")
         return cls(path, manifest)
 
-    ids = property(lambda self: self.manifest["ids"])
-    num_classes = property(lambda self: int(self.manifest["num_classes"]))
-    granularity = property(lambda self: self.manifest["granularity"])
-    source = property(lambda self: self.manifest["source"])
-    method = property(lambda self: self.manifest.get("method"))
+    ids = property(lambda self: self.manifest["ids"], doc="The image ids (list of str), in the order written.")
+    num_classes = property(lambda self: int(self.manifest["num_classes"]),
+                           doc="K: cluster ids and mask class ids lie in [0, K).")
+    granularity = property(lambda self: self.manifest["granularity"],
+                           doc="``label``, ``box`` or ``mask``: which fields :meth:`get` returns.")
+    source = property(lambda self: self.manifest["source"],
+                      doc="``self`` (self-annotation, Sec. 3.2) or ``gt`` (filled from ground truth).")
+    method = property(lambda self: self.manifest.get("method"),
+                      doc="What annotated it (``kmeans``, ``lost+kmeans``, ``stego``, ``patch-kmeans``, "
+                          "``ground-truth``); None for a store that did not record it.")
 
     def content_digest(self) -> str:
         """SHA-256 of the manifest and every shard file, in order: equal digests, equal annotations.

@@ -568,6 +568,10 @@ def located(err: ConfigError, data: Mapping, overrides: Sequence[str] = ()) -> C
 
 
 def load_yaml(path: str | pathlib.Path) -> dict:
+    """The top-level mapping of YAML file ``path`` (``~`` expanded; an empty file is ``{}``), as a dict
+    that remembers the file and each key's line for error messages. A missing file, a folder, text
+    that is not UTF-8 or not YAML, a repeated key or a top level that is not a mapping is a
+    :class:`ConfigError` naming the file."""
     path = pathlib.Path(path).expanduser()  # ~/exp.yaml, as a path inside a config may be written
     if path.is_dir():
         raise ConfigError("", f"config file {path} is a folder; give the YAML file in it")
@@ -603,4 +607,5 @@ def load_config(cls: type[T], path: str | pathlib.Path | None, overrides: Sequen
 
 
 def dump_yaml(obj: Any) -> str:
+    """``obj`` (a config dataclass or plain data) as YAML text, keys in field order (:func:`to_dict`)."""
     return yaml.safe_dump(to_dict(obj), sort_keys=False)

@@ -53,6 +53,7 @@ class GuidedEps(NamedTuple):
     scale: float
 
     def mix(self) -> torch.Tensor:
+        """eps = (1 - w) eps_uncond + w eps_cond (Eq. 4; :func:`guided_eps`), shaped like ``cond``."""
         return guided_eps(self.cond, self.uncond, self.scale)
 
 
@@ -80,6 +81,9 @@ class ClassifierFreeGuidance:
         self.cond, self.cond_map, self.scale = cond, cond_map, _check_scale(scale)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Union[torch.Tensor, GuidedEps]:
+        """x: x_t [B, C, h, w]; t: [B] int64 timesteps. Returns eps [B, C, h, w] (no condition, w = 0 or
+        w = 1: one network call of batch B) or a :class:`GuidedEps` of both halves and w (one call of
+        batch 2B); mix it with :func:`resolve_eps`. ``cond`` / ``cond_map`` must have batch size B."""
         cond, cond_map = self.cond, self.cond_map
         if cond is None and cond_map is None:
             return self.eps_model(x, t, None, None)

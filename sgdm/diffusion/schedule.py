@@ -29,6 +29,8 @@ class NoiseSchedule:
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
+        """The schedule of ``betas`` [T] (any real dtype or sequence, T >= 2, every value in (0, 1)):
+        alpha_bar_t = prod_{s<=t} (1 - beta_s), both float64 on the CPU; ValueError naming ``betas``."""
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.dim() != 1 or len(betas) < 2:
             raise ValueError(f"betas: expected a 1-D tensor of at least 2 values, got shape {tuple(betas.shape)}")

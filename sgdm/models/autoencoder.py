@@ -39,11 +39,14 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * n, n ~ N(0, I) drawn on ``generator``'s device (None: torch's default generator
+        of mean's device), [B, embed_dim, h, w] in mean's dtype and device."""
         gen_device = generator.device if generator is not None else self.mean.device
         noise = torch.randn(self.mean.shape, generator=generator, device=gen_device, dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
+        """The posterior's mode, its ``mean`` [B, embed_dim, h, w] (no noise)."""
         return self.mean
 
     def kl(self) -> torch.Tensor:
@@ -208,6 +211,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def has_scale_factor(self) -> bool:
+        """Whether ``scale_factor`` is set (finite), as :meth:`encode_latents` / :meth:`decode_latents` need."""
         return bool(torch.isfinite(self.scale_factor))
 
     def _apply(self, fn, recurse: bool = True):

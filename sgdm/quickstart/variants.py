@@ -47,6 +47,8 @@ def guidance_variant(cfg, kind: str, source: str, *, classes: int, store_root: p
 
 
 def variant_name(kind: str, source: str) -> str:
+    """A variant's run name from its guidance ``kind`` and annotation ``source``: ``self-box``,
+    ``gt-mask``, ...; ``no-guidance`` for kind ``none``."""
     return "no-guidance" if kind == "none" else f"{source}-{kind}"
 
 

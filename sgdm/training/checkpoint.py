@@ -28,6 +28,8 @@ TMP_SUFFIX = ".tmp"
 
 
 def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint of training step ``step``: ``step-00001234.ckpt`` (zero-padded,
+    so names sort by step)."""
     return f"step-{step:08d}.ckpt"
 
 

@@ -41,6 +41,8 @@ __all__ = ["cache_dir_for", "ensure_latent_cache", "LatentCacheDataset", "flip_l
 
 
 def cache_dir_for(cfg) -> pathlib.Path:
+    """The latent cache's directory for experiment config ``cfg``: ``train.cache_dir``, else
+    ``<run.path>/latents``."""
     return cfg.train.cache_dir if cfg.train.cache_dir is not None else cfg.run.path / "latents"
 
 

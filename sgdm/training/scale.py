@@ -52,6 +52,10 @@ def _posteriors(cfg, first_stage, n: int, batch_size: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def ensure_scale_factor(cfg, module, batch_size: int = 32) -> None:
+    """Set ``module.first_stage.scale_factor`` (in place) as the module docstring describes, unless it is
+    set already. ``cfg``: the experiment config; ``batch_size``: images per encoder call. No readable
+    image among the first ``train.batch_size``, or latents with no spread, is a ValueError; rank 0
+    prints the factor."""
     first_stage = module.first_stage
     if first_stage.has_scale_factor:
         return
