@@ -16,3 +16,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["evaluate_run"]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()

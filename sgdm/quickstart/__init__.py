@@ -17,3 +17,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["prepare", "write_report"]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
