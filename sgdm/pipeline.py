@@ -309,6 +309,7 @@ class SelfGuidedPipeline:
             with its own sampler), else the sampler's default spacing: linspace for ddim and ddpm,
             logsnr for dpmpp_2m.
         generator: torch.Generator (or one per image); see the module docstring for reproducibility.
+            None: a fresh random seed (torch's global generator is never drawn from).
         batch_size: images per network call (default all). output_type: ``pil`` (list of PIL images),
             ``pt`` (float [N, 3, H, W] in [0, 1]), ``np`` (float32 [N, H, W, 3] in [0, 1]) or ``latent``
             (diffusion-space latents [N, C, h, w]); all float32 on the CPU, moved there batch by batch.

@@ -493,6 +493,11 @@ def kmeans(
     as one dataset; every rank gets the same centroids and its own labels.
     ``generator`` is a CPU generator; seed it identically on every rank.
     ``log`` (optional) gets one line per Lloyd iteration.
+    ``init``: ``k-means++`` or ``random`` centres, chosen among ``init_sample`` random points
+    (0: all); ``max_iter``: at most that many iterations (passes); ``chunk_elements``: at most
+    that many distances are held at once (module docstring).
+
+    Returns a :class:`KMeansResult`: centroids ``[K, D]`` float32, labels ``[N]`` int64 in [0, K).
     """
     n_total = _check_inputs(x, num_clusters, distributed)
     clock = _Clock(x.device)

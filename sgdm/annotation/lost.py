@@ -30,7 +30,10 @@ __all__ = ["lost", "lost_batch", "lost_boxes", "lost_feature_flags", "lost_from_
 
 
 def lost(keys: torch.Tensor, k_patches: int = 100, center: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Box of one image from its keys ``[h, w, D]``: ``(box [4] float32 normalised xyxy, seed (row, col))``."""
+    """Box of one image from its keys ``[h, w, D]``: ``(box [4] float32 normalised xyxy, seed (row, col))``.
+
+    ``k_patches``: how many lowest-degree patches the seed expansion considers (step 2 of the module
+    docstring; LOST's 100); ``center``: subtract the image's mean key first (module docstring)."""
     if keys.dim() != 3:
         raise ValueError(f"lost: keys must be [h, w, D], got shape {tuple(keys.shape)}")
     h, w, _ = keys.shape

@@ -154,6 +154,9 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sch
     eta in [0, 1]: 0 is deterministic (the paper's 250-step sampler); 1 matches
     DDPM's posterior variance. A guided denoiser's halves go into the fused op,
     which forms eps = (1 - w) eps_uncond + w eps_cond (paper Eq. 4) itself.
+
+    Returns x_0 [B, C, h, w] in x's dtype and device. ``generator`` (module docstring) draws
+    sigma_t z only when eta > 0; None draws from torch's global generator.
     """
     # past 1, sigma_t^2 > 1 - a_prev on large steps: no DDIM process has that variance
     if not (math.isfinite(eta) and 0 <= eta <= 1):
@@ -178,6 +181,9 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, sch
 
         mean = sqrt(a_prev) beta' / (1 - a_t) x0_pred + sqrt(1 - beta') (1 - a_prev) / (1 - a_t) x_t,
         var  = beta' (1 - a_prev) / (1 - a_t)   ("fixed small" variance).
+
+    Returns x_0 [B, C, h, w] in x's dtype and device; every step but the last draws noise from
+    ``generator`` (None: torch's global generator).
     """
     for i, t, a_t, a_prev in _steps(timesteps, schedule):
         eps = resolve_eps(denoise(x, _t_batch(t, x)))
@@ -205,7 +211,9 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, timesteps: torch.Tensor,
 
     (D~_1 = D_1: first order on the first step). The last step, to alpha_bar = 1
     (lambda = inf), returns x0_pred, as the first-order update does in that limit.
-    Deterministic: draws no noise.
+    Deterministic: draws no noise, so it takes no ``generator``.
+
+    Returns x_0 [B, C, h, w] in x's dtype and device.
     """
     x0_last, h_last = None, None
     for i, t, a_t, a_next in _steps(timesteps, schedule):
