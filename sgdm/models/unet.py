@@ -17,8 +17,8 @@ The null condition is all zeros for both k and the map (what guidance dropout
 substitutes), so one network gives eps_cond and eps_uncond. A model built with
 ``cond_dim=0, cond_channels=0`` takes no condition at all.
 
-Shapes: x_t [B, in_channels, h, w] (h, w divisible by 2**(levels-1)), t [B]
-(integer or fractional timesteps), cond [B, cond_dim], cond_map
+Shapes: x_t [B, in_channels, h, w] (h, w divisible by 2**(len(channel_mult)-1)), t [B]
+or a scalar for the whole batch (integer or fractional timesteps), cond [B, cond_dim], cond_map
 [B, cond_channels, H', W'] -> [B, out_channels, h, w].
 """
 from __future__ import annotations
