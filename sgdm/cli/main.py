@@ -7,6 +7,7 @@ needed, so ``sgdm-ldm --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _complete_message(err: Exception) -> str | None:
     """The one-line message of an error that says all a user needs (what does not fit and what to
     do), from any subcommand (exit 1), or None for the others, which keep their traceback. Imported
@@ -90,6 +95,8 @@ def _complete_message(err: Exception) -> str | None:
 
     if isinstance(err, (StoreMismatchError, BackboneError)):
         return str(err)
+    if isinstance(err, OSError) and (err.errno in _DISK_FULL or err.errno in _NOT_WRITABLE and err.filename):
+        return str(err)  # a full disk or a file that may not be written: the fix is outside the program
     bad = bad_image_message(err)  # data.on_bad_image: raise, in this process or a DataLoader worker
     if bad is not None:
         return (f"{bad} (data.on_bad_image is 'raise'; `sgdm-ldm validate-data` lists every unreadable file, "

@@ -322,6 +322,30 @@ def test_errors_with_a_complete_message_are_one_line_from_any_command(monkeypatc
         main(["train", "any.yaml"])
 
 
+@pytest.mark.parametrize("error, one_line", [
+    (OSError(28, "could not write /runs/x/step-00000010.ckpt: No space left on device; the file there, if any, "
+                 "is unchanged"), True),
+    (OSError(122, "Disk quota exceeded"), True),
+    (PermissionError(13, "Permission denied", "/runs/x/config.yaml"), True),
+    (PermissionError(13, "Permission denied"), False),  # which file? keep the traceback
+    (OSError(5, "Input/output error"), False),
+])
+def test_a_full_disk_or_an_unwritable_file_is_one_line(monkeypatch, capsys, error, one_line):
+    """A full disk (ENOSPC, EDQUOT) printed a traceback; its fix is outside the program."""
+    import sgdm.cli.train as train_cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(train_cli, "run", fail)
+    if one_line:
+        assert main(["train", "any.yaml"]) == 1
+        assert capsys.readouterr().err == f"sgdm-ldm train: error: {error}\n"
+    else:
+        with pytest.raises(OSError):
+            main(["train", "any.yaml"])
+
+
 def test_version(capsys):
     import sgdm
 
