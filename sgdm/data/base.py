@@ -18,7 +18,8 @@ with ``background`` for shapes and VOC, so there mask value = class id + 1).
 Bad files are detected lazily, when an index is read. With
 ``on_bad_image="raise"`` a :class:`~sgdm.data.decode.BadImageError` names the
 file and index. With ``"skip"`` the item is logged, recorded in
-:attr:`ImageDataset.skipped` (of the process that read it) and ``None`` is
+:attr:`ImageDataset.skipped` (of the process that read it; once per item, however many epochs
+read it again) and ``None`` is
 returned; :func:`sgdm.data.collate_samples` drops the Nones and reports how
 many it dropped, so no other image is ever substituted silently.
 ``sgdm-ldm validate-data`` pre-scans a whole dataset with :meth:`check`.
@@ -93,7 +94,8 @@ class ImageDataset(Dataset):
         self.epoch = 0
         self.class_names = list(class_names)
         self.mask_class_names = list(mask_class_names)
-        self.skipped: list[SkippedItem] = []
+        self.skipped: list[SkippedItem] = []  # each unreadable item once, in the order first read
+        self._skipped_indices: set[int] = set()
 
     # -- subclass interface -------------------------------------------------
     def source(self, index: int) -> str:
@@ -161,9 +163,11 @@ class ImageDataset(Dataset):
         except BadImageError as err:
             if self.on_bad_image == "raise":
                 raise err.at(index, self.name) from None
-            self.skipped.append(SkippedItem(index, err.source, err.reason))
-            log.warning("%s: skipping bad image at index %d: %s: %s", self.name, index, printable(err.source),
-                        err.reason)  # printable: a log file in UTF-8 refuses a name that is not
+            if index not in self._skipped_indices:  # once: each epoch reads it again (the list and log would grow)
+                self._skipped_indices.add(index)
+                self.skipped.append(SkippedItem(index, err.source, err.reason))
+                log.warning("%s: skipping bad image at index %d: %s: %s", self.name, index, printable(err.source),
+                            err.reason)  # printable: a log file in UTF-8 refuses a name that is not
             return None
         return self.preprocess(raw, index)
 

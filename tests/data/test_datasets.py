@@ -50,6 +50,13 @@ def test_skip_returns_none_logs_and_counts_every_bad_file(folder, caplog):
     assert len([r for r in caplog.records if "skipping bad image" in r.message]) == len(bad)
     batch = collate_samples(samples)
     assert batch["num_skipped"] == len(bad) and len(batch["id"]) == len(good)
+    # the next epochs read them again: still skipped, but recorded and logged once (the list grew every epoch)
+    with caplog.at_level(logging.WARNING, logger="sgdm.data.base"):
+        for epoch in (1, 2):
+            ds.set_epoch(epoch)
+            assert sum(ds[i] is None for i in range(len(ds))) == len(bad)
+    assert ds.num_skipped == len(bad)
+    assert len([r for r in caplog.records if "skipping bad image" in r.message]) == len(bad)
     assert collate_samples([None, None]) is None
 
 
