@@ -153,7 +153,8 @@ first = {"new": sorted(m.split(".")[0] for m in set(sys.modules) - before_module
          "env": sorted(k for k in set(os.environ) | set(before_env) if os.environ.get(k) != before_env.get(k)),
          "warnings": [str(w.message) for w in caught]}
 import torch
-HEAVY = ("lightning", "pytorch_lightning", "torch_fidelity", "timm", "transformers", "huggingface_hub", "requests")
+HEAVY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "torch_fidelity", "timm", "matplotlib",
+         "transformers", "huggingface_hub", "requests")
 rng, env, report = torch.random.get_rng_state(), dict(os.environ), {}
 for name in MODULES:
     with warnings.catch_warnings(record=True) as caught:
