@@ -186,6 +186,8 @@ class SelfGuidedPipeline:
         ``metadata``: more string entries for the file's header (training's export writes ``step``)."""
         from safetensors.torch import save_file
 
+        from sgdm.atomic import atomic_path, atomic_write_text
+
         extra = dict(metadata or {})
         if set(extra) & {"format", "format_version", "config"} or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
@@ -198,11 +200,10 @@ class SelfGuidedPipeline:
                    for name, module in (("unet", self.unet), ("autoencoder", self.autoencoder))
                    for k, v in module.state_dict().items()}
         meta = {**extra, "format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(self.config)}
-        tmp = file.with_name(file.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(file)  # atomic: an interrupted save never leaves a truncated model.safetensors
+        with atomic_path(file) as tmp:  # an interrupted save never leaves a truncated model.safetensors
+            save_file(tensors, str(tmp), metadata=meta)
         if file.parent == path:
-            (path / "config.yaml").write_text(dump_yaml(self.config))
+            atomic_write_text(path / "config.yaml", dump_yaml(self.config))
         return file
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SelfGuidedPipeline":

@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from sgdm.annotation.store import StoreMismatchError, atomic_write_text, save_tensors_atomic
+from sgdm.annotation.store import StoreMismatchError, save_tensors_atomic
+from sgdm.atomic import atomic_write_text
 
 __all__ = ["FeatureCache", "file_stamps", "FEATURE_FORMAT"]
 

@@ -43,7 +43,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-__all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "atomic_write_text", "STORE_VERSION",
+from sgdm.atomic import atomic_open, atomic_write_text
+
+__all__ = ["AnnotationStore", "StoreMismatchError", "write_store", "ids_hash", "STORE_VERSION",
            "NO_ANNOTATION", "is_annotated"]
 
 STORE_VERSION = 1
@@ -77,20 +79,10 @@ def ids_hash(ids: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Write a small text file atomically (:func:`sgdm.training.checkpoint.atomic_write_text`: a temporary per
-    process, fsync, rename; a failed write removes its temporary)."""
-    from sgdm.training.checkpoint import atomic_write_text as write
-
-    write(path, text)
-
-
 def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
                         metadata: Optional[Mapping[str, str]] = None) -> None:
     """A safetensors file written atomically: a shard either exists whole or not at all (resume relies on it)."""
     from safetensors.torch import save
-
-    from sgdm.training.checkpoint import atomic_open
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=None if metadata is None else dict(metadata))
     with atomic_open(path, "wb") as fh:

@@ -476,7 +476,7 @@ def markdown_table(rows: list[dict]) -> str:
 def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> pathlib.Path:
     """``results.json`` + ``results.md`` (+ ``sweep.png``) in ``out_dir``, each written atomically;
     the ``sweep.png`` of an earlier sweep goes when these results are not one."""
-    from sgdm.training.checkpoint import atomic_write_text
+    from sgdm.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     head = (f"# Evaluation of {results['run']}\n\nEMA weights, {results['n']} samples, {results['sampler']} "

@@ -81,7 +81,7 @@ def reference_stats(space: FeatureSpace, batches: Iterable[torch.Tensor], cache:
         return GaussianStats(data["mu"], data["sigma"], int(data["count"]))
     stats = gaussian_stats(embed(space, batches), "reference features")
     if cache is not None:
-        from sgdm.training.checkpoint import atomic_torch_save
+        from sgdm.atomic import atomic_torch_save
 
         path = pathlib.Path(cache)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -151,14 +151,14 @@ class Shares:
             pass
 
     def put(self, index: int, images: torch.Tensor) -> None:
-        from sgdm.training.checkpoint import atomic_torch_save
+        from sgdm.atomic import atomic_torch_save
 
         atomic_torch_save(images.contiguous(), self.path(index, self.rank))
 
     def fail(self, err: BaseException) -> None:
         """Leave ``err`` for the other ranks to read (best effort: the folder may be gone)."""
         try:
-            from sgdm.training.checkpoint import atomic_write_text
+            from sgdm.atomic import atomic_write_text
 
             atomic_write_text(self._marker(self.rank), f"{type(err).__name__}: {err}")
         except OSError:

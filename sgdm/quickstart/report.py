@@ -48,7 +48,7 @@ def save_grid(images: torch.Tensor, per_row: int, path: pathlib.Path, cell: int 
     """images [N, 3, H, W] in [0, 1] -> PNG grid, each image scaled to ``cell`` px (nearest), written atomically."""
     from PIL import Image
 
-    from sgdm.training.checkpoint import atomic_open
+    from sgdm.atomic import atomic_open
 
     n = images.shape[0]
     rows = (n + per_row - 1) // per_row
@@ -214,7 +214,7 @@ def _intro(cfg) -> str:
 
 def _write_markdown(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
     from sgdm.evaluation.evaluate import markdown_table
-    from sgdm.training.checkpoint import atomic_write_text
+    from sgdm.atomic import atomic_write_text
 
     lines = [f"# sgdm report: {cfg.run.name}", "", _intro(cfg), ""]
     for s in sections:
@@ -227,7 +227,7 @@ def _write_markdown(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
 
 
 def _write_html(path: pathlib.Path, cfg, sections, metrics, scores) -> None:
-    from sgdm.training.checkpoint import atomic_write_text
+    from sgdm.atomic import atomic_write_text
 
     esc = html.escape
     keys = list(dict.fromkeys(k for r in metrics for k in r))

@@ -93,7 +93,8 @@ def seed_continuation(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | No
     Does nothing when ``dst`` already has checkpoints or an exported pipeline (a continuation
     under way or finished); returns the checkpoint copied, else None. A ``src`` without a
     valid checkpoint is an error that names it."""
-    from sgdm.training.checkpoint import atomic_copy, find_last_valid, list_checkpoints
+    from sgdm.atomic import atomic_copy
+    from sgdm.training.checkpoint import find_last_valid, list_checkpoints
 
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if (dst / "pipeline").exists() or list_checkpoints(dst / "checkpoints"):

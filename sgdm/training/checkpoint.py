@@ -9,73 +9,28 @@ favour of the previous checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import re
-import shutil
 import zipfile
 from typing import Any, Optional
 
-import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+
+# the atomic writes live in sgdm.atomic (light to import: the pipeline and the annotation store use them
+# too); the names stay importable from here
+from sgdm.atomic import TMP_SUFFIX, atomic_copy, atomic_open, atomic_torch_save, atomic_write_text
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save", "checkpoint_name", "list_checkpoints", "find_last_valid",
            "clean_leftovers", "prune_checkpoints", "is_valid_checkpoint", "atomic_open", "atomic_write_text"]
 
 _NAME = re.compile(r"^step-(\d{8,})\.ckpt$")
-TMP_SUFFIX = ".tmp"
 
 
 def checkpoint_name(step: int) -> str:
     """The file name of the checkpoint of training step ``step``: ``step-00001234.ckpt`` (zero-padded,
     so names sort by step)."""
     return f"step-{step:08d}.ckpt"
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str):
-    """A temporary file ``.<name>.<pid>.tmp`` beside ``path``; on success flush, fsync, rename to
-    ``path``, fsync the directory; on failure remove it. An OSError of the write (a full disk) is raised
-    again naming ``path``: the errno's message alone does not say which file of a run could not be written."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
-    try:
-        with open(tmp, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename is not None or err.errno is None:
-            raise
-        raise OSError(err.errno, f"could not write {path}: {err.strerror}; the file there, if any, is unchanged") \
-            from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`atomic_open`)."""
-    with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -157,15 +112,3 @@ def _mtime_ns(path: pathlib.Path) -> int:
         return path.stat().st_mtime_ns
     except FileNotFoundError:
         return -1
-
-
-def atomic_copy(src: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Copy file ``src`` to ``path`` atomically (:func:`atomic_open`)."""
-    with open(src, "rb") as fin, atomic_open(path, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file atomically (:func:`atomic_open`)."""
-    with atomic_open(path, "w") as fh:
-        fh.write(text)

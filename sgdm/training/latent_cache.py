@@ -34,7 +34,8 @@ from torch.utils.data import Dataset
 
 from sgdm.config.core import ConfigError
 from sgdm.data.config import recorded_data
-from sgdm.training.checkpoint import atomic_open, atomic_write_text, clean_leftovers
+from sgdm.atomic import atomic_open, atomic_write_text
+from sgdm.training.checkpoint import clean_leftovers
 from sgdm.training.file_lock import exclusive_lock
 
 __all__ = ["cache_dir_for", "ensure_latent_cache", "LatentCacheDataset", "flip_latent_sample", "fingerprint"]

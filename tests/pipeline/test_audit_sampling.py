@@ -281,3 +281,25 @@ def test_save_pretrained_metadata_adds_entries_but_cannot_replace_the_format(pip
         with pytest.raises(ValueError, match="^metadata: expected str -> str entries other than format"):
             pipe.save_pretrained(tmp_path / "q.safetensors", metadata=bad)
     assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_save_pretrained_on_a_full_disk_keeps_the_saved_pipeline(tmp_path, monkeypatch):
+    """The weights went to a fixed '<name>.tmp' without fsync, and config.yaml was written in place: a
+    failed save could leave a torn config.yaml, and the error named no file."""
+    import errno
+
+    import safetensors.torch
+
+    pipe = tiny_pipeline("label")
+    saved = pipe.save_pretrained(tmp_path / "p")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()}
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"could not write {saved}: No space left on device"):
+        pipe.save_pretrained(tmp_path / "p")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()} == before  # no leftover, nothing torn

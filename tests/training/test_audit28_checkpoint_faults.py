@@ -28,7 +28,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_and_names_the_f
     """ENOSPC while step 4's checkpoint is written (in the write, or only at fsync as NFS reports it): the
     error names the file, step 2's checkpoint is untouched and nothing half-written is left; a resume once
     there is room again ends where an uninterrupted run does."""
-    import sgdm.training.checkpoint as checkpoint
+    import sgdm.atomic as atomic
 
     common = {"max_steps": 6, "checkpoint_every": 2}
     cfg = tiny_config(workdir, run={"name": f"enospc-{where}"}, train=common)
@@ -46,8 +46,8 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_and_names_the_f
             _no_space()
         return real_fsync(fd)
 
-    monkeypatch.setattr(checkpoint.torch, "save", save)
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     second = ckpt_dir / checkpoint_name(2)
     with pytest.raises(OSError, match=rf"{checkpoint_name(4)}.*No space left on device") as caught:
         run_in_process(cfg)
@@ -104,7 +104,6 @@ def test_a_resume_past_a_torn_newest_checkpoint_says_which_file_it_passed_over(w
 FULL_DISK = r"""
 import errno, os, sys
 import torch
-import sgdm.training.checkpoint as checkpoint
 real, calls = torch.save, [0]
 def save(obj, f, *args, **kwargs):
     calls[0] += 1
@@ -112,7 +111,7 @@ def save(obj, f, *args, **kwargs):
         return real(obj, f, *args, **kwargs)
     f.write(b"PK\x03\x04 a first part")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-checkpoint.torch.save = save
+torch.save = save
 from sgdm.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
