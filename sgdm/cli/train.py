@@ -12,8 +12,8 @@ The config is validated before any data or device is touched; an unknown key, a 
 type or an inconsistent setting exits with code 2 and names the key path. The resolved
 config is saved as RUN_DIR/config.yaml (RUN_DIR = run.dir/run.name). Exit codes: 0 done,
 1 an error said in one line (an unreadable image under data.on_bad_image=raise, ...), 2 config
-error, 143 stopped by SIGTERM after writing a checkpoint (continue with --resume, or start every
-run with --auto-resume).
+error, 130 stopped by Ctrl+C and 143 by SIGTERM, after writing a checkpoint (continue with --resume, or
+start every run with --auto-resume; a second Ctrl+C stops at once, without one).
 
 A config with a `prepare:` section (the quickstart) makes its assets first, in one process, then
 trains. Under torchrun or srun the processes only reuse them: make them once with

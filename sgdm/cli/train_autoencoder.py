@@ -14,7 +14,7 @@ other than the diffusion run's, e.g. run.name=churches-ae). train.batch_size is 
 optimiser step; train.accumulate splits it into that many micro-batches per device (less memory; the
 discriminator's BatchNorm then normalises over micro-batches). Writes model.autoencoder.checkpoint at the end.
 Exit codes: 0 done, 1 an error said in one line (an unreadable image under data.on_bad_image=raise,
-...), 2 config error, 143 stopped by SIGTERM (continue with --resume)."""
+...), 2 config error, 130 stopped by Ctrl+C, 143 by SIGTERM (continue with --resume)."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ __all__ = ["prepare", "store_exists", "reusable_store", "run_settings_differ", "
 
 
 class Stopped(Exception):
-    """A training run inside ``prepare`` or the report ended early (SIGTERM: ``code`` 143, with its
+    """A training run inside ``prepare`` or the report ended early (SIGTERM: ``code`` 143, Ctrl+C: 130, with its
     checkpoint written); the same command continues it. ``sgdm-ldm train`` exits with ``code``."""
 
     def __init__(self, what: str, code: int):

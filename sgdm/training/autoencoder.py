@@ -177,7 +177,7 @@ def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
     """Atomically write the LDM-layout state dict (``.safetensors``, else a torch ``{"state_dict": ...}``),
     with the settings the weights cannot tell (:func:`sgdm.models.checkpoints.settings_record`)."""
     from sgdm.models.checkpoints import SETTINGS_KEY, settings_record
-    from sgdm.training.checkpoint import TMP_SUFFIX, atomic_torch_save
+    from sgdm.atomic import TMP_SUFFIX, atomic_torch_save
 
     state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
     if not bool(torch.isfinite(state["scale_factor"])):
@@ -206,7 +206,7 @@ def write_training_record(checkpoint, run_dir) -> None:
     import json
 
     from sgdm.annotation.features import file_sha256
-    from sgdm.training.checkpoint import atomic_write_text
+    from sgdm.atomic import atomic_write_text
 
     record = {"run": str(pathlib.Path(run_dir).resolve()), "sha256": file_sha256(checkpoint)}
     atomic_write_text(training_record_path(checkpoint), json.dumps(record, indent=1) + "\n")
@@ -261,7 +261,7 @@ def check_loss_files(cfg) -> None:
 
 def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
-    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM. ``resume``: None continues the
+    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM, 130 after Ctrl+C. ``resume``: None continues the
     run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``.
     A new run refuses a checkpoint path that already exists (often a downloaded first stage), and any run a
     configured ``model.autoencoder.scale_factor`` (it belongs to other weights), before any work.

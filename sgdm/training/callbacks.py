@@ -1,8 +1,9 @@
-"""Lightning callbacks of the trainer: atomic periodic checkpoints (and on SIGTERM)."""
+"""Lightning callbacks of the trainer: atomic periodic checkpoints (and on SIGTERM or Ctrl+C)."""
 from __future__ import annotations
 
 import pathlib
 import signal
+import sys
 import threading
 
 import pytorch_lightning as pl
@@ -29,7 +30,12 @@ class StepCheckpoint(pl.Callback):
     (2.6), which pairs with whatever collective the other processes are in and hangs DDP when every
     process is signalled at once, as SLURM and torchrun do.
 
-    The handler stays until the trainer's teardown, which puts back the handler from before fit
+    Ctrl+C (SIGINT) is taken the same way: the first one stops the run after the current batch, with a
+    checkpoint (``sgdm-ldm train`` exits 130); a second one stops at once (KeyboardInterrupt, no
+    checkpoint). Lightning's own answer to Ctrl+C was a "graceful shutdown" without one, losing the
+    steps since the last periodic checkpoint.
+
+    The handlers stay until the trainer's teardown, which puts back the handler from before fit
     (recorded in :meth:`setup`; :meth:`on_exception` and :meth:`teardown` put it back too, should
     Lightning's teardown not run). A SIGTERM after the last checkpoint (between :meth:`on_train_end` and
     the teardown) is noted and ignored: the run is complete. Lightning's handler, given back there before,
@@ -40,7 +46,8 @@ class StepCheckpoint(pl.Callback):
         self.directory, self.every, self.keep = pathlib.Path(directory), every, keep
         self.last_saved: int | None = None
         self.signalled = False
-        self._before_fit = None  # the SIGTERM handler from before fit, put back after it
+        self.signal_name: str | None = None  # "SIGTERM" or "SIGINT": what this process received first
+        self._before_fit = {}  # the SIGTERM and SIGINT handlers from before fit, put back after it
         self._installed = False
 
     def save(self, trainer: pl.Trainer, step: int) -> None:
@@ -68,14 +75,27 @@ class StepCheckpoint(pl.Callback):
 
     def _note_sigterm(self, signum, frame) -> None:
         self.signalled = True  # no collective in a signal handler: decided at the batch end, by every process
+        self.signal_name = self.signal_name or "SIGTERM"
+
+    def _note_sigint(self, signum, frame) -> None:
+        if self.signal_name == "SIGINT":  # the second Ctrl+C: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signalled = True
+        self.signal_name = self.signal_name or "SIGINT"
+        print("\nsgdm: Ctrl+C: stopping after this batch with a checkpoint; Ctrl+C again stops at once, without one",
+              file=sys.stderr, flush=True)
+
+    _HANDLERS = {signal.SIGTERM: "_note_sigterm", signal.SIGINT: "_note_sigint"}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._before_fit = signal.getsignal(signal.SIGTERM)  # before Lightning registers its own
+        if threading.current_thread() is threading.main_thread():  # before Lightning registers its own
+            self._before_fit = {sig: signal.getsignal(sig) for sig in self._HANDLERS}
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._note_sigterm)
+            for sig, name in self._HANDLERS.items():
+                signal.signal(sig, getattr(self, name))
             self._installed = True
         self._check_same_start(trainer, pl_module)
 
@@ -114,11 +134,12 @@ class StepCheckpoint(pl.Callback):
         self._restore_handler()
 
     def _restore_handler(self) -> None:
-        """The handler from before fit back, where this callback's is still installed (Lightning's teardown
-        puts it back as well; this covers a path that skips it)."""
+        """The handlers from before fit back, where this callback's are still installed (Lightning's teardown
+        puts SIGTERM's back as well; this covers a path that skips it)."""
         if not self._installed:
             return
         self._installed = False
-        if signal.getsignal(signal.SIGTERM) == self._note_sigterm:
-            before = self._before_fit
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+        for sig, name in self._HANDLERS.items():
+            if signal.getsignal(sig) == getattr(self, name):
+                before = self._before_fit.get(sig)
+                signal.signal(sig, before if before is not None else signal.SIG_DFL)

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler, Unreadable
 
 __all__ = ["flip_image_sample", "collate_training", "is_empty", "build_train_loader", "build_image_dataset",
-           "PositionLoader", "ignore_sigterm", "HostBatchKeys"]
+           "PositionLoader", "ignore_sigterm", "ignore_stop_signals",
+           "HostBatchKeys"]
 
 _KEEP = ("image", "mean", "logvar")
 
@@ -75,15 +76,24 @@ def build_image_dataset(data_cfg, seed: int) -> Dataset:
 
 
 def ignore_sigterm(worker_id: int) -> None:
-    """``worker_init_fn`` of the training loaders: a DataLoader worker ignores SIGTERM. torchrun's agent
-    (``os.killpg``) and SLURM at a time limit send it to every process of a task, workers included; a
-    worker that died of it would make the main process raise ("DataLoader worker ... is killed by
-    signal: Terminated") before the checkpoint that SIGTERM asks for (:class:`~sgdm.training.callbacks.
-    StepCheckpoint`). Workers still end with their loader, and on their own when the main process is
-    gone (PyTorch's worker watchdog)."""
+    """``worker_init_fn``: a DataLoader worker ignores SIGTERM. torchrun's agent (``os.killpg``) and SLURM
+    at a time limit send it to every process of a task, workers included; a worker that died of it would
+    make the main process raise ("DataLoader worker ... is killed by signal: Terminated") before the
+    checkpoint that SIGTERM asks for (:class:`~sgdm.training.callbacks.StepCheckpoint`). Workers still end
+    with their loader, and on their own when the main process is gone (PyTorch's worker watchdog)."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: :func:`ignore_sigterm`, and SIGINT too: a terminal's
+    Ctrl+C goes to the whole foreground process group, and a worker ends on it ("DataLoader worker ...
+    exited unexpectedly" in the main process, before the checkpoint Ctrl+C asks for)."""
+    import signal
+
+    ignore_sigterm(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PositionLoader(DataLoader):
@@ -107,4 +117,4 @@ def build_train_loader(dataset: Dataset, flip_fn: Callable[[dict], dict], *, glo
     sampler = PositionSampler(order, total_positions, rank, world_size, start)
     return PositionLoader(PositionedDataset(dataset, flip_fn), batch_sampler=sampler, collate_fn=collate_training,
                           num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
-                          worker_init_fn=ignore_sigterm if num_workers else None)
+                          worker_init_fn=ignore_stop_signals if num_workers else None)

@@ -25,9 +25,10 @@ from sgdm.training.resume import check_resume_compatible
 from sgdm.training.rng import derive_seed
 
 __all__ = ["train", "prepare_run_dir", "check_resumable", "check_resume_compatible", "build_module", "build_trainer",
-           "EXIT_SIGTERM"]
+           "EXIT_SIGTERM", "EXIT_SIGINT"]
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+EXIT_SIGINT = 130  # 128 + SIGINT: stopped by Ctrl+C, with a checkpoint
 
 
 def _first_process() -> bool:
@@ -65,7 +66,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
         check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
         _check_same_store(run_dir / STORE_RECORD, store)
     if _first_process():
-        from sgdm.training.checkpoint import atomic_write_text
+        from sgdm.atomic import atomic_write_text
 
         if ckpt is not None:
             keep_earlier_metrics(run_dir / "logs")
@@ -315,18 +316,22 @@ def _say_when_finished(cfg: ExperimentConfig, ckpt: pathlib.Path) -> None:
 
 
 def stopped(cfg: ExperimentConfig, trainer) -> int:
-    """:data:`EXIT_SIGTERM`, after the first process says which checkpoint the SIGTERM left and how to go on."""
+    """:data:`EXIT_SIGINT` when this process was stopped by Ctrl+C, else :data:`EXIT_SIGTERM`, after the
+    first process says which checkpoint the signal left and how to go on."""
     from sgdm.training.callbacks import StepCheckpoint
 
+    step_checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+    name = step_checkpoint.signal_name if step_checkpoint is not None else None
     if _first_process():
         import sys
 
-        saved = next((c.last_saved for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+        saved = step_checkpoint.last_saved if step_checkpoint is not None else None
         where = (f"; wrote {cfg.run.path / 'checkpoints' / checkpoint_name(saved)}" if saved is not None
                  else "; no checkpoint written in this start")
-        print(f"sgdm: stopped by SIGTERM{f' at step {saved}' if saved is not None else ''}{where}; continue with "
+        by = {"SIGINT": "Ctrl+C", "SIGTERM": "SIGTERM"}.get(name, "a signal to another process")
+        print(f"sgdm: stopped by {by}{f' at step {saved}' if saved is not None else ''}{where}; continue with "
               f"the same command and --resume (or --auto-resume)", file=sys.stderr, flush=True)
-    return EXIT_SIGTERM
+    return EXIT_SIGINT if name == "SIGINT" else EXIT_SIGTERM
 
 
 def encode_device(t) -> torch.device:
@@ -342,7 +347,8 @@ def encode_device(t) -> torch.device:
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
-    """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM.
+    """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM,
+    :data:`EXIT_SIGINT` after Ctrl+C (both with a checkpoint).
 
     ``callbacks``: extra Lightning callbacks (monitoring, tests).
     """

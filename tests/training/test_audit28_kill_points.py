@@ -72,7 +72,7 @@ def reference(workdir):
     (("sgdm.training.latent_cache", "_write_shard", "3"), "SIGTERM", -15),  # (before training: no checkpoint)
     (("sgdm.training.module", "update_ema", "3"), "SIGKILL", -9),  # in the EMA update of step 2
     (("sgdm.training.module", "update_ema", "3"), "SIGTERM", 143),
-    (("sgdm.training.module", "update_ema", "3"), "SIGINT", 1),  # Lightning: exit 1, no checkpoint
+    (("sgdm.training.module", "update_ema", "3"), "SIGINT", 130),  # Ctrl+C: a checkpoint, as SIGTERM
     (("PIL.Image", "Image.save", "2"), "SIGKILL", -9),  # writing step 4's sample grid
     (("PIL.Image", "Image.save", "2"), "SIGTERM", 143),
     (("sgdm.training.checkpoint", "atomic_torch_save", "2"), "SIGKILL", -9),  # writing step 4's checkpoint
@@ -83,6 +83,9 @@ def test_killed_at_a_point_then_started_again_ends_as_the_uninterrupted_run(work
     cfg = tiny_config(workdir, run={"name": name}, train=TRAIN)
     proc = _train(workdir, cfg, *point, signame)
     assert proc.returncode == code, proc.stderr[-3000:]
+    if code in (130, 143):
+        by = "Ctrl+C" if code == 130 else "SIGTERM"
+        assert f"sgdm: stopped by {by} at step " in proc.stderr, proc.stderr[-3000:]
     run = pathlib.Path(cfg["run"]["dir"]) / name
     assert not [s for s, _ in list_checkpoints(run / "checkpoints") if s >= STEPS]
     proc = _train(workdir, cfg)
