@@ -70,8 +70,16 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _enabled: dict[tuple[str, str], bool] = {}  # registrations never change once loaded
 
 
-# Constant for torch.compile: dynamo calls it while tracing instead of tracing into it.
-@torch.compiler.assume_constant_result
+def constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result`` (dynamo calls ``fn`` while tracing instead of tracing
+    into it, and takes its result as a constant) without importing ``torch._dynamo`` when ``sgdm.ops`` is
+    imported: that import takes seconds and sets ``TORCHINDUCTOR_CACHE_DIR``, and the decorator's whole
+    effect is this mark, read when dynamo traces a call (tests/ops compile with ``fullgraph=True``)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_for_compile
 def kernels_enabled(op: str, device_type: str) -> bool:
     """True when op ``op`` has a compiled kernel for ``device_type`` ("cpu", "cuda")."""
     found = _enabled.get((op, device_type))

@@ -81,7 +81,7 @@ def _check_inputs(q, k, v, scale) -> None:
 _warned_head_dims: set[int] = set()
 
 
-@torch.compiler.assume_constant_result
+@_extension.constant_for_compile
 def _kernel_ok(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the compiled kernel handles this case; a constant for torch.compile."""
     if dtype not in _KERNEL_DTYPES or not _extension.kernels_enabled(_OP, device_type):
