@@ -105,8 +105,11 @@ def _cpu_isas(loaded: bool) -> dict[str, Any]:
             isas[name] = "runs"
         except RuntimeError as err:
             message = str(err).splitlines()[0]
-            isas[name] = "not built" if "not compiled" in message else "not supported by this CPU" \
-                if "not supported" in message else message
+            capped = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+            refused = (f"not allowed by ATEN_CPU_CAPABILITY={capped} (or not supported by this CPU)" if capped
+                       else "not supported by this CPU")
+            isas[name] = "not built" if "not compiled" in message else refused if "not supported" in message \
+                else message
     return {"active": _extension.cpu_isa(), "isas": isas}
 
 

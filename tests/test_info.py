@@ -122,3 +122,20 @@ def test_every_variable_sgdm_reads_at_run_time_is_reported(capsys, monkeypatch):
     assert info["env"]["ATEN_CPU_CAPABILITY"] == "default" and info["env"]["SGDM_CACHE"] == "/data/cache"
     # SGDM_OFFLINE only makes eval refuse FID/IS/KID early without the Inception weights; timm still downloads
     assert "Inception" in ENV_VARS["SGDM_OFFLINE"] and "no downloads" not in ENV_VARS["SGDM_OFFLINE"]
+
+
+def test_an_isa_capped_by_aten_cpu_capability_is_not_called_unsupported():
+    """Under ATEN_CPU_CAPABILITY=default, info said "avx2: not supported by this CPU" on an AVX2 machine."""
+    from sgdm.ops import _extension
+
+    if not _extension.load():
+        pytest.skip("needs the compiled extension")
+    code = "import json; from sgdm.environment import _cpu_isas; print(json.dumps(_cpu_isas(True)))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    isas = json.loads(out.stdout.strip().splitlines()[-1])
+    assert isas["active"] == "default" and isas["isas"]["default"] == "runs"
+    for name in ("avx2", "avx512"):
+        assert isas["isas"][name] in ("not built",
+                                      "not allowed by ATEN_CPU_CAPABILITY=default (or not supported by this CPU)")
