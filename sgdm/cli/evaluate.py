@@ -101,7 +101,7 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
     from sgdm.config.core import ConfigError
 
     try:
-        return from_dict(EvalConfig, data, "eval")
+        ecfg = from_dict(EvalConfig, data, "eval")
     except ConfigError as err:  # a value the user typed: name the flag
         given = {f"eval.{key}": "--" + flag.replace("_", "-") for flag, key in _FLAGS.items()
                  if getattr(args, flag) is not None}
@@ -112,6 +112,13 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
         if name is None:
             raise
         raise ConfigError(f"{name} ({err.key})", err.message) from None
+    from sgdm.evaluation.evaluate import INCEPTION
+
+    if args.inception_weights is not None and not set(INCEPTION) & set(ecfg.metrics):
+        raise ConfigError("--inception-weights", f"only fid, is and kid read the Inception weights, and the metrics "
+                                                 f"are {ecfg.metrics}; add them with --metrics "
+                                                 f"{','.join([*ecfg.metrics, 'fid'])}")
+    return ecfg
 
 
 def run(args) -> int:

@@ -121,6 +121,24 @@ def test_eval_missing_weights_files_are_named(tmp_path, capsys):
     assert "--feature-weights (eval.feature_weights): file" in capsys.readouterr().err
 
 
+def test_inception_weights_without_an_inception_metric_are_refused(tmp_path):
+    """--inception-weights with metrics that never read them was ignored without a word (the user expected
+    an FID)."""
+    from sgdm.cli.evaluate import eval_config_from_args
+    from sgdm.cli.main import build_parser
+    from sgdm.config.core import ConfigError
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+
+    def config(*flags):
+        return eval_config_from_args({}, build_parser("eval").parse_args(["eval", "RUN", *flags]))
+
+    with pytest.raises(ConfigError, match=r"^--inception-weights: only fid, is and kid read .*--metrics fd,adherence,fid"):
+        config("--metrics", "fd,adherence", "--inception-weights", str(weights))
+    assert config("--metrics", "fd,kid", "--inception-weights", str(weights)).metrics == ["fd", "kid"]
+
+
 def test_eval_feature_backbone_kwargs_without_spaces_are_refused():
     from sgdm.config.core import ConfigError, apply_overrides, from_dict
     from sgdm.evaluation.config import EvalConfig
