@@ -15,7 +15,7 @@ The packages: ``sgdm.pipeline`` (sampling API), ``sgdm.models`` (UNet, KL autoen
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -25,12 +25,4 @@ _LAZY = {
 
 __all__ = ["SelfGuidedPipeline", "__version__"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgdm' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -149,7 +149,7 @@ warnings.simplefilter("always")
 before_env, before_modules = dict(os.environ), set(sys.modules)
 with warnings.catch_warnings(record=True) as caught:
     import sgdm
-first = {"new": sorted(m.split(".")[0] for m in set(sys.modules) - before_modules),
+first = {"new": sorted({m.split(".")[0] for m in set(sys.modules) - before_modules}),  # sgdm's own modules: "sgdm"
          "env": sorted(k for k in set(os.environ) | set(before_env) if os.environ.get(k) != before_env.get(k)),
          "warnings": [str(w.message) for w in caught]}
 import torch

@@ -26,7 +26,7 @@ safetensors + manifest), ``ground_truth`` (the supervised twin), ``metrics``
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 from sgdm.annotation.config import AnnotationConfig
 
@@ -43,12 +43,4 @@ _LAZY = {
 
 __all__ = ["AnnotationConfig", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgdm.annotation' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

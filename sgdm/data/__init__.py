@@ -10,7 +10,7 @@ Heavy modules (torch, PIL) load on first use so ``sgdm.data.config`` stays light
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 from sgdm.data.config import DataConfig, ShapesConfig
 
@@ -25,12 +25,4 @@ _LAZY = {
 
 __all__ = ["DataConfig", "ShapesConfig", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgdm.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -8,7 +8,7 @@ functions of a denoiser), ``guidance`` (paper Eq. 4 wrapper), ``noise``
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 _LAZY = {
     "DiffusionConfig": "config", "SamplerConfig": "config",
@@ -25,12 +25,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"sgdm.diffusion.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'sgdm.diffusion' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, {k: f"sgdm.diffusion.{v}" for k, v in _LAZY.items()})

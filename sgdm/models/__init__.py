@@ -7,7 +7,7 @@ use, so that loading a config does not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 _LAZY = {
     "UNet": "sgdm.models.unet",
@@ -20,12 +20,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgdm.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -5,19 +5,10 @@ reading :class:`~sgdm.quickstart.config.PrepareConfig` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 _LAZY = {"prepare": "sgdm.quickstart.stages", "write_report": "sgdm.quickstart.report"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgdm.quickstart' has no attribute {name!r}")
-
-
 __all__ = ["prepare", "write_report"]
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-import importlib
+from sgdm._lazy import lazy_attributes
 
 _LAZY = {
     "train": "sgdm.training.run",
@@ -16,12 +16,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sgdm.training' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))  # the lazy names too: tab completion lists dir()
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
