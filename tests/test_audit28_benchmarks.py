@@ -15,18 +15,9 @@ import time
 import pytest
 import torch
 
-from tests.test_benchmarks import BENCHMARKS, load
+from tests.test_benchmarks import BENCHMARKS, attention_bench, load  # noqa: F401 (a fixture)
 
 REPO = BENCHMARKS.parent
-
-
-@pytest.fixture(scope="module")
-def attention_bench():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports ops_bench as a sibling, as when run as a script
-    try:
-        return load("attention_bench")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
