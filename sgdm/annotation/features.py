@@ -23,13 +23,14 @@ import difflib
 import hashlib
 import os
 import pathlib
+import shlex
 import socket
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Backbone", "Features", "BackboneError", "load_backbone", "extract", "file_sha256"]
+__all__ = ["Backbone", "BackboneKeys", "Features", "BackboneError", "load_backbone", "extract", "file_sha256"]
 
 # Wrapper keys of training checkpoints (DINO's checkpoint.pth keeps the teacher
 # and student; Lightning/timm keep state_dict/model) and the prefixes they add.
@@ -117,8 +118,35 @@ def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-_CHECK_SETTINGS = ("check annotation.backbone / annotation.backbone_kwargs "
-                   "(eval.feature_backbone / feature_backbone_kwargs for eval's feature extractor)")
+@dataclasses.dataclass(frozen=True)
+class BackboneKeys:
+    """How :func:`load_backbone`'s errors name the settings of the backbone they are about: its caller's
+    config keys, and the command-line flags that set them where the command has its own (``sgdm-ldm eval``'s
+    extractor is ``eval.feature_backbone``, not ``annotation.backbone``). The defaults are the annotation's."""
+
+    backbone: str = "annotation.backbone"
+    kwargs: str = "annotation.backbone_kwargs"
+    weights: str = "annotation.weights"
+    flags: tuple[str, str, str] | None = None  # the flags of backbone, kwargs, weights
+
+    def name(self, field: str) -> str:
+        """``annotation.backbone``, or ``--feature-extractor (eval.feature_backbone)`` where a flag sets it."""
+        key = getattr(self, field)
+        return key if self.flags is None else f"{self._flag(field)} ({key})"
+
+    def assign(self, field: str, value: str) -> str:
+        """The setting of ``field`` to ``value`` as the user writes it: an override, or the flag and its value."""
+        key = getattr(self, field)
+        return f"{key}={value}" if self.flags is None else f"{self._flag(field)} {shlex.quote(value)} ({key})"
+
+    def check(self) -> str:
+        return f"check {self.name('backbone')} / {self.name('kwargs')}"
+
+    def _flag(self, field: str) -> str:
+        return self.flags[("backbone", "kwargs", "weights").index(field)]
+
+
+ANNOTATION_KEYS = BackboneKeys()
 
 
 # DINO's released backbones (facebookresearch/dino), by (embed_dim, patch size); all have depth 12
@@ -128,8 +156,8 @@ _DINO_RELEASES = {(384, 16): ("vit_small_patch16_224.dino", "dino_deitsmall16_pr
                   (768, 8): ("vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth")}
 
 
-def _describe_vit(state: dict) -> str:
-    """What ViT a timm / DINO-layout state dict holds, and the settings that build it ('' if not a ViT)."""
+def _describe_vit(state: dict, keys: BackboneKeys) -> str:
+    """What ViT a timm / DINO-layout state dict holds, and the settings (``keys``) that build it ('' if not a ViT)."""
     proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
     if proj is None or proj.dim() != 4 or pos is None or pos.dim() != 3:
         return ""
@@ -141,13 +169,14 @@ def _describe_vit(state: dict) -> str:
     what = f"the file holds a ViT with embed_dim {dim}, patch size {patch}, depth {depth}"
     known = _DINO_RELEASES.get((dim, patch))
     if known is not None and depth == 12:
-        return f"{what}: DINO's {known[1]}, which is annotation.backbone={known[0]} (no backbone_kwargs)"
+        return f"{what}: DINO's {known[1]}, which is {keys.assign('backbone', known[0])} (no {keys.name('kwargs')})"
     size = f", img_size: {grid * patch}" if grid else ""
-    return (f"{what}: build it with a vit_* annotation.backbone and annotation.backbone_kwargs={{embed_dim: {dim}, "
-            f"depth: {depth}, patch_size: {patch}{size}, num_heads: N}} (num_heads is not stored in the weights)")
+    kwargs = f"{{embed_dim: {dim}, depth: {depth}, patch_size: {patch}{size}, num_heads: N}}"
+    return (f"{what}: build it with a vit_* {keys.name('backbone')} and {keys.assign('kwargs', kwargs)} "
+            f"(num_heads is not stored in the weights)")
 
 
-def _check_patch_size(model: torch.nn.Module, state: dict, path: pathlib.Path, name: str) -> None:
+def _check_patch_size(model: torch.nn.Module, state: dict, path: pathlib.Path, name: str, keys: BackboneKeys) -> None:
     """timm's checkpoint filter resamples a patch embedding of another size (FlexiViT) without a word, so
     DINO ViT-B/8 weights would load into a ViT-B/16 and give other features: refuse that."""
     own = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "weight", None)
@@ -155,22 +184,22 @@ def _check_patch_size(model: torch.nn.Module, state: dict, path: pathlib.Path, n
     if own is None or theirs is None or theirs.dim() != 4 or tuple(theirs.shape[-2:]) == tuple(own.shape[-2:]):
         return
     raise BackboneError(f"weights file {path} does not match backbone {name}: its patch size is "
-                        f"{tuple(theirs.shape[-2:])}, the backbone's {tuple(own.shape[-2:])}; {_describe_vit(state)}; "
-                        f"{_CHECK_SETTINGS}")
+                        f"{tuple(theirs.shape[-2:])}, the backbone's {tuple(own.shape[-2:])}; "
+                        f"{_describe_vit(state, keys)}; {keys.check()}")
 
 
-def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str) -> None:
+def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str, keys: BackboneKeys) -> None:
     import importlib
 
     state = _read_state_dict(path)
-    _check_patch_size(model, state, path, name)
+    _check_patch_size(model, state, path, name, keys)
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state = filter_fn(state, model)
         except (RuntimeError, ValueError, KeyError) as err:  # e.g. a pos_embed it cannot resample
             raise BackboneError(f"weights file {path} does not match backbone {name}: {err}; "
-                                f"{_CHECK_SETTINGS}") from None
+                                f"{keys.check()}") from None
     own = model.state_dict()
     # classifier / DINO projection heads are not part of a feature extractor
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "head_dist."))}
@@ -179,18 +208,18 @@ def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str) -> None:
     if mismatched:
         key = mismatched[0]
         more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
-        described = _describe_vit(state)
+        described = _describe_vit(state, keys)
         raise BackboneError(
             f"weights file {path} does not match backbone {name}: {key!r} has shape {tuple(state[key].shape)} "
             f"in the file, {tuple(own[key].shape)} in the model{more}; {described + '; ' if described else ''}"
-            f"{_CHECK_SETTINGS}"
+            f"{keys.check()}"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BackboneError(
             f"weights file {path} does not match backbone {name}: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
-            f"{_CHECK_SETTINGS}"
+            f"{keys.check()}"
         )
 
 
@@ -240,6 +269,7 @@ def load_backbone(
     kwargs: Optional[dict[str, Any]] = None,
     image_size: int = 0,
     random_init: bool = False,
+    keys: BackboneKeys = ANNOTATION_KEYS,
 ) -> Backbone:
     """Build timm backbone ``name`` in eval mode with frozen weights.
 
@@ -247,7 +277,8 @@ def load_backbone(
     original DINO layout, or DINO's full ``checkpoint.pth`` whose teacher is
     used). Without it the weights come from timm's hub, and offline (no route
     to huggingface.co, or ``HF_HUB_OFFLINE=1`` with nothing cached) this fails
-    at once. ``random_init`` skips loading (tests only).
+    at once. ``random_init`` skips loading (tests only). ``keys``: the settings errors name (default: the
+    annotation section's).
     """
     import timm
 
@@ -274,19 +305,19 @@ def load_backbone(
                 except Exception as err:
                     why = "offline (HF_HUB_OFFLINE or no route to huggingface.co)" if offline else f"download failed: {err}"
                     raise BackboneError(
-                        f"backbone {name!r}: no local weights given (annotation.weights) and the hub cannot be used: {why}; "
-                        "set annotation.weights to a .pth or .safetensors file"
+                        f"backbone {name!r}: no local weights given ({keys.name('weights')}) and the hub cannot be "
+                        f"used: {why}; set {keys.name('weights')} to a .pth or .safetensors file"
                     ) from None
         except TypeError as err:
-            raise BackboneError(f"backbone {name!r}: bad annotation.backbone_kwargs {kwargs}: {err}") from None
+            raise BackboneError(f"backbone {name!r}: bad {keys.name('kwargs')} {kwargs}: {err}") from None
     weights_id = "random" if random_init else f"hub:{name}"
     if weights is not None:
         path = pathlib.Path(weights)
         if not path.is_file():
-            raise BackboneError(f"weights file {path} does not exist (annotation.weights); `sgdm-ldm "
+            raise BackboneError(f"weights file {path} does not exist ({keys.name('weights')}); `sgdm-ldm "
                                 f"pretrain-features CONFIG` trains one on your images, as `sgdm-ldm train` does "
                                 f"for a config with a prepare: section")
-        _load_local(model, path, name)
+        _load_local(model, path, name, keys)
         weights_id = file_sha256(path)
     model.eval().requires_grad_(False)
     cfg = model.pretrained_cfg or {}

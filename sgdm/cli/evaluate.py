@@ -53,7 +53,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="the FID Inception's weights file, for offline use: torch-fidelity's "
                              "weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
                              "pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--feature-extractor", help="timm backbone name for fd_<name> (default: annotation.backbone)")
+    parser.add_argument("--feature-extractor",
+                        help="timm backbone name for fd_<name> (default: eval.feature_backbone, else the run's "
+                             "annotation.backbone with its annotation.backbone_kwargs)")
+    parser.add_argument("--feature-backbone-kwargs", metavar="YAML",
+                        help="keyword arguments that build --feature-extractor, as a YAML mapping, e.g. "
+                             "'{embed_dim: 192, depth: 4, patch_size: 8, img_size: 64, num_heads: 3}' for a small "
+                             "encoder (default: eval.feature_backbone_kwargs; none when --feature-extractor is given)")
     parser.add_argument("--feature-weights", help="weights file of --feature-extractor")
     parser.add_argument("--feature-name", help="name the distance is reported under (fd_<name>)")
     parser.add_argument("--reference-n", type=int,
@@ -79,6 +85,17 @@ def _float_list(text: str, flag: str) -> list[float]:
         raise ConfigError(flag, f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _yaml_mapping(text: str, flag: str, key: str):
+    """``text``, the value of ``flag`` (which sets ``key``), read as an override's value is (YAML, numbers as
+    YAML 1.2 reads them); from_dict then checks that it is a mapping."""
+    from sgdm.config.core import ConfigError, apply_overrides
+
+    try:
+        return apply_overrides({}, [f"value={text}"])["value"]
+    except ConfigError as err:
+        raise ConfigError(f"{flag} ({key})", err.message.replace("override value", "value")) from None
+
+
 def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
     """The run's ``eval:`` section with the command-line flags applied, validated once."""
     from sgdm.config.core import from_dict
@@ -93,7 +110,10 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
     if args.n is not None and args.batch_size is None and isinstance(batch_size, int) and 2 <= args.n < batch_size:
         data["batch_size"] = args.n  # a small --n is one batch, not a conflict with the run's eval.batch_size
     if args.feature_extractor is not None:
-        data["feature_backbone_kwargs"] = {}
+        data["feature_backbone_kwargs"] = {}  # the run's kwargs build the run's extractor, not this one
+    if args.feature_backbone_kwargs is not None:
+        data["feature_backbone_kwargs"] = _yaml_mapping(args.feature_backbone_kwargs, "--feature-backbone-kwargs",
+                                                        "eval.feature_backbone_kwargs")
     if args.sweep_scale is not None:
         data["sweep_scales"] = _float_list(args.sweep_scale, "--sweep-scale")
     if args.metrics is not None:
@@ -107,11 +127,18 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
                  if getattr(args, flag) is not None}
         given.update({"eval.sweep_scales": "--sweep-scale"} if args.sweep_scale is not None else {})
         given.update({"eval.metrics": "--metrics"} if args.metrics is not None else {})
+        given.update({"eval.feature_backbone_kwargs": "--feature-backbone-kwargs"}
+                     if args.feature_backbone_kwargs is not None else {})
         name = next((flag for key, flag in given.items() if err.key == key or err.key.startswith(key + ".")
                      or err.key.startswith(key + "[")), None)
         if name is None:
             raise
         raise ConfigError(f"{name} ({err.key})", err.message) from None
+    if args.feature_backbone_kwargs is not None and ecfg.feature_backbone is None:
+        raise ConfigError("--feature-backbone-kwargs", "builds eval's own extractor, and neither --feature-extractor "
+                                                       "nor the run's eval.feature_backbone names one (the distance "
+                                                       "would use annotation.backbone with annotation.backbone_kwargs); "
+                                                       "give --feature-extractor NAME too")
     from sgdm.evaluation.evaluate import INCEPTION
 
     if args.inception_weights is not None and not set(INCEPTION) & set(ecfg.metrics):

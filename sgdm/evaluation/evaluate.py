@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from sgdm.annotation.features import BackboneError
+from sgdm.annotation.features import BackboneError, BackboneKeys
 from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
@@ -167,6 +167,11 @@ def _reference_content(dataset: Dataset, n: int) -> str:
     return _digest(stamps)
 
 
+# how a backbone error names eval's own extractor: the eval: keys, and sgdm-ldm eval's flags that set them
+EVAL_FEATURE_KEYS = BackboneKeys("eval.feature_backbone", "eval.feature_backbone_kwargs", "eval.feature_weights",
+                                 flags=("--feature-extractor", "--feature-backbone-kwargs", "--feature-weights"))
+
+
 def _feature_space(cfg, ecfg: EvalConfig):
     from sgdm.evaluation.feature_distance import load_feature_space
     from sgdm.devices import resolve_device
@@ -174,12 +179,14 @@ def _feature_space(cfg, ecfg: EvalConfig):
     a = cfg.annotation
     backbone = ecfg.feature_backbone or a.backbone
     kwargs = ecfg.feature_backbone_kwargs if ecfg.feature_backbone else dict(a.backbone_kwargs)
-    weights = ecfg.feature_weights if ecfg.feature_backbone or ecfg.feature_weights else a.weights
+    own = bool(ecfg.feature_backbone or ecfg.feature_weights)  # eval's own extractor, not the annotation's
+    weights = ecfg.feature_weights if own else a.weights
     try:
         name = None if ecfg.feature_name is None else ecfg.feature_name.format(dataset=cfg.data.dataset)
-        return load_feature_space(backbone, weights, kwargs, name, resolve_device(ecfg.device, "eval.device"))
+        return load_feature_space(backbone, weights, kwargs, name, resolve_device(ecfg.device, "eval.device"),
+                                  keys=EVAL_FEATURE_KEYS if own else None)
     except BackboneError as err:
-        if ecfg.feature_backbone or ecfg.feature_weights:
+        if own:
             raise
         # the run's annotation settings are only the default: say how to choose the distance's own
         raise BackboneError(f"fd: {err}. The distance uses the run's annotation backbone unless it is given an "

@@ -13,11 +13,14 @@ import os
 import pathlib
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from sgdm.evaluation.metrics import GaussianStats, frechet_distance, gaussian_stats
+
+if TYPE_CHECKING:
+    from sgdm.annotation.features import BackboneKeys
 
 __all__ = ["FeatureSpace", "load_feature_space", "embed", "reference_stats", "feature_distance"]
 
@@ -47,13 +50,15 @@ def load_feature_space(
     kwargs: dict | None = None,
     name: str | None = None,
     device: str | torch.device = "cpu",
+    keys: "BackboneKeys | None" = None,
 ) -> FeatureSpace:
-    """Load ``backbone`` (timm name) with local ``weights``; ``name`` defaults to ``dino`` or the architecture."""
-    from sgdm.annotation.features import load_backbone
+    """Load ``backbone`` (timm name) with local ``weights``; ``name`` defaults to ``dino`` or the architecture.
+    ``keys``: the settings a backbone error names (default: the annotation section's)."""
+    from sgdm.annotation.features import ANNOTATION_KEYS, load_backbone
 
     if weights is not None and not pathlib.Path(weights).is_file():
         raise FileNotFoundError(f"feature extractor weights: file {weights} does not exist")
-    loaded = load_backbone(backbone, weights=weights, kwargs=kwargs)
+    loaded = load_backbone(backbone, weights=weights, kwargs=kwargs, keys=keys or ANNOTATION_KEYS)
     device = torch.device(device)
     loaded.model.to(device)
     return FeatureSpace(loaded, name or _default_name(backbone), device)
