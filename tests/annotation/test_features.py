@@ -248,8 +248,8 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, value, 
     evaluation's Inception): before, annotation took "no" and "off" for offline and eval "yes" for online."""
     import socket
 
+    from sgdm import environment
     from sgdm.annotation import features
-    from sgdm.evaluation import fidelity
 
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     monkeypatch.delenv("SGDM_OFFLINE", raising=False)
@@ -262,4 +262,4 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, value, 
     monkeypatch.setattr(socket, "create_connection", connect)
     assert features._hub_reachable() is False
     assert bool(tried) is not offline  # offline: not even tried
-    assert fidelity._offline() is offline
+    assert environment.offline() is offline  # eval's Inception and the VGG16 download read it
