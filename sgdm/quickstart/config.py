@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sgdm.config.core import ConfigError, require_at_least
+from sgdm.config.core import ConfigError, check_seed, require_at_least
 from sgdm.features_pretrain.config import PretrainConfig
 
 
@@ -27,7 +27,15 @@ class PrepareConfig:
     report: bool = False
     autoencoder_steps: int = 400
     autoencoder_batch_size: int = 16  # the first stage sees full-resolution images: a smaller batch than the LDM's
-    autoencoder_lr: Optional[float] = None  # None: train.lr (the diffusion model's)
+    # The first stage's own seed, rate and micro-batches, not the diffusion run's run.seed and train.*: a
+    # second diffusion run on the same prepared assets (another seed, rate, ...) reuses the autoencoder.
+    # The defaults are what the shipped configs trained it with when it took those from the diffusion
+    # run (run.seed 0, train.lr 2e-4, train.accumulate 1), so their autoencoder is unchanged.
+    autoencoder_seed: int = 0
+    # null: the diffusion run's train.lr (what runs recorded before this key had a default meant; a
+    # changed train.lr then refuses the prepared autoencoder)
+    autoencoder_lr: Optional[float] = 2.0e-4
+    autoencoder_accumulate: int = 1  # micro-batches per step, to fit memory; must divide autoencoder_batch_size
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     report_samples_per_row: int = 8
     report_steps: int = 50
@@ -48,10 +56,14 @@ class PrepareConfig:
         return self.dataset or self.autoencoder or self.features or self.annotations
 
     def validate(self) -> None:
-        require_at_least(self, 1, "autoencoder_batch_size", "autoencoder_steps", "report_samples_per_row",
-                         "report_steps")
+        require_at_least(self, 1, "autoencoder_batch_size", "autoencoder_steps", "autoencoder_accumulate",
+                         "report_samples_per_row", "report_steps")
+        check_seed("autoencoder_seed", self.autoencoder_seed)
         if self.autoencoder_lr is not None and not self.autoencoder_lr > 0:
             raise ConfigError("autoencoder_lr", f"must be > 0 (or null: train.lr), got {self.autoencoder_lr}")
+        if self.autoencoder_batch_size % self.autoencoder_accumulate:  # its run is one device
+            raise ConfigError("autoencoder_batch_size", f"{self.autoencoder_batch_size} must divide by "
+                                                        f"prepare.autoencoder_accumulate={self.autoencoder_accumulate}")
         if not self.report_scales:
             raise ConfigError("report_scales", "needs at least one guidance scale")
         require_at_least(self, 1, "companion_steps")

@@ -7,7 +7,8 @@ quickstart goes straight to training. The stages, in order (each only when its
 - ``dataset``: build the dataset once (the ``shapes`` generator writes its cache);
 - ``autoencoder``: ``model.autoencoder.checkpoint`` via ``train_autoencoder`` with
   ``prepare.autoencoder_steps`` steps of ``prepare.autoencoder_batch_size`` images
-  at ``prepare.autoencoder_lr`` (default ``train.lr``);
+  at ``prepare.autoencoder_lr``, seeded by ``prepare.autoencoder_seed`` (not the diffusion
+  run's ``run.seed`` or ``train.lr``, so that another diffusion run reuses it);
 - ``features``: ``annotation.weights`` via DINO pretraining of
   ``annotation.backbone`` with ``prepare.pretrain``;
 - ``annotations``: the ``annotation.store`` via ``annotate`` (with ``--evaluate``
@@ -87,15 +88,15 @@ def _dataset(cfg, log, build: bool = True) -> str:
     return f"{cfg.data.dataset}: {n} images"
 
 
-# the autoencoder run's settings that prepare sets from its own keys
-_AUTOENCODER_BUDGET = {"train.max_steps": "prepare.autoencoder_steps", "train.batch_size": "prepare.autoencoder_batch_size",
-                       "train.lr": "prepare.autoencoder_lr (or train.lr)"}
+# the autoencoder run's settings that prepare sets from its own keys (its other train.* keys say how it
+# runs, or are unused by its trainer: sgdm.training.resume.UNUSED_BY)
+_AUTOENCODER_KEYS = {"run.seed": "prepare.autoencoder_seed", "train.max_steps": "prepare.autoencoder_steps",
+                     "train.batch_size": "prepare.autoencoder_batch_size", "train.lr": "prepare.autoencoder_lr",
+                     "train.accumulate": "prepare.autoencoder_accumulate"}
 
 
-def run_settings_differ(cfg, trainer: str = "diffusion", run_dir: pathlib.Path | None = None) -> list[str] | None:
-    """The settings of ``cfg`` that differ from the ``config.yaml`` of ``run_dir`` (default: its own run
-    directory): those its weights depend on (as ``--resume`` compares them for ``trainer``) and its step
-    budget ``train.max_steps``; None when the run left no config (weights made elsewhere)."""
+def _recorded_differences(cfg, trainer: str, run_dir: pathlib.Path | None) -> list[tuple[str, object]] | None:
+    """(key, value in the run's ``config.yaml``) of each setting :func:`run_settings_differ` names."""
     import yaml
 
     from sgdm.config.core import absolute_paths, dump_yaml
@@ -106,38 +107,66 @@ def run_settings_differ(cfg, trainer: str = "diffusion", run_dir: pathlib.Path |
     if not saved.is_file():
         return None
     old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
-    keys = [key for key, _, _ in resume_differences(old, yaml.safe_load(dump_yaml(recorded_config(cfg))), trainer)]
-    if (old.get("train") or {}).get("max_steps", cfg.train.max_steps) != cfg.train.max_steps:
-        keys.append("train.max_steps")
-    return keys
+    found = [(key, before) for key, before, _ in
+             resume_differences(old, yaml.safe_load(dump_yaml(recorded_config(cfg))), trainer)]
+    steps = (old.get("train") or {}).get("max_steps", cfg.train.max_steps)
+    if steps != cfg.train.max_steps:
+        found.append(("train.max_steps", steps))
+    return found
+
+
+def run_settings_differ(cfg, trainer: str = "diffusion", run_dir: pathlib.Path | None = None) -> list[str] | None:
+    """The settings of ``cfg`` that differ from the ``config.yaml`` of ``run_dir`` (default: its own run
+    directory): those its weights depend on (as ``--resume`` compares them for ``trainer``) and its step
+    budget ``train.max_steps``; None when the run left no config (weights made elsewhere)."""
+    found = _recorded_differences(cfg, trainer, run_dir)
+    return None if found is None else [key for key, _ in found]
+
+
+def _override(value) -> str:
+    """``value`` as a dotted override writes it (a list without spaces, for a shell)."""
+    if isinstance(value, list):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _autoencoder_run(cfg):
+    """The run that trains the prepared autoencoder: its own keys (``prepare.autoencoder_*``) for what
+    defines it, the diffusion run's ``train.*`` only for how it runs; one process on one device (a
+    small budget, and a run of several processes must not train it N times)."""
+    p = cfg.prepare
+    budget = dataclasses.replace(cfg.train, max_steps=p.autoencoder_steps, batch_size=p.autoencoder_batch_size,
+                                 lr=cfg.train.lr if p.autoencoder_lr is None else p.autoencoder_lr,
+                                 accumulate=p.autoencoder_accumulate,
+                                 checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps),
+                                 devices=1, num_nodes=1, strategy="auto")
+    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder", seed=p.autoencoder_seed)
+    return dataclasses.replace(cfg, train=budget, run=run)
 
 
 def _autoencoder(cfg, log, build: bool = True) -> str:
     path = cfg.model.autoencoder.checkpoint
     if path is None:
         raise ConfigError("model.autoencoder.checkpoint", "prepare.autoencoder needs a path to write the autoencoder to")
-    p = cfg.prepare
-    # one process on one device: a small budget, and a run of several processes must not train it N times
-    budget = dataclasses.replace(cfg.train, max_steps=p.autoencoder_steps, batch_size=p.autoencoder_batch_size,
-                                 lr=cfg.train.lr if p.autoencoder_lr is None else p.autoencoder_lr,
-                                 checkpoint_every=min(cfg.train.checkpoint_every, p.autoencoder_steps),
-                                 devices=1, num_nodes=1, strategy="auto")
-    ae_cfg = dataclasses.replace(cfg, train=budget, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-autoencoder"))
+    ae_cfg = _autoencoder_run(cfg)
     if path.is_file():
         from sgdm.training.autoencoder import trained_by
 
         # the run that wrote the file (its record), whatever this run is called; else, for a file
         # without one (an older sgdm), the run this config would train it in
         run_dir = trained_by(path) or ae_cfg.run.path
-        differ = run_settings_differ(ae_cfg, "autoencoder", run_dir)
+        differ = _recorded_differences(ae_cfg, "autoencoder", run_dir)
         if differ is None:
             return f"reused {path} (no run {run_dir} records how it was trained: made elsewhere)"
         if differ:
+            # (an older sgdm recorded the diffusion run's seed and rate: the same keys name them)
+            keys = [_AUTOENCODER_KEYS.get(key, key) for key, _ in differ]
+            values = " ".join(f"{key}={_override(value)}" for key, (_, value) in zip(keys, differ))
             raise ConfigError("model.autoencoder.checkpoint",
                               f"autoencoder {path} was trained with other settings "
-                              f"({', '.join(_AUTOENCODER_BUDGET.get(key, key) for key in differ)} differ from "
-                              f"{run_dir / 'config.yaml'}); delete it and {run_dir} to train it again, "
-                              "or point model.autoencoder.checkpoint elsewhere")
+                              f"({', '.join(keys)} differ from {run_dir / 'config.yaml'}); to reuse it set "
+                              f"{values} (the values it was trained with), or delete it and {run_dir} to train "
+                              f"it again, or point model.autoencoder.checkpoint elsewhere")
         return f"reused {path}"
     if not build:
         raise _not_built("autoencoder", f"the autoencoder {path} (model.autoencoder.checkpoint)")

@@ -198,7 +198,8 @@ def test_prepare_trains_the_autoencoder_with_its_own_budget_and_lr(tmp_path, mon
     assert prepare(load_experiment(CONFIG, only_ae), log=lambda m: None)["autoencoder"].startswith("trained")
     (tmp_path / "assets" / "ae.ckpt").unlink()
     prepare(load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=5e-4"]), log=lambda m: None)
-    assert seen == [(5, 3, 1e-4, "quickstart-autoencoder"), (5, 3, 5e-4, "quickstart-autoencoder")]
+    # its own rate (2e-4 by default), not train.lr: tests/quickstart/test_audit28_autoencoder_reuse.py
+    assert seen == [(5, 3, 2e-4, "quickstart-autoencoder"), (5, 3, 5e-4, "quickstart-autoencoder")]
     with pytest.raises(ConfigError, match=r"prepare.autoencoder_lr: must be > 0"):
         load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=0"])
 
