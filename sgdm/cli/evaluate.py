@@ -141,10 +141,16 @@ def eval_config_from_args(run_eval: dict, args) -> "EvalConfig":  # noqa: F821
                                                        "give --feature-extractor NAME too")
     from sgdm.evaluation.evaluate import INCEPTION
 
+    # a file or extractor typed on the command line that no requested metric reads was ignored without a word
     if args.inception_weights is not None and not set(INCEPTION) & set(ecfg.metrics):
         raise ConfigError("--inception-weights", f"only fid, is and kid read the Inception weights, and the metrics "
                                                  f"are {ecfg.metrics}; add them with --metrics "
                                                  f"{','.join([*ecfg.metrics, 'fid'])}")
+    for flag in ("feature_extractor", "feature_weights", "feature_backbone_kwargs"):
+        if getattr(args, flag) is not None and "fd" not in ecfg.metrics:
+            raise ConfigError("--" + flag.replace("_", "-"), f"only fd reads the feature extractor, and the metrics "
+                                                            f"are {ecfg.metrics}; add it with --metrics "
+                                                            f"{','.join([*ecfg.metrics, 'fd'])}")
     return ecfg
 
 

@@ -137,6 +137,11 @@ def test_inception_weights_without_an_inception_metric_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^--inception-weights: only fid, is and kid read .*--metrics fd,adherence,fid"):
         config("--metrics", "fd,adherence", "--inception-weights", str(weights))
     assert config("--metrics", "fd,kid", "--inception-weights", str(weights)).metrics == ["fd", "kid"]
+    # the same for the feature extractor's flags without fd
+    for flags in (["--feature-extractor", "vit_tiny_patch16_224"], ["--feature-weights", str(weights)]):
+        with pytest.raises(ConfigError, match=rf"^{flags[0]}: only fd reads the feature extractor.*--metrics kid,fd"):
+            config("--metrics", "kid", *flags)
+    assert config("--metrics", "fd", "--feature-weights", str(weights)).metrics == ["fd"]
 
 
 def test_eval_feature_backbone_kwargs_without_spaces_are_refused():
