@@ -78,16 +78,12 @@ class ExperimentConfig:
                                  self.model.unet.image_size)
         if err is not None:
             raise err
-        p, accumulate = self.prepare, self.train.accumulate
+        p = self.prepare
         for stage, key, path in (("autoencoder", "model.autoencoder.checkpoint", self.model.autoencoder.checkpoint),
                                  ("features", "annotation.weights", self.annotation.weights)):
             if getattr(p, stage) and path is None:  # the stage would say so after the stages before it
                 raise ConfigError(key, f"prepare.{stage} needs a path to write the "
                                        f"{'autoencoder' if stage == 'autoencoder' else 'encoder'} to")
-        if p.autoencoder and p.autoencoder_batch_size % accumulate:  # its run: one device, the run's accumulate
-            raise ConfigError("prepare.autoencoder_batch_size", f"{p.autoencoder_batch_size} must divide by "
-                                                                f"train.accumulate={accumulate}: prepare trains the "
-                                                                f"autoencoder on one device in that many micro-batches")
         if self.prepare.report and not self.train.export_pipeline:  # else found missing after all the training
             raise ConfigError("train.export_pipeline", "false, but prepare.report samples the run's exported pipeline "
                                                        "(and its companion runs'); set it to true, or prepare.report "

@@ -135,7 +135,7 @@ def test_tables_train_their_own_first_stage_into_out_and_user_overrides_win(benc
     assert (p.autoencoder_steps, p.autoencoder_batch_size, p.autoencoder_lr) == (4000, 32, 5e-4)
     assert cfg.run.path == tmp_path / "tables" / "first-stage"  # its training run stays under --out too
     base = load_experiment(config)
-    assert base.prepare.autoencoder_lr is None and base.prepare.autoencoder_steps == 600  # the quickstart's is untouched
+    assert base.prepare.autoencoder_lr == 2e-4 and base.prepare.autoencoder_steps == 600  # the quickstart's is untouched
     mine = load_experiment(config, [*bench.first_stage_overrides(args), "prepare.autoencoder_steps=7"])
     assert mine.prepare.autoencoder_steps == 7
     assert bench.first_stage_overrides(bench.parse_args(["--first-stage-steps", "0"])) == []
