@@ -1,7 +1,6 @@
 """Metric-versus-guidance-scale plot for ``eval --sweep-scale``."""
 from __future__ import annotations
 
-import os
 import pathlib
 
 __all__ = ["plot_sweep"]
@@ -25,12 +24,12 @@ def plot_sweep(results: list[dict], metrics: list[str], path: str | pathlib.Path
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    from sgdm.atomic import atomic_path
+
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")  # the name's own format
-        os.replace(tmp, path)  # a plot is there whole or not at all
+        with atomic_path(path) as tmp:  # a plot is there whole or not at all
+            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")  # the name's own format
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

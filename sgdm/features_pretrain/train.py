@@ -83,10 +83,10 @@ def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: 
     """Write ``model.state_dict()`` atomically (tmp file, fsync, rename) as .safetensors or .pth;
     a .safetensors file records ``name``, ``kwargs``, the ``pretrain`` settings and the ``data``
     it was pretrained on (:func:`sgdm.annotation.annotate.data_settings`)."""
+    from sgdm.atomic import atomic_path, atomic_torch_save
+
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -95,14 +95,12 @@ def save_backbone(model: nn.Module, path: str | os.PathLike, name: str, kwargs: 
             metadata["pretrain"] = json.dumps(_pretrain_record(pretrain))
         if data is not None:
             metadata["data"] = json.dumps(data)
-        save_file(state, str(tmp), metadata=metadata)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=metadata)
     elif path.suffix in WEIGHT_SUFFIXES:
-        torch.save(state, tmp)
+        atomic_torch_save(state, path)
     else:
         raise ValueError(f"weights path {path}: expected a .safetensors or .pth file name")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

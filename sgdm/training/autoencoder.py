@@ -176,8 +176,8 @@ class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
 def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
     """Atomically write the LDM-layout state dict (``.safetensors``, else a torch ``{"state_dict": ...}``),
     with the settings the weights cannot tell (:func:`sgdm.models.checkpoints.settings_record`)."""
+    from sgdm.atomic import atomic_path, atomic_torch_save
     from sgdm.models.checkpoints import SETTINGS_KEY, settings_record
-    from sgdm.atomic import TMP_SUFFIX, atomic_torch_save
 
     state = {k: v.detach().cpu().contiguous() for k, v in autoencoder.state_dict().items()}
     if not bool(torch.isfinite(state["scale_factor"])):
@@ -186,10 +186,8 @@ def save_autoencoder(autoencoder, path: pathlib.Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-        save_file(state, str(tmp), metadata=settings_record(autoencoder.cfg))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=settings_record(autoencoder.cfg))
     else:
         atomic_torch_save({"state_dict": state, SETTINGS_KEY: settings_record(autoencoder.cfg)}, path)
 

@@ -234,7 +234,8 @@ def test_discriminator_gradients_follow_a_loss_scale_changed_by_the_autoencoders
     module = AutoencoderModule(AutoencoderKL(cfg), AutoencoderLoss(cfg.loss, cfg.in_channels), TrainConfig(), seed=0)
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     scaler.scale(torch.ones(()))  # as the first backward does
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), should_stop=False)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), should_stop=False, world_size=1)
+    module._step_samples = 2  # as the step's training_step calls count them (a step with none stops the run)
 
     class Stepper:  # Lightning's manual step under 16-mixed: the scaler's step, then its update
         def __init__(self, params):
