@@ -197,13 +197,6 @@ def test_sampler_bench_needs_two_samples(capsys, n):
     assert exc.value.code == 2 and "--n: expected at least 2 samples" in capsys.readouterr().err
 
 
-def test_kmeans_bench_repeats_must_be_positive(capsys):
-    kmeans_bench = load("kmeans_bench")
-    with pytest.raises(SystemExit) as exc:
-        kmeans_bench.parse_args(["--repeats", "0"])
-    assert exc.value.code == 2 and "--repeats: expected at least 1" in capsys.readouterr().err
-
-
 # --- crf_bench: warm-up, synchronised timing, JSON --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -233,16 +226,11 @@ def test_crf_bench_synchronises_inside_the_timed_region(crf_bench, monkeypatch):
     assert events == ["clock", "work", "sync", "clock"]
 
 
-def test_crf_bench_repeats_must_be_positive(crf_bench, capsys):
+@pytest.mark.parametrize("script, entry", [("kmeans_bench", "parse_args"), ("crf_bench", "main"),
+                                           ("data_bench", "main")])
+def test_repeats_must_be_positive(capsys, script, entry):
     with pytest.raises(SystemExit) as exc:
-        crf_bench.main(["--repeats", "0"])
-    assert exc.value.code == 2 and "--repeats: expected at least 1" in capsys.readouterr().err
-
-
-def test_data_bench_repeats_must_be_positive(capsys):
-    data_bench = load("data_bench")
-    with pytest.raises(SystemExit) as exc:
-        data_bench.main(["--repeats", "0"])
+        getattr(load(script), entry)(["--repeats", "0"])
     assert exc.value.code == 2 and "--repeats: expected at least 1" in capsys.readouterr().err
 
 
