@@ -28,7 +28,7 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
-from sgdm.training.data import HostBatchKeys, is_empty
+from sgdm.training.data import HostBatchKeys, is_empty, no_readable_image
 from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import derive_seed, generator_for, seeded_global_rng
 
@@ -143,10 +143,7 @@ class AutoencoderModule(HostBatchKeys, HostLogging, pl.LightningModule):
         if self.trainer.world_size > 1:
             samples = int(self.trainer.strategy.reduce(torch.tensor(samples, device=self.device), reduce_op="sum"))
         if not samples:
-            first, step = self.step * self.accumulate, self.step
-            raise RuntimeError(f"optimiser step {step} (micro-batch positions {first}..{first + self.accumulate - 1}) "
-                               f"has no readable image: all of its images were unreadable (data.on_bad_image: skip); "
-                               f"run `sgdm-ldm validate-data` on this dataset")
+            raise no_readable_image(self.step, self.accumulate)
 
     def _finish_step(self, opt_ae, opt_disc) -> None:
         """Step the autoencoder's optimizer, then the discriminator's (``opt_disc``: None while inactive).
@@ -259,8 +256,8 @@ def check_loss_files(cfg) -> None:
 
 def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     """Train the first stage of ``cfg`` in ``run.dir/run.name`` for ``train.max_steps`` steps and write
-    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM, 130 after Ctrl+C. ``resume``: None continues the
-    run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``.
+    ``model.autoencoder.checkpoint``. Returns 0, or 143 after a SIGTERM, 130 after Ctrl+C. ``resume``: None
+    continues the run when it has checkpoints (what ``prepare`` wants after an interruption); True/False as ``--resume``.
     A new run refuses a checkpoint path that already exists (often a downloaded first stage), and any run a
     configured ``model.autoencoder.scale_factor`` (it belongs to other weights), before any work.
     ``callbacks``: extra Lightning callbacks (monitoring, tests)."""

@@ -10,9 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sgdm.training.data_order import DataOrder, PositionedDataset, PositionSampler, Unreadable
 
-__all__ = ["flip_image_sample", "collate_training", "is_empty", "build_train_loader", "build_image_dataset",
-           "PositionLoader", "ignore_sigterm", "ignore_stop_signals",
-           "HostBatchKeys"]
+__all__ = ["flip_image_sample", "collate_training", "is_empty", "no_readable_image", "build_train_loader",
+           "build_image_dataset", "PositionLoader", "ignore_sigterm", "ignore_stop_signals", "HostBatchKeys"]
 
 _KEEP = ("image", "mean", "logvar")
 
@@ -47,6 +46,15 @@ def collate_training(samples: list[Union[dict, Unreadable, None]]) -> dict:
 def is_empty(batch: dict) -> bool:
     """Whether a training batch of :func:`collate_training` holds no readable sample."""
     return len(batch["slot"]) == 0
+
+
+def no_readable_image(step: int, accumulate: int) -> RuntimeError:
+    """The error both trainers stop with, on every rank together, at an optimiser step none of whose
+    images (on any rank) could be read."""
+    first = step * accumulate
+    return RuntimeError(f"optimiser step {step} (micro-batch positions {first}..{first + accumulate - 1}) has no "
+                        f"readable image: all of its images were unreadable (data.on_bad_image: skip); run "
+                        f"`sgdm-ldm validate-data` on this dataset")
 
 
 # what the training steps read as Python values or use to index draws made on the CPU

@@ -30,7 +30,7 @@ from sgdm.diffusion.losses import diffusion_loss, sample_timesteps
 from sgdm.diffusion.schedule import NoiseSchedule
 from sgdm.training.conditions import GuidanceLookup, apply_keep_mask, dropout_keep_mask
 from sgdm.training.config import TrainConfig
-from sgdm.training.data import HostBatchKeys, is_empty
+from sgdm.training.data import HostBatchKeys, is_empty, no_readable_image
 from sgdm.training.ema import ema_decay, update_ema
 from sgdm.training.host_log import HostLogging
 from sgdm.training.rng import generator_for, seeded_global_rng
@@ -225,11 +225,7 @@ class LatentDiffusionModule(HostBatchKeys, HostLogging, pl.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         loss_finite, grads_finite, samples = self._verdict()
         if not samples:  # every rank knows it from the all-reduce: all stop here, none waits for the others
-            first = step * self.train_cfg.accumulate
-            last = first + self.train_cfg.accumulate - 1
-            raise RuntimeError(f"optimiser step {step} (micro-batch positions {first}..{last}) has no readable "
-                               f"image: all of its images were unreadable (data.on_bad_image: skip); run "
-                               f"`sgdm-ldm validate-data` on this dataset")
+            raise no_readable_image(step, self.train_cfg.accumulate)
         if loss_finite and grads_finite:
             opt.step()  # clips in on_before_optimizer_step
             decay = ema_decay(self.ema_updates, self.train_cfg.ema_decay, self.train_cfg.ema_warmup)

@@ -15,11 +15,11 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
+from sgdm.atomic import atomic_open
 from sgdm.diffusion.guidance import ClassifierFreeGuidance
 from sgdm.diffusion.samplers import ddim_timesteps, sample_ddim
 from sgdm.diffusion.schedule import eps_from_output
 from sgdm.models.conditioning import one_hot
-from sgdm.atomic import atomic_open
 from sgdm.training.rng import generator_for
 
 __all__ = ["SampleGrid", "grid_conditions", "sample_rows", "save_grid"]
