@@ -169,7 +169,7 @@ def test_prepare_without_target_paths_names_the_key(tmp_path):
     from sgdm.quickstart import prepare
 
     cfg = load_experiment(CONFIG, [*tiny_overrides(tmp_path), "prepare.autoencoder=false", "prepare.dataset=false"])
-    # a config made in code (loading refuses it: tests/config/test_audit27_loading.py)
+    # a config made in code (loading refuses it: tests.config.test_error_locations.py)
     cfg = dataclasses.replace(cfg, annotation=dataclasses.replace(cfg.annotation, weights=None))
     with pytest.raises(ConfigError, match="annotation.weights"):
         prepare(cfg, log=lambda m: None)
@@ -198,7 +198,7 @@ def test_prepare_trains_the_autoencoder_with_its_own_budget_and_lr(tmp_path, mon
     assert prepare(load_experiment(CONFIG, only_ae), log=lambda m: None)["autoencoder"].startswith("trained")
     (tmp_path / "assets" / "ae.ckpt").unlink()
     prepare(load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=5e-4"]), log=lambda m: None)
-    # its own rate (2e-4 by default), not train.lr: tests/quickstart/test_audit28_autoencoder_reuse.py
+    # its own rate (2e-4 by default), not train.lr: tests.quickstart.test_autoencoder_reuse.py
     assert seen == [(5, 3, 2e-4, "quickstart-autoencoder"), (5, 3, 5e-4, "quickstart-autoencoder")]
     with pytest.raises(ConfigError, match=r"prepare.autoencoder_lr: must be > 0"):
         load_experiment(CONFIG, [*only_ae, "prepare.autoencoder_lr=0"])

@@ -1,4 +1,4 @@
-"""Audit 28: ClassifierFreeGuidance checks its w once, for every sampler (ddpm and dpmpp_2m mixed a NaN
+"""ClassifierFreeGuidance checks its w once, for every sampler (ddpm and dpmpp_2m mixed a NaN
 or infinite w into NaN samples without a word; ddim's fused op said "must lie in [-inf, inf], got inf")."""
 import math
 

@@ -1,4 +1,4 @@
-"""Audit of the data layer: list-file paths, list encodings, damaged files that made Pillow or LMDB raise
+"""The data layer: list-file paths, list encodings, damaged files that made Pillow or LMDB raise
 something other than a bad file, Pillow's LOAD_TRUNCATED_IMAGES, folders that cannot be listed."""
 import io
 import logging

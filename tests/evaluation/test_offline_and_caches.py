@@ -1,4 +1,4 @@
-"""Audit 27 of the evaluation: offline Inception weights, reference-statistics caches, config errors."""
+"""The evaluation: offline Inception weights, reference-statistics caches, config errors."""
 import json
 import urllib.error
 

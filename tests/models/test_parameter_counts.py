@@ -1,4 +1,4 @@
-"""Audit: the guided UNet has the parameters of ADM/LDM's ``UNetModel`` plus the guidance's, counted
+"""The guided UNet has the parameters of ADM/LDM's ``UNetModel`` plus the guidance's, counted
 independently from ADM's construction (openai/guided-diffusion ``unet.py``, which LDM's
 ``openaimodel.py`` copies), for the paper configs' networks. Built on the meta device: no memory.
 

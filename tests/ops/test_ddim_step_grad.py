@@ -1,4 +1,4 @@
-"""Audit of the op wrappers: guided_ddim_step, which has no autograd formula, when gradients are wanted."""
+"""The op wrappers: guided_ddim_step, which has no autograd formula, when gradients are wanted."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Audit 27 of DINO pretraining: crop sides a ViT cannot take, batches whose images are all unreadable."""
+"""DINO pretraining: crop sides a ViT cannot take, batches whose images are all unreadable."""
 import pytest
 import torch
 
@@ -331,7 +331,7 @@ _LEFT_OPEN = '''
 import sys, torch
 from sgdm.features_pretrain.config import PretrainConfig
 from sgdm.features_pretrain.train import _Batches, pretrain_features
-from tests.evaluation.test_audit27_pretrain import Images, TINY_VIT
+from tests.evaluation.test_pretrain_inputs import Images, TINY_VIT
 
 if sys.argv[1] == "batches":  # read and left open, as a caller may
     batches = _Batches(Images(8), PretrainConfig(batch_size=2), torch.Generator().manual_seed(0), 2)

@@ -1,4 +1,4 @@
-"""Audit 28: ``sgdm-ldm sample --mask`` with a file that holds no numbers, and a bool channel mask."""
+"""``sgdm-ldm sample --mask`` with a file that holds no numbers, and a bool channel mask."""
 import numpy as np
 import pytest
 

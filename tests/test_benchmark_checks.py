@@ -1,4 +1,4 @@
-"""Audit of benchmarks/: a candidate checked against its baseline before it is timed, errors that
+"""benchmarks/: a candidate checked against its baseline before it is timed, errors that
 fail loudly and name the argument, small modes, JSON output, and gpu_check.sh's time budget (run
 here with stub commands: no GPU, no build)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Audit of reading a first-stage file that is not a loadable checkpoint: a truncated download, an empty
+"""Reading a first-stage file that is not a loadable checkpoint: a truncated download, an empty
 file, a Git LFS pointer, a Lightning pickle that names a module this machine lacks. Each is a ConfigError
 on model.autoencoder.checkpoint naming the file (the command line prints it on one line), and a file
 that is merely corrupt is not announced as "loading the full pickle, which runs code from the file"."""
@@ -68,7 +68,7 @@ def test_a_pickle_naming_a_missing_module_is_named(cfg, state, tmp_path, monkeyp
     """A Lightning checkpoint whose callbacks are objects of a package not installed here (LDM's ``ldm``,
     ``main``): weights_only refuses it, the full pickle cannot import the class; the error names the
     file and the module."""
-    module = types.ModuleType("sgdm_audit28_absent")
+    module = types.ModuleType("sgdm_absent_module")
     exec("class Callback:\n    pass\n", module.__dict__)
     module.Callback.__module__ = module.__name__
     monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -76,7 +76,7 @@ def test_a_pickle_naming_a_missing_module_is_named(cfg, state, tmp_path, monkeyp
     torch.save({"state_dict": state, "callbacks": {"cb": module.Callback()}}, path)
     monkeypatch.delitem(sys.modules, module.__name__)
     message, _ = _load_error(path, cfg)
-    assert "sgdm_audit28_absent" in message
+    assert "sgdm_absent_module" in message
 
 
 def test_a_lightning_pickle_of_installed_classes_still_loads(cfg, state, tmp_path):

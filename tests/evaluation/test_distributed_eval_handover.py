@@ -1,4 +1,4 @@
-"""Distributed eval details found in an audit: ``eval.device: auto`` (the default) on a node of several GPUs,
+"""Distributed eval details: ``eval.device: auto`` (the default) on a node of several GPUs,
 and the hand-over files of two evaluations of one run at the same time, or of a crashed one."""
 from __future__ import annotations
 

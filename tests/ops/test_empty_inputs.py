@@ -1,4 +1,4 @@
-"""Audit of the op wrappers: empty inputs, and the compiled ops' own checks and numerics."""
+"""The op wrappers: empty inputs, and the compiled ops' own checks and numerics."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Audit 28: sample_ddim's eta is DDIM's interpolation between the deterministic sampler (0) and DDPM's
+"""sample_ddim's eta is DDIM's interpolation between the deterministic sampler (0) and DDPM's
 posterior variance (1). Past 1, sigma_t^2 exceeds 1 - a_prev on large steps: the fused op then clamps the
 direction term sqrt(1 - a_prev - sigma_t^2) to 0 and the samples come out too wide, without a word
 (LDM's DDIM takes the square root of the negative number and returns NaN)."""

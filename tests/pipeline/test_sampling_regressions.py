@@ -1,4 +1,4 @@
-"""Audit of the sampling API: precision, memory, input checks and loading, each found broken once."""
+"""The sampling API: precision, memory, input checks and loading, each found broken once."""
 import copy
 import json
 

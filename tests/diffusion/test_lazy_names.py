@@ -1,4 +1,4 @@
-"""Audit: sgdm.diffusion's lazy names cover what the samplers and pipeline docstrings point to."""
+"""sgdm.diffusion's lazy names cover what the samplers and pipeline docstrings point to."""
 import importlib
 
 import pytest

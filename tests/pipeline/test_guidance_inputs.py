@@ -1,4 +1,4 @@
-"""Audit 28: guidance inputs the docstring promises (bool channel masks) and input errors that name the argument."""
+"""Guidance inputs the docstring promises (bool channel masks) and input errors that name the argument."""
 import pytest
 import torch
 

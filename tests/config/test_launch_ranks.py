@@ -1,4 +1,4 @@
-"""Launch details found in an audit: the GPU of a local rank beyond the GPUs a process sees, and the process
+"""Launch details: the GPU of a local rank beyond the GPUs a process sees, and the process
 group of ``srun --ntasks`` (no ``--ntasks-per-node``) for annotate and eval."""
 from __future__ import annotations
 

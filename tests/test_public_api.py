@@ -1,4 +1,4 @@
-"""Audit 28: the public API as a researcher meets it after ``import sgdm`` in a notebook.
+"""The public API as a researcher meets it after ``import sgdm`` in a notebook.
 
 Every module imports; every name in every ``__all__`` exists and (function or class) says what
 it does; the packages list their lazily imported names in ``dir()`` (tab completion); the
@@ -29,7 +29,7 @@ MODULES = ["sgdm"] + sorted(m.name for m in pkgutil.walk_packages(sgdm.__path__,
 PACKAGES = ["sgdm", "sgdm.annotation", "sgdm.config", "sgdm.data", "sgdm.diffusion", "sgdm.evaluation",
             "sgdm.models", "sgdm.ops", "sgdm.quickstart", "sgdm.training"]
 
-# modules without an __all__ when this audit was made (command-line entry points, config sections,
+# modules without an __all__ when this test was written (command-line entry points, config sections,
 # the data readers, two ops modules): new modules declare theirs; this list only shrinks
 WITHOUT_ALL = {
     "sgdm.annotation.config", "sgdm.cli", "sgdm.cli.annotate", "sgdm.cli.arguments", "sgdm.cli.clusters",

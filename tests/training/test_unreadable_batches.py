@@ -68,7 +68,7 @@ def test_an_empty_micro_batch_gives_every_parameter_a_zero_gradient(tmp_path):
     fires) and adds nothing: every readable sample weighs 1 / batch_size wherever it was read."""
     from sgdm.training.data import collate_training, flip_image_sample
     from sgdm.training.data_order import PositionedDataset
-    from tests.training.test_audit_training import _bare_module
+    from tests.training.test_internals import _bare_module
 
     module = _bare_module(tmp_path)
     unreadable = PositionedDataset([None, None], flip_image_sample)

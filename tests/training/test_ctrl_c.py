@@ -1,6 +1,6 @@
 """Ctrl+C during training: the first stops after the batch with a checkpoint (exit 130, as SIGTERM's 143),
 a second stops at once. Lightning's own answer was a 'graceful shutdown' without a checkpoint, exit 1.
-The end-to-end case (a resume ending bit for bit as an uninterrupted run) is in test_audit28_kill_points."""
+The end-to-end case (a resume ending bit for bit as an uninterrupted run) is in test_kill_points."""
 from __future__ import annotations
 
 import signal

@@ -1,4 +1,4 @@
-"""Audit of the LPIPS weight files (model.autoencoder.loss.vgg16_weights / lpips_heads) that exist but
+"""The LPIPS weight files (model.autoencoder.loss.vgg16_weights / lpips_heads) that exist but
 cannot be read as state dicts: a whole pickled torchvision model (``torch.save(vgg16())``, which
 weights_only refuses) or a truncated download. Each is a ConfigError naming the key and the file."""
 import pytest

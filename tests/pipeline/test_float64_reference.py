@@ -1,4 +1,4 @@
-"""Audit 28: the pipeline's latents against a float64 reference written out by hand from the papers:
+"""The pipeline's latents against a float64 reference written out by hand from the papers:
 paper Eq. 4 guidance with the all-zero null condition, v -> eps, DDIM (Song et al. Eq. 12, eta > 0 with
 the images' own generators), the DDPM posterior, DPM-Solver++(2M), the last step to alpha_bar = 1."""
 import math

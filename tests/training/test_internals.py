@@ -1,4 +1,4 @@
-"""Regression tests of the training-internals audit (checkpoint pruning, loss weighting, fp16 skips, cache)."""
+"""Training internals (checkpoint pruning, loss weighting, fp16 skips, cache)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Audit 28 of `sgdm-ldm eval`: the feature extractor's backbone kwargs on the command line
+"""`sgdm-ldm eval`: the feature extractor's backbone kwargs on the command line
 (--feature-backbone-kwargs), and backbone errors that name eval's keys, not annotation's."""
 import argparse
 import json

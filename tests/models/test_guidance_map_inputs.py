@@ -1,4 +1,4 @@
-"""Audit of the guided UNet's inputs: guidance maps at another resolution, and guidance on another device."""
+"""The guided UNet's inputs: guidance maps at another resolution, and guidance on another device."""
 import pytest
 import torch
 
