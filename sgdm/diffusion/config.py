@@ -17,6 +17,20 @@ from sgdm.config.core import ConfigError
 # DDPM's betas 1e-4..2e-2, and LDM's default 0.0015..0.0155 (linear in sqrt(beta)).
 DEFAULT_BETA_RANGE = {"linear": (1e-4, 2e-2), "scaled_linear": (0.0015, 0.0155)}
 
+# The smallest alpha_bar the samplers can use: they divide by sqrt(alpha_bar_t), computed in the
+# latents' float32, so sqrt(alpha_bar) must be a normal float32 (>= 2**-126). LDM's schedule ends at
+# 6.7e-4, the cosine schedule (T = 1000) at 2.4e-9.
+MIN_ALPHA_BAR = 2.0 ** -252
+
+
+def check_alpha_bar_floor(log_alpha_bar_end: float, key: str, hint: str) -> None:
+    """Refuse a schedule whose alpha_bar at t = T-1 (given as its natural log) is below MIN_ALPHA_BAR."""
+    if not log_alpha_bar_end >= math.log(MIN_ALPHA_BAR):
+        value = math.exp(log_alpha_bar_end) if log_alpha_bar_end > -745 else 0.0
+        raise ConfigError(key, f"alpha_bar at the last timestep is {value:.3g} (log {log_alpha_bar_end:.4g}): samplers "
+                               f"divide by sqrt(alpha_bar_t) in float32, which needs alpha_bar >= "
+                               f"{MIN_ALPHA_BAR:.3g} (a schedule of zero terminal SNR is not supported); {hint}")
+
 
 @dataclass
 class DiffusionConfig:
@@ -55,6 +69,18 @@ class DiffusionConfig:
             raise ConfigError("linear_end", f"must be in (0, 1), got {end}")
         if end < start:
             raise ConfigError("linear_end", f"must be >= linear_start ({start}), got {end}")
+        check_alpha_bar_floor(self._log_alpha_bar_end(start, end), "linear_end",
+                              f"lower linear_end ({end}) or timesteps ({self.timesteps})")
+
+    def _log_alpha_bar_end(self, start: float, end: float) -> float:
+        """log alpha_bar_{T-1} = sum_t log(1 - beta_t) of the linear schedules (schedule.make_betas's betas)."""
+        steps = self.timesteps - 1
+        if self.schedule == "linear":
+            betas = (start + (end - start) * i / steps for i in range(self.timesteps))
+        else:
+            lo, hi = math.sqrt(start), math.sqrt(end)
+            betas = ((lo + (hi - lo) * i / steps) ** 2 for i in range(self.timesteps))
+        return math.fsum(math.log1p(-beta) for beta in betas)
 
     def beta_range(self) -> tuple[float, float]:
         """(linear_start, linear_end) with the schedule's defaults filled in."""

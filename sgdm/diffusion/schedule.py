@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgdm.diffusion.config import DiffusionConfig
+from sgdm.config.core import ConfigError
+from sgdm.diffusion.config import DiffusionConfig, check_alpha_bar_floor
 
 __all__ = ["NoiseSchedule", "make_betas", "make_schedule", "q_sample", "broadcast_to", "eps_from_output",
            "v_target"]
@@ -30,12 +31,17 @@ class NoiseSchedule:
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
         """The schedule of ``betas`` [T] (any real dtype or sequence, T >= 2, every value in (0, 1)):
-        alpha_bar_t = prod_{s<=t} (1 - beta_s), both float64 on the CPU; ValueError naming ``betas``."""
+        alpha_bar_t = prod_{s<=t} (1 - beta_s), both float64 on the CPU; ValueError naming ``betas``, also
+        when alpha_bar_{T-1} is too small for the samplers (``config.MIN_ALPHA_BAR``)."""
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.dim() != 1 or len(betas) < 2:
             raise ValueError(f"betas: expected a 1-D tensor of at least 2 values, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas: every value must lie in (0, 1)")
+        try:
+            check_alpha_bar_floor(float(torch.log1p(-betas).sum()), "betas", "use smaller betas or fewer of them")
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
         return cls(betas=betas, alpha_bar=torch.cumprod(1.0 - betas, 0))
 
     def __len__(self) -> int:

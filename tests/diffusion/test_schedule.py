@@ -116,6 +116,10 @@ def test_sample_timesteps_follows_generator():
     ({"parameterization": "x0"}, "parameterization"),
     ({"loss": "huber"}, "loss"),
     ({"steps": 10}, "steps"),
+    # alpha_bar_{T-1} is 0 in float64 (the product of 1000 factors <= 0.5): samplers divide by sqrt of it
+    ({"schedule": "linear", "linear_start": 0.5, "linear_end": 0.9}, "linear_end"),
+    # 1.3e-88: float64 holds it, but its square root is 0 in float32, where samplers run
+    ({"schedule": "linear", "timesteps": 20000}, "linear_end"),
 ])
 def test_diffusion_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as err:
@@ -213,3 +217,19 @@ def test_at_on_the_gpu_is_the_cpu_lookup_without_a_host_sync():
 def _old_eps(schedule, x, t, v):
     a = schedule.alpha_bar[t]
     return a.sqrt().float().view(-1, 1, 1, 1) * v + (1 - a).sqrt().float().view(-1, 1, 1, 1) * x
+
+
+@pytest.mark.parametrize("data", [
+    {"schedule": "linear", "timesteps": 4000},  # alpha_bar_{T-1} = 2.7e-18: small, but samplers work
+    {"schedule": "cosine", "timesteps": 4000},
+    {"schedule": "scaled_linear", "timesteps": 1000, "linear_end": 0.03},
+])
+def test_diffusion_config_accepts_small_but_representable_alpha_bar(data):
+    cfg = from_dict(DiffusionConfig, data, "diffusion")
+    alpha_bar = make_schedule(cfg).alpha_bar[-1]
+    assert alpha_bar > 0 and float(alpha_bar.sqrt().float()) > 0
+
+
+def test_schedule_from_betas_refuses_alpha_bar_that_underflows():
+    with pytest.raises(ValueError, match="betas: alpha_bar at the last timestep is 0 "):
+        NoiseSchedule.from_betas(torch.full((1000,), 0.6, dtype=torch.float64))
