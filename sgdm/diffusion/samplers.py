@@ -10,7 +10,8 @@ Every sampler has the form ``sample_X(denoise, x, timesteps, schedule, ...) -> x
 - ``timesteps``: descending training timesteps to visit, e.g. from
   :func:`ddim_timesteps`; after the last one the sampler steps to clean data
   (alpha_bar = 1);
-- ``generator``: None, a ``torch.Generator`` or one generator per sample;
+- ``generator`` (ddim and ddpm; dpmpp_2m draws no noise and takes none): None, a
+  ``torch.Generator`` or one generator per sample;
 - ``callback(i, t, x, x0_pred)``: called after every step.
 
 Notation: a_t = alpha_bar_t, x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t).
