@@ -10,11 +10,51 @@ namespace {
 
 constexpr float kLog2e = attn::Base2Exp::kFromNatural;
 
+// The dynamic shared memory one block of the current device may opt in to:
+// 227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 (RTX 30xx / 40xx,
+// A10, L4, L40), which run this build's sm_80 code.
+cudaError_t max_smem_optin(int& bytes) {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+}
+
+// FwdTile's two groups taking turns at D = 128 take 170 KiB of shared memory,
+// more than any GPU before Hopper offers a block; there one group runs alone
+// (85 KiB; the configuration benchmarks/attention_tiles.cu checks against
+// FwdTile).
+template <int D>
+using FwdTileOneGroup = FwdConfig<D, FwdTile<D>::kR, 1, 2>;
+
+// The smallest opt-in limit this build runs on (sm_86 / sm_89: 99 KiB) holds
+// every configuration that can be picked there.
+constexpr int kSmallestSmemOptin = 99 * 1024;
+static_assert(FwdTileOneGroup<128>::smem_bytes<__half>() <= kSmallestSmemOptin &&
+                  FwdTile<64>::smem_bytes<__half>() <= kSmallestSmemOptin &&
+                  FwdTile<32>::smem_bytes<__half>() <= kSmallestSmemOptin,
+              "a forward tile that sm_86 / sm_89 cannot hold");
+static_assert(BwdTile<128>::smem_bytes<__half>() <= kSmallestSmemOptin &&
+                  BwdTile<64>::smem_bytes<__half>() <= kSmallestSmemOptin &&
+                  BwdTile<32>::smem_bytes<__half>() <= kSmallestSmemOptin,
+              "a backward tile that sm_86 / sm_89 cannot hold");
+
+template <class T, int D, class Cfg>
+cudaError_t forward_mma_with(const FwdParams& p, cudaStream_t stream) {
+  return launch_forward<T>(p, &attention_fwd_mma<T, D, Cfg>, Cfg::kM, Cfg::kThreads, Cfg::template smem_bytes<T>(),
+                           stream);
+}
+
 template <class T, int D>
 cudaError_t forward_mma(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdTile<D>;
-  return launch_forward<T>(p, &attention_fwd_mma<T, D, Cfg>, Cfg::kM, Cfg::kThreads, Cfg::template smem_bytes<T>(),
-                           stream);
+  if constexpr (Cfg::kGroups == 2) {
+    int optin = 0;
+    const cudaError_t err = max_smem_optin(optin);
+    if (err != cudaSuccess) return err;
+    if (Cfg::template smem_bytes<T>() > optin) return forward_mma_with<T, D, FwdTileOneGroup<D>>(p, stream);
+  }
+  return forward_mma_with<T, D, Cfg>(p, stream);
 }
 
 
