@@ -4,7 +4,8 @@ The extension is imported at most once. ``SGDM_KERNELS=0`` disables it, and
 every op then runs its plain-PyTorch reference. An op uses its kernel on a
 device only when the extension registered one for that device
 (``kernels_enabled(op, device_type)``), so a CPU-only build still works on
-CUDA tensors (through the reference).
+CUDA tensors (through the reference), and on CUDA only when every visible GPU
+has compute capability 8.0 or newer (a V100 or T4 runs the references).
 """
 from __future__ import annotations
 
@@ -79,14 +80,43 @@ def constant_for_compile(fn):
     return fn
 
 
+def _registered(op: str, device_type: str) -> bool:
+    """True when the extension registered a kernel of op ``op`` for ``device_type``."""
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
+
+
+# The CUDA kernels use sm_80 instructions (cp.async, bf16 mma.sync); setup.py builds them for
+# compute capability 8.0 and newer only, so a V100 (7.0) or T4 (7.5) has no code to run.
+MIN_CUDA_CAPABILITY = (8, 0)
+_cuda_ok: bool | None = None
+
+
+def cuda_devices_supported() -> bool:
+    """True when every visible GPU has compute capability >= 8.0 (or none is visible). Otherwise
+    the ops run their references on every GPU (one warning names the devices): a kernel launched
+    on such a GPU would fail with "no kernel image is available" in the middle of a run."""
+    global _cuda_ok
+    if _cuda_ok is None:
+        old = [f"cuda:{i} ({torch.cuda.get_device_name(i)}, compute capability {major}.{minor})"
+               for i in range(torch.cuda.device_count())
+               for major, minor in [torch.cuda.get_device_capability(i)]
+               if (major, minor) < MIN_CUDA_CAPABILITY]
+        _cuda_ok = not old
+        if old:
+            warnings.warn(f"sgdm: the CUDA kernels need compute capability "
+                          f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} or newer, which {', '.join(old)} "
+                          f"lacks; the ops run their PyTorch references on CUDA", RuntimeWarning, stacklevel=3)
+    return _cuda_ok
+
+
 @constant_for_compile
 def kernels_enabled(op: str, device_type: str) -> bool:
-    """True when op ``op`` has a compiled kernel for ``device_type`` ("cpu", "cuda")."""
+    """True when op ``op`` has a compiled kernel for ``device_type`` ("cpu", "cuda") that can run:
+    for "cuda", on every visible GPU (:func:`cuda_devices_supported`)."""
     found = _enabled.get((op, device_type))
     if found is None:
-        key = _DISPATCH_KEYS.get(device_type)
-        found = key is not None and has_op(op) and \
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
+        found = _registered(op, device_type) and (device_type != "cuda" or cuda_devices_supported())
         _enabled[(op, device_type)] = found
     return found
 
@@ -103,8 +133,9 @@ def call_below_autograd(op, *args):
 
 
 def has_cuda_kernels(op: str = "guided_ddim_step") -> bool:
-    """True when the extension was built with CUDA (tested on one op)."""
-    return kernels_enabled(op, "cuda")
+    """True when the extension was built with CUDA (tested on one op), whether or not the visible
+    GPUs can run it (:func:`kernels_enabled` says that)."""
+    return _registered(op, "cuda")
 
 
 def cpu_isa() -> str | None:

@@ -27,7 +27,8 @@ def require_kernels(op: str, device_type: str = "cpu") -> None:
     fails instead under SGDM_REQUIRE_KERNELS=1 (CI), so a broken build cannot pass."""
     if _extension.kernels_enabled(op, device_type):
         return
-    msg = f"sgdm._C has no {device_type} kernel for {op} (not built, or SGDM_KERNELS=0)"
+    msg = (f"sgdm._C has no {device_type} kernel for {op} that runs here (not built, SGDM_KERNELS=0, "
+           "or a GPU older than compute capability 8.0)")
     if os.environ.get("SGDM_REQUIRE_KERNELS") == "1":
         pytest.fail(msg)
     pytest.skip(msg)

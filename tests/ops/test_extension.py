@@ -90,3 +90,40 @@ def test_force_cpu_isa_rejects_unknown_names(name, match):
         with _extension.force_cpu_isa(name):
             pass
     assert _extension.cpu_isa() == before
+
+
+def _fake_gpus(monkeypatch, *capabilities):
+    """Visible GPUs with these compute capabilities (a CPU-only machine can stand in for any)."""
+    monkeypatch.setattr(_extension, "_enabled", {})
+    monkeypatch.setattr(_extension, "_cuda_ok", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
+
+
+def _require_cuda_build():
+    if not _extension.has_cuda_kernels("attention"):
+        pytest.skip("sgdm._C was built without CUDA")
+
+
+@pytest.mark.parametrize("capabilities", [((7, 5),), ((7, 0),), ((8, 0), (7, 5))], ids=["t4", "v100", "a100+t4"])
+def test_gpu_before_compute_capability_8_runs_the_references(monkeypatch, capabilities):
+    """The kernels are built for sm_80 and newer: on a T4 or V100 a launch would fail with "no kernel
+    image is available", so every op takes its reference there, and one warning says why."""
+    _require_cuda_build()
+    _fake_gpus(monkeypatch, *capabilities)
+    old = next(i for i, c in enumerate(capabilities) if c < (8, 0))
+    with pytest.warns(RuntimeWarning, match=rf"cuda:{old} \(gpu{old}, compute capability "
+                      rf"{capabilities[old][0]}\.{capabilities[old][1]}\)"):
+        report = ops.backend("cuda")
+    assert set(report.values()) == {"reference"}
+    assert _extension.has_cuda_kernels()  # built with CUDA all the same
+    assert ops.backend("cpu")["attention"] != "reference"
+
+
+@pytest.mark.parametrize("capabilities", [(), ((8, 0),), ((8, 6), (8, 9), (9, 0))], ids=["none", "a100", "mixed"])
+def test_gpus_from_compute_capability_8_run_the_kernels(monkeypatch, recwarn, capabilities):
+    _require_cuda_build()
+    _fake_gpus(monkeypatch, *capabilities)
+    assert set(ops.backend("cuda").values()) == {"cuda"}
+    assert not [w for w in recwarn if "compute capability" in str(w.message)]
