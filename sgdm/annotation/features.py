@@ -302,6 +302,8 @@ def load_backbone(
                         raise FileNotFoundError("not in the local hub caches")
                     overlay = {} if cached is None else {"pretrained_cfg_overlay": {"file": cached}}
                     model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
+                except TypeError:  # the model's constructor refused a keyword: the kwargs, not the hub
+                    raise
                 except Exception as err:
                     why = "offline (HF_HUB_OFFLINE or no route to huggingface.co)" if offline else f"download failed: {err}"
                     raise BackboneError(

@@ -145,6 +145,17 @@ def test_bad_weights_files(tmp_path, tiny_weights):
         load_backbone(TINY_VIT, tiny_weights, {"no_such_argument": 1})
 
 
+def test_bad_kwargs_with_hub_weights_name_the_kwargs(monkeypatch, tmp_path):
+    """Weights from the hub cache and a keyword the model does not take: the error names the kwargs,
+    not the hub (which is not what failed)."""
+    import sgdm.annotation.features as features
+
+    monkeypatch.setattr(features, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(features, "cached_pretrained_file", lambda name: str(tmp_path / "model.safetensors"))
+    with pytest.raises(BackboneError, match="bad annotation.backbone_kwargs"):
+        load_backbone(TINY_VIT, None, {"no_such_argument": 1})
+
+
 def test_weights_of_another_width_are_one_line(tiny_weights):
     """Weights whose shapes do not fit (a small encoder under a ViT-B name): one BackboneError naming the
     first tensor with both shapes, not load_state_dict's line per tensor."""
