@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sgdm.config.core import ConfigError
-from sgdm.diffusion.config import DiffusionConfig, check_alpha_bar_floor
+from sgdm.diffusion.config import DEFAULT_BETA_RANGE, DiffusionConfig, check_alpha_bar_floor
 
 __all__ = ["NoiseSchedule", "make_betas", "make_schedule", "q_sample", "broadcast_to", "eps_from_output",
            "v_target"]
@@ -80,7 +80,12 @@ def make_betas(kind: str, timesteps: int, linear_start: float | None = None, lin
     scaled_linear: sqrt(beta_t) = sqrt(start) + (sqrt(end) - sqrt(start)) t / (T - 1)   (LDM's "linear")
     cosine:        alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2),
                    beta_t = min(1 - alpha_bar(t + 1) / alpha_bar(t), 0.999)          (Nichol & Dhariwal Eq. 17)
+    ``linear_start`` / ``linear_end`` None: the schedule's default (as in ``DiffusionConfig``).
     """
+    if kind in DEFAULT_BETA_RANGE:
+        default_start, default_end = DEFAULT_BETA_RANGE[kind]
+        linear_start = default_start if linear_start is None else linear_start
+        linear_end = default_end if linear_end is None else linear_end
     if kind == "linear":
         return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
     if kind == "scaled_linear":

@@ -233,3 +233,11 @@ def test_diffusion_config_accepts_small_but_representable_alpha_bar(data):
 def test_schedule_from_betas_refuses_alpha_bar_that_underflows():
     with pytest.raises(ValueError, match="betas: alpha_bar at the last timestep is 0 "):
         NoiseSchedule.from_betas(torch.full((1000,), 0.6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
+def test_make_betas_without_a_range_takes_the_schedules_default(kind):
+    from sgdm.diffusion.config import DEFAULT_BETA_RANGE
+    from sgdm.diffusion.schedule import make_betas
+
+    assert torch.equal(make_betas(kind, 10), make_betas(kind, 10, *DEFAULT_BETA_RANGE[kind]))
