@@ -11,12 +11,13 @@
 
 #include "attention.h"
 #include "cuda/attention_cuda.h"
+#include "cuda/launch_error.h"
 #include "op_utils.h"
 
 namespace sgdm {
 namespace {
 
-void check_cuda_supported(const at::Tensor& q) {
+void check_cuda_supported(const at::Tensor& q, const at::Tensor& k) {
   const int64_t d = q.size(3);
   TORCH_CHECK(d == 32 || d == 64 || d == 128, "sgdm.attention: the CUDA kernel supports head dims 32, 64, 128, got ",
               d);
@@ -24,7 +25,8 @@ void check_cuda_supported(const at::Tensor& q) {
               "sgdm.attention: the CUDA kernel supports float32, float16, bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.size(0) * q.size(1) <= 65535, "sgdm.attention: B*H must be at most 65535 on CUDA, got ",
               q.size(0) * q.size(1));
-  TORCH_CHECK(q.size(2) < (int64_t{1} << 31), "sgdm.attention: sequence too long for the CUDA kernel");
+  TORCH_CHECK(q.size(2) < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31),
+              "sgdm.attention: sequence too long for the CUDA kernel");
 }
 
 // Contiguous and 16-byte aligned: the kernels copy rows with 16-byte cp.async
@@ -34,9 +36,7 @@ at::Tensor kernel_layout(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-void check_launch(cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "sgdm.attention: CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
+void check_launch(cudaError_t err) { check_cuda_launch(err, "attention"); }
 
 // SGDM_ATTENTION_WGMMA=1 asks for the Hopper wgmma kernels, forward and
 // backward (fp16 / bf16; they have not run on a GPU yet, so they are opt-in).
@@ -64,8 +64,7 @@ bool wgmma_requested(const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, double scale) {
   check_attention_inputs(q_in, k_in, v_in);
-  check_cuda_supported(q_in);
-  TORCH_CHECK(k_in.size(2) < (int64_t{1} << 31), "sgdm.attention: sequence too long for the CUDA kernel");
+  check_cuda_supported(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -84,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, double scale) {
   check_attention_inputs(q_in, k_in, v_in);
   check_attention_backward_inputs(grad_out, q_in, out, lse, grad_lse);
-  check_cuda_supported(q_in);
+  check_cuda_supported(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const auto dout = kernel_layout(grad_out.to(q.scalar_type()));

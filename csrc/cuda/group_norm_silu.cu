@@ -12,9 +12,13 @@ bool fits(const GroupNormShape& s) {
   return group < (int64_t{1} << 31) && s.n * s.groups < (int64_t{1} << 31);
 }
 
+// The kernels' static reduction scratch (at most 32 Welford triples of doubles),
+// which counts toward the 48 KiB a block gets without opting in.
+constexpr size_t kStaticSmemBound = kWarp * sizeof(WelfordData<double>);
+
 template <typename Kernel, typename Args>
 cudaError_t launch(Kernel kernel, const Args& a, size_t smem, cudaStream_t stream) {
-  if (smem > 48 * 1024) {
+  if (smem + kStaticSmemBound > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -32,6 +36,12 @@ bool vector_ok(const GroupNormBwdArgs& a, int vec) {
          aligned16(a.grad_x);
 }
 
+// Per-channel arrays of C/G values in dynamic shared memory: scale and shift
+// (forward); gamma, beta and the two sums (backward).
+constexpr int kFwdArrays = 2, kBwdArrays = 4;
+
+size_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
+
 // Picks the kernel instance for (dtype, layout, activation, vector width).
 template <template <typename, bool, bool, int> class Pick, typename Args>
 cudaError_t dispatch(const Args& a, int smem_arrays, cudaStream_t stream) {
@@ -41,7 +51,7 @@ cudaError_t dispatch(const Args& a, int smem_arrays, cudaStream_t stream) {
   dispatch_dtype(a.s.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = kVec16<T>;
-    const size_t smem = static_cast<size_t>(smem_arrays) * (a.s.c / a.s.groups) * sizeof(acc_t<T>);
+    const size_t smem = static_cast<size_t>(smem_arrays) * (a.s.c / a.s.groups) * acc_bytes(a.s.dtype);
     if (a.s.channels_last) {
       err = a.s.silu ? launch(Pick<T, true, true, 1>::kernel(a), a, smem, stream)
                      : launch(Pick<T, true, false, 1>::kernel(a), a, smem, stream);
@@ -77,11 +87,17 @@ struct Bwd {
 }  // namespace
 
 cudaError_t launch_group_norm_silu_fwd(const GroupNormFwdArgs& args, cudaStream_t stream) {
-  return dispatch<Fwd>(args, 2, stream);
+  return dispatch<Fwd>(args, kFwdArrays, stream);
 }
 
 cudaError_t launch_group_norm_silu_bwd(const GroupNormBwdArgs& args, cudaStream_t stream) {
-  return dispatch<Bwd>(args, 4, stream);
+  return dispatch<Bwd>(args, kBwdArrays, stream);
+}
+
+size_t group_norm_silu_smem_bytes(const GroupNormShape& s, bool backward) {
+  return static_cast<size_t>(backward ? kBwdArrays : kFwdArrays) * (s.groups > 0 ? s.c / s.groups : 0) *
+             acc_bytes(s.dtype) +
+         kStaticSmemBound;
 }
 
 }  // namespace sgdm::cuda

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 #include "sgdm/group_norm_args.h"
 
 namespace sgdm::cuda {
@@ -16,6 +18,11 @@ namespace sgdm::cuda {
 // Launch on `stream`; return the launch error (cudaSuccess when fine).
 cudaError_t launch_group_norm_silu_fwd(const GroupNormFwdArgs& args, cudaStream_t stream);
 cudaError_t launch_group_norm_silu_bwd(const GroupNormBwdArgs& args, cudaStream_t stream);
+
+// Shared memory a block of the forward (backward) takes, static and dynamic:
+// per-channel arrays of C/G values, so many channels per group can exceed
+// what a device gives a block (the glue checks, to name the cause).
+size_t group_norm_silu_smem_bytes(const GroupNormShape& s, bool backward);
 
 }  // namespace sgdm::cuda
 

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "cuda/guided_ddim_step.cuh"
+#include "cuda/launch_error.h"
 #include "guided_ddim_step.h"
 
 namespace sgdm {
@@ -24,10 +25,8 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& x_t, const at::Te
   GuidedDdimPrepared p = prepare_guided_ddim(x_t, eps_cond, eps_uncond, noise, alpha_bar_t,
                                              alpha_bar_prev, alpha_bar_t_scalar,
                                              alpha_bar_prev_scalar, guidance_scale, eta, clip_x0);
-  const cudaError_t err =
-      cuda::launch_guided_ddim_step(p.args, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "sgdm.guided_ddim_step: CUDA launch failed: ",
-              cudaGetErrorString(err));
+  check_cuda_launch(cuda::launch_guided_ddim_step(p.args, c10::cuda::getCurrentCUDAStream().stream()),
+                    "guided_ddim_step");
   return {p.x_prev, p.x0};
 }
 
