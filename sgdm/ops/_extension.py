@@ -83,7 +83,8 @@ def constant_for_compile(fn):
 def _registered(op: str, device_type: str) -> bool:
     """True when the extension registered a kernel of op ``op`` for ``device_type``."""
     key = _DISPATCH_KEYS.get(device_type)
-    return key is not None and has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
+    return key is not None and has_op(op) and \
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"sgdm::{op}", key)
 
 
 # The CUDA kernels use sm_80 instructions (cp.async, bf16 mma.sync); setup.py builds them for
@@ -92,21 +93,35 @@ MIN_CUDA_CAPABILITY = (8, 0)
 _cuda_ok: bool | None = None
 
 
+def _build_runs_on(index: int) -> bool:
+    """Whether this build holds code GPU ``index`` can load (its TORCH_CUDA_ARCH_LIST covers the
+    device), asked of the build itself; True for a build too old to answer."""
+    return not has_op("_cuda_kernels_run_on") or bool(torch.ops.sgdm._cuda_kernels_run_on(index))
+
+
+def _cuda_device_problem(index: int) -> str | None:
+    """Why GPU ``index`` cannot run the kernels, None when it can."""
+    major, minor = torch.cuda.get_device_capability(index)
+    name = f"cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability {major}.{minor})"
+    if (major, minor) < MIN_CUDA_CAPABILITY:
+        return f"{name}: the kernels need compute capability %d.%d or newer" % MIN_CUDA_CAPABILITY
+    if not _build_runs_on(index):
+        return f"{name}: this build of sgdm has no code for it (rebuild with it in TORCH_CUDA_ARCH_LIST)"
+    return None
+
+
 def cuda_devices_supported() -> bool:
-    """True when every visible GPU has compute capability >= 8.0 (or none is visible). Otherwise
-    the ops run their references on every GPU (one warning names the devices): a kernel launched
-    on such a GPU would fail with "no kernel image is available" in the middle of a run."""
+    """True when every visible GPU can run the CUDA kernels (or none is visible): compute
+    capability 8.0 or newer, and code for it in this build. Otherwise the ops run their references
+    on every GPU (one warning names the devices and why): a kernel launched there would fail with
+    "no kernel image is available" in the middle of a run."""
     global _cuda_ok
     if _cuda_ok is None:
-        old = [f"cuda:{i} ({torch.cuda.get_device_name(i)}, compute capability {major}.{minor})"
-               for i in range(torch.cuda.device_count())
-               for major, minor in [torch.cuda.get_device_capability(i)]
-               if (major, minor) < MIN_CUDA_CAPABILITY]
-        _cuda_ok = not old
-        if old:
-            warnings.warn(f"sgdm: the CUDA kernels need compute capability "
-                          f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} or newer, which {', '.join(old)} "
-                          f"lacks; the ops run their PyTorch references on CUDA", RuntimeWarning, stacklevel=3)
+        problems = [p for p in map(_cuda_device_problem, range(torch.cuda.device_count())) if p]
+        _cuda_ok = not problems
+        if problems:
+            warnings.warn(f"sgdm: the ops run their PyTorch references on CUDA: {'; '.join(problems)}",
+                          RuntimeWarning, stacklevel=3)
     return _cuda_ok
 
 

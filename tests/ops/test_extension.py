@@ -92,10 +92,13 @@ def test_force_cpu_isa_rejects_unknown_names(name, match):
     assert _extension.cpu_isa() == before
 
 
-def _fake_gpus(monkeypatch, *capabilities):
-    """Visible GPUs with these compute capabilities (a CPU-only machine can stand in for any)."""
+
+def _fake_gpus(monkeypatch, *capabilities, build_runs=lambda index: True):
+    """Visible GPUs with these compute capabilities (a CPU-only machine can stand in for any), and
+    whether the build holds code for each."""
     monkeypatch.setattr(_extension, "_enabled", {})
     monkeypatch.setattr(_extension, "_cuda_ok", None, raising=False)
+    monkeypatch.setattr(_extension, "_build_runs_on", build_runs, raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
@@ -106,19 +109,31 @@ def _require_cuda_build():
         pytest.skip("sgdm._C was built without CUDA")
 
 
-@pytest.mark.parametrize("capabilities", [((7, 5),), ((7, 0),), ((8, 0), (7, 5))], ids=["t4", "v100", "a100+t4"])
+@pytest.mark.parametrize("capabilities", [((7, 5),), ((7, 0),), ((8, 0), (7, 5))],
+                         ids=["t4", "v100", "a100+t4"])
 def test_gpu_before_compute_capability_8_runs_the_references(monkeypatch, capabilities):
     """The kernels are built for sm_80 and newer: on a T4 or V100 a launch would fail with "no kernel
     image is available", so every op takes its reference there, and one warning says why."""
     _require_cuda_build()
     _fake_gpus(monkeypatch, *capabilities)
     old = next(i for i, c in enumerate(capabilities) if c < (8, 0))
-    with pytest.warns(RuntimeWarning, match=rf"cuda:{old} \(gpu{old}, compute capability "
-                      rf"{capabilities[old][0]}\.{capabilities[old][1]}\)"):
+    major, minor = capabilities[old]
+    with pytest.warns(RuntimeWarning, match=rf"cuda:{old} \(gpu{old}, compute capability {major}\.{minor}\): "
+                      r"the kernels need compute capability 8\.0 or newer"):
         report = ops.backend("cuda")
     assert set(report.values()) == {"reference"}
     assert _extension.has_cuda_kernels()  # built with CUDA all the same
     assert ops.backend("cpu")["attention"] != "reference"
+
+
+def test_gpu_the_build_has_no_code_for_runs_the_references(monkeypatch):
+    """A build for "8.0;9.0" without PTX on a newer GPU (or setup.py's build for the build machine's
+    GPU moved to another kind): the build's own probe says no, and the references run."""
+    _require_cuda_build()
+    _fake_gpus(monkeypatch, (9, 0), (10, 0), build_runs=lambda index: index == 0)
+    with pytest.warns(RuntimeWarning, match=r"cuda:1 \(gpu1, compute capability 10\.0\): this build of sgdm "
+                      r"has no code for it"):
+        assert set(ops.backend("cuda").values()) == {"reference"}
 
 
 @pytest.mark.parametrize("capabilities", [(), ((8, 0),), ((8, 6), (8, 9), (9, 0))], ids=["none", "a100", "mixed"])
@@ -127,3 +142,12 @@ def test_gpus_from_compute_capability_8_run_the_kernels(monkeypatch, recwarn, ca
     _fake_gpus(monkeypatch, *capabilities)
     assert set(ops.backend("cuda").values()) == {"cuda"}
     assert not [w for w in recwarn if "compute capability" in str(w.message)]
+
+
+@pytest.mark.cuda
+def test_build_probe_answers_for_each_visible_gpu():
+    """The probe the checks above stand in for: a GPU the tests run on has code in this build."""
+    require_kernels("attention", "cuda")
+    if not _extension.has_op("_cuda_kernels_run_on"):
+        pytest.skip("this build predates sgdm::_cuda_kernels_run_on")
+    assert all(torch.ops.sgdm._cuda_kernels_run_on(i) for i in range(torch.cuda.device_count()))
