@@ -19,7 +19,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 
 # the atomic writes live in sgdm.atomic (light to import: the pipeline and the annotation store use them
 # too); the names stay importable from here
-from sgdm.atomic import TMP_SUFFIX, atomic_copy, atomic_open, atomic_torch_save, atomic_write_text
+from sgdm.atomic import TMP_SUFFIX, atomic_open, atomic_torch_save, atomic_write_text
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save", "checkpoint_name", "list_checkpoints", "find_last_valid",
            "clean_leftovers", "prune_checkpoints", "is_valid_checkpoint", "atomic_open", "atomic_write_text"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
