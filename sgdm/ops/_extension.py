@@ -99,13 +99,17 @@ def _build_runs_on(index: int) -> bool:
     return not has_op("_cuda_kernels_run_on") or bool(torch.ops.sgdm._cuda_kernels_run_on(index))
 
 
-def _cuda_device_problem(index: int) -> str | None:
-    """Why GPU ``index`` cannot run the kernels, None when it can."""
+def _cuda_device_problem(index: int, probed: dict[tuple[int, int], bool]) -> str | None:
+    """Why GPU ``index`` cannot run the kernels, None when it can. The build's answer depends on the
+    compute capability alone, so ``probed`` keeps it per capability: the probe makes a CUDA context
+    on the device it asks about, which costs hundreds of MiB on each GPU a process never uses."""
     major, minor = torch.cuda.get_device_capability(index)
     name = f"cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability {major}.{minor})"
     if (major, minor) < MIN_CUDA_CAPABILITY:
         return f"{name}: the kernels need compute capability %d.%d or newer" % MIN_CUDA_CAPABILITY
-    if not _build_runs_on(index):
+    if (major, minor) not in probed:
+        probed[(major, minor)] = _build_runs_on(index)
+    if not probed[(major, minor)]:
         return f"{name}: this build of sgdm has no code for it (rebuild with it in TORCH_CUDA_ARCH_LIST)"
     return None
 
@@ -117,11 +121,15 @@ def cuda_devices_supported() -> bool:
     "no kernel image is available" in the middle of a run."""
     global _cuda_ok
     if _cuda_ok is None:
-        problems = [p for p in map(_cuda_device_problem, range(torch.cuda.device_count())) if p]
+        count = torch.cuda.device_count()
+        current = torch.cuda.current_device() if count else None
+        probed: dict[tuple[int, int], bool] = {}  # the current device first: its context exists
+        order = sorted(range(count), key=lambda i: i != current)
+        problems = sorted((i, p) for i in order if (p := _cuda_device_problem(i, probed)))
         _cuda_ok = not problems
         if problems:
-            warnings.warn(f"sgdm: the ops run their PyTorch references on CUDA: {'; '.join(problems)}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"sgdm: the ops run their PyTorch references on CUDA: "
+                          f"{'; '.join(p for _, p in problems)}", RuntimeWarning, stacklevel=3)
     return _cuda_ok
 
 

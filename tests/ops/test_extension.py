@@ -100,6 +100,7 @@ def _fake_gpus(monkeypatch, *capabilities, build_runs=lambda index: True):
     monkeypatch.setattr(_extension, "_cuda_ok", None, raising=False)
     monkeypatch.setattr(_extension, "_build_runs_on", build_runs, raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"gpu{i}")
 
@@ -134,6 +135,17 @@ def test_gpu_the_build_has_no_code_for_runs_the_references(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"cuda:1 \(gpu1, compute capability 10\.0\): this build of sgdm "
                       r"has no code for it"):
         assert set(ops.backend("cuda").values()) == {"reference"}
+
+
+def test_build_probe_asks_one_gpu_per_compute_capability(monkeypatch):
+    """The probe makes a CUDA context on the GPU it asks about (hundreds of MiB): it asks the current
+    GPU, and another only for a compute capability not seen yet."""
+    _require_cuda_build()
+    asked = []
+    _fake_gpus(monkeypatch, (9, 0), (9, 0), (8, 0), (9, 0), (8, 0), build_runs=lambda i: asked.append(i) or True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert set(ops.backend("cuda").values()) == {"cuda"}
+    assert asked == [3, 2]
 
 
 @pytest.mark.parametrize("capabilities", [(), ((8, 0),), ((8, 6), (8, 9), (9, 0))], ids=["none", "a100", "mixed"])
