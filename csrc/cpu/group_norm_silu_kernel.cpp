@@ -283,7 +283,7 @@ void fwd_range_nchw(const GroupNormFwdArgs& a, int64_t begin, int64_t end,
           const Acc k = kNext ? static_cast<Acc>(xn[c0]) : Acc(0);
           const V kv(k);
           V s1(0), s2(0);
-          auto step = [&](int64_t i, int64_t m) {
+          auto step = [&](int64_t i, int64_t m, V& t1, V& t2) {
             V z = at::vec::fmadd(load_acc<T>(xg + i, m) - mv, sc, sh);
             if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
             store_acc<T>(yg + i, z, m);
@@ -292,13 +292,28 @@ void fwd_range_nchw(const GroupNormFwdArgs& a, int64_t begin, int64_t end,
               __builtin_prefetch(reinterpret_cast<const char*>(xn + len + i), 0, 2);
               V d = load_acc<T>(xn + i, m) - kv;
               if (m < V::size()) d = V::set(V(0), d, m);
-              s1 += d;
-              s2 = at::vec::fmadd(d, d, s2);
+              t1 += d;
+              t2 = at::vec::fmadd(d, d, t2);
             }
           };
           int64_t i = c0;
-          for (; i + V::size() <= c1; i += V::size()) step(i, V::size());
-          if (i < c1) step(i, c1 - i);
+          if constexpr (kNext) {
+            // The sums in shifted_stats's order (four accumulator pairs, then one), bit for bit:
+            // the first group of a thread's range takes its statistics from shifted_stats, so
+            // any other order would make the output depend on the thread count.
+            constexpr int64_t kW = V::size();
+            V a1(0), a2(0), b1(0), b2(0), e1(0), e2(0);
+            for (; i + 4 * kW <= c1; i += 4 * kW) {
+              step(i, kW, s1, s2);
+              step(i + kW, kW, a1, a2);
+              step(i + 2 * kW, kW, b1, b2);
+              step(i + 3 * kW, kW, e1, e2);
+            }
+            s1 = (s1 + a1) + (b1 + e1);
+            s2 = (s2 + a2) + (b2 + e2);
+          }
+          for (; i + V::size() <= c1; i += V::size()) step(i, V::size(), s1, s2);
+          if (i < c1) step(i, c1 - i, s1, s2);
           if constexpr (kNext) {
             wn = welford_merge(wn, recentred<T>(xn + c0, c1 - c0, k, shifted_partial<Acc>(k, s1, s2, c1 - c0)));
           }

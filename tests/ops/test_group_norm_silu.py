@@ -116,6 +116,32 @@ def test_split_across_threads(target, layout, generator):
     torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_same_bits_for_any_thread_count(target, layout, generator):
+    """A group's statistics must not depend on whether it opens a thread's range (NCHW sums the
+    first group of a range in its own pass, the others fused into the previous group's pass):
+    one thread and two give bitwise the same outputs and gradients."""
+    if target != "cpu":
+        pytest.skip("thread count of the CPU kernels")
+    require_kernels(OP, target)
+    x0, w, b = _inputs((2, 32, 32, 32), generator)  # 16 groups of 4096: two ranges with 2 threads
+    x = _layout(x0, layout)
+    gy = torch.randn(x.shape, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            y = ops.group_norm_silu(xs, 8, ws, bs)
+            y.backward(gy)
+            results.append([y.detach(), xs.grad, ws.grad, bs.grad])
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(("y", "dx", "dweight", "dbias"), *results):
+        assert torch.equal(one, two), f"{name}: max difference {(one - two).abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 16, 6, 6), (2, 16, 8, 8)],
                          ids=["hw36", "hw64"])  # hw64: CUDA's 16-byte (8-element) units
