@@ -7,7 +7,10 @@ flash-style kernels of ``sgdm._C`` (FlashAttention-2, Dao 2023): blocked
 online softmax with fp32 accumulation; the forward saves only the row
 log-sum-exp ``lse [B, H, Nq]``, and the backward recomputes
 ``P = exp(s - lse)`` from it, so no ``Nq x Nk`` tensor exists in either
-direction. Everything else (other head dims with a one-time warning,
+direction. On the CPU, when B * H is below ``torch.get_num_threads()`` the
+backward splits the keys across threads and sums the partial ``dq``, so the last
+bits of ``dq`` depend on the thread count (the forward, ``dk`` and ``dv`` do not).
+Everything else (other head dims with a one-time warning,
 ``SGDM_KERNELS=0``, a build without the extension) runs PyTorch's own
 ``scaled_dot_product_attention``, which picks its fastest backend (flash,
 memory-efficient or cuDNN on CUDA, a flash kernel on the CPU): LDM's LSUN-Churches

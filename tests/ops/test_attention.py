@@ -109,6 +109,27 @@ def test_backward_with_key_splits(generator, monkeypatch):
         assert _rel_err(t.grad, ref) < 3e-5, name
 
 
+def test_only_dq_depends_on_the_thread_count(generator):
+    """Every forward task and every key split owns its rows: out, dk and dv are bitwise the
+    same for one thread and two (only dq, summed over the key splits, may differ)."""
+    require_kernels(OP)
+    q0, k0, v0 = _qkv(1, 1, 130, 300, 32, "cpu", generator)  # B*H = 1: two key splits on two threads
+    grad_out = torch.randn(1, 1, 130, 32, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+            out = attention(q, k, v)
+            out.backward(grad_out)
+            results.append([out.detach(), k.grad, v.grad])
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(("out", "dk", "dv"), *results):
+        assert torch.equal(one, two), name
+
+
 def test_views_of_packed_qkv(target, generator):
     """q, k, v as strided views of one [B, N, 3, H, D] tensor, as a UNet block makes them."""
     require_kernels(OP, target)
