@@ -321,6 +321,9 @@ class Segmenter:
         area-resized to the grid, :func:`~sgdm.annotation.crf.dense_crf`, then the most probable class.
         Kernel widths, in pixels of the images, scale by grid side / image side; a block of the CRF's
         kernel holds at most ``chunk_elements`` entries."""
+        if self.crf is None:
+            raise ValueError("Segmenter.refine: this segmenter has no dense CRF (its crf is None or not enabled); "
+                             "build it with crf=CRFConfig(enabled=True)")
         b, out_h, out_w, _ = codes.shape
         images = torch.as_tensor(images).to(codes.device, torch.float32)
         if images.dim() != 4 or images.shape[0] != b or images.shape[1] != 3:

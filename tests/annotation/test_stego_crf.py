@@ -142,3 +142,10 @@ def test_a_segmenter_or_store_made_before_crf_normalization_keeps_raw_sums(tmp_p
     write_store(off.store, ["a"], {"mask": torch.zeros(1, 4, 4, dtype=torch.uint8)}, granularity="mask",
                 num_classes=2, extra={"params": params_off})
     assert AnnotationStore.open(off.store).settings_differ(off) == []
+
+
+def test_refine_without_a_crf_says_so():
+    patches, image, _, _ = noisy_halves()
+    codes = upsample_codes(patches.permute(0, 3, 1, 2), (8, 8))
+    with pytest.raises(ValueError, match="Segmenter.refine: .*crf"):
+        Segmenter(CENTROIDS).refine(codes, image)
