@@ -73,13 +73,11 @@ def _peak_memory_mb(device) -> float:
 
 
 def _backends(device_type: str) -> dict:
-    """Which implementation each op runs (as reported by sgdm.ops; its API may take the device)."""
+    """Which implementation each op runs (as reported by sgdm.ops)."""
     from sgdm import ops
 
     try:
         return dict(ops.backend(device_type))
-    except TypeError:
-        return dict(ops.backend())
     except Exception as err:  # report, never fail the benchmark over bookkeeping
         return {"unknown": repr(err)}
 
