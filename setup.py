@@ -101,6 +101,28 @@ def _want_cuda(cuda_home: str | None) -> bool:
         return False
 
 
+# The CUDA kernels use cp.async, ldmatrix and bf16 tensor-core MMAs: compute capability 8.0 or newer.
+# Older GPUs (T4, V100) run the PyTorch references (sgdm.ops checks each device at run time).
+MIN_KERNEL_ARCH = (8, 0)
+
+
+def _arch_version(entry: str) -> tuple[int, int]:
+    """(major, minor) of an arch list entry such as 8.6, 9.0a, 10.0f or 9.0+PTX; (0, 0) if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", entry)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def _kernel_archs(arch_list: str) -> tuple[str, list[str]]:
+    """(the entries of ``arch_list`` the kernels can be built for, joined by ';'; the entries dropped).
+
+    Lists of many architectures are common in containers (e.g. "7.0 7.5 8.0 8.6 9.0+PTX"): the old ones
+    are dropped with a note rather than failing the build in ptxas."""
+    keep, drop = [], []
+    for entry in _arch_entries(arch_list):
+        (keep if _arch_version(entry) >= MIN_KERNEL_ARCH else drop).append(entry)
+    return ";".join(keep), drop
+
+
 def _hopper_archs(arch_list: str) -> tuple[str, bool]:
     """(the TORCH_CUDA_ARCH_LIST to build, whether it has 9.0a).
 
@@ -158,17 +180,32 @@ def _extension():
     if with_cuda:
         _check_cuda(cuda_home)
         os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension guesses /usr/local
+        minimum = "%d.%d" % MIN_KERNEL_ARCH
         if _arch_list():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
+            archs, dropped = _kernel_archs(_arch_list())
+            if not archs:
+                sys.exit(f"sgdm: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} has no architecture the "
+                         f"CUDA kernels support ({minimum} or newer); list one, or set FORCE_CUDA=0 to build the "
+                         f"CPU kernels only (older GPUs then run the PyTorch references).")
+            if dropped:
+                print(f"sgdm: TORCH_CUDA_ARCH_LIST: not building for {', '.join(dropped)} (the kernels need "
+                      f"{minimum} or newer; such GPUs run the PyTorch references)", file=sys.stderr)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         else:
             try:
                 import torch
                 major, minor = torch.cuda.get_device_capability()
-                suffix = "a" if (major, minor) == (9, 0) else ""  # the wgmma kernels' code
-                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}{suffix}"
             except Exception:  # noqa: BLE001 - no GPU to ask
                 sys.exit("sgdm: set TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0\") to build CUDA "
                          "without a visible GPU.")
+            if (major, minor) < MIN_KERNEL_ARCH:
+                print(f"sgdm: the visible GPU has compute capability {major}.{minor}; the CUDA kernels need "
+                      f"{minimum} or newer, so only the CPU kernels are built (the GPU runs the PyTorch "
+                      f"references; set TORCH_CUDA_ARCH_LIST to build for other GPUs)", file=sys.stderr)
+                with_cuda = False
+            else:
+                suffix = "a" if (major, minor) == (9, 0) else ""  # the wgmma kernels' code
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}{suffix}"
     from torch.utils import cpp_extension
 
     avx512 = _switch("SGDM_CPU_AVX512") is not False

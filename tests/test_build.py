@@ -77,6 +77,41 @@ def test_arch_list_separators_and_9_0a(monkeypatch):
     assert g["_arch_list"]() == "" and g["_want_cuda"](None) is False
 
 
+def test_arch_entries_below_8_0_are_dropped(monkeypatch):
+    _, g = configure(monkeypatch, FORCE_CUDA="0")
+    # a container's list: the kernels need cp.async and bf16 MMAs, which 7.x GPUs lack (ptxas failed)
+    assert g["_kernel_archs"]("5.2 6.0 7.0 7.5 8.0 8.6 9.0+PTX") == ("8.0;8.6;9.0+PTX", ["5.2", "6.0", "7.0", "7.5"])
+    assert g["_kernel_archs"]("8.9;9.0a;10.0f;12.0") == ("8.9;9.0a;10.0f;12.0", [])
+    assert g["_kernel_archs"]("7.5") == ("", ["7.5"])
+
+
+needs_toolkit = pytest.mark.skipif(torch.version.cuda is None or not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                                   reason="needs a CUDA build of torch and a toolkit at /usr/local/cuda")
+
+
+@needs_toolkit
+def test_an_arch_list_of_old_gpus_only_names_the_variable(monkeypatch):
+    with pytest.raises(SystemExit, match=r"TORCH_CUDA_ARCH_LIST='7.0;7.5' has no architecture the CUDA kernels "
+                                         r"support \(8.0 or newer\).*FORCE_CUDA=0"):
+        configure(monkeypatch, CUDA_HOME="/usr/local/cuda", TORCH_CUDA_ARCH_LIST="7.0;7.5")
+
+
+@needs_toolkit
+def test_old_entries_of_an_arch_list_are_left_out_with_a_note(monkeypatch, capsys):
+    ext, _ = configure(monkeypatch, CUDA_HOME="/usr/local/cuda", TORCH_CUDA_ARCH_LIST="7.5 8.0 9.0a")
+    assert ("SGDM_WITH_CUDA", "1") in ext.define_macros and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a"
+    assert "not building for 7.5" in capsys.readouterr().err
+
+
+@needs_toolkit
+def test_a_visible_gpu_older_than_8_0_builds_the_cpu_kernels_only(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # a T4
+    ext, _ = configure(monkeypatch, CUDA_HOME="/usr/local/cuda", FORCE_CUDA="1")
+    assert ("SGDM_WITH_CUDA", "1") not in ext.define_macros
+    assert not any(str(src).endswith(".cu") for src in ext.sources)
+    assert "compute capability 7.5; the CUDA kernels need 8.0 or newer" in capsys.readouterr().err
+
+
 @pytest.fixture
 def check_cuda(monkeypatch):
     _, g = configure(monkeypatch, FORCE_CUDA="0")
