@@ -122,7 +122,7 @@ def worker(args) -> None:
                                   "steps_per_s": 1 / step_s, "images_per_s": cfg.train.batch_size / step_s,
                                   "batch_size": cfg.train.batch_size, "timed_steps": len(dts),
                                   "peak_memory_mb": peak, "device": "cuda" if cuda else "cpu",
-                                  "backends": ops.backend() if hasattr(ops, "backend") else {}}), flush=True)
+                                  "backends": ops.backend("cuda" if cuda else "cpu")}), flush=True)
 
 
 def _run(config: str, setting: bool, args) -> dict:

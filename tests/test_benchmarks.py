@@ -137,6 +137,39 @@ def test_train_bench_workers_get_the_compared_setting(monkeypatch, compare):
     assert (on_kernels, off_kernels) == (("1", "1") if compare == "compile" else ("1", "0"))
 
 
+def test_train_bench_worker_reports_the_backends_of_its_device(monkeypatch, capsys, tmp_path):
+    """A GPU run's result names the ops' CUDA backends, not the CPU's (here with the GPU calls stubbed)."""
+    import json
+    import types
+
+    import torch
+
+    import sgdm.config.schema
+    import sgdm.training.data
+    import sgdm.training.run
+    from sgdm import ops
+
+    train_bench = load("train_bench")
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(accelerator="gpu", batch_size=2), data=None)
+    monkeypatch.setattr(sgdm.config.schema, "load_experiment", lambda path, overrides: cfg)
+    monkeypatch.setattr(sgdm.training.data, "build_image_dataset", lambda data, seed: [{"id": "a"}])
+    monkeypatch.setattr(train_bench, "_label_store", lambda cfg, ids: None)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
+
+    def fake_train(cfg, callbacks):
+        for _ in range(3):
+            callbacks[0].on_train_batch_end()
+        return 0
+
+    monkeypatch.setattr(sgdm.training.run, "train", fake_train)
+    train_bench.worker(types.SimpleNamespace(config="small", steps=3, warmup=0, run_dir=str(tmp_path),
+                                             churches_batch=2, compiled=False))
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("RESULT "))
+    assert json.loads(line[len("RESULT "):])["backends"] == ops.backend("cuda")
+
+
 def test_ops_bench_cpu_targets_are_fp32s():
     import torch
 
