@@ -1,5 +1,6 @@
 // sgdm::attention / attention_backward on CUDA: torch glue around the
 // torch-free kernels of csrc/cuda/attention.cu, on the current stream.
+#include <ATen/Context.h>
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -94,6 +95,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   if (grad_lse.has_value() && grad_lse->defined()) grad_lse_f = grad_lse->to(at::kFloat).contiguous();
   auto delta = at::empty(lse_f.sizes(), lse_f.options());
   const bool fp32 = q.scalar_type() == at::kFloat;
+  // dQ of the tensor-core backward is summed over key blocks with fp32 atomics: not bit-reproducible.
+  // Under torch.use_deterministic_algorithms(True) that is torch's error (a warning with warn_only).
+  if (!fp32) {
+    at::globalContext().alertNotDeterministic(
+        "sgdm::attention_backward on CUDA in fp16/bf16 (dQ is summed with atomics; SGDM_KERNELS=0 runs the "
+        "PyTorch reference, the fp32 backward is deterministic)");
+  }
   auto dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   // The tensor-core backward accumulates dS K in fp32 (zeroed, scaled and cast by the kernels).
   auto dq_accum = fp32 ? at::Tensor() : at::empty(q.sizes(), q.options().dtype(at::kFloat));

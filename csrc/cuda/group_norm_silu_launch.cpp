@@ -1,5 +1,6 @@
 // CUDA implementation of sgdm::group_norm_silu(_backward): torch glue on the
 // current stream around the torch-free kernels in group_norm_silu.cu.
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,6 +52,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups, bool silu, bool affine_grads) {
   const c10::cuda::CUDAGuard guard(x.device());
+  // per-channel sums with shared-memory float atomics: not bit-reproducible (torch's error or warning
+  // under torch.use_deterministic_algorithms)
+  at::globalContext().alertNotDeterministic(
+      "sgdm::group_norm_silu_backward on CUDA (per-channel sums with atomics; SGDM_KERNELS=0 runs the "
+      "PyTorch reference)");
   GroupNormBackward b =
       prepare_backward(grad_y, x, mean, rstd, weight, bias, num_groups, silu, affine_grads);
   check_shared_memory(b.args.s, true, "group_norm_silu_backward");
