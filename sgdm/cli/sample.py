@@ -79,16 +79,21 @@ _FLAGS = {"num_images": "--num-images", "num_steps": "--steps", "guidance_scale"
 
 # parameter names that are no English word, so also said as flags inside a message ("leave guidance_scale unset")
 _IDENTIFIERS = re.compile(r"\b(" + "|".join(name for name in _FLAGS if "_" in name) + r")\b")
+# the guidance inputs a model takes, listed at the end of a message ("it takes cluster and box")
+_TAKES = re.compile(r"(it takes )((?:cluster|box|mask)(?: and (?:cluster|box|mask))*)$")
 
 
 def _flag_names(message: str) -> str:
-    """A pipeline error as this command says it: a leading ``name:`` (or ``name[i]:``) as its flag, and
-    the parameter names with an underscore wherever they appear."""
+    """A pipeline error as this command says it: a leading ``name:`` (or ``name[i]:``) as its flag, the
+    parameter names with an underscore wherever they appear, and the guidance inputs a model takes."""
     head, sep, rest = message.partition(":")
     name = head.split("[")[0]
     if not (sep and name in _FLAGS):
         return message
-    return f"{_FLAGS[name]}{head[len(name):]}{sep}{_IDENTIFIERS.sub(lambda m: _FLAGS[m.group(1)], rest)}"
+    rest = _IDENTIFIERS.sub(lambda m: _FLAGS[m.group(1)], rest)
+    rest = _TAKES.sub(lambda m: m.group(1) + re.sub(r"\b(cluster|box|mask)\b", lambda w: _FLAGS[w.group(1)],
+                                                    m.group(2)), rest)
+    return f"{_FLAGS[name]}{head[len(name):]}{sep}{rest}"
 
 
 def _seed(text: str) -> int:

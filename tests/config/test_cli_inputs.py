@@ -174,3 +174,17 @@ def test_train_autoencoder_help_names_the_train_keys_it_reads():
     keys = text.split("train.{", 1)[1].split("}", 1)[0].split(",")
     assert {"accelerator", "num_nodes", "keep_checkpoints", "log_every"} <= set(keys)
     assert not {"betas", "warmup_steps", "ema_decay"} & set(keys)
+
+
+@pytest.mark.parametrize("kind, given, takes", [("label", {"box": [0.1, 0.1, 0.5, 0.5]}, "--cluster"),
+                                                ("mask", {"cluster": 1}, "--mask"),
+                                                ("box", {"mask": [[0]]}, "--cluster and --box")])
+def test_sample_says_which_flags_a_model_takes(kind, given, takes):
+    # `sample --box` on a label model ended "it takes cluster", naming no flag the command has
+    from sgdm.cli.sample import _flag_names
+    from sgdm.models.config import GuidanceConfig
+    from sgdm.pipeline import parse_guidance
+
+    with pytest.raises(ValueError) as caught:
+        parse_guidance(GuidanceConfig(kind=kind, num_classes=4), 1, (8, 8), (32, 32), **given)
+    assert _flag_names(str(caught.value)).endswith(f"it takes {takes}")
