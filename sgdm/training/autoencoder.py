@@ -265,7 +265,8 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
 
     from sgdm.config.core import ConfigError
     from sgdm.training.data import build_image_dataset
-    from sgdm.training.run import _loader_factory, build_trainer, check_batch_fits, prepare_run_dir, stopped
+    from sgdm.training.run import _loader_factory, _say_when_finished, build_trainer, check_batch_fits, \
+        prepare_run_dir, stopped
 
     target = cfg.model.autoencoder.checkpoint
     if target is None:
@@ -297,6 +298,8 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     check_batch_fits(t, len(dataset))
     ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder")
+    if ckpt is not None:
+        _say_when_finished(cfg, ckpt)
     autoencoder, loss = _build(cfg)
     module = AutoencoderModule(autoencoder, loss, t, cfg.run.seed, _loader_factory(cfg, dataset))
     # unused parameters: the discriminator, idle before disc_start and in the generator's backward

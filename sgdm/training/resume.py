@@ -8,6 +8,10 @@ A key is allowed when it or one of its parent sections is listed. A key the save
 by an older sgdm) is not compared, except the ``data.*`` keys of :data:`sgdm.data.config.ADDED_KEYS`:
 those count at the value the older run read its data with (a run saved before
 ``data.exif_orientation`` existed read the pixels as stored, so resuming it with ``apply`` is refused).
+
+Beyond the config: a run directory belongs to the trainer that wrote its checkpoints
+(:func:`check_checkpoint_trainer`), and a resumed denoiser keeps the first stage of its checkpoints
+(:func:`keep_run_first_stage`).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from sgdm.config.core import ConfigError, absolute_paths, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.data.config import ADDED_KEYS
 
-__all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences"]
+__all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences", "check_checkpoint_trainer",
+           "keep_run_first_stage"]
 
 # setting -> why changing it on a resume cannot change the trained weights
 MAY_DIFFER: dict[str, str] = {
@@ -98,6 +103,7 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer:
     import yaml
 
     if not saved.is_file():
+        _say_not_compared(saved)
         return
     # a config saved before paths were recorded absolute holds them as typed: resolve them the same way
     old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
@@ -105,7 +111,67 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer:
     differences = resume_differences(old, new, trainer)
     if differences:
         key, before, after = differences[0]
-        more = f" (and {len(differences) - 1} more setting(s))" if len(differences) > 1 else ""
+        others = [k for k, _, _ in differences[1:]]
+        more = f" (and {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" if others else ""
         raise ConfigError(key, f"differs from the run's saved config {saved} ({_short(before)} -> {_short(after)})"
                                f"{more}; resuming would not continue the same run. Use the saved value or start a "
                                f"new run.name")
+
+
+def _say_not_compared(saved: pathlib.Path) -> None:
+    """A run directory with checkpoints but no ``config.yaml`` (checkpoints copied in by hand): nothing to
+    compare the config with, so a changed setting would go unnoticed; say so rather than stay silent."""
+    import sys
+
+    from sgdm.launch import current
+
+    if current().is_first:
+        print(f"sgdm: {saved} is missing: the settings this run's checkpoints were trained with are unknown, so "
+              f"nothing checks that this config continues the same run (a changed seed, data or network would "
+              f"go unnoticed); copy the run's config.yaml there to have them compared", file=sys.stderr, flush=True)
+
+
+COMMANDS = {"diffusion": "`sgdm-ldm train`", "autoencoder": "`sgdm-ldm train-autoencoder`"}
+
+
+def _read(ckpt: pathlib.Path) -> dict:
+    """The checkpoint as saved, its tensors memory-mapped: read only where used."""
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+
+
+def check_checkpoint_trainer(ckpt: pathlib.Path, trainer: str) -> None:
+    """Refuse to resume checkpoint ``ckpt`` with the other trainer (one config, both commands, one run.name):
+    its ``sgdm`` state tells them apart, the denoiser's counts EMA updates. Other files are left to the
+    trainer's own load."""
+    state = _read(ckpt).get("sgdm")
+    if not isinstance(state, dict):
+        return
+    written_by = "diffusion" if "ema_updates" in state else "autoencoder"
+    if written_by != trainer:
+        raise ConfigError("run.name", f"{ckpt} is a checkpoint of {COMMANDS[written_by]}, not of {COMMANDS[trainer]}"
+                                      f"; this run directory belongs to that run. Give this one its own run.name")
+
+
+def keep_run_first_stage(first_stage, ckpt: pathlib.Path, source: str) -> None:
+    """Load the first stage of the denoiser's checkpoint ``ckpt`` into ``first_stage`` (built from ``source``,
+    ``model.autoencoder.checkpoint``), before the latent cache is checked or encoded with it. Lightning
+    restores these weights anyway, but only after the cache is made: a file replaced in place since the run
+    started would have re-encoded it with other weights than the scale factor, sample grids and export use.
+    Says so when the weights differ: the run goes on with its own, as an uninterrupted run would."""
+    import sys
+
+    import torch
+
+    from sgdm.launch import current
+
+    state = _read(ckpt)["state_dict"]
+    saved = {k[len("first_stage."):]: v for k, v in state.items() if k.startswith("first_stage.")}
+    differs = any(name != "scale_factor" and (name not in saved or not torch.equal(value, saved[name]))
+                  for name, value in first_stage.state_dict().items())
+    first_stage.load_state_dict(saved)
+    if differs and current().is_first:
+        print(f"sgdm: model.autoencoder.checkpoint {source} holds other weights than the first stage this run "
+              f"started with; it goes on with its own, kept in {ckpt} (start a new run.name to train on the new "
+              f"weights)", file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ import torch
 from sgdm.config.core import ConfigError, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.training.checkpoint import checkpoint_name, clean_leftovers, find_last_valid, list_checkpoints
-from sgdm.training.resume import check_resume_compatible
+from sgdm.training.resume import check_checkpoint_trainer, check_resume_compatible, keep_run_first_stage
 from sgdm.training.rng import derive_seed
 
 __all__ = ["train", "prepare_run_dir", "check_resumable", "check_resume_compatible", "build_module", "build_trainer",
@@ -63,6 +63,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
         _say_passed_over(existing, ckpt)
     store = _annotation_store_digest(cfg) if trainer == "diffusion" else None
     if ckpt is not None:
+        check_checkpoint_trainer(ckpt, trainer)
         check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
         _check_same_store(run_dir / STORE_RECORD, store)
     if _first_process():
@@ -364,6 +365,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
     if ckpt is not None:
         _say_when_finished(cfg, ckpt)
     module = build_module(cfg, dataset=dataset)
+    if ckpt is not None:
+        keep_run_first_stage(module.first_stage, ckpt, cfg.model.autoencoder.checkpoint or "(not set: random init)")
     module.first_stage.to(encode_device(cfg.train))
     if cfg.train.cache_latents:
         # on a resume too: a complete cache is kept as it is, a missing one (a continuation in
