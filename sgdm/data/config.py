@@ -151,6 +151,8 @@ class DataConfig:
                                         f"{', '.join(repr(k) for k in kinds)}); remove it")
         if self.folder_labels and self.dataset != "image_folder":
             raise ConfigError("folder_labels", "only applies to dataset 'image_folder'")
+        if not self.keep_difficult and self.dataset != "voc":
+            raise ConfigError("keep_difficult", "only applies to dataset 'voc' (its <difficult> boxes); remove it")
         if self.size < 8:
             raise ConfigError("size", f"must be >= 8 pixels, got {self.size}")
         if self.num_workers < 0:

@@ -24,6 +24,8 @@ def test_defaults_are_valid_and_offline():
     ({"num_workers": -1}, "data.num_workers", ">= 0"),
     ({"max_images": 0}, "data.max_images", ">= 1"),
     ({"folder_labels": True}, "data.folder_labels", "image_folder"),
+    # read by voc only: on COCO-20K (crowd boxes) or ImageNet it dropped nothing, without a word
+    ({"dataset": "coco20k", "root": "/x", "list_file": "/l", "keep_difficult": False}, "data.keep_difficult", "'voc'"),
     ({"shapes": {"num_images": 0}}, "data.shapes.num_images", ">= 1"),
     ({"shapes": {"image_size": 8}}, "data.shapes.image_size", "[16, 1024]"),
     ({"shapes": {"colour": 1}}, "data.shapes.colour", "unknown key"),
