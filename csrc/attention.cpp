@@ -14,6 +14,7 @@
 #include "cpu/attention_kernel.h"
 #include "cpu/dispatch.h"
 #include "cpu/parallel.h"
+#include "op_utils.h"
 
 SGDM_CPU_DECLARE(void, attention_fwd_kernel, (const ::sgdm::cpu::AttentionFwdArgs&))
 SGDM_CPU_DECLARE(void, attention_bwd_kernel, (const ::sgdm::cpu::AttentionBwdArgs&))
@@ -26,6 +27,7 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(v.sizes() == k.sizes(), "sgdm.attention: v must have k's shape ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "sgdm.attention: k ", k.sizes(), " does not match q ", q.sizes(), " in B, H or D");
+  dtype_tag(q, "q");  // a floating dtype: an integer q would come back truncated to integers
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "sgdm.attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());

@@ -453,3 +453,6 @@ def test_compiled_op_checks_its_arguments_too():
         torch.ops.sgdm.attention(x, x, torch.zeros(1, 2, 4, 32), 1.0)
     with pytest.raises(RuntimeError, match="lse must be"):
         torch.ops.sgdm.attention_backward(x, x, x, x, x, torch.zeros(1, 2, 4), None, 1.0)
+    # integer q, k, v would be truncated to the output's integer dtype (the fake kernel refuses them)
+    with pytest.raises(TypeError, match="q must be float32, float16, bfloat16 or float64"):
+        torch.ops.sgdm.attention(x.long(), x.long(), x.long(), 1.0)
