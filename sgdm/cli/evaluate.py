@@ -173,6 +173,9 @@ def run(args) -> int:
             results = evaluate_run(args.run, ecfg)
     except (FileNotFoundError, RuntimeError, ValueError) as err:  # ConfigError: main() reports it (exit 2)
         if isinstance(err, ConfigError):
+            if err.key.startswith("data.") and not err.where:  # the run's data section: eval takes no overrides
+                raise ConfigError(err.key, err.message, f"recorded in {config}; edit it there if the data has "
+                                                        "moved") from None
             raise
         print(f"sgdm-ldm eval: {err}", file=sys.stderr)
         return 1
