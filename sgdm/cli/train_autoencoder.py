@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from sgdm.cli.arguments import add_config_arguments, add_resume_arguments, printed_config, wants_resume
 
@@ -45,13 +44,4 @@ def run(args: argparse.Namespace) -> int:
 
     resume = wants_resume(args, cfg)
     check_resumable(cfg, resume)
-    code = train_autoencoder(cfg, resume=resume)
-    factor = cfg.model.autoencoder.scale_factor
-    if code == 0 and factor is not None:
-        from sgdm.launch import current
-
-        if current().is_first:  # a factor fixed for another first stage (LDM's) would scale these latents silently
-            print(f"sgdm: note: model.autoencoder.scale_factor is {factor}, fixed for another first stage; the "
-                  "diffusion commands on this autoencoder want model.autoencoder.scale_factor=null, which measures "
-                  "its own (1/std of its latents)", file=sys.stderr)
-    return code
+    return train_autoencoder(cfg, resume=resume)

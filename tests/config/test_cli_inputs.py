@@ -188,19 +188,3 @@ def test_sample_says_which_flags_a_model_takes(kind, given, takes):
     with pytest.raises(ValueError) as caught:
         parse_guidance(GuidanceConfig(kind=kind, num_classes=4), 1, (8, 8), (32, 32), **given)
     assert _flag_names(str(caught.value)).endswith(f"it takes {takes}")
-
-
-def test_train_autoencoder_says_a_configured_scale_factor_is_not_this_autoencoders(tmp_path, capsys, monkeypatch):
-    # The ImageNet and Churches configs fix LDM's kl-f8 factor; a diffusion run on an autoencoder of one's
-    # own with it trains on latents of another scale, without a word (README: pass scale_factor=null)
-    import sgdm.training.autoencoder as autoencoder
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(autoencoder, "train_autoencoder", lambda cfg, resume: 0)
-    config = pathlib.Path(__file__).parents[2] / "configs" / "imagenet100.yaml"
-    cpu = ["train.accelerator=cpu", "train.devices=1", "train.strategy=auto", "train.precision=32", "run.name=ae"]
-    assert main(["train-autoencoder", str(config), *cpu]) == 0
-    err = capsys.readouterr().err
-    assert "model.autoencoder.scale_factor=null" in err and "0.18215" in err
-    assert main(["train-autoencoder", str(config), *cpu, "model.autoencoder.scale_factor=null"]) == 0
-    assert "scale_factor" not in capsys.readouterr().err
