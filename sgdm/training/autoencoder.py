@@ -302,6 +302,10 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
         _say_when_finished(cfg, ckpt)
     autoencoder, loss = _build(cfg)
     module = AutoencoderModule(autoencoder, loss, t, cfg.run.seed, _loader_factory(cfg, dataset))
+    if ckpt is not None:
+        from sgdm.training.resume import check_checkpoint_fits
+
+        check_checkpoint_fits(module, ckpt)
     # unused parameters: the discriminator, idle before disc_start and in the generator's backward
     trainer = build_trainer(cfg, callbacks, unused_parameters=True)
     try:

@@ -10,8 +10,8 @@ those count at the value the older run read its data with (a run saved before
 ``data.exif_orientation`` existed read the pixels as stored, so resuming it with ``apply`` is refused).
 
 Beyond the config: a run directory belongs to the trainer that wrote its checkpoints
-(:func:`check_checkpoint_trainer`), and a resumed denoiser keeps the first stage of its checkpoints
-(:func:`keep_run_first_stage`).
+(:func:`check_checkpoint_trainer`), whose weights fit the networks built now (:func:`check_checkpoint_fits`),
+and a resumed denoiser keeps the first stage of its checkpoints (:func:`keep_run_first_stage`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.data.config import ADDED_KEYS
 
 __all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences", "check_checkpoint_trainer",
-           "keep_run_first_stage"]
+           "check_checkpoint_fits", "keep_run_first_stage"]
 
 # setting -> why changing it on a resume cannot change the trained weights
 MAY_DIFFER: dict[str, str] = {
@@ -152,6 +152,25 @@ def check_checkpoint_trainer(ckpt: pathlib.Path, trainer: str) -> None:
     if written_by != trainer:
         raise ConfigError("run.name", f"{ckpt} is a checkpoint of {COMMANDS[written_by]}, not of {COMMANDS[trainer]}"
                                       f"; this run directory belongs to that run. Give this one its own run.name")
+
+
+def check_checkpoint_fits(module, ckpt: pathlib.Path) -> None:
+    """The weights in checkpoint ``ckpt`` are those of ``module`` (before Lightning wraps it), name for name and
+    shape for shape. A checkpoint of another sgdm version (a parameter renamed or added since) stops here, in
+    one line naming the keys, not in Lightning's strict load with a traceback."""
+    saved = _read(ckpt).get("state_dict", {})
+    own = module.state_dict()
+    found = [(what, keys) for what, keys in (
+        ("missing", [k for k in own if k not in saved]),
+        ("unexpected", [k for k in saved if k not in own]),
+        ("other shapes", [f"{k} {list(saved[k].shape)} (here {list(own[k].shape)})" for k in own
+                          if k in saved and saved[k].shape != own[k].shape])) if keys]
+    if found:
+        what = "; ".join(f"{what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''} ({len(keys)})"
+                         for what, keys in found)
+        raise ConfigError("run.name", f"{ckpt}: its weights do not fit the networks built from this config ({what}); "
+                                      f"written by another sgdm version? Resume it with the version that wrote it, "
+                                      f"or start a new run.name")
 
 
 def keep_run_first_stage(first_stage, ckpt: pathlib.Path, source: str) -> None:

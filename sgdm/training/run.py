@@ -21,7 +21,8 @@ import torch
 from sgdm.config.core import ConfigError, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.training.checkpoint import checkpoint_name, clean_leftovers, find_last_valid, list_checkpoints
-from sgdm.training.resume import check_checkpoint_trainer, check_resume_compatible, keep_run_first_stage
+from sgdm.training.resume import check_checkpoint_fits, check_checkpoint_trainer, check_resume_compatible, \
+    keep_run_first_stage
 from sgdm.training.rng import derive_seed
 
 __all__ = ["train", "prepare_run_dir", "check_resumable", "check_resume_compatible", "build_module", "build_trainer",
@@ -366,6 +367,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
         _say_when_finished(cfg, ckpt)
     module = build_module(cfg, dataset=dataset)
     if ckpt is not None:
+        check_checkpoint_fits(module, ckpt)
         keep_run_first_stage(module.first_stage, ckpt, cfg.model.autoencoder.checkpoint or "(not set: random init)")
     module.first_stage.to(encode_device(cfg.train))
     if cfg.train.cache_latents:

@@ -128,3 +128,33 @@ def test_resuming_a_finished_autoencoder_run_says_there_is_nothing_to_train(tmp_
     capsys.readouterr()
     assert train_autoencoder(from_dict(ExperimentConfig, cfg), resume=True) == 0
     assert "is already at step 1 of train.max_steps=1: nothing to train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trainer", ["diffusion", "autoencoder"])
+def test_a_checkpoint_whose_weights_do_not_fit_stops_in_one_line_naming_them(workdir, trainer):
+    """A checkpoint of another sgdm version, whose networks named a parameter otherwise: before, Lightning's
+    strict load raised a RuntimeError with a traceback from inside trainer.fit."""
+    from sgdm.training.autoencoder import train_autoencoder
+    from sgdm.training.checkpoint import atomic_torch_save, checkpoint_name
+    from tests.training.helpers import load_checkpoint
+
+    name = f"other-version-{trainer}"
+    cfg = tiny_config(workdir, run={"name": name}, train={"max_steps": 1, "checkpoint_every": 1},
+                      model={"autoencoder": {"checkpoint": str(workdir / f"{name}.ckpt"),
+                                             "loss": {"perceptual_weight": 0.0, "disc_start": 2}}})
+    if trainer == "diffusion":
+        cfg["model"]["autoencoder"]["checkpoint"] = None
+    train = run_in_process if trainer == "diffusion" else \
+        lambda c, resume=False: train_autoencoder(from_dict(ExperimentConfig, c), resume=resume)
+    assert train(cfg) == 0
+    path = workdir / "runs" / name / "checkpoints" / checkpoint_name(1)
+    saved = load_checkpoint(path)
+    renamed = sorted(saved["state_dict"])[-1]
+    saved["state_dict"]["renamed." + renamed] = saved["state_dict"].pop(renamed)
+    atomic_torch_save(saved, path)
+    cfg["train"]["max_steps"] = 2
+    with pytest.raises(ConfigError) as err:
+        train(cfg, resume=True)
+    assert err.value.key == "run.name"
+    assert f"{path}: its weights do not fit" in str(err.value)
+    assert f"missing: {renamed} (1); unexpected: renamed.{renamed} (1)" in str(err.value)
