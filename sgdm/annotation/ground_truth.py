@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sgdm.annotation.store import NO_ANNOTATION
+from sgdm.annotation.store import IGNORE, NO_ANNOTATION, mask_blocks
 from sgdm.config.core import ConfigError
 
 __all__ = ["pack_gt", "unpack_boxes", "ground_truth_records"]
@@ -82,7 +82,12 @@ def ground_truth_records(gt: dict[str, torch.Tensor], granularity: str, num_clas
     if granularity == "box":
         return _box_records(gt, num_classes, image_hw, ids)
     masks = _need(gt, "gt_mask", granularity)
-    _check_range(masks[masks != 255], num_classes, "annotation.num_classes", "mask value")
+    extremes = []  # of each block's valid values: never a bool or a copy of every pixel of the store
+    for _, block in mask_blocks(masks):
+        valid = block[block != IGNORE]
+        extremes += [valid.min(), valid.max()] if valid.numel() else []
+    _check_range(torch.stack(extremes) if extremes else masks.new_zeros(0), num_classes, "annotation.num_classes",
+                 "mask value")
     return {"mask": masks}, {}
 
 

@@ -94,14 +94,21 @@ def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
 _MULTI_HOT_BLOCK_PIXELS = 1 << 24
 
 
-def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``[n, K]`` float: class k present anywhere in the map (max-pool of the one-hot); 255 ignored."""
+def mask_blocks(masks: torch.Tensor):
+    """``(start, block)``: consecutive class maps of ``masks [n, ...]`` flattened to ``[b, pixels]``, at most
+    ``_MULTI_HOT_BLOCK_PIXELS`` pixels (or one map) a block, so that per-pixel temporaries stay bounded."""
     flat = masks.reshape(masks.shape[0], -1)
-    out = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device)
     step = max(1, _MULTI_HOT_BLOCK_PIXELS // max(1, flat.shape[1]))
     for start in range(0, flat.shape[0], step):
-        block = flat[start : start + step].long()
-        out[start : start + step].scatter_(1, torch.where(block == IGNORE, num_classes, block.clamp(max=num_classes)), 1.0)
+        yield start, flat[start : start + step]
+
+
+def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[n, K]`` float: class k present anywhere in the map (max-pool of the one-hot); 255 ignored."""
+    out = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device)
+    for start, block in mask_blocks(masks):
+        block = block.long()
+        out[start : start + len(block)].scatter_(1, torch.where(block == IGNORE, num_classes, block.clamp(max=num_classes)), 1.0)
     return out[:, :num_classes]
 
 
@@ -122,10 +129,13 @@ def _check_records(records: Mapping[str, torch.Tensor], granularity: str, n: int
             raise ValueError(f"write_store: a row with cluster {NO_ANNOTATION} (no annotation) must have "
                              "box [0, 0, 0, 0]")
     if "mask" in records:
-        masks = records["mask"]
-        bad = (masks >= num_classes) & (masks != IGNORE)
-        if bool(bad.any()):
-            raise ValueError(f"write_store: mask values must be < K={num_classes} or {IGNORE}, got {int(masks[bad].max())}")
+        worst = None
+        for _, block in mask_blocks(records["mask"]):  # a bool per pixel of the store would be as large as the masks
+            bad = (block >= num_classes) & (block != IGNORE)
+            if bool(bad.any()):
+                worst = max(worst or 0, int(block[bad].max()))
+        if worst is not None:
+            raise ValueError(f"write_store: mask values must be < K={num_classes} or {IGNORE}, got {worst}")
 
 
 def write_store(
