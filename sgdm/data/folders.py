@@ -247,7 +247,9 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
     split_dir = root / split
     if not split_dir.is_dir():
         inside = any((root / w).is_dir() for w in wnids)  # root is the split folder itself (root: /data/imagenet/train)
-        hint = f"; {root} holds class folders itself: point root at its parent" if inside else ""
+        below = _split_below(root, split)  # root is the top of Kaggle's download (ILSVRC/Data/CLS-LOC/train)
+        hint = (f"; {root} holds class folders itself: point root at its parent" if inside else
+                f"; point root at {below}" if below is not None else "")
         raise ConfigError(f"{key}.root", f"ImageNet {split} folder {split_dir} "
                           f"{'is not a directory' if split_dir.exists() else 'does not exist'} "
                           f"(root holds train/<wnid>/ and val/<wnid>/){hint}")
@@ -292,6 +294,20 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
     dataset = FileDataset(split_dir, limit(files, max_images), limit(labels, max_images), wnids, **kwargs)
     dataset.name = "imagenet100"
     return dataset
+
+
+def _split_below(root: Path, split: str) -> Optional[Path]:
+    """The folder of ImageNet's usual downloads below ``root`` that holds ``split/`` (Kaggle's
+    ``ILSVRC/Data/CLS-LOC``, or one folder down), or None. Only these few paths are looked at: root may be
+    a large disk."""
+    for below in (Path("Data", "CLS-LOC"), Path("ILSVRC", "Data", "CLS-LOC")):
+        if (root / below / split).is_dir():
+            return root / below
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return None
+    return next((child for child in children if (child / split).is_dir()), None)
 
 
 def _loose_images(folder: Path) -> list[str]:

@@ -309,3 +309,14 @@ def test_imagenet100_root_at_the_split_folder_says_to_use_its_parent(tmp_path):
         build_dataset(cfg(dataset="imagenet100", root=tmp_path / "train"))
     with pytest.raises(ConfigError, match=r"^data\.root: ImageNet root .*nowhere does not exist"):
         build_dataset(cfg(dataset="imagenet100", root=tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("above", ["", "ILSVRC"])
+def test_imagenet100_root_above_kaggles_layout_names_the_folder_to_use(tmp_path, above):
+    # Kaggle's download unpacks to ILSVRC/Data/CLS-LOC/{train,val,test}: root at its top said only that
+    # root/train does not exist
+    wnids = imagenet100_wnids(None, "data")
+    fixtures.make_imagenet(tmp_path / "ILSVRC" / "Data" / "CLS-LOC", [wnids[0]])
+    with pytest.raises(ConfigError, match=r"^data\.root: ImageNet train folder .* does not exist .*; point root at "
+                                          r".*/ILSVRC/Data/CLS-LOC$"):
+        build_dataset(cfg(dataset="imagenet100", root=tmp_path / above))
