@@ -29,7 +29,7 @@ from PIL import Image
 from sgdm.config.core import ConfigError
 from sgdm.data.base import ImageDataset, RawSample, limit
 from sgdm.data.decode import BadImageError, strict_loading
-from sgdm.data.folders import read_list, require_dir, require_distinct, require_file
+from sgdm.data.folders import folder_below, read_list, require_dir, require_distinct, require_file
 
 STUFF27_CLASSES = (
     "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
@@ -140,8 +140,12 @@ class CocoStuff27Dataset(ImageDataset):
         self.root = require_dir(Path(root), f"{key}.root", "COCO-Stuff directory")
         folder = f"{split}2017"
         # checked here, not per item: a root of another layout would otherwise make every item a bad file
-        self.image_dir = require_dir(self.root / "images" / folder, f"{key}.root",
-                                     f"COCO-Stuff image folder (root/images/{folder}, STEGO's layout)")
+        what = f"COCO-Stuff image folder (root/images/{folder}, STEGO's layout)"
+        below = None if (self.root / "images").is_dir() else folder_below(self.root, Path("images", folder))
+        if below is not None:  # root one level too high (the cocostuff download's dataset/ folder)
+            raise ConfigError(f"{key}.root", f"{what} {self.root / 'images' / folder} does not exist; point root "
+                                             f"at {below}")
+        self.image_dir = require_dir(self.root / "images" / folder, f"{key}.root", what)
         self.mask_dir = require_dir(self.root / "annotations" / folder, f"{key}.root",
                                     f"COCO-Stuff label folder (root/annotations/{folder}: the {folder} PNGs "
                                     "of stuffthingmaps_trainval2017.zip)")

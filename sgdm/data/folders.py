@@ -296,18 +296,24 @@ def imagenet100(root: Path, split: str, class_list: Optional[Path], max_images: 
     return dataset
 
 
-def _split_below(root: Path, split: str) -> Optional[Path]:
-    """The folder of ImageNet's usual downloads below ``root`` that holds ``split/`` (Kaggle's
-    ``ILSVRC/Data/CLS-LOC``, or one folder down), or None. Only these few paths are looked at: root may be
-    a large disk."""
-    for below in (Path("Data", "CLS-LOC"), Path("ILSVRC", "Data", "CLS-LOC")):
-        if (root / below / split).is_dir():
-            return root / below
+def folder_below(root: Path, relative: str | Path) -> Optional[Path]:
+    """The first (sorted) visible folder right below ``root`` that holds the folder ``relative``, or None: the
+    root to suggest when ``root`` is one level too high (a download's own top folder). One level only:
+    root may be a large disk."""
     try:
         children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return None
-    return next((child for child in children if (child / split).is_dir()), None)
+    return next((child for child in children if (child / relative).is_dir()), None)
+
+
+def _split_below(root: Path, split: str) -> Optional[Path]:
+    """The folder of ImageNet's usual downloads below ``root`` that holds ``split/`` (Kaggle's
+    ``ILSVRC/Data/CLS-LOC``, or one folder down), or None."""
+    for below in (Path("Data", "CLS-LOC"), Path("ILSVRC", "Data", "CLS-LOC")):
+        if (root / below / split).is_dir():
+            return root / below
+    return folder_below(root, split)
 
 
 def _loose_images(folder: Path) -> list[str]:

@@ -320,3 +320,11 @@ def test_imagenet100_root_above_kaggles_layout_names_the_folder_to_use(tmp_path,
     with pytest.raises(ConfigError, match=r"^data\.root: ImageNet train folder .* does not exist .*; point root at "
                                           r".*/ILSVRC/Data/CLS-LOC$"):
         build_dataset(cfg(dataset="imagenet100", root=tmp_path / above))
+
+
+def test_coco_stuff27_root_above_its_folders_names_the_folder_to_use(tmp_path):
+    # the cocostuff repository's download script unpacks into cocostuff/dataset/{images,annotations}
+    fixtures.make_coco_stuff(tmp_path / "cocostuff" / "dataset")
+    with pytest.raises(ConfigError, match=r"^data\.root: COCO-Stuff image folder .* does not exist; point root at "
+                                          r".*/cocostuff/dataset$"):
+        build_dataset(cfg(dataset="coco_stuff27", root=tmp_path / "cocostuff"))
