@@ -292,7 +292,10 @@ def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], flo
         widths = (cache.load(s, keys=("cls",)).get("cls") for s in range(n_shards))
         cls = torch.zeros(0, next((c.shape[1] for c in widths if c is not None), 1))
     generator = torch.Generator().manual_seed(a.seed)
-    result = kmeans_from_config(F.normalize(cls.float(), dim=1).to(device), k, a.kmeans, generator, distributed=world > 1)
+    x = cls.float()
+    del cls  # normalised in place: one float32 copy of the features on the host (3.9 GB at 1.28M x 768), not two
+    x = F.normalize(x, dim=1, out=x).to(device)
+    result = kmeans_from_config(x, k, a.kmeans, generator, distributed=world > 1)
     labels = list(torch.split(result.labels.cpu(), [m["index"].numel() for m in mine]))
     if world > 1:
         gathered = [None] * world
