@@ -452,8 +452,8 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
     if world > 1:
         import torch.distributed as dist
 
-        gathered = [None] * world
-        dist.all_gather_object(gathered, masks)
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(masks, gathered, dst=0)  # rank 0 alone receives every rank's maps
         masks = torch.cat(gathered) if rank == 0 else None
     return masks
 
