@@ -36,6 +36,7 @@ def run(args) -> int:
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if args.out is not None:
         _check_out(pathlib.Path(args.out))
+    _check_new(cfg, args.out)
     from sgdm.features_pretrain.train import PretrainStopped
 
     try:
@@ -57,6 +58,20 @@ def _check_out(out: pathlib.Path) -> None:
     if out.suffix not in WEIGHT_SUFFIXES:
         raise ConfigError("--out", f"{out}: the encoder is saved as a {', '.join(WEIGHT_SUFFIXES)} file")
     check_output(out, "--out")
+
+
+def _check_new(cfg, out) -> None:
+    """The encoder goes to a new file: ``annotation.weights`` is often DINO's downloaded weights (the paper
+    configs), which a few hundred steps of pretraining would replace for good (as ``train-autoencoder``, this
+    command never overwrites). An interrupted run has not written its file yet, so it still continues."""
+    from sgdm.config.core import ConfigError
+
+    target = pathlib.Path(out) if out is not None else cfg.annotation.weights
+    if target is not None and target.exists():
+        raise ConfigError("--out" if out is not None else "annotation.weights",
+                          f"{target} exists (the encoder annotate reads: downloaded DINO weights, or an earlier "
+                          f"pretraining); pretrain-features never replaces a file: write to a new one with --out "
+                          f"(then annotation.weights=<it> for annotate), or delete this one")
 
 
 def _check_one_process() -> None:

@@ -188,3 +188,27 @@ def test_sample_says_which_flags_a_model_takes(kind, given, takes):
     with pytest.raises(ValueError) as caught:
         parse_guidance(GuidanceConfig(kind=kind, num_classes=4), 1, (8, 8), (32, 32), **given)
     assert _flag_names(str(caught.value)).endswith(f"it takes {takes}")
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_pretrain_features_never_replaces_an_existing_weights_file(tmp_path, capsys, monkeypatch, flag):
+    # the paper configs' annotation.weights is DINO's downloaded ViT-B/16: `pretrain-features CONFIG` replaced it
+    # with a few hundred steps of its own, without a word (train-autoencoder never overwrites its file)
+    import yaml
+
+    import sgdm.features_pretrain.train as pretrain_train
+    from tests.evaluation.helpers import tiny_config
+
+    trained = []
+    monkeypatch.setattr(pretrain_train, "pretrain_features", lambda *a, **k: trained.append(a) or a[4])
+    raw = tiny_config(tmp_path, "label")
+    weights = pathlib.Path(raw["annotation"]["weights"])
+    weights.write_bytes(b"DINO's weights")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = ["--out", str(weights)] if flag else []
+    assert main(["pretrain-features", str(config), *out]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: {'--out' if flag else 'annotation.weights'}: {weights} exists" in err
+    assert not trained and weights.read_bytes() == b"DINO's weights"
+    assert main(["pretrain-features", str(config), "--out", str(tmp_path / "mine.safetensors")]) == 0 and trained
