@@ -306,7 +306,14 @@ def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], flo
     return torch.cat(labels), result.inertia
 
 
-def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Optional[dict], Optional[dict], dict]:
+def _advance(bar, done: int, total: int) -> None:
+    """Show ``done`` of ``total`` on the tqdm ``bar`` (its rate and ETA follow)."""
+    bar.total = total
+    bar.update(done - bar.n)
+
+
+def _self_records(cache, n_shards, a, granularity, log, dataset,
+                  progress: bool = False) -> tuple[Optional[dict], Optional[dict], dict]:
     device = _device(a)
     k, key = class_count(a, granularity)
     readable = sum(cache.load(s, keys=("index",))["index"].numel() for s in range(n_shards))
@@ -338,8 +345,11 @@ def _self_records(cache, n_shards, a, granularity, log, dataset) -> tuple[Option
         images = None
         if stego_cfg.crf.enabled:  # the rows of the patch features, each rank reading its share
             images = _DatasetImages(dataset, torch.cat([t["index"] for t in loaded]).tolist())
-        masks = segment(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed,
-                        segmenter=segmenter, images=images)
+        from tqdm import tqdm
+
+        with tqdm(desc="masks", unit="img", disable=not progress or rank_world()[0] != 0) as bar:
+            masks = segment(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed,
+                            segmenter=segmenter, images=images, progress=lambda done, total: _advance(bar, done, total))
         extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans",
                      crf=to_dict(a.stego.crf) if a.stego.crf.enabled else False)
         if masks is None:
@@ -417,7 +427,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
         records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
     else:
         cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress)
-        records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset)
+        records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset, progress)
         extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
                               "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,
                               "input_size": list(backbone.input_size)}

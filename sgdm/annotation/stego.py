@@ -44,7 +44,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -282,14 +282,15 @@ class Segmenter:
 
     @torch.no_grad()
     def assign(self, patches, batch_size: int = 64, chunk_elements: int = 1 << 24, device="cpu",
-               images=None) -> torch.Tensor:
+               images=None, progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """Class maps ``[N, s, s]`` uint8 (``s = mask_size``; ``[N, h, w]`` where the grid is as fine) of
         patch features ``[N, h, w, D]``: codes upsampled (:func:`upsample_codes`), then the nearest
         centroid of each cell, or with ``crf`` the dense-CRF refinement (:meth:`refine`).
 
         ``images``: required with ``crf`` (ignored without), the ``N`` images the patches came from,
         ``[N, 3, H, W]`` in [-1, 1] as :func:`~sgdm.annotation.features.extract` took them: a tensor,
-        or any source whose slices are such tensors (read one step of images at a time)."""
+        or any source whose slices are such tensors (read one step of images at a time).
+        ``progress(done, N)``, if given, is called after each step with the images assigned so far."""
         n, h, w = len(patches), patches.shape[1], patches.shape[2]
         if self.head is None and patches.shape[-1] != self.centroids.shape[1]:
             raise ValueError(f"Segmenter: patch features have D={patches.shape[-1]}, the centroids "
@@ -312,6 +313,8 @@ class Segmenter:
             else:
                 ids = self.refine(codes, images[s : s + step], chunk_elements)
             masks.append(ids.reshape(-1, out_h, out_w).to(torch.uint8).cpu())
+            if progress is not None:
+                progress(min(n, s + step), n)
         return torch.cat(masks) if masks else torch.zeros(0, out_h, out_w, dtype=torch.uint8)
 
     def refine(self, codes: torch.Tensor, images: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
@@ -429,7 +432,8 @@ def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmean
 
 def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
             device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000,
-            segmenter: Optional[Segmenter] = None, images=None) -> Optional[torch.Tensor]:
+            segmenter: Optional[Segmenter] = None, images=None,
+            progress: Optional[Callable[[int, int], None]] = None) -> Optional[torch.Tensor]:
     """Class maps ``[N, s, s]`` uint8 (``s = stego_cfg.mask_size``, or the segmenter's; ``[N, h, w]``
     for 0) with values in ``[0, K)`` from patch features ``[N, h, w, D]``
     (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
@@ -438,7 +442,7 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
     every patch batch by batch. ``distributed``: each rank assigns a contiguous
     share of the images, and rank 0 returns all class maps (other ranks return None).
     ``images``: the images of the patches, required with CRF on (see :meth:`Segmenter.assign`);
-    a lazy source is read only for this rank's share.
+    a lazy source is read only for this rank's share. ``progress(done, share)``: see :meth:`Segmenter.assign`.
     """
     rank, world = _rank_world(distributed)
     if segmenter is None:
@@ -448,7 +452,7 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
     share = -(-n // world)
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
     masks = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements, device,
-                             None if images is None else _Rows(images, lo, hi))
+                             None if images is None else _Rows(images, lo, hi), progress)
     if world > 1:
         import torch.distributed as dist
 
