@@ -20,3 +20,16 @@ def test_the_imagenet100_reference_set_covers_every_class(name):
     cfg = load_experiment(CONFIGS / name)
     assert cfg.data.dataset == "imagenet100"
     assert cfg.eval.reference_n >= IMAGENET100_TRAIN_IMAGES, name
+
+
+@pytest.mark.parametrize("twin, name", [("voc_boxed.yaml", "voc_boxed_gt.yaml"),
+                                        ("coco_stuff_segmented.yaml", "coco_stuff_segmented_gt.yaml"),
+                                        ("imagenet100.yaml", "imagenet100_gt_labels.yaml")])
+def test_a_ground_truth_twin_is_evaluated_with_the_extractor_of_its_self_guided_run(twin, name):
+    # eval's adherence (and fd) self-annotate the samples with the run's annotation backbone; the ground-truth
+    # configs named no weights, so offline their eval stopped ("no local weights given (annotation.weights)",
+    # which eval takes no override for) and online it used another copy than the self-guided run's file
+    own, self_guided = load_experiment(CONFIGS / name).annotation, load_experiment(CONFIGS / twin).annotation
+    assert own.source == "gt" and self_guided.source == "self"
+    assert (own.backbone, own.backbone_kwargs, own.weights) == \
+        (self_guided.backbone, self_guided.backbone_kwargs, self_guided.weights)
