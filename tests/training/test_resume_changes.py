@@ -1,5 +1,6 @@
 """Resuming a run whose circumstances changed since it started: a run directory of the other trainer, an
-autoencoder file replaced in place (CPU, tiny model). Config edits: tests/training/test_config.py."""
+autoencoder file replaced in place, a checkpoint of another sgdm version, no saved config to compare with, a
+finished run (CPU, tiny model). Single config edits: tests/training/test_config.py."""
 from __future__ import annotations
 
 import json
