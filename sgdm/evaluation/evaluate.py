@@ -18,11 +18,12 @@ alone measures, logs and writes the results, exactly as one process does.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import pathlib
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -88,17 +89,31 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def reference_candidates(length: int, n: int) -> Iterator[int]:
+    """Dataset indices in the order the reference set takes them: first ``min(n, length)`` items spread
+    evenly over the dataset (item ``i * length // n``), so a dataset stored class by class (ImageNet's
+    folders, sorted) gives every class its share, then the others in order, to stand in for unreadable ones."""
+    m = min(n, length)
+    picks = [i * length // m for i in range(m)] if m else []
+    yield from picks
+    taken = set(picks)
+    yield from (i for i in range(length) if i not in taken)
+
+
 class _ReferenceImages(Dataset):
-    """The first ``n`` readable dataset images, as [-1, 1] tensors or uint8 (for torch-fidelity).
+    """``n`` readable dataset images spread evenly over it (:func:`reference_candidates`), as [-1, 1]
+    tensors or uint8 (for torch-fidelity).
 
     Unreadable images (``None`` items, ``data.on_bad_image: skip``) are passed over as training
-    passes over them, so the set keeps its ``n`` images while the dataset has that many readable
-    ones; which dataset item is reference image i is found by reading forward, once."""
+    passes over them, each replaced by the next candidate, so the set keeps its ``n`` images while the
+    dataset has that many readable ones; which dataset item is reference image i is found by reading
+    the candidates forward, once."""
 
     def __init__(self, dataset: Dataset, n: int, uint8: bool):
         self.dataset, self.n, self.uint8 = dataset, min(n, len(dataset)), uint8
         self._rows: list[int] = []  # dataset index of reference image i, for the i found so far
-        self._next = 0  # the next dataset index to read when looking for more
+        self._candidates = reference_candidates(len(dataset), n)  # the dataset indices not yet read
+        self._read = 0  # how many candidates were read
 
     def __len__(self) -> int:
         return self.n
@@ -108,14 +123,15 @@ class _ReferenceImages(Dataset):
             raise IndexError(f"reference image {index} out of range for {self.n}")
         item = self.dataset[self._rows[index]] if index < len(self._rows) else None
         while len(self._rows) <= index:
-            if self._next >= len(self.dataset):
+            candidate = next(self._candidates, None)
+            if candidate is None:
                 raise ValueError(f"the reference set needs {self.n} readable images (eval.reference_n), but only "
                                  f"{len(self._rows)} of the dataset's {len(self.dataset)} images can be read; lower "
                                  "eval.reference_n (sgdm-ldm eval --reference-n) or run `sgdm-ldm validate-data` on this config")
-            item = self.dataset[self._next]
+            item = self.dataset[candidate]
+            self._read += 1
             if item is not None:
-                self._rows.append(self._next)
-            self._next += 1
+                self._rows.append(candidate)
         if item is None:
             raise ValueError(f"reference image {index} (dataset item {self._rows[index]}) cannot be read any more")
         return to_uint8(item["image"]) if self.uint8 else item["image"]
@@ -148,19 +164,20 @@ def _digest(obj) -> str:
 
 
 def _reference_content(dataset: Dataset, n: int) -> str:
-    """Digest of the ids of the first ``n`` dataset items and the stamps (size, mtime) of their files
+    """Digest of the ids of the ``n`` dataset items the reference set takes (:func:`reference_candidates`)
+    and the stamps (size, mtime) of their files
     (:func:`~sgdm.annotation.cache.file_stamps`): the reference statistics' cache name carries it, so an
     image replaced or a list file edited at the same config is measured again, not read from the cache.
-    (An unreadable image among them moves the reference set past item ``n``; those items are not stamped.)
+    (An unreadable image among them is replaced by a later candidate, which is not stamped.)
     Items without a file of their own (an LMDB's) are covered by the stamp of the database's ``data.mdb``."""
     from sgdm.annotation.cache import file_stamps
 
     ids = getattr(dataset, "ids", None)
     if ids is None:  # not an sgdm dataset: its config is all there is to key on
         return "no-ids"
-    m = min(n, len(dataset))
+    rows = list(itertools.islice(reference_candidates(len(dataset), n), n))
     source = getattr(dataset, "source", None)
-    stamps = file_stamps(list(ids[:m]), [source(i) if source is not None else "" for i in range(m)])
+    stamps = file_stamps([ids[i] for i in rows], [source(i) if source is not None else "" for i in rows])
     root = getattr(dataset, "root", None)
     if root is not None and (pathlib.Path(root) / "data.mdb").is_file():
         stamps += file_stamps(["data.mdb"], [str(pathlib.Path(root) / "data.mdb")])

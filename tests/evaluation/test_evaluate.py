@@ -203,20 +203,35 @@ class _Items:
 
 
 def test_reference_set_passes_over_unreadable_images():
-    """With data.on_bad_image: skip the reference set is the first reference_n readable images,
-    as training left the unreadable ones out, not an error after every sample was drawn."""
+    """With data.on_bad_image: skip the reference set passes over unreadable images (each replaced by
+    the first unpicked readable one), as training left them out, not an error after every sample was drawn."""
     from sgdm.evaluation.evaluate import _ReferenceImages
 
     ref = _ReferenceImages(_Items(10, bad={1, 4}), 5, uint8=False)
     assert len(ref) == 5
-    assert [float(ref[i][0, 0, 0]) * 10 for i in range(5)] == pytest.approx([0, 2, 3, 5, 6])
+    # items 0, 2, 4, 6, 8 spread over the ten; 4 cannot be read, and 3 (1 cannot either) stands in
+    assert [float(ref[i][0, 0, 0]) * 10 for i in range(5)] == pytest.approx([0, 2, 6, 8, 3])
     assert float(ref[1][0, 0, 0]) * 10 == pytest.approx(2)  # random access after the scan
     fresh = _ReferenceImages(_Items(10, bad={1, 4}), 5, uint8=True)
-    assert fresh[3].dtype == torch.uint8 and fresh[3][0, 0, 0] == round((0.5 + 1) * 127.5)  # item 5, direct access
+    assert fresh[2].dtype == torch.uint8 and fresh[2][0, 0, 0] == round((0.6 + 1) * 127.5)  # item 6, direct access
     short = _ReferenceImages(_Items(4, bad={0, 2}), 4, uint8=False)
     assert float(short[1][0, 0, 0]) * 10 == pytest.approx(3)
     with pytest.raises(ValueError, match=r"needs 4 readable images \(eval.reference_n\), but only 2 of the dataset's 4"):
         short[2]
+
+
+def test_reference_set_spreads_over_a_class_ordered_dataset():
+    """A dataset stored class by class (ImageNet's sorted folders): reference_n below its size takes
+    every class's share, not the first classes whole (50,000 of ImageNet-100's 126,689 were 39 classes)."""
+    from sgdm.evaluation.evaluate import _ReferenceImages, reference_candidates
+
+    per_class, classes = 13, 10
+    ref = _ReferenceImages(_Items(per_class * classes, bad=()), 50, uint8=False)
+    labels = [round(float(ref[i][0, 0, 0]) * 10) // per_class for i in range(len(ref))]
+    assert sorted(set(labels)) == list(range(classes)) and max(labels.count(c) for c in range(classes)) == 5
+    order = list(reference_candidates(7, 3))
+    assert order[:3] == [0, 2, 4] and sorted(order) == list(range(7))
+    assert list(reference_candidates(4, 9)) == [0, 1, 2, 3] and list(reference_candidates(0, 5)) == []
 
 
 def _folder_run(tmp_path, on_bad_image):
