@@ -53,6 +53,7 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if resume and not existing:
         raise no_checkpoints_error(cfg)
     if existing and not resume:
+        _check_newest_trainer(existing[-1][1], trainer)  # another command's run: --resume would not help
         raise ConfigError("run.name", f"run directory {run_dir} already has checkpoints; pass --resume to continue "
                                       f"it or choose another run.name")
     ckpt = find_last_valid(ckpt_dir) if resume else None
@@ -90,6 +91,17 @@ def _say_passed_over(existing: list[tuple[int, pathlib.Path]], ckpt: pathlib.Pat
         for path in passed:
             print(f"sgdm: {path} fails its integrity check (torn or corrupt); resuming from {ckpt}",
                   file=sys.stderr, flush=True)
+
+
+def _check_newest_trainer(ckpt: pathlib.Path, trainer: str) -> None:
+    """A run directory holding the other trainer's checkpoints (one config, both commands, one run.name) is
+    refused saying so; a checkpoint that cannot be read is left to the usual message."""
+    try:
+        check_checkpoint_trainer(ckpt, trainer)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - torn or unreadable: the caller's "already has checkpoints" stands
+        pass
 
 
 def no_checkpoints_error(cfg: ExperimentConfig) -> ConfigError:

@@ -48,6 +48,12 @@ def test_a_resume_of_the_other_trainers_run_dir_is_refused_naming_both(tmp_path,
     commands = {"diffusion": "`sgdm-ldm train`", "autoencoder": "`sgdm-ldm train-autoencoder`"}
     assert err.value.key == "run.name"
     assert f"{ckpt} is a checkpoint of {commands[written_by]}, not of {commands[trainer]}" in str(err.value)
+    # without --resume (the README's order: train-autoencoder, annotate, train): the first message says so too,
+    # where it said only "pass --resume to continue it", which then failed as above
+    with pytest.raises(ConfigError) as err:
+        prepare_run_dir(cfg, resume=False, trainer=trainer)
+    assert err.value.key == "run.name" and "--resume" not in str(err.value)
+    assert f"is a checkpoint of {commands[written_by]}, not of {commands[trainer]}" in str(err.value)
 
 
 def test_a_resume_trains_on_its_own_first_stage_when_the_autoencoder_file_was_replaced(workdir, capsys):
