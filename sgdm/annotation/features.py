@@ -193,6 +193,7 @@ def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str, keys: Bac
 
     state = _read_state_dict(path)
     _check_patch_size(model, state, path, name, keys)
+    described = _describe_vit(state, keys)  # the file's own pos_embed grid: the filter resamples it to the model's
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
@@ -208,7 +209,6 @@ def _load_local(model: torch.nn.Module, path: pathlib.Path, name: str, keys: Bac
     if mismatched:
         key = mismatched[0]
         more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
-        described = _describe_vit(state, keys)
         raise BackboneError(
             f"weights file {path} does not match backbone {name}: {key!r} has shape {tuple(state[key].shape)} "
             f"in the file, {tuple(own[key].shape)} in the model{more}; {described + '; ' if described else ''}"

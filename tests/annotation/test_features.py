@@ -274,3 +274,18 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, value, 
     assert features._hub_reachable() is False
     assert bool(tried) is not offline  # offline: not even tried
     assert environment.offline() is offline  # eval's Inception and the VGG16 download read it
+
+
+def test_advice_gives_the_img_size_of_the_files_patch_grid(tmp_path):
+    """The advice's img_size is the file's own pos_embed grid side times its patch size (4 x 16 = 64 here),
+    not the size of the model it was tried in (timm's filter resamples pos_embed to that model's grid)."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        small = timm.create_model(TINY_VIT, num_classes=0, img_size=64, patch_size=16, depth=2, embed_dim=64,
+                                  num_heads=2)
+    torch.save(small.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(BackboneError, match=re.escape("backbone_kwargs={embed_dim: 64, depth: 2, patch_size: 16, "
+                                                      "img_size: 64, num_heads: N}")):
+        load_backbone(TINY_VIT, tmp_path / "small.pth", {})
