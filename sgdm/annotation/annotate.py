@@ -212,6 +212,9 @@ def _fingerprint(backbone, a: AnnotationConfig, granularity: str, dataset_ids, d
     }
 
 
+_STAMP_NOTICE = 20_000  # files from which stamping them is announced
+
+
 def _stamps(dataset, indices) -> list:
     """Stamps of the files behind ``indices`` (see :func:`~sgdm.annotation.cache.file_stamps`)."""
     source = getattr(dataset, "source", None)  # a wrapped or in-memory dataset has no files to stamp
@@ -235,6 +238,9 @@ def _extract_all(dataset, a, granularity, data, log, progress):
                                                    f"images for {world} ranks; lower it")
     shards = list(range(rank, -(-n // a.shard_size), world))
     indices = {s: range(s * a.shard_size, min(n, (s + 1) * a.shard_size)) for s in shards}
+    if rank == 0 and n >= _STAMP_NOTICE:  # one stat a file: minutes without a word on a network file system
+        log(f"annotate: checking the size and date of the dataset's {n} image files (to tell a changed file on "
+            f"a rerun) ...")
     stamps = {s: _stamps(dataset, indices[s]) for s in shards}  # before reading: a later edit shows next time
     todo = [s for s in shards if not cache.done(s, stamps[s])]
     outdated = [s for s in todo if cache.outdated(s)]
@@ -370,6 +376,23 @@ def _self_records(cache, n_shards, a, granularity, log, dataset,
     return records, feats, extra
 
 
+def _check_gt_classes(dataset, k: int, key: str, granularity: str) -> None:
+    """A ground-truth store's K is the dataset's number of classes (of its masks' values for ``mask``),
+    checked before any image is read. A larger K would store slots no image ever uses (a
+    ``data.class_list`` subset under a config made for all classes) that sampling would accept as classes;
+    a smaller one cannot hold the labels. Datasets that name no classes are checked as their values are read."""
+    names = getattr(dataset, "mask_class_names" if granularity == "mask" else "class_names", None)
+    if not names:
+        return
+    count = len(names)
+    if k > count:
+        raise ConfigError(key, f"{k} is more than the dataset's {count} ground-truth classes: {k - count} classes "
+                               f"would never be used; set {key}={count} and model.guidance.num_classes={count}")
+    if k < count:
+        raise ConfigError(key, f"{k} is too small: the dataset has {count} ground-truth classes; set {key}={count} "
+                               f"and model.guidance.num_classes={count}")
+
+
 def _ground_truth(dataset, a, granularity, log, progress):
     from tqdm import tqdm
 
@@ -424,6 +447,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
     if granularity != "mask" and a.source == "self" and k > n:
         raise ConfigError(key, f"K={k} clusters is more than the dataset's {n} images")
     if a.source == "gt":
+        _check_gt_classes(dataset, k, key, granularity)
         records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
     else:
         cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress)
