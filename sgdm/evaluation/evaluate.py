@@ -26,7 +26,7 @@ import time
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from sgdm.annotation.features import BackboneError, BackboneKeys
 from sgdm.config.core import ConfigError, to_dict
@@ -100,46 +100,98 @@ def reference_candidates(length: int, n: int) -> Iterator[int]:
     yield from (i for i in range(length) if i not in taken)
 
 
+class _Images(Dataset):
+    """``(index, image or None)`` of dataset items ``indices``: the image alone goes back from a worker."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Optional[torch.Tensor]]:
+        item = self.dataset[self.indices[i]]
+        return self.indices[i], None if item is None else item["image"]
+
+
+def _read(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int):
+    """``(index, image or None)`` of dataset items ``indices``, in that order, read by ``num_workers``
+    DataLoader processes (``data.num_workers``; 0: this one)."""
+    loader = DataLoader(_Images(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    for batch in loader:
+        yield from batch
+
+
 class _ReferenceImages(Dataset):
     """``n`` readable dataset images spread evenly over it (:func:`reference_candidates`), as [-1, 1]
     tensors or uint8 (for torch-fidelity).
 
     Unreadable images (``None`` items, ``data.on_bad_image: skip``) are passed over as training
     passes over them, each replaced by the next candidate, so the set keeps its ``n`` images while the
-    dataset has that many readable ones; which dataset item is reference image i is found by reading
-    the candidates forward, once."""
+    dataset has that many readable ones. Which dataset item is reference image i (:meth:`rows`) is found
+    once, in this process, by reading the candidates with ``num_workers`` DataLoader processes, as many
+    at a time as images are missing: exactly the candidates one process reading them in order would
+    read. A DataLoader's workers (torch-fidelity's) get copies with the rows known: they do not scan."""
 
-    def __init__(self, dataset: Dataset, n: int, uint8: bool):
+    def __init__(self, dataset: Dataset, n: int, uint8: bool, num_workers: int = 0, batch_size: int = 64,
+                 rows: Optional[list[int]] = None):
         self.dataset, self.n, self.uint8 = dataset, min(n, len(dataset)), uint8
-        self._rows: list[int] = []  # dataset index of reference image i, for the i found so far
-        self._candidates = reference_candidates(len(dataset), n)  # the dataset indices not yet read
-        self._read = 0  # how many candidates were read
+        self.num_workers, self.batch_size = num_workers, batch_size
+        self._rows = rows  # dataset index of reference image i; None until found
 
     def __len__(self) -> int:
         return self.n
 
+    def _scan(self) -> Iterator[torch.Tensor]:
+        """The reference images [3, H, W] in order, each read once; :meth:`rows` is known after the last."""
+        candidates = reference_candidates(len(self.dataset), self.n)
+        rows: list[int] = []
+        while len(rows) < self.n:
+            chunk = list(itertools.islice(candidates, self.n - len(rows)))  # the next ones, as many as are missing
+            if not chunk:
+                raise ValueError(f"the reference set needs {self.n} readable images (eval.reference_n), but only "
+                                 f"{len(rows)} of the dataset's {len(self.dataset)} images can be read; lower "
+                                 "eval.reference_n (sgdm-ldm eval --reference-n) or run `sgdm-ldm validate-data` on this config")
+            for index, image in _read(self.dataset, chunk, self.batch_size, self.num_workers):
+                if image is not None:
+                    rows.append(index)
+                    yield image
+        self._rows = rows
+
+    def rows(self) -> list[int]:
+        """The dataset index of each reference image (reads the candidates the first time)."""
+        if self._rows is None:
+            if get_worker_info() is not None:  # a worker's copy: its scan would be one more of the whole set
+                raise RuntimeError("the reference set's rows must be found (rows()) before DataLoader workers copy it")
+            for _ in self._scan():
+                pass
+        return self._rows
+
+    def as_uint8(self) -> "_ReferenceImages":
+        """The same set as uint8 images (torch-fidelity's input), with the rows when they are known."""
+        return _ReferenceImages(self.dataset, self.n, True, self.num_workers, self.batch_size, self._rows)
+
+    def _image(self, index: int, image: Optional[torch.Tensor]) -> torch.Tensor:
+        if image is None:
+            raise ValueError(f"reference image {index} (dataset item {self._rows[index]}) cannot be read any more")
+        return to_uint8(image) if self.uint8 else image
+
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < self.n:
             raise IndexError(f"reference image {index} out of range for {self.n}")
-        item = self.dataset[self._rows[index]] if index < len(self._rows) else None
-        while len(self._rows) <= index:
-            candidate = next(self._candidates, None)
-            if candidate is None:
-                raise ValueError(f"the reference set needs {self.n} readable images (eval.reference_n), but only "
-                                 f"{len(self._rows)} of the dataset's {len(self.dataset)} images can be read; lower "
-                                 "eval.reference_n (sgdm-ldm eval --reference-n) or run `sgdm-ldm validate-data` on this config")
-            item = self.dataset[candidate]
-            self._read += 1
-            if item is not None:
-                self._rows.append(candidate)
-        if item is None:
-            raise ValueError(f"reference image {index} (dataset item {self._rows[index]}) cannot be read any more")
-        return to_uint8(item["image"]) if self.uint8 else item["image"]
+        item = self.dataset[self.rows()[index]]
+        return self._image(index, None if item is None else item["image"])
 
-
-def _batches(dataset: Dataset, batch_size: int):
-    for start in range(0, len(dataset), batch_size):
-        yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    def batches(self) -> Iterator[torch.Tensor]:
+        """[B, 3, H, W] batches (``batch_size``) of the reference images in order, each read once by the
+        workers (the first time, the read that finds the rows)."""
+        if self._rows is None:
+            images = (self._image(0, image) for image in self._scan())
+        else:
+            images = (self._image(i, image)
+                      for i, (_, image) in enumerate(_read(self.dataset, self._rows, self.batch_size, self.num_workers)))
+        while chunk := list(itertools.islice(images, self.batch_size)):
+            yield torch.stack(chunk)
 
 
 def generate(pipe, conditions: EvalConditions, scale: Optional[float], ecfg: EvalConfig, n: int,
@@ -239,6 +291,9 @@ class _Evaluator:
         if wants_inception or "fd" in ecfg.metrics:  # the images themselves, not only the settings that read them
             self.data_key += "-" + _reference_content(self.dataset, ecfg.reference_n)
         self._ref_stats = None
+        # one scan for readable images, shared by fd's statistics and torch-fidelity's uint8 copy
+        self._reference = _ReferenceImages(self.dataset, ecfg.reference_n, uint8=False,
+                                           num_workers=cfg.data.num_workers, batch_size=ecfg.batch_size)
         self._inception_ref = None
 
     def reference_stats(self):
@@ -246,7 +301,7 @@ class _Evaluator:
             from sgdm.annotation import cache as feature_cache
             from sgdm.evaluation.feature_distance import reference_stats
 
-            ref = _ReferenceImages(self.dataset, self.ecfg.reference_n, uint8=False)
+            ref = self._reference
             b = self.space.backbone
             # the whole identity of the features: hub names share long prefixes (hub:vit_small_patch16_224.dino,
             # hub:vit_small_patch8_224.dino), backbone_kwargs change the architecture, not the name, and
@@ -255,14 +310,14 @@ class _Evaluator:
                                     [list(t.shape) for t in b.model.state_dict().values()],
                                     feature_cache.FEATURE_FORMAT])
             name = f"fd-{self.space.name}-{self.data_key}-{backbone_key}-n{len(ref)}.pt"
-            self._ref_stats = reference_stats(self.space, _batches(ref, self.ecfg.batch_size), self.cache / name)
+            self._ref_stats = reference_stats(self.space, ref.batches(), self.cache / name)
         return self._ref_stats
 
     def inception_reference(self) -> _ReferenceImages:
         """The reference set as torch-fidelity reads it (uint8), one for every scale: its scan for readable
-        images is done once."""
+        images is done once (by fd's statistics when they read the images first)."""
         if self._inception_ref is None:
-            self._inception_ref = _ReferenceImages(self.dataset, self.ecfg.reference_n, uint8=True)
+            self._inception_ref = self._reference.as_uint8()
         return self._inception_ref
 
     def check_reference(self) -> None:
@@ -279,7 +334,7 @@ class _Evaluator:
         tag = check_inception_weights(self.ecfg.inception_weights)
         if any(pathlib.Path(self.cache).glob(f"sgdm-{self.data_key}-n{len(ref)}-{tag}-*")):
             return  # torch-fidelity reads its features, not the images
-        ref[len(ref) - 1]  # reads forward to the last reference image, passing over unreadable ones
+        ref.rows()  # reads the candidates, passing over unreadable ones
 
     def measure(self, images: torch.Tensor, conditions: EvalConditions, generator: torch.Generator) -> dict:
         e, out = self.ecfg, {}
@@ -291,7 +346,8 @@ class _Evaluator:
             ref = self.inception_reference()
             out.update(inception_metrics(to_uint8(images), ref, f"{self.data_key}-n{len(ref)}", inception,
                                          e.inception_weights, self.cache, e.kid_subsets, e.kid_subset_size, e.batch_size,
-                                         device=resolve_device(e.device, "eval.device")))
+                                         device=resolve_device(e.device, "eval.device"),
+                                         num_workers=self.cfg.data.num_workers))
         if "fd" in e.metrics:
             from sgdm.evaluation.feature_distance import feature_distance
 

@@ -124,12 +124,16 @@ def inception_metrics(
     kid_subset_size: int = 1000,
     batch_size: int = 64,
     device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """FID / IS / KID of ``generated`` (uint8 [N,3,H,W]) against ``reference``.
 
     ``reference`` yields uint8 [3, H, W] tensors. Returns keys ``fid``,
     ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std`` for the metrics asked.
     ``device``: where the Inception runs (``eval.device``; None: the current CUDA device when there is one).
+    ``num_workers`` (``data.num_workers``): above 0, torch-fidelity reads both sets with DataLoader workers
+    (its own count: min(4, 2 x CPUs); ``reference`` must then be picklable or forkable, with no scan left
+    to do in a worker); 0: in this process.
     """
     import torch_fidelity
 
@@ -156,7 +160,9 @@ def inception_metrics(
         input2_cache_name=f"sgdm-{reference_key}-{tag}",
         cache_root=None if cache_dir is None else str(cache_dir),
         verbose=False,
-        save_cpu_ram=True,  # in-process loading: the images are already in memory, workers only cost start-up
+        # torch-fidelity's only switch for its DataLoader workers: a reference set read from files (126,689
+        # ImageNet-100 JPEGs) is decoded in parallel; without workers (0) everything is read in this process
+        save_cpu_ram=num_workers == 0,
     )
     try:
         if cuda and device is not None and device.index is not None:

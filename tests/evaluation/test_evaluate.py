@@ -215,9 +215,8 @@ def test_reference_set_passes_over_unreadable_images():
     fresh = _ReferenceImages(_Items(10, bad={1, 4}), 5, uint8=True)
     assert fresh[2].dtype == torch.uint8 and fresh[2][0, 0, 0] == round((0.6 + 1) * 127.5)  # item 6, direct access
     short = _ReferenceImages(_Items(4, bad={0, 2}), 4, uint8=False)
-    assert float(short[1][0, 0, 0]) * 10 == pytest.approx(3)
     with pytest.raises(ValueError, match=r"needs 4 readable images \(eval.reference_n\), but only 2 of the dataset's 4"):
-        short[2]
+        short[0]  # the rows are found all at once, on the first read
 
 
 def test_reference_set_spreads_over_a_class_ordered_dataset():
