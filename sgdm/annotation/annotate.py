@@ -33,6 +33,7 @@ re-clustering with another K or method skips extraction.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import sys
@@ -376,6 +377,27 @@ def _self_records(cache, n_shards, a, granularity, log, dataset,
     return records, feats, extra
 
 
+def _check_not_replacing(a: AnnotationConfig, granularity: str) -> None:
+    """Refuse to write over a complete store of another granularity or source at ``annotation.store``
+    (``--granularity label`` on a box config would replace its box store with one that training refuses).
+    A store of the same kind is made again: re-clustering with other settings at the same path."""
+    try:
+        manifest = json.loads((pathlib.Path(a.store) / MANIFEST).read_text())
+        held = (manifest["granularity"], manifest.get("source", "self"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # no store there, or one that cannot be read, which this run replaces
+    if held == (granularity, a.source):
+        return
+    asked = f"annotation.granularity {granularity}" if granularity == a.granularity else \
+        f"granularity {granularity} asked instead of annotation.granularity {a.granularity}"
+    kind = lambda g, source: f"{g}" if source == "self" else f"ground-truth {g}"  # noqa: E731
+    raise ConfigError("annotation.store", f"{a.store} holds {kind(*held)} annotations ({len(manifest.get('ids', []))} "
+                                          f"images) and this run makes {kind(granularity, a.source)} annotations "
+                                          f"({asked}, annotation.source {a.source}), which would "
+                                          f"replace them: point annotation.store at another directory, or delete "
+                                          f"{a.store} to replace them")
+
+
 def _check_gt_classes(dataset, k: int, key: str, granularity: str) -> None:
     """A ground-truth store's K is the dataset's number of classes (of its masks' values for ``mask``),
     checked before any image is read. A larger K would store slots no image ever uses (a
@@ -434,6 +456,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
     granularity = granularity or a.granularity
     if granularity not in ("label", "box", "mask"):
         raise ConfigError("annotation.granularity", f"expected label, box or mask, got {granularity!r}")
+    _check_not_replacing(a, granularity)
     if dataset is None:
         from sgdm.data import build_dataset
 

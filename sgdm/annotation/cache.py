@@ -52,8 +52,17 @@ def file_stamps(ids: Sequence[str], paths: Sequence[str]) -> Stamps:
     return stamps
 
 
-def _describe(changed: list[str], old: Mapping[str, Any]) -> str:
-    """``a, b differ; they were a=1`` plus which keys the old fingerprint predates. A ``data.*`` key of
+# fingerprint keys that are no config key, in the config's terms
+_TERMS = {"extract": "extract is what annotation.granularity extracts (label: cls; box: cls+lost(annotation.lost's "
+                     "k_patches, features, center); mask: cls+patches)",
+          "input_size": "input_size is the backbone's (annotation.image_size, or its own)",
+          "weights": "weights is annotation.weights' content (its sha256)",
+          "ids_sha256": "ids_sha256 is the dataset's list of image ids"}
+
+
+def _describe(changed: list[str], old: Mapping[str, Any], new: Optional[Mapping[str, Any]] = None) -> str:
+    """``a, b differ; they were a=1`` plus which keys the old fingerprint predates, what this run extracts
+    and what the keys that are no config key mean. A ``data.*`` key of
     :data:`~sgdm.data.config.ADDED_KEYS` it lacks was at its value there (left out of records)."""
     from sgdm.data.config import ADDED_KEYS
 
@@ -66,6 +75,11 @@ def _describe(changed: list[str], old: Mapping[str, Any]) -> str:
     unrecorded = [k for k in changed if k not in old]
     if unrecorded:
         text += f"; made by an sgdm that did not record {', '.join(unrecorded)}"
+    if "extract" in changed and "extract" in (new or {}):
+        text += f"; this run extracts {new['extract']}"
+    terms = [_TERMS[k] for k in changed if k in _TERMS]
+    if terms:
+        text += f": {'; '.join(terms)}"
     return text
 
 
@@ -92,7 +106,7 @@ class FeatureCache:
                 atomic_write_text(path, json.dumps(self.fingerprint, indent=1))
             elif changed:
                 raise StoreMismatchError(
-                    f"{self.directory} holds features made with other settings ({_describe(changed, old)}); "
+                    f"{self.directory} holds features made with other settings ({_describe(changed, old, self.fingerprint)}); "
                     f"delete {self.directory} to re-extract, or point annotation.store elsewhere"
                 )
         else:

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.launch import process_group
 
     cfg = load_experiment(args.config, args.overrides)  # annotate reads its data and annotation sections
+    _warn_granularity(args, cfg.annotation)
     try:
         with process_group(cfg.annotation.device):  # one process unless torchrun or srun started several
             result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
@@ -48,6 +49,19 @@ def run(args: argparse.Namespace) -> int:
     if result.metrics:
         print(json.dumps(result.metrics, indent=1))
     return 0
+
+
+def _warn_granularity(args: argparse.Namespace, a) -> None:
+    """--granularity other than the config's: the store it writes is one that training with this config
+    refuses (annotate itself refuses to replace a store of another granularity)."""
+    from sgdm.launch import current
+
+    g = args.granularity
+    if g is None or g == a.granularity or (current().rank or 0) != 0:
+        return
+    print(f"sgdm-ldm annotate: warning: --granularity {g} differs from annotation.granularity {a.granularity} of "
+          f"{args.config}: training reads the {g} store it writes at {a.store} only with annotation.granularity={g} "
+          f"model.guidance.kind={g} annotation.store={a.store}", file=sys.stderr)
 
 
 def _error(message: str) -> int:
