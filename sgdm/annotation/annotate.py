@@ -32,7 +32,9 @@ re-clustering with another K or method skips extraction.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
@@ -90,9 +92,47 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _barrier() -> None:
-    if _dist() is not None:
-        _dist().barrier()
+# How long a rank waits at a barrier for the others: rank 0 alone evaluates and writes the store (a mask
+# store's mIoU over 118k maps, its shards on a network file system), and on a resume ranks extract unequal
+# numbers of shards; torch.distributed's default (10 minutes for NCCL, then the job is killed) is too short.
+WAIT_TIMEOUT = datetime.timedelta(hours=12)
+
+
+@contextlib.contextmanager
+def _waits():
+    """A group of every rank whose collectives time out after :data:`WAIT_TIMEOUT`, for annotate's barriers
+    (None outside a process group); the default group keeps its timeout for the collectives of the work."""
+    dist = _dist()
+    if dist is None:
+        yield None
+        return
+    group = dist.new_group(timeout=WAIT_TIMEOUT)
+    try:
+        dist.barrier(group=group)  # NCCL makes a group's communicator at its first collective: now, every rank here
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the process group failed (its own error says why)."""
+
+
+@contextlib.contextmanager
+def _together(waits, device: torch.device):
+    """Run the block, then wait for every rank on ``waits`` (see :data:`WAIT_TIMEOUT`; no wait outside a
+    process group). A rank whose block raised makes the others raise :class:`RankFailed` instead of
+    waiting for it until the timeout."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if waits is not None:
+            flag = torch.tensor([int(failed)], device=device)
+            _dist().all_reduce(flag, group=waits)
+            if int(flag) and not failed:
+                raise RankFailed("annotate: another rank failed (its error says why); this one stops too")
 
 
 def _device(a: AnnotationConfig) -> torch.device:
@@ -223,7 +263,7 @@ def _stamps(dataset, indices) -> list:
     return file_stamps([dataset.ids[i] for i in indices], paths)
 
 
-def _extract_all(dataset, a, granularity, data, log, progress):
+def _extract_all(dataset, a, granularity, data, log, progress, waits=None):
     """Features of every shard of this rank (resuming finished ones whose files did not change);
     returns the cache and shard count."""
     from tqdm import tqdm
@@ -260,11 +300,11 @@ def _extract_all(dataset, a, granularity, data, log, progress):
         log(f"annotate: resuming, {len(shards) - len(todo)} of {len(shards)} feature shards already done")
     precision = _check_precision(cache, shards, todo, a, device)
     total = sum(len(indices[s]) for s in todo)
-    with tqdm(total=total, desc=f"features ({backbone.name})", unit="img", disable=not progress or rank != 0) as bar:
-        for s in todo:
+    with _together(waits, device), tqdm(total=total, desc=f"features ({backbone.name})", unit="img",
+                                        disable=not progress or rank != 0) as bar:
+        for s in todo:  # ranks with fewer shards left (a resume) wait for the others after it
             cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, bar), stamps[s],
                        precision)
-    _barrier()
     return cache, -(-n // a.shard_size), backbone
 
 
@@ -471,28 +511,38 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
         raise ConfigError(key, f"K={k} clusters is more than the dataset's {n} images")
     if a.source == "gt":
         _check_gt_classes(dataset, k, key, granularity)
-        records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
-    else:
-        cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress)
-        records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset, progress)
-        extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
-                              "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,
-                              "input_size": list(backbone.input_size)}
-    if records is None:  # a non-zero rank: rank 0 writes
-        _barrier()
-        return AnnotationResult(a.store, granularity, 0, {})
-    ids = [dataset.ids[i] for i in feats["index"].tolist()]
-    metrics = {}
-    if evaluate and a.source == "gt":
+    with _waits() as waits:  # every rank waits for the others as long as they work, after extraction and at the end
+        if a.source == "gt":
+            records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
+        else:
+            cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress, waits)
+            records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset, progress)
+            extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
+                                  "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,
+                                  "input_size": list(backbone.input_size)}
+        metrics: dict[str, float] = {}
+        with _together(waits, _device(a)):  # rank 0 evaluates and writes the store, the others wait for it
+            if records is not None:  # None: a non-zero rank
+                ids = [dataset.ids[i] for i in feats["index"].tolist()]
+                metrics = _evaluate(records, feats, a, granularity, k, evaluate, log)
+                # the settings it was made with: the granularity annotated, also when the call overrode the config's
+                extra.update(source=a.source, params=to_dict(dataclasses.replace(a, granularity=granularity)),
+                             metrics=metrics, image_size=feats["image_hw"].tolist(),
+                             dataset={"config": to_dict(cfg.data), "ids_sha256": ids_hash(dataset.ids), "num_images": n,
+                                      "skipped": sorted(set(dataset.ids) - set(ids))})
+                write_store(a.store, ids, records, granularity=granularity, num_classes=k, shard_size=a.shard_size,
+                            extra=extra)
+                log(f"annotate: wrote {len(ids)} {granularity} annotations (K={k}) to {a.store}")
+    return AnnotationResult(a.store, granularity, 0 if records is None else len(ids), metrics)
+
+
+def _evaluate(records, feats, a: AnnotationConfig, granularity: str, k: int, evaluate: bool, log) -> dict[str, float]:
+    """The scores of ``records`` against the dataset's ground truth in ``feats`` (none unless ``evaluate``)."""
+    if not evaluate:
+        return {}
+    if a.source == "gt":
         log("annotate: a ground-truth store scores perfectly against itself; nothing to evaluate")
-    elif evaluate:
-        metrics = evaluate_records(granularity, records, feats, k, feats["image_hw"].tolist())
-        log("annotate: " + (", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) or "no ground truth to evaluate against"))
-    # the settings it was made with: the granularity annotated, also when the call overrode the config's
-    extra.update(source=a.source, params=to_dict(dataclasses.replace(a, granularity=granularity)), metrics=metrics, image_size=feats["image_hw"].tolist(),
-                 dataset={"config": to_dict(cfg.data), "ids_sha256": ids_hash(dataset.ids), "num_images": n,
-                          "skipped": sorted(set(dataset.ids) - set(ids))})
-    write_store(a.store, ids, records, granularity=granularity, num_classes=k, shard_size=a.shard_size, extra=extra)
-    log(f"annotate: wrote {len(ids)} {granularity} annotations (K={k}) to {a.store}")
-    _barrier()
-    return AnnotationResult(a.store, granularity, len(ids), metrics)
+        return {}
+    metrics = evaluate_records(granularity, records, feats, k, feats["image_hw"].tolist())
+    log("annotate: " + (", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) or "no ground truth to evaluate against"))
+    return metrics

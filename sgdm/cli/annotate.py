@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.annotation.annotate import annotate
+    from sgdm.annotation.annotate import RankFailed, annotate
     from sgdm.config.core import ConfigError
     from sgdm.config.schema import load_experiment
     from sgdm.launch import process_group
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             result = annotate(cfg, args.granularity, args.evaluate, progress=not args.no_progress)
     except ConfigError:
         raise  # main() reports it (exit 2)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RankFailed) as err:
         return _error(str(err))
     if result.metrics:
         print(json.dumps(result.metrics, indent=1))
