@@ -17,9 +17,12 @@ Stages (paper Sec. 3.2, Eq. 6):
    data-parallel across ranks (the cluster probe is fitted on rank 0, every
    rank assigns a share of the images);
 3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
-   ``evaluate``, scores it against whatever ground truth the dataset has.
+   ``evaluate``, scores it against whatever ground truth the dataset has; the
+   other ranks wait for it (up to :data:`WAIT_TIMEOUT`, not torch's default).
+   A complete store of another granularity or source at ``annotation.store``
+   is refused, never replaced.
 
-``source: gt`` skips 1-2 and fills the store from ground truth instead.
+``source: gt`` skips 1-2 and fills the store from ground truth instead (rank 0 alone).
 Images are read with ``train=False``: annotations describe the unflipped image.
 
 Memory: stage 2 holds every image's CLS feature (float16; on every rank for
@@ -512,14 +515,15 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
     if a.source == "gt":
         _check_gt_classes(dataset, k, key, granularity)
     with _waits() as waits:  # every rank waits for the others as long as they work, after extraction and at the end
-        if a.source == "gt":
-            records, feats, extra = _ground_truth(dataset, a, granularity, log, progress)
+        if a.source == "gt":  # rank 0 reads it; every rank read the whole dataset and wrote the same store
+            records, feats, extra = _ground_truth(dataset, a, granularity, log, progress) if rank_world()[0] == 0 \
+                else (None, None, {})
         else:
             cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress, waits)
             records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset, progress)
             extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
-                                  "weights": str(a.weights) if a.weights else None, "weights_sha256": backbone.weights_id,
-                                  "input_size": list(backbone.input_size)}
+                                  "weights": str(a.weights) if a.weights else None,
+                                  "weights_sha256": backbone.weights_id, "input_size": list(backbone.input_size)}
         metrics: dict[str, float] = {}
         with _together(waits, _device(a)):  # rank 0 evaluates and writes the store, the others wait for it
             if records is not None:  # None: a non-zero rank

@@ -61,3 +61,19 @@ def test_a_failed_rank_stops_the_others(tmp_path, tiny_weights, shapes_cache, mo
         annotate(config(tmp_path, tiny_weights, shapes_cache, num_images=24, shard_size=8), "label", progress=False,
                  log=lambda m: None)
     assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_ground_truth_is_read_by_rank_0_alone(tmp_path, shapes_cache, monkeypatch, group_of_one):
+    """Every rank read the whole dataset's ground truth and wrote the same store over the others'."""
+    from sgdm.data import build_dataset
+
+    cfg = config(tmp_path, "unused.pth", shapes_cache, num_images=24, source="gt", num_classes=12)
+    dataset = build_dataset(cfg.data, train=False)
+
+    def no_reading(self, index):
+        raise AssertionError(f"rank 1 read image {index}")
+
+    monkeypatch.setattr(type(dataset), "__getitem__", no_reading)
+    monkeypatch.setattr(annotate_module, "rank_world", lambda: (1, 2))
+    result = annotate(cfg, "label", dataset=dataset, progress=False, log=lambda m: None)
+    assert result.num_images == 0 and not (tmp_path / "store" / "manifest.json").exists()

@@ -60,4 +60,5 @@ def test_cache_of_another_granularity_says_which_setting_differs(tmp_path):
         FeatureCache(tmp_path / "work", {"backbone": "vit", "extract": "cls"})
     message = str(info.value)
     assert "extract differ; they were extract=cls+lost(k=100,keys)" in message  # as before
-    assert "this run extracts cls: extract is what annotation.granularity extracts (label: cls; box: cls+lost" in message
+    assert "this run extracts cls: extract is what annotation.granularity extracts (label: cls; box: cls+lost" \
+        in message
