@@ -9,21 +9,31 @@ by an older sgdm) is not compared, except the ``data.*`` keys of :data:`sgdm.dat
 those count at the value the older run read its data with (a run saved before
 ``data.exif_orientation`` existed read the pixels as stored, so resuming it with ``apply`` is refused).
 
+A path setting of :data:`MOVABLE` may differ when what it points to is the same: a dataset copied to
+node-local scratch (a new ``$TMPDIR`` per job), a run moved to another file system. Every start records
+in the run directory what each path held (:class:`Identity`: the dataset's ids in order and their number,
+the annotation store's content digest, the first-stage file's sha256); a resume with a moved path
+compares what the new path holds with that record, goes on saying so in one line when they are equal, and
+refuses, naming the key, both values and what differs, when not. A run directory without the record
+(started by an older sgdm) keeps refusing a moved path, saying how to record it.
+
 Beyond the config: a run directory belongs to the trainer that wrote its checkpoints
 (:func:`check_checkpoint_trainer`), whose weights fit the networks built now (:func:`check_checkpoint_fits`),
 and a resumed denoiser keeps the first stage of its checkpoints (:func:`keep_run_first_stage`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from sgdm.config.core import ConfigError, absolute_paths, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.data.config import ADDED_KEYS
 
-__all__ = ["MAY_DIFFER", "UNUSED_BY", "check_resume_compatible", "resume_differences", "check_checkpoint_trainer",
-           "check_checkpoint_fits", "keep_run_first_stage"]
+__all__ = ["MAY_DIFFER", "UNUSED_BY", "Identity", "MOVABLE", "check_resume_compatible", "resume_differences",
+           "path_sha256", "check_checkpoint_trainer", "check_checkpoint_fits", "keep_run_first_stage"]
 
 # setting -> why changing it on a resume cannot change the trained weights
 MAY_DIFFER: dict[str, str] = {
@@ -70,6 +80,32 @@ UNUSED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What a path setting points to, as the run directory records it at every start: the JSON file
+    ``record``, whose entries ``fields`` identify the content (its others say where it was); ``what`` names
+    the content in messages."""
+
+    record: str
+    fields: tuple[str, ...]
+    what: str
+
+
+DATASET = Identity("dataset.json", ("num_images", "ids_sha256"), "images (the dataset's ids, in order)")
+STORE = Identity("annotation_store.json", ("sha256",), "annotations (the store's content digest)")
+FIRST_STAGE = Identity("first_stage.json", ("sha256",), "first-stage weights (the file's sha256)")
+
+# path setting -> what it must still point to for a resume to accept it moved. The dataset is known by
+# its ids, not by file sizes and times (a copy changes those; a stat of 1.28M files would take minutes)
+MOVABLE: dict[str, Identity] = {
+    "data.root": DATASET,
+    "data.list_file": DATASET,  # it decides the ids and nothing else
+    "data.shapes.cache_dir": DATASET,
+    "annotation.store": STORE,
+    "model.autoencoder.checkpoint": FIRST_STAGE,
+}
+
+
 def _leaves(data: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted path, value) of every leaf; lists are leaves."""
     if isinstance(data, dict) and data:
@@ -98,8 +134,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 or isinstance(value, str) else text[:57] + "..."
 
 
-def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer: str = "diffusion") -> None:
-    """Refuse to resume with a setting that would change the run; the error names the first differing key."""
+def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer: str = "diffusion",
+                            identities: Optional[Mapping[str, Callable[[], Optional[dict]]]] = None) -> None:
+    """Refuse to resume with a setting that would change the run; the error names the first differing key.
+
+    ``identities``: :attr:`Identity.record` -> what the new config's paths hold now (None: nothing there),
+    asked only for a moved path of :data:`MOVABLE`; without it a moved path is refused like any setting."""
     import yaml
 
     if not saved.is_file():
@@ -109,13 +149,69 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer:
     old = absolute_paths(ExperimentConfig, yaml.safe_load(saved.read_text()) or {})
     new = yaml.safe_load(dump_yaml(recorded_config(cfg)))
     differences = resume_differences(old, new, trainer)
-    if differences:
-        key, before, after = differences[0]
-        others = [k for k, _, _ in differences[1:]]
+    # a path set or unset is a change, not a move
+    moved = [d for d in differences if identities is not None and d[0] in MOVABLE and None not in d[1:]]
+    fixed = [d for d in differences if d not in moved]
+    if fixed:
+        key, before, after = fixed[0]
+        others = [k for k, _, _ in fixed[1:] + moved]
         more = f" (and {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" if others else ""
         raise ConfigError(key, f"differs from the run's saved config {saved} ({_short(before)} -> {_short(after)})"
                                f"{more}; resuming would not continue the same run. Use the saved value or start a "
                                f"new run.name")
+    accepted = [_check_moved(key, before, after, saved, identities) for key, before, after in moved]
+    from sgdm.launch import current
+
+    if accepted and current().is_first:
+        import sys
+
+        for line in accepted:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _check_moved(key: str, before: Any, after: Any, saved: pathlib.Path,
+                 identities: Mapping[str, Callable[[], Optional[dict]]]) -> str:
+    """The line that accepts path ``key`` moved from ``before`` to ``after``, when it holds what the run's
+    record says; else the ConfigError naming the key, both values and what differs."""
+    identity = MOVABLE[key]
+    record = saved.parent / identity.record
+    change = f"differs from the run's saved config {saved} ({_short(before)} -> {_short(after)})"
+    if not record.is_file():
+        raise ConfigError(key, f"{change}, and nothing shows that {after} holds the same {identity.what}: {record} "
+                               f"is missing (a run started by an older sgdm, or with nothing at {before}). Resume "
+                               f"once with the saved value (a symlink at {before} pointing to {after} will do): "
+                               f"that start records them, and later resumes accept a moved {key}. Or start a new "
+                               f"run.name")
+    recorded = json.loads(record.read_text())
+    now = identities[identity.record]()
+    if now is None:
+        raise ConfigError(key, f"{change}, and {after} holds none of the {identity.what} recorded in {record}; "
+                               f"resuming would not continue the same run. Use the saved value or start a new "
+                               f"run.name")
+    differs = [f"{field} {_short(now.get(field))} (recorded {_short(recorded.get(field))})"
+               for field in identity.fields if now.get(field) != recorded.get(field)]
+    if differs:
+        raise ConfigError(key, f"{change}, and {after} holds other {identity.what} than recorded in {record}: "
+                               f"{', '.join(differs)}; resuming would not continue the same run. Use the saved "
+                               f"value or start a new run.name")
+    same = ", ".join(f"{field} {str(now[field])[:12]}" for field in identity.fields)  # a digest's first digits
+    return f"sgdm: {key} moved ({before} -> {after}): accepted, it holds the same {identity.what} as {record} " \
+           f"records ({same})"
+
+
+def path_sha256(path: pathlib.Path) -> str:
+    """SHA-256 of a file's bytes; of a folder (a diffusers model folder), of each file's relative name and
+    bytes digest, in name order."""
+    import hashlib
+
+    from sgdm.annotation.features import file_sha256
+
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\n{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _say_not_compared(saved: pathlib.Path) -> None:

@@ -3,7 +3,9 @@
 Run directory layout (``run.dir/run.name``)::
 
     config.yaml            the resolved config of the latest start
+    dataset.json           the training images' number and ids digest (a resume with a moved data.root checks it)
     annotation_store.json  the annotation store's path and content digest (guided runs; a resume checks it)
+    first_stage.json       model.autoencoder.checkpoint's path and sha256 (a resume with it moved checks it)
     checkpoints/           step-XXXXXXXX.ckpt, written atomically (see sgdm.training.checkpoint)
     logs/                  TensorBoard (or CSV) scalars
     samples/               sample grids, step-XXXXXXXX.png
@@ -21,8 +23,8 @@ import torch
 from sgdm.config.core import ConfigError, dump_yaml
 from sgdm.config.schema import ExperimentConfig, recorded_config
 from sgdm.training.checkpoint import checkpoint_name, clean_leftovers, find_last_valid, list_checkpoints
-from sgdm.training.resume import check_checkpoint_fits, check_checkpoint_trainer, check_resume_compatible, \
-    keep_run_first_stage
+from sgdm.training.resume import DATASET, FIRST_STAGE, STORE, check_checkpoint_fits, check_checkpoint_trainer, \
+    check_resume_compatible, keep_run_first_stage, path_sha256
 from sgdm.training.rng import derive_seed
 
 __all__ = ["train", "prepare_run_dir", "check_resumable", "check_resume_compatible", "build_module", "build_trainer",
@@ -39,11 +41,14 @@ def _first_process() -> bool:
     return current().is_first
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusion") -> Optional[pathlib.Path]:
-    """Create the run dir, clean leftovers, save the resolved config; the checkpoint to resume from.
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusion",
+                    dataset=None) -> Optional[pathlib.Path]:
+    """Create the run dir, clean leftovers, save the resolved config and what its paths hold; the checkpoint
+    to resume from.
 
     ``trainer`` (``diffusion`` or ``autoencoder``) says which settings a resume may change
-    (:mod:`sgdm.training.resume`)."""
+    (:mod:`sgdm.training.resume`). ``dataset``: the training images, when already built (else built here
+    for their record)."""
     run_dir = cfg.run.path
     ckpt_dir = run_dir / "checkpoints"
     if _first_process():
@@ -64,9 +69,10 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if ckpt is not None:
         _say_passed_over(existing, ckpt)
     store = _annotation_store_digest(cfg) if trainer == "diffusion" else None
+    identities = _identities(cfg, trainer, dataset, store)
     if ckpt is not None:
         check_checkpoint_trainer(ckpt, trainer)
-        check_resume_compatible(cfg, run_dir / "config.yaml", trainer)
+        check_resume_compatible(cfg, run_dir / "config.yaml", trainer, identities)
         _check_same_store(run_dir / STORE_RECORD, store)
     if _first_process():
         from sgdm.atomic import atomic_write_text
@@ -75,9 +81,36 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
             keep_earlier_metrics(run_dir / "logs")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(recorded_config(cfg)))
-        if store is not None:
-            atomic_write_text(run_dir / STORE_RECORD, json.dumps(store, indent=1))
+        for name, identity in identities.items():
+            held = identity()
+            if held is not None:
+                atomic_write_text(run_dir / name, json.dumps(held, indent=1))
     return ckpt
+
+
+def _identities(cfg: ExperimentConfig, trainer: str, dataset, store: Optional[dict]) -> dict:
+    """:attr:`~sgdm.training.resume.Identity.record` -> what the config's paths hold now (None: nothing
+    to record), each computed once and only when asked: by the first process, which records them, and by
+    the resume check of a moved path (:func:`~sgdm.training.resume.check_resume_compatible`)."""
+    import functools
+
+    @functools.cache
+    def images() -> dict:
+        from sgdm.annotation.store import ids_hash
+        from sgdm.training.data import build_image_dataset
+
+        built = dataset if dataset is not None else build_image_dataset(cfg.data, cfg.run.seed)
+        return {"root": None if cfg.data.root is None else str(cfg.data.root), "num_images": len(built.ids),
+                "ids_sha256": ids_hash(built.ids)}
+
+    @functools.cache
+    def first_stage() -> Optional[dict]:
+        path = cfg.model.autoencoder.checkpoint
+        if trainer != "diffusion" or path is None or not path.exists():
+            return None
+        return {"checkpoint": str(path), "sha256": path_sha256(path)}
+
+    return {DATASET.record: images, STORE.record: lambda: store, FIRST_STAGE.record: first_stage}
 
 
 def _say_passed_over(existing: list[tuple[int, pathlib.Path]], ckpt: pathlib.Path) -> None:
@@ -117,7 +150,7 @@ def check_resumable(cfg: ExperimentConfig, resume: bool) -> None:
         raise no_checkpoints_error(cfg)
 
 
-STORE_RECORD = "annotation_store.json"  # in the run dir: the guidance labels a run trains on
+STORE_RECORD = STORE.record  # in the run dir: the guidance labels a run trains on
 
 
 def _annotation_store_digest(cfg: ExperimentConfig) -> Optional[dict]:
@@ -135,8 +168,9 @@ def _annotation_store_digest(cfg: ExperimentConfig) -> Optional[dict]:
 
 
 def _check_same_store(record: pathlib.Path, store: Optional[dict]) -> None:
-    """A resume trains on the labels the run started with: the store's content must be unchanged
-    (the path alone is compared by the config check). Runs from before the record are not checked."""
+    """A resume trains on the labels the run started with: the store's content must be unchanged (a moved
+    store, only with the same content: :func:`~sgdm.training.resume.check_resume_compatible`). Runs from
+    before the record are not checked."""
     if store is None or not record.is_file():
         return
     saved = json.loads(record.read_text())
@@ -374,7 +408,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
     check_first_stage_file(cfg)
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     check_batch_fits(cfg.train, len(dataset))
-    ckpt = prepare_run_dir(cfg, resume)
+    ckpt = prepare_run_dir(cfg, resume, dataset=dataset)
     if ckpt is not None:
         _say_when_finished(cfg, ckpt)
     module = build_module(cfg, dataset=dataset)
