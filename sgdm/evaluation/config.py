@@ -78,7 +78,8 @@ class EvalConfig:
     of generated images with the guiding layout (box and mask guidance only).
     The feature extractor defaults to the annotation section's backbone. The
     reference set is ``reference_n`` images of the training data (unflipped), spread
-    evenly over it (item i * len / reference_n; a class-ordered dataset keeps every class's share); its statistics are cached in ``cache_dir`` (default
+    evenly over it (item i * len / reference_n; a class-ordered dataset keeps every class's share), read by
+    ``data.num_workers`` DataLoader processes (torch-fidelity's own, up to 4, when it is above 0); its statistics are cached in ``cache_dir`` (default
     ``<run>/eval/cache``). Runs guided by ground-truth masks are also scored by a
     linear probe trained on the dataset's own masks (``probe``). ``feature_name``: the
     ``<name>`` of ``fd_<name>`` (default ``dino`` or the architecture), ``{dataset}`` in it

@@ -36,7 +36,7 @@ from sgdm.evaluation.config import EvalConfig
 from sgdm.evaluation.ranks import Shares, agree, process_device, share
 from sgdm.launch import rank_world
 
-__all__ = ["evaluate_run", "load_run", "recorded_eval", "generate", "to_uint8", "write_results"]
+__all__ = ["evaluate_run", "load_run", "recorded_eval", "generate", "to_uint8", "write_results", "check_store_extractor"]
 
 INCEPTION = ("fid", "is", "kid")
 
@@ -186,7 +186,7 @@ class _ReferenceImages(Dataset):
         """[B, 3, H, W] batches (``batch_size``) of the reference images in order, each read once by the
         workers (the first time, the read that finds the rows)."""
         if self._rows is None:
-            images = (self._image(0, image) for image in self._scan())
+            images = (self._image(i, image) for i, image in enumerate(self._scan()))
         else:
             images = (self._image(i, image)
                       for i, (_, image) in enumerate(_read(self.dataset, self._rows, self.batch_size, self.num_workers)))
@@ -264,6 +264,47 @@ def _feature_space(cfg, ecfg: EvalConfig):
                             f"(eval.metrics)") from None
 
 
+def check_store_extractor(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:
+    """Before sampling: adherence scores the samples with the run's ``annotation.backbone``,
+    ``backbone_kwargs`` and ``weights`` (:meth:`_Evaluator._annotation_space`), whose features the store's
+    clusters and segmenter f were fitted on; a store made with another extractor (its manifest's
+    ``extractor``, written by ``sgdm-ldm annotate``) would fail to load only after sampling, or score with
+    the wrong network. ConfigError naming each key that differs and both values. Ground-truth stores and
+    stores that record no extractor are not compared."""
+    from sgdm.annotation.features import file_sha256
+    from sgdm.annotation.store import AnnotationStore
+
+    a = cfg.annotation
+    if "adherence" not in metrics or cfg.model.guidance.kind not in ("box", "mask") or a.store is None:
+        return
+    store = AnnotationStore.open(a.store)
+    made = store.manifest.get("extractor")
+    if store.source != "self" or not made:
+        return
+    if a.weights is not None and not a.weights.is_file():
+        raise ConfigError("annotation.weights", f"file {a.weights} does not exist; adherence scores the samples "
+                                                f"with the encoder the annotation store {a.store} was made with "
+                                                f"({made.get('weights')})")
+    run = {"annotation.backbone": a.backbone, "annotation.backbone_kwargs": json.loads(json.dumps(a.backbone_kwargs))}
+    recorded = {"annotation.backbone": made.get("backbone"), "annotation.backbone_kwargs": made.get("backbone_kwargs") or {}}
+    sha = made.get("weights_sha256")
+    if sha and sha != "random":  # "random": a test store's untrained encoder, no file to compare
+        ours = f"hub:{a.backbone}" if a.weights is None else file_sha256(a.weights)
+        if ours != sha:
+            def named(path, digest):
+                return digest if digest.startswith("hub:") else f"{path} (sha256 {digest[:12]}...)"
+
+            run["annotation.weights"] = named(a.weights, ours)
+            recorded["annotation.weights"] = named(made.get("weights"), sha)
+    differ = [k for k in run if run[k] != recorded.get(k)]
+    if differ:
+        values = "; ".join(f"{k}: the run has {run[k]!r}, the store {recorded[k]!r}" for k in differ)
+        raise ConfigError("annotation", f"adherence would score the samples with another feature extractor than the "
+                                     f"one the annotation store {a.store} was made with ({a.store / 'manifest.json'}, "
+                                     f"'extractor'): {values}. Set these keys in {run_dir / 'config.yaml'} to the "
+                                     f"store's values, or leave adherence out of --metrics (eval.metrics)")
+
+
 class _Evaluator:
     """Holds what is shared across guidance scales: reference data, extractors, caches."""
 
@@ -283,6 +324,7 @@ class _Evaluator:
                 check_inception_weights_load(ecfg.inception_weights)
             else:
                 fetch_inception_weights()  # torch-fidelity would download them only after sampling
+        check_store_extractor(cfg, ecfg.metrics, run_dir)
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe

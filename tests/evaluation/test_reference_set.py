@@ -71,6 +71,13 @@ def test_a_dataloader_over_the_set_reads_each_reference_image_once(tmp_path):
     assert sorted(index for _, index in data.reads()) == sorted(rows)
 
 
+def test_a_worker_does_not_scan_for_the_rows(tmp_path):
+    """A DataLoader's workers over a set whose rows were never found would each scan the candidates."""
+    ref = _ReferenceImages(_LoggedItems(6, (), tmp_path / "reads"), 4, uint8=True)
+    with pytest.raises(RuntimeError, match=r"rows must be found \(rows\(\)\) before DataLoader workers copy it"):
+        list(torch.utils.data.DataLoader(ref, batch_size=2, num_workers=1))
+
+
 def test_a_set_that_cannot_be_filled_is_an_error_with_workers(tmp_path):
     data = _LoggedItems(5, {0, 2, 3}, tmp_path / "reads")
     ref = _ReferenceImages(data, 4, uint8=False, num_workers=2, batch_size=2)
