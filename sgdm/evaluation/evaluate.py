@@ -117,7 +117,9 @@ class _Images(Dataset):
 def _read(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int):
     """``(index, image or None)`` of dataset items ``indices``, in that order, read by ``num_workers``
     DataLoader processes (``data.num_workers``; 0: this one)."""
-    loader = DataLoader(_Images(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    batches = -(-len(indices) // batch_size)  # a worker beyond one a batch would only start (a few stand-ins)
+    loader = DataLoader(_Images(dataset, indices), batch_size=batch_size, num_workers=min(num_workers, batches),
+                        collate_fn=list)
     for batch in loader:
         yield from batch
 

@@ -107,8 +107,9 @@ def test_eval_reads_the_reference_set_with_the_data_workers(tmp_path, monkeypatc
         return loader(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "DataLoader", spy)
-    evaluator = evaluate._Evaluator(cfg, evaluate.recorded_eval(run_dir), run_dir, log=lambda _msg: None)
+    ecfg = dataclasses.replace(evaluate.recorded_eval(run_dir), batch_size=2)  # the 4 picks are 2 batches
+    evaluator = evaluate._Evaluator(cfg, ecfg, run_dir, log=lambda _msg: None)
     evaluator.check_reference()
-    assert evaluator.reference_stats().count == 4 and workers == [2, 2]  # the 4 picks, then a stand-in for 1
+    assert evaluator.reference_stats().count == 4 and workers == [2, 1]  # the 4 picks; 1 stand-in, 1 batch
     ref = evaluator.inception_reference()
-    assert ref.rows() == [0, 3, 4, 2] and ref[3].dtype == torch.uint8 and workers == [2, 2]  # no scan
+    assert ref.rows() == [0, 3, 4, 2] and ref[3].dtype == torch.uint8 and workers == [2, 1]  # no scan
