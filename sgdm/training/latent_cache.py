@@ -14,8 +14,8 @@ and with id ``null``; the cache returns None for it, and the collate drops it fr
 exactly as training from the images does.
 
 Shards are written atomically and in order; an interrupted encode resumes at
-the first missing shard. The fingerprint covers the data config and the
-first-stage weights, and the manifest's ids must be the dataset's (images added or removed under the
+the first missing shard. The fingerprint covers the data config (not where the images are:
+``LOCATIONS``) and the first-stage weights, and the manifest's ids must be the dataset's (images added or removed under the
 same settings), so a stale cache is rebuilt rather than silently reused: in the run's own directory
 (``RUN/latents``); a ``train.cache_dir`` the config names may be shared by runs, so a stale cache
 there is refused instead of deleted under a run that may be reading it.
@@ -51,12 +51,24 @@ def cache_dir_for(cfg) -> pathlib.Path:
 # (under skip its row is marked unreadable, under raise nothing is cached), and flip (both orientations
 # are cached; the trainer picks one)
 NOT_IN_FINGERPRINT = ("num_workers", "on_bad_image", "flip")
+# where the images are, not what they are: a dataset copied elsewhere (node-local scratch, a resume that
+# accepted a moved data.root) keeps its cache; which images the rows hold is checked by their ids
+LOCATIONS = ("root", "list_file", "shapes.cache_dir")
 
 
-def fingerprint(data_cfg, first_stage: torch.nn.Module) -> str:
+def fingerprint(data_cfg, first_stage: torch.nn.Module, locations: bool = False) -> str:
     """sha256 of the data settings that decide the pixels and of the first-stage weights (keys added
-    since caches were first written count only away from their old value: ``recorded_data``)."""
+    since caches were first written count only away from their old value: ``recorded_data``). With
+    ``locations``, also of :data:`LOCATIONS`, as caches written before they were left out."""
     data = {k: v for k, v in recorded_data(data_cfg).items() if k not in NOT_IN_FINGERPRINT}
+    if not locations:
+        for key in LOCATIONS:
+            *parents, leaf = key.split(".")
+            section = data
+            for parent in parents:
+                section = section.get(parent) if isinstance(section, dict) else None
+            if isinstance(section, dict):
+                section.pop(leaf, None)
     h = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
     for name, tensor in sorted(first_stage.state_dict().items()):
         if name == "scale_factor":  # set after caching; the encodings do not depend on it
@@ -138,6 +150,10 @@ def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
     manifest_path = directory / "manifest.json"
     shard = cfg.train.cache_shard_size
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("fingerprint") not in (None, fp) and manifest["fingerprint"] == fingerprint(
+            cfg.data, first_stage, locations=True):
+        manifest["fingerprint"] = fp  # written before LOCATIONS were left out: the same settings
+        atomic_write_text(manifest_path, json.dumps(manifest))
     stale = manifest.get("fingerprint") != fp or manifest.get("shard_size") != shard
     if stale or not _same_images(manifest, dataset):
         if manifest and cfg.train.cache_dir is not None:

@@ -212,3 +212,40 @@ def test_a_shared_cache_dir_holding_other_latents_is_refused_not_rebuilt(tmp_pat
                                                   train={"cache_latents": True, "cache_shard_size": 8}))
     ensure_latent_cache(own, first_stage)
     ensure_latent_cache(own, other)  # RUN/latents belongs to the run: rebuilt
+
+
+def test_a_shared_latent_cache_outlives_a_moved_dataset_and_takes_its_old_fingerprint(tmp_path):
+    """The latent cache is keyed by what the images are, not where: a dataset copied elsewhere (a resume
+    that accepted a moved data.root, node-local scratch) reads the same cache, which a shared
+    train.cache_dir refused ("other data settings") and the run's own directory re-encoded. A cache
+    written when the fingerprint held the paths is taken as it is, and its manifest brought up to date."""
+    import json
+    import shutil
+
+    from sgdm.config.core import from_dict
+    from sgdm.config.schema import ExperimentConfig
+    from sgdm.training.latent_cache import ensure_latent_cache, fingerprint
+    from sgdm.training.run import build_first_stage
+    from tests.training.helpers import tiny_config
+
+    shared = tmp_path / "shared-latents"
+    train = {"cache_latents": True, "cache_dir": str(shared), "cache_shard_size": 8}
+    first = from_dict(ExperimentConfig, tiny_config(tmp_path, train=train))
+    first_stage = build_first_stage(first)
+    ensure_latent_cache(first, first_stage)
+    stamps = {p.name: p.stat().st_mtime_ns for p in shared.iterdir()}
+    shutil.copytree(tmp_path / "shapes", tmp_path / "scratch-shapes")
+    moved_dict = tiny_config(tmp_path, train=train)
+    moved_dict["data"]["shapes"]["cache_dir"] = str(tmp_path / "scratch-shapes")
+    moved = from_dict(ExperimentConfig, moved_dict)
+    ensure_latent_cache(moved, first_stage)
+    assert {p.name: p.stat().st_mtime_ns for p in shared.iterdir()} == stamps  # read as it is
+
+    manifest_path = shared / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"] = fingerprint(first.data, first_stage, locations=True)  # as written before
+    manifest_path.write_text(json.dumps(manifest))
+    shards = {p.name: p.stat().st_mtime_ns for p in shared.glob("shard-*")}
+    ensure_latent_cache(first, first_stage)
+    assert {p.name: p.stat().st_mtime_ns for p in shared.glob("shard-*")} == shards  # not re-encoded
+    assert json.loads(manifest_path.read_text())["fingerprint"] == fingerprint(first.data, first_stage)
