@@ -297,7 +297,7 @@ def train_autoencoder(cfg, resume: bool | None = None, callbacks=()) -> int:
                                                           f"Point the key at a new file, or move the old one away")
     dataset = build_image_dataset(cfg.data, cfg.run.seed)
     check_batch_fits(t, len(dataset))
-    ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder")
+    ckpt = prepare_run_dir(cfg, resume, trainer="autoencoder", dataset=dataset)
     if ckpt is not None:
         _say_when_finished(cfg, ckpt)
     autoencoder, loss = _build(cfg)
