@@ -60,6 +60,12 @@ def reusable_store(annotation, data=None) -> bool:
     if not store_exists(annotation.store):
         return False
     opened = AnnotationStore.open(annotation.store)
+    if (opened.granularity, opened.source) != (annotation.granularity, annotation.source):
+        # settings_differ compares at the store's own granularity (annotate may be told another)
+        raise StoreMismatchError(
+            f"annotation store {annotation.store} holds {opened.source} {opened.granularity} annotations, not the "
+            f"{annotation.source} {annotation.granularity} ones this run needs (annotation.source, "
+            f"annotation.granularity); point annotation.store elsewhere, or delete it to annotate again")
     differ = opened.settings_differ(annotation)
     if differ:
         raise StoreMismatchError(
