@@ -128,8 +128,12 @@ WelfordData<double> shifted_partial(Acc k, Vec<Acc> s1, Vec<Acc> s2, int64_t len
 
 // Mean and M2 of one short run from sums shifted by k, as a Welford partial to
 // merge; the lane sums are combined in double.
-template <typename T, typename Acc = acc_t<T>>
+// kChains 1 sums in the order of fwd_range_nchw's fused pass (one accumulator pair), which the first
+// group of its range must match bit for bit: else a group's statistics, and so the output, would
+// depend on whether it opens a thread's range, i.e. on the thread count.
+template <typename T, int kChains = 4, typename Acc = acc_t<T>>
 WelfordData<double> shifted_stats(const T* p, int64_t len, Acc k) {
+  static_assert(kChains == 1 || kChains == 4, "shifted_stats: one or four accumulator pairs");
   using V = Vec<Acc>;
   const V kv(k);
   // Four independent accumulator pairs: one add / FMA chain would bound the
@@ -137,7 +141,7 @@ WelfordData<double> shifted_stats(const T* p, int64_t len, Acc k) {
   V s1(0), s2(0), a1(0), a2(0), b1(0), b2(0), c1(0), c2(0);
   int64_t i = 0;
   constexpr int64_t kU = 4 * V::size();
-  for (; i + kU <= len; i += kU) {
+  for (; kChains == 4 && i + kU <= len; i += kU) {
     const V d0 = load_acc<T>(p + i) - kv;
     const V d1 = load_acc<T>(p + i + V::size()) - kv;
     const V d2 = load_acc<T>(p + i + 2 * V::size()) - kv;
@@ -151,8 +155,10 @@ WelfordData<double> shifted_stats(const T* p, int64_t len, Acc k) {
     c1 += d3;
     c2 = at::vec::fmadd(d3, d3, c2);
   }
-  s1 = (s1 + a1) + (b1 + c1);
-  s2 = (s2 + a2) + (b2 + c2);
+  if constexpr (kChains == 4) {
+    s1 = (s1 + a1) + (b1 + c1);
+    s2 = (s2 + a2) + (b2 + c2);
+  }
   for (; i + V::size() <= len; i += V::size()) {
     const V d = load_acc<T>(p + i) - kv;
     s1 += d;
@@ -180,19 +186,19 @@ WelfordData<double> recentred(const T* p, int64_t len, Acc k, const WelfordData<
 
 // Mean and M2 of one short run: sums shifted by its first element, then by its
 // mean if that was far from it.
-template <typename T, typename Acc = acc_t<T>>
+template <typename T, int kChains = 4, typename Acc = acc_t<T>>
 WelfordData<double> run_stats(const T* p, int64_t len) {
   const Acc k = static_cast<Acc>(p[0]);
-  return recentred<T>(p, len, k, shifted_stats<T>(p, len, k));
+  return recentred<T>(p, len, k, shifted_stats<T, kChains>(p, len, k));
 }
 
-template <typename T>
+template <typename T, int kChains = 4>
 WelfordData<double> block_stats(const T* x, const Block& b) {
   WelfordData<double> w{0.0, 0.0, 0.0};
   for (int64_t s = 0; s < b.seg_count; ++s) {
     const T* p = x + b.offset + s * b.seg_stride;
     for (int64_t i = 0; i < b.seg_len; i += kStatChunk) {
-      w = welford_merge(w, run_stats<T>(p + i, std::min(kStatChunk, b.seg_len - i)));
+      w = welford_merge(w, run_stats<T, kChains>(p + i, std::min(kStatChunk, b.seg_len - i)));
     }
   }
   return w;
@@ -266,7 +272,8 @@ void fwd_range_nchw(const GroupNormFwdArgs& a, int64_t begin, int64_t end,
   T* y = static_cast<T*>(a.y);
   buf.resize(2 * cg);
   Acc *scale = buf.data(), *shift = scale + cg;
-  WelfordData<double> w = block_stats(x, Block{begin * len, cg, hw, hw});
+  // the range's first group in the fused pass's order (one chain), as every later group is summed
+  WelfordData<double> w = block_stats<T, 1>(x, Block{begin * len, cg, hw, hw});
   for (int64_t gi = begin; gi < end; ++gi) {
     const V mv(group_coeffs<Acc>(a, gi, w, scale, shift));
     const T* xg = x + gi * len;
@@ -283,7 +290,7 @@ void fwd_range_nchw(const GroupNormFwdArgs& a, int64_t begin, int64_t end,
           const Acc k = kNext ? static_cast<Acc>(xn[c0]) : Acc(0);
           const V kv(k);
           V s1(0), s2(0);
-          auto step = [&](int64_t i, int64_t m, V& t1, V& t2) {
+          auto step = [&](int64_t i, int64_t m) {
             V z = at::vec::fmadd(load_acc<T>(xg + i, m) - mv, sc, sh);
             if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
             store_acc<T>(yg + i, z, m);
@@ -292,28 +299,13 @@ void fwd_range_nchw(const GroupNormFwdArgs& a, int64_t begin, int64_t end,
               __builtin_prefetch(reinterpret_cast<const char*>(xn + len + i), 0, 2);
               V d = load_acc<T>(xn + i, m) - kv;
               if (m < V::size()) d = V::set(V(0), d, m);
-              t1 += d;
-              t2 = at::vec::fmadd(d, d, t2);
+              s1 += d;
+              s2 = at::vec::fmadd(d, d, s2);
             }
           };
           int64_t i = c0;
-          if constexpr (kNext) {
-            // The sums in shifted_stats's order (four accumulator pairs, then one), bit for bit:
-            // the first group of a thread's range takes its statistics from shifted_stats, so
-            // any other order would make the output depend on the thread count.
-            constexpr int64_t kW = V::size();
-            V a1(0), a2(0), b1(0), b2(0), e1(0), e2(0);
-            for (; i + 4 * kW <= c1; i += 4 * kW) {
-              step(i, kW, s1, s2);
-              step(i + kW, kW, a1, a2);
-              step(i + 2 * kW, kW, b1, b2);
-              step(i + 3 * kW, kW, e1, e2);
-            }
-            s1 = (s1 + a1) + (b1 + e1);
-            s2 = (s2 + a2) + (b2 + e2);
-          }
-          for (; i + V::size() <= c1; i += V::size()) step(i, V::size(), s1, s2);
-          if (i < c1) step(i, c1 - i, s1, s2);
+          for (; i + V::size() <= c1; i += V::size()) step(i, V::size());
+          if (i < c1) step(i, c1 - i);
           if constexpr (kNext) {
             wn = welford_merge(wn, recentred<T>(xn + c0, c1 - c0, k, shifted_partial<Acc>(k, s1, s2, c1 - c0)));
           }
