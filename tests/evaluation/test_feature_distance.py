@@ -145,7 +145,7 @@ def test_reference_cache_names_tell_backbones_apart(space, tmp_path, monkeypatch
     from types import SimpleNamespace
 
     import sgdm.evaluation.feature_distance as fdist
-    from sgdm.evaluation.evaluate import _Evaluator
+    from sgdm.evaluation.evaluate import _Evaluator, _ReferenceImages
 
     paths = []
     monkeypatch.setattr(fdist, "reference_stats", lambda space, batches, path: paths.append(path.name))
@@ -155,8 +155,9 @@ def test_reference_cache_names_tell_backbones_apart(space, tmp_path, monkeypatch
                 dataclasses.replace(b, weights_id="hub:vit_small_patch8_224.dino"),
                 dataclasses.replace(b, weights_id="hub:vit_small_patch8_224.dino", input_size=(32, 32))]
     for backbone in variants:
-        fake = SimpleNamespace(space=dataclasses.replace(space, backbone=backbone), dataset=images, data_key="d",
-                               ecfg=SimpleNamespace(reference_n=4, batch_size=2), cache=tmp_path, _ref_stats=None)
+        fake = SimpleNamespace(space=dataclasses.replace(space, backbone=backbone), data_key="d",
+                               _reference=_ReferenceImages([{"image": x} for x in images], 4, uint8=False),
+                               cache=tmp_path, _ref_stats=None)
         _Evaluator.reference_stats(fake)
     assert len(set(paths)) == 3 and all(":" not in p for p in paths), paths
 
@@ -169,13 +170,14 @@ def test_reference_cache_name_follows_the_feature_format(space, monkeypatch, tmp
 
     import sgdm.annotation.cache as feature_cache
     import sgdm.evaluation.feature_distance as fdist
-    from sgdm.evaluation.evaluate import _Evaluator
+    from sgdm.evaluation.evaluate import _Evaluator, _ReferenceImages
 
     names = []
     monkeypatch.setattr(fdist, "reference_stats", lambda space, batches, path: names.append(path.name))
     for version in (feature_cache.FEATURE_FORMAT, feature_cache.FEATURE_FORMAT + 1):
         monkeypatch.setattr(feature_cache, "FEATURE_FORMAT", version)
-        fake = SimpleNamespace(space=space, dataset=torch.zeros(4, 3, 16, 16), data_key="d",
-                               ecfg=SimpleNamespace(reference_n=4, batch_size=2), cache=tmp_path, _ref_stats=None)
+        images = [{"image": x} for x in torch.zeros(4, 3, 16, 16)]
+        fake = SimpleNamespace(space=space, data_key="d", _reference=_ReferenceImages(images, 4, uint8=False),
+                               cache=tmp_path, _ref_stats=None)
         _Evaluator.reference_stats(fake)
     assert names[0] != names[1], names
