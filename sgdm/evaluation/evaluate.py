@@ -34,6 +34,7 @@ from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
 from sgdm.evaluation.config import EvalConfig
 from sgdm.evaluation.ranks import Shares, agree, process_device, share
+from sgdm.evaluation.store_checks import check_store, check_store_extractor  # noqa: F401 (check_store_extractor: public here)
 from sgdm.launch import rank_world
 
 __all__ = ["evaluate_run", "load_run", "recorded_eval", "generate", "to_uint8", "write_results", "check_store_extractor"]
@@ -244,18 +245,22 @@ EVAL_FEATURE_KEYS = BackboneKeys("eval.feature_backbone", "eval.feature_backbone
 
 
 def _feature_space(cfg, ecfg: EvalConfig):
-    from sgdm.evaluation.feature_distance import load_feature_space
+    from sgdm.evaluation.feature_distance import annotation_space, load_feature_space
     from sgdm.devices import resolve_device
 
     a = cfg.annotation
-    backbone = ecfg.feature_backbone or a.backbone
-    kwargs = ecfg.feature_backbone_kwargs if ecfg.feature_backbone else dict(a.backbone_kwargs)
     own = bool(ecfg.feature_backbone or ecfg.feature_weights)  # eval's own extractor, not the annotation's
-    weights = ecfg.feature_weights if own else a.weights
+    device = resolve_device(ecfg.device, "eval.device")
     try:
         name = None if ecfg.feature_name is None else ecfg.feature_name.format(dataset=cfg.data.dataset)
-        return load_feature_space(backbone, weights, kwargs, name, resolve_device(ecfg.device, "eval.device"),
-                                  keys=EVAL_FEATURE_KEYS if own else None)
+        if not own:  # the annotation's extractor as annotate builds it, its input size included
+            return annotation_space(a, name, device)
+        if ecfg.feature_backbone:
+            return load_feature_space(ecfg.feature_backbone, ecfg.feature_weights, ecfg.feature_backbone_kwargs, name,
+                                      device, keys=EVAL_FEATURE_KEYS)
+        # other weights for the annotation's architecture: built as the annotation builds it
+        return load_feature_space(a.backbone, ecfg.feature_weights, dict(a.backbone_kwargs), name, device,
+                                  keys=EVAL_FEATURE_KEYS, image_size=a.image_size)
     except BackboneError as err:
         if own:
             raise
@@ -264,47 +269,6 @@ def _feature_space(cfg, ecfg: EvalConfig):
                             f"extractor of its own: --feature-extractor NAME --feature-weights FILE "
                             f"(eval.feature_backbone, eval.feature_weights); or leave fd out of --metrics "
                             f"(eval.metrics)") from None
-
-
-def check_store_extractor(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:
-    """Before sampling: adherence scores the samples with the run's ``annotation.backbone``,
-    ``backbone_kwargs`` and ``weights`` (:meth:`_Evaluator._annotation_space`), whose features the store's
-    clusters and segmenter f were fitted on; a store made with another extractor (its manifest's
-    ``extractor``, written by ``sgdm-ldm annotate``) would fail to load only after sampling, or score with
-    the wrong network. ConfigError naming each key that differs and both values. Ground-truth stores and
-    stores that record no extractor are not compared."""
-    from sgdm.annotation.features import file_sha256
-    from sgdm.annotation.store import AnnotationStore
-
-    a = cfg.annotation
-    if "adherence" not in metrics or cfg.model.guidance.kind not in ("box", "mask") or a.store is None:
-        return
-    store = AnnotationStore.open(a.store)
-    made = store.manifest.get("extractor")
-    if store.source != "self" or not made:
-        return
-    if a.weights is not None and not a.weights.is_file():
-        raise ConfigError("annotation.weights", f"file {a.weights} does not exist; adherence scores the samples "
-                                                f"with the encoder the annotation store {a.store} was made with "
-                                                f"({made.get('weights')})")
-    run = {"annotation.backbone": a.backbone, "annotation.backbone_kwargs": json.loads(json.dumps(a.backbone_kwargs))}
-    recorded = {"annotation.backbone": made.get("backbone"), "annotation.backbone_kwargs": made.get("backbone_kwargs") or {}}
-    sha = made.get("weights_sha256")
-    if sha and sha != "random":  # "random": a test store's untrained encoder, no file to compare
-        ours = f"hub:{a.backbone}" if a.weights is None else file_sha256(a.weights)
-        if ours != sha:
-            def named(path, digest):
-                return digest if digest.startswith("hub:") else f"{path} (sha256 {digest[:12]}...)"
-
-            run["annotation.weights"] = named(a.weights, ours)
-            recorded["annotation.weights"] = named(made.get("weights"), sha)
-    differ = [k for k in run if run[k] != recorded.get(k)]
-    if differ:
-        values = "; ".join(f"{k}: the run has {run[k]!r}, the store {recorded[k]!r}" for k in differ)
-        raise ConfigError("annotation", f"adherence would score the samples with another feature extractor than the "
-                                     f"one the annotation store {a.store} was made with ({a.store / 'manifest.json'}, "
-                                     f"'extractor'): {values}. Set these keys in {run_dir / 'config.yaml'} to the "
-                                     f"store's values, or leave adherence out of --metrics (eval.metrics)")
 
 
 class _Evaluator:
@@ -326,9 +290,15 @@ class _Evaluator:
                 check_inception_weights_load(ecfg.inception_weights)
             else:
                 fetch_inception_weights()  # torch-fidelity would download them only after sampling
-        check_store_extractor(cfg, ecfg.metrics, run_dir)
+        check_store(cfg, ecfg.metrics, run_dir)
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
+        if "adherence" in ecfg.metrics and cfg.model.guidance.kind in ("box", "mask"):
+            from sgdm.evaluation.store_checks import check_input_size
+
+            # built now: a backbone that cannot load, or one at another input size than the store's, stops
+            # the evaluation before sampling
+            check_input_size(cfg, self._annotation_space().backbone.input_size, run_dir)
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe
         self.dataset = build_dataset(cfg.data, train=False)
         self.data_key = _digest(recorded_data(cfg.data))
@@ -407,12 +377,11 @@ class _Evaluator:
             if self.ecfg.feature_backbone is None and self.ecfg.feature_weights is None and self.space is not None:
                 self._ann_space = self.space
             else:
-                from sgdm.evaluation.feature_distance import load_feature_space
+                from sgdm.evaluation.feature_distance import annotation_space
                 from sgdm.devices import resolve_device
 
-                a = self.cfg.annotation
-                self._ann_space = load_feature_space(a.backbone, a.weights, dict(a.backbone_kwargs), "annotation",
-                                                     resolve_device(self.ecfg.device, "eval.device"))
+                self._ann_space = annotation_space(self.cfg.annotation, "annotation",
+                                                   resolve_device(self.ecfg.device, "eval.device"))
         return self._ann_space
 
     def _adherence(self, images, conditions: EvalConditions, generator) -> dict:

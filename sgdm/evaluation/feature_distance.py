@@ -22,7 +22,7 @@ from sgdm.evaluation.metrics import GaussianStats, frechet_distance, gaussian_st
 if TYPE_CHECKING:
     from sgdm.annotation.features import BackboneKeys
 
-__all__ = ["FeatureSpace", "load_feature_space", "embed", "reference_stats", "feature_distance"]
+__all__ = ["FeatureSpace", "load_feature_space", "annotation_space", "embed", "reference_stats", "feature_distance"]
 
 
 @dataclass
@@ -51,17 +51,30 @@ def load_feature_space(
     name: str | None = None,
     device: str | torch.device = "cpu",
     keys: "BackboneKeys | None" = None,
+    image_size: int = 0,
 ) -> FeatureSpace:
     """Load ``backbone`` (timm name) with local ``weights``; ``name`` defaults to ``dino`` or the architecture.
-    ``keys``: the settings a backbone error names (default: the annotation section's)."""
+    ``keys``: the settings a backbone error names (default: the annotation section's). ``image_size``: the
+    input side (0: the backbone's own), as :func:`~sgdm.annotation.features.load_backbone` takes it."""
     from sgdm.annotation.features import ANNOTATION_KEYS, load_backbone
 
     if weights is not None and not pathlib.Path(weights).is_file():
         raise FileNotFoundError(f"feature extractor weights: file {weights} does not exist")
-    loaded = load_backbone(backbone, weights=weights, kwargs=kwargs, keys=keys or ANNOTATION_KEYS)
+    loaded = load_backbone(backbone, weights=weights, kwargs=kwargs, image_size=image_size,
+                           keys=keys or ANNOTATION_KEYS)
     device = torch.device(device)
     loaded.model.to(device)
     return FeatureSpace(loaded, name or _default_name(backbone), device)
+
+
+def annotation_space(annotation, name: str | None = None, device: str | torch.device = "cpu") -> FeatureSpace:
+    """The feature extractor of the ``annotation:`` section (an
+    :class:`~sgdm.annotation.config.AnnotationConfig`): ``backbone``, ``backbone_kwargs``, ``weights`` and
+    ``image_size``, the four settings ``sgdm-ldm annotate`` builds its extractor from, so that samples are
+    resized and normalised (:func:`~sgdm.annotation.features.preprocess`) as the store's images were.
+    :func:`~sgdm.evaluation.store_checks.check_store_extractor` compares the result with the store's record."""
+    return load_feature_space(annotation.backbone, annotation.weights, dict(annotation.backbone_kwargs), name, device,
+                              image_size=annotation.image_size)
 
 
 @torch.no_grad()

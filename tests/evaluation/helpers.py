@@ -35,22 +35,24 @@ def tiny_config(tmp: pathlib.Path, kind: str = "label", **extra) -> dict:
     return cfg
 
 
-def make_run(tmp: pathlib.Path, kind: str = "label", export: bool = True) -> pathlib.Path:
-    """Write run dir with config.yaml, (optionally) pipeline/ and its annotation store and encoder."""
+def make_run(tmp: pathlib.Path, kind: str = "label", export: bool = True, **extra) -> pathlib.Path:
+    """Write run dir with config.yaml, (optionally) pipeline/ and its annotation store and encoder;
+    ``extra``: sections of :func:`tiny_config` updated key by key (the encoder follows the annotation's)."""
     from sgdm.annotation.store import write_store
     from sgdm.config.schema import ExperimentConfig
     from sgdm.data import build_dataset
     from sgdm.features_pretrain.train import build_backbone, save_backbone
     from sgdm.pipeline import SelfGuidedPipeline
 
-    cfg = from_dict(ExperimentConfig, tiny_config(tmp, kind))
+    cfg = from_dict(ExperimentConfig, tiny_config(tmp, kind, **extra))
     run_dir = cfg.run.path
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; keep it local
         torch.manual_seed(0)
         if not cfg.annotation.weights.is_file():
-            save_backbone(build_backbone("vit_tiny_patch16_224", TINY_VIT), cfg.annotation.weights, "vit_tiny_patch16_224", TINY_VIT)
+            a = cfg.annotation
+            save_backbone(build_backbone(a.backbone, a.backbone_kwargs), a.weights, a.backbone, a.backbone_kwargs)
         if export:
             SelfGuidedPipeline.from_config(to_dict(cfg)).save_pretrained(run_dir / "pipeline")
     if kind != "none":
@@ -78,3 +80,32 @@ class RandomImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"image": self.x[i], "id": str(i)}
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) and key != "backbone_kwargs" else value
+    return out
+
+
+def record_annotation(run_dir: pathlib.Path, extractor: dict | None = None, params: dict | None = None,
+                      **manifest) -> dict:
+    """Write into the run's store manifest what ``sgdm-ldm annotate`` records: the ``extractor`` and the
+    ``params`` the store was made with (the run's own, with these changes; ``params`` merged key by key)
+    and other manifest keys. Returns the manifest."""
+    import json
+
+    from sgdm.annotation.features import file_sha256
+    from sgdm.config.schema import load_recorded
+
+    a = load_recorded(run_dir / "config.yaml").annotation
+    path = a.store / "manifest.json"
+    data = json.loads(path.read_text())
+    data["extractor"] = {"backbone": a.backbone, "backbone_kwargs": dict(a.backbone_kwargs), "weights": str(a.weights),
+                         "weights_sha256": file_sha256(a.weights), "input_size": [16, 16], **(extractor or {})}
+    if params is not None:
+        data["params"] = _merged(json.loads(json.dumps(to_dict(a), default=str)), params)
+    data.update(manifest)
+    path.write_text(json.dumps(data))
+    return data

@@ -1,25 +1,13 @@
 """Adherence scores the samples with the run's annotation extractor: one that is not the extractor the
 annotation store was made with (its manifest's ``extractor``) stops the evaluation before sampling."""
-import json
-
 import pytest
 
 from sgdm.cli.main import main
-from tests.evaluation.helpers import TINY_VIT, make_run
+from tests.evaluation.helpers import TINY_VIT, make_run, record_annotation
 
 
 def _record_extractor(run_dir, **changes):
-    """Write the extractor ``sgdm-ldm annotate`` records into the run's store manifest, with ``changes``."""
-    from sgdm.annotation.features import file_sha256
-    from sgdm.config.schema import load_recorded
-
-    a = load_recorded(run_dir / "config.yaml").annotation
-    path = a.store / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["extractor"] = {"backbone": a.backbone, "backbone_kwargs": dict(TINY_VIT), "weights": str(a.weights),
-                             "weights_sha256": file_sha256(a.weights), "input_size": [16, 16], **changes}
-    path.write_text(json.dumps(manifest))
-    return a
+    return record_annotation(run_dir, extractor=changes)
 
 
 @pytest.mark.parametrize("changes, key, shown", [
