@@ -57,20 +57,23 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"RUN {run_dir}: no config.yaml there; pass a training run directory (run.dir/run.name)")
+    from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
+
     cfg = load_recorded(run_dir / "config.yaml")
     pipeline_dir = run_dir / "pipeline"
-    if not pipeline_dir.exists():
-        from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
-
-        ckpt = checkpoint_for(run_dir)  # a stopped or running run: its newest checkpoint's EMA weights
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"RUN {run_dir}: no EMA weights ({pipeline_dir} is missing and {run_dir / 'checkpoints'} holds no "
-                "valid checkpoint); evaluation uses the EMA weights that training saves"
-            )
+    # the weights `sgdm-ldm sample` takes: a stopped or running run's newest checkpoint, and that of a run
+    # continued past its export (whose pipeline/ holds the earlier end's weights)
+    ckpt = checkpoint_for(run_dir)
+    if ckpt is None and not pipeline_dir.exists():
+        raise FileNotFoundError(
+            f"RUN {run_dir}: no EMA weights ({pipeline_dir} is missing and {run_dir / 'checkpoints'} holds no "
+            "valid checkpoint); evaluation uses the EMA weights that training saves"
+        )
+    if ckpt is not None:
         pipe, step = pipeline_from_checkpoint(ckpt)
         if rank_world()[0] == 0:
-            _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run has not exported pipeline/)")
+            why = "is older" if pipeline_dir.exists() else "is not there"
+            _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run's exported pipeline/ {why})")
         return cfg, pipe.to(device)
     from sgdm.pipeline import SelfGuidedPipeline
 
@@ -319,10 +322,12 @@ class _Evaluator:
             b = self.space.backbone
             # the whole identity of the features: hub names share long prefixes (hub:vit_small_patch16_224.dino,
             # hub:vit_small_patch8_224.dino), backbone_kwargs change the architecture, not the name, and
-            # FEATURE_FORMAT changes with what extraction returns for the same weights
+            # FEATURE_FORMAT changes with what extraction returns for the same weights; the device type
+            # decides the precision (extract runs CUDA under bfloat16 autocast), so a CPU evaluation
+            # does not measure its fp32 samples against statistics of bf16 features
             backbone_key = _digest([b.name, b.weights_id, b.input_size, b.mean, b.std,
                                     [list(t.shape) for t in b.model.state_dict().values()],
-                                    feature_cache.FEATURE_FORMAT])
+                                    feature_cache.FEATURE_FORMAT, self.space.device.type])
             name = f"fd-{self.space.name}-{self.data_key}-{backbone_key}-n{len(ref)}.pt"
             self._ref_stats = reference_stats(self.space, ref.batches(), self.cache / name)
         return self._ref_stats

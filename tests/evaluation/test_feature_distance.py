@@ -181,3 +181,23 @@ def test_reference_cache_name_follows_the_feature_format(space, monkeypatch, tmp
                                cache=tmp_path, _ref_stats=None)
         _Evaluator.reference_stats(fake)
     assert names[0] != names[1], names
+
+
+def test_reference_cache_name_follows_the_extraction_precision(space, monkeypatch, tmp_path):
+    """Features extracted on CUDA run under bfloat16 autocast, on the CPU in float32: statistics cached
+    by an evaluation on one must not be read by one on the other, which measures its samples' features
+    at the other precision. (No GPU needed: the statistics themselves are not computed.)"""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import sgdm.evaluation.feature_distance as fdist
+    from sgdm.evaluation.evaluate import _Evaluator, _ReferenceImages
+
+    names = []
+    monkeypatch.setattr(fdist, "reference_stats", lambda space, batches, path: names.append(path.name))
+    for device in ("cpu", "cuda"):
+        images = [{"image": x} for x in torch.zeros(4, 3, 16, 16)]
+        fake = SimpleNamespace(space=dataclasses.replace(space, device=torch.device(device)), data_key="d",
+                               _reference=_ReferenceImages(images, 4, uint8=False), cache=tmp_path, _ref_stats=None)
+        _Evaluator.reference_stats(fake)
+    assert names[0] != names[1], names
