@@ -495,10 +495,19 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         raise
     if rank != 0:
         return None
+    ann = evaluator._ann_space
     results = {
         "run": str(run_dir), "guidance": cfg.model.guidance.kind, "n": ecfg.n, "sampler": ecfg.sampler,
-        "steps": ecfg.steps, "eta": ecfg.eta, "weights": "ema",
+        "steps": ecfg.steps, "eta": ecfg.eta,
+        # the spacing the sampler ran with (eval.spacing unset: the run's sampler.spacing or the sampler's
+        # default, as the pipeline resolves it)
+        "spacing": pipe._solver(ecfg.steps, ecfg.sampler, ecfg.eta, ecfg.spacing)[3], "weights": "ema",
+        "annotation_store": None if cfg.model.guidance.kind == "none" else str(cfg.annotation.store),
         "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
+        # what re-annotated the samples for adherence (the store's extractor, checked before sampling)
+        "adherence_extractor": None if ann is None else {"backbone": ann.backbone.name,
+                                                         "weights": ann.backbone.weights_id,
+                                                         "input_size": list(ann.backbone.input_size)},
         "inception_weights": None if ecfg.inception_weights is None else str(ecfg.inception_weights),
         # the size of the reference set the distances were measured against: eval.reference_n is
         # capped at the dataset's size (eval_config keeps the value asked for)
@@ -577,8 +586,9 @@ def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> p
     from sgdm.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    spacing = f" ({results['spacing']} spacing)" if results.get("spacing") else ""
     head = (f"# Evaluation of {results['run']}\n\nEMA weights, {results['n']} samples, {results['sampler']} "
-            f"{results['steps']} steps, eta {results['eta']}, guidance: {results['guidance']}"
+            f"{results['steps']} steps{spacing}, eta {results['eta']}, guidance: {results['guidance']}"
             + (f"; reference set: the first {results['reference_images']} training images"
                if results.get("reference_images") else "") + ".\n"
             "`fd_<name>` is the Frechet distance in that feature extractor's space (not FID).\n\n")

@@ -15,6 +15,7 @@ def test_eval_with_local_inception_writes_json_and_markdown(tmp_path, inception_
     assert code == 0
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["sampler"] == "ddpm" and results["steps"] == 2 and results["n"] == 4 and results["weights"] == "ema"
+    assert results["spacing"] == "linspace" and results["adherence_extractor"] is None  # label: no adherence
     (row,) = results["results"]
     assert row["guidance_scale"] == 3.0
     assert {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "fd_tiny"} <= set(row)
@@ -38,10 +39,16 @@ def test_eval_sweep_plots_metric_against_scale(tmp_path):
 
 
 def test_eval_box_run_reports_layout_adherence(tmp_path):
-    run_dir = make_run(tmp_path, "box")
+    run_dir = make_run(tmp_path, "box", sampler={"spacing": "trailing"})
     assert main(["eval", str(run_dir), "--metrics", "fd,adherence", "--guidance-scale", "1.5"]) == 0
-    row = json.loads((run_dir / "eval" / "results.json").read_text())["results"][0]
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    row = results["results"][0]
     assert row["guidance_scale"] == 1.5 and 0 <= row["box_iou"] <= 1 and "box_hit50" in row
+    # how the samples were drawn and re-annotated: the spacing the run's sampler config resolves to
+    # (eval.spacing unset) and the extractor f ran on
+    assert results["spacing"] == "trailing" and "(trailing spacing)" in (run_dir / "eval" / "results.md").read_text()
+    assert results["adherence_extractor"]["input_size"] == [16, 16]
+    assert results["annotation_store"] == str(tmp_path / "store-box")
 
 
 
