@@ -49,6 +49,21 @@ def test_adherence_extractor_is_built_at_the_annotation_image_size(tmp_path, mon
     assert seen["input_size"] == (16, 16)
 
 
+def test_fd_on_the_annotation_backbone_takes_the_annotation_image_size(tmp_path):
+    # fd's default space is the annotation's extractor (the one adherence reuses), and other weights for the
+    # annotation's architecture (--feature-weights alone) are built at its input size too
+    import dataclasses
+
+    from sgdm.config.schema import load_recorded
+    from sgdm.evaluation.evaluate import _feature_space, recorded_eval
+
+    run_dir = make_run(tmp_path, "box", annotation={"backbone_kwargs": SIZELESS_VIT, "image_size": 16})
+    cfg, ecfg = load_recorded(run_dir / "config.yaml"), recorded_eval(run_dir)
+    assert _feature_space(cfg, ecfg).backbone.input_size == (16, 16)
+    own = dataclasses.replace(ecfg, feature_weights=cfg.annotation.weights)
+    assert _feature_space(cfg, own).backbone.input_size == (16, 16)
+
+
 def test_store_made_at_another_input_size_stops_before_sampling(tmp_path, capsys, no_sampling):
     run_dir = make_run(tmp_path, "box")
     record_annotation(run_dir, extractor={"input_size": [32, 32]})
