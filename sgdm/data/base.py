@@ -106,6 +106,12 @@ class ImageDataset(Dataset):
         """Decode item ``index``; raise :class:`BadImageError` when it cannot be read."""
         raise NotImplementedError
 
+    def item_files(self, index: int) -> tuple[str, ...]:
+        """The files item ``index`` alone is read from (its image, and its mask or annotation file where it
+        has its own); empty for items without files of their own (generated, in an LMDB). A run records
+        their sizes to notice a file replaced in place (:mod:`sgdm.data.files`)."""
+        return ()
+
     def read(self, source: str, data: Optional[bytes] = None, **fields: Any) -> RawSample:
         """The image file ``source`` (or its bytes ``data``) as a :class:`RawSample` with ``fields``,
         turned upright when ``exif_orientation`` is ``"apply"``."""

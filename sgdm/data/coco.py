@@ -122,6 +122,9 @@ class Coco20kDataset(ImageDataset):
     def source(self, index: int) -> str:
         return str(self.image_dir / Path(self.files[self.image_ids[index]]).name)
 
+    def item_files(self, index: int) -> tuple[str, ...]:
+        return (self.source(index),)  # its boxes are in data.annotation_file, one file for all
+
     def load(self, index: int) -> RawSample:
         objects = self.objects[self.image_ids[index]]
         boxes = np.array([b for b, _ in objects], dtype=np.float64).reshape(-1, 4)
@@ -165,6 +168,9 @@ class CocoStuff27Dataset(ImageDataset):
 
     def source(self, index: int) -> str:
         return str(self.image_dir / f"{self.ids[index]}.jpg")
+
+    def item_files(self, index: int) -> tuple[str, ...]:
+        return self.source(index), str(self.mask_dir / f"{self.ids[index]}.png")
 
     def load(self, index: int) -> RawSample:
         sample = self.read(self.source(index))  # the stored grid ("apply" is refused); its EXIF orientation noted

@@ -171,6 +171,9 @@ class FileDataset(ImageDataset):
     def source(self, index: int) -> str:
         return str(self.root / self.ids[index])
 
+    def item_files(self, index: int) -> tuple[str, ...]:
+        return (self.source(index),)
+
     def load(self, index: int) -> RawSample:
         return self.read(self.source(index), label=None if self.labels is None else self.labels[index])
 

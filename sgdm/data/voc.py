@@ -60,6 +60,11 @@ class VocDataset(ImageDataset):
     def source(self, index: int) -> str:
         return str(self.root / "JPEGImages" / f"{self.ids[index]}.jpg")
 
+    def item_files(self, index: int) -> tuple[str, ...]:
+        image_id = self.ids[index]
+        return (self.source(index), str(self.root / "Annotations" / f"{image_id}.xml"),
+                str(self.root / "SegmentationClass" / f"{image_id}.png"))
+
     def load(self, index: int) -> RawSample:
         sample = self.read(self.source(index))  # the stored grid ("apply" is refused); its EXIF orientation noted
         sample.boxes, sample.box_labels = self._objects(self.ids[index])
