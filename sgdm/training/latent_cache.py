@@ -5,7 +5,7 @@ parameters (mean, logvar) of both, so training still draws a fresh latent
 sample each step (from the step's generator) and the flip decision stays the
 trainer's. Layout of the cache directory::
 
-    manifest.json          fingerprint, number of samples, shard size, ids
+    manifest.json          fingerprint, number of samples, shard size, ids, digest of ids and file sizes
     shard-XXXXX.safetensors mean, logvar, mean_flip, logvar_flip: [n, C, h, w] float32
 
 Rows follow dataset indices, so the trainer's data order (:mod:`sgdm.training.data_order`) reads the
@@ -16,7 +16,8 @@ exactly as training from the images does.
 Shards are written atomically and in order; an interrupted encode resumes at
 the first missing shard. The fingerprint covers the data config (not where the images are:
 ``LOCATIONS``) and the first-stage weights, and the manifest's ids must be the dataset's (images added or removed under the
-same settings), so a stale cache is rebuilt rather than silently reused: in the run's own directory
+same settings) and their file sizes the same (an image replaced in place under its name: :mod:`sgdm.data.files`),
+so a stale cache is rebuilt rather than silently reused: in the run's own directory
 (``RUN/latents``); a ``train.cache_dir`` the config names may be shared by runs, so a stale cache
 there is refused instead of deleted under a run that may be reading it.
 One process at a time builds (the lock file ``.lock``): the ranks that torchrun starts together
@@ -125,8 +126,9 @@ def _write_shard(directory, index, dataset, lo, hi, first_stage, device, batch_s
 
 
 @torch.no_grad()
-def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
-    """Build (or finish) the cache for ``cfg`` and return its directory.
+def ensure_latent_cache(cfg, first_stage, batch_size: int = 32, dataset=None) -> pathlib.Path:
+    """Build (or finish) the cache for ``cfg`` and return its directory. ``dataset``: the training images,
+    when built already (else built here).
 
     Under the directory's lock: a process that finds another one building waits for it, then finds
     the cache complete (or finishes what an interrupted build left)."""
@@ -134,14 +136,15 @@ def ensure_latent_cache(cfg, first_stage, batch_size: int = 32) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(directory / ".lock", f"the latent cache {directory}"):
         clean_leftovers(directory)  # shards of an interrupted write; no one else writes while we hold the lock
-        _build(cfg, first_stage, directory, batch_size)
+        _build(cfg, first_stage, directory, batch_size, dataset)
     return directory
 
 
-def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
+def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int, dataset=None) -> None:
     from sgdm.training.data import build_image_dataset
 
-    dataset = build_image_dataset(cfg.data, cfg.run.seed)
+    dataset = dataset if dataset is not None else build_image_dataset(cfg.data, cfg.run.seed)
+    files = _files_digest(dataset)
     first_stage = first_stage.eval()
     device = next(first_stage.parameters()).device
     side = cfg.data.size // first_stage.cfg.downsample_factor
@@ -154,17 +157,22 @@ def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
             cfg.data, first_stage, locations=True):
         manifest["fingerprint"] = fp  # written before LOCATIONS were left out: the same settings
         atomic_write_text(manifest_path, json.dumps(manifest))
+    if manifest and "files_sha256" not in manifest and _same_images(manifest, dataset):
+        manifest["files_sha256"] = files  # written before sizes were recorded: nothing to compare them with
+        atomic_write_text(manifest_path, json.dumps(manifest))
     stale = manifest.get("fingerprint") != fp or manifest.get("shard_size") != shard
-    if stale or not _same_images(manifest, dataset):
+    if stale or not _same_images(manifest, dataset) or manifest.get("files_sha256") != files:
         if manifest and cfg.train.cache_dir is not None:
             # a directory the config names may be shared: another run may be reading these shards
             raise ConfigError("train.cache_dir", f"{directory} holds the latents of other data settings or another "
-                                                 f"first stage (or of other images, or train.cache_shard_size "
+                                                 f"first stage (or of other images, or of images since replaced in "
+                                                 f"place, or train.cache_shard_size "
                                                  f"{manifest.get('shard_size')}), perhaps in use by another run; "
                                                  f"give this run its own directory, or delete that one to rebuild it")
         for old in directory.glob("shard-*.safetensors"):
             old.unlink()
-        manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False}
+        manifest = {"fingerprint": fp, "num_samples": len(dataset), "shard_size": shard, "ids": [], "complete": False,
+                    "files_sha256": files}
     if manifest["complete"]:  # (the loop below would rewrite a partial last shard)
         return
     num_shards = (len(dataset) + shard - 1) // shard
@@ -174,6 +182,14 @@ def _build(cfg, first_stage, directory: pathlib.Path, batch_size: int) -> None:
                                                  latent_shape))
         manifest["complete"] = index == num_shards - 1
         atomic_write_text(manifest_path, json.dumps(manifest))
+
+
+def _files_digest(dataset) -> Optional[str]:
+    """Digest of ``dataset``'s ids and file sizes; None for a dataset without files per item."""
+    from sgdm.data.files import files_hash, item_sizes
+
+    sizes = item_sizes(dataset)
+    return None if sizes is None else files_hash(dataset.ids, sizes)
 
 
 def _same_images(manifest: dict, dataset) -> bool:

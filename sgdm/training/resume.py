@@ -11,11 +11,13 @@ those count at the value the older run read its data with (a run saved before
 
 A path setting of :data:`MOVABLE` may differ when what it points to is the same: a dataset copied to
 node-local scratch (a new ``$TMPDIR`` per job), a run moved to another file system. Every start records
-in the run directory what each path held (:class:`Identity`: the dataset's ids in order and their number,
-the annotation store's content digest, the first-stage file's sha256); a resume with a moved path
-compares what the new path holds with that record, goes on saying so in one line when they are equal, and
-refuses, naming the key, both values and what differs, when not. A run directory without the record
-(started by an older sgdm) keeps refusing a moved path, saying how to record it.
+in the run directory what each path held (:class:`Identity`: the dataset's ids in order, their number
+and file sizes, the annotation store's content digest, the first-stage file's sha256); a resume with a
+moved path compares what the new path holds with that record, goes on saying so in one line when they are
+equal, and refuses, naming the key, both values and what differs, when not. A run directory without the
+record (started by an older sgdm) keeps refusing a moved path, saying how to record it. The dataset and
+the store are compared at an unmoved path too (:mod:`sgdm.training.dataset_record`, the caller's
+store check): files change in place.
 
 Beyond the config: a run directory belongs to the trainer that wrote its checkpoints
 (:func:`check_checkpoint_trainer`), whose weights fit the networks built now (:func:`check_checkpoint_fits`),
@@ -91,12 +93,13 @@ class Identity:
     what: str
 
 
-DATASET = Identity("dataset.json", ("num_images", "ids_sha256"), "images (the dataset's ids, in order)")
+DATASET = Identity("dataset.json", ("num_images", "ids_sha256", "files_sha256"),
+                   "images (the dataset's ids, in order, and their file sizes)")
 STORE = Identity("annotation_store.json", ("sha256",), "annotations (the store's content digest)")
 FIRST_STAGE = Identity("first_stage.json", ("sha256",), "first-stage weights (the file's sha256)")
 
 # path setting -> what it must still point to for a resume to accept it moved. The dataset is known by
-# its ids, not by file sizes and times (a copy changes those; a stat of 1.28M files would take minutes)
+# its ids and file sizes, not by modification times (a copy changes those) nor contents (hours to read)
 MOVABLE: dict[str, Identity] = {
     "data.root": DATASET,
     "data.list_file": DATASET,  # it decides the ids and nothing else
@@ -135,11 +138,14 @@ def _short(value: Any) -> str:
 
 
 def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer: str = "diffusion",
-                            identities: Optional[Mapping[str, Callable[[], Optional[dict]]]] = None) -> None:
+                            identities: Optional[Mapping[str, Callable[[], Optional[dict]]]] = None,
+                            explain: Optional[Mapping[str, Callable[[dict, dict], str]]] = None) -> None:
     """Refuse to resume with a setting that would change the run; the error names the first differing key.
 
     ``identities``: :attr:`Identity.record` -> what the new config's paths hold now (None: nothing there),
-    asked only for a moved path of :data:`MOVABLE`; without it a moved path is refused like any setting."""
+    asked only for a moved path of :data:`MOVABLE`; without it a moved path is refused like any setting.
+    ``explain``: :attr:`Identity.record` -> (recorded, now) -> what differs, in words (default: the
+    fields that differ)."""
     import yaml
 
     if not saved.is_file():
@@ -159,7 +165,7 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer:
         raise ConfigError(key, f"differs from the run's saved config {saved} ({_short(before)} -> {_short(after)})"
                                f"{more}; resuming would not continue the same run. Use the saved value or start a "
                                f"new run.name")
-    accepted = [_check_moved(key, before, after, saved, identities) for key, before, after in moved]
+    accepted = [_check_moved(key, before, after, saved, identities, explain or {}) for key, before, after in moved]
     from sgdm.launch import current
 
     if accepted and current().is_first:
@@ -170,7 +176,8 @@ def check_resume_compatible(cfg: ExperimentConfig, saved: pathlib.Path, trainer:
 
 
 def _check_moved(key: str, before: Any, after: Any, saved: pathlib.Path,
-                 identities: Mapping[str, Callable[[], Optional[dict]]]) -> str:
+                 identities: Mapping[str, Callable[[], Optional[dict]]],
+                 explain: Mapping[str, Callable[[dict, dict], str]]) -> str:
     """The line that accepts path ``key`` moved from ``before`` to ``after``, when it holds what the run's
     record says; else the ConfigError naming the key, both values and what differs."""
     identity = MOVABLE[key]
@@ -188,13 +195,16 @@ def _check_moved(key: str, before: Any, after: Any, saved: pathlib.Path,
         raise ConfigError(key, f"{change}, and {after} holds none of the {identity.what} recorded in {record}; "
                                f"resuming would not continue the same run. Use the saved value or start a new "
                                f"run.name")
+    # a field the record lacks (written before it was recorded) is not compared
+    fields = [field for field in identity.fields if field in recorded]
     differs = [f"{field} {_short(now.get(field))} (recorded {_short(recorded.get(field))})"
-               for field in identity.fields if now.get(field) != recorded.get(field)]
+               for field in fields if now.get(field) != recorded.get(field)]
     if differs:
+        what = explain[identity.record](recorded, now) if identity.record in explain else ", ".join(differs)
         raise ConfigError(key, f"{change}, and {after} holds other {identity.what} than recorded in {record}: "
-                               f"{', '.join(differs)}; resuming would not continue the same run. Use the saved "
-                               f"value or start a new run.name")
-    same = ", ".join(f"{field} {str(now[field])[:12]}" for field in identity.fields)  # a digest's first digits
+                               f"{what}; resuming would not continue the same run. Use the saved value or start a "
+                               f"new run.name")
+    same = ", ".join(f"{field} {str(now[field])[:12]}" for field in fields[:2])  # a digest's first digits
     return f"sgdm: {key} moved ({before} -> {after}): accepted, it holds the same {identity.what} as {record} " \
            f"records ({same})"
 

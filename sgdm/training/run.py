@@ -3,7 +3,8 @@
 Run directory layout (``run.dir/run.name``)::
 
     config.yaml            the resolved config of the latest start
-    dataset.json           the training images' number and ids digest (a resume with a moved data.root checks it)
+    dataset.json           the training images' number, ids and file sizes digests (a resume checks them)
+    dataset_files.json.gz  their ids and file sizes, to name what changed (sgdm.training.dataset_record)
     annotation_store.json  the annotation store's path and content digest (guided runs; a resume checks it)
     first_stage.json       model.autoencoder.checkpoint's path and sha256 (a resume with it moved checks it)
     checkpoints/           step-XXXXXXXX.ckpt, written atomically (see sgdm.training.checkpoint)
@@ -69,13 +70,19 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
     if ckpt is not None:
         _say_passed_over(existing, ckpt)
     store = _annotation_store_digest(cfg) if trainer == "diffusion" else None
-    identities = _identities(cfg, trainer, dataset, store)
+    images = _training_images(cfg, dataset)
+    identities = _identities(cfg, trainer, images, store)
     if ckpt is not None:
+        from sgdm.training.dataset_record import check_same_images, describe_change
+
         check_checkpoint_trainer(ckpt, trainer)
-        check_resume_compatible(cfg, run_dir / "config.yaml", trainer, identities)
+        explain = {DATASET.record: lambda recorded, now: describe_change(run_dir, recorded, now, images())}
+        check_resume_compatible(cfg, run_dir / "config.yaml", trainer, identities, explain)
         _check_same_store(run_dir / STORE_RECORD, store)
+        check_same_images(run_dir, identities[DATASET.record](), images(), cfg.data)
     if _first_process():
         from sgdm.atomic import atomic_write_text
+        from sgdm.training.dataset_record import write_listing
 
         if ckpt is not None:
             keep_earlier_metrics(run_dir / "logs")
@@ -85,23 +92,31 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, trainer: str = "diffusi
             held = identity()
             if held is not None:
                 atomic_write_text(run_dir / name, json.dumps(held, indent=1))
+        write_listing(run_dir, images(), identities[DATASET.record]())
     return ckpt
+
+
+def _training_images(cfg: ExperimentConfig, dataset):
+    """The training images: ``dataset`` when built already, else built once when first asked for."""
+    import functools
+
+    from sgdm.training.data import build_image_dataset
+
+    return functools.cache(lambda: dataset if dataset is not None else build_image_dataset(cfg.data, cfg.run.seed))
 
 
 def _identities(cfg: ExperimentConfig, trainer: str, dataset, store: Optional[dict]) -> dict:
     """:attr:`~sgdm.training.resume.Identity.record` -> what the config's paths hold now (None: nothing
     to record), each computed once and only when asked: by the first process, which records them, and by
-    the resume check of a moved path (:func:`~sgdm.training.resume.check_resume_compatible`)."""
+    the resume checks (:func:`~sgdm.training.resume.check_resume_compatible`,
+    :func:`~sgdm.training.dataset_record.check_same_images`). ``dataset``: the training images, when asked."""
     import functools
 
     @functools.cache
     def images() -> dict:
-        from sgdm.annotation.store import ids_hash
-        from sgdm.training.data import build_image_dataset
+        from sgdm.training.dataset_record import record
 
-        built = dataset if dataset is not None else build_image_dataset(cfg.data, cfg.run.seed)
-        return {"root": None if cfg.data.root is None else str(cfg.data.root), "num_images": len(built.ids),
-                "ids_sha256": ids_hash(built.ids)}
+        return record(dataset(), cfg.data.root)
 
     @functools.cache
     def first_stage() -> Optional[dict]:
@@ -421,7 +436,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
         # a new run dir, a deleted cache) is rebuilt
         from sgdm.training.latent_cache import ensure_latent_cache
 
-        ensure_latent_cache(cfg, module.first_stage)
+        ensure_latent_cache(cfg, module.first_stage, dataset=dataset)
     if ckpt is None:
         from sgdm.training.scale import ensure_scale_factor
 

@@ -68,8 +68,8 @@ def test_a_dataset_copied_to_another_root_is_resumed_saying_so(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("change, differs", [
-    (lambda root: (root / "img_5.png").unlink(), "num_images 5 (recorded 6)"),
-    (lambda root: (root / "img_5.png").rename(root / "img_9.png"), "ids_sha256 "),
+    (lambda root: (root / "img_5.png").unlink(), "1 removed (img_5.png)"),
+    (lambda root: (root / "img_5.png").rename(root / "img_9.png"), "1 added (img_9.png), 1 removed (img_5.png)"),
 ])
 def test_a_moved_dataset_of_other_images_is_refused_naming_what_differs(tmp_path, change, differs):
     first, copy = tmp_path / "a", tmp_path / "b"
@@ -81,7 +81,7 @@ def test_a_moved_dataset_of_other_images_is_refused_naming_what_differs(tmp_path
         _resume(_folder_config(tmp_path, copy))
     text = str(err.value)
     assert err.value.key == "data.root" and f"({str(first)!r} -> {str(copy)!r})" in text
-    assert f"{copy} holds other images (the dataset's ids, in order) than recorded in " \
+    assert f"{copy} holds other images (the dataset's ids, in order, and their file sizes) than recorded in " \
            f"{run.run.path / 'dataset.json'}: {differs}" in text
 
 
