@@ -15,7 +15,10 @@ Stages (paper Sec. 3.2, Eq. 6):
    ``annotation.stego.crf``, refined by a dense CRF on the images, read again
    a batch at a time); k-means and the STEGO head's training run
    data-parallel across ranks (the cluster probe is fitted on rank 0, every
-   rank assigns a share of the images);
+   rank assigns a share of the images). ``mask`` resumes too, by rerunning
+   the same command (:mod:`sgdm.annotation.resume`): the head's training from
+   its last checkpoint in ``STORE/work``, the fitted f saved there before any
+   mask is assigned, and the masks a chunk of images at a time;
 3. rank 0 writes the store (:mod:`sgdm.annotation.store`) and, with
    ``evaluate``, scores it against whatever ground truth the dataset has; the
    other ranks wait for it (up to :data:`WAIT_TIMEOUT`, not torch's default).
@@ -31,7 +34,10 @@ bytes, 35 GB for COCO's 118k images at ViT-B/16) are never loaded whole: they
 are read from the memory-mapped shards a batch at a time
 (:class:`~sgdm.annotation.patches.ShardPatches`); the class maps (N x h x w
 bytes) are gathered on rank 0. Feature shards stay in ``STORE/work`` so that
-re-clustering with another K or method skips extraction.
+re-clustering with another K or method skips extraction, and so does the STEGO
+head's last checkpoint (a rerun with another K, k-means, mask size or CRF skips
+its training); the fitted f and the mask chunks there are deleted once the
+store holds them.
 """
 from __future__ import annotations
 
@@ -55,6 +61,8 @@ from sgdm.annotation.ground_truth import ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_feature_flags, lost_from_features
 from sgdm.annotation.patches import ShardPatches
+from sgdm.annotation.resume import (HEAD_FILE, MASKS_DIR, SEGMENTER_FIT_FILE, HeadCheckpoint, MaskChunks, digest,
+                                    from_rank0, load_fitted, remove_intermediates, save_fitted)
 from sgdm.annotation.stego import fit_segmenter, segment
 from sgdm.annotation.store import MANIFEST, SEGMENTER_FILE, ids_hash, write_store
 from sgdm.config.core import ConfigError, to_dict
@@ -362,8 +370,46 @@ def _advance(bar, done: int, total: int) -> None:
     bar.update(done - bar.n)
 
 
+def _features_identity(cache, n_shards: int) -> str:
+    """A digest of the features a head checkpoint, fitted segmenter or mask chunk was made from: the cache's
+    fingerprint and each shard's metadata (its image files' stamps, precision and format, which change when a
+    shard is extracted again)."""
+    from safetensors import safe_open
+
+    shards = []
+    for s in range(n_shards):
+        with safe_open(str(cache.path(s)), framework="pt") as handle:
+            shards.append(handle.metadata() or {})
+    return digest({"fingerprint": cache.fingerprint, "shards": shards})
+
+
+# steps of STEGO head training between two checkpoints: each costs one write of the head and its Adam moments
+# (8 MB at ViT-B/16 and dim 70), and at most this many steps are trained again after a crash
+HEAD_CHECKPOINT_STEPS = 200
+# images of one mask chunk file: the work lost to a crash (with the dense CRF, ~3 s an image at mask_size 64) and
+# what ranks may finish apart; 256 maps of 64x64 are 1 MB
+MASK_CHUNK_ROWS = 256
+
+
+def _fitted_segmenter(work: pathlib.Path, features: str, patches, cls, k: int, stego_cfg, a: AnnotationConfig,
+                      generator, device, log, distributed: bool):
+    """f for the masks: the one fitted before in ``work`` from the same features and settings, or one fitted
+    now (the STEGO head's training checkpointed in ``work``), saved there before any mask is assigned."""
+    rank, world = rank_world() if distributed else (0, 1)
+    identity = {"features": features, "num_classes": k, "stego": to_dict(stego_cfg), "kmeans": to_dict(a.kmeans),
+                "seed": a.seed, "world_size": world}
+    segmenter = from_rank0(lambda: load_fitted(work / SEGMENTER_FIT_FILE, identity, log), rank, world)
+    if segmenter is None:
+        checkpoint = HeadCheckpoint(work / HEAD_FILE, {"features": features}, HEAD_CHECKPOINT_STEPS, log)
+        segmenter = fit_segmenter(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed,
+                                  checkpoint=checkpoint)
+        if rank == 0:
+            save_fitted(segmenter, work / SEGMENTER_FIT_FILE, identity)
+    return segmenter
+
+
 def _self_records(cache, n_shards, a, granularity, log, dataset,
-                  progress: bool = False) -> tuple[Optional[dict], Optional[dict], dict]:
+                  progress: bool = False, waits=None) -> tuple[Optional[dict], Optional[dict], dict]:
     device = _device(a)
     k, key = class_count(a, granularity)
     readable = sum(cache.load(s, keys=("index",))["index"].numel() for s in range(n_shards))
@@ -391,15 +437,19 @@ def _self_records(cache, n_shards, a, granularity, log, dataset,
         stego_cfg = dataclasses.replace(a.stego, mask_size=min(a.stego.mask_size, image_side))  # none finer than the image
         generator = torch.Generator().manual_seed(a.seed)
         distributed = _dist() is not None
-        segmenter = fit_segmenter(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed)
+        features = _features_identity(cache, n_shards)
+        segmenter = _fitted_segmenter(cache.directory, features, patches, cls, k, stego_cfg, a, generator, device, log,
+                                      distributed)
         images = None
         if stego_cfg.crf.enabled:  # the rows of the patch features, each rank reading its share
             images = _DatasetImages(dataset, torch.cat([t["index"] for t in loaded]).tolist())
         from tqdm import tqdm
 
+        chunks = MaskChunks(cache.directory / MASKS_DIR, {"features": features}, MASK_CHUNK_ROWS, log)
         with tqdm(desc="masks", unit="img", disable=not progress or rank_world()[0] != 0) as bar:
             masks = segment(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed,
-                            segmenter=segmenter, images=images, progress=lambda done, total: _advance(bar, done, total))
+                            segmenter=segmenter, images=images, progress=lambda done, total: _advance(bar, done, total),
+                            chunks=chunks, group=waits)
         extra.update(method="stego" if a.stego.method == "stego" else "patch-kmeans",
                      crf=to_dict(a.stego.crf) if a.stego.crf.enabled else False)
         if masks is None:
@@ -520,7 +570,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
                 else (None, None, {})
         else:
             cache, n_shards, backbone = _extract_all(dataset, a, granularity, cfg.data, log, progress, waits)
-            records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset, progress)
+            records, feats, extra = _self_records(cache, n_shards, a, granularity, log, dataset, progress, waits)
             extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
                                   "weights": str(a.weights) if a.weights else None,
                                   "weights_sha256": backbone.weights_id, "input_size": list(backbone.input_size)}
@@ -536,6 +586,8 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
                                       "skipped": sorted(set(dataset.ids) - set(ids))})
                 write_store(a.store, ids, records, granularity=granularity, num_classes=k, shard_size=a.shard_size,
                             extra=extra)
+                if granularity == "mask" and a.source == "self":  # the store holds them now
+                    remove_intermediates(pathlib.Path(a.store) / "work")
                 log(f"annotate: wrote {len(ids)} {granularity} annotations (K={k}) to {a.store}")
     return AnnotationResult(a.store, granularity, 0 if records is None else len(ids), metrics)
 

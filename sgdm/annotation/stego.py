@@ -40,6 +40,7 @@ settings, so adherence segments samples with the same f.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from torch import nn
 from sgdm.annotation.config import CRFConfig
 from sgdm.annotation.crf import dense_crf, scaled
 from sgdm.annotation.kmeans import assign, kmeans_from_config
+from sgdm.annotation.resume import HeadCheckpoint, MaskChunks, from_rank0, tensor_digest
 
 __all__ = [
     "SegmentationHead",
@@ -167,7 +169,7 @@ def _average_gradients(module: nn.Module, world: int) -> None:
 
 
 def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, device="cpu",
-               log=None, distributed: bool = False) -> SegmentationHead:
+               log=None, distributed: bool = False, checkpoint: Optional[HeadCheckpoint] = None) -> SegmentationHead:
     """Train a :class:`SegmentationHead` on frozen ``patches [N, h, w, D]`` (any float dtype; a
     tensor or a :class:`~sgdm.annotation.patches.ShardPatches`, read one batch at a time).
 
@@ -176,11 +178,18 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
     on all ranks) is dealt out round-robin, padded so every rank takes the same number of steps
     of ``cfg.batch_size`` images, and gradients are averaged across ranks before each step, so
     the heads stay identical. Partner and spatial draws come from a per-rank generator.
+
+    ``checkpoint``: the state is saved there every ``checkpoint.every`` steps and after the last
+    (by rank 0, with every rank's generator), and training continues from a saved state made from
+    the same inputs (``cls``, ``generator``'s state on entry, the settings but ``epochs``, the
+    number of ranks, and the checkpoint's own identity for the patch features); ``generator`` ends
+    where an uninterrupted run leaves it. See :mod:`sgdm.annotation.resume`.
     """
     n = len(patches)
     rank, world = _rank_world(distributed)
     from sgdm.training.rng import seeded_cpu_rng
 
+    key = _head_key(patches, cls, cfg, generator, world) if checkpoint is not None else None
     # parameter init from our generator, not the global one
     with seeded_cpu_rng(int(torch.randint(2**62, (1,), generator=generator))):
         head = SegmentationHead(patches.shape[-1], cfg.dim).to(device)
@@ -188,14 +197,27 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
     optimiser = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     partners = knn_partners(cls, cfg.knn, device)
     per_rank = -(-n // world)
+    steps = -(-per_rank // cfg.batch_size)  # per epoch
+    total = cfg.epochs * steps
+    step = 0
+    if checkpoint is not None:
+        saved = from_rank0(lambda: checkpoint.load(key, total), rank, world)
+        if saved is not None:
+            step = saved[0]
+            try:
+                _restore(saved[1], head, optimiser, generator, local, rank)
+            except (KeyError, RuntimeError, ValueError) as err:  # its identity matched: written by another sgdm?
+                raise ValueError(f"STEGO head checkpoint {checkpoint.path} does not fit this head ({err}); delete "
+                                 f"it to train the head from the start") from None
 
     def maps(idx):
         return patches[idx].to(device).float().permute(0, 3, 1, 2)
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(step // steps if steps else cfg.epochs, cfg.epochs):
+        epoch_start = generator.get_state()  # a checkpoint inside this epoch draws its permutation again
         order = torch.randperm(n, generator=generator)
         mine = order.repeat(-(-per_rank * world // n))[: per_rank * world][rank::world]
-        for start in range(0, per_rank, cfg.batch_size):
+        for start in range((step - epoch * steps) * cfg.batch_size, per_rank, cfg.batch_size):
             idx = mine[start : start + cfg.batch_size]
             pick = torch.randint(partners.shape[1], (idx.numel(),), generator=local)
             knn = partners[idx, pick]
@@ -206,10 +228,61 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
             if world > 1:
                 _average_gradients(head, world)
             optimiser.step()
+            step += 1
+            if checkpoint is not None and (step % checkpoint.every == 0 or step == total):
+                # at an epoch's end the generator has nothing left to draw in it: its state starts the next
+                _save_state(checkpoint, key, step, head, optimiser,
+                            epoch_start if step % steps else generator.get_state(), local, rank, world)
         if log is not None and rank == 0:
             terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} {terms}")
     return head.eval()
+
+
+# settings that do not change the head's training (epochs only decides where it stops: a longer run
+# continues a shorter one's checkpoint)
+_NOT_IN_TRAINING = ("epochs", "method", "mask_size", "crf")
+
+
+def _head_key(patches, cls: torch.Tensor, cfg, generator: torch.Generator, world: int) -> dict:
+    """What a head checkpoint must have been made from, besides the checkpoint's own identity."""
+    from sgdm.config.core import to_dict
+
+    return {"stego": {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_TRAINING},
+            "patch_shape": [len(patches), *patches.shape[1:]], "cls": tensor_digest(cls),
+            "generator": tensor_digest(generator.get_state()), "world_size": world}
+
+
+def _save_state(checkpoint: HeadCheckpoint, key, step: int, head, optimiser, generator_state, local, rank, world):
+    """Every rank's partner generator to rank 0, which writes the checkpoint."""
+    states = [local.get_state()]
+    if world > 1:
+        import torch.distributed as dist
+
+        device = next(head.parameters()).device  # where the process group's collectives run (the gradients')
+        states = [torch.empty_like(states[0], device=device) for _ in range(world)]
+        dist.all_gather(states, local.get_state().to(device))
+    if rank != 0:
+        return
+    tensors = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
+    for index, state in optimiser.state_dict()["state"].items():
+        tensors.update({f"adam.{index}.{k}": v.detach().cpu() for k, v in state.items()})
+    tensors["generator"] = generator_state
+    tensors.update({f"local.{r}": s.cpu() for r, s in enumerate(states)})
+    checkpoint.save(key, step, tensors)
+
+
+def _restore(tensors: dict, head, optimiser, generator: torch.Generator, local: torch.Generator, rank: int) -> None:
+    device = next(head.parameters()).device
+    head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("adam."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value if key == "step" else value.to(device)
+    optimiser.load_state_dict({"state": state, "param_groups": optimiser.state_dict()["param_groups"]})
+    generator.set_state(tensors["generator"])
+    local.set_state(tensors[f"local.{rank}"])
 
 
 def _probe_sample(patches, encode, fit_n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -345,9 +418,10 @@ class Segmenter:
             ids.append(dense_crf(image, probs, params, block).argmax(0))
         return torch.stack(ids)
 
-    def save(self, path: str | os.PathLike) -> pathlib.Path:
+    def save(self, path: str | os.PathLike, metadata: Optional[dict[str, str]] = None) -> pathlib.Path:
         """One safetensors file (written atomically): ``centroids``, the head's ``head.*`` weights,
-        and in its metadata ``mask_size`` and, with CRF on, ``crf`` (the settings as JSON)."""
+        and in its metadata ``mask_size``, with CRF on ``crf`` (the settings as JSON), and the caller's
+        ``metadata`` (which :meth:`load` ignores)."""
         from sgdm.annotation.store import save_tensors_atomic
         from sgdm.config.core import to_dict
 
@@ -355,7 +429,7 @@ class Segmenter:
         if self.head is not None:
             tensors.update({f"head.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()})
         path = pathlib.Path(path)
-        metadata = {"mask_size": str(self.mask_size)}
+        metadata = {**(metadata or {}), "mask_size": str(self.mask_size)}
         if self.crf is not None:
             metadata["crf"] = json.dumps(to_dict(self.crf))
         save_tensors_atomic(path, tensors, metadata)
@@ -411,13 +485,16 @@ def _load_crf(path: pathlib.Path, recorded: Optional[str]) -> Optional[CRFConfig
 
 
 def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
-                  device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000) -> Segmenter:
-    """Fit f on patch features ``[N, h, w, D]``: ``stego_cfg.method == "stego"`` trains the head, then
-    the cluster probe on its normalised codes; ``"kmeans"`` fits k-means on the normalised features.
-    The probe is fitted (on rank 0) on at most ``fit_patches`` random patches; under ``distributed``
-    every rank gets rank 0's centroids."""
+                  device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000,
+                  checkpoint: Optional[HeadCheckpoint] = None) -> Segmenter:
+    """Fit f on patch features ``[N, h, w, D]``: ``stego_cfg.method == "stego"`` trains the head
+    (resumable with ``checkpoint``, see :func:`train_head`), then the cluster probe on its normalised
+    codes; ``"kmeans"`` fits k-means on the normalised features. The probe is fitted (on rank 0) on
+    at most ``fit_patches`` random patches; under ``distributed`` every rank gets rank 0's centroids."""
     rank, world = _rank_world(distributed)
-    head = train_head(patches, cls, stego_cfg, generator, device, log, distributed) if stego_cfg.method == "stego" else None
+    head = None
+    if stego_cfg.method == "stego":
+        head = train_head(patches, cls, stego_cfg, generator, device, log, distributed, checkpoint)
     encode = _Encoder(head, stego_cfg.dim if head is not None else patches.shape[-1], device)
     centroids = torch.empty(num_classes, encode.dim, device=device)
     if rank == 0:
@@ -433,7 +510,8 @@ def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmean
 def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg, generator,
             device="cpu", log=None, distributed: bool = False, fit_patches: int = 100_000,
             segmenter: Optional[Segmenter] = None, images=None,
-            progress: Optional[Callable[[int, int], None]] = None) -> Optional[torch.Tensor]:
+            progress: Optional[Callable[[int, int], None]] = None, chunks: Optional[MaskChunks] = None,
+            group=None) -> Optional[torch.Tensor]:
     """Class maps ``[N, s, s]`` uint8 (``s = stego_cfg.mask_size``, or the segmenter's; ``[N, h, w]``
     for 0) with values in ``[0, K)`` from patch features ``[N, h, w, D]``
     (a tensor or a :class:`~sgdm.annotation.patches.ShardPatches`; memory stays a few batches).
@@ -443,11 +521,20 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
     share of the images, and rank 0 returns all class maps (other ranks return None).
     ``images``: the images of the patches, required with CRF on (see :meth:`Segmenter.assign`);
     a lazy source is read only for this rank's share. ``progress(done, share)``: see :meth:`Segmenter.assign`.
+
+    ``chunks``: the maps are assigned ``chunks.rows`` images at a time, chunks dealt round-robin to
+    the ranks, each written as soon as it is done; chunks already written for the same segmenter,
+    features and settings are read instead (a resumed run). ``group``: the process group of the
+    gather to rank 0 (annotate's, which waits longer than torch's default: ranks may finish up to a
+    chunk apart).
     """
     rank, world = _rank_world(distributed)
     if segmenter is None:
         segmenter = fit_segmenter(patches, cls, num_classes, stego_cfg, kmeans_cfg, generator, device, log,
                                   distributed, fit_patches)
+    if chunks is not None:
+        return _segment_chunks(patches, segmenter, stego_cfg, kmeans_cfg, device, rank, world, images, progress,
+                               chunks, group)
     n = len(patches)
     share = -(-n // world)
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
@@ -460,6 +547,45 @@ def segment(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmeans_cfg,
         dist.gather_object(masks, gathered, dst=0)  # rank 0 alone receives every rank's maps
         masks = torch.cat(gathered) if rank == 0 else None
     return masks
+
+
+def _segment_chunks(patches, segmenter: Segmenter, stego_cfg, kmeans_cfg, device, rank: int, world: int, images,
+                    progress, chunks: MaskChunks, group) -> Optional[torch.Tensor]:
+    """:func:`segment` a chunk at a time, skipping the chunks written before (see its ``chunks``)."""
+    n = len(patches)
+    hw = segmenter.mask_hw(patches.shape[1:3])
+    weights = {"centroids": segmenter.centroids}
+    if segmenter.head is not None:
+        weights.update({f"head.{k}": v for k, v in segmenter.head.state_dict().items()})
+    chunks = chunks.bind({"segmenter": tensor_digest(*weights.values()), "rows": n, "mask_hw": list(hw),
+                          "crf": None if segmenter.crf is None else dataclasses.asdict(segmenter.crf),
+                          "batch_size": stego_cfg.batch_size, "chunk_elements": kmeans_cfg.chunk_elements})
+    count = -(-n // chunks.rows)
+    done = set(from_rank0(lambda: chunks.finished(n, hw), rank, world))
+    if done and rank == 0 and chunks.log is not None:
+        chunks.log(f"annotate: resuming mask assignment, {len(done)} of {count} chunks of {chunks.rows} images "
+                   f"already assigned in {chunks.directory}")
+    mine = [c for c in range(count) if c not in done][rank::world]
+    share = sum(hi - lo for lo, hi in map(lambda c: chunks.span(c, n), mine))
+    new, finished = {}, 0
+    for c in mine:
+        lo, hi = chunks.span(c, n)
+        report = None if progress is None else (lambda d, _, base=finished: progress(base + d, share))
+        new[c] = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements, device,
+                                  None if images is None else _Rows(images, lo, hi), report)
+        chunks.save(c, new[c])
+        finished += hi - lo
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(new, gathered, dst=0, group=group)
+        if rank != 0:
+            return None
+        new = {c: m for part in gathered for c, m in part.items()}
+    if count == 0:
+        return torch.zeros(0, *hw, dtype=torch.uint8)
+    return torch.cat([new[c] if c in new else chunks.load(c) for c in range(count)])
 
 
 class _Rows:

@@ -1,0 +1,229 @@
+"""Resumable self-segmentation (``granularity: mask``): what survives a crash of stage 2 besides the features.
+
+Beside the feature shards in ``STORE/work`` (the :class:`~sgdm.annotation.cache.FeatureCache`
+directory), written atomically and each with an *identity* in its metadata (everything its content
+depends on: the features -- the cache's fingerprint and every shard's metadata --, the settings, the
+caller's generator state, the number of ranks):
+
+* :data:`HEAD_FILE` (:class:`HeadCheckpoint`): the STEGO head's training state every ``every``
+  steps and after the last one (weights, Adam's moments, the step, the state of the generator at
+  the start of that epoch and every rank's partner generator), so that rerunning the same command
+  continues at that step and ends with the weights an uninterrupted run ends with (bit for bit on
+  the same device and software; on another device, a valid continuation);
+* :data:`SEGMENTER_FIT_FILE`: the fitted f (head and centroids), saved before any mask is assigned;
+* :data:`MASKS_DIR` (:class:`MaskChunks`): the class maps, ``rows`` images a file.
+
+A file made with another identity, or one that cannot be read (cut short by a copy, a full disk),
+is not used and is overwritten as the run goes on, with a log line naming it and why. These files
+are caches of work derived from the features and the settings: a changed setting makes them
+useless, and refusing would leave the user nothing to do but delete them by hand. (The feature
+cache refuses instead: features are the expensive part, and a changed fingerprint there is more
+likely a mistake.)
+
+Under ``torch.distributed`` rank 0 alone reads a checkpoint and sends it to the other ranks
+(:func:`from_rank0`): one decision, whatever a rank's view of a network file system.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from sgdm.annotation.store import save_tensors_atomic
+
+__all__ = ["HEAD_FILE", "SEGMENTER_FIT_FILE", "MASKS_DIR", "HeadCheckpoint", "MaskChunks", "digest",
+           "tensor_digest", "from_rank0", "load_fitted", "save_fitted", "remove_intermediates"]
+
+HEAD_FILE = "stego_head.safetensors"
+SEGMENTER_FIT_FILE = "fitted_segmenter.safetensors"
+MASKS_DIR = "masks"
+
+Log = Optional[Callable[[str], None]]
+
+
+def _normal(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` as JSON reads it back (tuples as lists, paths as strings), so that saved and fresh compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def digest(obj: Any) -> str:
+    """sha256 of ``obj``'s canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def from_rank0(fn: Callable[[], Any], rank: int, world: int) -> Any:
+    """``fn()`` run on rank 0 and sent to every rank (just ``fn()`` outside a process group)."""
+    value = fn() if rank == 0 else None
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def _read(path: pathlib.Path, identity: Mapping[str, Any], what: str, log: Log, tensors: bool = True):
+    """``(tensors, metadata)`` of the safetensors file at ``path`` if it exists, can be read and was made
+    with ``identity``; else None, saying why through ``log`` (nothing where there is no file). Without
+    ``tensors``, ``(dtype, shape)`` of each tensor in place of its values."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            found = {k: (handle.get_slice(k).get_dtype(), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+        if tensors:
+            found = load_file(str(path))
+        saved = json.loads(metadata["identity"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        if log is not None:
+            log(f"annotate: not using {path}: it cannot be read ({type(err).__name__}: {err}); {what} from the start")
+        return None
+    changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if changed:
+        if log is not None:
+            log(f"annotate: not using {path}: it was made with other {', '.join(changed)} than this run; "
+                f"{what} from the start")
+        return None
+    return found, metadata
+
+
+class HeadCheckpoint:
+    """Where and how often :func:`~sgdm.annotation.stego.train_head` saves its state: the file ``path``,
+    every ``every`` steps and after the last; ``identity``, what the caller knows the training depends on
+    and the head cannot see (annotate: the features' fingerprint and shard metadata); ``log`` says what
+    was resumed or why a file was not used."""
+
+    def __init__(self, path, identity: Optional[Mapping[str, Any]] = None, every: int = 200, log: Log = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"HeadCheckpoint: every must be an integer >= 1 (steps between checkpoints), got {every!r}")
+        self.path, self.every, self.log = pathlib.Path(path), every, log
+        self.identity = _normal(identity or {})
+
+    def _identity(self, key: Mapping[str, Any]) -> dict[str, Any]:
+        return _normal({**self.identity, **key})
+
+    def load(self, key: Mapping[str, Any], total: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
+        """``(step, tensors)`` saved with this identity and ``key`` (the head's own settings), or None."""
+        found = _read(self.path, self._identity(key), "training the STEGO head", self.log)
+        if found is None:
+            return None
+        tensors, metadata = found
+        step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
+        if step is None:
+            if self.log is not None:
+                self.log(f"annotate: not using {self.path}: its metadata holds no step count (step "
+                         f"{metadata.get('step')!r}); training the STEGO head from the start")
+            return None
+        if step > total:
+            if self.log is not None:
+                self.log(f"annotate: not using {self.path}: it holds step {step}, this run trains {total} steps; "
+                         f"training the STEGO head from the start")
+            return None
+        if self.log is not None:
+            self.log(f"annotate: STEGO head already trained ({total} steps), read from {self.path}" if step == total
+                     else f"annotate: resuming STEGO head training at step {step} of {total} from {self.path}")
+        return step, tensors
+
+    def save(self, key: Mapping[str, Any], step: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        save_tensors_atomic(self.path, tensors, {"identity": json.dumps(self._identity(key)), "step": str(step)})
+
+
+@dataclasses.dataclass
+class MaskChunks:
+    """Class maps of rows ``[c rows, (c + 1) rows)`` in ``directory/masks_{c:05d}.safetensors`` (key ``mask``),
+    each written whole as soon as it is assigned; ``identity``: what they depend on (see
+    :func:`~sgdm.annotation.stego.segment`, which adds the segmenter and the assignment's settings)."""
+
+    directory: pathlib.Path
+    identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rows: int = 256
+    log: Log = None
+
+    def __post_init__(self):
+        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
+            raise ValueError(f"MaskChunks: rows must be an integer >= 1 (images a file), got {self.rows!r}")
+        self.directory = pathlib.Path(self.directory)
+        self.identity = _normal(self.identity)
+
+    def bind(self, key: Mapping[str, Any]) -> "MaskChunks":
+        """These chunks with ``key`` added to their identity."""
+        return dataclasses.replace(self, identity={**self.identity, **key})
+
+    def path(self, chunk: int) -> pathlib.Path:
+        return self.directory / f"masks_{chunk:05d}.safetensors"
+
+    def span(self, chunk: int, n: int) -> tuple[int, int]:
+        return chunk * self.rows, min(n, (chunk + 1) * self.rows)
+
+    def finished(self, n: int, hw: tuple[int, int]) -> list[int]:
+        """The chunks of ``n`` rows whose file holds their ``[rows, *hw]`` uint8 maps made with this identity."""
+        done, other = [], []
+        for c in range(-(-n // self.rows)):
+            found = _read(self.path(c), self.identity, "", None, tensors=False)
+            lo, hi = self.span(c, n)
+            if found is not None and found[0].get("mask") == ("U8", (hi - lo, *hw)):
+                done.append(c)
+            elif self.path(c).is_file():
+                other.append(c)
+        if other and self.log is not None:
+            self.log(f"annotate: assigning {len(other)} mask chunk(s) again: their files cannot be read or were made "
+                     f"by another segmenter or settings, e.g. {self.path(other[0])}")
+        return done
+
+    def save(self, chunk: int, masks: torch.Tensor) -> None:
+        save_tensors_atomic(self.path(chunk), {"mask": masks}, {"identity": json.dumps(self.identity)})
+
+    def load(self, chunk: int) -> torch.Tensor:
+        return load_file(str(self.path(chunk)))["mask"]
+
+
+def load_fitted(path: pathlib.Path, identity: Mapping[str, Any], log: Log):
+    """The :class:`~sgdm.annotation.stego.Segmenter` saved at ``path`` with ``identity``, or None."""
+    from sgdm.annotation.stego import Segmenter
+
+    if _read(path, _normal(identity), "fitting the segmenter", log) is None:
+        return None
+    segmenter = Segmenter.load(path)
+    if log is not None:
+        log(f"annotate: reusing the fitted segmenter (STEGO head and centroids) in {path}")
+    return segmenter
+
+
+def save_fitted(segmenter, path: pathlib.Path, identity: Mapping[str, Any]) -> None:
+    """Save ``segmenter`` (atomically) with ``identity`` in its metadata, for :func:`load_fitted`."""
+    segmenter.save(path, metadata={"identity": json.dumps(_normal(identity))})
+
+
+def remove_intermediates(directory: pathlib.Path) -> None:
+    """Delete the fitted segmenter and the mask chunks under ``directory`` (both are in the finished store).
+    The head checkpoint stays, as the feature shards do: a rerun with another K, k-means, mask size or
+    CRF reuses the trained head."""
+    directory = pathlib.Path(directory)
+    (directory / SEGMENTER_FIT_FILE).unlink(missing_ok=True)
+    masks = directory / MASKS_DIR
+    if masks.is_dir():
+        # the chunks, and the temporaries a killed writer leaves (sgdm.atomic's ".<name>.<pid>.tmp")
+        for path in [*masks.glob("masks_*.safetensors"), *masks.glob(".masks_*.safetensors.*.tmp")]:
+            path.unlink(missing_ok=True)
+        try:
+            masks.rmdir()
+        except OSError:  # a file of someone else's there: keep it
+            pass
