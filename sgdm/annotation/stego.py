@@ -127,22 +127,38 @@ def stego_loss(feats, knn_feats, rand_feats, head: nn.Module, cfg, generator: to
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-def knn_partners(cls: torch.Tensor, k: int, device="cpu", block_elements: int = 1 << 25) -> torch.Tensor:
+def knn_partners(cls: torch.Tensor, k: int, device="cpu", block_elements: int = 1 << 25,
+                 distributed: bool = False) -> torch.Tensor:
     """Indices ``[N, k']`` (on the CPU) of each image's nearest neighbours by cosine similarity,
     itself excluded. Computed on ``device`` in row blocks of at most ``block_elements``
-    similarities (128 MB), so the N x N matrix never exists (118k COCO images: 56 GB)."""
+    similarities (128 MB), so the N x N matrix never exists (118k COCO images: 56 GB).
+    ``distributed``: every rank holds all of ``cls``, computes a contiguous share of the rows and
+    gets everyone's (one all-gather), instead of each rank computing all N rows."""
+    rank, world = _rank_world(distributed)
     x = F.normalize(cls.float(), dim=1).to(device)
-    k = min(k, x.shape[0] - 1)
+    n = x.shape[0]
+    k = min(k, n - 1)
     if k < 1:
-        return torch.arange(x.shape[0]).unsqueeze(1)  # a single image is its own partner
-    rows = max(1, block_elements // x.shape[0])
-    out = []
-    for start in range(0, x.shape[0], rows):
-        sim = x[start : start + rows] @ x.t()
+        return torch.arange(n).unsqueeze(1)  # a single image is its own partner
+    share = -(-n // world)
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    rows = max(1, block_elements // n)
+    out = [torch.zeros(0, k, dtype=torch.long, device=device)]
+    for start in range(lo, hi, rows):
+        sim = x[start : min(hi, start + rows)] @ x.t()
         diagonal = torch.arange(sim.shape[0], device=sim.device)
         sim[diagonal, diagonal + start] = -float("inf")
-        out.append(sim.topk(k, dim=1).indices.cpu())
-    return torch.cat(out)
+        out.append(sim.topk(k, dim=1).indices)
+    mine = torch.cat(out)
+    if world > 1:
+        import torch.distributed as dist
+
+        padded = torch.zeros(share, k, dtype=torch.long, device=device)  # all-gather needs equal shapes
+        padded[: mine.shape[0]] = mine
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        mine = torch.cat([p[: max(0, min(n, (r + 1) * share) - r * share)] for r, p in enumerate(parts)])
+    return mine.cpu()
 
 
 def _rank_world(distributed: bool) -> tuple[int, int]:
@@ -195,7 +211,7 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
         head = SegmentationHead(patches.shape[-1], cfg.dim).to(device)
     local = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + rank)
     optimiser = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    partners = knn_partners(cls, cfg.knn, device)
+    partners = knn_partners(cls, cfg.knn, device, distributed=distributed)
     per_rank = -(-n // world)
     steps = -(-per_rank // cfg.batch_size)  # per epoch
     total = cfg.epochs * steps

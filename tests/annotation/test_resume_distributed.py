@@ -4,7 +4,8 @@
   two-rank run never stopped (rank 0 wrote the checkpoint with both ranks' partner generators;
   rank 0 read it and sent it to rank 1);
 * mask assignment: the chunks left are dealt round-robin and rank 0 returns every map, those
-  written before read back.
+  written before read back;
+* the kNN partners of head training: each rank computes a share of the rows, all get all of them.
 """
 import os
 
@@ -15,6 +16,10 @@ import torch.multiprocessing as mp
 from sgdm.annotation.config import KMeansConfig, StegoConfig
 
 from .test_stego_resume import CFG, data
+
+
+def knn_data():
+    return torch.randn(7, 8, generator=torch.Generator().manual_seed(2))  # 4 rows on rank 0, 3 on rank 1
 
 
 def masks_data():
@@ -29,7 +34,7 @@ def worker(rank, world, init_file, out_dir):
 
     from sgdm.annotation import stego as stego_module
     from sgdm.annotation.resume import HeadCheckpoint, MaskChunks
-    from sgdm.annotation.stego import Segmenter, segment, train_head
+    from sgdm.annotation.stego import Segmenter, knn_partners, segment, train_head
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -72,7 +77,8 @@ def worker(rank, world, init_file, out_dir):
         Segmenter.assign = lambda self, rows, *a, **k: assigned.append(rows.lo) or real_assign(self, rows, *a, **k)
         gathered = segment(*args, distributed=True, segmenter=segmenter, chunks=chunks)
         Segmenter.assign = real_assign
-        torch.save({"reference": reference, "resumed": resumed, "messages": messages, "assigned": assigned,
+        partners = knn_partners(knn_data(), 2, block_elements=14, distributed=True)  # blocks of 2 rows
+        torch.save({"partners": partners, "reference": reference, "resumed": resumed, "messages": messages, "assigned": assigned,
                     "masks": gathered, "single": single if rank == 0 else None},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -106,3 +112,10 @@ def test_two_ranks_assign_the_chunks_left_and_rank_0_returns_all(ranks):
     assert results[0]["assigned"] == [0] and results[1]["assigned"] == [6]  # chunk 1 (rows 3-5) was read back
     assert torch.equal(results[0]["masks"], results[0]["single"]) and results[1]["masks"] is None
 
+
+@pytest.mark.slow
+def test_two_ranks_share_the_knn_partners(ranks):
+    from sgdm.annotation.stego import knn_partners
+
+    expected = knn_partners(knn_data(), 2, block_elements=14)
+    assert all(torch.equal(r["partners"], expected) for r in ranks[1])
