@@ -339,9 +339,9 @@ def _check_precision(cache, shards, todo, a: AnnotationConfig, device: torch.dev
     return precision
 
 
-def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], float]:
+def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Tensor], float]:
     """k-means of the normalised CLS features, all ranks together: (cluster ids on rank 0, None
-    elsewhere; inertia)."""
+    elsewhere; inertia). ``log`` (rank 0's) gets a line before, one per Lloyd iteration and one after."""
     rank, world = rank_world()
     mine = [cache.load(s) for s in range(rank, n_shards, world)]
     if any("cls" in m for m in mine):
@@ -353,7 +353,14 @@ def _cluster(cache, n_shards, a, k, device) -> tuple[Optional[torch.Tensor], flo
     x = cls.float()
     del cls  # normalised in place: one float32 copy of the features on the host (3.9 GB at 1.28M x 768), not two
     x = F.normalize(x, dim=1, out=x).to(device)
-    result = kmeans_from_config(x, k, a.kmeans, generator, distributed=world > 1)
+    log = log if log is not None and rank == 0 else None
+    if log is not None:
+        log(f"annotate: k-means of the CLS features into K={k} clusters (at most {a.kmeans.max_iter} iterations"
+            f"{', mini-batches of ' + str(a.kmeans.batch_size) if a.kmeans.batch_size else ''}) ...")
+    result = kmeans_from_config(x, k, a.kmeans, generator, distributed=world > 1, log=log)
+    if log is not None:
+        log(f"annotate: k-means done after {result.n_iter} iteration(s), {sum(result.seconds.values()):.1f} s: inertia "
+            f"{result.inertia:.6g}")
     labels = list(torch.split(result.labels.cpu(), [m["index"].numel() for m in mine]))
     if world > 1:
         gathered = [None] * world
@@ -418,7 +425,7 @@ def _self_records(cache, n_shards, a, granularity, log, dataset,
                                f"({len(dataset) - readable} of the dataset's {len(dataset)} could not)")
     extra: dict[str, Any] = {}
     if granularity in ("label", "box"):
-        cluster, inertia = _cluster(cache, n_shards, a, k, device)
+        cluster, inertia = _cluster(cache, n_shards, a, k, device, log)
         extra.update(method="kmeans" if granularity == "label" else "lost+kmeans", kmeans_inertia=inertia)
         if cluster is None:
             return None, None, extra

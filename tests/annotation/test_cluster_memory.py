@@ -40,7 +40,7 @@ def test_the_features_are_normalised_in_their_float32_copy(monkeypatch):
     shards = [{"cls": torch.randn(n, 16, generator=g).half(), "index": torch.arange(n)} for n in (30, 20)]
     seen = []
 
-    def fake_kmeans(x, k, cfg, generator, distributed=False):
+    def fake_kmeans(x, k, cfg, generator, distributed=False, log=None):
         seen.append(x)
         return KMeansResult(torch.zeros(k, x.shape[1]), torch.arange(len(x)) % k, 0.0, 0)
 
