@@ -114,7 +114,11 @@ def test_probe_max_images_is_checked(bad):
 
 
 def _gt_store(run_dir):
-    """Rewrite the tiny mask run's store as ground truth: class 1 on the right half, 2 on the top-left."""
+    """Rewrite the tiny mask run's store as ground truth (class 1 on the right half, 2 on the top-left), and
+    the run as one guided by it (model.guidance.source and annotation.source gt: evaluation refuses a store
+    of another source than the run's)."""
+    import yaml
+
     from sgdm.annotation.store import AnnotationStore, write_store
     from sgdm.config.schema import load_experiment
 
@@ -124,6 +128,9 @@ def _gt_store(run_dir):
     masks[:, :4, :4] = 2
     write_store(cfg.annotation.store, old.ids, {"mask": masks}, granularity="mask", num_classes=3,
                 extra={"source": "gt"})
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["guidance"]["source"] = config["annotation"]["source"] = "gt"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def test_eval_gt_mask_run_scores_samples_with_the_probe(tmp_path, monkeypatch):
