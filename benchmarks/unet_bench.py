@@ -19,6 +19,7 @@ printed with a MISMATCH line and the exit status is 1.
     python benchmarks/unet_bench.py --config churches --device cuda --precision bf16
     python benchmarks/unet_bench.py --compare compile --warmup 3
     python benchmarks/unet_bench.py --device cpu --batch 2 --iters 1 --warmup 1 --rounds 1   # quick
+    python benchmarks/unet_bench.py --config quickstart --device cpu --batch 16   # configs/quickstart.yaml's UNet
 """
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ SMALL = dict(channels=64, channel_mult=[1, 2, 2], num_res_blocks=1, attention_re
              num_heads=-1, num_head_channels=32, norm_groups=32)
 CHURCHES: dict = {}  # UNetConfig defaults are the LSUN-Churches LDM
 NUM_CLASSES = 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _quickstart_unet():
+    """(UNetConfig, K) of configs/quickstart.yaml: the UNet CPU users train and sample (8x8x4 latents)."""
+    from sgdm.config.schema import load_experiment
+
+    cfg = load_experiment(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                          ["prepare.autoencoder=false", "model.autoencoder.checkpoint=null"])
+    return cfg.model.unet, cfg.model.guidance.num_classes
 
 
 def _sync(device):
@@ -91,12 +102,15 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = UNetConfig(**(SMALL if args.config == "small" else CHURCHES))
+    if args.config == "quickstart":
+        cfg, num_classes = _quickstart_unet()
+    else:
+        cfg, num_classes = UNetConfig(**(SMALL if args.config == "small" else CHURCHES)), NUM_CLASSES
     from sgdm.training.rng import seeded_cpu_rng
 
     gen = torch.Generator().manual_seed(0)
     with seeded_cpu_rng(0):  # the same weights in every worker: both settings time (and check) one network
-        model = UNet(cfg, cond_dim=NUM_CLASSES).to(device)
+        model = UNet(cfg, cond_dim=num_classes).to(device)
     with torch.no_grad():  # non-zero output convs so backward does real work everywhere
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).to(device) * 0.01)
@@ -107,7 +121,7 @@ def worker(args) -> dict:
     b, s = args.batch, cfg.image_size
     x = torch.randn(b, cfg.in_channels, s, s, generator=gen).to(device)
     t = torch.randint(0, 1000, (b,), generator=gen).to(device)
-    cond = torch.nn.functional.one_hot(torch.arange(b) % NUM_CLASSES, NUM_CLASSES).float().to(device)
+    cond = torch.nn.functional.one_hot(torch.arange(b) % num_classes, num_classes).float().to(device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16")
 
@@ -162,7 +176,8 @@ def _run_setting(args, setting: bool, check_file: str | None = None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["auto", "small", "churches"], default="auto")
+    parser.add_argument("--config", choices=["auto", "small", "quickstart", "churches"], default="auto",
+                        help="auto: churches on a GPU, small on the CPU; quickstart: configs/quickstart.yaml's UNet")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--batch", type=int, default=0, help="default: 4 (small) or 16 (churches)")
     parser.add_argument("--iters", type=int, default=5)
