@@ -89,9 +89,10 @@ def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
         fh.write(data)
 
 
-# mask pixels per block of multi_hot_from_masks: its int64 temporaries stay ~400 MB, not ~24 bytes for
-# every pixel of the store (a 256-pixel ground-truth store of COCO's 118k images: 185 GB)
-_MULTI_HOT_BLOCK_PIXELS = 1 << 24
+# mask pixels per block of multi_hot_from_masks and of the mask value checks: multi_hot's int64 and bool
+# temporaries (17 bytes a pixel) stay ~70 MB, not ~24 bytes for every pixel of the store (185 GB for a 256-pixel
+# ground-truth store of COCO's 118k images); blocks of 1 << 24 pixels with 25 bytes a pixel made ~400 MB
+_MULTI_HOT_BLOCK_PIXELS = 1 << 22
 
 
 def mask_blocks(masks: torch.Tensor):
@@ -107,8 +108,9 @@ def multi_hot_from_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[n, K]`` float: class k present anywhere in the map (max-pool of the one-hot); 255 ignored."""
     out = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device)
     for start, block in mask_blocks(masks):
-        block = block.long()
-        out[start : start + len(block)].scatter_(1, torch.where(block == IGNORE, num_classes, block.clamp(max=num_classes)), 1.0)
+        index = block.long().clamp(max=num_classes)  # a new tensor also when block is int64 already
+        index.masked_fill_(block == IGNORE, num_classes)
+        out[start : start + len(block)].scatter_(1, index, 1.0)
     return out[:, :num_classes]
 
 
