@@ -57,7 +57,7 @@ from sgdm.annotation.cache import FEATURE_FORMAT, FeatureCache, file_stamps
 from sgdm.annotation.config import AnnotationConfig
 from sgdm.annotation.evaluate import evaluate_records
 from sgdm.annotation.features import extract, load_backbone
-from sgdm.annotation.ground_truth import ground_truth_records, pack_gt
+from sgdm.annotation.ground_truth import GroundTruthCollector, ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_feature_flags, lost_from_features
 from sgdm.annotation.patches import ShardPatches
@@ -518,17 +518,20 @@ def _check_gt_classes(dataset, k: int, key: str, granularity: str) -> None:
 def _ground_truth(dataset, a, granularity, log, progress):
     from tqdm import tqdm
 
-    rows, samples, image_hw = [], [], None
+    rows, image_hw = [], None
+    # one uint8 copy of the class maps, written a batch at a time (see GroundTruthCollector); neither the
+    # images nor the samples' own (int64) maps are kept; rows of unreadable images stay unused at its end
+    collected = GroundTruthCollector(len(dataset))
     with tqdm(total=len(dataset), desc="ground truth", unit="img", disable=not progress) as bar:
         for kept in _samples(dataset, range(len(dataset)), a):
             rows += [i for i, _ in kept]
-            samples += [{k: v for k, v in s.items() if k.startswith("gt_")} for _, s in kept]  # not the images
+            collected.add([s for _, s in kept], [dataset.ids[i] for i, _ in kept])
             if image_hw is None:
                 image_hw = torch.tensor(kept[0][1]["image"].shape[-2:])
             bar.update(len(kept))
     if not rows:
         raise ValueError("annotate: no image of the dataset could be read")
-    gt = pack_gt(samples)
+    gt = collected.packed()
     gt["index"] = torch.tensor(rows)
     gt["image_hw"] = image_hw
     k, _ = class_count(a, granularity)
