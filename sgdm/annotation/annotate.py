@@ -51,12 +51,12 @@ import sys
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from sgdm.annotation.cache import FEATURE_FORMAT, FeatureCache, file_stamps
+from sgdm.annotation.centroids import CENTROIDS_FILE, ClusterF, prepare
 from sgdm.annotation.config import AnnotationConfig
 from sgdm.annotation.evaluate import evaluate_records
-from sgdm.annotation.features import extract, load_backbone
+from sgdm.annotation.features import extract, file_sha256, load_backbone
 from sgdm.annotation.ground_truth import GroundTruthCollector, ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_feature_flags, lost_from_features
@@ -339,9 +339,10 @@ def _check_precision(cache, shards, todo, a: AnnotationConfig, device: torch.dev
     return precision
 
 
-def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Tensor], float]:
-    """k-means of the normalised CLS features, all ranks together: (cluster ids on rank 0, None
-    elsewhere; inertia). ``log`` (rank 0's) gets a line before, one per Lloyd iteration and one after."""
+def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Tensor], float, ClusterF]:
+    """k-means of the normalised CLS features (:func:`~sgdm.annotation.centroids.prepare`), all ranks together:
+    (cluster ids on rank 0, None elsewhere; inertia; f, the centroids, on every rank). ``log`` (rank 0's)
+    gets a line before, one per Lloyd iteration and one after."""
     rank, world = rank_world()
     mine = [cache.load(s) for s in range(rank, n_shards, world)]
     if any("cls" in m for m in mine):
@@ -350,9 +351,9 @@ def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Te
         widths = (cache.load(s, keys=("cls",)).get("cls") for s in range(n_shards))
         cls = torch.zeros(0, next((c.shape[1] for c in widths if c is not None), 1))
     generator = torch.Generator().manual_seed(a.seed)
-    x = cls.float()
-    del cls  # normalised in place: one float32 copy of the features on the host (3.9 GB at 1.28M x 768), not two
-    x = F.normalize(x, dim=1, out=x).to(device)
+    x = prepare(cls)  # normalised in place: one float32 copy of the features on the host (3.9 GB at 1.28M x 768)
+    del cls
+    x = x.to(device)
     log = log if log is not None and rank == 0 else None
     if log is not None:
         log(f"annotate: k-means of the CLS features into K={k} clusters (at most {a.kmeans.max_iter} iterations"
@@ -366,9 +367,9 @@ def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Te
         gathered = [None] * world
         _dist().all_gather_object(gathered, labels)
         if rank != 0:
-            return None, result.inertia
+            return None, result.inertia, ClusterF(result.centroids)
         labels = [gathered[s % world][s // world] for s in range(n_shards)]
-    return torch.cat(labels), result.inertia
+    return torch.cat(labels), result.inertia, ClusterF(result.centroids)
 
 
 def _advance(bar, done: int, total: int) -> None:
@@ -425,10 +426,16 @@ def _self_records(cache, n_shards, a, granularity, log, dataset,
                                f"({len(dataset) - readable} of the dataset's {len(dataset)} could not)")
     extra: dict[str, Any] = {}
     if granularity in ("label", "box"):
-        cluster, inertia = _cluster(cache, n_shards, a, k, device, log)
+        cluster, inertia, f = _cluster(cache, n_shards, a, k, device, log)
         extra.update(method="kmeans" if granularity == "label" else "lost+kmeans", kmeans_inertia=inertia)
         if cluster is None:
             return None, None, extra
+        # f goes with the store: cluster adherence assigns samples with it (written before the manifest, and an
+        # older store's manifest goes first, so that its clusters are never read beside the new f)
+        pathlib.Path(a.store).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(a.store) / MANIFEST).unlink(missing_ok=True)
+        saved = f.save(pathlib.Path(a.store) / CENTROIDS_FILE)
+        extra.update(centroids=saved.name, centroids_sha256=file_sha256(saved))
     if granularity == "mask":  # every rank: patch features stay on disk, read a batch at a time
         patches = ShardPatches([cache.path(s) for s in range(n_shards)])
         if k > len(patches) * patches.shape[1] * patches.shape[2]:  # the probe clusters patches into K classes

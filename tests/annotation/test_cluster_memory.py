@@ -47,7 +47,7 @@ def test_the_features_are_normalised_in_their_float32_copy(monkeypatch):
     monkeypatch.setattr(annotate_module, "kmeans_from_config", fake_kmeans)
     a = types.SimpleNamespace(seed=0, kmeans=KMeansConfig())
     with _FeatureCopies(50 * 16 * 4) as copies:
-        labels, _ = annotate_module._cluster(_Cache(shards), 2, a, 3, torch.device("cpu"))
+        labels, _, _ = annotate_module._cluster(_Cache(shards), 2, a, 3, torch.device("cpu"))
     assert len(copies.storages) == 1
     whole = torch.cat([s["cls"] for s in shards])
     assert torch.equal(seen[0], F.normalize(whole.float(), dim=1)) and torch.equal(labels, torch.arange(50) % 3)

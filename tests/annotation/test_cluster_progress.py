@@ -21,7 +21,7 @@ def test_cluster_logs_its_iterations_and_inertia():
     shards = [{"cls": torch.randn(n, 8, generator=g).half(), "index": torch.arange(n)} for n in (30, 20)]
     messages = []
     a = types.SimpleNamespace(seed=0, kmeans=KMeansConfig(max_iter=5))
-    _, inertia = annotate_module._cluster(_Cache(shards), 2, a, 3, torch.device("cpu"), messages.append)
+    _, inertia, _ = annotate_module._cluster(_Cache(shards), 2, a, 3, torch.device("cpu"), messages.append)
     assert messages[0] == "annotate: k-means of the CLS features into K=3 clusters (at most 5 iterations) ..."
     assert messages[1].startswith("kmeans: iteration 1: centroid shift")
     assert messages[-1].startswith("annotate: k-means done after ") and messages[-1].endswith(f"inertia {inertia:.6g}")
