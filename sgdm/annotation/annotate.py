@@ -581,6 +581,11 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
         raise ConfigError(key, f"K={k} clusters is more than the dataset's {n} images")
     if a.source == "gt":
         _check_gt_classes(dataset, k, key, granularity)
+    from sgdm.data.files import item_sizes
+
+    # the store records them (training refuses it once one changed): taken before any image is read, so that a
+    # file replaced while it is annotated shows as changed
+    sizes = item_sizes(dataset) if rank_world()[0] == 0 else None
     with _waits() as waits:  # every rank waits for the others as long as they work, after extraction and at the end
         if a.source == "gt":  # rank 0 reads it; every rank read the whole dataset and wrote the same store
             records, feats, extra = _ground_truth(dataset, a, granularity, log, progress) if rank_world()[0] == 0 \
@@ -602,7 +607,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
                              dataset={"config": to_dict(cfg.data), "ids_sha256": ids_hash(dataset.ids), "num_images": n,
                                       "skipped": sorted(set(dataset.ids) - set(ids))})
                 write_store(a.store, ids, records, granularity=granularity, num_classes=k, shard_size=a.shard_size,
-                            extra=extra)
+                            extra=extra, sizes=None if sizes is None else [sizes[i] for i in feats["index"].tolist()])
                 if granularity == "mask" and a.source == "self":  # the store holds them now
                     remove_intermediates(pathlib.Path(a.store) / "work")
                 log(f"annotate: wrote {len(ids)} {granularity} annotations (K={k}) to {a.store}")

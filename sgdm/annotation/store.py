@@ -4,7 +4,9 @@ A directory with sharded safetensors files and a JSON manifest::
 
     manifest.json            version, granularity (label|box|mask), source (self|gt),
                              num_classes (K), method, params, extractor (backbone,
-                             weights hash), dataset (config, ids hash), ids, shards
+                             weights hash), dataset (config, ids hash), ids, shards,
+                             files_sha256 + file_sizes (datasets of files: the sizes of
+                             each stored image's files when annotated, sgdm.data.files)
     shard_00000.safetensors  per image, rows in manifest order:
                              cluster int64 [n]        (label, box; -1 = no annotation, box only)
                              box float32 [n, 4]       (box; all zeros where cluster is -1)
@@ -149,8 +151,14 @@ def write_store(
     num_classes: int,
     shard_size: int = 1024,
     extra: Optional[Mapping[str, Any]] = None,
+    sizes: Optional[Sequence[Sequence[Optional[int]]]] = None,
 ) -> "AnnotationStore":
-    """Write ``records`` (row i describes ``ids[i]``) as a store; ``extra`` goes into the manifest."""
+    """Write ``records`` (row i describes ``ids[i]``) as a store; ``extra`` goes into the manifest.
+
+    ``sizes``: the file sizes of ``ids[i]``'s item (:func:`sgdm.data.files.item_sizes`, taken before its
+    pixels were read), recorded as ``file_sizes`` and their digest ``files_sha256``
+    (:func:`sgdm.data.files.files_hash` of these ids): :meth:`AnnotationStore.replaced` names the
+    images replaced since. None: a dataset without files of its own per item (shapes, an LMDB)."""
     if granularity not in FIELDS:
         raise ValueError(f"write_store: granularity must be one of {', '.join(FIELDS)}, got {granularity!r}")
     if granularity == "mask" and num_classes > IGNORE:
@@ -158,6 +166,8 @@ def write_store(
                          f"ignore), got num_classes={num_classes}")
     if len(set(ids)) != len(ids):
         raise ValueError("write_store: ids are not unique")
+    if sizes is not None and len(sizes) != len(ids):
+        raise ValueError(f"write_store: sizes has {len(sizes)} items for {len(ids)} ids")
     records = dict(records)
     if granularity == "mask" and "multi_hot" not in records:
         records["multi_hot"] = multi_hot_from_masks(records["mask"], num_classes)
@@ -181,6 +191,10 @@ def write_store(
         ids=list(ids),
         shards=shards,
     )
+    if sizes is not None:
+        from sgdm.data.files import files_hash
+
+        manifest.update(files_sha256=files_hash(ids, sizes), file_sizes=[list(s) for s in sizes])
     manifest.setdefault("source", "self")
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
     return AnnotationStore.open(path)
@@ -388,6 +402,17 @@ class AnnotationStore:
         if name not in FIELDS[self.granularity]:
             raise KeyError(f"annotation store {self.path} ({self.granularity}) has no field {name!r}")
         return torch.cat([self._shard(i)[name] for i in range(len(self.manifest["shards"]))])
+
+    def replaced(self, ids: Sequence[str], sizes: Sequence[Sequence[Optional[int]]]) -> Optional[list[str]]:
+        """The stored images whose files now have other sizes than when annotated: ``sizes[i]`` are those
+        of ``ids[i]`` now (:func:`sgdm.data.files.item_sizes`); ids the store lacks, and stored ids not in
+        ``ids``, are not compared (the id check's). None for a store that records no sizes (an older
+        sgdm's, or one of a dataset without files)."""
+        recorded = self.manifest.get("file_sizes")
+        if recorded is None:
+            return None
+        now = {str(i): list(s) for i, s in zip(ids, sizes, strict=True)}
+        return [i for i, s in zip(self.ids, recorded, strict=True) if i in now and now[i] != list(s)]
 
     def check_matches(self, ids: Sequence[str], num_classes: Optional[int] = None) -> None:
         """Refuse a store that lacks some of ``ids`` or was made with another K."""
