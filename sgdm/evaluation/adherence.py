@@ -1,4 +1,4 @@
-"""Layout adherence: does a generated image follow the box or mask that guided it?
+"""Adherence: does a generated image follow the cluster, box or mask that guided it?
 
 The paper's self-annotation function f (LOST for boxes, STEGO-style
 segmentation for masks, Sec. 3.2) is run on the generated images, and its
@@ -16,6 +16,10 @@ included, so it is used only where ids carry no meaning; its scores are
 reported beside every identity score (``mask_miou_hungarian``) so that numbers
 from before this protocol stay comparable.
 
+Cluster ids (label and box guidance) are scored with the store's own f, the
+nearest k-means centroid of the sample's CLS feature (:func:`cluster_adherence`),
+beside the best score a model that ignores its guidance could reach.
+
 Ground-truth masks have meaningful class ids, which an unsupervised segmenter
 fitted on the samples cannot name (mIoU ~0.05 on ``shapes`` whatever the
 samples look like); :func:`mask_adherence_probe` scores them with a supervised
@@ -29,8 +33,8 @@ import torch
 
 from sgdm.evaluation.feature_distance import FeatureSpace
 
-__all__ = ["MaskMatching", "box_adherence", "image_tokens", "mask_adherence", "mask_adherence_probe", "mask_scores",
-           "patch_tokens"]
+__all__ = ["MaskMatching", "box_adherence", "cluster_adherence", "image_tokens", "mask_adherence",
+           "mask_adherence_probe", "mask_scores", "patch_tokens"]
 
 MaskMatching = Literal["identity", "hungarian"]
 
@@ -66,6 +70,33 @@ def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor
     pred = torch.cat([lost_boxes(space.backbone, chunk.to(space.device), lost_cfg) for chunk in images.split(batch_size)])
     iou = torch.stack([box_iou(p, g)[0, 0] for p, g in zip(pred, boxes)])
     return {"box_iou": float(iou.mean()), "box_hit50": float((iou >= 0.5).double().mean())}
+
+
+@torch.no_grad()
+def cluster_adherence(space: FeatureSpace, images: torch.Tensor, clusters: torch.Tensor, f,
+                      batch_size: int = 64) -> dict[str, float]:
+    """images [N, 3, H, W] in [-1, 1]; the cluster ids [N] that guided them -> ``cluster_adherence``, the
+    fraction of images whose cluster under the store's f (:class:`~sgdm.annotation.centroids.ClusterF`: the
+    nearest k-means centroid of the image's prepared CLS feature) is the guiding one, and
+    ``cluster_adherence_chance``, the frequency of the most common guiding cluster: the best a model that
+    ignores its guidance can score on these conditions (it is 1/K only for balanced conditions).
+
+    ``space`` must be the extractor the store's features came from
+    (:func:`~sgdm.evaluation.feature_distance.annotation_space`)."""
+    from sgdm.annotation.features import extract
+
+    clusters = torch.as_tensor(clusters).long().cpu()
+    if clusters.shape != (images.shape[0],):
+        raise ValueError(f"clusters: expected [{images.shape[0]}] cluster ids for {images.shape[0]} images, "
+                         f"got {tuple(clusters.shape)}")
+    if clusters.numel() and (int(clusters.min()) < 0 or int(clusters.max()) >= f.num_classes):
+        raise ValueError(f"clusters: ids must lie in [0, {f.num_classes}) (the store's K), got "
+                         f"{int(clusters.min())}..{int(clusters.max())}")
+    cls = torch.cat([extract(space.backbone, c.to(space.device), patches=False).cls.cpu()
+                     for c in images.split(batch_size)])
+    hit = (f.assign(cls) == clusters).double()
+    return {"cluster_adherence": float(hit.mean()),
+            "cluster_adherence_chance": float(torch.bincount(clusters).max()) / len(clusters)}
 
 
 def mask_scores(pred: torch.Tensor, masks: torch.Tensor, num_classes: int, matching: MaskMatching) -> dict:

@@ -296,12 +296,28 @@ class _Evaluator:
         check_store(cfg, ecfg.metrics, run_dir)
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
-        if "adherence" in ecfg.metrics and cfg.model.guidance.kind in ("box", "mask"):
-            from sgdm.evaluation.store_checks import check_input_size
+        self.cluster_f, self.notes = None, []  # f of the store's cluster ids; why a metric asked for is missing
+        kind = cfg.model.guidance.kind
+        if "adherence" in ecfg.metrics and kind in ("label", "box", "mask"):
+            from sgdm.annotation.centroids import ClusterF
+            from sgdm.annotation.store import AnnotationStore
+            from sgdm.evaluation.store_checks import (check_feature_dim, check_input_size, missing_cluster_f,
+                                                      scored_by_stored_f)
 
-            # built now: a backbone that cannot load, or one at another input size than the store's, stops
-            # the evaluation before sampling
-            check_input_size(cfg, self._annotation_space().backbone.input_size, run_dir)
+            store = AnnotationStore.open(cfg.annotation.store)
+            missing = missing_cluster_f(cfg)
+            if missing is not None:
+                self.notes.append(f"no cluster adherence: {missing}")
+                log(f"eval: warning: {self.notes[-1]}")
+            elif kind in ("label", "box"):
+                self.cluster_f = ClusterF.of_store(store)
+            if kind != "label" or self.cluster_f is not None:
+                # built now: a backbone that cannot load, or one at another input size or feature width than the
+                # store's, stops the evaluation before sampling
+                backbone = self._annotation_space().backbone
+                if scored_by_stored_f(kind, store):
+                    check_input_size(cfg, backbone.input_size, run_dir)
+                check_feature_dim(cfg, backbone, run_dir)
         self._probe = None  # (LinearProbe, held-out scores) of a ground-truth mask store, see _mask_probe
         self.dataset = build_dataset(cfg.data, train=False)
         self.data_key = _digest(recorded_data(cfg.data))
@@ -371,7 +387,7 @@ class _Evaluator:
             from sgdm.evaluation.feature_distance import feature_distance
 
             out.update(feature_distance(self.space, images, self.reference_stats(), e.batch_size))
-        if "adherence" in e.metrics and conditions.kind in ("box", "mask"):
+        if "adherence" in e.metrics and conditions.kind in ("label", "box", "mask"):
             out.update(self._adherence(images, conditions, generator))
         return out
 
@@ -391,12 +407,20 @@ class _Evaluator:
 
     def _adherence(self, images, conditions: EvalConditions, generator) -> dict:
         from sgdm.annotation.store import AnnotationStore
-        from sgdm.evaluation.adherence import box_adherence, image_tokens, mask_adherence, mask_adherence_probe
+        from sgdm.evaluation.adherence import (box_adherence, cluster_adherence, image_tokens, mask_adherence,
+                                               mask_adherence_probe)
 
         a = self.cfg.annotation
+        if conditions.kind in ("label", "box"):
+            out = {}
+            if conditions.kind == "box":
+                out.update(box_adherence(self._annotation_space(), images, conditions.boxes, a.lost,
+                                         self.ecfg.batch_size))
+            if self.cluster_f is not None:  # None: a store without f (a note says so)
+                out.update(cluster_adherence(self._annotation_space(), images, conditions.clusters, self.cluster_f,
+                                             self.ecfg.batch_size))
+            return out
         space = self._annotation_space()
-        if conditions.kind == "box":
-            return box_adherence(space, images, conditions.boxes, a.lost, self.ecfg.batch_size)
         store = AnnotationStore.open(a.store) if a.store is not None else None
         segmenter = store.segmenter() if store is not None else None
         tokens = image_tokens(space, images, self.ecfg.batch_size)  # the samples' tokens, for every mask score
@@ -473,10 +497,17 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         e = ecfg or recorded_eval(run_dir)
         e.check_files()  # an ecfg made by dataclasses.replace was not validated
         kind = cfg.model.guidance.kind
-        if kind not in ("box", "mask") and set(e.metrics) == {"adherence"}:  # before any scorer is built
-            raise ConfigError("eval.metrics", f"layout adherence scores box and mask guidance; this run has "
-                                              f"{kind!r} guidance (model.guidance.kind), so nothing would be "
-                                              f"measured: ask for fid, is, kid or fd")
+        if set(e.metrics) == {"adherence"}:  # before any scorer is built
+            if kind == "none":
+                raise ConfigError("eval.metrics", "adherence scores guided runs; this run has no guidance "
+                                                  "(model.guidance.kind none), so nothing would be measured: ask "
+                                                  "for fid, is, kid or fd")
+            from sgdm.evaluation.store_checks import missing_cluster_f
+
+            missing = missing_cluster_f(cfg) if kind == "label" else None
+            if missing is not None:
+                raise ConfigError("eval.metrics", f"adherence alone of a label run measures nothing here: {missing}; "
+                                                  f"or ask for fid, is, kid or fd")
         if e.compile:
             pipe.compile()
         if shares is not None and rank == 0:
@@ -514,6 +545,7 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         "reference_images": min(ecfg.reference_n, len(evaluator.dataset))
         if any(m in ecfg.metrics for m in (*INCEPTION, "fd")) else None,
         "eval_config": to_dict(ecfg), "results": rows,
+        "notes": evaluator.notes,  # metrics asked for and not measured, and why
     }
     write_results(results, out_dir, plot=len(rows) > 1)
     if shares is not None:
@@ -593,6 +625,8 @@ def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> p
                if results.get("reference_images") else "") + ".\n"
             "`fd_<name>` is the Frechet distance in that feature extractor's space (not FID).\n\n")
     markdown = head + markdown_table(results["results"])
+    if results.get("notes"):
+        markdown += "\n" + "".join(f"- {note}\n" for note in results["notes"])
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out_dir / "results.md", markdown)
     if plot:

@@ -13,7 +13,12 @@ ConfigError naming the key and both values (:func:`check_store`):
 * the settings of f that adherence reads are the store's (manifest ``params``, compared by
   :meth:`~sgdm.annotation.store.AnnotationStore.settings_differ`): LOST's for boxes; for masks, K and
   the class maps' grid and CRF (those of the store's own f, which scores the samples), and every
-  ``stego`` / ``kmeans`` setting where f is fitted on the samples (a store that did not keep its f).
+  ``stego`` / ``kmeans`` setting where f is fitted on the samples (a store that did not keep its f);
+* the k-means centroids of a label or box store (f of its cluster ids,
+  :class:`~sgdm.annotation.centroids.ClusterF`) can be read, are the file the manifest records, hold the
+  store's K (:func:`check_store`) and take features of the extractor's width (:func:`check_feature_dim`).
+  A label or box store without them (an older sgdm's, or ground truth) cannot score cluster adherence:
+  :func:`missing_cluster_f` says why and how to get it.
 
 Ground-truth stores have no f (only the first check applies); stores written before a record existed
 are not compared on it.
@@ -22,11 +27,44 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 from sgdm.config.core import ConfigError, to_dict
 
-__all__ = ["check_store", "check_store_extractor", "check_store_record", "check_input_size", "check_adherence_settings"]
+__all__ = ["check_store", "check_store_extractor", "check_store_record", "check_input_size", "check_adherence_settings",
+           "check_feature_dim", "missing_cluster_f", "scored_by_stored_f"]
+
+# manifest keys of the centroids file: a store annotated again by an sgdm that keeps f differs from the one a
+# run was trained on by these alone (check_store_record)
+_CENTROID_KEYS = ("centroids", "centroids_sha256")
+
+
+def scored_by_stored_f(kind: str, store) -> bool:
+    """Whether adherence of ``kind`` guidance reads the self-annotation f of ``store`` (and so its extractor
+    and settings): box and mask runs always (LOST, or a segmenter), label runs where the store kept its
+    k-means centroids."""
+    if store.source != "self":
+        return False
+    return kind in ("box", "mask") or (kind == "label" and store.manifest.get("centroids") is not None)
+
+
+def missing_cluster_f(cfg) -> Optional[str]:
+    """Why cluster adherence (of a label or box run) cannot be measured, in one line saying how to get it,
+    or None where it can (or the run has no cluster guidance)."""
+    from sgdm.annotation.store import AnnotationStore
+
+    if cfg.model.guidance.kind not in ("label", "box"):
+        return None
+    store = AnnotationStore.open(cfg.annotation.store)
+    if store.source == "gt":
+        return (f"the annotation store {store.path} holds ground-truth classes, and no f assigns samples to them, "
+                f"so cluster adherence is not measured")
+    if store.manifest.get("centroids") is None:
+        return (f"the annotation store {store.path} was made by an older sgdm, which did not keep its k-means "
+                f"centroids (f), so cluster adherence is not measured: run `sgdm-ldm annotate` on the run's config "
+                f"again to keep them (it reuses the cached features in {store.path / 'work'} when they are there; "
+                f"with the same settings it writes the same clusters, which evaluation accepts)")
+    return None
 
 
 def check_store(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:
@@ -41,8 +79,12 @@ def check_store(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:
     check_annotation_store(cfg)
     store = AnnotationStore.open(cfg.annotation.store)
     check_store_record(store, run_dir)
-    if "adherence" not in metrics or kind not in ("box", "mask") or store.source != "self":
+    if "adherence" not in metrics or not scored_by_stored_f(kind, store):
         return
+    if kind in ("label", "box"):
+        from sgdm.annotation.centroids import ClusterF
+
+        ClusterF.of_store(store)  # a missing, replaced or unreadable file, or one of another K, stops us now
     check_store_extractor(cfg, metrics, run_dir)
     check_adherence_settings(cfg, store, run_dir)
 
@@ -62,13 +104,31 @@ def check_store_record(store, run_dir: pathlib.Path) -> None:
     if not saved:
         return
     now = store.content_digest()
-    if now != saved:
+    if now != saved and _digest_before_f(store) != saved:
         raise ConfigError("annotation.store", f"{store.path} holds other annotations than run {run_dir} was trained "
                                               f"on: its content digest is {now[:16]}..., the run recorded "
                                               f"{saved[:16]}... ({record}, written when training started), so the "
                                               f"evaluation would draw guidance the model never saw. Point "
                                               f"annotation.store in {pathlib.Path(run_dir) / 'config.yaml'} at the "
                                               f"store the run was trained on, or restore it")
+
+
+def _digest_before_f(store) -> Optional[str]:
+    """The content digest ``store`` had before it kept its k-means centroids: that of its manifest without
+    their keys (as annotate writes it: JSON, indent 1) and of its shards, as
+    :meth:`~sgdm.annotation.store.AnnotationStore.content_digest` takes it. An older sgdm's store annotated
+    again with the same settings differs from it by these keys alone. None where it records no centroids."""
+    import hashlib
+
+    if not any(k in store.manifest for k in _CENTROID_KEYS):
+        return None
+    manifest = {k: v for k, v in store.manifest.items() if k not in _CENTROID_KEYS}
+    h = hashlib.sha256(json.dumps(manifest, indent=1).encode())
+    for info in store.manifest["shards"]:
+        with open(store.path / info["file"], "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def check_store_extractor(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:
@@ -83,7 +143,7 @@ def check_store_extractor(cfg, metrics: Sequence[str], run_dir: pathlib.Path) ->
     from sgdm.annotation.store import AnnotationStore
 
     a = cfg.annotation
-    if "adherence" not in metrics or cfg.model.guidance.kind not in ("box", "mask") or a.store is None:
+    if "adherence" not in metrics or cfg.model.guidance.kind not in ("label", "box", "mask") or a.store is None:
         return
     store = AnnotationStore.open(a.store)
     made = store.manifest.get("extractor")
@@ -133,10 +193,37 @@ def check_input_size(cfg, input_size: Sequence[int], run_dir: pathlib.Path) -> N
                                                f"to the store's value, or leave adherence out of --metrics (eval.metrics)")
 
 
+def check_feature_dim(cfg, backbone, run_dir: pathlib.Path) -> None:
+    """The store's k-means centroids (label, box) take CLS features as wide as those of ``backbone``, the
+    extractor adherence built (:func:`~sgdm.evaluation.feature_distance.annotation_space`); measured on one
+    blank image, so that a mismatch stops the evaluation before sampling, not after it. ConfigError naming
+    ``annotation.backbone_kwargs`` and both widths. Stores without centroids are not compared."""
+    import torch
+
+    from sgdm.annotation.centroids import ClusterF
+    from sgdm.annotation.features import extract
+    from sgdm.annotation.store import AnnotationStore
+
+    f = ClusterF.of_store(AnnotationStore.open(cfg.annotation.store))
+    if f is None:
+        return
+    device = next(backbone.model.parameters()).device
+    dim = extract(backbone, torch.zeros(1, 3, *backbone.input_size, device=device), patches=False).cls.shape[1]
+    if dim != f.dim:
+        raise ConfigError("annotation.backbone_kwargs", f"adherence's extractor ({backbone.name}) gives {dim}-wide CLS "
+                                                        f"features, the k-means centroids of the annotation store "
+                                                        f"{cfg.annotation.store} take {f.dim}-wide ones: set "
+                                                        f"annotation.backbone, backbone_kwargs and weights in "
+                                                        f"{pathlib.Path(run_dir) / 'config.yaml'} to the store's, or "
+                                                        f"leave adherence out of --metrics (eval.metrics)")
+
+
 def _adherence_keys(granularity: str, fitted_on_samples: bool) -> tuple[str, ...]:
     """Prefixes of the ``annotation.*`` settings (as :meth:`settings_differ` names them) that the
     adherence of ``granularity`` reads. Batch sizes, devices and chunk sizes change no score."""
     extractor = ("backbone", "backbone_kwargs", "image_size")
+    if granularity == "label":
+        return extractor  # the store's centroids assign the samples; K is compared with the run's guidance
     if granularity == "box":
         return (*extractor, "lost.")  # LOST itself; num_clusters is the store's K
     if fitted_on_samples:  # f is fitted again, on the samples: every setting of the fit
@@ -184,6 +271,8 @@ def check_adherence_settings(cfg, store, run_dir: pathlib.Path) -> None:
             f"differ from those {made}" if fitted else
             f"mask adherence scores the samples with the store's own f (its segmenter), and the run's settings "
             f"describe another f than the one {made}" if store.granularity == "mask" else
+            f"cluster adherence assigns the samples with the store's centroids on the run's extractor, which "
+            f"differs from the one {made}" if store.granularity == "label" else
             f"box adherence re-annotates the samples with the run's settings, which differ from those {made}")
     raise ConfigError("annotation", f"{what}: {values}. Set these keys in {pathlib.Path(run_dir) / 'config.yaml'} "
                                     f"to the store's values, or leave adherence out of --metrics (eval.metrics)")

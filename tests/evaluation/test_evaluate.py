@@ -385,13 +385,16 @@ def test_eval_fd_without_annotation_weights_offline_names_the_eval_flags(tmp_pat
     assert "leave fd out of --metrics (eval.metrics)" in err
 
 
-def test_eval_adherence_alone_of_a_label_run_is_refused(tmp_path, capsys):
-    """Adherence scores box and mask runs only: a label run evaluated for it alone sampled every image and
-    wrote a results table without a metric, exit 0."""
-    run_dir = make_run(tmp_path, "label")
+@pytest.mark.parametrize("kind, message", [
+    ("label", "adherence alone of a label run measures nothing here: the annotation store"),
+    ("none", "adherence scores guided runs; this run has no guidance"),
+])
+def test_eval_adherence_alone_that_would_measure_nothing_is_refused(tmp_path, capsys, kind, message):
+    """A run evaluated for adherence alone where there is nothing to score (no guidance, or a label store
+    without its centroids) sampled every image and wrote a results table without a metric, exit 0."""
+    run_dir = make_run(tmp_path, kind)
     assert main(["eval", str(run_dir), "--metrics", "adherence"]) == 2
-    assert ("config error: eval.metrics: layout adherence scores box and mask guidance; this run has 'label' "
-            "guidance") in capsys.readouterr().err
+    assert f"config error: eval.metrics: {message}" in capsys.readouterr().err
     assert not (run_dir / "eval" / "results.json").exists()
 
 
