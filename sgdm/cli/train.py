@@ -56,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_accelerator(cfg.train.accelerator, cfg.train.devices, strategy=cfg.train.strategy,
                       precision=cfg.train.precision, num_nodes=cfg.train.num_nodes)
-    check_annotation_store(cfg)
+    images = None
+    if cfg.model.guidance.kind != "none" and not cfg.prepare.any():  # prepare may make the images or the store
+        from sgdm.training.data import build_image_dataset
+
+        images = build_image_dataset(cfg.data, cfg.run.seed)  # the store's check and training stat their files once
+    check_annotation_store(cfg, images)
     from sgdm.training.run import check_resumable
 
     resume = wants_resume(args, cfg)
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         resume = resume or bool(list_checkpoints(cfg.run.path / "checkpoints"))
     from sgdm.training.run import train
 
-    code = train(cfg, resume=resume)
+    code = train(cfg, resume=resume, dataset=images)
     if code == 0 and cfg.prepare.report:
         processes = _several_processes(cfg)
         if processes > 1:  # its evaluations and companion runs are one process's work

@@ -181,10 +181,12 @@ def recorded_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def check_annotation_store(cfg: ExperimentConfig) -> None:
-    """The store exists and its manifest agrees with the config (cheap: JSON only).
+def check_annotation_store(cfg: ExperimentConfig, dataset=None) -> None:
+    """The store exists, its manifest agrees with the config, and it holds the dataset's images as they
+    are now (:func:`check_store_dataset`: their ids, and the sizes of their files).
 
-    Skipped for unguided runs, and when ``prepare.annotations`` will create it.
+    Skipped for unguided runs, and when ``prepare.annotations`` will create it. ``dataset``: the images of
+    ``cfg.data``, when built already (training's: their files are stat'ed once per dataset object).
     """
     g = cfg.model.guidance
     if g.kind == "none":
@@ -210,20 +212,22 @@ def check_annotation_store(cfg: ExperimentConfig) -> None:
     if opened.num_classes != g.num_classes:
         raise ConfigError("model.guidance.num_classes", f"{g.num_classes} does not match K={opened.num_classes} "
                                                         f"of the annotation store {store}")
-    check_store_dataset(opened, cfg.data)
+    check_store_dataset(opened, cfg.data, dataset)
 
 
 # data settings that do not decide which images a dataset lists
 _NOT_IDS = ("num_workers", "on_bad_image", "flip", "size", "exif_orientation")
 
 
-def check_store_dataset(opened, data: DataConfig) -> None:
+def check_store_dataset(opened, data: DataConfig, dataset=None) -> None:
     """The store ``opened`` (an :class:`~sgdm.annotation.store.AnnotationStore`) holds every image of the
     dataset ``data`` describes; else a ConfigError naming ``annotation.store`` and the data setting
     that differs, before any work (training would stop at the first batch with an unknown id).
 
     Cheap: the dataset lists its ids without reading an image; their hash is compared with the one
-    the store recorded. A store made from a larger dataset holding all of them is accepted.
+    the store recorded. A store made from a larger dataset holding all of them is accepted. Then the
+    files of the stored images (:func:`_check_store_files`), one stat each. ``dataset``: the dataset
+    ``data`` describes, when built already.
 
     A box or mask store must also have been annotated from images the same way up
     (``data.exif_orientation``): its boxes and masks lie on that pixel grid. A label store is not
@@ -233,17 +237,41 @@ def check_store_dataset(opened, data: DataConfig) -> None:
 
     recorded = opened.manifest.get("dataset") or {}
     _check_store_orientation(opened, recorded.get("config"), data)
-    ids = build_dataset(data, train=False).ids
+    dataset = build_dataset(data, train=False) if dataset is None else dataset
+    ids = dataset.ids
     if ids_hash(ids) in (recorded.get("ids_sha256"), opened.manifest.get("ids_sha256")):
-        return
+        return _check_store_files(opened, data, dataset)
     skipped = set(recorded.get("skipped") or ())  # unreadable when annotated; training skips them too
     missing = [i for i in ids if i not in opened and i not in skipped]
     if not missing:
-        return
+        return _check_store_files(opened, data, dataset)
     raise ConfigError("annotation.store", f"{opened.path} was annotated from other images: {len(missing)} of the "
                                           f"dataset's {len(ids)} image ids are not in it (e.g. {missing[0]!r}); "
                                           f"{_data_difference(recorded.get('config'), data)}. Delete the store to "
                                           f"annotate again, or point annotation.store elsewhere")
+
+
+def _check_store_files(opened, data: DataConfig, dataset) -> None:
+    """Refuse the store ``opened`` when a file of an image it holds has another size under ``data.root``
+    than when it was annotated (its manifest's ``file_sizes``): an image replaced under the same name,
+    whose annotations are of the old pixels. A dataset copied elsewhere keeps its sizes and is accepted.
+    Not compared: a store that records no sizes (an older sgdm's), a dataset without files of its own
+    per item (shapes, an LMDB), and images the store does not hold (unreadable when annotated)."""
+    from sgdm.data.decode import printable
+    from sgdm.data.files import item_sizes
+
+    if opened.manifest.get("file_sizes") is None:  # no stat for a store that cannot be compared
+        return
+    sizes = item_sizes(dataset)
+    replaced = None if sizes is None else opened.replaced(dataset.ids, sizes)
+    if not replaced:
+        return
+    shown = ", ".join(printable(i) for i in replaced[:3]) + (", ..." if len(replaced) > 3 else "")
+    raise ConfigError("annotation.store", f"{opened.path} is stale: {len(replaced)} of its {len(opened)} images "
+                                          f"replaced under data.root {data.root} since they were annotated "
+                                          f"(another file size: {shown}), so its annotations describe the old "
+                                          f"pixels. Re-run `sgdm-ldm annotate` with this config to annotate "
+                                          f"them again")
 
 
 def _check_store_orientation(opened, old: Optional[dict], data: DataConfig) -> None:

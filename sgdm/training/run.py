@@ -409,11 +409,13 @@ def encode_device(t) -> torch.device:
     return torch.device("cpu")
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
+def train(cfg: ExperimentConfig, resume: bool = False, callbacks=(), dataset=None) -> int:
     """Train (or continue) the run ``cfg.run.path``; 0 when done, :data:`EXIT_SIGTERM` after a SIGTERM,
     :data:`EXIT_SIGINT` after Ctrl+C (both with a checkpoint).
 
-    ``callbacks``: extra Lightning callbacks (monitoring, tests).
+    ``callbacks``: extra Lightning callbacks (monitoring, tests). ``dataset``: the training images
+    (:func:`~sgdm.training.data.build_image_dataset`) when the caller built them for its checks already:
+    their files' sizes are taken once per dataset object (:mod:`sgdm.data.files`).
     """
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -421,7 +423,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, callbacks=()) -> int:
 
     # the cheap checks first: nothing is written, no scale factor or latent cache computed, before them
     check_first_stage_file(cfg)
-    dataset = build_image_dataset(cfg.data, cfg.run.seed)
+    dataset = build_image_dataset(cfg.data, cfg.run.seed) if dataset is None else dataset
     check_batch_fits(cfg.train, len(dataset))
     ckpt = prepare_run_dir(cfg, resume, dataset=dataset)
     if ckpt is not None:
