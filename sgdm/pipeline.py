@@ -258,10 +258,11 @@ class SelfGuidedPipeline:
         scale = self.sampler.guidance_scale if scale is None else scale
         return _finite_float(scale, "guidance_scale", "a finite number w (paper Eq. 4)")
 
-    def _solver(self, num_steps, sampler, eta, spacing) -> tuple[int, str, float, str]:
-        """(num_steps, sampler, eta, spacing) checked, with unset ones from the ``sampler`` config;
-        its eta and spacing are for its own sampler: another sampler chosen here runs with eta = 0
-        and its own default spacing (``DEFAULT_SPACING``)."""
+    def sampling_settings(self, num_steps: Optional[int] = None, sampler: Optional[str] = None,
+                          eta: Optional[float] = None, spacing: Optional[str] = None) -> tuple[int, str, float, str]:
+        """``(num_steps, sampler, eta, spacing)`` that :meth:`__call__` samples with for these arguments: checked,
+        with unset ones from the ``sampler`` config; its eta and spacing are for its own sampler: another
+        sampler chosen here runs with eta = 0 and its own default spacing (``DEFAULT_SPACING``)."""
         s = self.sampler
         sampler = s.sampler if sampler is None else sampler
         get_sampler(sampler)
@@ -319,7 +320,7 @@ class SelfGuidedPipeline:
         enclosing ``torch.autocast``; the sampler's latents stay float32 between steps.
         """
         num_images = _positive_int(num_images, "num_images")
-        num_steps, sampler, eta, spacing = self._solver(num_steps, sampler, eta, spacing)
+        num_steps, sampler, eta, spacing = self.sampling_settings(num_steps, sampler, eta, spacing)
         batch_size = num_images if batch_size is None else _positive_int(batch_size, "batch_size")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")

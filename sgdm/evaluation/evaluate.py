@@ -532,7 +532,7 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         "steps": ecfg.steps, "eta": ecfg.eta,
         # the spacing the sampler ran with (eval.spacing unset: the run's sampler.spacing or the sampler's
         # default, as the pipeline resolves it)
-        "spacing": pipe._solver(ecfg.steps, ecfg.sampler, ecfg.eta, ecfg.spacing)[3], "weights": "ema",
+        "spacing": pipe.sampling_settings(ecfg.steps, ecfg.sampler, ecfg.eta, ecfg.spacing)[3], "weights": "ema",
         "annotation_store": None if cfg.model.guidance.kind == "none" else str(cfg.annotation.store),
         "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
         # what re-annotated the samples for adherence (the store's extractor, checked before sampling)
