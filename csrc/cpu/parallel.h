@@ -14,11 +14,13 @@ namespace sgdm::cpu {
 // threads under load 4.7.
 constexpr int64_t kMinParallelElements = 16384;
 
-// at::parallel_for grain, in tasks of `elems_per_task` elements, that keeps
-// calls below kMinParallelElements in all on one thread.
-inline int64_t grain_for(int64_t elems_per_task) {
-  const int64_t per = std::max<int64_t>(elems_per_task, 1);
-  return std::max<int64_t>(1, (kMinParallelElements + per - 1) / per);
+// at::parallel_for grain, in tasks of `work_per_task` units, that keeps calls
+// of at most `min_parallel_work` units in all on one thread (at::parallel_for
+// runs inline unless the task count exceeds the grain). By default the unit
+// is an element and the limit kMinParallelElements.
+inline int64_t grain_for(int64_t work_per_task, int64_t min_parallel_work = kMinParallelElements) {
+  const int64_t per = std::max<int64_t>(work_per_task, 1);
+  return std::max<int64_t>(1, (min_parallel_work + per - 1) / per);
 }
 
 }  // namespace sgdm::cpu

@@ -7,6 +7,11 @@ at the same precision (the issue's low-precision rule).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -18,6 +23,7 @@ from sgdm.ops.attention import SUPPORTED_HEAD_DIMS, attention, attention_ref
 from tests.ops.conftest import require_kernels
 
 OP = "attention"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 attention_module = importlib.import_module("sgdm.ops.attention")  # the package attribute is the function
 
 
@@ -128,6 +134,41 @@ def test_only_dq_depends_on_the_thread_count(generator):
         torch.set_num_threads(threads)
     for name, one, two in zip(("out", "dk", "dv"), *results):
         assert torch.equal(one, two), name
+
+
+# Counts the process's threads (OpenMP starts its team at the first parallel region and keeps
+# it) around a small forward+backward, then around a large forward.
+THREAD_PROBE = textwrap.dedent("""
+    import json, os, torch
+    from sgdm import ops
+    torch.set_num_threads(2)
+    threads = lambda: len(os.listdir("/proc/self/task"))
+    g = torch.Generator().manual_seed(0)
+    before = threads()
+    q = torch.randn(1, 4, 16, 32, generator=g, requires_grad=True)  # 4x4 latent, 4 heads
+    k, v = (torch.randn(1, 4, 4, 32, generator=g, requires_grad=True) for _ in range(2))  # 4 tokens
+    torch.autograd.grad(ops.attention(q, k, v), (q, k, v), torch.randn(1, 4, 16, 32, generator=g))
+    small = threads()
+    x = torch.randn(1, 4, 256, 64, generator=g)
+    ops.attention(x, x, x)
+    print(json.dumps({"before": before, "small": small, "large": threads()}))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task")
+def test_small_calls_stay_on_the_calling_thread():
+    """Below the kernels' serial limit (csrc/cpu/attention_kernel.cpp kMinParallelWork) the
+    forward and backward run on the calling thread even with two threads allowed: no OpenMP
+    team is started (a cross-attention to 4 tokens on a 4x4 latent had 4 tasks of 16 rows,
+    each given a thread); a large call still starts one, so the count can see a team."""
+    require_kernels(OP)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", THREAD_PROBE], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["small"] == counts["before"], counts
+    assert counts["large"] > counts["small"], counts
 
 
 def test_views_of_packed_qkv(target, generator):
