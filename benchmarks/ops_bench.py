@@ -1,6 +1,7 @@
 """Benchmark of the fused ops against the eager PyTorch expressions they replace.
 
     python benchmarks/ops_bench.py [--device cpu|cuda|all] [--threads 2] [--json out.json]
+    python benchmarks/ops_bench.py --small --device cpu    # the UNet's small sampling-time shapes
 
 Prints one row per (op, shape, dtype, device): eager ms, sgdm ms (medians of
 interleaved runs in the same process), their ratio, and on CUDA the achieved
@@ -26,6 +27,12 @@ Before an op is timed, its output (and, for fwd+bwd, its input gradients) on the
 is compared with the eager expression's (:func:`check_agreement`): a case that disagrees is not
 timed, is listed under "mismatches" and makes the exit status 1.
 
+``--small`` times, instead, the shapes a small UNet meets while sampling (batch 1-16, 4x4 to
+32x32 latents, attention over 1-256 tokens and cross-attention to 1, 4 or 77 guidance tokens,
+against SDPA), where starting the thread team can cost more than the work it splits: the
+shapes the CPU kernels' serial thresholds (csrc/cpu/parallel.h) were chosen on. They have no
+targets; compare one build against another at --threads 1 and 2.
+
 Targets (fp32, 2-core CPU): GroupNorm+SiLU forward >= 2.0x, forward+backward
 >= 1.5x, guided DDIM step >= 4x. H100: GroupNorm+SiLU forward >= 70% of the
 floor, guided step >= 80%.
@@ -33,6 +40,7 @@ floor, guided step >= 80%.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +62,13 @@ DDIM_SHAPES = [(64, 4, 32, 32)]
 # where the floor percentages mean something.
 CUDA_GN_SHAPES = [((64, 512, 32, 32), 32)]
 CUDA_DDIM_SHAPES = [(256, 4, 64, 64)]
+# --small: GroupNorm of 4K-128K elements and guided steps of 256-64K elements (around the kernels'
+# serial limit of 16384), attention over B*H x N x Nk x D (B = 1, H = B*H; Nk = N is self-attention)
+SMALL_GN_SHAPES = [((1, 64, 8, 8), 32), ((1, 128, 8, 8), 32), ((1, 128, 16, 16), 32),
+                   ((1, 256, 16, 16), 32), ((2, 256, 16, 16), 32)]
+SMALL_DDIM_SHAPES = [(1, 4, 8, 8), (1, 4, 32, 32), (4, 4, 32, 32), (8, 4, 32, 32), (16, 4, 32, 32)]
+SMALL_ATTENTION_CASES = sorted({(1, bh, n, n if nk is None else nk, d) for bh in (1, 4, 8) for n in (1, 16, 64, 256)
+                                 for nk in (1, 4, 77, None) for d in (32, 64)})
 # glibc malloc: freed blocks up to 4 GiB stay in the heap, and the heap is not trimmed below 16 GiB
 STEADY_MALLOC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 CUDA_INNER = 20  # calls per CUDA-event measurement: back-to-back launches, as in a model
@@ -276,6 +291,34 @@ def bench_ddim(shape, dtype, device, repeats, gen, bw) -> Row:
     return _row("guided_ddim_step", shape, dtype, device, te, tf, 5 * n_bytes, bw, ">=4x cpu")
 
 
+def bench_attention(case, dtype, device, repeats, gen, bw, mismatches: list | None = None) -> list[Row]:
+    """sgdm.ops.attention against SDPA on ``case`` = (B, H, Nq, Nk, D), forward and forward+backward
+    (gradients returned, as in :func:`bench_group_norm`); each checked first (:func:`agrees`). No
+    targets (benchmarks/attention_bench.py has the large-N ones)."""
+    b, h, nq, nk, d = case
+    q = torch.randn(b, h, nq, d, generator=gen).to(device=device, dtype=dtype)
+    k, v = (torch.randn(b, h, nk, d, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    grad_out = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
+    n_bytes = (2 * q.numel() + 2 * k.numel()) * torch.finfo(dtype).bits // 8  # q, k, v in, out
+    rows = []
+    for backward in (False, True):
+        qkv = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+
+        def call(fn):
+            if backward:
+                return lambda: torch.autograd.grad(fn(*qkv), qkv, grad_out)
+            return lambda: fn(*qkv)
+
+        op = "attention " + ("fwd+bwd" if backward else "fwd")
+        with torch.set_grad_enabled(backward):
+            eager, fused = call(F.scaled_dot_product_attention), call(ops.attention)
+            if agrees(_what(op, case, dtype, device), fused(), eager(), dtype, mismatches):
+                te, tf = compare(eager, fused, device, repeats)
+                row = _row(op, case, dtype, device, te, tf, n_bytes * (2 if backward else 1), bw, "")
+                rows.append(dataclasses.replace(row, target=""))
+    return rows
+
+
 def _row(op, shape, dtype, device, te, tf, floor_bytes, bw, target) -> Row:
     floor = 100.0 * (floor_bytes / bw) / (tf * 1e-3) if device.type == "cuda" else None
     return Row(op, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), device.type,
@@ -291,9 +334,10 @@ def _row(op, shape, dtype, device, te, tf, floor_bytes, bw, target) -> Row:
 DEFAULT_REPEATS = {"cpu": 200, "cuda": 40}
 
 
-def run(devices, dtypes, threads, repeats=None) -> dict:
+def run(devices, dtypes, threads, repeats=None, small: bool = False) -> dict:
     """Rows for every op, shape and dtype on ``devices``; ``repeats``: timed calls per side
-    (guided DDIM 4x), default :data:`DEFAULT_REPEATS` per device type."""
+    (guided DDIM 4x), default :data:`DEFAULT_REPEATS` per device type. ``small``: the
+    SMALL_* shapes (attention included) instead of the default ones."""
     torch.set_num_threads(threads)  # the same for both sides of every ratio
     gen = torch.Generator().manual_seed(0)
     rows, mismatches, env = [], [], {"torch": torch.__version__, "python": platform.python_version(),
@@ -305,18 +349,23 @@ def run(devices, dtypes, threads, repeats=None) -> dict:
         env[f"{name}_copy_GBps"] = bw / 1e9
         env[f"{name}_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
                                else platform.processor() or platform.machine())
-        extra = device.type == "cuda"
+        extra = device.type == "cuda" and not small
         reps = repeats if repeats is not None else DEFAULT_REPEATS[device.type]
+        gn_shapes, ddim_shapes = (SMALL_GN_SHAPES, SMALL_DDIM_SHAPES) if small else (GN_SHAPES, DDIM_SHAPES)
         # a disagreement leaves that timing out; the rest still runs, and the exit status says it
         for dtype in dtypes:
-            for shape, groups in GN_SHAPES + (CUDA_GN_SHAPES if extra else []):
+            for shape, groups in gn_shapes + (CUDA_GN_SHAPES if extra else []):
                 rows += bench_group_norm(shape, groups, dtype, device, reps, gen, bw, mismatches)
-            for shape in DDIM_SHAPES + (CUDA_DDIM_SHAPES if extra else []):
+            for case in SMALL_ATTENTION_CASES if small else []:
+                rows += bench_attention(case, dtype, device, reps, gen, bw, mismatches)
+            for shape in ddim_shapes + (CUDA_DDIM_SHAPES if extra else []):
                 try:
                     rows.append(bench_ddim(shape, dtype, device, reps * 4, gen, bw))
                 except Disagreement as err:
                     print(str(err), file=sys.stderr)
                     mismatches.append(str(err))
+    if small:  # the targets are the default shapes'
+        rows = [dataclasses.replace(r, target="") for r in rows]
     return {"env": env, "rows": [asdict(r) for r in rows], "mismatches": mismatches}
 
 
@@ -369,6 +418,9 @@ def main(argv=None) -> int:
                         "cost, which bounds small ops, drops out); falls back to plain calls")
     p.add_argument("--smoke", action="store_true",
                    help="no timing: run each op once on small shapes and check it (for sanitizers)")
+    p.add_argument("--small", action="store_true",
+                   help="time the small shapes of a UNet at sampling time (SMALL_*: GroupNorm, guided step, "
+                        "attention vs SDPA) instead of the default ones")
     p.add_argument("--attention", action="store_true",
                    help="also time sgdm.ops.attention vs SDPA (benchmarks/attention_bench.py; slow on CPU)")
     p.add_argument("--allocator", choices=["steady", "default"], default="steady",
@@ -394,7 +446,7 @@ def main(argv=None) -> int:
     CUDA_GRAPHS = args.cuda_graphs
     if args.smoke:
         return max(smoke(torch.device(d)) for d in devices)
-    result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats)
+    result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats, args.small)
     result["env"]["cpu_clock"] = args.clock
     result["env"]["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     result["env"]["cuda_graphs"] = args.cuda_graphs
