@@ -37,7 +37,7 @@ from sgdm.evaluation.ranks import Shares, agree, process_device, share
 from sgdm.evaluation.store_checks import check_store, check_store_extractor  # noqa: F401 (check_store_extractor: public here)
 from sgdm.launch import rank_world
 
-__all__ = ["evaluate_run", "load_run", "recorded_eval", "generate", "to_uint8", "write_results", "check_store_extractor"]
+__all__ = ["evaluate_run", "load_run", "load_run_weights", "recorded_eval", "generate", "to_uint8", "write_results", "check_store_extractor"]
 
 INCEPTION = ("fid", "is", "kid")
 
@@ -52,12 +52,19 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
     The weights files the run's ``eval:`` section names are left out of the returned config (None), unchecked:
     they may be paths of the machine the run was made on, and an evaluation may not read them (another
     metric, a flag's file). :func:`evaluate_run` reads that section itself (:func:`recorded_eval`)."""
+    cfg, pipe, _ = load_run_weights(run_dir, device)
+    return cfg, pipe
+
+
+def load_run_weights(run_dir: str | pathlib.Path, device: str | torch.device | None = None):
+    """:func:`load_run`'s (config, pipeline) and where the weights came from: ``{"file": the checkpoint or
+    the exported pipeline/, "step": the training step they are of (None: an export that does not record it)}``."""
     from sgdm.config.schema import load_recorded
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"RUN {run_dir}: no config.yaml there; pass a training run directory (run.dir/run.name)")
-    from sgdm.training.export import checkpoint_for, pipeline_from_checkpoint
+    from sgdm.training.export import _export_step, checkpoint_for, pipeline_from_checkpoint
 
     cfg = load_recorded(run_dir / "config.yaml")
     pipeline_dir = run_dir / "pipeline"
@@ -74,10 +81,12 @@ def load_run(run_dir: str | pathlib.Path, device: str | torch.device | None = No
         if rank_world()[0] == 0:
             why = "is older" if pipeline_dir.exists() else "is not there"
             _stderr(f"evaluating the EMA weights of {ckpt} (step {step}; the run's exported pipeline/ {why})")
-        return cfg, pipe.to(device)
-    from sgdm.pipeline import SelfGuidedPipeline
+        return cfg, pipe.to(device), {"file": str(ckpt), "step": step}
+    from sgdm.pipeline import WEIGHTS_NAME, SelfGuidedPipeline
 
-    return cfg, SelfGuidedPipeline.from_pretrained(pipeline_dir, device=device)
+    pipe = SelfGuidedPipeline.from_pretrained(pipeline_dir, device=device)
+    file = pipeline_dir / WEIGHTS_NAME
+    return cfg, pipe, {"file": str(pipeline_dir), "step": _export_step(file) if file.is_file() else None}
 
 
 def recorded_eval(run_dir: str | pathlib.Path) -> EvalConfig:
@@ -493,7 +502,7 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
 
     def prepare():  # all that can fail before sampling, on every rank
         device = process_device(ecfg.device if ecfg is not None else "auto", world)
-        cfg, pipe = load_run(run_dir, device)
+        cfg, pipe, weights = load_run_weights(run_dir, device)
         e = ecfg or recorded_eval(run_dir)
         e.check_files()  # an ecfg made by dataclasses.replace was not validated
         kind = cfg.model.guidance.kind
@@ -515,9 +524,9 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         # rank 0 alone measures: only it loads the scorers and the reference images
         evaluator = _Evaluator(cfg, e, run_dir, log, autoencoder=pipe.autoencoder) if rank == 0 else None
         conditions = draw_conditions(kind, cfg.annotation.store, e.n, torch.Generator().manual_seed(e.seed))
-        return cfg, e, pipe, evaluator, conditions
+        return cfg, e, pipe, weights, evaluator, conditions
 
-    cfg, ecfg, pipe, evaluator, conditions = agree(world, prepare)
+    cfg, ecfg, pipe, weights, evaluator, conditions = agree(world, prepare)
     try:
         rows = _sample_and_measure(pipe, conditions, cfg.model.guidance.kind, ecfg, evaluator, shares, log)
     except BaseException as err:
@@ -533,6 +542,8 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         # the spacing the sampler ran with (eval.spacing unset: the run's sampler.spacing or the sampler's
         # default, as the pipeline resolves it)
         "spacing": pipe.sampling_settings(ecfg.steps, ecfg.sampler, ecfg.eta, ecfg.spacing)[3], "weights": "ema",
+        # the EMA weights evaluated: the training step they are of and the checkpoint or export they came from
+        "step": weights["step"], "weights_file": weights["file"],
         "annotation_store": None if cfg.model.guidance.kind == "none" else str(cfg.annotation.store),
         "feature_extractor": None if evaluator.space is None else evaluator.space.metric,
         # what re-annotated the samples for adherence (the store's extractor, checked before sampling)

@@ -42,3 +42,23 @@ def test_a_run_continued_past_its_export_is_evaluated_with_its_newer_checkpoint(
     ckpt.unlink()  # the export is of the newest checkpoint's step: it is used
     _, pipe = load_run(run_dir, "cpu")
     assert all(torch.equal(v, exported.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_results_record_the_step_and_file_of_the_weights_evaluated(tmp_path):
+    import json
+
+    from sgdm.cli.main import main
+    from sgdm.config.schema import load_recorded
+    from tests.evaluation.helpers import make_run
+
+    run_dir = make_run(tmp_path, "label", export=False)
+    cfg = load_recorded(run_dir / "config.yaml")
+    _pipeline(cfg, 0).save_pretrained(run_dir / "pipeline", metadata={"step": "1"})
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--n", "3"]) == 0
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert (results["step"], results["weights_file"]) == (1, str(run_dir / "pipeline"))
+    ckpt = run_dir / "checkpoints" / "step-00000002.ckpt"
+    _write_checkpoint(_pipeline(cfg, 1), ckpt, 2)  # continued past its export
+    assert main(["eval", str(run_dir), "--metrics", "fd", "--n", "3"]) == 0
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert (results["step"], results["weights_file"]) == (2, str(ckpt))

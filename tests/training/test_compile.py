@@ -199,7 +199,7 @@ def test_evaluate_run_compiles_the_pipeline_with_eval_compile(monkeypatch, flag)
     calls = []
     pipe = type("Pipe", (), {"compile": lambda self: calls.append("compile"), "autoencoder": None})()
     cfg = from_dict(ExperimentConfig, tiny_config(pathlib.Path("/nonexistent")))
-    monkeypatch.setattr(evaluate, "load_run", lambda run_dir, device: (cfg, pipe))
+    monkeypatch.setattr(evaluate, "load_run_weights", lambda run_dir, device: (cfg, pipe, {"file": "", "step": 0}))
 
     def evaluator(*args, **kwargs):
         calls.append("evaluator")
