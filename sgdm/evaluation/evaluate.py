@@ -630,7 +630,8 @@ def write_results(results: dict, out_dir: pathlib.Path, plot: bool = False) -> p
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spacing = f" ({results['spacing']} spacing)" if results.get("spacing") else ""
-    head = (f"# Evaluation of {results['run']}\n\nEMA weights, {results['n']} samples, {results['sampler']} "
+    step = f" of step {results['step']}" if results.get("step") is not None else ""
+    head = (f"# Evaluation of {results['run']}\n\nEMA weights{step}, {results['n']} samples, {results['sampler']} "
             f"{results['steps']} steps{spacing}, eta {results['eta']}, guidance: {results['guidance']}"
             + (f"; reference set: the first {results['reference_images']} training images"
                if results.get("reference_images") else "") + ".\n"

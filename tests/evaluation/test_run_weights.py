@@ -62,3 +62,4 @@ def test_results_record_the_step_and_file_of_the_weights_evaluated(tmp_path):
     assert main(["eval", str(run_dir), "--metrics", "fd", "--n", "3"]) == 0
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert (results["step"], results["weights_file"]) == (2, str(ckpt))
+    assert "EMA weights of step 2," in (run_dir / "eval" / "results.md").read_text()
