@@ -9,7 +9,9 @@ Stages (paper Sec. 3.2, Eq. 6):
    files changed (a repaired bad file) or that an older sgdm wrote in another
    feature format;
 2. the self-annotation function: k-means on L2-normalised CLS features
-   (``label``), LOST boxes plus k-means cluster ids (``box``), or STEGO /
+   (``label``; its centroids, f, are saved with the store,
+   :mod:`sgdm.annotation.centroids`), LOST boxes plus k-means cluster ids
+   (``box``; centroids saved too), or STEGO /
    patch k-means class maps (``mask``; codes upsampled bilinearly to
    ``annotation.stego.mask_size``, clamped to [patch grid, image side]; with
    ``annotation.stego.crf``, refined by a dense CRF on the images, read again

@@ -75,7 +75,9 @@ class EvalConfig:
     (``inception_weights`` for offline use); ``fd`` is the Frechet distance in
     the feature space of an sgdm feature extractor, reported as ``fd_<name>``
     (never as FID); ``adherence`` is box IoU / mask mIoU of the self-annotation
-    of generated images with the guiding layout (box and mask guidance only).
+    of generated images with the guiding layout, and for label and box guidance the
+    fraction of images the store's k-means centroids assign to their guiding cluster
+    (beside its chance level; stores that kept their centroids only).
     The feature extractor defaults to the annotation section's backbone. The
     reference set is ``reference_n`` images of the training data (unflipped), spread
     evenly over it (item i * len / reference_n; a class-ordered dataset keeps every class's share), read by
