@@ -213,11 +213,17 @@ def save_fitted(segmenter, path: pathlib.Path, identity: Mapping[str, Any]) -> N
 
 
 def remove_intermediates(directory: pathlib.Path) -> None:
-    """Delete the fitted segmenter and the mask chunks under ``directory`` (both are in the finished store).
+    """Delete the fitted segmenter and the mask chunks under ``directory`` (both are in the finished store),
+    and the temporaries of their writes and of the head checkpoint's that a killed process left.
     The head checkpoint stays, as the feature shards do: a rerun with another K, k-means, mask size or
     CRF reuses the trained head."""
     directory = pathlib.Path(directory)
     (directory / SEGMENTER_FIT_FILE).unlink(missing_ok=True)
+    # writes of the fitted f or of a head checkpoint that a killed process left (sgdm.atomic's temporaries):
+    # nothing reads them, and the head's is its size (8 MB at ViT-B/16) per crash
+    for name in (SEGMENTER_FIT_FILE, HEAD_FILE):
+        for path in directory.glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
     masks = directory / MASKS_DIR
     if masks.is_dir():
         # the chunks, and the temporaries a killed writer leaves (sgdm.atomic's ".<name>.<pid>.tmp")

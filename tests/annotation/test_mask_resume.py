@@ -173,3 +173,19 @@ def test_a_segmenter_fitted_with_other_settings_is_fitted_again(tmp_path, tiny_w
                for m in messages)
     assert any(m.startswith("annotate: STEGO head already trained (6 steps)") for m in messages)  # K is not in it
     assert AnnotationStore.open(cfg.annotation.store).num_classes == 4
+
+
+def test_the_finished_store_removes_the_temporaries_of_writes_a_crash_cut_short(tmp_path):
+    """A process killed while writing the fitted f or a head checkpoint leaves sgdm.atomic's ".<name>.<pid>.tmp"
+    beside it (the head checkpoint's ~8 MB at ViT-B/16); nothing reads them, so they go with the intermediates.
+    The head checkpoint itself stays, as do files of other names."""
+    from sgdm.annotation.resume import remove_intermediates
+
+    (tmp_path / MASKS_DIR).mkdir()
+    (tmp_path / MASKS_DIR / ".masks_00000.safetensors.12.tmp").write_bytes(b"x")
+    for name in (SEGMENTER_FIT_FILE, HEAD_FILE, "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    for name in (f".{SEGMENTER_FIT_FILE}.12.tmp", f".{HEAD_FILE}.34.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    remove_intermediates(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([HEAD_FILE, "notes.txt"])
