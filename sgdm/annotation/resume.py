@@ -149,7 +149,7 @@ class HeadCheckpoint:
 @dataclasses.dataclass
 class MaskChunks:
     """Class maps of rows ``[c rows, (c + 1) rows)`` in ``directory/masks_{c:05d}.safetensors`` (key ``mask``),
-    each written whole as soon as it is assigned; ``identity``: what they depend on (see
+    each written whole as soon as it is assigned; ``identity``: what they depend on besides ``rows`` (see
     :func:`~sgdm.annotation.stego.segment`, which adds the segmenter and the assignment's settings)."""
 
     directory: pathlib.Path
@@ -161,7 +161,8 @@ class MaskChunks:
         if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
             raise ValueError(f"MaskChunks: rows must be an integer >= 1 (images a file), got {self.rows!r}")
         self.directory = pathlib.Path(self.directory)
-        self.identity = _normal(self.identity)
+        # the rows a file holds: chunk c of another size may have the same shape (the last, short one) and other images
+        self.identity = _normal({**self.identity, "chunk_rows": self.rows})
 
     def bind(self, key: Mapping[str, Any]) -> "MaskChunks":
         """These chunks with ``key`` added to their identity."""

@@ -189,3 +189,12 @@ def test_the_finished_store_removes_the_temporaries_of_writes_a_crash_cut_short(
         (tmp_path / name).write_bytes(b"x")
     remove_intermediates(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([HEAD_FILE, "notes.txt"])
+
+
+def test_chunks_written_with_another_chunk_size_are_assigned_again(tmp_path, monkeypatch):
+    """Chunk 2 is rows [6, 7) at 3 rows a chunk and rows [2, 3) at 1: the same shape, other images."""
+    masks(MaskChunks(tmp_path / "masks", {"features": "x"}, rows=3))
+    calls = assigned(monkeypatch)
+    got = masks(MaskChunks(tmp_path / "masks", {"features": "x"}, rows=1))
+    monkeypatch.undo()
+    assert calls == list(range(7)) and torch.equal(got, masks(None))
