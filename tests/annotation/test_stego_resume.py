@@ -148,3 +148,23 @@ def test_a_checkpoint_of_this_run_that_does_not_fit_the_head_names_its_file(tmp_
 def test_checkpoint_interval_must_be_a_positive_step_count(tmp_path, every):
     with pytest.raises(ValueError, match="every must be an integer >= 1"):
         HeadCheckpoint(tmp_path / "head.safetensors", every=every)
+
+
+def test_the_identity_digest_of_features_reads_them_in_place():
+    """tensor_digest hashes every start's CLS features (181 MB for COCO's 118k at ViT-B float16): without a
+    bytes copy of them beside the tensor; the digest is that of the dtype, shape and bytes."""
+    import hashlib
+    import tracemalloc
+
+    from sgdm.annotation.resume import tensor_digest
+
+    cls = torch.arange(1 << 23, dtype=torch.int32).view(torch.float16).reshape(-1, 64)  # 32 MB
+    tracemalloc.start()
+    try:
+        got = tensor_digest(cls)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (1 << 20)
+    expected = hashlib.sha256(f"{cls.dtype}{tuple(cls.shape)}".encode() + cls.view(torch.uint8).numpy().tobytes())
+    assert got == expected.hexdigest()
