@@ -37,6 +37,7 @@ __all__ = ["check_store", "check_store_extractor", "check_store_record", "check_
 # manifest keys of the centroids file: a store annotated again by an sgdm that keeps f differs from the one a
 # run was trained on by these alone (check_store_record)
 _CENTROID_KEYS = ("centroids", "centroids_sha256")
+_FILE_KEYS = ("files_sha256", "file_sizes")  # the images' file sizes, recorded since the same version
 
 
 def scored_by_stored_f(kind: str, store) -> bool:
@@ -104,7 +105,7 @@ def check_store_record(store, run_dir: pathlib.Path) -> None:
     if not saved:
         return
     now = store.content_digest()
-    if now != saved and _digest_before_f(store) != saved:
+    if now != saved and saved not in _digests_before_f(store):
         raise ConfigError("annotation.store", f"{store.path} holds other annotations than run {run_dir} was trained "
                                               f"on: its content digest is {now[:16]}..., the run recorded "
                                               f"{saved[:16]}... ({record}, written when training started), so the "
@@ -113,22 +114,26 @@ def check_store_record(store, run_dir: pathlib.Path) -> None:
                                               f"store the run was trained on, or restore it")
 
 
-def _digest_before_f(store) -> Optional[str]:
-    """The content digest ``store`` had before it kept its k-means centroids: that of its manifest without
-    their keys (as annotate writes it: JSON, indent 1) and of its shards, as
+def _digests_before_f(store) -> list[str]:
+    """The content digests ``store`` may have had before it kept its k-means centroids: those of its manifest
+    without their keys, and without the images' file sizes too (which stores record since the same version),
+    as annotate writes it (JSON, indent 1), and of its shards, as
     :meth:`~sgdm.annotation.store.AnnotationStore.content_digest` takes it. An older sgdm's store annotated
-    again with the same settings differs from it by these keys alone. None where it records no centroids."""
+    again with the same settings differs from it by these keys alone. Empty where it records no centroids."""
     import hashlib
 
     if not any(k in store.manifest for k in _CENTROID_KEYS):
-        return None
-    manifest = {k: v for k, v in store.manifest.items() if k not in _CENTROID_KEYS}
-    h = hashlib.sha256(json.dumps(manifest, indent=1).encode())
+        return []
+    hashes = []
+    for dropped in (_CENTROID_KEYS, _CENTROID_KEYS + _FILE_KEYS):
+        manifest = {k: v for k, v in store.manifest.items() if k not in dropped}
+        hashes.append(hashlib.sha256(json.dumps(manifest, indent=1).encode()))
     for info in store.manifest["shards"]:
         with open(store.path / info["file"], "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+                for h in hashes:
+                    h.update(block)
+    return [h.hexdigest() for h in hashes]
 
 
 def check_store_extractor(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:

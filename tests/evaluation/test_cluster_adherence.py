@@ -141,6 +141,10 @@ def test_a_store_that_only_gained_its_centroids_is_the_one_the_run_was_trained_o
     extra = {"centroids": f.name, "centroids_sha256": file_sha256(f)}
     write_store(store.path, ids, {"cluster": clusters}, granularity="label", num_classes=3, extra=extra)
     check_store(cfg, ["adherence"], run_dir)
+    # annotate records the images' file sizes since the same version
+    write_store(store.path, ids, {"cluster": clusters}, granularity="label", num_classes=3, extra=extra,
+                sizes=[[100 + i] for i in range(len(ids))])
+    check_store(cfg, ["adherence"], run_dir)
     write_store(store.path, ids, {"cluster": (clusters + 1) % 3}, granularity="label", num_classes=3, extra=extra)
     with pytest.raises(ConfigError, match="holds other annotations than run"):
         check_store(cfg, ["adherence"], run_dir)
