@@ -56,6 +56,10 @@ SEGMENTER_FILE = "segmenter.safetensors"  # self-segmented stores: the fitted f 
 FIELDS = {"label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask", "multi_hot")}
 IGNORE = 255
 NO_ANNOTATION = -1  # cluster of a box-store row without annotation (its box is all zeros): no guidance
+# manifest keys later versions of annotate add, in groups (the k-means centroids of a label or box store; the
+# images' file sizes): a store annotated again with the same settings differs from the one an earlier version
+# wrote by these alone, and holds the same annotations (AnnotationStore.matches_digest)
+ADDED_KEYS = (("centroids", "centroids_sha256"), ("files_sha256", "file_sizes"))
 
 
 def is_annotated(record: Mapping[str, Any]) -> bool:
@@ -256,12 +260,33 @@ class AnnotationStore:
     def content_digest(self) -> str:
         """SHA-256 of the manifest and every shard file, in order: equal digests, equal annotations.
         A training run records it so that a resume notices a store re-made at the same path."""
-        h = hashlib.sha256((self.path / MANIFEST).read_bytes())
+        return self._digests([(self.path / MANIFEST).read_bytes()])[0]
+
+    def matches_digest(self, recorded: Optional[str]) -> bool:
+        """Whether ``recorded`` (a :meth:`content_digest` taken earlier, e.g. by a training run) names the
+        annotations this store holds: its content digest now, or one it had when an earlier version of
+        annotate wrote it, without some of the manifest keys later versions add (:data:`ADDED_KEYS`): the
+        same shards, and the same manifest but for those keys. A store annotated again with the same
+        settings to gain its k-means centroids (cluster adherence) still matches the run trained on it."""
+        if not recorded:
+            return False
+        present = [group for group in ADDED_KEYS if any(k in self.manifest for k in group)]
+        manifests = [(self.path / MANIFEST).read_bytes()]
+        for mask in range(1, 1 << len(present)):  # every non-empty set of the added groups left out
+            dropped = {k for i, group in enumerate(present) if mask >> i & 1 for k in group}
+            manifests.append(json.dumps({k: v for k, v in self.manifest.items() if k not in dropped},
+                                        indent=1).encode())  # as write_store writes it
+        return recorded in self._digests(manifests)
+
+    def _digests(self, manifests: Sequence[bytes]) -> list[str]:
+        """SHA-256 of each of ``manifests`` followed by every shard file, in order, reading the shards once."""
+        hashes = [hashlib.sha256(m) for m in manifests]
         for info in self.manifest["shards"]:
             with open(self.path / info["file"], "rb") as f:
                 for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-        return h.hexdigest()
+                    for h in hashes:
+                        h.update(block)
+        return [h.hexdigest() for h in hashes]
 
     def __len__(self) -> int:
         return len(self._index)

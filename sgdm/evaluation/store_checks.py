@@ -34,11 +34,6 @@ from sgdm.config.core import ConfigError, to_dict
 __all__ = ["check_store", "check_store_extractor", "check_store_record", "check_input_size", "check_adherence_settings",
            "check_feature_dim", "missing_cluster_f", "scored_by_stored_f"]
 
-# manifest keys of the centroids file: a store annotated again by an sgdm that keeps f differs from the one a
-# run was trained on by these alone (check_store_record)
-_CENTROID_KEYS = ("centroids", "centroids_sha256")
-_FILE_KEYS = ("files_sha256", "file_sizes")  # the images' file sizes, recorded since the same version
-
 
 def scored_by_stored_f(kind: str, store) -> bool:
     """Whether adherence of ``kind`` guidance reads the self-annotation f of ``store`` (and so its extractor
@@ -104,36 +99,14 @@ def check_store_record(store, run_dir: pathlib.Path) -> None:
         raise ValueError(f"{record}: cannot read the run's record of its annotation store: {err}") from None
     if not saved:
         return
-    now = store.content_digest()
-    if now != saved and saved not in _digests_before_f(store):
+    if not store.matches_digest(saved):
+        now = store.content_digest()
         raise ConfigError("annotation.store", f"{store.path} holds other annotations than run {run_dir} was trained "
                                               f"on: its content digest is {now[:16]}..., the run recorded "
                                               f"{saved[:16]}... ({record}, written when training started), so the "
                                               f"evaluation would draw guidance the model never saw. Point "
                                               f"annotation.store in {pathlib.Path(run_dir) / 'config.yaml'} at the "
                                               f"store the run was trained on, or restore it")
-
-
-def _digests_before_f(store) -> list[str]:
-    """The content digests ``store`` may have had before it kept its k-means centroids: those of its manifest
-    without their keys, and without the images' file sizes too (which stores record since the same version),
-    as annotate writes it (JSON, indent 1), and of its shards, as
-    :meth:`~sgdm.annotation.store.AnnotationStore.content_digest` takes it. An older sgdm's store annotated
-    again with the same settings differs from it by these keys alone. Empty where it records no centroids."""
-    import hashlib
-
-    if not any(k in store.manifest for k in _CENTROID_KEYS):
-        return []
-    hashes = []
-    for dropped in (_CENTROID_KEYS, _CENTROID_KEYS + _FILE_KEYS):
-        manifest = {k: v for k, v in store.manifest.items() if k not in dropped}
-        hashes.append(hashlib.sha256(json.dumps(manifest, indent=1).encode()))
-    for info in store.manifest["shards"]:
-        with open(store.path / info["file"], "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                for h in hashes:
-                    h.update(block)
-    return [h.hexdigest() for h in hashes]
 
 
 def check_store_extractor(cfg, metrics: Sequence[str], run_dir: pathlib.Path) -> None:

@@ -189,10 +189,19 @@ def _check_same_store(record: pathlib.Path, store: Optional[dict]) -> None:
     if store is None or not record.is_file():
         return
     saved = json.loads(record.read_text())
-    if saved.get("sha256") != store["sha256"]:
+    if saved.get("sha256") != store["sha256"] and not _same_annotations(store["store"], saved.get("sha256")):
         raise ConfigError("annotation.store", f"{store['store']} holds other annotations than when this run "
                                               f"started (its content digest differs from {record}); resuming would "
                                               f"train on other labels. Start a new run.name, or restore the store")
+
+
+def _same_annotations(store: str, recorded: Optional[str]) -> bool:
+    """Whether the store at ``store`` holds the annotations of digest ``recorded`` though its own digest differs:
+    annotated again by a later sgdm with the same settings, which only adds manifest keys
+    (:meth:`~sgdm.annotation.store.AnnotationStore.matches_digest`)."""
+    from sgdm.annotation.store import AnnotationStore
+
+    return AnnotationStore.open(store).matches_digest(recorded)
 
 
 def keep_earlier_metrics(log_dir: pathlib.Path) -> Optional[pathlib.Path]:

@@ -217,3 +217,29 @@ def test_resume_refuses_a_store_remade_at_the_same_path(tmp_path):
     cfg["train"]["max_steps"] = 4
     with pytest.raises(ConfigError, match="annotation.store: .* holds other annotations than when this run started"):
         run_in_process(cfg, resume=True)
+
+
+def test_resume_accepts_a_store_annotated_again_that_only_gained_later_keys(tmp_path):
+    """A store annotated again by a later sgdm with the same settings holds the same shards and a manifest
+    with more keys (the k-means centroids for cluster adherence, the images' file sizes): the run that
+    trained on it resumes. Anything else in the manifest changed still refuses."""
+    import json
+    import pathlib
+
+    from sgdm.annotation.store import MANIFEST
+    from sgdm.config.core import ConfigError
+
+    cfg = tiny_config(tmp_path, run={"name": "store-keys"}, train={"max_steps": 2, "checkpoint_every": 1})
+    make_label_store(cfg)
+    assert run_in_process(cfg) == 0
+    manifest_path = pathlib.Path(cfg["annotation"]["store"]) / MANIFEST
+    original = json.loads(manifest_path.read_text())
+    grown = dict(original, centroids="centroids.safetensors", centroids_sha256="0" * 64,
+                 files_sha256="1" * 64, file_sizes=[[10]] * len(original["ids"]))
+    manifest_path.write_text(json.dumps(grown, indent=1))
+    cfg["train"]["max_steps"] = 3
+    assert run_in_process(cfg, resume=True) == 0
+    manifest_path.write_text(json.dumps(dict(grown, method="other"), indent=1))
+    cfg["train"]["max_steps"] = 4
+    with pytest.raises(ConfigError, match="annotation.store: .* holds other annotations than when this run started"):
+        run_in_process(cfg, resume=True)
