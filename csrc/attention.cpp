@@ -2,7 +2,9 @@
 //
 // The glue packs the operands the per-ISA kernels want (fp32, contiguous,
 // K^T pre-scaled, K and V transposed and padded: all O(N d) work) and picks the
-// number of key splits of the backward so every thread has a task.
+// number of key splits of the backward so every thread has a task. A call the
+// kernel runs on the calling thread (kAttentionMinParallelWork) is packed there
+// too and keeps one key split, so its results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,8 +67,8 @@ int64_t packed_ld(int64_t n) { return (n + 2 * kPad - 1) / (2 * kPad) * (2 * kPa
 // [B, H, N, D] (any strides) -> fp32 [B*H, D, ldk] transposed, times `scale`,
 // zero-padded to ldk columns (written once, so no zero fill of the whole
 // buffer). A plain loop: ATen's strided multiply cost 2.4 us of a 21 us
-// forward at N = 16, more than the copy itself.
-at::Tensor pack_transposed(const at::Tensor& x_in, int64_t ldk, double scale) {
+// forward at N = 16, more than the copy itself. Serial unless `parallel`.
+at::Tensor pack_transposed(const at::Tensor& x_in, int64_t ldk, double scale, bool parallel) {
   const at::Tensor x = x_in.scalar_type() == at::kFloat ? x_in : x_in.to(at::kFloat);
   const int64_t h = x.size(1), n = x.size(2), d = x.size(3), bh = x.size(0) * h;
   auto out = at::empty({bh, d, ldk}, x.options().dtype(at::kFloat));
@@ -74,7 +76,7 @@ at::Tensor pack_transposed(const at::Tensor& x_in, int64_t ldk, double scale) {
   float* dst = out.mutable_data_ptr<float>();
   const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2), sd = x.stride(3);
   const float f = static_cast<float>(scale);
-  at::parallel_for(0, bh, cpu::grain_for(n * d), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, bh, parallel ? cpu::grain_for(n * d) : bh, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float* xs = src + (i / h) * sb + (i % h) * sh;
       float* o = dst + i * d * ldk;
@@ -97,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
   const int64_t ldk = packed_ld(nk);
   const auto qf = flat_f32(q);
-  const auto kt = pack_transposed(k, ldk, scale);
+  const bool parallel = cpu::attention_fwd_work(b * h, nq, nk, d) > cpu::kAttentionMinParallelWork;
+  const auto kt = pack_transposed(k, ldk, scale, parallel);
   const auto vf = flat_f32(v);
   auto out = at::empty({b, h, nq, d}, q.options().dtype(at::kFloat));
   auto lse = at::empty({b, h, nq}, q.options().dtype(at::kFloat));
@@ -129,9 +132,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   delta = delta.contiguous();
   const auto qf = flat_f32(q);
   const auto kf = flat_f32(k);
-  const auto kt = pack_transposed(k, ldk, scale), vt = pack_transposed(v, ldk, 1.0);
+  // A backward the kernel runs on the calling thread keeps one key split (no
+  // second dq buffer, and dq bits independent of the thread count). Splits
+  // only add work, so with more the kernel still runs in parallel.
+  const bool parallel = cpu::attention_bwd_work(bh, nq, nk, d, 1) > cpu::kAttentionMinParallelWork;
+  const int64_t splits = parallel ? backward_splits(bh, nk) : 1;
+  const auto kt = pack_transposed(k, ldk, scale, parallel), vt = pack_transposed(v, ldk, 1.0, parallel);
   const auto lse_f = lse.to(at::kFloat).contiguous();
-  const int64_t splits = backward_splits(bh, nk);
   auto dq_parts = at::zeros({splits, b, h, nq, d}, q.options().dtype(at::kFloat));
   auto dk = at::empty({b, h, nk, d}, q.options().dtype(at::kFloat));
   auto dv = at::empty({b, h, nk, d}, q.options().dtype(at::kFloat));

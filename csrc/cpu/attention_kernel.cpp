@@ -34,18 +34,6 @@ constexpr int64_t kW = Vec::size();
 constexpr int kMr = 6;
 constexpr int kNv = kW >= 16 ? 4 : 2;
 
-// A call of at most this much work (multiply-add equivalents, see
-// fwd_row_work / bwd_row_work) runs on the calling thread. On the shapes of
-// benchmarks/ops_bench.py --small (2 cores, fp32), two threads gained 0-20%
-// (1-4 us) below about 2^18 and lost up to 25% on the tiniest calls (waking
-// and joining the team, ~3 us); on a loaded machine a parallel region can
-// also wait a scheduler slice (ms) for a descheduled team thread (parallel.h).
-constexpr int64_t kMinParallelWork = int64_t{1} << 18;
-// The per-row cost of the online softmax and its bookkeeping (row max, exp,
-// rescale, output copy), in multiply-adds: about 50 ns a row alongside the
-// products' ~45 G multiply-adds/s on one core here.
-constexpr int64_t kRowWork = 2048;
-
 constexpr int64_t kFwdBlockQ = 64;
 constexpr int64_t kFwdBlockK = 256;
 constexpr int64_t kBwdBlockQ = 64;
@@ -213,22 +201,18 @@ void backward_block(const AttentionBwdArgs& a, int64_t bh, int64_t split, int64_
   std::copy(dv, dv + nkb * d, a.dv + (bh * a.nk + j0) * d);
 }
 
-// Work of one query row of the forward: S = Q K^T over the padded keys, P V,
-// and the softmax.
-int64_t fwd_row_work(const AttentionFwdArgs& a) { return 2 * round_up(a.nk, kW) * a.d + kRowWork; }
-
-// Work of one query row of the backward against `keys` keys: S, dP, dV, dK
-// and dQ (five products) and the softmax.
-int64_t bwd_row_work(const AttentionBwdArgs& a, int64_t keys) { return 5 * round_up(keys, kW) * a.d + kRowWork; }
-
-// at::parallel_for grain for `tasks` tasks doing `total` work between them.
-int64_t grain(int64_t total, int64_t tasks) { return grain_for((total + tasks - 1) / tasks, kMinParallelWork); }
+// at::parallel_for grain for `tasks` tasks doing `total` work between them:
+// all on the calling thread up to kAttentionMinParallelWork.
+int64_t grain(int64_t total, int64_t tasks) {
+  return grain_for((total + tasks - 1) / tasks, kAttentionMinParallelWork);
+}
 
 }  // namespace
 
 void attention_fwd_kernel(const AttentionFwdArgs& a) {
   const int64_t nqb = (a.nq + kFwdBlockQ - 1) / kFwdBlockQ, tasks = a.bh * nqb;
-  at::parallel_for(0, tasks, grain(a.bh * a.nq * fwd_row_work(a), tasks), [&](int64_t begin, int64_t end) {
+  const int64_t work = attention_fwd_work(a.bh, a.nq, a.nk, a.d);
+  at::parallel_for(0, tasks, grain(work, tasks), [&](int64_t begin, int64_t end) {
     std::vector<float> s(kFwdBlockQ * kFwdLds), acc(kFwdBlockQ * a.d);
     std::vector<attn::OnlineRow> rows(kFwdBlockQ);
     for (int64_t t = begin; t < end; ++t) {
@@ -242,7 +226,8 @@ void attention_bwd_kernel(const AttentionBwdArgs& a) {
   const int64_t nkb = (a.nk + kBwdBlockK - 1) / kBwdBlockK;
   const int64_t per_split = (nkb + a.splits - 1) / a.splits, tasks = a.bh * a.splits;
   const int64_t keys = std::min(a.nk, per_split * kBwdBlockK);  // of a split (the last may have fewer)
-  at::parallel_for(0, tasks, grain(tasks * a.nq * bwd_row_work(a, keys), tasks), [&](int64_t begin, int64_t end) {
+  const int64_t work = attention_bwd_work(a.bh, a.nq, keys, a.d, a.splits);
+  at::parallel_for(0, tasks, grain(work, tasks), [&](int64_t begin, int64_t end) {
     std::vector<float> s(kBwdBlockQ * kBwdLds), dp(kBwdBlockQ * kBwdLds);
     std::vector<float> dk(kBwdBlockK * a.d), dv(kBwdBlockK * a.d);
     for (int64_t t = begin; t < end; ++t) {

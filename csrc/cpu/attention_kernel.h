@@ -38,4 +38,33 @@ struct AttentionBwdArgs {
 // key splits the glue chooses.
 constexpr int64_t kAttentionBwdBlockK = 64;
 
+// A call of at most this much work (multiply-add equivalents, see
+// attention_fwd_work / attention_bwd_work) runs on the calling thread. On the
+// shapes of benchmarks/ops_bench.py --small (2 cores, fp32), two threads
+// gained 0-20% (1-4 us) below about 2^18 and lost up to 25% on the tiniest
+// calls (waking and joining the team, ~3 us); on a loaded machine a parallel
+// region can also wait a scheduler slice (ms) for a descheduled team thread
+// (parallel.h). The glue packs serially and keeps one key split there too.
+constexpr int64_t kAttentionMinParallelWork = int64_t{1} << 18;
+// The per-row cost of the online softmax and its bookkeeping (row max, exp,
+// rescale, output copy), in multiply-adds: about 50 ns a row alongside the
+// products' ~45 G multiply-adds/s on one core here.
+constexpr int64_t kAttentionRowWork = 2048;
+
+// Keys rounded up to the widest vector (the packed layout's padding), so every
+// ISA build and the glue reach the same serial-or-parallel decision.
+inline int64_t attention_padded_keys(int64_t nk) { return (nk + 15) / 16 * 16; }
+
+// Work of the forward: per query row, S = Q K^T over the padded keys, P V and
+// the softmax.
+inline int64_t attention_fwd_work(int64_t bh, int64_t nq, int64_t nk, int64_t d) {
+  return bh * nq * (2 * attention_padded_keys(nk) * d + kAttentionRowWork);
+}
+
+// Work of the backward with `splits` key splits of `keys` keys each: per query
+// row and split, S, dP, dV, dK and dQ (five products) and the softmax.
+inline int64_t attention_bwd_work(int64_t bh, int64_t nq, int64_t keys, int64_t d, int64_t splits) {
+  return splits * bh * nq * (5 * attention_padded_keys(keys) * d + kAttentionRowWork);
+}
+
 }  // namespace sgdm::cpu

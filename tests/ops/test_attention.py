@@ -136,6 +136,26 @@ def test_only_dq_depends_on_the_thread_count(generator):
         assert torch.equal(one, two), name
 
 
+def test_small_backward_same_bits_for_any_thread_count(generator):
+    """A backward small enough to run on the calling thread (kMinParallelWork) keeps one key
+    split, so its dq too is bitwise the same for one thread and two (with two splits it was
+    summed from two partial buffers)."""
+    require_kernels(OP)
+    q0, k0, v0 = _qkv(1, 1, 8, 130, 32, "cpu", generator)  # three key blocks, B*H = 1
+    grad_out = torch.randn(1, 1, 8, 32, generator=generator)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            q = q0.clone().requires_grad_()
+            attention(q, k0, v0).backward(grad_out)
+            grads.append(q.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*grads)
+
+
 # Counts the process's threads (OpenMP starts its team at the first parallel region and keeps
 # it) around a small forward+backward, then around a large forward.
 THREAD_PROBE = textwrap.dedent("""
@@ -149,9 +169,13 @@ THREAD_PROBE = textwrap.dedent("""
     k, v = (torch.randn(1, 4, 4, 32, generator=g, requires_grad=True) for _ in range(2))  # 4 tokens
     torch.autograd.grad(ops.attention(q, k, v), (q, k, v), torch.randn(1, 4, 16, 32, generator=g))
     small = threads()
+    q = torch.randn(1, 8, 4, 32, generator=g)  # 2x2 latent, 8 heads, against 77 text tokens
+    k, v = (torch.randn(1, 8, 77, 32, generator=g) for _ in range(2))
+    ops.attention(q, k, v)  # packs 19712 elements of K^T
+    packed = threads()
     x = torch.randn(1, 4, 256, 64, generator=g)
     ops.attention(x, x, x)
-    print(json.dumps({"before": before, "small": small, "large": threads()}))
+    print(json.dumps({"before": before, "small": small, "packed": packed, "large": threads()}))
 """)
 
 
@@ -160,7 +184,8 @@ def test_small_calls_stay_on_the_calling_thread():
     """Below the kernels' serial limit (csrc/cpu/attention_kernel.cpp kMinParallelWork) the
     forward and backward run on the calling thread even with two threads allowed: no OpenMP
     team is started (a cross-attention to 4 tokens on a 4x4 latent had 4 tasks of 16 rows,
-    each given a thread); a large call still starts one, so the count can see a team."""
+    each given a thread), not even to pack K^T of a serial forward against 77 keys; a large
+    call still starts one, so the count can see a team."""
     require_kernels(OP)
     env = dict(os.environ, OMP_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", THREAD_PROBE], env=env, cwd=ROOT, capture_output=True,
@@ -168,7 +193,8 @@ def test_small_calls_stay_on_the_calling_thread():
     assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["small"] == counts["before"], counts
-    assert counts["large"] > counts["small"], counts
+    assert counts["packed"] == counts["before"], counts
+    assert counts["large"] > counts["packed"], counts
 
 
 def test_views_of_packed_qkv(target, generator):
