@@ -80,8 +80,14 @@ at::Tensor pack_transposed(const at::Tensor& x_in, int64_t ldk, double scale, bo
     for (int64_t i = lo; i < hi; ++i) {
       const float* xs = src + (i / h) * sb + (i % h) * sh;
       float* o = dst + i * d * ldk;
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t c = 0; c < d; ++c) o[c * ldk + j] = xs[j * sn + c * sd] * f;
+      // Tiles of kPad keys: each output row gets one whole 64-byte line per
+      // tile, read from kPad input rows that stay in L1 (key by key, the
+      // stores went to d different lines in turn).
+      for (int64_t j0 = 0; j0 < n; j0 += kPad) {
+        const int64_t j1 = std::min(n, j0 + kPad);
+        for (int64_t c = 0; c < d; ++c) {
+          for (int64_t j = j0; j < j1; ++j) o[c * ldk + j] = xs[j * sn + c * sd] * f;
+        }
       }
       for (int64_t c = 0; c < d; ++c) std::fill(o + c * ldk + n, o + (c + 1) * ldk, 0.0f);
     }
