@@ -105,7 +105,8 @@ def test_train_bench_alternates_settings_abba(monkeypatch, capsys):
     def fake_run(config, kernels, args):
         order.append(kernels)
         return {"config": config, "kernels": kernels, "compile": False, "device": "cpu", "batch_size": 4,
-                "steps_per_s": 2.0 if kernels else 1.0, "images_per_s": 8.0, "peak_memory_mb": 1.0}
+                "steps_per_s": 2.0 if kernels else 1.0, "images_per_s": 8.0, "peak_memory_mb": 1.0,
+                "tree": "/src/sgdm"}
 
     monkeypatch.setattr(train_bench, "_run", fake_run)
     assert train_bench.main(["--configs", "small", "--rounds", "4", "--steps", "8", "--warmup", "1"]) == 0
@@ -129,7 +130,8 @@ def test_train_bench_workers_get_the_compared_setting(monkeypatch, compare):
         return types.SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(result), stderr="")
 
     monkeypatch.setattr(subprocess, "run", fake_subprocess_run)
-    args = types.SimpleNamespace(compare=compare, steps=8, warmup=1, churches_batch=4)
+    args = types.SimpleNamespace(compare=compare, steps=8, warmup=1, churches_batch=4, clock="wall", cache_latents=False,
+                                 baseline_tree=None)
     for setting in (True, False):
         train_bench._run("small", setting, args)
     (on_cmd, on_kernels), (off_cmd, off_kernels) = calls
@@ -165,7 +167,7 @@ def test_train_bench_worker_reports_the_backends_of_its_device(monkeypatch, caps
 
     monkeypatch.setattr(sgdm.training.run, "train", fake_train)
     train_bench.worker(types.SimpleNamespace(config="small", steps=3, warmup=0, run_dir=str(tmp_path),
-                                             churches_batch=2, compiled=False))
+                                             churches_batch=2, compiled=False, cache_latents=False, clock="wall"))
     line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("RESULT "))
     assert json.loads(line[len("RESULT "):])["backends"] == ops.backend("cuda")
 
@@ -216,3 +218,29 @@ def test_smokes_check_the_ops_and_report_a_mismatch(attention_bench, monkeypatch
     monkeypatch.setattr(ops, "group_norm_silu", lambda x, *args: real(x, *args) * 1.05)
     assert ops_bench.smoke(cpu) == 1 and attention_bench.smoke(cpu) == 0
     assert capsys.readouterr().out.splitlines()[-2].endswith(", 10 mismatches")  # 5 GroupNorm cases x 2 dtypes
+
+
+def test_train_bench_compare_tree_runs_the_baseline_checkout(monkeypatch, tmp_path):
+    """--compare tree: both runs keep the kernels; the baseline's worker imports sgdm from --baseline-tree."""
+    import json
+    import subprocess
+    import types
+
+    train_bench = load("train_bench")
+    calls = []
+
+    def fake_subprocess_run(cmd, env, **kwargs):
+        calls.append((env["PYTHONPATH"], env["SGDM_KERNELS"], cmd))
+        return types.SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps({"steps_per_s": 1.0}), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_subprocess_run)
+    args = types.SimpleNamespace(compare="tree", steps=8, warmup=1, churches_batch=4, clock="cpu", cache_latents=True,
+                                 baseline_tree=tmp_path)
+    for setting in (True, False):
+        train_bench._run("small", setting, args)
+    (this, on_kernels, on_cmd), (baseline, off_kernels, off_cmd) = calls
+    assert (this, baseline) == (str(train_bench.ROOT), str(tmp_path))
+    assert (on_kernels, off_kernels) == ("1", "1")
+    assert all("--cache-latents" in c and c[c.index("--clock") + 1] == "cpu" for c in (on_cmd, off_cmd))
+    with pytest.raises(SystemExit):
+        train_bench.main(["--compare", "tree"])  # no --baseline-tree
