@@ -66,18 +66,10 @@ class ClusterF:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClusterF":
-        from safetensors import SafetensorError, safe_open
+        from sgdm.annotation.store import read_tensors
 
         path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"centroids file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"centroids file {path} cannot be read ({err}); rerun `sgdm-ldm annotate` to make the "
-                             f"store and its centroids again") from None
+        tensors, metadata = read_tensors(path, "centroids file")
         if metadata.get("preprocess") != PREPROCESS:
             raise ValueError(f"centroids file {path}: preprocessing {metadata.get('preprocess')!r}, this sgdm applies "
                              f"{PREPROCESS!r}; rerun `sgdm-ldm annotate` with this sgdm")

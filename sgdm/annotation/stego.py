@@ -453,19 +453,10 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Segmenter":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        from sgdm.annotation.store import read_tensors
 
         path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"segmenter file {path} does not exist")
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except SafetensorError as err:
-            raise ValueError(f"segmenter file {path} cannot be read ({err}); rerun `sgdm-ldm annotate` to make "
-                             f"the store and its segmenter again") from None
+        tensors, metadata = read_tensors(path, "segmenter file")
         recorded = metadata.get("mask_size", "0")  # files without it drew patch-grid maps
         try:
             mask_size = int(recorded)

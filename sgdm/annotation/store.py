@@ -95,6 +95,21 @@ def save_tensors_atomic(path: pathlib.Path, tensors: Mapping[str, torch.Tensor],
         fh.write(data)
 
 
+def read_tensors(path: pathlib.Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of the safetensors file ``path`` that annotate keeps with a store (``what``,
+    e.g. "centroids file"), read in one open; a missing or unreadable file is an error naming it."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{what} {path} cannot be read ({err}); rerun `sgdm-ldm annotate` to make the store and "
+                         f"its {what.split()[0]} again") from None
+
+
 # mask pixels per block of multi_hot_from_masks and of the mask value checks: multi_hot's int64 and bool
 # temporaries (17 bytes a pixel) stay ~70 MB, not ~24 bytes for every pixel of the store (185 GB for a 256-pixel
 # ground-truth store of COCO's 118k images); blocks of 1 << 24 pixels with 25 bytes a pixel made ~400 MB
