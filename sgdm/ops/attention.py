@@ -112,7 +112,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     # attention the Python checks and torch.library's autograd wrapper were a third of a call.
     if (isinstance(q, torch.Tensor) and q.dim() == 4 and (scale is None or (
             type(scale) is float and -math.inf < scale < math.inf))
-            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling() and not _over_cuda_grid(q)
             and _kernel_ok("cpu" if q.is_cpu else q.device.type, q.dtype, q.shape[-1])):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         try:
@@ -121,7 +121,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             return _extension.call_below_autograd(torch.ops.sgdm.attention, q, k, v, scale)[0]
         except Exception:
             _check_inputs(q, k, v, scale)  # raises the error that names the argument
-            if q.numel() == 0 or _over_cuda_grid(q):  # cases the compiled op refuses
+            if q.numel() == 0:  # an empty batch, which the compiled op refuses
                 return _fallback(q, k, v, scale)
             raise
     _check_inputs(q, k, v, scale)
@@ -139,7 +139,9 @@ _CUDA_MAX_BH = 65535
 
 
 def _over_cuda_grid(q: torch.Tensor) -> bool:
-    """B * H beyond what the CUDA kernels launch (e.g. B > 8191 at 8 heads): PyTorch's SDPA runs it."""
+    """B * H beyond what the CUDA kernels launch (e.g. B > 8191 at 8 heads): PyTorch's SDPA runs it.
+    Checked before the op is called: on an H200 (torch 2.11), calling the op with B * H = 65536 crashed
+    the process (SIGSEGV) instead of raising the glue's error."""
     return q.is_cuda and q.shape[0] * q.shape[1] > _CUDA_MAX_BH
 
 
