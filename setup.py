@@ -126,10 +126,13 @@ def _kernel_archs(arch_list: str) -> tuple[str, list[str]]:
 def _hopper_archs(arch_list: str) -> tuple[str, bool]:
     """(the TORCH_CUDA_ARCH_LIST to build, whether it has 9.0a).
 
-    9.0a code is what the Hopper wgmma attention kernels need (SGDM_ATTENTION_WGMMA=1), and it
-    runs everything else as 9.0 code does, so with both in the list the plain 9.0 is
-    dropped: one cubin per GPU, no doubt about which the driver loads."""
+    9.0a code is what the Hopper wgmma attention kernels need (the default on a compute
+    capability 9.0 GPU), and it runs everything else as 9.0 code does on the same GPUs (H100,
+    H200), so a plain 9.0 is built as 9.0a, and with both in the list the plain 9.0 is dropped:
+    one cubin per GPU, no doubt about which the driver loads."""
     archs = _arch_entries(arch_list)
+    if "9.0" in archs and "9.0a" not in {a.split("+")[0] for a in archs}:
+        archs = ["9.0a" if a == "9.0" else a for a in archs]
     has_a = "9.0a" in {a.split("+")[0] for a in archs}
     if has_a:
         archs = [a for a in archs if a != "9.0"]

@@ -8,8 +8,9 @@ ratio = baseline time / sgdm time (> 1: sgdm faster) and TFLOP/s with the
 issue's count: forward 4 B H Nq Nk D, backward 2.5x that. The CPU baseline is
 SDPA (its own flash kernel); on CUDA each SDPA backend (flash, cuDNN) is timed
 separately and the ratio is against the best. On a compute capability 9.0 GPU
-with a 9.0a build, rows marked "[wgmma]" time sgdm again with the Hopper
-wgmma kernels (SGDM_ATTENTION_WGMMA=1) against that backend. On the CPU the peak resident
+with a 9.0a build, sgdm's rows are its Hopper wgmma kernels (the default there), and
+rows marked "[mma.sync]" time sgdm again with the mma.sync kernels
+(SGDM_ATTENTION_WGMMA=0) against that backend. On the CPU the peak resident
 memory of one forward+backward is shown for sgdm, SDPA and eager math
 attention (softmax(q k^T) v, which stores N x N scores): sgdm stays O(N).
 Before timing, sgdm's output (and input gradients) is checked against each baseline's
@@ -65,10 +66,11 @@ def _sdpa_backends(device: torch.device) -> dict:
 
 
 @contextlib.contextmanager
-def _wgmma():
-    """SGDM_ATTENTION_WGMMA=1 inside the block (the extension reads it at each call)."""
+def _mma_sync():
+    """SGDM_ATTENTION_WGMMA=0 inside the block (the extension reads it at each call): the mma.sync
+    kernels on a Hopper GPU too."""
     before = os.environ.get("SGDM_ATTENTION_WGMMA")
-    os.environ["SGDM_ATTENTION_WGMMA"] = "1"
+    os.environ["SGDM_ATTENTION_WGMMA"] = "0"
     try:
         yield
     finally:
@@ -79,8 +81,10 @@ def _wgmma():
 
 
 def wgmma_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Hopper wgmma kernels can run here (a 9.0 GPU, a 9.0a build, 16-bit)."""
+    """Whether sgdm runs its Hopper wgmma kernels here (a 9.0 GPU, a 9.0a build, 16-bit, and
+    SGDM_ATTENTION_WGMMA not 0)."""
     return (device.type == "cuda" and dtype != torch.float32 and wgmma_built()
+            and os.environ.get("SGDM_ATTENTION_WGMMA") != "0"
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
@@ -98,9 +102,10 @@ def _row(case, dtype, device, backward, impl, name, t_base, t_ours) -> dict:
     }
 
 
-def bench_case(case, dtype, device, repeats, gen, wgmma: bool, mismatches: list | None = None) -> list[dict]:
-    """sgdm against the best SDPA backend; on a Hopper GPU also sgdm with the wgmma kernels
-    against that backend, timed again in the same run. Each is first checked against the baseline:
+def bench_case(case, dtype, device, repeats, gen, both_kernels: bool, mismatches: list | None = None) -> list[dict]:
+    """sgdm against the best SDPA backend; where sgdm runs its Hopper wgmma kernels and
+    ``both_kernels``, also sgdm with the mma.sync kernels against that backend, timed again in the
+    same run. Each is first checked against the baseline:
     a disagreement raises :class:`ops_bench.Disagreement`, or, given ``mismatches``, is appended
     there and that timing (only) is left out."""
     def agrees(what, got, want) -> bool:
@@ -138,13 +143,13 @@ def bench_case(case, dtype, device, repeats, gen, wgmma: bool, mismatches: list 
             if best is None:
                 continue
             rows.append(_row(case, dtype, device, backward, "", *best))
-            if wgmma and wgmma_runs(device, dtype):
-                with backends[best[0]](), _wgmma():
-                    if agrees(f"{what} [wgmma] vs {best[0]}", run(ops.attention)(),
+            if both_kernels and wgmma_runs(device, dtype):
+                with backends[best[0]](), _mma_sync():
+                    if agrees(f"{what} [mma.sync] vs {best[0]}", run(ops.attention)(),
                               run(F.scaled_dot_product_attention)()):
                         t_base, t_ours = ops_bench.compare(run(F.scaled_dot_product_attention), run(ops.attention),
                                                            device, repeats)
-                        rows.append(_row(case, dtype, device, backward, "wgmma", best[0], t_base, t_ours))
+                        rows.append(_row(case, dtype, device, backward, "mma.sync", best[0], t_base, t_ours))
     return rows
 
 
@@ -188,7 +193,7 @@ def memory_rows(case, gen) -> list[dict]:
     return rows
 
 
-def run(devices, dtypes, threads, repeats, with_memory: bool, wgmma: bool = True, seq_lens=None) -> dict:
+def run(devices, dtypes, threads, repeats, with_memory: bool, both_kernels: bool = True, seq_lens=None) -> dict:
     """Rows for every case on ``devices``; ``seq_lens``: the N of the cases instead of the default ones
     (B, H, D as in CPU_CASES / CUDA_CASES). A case whose result disagrees with SDPA's is left out and
     listed under "mismatches"."""
@@ -210,7 +215,7 @@ def run(devices, dtypes, threads, repeats, with_memory: bool, wgmma: bool = True
                 cpu_reps = max(3, repeats // (4 * max(1, case[2] // 1024) ** 2))  # N=4096: minutes
                 reps = repeats if device.type == "cuda" else cpu_reps
                 # a disagreement leaves that timing out; the rest still runs, and the exit status says it
-                rows += bench_case(case, dtype, device, reps, gen, wgmma, mismatches)
+                rows += bench_case(case, dtype, device, reps, gen, both_kernels, mismatches)
         if device.type == "cpu" and with_memory:
             memory += memory_rows(cases[-1], gen)
     return {"env": env, "rows": rows, "memory": memory, "mismatches": mismatches}
@@ -233,23 +238,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def smoke(device: torch.device, wgmma: bool = True) -> int:
+def smoke(device: torch.device) -> int:
     """Forward and backward once per (dtype, head dim) on odd shapes, checked against the float64
-    reference (:mod:`sgdm.ops.selfcheck`, also ``sgdm-ldm info --check``), and again through the
-    wgmma kernels where they run: what compute-sanitizer runs in gpu_check.sh."""
+    reference (:mod:`sgdm.ops.selfcheck`, also ``sgdm-ldm info --check``), and where sgdm runs its
+    wgmma kernels again through the mma.sync ones: what compute-sanitizer runs in gpu_check.sh."""
     from sgdm.ops.selfcheck import check_ops
 
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    results = check_ops(device, dtypes, ("attention",))
-    hopper = [dtype for dtype in dtypes if wgmma and wgmma_runs(device, dtype)]
+    hopper = [dtype for dtype in dtypes if wgmma_runs(device, dtype)]
+    names = {str(dtype).replace("torch.", "") for dtype in hopper}  # OpCheck.dtype's spelling
+    results = [dataclasses.replace(r, backend="wgmma") if r.dtype in names else r
+               for r in check_ops(device, dtypes, ("attention",))]
     if hopper:
-        with _wgmma():
-            results += [dataclasses.replace(r, backend="wgmma") for r in check_ops(device, hopper, ("attention",))]
+        with _mma_sync():
+            results += [dataclasses.replace(r, backend="mma.sync") for r in check_ops(device, hopper, ("attention",))]
     failures = [r for r in results if not r.ok]
     for r in failures:
         print(r.line())
     print(f"attention smoke on {device}: backend {ops.backend(device.type)['attention']}"
-          f"{' (and wgmma)' if hopper else ''}, {len(failures)} mismatches")
+          f"{' (wgmma for 16-bit, and mma.sync)' if hopper else ''}, {len(failures)} mismatches")
     return 1 if failures else 0
 
 
@@ -268,7 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true", help="no timing: run once per dtype/head dim and check")
     p.add_argument("--no-wgmma", action="store_true",
-                   help="leave out the Hopper wgmma kernels (SGDM_ATTENTION_WGMMA=1) even where they run")
+                   help="run the mma.sync kernels on a Hopper GPU too (SGDM_ATTENTION_WGMMA=0), and no "
+                        "[mma.sync] rows")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats: expected at least 1 timed call, got {args.repeats}")
@@ -280,8 +288,10 @@ def main(argv=None) -> int:
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
+    if args.no_wgmma:
+        os.environ["SGDM_ATTENTION_WGMMA"] = "0"
     if args.smoke:
-        return max(smoke(torch.device(d), not args.no_wgmma) for d in devices)
+        return max(smoke(torch.device(d)) for d in devices)
     result = run(devices, [DTYPES[d] for d in args.dtype], args.threads, args.repeats, not args.no_memory,
                  not args.no_wgmma, args.seq_len)
     if args.json:

@@ -57,7 +57,8 @@ def download_timeout(seconds: float = 60.0):
 # The environment variables sgdm (or what it loads offline) reads, and what each does.
 ENV_VARS = {
     "SGDM_KERNELS": "0 runs every op's plain-PyTorch reference",
-    "SGDM_ATTENTION_WGMMA": "1 runs the Hopper wgmma attention kernels (compute capability 9.0, 9.0a build)",
+    "SGDM_ATTENTION_WGMMA": "0 runs the mma.sync attention kernels on a compute capability 9.0 GPU too (the "
+                            "default there is the Hopper wgmma kernels, with a 9.0a build); 1 requires the wgmma ones",
     "SGDM_REQUIRE_KERNELS": "1 makes the tests fail, not skip, without the compiled kernels",
     "SGDM_OFFLINE": "1: the Inception (FID/IS/KID) and VGG16 (vgg16_download) weights only from the torch "
                     "hub cache, as HF_HUB_OFFLINE=1 does; it stops no other download",
@@ -178,6 +179,14 @@ def collect() -> dict[str, Any]:
     }
 
 
+def _wgmma_state(built: bool, env: dict[str, str | None]) -> str:
+    if not built:
+        return "not built (no 9.0a)"
+    if env.get("SGDM_ATTENTION_WGMMA") == "0":
+        return "built, off (SGDM_ATTENTION_WGMMA=0)"
+    return "built (fp16 / bf16 on compute 9.0 GPUs; SGDM_ATTENTION_WGMMA=0 runs mma.sync there)"
+
+
 def format_report(info: dict[str, Any]) -> str:
     """``info`` (from :func:`collect`) as the text ``sgdm-ldm info`` prints."""
     ext = info["extension"]
@@ -195,7 +204,7 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"CPU kernels    {info['cpu']['active']} ({isas})")
         cuda = "built" if info["cuda_kernels"] else "not built (a CPU-only build: FORCE_CUDA=1 or nvcc at build time)"
         if info["cuda_kernels"]:
-            cuda += ", Hopper wgmma attention " + ("built" if info["wgmma_kernels"] else "not built (no 9.0a)")
+            cuda += ", Hopper wgmma attention " + _wgmma_state(info["wgmma_kernels"], info["env"])
         lines.append(f"CUDA kernels   {cuda}")
     gpus = "; ".join(f"{g['index']}: {g['name']} (compute {g['capability']}, {g['memory_gib']} GiB)"
                      for g in info["gpus"]) or "none visible"

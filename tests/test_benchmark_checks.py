@@ -38,7 +38,7 @@ def test_attention_error_in_sgdm_is_not_taken_for_an_unavailable_backend(attenti
     monkeypatch.setattr(attention_bench.ops, "attention", broken)
     with pytest.raises(RuntimeError, match="sgdm kernel exploded"):
         attention_bench.bench_case((1, 2, 64, 32), torch.float32, CPU, 1, torch.Generator().manual_seed(0),
-                                   wgmma=False)
+                                   both_kernels=False)
 
 
 def test_attention_disagreement_is_reported_and_exits_nonzero(attention_bench, monkeypatch, capsys, tmp_path,
@@ -47,7 +47,7 @@ def test_attention_disagreement_is_reported_and_exits_nonzero(attention_bench, m
     monkeypatch.setattr(attention_bench.ops, "attention", lambda q, k, v: real(q, k, v) * 1.1)
     with pytest.raises(attention_bench.ops_bench.Disagreement, match=r"attention fwd 1x2x64x32 float32 cpu.*sdpa"):
         attention_bench.bench_case((1, 2, 64, 32), torch.float32, CPU, 1, torch.Generator().manual_seed(0),
-                                   wgmma=False)
+                                   both_kernels=False)
     out = tmp_path / "attn.json"
     rc = attention_bench.main(["--device", "cpu", "--threads", "1", "--repeats", "1", "--no-memory",
                                "--seq-len", "64", "--json", str(out)])
@@ -57,19 +57,34 @@ def test_attention_disagreement_is_reported_and_exits_nonzero(attention_bench, m
     assert result["rows"] == [] and len(result["mismatches"]) == 2  # fwd, and fwd+bwd (its gradients)
 
 
-def test_attention_wgmma_disagreement_keeps_the_production_rows(attention_bench, monkeypatch, one_thread):
-    """The Hopper wgmma kernels are the ones never run before: their disagreement is reported without
-    losing the production kernel's rows of the same case (here on the CPU, the wgmma switch faked)."""
+def test_attention_mma_sync_disagreement_keeps_the_default_rows(attention_bench, monkeypatch, one_thread):
+    """On a Hopper GPU the mma.sync kernels are timed beside the default wgmma ones: a disagreement of
+    either is reported without losing the other's rows of the same case (here on the CPU, the switch
+    faked: the kernels under SGDM_ATTENTION_WGMMA=0 are off by 10%)."""
     real = attention_bench.ops.attention
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "")  # unset: the default kernels
     monkeypatch.setattr(attention_bench, "wgmma_runs", lambda device, dtype: True)
     monkeypatch.setattr(attention_bench.ops, "attention", lambda q, k, v: real(q, k, v) * (
-        1.1 if os.environ.get("SGDM_ATTENTION_WGMMA") == "1" else 1.0))
+        1.1 if os.environ.get("SGDM_ATTENTION_WGMMA") == "0" else 1.0))
     mismatches = []
     rows = attention_bench.bench_case((1, 2, 64, 32), torch.float32, CPU, 1, torch.Generator().manual_seed(0),
-                                      wgmma=True, mismatches=mismatches)
+                                      both_kernels=True, mismatches=mismatches)
     assert [r["op"] for r in rows] == ["attention fwd", "attention fwd+bwd"]
-    assert [m.split(":")[0] for m in mismatches] == ["attention fwd 1x2x64x32 float32 cpu [wgmma] vs sdpa",
-                                                    "attention fwd+bwd 1x2x64x32 float32 cpu [wgmma] vs sdpa"]
+    assert [m.split(":")[0] for m in mismatches] == ["attention fwd 1x2x64x32 float32 cpu [mma.sync] vs sdpa",
+                                                    "attention fwd+bwd 1x2x64x32 float32 cpu [mma.sync] vs sdpa"]
+    assert os.environ["SGDM_ATTENTION_WGMMA"] == ""  # the switch is undone after the rows
+
+
+def test_attention_bench_no_wgmma_runs_the_mma_sync_kernels_everywhere(attention_bench, monkeypatch, capsys):
+    """--no-wgmma sets SGDM_ATTENTION_WGMMA=0 for the whole run (gpu_check.sh passes it when the wgmma
+    kernels failed their check), so neither the rows nor the smoke run them."""
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "")  # undone after the test, also what main() sets
+    seen = []
+    monkeypatch.setattr(attention_bench, "smoke", lambda device: seen.append(
+        os.environ.get("SGDM_ATTENTION_WGMMA")) or 0)
+    assert attention_bench.main(["--smoke", "--device", "cpu", "--no-wgmma"]) == 0
+    assert seen == ["0"]
+    assert not attention_bench.wgmma_runs(torch.device("cuda"), torch.bfloat16)
 
 
 def test_ops_disagreement_is_reported_per_op_and_exits_nonzero(ops_bench, monkeypatch, capsys, tmp_path,
@@ -239,7 +254,7 @@ def test_repeats_must_be_positive(capsys, script, entry):
 STUB_PY = """\
 #!/usr/bin/env bash
 # a stand-in python: the summary's own code runs for real; the GPU commands pretend, writing a JSON result
-echo "PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-} $*" >>"$STUB_LOG"
+echo "PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-} SGDM_ATTENTION_WGMMA=${SGDM_ATTENTION_WGMMA-unset} $*" >>"$STUB_LOG"
 if [ "$1" = - ]; then exec "$REAL_PY" "$@"; fi
 if [ "$1" = setup.py ] && [ -n "${STUB_HANG_BUILD:-}" ]; then
   exec "$REAL_PY" -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
@@ -256,7 +271,13 @@ STUB_NVCC = """\
 #!/usr/bin/env bash
 prev=
 for a in "$@"; do
-  if [ "$prev" = -o ]; then printf '#!/bin/sh\\necho stub kernel ok\\n' >"$a"; chmod +x "$a"; fi
+  if [ "$prev" = -o ]; then
+    case "$a:${STUB_WGMMA_DISAGREES:-}" in
+      *attention_wgmma:1) printf '#!/bin/sh\\necho THE WGMMA KERNELS DISAGREE\\nexit 1\\n' >"$a" ;;
+      *) printf '#!/bin/sh\\necho stub kernel ok\\n' >"$a" ;;
+    esac
+    chmod +x "$a"
+  fi
   prev=$a
 done
 """
@@ -359,13 +380,29 @@ def test_gpu_check_all_steps_and_a_machine_readable_summary(tmp_path):
     assert 'kmeans_paper: {"total_s": 12.5}' in proc.stdout
     # the attention rows are printed with their own table: TFLOP/s and the SDPA backend
     assert "sgdm TF/s" in proc.stdout and "321.500" in proc.stdout and "sdpa-flash" in proc.stdout
-    # the wgmma kernels passed their standalone check, so the tests and benchmarks include them
+    # the wgmma kernels passed their standalone check, so the tests and benchmarks run them (the default)
     calls = (tmp_path / "calls.log").read_text()
     assert "not wgmma" not in calls and "--no-wgmma" not in calls
     # a step cut short still leaves its rows in the log
-    assert all(line.startswith("PYTHONUNBUFFERED=1 ") for line in calls.splitlines())
+    assert all(line.startswith("PYTHONUNBUFFERED=1 SGDM_ATTENTION_WGMMA=unset ") for line in calls.splitlines())
     # the lent machine returns at most 8 files from $OUT: the intermediates stay elsewhere
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.json", "gpu_check.log", "steps.tsv"]
+
+
+def test_gpu_check_runs_the_mma_sync_kernels_when_the_wgmma_kernels_fail_their_check(tmp_path):
+    """The wgmma kernels are the default on a 9.0 GPU: when their standalone check fails, every later
+    step runs with SGDM_ATTENTION_WGMMA=0, the tests leave out the wgmma ones and the attention
+    benchmarks get --no-wgmma; the run's status says the check failed."""
+    proc, _ = run_gpu_check(tmp_path, timeout=150, STUB_WGMMA_DISAGREES="1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    steps = _steps(tmp_path)
+    assert steps["attention-wgmma"] == "fail(1)" and steps["cuda-tests"] == "ok"
+    assert "THE WGMMA KERNELS DISAGREE" in (tmp_path / "out" / "gpu_check.log").read_text()
+    calls = [line for line in (tmp_path / "calls.log").read_text().splitlines() if " setup.py " not in line]
+    later = calls[[i for i, line in enumerate(calls) if "sgdm.cli.main info" in line][0] + 1:]
+    assert later and all("SGDM_ATTENTION_WGMMA=0 " in line for line in later)
+    assert any("pytest" in line and "not wgmma" in line for line in later)
+    assert all("--no-wgmma" in line for line in later if "attention_bench.py" in line)
 
 
 def test_gpu_check_finds_python3(tmp_path):

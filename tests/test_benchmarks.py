@@ -87,7 +87,7 @@ def test_attention_flops_and_a_tiny_cpu_case(attention_bench):
     assert attention_bench.flops(2, 3, 5, 7, backward=False) == 4 * 2 * 3 * 5 * 5 * 7
     assert attention_bench.flops(2, 3, 5, 7, backward=True) == 3.5 * 4 * 2 * 3 * 5 * 5 * 7  # fwd + 2.5x fwd
     rows = attention_bench.bench_case((1, 2, 64, 32), torch.float32, torch.device("cpu"), 1,
-                                      torch.Generator().manual_seed(0), wgmma=False)
+                                      torch.Generator().manual_seed(0), both_kernels=False)
     assert [r["op"] for r in rows] == ["attention fwd", "attention fwd+bwd"]
     assert all(r["ratio"] > 0 and r["baseline"] == "sdpa" for r in rows)
 

@@ -69,7 +69,9 @@ def test_arch_list_separators_and_9_0a(monkeypatch):
     assert g["_hopper_archs"]("8.0;9.0a") == ("8.0;9.0a", True)
     assert g["_hopper_archs"]("8.0,9.0a") == ("8.0;9.0a", True)
     assert g["_hopper_archs"](" 9.0 , 9.0a+PTX ") == ("9.0a+PTX", True)
-    assert g["_hopper_archs"]("9.0") == ("9.0", False)
+    assert g["_hopper_archs"]("9.0") == ("9.0a", True)  # the same GPUs, with the wgmma kernels
+    assert g["_hopper_archs"]("8.0;9.0;10.0") == ("8.0;9.0a;10.0", True)
+    assert g["_hopper_archs"]("9.0+PTX") == ("9.0+PTX", False)
     assert g["_hopper_archs"]("8.6+PTX") == ("8.6+PTX", False)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0, 9.0a")
     assert g["_arch_list"]() == "8.0;9.0a"

@@ -32,6 +32,20 @@ def test_report_names_the_build_this_process_runs(capsys):
     assert f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})" in out
 
 
+@pytest.mark.parametrize("value, says", [(None, "built (fp16 / bf16 on compute 9.0 GPUs; SGDM_ATTENTION_WGMMA=0"),
+                                         ("0", "built, off (SGDM_ATTENTION_WGMMA=0)")])
+def test_report_says_whether_the_hopper_kernels_run(value, says):
+    """The wgmma attention kernels are the default on a compute capability 9.0 GPU: the report says
+    so, or that SGDM_ATTENTION_WGMMA=0 turned them off (the build's own state is faked: CI has no 9.0a)."""
+    from sgdm.environment import collect, format_report
+
+    info = collect()
+    info.update(cuda_kernels=True, wgmma_kernels=True, env=dict(info["env"], SGDM_ATTENTION_WGMMA=value))
+    assert f"CUDA kernels   built, Hopper wgmma attention {says}" in format_report(info)
+    info.update(wgmma_kernels=False)
+    assert "CUDA kernels   built, Hopper wgmma attention not built (no 9.0a)" in format_report(info)
+
+
 def test_json_holds_versions_backends_and_environment(capsys, monkeypatch):
     monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
     code, out, _ = _info(capsys, "--json")

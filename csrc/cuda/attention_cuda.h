@@ -43,8 +43,8 @@ struct BwdParams {
 cudaError_t attention_forward(const FwdParams& p, cudaStream_t stream);
 
 // The Hopper wgmma kernels (attention_hopper.cu), fp16 and bf16 only, for a
-// compute capability 9.0 GPU (bf16/fp16 tensors; same contracts as above).
-// Never run on a GPU yet: opt-in. wgmma_built(): whether this build
+// compute capability 9.0 GPU (bf16/fp16 tensors; same contracts as above),
+// the default there (attention_launch.cpp). wgmma_built(): whether this build
 // holds their sm_90a code.
 bool wgmma_built();
 cudaError_t attention_forward_wgmma(const FwdParams& p, cudaStream_t stream);

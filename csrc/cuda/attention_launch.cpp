@@ -2,6 +2,7 @@
 // torch-free kernels of csrc/cuda/attention.cu, on the current stream.
 #include <ATen/Context.h>
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -39,27 +40,28 @@ at::Tensor kernel_layout(const at::Tensor& t) {
 
 void check_launch(cudaError_t err) { check_cuda_launch(err, "attention"); }
 
-// SGDM_ATTENTION_WGMMA=1 asks for the Hopper wgmma kernels, forward and
-// backward (fp16 / bf16; they have not run on a GPU yet, so they are opt-in).
-// Asked for where they cannot run, it is an error, not a silent fallback: a
-// benchmark must know what it timed.
-bool wgmma_requested(const at::Tensor& q) {
+// The Hopper wgmma kernels (fp16 / bf16) run on a compute capability 9.0 GPU
+// when the build holds their sm_90a code; the mma.sync kernels run elsewhere.
+// SGDM_ATTENTION_WGMMA=0 runs the mma.sync kernels there too; =1 requires the
+// wgmma kernels, and where they cannot run that is an error, not a silent
+// fallback (a benchmark must know what it timed).
+bool use_wgmma(const at::Tensor& q) {
   const char* env = std::getenv("SGDM_ATTENTION_WGMMA");
   const std::string_view value = env == nullptr ? "" : env;
-  if (value.empty() || value == "0") return false;
-  TORCH_CHECK(value == "1", "SGDM_ATTENTION_WGMMA must be 0 or 1, got '", value, "'");
-  if (q.scalar_type() == at::kFloat) return false;  // fp32 runs the SIMT kernel either way
-  TORCH_CHECK(cuda_attn::wgmma_built(),
-              "SGDM_ATTENTION_WGMMA=1: this build of sgdm has no sm_90a code; rebuild with 9.0a in "
-              "TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0a\")");
-  int major = 0, minor = 0;
-  const int device = static_cast<int>(q.get_device());
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
-              "sgdm.attention: cannot read the compute capability of ", q.device());
-  TORCH_CHECK(major == 9 && minor == 0, "SGDM_ATTENTION_WGMMA=1: the wgmma kernels need a compute capability 9.0 "
-              "GPU (H100, H200); ", q.device(), " is ", major, ".", minor);
-  return true;
+  TORCH_CHECK(value.empty() || value == "0" || value == "1", "SGDM_ATTENTION_WGMMA must be 0 or 1, got '", value,
+              "'");
+  if (value == "0" || q.scalar_type() == at::kFloat) return false;  // fp32 runs the SIMT kernel either way
+  const bool required = value == "1";
+  if (!cuda_attn::wgmma_built()) {
+    TORCH_CHECK(!required, "SGDM_ATTENTION_WGMMA=1: this build of sgdm has no sm_90a code; rebuild with 9.0a in "
+                "TORCH_CUDA_ARCH_LIST (e.g. \"8.0;9.0a\")");
+    return false;
+  }
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());  // cached by torch
+  const bool hopper = prop->major == 9 && prop->minor == 0;
+  TORCH_CHECK(hopper || !required, "SGDM_ATTENTION_WGMMA=1: the wgmma kernels need a compute capability 9.0 GPU "
+              "(H100, H200); ", q.device(), " is ", prop->major, ".", prop->minor);
+  return hopper;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                lse.data_ptr<float>(), q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3),
                                static_cast<float>(scale)};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(wgmma_requested(q) ? cuda_attn::attention_forward_wgmma(p, stream)
+  check_launch(use_wgmma(q) ? cuda_attn::attention_forward_wgmma(p, stream)
                                   : cuda_attn::attention_forward(p, stream));
   return {out, lse};
 }
@@ -127,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.d = q.size(3);
   p.scale = static_cast<float>(scale);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(wgmma_requested(q) ? cuda_attn::attention_backward_wgmma(p, stream)
+  check_launch(use_wgmma(q) ? cuda_attn::attention_backward_wgmma(p, stream)
                                   : cuda_attn::attention_backward(p, stream));
   return {dq, dk, dv};
 }

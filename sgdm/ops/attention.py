@@ -22,11 +22,12 @@ its fake kernel and autograd here; its backward ``sgdm::attention_backward``
 also accepts a gradient for ``lse`` (it enters as ``delta_i -= dL/dlse_i``
 since ``d lse_i / d s_ij = P_ij``).
 
-On a compute capability 9.0 GPU (H100, H200), ``SGDM_ATTENTION_WGMMA=1`` runs
-the fp16 / bf16 forward and backward on Hopper's warpgroup MMAs instead. It
-needs a build with ``9.0a`` in ``TORCH_CUDA_ARCH_LIST`` (:func:`wgmma_built`),
-is an error anywhere it cannot run, and has not yet run on a GPU: it stays
-opt-in until ``benchmarks/gpu_check.sh`` has checked it.
+On a compute capability 9.0 GPU (H100, H200) the fp16 / bf16 forward and
+backward run on Hopper's warpgroup MMAs (wgmma) when the build has ``9.0a`` in
+``TORCH_CUDA_ARCH_LIST`` (:func:`wgmma_built`), and the mma.sync kernels run
+elsewhere. ``SGDM_ATTENTION_WGMMA=0`` runs the mma.sync kernels on a 9.0 GPU
+too; ``SGDM_ATTENTION_WGMMA=1`` requires the wgmma kernels and is an error
+where they cannot run.
 """
 from __future__ import annotations
 
@@ -218,7 +219,8 @@ def backend(device_type: str = "cpu") -> str:
 
 def wgmma_built() -> bool:
     """Whether ``sgdm._C`` holds the Hopper wgmma kernels (a CUDA build with 9.0a in
-    ``TORCH_CUDA_ARCH_LIST``), which ``SGDM_ATTENTION_WGMMA=1`` selects."""
+    ``TORCH_CUDA_ARCH_LIST``), which a compute capability 9.0 GPU runs unless
+    ``SGDM_ATTENTION_WGMMA=0``."""
     return _extension.has_op("_attention_wgmma_built") and bool(torch.ops.sgdm._attention_wgmma_built())
 
 

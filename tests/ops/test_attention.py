@@ -262,29 +262,71 @@ def _require_wgmma():
                                     (3, 1, 77, 1000, 32), (1, 4, 1000, 77, 64), (2, 1, 129, 129, 64)]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_wgmma_kernels_within_twice_torch_error(generator, monkeypatch, dtype, shape):
-    """SGDM_ATTENTION_WGMMA=1 (Hopper): forward and backward under the same accuracy rule."""
+    """SGDM_ATTENTION_WGMMA=1 (Hopper): forward and backward under the same accuracy rule (these
+    shapes are grids under one wave: the configurations for small calls)."""
     _require_wgmma()
     monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
     _check_low_precision("cuda", generator, dtype, shape)
 
 
-@pytest.mark.cuda
-def test_wgmma_forward_agrees_with_the_mma_sync_forward(generator, monkeypatch):
-    _require_wgmma()
-    q, k, v = _qkv(4, 8, 1000, 1000, 64, "cuda", generator, dtype=torch.bfloat16)
-    want, want_lse = torch.ops.sgdm.attention(q, k, v, 0.125)
-    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
-    got, got_lse = torch.ops.sgdm.attention(q, k, v, 0.125)
-    assert (got.float() - want.float()).abs().max().item() < 2e-2
-    assert (got_lse - want_lse).abs().max().item() < 1e-3
+# B, H, Nq, Nk: a grid of fewer CTAs than an H100 / H200 has SMs (the configurations for one
+# partial wave) and one of several waves (attention_hopper.cu picks by the grid)
+_WGMMA_GRIDS = [pytest.param((1, 2, 300, 500), id="under-one-wave"),
+                pytest.param((4, 8, 1000, 1000), id="several-waves")]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
-def test_wgmma_backward_agrees_with_the_mma_sync_backward(generator, monkeypatch, d):
+@pytest.mark.parametrize("grid", _WGMMA_GRIDS)
+def test_wgmma_forward_agrees_with_the_mma_sync_forward(generator, monkeypatch, grid, d):
     _require_wgmma()
-    q, k, v = _qkv(2, 4, 700, 900, d, "cuda", generator, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = _qkv(*grid, d, "cuda", generator, dtype=torch.bfloat16)
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "0")
+    want, want_lse = torch.ops.sgdm.attention(q, k, v, d ** -0.5)
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "1")
+    got, got_lse = torch.ops.sgdm.attention(q, k, v, d ** -0.5)
+    assert (got.float() - want.float()).abs().max().item() < 2e-2
+    assert (got_lse - want_lse).abs().max().item() < 1e-3
+
+
+def _attention_kernels(q, k, v) -> set[str]:
+    """The names of the CUDA kernels a forward and backward of sgdm's attention launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        attention(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if "attention" in e.key}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("value", [None, "0", "1"])
+def test_wgmma_kernels_are_the_default_on_hopper(generator, monkeypatch, value):
+    """Without SGDM_ATTENTION_WGMMA (or with =1) a compute capability 9.0 GPU runs the wgmma forward
+    and backward; =0 runs the mma.sync kernels."""
+    _require_wgmma()
+    q, k, v = _qkv(2, 4, 1000, 1000, 64, "cuda", generator, dtype=torch.bfloat16, requires_grad=True)
+    if value is None:
+        monkeypatch.delenv("SGDM_ATTENTION_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("SGDM_ATTENTION_WGMMA", value)
+    names = _attention_kernels(q, k, v)
+    wgmma = {n for n in names if "wgmma" in n}
+    if value == "0":
+        assert not wgmma and any("attention_fwd" in n for n in names), names
+    else:
+        assert any("attention_fwd_wgmma" in n for n in wgmma) and any("attention_bwd_wgmma" in n for n in wgmma), names
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("grid", [pytest.param((2, 4, 700, 900), id="under-one-wave"),
+                                  pytest.param((8, 8, 512, 1024), id="several-waves")])
+def test_wgmma_backward_agrees_with_the_mma_sync_backward(generator, monkeypatch, grid, d):
+    _require_wgmma()
+    q, k, v = _qkv(*grid, d, "cuda", generator, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(q.shape, generator=generator).to("cuda", torch.bfloat16)
+    monkeypatch.setenv("SGDM_ATTENTION_WGMMA", "0")
     attention(q, k, v).backward(grad_out)
     want = [t.grad for t in (q, k, v)]
     for t in (q, k, v):

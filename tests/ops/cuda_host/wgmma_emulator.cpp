@@ -224,10 +224,16 @@ void run_all() {
   using bf16 = __nv_bfloat16;
   using wg::WgBwdConfig;
   using wg::WgConfig;
-  // Forward: the extension's configurations (128 keys a block, two warpgroups, overlap) and
-  // the sequential one; several key blocks with a partial last one, partial query tiles.
+  // Forward: the extension's configurations (attention_hopper.cu: 64-key blocks and 2 CTAs an SM
+  // for D = 32 and 64, 128-key blocks on grids under one wave, 128-key blocks with the overlap
+  // for D = 128) and the harness's others; several key blocks with a partial last one, partial
+  // query tiles.
   check_forward<bf16, 64, WgConfig<64, 128, 2, 1, true>>(2, 130, 300, 1);
   check_forward<bf16, 64, WgConfig<64, 64, 2, 2>>(1, 77, 150, 2);
+  check_forward<__half, 64, WgConfig<64, 64, 2, 2>>(2, 130, 200, 16);
+  check_forward<bf16, 32, WgConfig<32, 64, 2, 2>>(1, 130, 260, 17);
+  check_forward<bf16, 64, WgConfig<64, 128, 2, 1>>(1, 130, 300, 18);
+  check_forward<__half, 32, WgConfig<32, 128, 2, 1>>(1, 77, 150, 19);
   check_forward<bf16, 64, WgConfig<64, 128, 2, 1, true>>(1, 33, 77, 3);
   check_forward<bf16, 32, WgConfig<32, 128, 2, 1, true>>(1, 130, 260, 4);
   check_forward<bf16, 128, WgConfig<128, 128, 2, 1, true>>(1, 100, 300, 5);
@@ -243,6 +249,7 @@ void run_all() {
   check_backward<bf16, 128, WgBwdConfig<128, 1, 2>>(1, 130, 100, 10);
   check_backward<__half, 64, WgBwdConfig<64, 2>>(1, 70, 200, 11);
   check_backward<__half, 128, WgBwdConfig<128, 1, 2>>(1, 64, 64, 12);
+  check_backward<__half, 64, WgBwdConfig<64, 1, 2>>(1, 70, 200, 20);
 }
 
 // Sizes around the block edges (64 queries a warpgroup, 64 or 128 keys a block): D = 64 bf16 with
@@ -257,7 +264,7 @@ void run_sweep() {
   for (const int nq : nqs)
     for (const int nk : nks) {
       ++seed;
-      check_forward<bf16, 64, WgConfig<64, 128, 2, 1, true>>(1, nq, nk, seed);
+      check_forward<bf16, 64, WgConfig<64, 64, 2, 2>>(1, nq, nk, seed);
       check_backward<bf16, 64, WgBwdConfig<64, 2>>(1, nq, nk, seed);
       if (seed % 3 == 0) {
         check_forward<__half, 32, WgConfig<32, 128, 2, 1, true>>(1, nq, nk, seed);
@@ -266,6 +273,8 @@ void run_sweep() {
         check_forward<bf16, 128, WgConfig<128, 128, 2, 1, true>>(1, nq, nk, seed);
         check_backward<bf16, 32, WgBwdConfig<32, 2>>(1, nq, nk, seed);
       } else {
+        check_forward<bf16, 64, WgConfig<64, 128, 2, 1>>(1, nq, nk, seed);
+        check_forward<bf16, 32, WgConfig<32, 64, 2, 2>>(1, nq, nk, seed);
         check_backward<bf16, 64, WgBwdConfig<64, 1, 2>>(1, nq, nk, seed);
       }
     }
