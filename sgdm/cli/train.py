@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from sgdm.cli.arguments import add_config_arguments, add_resume_arguments, printed_config, wants_resume
 
@@ -47,7 +48,7 @@ def _several_processes(cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgdm.config.schema import check_annotation_store, load_experiment
+    from sgdm.config.schema import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
     if printed_config(cfg, args):
@@ -56,11 +57,58 @@ def run(args: argparse.Namespace) -> int:
 
     check_accelerator(cfg.train.accelerator, cfg.train.devices, strategy=cfg.train.strategy,
                       precision=cfg.train.precision, num_nodes=cfg.train.num_nodes)
+    from sgdm.launch import current
+
+    launch = current()
+    launched = launch.launcher in ("torchrun", "srun") and launch.world_size > 1  # every process runs this now
+    with _launch_group(cfg, launched):
+        return _train(args, cfg, launched)
+
+
+@contextlib.contextmanager
+def _launch_group(cfg, launched: bool):
+    """The process group of a torchrun or srun launch, joined before anything reads the data (Lightning's
+    DDP takes it over, and so no longer says that its processes registered: the first one says it here), so
+    that its processes compare their images first (:func:`_same_images`)."""
+    if not launched:
+        yield
+        return
+    import sys
+
+    import torch.distributed as dist
+
+    from sgdm.launch import current, process_group
+
+    with process_group("cpu" if cfg.train.accelerator == "cpu" else "auto"):
+        launch = current()
+        if launch.is_first:
+            print(f"sgdm: the {dist.get_world_size()} processes {launch.launcher} started joined their process group "
+                  f"({dist.get_backend()})", file=sys.stderr, flush=True)
+        yield
+
+
+def _same_images(cfg, images):
+    """The training images (built unless ``images`` are), once every process of the group found them the
+    same as rank 0 does (:func:`~sgdm.training.dataset_record.agree_across_ranks`): before the annotation
+    store's check, the resume's and the latent cache's read their files, which one rank alone could refuse."""
+    from sgdm.training.data import build_image_dataset
+    from sgdm.training.dataset_record import agree_across_ranks
+
+    images = build_image_dataset(cfg.data, cfg.run.seed) if images is None else images
+    agree_across_ranks(images, cfg.data.root)
+    return images
+
+
+def _train(args: argparse.Namespace, cfg, launched: bool) -> int:
+    from sgdm.config.schema import check_annotation_store
+
     images = None
     if cfg.model.guidance.kind != "none" and not cfg.prepare.any():  # prepare may make the images or the store
         from sgdm.training.data import build_image_dataset
 
         images = build_image_dataset(cfg.data, cfg.run.seed)  # the store's check and training stat their files once
+    if launched and not cfg.prepare.any():
+        images = _same_images(cfg, images)
     check_annotation_store(cfg, images)
     from sgdm.training.run import check_resumable
 
@@ -74,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
     from sgdm.launch import current
 
     launch = current()
-    launched = launch.launcher in ("torchrun", "srun") and launch.world_size > 1  # every process runs this now
     if args.prepare_only and not cfg.prepare.makes_assets():
         raise ConfigError("--prepare-only", "the config has no prepare: stage to run (prepare.dataset, autoencoder, "
                                             "features, annotations are all false)")
@@ -96,9 +143,18 @@ def run(args: argparse.Namespace) -> int:
         # A self-preparing config (the quickstart) is one command to repeat: like its prepared
         # artefacts, its own run is reused, continued exactly from its last checkpoint.
         resume = resume or bool(list_checkpoints(cfg.run.path / "checkpoints"))
+    from sgdm.training.dataset_record import same_images_callback
     from sgdm.training.run import train
 
-    code = train(cfg, resume=resume, dataset=images)
+    if launched:
+        images = _same_images(cfg, images) if cfg.prepare.any() else images  # prepare's stages checked, not made
+        callbacks = ()
+    else:  # Lightning's launcher starts the other processes in Trainer.fit: they compare their images there
+        from sgdm.training.data import build_image_dataset
+
+        images = build_image_dataset(cfg.data, cfg.run.seed) if images is None else images
+        callbacks = (same_images_callback(images, cfg.data.root),)
+    code = train(cfg, resume=resume, callbacks=callbacks, dataset=images)
     if code == 0 and cfg.prepare.report:
         processes = _several_processes(cfg)
         if processes > 1:  # its evaluations and companion runs are one process's work
