@@ -121,7 +121,11 @@ if step build 240 "FORCE_CUDA=1 $PY setup.py build_ext --inplace"; then
     fi
   fi
   # the model tests cover the UNet path (per-sample GroupNorm affine) against the CPU
-  step cuda-tests 150 "$PY -m pytest -q -m cuda $TESTS ${WGMMA_TESTS[*]@Q}"
+  # with pytest-xdist, one worker: a test that crashes the process (a segfault stopped a whole run
+  # at its 67th test once) fails alone, and a new worker runs the rest
+  XDIST=
+  $PY -c "import xdist" 2>/dev/null && XDIST="-n 1"
+  step cuda-tests 150 "$PY -m pytest -q $XDIST -m cuda $TESTS ${WGMMA_TESTS[*]@Q}"
   # benchmarks before the sanitizers: the numbers matter most when time is short
   i=0
   for cmd in "${BENCH[@]}"; do

@@ -383,6 +383,8 @@ def test_gpu_check_all_steps_and_a_machine_readable_summary(tmp_path):
     # the wgmma kernels passed their standalone check, so the tests and benchmarks run them (the default)
     calls = (tmp_path / "calls.log").read_text()
     assert "not wgmma" not in calls and "--no-wgmma" not in calls
+    # the tests run in a pytest-xdist worker (the stand-in python imports anything): a crash fails one test
+    assert any(" -m pytest -q -n 1 -m cuda " in line for line in calls.splitlines()), calls
     # a step cut short still leaves its rows in the log
     assert all(line.startswith("PYTHONUNBUFFERED=1 SGDM_ATTENTION_WGMMA=unset ") for line in calls.splitlines())
     # the lent machine returns at most 8 files from $OUT: the intermediates stay elsewhere
