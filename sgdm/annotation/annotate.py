@@ -58,7 +58,7 @@ from sgdm.annotation.cache import FEATURE_FORMAT, FeatureCache, file_stamps
 from sgdm.annotation.centroids import CENTROIDS_FILE, ClusterF, prepare
 from sgdm.annotation.config import AnnotationConfig
 from sgdm.annotation.evaluate import evaluate_records
-from sgdm.annotation.features import extract, file_sha256, load_backbone
+from sgdm.annotation.features import extract, extraction_precision, file_sha256, load_backbone
 from sgdm.annotation.ground_truth import GroundTruthCollector, ground_truth_records, pack_gt
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_feature_flags, lost_from_features
@@ -173,14 +173,14 @@ def _samples(dataset, indices, a: AnnotationConfig):
             yield kept
 
 
-def _extract_shard(backbone, dataset, indices, a, granularity, device, bar) -> dict[str, torch.Tensor]:
+def _extract_shard(backbone, dataset, indices, a, granularity, device, precision: str, bar) -> dict[str, torch.Tensor]:
     rows, cls, boxes, patches, samples = [], [], [], [], []
     image_hw = None
     for kept in _samples(dataset, indices, a):
         images = torch.stack([s["image"] for _, s in kept]).to(device)
         lost = lost_feature_flags(a.lost) if granularity == "box" else {"keys": False, "patches": False}
         feats = extract(backbone, images, keys=lost["keys"], patches=granularity == "mask" or lost["patches"],
-                        bf16={"auto": None, "fp32": False, "bf16": True}[a.precision])
+                        bf16=precision == "bf16")
         rows += [i for i, _ in kept]
         cls.append(feats.cls.half().cpu())
         if granularity == "box":
@@ -316,8 +316,8 @@ def _extract_all(dataset, a, granularity, data, log, progress, waits=None):
     with _together(waits, device), tqdm(total=total, desc=f"features ({backbone.name})", unit="img",
                                         disable=not progress or rank != 0) as bar:
         for s in todo:  # ranks with fewer shards left (a resume) wait for the others after it
-            cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, bar), stamps[s],
-                       precision)
+            cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, precision, bar),
+                       stamps[s], precision)
     return cache, -(-n // a.shard_size), backbone
 
 
@@ -325,7 +325,7 @@ def _check_precision(cache, shards, todo, a: AnnotationConfig, device: torch.dev
     """This run's extraction precision (``bf16`` / ``fp32``; ``auto`` is bf16 on CUDA). Refuses to extract
     shards at it beside finished shards made at the other one (a resume on another device or with another
     ``annotation.precision``), on every rank alike; with nothing left to extract, any precision reuses them."""
-    precision = "bf16" if a.precision == "bf16" or (a.precision == "auto" and device.type == "cuda") else "fp32"
+    precision = extraction_precision(a.precision, device)
     other = sum(cache.precision(s) not in (None, precision) for s in shards if s not in todo)
     counts = torch.tensor([len(todo), other], device=device)
     if _dist() is not None:
@@ -598,6 +598,9 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
             extra["extractor"] = {"backbone": backbone.name, "backbone_kwargs": a.backbone_kwargs,
                                   "weights": str(a.weights) if a.weights else None,
                                   "weights_sha256": backbone.weights_id, "input_size": list(backbone.input_size)}
+            made = {cache.precision(s) for s in range(n_shards)}  # a finished cache is reused at any precision
+            if len(made) == 1 and None not in made:  # adherence extracts the samples alike
+                extra["feature_precision"] = made.pop()
         metrics: dict[str, float] = {}
         with _together(waits, _device(a)):  # rank 0 evaluates and writes the store, the others wait for it
             if records is not None:  # None: a non-zero rank

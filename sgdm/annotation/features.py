@@ -30,7 +30,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Backbone", "BackboneKeys", "Features", "BackboneError", "load_backbone", "extract", "file_sha256"]
+__all__ = ["Backbone", "BackboneKeys", "Features", "BackboneError", "load_backbone", "extract", "extraction_precision",
+           "file_sha256"]
 
 # Wrapper keys of training checkpoints (DINO's checkpoint.pth keeps the teacher
 # and student; Lightning/timm keep state_dict/model) and the prefixes they add.
@@ -387,6 +388,16 @@ def _check_patch_grid(backbone: Backbone) -> None:
 
 
 @torch.no_grad()
+def extraction_precision(setting: str, device: torch.device | str) -> str:
+    """The precision (``bf16`` or ``fp32``) features are extracted at on ``device`` for an
+    ``annotation.precision`` ``setting``: ``auto`` is bfloat16 autocast on CUDA and float32 elsewhere;
+    ``bf16`` and ``fp32`` are themselves on any device. One rule for annotate's features and
+    adherence's (which extracts a run's samples at the precision its store's features were made at)."""
+    if setting not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"annotation.precision: expected auto, fp32 or bf16, got {setting!r}")
+    return "bf16" if setting == "bf16" or (setting == "auto" and torch.device(device).type == "cuda") else "fp32"
+
+
 def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patches: bool = True,
             bf16: Optional[bool] = None) -> Features:
     """Features of ``images [B, 3, H, W]`` in ``[-1, 1]``, as float32.

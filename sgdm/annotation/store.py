@@ -6,7 +6,9 @@ A directory with sharded safetensors files and a JSON manifest::
                              num_classes (K), method, params, extractor (backbone,
                              weights hash), dataset (config, ids hash), ids, shards,
                              files_sha256 + file_sizes (datasets of files: the sizes of
-                             each stored image's files when annotated, sgdm.data.files)
+                             each stored image's files when annotated, sgdm.data.files),
+                             feature_precision (bf16|fp32: what the self-annotated
+                             store's features were extracted at; adherence's too)
     shard_00000.safetensors  per image, rows in manifest order:
                              cluster int64 [n]        (label, box; -1 = no annotation, box only)
                              box float32 [n, 4]       (box; all zeros where cluster is -1)
@@ -57,9 +59,9 @@ FIELDS = {"label": ("cluster",), "box": ("cluster", "box"), "mask": ("mask", "mu
 IGNORE = 255
 NO_ANNOTATION = -1  # cluster of a box-store row without annotation (its box is all zeros): no guidance
 # manifest keys later versions of annotate add, in groups (the k-means centroids of a label or box store; the
-# images' file sizes): a store annotated again with the same settings differs from the one an earlier version
+# images' file sizes; the precision its features were extracted at): a store annotated again with the same settings differs from the one an earlier version
 # wrote by these alone, and holds the same annotations (AnnotationStore.matches_digest)
-ADDED_KEYS = (("centroids", "centroids_sha256"), ("files_sha256", "file_sizes"))
+ADDED_KEYS = (("centroids", "centroids_sha256"), ("files_sha256", "file_sizes"), ("feature_precision",))
 
 
 def is_annotated(record: Mapping[str, Any]) -> bool:

@@ -34,32 +34,56 @@ import torch
 from sgdm.evaluation.feature_distance import FeatureSpace
 
 __all__ = ["MaskMatching", "box_adherence", "cluster_adherence", "image_tokens", "mask_adherence",
-           "mask_adherence_probe", "mask_scores", "patch_tokens"]
+           "mask_adherence_probe", "mask_scores", "patch_tokens", "store_precision"]
 
 MaskMatching = Literal["identity", "hungarian"]
 
 
+def store_precision(store, setting: str) -> str:
+    """The ``annotation.precision`` setting adherence extracts a run's samples at, so that f meets features
+    like those it was fitted on: the precision the self-annotated ``store``'s features were extracted at (its
+    manifest's ``feature_precision``, ``bf16`` or ``fp32``), else the ``precision`` the store was made with
+    (its ``params``), else ``setting`` (the run's ``annotation.precision``: a ground-truth store, or none).
+    Resolved on the extractor's device by :func:`~sgdm.annotation.features.extraction_precision`."""
+    if store is None or store.source != "self":
+        return setting
+    params = store.manifest.get("params") or {}
+    return store.manifest.get("feature_precision") or params.get("precision") or setting
+
+
+def _bf16(space: FeatureSpace, precision: str) -> bool:
+    """Whether ``space`` extracts under bfloat16 autocast at the ``annotation.precision`` ``precision``."""
+    from sgdm.annotation.features import extraction_precision
+
+    return extraction_precision(precision, space.device) == "bf16"
+
+
 @torch.no_grad()
-def image_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def image_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64,
+                 precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """images [N, 3, H, W] in [-1, 1] -> the backbone's patch tokens [N, h', w', D] and CLS
-    features [N, D] (float32, CPU), extracted once for every mask score of a sample set."""
+    features [N, D] (float32, CPU), extracted once for every mask score of a sample set, at the
+    ``annotation.precision`` ``precision`` (:func:`store_precision`)."""
     from sgdm.annotation.features import extract
 
-    feats = [extract(space.backbone, c.to(space.device), patches=True) for c in images.split(batch_size)]
+    bf16 = _bf16(space, precision)
+    feats = [extract(space.backbone, c.to(space.device), patches=True, bf16=bf16) for c in images.split(batch_size)]
     return torch.cat([f.patches.cpu() for f in feats]), torch.cat([f.cls.cpu() for f in feats])
 
 
-def patch_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def patch_tokens(space: FeatureSpace, images: torch.Tensor, batch_size: int = 64, precision: str = "auto") -> torch.Tensor:
     """images [N, 3, H, W] in [-1, 1] -> the backbone's patch tokens [N, h', w', D] (float32, CPU)."""
-    return image_tokens(space, images, batch_size)[0]
+    return image_tokens(space, images, batch_size, precision)[0]
 
 
 @torch.no_grad()
-def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor, lost_cfg=None, batch_size: int = 64) -> dict[str, float]:
+def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor, lost_cfg=None, batch_size: int = 64,
+                  precision: str = "auto") -> dict[str, float]:
     """images [N, 3, H, W] in [-1, 1]; boxes [N, 4] normalised xyxy -> ``box_iou``, ``box_hit50``.
 
     ``lost_cfg``: the annotation's :class:`~sgdm.annotation.config.LostConfig`
-    (default: the paper's LOST), so the samples meet the f that made the boxes."""
+    (default: the paper's LOST), so the samples meet the f that made the boxes; ``precision``:
+    the store's (:func:`store_precision`)."""
     from sgdm.annotation.config import LostConfig
     from sgdm.annotation.lost import lost_boxes
     from sgdm.annotation.metrics import box_iou
@@ -67,14 +91,16 @@ def box_adherence(space: FeatureSpace, images: torch.Tensor, boxes: torch.Tensor
     if boxes.dim() != 2 or boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes: expected [{images.shape[0]}, 4] for {images.shape[0]} images, got {tuple(boxes.shape)}")
     lost_cfg = lost_cfg or LostConfig()
-    pred = torch.cat([lost_boxes(space.backbone, chunk.to(space.device), lost_cfg) for chunk in images.split(batch_size)])
+    bf16 = _bf16(space, precision)
+    pred = torch.cat([lost_boxes(space.backbone, chunk.to(space.device), lost_cfg, bf16=bf16)
+                      for chunk in images.split(batch_size)])
     iou = torch.stack([box_iou(p, g)[0, 0] for p, g in zip(pred, boxes)])
     return {"box_iou": float(iou.mean()), "box_hit50": float((iou >= 0.5).double().mean())}
 
 
 @torch.no_grad()
 def cluster_adherence(space: FeatureSpace, images: torch.Tensor, clusters: torch.Tensor, f,
-                      batch_size: int = 64) -> dict[str, float]:
+                      batch_size: int = 64, precision: str = "auto") -> dict[str, float]:
     """images [N, 3, H, W] in [-1, 1]; the cluster ids [N] that guided them -> ``cluster_adherence``, the
     fraction of images whose cluster under the store's f (:class:`~sgdm.annotation.centroids.ClusterF`: the
     nearest k-means centroid of the image's prepared CLS feature) is the guiding one, and
@@ -82,7 +108,8 @@ def cluster_adherence(space: FeatureSpace, images: torch.Tensor, clusters: torch
     ignores its guidance can score on these conditions (it is 1/K only for balanced conditions).
 
     ``space`` must be the extractor the store's features came from
-    (:func:`~sgdm.evaluation.feature_distance.annotation_space`)."""
+    (:func:`~sgdm.evaluation.feature_distance.annotation_space`), ``precision`` the store's
+    (:func:`store_precision`)."""
     from sgdm.annotation.features import extract
 
     clusters = torch.as_tensor(clusters).long().cpu()
@@ -92,7 +119,8 @@ def cluster_adherence(space: FeatureSpace, images: torch.Tensor, clusters: torch
     if clusters.numel() and (int(clusters.min()) < 0 or int(clusters.max()) >= f.num_classes):
         raise ValueError(f"clusters: ids must lie in [0, {f.num_classes}) (the store's K), got "
                          f"{int(clusters.min())}..{int(clusters.max())}")
-    cls = torch.cat([extract(space.backbone, c.to(space.device), patches=False).cls.cpu()
+    bf16 = _bf16(space, precision)
+    cls = torch.cat([extract(space.backbone, c.to(space.device), patches=False, bf16=bf16).cls.cpu()
                      for c in images.split(batch_size)])
     hit = (f.assign(cls) == clusters).double()
     return {"cluster_adherence": float(hit.mean()),
@@ -143,6 +171,7 @@ def mask_adherence(
     batch_size: int = 64,
     segmenter=None,
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+    precision: str = "auto",
 ) -> dict:
     """images [N, 3, H, W]; guiding class maps ``masks`` [N, h, w] (255 = ignore) -> the
     :func:`mask_scores` of f's class maps of the images (``mask_miou``, ``mask_matching``, ...).
@@ -153,14 +182,15 @@ def mask_adherence(
     that did not keep f) a segmenter (``stego_cfg.method``: STEGO head or k-means on patches)
     is fitted on the generated set itself and its arbitrary ids are Hungarian-matched. Its
     [N, h', w'] maps are resized to the guiding masks' resolution (:func:`~sgdm.models.conditioning.resize_class_map`).
-    ``tokens``: the images' :func:`image_tokens`, when the caller already has them.
+    ``tokens``: the images' :func:`image_tokens`, when the caller already has them; else they are
+    extracted at ``precision`` (the store's, :func:`store_precision`).
     """
     from sgdm.annotation.stego import segment
     from sgdm.models.conditioning import resize_class_map
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
         raise ValueError(f"masks: expected [{images.shape[0]}, h, w] class maps, got {tuple(masks.shape)}")
-    patches, cls = tokens if tokens is not None else image_tokens(space, images, batch_size)
+    patches, cls = tokens if tokens is not None else image_tokens(space, images, batch_size, precision)
     if segmenter is not None:
         num_classes = segmenter.num_classes
         pred = segmenter.assign(patches, batch_size, kmeans_cfg.chunk_elements, space.device, images=images)
@@ -172,7 +202,8 @@ def mask_adherence(
 
 @torch.no_grad()
 def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch.Tensor, probe,
-                         batch_size: int = 64, patches: torch.Tensor | None = None) -> dict[str, float]:
+                         batch_size: int = 64, patches: torch.Tensor | None = None,
+                         precision: str = "auto") -> dict[str, float]:
     """images [N, 3, H, W]; ground-truth class maps ``masks`` [N, h, w] (255 = ignore) ->
     ``mask_miou_probe``, ``mask_pixel_accuracy_probe``, and ``mask_miou_probe_mismatched``: the
     same class maps scored against the guiding mask of the previous image (what a sample that
@@ -182,7 +213,8 @@ def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch
     :class:`~sgdm.evaluation.segmenter.PixelProbe` on the images, trained on real images of the
     same classes (:func:`~sgdm.evaluation.probe.fit_with_held_out`); its class maps are compared
     with the guiding masks id for id (:func:`~sgdm.evaluation.probe.class_iou`). ``patches``:
-    the images' :func:`patch_tokens`, when the caller already has them (token probes only)."""
+    the images' :func:`patch_tokens`, when the caller already has them (token probes only; else they
+    are extracted at ``precision``, the one the probe's real-image tokens were extracted at)."""
     from sgdm.evaluation.probe import class_iou
 
     if masks.dim() != 3 or masks.shape[0] != images.shape[0]:
@@ -193,7 +225,7 @@ def mask_adherence_probe(space: FeatureSpace, images: torch.Tensor, masks: torch
     if probe.input == "pixels":
         inputs = images
     else:
-        inputs = patches if patches is not None else patch_tokens(space, images, batch_size)
+        inputs = patches if patches is not None else patch_tokens(space, images, batch_size, precision)
     pred = probe.predict(inputs, masks.shape[-2:], batch_size)
     scores = class_iou(pred, masks.long(), probe.num_classes)
     # the floor of the scale: the same samples against another image's guiding mask (the

@@ -306,6 +306,7 @@ class _Evaluator:
         self.space = _feature_space(cfg, ecfg) if "fd" in ecfg.metrics else None
         self._ann_space = None
         self.cluster_f, self.notes = None, []  # f of the store's cluster ids; why a metric asked for is missing
+        self.precision = cfg.annotation.precision  # adherence's extraction: the store's, once it is opened
         kind = cfg.model.guidance.kind
         if "adherence" in ecfg.metrics and kind in ("label", "box", "mask"):
             from sgdm.annotation.centroids import ClusterF
@@ -313,7 +314,10 @@ class _Evaluator:
             from sgdm.evaluation.store_checks import (check_feature_dim, check_input_size, missing_cluster_f,
                                                       scored_by_stored_f)
 
+            from sgdm.evaluation.adherence import store_precision
+
             store = AnnotationStore.open(cfg.annotation.store)
+            self.precision = store_precision(store, cfg.annotation.precision)
             missing = missing_cluster_f(cfg)
             if missing is not None:
                 self.notes.append(f"no cluster adherence: {missing}")
@@ -424,15 +428,15 @@ class _Evaluator:
             out = {}
             if conditions.kind == "box":
                 out.update(box_adherence(self._annotation_space(), images, conditions.boxes, a.lost,
-                                         self.ecfg.batch_size))
+                                         self.ecfg.batch_size, self.precision))
             if self.cluster_f is not None:  # None: a store without f (a note says so)
                 out.update(cluster_adherence(self._annotation_space(), images, conditions.clusters, self.cluster_f,
-                                             self.ecfg.batch_size))
+                                             self.ecfg.batch_size, self.precision))
             return out
         space = self._annotation_space()
         store = AnnotationStore.open(a.store) if a.store is not None else None
         segmenter = store.segmenter() if store is not None else None
-        tokens = image_tokens(space, images, self.ecfg.batch_size)  # the samples' tokens, for every mask score
+        tokens = image_tokens(space, images, self.ecfg.batch_size, self.precision)  # for every mask score
         out = mask_adherence(space, images, conditions.masks, a.num_classes, a.stego, a.kmeans, generator,
                              self.ecfg.batch_size, segmenter=segmenter, tokens=tokens)
         if store is not None and store.source == "gt":
@@ -470,7 +474,7 @@ class _Evaluator:
             pixels = self.ecfg.probe.input == "pixels"
 
             def scorer_inputs(x):
-                return x if pixels else patch_tokens(space, x, self.ecfg.batch_size)
+                return x if pixels else patch_tokens(space, x, self.ecfg.batch_size, self.precision)
 
             # the same images through the run's autoencoder: what a perfect latent model would
             # produce, so the scorer's mIoU on them bounds the samples' score
