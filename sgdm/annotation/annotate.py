@@ -63,6 +63,7 @@ from sgdm.annotation.ground_truth import GroundTruthCollector, ground_truth_reco
 from sgdm.annotation.kmeans import kmeans_from_config
 from sgdm.annotation.lost import lost_feature_flags, lost_from_features
 from sgdm.annotation.patches import ShardPatches
+from sgdm.annotation.ranks import Failures, RankFailed
 from sgdm.annotation.resume import (HEAD_FILE, MASKS_DIR, SEGMENTER_FIT_FILE, HeadCheckpoint, MaskChunks, digest,
                                     from_rank0, load_fitted, remove_intermediates, save_fitted)
 from sgdm.annotation.stego import fit_segmenter, segment
@@ -72,7 +73,7 @@ from sgdm.data.decode import printable
 from sgdm.devices import resolve_device
 from sgdm.launch import rank_world
 
-__all__ = ["AnnotationResult", "annotate", "class_count", "data_settings"]
+__all__ = ["AnnotationResult", "RankFailed", "annotate", "class_count", "data_settings"]
 
 
 @dataclasses.dataclass
@@ -127,25 +128,16 @@ def _waits():
         dist.destroy_process_group(group)
 
 
-class RankFailed(RuntimeError):
-    """Another rank of the process group failed (its own error says why)."""
-
-
 @contextlib.contextmanager
-def _together(waits, device: torch.device):
-    """Run the block, then wait for every rank on ``waits`` (see :data:`WAIT_TIMEOUT`; no wait outside a
-    process group). A rank whose block raised makes the others raise :class:`RankFailed` instead of
-    waiting for it until the timeout."""
-    failed = True
-    try:
+def _together(waits, device: torch.device, what: str):
+    """Run the block (``what`` this rank does in it), then wait for every rank on ``waits`` (see
+    :data:`WAIT_TIMEOUT`; no wait outside a process group). A rank whose block raised makes the others
+    raise :class:`~sgdm.annotation.ranks.RankFailed`, naming it and its error, instead of waiting for it
+    until the timeout."""
+    failures = Failures(what, device, distributed=waits is not None, group=waits)
+    with failures.held():
         yield
-        failed = False
-    finally:
-        if waits is not None:
-            flag = torch.tensor([int(failed)], device=device)
-            _dist().all_reduce(flag, group=waits)
-            if int(flag) and not failed:
-                raise RankFailed("annotate: another rank failed (its error says why); this one stops too")
+    failures.settle()
 
 
 def _device(a: AnnotationConfig) -> torch.device:
@@ -313,8 +305,8 @@ def _extract_all(dataset, a, granularity, data, log, progress, waits=None):
         log(f"annotate: resuming, {len(shards) - len(todo)} of {len(shards)} feature shards already done")
     precision = _check_precision(cache, shards, todo, a, device)
     total = sum(len(indices[s]) for s in todo)
-    with _together(waits, device), tqdm(total=total, desc=f"features ({backbone.name})", unit="img",
-                                        disable=not progress or rank != 0) as bar:
+    with _together(waits, device, "extracting features"), \
+            tqdm(total=total, desc=f"features ({backbone.name})", unit="img", disable=not progress or rank != 0) as bar:
         for s in todo:  # ranks with fewer shards left (a resume) wait for the others after it
             cache.save(s, _extract_shard(backbone, dataset, indices[s], a, granularity, device, precision, bar),
                        stamps[s], precision)
@@ -408,13 +400,17 @@ def _fitted_segmenter(work: pathlib.Path, features: str, patches, cls, k: int, s
     rank, world = rank_world() if distributed else (0, 1)
     identity = {"features": features, "num_classes": k, "stego": to_dict(stego_cfg), "kmeans": to_dict(a.kmeans),
                 "seed": a.seed, "world_size": world}
-    segmenter = from_rank0(lambda: load_fitted(work / SEGMENTER_FIT_FILE, identity, log), rank, world)
+    segmenter = from_rank0(lambda: load_fitted(work / SEGMENTER_FIT_FILE, identity, log), rank, world,
+                           "reading the fitted segmenter")
     if segmenter is None:
         checkpoint = HeadCheckpoint(work / HEAD_FILE, {"features": features}, HEAD_CHECKPOINT_STEPS, log)
         segmenter = fit_segmenter(patches, cls, k, stego_cfg, a.kmeans, generator, device, log, distributed,
                                   checkpoint=checkpoint)
-        if rank == 0:
-            save_fitted(segmenter, work / SEGMENTER_FIT_FILE, identity)
+        failures = Failures("saving the fitted segmenter", device, distributed)
+        with failures.held():  # rank 0 writes it: a failed write stops the others here
+            if rank == 0:
+                save_fitted(segmenter, work / SEGMENTER_FIT_FILE, identity)
+        failures.settle()
     return segmenter
 
 
@@ -602,7 +598,7 @@ def annotate(cfg, granularity: Optional[str] = None, evaluate: bool = False, *, 
             if len(made) == 1 and None not in made:  # adherence extracts the samples alike
                 extra["feature_precision"] = made.pop()
         metrics: dict[str, float] = {}
-        with _together(waits, _device(a)):  # rank 0 evaluates and writes the store, the others wait for it
+        with _together(waits, _device(a), "writing the store"):  # rank 0 evaluates and writes it, the others wait
             if records is not None:  # None: a non-zero rank
                 ids = [dataset.ids[i] for i in feats["index"].tolist()]
                 metrics = _evaluate(records, feats, a, granularity, k, evaluate, log)

@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from sgdm.annotation.ranks import RankFailed
 from sgdm.annotation.store import save_tensors_atomic
 
 __all__ = ["HEAD_FILE", "SEGMENTER_FIT_FILE", "MASKS_DIR", "HeadCheckpoint", "MaskChunks", "digest",
@@ -68,16 +69,35 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def from_rank0(fn: Callable[[], Any], rank: int, world: int) -> Any:
-    """``fn()`` run on rank 0 and sent to every rank (just ``fn()`` outside a process group)."""
-    value = fn() if rank == 0 else None
-    if world > 1:
-        import torch.distributed as dist
+@dataclasses.dataclass
+class _Failed:
+    """What rank 0 sends in place of a value when ``fn`` raised (see :func:`from_rank0`)."""
 
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
+    message: str
+
+
+def from_rank0(fn: Callable[[], Any], rank: int, world: int, what: str = "reading a checkpoint") -> Any:
+    """``fn()`` (doing ``what``) run on rank 0 and sent to every rank (just ``fn()`` outside a process group).
+    Where it raises, rank 0 raises its error and the others :class:`~sgdm.annotation.ranks.RankFailed`
+    naming it, instead of waiting for a value that never comes."""
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    error = None
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = fn()
+        except BaseException as err:  # noqa: BLE001 - sent to the others, then raised again
+            error, box[0] = err, _Failed(f"{type(err).__name__}: {err}")
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if isinstance(box[0], _Failed):
+        raise RankFailed(f"annotate: another rank failed {what}: rank 0 of {world} raised {box[0].message}; "
+                         f"this one stops too")
+    return box[0]
 
 
 def _read(path: pathlib.Path, identity: Mapping[str, Any], what: str, log: Log, tensors: bool = True):

@@ -54,6 +54,7 @@ from torch import nn
 from sgdm.annotation.config import CRFConfig
 from sgdm.annotation.crf import dense_crf, scaled
 from sgdm.annotation.kmeans import assign, kmeans_from_config
+from sgdm.annotation.ranks import Failures
 from sgdm.annotation.resume import HeadCheckpoint, MaskChunks, from_rank0, tensor_digest
 
 __all__ = [
@@ -144,11 +145,14 @@ def knn_partners(cls: torch.Tensor, k: int, device="cpu", block_elements: int = 
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
     rows = max(1, block_elements // n)
     out = [torch.zeros(0, k, dtype=torch.long, device=device)]
-    for start in range(lo, hi, rows):
-        sim = x[start : min(hi, start + rows)] @ x.t()
-        diagonal = torch.arange(sim.shape[0], device=sim.device)
-        sim[diagonal, diagonal + start] = -float("inf")
-        out.append(sim.topk(k, dim=1).indices)
+    failures = Failures("finding the STEGO head's kNN partners", device, distributed)
+    with failures.held():  # a rank that fails here (out of memory) stops the others at settle, not the all-gather
+        for start in range(lo, hi, rows):
+            sim = x[start : min(hi, start + rows)] @ x.t()
+            diagonal = torch.arange(sim.shape[0], device=sim.device)
+            sim[diagonal, diagonal + start] = -float("inf")
+            out.append(sim.topk(k, dim=1).indices)
+    failures.settle()
     mine = torch.cat(out)
     if world > 1:
         import torch.distributed as dist
@@ -169,19 +173,26 @@ def _rank_world(distributed: bool) -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(module: nn.Module, world: int) -> None:
+def _average_gradients(module: nn.Module, world: int, failures: Failures) -> None:
     """Data parallelism: every rank's gradient becomes the mean over ranks (one all-reduce). With
-    equal per-rank batches this is the gradient of the loss on the union of the batches."""
+    equal per-rank batches this is the gradient of the loss on the union of the batches.
+
+    Each rank's failure flag (``failures``: whether its step raised) travels in the same all-reduce, so a
+    rank whose step failed (it sends zeros) stops every rank at this step (:meth:`Failures.raise_if`)."""
     import torch.distributed as dist
 
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
+    params = list(module.parameters())
+    failed = failures.error is not None
+    sent = [torch.zeros_like(p) if failed or p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in sent] + [failures.flag().to(sent[0].dtype)])
     dist.all_reduce(flat)
+    failures.raise_if(flat[-1:])
     flat /= world
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for p in params:
+        if p.grad is not None:  # a parameter without a gradient stays without one
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, device="cpu",
@@ -193,7 +204,10 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
     ``cls`` and can read every image; each epoch's permutation (from ``generator``, identical
     on all ranks) is dealt out round-robin, padded so every rank takes the same number of steps
     of ``cfg.batch_size`` images, and gradients are averaged across ranks before each step, so
-    the heads stay identical. Partner and spatial draws come from a per-rank generator.
+    the heads stay identical. Partner and spatial draws come from a per-rank generator. A rank
+    whose step fails (its error, or a checkpoint that cannot be written) stops every rank at that
+    step: the others raise :class:`~sgdm.annotation.ranks.RankFailed` naming it and its error
+    (:mod:`sgdm.annotation.ranks`), instead of waiting for it until the collective's timeout.
 
     ``checkpoint``: the state is saved there every ``checkpoint.every`` steps and after the last
     (by rank 0, with every rank's generator), and training continues from a saved state made from
@@ -216,8 +230,9 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
     steps = -(-per_rank // cfg.batch_size)  # per epoch
     total = cfg.epochs * steps
     step = 0
+    failures = Failures("training the STEGO head", device, distributed)
     if checkpoint is not None:
-        saved = from_rank0(lambda: checkpoint.load(key, total), rank, world)
+        saved = from_rank0(lambda: checkpoint.load(key, total), rank, world, "reading the STEGO head checkpoint")
         if saved is not None:
             step = saved[0]
             try:
@@ -234,21 +249,22 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
         order = torch.randperm(n, generator=generator)
         mine = order.repeat(-(-per_rank * world // n))[: per_rank * world][rank::world]
         for start in range((step - epoch * steps) * cfg.batch_size, per_rank, cfg.batch_size):
-            idx = mine[start : start + cfg.batch_size]
-            pick = torch.randint(partners.shape[1], (idx.numel(),), generator=local)
-            knn = partners[idx, pick]
-            rand = torch.randint(n, (idx.numel(),), generator=local)
-            loss, parts = stego_loss(maps(idx), maps(knn), maps(rand), head, cfg, local)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _average_gradients(head, world)
+            with failures.held():  # this rank's step: an error is raised on every rank at the all-reduce
+                idx = mine[start : start + cfg.batch_size]
+                pick = torch.randint(partners.shape[1], (idx.numel(),), generator=local)
+                knn = partners[idx, pick]
+                rand = torch.randint(n, (idx.numel(),), generator=local)
+                loss, parts = stego_loss(maps(idx), maps(knn), maps(rand), head, cfg, local)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+            if failures.active:
+                _average_gradients(head, world, failures)
             optimiser.step()
             step += 1
             if checkpoint is not None and (step % checkpoint.every == 0 or step == total):
                 # at an epoch's end the generator has nothing left to draw in it: its state starts the next
                 _save_state(checkpoint, key, step, head, optimiser,
-                            epoch_start if step % steps else generator.get_state(), local, rank, world)
+                            epoch_start if step % steps else generator.get_state(), local, rank, world, failures)
         if log is not None and rank == 0:
             terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
             log(f"stego epoch {epoch + 1}/{cfg.epochs}: loss {float(loss.detach()):.4f} {terms}")
@@ -269,8 +285,10 @@ def _head_key(patches, cls: torch.Tensor, cfg, generator: torch.Generator, world
             "generator": tensor_digest(generator.get_state()), "world_size": world}
 
 
-def _save_state(checkpoint: HeadCheckpoint, key, step: int, head, optimiser, generator_state, local, rank, world):
-    """Every rank's partner generator to rank 0, which writes the checkpoint."""
+def _save_state(checkpoint: HeadCheckpoint, key, step: int, head, optimiser, generator_state, local, rank, world,
+                failures: Failures):
+    """Every rank's partner generator to rank 0, which writes the checkpoint; a write that fails (a full
+    disk) stops every rank here."""
     states = [local.get_state()]
     if world > 1:
         import torch.distributed as dist
@@ -278,14 +296,15 @@ def _save_state(checkpoint: HeadCheckpoint, key, step: int, head, optimiser, gen
         device = next(head.parameters()).device  # where the process group's collectives run (the gradients')
         states = [torch.empty_like(states[0], device=device) for _ in range(world)]
         dist.all_gather(states, local.get_state().to(device))
-    if rank != 0:
-        return
-    tensors = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
-    for index, state in optimiser.state_dict()["state"].items():
-        tensors.update({f"adam.{index}.{k}": v.detach().cpu() for k, v in state.items()})
-    tensors["generator"] = generator_state
-    tensors.update({f"local.{r}": s.cpu() for r, s in enumerate(states)})
-    checkpoint.save(key, step, tensors)
+    with failures.held():
+        if rank == 0:
+            tensors = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
+            for index, state in optimiser.state_dict()["state"].items():
+                tensors.update({f"adam.{index}.{k}": v.detach().cpu() for k, v in state.items()})
+            tensors["generator"] = generator_state
+            tensors.update({f"local.{r}": s.cpu() for r, s in enumerate(states)})
+            checkpoint.save(key, step, tensors)
+    failures.settle()
 
 
 def _restore(tensors: dict, head, optimiser, generator: torch.Generator, local: torch.Generator, rank: int) -> None:
@@ -504,9 +523,12 @@ def fit_segmenter(patches, cls: torch.Tensor, num_classes: int, stego_cfg, kmean
         head = train_head(patches, cls, stego_cfg, generator, device, log, distributed, checkpoint)
     encode = _Encoder(head, stego_cfg.dim if head is not None else patches.shape[-1], device)
     centroids = torch.empty(num_classes, encode.dim, device=device)
-    if rank == 0:
-        fit = _probe_sample(patches, encode, fit_patches, stego_cfg.batch_size, generator)
-        centroids = kmeans_from_config(fit.to(device), num_classes, kmeans_cfg, generator).centroids
+    failures = Failures("fitting the cluster probe", device, distributed)
+    with failures.held():  # on rank 0 alone: the others wait for its centroids
+        if rank == 0:
+            fit = _probe_sample(patches, encode, fit_patches, stego_cfg.batch_size, generator)
+            centroids = kmeans_from_config(fit.to(device), num_classes, kmeans_cfg, generator).centroids
+    failures.settle()
     if world > 1:
         import torch.distributed as dist
 
@@ -568,20 +590,28 @@ def _segment_chunks(patches, segmenter: Segmenter, stego_cfg, kmeans_cfg, device
                           "crf": None if segmenter.crf is None else dataclasses.asdict(segmenter.crf),
                           "batch_size": stego_cfg.batch_size, "chunk_elements": kmeans_cfg.chunk_elements})
     count = -(-n // chunks.rows)
-    done = set(from_rank0(lambda: chunks.finished(n, hw), rank, world))
+    done = set(from_rank0(lambda: chunks.finished(n, hw), rank, world, "reading the mask chunks"))
     if done and rank == 0 and chunks.log is not None:
         chunks.log(f"annotate: resuming mask assignment, {len(done)} of {count} chunks of {chunks.rows} images "
                    f"already assigned in {chunks.directory}")
-    mine = [c for c in range(count) if c not in done][rank::world]
+    left = [c for c in range(count) if c not in done]
+    mine = left[rank::world]
     share = sum(hi - lo for lo, hi in map(lambda c: chunks.span(c, n), mine))
     new, finished = {}, 0
-    for c in mine:
-        lo, hi = chunks.span(c, n)
-        report = None if progress is None else (lambda d, _, base=finished: progress(base + d, share))
-        new[c] = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements, device,
-                                  None if images is None else _Rows(images, lo, hi), report)
-        chunks.save(c, new[c])
-        finished += hi - lo
+    # a chunk a rank each round, then a meeting: a rank whose chunk failed (an image that can no longer be read
+    # for the CRF) stops the others after their chunk, not at the gather after all of theirs
+    failures = Failures("assigning masks", device, world > 1, group)
+    for r in range(-(-len(left) // world)):
+        with failures.held():
+            if r < len(mine):
+                c = mine[r]
+                lo, hi = chunks.span(c, n)
+                report = None if progress is None else (lambda d, _, base=finished: progress(base + d, share))
+                new[c] = segmenter.assign(_Rows(patches, lo, hi), stego_cfg.batch_size, kmeans_cfg.chunk_elements,
+                                          device, None if images is None else _Rows(images, lo, hi), report)
+                chunks.save(c, new[c])
+                finished += hi - lo
+        failures.settle()
     if world > 1:
         import torch.distributed as dist
 
