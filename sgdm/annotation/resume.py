@@ -14,11 +14,13 @@ caller's generator state, the number of ranks):
 * :data:`MASKS_DIR` (:class:`MaskChunks`): the class maps, ``rows`` images a file.
 
 A file made with another identity, or one that cannot be read (cut short by a copy, a full disk),
-is not used and is overwritten as the run goes on, with a log line naming it and why. These files
-are caches of work derived from the features and the settings: a changed setting makes them
-useless, and refusing would leave the user nothing to do but delete them by hand. (The feature
-cache refuses instead: features are the expensive part, and a changed fingerprint there is more
-likely a mistake.)
+is not used, with a log line naming it and why. The fitted f and the mask chunks are then
+overwritten as the run goes on: they are quick to make again from the head. A readable head
+checkpoint is kept beside :data:`HEAD_FILE` instead, named by its identity and step (hours of
+training, which a run with fewer epochs or other settings cannot continue but a later run with
+its settings reads or continues, see :class:`HeadCheckpoint`). Refusing would leave the user
+nothing to do but move the files by hand. (The feature cache refuses instead: features are the
+expensive part, and a changed fingerprint there is more likely a mistake.)
 
 Under ``torch.distributed`` rank 0 alone reads a checkpoint and sends it to the other ranks
 (:func:`from_rank0`): one decision, whatever a rank's view of a network file system.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -126,11 +129,38 @@ def _read(path: pathlib.Path, identity: Mapping[str, Any], what: str, log: Log, 
     return found, metadata
 
 
+@dataclasses.dataclass
+class _Head:
+    """What a head checkpoint's metadata says: its ``identity``, its ``step`` and the ``total`` steps of the
+    run that wrote it (None in files of an older sgdm: counted as finished)."""
+
+    path: pathlib.Path
+    identity: dict
+    step: Optional[int]
+    total: Optional[int]
+
+    @property
+    def finished(self) -> bool:
+        return self.total is None or self.step == self.total
+
+
+def _count(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
 class HeadCheckpoint:
     """Where and how often :func:`~sgdm.annotation.stego.train_head` saves its state: the file ``path``,
     every ``every`` steps and after the last; ``identity``, what the caller knows the training depends on
     and the head cannot see (annotate: the features' fingerprint and shard metadata); ``log`` says what
-    was resumed or why a file was not used."""
+    was resumed, kept or why a file was not used.
+
+    A head in ``path`` that a run would overwrite without continuing it -- made with other settings or
+    inputs, trained further than the run trains (a longer run's, finished or not), or finished and
+    trained on by a longer run -- is kept beside it, as ``<stem>.<identity digest>.step<step><suffix>``
+    (:meth:`kept`), never destroyed: a later run whose settings match resumes from it (the kept head of
+    its identity with the most steps up to its own total; read as it is where that is its total).
+    Every head of one identity lies on one trajectory (the settings but ``epochs``: epochs only decide
+    where it stops), so a longer run continues a shorter one's finished head."""
 
     def __init__(self, path, identity: Optional[Mapping[str, Any]] = None, every: int = 200, log: Log = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -141,30 +171,78 @@ class HeadCheckpoint:
     def _identity(self, key: Mapping[str, Any]) -> dict[str, Any]:
         return _normal({**self.identity, **key})
 
-    def load(self, key: Mapping[str, Any], total: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
-        """``(step, tensors)`` saved with this identity and ``key`` (the head's own settings), or None."""
-        found = _read(self.path, self._identity(key), "training the STEGO head", self.log)
-        if found is None:
-            return None
-        tensors, metadata = found
-        step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
-        if step is None:
-            if self.log is not None:
-                self.log(f"annotate: not using {self.path}: its metadata holds no step count (step "
-                         f"{metadata.get('step')!r}); training the STEGO head from the start")
-            return None
-        if step > total:
-            if self.log is not None:
-                self.log(f"annotate: not using {self.path}: it holds step {step}, this run trains {total} steps; "
-                         f"training the STEGO head from the start")
-            return None
+    def _say(self, message: str) -> None:
         if self.log is not None:
-            self.log(f"annotate: STEGO head already trained ({total} steps), read from {self.path}" if step == total
-                     else f"annotate: resuming STEGO head training at step {step} of {total} from {self.path}")
-        return step, tensors
+            self.log(message)
 
-    def save(self, key: Mapping[str, Any], step: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        save_tensors_atomic(self.path, tensors, {"identity": json.dumps(self._identity(key)), "step": str(step)})
+    def kept(self) -> list[pathlib.Path]:
+        """The heads kept beside ``path`` (see the class docstring)."""
+        return sorted(self.path.parent.glob(f"{self.path.stem}.*.step*{self.path.suffix}"))
+
+    def _describe(self, path: pathlib.Path) -> Optional[_Head]:
+        """The metadata of the head checkpoint at ``path``; None where there is none or it cannot be read
+        (said through ``log``: such a file holds nothing to keep)."""
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            identity = json.loads(metadata["identity"])
+            if not isinstance(identity, dict):
+                raise ValueError(f"identity {identity!r} is not a JSON object")
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            self._say(f"annotate: not using {path}: it cannot be read ({type(err).__name__}: {err})")
+            return None
+        head = _Head(path, identity, _count(metadata.get("step")), _count(metadata.get("total")))
+        if head.step is None:
+            self._say(f"annotate: not using {path}: its metadata holds no step count (step {metadata.get('step')!r})")
+            return None
+        return head
+
+    def _keep(self, head: _Head, why: str) -> _Head:
+        """Move ``head`` (the file at ``path``) aside under its identity and step, saying ``why``."""
+        kept = self.path.with_name(f"{self.path.stem}.{digest(head.identity)[:12]}.step{head.step}{self.path.suffix}")
+        os.replace(head.path, kept)
+        self._say(f"annotate: {why}; kept it as {kept}")
+        return dataclasses.replace(head, path=kept)
+
+    def load(self, key: Mapping[str, Any], total: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
+        """``(step, tensors)`` saved with this identity and ``key`` (the head's own settings) at a step up to
+        ``total``, in ``path`` or a kept head (the one with most steps), or None: training starts over.
+        Before the run writes, a head in ``path`` it would overwrite without continuing it is kept."""
+        own = self._identity(key)
+        current, kept = self._describe(self.path), self.kept()
+        found = self.path.is_file() or bool(kept)
+        usable = [h for h in [current, *map(self._describe, kept)]
+                  if h is not None and h.identity == own and h.step <= total]
+        source = max(usable, key=lambda h: (h.step, h.path == self.path), default=None)
+        trains = source is None or source.step < total  # writes checkpoints to path
+        if current is not None and trains and not (source is current and not current.finished):
+            changed = sorted(k for k in set(current.identity) | set(own) if current.identity.get(k) != own.get(k))
+            why = (f"not using {self.path}: it was made with other {', '.join(changed)} than this run" if changed else
+                   f"not using {self.path}: it holds step {current.step}, this run trains {total} steps"
+                   if current.step > total else
+                   f"the STEGO head in {self.path} is trained ({current.step} steps) and this run trains it on "
+                   f"to {total}")
+            kept = self._keep(current, why)
+            source = kept if source is current else source
+        if source is None:
+            if found:  # heads there, none of them this run's
+                self._say("annotate: training the STEGO head from the start")
+            return None
+        if trains and source.path != self.path and not source.finished:  # a kept run's state: continued in path
+            os.replace(source.path, self.path)
+            self._say(f"annotate: continuing the STEGO head kept as {source.path} in {self.path}")
+            source = dataclasses.replace(source, path=self.path)
+        tensors = load_file(str(source.path))
+        self._say(f"annotate: STEGO head already trained ({total} steps), read from {source.path}" if not trains
+                  else f"annotate: resuming STEGO head training at step {source.step} of {total} from {source.path}")
+        return source.step, tensors
+
+    def save(self, key: Mapping[str, Any], step: int, tensors: Mapping[str, torch.Tensor], total: int) -> None:
+        """Write the state after ``step`` of a run of ``total`` steps (atomically)."""
+        save_tensors_atomic(self.path, tensors, {"identity": json.dumps(self._identity(key)), "step": str(step),
+                                                 "total": str(total)})
 
 
 @dataclasses.dataclass

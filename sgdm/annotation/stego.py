@@ -263,7 +263,7 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
             step += 1
             if checkpoint is not None and (step % checkpoint.every == 0 or step == total):
                 # at an epoch's end the generator has nothing left to draw in it: its state starts the next
-                _save_state(checkpoint, key, step, head, optimiser,
+                _save_state(checkpoint, key, step, total, head, optimiser,
                             epoch_start if step % steps else generator.get_state(), local, rank, world, failures)
         if log is not None and rank == 0:
             terms = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
@@ -285,8 +285,8 @@ def _head_key(patches, cls: torch.Tensor, cfg, generator: torch.Generator, world
             "generator": tensor_digest(generator.get_state()), "world_size": world}
 
 
-def _save_state(checkpoint: HeadCheckpoint, key, step: int, head, optimiser, generator_state, local, rank, world,
-                failures: Failures):
+def _save_state(checkpoint: HeadCheckpoint, key, step: int, total: int, head, optimiser, generator_state, local,
+                rank, world, failures: Failures):
     """Every rank's partner generator to rank 0, which writes the checkpoint; a write that fails (a full
     disk) stops every rank here."""
     states = [local.get_state()]
@@ -303,7 +303,7 @@ def _save_state(checkpoint: HeadCheckpoint, key, step: int, head, optimiser, gen
                 tensors.update({f"adam.{index}.{k}": v.detach().cpu() for k, v in state.items()})
             tensors["generator"] = generator_state
             tensors.update({f"local.{r}": s.cpu() for r, s in enumerate(states)})
-            checkpoint.save(key, step, tensors)
+            checkpoint.save(key, step, tensors, total)
     failures.settle()
 
 

@@ -83,8 +83,8 @@ def test_a_finished_checkpoint_skips_training_and_a_longer_run_continues_it(tmp_
     steps = counting(monkeypatch)
     assert_same(run(checkpoint, epochs=2), reference)
     assert steps == [] and messages[-1].startswith("annotate: STEGO head already trained (6 steps)")
-    assert_same(run(checkpoint), run())  # 3 epochs: steps 7-9 on top
-    assert messages[-1].endswith(f"at step 6 of 9 from {checkpoint.path}")
+    assert_same(run(checkpoint), run())  # 3 epochs: steps 7-9 on top (the 6-step head is kept, see test_stego_head_kept)
+    assert messages[-1].startswith("annotate: resuming STEGO head training at step 6 of 9 from ")
     messages.clear()
     assert_same(run(checkpoint, epochs=1), run(epochs=1))  # holds step 9 of a 3-step run: not used
     assert "it holds step 9, this run trains 3 steps" in messages[0]
@@ -98,8 +98,8 @@ def test_a_checkpoint_made_from_other_inputs_is_not_used(tmp_path, change):
     identity = {"features": change.pop("identity", "x")}
     got = run(HeadCheckpoint(path, identity, every=100, log=messages.append), **change)
     assert_same(got, run(**change))
-    assert len(messages) == 1 and f"not using {path}: it was made with other" in messages[0]
-    assert "training the STEGO head from the start" in messages[0]
+    assert len(messages) == 2 and f"not using {path}: it was made with other" in messages[0]
+    assert messages[1] == "annotate: training the STEGO head from the start"
 
 
 def test_other_cls_features_are_not_resumed(tmp_path):
@@ -126,8 +126,9 @@ def test_an_unreadable_checkpoint_is_named_and_training_starts_over(tmp_path, da
         save_file({"x": torch.zeros(1)}, str(path))
     messages = []
     assert_same(run(HeadCheckpoint(path, every=4, log=messages.append)), run())
-    assert len(messages) == 1 and messages[0].startswith(f"annotate: not using {path}: it cannot be read")
-    assert path.is_file()  # rewritten whole by the run
+    assert messages[0].startswith(f"annotate: not using {path}: it cannot be read")
+    assert messages[1:] == ["annotate: training the STEGO head from the start"]
+    assert path.is_file() and not list(tmp_path.glob("head.*.step*"))  # rewritten whole: nothing in it to keep
 
 
 def test_a_checkpoint_of_this_run_that_does_not_fit_the_head_names_its_file(tmp_path):
