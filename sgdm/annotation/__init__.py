@@ -20,7 +20,8 @@ Modules: ``features`` (timm backbones: CLS, patch tokens, last-layer keys),
 ``kmeans`` (torch k-means, CPU or one GPU up to the paper's 1.3M x 768 x 10k),
 ``lost`` (boxes), ``stego`` (segmentation head, correspondence loss, data-parallel
 training, cluster probe; no CRF refinement), ``resume`` (the head's checkpoints,
-the fitted f and the mask chunks that let a mask run resume), ``patches`` (patch features read
+the fitted f and the mask chunks that let a mask run resume), ``ranks`` (an error on one rank
+stops them all), ``patches`` (patch features read
 from the shards a batch at a time: bounded memory for masks), ``store`` (sharded
 safetensors + manifest), ``ground_truth`` (the supervised twin), ``metrics``
 (NMI, ARI, purity, CorLoc, mIoU), ``gallery`` (HTML), ``annotate`` (the pipeline).
