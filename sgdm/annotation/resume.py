@@ -148,6 +148,22 @@ def _count(value: Any) -> Optional[int]:
     return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
+def _differences(saved: Mapping[str, Any], own: Mapping[str, Any]) -> str:
+    """The identity keys that differ (settings one level down, ``stego.lr``), then the values of the
+    short ones (not the digests): ``stego.lr than this run (0.0005 there, 0.001 here)``."""
+    names, values = [], []
+    for key in sorted(set(saved) | set(own)):
+        a, b = saved.get(key), own.get(key)
+        pairs = [(f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b))] \
+            if isinstance(a, dict) and isinstance(b, dict) else [(key, a, b)]
+        for name, x, y in pairs:
+            if x != y:
+                names.append(name)
+                if not any(isinstance(v, (str, list, dict)) and len(v) > 16 for v in (x, y)):
+                    values.append(f"{name} {x!r} there, {y!r} here")
+    return f"{', '.join(names)} than this run" + (f" ({'; '.join(values)})" if values else "")
+
+
 class HeadCheckpoint:
     """Where and how often :func:`~sgdm.annotation.stego.train_head` saves its state: the file ``path``,
     every ``every`` steps and after the last; ``identity``, what the caller knows the training depends on
@@ -218,14 +234,14 @@ class HeadCheckpoint:
         source = max(usable, key=lambda h: (h.step, h.path == self.path), default=None)
         trains = source is None or source.step < total  # writes checkpoints to path
         if current is not None and trains and not (source is current and not current.finished):
-            changed = sorted(k for k in set(current.identity) | set(own) if current.identity.get(k) != own.get(k))
-            why = (f"not using {self.path}: it was made with other {', '.join(changed)} than this run" if changed else
+            why = (f"not using {self.path}: it was made with other {_differences(current.identity, own)}"
+                   if current.identity != own else
                    f"not using {self.path}: it holds step {current.step}, this run trains {total} steps"
                    if current.step > total else
                    f"the STEGO head in {self.path} is trained ({current.step} steps) and this run trains it on "
                    f"to {total}")
-            kept = self._keep(current, why)
-            source = kept if source is current else source
+            moved = self._keep(current, why)
+            source = moved if source is current else source
         if source is None:
             if found:  # heads there, none of them this run's
                 self._say("annotate: training the STEGO head from the start")

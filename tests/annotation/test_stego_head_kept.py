@@ -49,8 +49,10 @@ def test_other_settings_keep_the_head_and_switching_back_reads_it(tmp_path, monk
     messages = []
     assert_same(run(_checkpoint(tmp_path, messages), **change), run(**change))
     (kept,) = _kept(tmp_path)
-    assert messages[0].startswith(f"annotate: not using {tmp_path / 'head.safetensors'}: it was made with other stego "
-                                  f"than this run; kept it as {kept}")
+    (name, here), there = next(iter(change.items())), {"lr": 5e-4, "dim": 4}  # the defaults of run()
+    there = there[name]
+    assert messages[0] == (f"annotate: not using {tmp_path / 'head.safetensors'}: it was made with other stego.{name} "
+                           f"than this run (stego.{name} {there!r} there, {here!r} here); kept it as {kept}")
     assert messages[1] == "annotate: training the STEGO head from the start"
     references, steps = (run(), run(**change)), counting(monkeypatch)
     assert_same(run(_checkpoint(tmp_path)), references[0])  # back to the first settings: its kept head, read
