@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from sgdm.annotation.features import BackboneError, BackboneKeys
+from sgdm.annotation.features import BackboneError, BackboneKeys, extraction_precision
 from sgdm.config.core import ConfigError, to_dict
 from sgdm.data.config import recorded_data
 from sgdm.evaluation.conditions import EvalConditions, draw_conditions
@@ -553,7 +553,9 @@ def evaluate_run(run_dir: str | pathlib.Path, ecfg: EvalConfig | None = None,
         # what re-annotated the samples for adherence (the store's extractor, checked before sampling)
         "adherence_extractor": None if ann is None else {"backbone": ann.backbone.name,
                                                          "weights": ann.backbone.weights_id,
-                                                         "input_size": list(ann.backbone.input_size)},
+                                                         "input_size": list(ann.backbone.input_size),
+                                                         "precision": extraction_precision(evaluator.precision,
+                                                                                           ann.device)},
         "inception_weights": None if ecfg.inception_weights is None else str(ecfg.inception_weights),
         # the size of the reference set the distances were measured against: eval.reference_n is
         # capped at the dataset's size (eval_config keeps the value asked for)

@@ -45,6 +45,7 @@ def test_samples_are_extracted_at_the_stores_precision(tmp_path, extractions, ki
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert ("cluster_adherence" if kind == "label" else "mask_miou") in results["results"][0]
     assert extractions and all(bf16 is True for bf16 in extractions), extractions  # on the CPU too
+    assert results["adherence_extractor"]["precision"] == "bf16"
 
 
 def test_the_stores_precision_and_its_fallbacks(tmp_path):
