@@ -156,6 +156,20 @@ def test_small_backward_same_bits_for_any_thread_count(generator):
     assert torch.equal(*grads)
 
 
+def test_forward_rows_do_not_depend_on_the_query_tiling(target, generator):
+    """Against 1100 keys at d = 128 (K and V over 1 MiB a head) a CPU forward task takes three
+    64-row query blocks (csrc/cpu/attention_kernel.cpp kFwdGroup) and reads K^T from panels
+    (pack_panels): every row still matches the float64 reference, and rows 150-213 (across the
+    end of the first task) are bitwise what the same rows give on their own, in one block."""
+    require_kernels(OP, target)
+    if target != "cpu":
+        pytest.skip("the CPU kernel's query tiling")
+    q, k, v = _qkv(1, 2, 230, 1100, 128, target, generator)
+    out = attention(q, k, v)
+    assert _rel_err(out, _ref64(q, k, v)[0]) < 1e-5
+    assert torch.equal(attention(q[:, :, 150:214], k, v), out[:, :, 150:214])
+
+
 # Counts the process's threads (OpenMP starts its team at the first parallel region and keeps
 # it) around a small forward+backward, then around a large forward.
 THREAD_PROBE = textwrap.dedent("""
