@@ -130,8 +130,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     # dim into the constant that _kernel_ok (assume_constant_result) needs
     head_dim = operator.index(q.shape[-1])
     scale = float(head_dim ** -0.5 if scale is None else scale)
-    if q.numel() and not _over_cuda_grid(q) and _kernel_ok(q.device.type, q.dtype, head_dim):
-        return _Attention.apply(q, k, v, scale)
+    if q.numel() and _kernel_ok(q.device.type, q.dtype, head_dim):
+        if not _over_cuda_grid(q):
+            return _Attention.apply(q, k, v, scale)
+        if q.shape[1] <= _CUDA_MAX_BH:
+            return _in_batch_chunks(q, k, v, scale)
     return _fallback(q, k, v, scale)
 
 
@@ -140,10 +143,18 @@ _CUDA_MAX_BH = 65535
 
 
 def _over_cuda_grid(q: torch.Tensor) -> bool:
-    """B * H beyond what the CUDA kernels launch (e.g. B > 8191 at 8 heads): PyTorch's SDPA runs it.
-    Checked before the op is called: on an H200 (torch 2.11), calling the op with B * H = 65536 crashed
-    the process (SIGSEGV) instead of raising the glue's error."""
+    """B * H beyond what the CUDA kernels launch (e.g. B > 8191 at 8 heads): :func:`attention` runs it
+    in chunks of the batch. Checked before the op is called: on an H200 (torch 2.11), calling the op
+    with B * H = 65536 crashed the process (SIGSEGV) instead of raising the glue's error."""
     return q.is_cuda and q.shape[0] * q.shape[1] > _CUDA_MAX_BH
+
+
+def _in_batch_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over B * H > 65535 on CUDA: the kernels on chunks of the batch that fit the grid.
+    (SDPA's cuDNN backward failed at B * H = 65536 on an H200: 'mha_graph.execute ... is_good()'.)"""
+    step = _CUDA_MAX_BH // q.shape[1]
+    return torch.cat([_Attention.apply(q[i:i + step], k[i:i + step], v[i:i + step], scale)
+                      for i in range(0, q.shape[0], step)])
 
 
 def _fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

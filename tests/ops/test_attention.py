@@ -496,9 +496,9 @@ def test_cuda_unaligned_storage_offset(generator, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("grad", [False, True])
-def test_cuda_batch_times_heads_beyond_the_launch_grid_runs_sdpa(generator, grad):
-    """B * H > 65535 does not fit the CUDA kernels' grid (y dimension): PyTorch's SDPA runs it, as for
-    head dims without a kernel, instead of the op's error."""
+def test_cuda_batch_times_heads_beyond_the_launch_grid_runs_in_chunks(generator, grad):
+    """B * H > 65535 does not fit the CUDA kernels' grid (y dimension): the kernels run on chunks of
+    the batch, instead of the op's error (SDPA, the other way out, failed in cuDNN's backward)."""
     require_kernels(OP, "cuda")
     q, k, v = (torch.randn(65536, 1, 4, 32, generator=generator).to("cuda", torch.bfloat16).requires_grad_(grad)
                for _ in range(3))
@@ -509,6 +509,27 @@ def test_cuda_batch_times_heads_beyond_the_launch_grid_runs_sdpa(generator, grad
     if grad:
         out.sum().backward()
         assert q.grad.shape == q.shape and torch.isfinite(q.grad.float()).all()
+
+
+@pytest.mark.parametrize("heads, chunked", [(2, True), (5, False)])
+def test_batch_beyond_the_grid_runs_the_kernels_in_batch_chunks(generator, monkeypatch, heads, chunked):
+    """The chunking of B * H beyond the CUDA grid, on the CPU with the limit made small (4): chunks of
+    4 // H batches through the kernel, gradients through torch.cat; H alone beyond the limit runs SDPA."""
+    require_kernels(OP)
+    monkeypatch.setattr(attention_module, "_CUDA_MAX_BH", 4)
+    monkeypatch.setattr(attention_module, "_over_cuda_grid", lambda q: q.shape[0] * q.shape[1] > 4)
+    applied, sdpa = [], F.scaled_dot_product_attention
+    real_apply = attention_module._Attention.apply
+    monkeypatch.setattr(attention_module._Attention, "apply", lambda *a: applied.append(a[0].shape[0]) or real_apply(*a))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: applied.append("sdpa") or sdpa(*a, **kw))
+    q, k, v = _qkv(5, heads, 7, 9, 32, "cpu", generator, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=generator)
+    attention(q, k, v).backward(grad_out)
+    assert applied == ([2, 2, 1] if chunked else ["sdpa"])
+    want, grads = _ref64(q.detach(), k.detach(), v.detach(), grad_out=grad_out)
+    assert _rel_err(attention(q.detach(), k.detach(), v.detach()), want) < 1e-5
+    for t, g in zip((q, k, v), grads):
+        assert _rel_err(t.grad, g) < 1e-4
 
 
 def _bad_inputs():
