@@ -46,6 +46,12 @@ CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-p
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
               "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage,-Werror"]
 
+# --exclude-libs,ALL: a compiler that links libstdc++ into the extension statically (the lent GPU
+# machine's /opt/gcc did) would otherwise export that copy's symbols, and the dynamic linker binds
+# some of them to torch's shared libstdc++: writing a number into an error message then crashed the
+# process there (and lost the number here). Kept private, the copy is self-consistent.
+LINK_FLAGS = ["-fopenmp"] + (["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else [])
+
 
 _ON, _OFF = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -226,7 +232,7 @@ def _extension():
         if sm90a:
             macros.append(("SGDM_WITH_SM90A", "1"))
     ext = cls(name="sgdm._C", sources=once, include_dirs=list(include_dirs), define_macros=macros,
-              extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"],
+              extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=LINK_FLAGS,
               py_limited_api=False)
     # torch's headers as system includes: -Wall/-Werror then apply to our code only.
     torch_dirs = [d for d in ext.include_dirs if d not in include_dirs]

@@ -8,6 +8,7 @@ import platform
 import runpy
 import shutil
 import stat
+import subprocess
 import sys
 import types
 
@@ -232,3 +233,27 @@ def test_dispatch_without_avx2_declares_and_calls_the_baseline_only(tmp_path):
     assert out.returncode != 0 and "AVX2::plus_one" in out.stderr
     out, _ = build("-DSGDM_CPU_AVX2=0", "-DSGDM_CPU_AVX512=1")
     assert out.returncode != 0 and "SGDM_CPU_AVX512=1 needs SGDM_CPU_AVX2=1" in out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="needs g++ on Linux")
+def test_a_statically_linked_libstdcxx_stays_private(monkeypatch, tmp_path):
+    """A compiler that links libstdc++ into the extension statically (the lent GPU machine's /opt/gcc)
+    exported that copy's symbols, and some were bound to torch's shared libstdc++: a number written into
+    an error message crashed the process there. setup.py links with --exclude-libs,ALL; a small library
+    linked that way, loaded after torch, formats the number (linked without it, here, it lost it)."""
+    ext, _ = configure(monkeypatch, FORCE_CUDA="0")
+    assert "-Wl,--exclude-libs,ALL" in ext.extra_link_args
+    src = tmp_path / "fmt.cpp"
+    src.write_text('#include <cstring>\n#include <sstream>\n'
+                   'extern "C" void fmt(char* out) { std::ostringstream s; s << "n=" << 42L; '
+                   'std::strcpy(out, s.str().c_str()); }\n')
+    lib = tmp_path / "libfmt.so"
+    built = subprocess.run(["g++", "-shared", "-fPIC", "-O1", "-static-libstdc++", *ext.extra_link_args, str(src),
+                            "-o", str(lib)], capture_output=True, text=True)
+    if built.returncode != 0 and "lstdc++" in built.stderr:
+        pytest.skip("no static libstdc++ (libstdc++.a) for this g++")
+    assert built.returncode == 0, built.stderr
+    code = ("import torch, ctypes, sys; out = ctypes.create_string_buffer(32); "
+            "ctypes.CDLL(sys.argv[1]).fmt(out); print(out.value.decode())")
+    done = subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "n=42", done.stdout + done.stderr
