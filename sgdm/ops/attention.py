@@ -144,8 +144,8 @@ _CUDA_MAX_BH = 65535
 
 def _over_cuda_grid(q: torch.Tensor) -> bool:
     """B * H beyond what the CUDA kernels launch (e.g. B > 8191 at 8 heads): :func:`attention` runs it
-    in chunks of the batch. Checked before the op is called: on an H200 (torch 2.11), calling the op
-    with B * H = 65536 crashed the process (SIGSEGV) instead of raising the glue's error."""
+    in chunks of the batch. Checked before the op is called, whose own check raises an error (on the
+    GPU machine's statically linked libstdc++, before setup.py kept it private, that error crashed)."""
     return q.is_cuda and q.shape[0] * q.shape[1] > _CUDA_MAX_BH
 
 
