@@ -157,9 +157,10 @@ def test_small_backward_same_bits_for_any_thread_count(generator):
 
 
 def test_forward_rows_do_not_depend_on_the_query_tiling(target, generator):
-    """The CPU forward works in blocks of 64 query rows against 256-key blocks (1100 keys, the
-    last block partial): every row matches the float64 reference, and rows 150-213 (across a
-    block boundary) are bitwise what the same rows give on their own, in one block."""
+    """Against 1100 keys at d = 128 (K and V over 1 MiB a head) a CPU forward task takes three
+    64-row query blocks (csrc/cpu/attention_kernel.cpp kFwdGroup) and reads K^T from panels
+    (pack_panels): every row still matches the float64 reference, and rows 150-213 (across the
+    end of the first task) are bitwise what the same rows give on their own, in one block."""
     require_kernels(OP, target)
     if target != "cpu":
         pytest.skip("the CPU kernel's query tiling")
