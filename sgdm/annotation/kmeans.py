@@ -28,7 +28,13 @@ cache), so N = 1.3M, D = 768, K = 10,000 (the paper's ImageNet setting) needs
 * Empty clusters are re-seeded with the points farthest from their centroid.
 * Mini-batch mode (Sculley 2010): per-centre learning rate 1 / count.
 * Distributed mode: each rank holds its own points; centroid sums, counts and
-  inertia are all-reduced, and rank 0's k-means++ centres are broadcast.
+  inertia are all-reduced, and rank 0's k-means++ centres are broadcast. A rank
+  whose own work fails (out of memory in its share of an assignment) stops every
+  rank at the next collective with :class:`~sgdm.annotation.ranks.RankFailed`
+  (:class:`~sgdm.annotation.ranks.Failures`): its flag travels in the counts'
+  all-reduce of each Lloyd iteration or mini-batch step, in the all-reduce of the
+  moved points, the gather of the re-seeding candidates and the broadcast of the
+  centres; one extra all-reduce per run settles the final distances.
 * Deterministic: all randomness comes from the ``generator`` argument.
 * GPU: host syncs happen a few times per Lloyd iteration (which points to
   recompute, convergence), never per block nor per k-means++ step.
@@ -45,6 +51,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from sgdm.annotation.ranks import Failures
 
 __all__ = ["KMeansResult", "kmeans", "assign", "kmeans_plusplus"]
 
@@ -75,6 +83,29 @@ def _all_reduce(tensor: torch.Tensor, distributed: bool) -> torch.Tensor:
     if dist is not None:
         dist.all_reduce(tensor)
     return tensor
+
+
+# what the ranks do together, for the message of a rank that stops because another failed
+_STAGE = "clustering with k-means"
+
+
+def _failures(failures: Optional[Failures], device: torch.device, distributed: bool) -> Failures:
+    return failures if failures is not None else Failures(_STAGE, device, distributed)
+
+
+def _meet(counts: torch.Tensor, failures: Failures) -> torch.Tensor:
+    """``counts`` (integer-valued) summed over the ranks, each rank's failure flag in the same all-reduce:
+    where one rank's work failed (it sends counts of the right shape, any values), every rank stops here
+    (:meth:`~sgdm.annotation.ranks.Failures.raise_if`). The sum runs in float64, exact up to 2**53 in any
+    order of the ranks, so the flag changes no result; a copy outside a process group."""
+    if not failures.active:
+        return counts.clone()
+    import torch.distributed as dist
+
+    flat = torch.cat([counts.reshape(-1).double(), failures.flag().double()])
+    dist.all_reduce(flat, group=failures.group)
+    failures.raise_if(flat[-1:])
+    return flat[:-1].view(counts.shape).to(counts.dtype)
 
 
 def _block_rows(width: int, chunk_elements: int, device: torch.device, cpu_elements: int = _CPU_BLOCK_ELEMENTS) -> int:
@@ -237,16 +268,23 @@ def kmeans_plusplus(x: torch.Tensor, num_clusters: int, generator: torch.Generat
     return centres
 
 
-def _check_inputs(x: torch.Tensor, num_clusters: int, distributed: bool) -> int:
-    if x.dim() != 2:
-        raise ValueError(f"kmeans: x must be [N, D], got shape {tuple(x.shape)}")
-    n_total = torch.tensor([x.shape[0]], device=x.device)
-    n_total = int(_all_reduce(n_total, distributed))
+def _checked_points(x: torch.Tensor, num_clusters: int, failures: Failures):
+    """``(x as float32, ||x_i||^2, N over every rank)``, after this rank's checks of its ``x`` (an error
+    there stops every rank at the count's all-reduce) and the checks of N."""
+    rows = torch.zeros(1, dtype=torch.float64, device=x.device)  # what a rank whose checks failed sends
+    with failures.held():
+        if x.dim() != 2:
+            raise ValueError(f"kmeans: x must be [N, D], got shape {tuple(x.shape)}")
+        x = x.float().contiguous()
+        x_sq = _row_sq_norms(x)
+        _check_finite(x, x_sq)
+        rows[0] = x.shape[0]
+    n_total = int(_meet(rows, failures))
     if n_total == 0:
         raise ValueError("kmeans: x has no rows (empty dataset?)")
     if num_clusters < 1 or num_clusters > n_total:
         raise ValueError(f"kmeans: num_clusters={num_clusters} must be between 1 and the number of points N={n_total}")
-    return n_total
+    return x, x_sq, n_total
 
 
 def _check_finite(x: torch.Tensor, x_sq: torch.Tensor) -> None:
@@ -258,71 +296,94 @@ def _check_finite(x: torch.Tensor, x_sq: torch.Tensor) -> None:
     raise ValueError("kmeans: x has rows whose squared norm overflows float32; rescale the features")
 
 
-def _tolerance(x, x_sq, n_total, tol, distributed) -> float:
+def _tolerance(x, x_sq, n_total, tol, distributed, failures: Optional[Failures] = None) -> float:
     """``tol * mean_d var(x[:, d])`` (scikit-learn's), as ``tol * (sum_i ||x_i - mean||^2) / (N D)``,
-    from the first two moments, or in a second pass where they would cancel (an offset mean)."""
-    mean = _all_reduce(x.sum(0).double(), distributed) / n_total
-    sq_total = float(_all_reduce(x_sq.sum(dtype=torch.float64).reshape(1), distributed))
+    from the first two moments, or in a second pass where they would cancel (an offset mean).
+    A rank whose share fails sends zeros; the next flag (the initial centres') stops every rank."""
+    failures = _failures(failures, x.device, distributed)
+    sums = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    sq = torch.zeros(1, dtype=torch.float64, device=x.device)
+    with failures.held():
+        sums, sq = x.sum(0).double(), x_sq.sum(dtype=torch.float64).reshape(1)
+    mean = _all_reduce(sums, distributed) / n_total
+    sq_total = float(_all_reduce(sq, distributed))
     spread = sq_total - n_total * float(mean.square().sum())
     if spread < 1e-3 * sq_total:  # E||x||^2 - ||E x||^2 cancels: sum ||x - mean||^2 directly
         total = torch.zeros(1, dtype=torch.float64, device=x.device)
-        for start, end in _row_blocks(x.shape[0], max(1, (1 << 22) // max(1, x.shape[1]))):
-            total += (x[start:end] - mean.to(x.dtype)).square_().sum(dtype=torch.float64)
+        if failures.error is None:  # a rank whose moments failed has not met the others since
+            with failures.held():
+                for start, end in _row_blocks(x.shape[0], max(1, (1 << 22) // max(1, x.shape[1]))):
+                    total += (x[start:end] - mean.to(x.dtype)).square_().sum(dtype=torch.float64)
         spread = float(_all_reduce(total, distributed))
     return tol * max(spread, 0.0) / (n_total * max(1, x.shape[1]))
 
 
-def _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, distributed) -> torch.Tensor:
-    """Rank 0's k-means++ (or random) centres on ``init_sample`` random points (0: all), broadcast."""
-    dist = _dist() if distributed else None
-    rank = dist.get_rank() if dist is not None else 0
-    held = torch.tensor([x.shape[0]], device=x.device)
-    if dist is not None:  # every rank learns rank 0's count: all stop together instead of waiting for its centres
-        dist.broadcast(held, 0)
-    if num_clusters > int(held):
-        raise ValueError(f"kmeans: rank 0 holds {int(held)} points, fewer than num_clusters={num_clusters} "
+_INITS = ("k-means++", "random")
+
+
+def _seeds(x, x_sq, num_clusters, generator, init, init_sample) -> torch.Tensor:
+    """k-means++ (or random) centres ``[K, D]`` among ``init_sample`` random rows of ``x`` (0: all)."""
+    sample, sample_sq = x, x_sq
+    if 0 < init_sample < x.shape[0]:
+        idx = torch.randperm(x.shape[0], generator=generator)[: max(init_sample, num_clusters)].to(x.device)
+        sample, sample_sq = x.index_select(0, idx), x_sq.index_select(0, idx)
+    if init == "random":
+        idx = torch.randperm(sample.shape[0], generator=generator)[:num_clusters].to(x.device)
+        return sample.index_select(0, idx)
+    return kmeans_plusplus(sample, num_clusters, generator, sample_sq)
+
+
+def _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, failures: Failures) -> torch.Tensor:
+    """Rank 0's :func:`_seeds`, broadcast. Rank 0's count reaches every rank in an all-reduce that carries
+    the failure flags of the work before (the tolerance's); rank 0's own flag travels with its centres."""
+    if not failures.active:  # N >= K was checked
+        return _seeds(x, x_sq, num_clusters, generator, init, init_sample)
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    held = int(_meet(torch.tensor([x.shape[0] if rank == 0 else 0], device=x.device), failures))
+    if num_clusters > held:  # every rank stops here, instead of waiting for rank 0's centres
+        raise ValueError(f"kmeans: rank 0 holds {held} points, fewer than num_clusters={num_clusters} "
                          "(its k-means++ seeds every rank's centres)")
-    centres = torch.empty(num_clusters, x.shape[1], dtype=x.dtype, device=x.device)
+    sent = torch.zeros(num_clusters + 1, x.shape[1], dtype=x.dtype, device=x.device)  # the last row: rank 0's flag
     if rank == 0:
-        sample, sample_sq = x, x_sq
-        if 0 < init_sample < x.shape[0]:
-            idx = torch.randperm(x.shape[0], generator=generator)[: max(init_sample, num_clusters)].to(x.device)
-            sample, sample_sq = x.index_select(0, idx), x_sq.index_select(0, idx)
-        if init == "random":
-            idx = torch.randperm(sample.shape[0], generator=generator)[:num_clusters].to(x.device)
-            centres = sample.index_select(0, idx)
-        elif init == "k-means++":
-            centres = kmeans_plusplus(sample, num_clusters, generator, sample_sq)
-        else:
-            raise ValueError(f"kmeans: init must be 'k-means++' or 'random', got {init!r}")
-    if dist is not None:
-        dist.broadcast(centres, 0)
-    return centres
+        with failures.held():
+            sent[:num_clusters] = _seeds(x, x_sq, num_clusters, generator, init, init_sample)
+        sent[num_clusters, 0] = failures.flag()[0]
+    dist.broadcast(sent, 0, group=failures.group)
+    failures.raise_if(sent[num_clusters, :1])
+    return sent[:num_clusters]
 
 
-def _reseed_empty(centroids, counts, x, dists, distributed) -> int:
-    """Move empty centroids onto the points farthest from their centroid (global top-n)."""
+def _reseeds(counts, x, distances: Callable[[], torch.Tensor], failures: Failures):
+    """New centres for the empty clusters (``counts`` summed over the ranks: the same on every rank): the
+    points farthest from their centroid, the global top n of ``distances()`` ``[N]`` (the squared distance
+    of each of this rank's points to its centroid, called only where a cluster is empty). Returns
+    ``(clusters [n], points [n, D])``. A rank whose top n fails stops every rank at their gather."""
     empty = (counts == 0).nonzero().flatten()
     n_empty = int(empty.numel())
     if n_empty == 0:
-        return 0
+        return empty, x.new_zeros(0, x.shape[1])
     m = min(n_empty, x.shape[0])
-    far_d, far_i = dists.topk(m)
-    far_x = x.index_select(0, far_i)
-    dist = _dist() if distributed else None
-    if dist is not None:
-        world = dist.get_world_size()
-        pad_d = torch.full((n_empty,), -1.0, dtype=dists.dtype, device=x.device)
-        pad_x = torch.zeros(n_empty, x.shape[1], dtype=x.dtype, device=x.device)
-        pad_d[:m], pad_x[:m] = far_d, far_x
-        all_d = [torch.empty_like(pad_d) for _ in range(world)]
-        all_x = [torch.empty_like(pad_x) for _ in range(world)]
-        dist.all_gather(all_d, pad_d)
-        dist.all_gather(all_x, pad_x)
-        far_d, order = torch.cat(all_d).topk(n_empty)
+    far_d = torch.full((n_empty + 1,), -1.0, dtype=x.dtype, device=x.device)  # the last: this rank's flag
+    far_x = torch.zeros(n_empty, x.shape[1], dtype=x.dtype, device=x.device)
+    with failures.held():
+        top_d, top_i = distances().topk(m)
+        far_d[:m], far_x[:m] = top_d, x.index_select(0, top_i)
+    if failures.active:
+        import torch.distributed as dist
+
+        far_d[-1] = failures.flag()[0]
+        all_d = [torch.empty_like(far_d) for _ in range(failures.world)]
+        dist.all_gather(all_d, far_d, group=failures.group)
+        failures.raise_if(sum(d[-1:] for d in all_d))
+        all_x = [torch.empty_like(far_x) for _ in range(failures.world)]
+        dist.all_gather(all_x, far_x, group=failures.group)
+        _, order = torch.cat([d[:-1] for d in all_d]).topk(n_empty)
         far_x = torch.cat(all_x)[order]
-    centroids[empty[: far_x.shape[0]]] = far_x[:n_empty]
-    return n_empty
+    else:
+        far_x = far_x[:m]
+    return empty[: far_x.shape[0]], far_x
 
 
 def _half_gaps(centroids: torch.Tensor, chunk_elements: int) -> torch.Tensor:
@@ -385,46 +446,64 @@ def _add_rows(sums, labels, x, rows=None, alpha=1.0):
     return sums
 
 
-def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed, log=None):
+def _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed, log=None,
+           failures: Optional[Failures] = None):
     """Lloyd iterations with Hamerly's bounds (Hamerly 2010): the same steps as plain Lloyd,
     skipping the distance computations of points that provably keep their centroid. ``upper``
     bounds the distance to the own centroid, ``lower`` the distance to every other one; centroid
     moves loosen both. ``margin`` absorbs float32 rounding of ``||x||^2 - 2 x.c + ||c||^2``.
-    Returns centroids, labels (nearest final centroid) and their squared distances."""
+    Returns centroids, labels (nearest final centroid) and their squared distances.
+
+    ``distributed``: a rank whose work fails sends zero counts; every rank stops at the iteration's
+    counts (or moved points) with :class:`~sgdm.annotation.ranks.RankFailed`, ``failures`` naming the stage."""
+    failures = _failures(failures, x.device, distributed)
     k = centroids.shape[0]
     group = _group_size(k)
-    labels, upper, lower = _nearest_two(x, x_sq, centroids, chunk_elements, group=group)
-    margin = 1e-3 * float(x_sq.max().sqrt()) if x.shape[0] else 0.0
-    # per-cluster sums are updated by the points that changed cluster only (float64: no drift)
-    local_sums = _add_rows(torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device), labels, x)
-    local_counts = torch.bincount(labels, minlength=k).double()
+    local_counts = torch.zeros(k, dtype=torch.float64, device=x.device)  # what a rank that failed sends
+    with failures.held():
+        labels, upper, lower = _nearest_two(x, x_sq, centroids, chunk_elements, group=group)
+        margin = 1e-3 * float(x_sq.max().sqrt()) if x.shape[0] else 0.0
+        # per-cluster sums are updated by the points that changed cluster only (float64: no drift)
+        local_sums = _add_rows(torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device), labels, x)
+        local_counts = torch.bincount(labels, minlength=k).double()
+        sums = torch.empty_like(local_sums)  # the all-reduce's buffer
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        sums, counts = _all_reduce(local_sums.clone(), distributed), _all_reduce(local_counts.clone(), distributed)
-        new = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
-        _reseed_empty(new, counts, x, upper.square(), distributed)
-        moves = (new - centroids).norm(dim=1)
-        centroids = new
-        previous = labels.clone()
-        recomputed = _reassign(x, x_sq, centroids, labels, upper, lower, moves, margin, chunk_elements, group)
-        changed = (labels != previous).nonzero().flatten()
-        if changed.numel():
-            _add_rows(local_sums, labels, x, changed)
-            _add_rows(local_sums, previous, x, changed, alpha=-1.0)
-            local_counts += torch.bincount(labels[changed], minlength=k) - torch.bincount(previous[changed], minlength=k)
-        shift = float(moves.square().sum())
-        moved = int(_all_reduce(torch.tensor([changed.numel()], device=x.device), distributed))
+        counts = _meet(local_counts, failures)  # every rank stops here if one failed since the last meeting
+        sums = _all_reduce(sums.copy_(local_sums), distributed)
+        empty, seeds = _reseeds(counts, x, lambda: upper.square(), failures)
+        n_changed = torch.zeros(1, dtype=torch.float64, device=x.device)  # what a rank that failed sends
+        with failures.held():
+            new = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)
+            new[empty] = seeds
+            moves = (new - centroids).norm(dim=1)
+            centroids = new
+            previous = labels.clone()
+            recomputed = _reassign(x, x_sq, centroids, labels, upper, lower, moves, margin, chunk_elements, group)
+            changed = (labels != previous).nonzero().flatten()
+            if changed.numel():
+                _add_rows(local_sums, labels, x, changed)
+                _add_rows(local_sums, previous, x, changed, alpha=-1.0)
+                local_counts += torch.bincount(labels[changed], minlength=k) - torch.bincount(previous[changed], minlength=k)
+            shift = float(moves.square().sum())
+            n_changed[0] = changed.numel()
+        moved = int(_meet(n_changed, failures))
         if log is not None:
             log(f"kmeans: iteration {n_iter}: centroid shift {shift:.3g} (tol {tol_abs:.3g}), "
                 f"{recomputed} of {x.shape[0]} points recomputed, {moved} moved")
         if shift <= tol_abs or moved == 0:  # no label changed: the next step would not move a centroid
             break
-    dists = _own_sq_distance(x, centroids, labels, chunk_elements)  # exact, O(N D): no final dense pass
+    with failures.held():
+        dists = _own_sq_distance(x, centroids, labels, chunk_elements)  # exact, O(N D): no final dense pass
+    failures.settle()
     return centroids, labels, dists, n_iter
 
 
-def _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chunk_elements, distributed):
-    """Sculley's mini-batch k-means; ``max_iter`` counts passes over the data."""
+def _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chunk_elements, distributed,
+               failures: Optional[Failures] = None):
+    """Sculley's mini-batch k-means; ``max_iter`` counts passes over the data. ``distributed``: a rank whose
+    step fails sends zero counts; every rank stops at that step's counts."""
+    failures = _failures(failures, x.device, distributed)
     k = centroids.shape[0]
     totals = torch.zeros(k, dtype=x.dtype, device=x.device)
     steps = torch.tensor([max(1, math.ceil(x.shape[0] / batch_size))], device=x.device)
@@ -434,22 +513,27 @@ def _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chu
     steps = int(steps)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        start_centroids = centroids.clone()
-        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
         for s in range(steps):
-            idx = order[s * batch_size : (s + 1) * batch_size]
-            xb = x.index_select(0, idx)
-            labels, _ = assign(xb, centroids, chunk_elements, x_sq.index_select(0, idx))
-            sums = torch.zeros_like(centroids).index_add_(0, labels, xb)
-            counts = torch.bincount(labels, minlength=k).to(x.dtype)
+            counts = torch.zeros(k, dtype=x.dtype, device=x.device)  # what a rank that failed sends
+            with failures.held():
+                if s == 0:
+                    start_centroids = centroids.clone()
+                    order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+                idx = order[s * batch_size : (s + 1) * batch_size]
+                xb = x.index_select(0, idx)
+                labels, _ = assign(xb, centroids, chunk_elements, x_sq.index_select(0, idx))
+                sums = torch.zeros_like(centroids).index_add_(0, labels, xb)
+                counts = torch.bincount(labels, minlength=k).to(x.dtype)
+            counts = _meet(counts, failures)  # every rank stops here if one failed since the last meeting
             _all_reduce(sums, distributed)
-            _all_reduce(counts, distributed)
             totals += counts
             hit = counts > 0
             # c <- c + (sum_b - n_b c) / n_total: the running mean of every point seen so far
             centroids[hit] += (sums[hit] - counts[hit, None] * centroids[hit]) / totals[hit, None]
-        _, dists = assign(x, centroids, chunk_elements, x_sq)
-        if _reseed_empty(centroids, totals, x, dists, distributed):
+        # distances of every point only where a cluster is empty: nothing else reads them
+        empty, seeds = _reseeds(totals, x, lambda: assign(x, centroids, chunk_elements, x_sq)[1], failures)
+        if empty.numel():
+            centroids[empty] = seeds
             totals.clamp_min_(1)
         if float((centroids - start_centroids).pow(2).sum()) <= tol_abs:
             break
@@ -490,7 +574,9 @@ def kmeans(
     convention): iterations stop once the summed squared centroid shift falls
     below ``tol * mean(var(x, 0))``. ``batch_size > 0`` selects mini-batch mode.
     ``distributed=True`` (inside ``torch.distributed``) treats the ranks' ``x``
-    as one dataset; every rank gets the same centroids and its own labels.
+    as one dataset; every rank gets the same centroids and its own labels. Where one rank's
+    work fails, it raises its error and the others :class:`~sgdm.annotation.ranks.RankFailed`
+    naming it, at the next collective (module docstring), instead of waiting for it.
     ``generator`` is a CPU generator; seed it identically on every rank.
     ``log`` (optional) gets one line per Lloyd iteration.
     ``init``: ``k-means++`` or ``random`` centres, chosen among ``init_sample`` random points
@@ -499,20 +585,24 @@ def kmeans(
 
     Returns a :class:`KMeansResult`: centroids ``[K, D]`` float32, labels ``[N]`` int64 in [0, K).
     """
-    n_total = _check_inputs(x, num_clusters, distributed)
+    if init not in _INITS:  # every rank, before any collective
+        raise ValueError(f"kmeans: init must be 'k-means++' or 'random', got {init!r}")
+    failures = Failures(_STAGE, x.device, distributed)
     clock = _Clock(x.device)
-    x = x.float().contiguous()
-    x_sq = _row_sq_norms(x)
-    _check_finite(x, x_sq)
-    tol_abs = _tolerance(x, x_sq, n_total, tol, distributed)
+    x, x_sq, n_total = _checked_points(x, num_clusters, failures)
+    tol_abs = _tolerance(x, x_sq, n_total, tol, distributed, failures)
     clock.lap("setup")
-    centroids = _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, distributed)
+    centroids = _initial_centroids(x, x_sq, num_clusters, generator, init, init_sample, failures)
     clock.lap("init")
     if batch_size > 0:
-        centroids, n_iter = _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chunk_elements, distributed)
-        labels, dists = assign(x, centroids, chunk_elements, x_sq)
+        centroids, n_iter = _minibatch(x, x_sq, centroids, max_iter, tol_abs, batch_size, generator, chunk_elements,
+                                       distributed, failures)
+        with failures.held():
+            labels, dists = assign(x, centroids, chunk_elements, x_sq)
+        failures.settle()
     else:
-        centroids, labels, dists, n_iter = _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed, log)
+        centroids, labels, dists, n_iter = _lloyd(x, x_sq, centroids, max_iter, tol_abs, chunk_elements, distributed,
+                                                  log, failures)
     inertia = _all_reduce(dists.sum(dtype=torch.float64).reshape(1), distributed)
     clock.lap("iterations")
     return KMeansResult(centroids=centroids, labels=labels, inertia=float(inertia), n_iter=n_iter, seconds=clock.seconds)
