@@ -336,18 +336,22 @@ def _check_precision(cache, shards, todo, a: AnnotationConfig, device: torch.dev
 def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Tensor], float, ClusterF]:
     """k-means of the normalised CLS features (:func:`~sgdm.annotation.centroids.prepare`), all ranks together:
     (cluster ids on rank 0, None elsewhere; inertia; f, the centroids, on every rank). ``log`` (rank 0's)
-    gets a line before, one per Lloyd iteration and one after."""
+    gets a line before, one per Lloyd iteration and one after. A rank that fails (reading its shards, in the
+    k-means, gathering the ids) stops the others with :class:`~sgdm.annotation.ranks.RankFailed`."""
     rank, world = rank_world()
-    mine = [cache.load(s) for s in range(rank, n_shards, world)]
-    if any("cls" in m for m in mine):
-        cls = torch.cat([m["cls"] for m in mine if "cls" in m])
-    else:  # this rank read no image: no rows, but the others' width (the all-reduces need equal shapes)
-        widths = (cache.load(s, keys=("cls",)).get("cls") for s in range(n_shards))
-        cls = torch.zeros(0, next((c.shape[1] for c in widths if c is not None), 1))
+    reading = Failures("reading the CLS features", device, world > 1)
+    with reading.held():
+        mine = [cache.load(s) for s in range(rank, n_shards, world)]
+        if any("cls" in m for m in mine):
+            cls = torch.cat([m["cls"] for m in mine if "cls" in m])
+        else:  # this rank read no image: no rows, but the others' width (the all-reduces need equal shapes)
+            widths = (cache.load(s, keys=("cls",)).get("cls") for s in range(n_shards))
+            cls = torch.zeros(0, next((c.shape[1] for c in widths if c is not None), 1))
+        x = prepare(cls)  # normalised in place: one float32 copy of the features on the host (3.9 GB at 1.28M x 768)
+        del cls
+        x = x.to(device)
+    reading.settle()
     generator = torch.Generator().manual_seed(a.seed)
-    x = prepare(cls)  # normalised in place: one float32 copy of the features on the host (3.9 GB at 1.28M x 768)
-    del cls
-    x = x.to(device)
     log = log if log is not None and rank == 0 else None
     if log is not None:
         log(f"annotate: k-means of the CLS features into K={k} clusters (at most {a.kmeans.max_iter} iterations"
@@ -356,10 +360,14 @@ def _cluster(cache, n_shards, a, k, device, log=None) -> tuple[Optional[torch.Te
     if log is not None:
         log(f"annotate: k-means done after {result.n_iter} iteration(s), {sum(result.seconds.values()):.1f} s: inertia "
             f"{result.inertia:.6g}")
-    labels = list(torch.split(result.labels.cpu(), [m["index"].numel() for m in mine]))
+    gathering = Failures("gathering the cluster ids", device, world > 1)
+    labels = None  # what a rank that failed sends
+    with gathering.held():
+        labels = list(torch.split(result.labels.cpu(), [m["index"].numel() for m in mine]))
     if world > 1:
         gathered = [None] * world
         _dist().all_gather_object(gathered, labels)
+        gathering.raise_if(torch.tensor([float(sum(g is None for g in gathered))]))
         if rank != 0:
             return None, result.inertia, ClusterF(result.centroids)
         labels = [gathered[s % world][s // world] for s in range(n_shards)]
