@@ -387,7 +387,6 @@ def _check_patch_grid(backbone: Backbone) -> None:
         )
 
 
-@torch.no_grad()
 def extraction_precision(setting: str, device: torch.device | str) -> str:
     """The precision (``bf16`` or ``fp32``) features are extracted at on ``device`` for an
     ``annotation.precision`` ``setting``: ``auto`` is bfloat16 autocast on CUDA and float32 elsewhere;
@@ -398,6 +397,7 @@ def extraction_precision(setting: str, device: torch.device | str) -> str:
     return "bf16" if setting == "bf16" or (setting == "auto" and torch.device(device).type == "cuda") else "fp32"
 
 
+@torch.no_grad()
 def extract(backbone: Backbone, images: torch.Tensor, keys: bool = False, patches: bool = True,
             bf16: Optional[bool] = None) -> Features:
     """Features of ``images [B, 3, H, W]`` in ``[-1, 1]``, as float32.
