@@ -61,45 +61,35 @@ def run(args: argparse.Namespace) -> int:
 
     launch = current()
     launched = launch.launcher in ("torchrun", "srun") and launch.world_size > 1  # every process runs this now
-    with _launch_group(cfg, launched):
-        return _train(args, cfg, launched)
+    with contextlib.ExitStack() as group:  # the process group of such a launch, once joined (_same_images)
+        return _train(args, cfg, launched, group)
 
 
-@contextlib.contextmanager
-def _launch_group(cfg, launched: bool):
-    """The process group of a torchrun or srun launch, joined before anything reads the data (Lightning's
-    DDP takes it over, and so no longer says that its processes registered: the first one says it here), so
-    that its processes compare their images first (:func:`_same_images`)."""
-    if not launched:
-        yield
-        return
+def _same_images(cfg, images, group: contextlib.ExitStack):
+    """The training images (built unless ``images`` are), once every process of a torchrun or srun launch
+    found them the same as rank 0 does (:func:`~sgdm.training.dataset_record.agree_across_ranks`): before
+    the annotation store's check, the resume's and the latent cache's read their files, which one rank alone
+    could refuse. Joins their process group for it, kept in ``group`` (Lightning's DDP takes it over, and so
+    no longer says that its processes registered: the first one says it here)."""
     import sys
 
     import torch.distributed as dist
 
     from sgdm.launch import current, process_group
-
-    with process_group("cpu" if cfg.train.accelerator == "cpu" else "auto"):
-        launch = current()
-        if launch.is_first:
-            print(f"sgdm: the {dist.get_world_size()} processes {launch.launcher} started joined their process group "
-                  f"({dist.get_backend()})", file=sys.stderr, flush=True)
-        yield
-
-
-def _same_images(cfg, images):
-    """The training images (built unless ``images`` are), once every process of the group found them the
-    same as rank 0 does (:func:`~sgdm.training.dataset_record.agree_across_ranks`): before the annotation
-    store's check, the resume's and the latent cache's read their files, which one rank alone could refuse."""
     from sgdm.training.data import build_image_dataset
     from sgdm.training.dataset_record import agree_across_ranks
 
     images = build_image_dataset(cfg.data, cfg.run.seed) if images is None else images
+    group.enter_context(process_group("cpu" if cfg.train.accelerator == "cpu" else "auto"))
+    launch = current()
+    if launch.is_first:
+        print(f"sgdm: the {dist.get_world_size()} processes {launch.launcher} started joined their process group "
+              f"({dist.get_backend()})", file=sys.stderr, flush=True)
     agree_across_ranks(images, cfg.data.root)
     return images
 
 
-def _train(args: argparse.Namespace, cfg, launched: bool) -> int:
+def _train(args: argparse.Namespace, cfg, launched: bool, group: contextlib.ExitStack) -> int:
     from sgdm.config.schema import check_annotation_store
 
     images = None
@@ -108,7 +98,7 @@ def _train(args: argparse.Namespace, cfg, launched: bool) -> int:
 
         images = build_image_dataset(cfg.data, cfg.run.seed)  # the store's check and training stat their files once
     if launched and not cfg.prepare.any():
-        images = _same_images(cfg, images)
+        images = _same_images(cfg, images, group)
     check_annotation_store(cfg, images)
     from sgdm.training.run import check_resumable
 
@@ -147,7 +137,7 @@ def _train(args: argparse.Namespace, cfg, launched: bool) -> int:
     from sgdm.training.run import train
 
     if launched:
-        images = _same_images(cfg, images) if cfg.prepare.any() else images  # prepare's stages checked, not made
+        images = _same_images(cfg, images, group) if cfg.prepare.any() else images  # prepare checked, made nothing
         callbacks = ()
     else:  # Lightning's launcher starts the other processes in Trainer.fit: they compare their images there
         from sgdm.training.data import build_image_dataset
