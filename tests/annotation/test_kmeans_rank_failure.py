@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 
 from sgdm.annotation.config import KMeansConfig
 
-TIMEOUT = 20  # seconds: the old code left a rank waiting this long in a collective, then failed
-DEADLINE = 120  # seconds for the whole spawn: the old code's checks fell out of step, and may wait for each other
+TIMEOUT = 60  # seconds: the old code left a rank waiting this long in a collective, then failed (a loaded
+# machine must not reach it while the new code runs: the two ranks share its cores)
+DEADLINE = 240  # seconds for the whole spawn: the old code's checks fell out of step, and may wait for each other
 
 
 def _outcome(body) -> str:
