@@ -222,9 +222,10 @@ class HeadCheckpoint:
         self._say(f"annotate: {why}; kept it as {kept}")
         return dataclasses.replace(head, path=kept)
 
-    def load(self, key: Mapping[str, Any], total: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
-        """``(step, tensors)`` saved with this identity and ``key`` (the head's own settings) at a step up to
-        ``total``, in ``path`` or a kept head (the one with most steps), or None: training starts over.
+    def load(self, key: Mapping[str, Any], total: int) -> Optional[tuple[int, dict[str, torch.Tensor], pathlib.Path]]:
+        """``(step, tensors, file)`` saved with this identity and ``key`` (the head's own settings) at a step up
+        to ``total``, in ``path`` or a kept head (the one with most steps; ``file`` says which), or None:
+        training starts over.
         Before the run writes, a head in ``path`` it would overwrite without continuing it is kept."""
         own = self._identity(key)
         current, kept = self._describe(self.path), self.kept()
@@ -253,7 +254,7 @@ class HeadCheckpoint:
         tensors = load_file(str(source.path))
         self._say(f"annotate: STEGO head already trained ({total} steps), read from {source.path}" if not trains
                   else f"annotate: resuming STEGO head training at step {source.step} of {total} from {source.path}")
-        return source.step, tensors
+        return source.step, tensors, source.path
 
     def save(self, key: Mapping[str, Any], step: int, tensors: Mapping[str, torch.Tensor], total: int) -> None:
         """Write the state after ``step`` of a run of ``total`` steps (atomically)."""

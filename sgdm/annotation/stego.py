@@ -238,7 +238,7 @@ def train_head(patches, cls: torch.Tensor, cfg, generator: torch.Generator, devi
             try:
                 _restore(saved[1], head, optimiser, generator, local, rank)
             except (KeyError, RuntimeError, ValueError) as err:  # its identity matched: written by another sgdm?
-                raise ValueError(f"STEGO head checkpoint {checkpoint.path} does not fit this head ({err}); delete "
+                raise ValueError(f"STEGO head checkpoint {saved[2]} does not fit this head ({err}); delete "
                                  f"it to train the head from the start") from None
 
     def maps(idx):

@@ -1,6 +1,8 @@
 """A STEGO head checkpoint is never destroyed by a run that cannot continue it: a run with fewer epochs or
 other settings keeps the head it finds under a name by its identity and step, and a later run whose settings
 match reads or continues that kept head instead of training again."""
+import re
+
 import pytest
 
 from sgdm.annotation.resume import HeadCheckpoint
@@ -92,3 +94,20 @@ def test_annotate_with_fewer_epochs_keeps_the_longer_head(tmp_path, tiny_weights
     steps, messages = counting(monkeypatch), []
     annotate(cfg(2), "mask", progress=False, log=messages.append)  # the 2-epoch head again: read, not trained
     assert steps == [] and f"annotate: STEGO head already trained (4 steps), read from {kept}" in messages
+
+
+def test_a_kept_head_that_does_not_fit_is_named_in_the_error(tmp_path):
+    """The head read may be a kept one: the error names that file, not the checkpoint path (which holds
+    another head, and deleting it would not help)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run(_checkpoint(tmp_path))  # 9 steps
+    run(_checkpoint(tmp_path), epochs=1)  # keeps the 9-step head aside
+    (kept,) = _kept(tmp_path)
+    tensors = load_file(str(kept))
+    del tensors["generator"]
+    with safe_open(str(kept), framework="pt") as handle:  # its identity and step, a tensor short
+        save_file(tensors, str(kept), handle.metadata())
+    with pytest.raises(ValueError, match=f"STEGO head checkpoint {re.escape(str(kept))} does not fit this head"):
+        run(_checkpoint(tmp_path))
