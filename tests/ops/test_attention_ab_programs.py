@@ -10,7 +10,7 @@ changes. Running them needs a GPU (``bash benchmarks/gpu_check.sh attention``).
   the kernel slower than the one it is meant to replace, with no error to show it.
 - benchmarks/attention_wgmma.cu also holds the wgmma backward (csrc/cuda/attention_wgmma_bwd.cuh)
   against the production mma.sync backward, under the same rules.
-- csrc/cuda/attention_hopper.cu: the same kernels as the extension builds them (SGDM_ATTENTION_WGMMA=1),
+- csrc/cuda/attention_hopper.cu: the same kernels as the extension builds them (the default on Hopper),
   checked the same way, and a trap on any target other than sm_90a.
 - tests/ops/cuda_host/: host programs. wgmma_layouts.cu checks every operand descriptor against the
   PTX ISA's canonical layouts; wgmma_emulator.cpp runs both wgmma kernels on the CPU and checks what
