@@ -13,6 +13,7 @@ import pathlib
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tests.launchers import leave_process
 
 from sgdm.annotation.config import StegoConfig
 from sgdm.annotation.kmeans import _lloyd, kmeans
@@ -69,6 +70,7 @@ def worker(rank, world, init_file, out_dir, weights, cache):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_process()
 
 
 @pytest.fixture(scope="module")

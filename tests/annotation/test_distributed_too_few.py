@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tests.launchers import leave_process
 
 
 def _in_group(rank, world, init_file, body, *args):
@@ -20,6 +21,7 @@ def _in_group(rank, world, init_file, body, *args):
         body(rank, *args)
     finally:
         dist.destroy_process_group()
+    leave_process()
 
 
 def _spawn(tmp_path, body, *args):

@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tests.launchers import leave_process
 
 from sgdm.annotation.config import KMeansConfig
 
@@ -104,6 +105,7 @@ def worker(rank, world, init_file, out_dir):
     torch.save({"outcomes": outcomes, "centroids": result.centroids, "labels": labels, "f": f.centroids},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    leave_process()
 
 
 @pytest.mark.slow

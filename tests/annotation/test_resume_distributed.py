@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tests.launchers import leave_process
 
 from sgdm.annotation.config import KMeansConfig, StegoConfig
 
@@ -83,6 +84,7 @@ def worker(rank, world, init_file, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_process()
 
 
 @pytest.fixture(scope="module")

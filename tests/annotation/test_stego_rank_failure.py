@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tests.launchers import leave_process
 
 from sgdm.annotation.config import KMeansConfig, StegoConfig
 
@@ -114,6 +115,7 @@ def worker(rank, world, init_file, out_dir):
     head = train_head(*data(), cfg, torch.Generator().manual_seed(3), distributed=True)  # still in step
     torch.save({"outcomes": outcomes, "head": head.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    leave_process()
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.launchers import srun_tasks
+from tests.launchers import leave_process, srun_tasks
 from tests.training.helpers import cli_command, write_config
 from tests.training.test_resume_dataset_changes import _replace
 from tests.training.test_resume_moved_paths import _folder_config, _images
@@ -47,6 +47,7 @@ def _rank(rank: int, roots: list, rendezvous: str, out: str) -> None:
                 fh.write(said)
     finally:
         dist.destroy_process_group()
+    leave_process()
 
 
 @pytest.fixture(scope="module")
