@@ -103,6 +103,21 @@ def from_rank0(fn: Callable[[], Any], rank: int, world: int, what: str = "readin
     return box[0]
 
 
+_UNREADABLE = (SafetensorError, OSError, KeyError, ValueError)  # what _header raises for a file it cannot read
+
+
+def _header(path: pathlib.Path) -> tuple[dict, dict, dict]:
+    """``(metadata, identity, {name: (dtype, shape)})`` of the safetensors file at ``path``; one of
+    :data:`_UNREADABLE` where it cannot be read or holds no identity (a JSON object)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        shapes = {k: (handle.get_slice(k).get_dtype(), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+    identity = json.loads(metadata["identity"])
+    if not isinstance(identity, dict):
+        raise ValueError(f"identity {identity!r} is not a JSON object")
+    return metadata, identity, shapes
+
+
 def _read(path: pathlib.Path, identity: Mapping[str, Any], what: str, log: Log, tensors: bool = True):
     """``(tensors, metadata)`` of the safetensors file at ``path`` if it exists, can be read and was made
     with ``identity``; else None, saying why through ``log`` (nothing where there is no file). Without
@@ -110,13 +125,10 @@ def _read(path: pathlib.Path, identity: Mapping[str, Any], what: str, log: Log, 
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            found = {k: (handle.get_slice(k).get_dtype(), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+        metadata, saved, found = _header(path)
         if tensors:
             found = load_file(str(path))
-        saved = json.loads(metadata["identity"])
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
+    except _UNREADABLE as err:
         if log is not None:
             log(f"annotate: not using {path}: it cannot be read ({type(err).__name__}: {err}); {what} from the start")
         return None
@@ -201,12 +213,8 @@ class HeadCheckpoint:
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            identity = json.loads(metadata["identity"])
-            if not isinstance(identity, dict):
-                raise ValueError(f"identity {identity!r} is not a JSON object")
-        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            metadata, identity, _ = _header(path)
+        except _UNREADABLE as err:
             self._say(f"annotate: not using {path}: it cannot be read ({type(err).__name__}: {err})")
             return None
         head = _Head(path, identity, _count(metadata.get("step")), _count(metadata.get("total")))

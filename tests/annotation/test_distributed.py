@@ -13,12 +13,12 @@ import pathlib
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tests.launchers import leave_process
 
 from sgdm.annotation.config import StegoConfig
 from sgdm.annotation.kmeans import _lloyd, kmeans
 from sgdm.annotation.stego import train_head
 from sgdm.annotation.store import AnnotationStore
+from tests.launchers import leave_process
 
 from .conftest import shapes_data
 from .test_patches import two_kind_patches

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+
 from tests.launchers import leave_process
 
 

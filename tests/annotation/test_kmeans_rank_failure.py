@@ -11,21 +11,15 @@ import types
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tests.launchers import leave_process
 
 from sgdm.annotation.config import KMeansConfig
+from tests.launchers import leave_process
+
+from .test_stego_rank_failure import _outcome
 
 TIMEOUT = 60  # seconds: the old code left a rank waiting this long in a collective, then failed (a loaded
 # machine must not reach it while the new code runs: the two ranks share its cores)
 DEADLINE = 240  # seconds for the whole spawn: the old code's checks fell out of step, and may wait for each other
-
-
-def _outcome(body) -> str:
-    try:
-        body()
-        return "ran"
-    except Exception as err:  # noqa: BLE001 - the test compares each rank's error
-        return f"{type(err).__name__}: {err}"
 
 
 def _points(rank: int) -> torch.Tensor:

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tests.launchers import leave_process
 
 from sgdm.annotation.config import KMeansConfig, StegoConfig
+from tests.launchers import leave_process
 
 from .test_stego_resume import CFG, data
 

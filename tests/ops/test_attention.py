@@ -121,19 +121,28 @@ def test_only_dq_depends_on_the_thread_count(generator):
     require_kernels(OP)
     q0, k0, v0 = _qkv(1, 1, 130, 300, 32, "cpu", generator)  # B*H = 1: two key splits on two threads
     grad_out = torch.randn(1, 1, 130, 32, generator=generator)
+
+    def run():
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = attention(q, k, v)
+        out.backward(grad_out)
+        return [out.detach(), k.grad, v.grad]
+
+    for name, one, two in zip(("out", "dk", "dv"), *_on_one_and_two_threads(run)):
+        assert torch.equal(one, two), name
+
+
+def _on_one_and_two_threads(run) -> list:
+    """``[run() on one torch thread, run() on two]``, the thread count restored after."""
     threads = torch.get_num_threads()
-    results = []
     try:
+        results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-            out = attention(q, k, v)
-            out.backward(grad_out)
-            results.append([out.detach(), k.grad, v.grad])
+            results.append(run())
+        return results
     finally:
         torch.set_num_threads(threads)
-    for name, one, two in zip(("out", "dk", "dv"), *results):
-        assert torch.equal(one, two), name
 
 
 def test_small_backward_same_bits_for_any_thread_count(generator):
@@ -143,17 +152,13 @@ def test_small_backward_same_bits_for_any_thread_count(generator):
     require_kernels(OP)
     q0, k0, v0 = _qkv(1, 1, 8, 130, 32, "cpu", generator)  # three key blocks, B*H = 1
     grad_out = torch.randn(1, 1, 8, 32, generator=generator)
-    threads = torch.get_num_threads()
-    grads = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            q = q0.clone().requires_grad_()
-            attention(q, k0, v0).backward(grad_out)
-            grads.append(q.grad)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(*grads)
+
+    def run():
+        q = q0.clone().requires_grad_()
+        attention(q, k0, v0).backward(grad_out)
+        return q.grad
+
+    assert torch.equal(*_on_one_and_two_threads(run))
 
 
 def test_forward_rows_do_not_depend_on_the_query_tiling(target, generator):
